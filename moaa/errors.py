@@ -1,0 +1,29 @@
+"""Errors the CLI turns into one readable line and an exit code.
+
+Exit codes are part of the contract: a Kubernetes Job's podFailurePolicy fails the Job at once on
+EXIT_BAD_INPUT and lets the pod retry on EXIT_TRANSIENT.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1       # anything else that went wrong
+EXIT_BAD_INPUT = 2     # the user must change something: arguments, config, data
+EXIT_TRANSIENT = 75    # EX_TEMPFAIL: a retry may succeed (backend down, API unreachable)
+EXIT_INTERRUPTED = 130
+
+
+class MoaaError(Exception):
+    """Base class: the message is shown to the user as it is, on one line."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UserError(MoaaError):
+    """Bad input: arguments, config or data. Retrying does not help."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class TransientError(MoaaError):
+    """A dependency failed in a way a retry may fix."""
+
+    exit_code = EXIT_TRANSIENT

@@ -1,0 +1,271 @@
+"""The one moaa config file (YAML), validated into typed objects.
+
+The same file is written by the CLI for the embedded backends and rendered by the Helm chart into a
+ConfigMap. It names the backends (model name -> endpoints and limits), the MoA recipes, the judge
+ensembles, and the gateway's and annotator's server settings.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message says what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TimeoutConfig(_Strict):
+    connect_s: float = Field(5.0, gt=0, description="TCP connect timeout")
+    first_token_s: float = Field(60.0, gt=0, description="time to the first streamed chunk or the response headers")
+    chunk_gap_s: float = Field(30.0, gt=0, description="longest allowed gap between two streamed chunks")
+    total_s: float = Field(600.0, gt=0, description="whole request, retries excluded")
+
+
+class RetryConfig(_Strict):
+    max_attempts: int = Field(3, ge=1, description="attempts per request, only while nothing was streamed")
+    backoff_base_s: float = Field(0.2, gt=0)
+    backoff_max_s: float = Field(5.0, gt=0)
+
+
+class CircuitConfig(_Strict):
+    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open a replica's circuit")
+    reset_after_s: float = Field(10.0, gt=0, description="time before a half-open trial request")
+
+
+class HealthConfig(_Strict):
+    probe_interval_s: float = Field(15.0, gt=0, description="period of the tiny real completion used as a probe")
+    probe_timeout_s: float = Field(10.0, gt=0)
+    probe_max_tokens: int = Field(1, ge=1)
+
+
+class BackendConfig(_Strict):
+    """One model served by one or more OpenAI-compatible replicas."""
+
+    urls: list[str] = Field(min_length=1, description="base URLs of the replicas, e.g. http://vllm-qwen:8000/v1")
+    served_model: str | None = Field(None, description="model name sent in requests; default: the backend's key")
+    api_key_env: str | None = Field(None, description="environment variable holding the bearer token")
+    api_key_file: str | None = Field(None, description="file holding the bearer token (a mounted Secret)")
+    rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second, all replicas together")
+    max_concurrency: int = Field(32, ge=1, description="requests in flight per replica; halved on 429, regrown after")
+    context_window: int = Field(4096, ge=64, description="model context length in tokens")
+    tokenizer: str | None = Field(None, description="tokenizer folder or hub id for counting reference tokens")
+    supports_n: bool = Field(True, description="false when the server ignores n (transformers serve): moaa sends n requests")
+    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
+    retries: RetryConfig = Field(default_factory=RetryConfig)
+    circuit: CircuitConfig = Field(default_factory=CircuitConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+
+    @field_validator("urls")
+    @classmethod
+    def _urls_are_http(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"backend URL {url!r} must start with http:// or https://")
+        return [u.rstrip("/") for u in urls]
+
+
+class SamplingConfig(_Strict):
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+
+class AgentConfig(_Strict):
+    """One model in a role: which backend, with which system prompt and sampling."""
+
+    model: str = Field(description="backend name")
+    system_prompt: str | None = None
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+class RecipeConfig(_Strict):
+    """A MoA recipe: `layers` proposer layers, then one aggregator."""
+
+    proposers: list[AgentConfig] = Field(min_length=1)
+    aggregator: AgentConfig
+    layers: int = Field(1, ge=1, description="proposer layers; layer i>1 sees layer i-1's answers")
+    min_proposers: int = Field(1, ge=1, description="fewest proposals a layer needs; fewer -> UNAVAILABLE")
+    first_k: int | None = Field(None, ge=1, description="aggregate after the first k proposals of a layer")
+    layer_deadline_s: float | None = Field(None, gt=0, description="aggregate whatever arrived by this deadline")
+    aggregate_instruction: str | None = Field(None, description="replaces the built-in aggregate-and-synthesize instruction")
+    reference_max_tokens: int | None = Field(None, ge=1, description="cap per reference before context fitting")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RecipeConfig":
+        n = len(self.proposers)
+        if self.min_proposers > n:
+            raise ValueError(f"min_proposers={self.min_proposers} exceeds the {n} proposers")
+        if self.first_k is not None and self.first_k > n:
+            raise ValueError(f"first_k={self.first_k} exceeds the {n} proposers")
+        if self.first_k is not None and self.first_k < self.min_proposers:
+            raise ValueError(f"first_k={self.first_k} is below min_proposers={self.min_proposers}")
+        return self
+
+
+class JudgeConfig(_Strict):
+    name: str
+    model: str = Field(description="backend name")
+    template: str = Field("pointwise_v1", description="judging prompt template name (file in the annotator's templates)")
+    weight: float = Field(1.0, gt=0)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=512))
+
+
+class EnsembleConfig(_Strict):
+    """The judge ensemble of MoA-as-reward-model."""
+
+    judges: list[JudgeConfig] = Field(min_length=1)
+    aggregator: JudgeConfig | None = Field(None, description="aggregator judge for mode 'moa'")
+    mode: Literal["pointwise", "pairwise", "moa"] = "moa"
+    combine: Literal["mean", "weighted", "aggregator"] = "aggregator"
+    scale_min: float = 1.0
+    scale_max: float = 10.0
+    min_margin: float = Field(0.5, ge=0, description="skip the pair when chosen - rejected is below this")
+    min_agreement: float = Field(-1.0, ge=-1, le=1, description="skip when mean Kendall tau is below this")
+    max_abstain_fraction: float = Field(0.5, ge=0, le=1, description="skip when more judges than this abstained")
+    criteria_filter: bool = Field(True, description="dynamic criteria filtering")
+    max_criterion_disagreement: float = Field(3.0, ge=0, description="drop a criterion whose judges' ratings spread more than this")
+    max_criterion_length_corr: float = Field(0.9, ge=0, le=1, description="drop a criterion that merely tracks length")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EnsembleConfig":
+        names = [j.name for j in self.judges]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"judge names must be unique; repeated: {', '.join(dup)}")
+        if self.scale_max <= self.scale_min:
+            raise ValueError("scale_max must be larger than scale_min")
+        return self
+
+
+class TLSConfig(_Strict):
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = Field(None, description="set to require client certificates (mutual TLS)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file and self.key_file)
+
+
+class AuthConfig(_Strict):
+    tokens_file: str | None = Field(None, description="file with one bearer token per line (a mounted Secret)")
+    tokens_env: str | None = Field(None, description="environment variable with comma-separated tokens")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens_file or self.tokens_env)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
+    max_in_flight: int = Field(1024, ge=1, description="calls in flight before RESOURCE_EXHAUSTED")
+    max_prompt_chars: int = Field(200_000, ge=1)
+    max_candidates: int = Field(16, ge=2, description="annotator: most candidates per request")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    batch_window: int = Field(64, ge=1, description="GenerateBatch items in flight per stream")
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+
+
+class MoaaConfig(_Strict):
+    backends: dict[str, BackendConfig] = Field(min_length=1)
+    recipes: dict[str, RecipeConfig] = Field(default_factory=dict)
+    default_recipe: str | None = None
+    ensembles: dict[str, EnsembleConfig] = Field(default_factory=dict)
+    default_ensemble: str | None = None
+    gateway: ServerConfig = Field(default_factory=ServerConfig)
+    annotator: ServerConfig = Field(default_factory=lambda: ServerConfig(port=50052))
+    annotator_address: str | None = Field(None, description="host:port of the annotator, for annotate=true calls")
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> "MoaaConfig":
+        known = set(self.backends)
+        missing: list[str] = []
+        for rname, recipe in self.recipes.items():
+            for agent in [*recipe.proposers, recipe.aggregator]:
+                if agent.model not in known:
+                    missing.append(f"recipes.{rname} uses model {agent.model!r}")
+        for ename, ens in self.ensembles.items():
+            for judge in [*ens.judges, *([ens.aggregator] if ens.aggregator else [])]:
+                if judge.model not in known:
+                    missing.append(f"ensembles.{ename} judge {judge.name!r} uses model {judge.model!r}")
+        if missing:
+            raise ValueError("unknown backend: " + "; ".join(missing) + f" (backends: {', '.join(sorted(known))})")
+        if self.default_recipe is not None and self.default_recipe not in self.recipes:
+            raise ValueError(f"default_recipe {self.default_recipe!r} is not a recipe")
+        if self.default_ensemble is not None and self.default_ensemble not in self.ensembles:
+            raise ValueError(f"default_ensemble {self.default_ensemble!r} is not an ensemble")
+        return self
+
+    def recipe(self, name: str | None) -> tuple[str, RecipeConfig]:
+        """The named recipe, or the default one (the only one, or `default_recipe`)."""
+        if name:
+            if name not in self.recipes:
+                raise KeyError(f"unknown recipe {name!r}; known: {', '.join(sorted(self.recipes)) or 'none'}")
+            return name, self.recipes[name]
+        if self.default_recipe:
+            return self.default_recipe, self.recipes[self.default_recipe]
+        if len(self.recipes) == 1:
+            return next(iter(self.recipes.items()))
+        raise KeyError("no recipe named and no default_recipe set")
+
+    def ensemble(self, name: str | None) -> tuple[str, EnsembleConfig]:
+        if name:
+            if name not in self.ensembles:
+                raise KeyError(f"unknown ensemble {name!r}; known: {', '.join(sorted(self.ensembles)) or 'none'}")
+            return name, self.ensembles[name]
+        if self.default_ensemble:
+            return self.default_ensemble, self.ensembles[self.default_ensemble]
+        if len(self.ensembles) == 1:
+            return next(iter(self.ensembles.items()))
+        raise KeyError("no ensemble named and no default_ensemble set")
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_config(data: dict, source: str = "config") -> MoaaConfig:
+    try:
+        return MoaaConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format_errors(err)}") from None
+
+
+def load_config(path: str | Path) -> MoaaConfig:
+    """Read and validate a config file; raises ConfigError with a one-line, readable message."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return parse_config(data, str(path))
+
+
+def dump_config(config: MoaaConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)

@@ -1,0 +1,7 @@
+"""Test fixtures are grouped per area in tests/fixtures/<area>.py and loaded as plugins here."""
+import pytest
+
+pytest_plugins = [
+    "tests.fixtures.models",     # tiny and real models, real engine servers
+    "tests.fixtures.emulator",   # load/fault emulator servers
+]
