@@ -1,0 +1,122 @@
+"""Bearer-token authentication as a grpc.aio server interceptor.
+
+Tokens come from a file (one per line, as a mounted Kubernetes Secret provides them; re-read when the
+file changes, so a rotated Secret takes effect without a restart) and/or an environment variable
+(comma-separated). A call without a token gets UNAUTHENTICATED, a wrong token PERMISSION_DENIED.
+Tokens never reach the logs.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from pathlib import Path
+
+import grpc
+
+from moaa.services.config import AuthConfig
+
+log = logging.getLogger(__name__)
+
+# Probes (kubelet's gRPC probe) carry no token.
+DEFAULT_EXEMPT = ("/grpc.health.v1.Health/",)
+
+
+class TokenStore:
+    """The accepted tokens; the file is re-read at most once a second when its mtime changed."""
+
+    def __init__(self, cfg: AuthConfig):
+        self.cfg = cfg
+        self._file_tokens: frozenset[str] = frozenset()
+        self._mtime: float | None = None
+        self._checked = 0.0
+        self._env_tokens = frozenset(self._split(os.environ.get(cfg.tokens_env, ""), ",")) if cfg.tokens_env else frozenset()
+        if cfg.tokens_env and cfg.tokens_env not in os.environ:
+            log.warning("auth: environment variable %s is not set; it provides no tokens", cfg.tokens_env)
+        self._reload(force=True)
+        if not self.tokens():
+            log.warning("auth is enabled but no tokens are configured: every call will be refused")
+
+    @staticmethod
+    def _split(text: str, sep: str) -> list[str]:
+        return [t.strip() for t in text.split(sep) if t.strip() and not t.strip().startswith("#")]
+
+    def _reload(self, force: bool = False) -> None:
+        if not self.cfg.tokens_file:
+            return
+        now = time.monotonic()
+        if not force and now - self._checked < 1.0:
+            return
+        self._checked = now
+        path = Path(self.cfg.tokens_file)
+        try:
+            mtime = path.stat().st_mtime
+            if mtime != self._mtime:
+                self._file_tokens = frozenset(self._split(path.read_text(), "\n"))
+                self._mtime = mtime
+        except OSError as err:
+            if force:
+                log.warning("auth: cannot read tokens file %s: %s", path, err.strerror)
+
+    def tokens(self) -> frozenset[str]:
+        self._reload()
+        return self._file_tokens | self._env_tokens
+
+    def accepts(self, token: str) -> bool:
+        # compare against every token in constant time per token
+        ok = False
+        for t in self.tokens():
+            ok |= hmac.compare_digest(t.encode(), token.encode())
+        return ok
+
+
+def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    async def unary(request_or_iterator, context):
+        await context.abort(code, message)
+
+    async def streaming(request_or_iterator, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **kw)
+    return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks `authorization: Bearer <token>` on every call except the exempt method prefixes."""
+
+    def __init__(self, store: TokenStore, exempt: tuple[str, ...] = DEFAULT_EXEMPT):
+        self.store = store
+        self.exempt = exempt
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.exempt):
+            return handler
+        value = ""
+        for key, val in details.invocation_metadata or ():
+            if key == "authorization":
+                value = val if isinstance(val, str) else val.decode()
+                break
+        scheme, _, token = value.partition(" ")
+        if not value:
+            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                  "missing bearer token: send metadata 'authorization: Bearer <token>'")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                  "malformed authorization metadata: expected 'Bearer <token>'")
+        if not self.store.accepts(token.strip()):
+            return _abort_handler(handler, grpc.StatusCode.PERMISSION_DENIED, "the bearer token is not accepted")
+        return handler
+
+
+def auth_interceptors(cfg: AuthConfig) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors for a server config: none when auth is off."""
+    return [BearerAuthInterceptor(TokenStore(cfg))] if cfg.enabled else []

@@ -1,0 +1,57 @@
+"""Structured (JSON) logs carrying the request id of the call being served.
+
+The request id lives in a context variable, so every log line written while a call is served carries
+it. Prompt text, answers and tokens are never logged at INFO or above; servicers log sizes and codes.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+import uuid
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("moaa_request_id", default="-")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+_STD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, request id, message and any `extra=` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", request_id_var.get()),
+            "msg": record.getMessage(),
+        }
+        for key, val in vars(record).items():
+            if key not in _STD_ATTRS and not key.startswith("_"):
+                out[key] = val
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: int | str = logging.INFO, json_lines: bool = True) -> None:
+    """Root logging for a server process: JSON lines on stderr with the request id."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root.handlers[:] = [handler]
+    root.setLevel(level)

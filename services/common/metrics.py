@@ -1,0 +1,64 @@
+"""Prometheus metrics shared by the gateway and the annotator, served on an HTTP port.
+
+One set of collectors per process (prometheus-client's default registry), labelled by `service`, so
+several servers in one process (tests) share them without clashing.
+"""
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+RPC_CALLS = Counter("moaa_rpc_calls", "gRPC calls finished, by status code", ["service", "method", "code"])
+RPC_ERRORS = Counter("moaa_rpc_errors", "gRPC calls that ended with a non-OK code", ["service", "method", "code"])
+RPC_LATENCY = Histogram("moaa_rpc_latency_seconds", "gRPC call latency", ["service", "method"],
+                        buckets=_LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("moaa_rpc_in_flight", "gRPC calls in flight", ["service"])
+STAGE_LATENCY = Histogram("moaa_stage_latency_seconds", "latency per stage of a call (layer N, aggregator, ...)",
+                          ["service", "stage"], buckets=_LATENCY_BUCKETS)
+BACKEND_LATENCY = Histogram("moaa_backend_latency_seconds", "backend request latency", ["service", "model", "outcome"],
+                            buckets=_LATENCY_BUCKETS)
+BACKEND_ERRORS = Counter("moaa_backend_errors", "backend request failures by cause", ["service", "model", "cause"])
+TOKENS = Counter("moaa_tokens", "tokens reported by backends", ["service", "model", "kind"])
+
+
+class Metrics:
+    """The collectors bound to one service name."""
+
+    def __init__(self, service: str):
+        self.service = service
+        self.in_flight = IN_FLIGHT.labels(service)
+
+    def call_done(self, method: str, code: str, seconds: float) -> None:
+        RPC_CALLS.labels(self.service, method, code).inc()
+        if code != "OK":
+            RPC_ERRORS.labels(self.service, method, code).inc()
+        RPC_LATENCY.labels(self.service, method).observe(seconds)
+
+    def stage(self, stage: str, seconds: float) -> None:
+        STAGE_LATENCY.labels(self.service, stage).observe(seconds)
+
+    def backend(self, model: str, seconds: float, cause: str | None = None) -> None:
+        BACKEND_LATENCY.labels(self.service, model, "ok" if cause is None else "error").observe(seconds)
+        if cause is not None:
+            BACKEND_ERRORS.labels(self.service, model, cause).inc()
+
+    def tokens(self, model: str, prompt: int, completion: int) -> None:
+        if prompt:
+            TOKENS.labels(self.service, model, "prompt").inc(prompt)
+        if completion:
+            TOKENS.labels(self.service, model, "completion").inc(completion)
+
+
+def serve_metrics(port: int | None, host: str = "0.0.0.0"):
+    """Start the /metrics HTTP server (a daemon thread); returns (server, bound port) or (None, None)."""
+    if port is None:
+        return None, None
+    server, _thread = start_http_server(port, addr=host)
+    bound = server.server_port
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return server, bound

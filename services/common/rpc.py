@@ -1,0 +1,121 @@
+"""The wrapper every servicer method goes through: request id, in-flight cap, metrics, error mapping.
+
+Servicers raise `RpcError` subclasses (or UserError/LookupError/KeyError for bad names); this turns them
+into gRPC statuses with their message, records the call in Prometheus, and logs one line per call
+without prompt text.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+
+import grpc
+
+from moaa.errors import UserError
+from moaa.services.common.errors import RpcError
+from moaa.services.common.limiter import InFlightLimiter
+from moaa.services.common.logs import new_request_id, request_id_var
+from moaa.services.common.metrics import Metrics
+
+log = logging.getLogger("moaa.rpc")
+
+
+def _status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(err, RpcError):
+        return err.code, str(err)
+    if isinstance(err, (UserError, LookupError)):
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        return grpc.StatusCode.INVALID_ARGUMENT, str(msg)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+
+
+def _aborted_code(context) -> grpc.StatusCode:
+    try:
+        return context.code() or grpc.StatusCode.UNKNOWN
+    except Exception:  # noqa: BLE001
+        return grpc.StatusCode.UNKNOWN
+
+
+class CallGuard:
+    """Per-server state the guard needs: limiter and metrics."""
+
+    def __init__(self, limiter: InFlightLimiter, metrics: Metrics):
+        self.limiter = limiter
+        self.metrics = metrics
+
+
+def _request_id(request) -> str:
+    rid = getattr(request, "request_id", "") if request is not None else ""
+    return rid or new_request_id()
+
+
+def guarded(method):
+    """Decorator for servicer methods (unary or async-generator); `self.guard` is a CallGuard."""
+    name = method.__name__
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream_wrapper(self, request, context):
+            rid = _request_id(request if not hasattr(request, "__aiter__") else None)
+            token = request_id_var.set(rid)
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                with self.guard.limiter.slot():
+                    async for item in method(self, request, context, rid):
+                        yield item
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except grpc.aio.AbortError:
+                code = _aborted_code(context)
+                raise
+            except Exception as err:  # noqa: BLE001 - every error becomes a status
+                code, msg = _status_of(err)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", name)
+                await context.abort(code, msg)
+            finally:
+                dt = time.perf_counter() - t0
+                self.guard.metrics.call_done(name, code.name, dt)
+                log.info("call", extra={"method": name, "code": code.name, "seconds": round(dt, 4)})
+                request_id_var.reset(token)
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self, request, context):
+        rid = _request_id(request if not hasattr(request, "__aiter__") else None)
+        token = request_id_var.set(rid)
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            with self.guard.limiter.slot():
+                return await method(self, request, context, rid)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except Exception as err:  # noqa: BLE001
+            code, msg = _status_of(err)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", name)
+            await context.abort(code, msg)
+        finally:
+            dt = time.perf_counter() - t0
+            self.guard.metrics.call_done(name, code.name, dt)
+            log.info("call", extra={"method": name, "code": code.name, "seconds": round(dt, 4)})
+            request_id_var.reset(token)
+    return unary_wrapper
+
+
+def time_remaining(context) -> float | None:
+    """Seconds left of the caller's deadline, None when it set none."""
+    try:
+        return context.time_remaining()
+    except Exception:  # noqa: BLE001 - some contexts (tests) have none
+        return None

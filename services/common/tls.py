@@ -1,0 +1,47 @@
+"""TLS and mutual TLS credentials from config, for servers and for clients."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from moaa.errors import UserError
+from moaa.services.config import TLSConfig
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
+
+
+def server_credentials(cfg: TLSConfig) -> grpc.ServerCredentials | None:
+    """None when TLS is off; with `client_ca_file`, clients must present a certificate it signed."""
+    if not cfg.enabled:
+        if cfg.cert_file or cfg.key_file:
+            raise UserError("tls needs both cert_file and key_file")
+        return None
+    key = _read(cfg.key_file, "TLS key")
+    cert = _read(cfg.cert_file, "TLS certificate")
+    ca = _read(cfg.client_ca_file, "client CA") if cfg.client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def channel_credentials(ca_file: str | None = None, cert_file: str | None = None,
+                        key_file: str | None = None) -> grpc.ChannelCredentials:
+    """Client credentials: a CA to trust (None = system roots) and optionally a client certificate."""
+    ca = _read(ca_file, "CA certificate") if ca_file else None
+    if bool(cert_file) != bool(key_file):
+        raise UserError("a client certificate needs both --tls-cert and --tls-key")
+    cert = _read(cert_file, "client certificate") if cert_file else None
+    key = _read(key_file, "client key") if key_file else None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def open_channel(address: str, *, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None, tls: bool = False, options=None) -> grpc.aio.Channel:
+    """An aio channel: TLS when a CA or client certificate is given or tls=True, else plaintext."""
+    if tls or ca_file or cert_file:
+        return grpc.aio.secure_channel(address, channel_credentials(ca_file, cert_file, key_file), options=options)
+    return grpc.aio.insecure_channel(address, options=options)

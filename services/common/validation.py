@@ -1,0 +1,83 @@
+"""Request validation shared by the gateway and the annotator.
+
+Each check raises InvalidArgument with a message that names the field and says what to change.
+"""
+from __future__ import annotations
+
+from moaa.services.common.errors import InvalidArgument
+from moaa.services.config import SamplingConfig
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP = 4
+
+
+def messages_to_dicts(messages, *, field: str = "messages", max_chars: int | None = None,
+                      require_last_user: bool = True) -> list[dict]:
+    """Proto `Message`s -> OpenAI chat dicts, checked: not empty, known roles, last one the user's."""
+    if not messages:
+        raise InvalidArgument(f"{field} is empty: send at least one message with role 'user'")
+    out: list[dict] = []
+    total = 0
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidArgument(f"{field}[{i}].role is {m.role!r}: use one of {', '.join(ROLES)}")
+        if m.role == "system" and i != 0:
+            raise InvalidArgument(f"{field}[{i}] is a system message: only the first message may be a system message")
+        if not m.content and m.role == "user":
+            raise InvalidArgument(f"{field}[{i}].content is empty: a user message needs text")
+        total += len(m.content)
+        d = {"role": m.role, "content": m.content}
+        if m.name:
+            d["name"] = m.name
+        out.append(d)
+    if require_last_user and out[-1]["role"] != "user":
+        raise InvalidArgument(f"the last message of {field} has role {out[-1]['role']!r}: it must be the user's turn")
+    if max_chars is not None and total > max_chars:
+        raise InvalidArgument(f"{field} has {total} characters, over the limit of {max_chars}: "
+                              "shorten the conversation or raise max_prompt_chars in the server config")
+    return out
+
+
+def sampling_overrides(params, *, field: str = "sampling") -> dict:
+    """The fields set in a proto `SamplingParams`, range-checked; {} when none is set."""
+    if params is None:
+        return {}
+    out: dict = {}
+    checks = {
+        "temperature": (0.0, 2.0, "between 0 and 2"),
+        "top_p": (1e-9, 1.0, "in (0, 1]"),
+        "presence_penalty": (-2.0, 2.0, "between -2 and 2"),
+        "frequency_penalty": (-2.0, 2.0, "between -2 and 2"),
+    }
+    for name, (lo, hi, words) in checks.items():
+        if params.HasField(name):
+            value = getattr(params, name)
+            if not (lo <= value <= hi) or value != value:
+                raise InvalidArgument(f"{field}.{name}={value} is out of range: use a value {words}")
+            out[name] = value
+    if params.HasField("max_tokens"):
+        if params.max_tokens < 1:
+            raise InvalidArgument(f"{field}.max_tokens=0: use at least 1 (or leave it unset for the default)")
+        out["max_tokens"] = params.max_tokens
+    if params.HasField("seed"):
+        out["seed"] = params.seed
+    if params.stop:
+        if len(params.stop) > MAX_STOP:
+            raise InvalidArgument(f"{field}.stop has {len(params.stop)} entries: use at most {MAX_STOP}")
+        if any(not s for s in params.stop):
+            raise InvalidArgument(f"{field}.stop contains an empty string: remove it")
+        out["stop"] = list(params.stop)
+    return out
+
+
+def merge_sampling(base: SamplingConfig, overrides: dict) -> SamplingConfig:
+    """The recipe's sampling with the request's overrides applied."""
+    if not overrides:
+        return base
+    return base.model_copy(update=overrides)
+
+
+def check_range(value: int, lo: int, hi: int, field: str, hint: str = "") -> int:
+    if not lo <= value <= hi:
+        raise InvalidArgument(f"{field}={value} is out of range: use {lo}..{hi}{(' ' + hint) if hint else ''}")
+    return value
