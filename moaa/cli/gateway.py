@@ -1,0 +1,56 @@
+"""`moaa gateway serve` and `moaa generate`."""
+from __future__ import annotations
+
+import logging
+import os
+
+
+def register(subparsers) -> None:
+    gw = subparsers.add_parser("gateway", help="the MoA gateway (gRPC)")
+    gsub = gw.add_subparsers(dest="gateway_command", metavar="SUBCOMMAND")
+    gsub.required = True
+    serve = gsub.add_parser("serve", help="serve MoAGateway with the backends and recipes of a config")
+    serve.add_argument("--config", required=True, help="moaa YAML config")
+    serve.add_argument("--port", type=int, help="override gateway.port")
+    serve.add_argument("--host", help="override gateway.host")
+    serve.add_argument("--log-format", choices=["json", "text"], default="json")
+    serve.set_defaults(func=_serve)
+
+    gen = subparsers.add_parser("generate", help="one MoA answer from a running gateway, streamed")
+    gen.add_argument("prompt", help="the user message")
+    gen.add_argument("--gateway", default="127.0.0.1:50051", help="HOST:PORT of the gateway")
+    gen.add_argument("--recipe", default="", help="recipe name (default: the gateway's default)")
+    gen.add_argument("--system", help="system message")
+    gen.add_argument("--max-tokens", type=int, help="max tokens per proposer and for the aggregator")
+    gen.add_argument("--timeout", type=float, default=600.0, help="deadline of the call in seconds")
+    gen.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
+    gen.add_argument("--tls-ca", help="CA certificate to verify the gateway's TLS certificate")
+    gen.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
+    gen.set_defaults(func=_generate)
+
+
+async def _serve(args) -> int:
+    from moaa.errors import UserError
+    from moaa.services.common.logs import configure_logging
+    from moaa.services.config import ConfigError, load_config
+    from moaa.services.gateway.server import serve
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    if args.port is not None:
+        cfg.gateway.port = args.port
+    if args.host:
+        cfg.gateway.host = args.host
+    configure_logging(min(logging.getLogger().level, logging.INFO), json_lines=args.log_format == "json")
+    await serve(cfg)
+    return 0
+
+
+async def _generate(args) -> int:
+    from moaa.services.gateway.client import generate
+
+    await generate(args.gateway, args.prompt, recipe=args.recipe, system=args.system, token=args.token,
+                   tls_ca=args.tls_ca, tls=args.tls, timeout=args.timeout, max_tokens=args.max_tokens)
+    return 0

@@ -1,0 +1,68 @@
+"""Turning a GenerateRequest into a checked plan: recipe, agents with their sampling, straggler settings.
+
+Every problem becomes InvalidArgument with a message that says what to change.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from moaa.services.common.errors import InvalidArgument
+from moaa.services.common.validation import merge_sampling, messages_to_dicts, sampling_overrides
+from moaa.services.config import MoaaConfig, RecipeConfig, SamplingConfig
+
+
+@dataclass
+class Agent:
+    model: str
+    system_prompt: str | None
+    sampling: SamplingConfig
+
+
+@dataclass
+class Plan:
+    request_id: str
+    recipe_name: str
+    recipe: RecipeConfig
+    conversation: list[dict]
+    proposers: list[Agent]
+    aggregator: Agent
+    layers: int
+    min_proposers: int
+    first_k: int | None
+    layer_deadline_s: float | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_recipe(cfg: MoaaConfig, name: str) -> tuple[str, RecipeConfig]:
+    try:
+        return cfg.recipe(name or None)
+    except KeyError as err:
+        hint = "" if name else " (set default_recipe in the config or name a recipe)"
+        raise InvalidArgument(f"{err.args[0]}{hint}") from None
+
+
+def make_plan(cfg: MoaaConfig, req, request_id: str, max_prompt_chars: int) -> Plan:
+    """Validate `req` (a gateway_pb2.GenerateRequest) against the config."""
+    conversation = messages_to_dicts(req.messages, max_chars=max_prompt_chars)
+    recipe_name, recipe = resolve_recipe(cfg, req.recipe)
+    prop_over = sampling_overrides(req.proposer_sampling if req.HasField("proposer_sampling") else None,
+                                   field="proposer_sampling")
+    agg_over = sampling_overrides(req.aggregator_sampling if req.HasField("aggregator_sampling") else None,
+                                  field="aggregator_sampling")
+    n = len(recipe.proposers)
+    min_p = req.min_proposers if req.HasField("min_proposers") else recipe.min_proposers
+    if not 1 <= min_p <= n:
+        raise InvalidArgument(f"min_proposers={min_p} is out of range: recipe {recipe_name!r} has {n} proposers, use 1..{n}")
+    first_k = req.first_k if req.HasField("first_k") else recipe.first_k
+    if first_k is not None and not min_p <= first_k <= n:
+        raise InvalidArgument(f"first_k={first_k} is out of range: use min_proposers..{n} ({min_p}..{n})")
+    deadline = req.layer_deadline_s if req.HasField("layer_deadline_s") else recipe.layer_deadline_s
+    if deadline is not None and (not math.isfinite(deadline) or deadline <= 0):
+        raise InvalidArgument(f"layer_deadline_s={deadline} must be a positive number of seconds")
+    proposers = [Agent(a.model, a.system_prompt, merge_sampling(a.sampling, prop_over)) for a in recipe.proposers]
+    agg = recipe.aggregator
+    aggregator = Agent(agg.model, agg.system_prompt, merge_sampling(agg.sampling, agg_over))
+    return Plan(request_id=request_id, recipe_name=recipe_name, recipe=recipe, conversation=conversation,
+                proposers=proposers, aggregator=aggregator, layers=recipe.layers, min_proposers=min_p,
+                first_k=first_k, layer_deadline_s=deadline, metadata=dict(req.metadata))

@@ -1,0 +1,76 @@
+"""Sample: n answers from one model, optionally scored by the annotator service."""
+from __future__ import annotations
+
+import grpc
+
+from moaa.services.backend import BackendError
+from moaa.services.common.errors import FailedPrecondition, InvalidArgument, RpcError, Unavailable
+from moaa.services.common.validation import merge_sampling, messages_to_dicts, sampling_overrides
+from moaa.services.config import MoaaConfig, SamplingConfig
+from moaa.v1 import annotator_pb2, annotator_pb2_grpc, gateway_pb2
+
+MAX_N = 64
+
+
+def check_sample_request(cfg: MoaaConfig, req, max_prompt_chars: int) -> tuple[list[dict], SamplingConfig]:
+    if not req.model:
+        raise InvalidArgument(f"model is empty: name one of the backends ({', '.join(sorted(cfg.backends))})")
+    if req.model not in cfg.backends:
+        raise InvalidArgument(f"unknown model {req.model!r}: use one of {', '.join(sorted(cfg.backends))}")
+    if not 1 <= req.n <= MAX_N:
+        raise InvalidArgument(f"n={req.n} is out of range: ask for 1..{MAX_N} samples")
+    messages = messages_to_dicts(req.messages, max_chars=max_prompt_chars)
+    over = sampling_overrides(req.sampling if req.HasField("sampling") else None, field="sampling")
+    if req.annotate:
+        if req.n < 2:
+            raise InvalidArgument("annotate needs at least 2 samples to compare: set n >= 2")
+        if not cfg.annotator_address:
+            raise FailedPrecondition("annotate=true needs annotator_address in the gateway's config")
+        if req.ensemble and req.ensemble not in cfg.ensembles:
+            raise InvalidArgument(f"unknown ensemble {req.ensemble!r}: use one of "
+                                  f"{', '.join(sorted(cfg.ensembles)) or 'none (configure ensembles)'}")
+    return messages, merge_sampling(SamplingConfig(), over)
+
+
+class AnnotatorClient:
+    """A lazily opened channel to the annotator; the caller's bearer token is passed on."""
+
+    def __init__(self, address: str, channel_factory=None):
+        self.address = address
+        self._factory = channel_factory or (lambda addr: grpc.aio.insecure_channel(addr))
+        self._channel = None
+
+    def stub(self) -> annotator_pb2_grpc.AnnotatorStub:
+        if self._channel is None:
+            self._channel = self._factory(self.address)
+        return annotator_pb2_grpc.AnnotatorStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: float | None,
+                     max_prompt_chars: int, annotator: AnnotatorClient | None = None,
+                     metadata=()) -> gateway_pb2.SampleResponse:
+    messages, sampling = check_sample_request(cfg, req, max_prompt_chars)
+    try:
+        res = await pool.client(req.model).chat(messages, sampling, n=req.n, timeout=timeout)
+    except BackendError as err:
+        raise Unavailable(f"model {req.model!r} failed: {err}") from None
+    resp = gateway_pb2.SampleResponse(request_id=request_id, id=req.id, model=req.model, note=res.note,
+                                      usage=res.usage.to_proto())
+    for c in res.choices:
+        resp.samples.add(index=c.index, text=c.text, finish_reason=c.finish_reason or "")
+    if req.annotate:
+        areq = annotator_pb2.AnnotateRequest(
+            request_id=request_id, id=req.id, prompt=req.messages, ensemble=req.ensemble,
+            candidates=[annotator_pb2.Candidate(id=str(c.index), text=c.text, model=req.model) for c in res.choices])
+        fwd = [(k, v) for k, v in metadata if k == "authorization"]
+        try:
+            ann = await annotator.stub().Annotate(areq, timeout=timeout, metadata=fwd or None)
+        except grpc.aio.AioRpcError as err:
+            raise RpcError(f"annotator at {annotator.address}: {err.details()}", err.code()) from None
+        resp.annotation.CopyFrom(ann)
+    return resp

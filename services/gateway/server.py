@@ -1,0 +1,44 @@
+"""Building the gateway server: backend pool, servicer, common server plumbing."""
+from __future__ import annotations
+
+import logging
+
+from moaa.services.backend import BackendPool
+from moaa.services.common.server import RunningServer, start_server
+from moaa.services.config import MoaaConfig
+from moaa.services.gateway.sample import AnnotatorClient
+from moaa.services.gateway.servicer import GatewayServicer
+from moaa.v1 import gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["MoAGateway"].full_name
+
+
+async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, probes: bool = True) -> RunningServer:
+    """Start the gateway (and its backend pool unless one is given); `RunningServer.stop()` stops both."""
+    own_pool = pool is None
+    if own_pool:
+        pool = BackendPool(cfg.backends, probes=probes)
+        await pool.start()
+    annotator = AnnotatorClient(cfg.annotator_address) if cfg.annotator_address else None
+    holder = {}
+
+    def add(server, guard):
+        holder["servicer"] = GatewayServicer(cfg, pool, guard, annotator)
+        gateway_pb2_grpc.add_MoAGatewayServicer_to_server(holder["servicer"], server)
+
+    running = await start_server(cfg.gateway, "gateway", add, [SERVICE_NAME])
+    running.servicer = holder["servicer"]
+    if annotator is not None:
+        running.on_stop.append(annotator.close)
+    if own_pool:
+        running.on_stop.append(pool.close)
+    return running
+
+
+async def serve(cfg: MoaaConfig) -> None:
+    """Run until SIGTERM/SIGINT, then finish calls in flight and stop."""
+    running = await start_gateway(cfg)
+    print(f"moaa gateway listening on {cfg.gateway.host}:{running.port}"
+          + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
+    await running.wait_for_signal()
