@@ -1,0 +1,238 @@
+"""Prompt loading: JSONL, Parquet or a local Hugging Face `datasets` folder -> validated prompt rows.
+
+Recognised without mapping (the paper's sources and TRL's own formats):
+- `messages`: a list of {role, content} (UltraChat 200k, TRL conversational SFT rows);
+- `data`: a list of strings, alternating user / assistant (the original UltraChat release);
+- `prompt`: a string (UltraFeedback binarized) or a list of messages (TRL preference rows);
+- `instruction` (UltraFeedback: its `completions` are ignored), `question`.
+A trailing assistant turn is dropped: the pipeline writes that turn. Earlier turns are kept.
+
+Each row's id is a hash of its conversation (stable across runs and machines), unless `--map id=FIELD`
+names a column that already holds ids. Broken lines, missing fields and duplicate ids are collected with
+their line numbers: one readable error, or with `skip_invalid` a list of what was skipped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+from moaa.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+# Field names tried in order when no mapping is given.
+AUTO_FIELDS = ("messages", "data", "prompt", "instruction", "question")
+MAPPABLE = ("prompt", "messages", "id", "system")
+MAX_LISTED = 5  # invalid rows named in one error line
+
+
+@dataclass
+class PromptRow:
+    id: str
+    messages: list[dict[str, str]]
+    line: int                      # 1-based line (JSONL) or row number (Parquet, datasets)
+    source_id: str | None = None   # the file's own id column, kept for provenance
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "messages": self.messages}
+        if self.source_id is not None:
+            out["source_id"] = self.source_id
+        return out
+
+
+@dataclass
+class PromptSet:
+    rows: list[PromptRow]
+    source: str
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+
+    def skipped_summary(self) -> str:
+        if not self.skipped:
+            return "no rows skipped"
+        listed = ", ".join(f"line {ln} ({why})" for ln, why in self.skipped[:20])
+        more = f", and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
+        return f"skipped {len(self.skipped)} invalid row(s): {listed}{more}"
+
+
+def content_id(messages: list[dict[str, str]]) -> str:
+    """Stable id of a conversation: sha256 of its canonical JSON (roles and contents only)."""
+    canon = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+
+
+def parse_mapping(items: list[str] | None) -> dict[str, str]:
+    """`["prompt=question", "id=qid"]` -> {"prompt": "question", "id": "qid"}."""
+    mapping: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not value or key not in MAPPABLE:
+            raise UserError(f"bad --map {item!r}: use KEY=FIELD with KEY one of {', '.join(MAPPABLE)}")
+        mapping[key] = value
+    return mapping
+
+
+class _RowError(ValueError):
+    pass
+
+
+def _as_messages(value: Any, fieldname: str) -> list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise _RowError(f"field {fieldname!r} is empty")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise _RowError(f"field {fieldname!r} must be a string or a non-empty list")
+    if all(isinstance(v, str) for v in value):  # UltraChat's `data`: alternating user / assistant
+        return [{"role": "user" if i % 2 == 0 else "assistant", "content": v} for i, v in enumerate(value)]
+    msgs = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise _RowError(f"{fieldname}[{i}] is not a {{role, content}} message")
+        if m["role"] not in ROLES:
+            raise _RowError(f"{fieldname}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise _RowError(f"{fieldname}[{i}] content is not a string")
+        msgs.append({"role": m["role"], "content": m["content"]})
+    return msgs
+
+
+def _to_prompt(msgs: list[dict[str, str]], fieldname: str) -> list[dict[str, str]]:
+    """Drop a trailing assistant turn; check the rest ends with a non-empty user turn."""
+    while msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    if not msgs or msgs[-1]["role"] != "user":
+        raise _RowError(f"field {fieldname!r} has no user turn to answer")
+    for i, m in enumerate(msgs):
+        if not m["content"].strip():
+            raise _RowError(f"{fieldname}[{i}] ({m['role']}) is empty")
+    return msgs
+
+
+def row_to_prompt(record: Any, mapping: dict[str, str]) -> tuple[list[dict[str, str]], str | None]:
+    """One input record -> (prompt messages, the record's own id or None). Raises _RowError."""
+    if not isinstance(record, dict):
+        raise _RowError("not a JSON object")
+    if "prompt" in mapping or "messages" in mapping:
+        name = mapping.get("messages") or mapping["prompt"]
+        if name not in record:
+            raise _RowError(f"missing field {name!r} (from --map)")
+        candidates = [name]
+    else:
+        candidates = [f for f in AUTO_FIELDS if f in record and record[f] is not None]
+        if not candidates:
+            raise _RowError(f"missing prompt field (expected one of {', '.join(AUTO_FIELDS)}; "
+                            "or name one with --map prompt=FIELD)")
+    name = candidates[0]
+    msgs = _to_prompt(_as_messages(record[name], name), name)
+    system_field = mapping.get("system")
+    if system_field and record.get(system_field) and msgs[0]["role"] != "system":
+        msgs = [{"role": "system", "content": str(record[system_field])}] + msgs
+    source_id = None
+    id_field = mapping.get("id")
+    if id_field:
+        if record.get(id_field) in (None, ""):
+            raise _RowError(f"missing id field {id_field!r} (from --map)")
+        source_id = str(record[id_field])
+    else:
+        for key in ("id", "prompt_id"):
+            if record.get(key) not in (None, ""):
+                source_id = str(record[key])
+                break
+    return msgs, source_id
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open("r", encoding="utf-8", errors="strict") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                yield lineno, _RowError(f"not valid JSON ({err.msg} at column {err.colno})")
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a bad file
+        raise UserError(f"cannot read Parquet file {path}: {err}") from None
+    for i, rec in enumerate(table.to_pylist(), 1):
+        yield i, rec
+
+
+def _iter_hf_folder(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise UserError(f"cannot read the datasets folder {path}: {err}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds)
+        pick = split or ("train" if "train" in ds else (names[0] if len(names) == 1 else None))
+        if pick not in ds:
+            raise UserError(f"{path} has splits {', '.join(names)}; choose one with --split")
+        ds = ds[pick]
+    for i, rec in enumerate(ds, 1):
+        yield i, rec
+
+
+def _records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return _iter_hf_folder(path, split)
+        raise UserError(f"{path} is a folder but not a saved Hugging Face dataset (no dataset_info.json)")
+    if not path.exists():
+        raise UserError(f"prompt file {path} does not exist")
+    if path.suffix == ".parquet":
+        return _iter_parquet(path)
+    if path.suffix in (".jsonl", ".json", ".ndjson"):
+        return _iter_jsonl(path)
+    raise UserError(f"{path}: unknown prompt format; use .jsonl, .parquet or a saved datasets folder")
+
+
+def default_prompts_path() -> Path:
+    return Path(str(resources.files("moaa.pipeline.prompts") / "default.jsonl"))
+
+
+def load_prompts(path: str | Path | None = None, *, mapping: dict[str, str] | None = None,
+                 skip_invalid: bool = False, split: str | None = None, limit: int | None = None) -> PromptSet:
+    """Read and validate a prompt set. Raises UserError naming the bad lines unless `skip_invalid`."""
+    path = Path(path) if path else default_prompts_path()
+    mapping = mapping or {}
+    rows: list[PromptRow] = []
+    bad: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    try:
+        for lineno, rec in _records(path, split):
+            try:
+                if isinstance(rec, _RowError):
+                    raise rec
+                msgs, source_id = row_to_prompt(rec, mapping)
+                rid = source_id if mapping.get("id") else content_id(msgs)
+                if rid in seen:
+                    raise _RowError(f"duplicate id {rid} (same as line {seen[rid]})")
+            except _RowError as err:
+                bad.append((lineno, str(err)))
+                continue
+            seen[rid] = lineno
+            rows.append(PromptRow(id=rid, messages=msgs, line=lineno, source_id=source_id))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if bad and not skip_invalid:
+        listed = "; ".join(f"line {ln}: {why}" for ln, why in bad[:MAX_LISTED])
+        more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise UserError(f"{path}: {len(bad)} invalid row(s): {listed}{more} "
+                        "(fix them, or pass --skip-invalid to skip them)")
+    if not rows:
+        raise UserError(f"{path}: no usable prompts" + (f" ({len(bad)} invalid rows skipped)" if bad else ""))
+    if limit is not None:
+        rows = rows[:limit]
+    return PromptSet(rows=rows, source=str(path), skipped=bad)

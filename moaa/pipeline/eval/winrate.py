@@ -1,0 +1,168 @@
+"""Pairwise win rates: raw, length-controlled (AlpacaEval 2), and bootstrap confidence intervals.
+
+Preferences are per instruction, the probability that the model beats the baseline, in [0, 1]: each
+pair is judged in both orders and the two verdicts are averaged (win 1, tie 0.5, loss 0), so a judge
+that only follows position gives 0.5, not a win.
+
+Length-controlled win rate (Dubois et al. 2024, arXiv 2404.04475; alpaca_eval `glm_winrate.py`,
+GLM "length_controlled_v1"). For instruction i with preference y_i in [0, 1]:
+
+    d_i   = len(model_i) - len(baseline_i)                  (characters)
+    x_i   = tanh(d_i / sd(d))                               (sd with ddof=1, as pandas' .std())
+    P(model wins on i) = sigmoid(theta + beta * x_i + phi * difficulty_i)
+
+fitted by maximum likelihood with soft labels (y_i weighs the "win" outcome, 1 - y_i the "loss"), no
+separate intercept (theta is the model's term), then predicted with the length term set to zero:
+
+    LC = 100 * mean_i sigmoid(theta + phi * difficulty_i)
+
+AlpacaEval takes `difficulty_i` from a joint fit over its whole leaderboard and adds a
+regularisation towards that leaderboard's baselines; neither exists for a user's own prompts, so here
+difficulty is optional (per-instruction values the caller supplies, e.g. from an earlier run) and the
+fit is plain or L2-penalised with strength 1/(2C) on all coefficients (C=None: unpenalised; the
+default C=100 keeps a perfectly separable table finite and moves a typical table by well under 0.1
+points). The sign convention of d is model minus baseline; AlpacaEval uses the opposite, which only
+flips beta's sign and leaves LC unchanged. With no length differences at all, LC equals the raw win rate.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from scipy import optimize, special, stats
+
+VERDICT_VALUE = {"A": 1.0, "B": 0.0, "tie": 0.5}
+
+
+def preference_from_verdicts(first: str, swapped: str) -> float:
+    """Model-vs-baseline preference from two verdicts.
+
+    `first`: verdict with the model shown as A; `swapped`: verdict with the model shown as B.
+    Each is "A", "B" or "tie". Returns a value in {0, 0.25, 0.5, 0.75, 1}.
+    """
+    a = VERDICT_VALUE[first]
+    b = 1.0 - VERDICT_VALUE[swapped]
+    return (a + b) / 2.0
+
+
+def win_rate(prefs: Sequence[float]) -> float:
+    p = np.asarray(prefs, dtype=float)
+    if p.size == 0:
+        raise ValueError("no preferences")
+    return float(p.mean() * 100.0)
+
+
+@dataclass
+class LCFit:
+    lc_win_rate: float
+    win_rate: float
+    theta: float                 # the model's term
+    beta: float                  # length term (on tanh of the normalised length difference)
+    phi: float                   # instruction difficulty term (0 without difficulty)
+    length_sd: float
+    n: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _design(prefs, len_model, len_baseline, difficulty):
+    y = np.asarray(prefs, dtype=float)
+    lm, lb = np.asarray(len_model, dtype=float), np.asarray(len_baseline, dtype=float)
+    if not (y.shape == lm.shape == lb.shape and y.ndim == 1 and y.size > 0):
+        raise ValueError("preferences and lengths must be equal-length non-empty sequences")
+    d = lm - lb
+    if np.any((y < 0) | (y > 1)):
+        raise ValueError("preferences must lie in [0, 1]")
+    sd = float(np.std(d, ddof=1)) if d.size > 1 else 0.0
+    x_len = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+    diff = np.zeros_like(d) if difficulty is None else np.asarray(difficulty, dtype=float)
+    if diff.shape != d.shape:
+        raise ValueError("difficulty must have one value per instruction")
+    X = np.column_stack([np.ones_like(d), x_len, diff])
+    return X, y, sd
+
+
+def _fit(X: np.ndarray, y: np.ndarray, C: float | None) -> np.ndarray:
+    """Soft-label logistic regression (no intercept beyond column 0), optional L2 penalty 1/(2C)."""
+    active = np.array([True, bool(np.any(X[:, 1] != 0)), bool(np.any(X[:, 2] != 0))])
+    Xa = X[:, active]
+    lam = 0.0 if C is None else 1.0 / C
+
+    def loss(w):
+        z = Xa @ w
+        # -[y log s(z) + (1-y) log(1 - s(z))] = logaddexp(0, z) - y z
+        val = np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * lam * w @ w
+        grad = Xa.T @ (special.expit(z) - y) + lam * w
+        return val, grad
+
+    res = optimize.minimize(loss, np.zeros(Xa.shape[1]), jac=True, method="L-BFGS-B",
+                            options={"gtol": 1e-10, "ftol": 1e-14, "maxiter": 10_000})
+    w = np.zeros(3)
+    w[active] = res.x
+    return w
+
+
+def length_controlled_win_rate(prefs: Sequence[float], len_model: Sequence[float], len_baseline: Sequence[float],
+                               difficulty: Sequence[float] | None = None, C: float | None = 100.0) -> LCFit:
+    X, y, sd = _design(prefs, len_model, len_baseline, difficulty)
+    w = _fit(X, y, C)
+    p0 = special.expit(w[0] + w[2] * X[:, 2])  # length term set to zero
+    return LCFit(lc_win_rate=float(p0.mean() * 100.0), win_rate=win_rate(y), theta=float(w[0]),
+                 beta=float(w[1]), phi=float(w[2]), length_sd=sd, n=int(y.size))
+
+
+def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], *, n_resamples: int = 1000,
+                 confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap over instructions: `statistic(indices)` on resampled row indices."""
+    if n < 2:
+        v = statistic(np.arange(n))
+        return v, v
+    res = stats.bootstrap((np.arange(n),), lambda idx: statistic(idx.astype(int)), vectorized=False,
+                          n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                          random_state=np.random.default_rng(seed))
+    lo, hi = res.confidence_interval
+    return float(lo), float(hi)
+
+
+@dataclass
+class WinRateReport:
+    model: str
+    baseline: str
+    n: int
+    win_rate: float
+    win_rate_ci: tuple[float, float]
+    lc_win_rate: float
+    lc_win_rate_ci: tuple[float, float]
+    wins: float
+    ties: float
+    losses: float
+    inconsistent: int            # pairs whose two orders disagreed (position-driven verdicts)
+    avg_len_model: float
+    avg_len_baseline: float
+    beta_length: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def summarize(model: str, baseline: str, prefs: Sequence[float], len_model: Sequence[float],
+              len_baseline: Sequence[float], *, difficulty: Sequence[float] | None = None,
+              n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
+              inconsistent: int = 0) -> WinRateReport:
+    y = np.asarray(prefs, dtype=float)
+    lm, lb = np.asarray(len_model, float), np.asarray(len_baseline, float)
+    diff = None if difficulty is None else np.asarray(difficulty, float)
+    fit = length_controlled_win_rate(y, lm, lb, diff)
+    wr_ci = bootstrap_ci(len(y), lambda i: y[i].mean() * 100.0, n_resamples=n_resamples, seed=seed,
+                         confidence=confidence)
+    lc_ci = bootstrap_ci(len(y), lambda i: length_controlled_win_rate(
+        y[i], lm[i], lb[i], None if diff is None else diff[i]).lc_win_rate,
+        n_resamples=max(200, n_resamples // 5), seed=seed, confidence=confidence)
+    return WinRateReport(
+        model=model, baseline=baseline, n=int(y.size), win_rate=fit.win_rate, win_rate_ci=wr_ci,
+        lc_win_rate=fit.lc_win_rate, lc_win_rate_ci=lc_ci, wins=float(np.sum(y > 0.5)),
+        ties=float(np.sum(y == 0.5)), losses=float(np.sum(y < 0.5)),
+        inconsistent=inconsistent,
+        avg_len_model=float(lm.mean()), avg_len_baseline=float(lb.mean()), beta_length=fit.beta)

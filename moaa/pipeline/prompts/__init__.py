@@ -1,0 +1,1 @@
+"""Prompt sets bundled with moaa (package data)."""

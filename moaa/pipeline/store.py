@@ -1,0 +1,219 @@
+"""Dataset folders: sharded JSONL rows in TRL's formats, keyed by row id, with a manifest.
+
+Layout of one dataset folder:
+    data-00000.jsonl ...   rows (one JSON object per line, each with its "id")
+    skipped.jsonl          ids handled on purpose without a row (e.g. a pair the judges could not separate)
+    failures.jsonl         ids that failed; retried on the next run (not "done")
+    manifest.json          counts, models, config hash, stage, timestamps, complete flag
+
+Exactly once: every line is written with one `write` to a file opened for append and flushed to disk
+before the id counts as done. A run killed mid-line leaves a torn last line, which `open` cuts off, so
+that row is simply done again. Ids already present in rows or skipped.jsonl are never written twice.
+The manifest is replaced atomically (write to a temporary file, fsync, rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from moaa.errors import UserError
+
+SHARD_ROWS = 1000
+FORMATS = ("sft", "preference", "samples", "generations")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def _repair_tail(path: Path) -> int:
+    """Cut a torn last line (no trailing newline, or not JSON) left by a killed writer. Returns bytes cut."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with path.open("rb+") as fh:
+        data = fh.read()
+        keep = data.rfind(b"\n") + 1 if not data.endswith(b"\n") else size
+        # A complete-looking last line that is not JSON is torn too (killed between bytes of a multi-byte write).
+        last_start = data.rfind(b"\n", 0, keep - 1) + 1 if keep else 0
+        if keep and last_start < keep:
+            try:
+                json.loads(data[last_start:keep])
+            except ValueError:
+                keep = last_start
+        if keep < size:
+            fh.truncate(keep)
+            return size - keep
+    return 0
+
+
+def iter_jsonl(path: Path) -> Iterator[dict]:
+    if not path.exists():
+        return
+    with path.open("r", encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+class DatasetStore:
+    """Append-only, resumable writer and reader of one dataset folder."""
+
+    def __init__(self, folder: str | Path, *, stage: str, fmt: str, config_hash: str | None = None,
+                 shard_rows: int = SHARD_ROWS):
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown dataset format {fmt!r}")
+        self.folder = Path(folder)
+        self.stage, self.fmt, self.config_hash, self.shard_rows = stage, fmt, config_hash, shard_rows
+        self.done: set[str] = set()
+        self.skipped: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
+        self.rows = 0
+        self.models: set[str] = set()
+        self.extra: dict[str, Any] = {}
+        self._fh = None
+        self._shard_rows = 0
+        self._shard_index = 0
+        self.manifest: dict[str, Any] = {}
+
+    # -- opening -------------------------------------------------------------------------------
+    def open(self) -> "DatasetStore":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        mpath = self.folder / "manifest.json"
+        if mpath.exists():
+            self.manifest = json.loads(mpath.read_text())
+            old = self.manifest.get("config_hash")
+            if self.config_hash and old and old != self.config_hash:
+                raise UserError(f"{self.folder} was written with another configuration (config hash {old}, "
+                                f"now {self.config_hash}); use a new --out folder or delete this one")
+            self.models = set(self.manifest.get("models", []))
+            self.extra = dict(self.manifest.get("extra", {}))
+        shards = self.shards()
+        for shard in shards:
+            _repair_tail(shard)
+            for row in iter_jsonl(shard):
+                self.done.add(row["id"])
+                self.rows += 1
+        for name in ("skipped.jsonl", "failures.jsonl"):
+            if (self.folder / name).exists():
+                _repair_tail(self.folder / name)
+        for rec in iter_jsonl(self.folder / "skipped.jsonl"):
+            self.skipped[rec["id"]] = rec.get("reason", "")
+        for rec in iter_jsonl(self.folder / "failures.jsonl"):
+            self.failed[rec["id"]] = rec.get("error", "")
+        for rid in list(self.failed):
+            if rid in self.done or rid in self.skipped:
+                del self.failed[rid]
+        if shards:
+            self._shard_index = len(shards) - 1
+            self._shard_rows = sum(1 for _ in iter_jsonl(shards[-1]))
+        if not self.manifest:
+            self.manifest = {"created_at": _now()}
+        return self
+
+    def shards(self) -> list[Path]:
+        return sorted(self.folder.glob("data-*.jsonl"))
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def is_done(self, row_id: str) -> bool:
+        """Written as a row or skipped on purpose: never redone."""
+        return row_id in self.done or row_id in self.skipped
+
+    # -- writing -------------------------------------------------------------------------------
+    def _append_line(self, path: Path, obj: dict) -> None:
+        line = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write(self, row: dict, *, models: list[str] | None = None) -> bool:
+        """Append one row (must carry "id"). Returns False when that id is already done."""
+        rid = row["id"]
+        if self.is_done(rid):
+            return False
+        if self._shard_rows >= self.shard_rows:
+            self._shard_index += 1
+            self._shard_rows = 0
+        self._append_line(self.folder / f"data-{self._shard_index:05d}.jsonl", row)
+        self._shard_rows += 1
+        self.rows += 1
+        self.done.add(rid)
+        self.failed.pop(rid, None)
+        self.models.update(models or [])
+        return True
+
+    def skip(self, row_id: str, reason: str, **info: Any) -> bool:
+        if self.is_done(row_id):
+            return False
+        self._append_line(self.folder / "skipped.jsonl", {"id": row_id, "reason": reason, **info})
+        self.skipped[row_id] = reason
+        self.failed.pop(row_id, None)
+        return True
+
+    def fail(self, row_id: str, error: str) -> None:
+        """Record a failure; the id stays pending and is retried on the next run."""
+        self._append_line(self.folder / "failures.jsonl", {"id": row_id, "error": error, "at": _now()})
+        self.failed[row_id] = error
+
+    def write_manifest(self, *, complete: bool = False, **extra: Any) -> dict:
+        self.extra.update(extra)
+        reasons: dict[str, int] = {}
+        for why in self.skipped.values():
+            reasons[why.split(":")[0]] = reasons.get(why.split(":")[0], 0) + 1
+        self.manifest.update({
+            "stage": self.stage,
+            "format": self.fmt,
+            "rows": self.rows,
+            "skipped": len(self.skipped),
+            "skipped_reasons": reasons,
+            "failed": len(self.failed),
+            "shards": [p.name for p in self.shards()],
+            "models": sorted(self.models),
+            "config_hash": self.config_hash or self.manifest.get("config_hash"),
+            "updated_at": _now(),
+            "complete": complete,
+            "extra": self.extra,
+        })
+        if complete:
+            self.manifest["completed_at"] = _now()
+        atomic_write_json(self.folder / "manifest.json", self.manifest)
+        return self.manifest
+
+    # -- reading -------------------------------------------------------------------------------
+    def iter_rows(self) -> Iterator[dict]:
+        for shard in self.shards():
+            yield from iter_jsonl(shard)
+
+    def export_jsonl(self, path: Path) -> Path:
+        """All rows in one file (what `moaa train` reads), written atomically."""
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.iter_rows())
+        atomic_write_text(Path(path), text)
+        return Path(path)
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    path = Path(folder) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

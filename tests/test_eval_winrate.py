@@ -1,0 +1,160 @@
+"""Win rates: the length-controlled win rate against hand-computed values, bootstrap sanity, parsing."""
+import math
+
+import numpy as np
+import pytest
+
+from moaa.pipeline.eval.grading import grading_summary, parse_rating, parse_verdict, pairwise_messages
+from moaa.pipeline.eval.winrate import (bootstrap_ci, length_controlled_win_rate, preference_from_verdicts,
+                                         summarize, win_rate)
+
+
+def _two_group_table():
+    # 10 instructions where the model's answer is 300 chars longer (8 wins, 2 losses),
+    # 5 where it is 300 chars shorter (2 wins, 3 losses).
+    prefs = [1.0] * 8 + [0.0] * 2 + [1.0] * 2 + [0.0] * 3
+    base = [500.0] * 15
+    model = [800.0] * 10 + [200.0] * 5
+    return prefs, model, base
+
+
+def test_lc_two_groups_matches_closed_form():
+    # Two length groups make the GLM saturated: theta + beta*x = logit(m1), theta - beta*x = logit(m2),
+    # so theta = (logit m1 + logit m2)/2 and LC = 100 / (1 + sqrt((1-m1)/m1 * (1-m2)/m2)),
+    # whatever the normalised length x is. Here m1 = 0.8, m2 = 0.4.
+    prefs, model, base = _two_group_table()
+    expected = 100.0 / (1.0 + math.sqrt((0.2 / 0.8) * (0.6 / 0.4)))  # = 62.0204...
+    fit = length_controlled_win_rate(prefs, model, base, C=None)
+    assert fit.lc_win_rate == pytest.approx(expected, abs=1e-4)
+    assert fit.win_rate == pytest.approx(100 * 10 / 15)
+    assert fit.beta > 0  # longer answers won more often
+    # the default light penalty barely moves it
+    assert length_controlled_win_rate(prefs, model, base).lc_win_rate == pytest.approx(expected, abs=0.2)
+
+
+def test_lc_sign_convention_does_not_matter():
+    prefs, model, base = _two_group_table()
+    a = length_controlled_win_rate(prefs, model, base, C=None)
+    # AlpacaEval's delta is baseline minus model: mirror lengths around the baseline
+    mirrored = [2 * b - m for m, b in zip(model, base)]
+    b = length_controlled_win_rate(prefs, mirrored, base, C=None)
+    assert a.lc_win_rate == pytest.approx(b.lc_win_rate, abs=1e-6)
+    assert a.beta == pytest.approx(-b.beta, abs=1e-4)
+
+
+def test_lc_equals_raw_without_length_differences():
+    prefs = [1, 1, 0.5, 0, 1, 0.75, 0.25, 1]
+    same = [100] * len(prefs)
+    fit = length_controlled_win_rate(prefs, same, same, C=None)
+    assert fit.lc_win_rate == pytest.approx(np.mean(prefs) * 100, abs=1e-6)
+    assert fit.beta == 0
+
+
+def _irls(X, y, iters=100):
+    """Independent Newton-Raphson fit of a soft-label logistic regression (test oracle)."""
+    w = np.zeros(X.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-X @ w))
+        H = X.T @ (X * (p * (1 - p))[:, None])
+        w = w + np.linalg.solve(H, X.T @ (y - p))
+    return w
+
+
+def test_lc_with_difficulty_matches_separate_newton_fit():
+    rng = np.random.default_rng(3)
+    n = 60
+    diff = rng.normal(size=n)
+    d = rng.normal(scale=200, size=n)
+    x = np.tanh(d / d.std(ddof=1))
+    true_p = 1 / (1 + np.exp(-(0.3 + 1.2 * x + 0.8 * diff)))
+    y = (rng.random(n) < true_p).astype(float)
+    y[::7] = 0.5  # some ties
+    base = np.full(n, 1000.0)
+    fit = length_controlled_win_rate(y, base + d, base, difficulty=diff, C=None)
+    w = _irls(np.column_stack([np.ones(n), x, diff]), y)
+    expected = np.mean(1 / (1 + np.exp(-(w[0] + w[2] * diff)))) * 100
+    assert fit.theta == pytest.approx(w[0], abs=1e-4)
+    assert fit.beta == pytest.approx(w[1], abs=1e-4)
+    assert fit.lc_win_rate == pytest.approx(expected, abs=1e-3)
+
+
+def test_lc_separable_table_stays_finite():
+    fit = length_controlled_win_rate([1, 1, 1, 1], [10, 20, 30, 40], [5, 5, 5, 5])
+    assert 90 < fit.lc_win_rate <= 100 and math.isfinite(fit.theta)
+
+
+def test_lc_rejects_bad_input():
+    with pytest.raises(ValueError):
+        length_controlled_win_rate([1.5], [1], [1])
+    with pytest.raises(ValueError):
+        length_controlled_win_rate([1, 0], [1], [1, 2])
+
+
+def test_preference_from_both_orders():
+    assert preference_from_verdicts("A", "B") == 1.0      # model won in both orders
+    assert preference_from_verdicts("B", "A") == 0.0
+    assert preference_from_verdicts("A", "A") == 0.5      # judge followed position: no win
+    assert preference_from_verdicts("tie", "B") == 0.75
+    assert win_rate([1, 0, 0.5, 0.5]) == 50.0
+
+
+def test_bootstrap_ci_sanity():
+    rng = np.random.default_rng(0)
+    y = (rng.random(200) < 0.7).astype(float)
+    lo, hi = bootstrap_ci(len(y), lambda i: y[i].mean() * 100, n_resamples=2000)
+    point = y.mean() * 100
+    assert lo < point < hi
+    # close to the normal approximation's 95% interval
+    se = math.sqrt(point / 100 * (1 - point / 100) / len(y)) * 100
+    assert (hi - lo) == pytest.approx(2 * 1.96 * se, rel=0.2)
+    # more data -> narrower
+    y4 = np.tile(y, 4)
+    lo4, hi4 = bootstrap_ci(len(y4), lambda i: y4[i].mean() * 100, n_resamples=2000)
+    assert hi4 - lo4 < (hi - lo) * 0.7
+    # no variation -> a point
+    assert bootstrap_ci(5, lambda i: 100.0) == (100.0, 100.0)
+
+
+def test_summarize_report_fields():
+    prefs, model, base = _two_group_table()
+    rep = summarize("sft", "base", prefs, model, base, n_resamples=300, inconsistent=2)
+    assert rep.n == 15 and rep.wins == 10 and rep.losses == 5 and rep.inconsistent == 2
+    assert rep.win_rate_ci[0] <= rep.win_rate <= rep.win_rate_ci[1]
+    assert rep.lc_win_rate_ci[0] <= rep.lc_win_rate <= rep.lc_win_rate_ci[1] + 1e-6
+    assert rep.to_json()["model"] == "sft"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("A is more complete.\n[[A]]", "A"),
+    ("Both fine. [[C]]", "tie"),
+    ("First [[B]] ... on reflection [[A]]", "A"),
+    ("My verdict: B", "B"),
+    ("Answer B is clearly better because it is correct.", "B"),
+    ("B", "B"),
+    ("It's a tie.", "tie"),
+    ("I cannot decide.", None),
+    ("", None),
+])
+def test_parse_verdict(text, expected):
+    assert parse_verdict(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Good answer. Rating: [[8]]", 8.0),
+    ("Rating: [[7.5]]", 7.5),
+    ("I'd say 6/10.", 6.0),
+    ("Rating: 9", 9.0),
+    ("The score is 4", 4.0),
+    ("Rating: [[11]]", None),   # out of range: an abstention, never clipped
+    ("Rating: [[0]]", None),
+    ("no number here", None),
+])
+def test_parse_rating(text, expected):
+    assert parse_rating(text) == expected
+
+
+def test_grading_summary_and_prompt():
+    s = grading_summary({"a": [8, None, 6], "b": [None]})
+    assert s["a"] == {"mean": 7, "n": 2, "abstained": 1} and s["b"]["mean"] is None
+    msgs = pairwise_messages([{"role": "user", "content": "hi"}], "one", "two")
+    assert "[[A]]" in msgs[0]["content"] and "one" in msgs[1]["content"] and "two" in msgs[1]["content"]

@@ -1,0 +1,120 @@
+"""Prompt loading: formats, recognised shapes, stable ids, and readable errors with line numbers."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moaa.errors import UserError
+from moaa.pipeline.data import content_id, default_prompts_path, load_prompts, parse_mapping
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_bundled_default_prompts():
+    ps = load_prompts()
+    assert 45 <= len(ps.rows) <= 60 and not ps.skipped
+    assert any(len(r.messages) > 1 for r in ps.rows)          # a few multi-turn conversations
+    assert len({r.id for r in ps.rows}) == len(ps.rows)
+    assert default_prompts_path().name == "default.jsonl"
+
+
+def test_recognised_shapes_without_mapping(tmp_path):
+    rows = [
+        {"instruction": "UltraFeedback style", "completions": [{"response": "x"}]},
+        {"prompt": "ultrafeedback_binarized style", "prompt_id": "p1", "chosen": [], "rejected": []},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine"}]},
+        {"id": "u7", "data": ["q1", "a1", "q2"]},                # original UltraChat
+        {"prompt": [{"role": "user", "content": "TRL preference prompt"}], "chosen": [], "rejected": []},
+    ]
+    ps = load_prompts(_write_jsonl(tmp_path / "p.jsonl", rows))
+    got = [r.messages for r in ps.rows]
+    assert got[0] == [{"role": "user", "content": "UltraFeedback style"}]
+    assert ps.rows[1].source_id == "p1"
+    assert got[2][-1] == {"role": "user", "content": "how are you?"} and len(got[2]) == 3  # trailing answer dropped
+    assert [m["role"] for m in got[3]] == ["user", "assistant", "user"] and ps.rows[3].source_id == "u7"
+    assert got[4] == [{"role": "user", "content": "TRL preference prompt"}]
+
+
+def test_ids_are_content_hashes_and_stable(tmp_path):
+    p = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    ids1 = [r.id for r in load_prompts(p).rows]
+    p2 = _write_jsonl(tmp_path / "q.jsonl", [{"prompt": "b"}, {"instruction": "a", "other": 1}])
+    ids2 = [r.id for r in load_prompts(p2).rows]
+    assert ids1 == ids2[::-1]
+    assert ids1[0] == content_id([{"role": "user", "content": "a"}])
+
+
+def test_field_mapping(tmp_path):
+    p = _write_jsonl(tmp_path / "p.jsonl", [{"q": "what?", "qid": "x1", "sys": "be brief"}])
+    ps = load_prompts(p, mapping=parse_mapping(["prompt=q", "id=qid", "system=sys"]))
+    assert ps.rows[0].id == "x1"
+    assert ps.rows[0].messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what?"}]
+    with pytest.raises(UserError, match="KEY=FIELD"):
+        parse_mapping(["nonsense"])
+
+
+def _bad_file(tmp_path):
+    return _write_jsonl(tmp_path / "bad.jsonl", [
+        {"prompt": "fine"},                                   # line 1
+        '{"prompt": "broken',                                 # line 2: not JSON
+        {"text": "no known field"},                           # line 3: missing field
+        {"prompt": "fine"},                                   # line 4: duplicate of line 1
+        {"messages": [{"role": "user", "content": ""}]},      # line 5: empty turn
+        {"messages": [{"role": "bot", "content": "x"}]},      # line 6: bad role
+        {"prompt": "also fine"},                              # line 7
+    ])
+
+
+def test_invalid_rows_give_one_readable_error(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_prompts(_bad_file(tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg
+    for needle in ("5 invalid row(s)", "line 2: not valid JSON", "line 3: missing prompt field",
+                   "line 4: duplicate id", "same as line 1", "line 5", "--skip-invalid"):
+        assert needle in msg, needle
+
+
+def test_skip_invalid_counts_with_line_numbers(tmp_path):
+    ps = load_prompts(_bad_file(tmp_path), skip_invalid=True)
+    assert [r.line for r in ps.rows] == [1, 7]
+    assert [ln for ln, _ in ps.skipped] == [2, 3, 4, 5, 6]
+    assert ps.skipped_summary().startswith("skipped 5 invalid row(s): line 2 (not valid JSON")
+
+
+def test_duplicate_source_ids_with_mapping(tmp_path):
+    p = _write_jsonl(tmp_path / "p.jsonl", [{"q": "a", "k": 1}, {"q": "b", "k": 1}])
+    with pytest.raises(UserError, match="line 2: duplicate id 1"):
+        load_prompts(p, mapping={"prompt": "q", "id": "k"})
+
+
+def test_parquet_and_datasets_folder(tmp_path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"instruction": ["p one", "p two"]}), tmp_path / "p.parquet")
+    assert [r.messages[0]["content"] for r in load_prompts(tmp_path / "p.parquet").rows] == ["p one", "p two"]
+    ds = datasets.DatasetDict({"train_sft": datasets.Dataset.from_dict({
+        "prompt": ["hi"], "messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]})})
+    ds.save_to_disk(str(tmp_path / "uc"))
+    with pytest.raises(UserError, match="--split"):
+        load_prompts(tmp_path / "uc", split="nope")
+    ps = load_prompts(tmp_path / "uc")  # a single split is taken
+    assert ps.rows[0].messages == [{"role": "user", "content": "hi"}]
+
+
+def test_missing_or_unknown_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_prompts(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match="unknown prompt format"):
+        load_prompts(tmp_path / "x.csv")
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_prompts(tmp_path / "bin.jsonl")
