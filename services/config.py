@@ -137,6 +137,12 @@ class EnsembleConfig(_Strict):
     max_criterion_disagreement: float = Field(3.0, ge=0, description="drop a criterion whose judges' ratings spread more than this")
     max_criterion_length_corr: float = Field(0.9, ge=0, le=1, description="drop a criterion that merely tracks length")
     seed: int = 0
+    criteria_length_min_candidates: int = Field(
+        5, ge=3, description="measure a criterion's length correlation only with at least this many answers")
+    pointwise_template: str = Field("pointwise_v1", description="template for judges whose own is not pointwise, in mode 'pointwise'")
+    pairwise_template: str = Field("pairwise_v1", description="template for judges whose own is not pairwise, in mode 'pairwise'")
+    aggregator_template: str = Field("aggregator_v1", description="template of the aggregator judge when its own is not an aggregator template")
+    templates_dir: str | None = Field(None, description="extra folder of judging templates (<name>.txt); overrides built-ins of the same name")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "EnsembleConfig":
@@ -176,6 +182,7 @@ class ServerConfig(_Strict):
     max_prompt_chars: int = Field(200_000, ge=1)
     max_candidates: int = Field(16, ge=2, description="annotator: most candidates per request")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_candidate_bytes: int = Field(256 * 1024, ge=1, description="annotator: most UTF-8 bytes per candidate text")
     batch_window: int = Field(64, ge=1, description="GenerateBatch items in flight per stream")
     shutdown_grace_s: float = Field(30.0, ge=0)
     tls: TLSConfig = Field(default_factory=TLSConfig)

@@ -65,7 +65,7 @@ class JudgeScore(_message.Message):
     def __init__(self, candidate_id: _Optional[str] = ..., score: _Optional[float] = ..., rationale: _Optional[str] = ..., abstained: _Optional[bool] = ..., abstain_reason: _Optional[str] = ..., criteria: _Optional[_Mapping[str, float]] = ..., position: _Optional[int] = ...) -> None: ...
 
 class JudgeReport(_message.Message):
-    __slots__ = ("judge", "model", "scores", "permutation_seed", "order", "position_bias", "length_correlation", "agreement", "abstentions", "template", "template_hash", "usage", "criteria")
+    __slots__ = ("judge", "model", "scores", "permutation_seed", "order", "position_bias", "length_correlation", "agreement", "abstentions", "template", "template_hash", "usage", "criteria", "order_flip_rate", "requests")
     JUDGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,8 @@ class JudgeReport(_message.Message):
     TEMPLATE_HASH_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CRITERIA_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FLIP_RATE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     judge: str
     model: str
     scores: _containers.RepeatedCompositeFieldContainer[JudgeScore]
@@ -92,7 +94,9 @@ class JudgeReport(_message.Message):
     template_hash: str
     usage: _common_pb2.Usage
     criteria: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, judge: _Optional[str] = ..., model: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[JudgeScore, _Mapping]]] = ..., permutation_seed: _Optional[int] = ..., order: _Optional[_Iterable[int]] = ..., position_bias: _Optional[float] = ..., length_correlation: _Optional[float] = ..., agreement: _Optional[float] = ..., abstentions: _Optional[int] = ..., template: _Optional[str] = ..., template_hash: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., criteria: _Optional[_Iterable[str]] = ...) -> None: ...
+    order_flip_rate: float
+    requests: int
+    def __init__(self, judge: _Optional[str] = ..., model: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[JudgeScore, _Mapping]]] = ..., permutation_seed: _Optional[int] = ..., order: _Optional[_Iterable[int]] = ..., position_bias: _Optional[float] = ..., length_correlation: _Optional[float] = ..., agreement: _Optional[float] = ..., abstentions: _Optional[int] = ..., template: _Optional[str] = ..., template_hash: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., criteria: _Optional[_Iterable[str]] = ..., order_flip_rate: _Optional[float] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class CriterionReport(_message.Message):
     __slots__ = ("name", "kept", "reason", "disagreement", "length_correlation")
@@ -119,7 +123,7 @@ class CandidateScore(_message.Message):
     def __init__(self, candidate_id: _Optional[str] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class AnnotateResponse(_message.Message):
-    __slots__ = ("request_id", "id", "judges", "combined", "chosen_id", "rejected_id", "margin", "agreement", "skipped", "skip_reason", "criteria", "failures", "mode", "ensemble", "seed", "usage")
+    __slots__ = ("request_id", "id", "judges", "combined", "chosen_id", "rejected_id", "margin", "agreement", "skipped", "skip_reason", "criteria", "failures", "mode", "ensemble", "seed", "usage", "combine", "note")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     JUDGES_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +140,8 @@ class AnnotateResponse(_message.Message):
     ENSEMBLE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     id: str
     judges: _containers.RepeatedCompositeFieldContainer[JudgeReport]
@@ -152,7 +158,9 @@ class AnnotateResponse(_message.Message):
     ensemble: str
     seed: int
     usage: _containers.RepeatedCompositeFieldContainer[_common_pb2.ModelUsage]
-    def __init__(self, request_id: _Optional[str] = ..., id: _Optional[str] = ..., judges: _Optional[_Iterable[_Union[JudgeReport, _Mapping]]] = ..., combined: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., chosen_id: _Optional[str] = ..., rejected_id: _Optional[str] = ..., margin: _Optional[float] = ..., agreement: _Optional[float] = ..., skipped: _Optional[bool] = ..., skip_reason: _Optional[str] = ..., criteria: _Optional[_Iterable[_Union[CriterionReport, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[_common_pb2.BackendError, _Mapping]]] = ..., mode: _Optional[str] = ..., ensemble: _Optional[str] = ..., seed: _Optional[int] = ..., usage: _Optional[_Iterable[_Union[_common_pb2.ModelUsage, _Mapping]]] = ...) -> None: ...
+    combine: str
+    note: str
+    def __init__(self, request_id: _Optional[str] = ..., id: _Optional[str] = ..., judges: _Optional[_Iterable[_Union[JudgeReport, _Mapping]]] = ..., combined: _Optional[_Iterable[_Union[CandidateScore, _Mapping]]] = ..., chosen_id: _Optional[str] = ..., rejected_id: _Optional[str] = ..., margin: _Optional[float] = ..., agreement: _Optional[float] = ..., skipped: _Optional[bool] = ..., skip_reason: _Optional[str] = ..., criteria: _Optional[_Iterable[_Union[CriterionReport, _Mapping]]] = ..., failures: _Optional[_Iterable[_Union[_common_pb2.BackendError, _Mapping]]] = ..., mode: _Optional[str] = ..., ensemble: _Optional[str] = ..., seed: _Optional[int] = ..., usage: _Optional[_Iterable[_Union[_common_pb2.ModelUsage, _Mapping]]] = ..., combine: _Optional[str] = ..., note: _Optional[str] = ...) -> None: ...
 
 class AnnotateResult(_message.Message):
     __slots__ = ("id", "response", "error")

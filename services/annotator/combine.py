@@ -1,0 +1,178 @@
+"""From judges' ratings to one decision: criteria filtering, combining, chosen/rejected, skip reasons.
+
+Pure functions. Scores are lists indexed by candidate (input order); None = no readable score.
+
+Dynamic criteria filtering (moaa's reading of the MoAA model cards, see PAPER.md): each judge writes
+the criteria it rates by. A criterion is dropped when the judges disagree on it strongly, i.e. its
+ratings spread across the judges that used it by more than `max_criterion_disagreement` on average,
+or, when only one judge used it, they stray that far from the other judges' overall scores; or when
+it merely tracks answer length (Spearman >= `max_criterion_length_corr`, measured only with at least
+`criteria_length_min_candidates` answers, since with 3 answers a perfect rank correlation is common).
+A judge's score is then the mean of its kept criteria, or its overall score when it kept none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import stats
+
+
+@dataclass
+class JudgeResult:
+    """One judge's work on one prompt, candidates in input order."""
+
+    name: str
+    model: str
+    weight: float = 1.0
+    scores: list[float | None] = field(default_factory=list)
+    criteria: list[dict[str, float]] = field(default_factory=list)   # per candidate: criterion key -> rating
+    criteria_names: list[str] = field(default_factory=list)
+    rationales: list[str] = field(default_factory=list)
+    abstain_reasons: list[str] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)               # 0-based position shown, per candidate
+    order: list[int] = field(default_factory=list)                   # candidate indices in shown order
+    seed: int = 0
+    position_bias: float | None = None
+    order_flip_rate: float | None = None
+    length_correlation: float | None = None
+    agreement: float | None = None
+    template: str = ""
+    template_hash: str = ""
+    usage: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+
+    @property
+    def abstained(self) -> bool:
+        return all(s is None for s in self.scores)
+
+
+@dataclass
+class CriterionInfo:
+    name: str
+    kept: bool
+    reason: str = ""
+    disagreement: float | None = None
+    length_correlation: float | None = None
+
+
+@dataclass
+class FilterSettings:
+    enabled: bool = True
+    max_disagreement: float = 3.0
+    max_length_corr: float = 0.9
+    length_min_candidates: int = 5
+
+
+def filter_criteria(judges: list[JudgeResult], lengths: list[int], cfg: FilterSettings) -> list[CriterionInfo]:
+    n = len(lengths)
+    keys: list[str] = []
+    for j in judges:
+        for per_cand in j.criteria:
+            keys += [k for k in per_cand if k not in keys]
+    out = []
+    for key in keys:
+        raters = [j for j in judges if any(key in c for c in j.criteria)]
+        spreads = []
+        for i in range(n):
+            vals = [j.criteria[i][key] for j in raters if i < len(j.criteria) and key in j.criteria[i]]
+            if len(raters) >= 2:
+                if len(vals) >= 2:
+                    spreads.append(max(vals) - min(vals))
+            elif vals:
+                others = [j.scores[i] for j in judges if j not in raters and j.scores[i] is not None]
+                if others:
+                    spreads.append(abs(vals[0] - sum(others) / len(others)))
+        disagreement = sum(spreads) / len(spreads) if spreads else None
+        means = []
+        for i in range(n):
+            vals = [j.criteria[i][key] for j in raters if i < len(j.criteria) and key in j.criteria[i]]
+            means.append(sum(vals) / len(vals) if vals else None)
+        length_corr = stats.spearman(means, [float(x) for x in lengths]) if n >= cfg.length_min_candidates else None
+        info = CriterionInfo(key, True, "", disagreement, length_corr)
+        if cfg.enabled and disagreement is not None and disagreement > cfg.max_disagreement:
+            info.kept, info.reason = False, f"judges disagree: mean spread {disagreement:.2f} > {cfg.max_disagreement:g}"
+        elif cfg.enabled and length_corr is not None and length_corr >= cfg.max_length_corr:
+            info.kept, info.reason = False, f"tracks answer length: Spearman {length_corr:.2f} >= {cfg.max_length_corr:g}"
+        out.append(info)
+    return out
+
+
+def effective_scores(judge: JudgeResult, kept: set[str]) -> list[float | None]:
+    """The judge's score per candidate after filtering: mean of kept criteria, else its overall score."""
+    out = []
+    for i, overall in enumerate(judge.scores):
+        if overall is None:
+            out.append(None)
+            continue
+        crit = judge.criteria[i] if i < len(judge.criteria) else {}
+        vals = [v for k, v in crit.items() if k in kept]
+        out.append(sum(vals) / len(vals) if vals else overall)
+    return out
+
+
+def combine(scores: dict[str, list[float | None]], weights: dict[str, float], rule: str) -> list[float | None]:
+    """Per-candidate score over judges: 'mean' or 'weighted' mean of the judges that scored it."""
+    n = len(next(iter(scores.values()))) if scores else 0
+    out: list[float | None] = []
+    for i in range(n):
+        num = den = 0.0
+        for name, s in scores.items():
+            if s[i] is None:
+                continue
+            w = weights.get(name, 1.0) if rule == "weighted" else 1.0
+            num += w * s[i]
+            den += w
+        out.append(num / den if den else None)
+    return out
+
+
+@dataclass
+class Decision:
+    chosen: int | None = None
+    rejected: int | None = None
+    margin: float = 0.0
+    ranks: list[int] = field(default_factory=list)   # 1 = best, 0 = unscored
+    skipped: bool = False
+    skip_reason: str = ""
+
+
+@dataclass
+class SkipRules:
+    min_margin: float = 0.5
+    min_agreement: float = -1.0
+    max_abstain_fraction: float = 0.5
+
+
+def decide(ids: list[str], combined: list[float | None], agreement: float | None,
+           judges_abstained: int, judges_total: int, rules: SkipRules) -> Decision:
+    """chosen = highest, rejected = lowest; ties broken by candidate id so input order never matters."""
+    scored = [i for i, s in enumerate(combined) if s is not None]
+    ranked = sorted(scored, key=lambda i: (-combined[i], ids[i]))
+    ranks = [0] * len(combined)
+    for r, i in enumerate(ranked, 1):
+        ranks[i] = r
+    d = Decision(ranks=ranks)
+    if judges_total and judges_abstained / judges_total > rules.max_abstain_fraction:
+        d.skipped, d.skip_reason = True, (
+            f"too many abstentions: {judges_abstained} of {judges_total} judges gave no readable score "
+            f"(max_abstain_fraction {rules.max_abstain_fraction:g})")
+        return d
+    if len(ranked) < 2:
+        d.skipped, d.skip_reason = True, f"only {len(ranked)} candidate(s) received a score"
+        return d
+    best, worst = ranked[0], min(scored, key=lambda i: (combined[i], _neg(ids[i])))
+    d.margin = combined[best] - combined[worst]
+    if agreement is not None and agreement < rules.min_agreement:
+        d.skipped, d.skip_reason = True, f"judges disagree: mean Kendall tau {agreement:.2f} below min_agreement {rules.min_agreement:g}"
+    elif best == worst or d.margin <= 0 and rules.min_margin <= 0:
+        d.skipped, d.skip_reason = True, "all candidates scored the same"
+    elif d.margin < rules.min_margin:
+        d.skipped, d.skip_reason = True, f"margin {d.margin:.2f} below min_margin {rules.min_margin:g}"
+    if not d.skipped:
+        d.chosen, d.rejected = best, worst
+    return d
+
+
+def _neg(s: str) -> tuple:
+    # reverse lexical order for the rejected side's tie-break, so chosen and rejected differ on ties
+    return tuple(-ord(c) for c in s)

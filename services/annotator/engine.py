@@ -1,0 +1,221 @@
+"""Annotating one prompt: all judges at once, criteria filtering, the aggregator judge, the decision.
+
+All judge calls of a prompt are in flight together (bounded only by the shared BackendPool's
+per-backend limits), so a batch of prompts keeps every judge backend busy.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from moaa.services.config import EnsembleConfig, JudgeConfig, MoaaConfig
+from moaa.v1 import annotator_pb2, common_pb2
+
+from . import combine as cb
+from . import stats
+from .judging import CallLog, Candidate, pairwise, pointwise_all, pointwise_single
+from .templates import JudgeTemplate, TemplateError, TemplateStore
+
+MODES = ("pointwise", "pairwise", "moa")
+
+
+@dataclass
+class Job:
+    """One validated annotation request."""
+
+    prompt: list[dict]
+    candidates: list[Candidate]
+    ensemble_name: str
+    ensemble: EnsembleConfig
+    judges: list[JudgeConfig]
+    mode: str
+    seed: int
+    id: str = ""
+    request_id: str = ""
+    reference: Candidate | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class AnnotationEngine:
+    def __init__(self, config: MoaaConfig, pool, metrics=None):
+        self.config = config
+        self.pool = pool
+        self.metrics = metrics
+        self._stores: dict[str | None, TemplateStore] = {}
+        self.check_templates()
+
+    def store(self, ens: EnsembleConfig) -> TemplateStore:
+        if ens.templates_dir not in self._stores:
+            self._stores[ens.templates_dir] = TemplateStore([ens.templates_dir] if ens.templates_dir else None)
+        return self._stores[ens.templates_dir]
+
+    def check_templates(self) -> None:
+        """Fail at start, not at the first request, when a configured template is missing or broken."""
+        for name, ens in self.config.ensembles.items():
+            store = self.store(ens)
+            wanted = [j.template for j in ens.judges] + [ens.pointwise_template, ens.pairwise_template]
+            if ens.aggregator is not None:
+                wanted += [ens.aggregator.template, ens.aggregator_template]
+            for t in wanted:
+                try:
+                    store.get(t)
+                except TemplateError as err:
+                    raise TemplateError(f"ensembles.{name}: {err}") from None
+
+    def judge_template(self, ens: EnsembleConfig, judge: JudgeConfig, mode: str) -> JudgeTemplate:
+        store = self.store(ens)
+        own = store.get(judge.template)
+        if mode == "pairwise":
+            return own if own.kind == "pairwise" else store.get(ens.pairwise_template)
+        if mode == "pointwise" or own.kind == "aggregator":
+            return own if own.kind == "pointwise" else store.get(ens.pointwise_template)
+        return own
+
+    def _chat(self, judge: JudgeConfig, log: CallLog, deadline: float | None):
+        client = self.pool.client(judge.model)
+        loop = asyncio.get_running_loop()
+
+        async def chat(messages: list[dict]) -> str:
+            timeout = None if deadline is None else max(0.001, deadline - loop.time())
+            t0 = time.perf_counter()
+            res = await client.chat(messages, judge.sampling, n=1, timeout=timeout)
+            if self.metrics is not None:
+                self.metrics.backend(judge.model, time.perf_counter() - t0)
+            u = res.usage
+            for k in log.usage:
+                log.usage[k] += int(getattr(u, k, 0) or 0)
+            return res.text
+
+        return chat
+
+    async def _run_judge(self, job: Job, judge: JudgeConfig, mode: str, deadline, log: CallLog) -> cb.JudgeResult:
+        ens = job.ensemble
+        tpl = self.judge_template(ens, judge, mode)
+        seed = stats.judge_seed(job.seed, judge.name)
+        chat = self._chat(judge, log, deadline)
+        args = (judge, tpl, chat, job.prompt, job.candidates, seed, ens.scale_min, ens.scale_max, log)
+        if tpl.kind == "pairwise":
+            return await pairwise(*args, reference=job.reference)
+        if tpl.scope == "single":
+            return await pointwise_single(*args)
+        return await pointwise_all(*args)
+
+    async def annotate(self, job: Job, timeout: float | None = None) -> annotator_pb2.AnnotateResponse:
+        ens = job.ensemble
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        t0 = time.perf_counter()
+        logs = {j.name: CallLog() for j in job.judges}
+        judges = list(await asyncio.gather(*(self._run_judge(job, j, job.mode, deadline, logs[j.name]) for j in job.judges)))
+        self._stage("judges", t0)
+        lengths = [len(c.text) for c in job.candidates]
+        criteria = cb.filter_criteria(judges, lengths, cb.FilterSettings(
+            ens.criteria_filter, ens.max_criterion_disagreement, ens.max_criterion_length_corr,
+            ens.criteria_length_min_candidates))
+        kept = {c.name for c in criteria if c.kept}
+        effective = {j.name: cb.effective_scores(j, kept) for j in judges}
+        overall_tau, per_judge_tau = stats.agreement(effective)
+        for j in judges:
+            j.agreement = per_judge_tau.get(j.name)
+            j.length_correlation = stats.spearman(effective[j.name], [float(x) for x in lengths])
+
+        rule, notes = ens.combine, list(job.notes)
+        aggregator_result = None
+        if rule == "aggregator":
+            if job.mode != "moa" or ens.aggregator is None:
+                why = "no aggregator judge is configured" if ens.aggregator is None else f"mode is {job.mode!r}"
+                rule = "weighted"
+                notes.append(f"combine 'aggregator' not possible ({why}): weighted mean used")
+            else:
+                t1 = time.perf_counter()
+                agg_log = CallLog()
+                logs[ens.aggregator.name] = agg_log
+                aggregator_result = await self._aggregate(job, judges, effective, kept, deadline, agg_log)
+                self._stage("aggregator", t1)
+                if aggregator_result.abstained:
+                    rule = "weighted"
+                    notes.append("the aggregator judge gave no readable score: weighted mean used")
+        if rule == "aggregator":
+            combined = list(aggregator_result.scores)
+        else:
+            combined = cb.combine(effective, {j.name: j.weight for j in job.judges}, rule)
+        abstained = sum(j.abstained for j in judges)
+        decision = cb.decide([c.id for c in job.candidates], combined, overall_tau, abstained, len(judges),
+                             cb.SkipRules(ens.min_margin, ens.min_agreement, ens.max_abstain_fraction))
+        all_results = judges + ([aggregator_result] if aggregator_result is not None else [])
+        return self._response(job, all_results, logs, criteria, combined, decision, overall_tau, rule, notes)
+
+    async def _aggregate(self, job: Job, judges, effective, kept, deadline, log: CallLog) -> cb.JudgeResult:
+        ens = job.ensemble
+        agg = ens.aggregator
+        store = self.store(ens)
+        own = store.get(agg.template)
+        tpl = own if own.kind == "aggregator" else store.get(ens.aggregator_template)
+        seed = stats.judge_seed(job.seed, agg.name)
+
+        def ratings(order: list[int]) -> dict:
+            blocks = []
+            for k, j in enumerate(judges, 1):
+                lines = [f"Judge {k}:"]
+                for p, i in enumerate(order, 1):
+                    s = effective[j.name][i]
+                    if s is None:
+                        lines.append(f"  Answer {p}: no rating")
+                        continue
+                    crit = ", ".join(f"{c} {v:g}" for c, v in j.criteria[i].items() if c in kept)
+                    reason = " ".join(j.rationales[i].split())[:200]
+                    lines.append(f"  Answer {p}: {s:.1f}" + (f" ({crit})" if crit else "") + (f" - {reason}" if reason else ""))
+                blocks.append("\n".join(lines))
+            return {"ratings": "\n".join(blocks)}
+
+        return await pointwise_all(agg, tpl, self._chat(agg, log, deadline), job.prompt, job.candidates, seed,
+                                   ens.scale_min, ens.scale_max, log, extra=ratings)
+
+    def _stage(self, name: str, t0: float) -> None:
+        if self.metrics is not None:
+            self.metrics.stage(f"annotate_{name}", time.perf_counter() - t0)
+
+    def _response(self, job, results, logs, criteria, combined, decision, tau, rule, notes):
+        nan = float("nan")
+        resp = annotator_pb2.AnnotateResponse(
+            request_id=job.request_id or uuid.uuid4().hex, id=job.id, mode=job.mode, ensemble=job.ensemble_name,
+            seed=job.seed, agreement=nan if tau is None else tau, skipped=decision.skipped,
+            skip_reason=decision.skip_reason, margin=decision.margin, combine=rule, note="; ".join(notes))
+        ids = [c.id for c in job.candidates]
+        usage_by_model: dict[str, list] = {}
+        for r in results:
+            log = logs[r.name]
+            rep = resp.judges.add(
+                judge=r.name, model=r.model, permutation_seed=r.seed, order=r.order,
+                position_bias=_num(r.position_bias), length_correlation=_num(r.length_correlation),
+                agreement=_num(r.agreement), abstentions=sum(s is None for s in r.scores), template=r.template,
+                template_hash=r.template_hash, criteria=r.criteria_names, order_flip_rate=_num(r.order_flip_rate),
+                requests=log.requests, usage=common_pb2.Usage(**log.usage))
+            for i, cid in enumerate(ids):
+                s = r.scores[i]
+                rep.scores.add(candidate_id=cid, score=nan if s is None else s, rationale=r.rationales[i],
+                               abstained=s is None, abstain_reason=r.abstain_reasons[i] if s is None else "",
+                               criteria=r.criteria[i], position=r.positions[i])
+            entry = usage_by_model.setdefault(r.model, [0, 0, 0, 0])
+            for k, key in enumerate(("prompt_tokens", "completion_tokens", "total_tokens")):
+                entry[k] += log.usage[key]
+            entry[3] += log.requests
+            resp.failures.extend(f.to_proto() for f in log.failures)
+        for model, (p, c, t, n) in usage_by_model.items():
+            resp.usage.add(model=model, usage=common_pb2.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=t),
+                           requests=n)
+        for i, cid in enumerate(ids):
+            s = combined[i]
+            resp.combined.add(candidate_id=cid, score=nan if s is None else s, rank=decision.ranks[i])
+        if decision.chosen is not None:
+            resp.chosen_id, resp.rejected_id = ids[decision.chosen], ids[decision.rejected]
+        for c in criteria:
+            resp.criteria.add(name=c.name, kept=c.kept, reason=c.reason, disagreement=_num(c.disagreement),
+                              length_correlation=_num(c.length_correlation))
+        return resp
+
+
+def _num(x: float | None) -> float:
+    return float("nan") if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)

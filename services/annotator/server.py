@@ -1,0 +1,42 @@
+"""Starting the annotator: backend pool, engine, grpc.aio server (shared server builder)."""
+from __future__ import annotations
+
+from moaa.errors import UserError
+from moaa.services.backend import BackendPool
+from moaa.services.common.server import RunningServer, start_server
+from moaa.services.config import MoaaConfig
+from moaa.v1 import annotator_pb2, annotator_pb2_grpc
+
+from .engine import AnnotationEngine
+from .servicer import AnnotatorServicer
+from .templates import TemplateError
+
+SERVICE_NAME = annotator_pb2.DESCRIPTOR.services_by_name["Annotator"].full_name
+
+
+async def start_annotator(config: MoaaConfig, *, port: int | None = None, probes: bool = True) -> RunningServer:
+    """A running annotator server; `port=0` picks a free port (tests). Stop it with `await server.stop()`."""
+    if not config.ensembles:
+        raise UserError("the config has no ensembles: add one under `ensembles:` for the annotator to use")
+    server_cfg = config.annotator if port is None else config.annotator.model_copy(update={"port": port})
+    pool = BackendPool(config.backends, probes=probes)
+    try:
+        engine = AnnotationEngine(config, pool)
+    except TemplateError as err:
+        raise UserError(str(err)) from None
+    await pool.start()
+    holder = {}
+
+    def add(server, guard):
+        servicer = holder["servicer"] = AnnotatorServicer(config, engine, guard)
+        annotator_pb2_grpc.add_AnnotatorServicer_to_server(servicer, server)
+
+    try:
+        running = await start_server(server_cfg, "annotator", add, [SERVICE_NAME])
+    except BaseException:
+        await pool.close()
+        raise
+    engine.metrics = running.guard.metrics
+    running.on_stop.append(pool.close)
+    return running
+

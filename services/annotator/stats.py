@@ -1,0 +1,96 @@
+"""Bias control and agreement statistics: seeded permutations, position bias, Kendall tau, Spearman.
+
+Pure functions over plain lists; scipy does the statistics. A statistic that is undefined (fewer than
+two common items, constant inputs) is None, never a made-up 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from itertools import combinations
+
+from scipy import stats as _st
+
+
+def judge_seed(seed: int, judge: str) -> int:
+    """A per-judge permutation seed derived from the request seed: stable across runs and processes."""
+    digest = hashlib.sha256(f"{seed}:{judge}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def permutation(n: int, seed: int) -> list[int]:
+    """Candidate indices in the order a judge is shown them."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def _clean(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def kendall_tau(a: list[float | None], b: list[float | None]) -> float | None:
+    """Kendall's tau-b over the items both sides scored."""
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if len(pairs) < 2 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
+        return None
+    return _clean(_st.kendalltau([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+
+
+def spearman(a: list[float | None], b: list[float | None]) -> float | None:
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
+        return None
+    return _clean(_st.spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
+
+
+def agreement(scores: dict[str, list[float | None]]) -> tuple[float | None, dict[str, float | None]]:
+    """Mean pairwise Kendall tau over all judges, and each judge's mean tau with the others."""
+    taus: dict[tuple[str, str], float] = {}
+    for j, k in combinations(sorted(scores), 2):
+        tau = kendall_tau(scores[j], scores[k])
+        if tau is not None:
+            taus[(j, k)] = tau
+    overall = sum(taus.values()) / len(taus) if taus else None
+    per_judge = {}
+    for j in scores:
+        mine = [t for pair, t in taus.items() if j in pair]
+        per_judge[j] = sum(mine) / len(mine) if mine else None
+    return overall, per_judge
+
+
+def position_bias_pointwise(scores_by_position: list[float | None]) -> float | None:
+    """Share of decisive pairs (different scores) in which the earlier-shown answer scored higher; 0.5 = none."""
+    earlier_wins = decisive = 0
+    for i, j in combinations(range(len(scores_by_position)), 2):
+        a, b = scores_by_position[i], scores_by_position[j]
+        if a is None or b is None or a == b:
+            continue
+        decisive += 1
+        earlier_wins += a > b
+    return earlier_wins / decisive if decisive else None
+
+
+def position_bias_pairwise(verdicts: list[str | None]) -> float | None:
+    """Share of decisive verdicts (A or B) that chose the first-shown answer; 0.5 = none, 1 = always first."""
+    decisive = [v for v in verdicts if v in ("A", "B")]
+    return sum(v == "A" for v in decisive) / len(decisive) if decisive else None
+
+
+def order_flip_rate(pairs: list[tuple[str | None, str | None]]) -> float | None:
+    """Share of pairs (verdict in order xy, verdict in order yx) whose winner changed with the order."""
+    judged = [(a, b) for a, b in pairs if a in ("A", "B", "tie") and b in ("A", "B", "tie")]
+    if not judged:
+        return None
+    flips = 0
+    for a, b in judged:
+        winner_xy = {"A": "x", "B": "y"}.get(a, "tie")
+        winner_yx = {"A": "y", "B": "x"}.get(b, "tie")
+        flips += winner_xy != winner_yx
+    return flips / len(judged)
+
+
+def mean_or_none(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
