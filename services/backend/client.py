@@ -1,0 +1,426 @@
+"""The OpenAI-compatible client of one backend (model): retries, failover, timeouts, streaming.
+
+Every request is streamed from the backend (usage asked for in the stream) so that a hung engine is
+caught by the first-token and chunk-gap timeouts even when the caller wants the whole answer at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import time
+from contextlib import aclosing
+from typing import Any, AsyncIterator
+
+import aiohttp
+
+from moaa.services.config import BackendConfig, SamplingConfig
+
+from .errors import REPLICA_FAULTS, BackendError, error_message
+from .limits import make_throttler
+from .protocol import ChatChoice, ChatChunk, ChatResult, Usage, chat_body, sampling_dict
+from .replicas import HALF_OPEN, Replica, ReplicaSet
+from .sse import DONE, MalformedEvent, SSEParser
+
+log = logging.getLogger("moaa.backend")
+
+_RESTART = object()  # yielded by _events when a retry starts over after partial output (chat() only)
+PROBE_HEADER = "X-Moaa-Probe"
+
+
+def normalize_messages(messages) -> list[dict]:
+    """Chat turns as plain dicts; accepts dicts or objects with role/content (e.g. moaa.v1.Message)."""
+    out = []
+    for m in messages:
+        if isinstance(m, dict):
+            d = {"role": m["role"], "content": m["content"]}
+            if m.get("name"):
+                d["name"] = m["name"]
+        else:
+            d = {"role": m.role, "content": m.content}
+            if getattr(m, "name", ""):
+                d["name"] = m.name
+        out.append(d)
+    if not out:
+        raise ValueError("messages must not be empty")
+    return out
+
+
+class BackendClient:
+    """Calls one backend by its config name. Obtain it from BackendPool.client(name)."""
+
+    def __init__(self, name: str, cfg: BackendConfig, api_key: str | None = None):
+        self.name = name
+        self.cfg = cfg
+        self.served_model = cfg.served_model or name
+        self.replicas = ReplicaSet(name, cfg)
+        self.throttler = make_throttler(cfg.rate_limit_per_s)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._session: aiohttp.ClientSession | None = None
+
+    # -- session -------------------------------------------------------------------------------
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            per_replica = self.cfg.max_concurrency + 2  # + probes
+            connector = aiohttp.TCPConnector(limit=per_replica * len(self.cfg.urls), limit_per_host=per_replica,
+                                             ttl_dns_cache=60, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(
+                connector=connector, headers=self._headers, read_bufsize=1 << 20, raise_for_status=False,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.timeouts.connect_s))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- public API ----------------------------------------------------------------------------
+    async def chat(self, messages, sampling: SamplingConfig | dict | None = None, n: int = 1,
+                   timeout: float | None = None) -> ChatResult:
+        """The whole answer (n choices). Raises BackendError."""
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        msgs = normalize_messages(messages)
+        params = sampling_dict(sampling)
+        deadline = self._deadline(timeout)
+        if n > 1 and not self.cfg.supports_n:
+            return await self._chat_emulated_n(msgs, params, n, deadline)
+        return await self._chat_once(chat_body(self.served_model, msgs, params, n), n, deadline)
+
+    def stream_chat(self, messages, sampling: SamplingConfig | dict | None = None,
+                    timeout: float | None = None) -> "ChatStream":
+        """Text deltas as the backend sends them; the last chunk carries usage. Retries and failover
+        happen only before the first chunk reaches the caller. Raises BackendError while iterating."""
+        body = chat_body(self.served_model, normalize_messages(messages), sampling_dict(sampling))
+        return ChatStream(self, body, self._deadline(timeout))
+
+    async def probe(self, replica: Replica) -> float:
+        """A real tiny completion on one replica, bypassing limits; returns its latency."""
+        h = self.cfg.health
+        body = chat_body(self.served_model, [{"role": "user", "content": "Hi"}],
+                         {"max_tokens": h.probe_max_tokens, "temperature": 0.0})
+        t0 = time.monotonic()
+        deadline = asyncio.get_running_loop().time() + h.probe_timeout_s
+        async with aclosing(self._attempt(replica, body, deadline, probe=True)) as events:
+            async for _ in events:
+                pass
+        return time.monotonic() - t0
+
+    # -- internals -----------------------------------------------------------------------------
+    @staticmethod
+    def _deadline(timeout: float | None) -> float:
+        if timeout is not None and timeout <= 0:
+            timeout = 0.0
+        return math.inf if timeout is None else asyncio.get_running_loop().time() + timeout
+
+    async def _chat_once(self, body: dict, n: int, deadline: float) -> ChatResult:
+        t0 = time.monotonic()
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        usage = Usage()
+        ttft = None
+        state: dict[str, Any] = {}
+        async with aclosing(self._events(body, deadline, replay_ok=True, state=state)) as events:
+            async for ev in events:
+                if ev is _RESTART:
+                    texts, finish, usage, ttft = {}, {}, Usage(), None
+                    continue
+                if ttft is None:
+                    ttft = time.monotonic() - t0
+                for ch in ev.get("choices") or []:
+                    i = int(ch.get("index", 0))
+                    delta = ch.get("delta") or {}
+                    piece = delta.get("content") or ch.get("text") or ""
+                    texts.setdefault(i, []).append(piece)
+                    if ch.get("finish_reason"):
+                        finish[i] = ch["finish_reason"]
+                if ev.get("usage"):
+                    usage = Usage.from_dict(ev["usage"])
+        choices = [ChatChoice(i, "".join(texts.get(i, [])), finish.get(i)) for i in range(n)]
+        return ChatResult(model=self.name, endpoint=state.get("endpoint", ""), choices=choices, usage=usage,
+                          latency_s=time.monotonic() - t0, ttft_s=ttft, attempts=state.get("attempts", 1))
+
+    async def _chat_emulated_n(self, msgs: list[dict], params: dict, n: int, deadline: float) -> ChatResult:
+        t0 = time.monotonic()
+
+        def params_for(i: int) -> dict:
+            # Same seed n times would give n identical answers.
+            return {**params, "seed": params["seed"] + i} if "seed" in params else params
+
+        results = await asyncio.gather(*(
+            self._chat_once(chat_body(self.served_model, msgs, params_for(i)), 1, deadline) for i in range(n)))
+        usage = Usage()
+        for r in results:
+            usage = usage + r.usage
+        ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
+        return ChatResult(
+            model=self.name, endpoint=",".join(sorted({r.endpoint for r in results})),
+            choices=[ChatChoice(i, r.text, r.finish_reason) for i, r in enumerate(results)], usage=usage,
+            latency_s=time.monotonic() - t0, ttft_s=min(ttfts) if ttfts else None,
+            note=f"n emulated with {n} requests (backend {self.name!r} has supports_n: false)",
+            attempts=max(r.attempts for r in results))
+
+    async def _events(self, body: dict, deadline: float, replay_ok: bool,
+                      state: dict) -> AsyncIterator[Any]:
+        """Parsed stream events, with retries and failover while nothing was passed on (or, with
+        replay_ok, after a _RESTART marker). Sets state['endpoint'] and state['attempts']."""
+        loop = asyncio.get_running_loop()
+        retry = self.cfg.retries
+        tried: set[str] = set()
+        attempt = 0
+        while True:
+            attempt += 1
+            state["attempts"] = attempt
+            passed_on = False
+            replica = self.replicas.pick(tried)
+            try:
+                if replica is None:
+                    raise BackendError(self.name, ",".join(self.cfg.urls), "circuit_open",
+                                       "every replica's circuit breaker is open")
+                state["endpoint"] = replica.url
+                tried.add(replica.url)
+                async with aclosing(self._attempt(replica, body, deadline)) as events:
+                    async for ev in events:
+                        passed_on = True
+                        yield ev
+                return
+            except BackendError as err:
+                err.attempts = attempt
+                if (passed_on and not replay_ok) or not err.retryable or attempt >= retry.max_attempts:
+                    raise
+                delay = random.uniform(0, min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (attempt - 1)))
+                if err.cause == "rate_limited":
+                    delay = max(delay, min(getattr(err, "retry_after", 0.0), retry.backoff_max_s))
+                if loop.time() + delay >= deadline:
+                    raise
+                log.info("backend %s: attempt %d failed (%s at %s), retrying in %.2fs",
+                         self.name, attempt, err.cause, err.endpoint, delay)
+                await asyncio.sleep(delay)
+                if passed_on:
+                    yield _RESTART
+
+    async def _attempt(self, replica: Replica, body: dict, deadline: float,
+                       probe: bool = False) -> AsyncIterator[dict]:
+        """One request to one replica, as parsed SSE events. Raises BackendError naming the cause."""
+        loop = asyncio.get_running_loop()
+        t = self.cfg.timeouts
+        start = loop.time()
+        attempt_deadline = min(start + t.total_s, deadline)
+        name, url = self.name, replica.url
+
+        def fail(cause: str, message: str, status: int = 0) -> BackendError:
+            return BackendError(name, url, cause, message, status)
+
+        def timed_out(phase_deadline: float, phase: str) -> BackendError:
+            if phase_deadline >= deadline:
+                return fail("timeout", f"caller's deadline passed during {phase}")
+            if phase_deadline >= start + t.total_s:
+                return fail("timeout", f"request exceeded total_s={t.total_s}s")
+            limits = {"first token": f"no first token within first_token_s={t.first_token_s}s",
+                      "chunk gap": f"no chunk within chunk_gap_s={t.chunk_gap_s}s",
+                      "slot": "no free concurrency slot / rate-limit token in time",
+                      "error body": "error body not read in time"}
+            return fail("timeout", limits.get(phase, phase))
+
+        if loop.time() >= deadline:
+            raise timed_out(deadline, "queueing")
+        trial = replica.begin() if not probe else False
+        slot = False
+        resp: aiohttp.ClientResponse | None = None
+        outcome: str | None = None  # "ok" | fault cause | None (caller went away)
+        try:
+            if not probe:
+                try:
+                    async with asyncio.timeout_at(attempt_deadline):
+                        if self.throttler is not None:
+                            await self.throttler.acquire()
+                        if replica.in_flight == 0:
+                            replica.progress()  # an idle replica has no stalled requests
+                        await replica.limit.acquire()
+                        slot = True
+                except TimeoutError:
+                    raise timed_out(attempt_deadline, "slot") from None
+            headers = {PROBE_HEADER: "1"} if probe else None
+            phase, phase_deadline = "first token", min(start + t.first_token_s, attempt_deadline)
+            try:
+                async with asyncio.timeout_at(phase_deadline):
+                    resp = await self._ensure_session().post(f"{url}/chat/completions", json=body, headers=headers)
+            except TimeoutError as e:
+                if isinstance(e, aiohttp.ServerTimeoutError):
+                    raise fail("connect", f"connect timed out after connect_s={t.connect_s}s") from None
+                raise timed_out(phase_deadline, phase) from None
+            except aiohttp.ClientConnectorError as e:
+                raise fail("connect", f"cannot connect: {e.os_error.strerror or e.os_error}") from None
+            except aiohttp.ClientError as e:
+                raise fail("connect", f"{type(e).__name__}: {e}") from None
+            if resp.status != 200:
+                try:
+                    async with asyncio.timeout_at(min(loop.time() + 5.0, attempt_deadline)):
+                        raw = await resp.read()
+                except (TimeoutError, aiohttp.ClientError):
+                    raw = b""
+                msg = error_message(raw) if raw else resp.reason or "no error body"
+                if resp.status == 429:
+                    replica.limit.on_rate_limited()
+                    err = fail("rate_limited", msg, 429)
+                    err.retry_after = _retry_after(resp.headers.get("Retry-After"))
+                    raise err
+                raise fail("http_5xx" if resp.status >= 500 else "http_4xx", msg, resp.status)
+            if resp.content_type == "application/json":  # a server that ignored stream=true
+                try:
+                    async with asyncio.timeout_at(phase_deadline):
+                        whole = await resp.read()
+                except TimeoutError:
+                    raise timed_out(phase_deadline, phase) from None
+                except aiohttp.ClientError as e:
+                    raise fail("stream_cut", f"response cut short: {_short(e)}") from None
+                yield _as_event(whole, fail)
+                outcome = "ok"
+                return
+            parser = SSEParser()
+            finished = done = False
+            while not done:
+                try:
+                    async with asyncio.timeout_at(phase_deadline):
+                        line = await resp.content.readline()
+                except TimeoutError:
+                    raise timed_out(phase_deadline, phase) from None
+                except aiohttp.ClientPayloadError as e:
+                    raise fail("stream_cut", f"stream cut short: {_short(e)}") from None
+                except (aiohttp.ClientError, ConnectionError) as e:
+                    raise fail("stream_cut", f"stream cut short: {type(e).__name__}: {_short(e)}") from None
+                except ValueError as e:  # aiohttp: a line longer than the read buffer
+                    raise fail("malformed", f"stream line too long: {e}") from None
+                replica.progress()
+                try:
+                    events = parser.feed_line(line) if line else parser.close()
+                except MalformedEvent as e:
+                    raise fail("malformed", str(e)) from None
+                for ev in events:
+                    if ev is DONE:
+                        done = True
+                        break
+                    if "error" in ev and not ev.get("choices"):
+                        e = ev["error"]
+                        code = e.get("code") if isinstance(e, dict) else None
+                        status = code if isinstance(code, int) and 400 <= code < 600 else 500
+                        raise fail("http_5xx" if status >= 500 else "http_4xx",
+                                   "error in stream: " + error_message(json.dumps(ev)), status)
+                    if not isinstance(ev.get("choices", []), list):
+                        raise fail("malformed", "stream chunk has no choices list")
+                    if any(c.get("finish_reason") for c in ev.get("choices") or [] if isinstance(c, dict)):
+                        finished = True
+                    if phase == "first token":
+                        phase = "chunk gap"
+                    yield ev
+                    phase_deadline = min(loop.time() + t.chunk_gap_s, attempt_deadline)
+                if not line and not done:
+                    if finished:  # some servers end without [DONE]; a finished answer is complete
+                        break
+                    raise fail("stream_cut", "stream ended before the answer finished")
+            outcome = "ok"
+        except BackendError as err:
+            outcome = err.cause
+            if err.cause in REPLICA_FAULTS:
+                replica.record_failure(f"{err.cause}: {err.message}")
+            log.debug("backend %s replica %s: %s", name, url, err.cause)
+            raise
+        finally:
+            if resp is not None:
+                if outcome == "ok":
+                    resp.release()
+                else:
+                    resp.close()  # drop the connection: the server sees the disconnect
+            if slot:
+                replica.limit.release()
+            if outcome == "ok":
+                if not probe:
+                    replica.limit.on_success()
+                replica.record_success()
+            if trial:
+                replica.end_trial()
+                if outcome is None and replica.circuit == HALF_OPEN:
+                    pass  # trial abandoned by the caller: the next request tries again
+
+
+def _as_event(raw: bytes, fail) -> dict:
+    """A non-streamed chat completion, reshaped as one stream event."""
+    try:
+        obj = json.loads(raw)
+        choices = [{"index": c.get("index", 0), "delta": {"content": (c.get("message") or {}).get("content") or ""},
+                    "finish_reason": c.get("finish_reason")} for c in obj["choices"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise fail("malformed", "response is not a chat completion") from None
+    return {"choices": choices, "usage": obj.get("usage")}
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
+
+
+class ChatStream:
+    """Async iterator of ChatChunk. Breaking out of `async for` or aclose() closes the HTTP stream;
+    use `async with client.stream_chat(...) as s:` to close it at once."""
+
+    def __init__(self, client: BackendClient, body: dict, deadline: float):
+        self.model = client.name
+        self.endpoint = ""
+        self.attempts = 0
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.ttft_s: float | None = None
+        self.latency_s = 0.0
+        self._t0 = time.monotonic()
+        self._state: dict[str, Any] = {}
+        self._gen = self._run(client, body, deadline)
+
+    async def _run(self, client: BackendClient, body: dict, deadline: float) -> AsyncIterator[ChatChunk]:
+        async with aclosing(client._events(body, deadline, replay_ok=False, state=self._state)) as events:
+            async for ev in events:
+                self.endpoint = self._state.get("endpoint", "")
+                self.attempts = self._state.get("attempts", 1)
+                if self.ttft_s is None:
+                    self.ttft_s = time.monotonic() - self._t0
+                usage = Usage.from_dict(ev["usage"]) if ev.get("usage") else None
+                if usage is not None:
+                    self.usage = usage
+                for ch in ev.get("choices") or []:
+                    piece = (ch.get("delta") or {}).get("content") or ch.get("text") or ""
+                    fin = ch.get("finish_reason")
+                    self.text += piece
+                    self.finish_reason = fin or self.finish_reason
+                    if piece or fin:
+                        yield ChatChunk(piece, fin, None, int(ch.get("index", 0)))
+                if usage is not None:
+                    yield ChatChunk("", self.finish_reason, usage)
+        self.latency_s = time.monotonic() - self._t0
+
+    def __aiter__(self) -> "ChatStream":
+        return self
+
+    async def __anext__(self) -> ChatChunk:
+        try:
+            return await self._gen.__anext__()
+        except BackendError:
+            self.endpoint = self._state.get("endpoint", self.endpoint)
+            self.attempts = self._state.get("attempts", self.attempts)
+            raise
+
+    async def aclose(self) -> None:
+        await self._gen.aclose()
+
+    async def __aenter__(self) -> "ChatStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

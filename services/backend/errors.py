@@ -1,0 +1,81 @@
+"""The one error type every backend failure becomes."""
+from __future__ import annotations
+
+import json
+
+from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, UserError
+
+CAUSES = (
+    "connect", "timeout", "rate_limited", "http_4xx", "http_5xx",
+    "stream_cut", "malformed", "cancelled", "circuit_open",
+)
+# Causes worth another attempt (on another replica where there is one). 4xx is the caller's fault.
+RETRYABLE = frozenset({"connect", "timeout", "rate_limited", "http_5xx", "stream_cut", "malformed", "circuit_open"})
+# Causes that count against a replica's circuit breaker and health.
+REPLICA_FAULTS = frozenset({"connect", "timeout", "http_5xx", "stream_cut", "malformed"})
+
+
+class BackendError(MoaaError):
+    """A failed call to one backend (model), naming the replica endpoint and the cause."""
+
+    def __init__(self, model: str, endpoint: str, cause: str, message: str,
+                 http_status: int = 0, attempts: int = 1):
+        if cause not in CAUSES:
+            raise ValueError(f"unknown BackendError cause {cause!r}")
+        self.model = model
+        self.endpoint = endpoint
+        self.cause = cause
+        self.http_status = http_status
+        self.message = message
+        self.attempts = attempts
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f" at {self.endpoint}" if self.endpoint else ""
+        status = f" HTTP {self.http_status}" if self.http_status else ""
+        tries = f" after {self.attempts} attempts" if self.attempts > 1 else ""
+        return f"backend {self.model!r}{where}: {self.cause}{status}: {self.message}{tries}"
+
+    def __reduce__(self):  # keep pickling (multiprocessing, pytest-xdist) working with our __init__
+        return (BackendError, (self.model, self.endpoint, self.cause, self.message, self.http_status, self.attempts))
+
+    @property
+    def retryable(self) -> bool:
+        return self.cause in RETRYABLE or self.http_status == 408
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return EXIT_BAD_INPUT if self.cause == "http_4xx" and self.http_status not in (408, 409) else EXIT_TRANSIENT
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "endpoint": self.endpoint, "cause": self.cause,
+                "http_status": self.http_status, "message": self.message, "attempts": self.attempts}
+
+    def to_proto(self):
+        from moaa.v1 import common_pb2
+
+        return common_pb2.BackendError(**self.to_dict())
+
+
+class UnknownBackendError(UserError, LookupError):
+    """A model name that is not in the config's backends."""
+
+
+def error_message(body: bytes | str, limit: int = 500) -> str:
+    """The readable message of an OpenAI-style error body (also vLLM's and FastAPI's shapes)."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return " ".join(text.split())[:limit] or "(empty body)"
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            for key in ("message", "detail", "msg"):
+                if isinstance(err.get(key), str) and err[key]:
+                    return err[key][:limit]
+            if isinstance(err.get("detail"), list):
+                return json.dumps(err["detail"])[:limit]
+        elif isinstance(err, str):
+            return err[:limit]
+    return text[:limit]

@@ -1,0 +1,72 @@
+"""Per-backend rate limit (asyncio-throttle) and a per-replica concurrency cap that adapts to 429s."""
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+
+from asyncio_throttle import Throttler
+
+
+def make_throttler(rate_per_s: float | None) -> Throttler | None:
+    """A throttler for `rate_per_s` requests per second (fractions allowed), or None for no limit."""
+    if not rate_per_s:
+        return None
+    burst = max(1, math.ceil(rate_per_s))
+    # asyncio-throttle counts `burst` requests per `period`; a short retry interval keeps added latency low.
+    return Throttler(rate_limit=burst, period=burst / rate_per_s, retry_interval=min(0.01, 0.5 / rate_per_s))
+
+
+class AdaptiveLimit:
+    """A semaphore whose limit halves when the backend says 429 and grows back by one per window of
+    successes (additive increase, multiplicative decrease), never above `maximum`."""
+
+    def __init__(self, maximum: int):
+        self.maximum = maximum
+        self.limit = maximum
+        self.in_flight = 0
+        self._successes = 0
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        if self.in_flight < self.limit and not self._waiters:
+            self.in_flight += 1
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # the slot is handed over by release(), in_flight already counted
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # got the slot just as we were cancelled: pass it on
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self.limit:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.in_flight += 1
+                fut.set_result(None)
+
+    def on_rate_limited(self) -> None:
+        self.limit = max(1, self.limit // 2)
+        self._successes = 0
+
+    def on_success(self) -> None:
+        if self.limit >= self.maximum:
+            return
+        self._successes += 1
+        if self._successes >= self.limit:
+            self._successes = 0
+            self.limit += 1
+            self._wake()

@@ -1,0 +1,280 @@
+"""The emulator's HTTP transport (aiohttp): OpenAI-compatible routes plus /emulator/* for tests.
+
+    GET  /health                 -> settings.health_status (200 even while a model stalls, like vLLM)
+    GET  /v1/models
+    POST /v1/chat/completions    streamed (SSE) or not, n supported
+    GET  /emulator/stats         counters, disconnects seen, last request bodies per model
+    POST /emulator/reset         clears the stats
+    PATCH /emulator/settings     changes server settings (JSON object of EmulatorSettings fields)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import socket
+
+from aiohttp import web
+
+from .protocol import (OVERRIDE_HEADER, PROBE_HEADER, EmulatorSettings, OverrideError, effective_settings,
+                       error_body, header_overrides, split_model, validate_chat)
+from .serving import ChatServing, EmulatorStats
+
+log = logging.getLogger("moaa.emulator")
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response(error_body(message, status), status=status, headers=headers)
+
+
+class Emulator:
+    """An in-process emulator server. `profiles` maps a model name to its own setting overrides."""
+
+    def __init__(self, settings: EmulatorSettings | None = None, profiles: dict[str, dict] | None = None,
+                 models: list[str] | None = None):
+        self.serving = ChatServing(settings or EmulatorSettings())
+        self.profiles = dict(profiles or {})
+        self.models = list(models or ["emulator"])
+        self._runner: web.AppRunner | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+
+    # -- Python API for tests ------------------------------------------------------------------
+    @property
+    def settings(self) -> EmulatorSettings:
+        return self.serving.settings
+
+    @property
+    def stats(self) -> EmulatorStats:
+        return self.serving.stats
+
+    @property
+    def url(self) -> str:
+        """Base URL as a backend config wants it (…/v1)."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def root(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def update(self, **fields) -> None:
+        self.serving.settings = effective_settings(self.serving.settings, fields)
+
+    def reset(self) -> None:
+        self.serving.reset()
+
+    def bodies(self, model: str) -> list[dict]:
+        return list(self.stats.bodies.get(model, ()))
+
+    # -- server ----------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/emulator/stats", self._stats)
+        app.router.add_post("/emulator/reset", self._reset)
+        app.router.add_patch("/emulator/settings", self._settings)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        # handler_cancellation: a client that hangs up cancels its handler, which is how a stalled
+        # request notices the disconnect.
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
+                                     shutdown_timeout=0.5)
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        site = web.SockSite(self._runner, sock, backlog=2048)
+        await site.start()
+        self.host, self.port = host, sock.getsockname()[1]
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> "Emulator":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # -- handlers --------------------------------------------------------------------------------
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.settings.health_status)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        names = list(dict.fromkeys([*self.models, *self.profiles]))
+        return web.json_response({"object": "list", "data": [
+            {"id": m, "object": "model", "owned_by": "moaa-emulator", "max_model_len": 4096} for m in names]})
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats.to_dict())
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({"ok": True})
+
+    async def _settings(self, request: web.Request) -> web.Response:
+        try:
+            fields = await request.json()
+            if not isinstance(fields, dict):
+                raise OverrideError("settings must be a JSON object")
+            self.update(**fields)
+        except (ValueError, OverrideError) as err:
+            return _error(400, str(err))
+        return web.json_response(self.settings.model_dump())
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "request body is not JSON")
+        problem = validate_chat(body)
+        if problem:
+            return _error(400, problem)
+        try:
+            base, suffix = split_model(body["model"])
+            s = effective_settings(self.settings, self.profiles.get(base, {}), suffix,
+                                   header_overrides(request.headers.get(OVERRIDE_HEADER)))
+        except OverrideError as err:
+            return _error(400, f"emulator override: {err}")
+        serving = self.serving
+        serving.record(base, body, bool(request.headers.get(PROBE_HEADER)), s)
+        status = serving.draw_error(s)
+        if status is not None:
+            headers = {"Retry-After": str(s.retry_after_s)} if status == 429 and s.retry_after_s is not None else None
+            return _error(status, f"emulated {status} error", headers)
+        cap = serving.capacity(base, s)
+        if cap is not None and s.overflow == "reject" and cap.active >= cap.limit:
+            serving.stats.rejected += 1
+            return _error(429, f"model {base!r} is at its concurrency cap ({cap.limit}); retry later")
+        finished = False
+        serving.begin()
+        try:
+            if cap is not None:
+                if s.overflow == "queue":
+                    await cap.sem.acquire()
+                cap.active += 1
+            try:
+                result, finished = await self._respond(request, body, base, s)
+                return result
+            finally:
+                if cap is not None:
+                    cap.active -= 1
+                    if s.overflow == "queue":
+                        cap.sem.release()
+        except (asyncio.CancelledError, ConnectionResetError):
+            serving.stats.disconnects += 1
+            raise
+        finally:
+            serving.end()
+            if finished:
+                serving.stats.completed += 1
+
+    async def _respond(self, request: web.Request, body: dict, model: str,
+                       s: EmulatorSettings) -> tuple[web.StreamResponse, bool]:
+        """The response, and whether the answer went out in full."""
+        serving = self.serving
+        if s.stall_before_headers:
+            await serving.stall(s, "stall_before_headers")
+        if not body.get("stream"):
+            if s.stall_after_chunks is not None:
+                await serving.stall(s, "stall_after_chunks")
+            if s.disconnect_after_chunks is not None:
+                serving.stats.faults["disconnect"] += 1
+                request.transport.abort()
+                return web.Response(status=500), False  # never sent: the connection is gone
+            if s.malformed_after_chunks is not None:
+                serving.stats.faults["malformed"] += 1
+                return web.Response(body=b'{"id": "chatcmpl-x", "choices": [', content_type="application/json"), False
+            return web.json_response(await serving.answer(body, body["model"], s)), True
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+
+        def cut() -> None:
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+
+        await serving.stream(body, body["model"], s, resp.write, cut)
+        if request.transport is None or request.transport.is_closing():
+            return resp, False  # dropped on purpose (disconnect / malformed fault)
+        await resp.write_eof()
+        return resp, not getattr(resp, "emulated_error", False)
+
+
+# -- CLI (wired into `moaa backend emulate` by moaa/cli/backend.py) ---------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
+    parser.add_argument("--model", dest="models", action="append", default=None,
+                        help="model name to list in /v1/models (repeatable); any name is answered")
+    parser.add_argument("--settings", default=None,
+                        help='server settings as JSON, e.g. \'{"ttft_s": 0.2, "tokens_per_s": 50}\'')
+    parser.add_argument("--profile", action="append", default=[], metavar="MODEL=JSON",
+                        help='per-model overrides, e.g. slow={"ttft_s": 5} (repeatable)')
+    for name, field in EmulatorSettings.model_fields.items():
+        if field.annotation in (float, int, bool) or name in ("max_concurrency", "stall_after_chunks",
+                                                              "disconnect_after_chunks", "malformed_after_chunks",
+                                                              "retry_after_s", "error_after_chunks"):
+            kind = {bool: _bool}.get(field.annotation, float if "float" in str(field.annotation) else int)
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=f"emu_{name}", type=kind, default=None,
+                                help=field.description)
+    parser.add_argument("--error-rate", action="append", default=[], metavar="STATUS=P",
+                        help="inject HTTP STATUS with probability P per request (repeatable), e.g. 500=0.05")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[EmulatorSettings, dict[str, dict]]:
+    from moaa.errors import UserError
+
+    try:
+        fields = json.loads(args.settings) if args.settings else {}
+        if not isinstance(fields, dict):
+            raise UserError("--settings must be a JSON object")
+        for name in EmulatorSettings.model_fields:
+            value = getattr(args, f"emu_{name}", None)
+            if value is not None:
+                fields[name] = value
+        rates = dict(fields.get("error_rates") or {})
+        for item in args.error_rate:
+            status, _, p = item.partition("=")
+            rates[int(status)] = float(p)
+        if rates:
+            fields["error_rates"] = rates
+        settings = effective_settings(EmulatorSettings(), fields)
+        profiles = {}
+        for item in args.profile:
+            model, _, data = item.partition("=")
+            profile = json.loads(data)
+            effective_settings(settings, profile)  # validate now, not on the first request
+            profiles[model] = profile
+    except (ValueError, OverrideError) as err:
+        raise UserError(f"emulator settings: {err}") from None
+    return settings, profiles
+
+
+async def run_emulator(args: argparse.Namespace) -> int:
+    """Serves until interrupted (SIGINT/SIGTERM cancel the main task)."""
+    settings, profiles = settings_from_args(args)
+    emulator = Emulator(settings, profiles, args.models)
+    await emulator.start(args.host, args.port)
+    print(f"moaa emulator listening on {emulator.url}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await emulator.stop()
+    return 0

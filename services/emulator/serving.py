@@ -1,0 +1,208 @@
+"""What the emulator does for one chat request: deterministic text, timing, and injected faults.
+
+Cheap by design (the gateway benchmark pushes hundreds of concurrent streams through one process):
+text is drawn once per request from a fixed vocabulary, and time passes in asyncio sleeps only.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+import uuid
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from .protocol import EmulatorSettings, chunk, completion, error_body
+
+VOCAB = ("the", "model", "answer", "is", "a", "mixture", "of", "agents", "that", "proposes", "and", "aggregates",
+         "responses", "with", "care", "data", "quality", "improves", "when", "judges", "agree", "on", "better",
+         "reasons", "for", "each", "step", "we", "check", "facts", "then", "write", "clearly", "so", "users", "learn",
+         "more", "about", "training", "small", "models", "from", "large", "ones", "by", "preference", "pairs", "it")
+
+
+def generate_tokens(body: dict, index: int, count: int) -> list[str]:
+    """Deterministic tokens: the same messages, seed and choice index give the same text."""
+    key = json.dumps([body.get("messages"), body.get("seed"), index], sort_keys=True, default=str)
+    rng = random.Random(hashlib.sha256(key.encode()).digest())
+    words = rng.choices(VOCAB, k=count)
+    return [words[0]] + [" " + w for w in words[1:]]
+
+
+def expected_text(body: dict, index: int = 0, max_tokens: int | None = None, default_max_tokens: int = 16) -> str:
+    """The text the emulator answers to `body` (for tests)."""
+    count = max_tokens or body.get("max_tokens") or default_max_tokens
+    return "".join(generate_tokens(body, index, count))
+
+
+def count_prompt_tokens(body: dict) -> int:
+    return sum(len(str(m.get("content", "")).split()) + 1 for m in body.get("messages", []))
+
+
+@dataclass
+class EmulatorStats:
+    requests: int = 0             # chat requests received (probes excluded)
+    probes: int = 0               # moaa health probes received
+    completed: int = 0            # answers sent in full
+    disconnects: int = 0          # requests the client cancelled (closed the connection) before the end
+    rejected: int = 0             # 429s for the concurrency cap
+    errors: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # injected errors by status
+    faults: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # stalls, cuts, malformed...
+    in_flight: int = 0
+    max_in_flight: int = 0
+    bodies: dict[str, deque] = field(default_factory=dict)  # model (base name) -> last request bodies
+    tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {"requests": self.requests, "probes": self.probes, "completed": self.completed,
+                "disconnects": self.disconnects, "rejected": self.rejected, "errors": dict(self.errors),
+                "faults": dict(self.faults), "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+                "tokens": self.tokens, "bodies": {m: list(d) for m, d in self.bodies.items()}}
+
+    def last_body(self, model: str | None = None) -> dict | None:
+        queues = [self.bodies[model]] if model else list(self.bodies.values())
+        for q in queues:
+            if q:
+                return q[-1]
+        return None
+
+
+class _Capacity:
+    """Per-model concurrency cap: a counter for 'reject', a semaphore for 'queue'."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.active = 0
+        self.sem = asyncio.Semaphore(limit)
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+Writer = Callable[[bytes], Awaitable[None]]
+
+
+class ChatServing:
+    def __init__(self, settings: EmulatorSettings):
+        self.settings = settings
+        self.stats = EmulatorStats()
+        self._rng = random.Random(settings.seed)
+        self._capacity: dict[str, _Capacity] = {}
+
+    def reset(self) -> None:
+        self.stats = EmulatorStats()
+        self._rng = random.Random(self.settings.seed)
+
+    def record(self, model: str, body: dict, probe: bool, s: EmulatorSettings) -> None:
+        if probe:
+            self.stats.probes += 1
+            return
+        self.stats.requests += 1
+        if s.record and s.history:
+            q = self.stats.bodies.get(model)
+            if q is None or q.maxlen != s.history:
+                q = self.stats.bodies[model] = deque(q or (), maxlen=s.history)
+            q.append(body)
+
+    def draw_error(self, s: EmulatorSettings) -> int | None:
+        if not s.error_rates:
+            return None
+        r = self._rng.random()
+        acc = 0.0
+        for status, p in sorted(s.error_rates.items()):
+            acc += p
+            if r < acc:
+                self.stats.errors[status] += 1
+                return status
+        return None
+
+    def capacity(self, model: str, s: EmulatorSettings) -> _Capacity | None:
+        if s.max_concurrency is None:
+            return None
+        cap = self._capacity.get(model)
+        if cap is None or cap.limit != s.max_concurrency:
+            cap = self._capacity[model] = _Capacity(s.max_concurrency)
+        return cap
+
+    def begin(self) -> None:
+        self.stats.in_flight += 1
+        self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+
+    def end(self) -> None:
+        self.stats.in_flight -= 1
+
+    async def stall(self, s: EmulatorSettings, kind: str) -> None:
+        self.stats.faults[kind] += 1
+        await asyncio.sleep(s.stall_s)
+
+    # -- generation --------------------------------------------------------------------------
+    @staticmethod
+    def plan(body: dict, s: EmulatorSettings) -> tuple[list[list[str]], str]:
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
+        count = max_tokens or s.default_max_tokens
+        n = body.get("n") or 1
+        finish = "length" if max_tokens else "stop"
+        return [generate_tokens(body, i, count) for i in range(n)], finish
+
+    @staticmethod
+    def usage(body: dict, tokens: list[list[str]]) -> dict:
+        p = count_prompt_tokens(body)
+        c = sum(len(t) for t in tokens)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    async def answer(self, body: dict, model: str, s: EmulatorSettings) -> dict:
+        """A non-streamed answer after ttft + generation time (faults handled by the router)."""
+        tokens, finish = self.plan(body, s)
+        delay = s.ttft_s + (len(tokens[0]) / s.tokens_per_s if s.tokens_per_s else 0.0)
+        if delay:
+            await asyncio.sleep(delay)
+        self.stats.tokens += sum(len(t) for t in tokens)
+        return completion(f"chatcmpl-{uuid.uuid4().hex[:16]}", model, ["".join(t) for t in tokens], finish,
+                          self.usage(body, tokens))
+
+    async def stream(self, body: dict, model: str, s: EmulatorSettings, write: Writer,
+                     cut: Callable[[], None]) -> None:
+        """SSE chunks like vLLM: a role chunk, one chunk per token (per choice), the finish chunk, a
+        usage chunk when asked for, then [DONE]. Faults strike after the configured number of chunks."""
+        tokens, finish = self.plan(body, s)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+        n = len(tokens)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        if s.ttft_s:
+            await asyncio.sleep(s.ttft_s)
+        await write(chunk(rid, model, created, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "finish_reason": None} for i in range(n)]))
+        for step in range(len(tokens[0])):
+            if s.stall_after_chunks == step:
+                await self.stall(s, "stall_after_chunks")
+            if s.disconnect_after_chunks == step:
+                self.stats.faults["disconnect"] += 1
+                cut()
+                return
+            if s.malformed_after_chunks == step:
+                self.stats.faults["malformed"] += 1
+                await write(b'data: {"id": "' + rid.encode() + b'", "choices": [{"delta": \n\n')
+                cut()
+                return
+            if s.error_after_chunks == step:
+                self.stats.faults["stream_error"] += 1
+                await write(b"data: " + json.dumps(error_body("emulated error in stream", 500)).encode() + b"\n\n")
+                await write(b"data: [DONE]\n\n")
+                return
+            if s.tokens_per_s:
+                wait = t0 + s.ttft_s + (step + 1) / s.tokens_per_s - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            await write(chunk(rid, model, created, [{"index": i, "delta": {"content": tokens[i][step]},
+                                                     "finish_reason": None} for i in range(n)]))
+            self.stats.tokens += n
+        await write(chunk(rid, model, created, [{"index": i, "delta": {}, "finish_reason": finish}
+                                                for i in range(n)]))
+        if include_usage:
+            await write(chunk(rid, model, created, [], self.usage(body, tokens)))
+        await write(b"data: [DONE]\n\n")
