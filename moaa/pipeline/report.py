@@ -1,0 +1,222 @@
+"""The run report: one Markdown page with PNG plots, built only from what the run folder holds.
+
+Sections: stages and rows (written, skipped and why, failed), tokens per stage and model, training
+losses (SFT, DPO), judge score distributions and agreement (from the preference pairs), win rates with
+confidence intervals (raw and length-controlled) and 1-10 grades (from `eval/`).
+"""
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from .layout import RunLayout
+from .store import iter_jsonl, read_manifest
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _metrics(model_dir: Path) -> list[dict]:
+    path = model_dir / "metrics.jsonl"
+    rows = []
+    for rec in iter_jsonl(path) if path.exists() else []:
+        if isinstance(rec.get("loss"), (int, float)) and "step" in rec:
+            rows.append(rec)
+    return rows
+
+
+def plot_losses(layout: RunLayout, out: Path) -> tuple[Path | None, dict[str, dict]]:
+    """SFT and DPO loss curves side by side; returns (png, {kind: {first, last, steps}})."""
+    curves = {k: _metrics(d) for k, d in (("SFT", layout.sft_model), ("DPO", layout.dpo_model))}
+    curves = {k: v for k, v in curves.items() if v}
+    summary = {k: {"first": v[0]["loss"], "last": v[-1]["loss"], "steps": v[-1]["step"]} for k, v in curves.items()}
+    if not curves:
+        return None, summary
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
+    for ax, (kind, rows) in zip(axes[0], curves.items()):
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o" if len(rows) < 30 else None)
+        ax.set_title(f"{kind} training loss")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out, summary
+
+
+def judge_scores(pairs_dir: Path) -> dict[str, list[list[float]]]:
+    """judge -> per prompt, the scores it gave the candidates (in candidate order)."""
+    per_judge: dict[str, list[list[float]]] = {}
+    for shard in sorted(pairs_dir.glob("data-*.jsonl")):
+        for row in iter_jsonl(shard):
+            for judge, scores in (row.get("judge_scores") or {}).items():
+                per_judge.setdefault(judge, []).append([float("nan") if s is None else float(s) for s in scores])
+    return per_judge
+
+
+def judge_agreement(per_judge: dict[str, list[list[float]]]) -> tuple[list[str], np.ndarray]:
+    """Mean Kendall tau per pair of judges over the prompts both scored (NaN where undefined)."""
+    names = sorted(per_judge)
+    mat = np.eye(len(names))
+    for (i, a), (j, b) in combinations(enumerate(names), 2):
+        taus = []
+        for sa, sb in zip(per_judge[a], per_judge[b]):
+            x, y = np.asarray(sa, float), np.asarray(sb, float)
+            ok = ~(np.isnan(x) | np.isnan(y))
+            if ok.sum() >= 2 and np.ptp(x[ok]) > 0 and np.ptp(y[ok]) > 0:
+                taus.append(stats.kendalltau(x[ok], y[ok]).statistic)
+        mat[i, j] = mat[j, i] = float(np.mean(taus)) if taus else np.nan
+    return names, mat
+
+
+def plot_judges(per_judge: dict[str, list[list[float]]], out_scores: Path, out_agree: Path) -> tuple[Path | None, Path | None]:
+    if not per_judge:
+        return None, None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for judge, rows in sorted(per_judge.items()):
+        vals = [v for r in rows for v in r if not np.isnan(v)]
+        if vals:
+            ax.hist(vals, bins=np.arange(0.5, 11.5, 1.0), alpha=0.5, label=judge)
+    ax.set_title("judge score distributions")
+    ax.set_xlabel("score")
+    ax.set_ylabel("candidates")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_scores, dpi=100)
+    plt.close(fig)
+    agree_png = None
+    if len(per_judge) >= 2:
+        names, mat = judge_agreement(per_judge)
+        fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 1.0 * len(names) + 1.5))
+        im = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, "-" if np.isnan(mat[i, j]) else f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_title("judge agreement (mean Kendall tau)")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(out_agree, dpi=100)
+        plt.close(fig)
+        agree_png = out_agree
+    return out_scores, agree_png
+
+
+def plot_winrates(winrates: list[dict], out: Path) -> Path | None:
+    if not winrates:
+        return None
+    plt = _plt()
+    labels = [f"{w['model']}\nvs {w['baseline']}" for w in winrates]
+    x = np.arange(len(winrates))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * len(winrates)), 3.8))
+    for off, key, name in ((-0.18, "win_rate", "win rate"), (0.18, "lc_win_rate", "length-controlled")):
+        vals = np.array([w[key] for w in winrates])
+        ci = np.array([w[f"{key}_ci"] for w in winrates])
+        err = np.vstack([np.clip(vals - ci[:, 0], 0, None), np.clip(ci[:, 1] - vals, 0, None)])
+        ax.bar(x + off, vals, width=0.36, yerr=err, capsize=4, label=name)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% (95% bootstrap CI)")
+    ax.set_title("pairwise win rates")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _dataset_line(name: str, folder: Path) -> str | None:
+    m = read_manifest(folder)
+    if not m:
+        return None
+    reasons = ", ".join(f"{k}: {v}" for k, v in (m.get("skipped_reasons") or {}).items())
+    return (f"| {name} | {m.get('rows', 0)} | {m.get('skipped', 0)}{f' ({reasons})' if reasons else ''} "
+            f"| {m.get('failed', 0)} | {'yes' if m.get('complete') else 'no'} | {', '.join(m.get('models', []))} |")
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write `report/report.md` and its PNGs from a run folder; returns the Markdown path."""
+    layout = RunLayout(Path(run_dir))
+    out = layout.report
+    out.mkdir(parents=True, exist_ok=True)
+    run = _read_json(layout.run_manifest) or {}
+    lines = ["# moaa pipeline report", ""]
+    if run:
+        lines += [f"Run folder `{layout.root}`; config hash `{run.get('config_hash', '-')}`; "
+                  f"started {run.get('started_at', '-')}, updated {run.get('updated_at', '-')}.", ""]
+        stages = run.get("stages", {})
+        if stages:
+            lines += ["| stage | status | seconds |", "|---|---|---|"]
+            for name, st in stages.items():
+                lines.append(f"| {name} | {st.get('status', '-')} | {st.get('seconds', 0):.0f} |")
+            lines.append("")
+    rows = [r for r in (_dataset_line("stage 1: MoA SFT data", layout.sft_data),
+                        _dataset_line("stage 2: samples", layout.samples),
+                        _dataset_line("stage 2: preference pairs", layout.pairs)) if r]
+    if rows:
+        lines += ["## Datasets", "", "| dataset | rows | skipped (why) | failed | complete | models |",
+                  "|---|---|---|---|---|---|", *rows, ""]
+    usage = _read_json(layout.usage)
+    if usage and usage.get("stages"):
+        lines += ["## Tokens", "", f"Total: {usage['total_tokens']} tokens"
+                  + (f" (budget {usage['budget']})" if usage.get("budget") else "") + ".", "",
+                  "| stage | model | prompt | completion | requests |", "|---|---|---|---|---|"]
+        for stage, models in usage["stages"].items():
+            for model, rec in models.items():
+                lines.append(f"| {stage} | {model} | {rec['prompt_tokens']} | {rec['completion_tokens']} | {rec['requests']} |")
+        lines.append("")
+    loss_png, losses = plot_losses(layout, out / "losses.png")
+    if losses:
+        lines += ["## Training", ""]
+        for kind, s in losses.items():
+            lines.append(f"- {kind}: loss {s['first']:.4f} -> {s['last']:.4f} over {s['steps']} steps")
+        lines += ["", f"![training losses]({loss_png.name})", ""]
+    per_judge = judge_scores(layout.pairs)
+    scores_png, agree_png = plot_judges(per_judge, out / "judge_scores.png", out / "judge_agreement.png")
+    if scores_png:
+        lines += ["## Judges", "", f"![judge score distributions]({scores_png.name})", ""]
+        if agree_png:
+            lines += [f"![judge agreement]({agree_png.name})", ""]
+    winrates = _read_json(layout.eval / "winrates.json") or []
+    wr_png = plot_winrates(winrates, out / "winrates.png")
+    if wr_png:
+        lines += ["## Evaluation", "", "Each pair judged in both orders; ties and order-dependent verdicts count "
+                  "half. LC = AlpacaEval 2 length-controlled win rate.", "",
+                  "| model | baseline | n | win rate (95% CI) | LC win rate (95% CI) | W/T/L | order-inconsistent |",
+                  "|---|---|---|---|---|---|---|"]
+        for w in winrates:
+            lines.append(f"| {w['model']} | {w['baseline']} | {w['n']} | {w['win_rate']:.1f} "
+                         f"[{w['win_rate_ci'][0]:.1f}, {w['win_rate_ci'][1]:.1f}] | {w['lc_win_rate']:.1f} "
+                         f"[{w['lc_win_rate_ci'][0]:.1f}, {w['lc_win_rate_ci'][1]:.1f}] | "
+                         f"{w['wins']:.0f}/{w['ties']:.0f}/{w['losses']:.0f} | {w.get('inconsistent', 0)} |")
+        lines += ["", f"![win rates]({wr_png.name})", ""]
+    grades = _read_json(layout.eval / "grades.json")
+    if grades:
+        lines += ["Single-answer grades (1-10, MT-Bench style):", "", "| model | mean | graded | abstained |",
+                  "|---|---|---|---|"]
+        for model, g in grades.items():
+            mean = "-" if g.get("mean") is None else f"{g['mean']:.2f}"
+            lines.append(f"| {model} | {mean} | {g['n']} | {g['abstained']} |")
+        lines.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
