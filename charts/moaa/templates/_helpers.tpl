@@ -1,0 +1,193 @@
+{{/* Names, labels, the model merge and the gateway config, shared by the templates. */}}
+
+{{- define "moaa.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "moaa.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "moaa.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select one component's pods. Call with (dict "root" $ "component" "gateway"). */}}
+{{- define "moaa.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "moaa.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "moaa.labels" -}}
+{{ include "moaa.selectorLabels" . }}
+helm.sh/chart: {{ include "moaa.chart" .root }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: moaa
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Service (and Deployment) name of a model. */}}
+{{- define "moaa.modelName" -}}
+{{- printf "%s-%s" (include "moaa.fullname" .root) .name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* image reference: (dict "image" .Values.images.moaa "root" $) */}}
+{{- define "moaa.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) -}}
+{{- end -}}
+
+{{/*
+Deep merge of two maps as JSON: maps merge key by key, anything else in "over" replaces "base".
+Written out because sprig's merge treats 0, false and "" as unset (a model could not set replicas: 0).
+*/}}
+{{- define "moaa.merge" -}}
+{{- $out := deepCopy .base -}}
+{{- range $k, $v := .over -}}
+{{- $cur := get $out $k -}}
+{{- if and (kindIs "map" $v) (kindIs "map" $cur) -}}
+{{- $_ := set $out $k (include "moaa.merge" (dict "base" $cur "over" $v) | fromJson) -}}
+{{- else -}}
+{{- $_ := set $out $k $v -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* A model entry merged over modelDefaults, as JSON. Call with (dict "root" $ "model" .). */}}
+{{- define "moaa.model" -}}
+{{- $m := include "moaa.merge" (dict "base" .root.Values.modelDefaults "over" .model) | fromJson -}}
+{{- $gpus := int $m.gpus -}}
+{{- $tp := int $m.vllm.tensorParallelSize -}}
+{{- if eq $tp 0 -}}{{- $tp = max $gpus 1 | int -}}{{- end -}}
+{{- if and (gt $gpus 0) (gt $tp $gpus) -}}
+{{- fail (printf "models[%s]: vllm.tensorParallelSize=%d needs at least %d GPUs, but gpus=%d" $m.name $tp $tp $gpus) -}}
+{{- end -}}
+{{- $_ := set $m.vllm "tensorParallelSize" $tp -}}
+{{- $_ := set $m "servedModelName" (default $m.name $m.servedModelName) -}}
+{{- toJson $m -}}
+{{- end -}}
+
+{{/* Checks that span several values; fails the render with a message naming the value to change. */}}
+{{- define "moaa.validate" -}}
+{{- $seen := dict -}}
+{{- range .Values.models -}}
+{{- if hasKey $seen .name -}}
+{{- fail (printf "models: the name %q is used twice; model names must be unique" .name) -}}
+{{- end -}}
+{{- $_ := set $seen .name true -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
+{{- fail "tls.enabled is true but tls.secretName is empty: name a kubernetes.io/tls Secret" -}}
+{{- end -}}
+{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.tokens) -}}
+{{- fail "auth.enabled is true but neither auth.existingSecret nor auth.tokens is set" -}}
+{{- end -}}
+{{- range $name, $_ := .Values.gateway.extraBackends -}}
+{{- if hasKey $seen $name -}}
+{{- fail (printf "gateway.extraBackends.%s: a model of the chart already has this name" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the config file, TLS files and auth tokens are mounted in gateway and annotator pods. */}}
+{{- define "moaa.configDir" -}}/etc/moaa/config{{- end -}}
+{{- define "moaa.tlsDir" -}}/etc/moaa/tls{{- end -}}
+{{- define "moaa.authDir" -}}/etc/moaa/auth{{- end -}}
+
+{{- define "moaa.authSecretName" -}}
+{{- default (printf "%s-auth" (include "moaa.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/* The server section of the config for "gateway" or "annotator". Call with (dict "root" $ "which" "gateway"). */}}
+{{- define "moaa.serverConfig" -}}
+{{- $v := get .root.Values .which -}}
+{{- $s := dict "host" "0.0.0.0" "port" (int $v.port) "metrics_port" (int $v.metricsPort) -}}
+{{- $s = include "moaa.merge" (dict "base" $s "over" $v.server) | fromJson -}}
+{{- if and .root.Values.tls.enabled (or (eq .which "gateway") .root.Values.tls.annotator) -}}
+{{- $tls := dict "cert_file" (printf "%s/tls.crt" (include "moaa.tlsDir" .)) "key_file" (printf "%s/tls.key" (include "moaa.tlsDir" .)) -}}
+{{- if .root.Values.tls.mutual -}}
+{{- $_ := set $tls "client_ca_file" (printf "%s/ca.crt" (include "moaa.tlsDir" .)) -}}
+{{- end -}}
+{{- $_ := set $s "tls" $tls -}}
+{{- end -}}
+{{- if .root.Values.auth.enabled -}}
+{{- $_ := set $s "auth" (dict "tokens_file" (printf "%s/%s" (include "moaa.authDir" .) .root.Values.auth.key)) -}}
+{{- end -}}
+{{- toJson $s -}}
+{{- end -}}
+
+{{/* The moaa config file (moaa.services.config.MoaaConfig), as YAML. */}}
+{{- define "moaa.config" -}}
+{{- $root := . -}}
+{{- $backends := dict -}}
+{{- $proposers := list -}}
+{{- $aggregators := list -}}
+{{- $judges := list -}}
+{{- range .Values.models -}}
+{{- $m := include "moaa.model" (dict "root" $root "model" .) | fromJson -}}
+{{- $url := printf "http://%s:8000/v1" (include "moaa.modelName" (dict "root" $root "name" $m.name)) -}}
+{{- $b := dict "urls" (list $url) "served_model" $m.servedModelName "context_window" (int $m.vllm.maxModelLen) -}}
+{{- $_ := set $backends $m.name (include "moaa.merge" (dict "base" $b "over" $m.backend) | fromJson) -}}
+{{- if has "proposer" $m.roles -}}{{- $proposers = append $proposers (dict "model" $m.name) -}}{{- end -}}
+{{- if has "aggregator" $m.roles -}}{{- $aggregators = append $aggregators (dict "model" $m.name) -}}{{- end -}}
+{{- if has "judge" $m.roles -}}{{- $judges = append $judges (dict "name" $m.name "model" $m.name) -}}{{- end -}}
+{{- end -}}
+{{- range $name, $b := .Values.gateway.extraBackends -}}
+{{- $_ := set $backends $name $b -}}
+{{- end -}}
+{{- $cfg := dict "backends" $backends -}}
+{{- if .Values.gateway.recipes -}}
+{{- $_ := set $cfg "recipes" .Values.gateway.recipes -}}
+{{- else if and $proposers $aggregators -}}
+{{- $_ := set $cfg "recipes" (dict "default" (dict "proposers" $proposers "aggregator" (first $aggregators))) -}}
+{{- end -}}
+{{- with .Values.gateway.defaultRecipe -}}{{- $_ := set $cfg "default_recipe" . -}}{{- end -}}
+{{- if .Values.annotator.ensembles -}}
+{{- $_ := set $cfg "ensembles" .Values.annotator.ensembles -}}
+{{- else if $judges -}}
+{{- $_ := set $cfg "ensembles" (dict "default" (dict "judges" $judges "mode" "pointwise" "combine" "mean")) -}}
+{{- end -}}
+{{- with .Values.annotator.defaultEnsemble -}}{{- $_ := set $cfg "default_ensemble" . -}}{{- end -}}
+{{- $_ := set $cfg "gateway" (include "moaa.serverConfig" (dict "root" $root "which" "gateway") | fromJson) -}}
+{{- $_ := set $cfg "annotator" (include "moaa.serverConfig" (dict "root" $root "which" "annotator") | fromJson) -}}
+{{- if .Values.annotator.enabled -}}
+{{- $_ := set $cfg "annotator_address" (printf "%s-annotator:%d" (include "moaa.fullname" $root) (int .Values.annotator.port)) -}}
+{{- end -}}
+{{- toYaml $cfg -}}
+{{- end -}}
+
+{{/* Pod placement: the component's own settings, else the global ones. (dict "root" $ "v" .Values.gateway) */}}
+{{- define "moaa.placement" -}}
+{{- with (default .root.Values.nodeSelector .v.nodeSelector) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default .root.Values.tolerations .v.tolerations) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default .root.Values.affinity .v.affinity) }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{- define "moaa.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,330 @@
+"""Write charts/moaa/values.schema.json: the chart's values, plus the moaa config models it passes through.
+
+The chart's own keys are described below (every object closed with additionalProperties: false, so a
+mistyped key fails `helm install` with a message naming it). Recipes, ensembles, backend tuning and
+server settings are copied into the config file unchanged, so their schema is generated from the
+config's pydantic models (moaa.services.config): what Helm accepts there, the gateway accepts too.
+
+    python tools/gen_chart_schema.py           # rewrite the schema
+    python tools/gen_chart_schema.py --check   # exit 1 when the file is stale
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "charts" / "moaa" / "values.schema.json"
+ROLES = ["proposer", "aggregator", "judge", "target"]
+QUANTITY = r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?|[mkMGTPE])?$"
+NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+# -- small builders: every value gets a description; objects are closed ---------------------------
+def s(desc: str, **kw) -> dict:
+    return {"type": "string", "description": desc, **kw}
+
+
+def i(desc: str, **kw) -> dict:
+    return {"type": "integer", "description": desc, **kw}
+
+
+def num(desc: str, **kw) -> dict:
+    return {"type": "number", "description": desc, **kw}
+
+
+def b(desc: str) -> dict:
+    return {"type": "boolean", "description": desc}
+
+
+def arr(desc: str, items: dict, **kw) -> dict:
+    return {"type": "array", "description": desc, "items": items, **kw}
+
+
+def obj(desc: str, props: dict, required: list[str] | None = None) -> dict:
+    out = {"type": "object", "description": desc, "additionalProperties": False, "properties": props}
+    if required:
+        out["required"] = required
+    return out
+
+
+def strmap(desc: str) -> dict:
+    return {"type": "object", "description": desc, "additionalProperties": {"type": "string"}}
+
+
+def k8s(desc: str, type_: str = "object") -> dict:
+    """A Kubernetes API object passed through as-is (the API server validates its fields)."""
+    return {"type": type_, "description": desc}
+
+
+def ref(name: str, desc: str) -> dict:
+    return {"$ref": f"#/$defs/{name}", "description": desc}
+
+
+def image(desc: str) -> dict:
+    return obj(desc, {
+        "repository": s("image repository"),
+        "tag": s("image tag; empty: the chart's appVersion (moaa images) or the default tag"),
+        "pullPolicy": s("Kubernetes imagePullPolicy", enum=["Always", "IfNotPresent", "Never"]),
+    })
+
+
+def placement() -> dict:
+    return {
+        "nodeSelector": strmap("node labels the pods must match; empty: the global nodeSelector"),
+        "tolerations": arr("taints the pods tolerate; empty: the global tolerations", obj("a Toleration", {
+            "key": s("taint key"),
+            "operator": s("Exists or Equal", enum=["Exists", "Equal"]),
+            "value": s("taint value"),
+            "effect": s("taint effect", enum=["NoSchedule", "PreferNoSchedule", "NoExecute", ""]),
+            "tolerationSeconds": i("how long a NoExecute taint is tolerated", minimum=0),
+        })),
+        "affinity": k8s("a Kubernetes Affinity object; empty: the global affinity"),
+    }
+
+
+def resources(desc: str) -> dict:
+    qty = {"type": ["string", "number"], "description": "a quantity, e.g. 4, 500m, 16Gi"}
+    return obj(desc, {
+        "limits": {"type": "object", "description": "resource limits", "additionalProperties": qty},
+        "requests": {"type": "object", "description": "resource requests", "additionalProperties": qty},
+    })
+
+
+def probe(desc: str) -> dict:
+    return obj(desc, {
+        "path": s("HTTP path probed on the vLLM port", pattern="^/"),
+        "initialDelaySeconds": i("seconds before the first probe", minimum=0),
+        "periodSeconds": i("seconds between probes", minimum=1),
+        "timeoutSeconds": i("seconds before one probe times out", minimum=1),
+        "failureThreshold": i("failed probes in a row before the container counts as failed", minimum=1),
+    })
+
+
+def env() -> dict:
+    return arr("extra environment variables (Kubernetes EnvVar objects)",
+               {"type": "object", "description": "an EnvVar", "required": ["name"]})
+
+
+# -- the chart's values -------------------------------------------------------------------------
+def model_settings() -> dict:
+    return {
+        "replicas": i("number of vLLM pods of this model (0 stops it, keeping its Service)", minimum=0),
+        "gpus": i("GPUs per pod (nvidia.com/gpu); 0 runs on CPU", minimum=0),
+        "roles": arr("what the model does in the MoAA recipe; derives the default recipe and ensemble",
+                     {"type": "string", "enum": ROLES, "description": "one of " + ", ".join(ROLES)},
+                     uniqueItems=True),
+        "image": image("image override for this model (e.g. a vLLM CPU build); empty: images.vllm"),
+        "servedModelName": s("name vLLM serves the model under and the gateway sends; empty: the model's name"),
+        "vllm": obj("vLLM engine arguments", {
+            "tensorParallelSize": i("--tensor-parallel-size; 0: the number of GPUs (at least 1)", minimum=0),
+            "maxModelLen": i("--max-model-len, also the backend's context_window in the config", minimum=64),
+            "dtype": s("--dtype", enum=["auto", "half", "float16", "bfloat16", "float", "float32"]),
+            "gpuMemoryUtilization": num("--gpu-memory-utilization (only passed when gpus > 0)",
+                                        exclusiveMinimum=0, maximum=1),
+            "extraArgs": arr("more vllm serve arguments, e.g. --enforce-eager", {"type": "string", "description": "an argument"}),
+        }),
+        "env": env(),
+        "resources": resources("CPU and memory requests and limits; nvidia.com/gpu is set from gpus"),
+        "shmSize": s("size of the in-memory /dev/shm volume (tensor-parallel workers share memory)", pattern=QUANTITY),
+        "probes": obj("health probes of this model's pods", {
+            "startup": probe("startup probe: allows periodSeconds x failureThreshold for download and load"),
+            "readiness": probe("readiness probe: the Service sends traffic only to ready pods"),
+            "liveness": probe("liveness probe: restarts a pod whose server stops answering"),
+        }),
+        "backend": ref("ModelBackend", "backend settings in the gateway's config (limits, timeouts, retries)"),
+        "podAnnotations": strmap("annotations of this model's pods"),
+        "podLabels": strmap("extra labels of this model's pods"),
+        **placement(),
+    }
+
+
+def server(which: str, port: int) -> dict:
+    what = {"gateway": "the MoA gateway (MoAGateway gRPC)", "annotator": "the annotator (Annotator gRPC)"}[which]
+    props = {
+        "enabled": b(f"deploy {what}"),
+        "replicas": i("number of pods", minimum=0),
+        "port": i(f"gRPC port (default {port})", minimum=1, maximum=65535),
+        "metricsPort": i("Prometheus /metrics port", minimum=1, maximum=65535),
+        "service": obj("the Service in front of the pods", {
+            "type": s("Service type", enum=["ClusterIP", "NodePort", "LoadBalancer"]),
+            "annotations": strmap("Service annotations (e.g. for a cloud load balancer)"),
+        }),
+    }
+    if which == "gateway":
+        props |= {
+            "recipes": {"type": "object", "description": "MoA recipes by name, as the config's recipes:; empty: "
+                        "one recipe 'default' from the models' roles",
+                        "additionalProperties": {"$ref": "#/$defs/RecipeConfig"}},
+            "defaultRecipe": s("recipe used when a call names none (config default_recipe)"),
+            "extraBackends": {"type": "object", "description": "backends outside the chart (e.g. a hosted "
+                              "OpenAI-compatible API), as the config's backends:",
+                              "additionalProperties": {"$ref": "#/$defs/BackendConfig"}},
+        }
+    else:
+        props |= {
+            "ensembles": {"type": "object", "description": "judge ensembles by name, as the config's ensembles:; "
+                          "empty: one pointwise ensemble 'default' of the judge-role models",
+                          "additionalProperties": {"$ref": "#/$defs/EnsembleConfig"}},
+            "defaultEnsemble": s("ensemble used when a call names none (config default_ensemble)"),
+        }
+    props |= {
+        "server": ref("ServerSettings", f"more server settings of {what} in the config file"),
+        "resources": resources("CPU and memory requests and limits"),
+        "env": env(),
+        "podAnnotations": strmap("pod annotations"),
+        **placement(),
+    }
+    return obj(what, props)
+
+
+def volume(desc: str) -> dict:
+    return obj(desc, {
+        "enabled": b("create (or use) a PersistentVolumeClaim; off: an emptyDir"),
+        "existingClaim": s("use this existing PVC instead of creating one"),
+        "size": s("requested size", pattern=QUANTITY),
+        "storageClass": s("storage class; empty: the cluster default"),
+        "accessModes": arr("access modes (ReadWriteMany lets pods on several nodes share it)",
+                           {"type": "string", "description": "an access mode",
+                            "enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
+                           minItems=1),
+        "mountPath": s("where pods mount it", pattern="^/"),
+    })
+
+
+def train_stage(stage: str) -> dict:
+    return obj(f"the {stage.upper()} Job (moaa train {stage})", {
+        "enabled": b(f"create the {stage.upper()} Job"),
+        "model": s("base model: hub id or a path on a mounted volume"),
+        "data": s("training data file (JSONL in TRL's format) on the data volume"),
+        "out": s("output folder for checkpoints and the final model"),
+        "extraArgs": arr("more `moaa train` arguments", {"type": "string", "description": "an argument"}),
+    })
+
+
+def chart_schema() -> dict:
+    settings = model_settings()
+    model_item = obj("one model server", {
+        "name": s("model name: Service <fullname>-<name>, backend name in the config", pattern=NAME, maxLength=40),
+        "model": s("what vLLM loads: a hub id (e.g. Qwen/Qwen2.5-7B-Instruct) or a path on the model cache volume",
+                   minLength=1),
+        **settings,
+    }, required=["name", "model"])
+    props = {
+        "nameOverride": s("replaces the chart name in object names"),
+        "fullnameOverride": s("replaces the whole object name prefix"),
+        "commonLabels": strmap("labels added to every object"),
+        "images": obj("container images", {
+            "vllm": image("the official vLLM OpenAI-compatible server image"),
+            "moaa": image("the moaa image (docker/Dockerfile.gateway): gateway, annotator, helm test"),
+            "trainer": image("the trainer image (docker/Dockerfile.trainer): CUDA torch and TRL"),
+        }),
+        "imagePullSecrets": arr("Secrets for pulling private images", obj("a LocalObjectReference", {
+            "name": s("Secret name")}, required=["name"])),
+        "hubToken": obj("Hugging Face token for gated models, passed to model pods and Jobs as HF_TOKEN", {
+            "secretName": s("existing Secret holding the token; empty: no token"),
+            "key": s("key of the token in that Secret"),
+        }),
+        "models": arr("model servers: one vLLM Deployment and Service each", model_item, minItems=1),
+        "modelDefaults": obj("settings every model starts from; a model's own keys win", settings),
+        "gateway": server("gateway", 50051),
+        "annotator": server("annotator", 50052),
+        "auth": obj("bearer-token authentication of gRPC calls", {
+            "enabled": b("require a bearer token on gateway and annotator calls"),
+            "existingSecret": s("existing Secret with the tokens; empty: the chart creates one from tokens"),
+            "key": s("key in the Secret: a file with one token per line"),
+            "tokens": arr("tokens for the chart-made Secret", {"type": "string", "minLength": 16,
+                                                               "description": "a token (16 characters or more)"}),
+        }),
+        "tls": obj("TLS for the gRPC servers", {
+            "enabled": b("serve the gateway over TLS"),
+            "secretName": s("kubernetes.io/tls Secret (tls.crt, tls.key; ca.crt for mutual TLS)"),
+            "mutual": b("require client certificates signed by ca.crt"),
+            "annotator": b("serve the annotator over TLS too"),
+        }),
+        "persistence": obj("storage", {
+            "data": volume("datasets and checkpoints (mounted by trainer Jobs)"),
+            "modelCache": volume("model weights cache (HF_HOME of the vLLM pods)"),
+        }),
+        "trainer": obj("TRL training Jobs, off by default", {
+            "sft": train_stage("sft"),
+            "dpo": train_stage("dpo"),
+            "gpus": i("GPUs per training pod", minimum=0),
+            "backoffLimit": i("pod retries before the Job fails (exit code 2, bad input, fails at once)", minimum=0),
+            "resources": resources("CPU and memory requests and limits"),
+            "env": env(),
+            "shmSize": s("size of the in-memory /dev/shm volume", pattern=QUANTITY),
+            **placement(),
+        }),
+        "metrics": obj("Prometheus", {
+            "serviceMonitor": obj("a ServiceMonitor (prometheus-operator) for gateway, annotator and vLLM", {
+                "enabled": b("create the ServiceMonitor (needs the prometheus-operator CRDs)"),
+                "interval": s("scrape interval", pattern=r"^[0-9]+(ms|s|m|h)$"),
+                "labels": strmap("labels the Prometheus instance selects ServiceMonitors by"),
+            }),
+        }),
+        "networkPolicy": obj("NetworkPolicies", {
+            "enabled": b("only the gateway and annotator may reach the model pods"),
+            "extraModelIngress": arr("more peers allowed to reach model pods (NetworkPolicyPeer objects)",
+                                     k8s("a NetworkPolicyPeer")),
+            "clientIngress": arr("peers allowed to reach gateway and annotator; empty: everyone",
+                                 k8s("a NetworkPolicyPeer")),
+        }),
+        **{k: dict(v, description=v["description"].replace("; empty: the global " + k, " (global default)"))
+           for k, v in placement().items()},
+        "tests": obj("the helm test pod", {
+            "timeoutSeconds": i("deadline of its gRPC health check", minimum=1),
+        }),
+    }
+    return obj("values of the moaa chart", props)
+
+
+# -- the config models, from pydantic -----------------------------------------------------------
+def config_defs() -> dict:
+    from moaa.services.config import BackendConfig, MoaaConfig, ServerConfig
+
+    defs = MoaaConfig.model_json_schema(ref_template="#/$defs/{model}")["$defs"]
+    for name, d in defs.items():  # every value described: fall back to the field's title
+        for field, p in d.get("properties", {}).items():
+            p.setdefault("description", f"{p.get('title', field)} (moaa config {name}.{field})")
+    assert "BackendConfig" in defs and BackendConfig and ServerConfig
+    backend = copy.deepcopy(defs["BackendConfig"])
+    for key in ("urls", "served_model", "context_window"):  # the chart sets these from the model
+        backend["properties"].pop(key)
+    backend["required"] = []
+    backend["title"] = "ModelBackend"
+    server = copy.deepcopy(defs["ServerConfig"])
+    for key in ("host", "port", "metrics_port", "tls", "auth"):  # set from the chart's own values
+        server["properties"].pop(key)
+    server["title"] = "ServerSettings"
+    defs["ModelBackend"] = {k: v for k, v in backend.items() if k != "required"}
+    defs["ServerSettings"] = server
+    return defs
+
+
+def build() -> dict:
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "moaa chart values"}
+    schema |= chart_schema()
+    schema["$defs"] = config_defs()
+    return schema
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=False) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        if not SCHEMA_PATH.exists() or SCHEMA_PATH.read_text() != text:
+            print(f"{SCHEMA_PATH} is stale: run python tools/gen_chart_schema.py", file=sys.stderr)
+            return 1
+        return 0
+    SCHEMA_PATH.write_text(text)
+    print(f"wrote {SCHEMA_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
