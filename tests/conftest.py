@@ -4,4 +4,5 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.models",     # tiny and real models, real engine servers
     "tests.fixtures.emulator",   # load/fault emulator servers
+    "tests.fixtures.annotator",  # judge emulator, annotator servers
 ]

@@ -164,8 +164,8 @@ def decide(ids: list[str], combined: list[float | None], agreement: float | None
     d.margin = combined[best] - combined[worst]
     if agreement is not None and agreement < rules.min_agreement:
         d.skipped, d.skip_reason = True, f"judges disagree: mean Kendall tau {agreement:.2f} below min_agreement {rules.min_agreement:g}"
-    elif best == worst or d.margin <= 0 and rules.min_margin <= 0:
-        d.skipped, d.skip_reason = True, "all candidates scored the same"
+    elif d.margin <= 0:
+        d.skipped, d.skip_reason = True, "all candidates scored the same (margin 0)"
     elif d.margin < rules.min_margin:
         d.skipped, d.skip_reason = True, f"margin {d.margin:.2f} below min_margin {rules.min_margin:g}"
     if not d.skipped:

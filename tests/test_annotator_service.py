@@ -1,0 +1,163 @@
+"""The annotator as a real grpc.aio server against the judge emulator on 127.0.0.1."""
+import asyncio
+import math
+
+import grpc
+import pytest
+
+from moaa.services.annotator.templates import TemplateStore
+from moaa.v1 import annotator_pb2
+from tests.fixtures.annotator import judge_config, request
+
+GOOD, BAD, OK = "Paris is the capital of France.", "Bananas are yellow and rich in potassium, eat them daily.", "paris."
+
+
+async def test_moa_mode_picks_good_and_bad_and_records_provenance(judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(
+        judge_emulator.url, {"j1": "keyword:paris", "j2": "keyword:capital+text", "j3": "keyword:france"},
+        aggregator="keyword:paris", min_margin=1.0))
+    resp = await stub.Annotate(request([BAD, GOOD, OK], id="row-1"))
+    assert (resp.chosen_id, resp.rejected_id, resp.skipped) == ("c1", "c0", False)
+    assert resp.mode == "moa" and resp.combine == "aggregator" and resp.ensemble == "e" and resp.id == "row-1"
+    assert resp.margin >= 1.0 and resp.agreement > 0.5
+    hashes = {t: TemplateStore().get(t).sha256 for t in ("pointwise_v1", "aggregator_v1")}
+    assert [j.judge for j in resp.judges] == ["j1", "j2", "j3", "agg"]
+    for rep in resp.judges:
+        assert rep.template_hash == hashes[rep.template] and rep.requests == 1 and rep.abstentions == 0
+        assert sorted(rep.order) == [0, 1, 2] and {s.candidate_id for s in rep.scores} == {"c0", "c1", "c2"}
+    assert len({tuple(r.order) for r in resp.judges}) > 1, "each judge sees its own permutation"
+    assert {c.name for c in resp.criteria} == {"accuracy", "clarity"}
+    assert sum(u.requests for u in resp.usage) == 4
+    # the seed is recorded; the same seed reproduces every judge's order
+    again = await stub.Annotate(request([BAD, GOOD, OK], id="row-1", seed=resp.seed))
+    assert [list(j.order) for j in again.judges] == [list(j.order) for j in resp.judges]
+
+
+async def test_position_biased_judge_detected_and_choice_independent_of_order(judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(
+        judge_emulator.url, {"fair": "keyword:paris", "biased": "first"}, mode="pairwise", combine="mean",
+        min_margin=0.5))
+    cands = [GOOD, BAD, "Rome is a nice city in Italy."]
+    chosen = set()
+    for order in ([0, 1, 2], [2, 1, 0], [1, 0, 2], [1, 2, 0]):
+        req = annotator_pb2.AnnotateRequest(prompt=request([]).prompt, candidates=[
+            annotator_pb2.Candidate(id=f"c{i}", text=cands[i]) for i in order])
+        resp = await stub.Annotate(req)
+        reports = {j.judge: j for j in resp.judges}
+        assert reports["biased"].position_bias == 1.0 and reports["biased"].order_flip_rate == 1.0
+        assert reports["fair"].position_bias == 0.5 and reports["fair"].order_flip_rate == 0.0
+        # both orders asked: the biased judge's verdicts cancel out (every candidate wins half)
+        assert {s.score for s in reports["biased"].scores} == {5.5}
+        assert reports["biased"].requests == 6                     # 3 pairs x 2 orders
+        chosen.add(resp.chosen_id)
+    assert chosen == {"c0"}
+
+
+async def test_unreadable_answer_retried_once_then_abstention(judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(
+        judge_emulator.url, {"flaky": "keyword:paris+flaky", "mute": "garbage", "ok": "keyword:paris"},
+        mode="pointwise", combine="mean"))
+    resp = await stub.Annotate(request([GOOD, BAD]))
+    reps = {j.judge: j for j in resp.judges}
+    assert reps["flaky"].requests == 2 and reps["flaky"].abstentions == 0      # read on the retry
+    assert reps["mute"].requests == 2 and reps["mute"].abstentions == 2        # never counted as a score
+    for s in reps["mute"].scores:
+        assert s.abstained and math.isnan(s.score) and "unreadable after one retry" in s.abstain_reason
+    assert (resp.chosen_id, resp.rejected_id) == ("c0", "c1")
+    # combined only from the judges that scored
+    assert [round(c.score, 3) for c in resp.combined] == [round(s.score, 3) for s in reps["ok"].scores]
+
+
+async def test_too_many_abstentions_skips_with_reason(judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(
+        judge_emulator.url, {"a": "garbage", "b": "garbage", "c": "keyword:paris"}, mode="pointwise", combine="mean"))
+    resp = await stub.Annotate(request([GOOD, BAD]))
+    assert resp.skipped and "too many abstentions: 2 of 3" in resp.skip_reason
+    assert resp.chosen_id == "" and resp.rejected_id == ""
+
+
+async def test_small_margin_and_aggregator_fallback(judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(
+        judge_emulator.url, {"a": "keyword:zzz"}, aggregator="garbage", min_margin=0.5))
+    resp = await stub.Annotate(request([GOOD, BAD]))
+    assert resp.skipped and "same" in resp.skip_reason
+    assert resp.combine == "weighted" and "aggregator judge gave no readable score" in resp.note
+
+
+async def test_backend_down_recorded_as_failure_and_abstention(judge_emulator, annotator_factory):
+    cfg = judge_config(judge_emulator.url, {"up": "keyword:paris", "down": "keyword:paris"}, mode="pointwise",
+                       combine="mean")
+    cfg["backends"]["m-down"] = {"urls": ["http://127.0.0.1:9/v1"], "retries": {"max_attempts": 1},
+                                 "timeouts": {"connect_s": 1}}
+    stub = await annotator_factory(cfg)
+    resp = await stub.Annotate(request([GOOD, BAD]))
+    reps = {j.judge: j for j in resp.judges}
+    assert reps["down"].abstentions == 2 and "backend failed: connect" in reps["down"].scores[0].abstain_reason
+    assert [f.cause for f in resp.failures] == ["connect"] and resp.failures[0].model == "m-down"
+    assert resp.chosen_id == "c0"
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r.candidates.__delitem__(slice(1, None)), "candidates has 1 entry: send at least 2"),
+    (lambda r: r.candidates.add(id="c9", text=" \n "), "candidates[3] is empty"),
+    (lambda r: [r.candidates.add(id=f"x{i}", text="x") for i in range(3)], "over max_candidates=4"),
+    (lambda r: r.candidates.add(id="big", text="x" * 3000), "over max_candidate_bytes=2000"),
+    (lambda r: r.candidates.add(id="c0", text="dup"), "unique"),
+    (lambda r: setattr(r, "ensemble", "nope"), "unknown ensemble 'nope'"),
+    (lambda r: r.judges.append("ghost"), "unknown judge(s) 'ghost'"),
+    (lambda r: setattr(r, "mode", "vibes"), "mode 'vibes' is unknown"),
+    (lambda r: r.prompt.pop(), "prompt is empty"),
+])
+async def test_validation_errors(judge_emulator, annotator_factory, mutate, message):
+    stub = getattr(test_validation_errors, "stub", None)
+    if stub is None:
+        stub = test_validation_errors.stub = await annotator_factory(judge_config(
+            judge_emulator.url, {"a": "keyword:paris"},
+            annotator={"max_candidates": 4, "max_candidate_bytes": 2000, "max_request_bytes": 8192}))
+    req = request([GOOD, BAD, OK])
+    mutate(req)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Annotate(req)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+
+
+async def test_request_over_max_request_bytes_refused(judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris"},
+                                                annotator={"max_request_bytes": 4096}))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Annotate(request([GOOD, "y" * 5000]))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_annotate_stream_bounded_window_and_item_errors(judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris+delay=0.05"},
+                                                mode="pointwise", combine="mean", annotator={"batch_window": 2}))
+    judge_emulator.reset_stats()
+
+    async def items():
+        for i in range(6):
+            yield request([GOOD, BAD] if i != 3 else [GOOD], id=f"r{i}")
+
+    results = [r async for r in stub.AnnotateStream(items())]
+    assert sorted(r.id for r in results) == [f"r{i}" for i in range(6)]
+    by_id = {r.id: r for r in results}
+    assert by_id["r3"].WhichOneof("result") == "error" and by_id["r3"].error.code == "INVALID_ARGUMENT"
+    assert all(by_id[f"r{i}"].response.chosen_id == "c0" for i in (0, 1, 2, 4, 5))
+    assert judge_emulator.snapshot()["keyword:paris+delay=0.05"]["max_in_flight"] <= 2
+
+
+async def test_stream_cancel_by_client(judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris+delay=0.2"},
+                                                mode="pointwise", combine="mean"))
+
+    async def items():
+        for i in range(50):
+            yield request([GOOD, BAD], id=f"r{i}")
+
+    call = stub.AnnotateStream(items())
+    first = await call.read()
+    assert first.response.chosen_id == "c0"
+    call.cancel()
+    await asyncio.sleep(0.3)
+    assert stub.server.guard.limiter.in_flight == 0
