@@ -5,4 +5,6 @@ pytest_plugins = [
     "tests.fixtures.models",     # tiny and real models, real engine servers
     "tests.fixtures.emulator",   # load/fault emulator servers
     "tests.fixtures.annotator",  # judge emulator, annotator servers
+    "tests.fixtures.gateway",    # gateways, in-process emulators, test certificates
+    "tests.fixtures.helm",       # the real helm binary and chart renderers
 ]

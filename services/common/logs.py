@@ -20,7 +20,8 @@ def new_request_id() -> str:
 
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
+        if not hasattr(record, "request_id"):  # set explicitly by the call's own log lines
+            record.request_id = request_id_var.get()
         return True
 
 

@@ -81,7 +81,7 @@ def guarded(method):
             finally:
                 dt = time.perf_counter() - t0
                 self.guard.metrics.call_done(name, code.name, dt)
-                log.info("call", extra={"method": name, "code": code.name, "seconds": round(dt, 4)})
+                log.info("call", extra={"request_id": rid, "method": name, "code": code.name, "seconds": round(dt, 4)})
                 request_id_var.reset(token)
         return stream_wrapper
 
@@ -108,7 +108,7 @@ def guarded(method):
         finally:
             dt = time.perf_counter() - t0
             self.guard.metrics.call_done(name, code.name, dt)
-            log.info("call", extra={"method": name, "code": code.name, "seconds": round(dt, 4)})
+            log.info("call", extra={"request_id": rid, "method": name, "code": code.name, "seconds": round(dt, 4)})
             request_id_var.reset(token)
     return unary_wrapper
 

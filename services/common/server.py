@@ -38,6 +38,7 @@ class RunningServer:
     metrics_server: object | None = None
     metrics_port: int | None = None
     on_stop: list = field(default_factory=list)
+    _stopped: bool = False
 
     @property
     def address(self) -> str:
@@ -45,6 +46,9 @@ class RunningServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: mark NOT_SERVING, refuse new calls, wait for calls in flight up to the grace."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.grace_s if grace is None else grace
         await _set_all(self.health, self.service_names, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
