@@ -1,0 +1,85 @@
+"""`moaa annotator serve`, `moaa annotate`, `moaa judge-eval`."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def _client_args(p) -> None:
+    p.add_argument("--annotator", default="127.0.0.1:50052", help="HOST:PORT of a running annotator")
+    p.add_argument("--ensemble", default="", help="judge ensemble (default: the annotator's default)")
+    p.add_argument("--mode", default="", choices=["", "pointwise", "pairwise", "moa"],
+                   help="judging mode (default: the ensemble's)")
+    p.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
+    p.add_argument("--tls-ca", help="CA certificate to verify the annotator's TLS certificate")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def register(subparsers) -> None:
+    ann = subparsers.add_parser("annotator", help="the judge-ensemble annotation service (gRPC)")
+    asub = ann.add_subparsers(dest="annotator_command", metavar="SUBCOMMAND")
+    asub.required = True
+    serve = asub.add_parser("serve", help="serve Annotator with the backends and ensembles of a config")
+    serve.add_argument("--config", required=True, help="moaa YAML config")
+    serve.add_argument("--port", type=int, help="override annotator.port")
+    serve.add_argument("--host", help="override annotator.host")
+    serve.add_argument("--log-format", choices=["json", "text"], default="json")
+    serve.set_defaults(func=_serve)
+
+    ant = subparsers.add_parser("annotate", help="samples.jsonl -> TRL preference pairs (resumable by row id)")
+    ant.add_argument("--in", dest="inp", required=True, help='JSONL rows {"id", "prompt", "candidates": [{"text", "model"}]}')
+    ant.add_argument("--out", required=True, help="JSONL preference rows; rerun with the same path to resume")
+    _client_args(ant)
+    ant.set_defaults(func=_annotate)
+
+    ev = subparsers.add_parser("judge-eval", help="agreement of the ensemble and each judge with human labels")
+    ev.add_argument("--in", dest="inp", required=True, help='JSONL rows {"prompt", "chosen", "rejected"}')
+    ev.add_argument("--out", help="also write the summary as JSON here")
+    _client_args(ev)
+    ev.set_defaults(func=_judge_eval)
+
+
+async def _serve(args) -> int:
+    from moaa.errors import UserError
+    from moaa.services.annotator.server import start_annotator
+    from moaa.services.common.logs import configure_logging
+    from moaa.services.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    if args.port is not None:
+        cfg.annotator.port = args.port
+    if args.host:
+        cfg.annotator.host = args.host
+    configure_logging(min(logging.getLogger().level, logging.INFO), json_lines=args.log_format == "json")
+    server = await start_annotator(cfg)
+    logging.getLogger("moaa.annotator").info("annotator serving on %s:%d", cfg.annotator.host, server.port)
+    await server.wait_for_signal()
+    return 0
+
+
+async def _annotate(args) -> int:
+    from moaa.services.annotator.batch import annotate_file
+
+    summary = await annotate_file(args.annotator, args.inp, args.out, ensemble=args.ensemble, mode=args.mode,
+                                  token=args.token, tls_ca=args.tls_ca, tls=args.tls, progress=not args.no_progress)
+    c = summary
+    sys.stderr.write(f"{c['pairs']} pairs written, {c['skipped']} skipped, {c['invalid']} invalid, "
+                     f"{c['already_done']} already done; report: {args.out}.report.json\n")
+    return 0
+
+
+async def _judge_eval(args) -> int:
+    from moaa.services.annotator.judge_eval import format_table, judge_eval, write_json
+
+    summary = await judge_eval(args.annotator, args.inp, ensemble=args.ensemble, mode=args.mode, token=args.token,
+                               tls_ca=args.tls_ca, tls=args.tls, progress=not args.no_progress)
+    print(format_table(summary))
+    if args.out:
+        write_json(summary, args.out)
+    return 0
+

@@ -1,0 +1,146 @@
+"""`moaa judge-eval`: how often the ensemble, and each judge alone, agrees with human preference labels.
+
+Input rows: {"id", "prompt": [messages] or str, "chosen": [assistant message] or str, "rejected": ...}
+(TRL's preference format). Each row is asked in both orders (chosen shown first, then rejected first).
+Per order and judge: agree (labelled chosen scored higher), disagree, or tie/abstained. Accuracy counts a
+tie as half; `consistent` is the share of rows where a judge decided the same way in both orders.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from moaa.errors import TransientError, UserError
+from moaa.services.common.tls import open_channel
+from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
+
+from .batch import read_jsonl
+
+ENSEMBLE = "(ensemble)"
+
+
+def _text(value, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict) and "content" in value[-1]:
+        return value[-1]["content"]
+    raise UserError(f"{where}: expected a string or a list of messages")
+
+
+def _prompt(value, where: str) -> list:
+    if isinstance(value, str):
+        return [common_pb2.Message(role="user", content=value)]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return [common_pb2.Message(role=m["role"], content=m["content"]) for m in value]
+    raise UserError(f"{where}: 'prompt' must be a string or a list of messages")
+
+
+def build_requests(path: Path, ensemble: str = "", mode: str = "") -> list[annotator_pb2.AnnotateRequest]:
+    reqs = []
+    for n, row in read_jsonl(path, "labelled data"):
+        where = f"{path}:{n}"
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
+                raise UserError(f"{where}: row has no {key!r}")
+        rid = str(row.get("id", n))
+        prompt = _prompt(row["prompt"], where)
+        good = annotator_pb2.Candidate(id="chosen", text=_text(row["chosen"], where))
+        bad = annotator_pb2.Candidate(id="rejected", text=_text(row["rejected"], where))
+        for order, cands in (("chosen_first", [good, bad]), ("rejected_first", [bad, good])):
+            reqs.append(annotator_pb2.AnnotateRequest(id=f"{rid}\t{order}", prompt=prompt, candidates=cands,
+                                                      ensemble=ensemble, mode=mode))
+    return reqs
+
+
+def _outcome(scores: dict[str, float]) -> str:
+    a, b = scores.get("chosen", math.nan), scores.get("rejected", math.nan)
+    if math.isnan(a) or math.isnan(b) or a == b:
+        return "tie"
+    return "agree" if a > b else "disagree"
+
+
+def summarise(results: dict[str, dict[str, str]]) -> dict:
+    """results: request id -> {judge or ENSEMBLE: outcome}."""
+    by_judge: dict[str, dict] = {}
+    rows: dict[str, dict[str, dict[str, str]]] = {}
+    for rid, outcomes in results.items():
+        row, order = rid.split("\t")
+        rows.setdefault(row, {})[order] = outcomes
+        for judge, outcome in outcomes.items():
+            d = by_judge.setdefault(judge, {"agree": 0, "disagree": 0, "tie": 0, "by_order": {}})
+            d[outcome] += 1
+            o = d["by_order"].setdefault(order, {"agree": 0, "disagree": 0, "tie": 0})
+            o[outcome] += 1
+    out = {}
+    for judge, d in by_judge.items():
+        total = d["agree"] + d["disagree"] + d["tie"]
+        both = [r for r in rows.values() if judge in r.get("chosen_first", {}) and judge in r.get("rejected_first", {})]
+        consistent = sum(r["chosen_first"][judge] == r["rejected_first"][judge] for r in both)
+        out[judge] = {
+            "accuracy": round((d["agree"] + 0.5 * d["tie"]) / total, 4) if total else None,
+            "agree": d["agree"], "disagree": d["disagree"], "tie_or_abstained": d["tie"],
+            "consistent": round(consistent / len(both), 4) if both else None,
+            "by_order": {k: round((v["agree"] + 0.5 * v["tie"]) / max(1, sum(v.values())), 4)
+                         for k, v in d["by_order"].items()},
+        }
+    return {"rows": len(rows), "judges": out}
+
+
+async def judge_eval(address: str, in_path: str, *, ensemble: str = "", mode: str = "", token: str | None = None,
+                     tls_ca: str | None = None, tls: bool = False, progress: bool = True) -> dict:
+    reqs = build_requests(Path(in_path), ensemble, mode)
+    if not reqs:
+        raise UserError(f"{in_path} has no rows")
+    results: dict[str, dict[str, str]] = {}
+    errors: list[str] = []
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    async def gen():
+        for r in reqs:
+            yield r
+
+    with tqdm(total=len(reqs), desc="judge-eval", unit="call", disable=not progress) as bar:
+        async with open_channel(address, ca_file=tls_ca, tls=tls) as channel:
+            stub = annotator_pb2_grpc.AnnotatorStub(channel)
+            try:
+                async for res in stub.AnnotateStream(gen(), metadata=metadata):
+                    bar.update(1)
+                    if res.WhichOneof("result") == "error":
+                        errors.append(f"{res.id.split(chr(9))[0]}: {res.error.code}: {res.error.message}")
+                        continue
+                    resp = res.response
+                    outcomes = {ENSEMBLE: _outcome({c.candidate_id: c.score for c in resp.combined})}
+                    for j in resp.judges:
+                        outcomes[j.judge] = _outcome({s.candidate_id: s.score for s in j.scores})
+                    results[res.id] = outcomes
+            except grpc.aio.AioRpcError as err:
+                raise TransientError(f"annotator {address}: {err.code().name}: {err.details()}") from None
+    if not results:
+        raise UserError("no row could be judged: " + "; ".join(errors[:3]))
+    summary = summarise(results)
+    summary["errors"] = errors
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{summary['rows']} labelled rows, both orders asked",
+             f"{'judge':<20} {'accuracy':>8} {'agree':>6} {'disagree':>8} {'tie/abst':>8} {'consistent':>10}"]
+    judges = summary["judges"]
+    for name in [ENSEMBLE, *sorted(k for k in judges if k != ENSEMBLE)]:
+        if name not in judges:
+            continue
+        d = judges[name]
+        acc = "-" if d["accuracy"] is None else f"{d['accuracy']:.3f}"
+        cons = "-" if d["consistent"] is None else f"{d['consistent']:.3f}"
+        lines.append(f"{name:<20} {acc:>8} {d['agree']:>6} {d['disagree']:>8} {d['tie_or_abstained']:>8} {cons:>10}")
+    if summary.get("errors"):
+        lines.append(f"{len(summary['errors'])} calls failed, e.g. {summary['errors'][0]}")
+    return "\n".join(lines)
+
+
+def write_json(summary: dict, path: str) -> None:
+    Path(path).write_text(json.dumps(summary, indent=2) + "\n")

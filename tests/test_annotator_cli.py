@@ -1,0 +1,99 @@
+"""`moaa annotate` and `moaa judge-eval` as real subprocesses against a real annotator server."""
+import asyncio
+import json
+import sys
+
+from tests.fixtures.annotator import judge_config
+
+GOOD = "Paris is the capital of France."
+BAD = "Bananas are yellow."
+
+
+async def moaa(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _samples(path, ids):
+    with path.open("w") as fh:
+        for i in ids:
+            cands = [{"text": BAD, "model": "sft"}, {"text": GOOD, "model": "sft"}]
+            if i == "same":
+                cands = [{"text": BAD, "model": "sft"}, {"text": BAD + " ", "model": "sft"}]
+            if i == "one":
+                cands = cands[:1]
+            fh.write(json.dumps({"id": i, "prompt": [{"role": "user", "content": "Capital of France?"}],
+                                 "candidates": cands}) + "\n")
+
+
+async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris", "b": "keyword:capital"},
+                                                mode="pointwise", combine="mean"))
+    inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+    _samples(inp, ["r1", "r2", "same", "one"])
+    rc, _, err = await moaa("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out", str(out),
+                            "--no-progress")
+    assert rc == 0, err
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["r1", "r2"] or sorted(r["id"] for r in rows) == ["r1", "r2"]
+    row = rows[0]
+    assert row["prompt"] == [{"role": "user", "content": "Capital of France?"}]
+    assert row["chosen"] == [{"role": "assistant", "content": GOOD}]
+    assert row["rejected"] == [{"role": "assistant", "content": BAD}]
+    assert row["score_chosen"] > row["score_rejected"] and {j["judge"] for j in row["judges"]} == {"a", "b"}
+    assert row["agreement"] == 1.0 and row["chosen_model"] == "sft"
+    skipped = {json.loads(x)["id"]: json.loads(x)["reason"] for x in (tmp_path / "pairs.jsonl.skipped.jsonl").open()}
+    assert "same" in skipped["same"] and skipped["one"].startswith("INVALID_ARGUMENT")
+    report = json.loads((tmp_path / "pairs.jsonl.report.json").read_text())
+    assert report["pairs"] == 2 and report["skipped"] == 1 and report["invalid"] == 1
+    assert set(report["judges"]) == {"a", "b"}
+
+    # a killed run left a torn line; new rows arrive: only the missing ones are annotated, each once
+    with out.open("a") as fh:
+        fh.write('{"id": "r3", "prompt": [')
+    _samples(inp, ["r1", "r2", "same", "one", "r3", "r4"])
+    judge_emulator.reset_stats()
+    rc, _, err = await moaa("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out", str(out),
+                            "--no-progress")
+    assert rc == 0, err
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert sorted(ids) == ["r1", "r2", "r3", "r4"]
+    assert sum(s["requests"] for s in judge_emulator.snapshot().values()) == 4   # 2 rows x 2 judges
+    assert "2 pairs written" in err and "4 already done" in err
+
+
+async def test_annotate_bad_input_and_unreachable(tmp_path):
+    inp = tmp_path / "s.jsonl"
+    inp.write_text('{"id": "x", "prompt": "hi", "candidates": [{"text": "a"}, {"text": "b"}]}\nnot json\n')
+    rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(tmp_path / "o"))
+    assert rc == 2 and "s.jsonl:2: not JSON" in err and "Traceback" not in err
+    inp.write_text('{"id": "x", "prompt": "hi", "candidates": [{"text": "a"}, {"text": "b"}]}\n')
+    rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(tmp_path / "o"),
+                            "--no-progress")
+    assert rc == 75 and "UNAVAILABLE" in err and "rerun to resume" in err
+
+
+async def test_judge_eval_reports_ensemble_and_each_judge(tmp_path, judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(
+        judge_emulator.url, {"fair": "keyword:paris", "biased": "first", "contrarian": "longest"},
+        mode="pairwise", combine="mean", min_margin=0.0))
+    labelled = tmp_path / "labelled.jsonl"
+    with labelled.open("w") as fh:
+        for i in range(3):
+            fh.write(json.dumps({"id": f"l{i}", "prompt": [{"role": "user", "content": "Capital of France?"}],
+                                 "chosen": [{"role": "assistant", "content": "Paris."}],
+                                 "rejected": [{"role": "assistant", "content": "It is Lyon, a big French city."}]}) + "\n")
+    rc, out, err = await moaa("judge-eval", "--annotator", stub.server.address, "--in", str(labelled),
+                              "--out", str(tmp_path / "eval.json"), "--no-progress")
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    judges = summary["judges"]
+    assert summary["rows"] == 3
+    assert judges["fair"]["accuracy"] == 1.0 and judges["fair"]["consistent"] == 1.0
+    assert judges["fair"]["by_order"] == {"chosen_first": 1.0, "rejected_first": 1.0}
+    assert judges["contrarian"]["accuracy"] == 0.0
+    # always prefers the first shown; asked in both orders it cancels out to a tie, whatever the input order
+    assert judges["biased"]["tie_or_abstained"] == 6 and judges["biased"]["consistent"] == 1.0
+    assert "(ensemble)" in judges and "(ensemble)" in out and "fair" in out
