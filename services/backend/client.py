@@ -59,9 +59,12 @@ class BackendClient:
         self.throttler = make_throttler(cfg.rate_limit_per_s)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     # -- session -------------------------------------------------------------------------------
     def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError(f"backend client {self.name!r} is closed")
         if self._session is None or self._session.closed:
             per_replica = self.cfg.max_concurrency + 2  # + probes
             connector = aiohttp.TCPConnector(limit=per_replica * len(self.cfg.urls), limit_per_host=per_replica,
@@ -72,6 +75,7 @@ class BackendClient:
         return self._session
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -122,7 +126,7 @@ class BackendClient:
         usage = Usage()
         ttft = None
         state: dict[str, Any] = {}
-        async with aclosing(self._events(body, deadline, replay_ok=True, state=state)) as events:
+        async with aclosing(self._events(body, deadline, state)) as events:
             async for ev in events:
                 if ev is _RESTART:
                     texts, finish, usage, ttft = {}, {}, Usage(), None
@@ -162,10 +166,10 @@ class BackendClient:
             note=f"n emulated with {n} requests (backend {self.name!r} has supports_n: false)",
             attempts=max(r.attempts for r in results))
 
-    async def _events(self, body: dict, deadline: float, replay_ok: bool,
-                      state: dict) -> AsyncIterator[Any]:
-        """Parsed stream events, with retries and failover while nothing was passed on (or, with
-        replay_ok, after a _RESTART marker). Sets state['endpoint'] and state['attempts']."""
+    async def _events(self, body: dict, deadline: float, state: dict) -> AsyncIterator[Any]:
+        """Parsed stream events, with retries and failover until the consumer sets state['committed'];
+        a retry after events were passed on is announced by a _RESTART marker so the consumer starts
+        over. Sets state['endpoint'] and state['attempts']."""
         loop = asyncio.get_running_loop()
         retry = self.cfg.retries
         tried: set[str] = set()
@@ -188,7 +192,8 @@ class BackendClient:
                 return
             except BackendError as err:
                 err.attempts = attempt
-                if (passed_on and not replay_ok) or not err.retryable or attempt >= retry.max_attempts:
+                # stream_chat marks state['committed'] once the caller has seen a chunk: no retry after that
+                if state.get("committed") or not err.retryable or attempt >= retry.max_attempts:
                     raise
                 delay = random.uniform(0, min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (attempt - 1)))
                 if err.cause == "rate_limited":
@@ -212,6 +217,8 @@ class BackendClient:
 
         def fail(cause: str, message: str, status: int = 0) -> BackendError:
             return BackendError(name, url, cause, message, status)
+
+        sent = start  # first-token time counts from sending, not from waiting in our own queue
 
         def timed_out(phase_deadline: float, phase: str) -> BackendError:
             if phase_deadline >= deadline:
@@ -241,9 +248,12 @@ class BackendClient:
                         await replica.limit.acquire()
                         slot = True
                 except TimeoutError:
-                    raise timed_out(attempt_deadline, "slot") from None
+                    err = timed_out(attempt_deadline, "slot")
+                    err.replica_fault = False  # our own queue, not the replica's doing
+                    raise err from None
+                sent = loop.time()
             headers = {PROBE_HEADER: "1"} if probe else None
-            phase, phase_deadline = "first token", min(start + t.first_token_s, attempt_deadline)
+            phase, phase_deadline = "first token", min(sent + t.first_token_s, attempt_deadline)
             try:
                 async with asyncio.timeout_at(phase_deadline):
                     resp = await self._ensure_session().post(f"{url}/chat/completions", json=body, headers=headers)
@@ -323,7 +333,7 @@ class BackendClient:
             outcome = "ok"
         except BackendError as err:
             outcome = err.cause
-            if err.cause in REPLICA_FAULTS:
+            if err.cause in REPLICA_FAULTS and getattr(err, "replica_fault", True):
                 replica.record_failure(f"{err.cause}: {err.message}")
             log.debug("backend %s replica %s: %s", name, url, err.cause)
             raise
@@ -385,8 +395,11 @@ class ChatStream:
         self._gen = self._run(client, body, deadline)
 
     async def _run(self, client: BackendClient, body: dict, deadline: float) -> AsyncIterator[ChatChunk]:
-        async with aclosing(client._events(body, deadline, replay_ok=False, state=self._state)) as events:
+        async with aclosing(client._events(body, deadline, self._state)) as events:
             async for ev in events:
+                if ev is _RESTART:  # a retry after a role-only chunk: the caller saw nothing yet
+                    self.ttft_s = None
+                    continue
                 self.endpoint = self._state.get("endpoint", "")
                 self.attempts = self._state.get("attempts", 1)
                 if self.ttft_s is None:
@@ -400,8 +413,10 @@ class ChatStream:
                     self.text += piece
                     self.finish_reason = fin or self.finish_reason
                     if piece or fin:
+                        self._state["committed"] = True
                         yield ChatChunk(piece, fin, None, int(ch.get("index", 0)))
                 if usage is not None:
+                    self._state["committed"] = True
                     yield ChatChunk("", self.finish_reason, usage)
         self.latency_s = time.monotonic() - self._t0
 

@@ -90,6 +90,7 @@ class Replica:
 class ReplicaSet:
     def __init__(self, model: str, cfg: BackendConfig):
         self.replicas = [Replica(model, url, cfg) for url in cfg.urls]
+        self._turn = 0  # rotates the start so that ties do not always go to the first replica
 
     def pick(self, exclude: set[str] = frozenset()) -> Replica | None:
         """The available replica with the fewest requests in flight, healthy ones first, replicas not
@@ -99,4 +100,6 @@ class ReplicaSet:
             return None
         fresh = [r for r in candidates if r.url not in exclude] or candidates
         healthy = [r for r in fresh if r.healthy] or fresh  # stale health must not refuse every request
-        return min(healthy, key=lambda r: (r.load, r.failures))
+        self._turn += 1
+        k = self._turn % len(healthy)
+        return min(healthy[k:] + healthy[:k], key=lambda r: (r.load, r.failures))

@@ -145,10 +145,13 @@ class Emulator:
         except OverrideError as err:
             return _error(400, f"emulator override: {err}")
         serving = self.serving
+        serving.stats.authorization = request.headers.get("Authorization")
+        if s.api_key is not None and serving.stats.authorization != f"Bearer {s.api_key}":
+            return _error(401, "invalid or missing API key")
         serving.record(base, body, bool(request.headers.get(PROBE_HEADER)), s)
         status = serving.draw_error(s)
         if status is not None:
-            headers = {"Retry-After": str(s.retry_after_s)} if status == 429 and s.retry_after_s is not None else None
+            headers = {"Retry-After": f"{s.retry_after_s:g}"} if status == 429 and s.retry_after_s is not None else None
             return _error(status, f"emulated {status} error", headers)
         cap = serving.capacity(base, s)
         if cap is not None and s.overflow == "reject" and cap.active >= cap.limit:
@@ -202,11 +205,11 @@ class Emulator:
             if transport is not None:
                 transport.abort()
 
-        await serving.stream(body, body["model"], s, resp.write, cut)
+        complete = await serving.stream(body, body["model"], s, resp.write, cut)
         if request.transport is None or request.transport.is_closing():
             return resp, False  # dropped on purpose (disconnect / malformed fault)
         await resp.write_eof()
-        return resp, not getattr(resp, "emulated_error", False)
+        return resp, complete
 
 
 # -- CLI (wired into `moaa backend emulate` by moaa/cli/backend.py) ---------------------------------

@@ -34,6 +34,7 @@ class EmulatorSettings(BaseModel):
     disconnect_after_chunks: int | None = Field(None, ge=0, description="drop the connection after this many chunks")
     malformed_after_chunks: int | None = Field(None, ge=0, description="send a non-JSON chunk after this many chunks")
     error_after_chunks: int | None = Field(None, ge=0, description="send an in-stream error event after this many chunks")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <api_key>` (401 otherwise)")
     health_status: int = Field(200, description="what /health answers (200 even while stalling, like vLLM)")
     record: bool = Field(True, description="keep request bodies for assertions")
     history: int = Field(64, ge=0, description="request bodies kept per model")

@@ -54,12 +54,13 @@ class EmulatorStats:
     max_in_flight: int = 0
     bodies: dict[str, deque] = field(default_factory=dict)  # model (base name) -> last request bodies
     tokens: int = 0
+    authorization: str | None = None  # the last Authorization header seen
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "probes": self.probes, "completed": self.completed,
                 "disconnects": self.disconnects, "rejected": self.rejected, "errors": dict(self.errors),
                 "faults": dict(self.faults), "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "tokens": self.tokens, "bodies": {m: list(d) for m, d in self.bodies.items()}}
+                "tokens": self.tokens, "authorization": self.authorization, "bodies": {m: list(d) for m, d in self.bodies.items()}}
 
     def last_body(self, model: str | None = None) -> dict | None:
         queues = [self.bodies[model]] if model else list(self.bodies.values())
@@ -164,9 +165,10 @@ class ChatServing:
                           self.usage(body, tokens))
 
     async def stream(self, body: dict, model: str, s: EmulatorSettings, write: Writer,
-                     cut: Callable[[], None]) -> None:
+                     cut: Callable[[], None]) -> bool:
         """SSE chunks like vLLM: a role chunk, one chunk per token (per choice), the finish chunk, a
-        usage chunk when asked for, then [DONE]. Faults strike after the configured number of chunks."""
+        usage chunk when asked for, then [DONE]. Faults strike after the configured number of chunks.
+        Returns whether the whole answer went out."""
         tokens, finish = self.plan(body, s)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
         n = len(tokens)
@@ -183,17 +185,17 @@ class ChatServing:
             if s.disconnect_after_chunks == step:
                 self.stats.faults["disconnect"] += 1
                 cut()
-                return
+                return False
             if s.malformed_after_chunks == step:
                 self.stats.faults["malformed"] += 1
                 await write(b'data: {"id": "' + rid.encode() + b'", "choices": [{"delta": \n\n')
                 cut()
-                return
+                return False
             if s.error_after_chunks == step:
                 self.stats.faults["stream_error"] += 1
                 await write(b"data: " + json.dumps(error_body("emulated error in stream", 500)).encode() + b"\n\n")
                 await write(b"data: [DONE]\n\n")
-                return
+                return False
             if s.tokens_per_s:
                 wait = t0 + s.ttft_s + (step + 1) / s.tokens_per_s - loop.time()
                 if wait > 0:
@@ -206,3 +208,4 @@ class ChatServing:
         if include_usage:
             await write(chunk(rid, model, created, [], self.usage(body, tokens)))
         await write(b"data: [DONE]\n\n")
+        return True
