@@ -59,9 +59,9 @@ spec:
             - name: metrics
               containerPort: {{ int $v.metricsPort }}
               protocol: TCP
-          {{- /* Kubelet's gRPC probe speaks neither TLS nor bearer tokens: fall back to a TCP check. */}}
+          {{- /* Kubelet's gRPC probe cannot speak TLS: fall back to a TCP check then. (Health is exempt from auth.) */}}
           {{- $probe := dict "grpc" (dict "port" (int $v.port)) }}
-          {{- if or $tls $root.Values.auth.enabled }}
+          {{- if $tls }}
           {{- $probe = dict "tcpSocket" (dict "port" "grpc") }}
           {{- end }}
           readinessProbe:

@@ -1,0 +1,284 @@
+"""The Helm chart, rendered and linted by the real helm v4 binary, checked against the Kubernetes schemas
+(kubernetes-validate) and against the gateway's own config model."""
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from moaa.services.config import dump_config, load_config, parse_config
+from tests.fixtures.helm import K8S_VERSION
+
+# name -> (values files in charts/moaa, --set values)
+VALUE_SETS = {
+    "default": ([], {}),
+    "cpu": (["values-cpu.yaml"], {}),
+    "one-model-per-role": (["values-one-model-per-role.yaml"], {}),
+    "multi-gpu": (["values-multi-gpu.yaml"], {}),
+    "secure": (["values-secure.yaml"], {}),
+    # chart-made auth Secret, TLS on the annotator too, both volumes created by the chart
+    "secure-chart-secrets": (["values-secure.yaml"], {
+        "auth.existingSecret": "", "auth.tokens[0]": "t" * 32, "tls.annotator": "true",
+        "persistence.data.enabled": "true", "persistence.modelCache.enabled": "true",
+    }),
+}
+CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+
+def render(helm, name, **kw):
+    files, sets = VALUE_SETS[name]
+    return helm.template(files, sets, **kw)
+
+
+def model_services(r):
+    return {s["metadata"]["name"]: s for s in r.of_kind("Service")
+            if s["metadata"]["labels"]["app.kubernetes.io/component"] == "model"}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_lint_finds_nothing(helm, name):
+    files, sets = VALUE_SETS[name]
+    out = helm.lint(files, sets)
+    assert "0 chart(s) failed" in out
+    for level in ("[INFO]", "[WARNING]", "[ERROR]"):
+        assert level not in out, out
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_object_validates_against_the_kubernetes_schemas(helm, name):
+    r = render(helm, name)
+    assert r.objects
+    for obj in r.objects:
+        if (obj["apiVersion"], obj["kind"]) in CRDS:
+            continue  # no schema ships for CRDs; test_service_monitor checks it by structure
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_config_loads_unchanged_in_the_gateway_config_model(helm, name, tmp_path):
+    text = helm.template(*VALUE_SETS[name]).config_text()
+    path = tmp_path / "moaa.yaml"
+    path.write_text(text)
+    cfg = load_config(path)  # what `moaa gateway serve --config` does
+    raw = yaml.safe_load(text)
+    # nothing dropped, renamed or coerced: the set fields are exactly the rendered ones
+    assert cfg.model_dump(mode="json", exclude_unset=True) == raw
+    assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_backends_name_exactly_the_model_services(helm, name):
+    r = render(helm, name)
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    services = model_services(r)
+    deployments = {d["metadata"]["name"]: d for d in r.of_kind("Deployment")}
+    hosts = set()
+    for backend_name, backend in cfg.backends.items():
+        (url,) = backend.urls
+        parts = urlsplit(url)
+        assert parts.scheme == "http" and parts.path == "/v1", url
+        svc = services[parts.hostname]
+        assert [p["port"] for p in svc["spec"]["ports"] if p["name"] == "http"] == [parts.port]
+        hosts.add(parts.hostname)
+        # the Service selects the model's pods, which serve the name the backend sends
+        (dep,) = [d for d in deployments.values()
+                  if selects(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])]
+        (container,) = dep["spec"]["template"]["spec"]["containers"]
+        assert f"--served-model-name={backend.served_model}" in container["args"]
+        assert f"--max-model-len={backend.context_window}" in container["args"]
+        assert {"name": "http", "containerPort": parts.port, "protocol": "TCP"} in container["ports"]
+        assert backend_name == svc["metadata"]["labels"]["moaa/model"]
+    assert hosts == set(services)
+
+
+def test_names_follow_the_release(helm):
+    r = helm.template([], {}, release="prod")
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    assert cfg.backends["qwen"].urls == ["http://prod-moaa-qwen:8000/v1"]
+    assert set(model_services(r)) == {"prod-moaa-qwen"}
+    assert cfg.annotator_address == "prod-moaa-annotator:50052"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_servers_mount_what_the_config_names(helm, name):
+    """--config, TLS and token files in the config exist in the gateway and annotator pods."""
+    r = render(helm, name)
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    for which, server in (("gateway", cfg.gateway), ("annotator", cfg.annotator)):
+        dep = r.get("Deployment", f"moaa-{which}")
+        pod = dep["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        files = {}
+        for m in c["volumeMounts"]:
+            vol = volumes[m["name"]]
+            src = vol.get("secret") or vol.get("configMap")
+            for item in (src or {}).get("items", []):
+                files[f"{m['mountPath']}/{item['path']}"] = item["key"]
+            if vol.get("configMap"):
+                cm = r.get("ConfigMap", vol["configMap"]["name"])
+                files.update({f"{m['mountPath']}/{k}": k for k in cm["data"]})
+        assert c["command"][:3] == ["moaa", which, "serve"]
+        assert files[c["command"][c["command"].index("--config") + 1]] == "moaa.yaml"
+        wanted = [server.tls.cert_file, server.tls.key_file, server.tls.client_ca_file, server.auth.tokens_file]
+        for f in filter(None, wanted):
+            assert f in files, f"{which}: config names {f}, pods mount {sorted(files)}"
+        assert server.host == "0.0.0.0"
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": server.port, "metrics": server.metrics_port}
+        svc = r.get("Service", f"moaa-{which}")
+        assert selects(svc["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
+    if cfg.annotator_address:
+        host, port = cfg.annotator_address.rsplit(":", 1)
+        assert [p["port"] for p in r.get("Service", host)["spec"]["ports"] if p["name"] == "grpc"] == [int(port)]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_model_pods_have_probes_and_shared_memory(helm, name):
+    for dep in model_deployments(render(helm, name)):
+        pod = dep["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        startup = c["startupProbe"]
+        # loading weights takes minutes: the startup probe must allow at least 5 of them
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        (shm,) = [v for v in pod["volumes"] if v["name"] == "shm"]
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        assert c["image"].startswith(("vllm/vllm-openai:", "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:"))
+        assert c["command"] == ["vllm", "serve"]
+
+
+def model_deployments(r):
+    return [d for d in r.of_kind("Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "model"]
+
+
+def test_probes_are_set_per_model(helm):
+    r = render(helm, "one-model-per-role")
+    thresholds = {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"]
+                  for d in model_deployments(r)}
+    assert thresholds["moaa-target"] == 30 and thresholds["moaa-qwen-7b"] == 90
+
+
+def test_replicas_gpus_and_tensor_parallelism(helm):
+    r = render(helm, "multi-gpu")
+    seen = {}
+    for dep in model_deployments(r):
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        gpus = c["resources"]["limits"]["nvidia.com/gpu"]
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == gpus
+        assert f"--tensor-parallel-size={gpus}" in c["args"]
+        seen[dep["metadata"]["name"]] = (dep["spec"]["replicas"], gpus)
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert seen == {"moaa-qwen-72b": (2, 4), "moaa-llama-70b": (2, 4), "moaa-gemma-27b": (3, 2), "moaa-target": (4, 1)}
+
+
+def test_cpu_models_ask_for_no_gpu(helm):
+    for dep in model_deployments(render(helm, "cpu")):
+        (c,) = dep["spec"]["template"]["spec"]["containers"]
+        assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+        assert not any(a.startswith("--gpu-memory-utilization") for a in c["args"])
+        assert "--tensor-parallel-size=1" in c["args"]
+        assert {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "2"} in c["env"]
+
+
+def test_defaults_are_minimal(helm):
+    r = render(helm, "default")
+    kinds = sorted(o["kind"] for o in r.objects)
+    assert kinds == ["ConfigMap", "Deployment", "Deployment", "Deployment", "Pod", "Service", "Service", "Service"]
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    # one model in every role: the derived recipe and ensemble use it
+    assert [a.model for a in cfg.recipes["default"].proposers] == ["qwen"]
+    assert cfg.recipes["default"].aggregator.model == "qwen"
+    assert [j.model for j in cfg.ensembles["default"].judges] == ["qwen"]
+
+
+def test_network_policy_lets_only_gateway_and_annotator_reach_models(helm):
+    r = render(helm, "secure")
+    pods = {d["metadata"]["labels"]["app.kubernetes.io/component"] + "/" + d["metadata"]["name"]:
+            d["spec"]["template"]["metadata"]["labels"] for d in r.of_kind("Deployment")}
+    pol = r.get("NetworkPolicy", "moaa-models")
+    selector = pol["spec"]["podSelector"]["matchLabels"]
+    protected = {k for k, labels in pods.items() if selects(selector, labels)}
+    assert protected == {k for k in pods if k.startswith("model/")}
+    (rule,) = pol["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    pod_peers = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
+    allowed = {k for k, labels in pods.items() if any(selects(s, labels) for s in pod_peers)}
+    assert allowed == {"gateway/moaa-gateway", "annotator/moaa-annotator"}
+    others = [p for p in rule["from"] if "podSelector" not in p]
+    assert others == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    # the servers' policy still lets the gateway call the annotator and the helm test pod check the gateway
+    servers = r.get("NetworkPolicy", "moaa-servers")["spec"]["ingress"][0]["from"]
+    test_pod = r.of_kind("Pod")[0]["metadata"]["labels"]
+    assert any(selects(p["podSelector"]["matchLabels"], test_pod) for p in servers if "podSelector" in p)
+    assert any(selects(p["podSelector"]["matchLabels"], pods["gateway/moaa-gateway"]) for p in servers
+               if "podSelector" in p)
+    assert not render(helm, "default").of_kind("NetworkPolicy")
+
+
+def test_tls_switches_kubelet_probes_to_tcp(helm):
+    gw = render(helm, "secure").get("Deployment", "moaa-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert gw["readinessProbe"]["tcpSocket"] == {"port": "grpc"}
+    plain = render(helm, "default").get("Deployment", "moaa-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert plain["readinessProbe"]["grpc"] == {"port": 50051}
+
+
+def test_service_monitor(helm):
+    r = render(helm, "multi-gpu")
+    (sm,) = r.of_kind("ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selected = [s for s in r.of_kind("Service") if selects(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
+    scraped = {(s["metadata"]["name"], p["name"]) for s in selected for p in s["spec"]["ports"]
+               if p["name"] in {e["port"] for e in sm["spec"]["endpoints"]}}
+    assert {("moaa-gateway", "metrics"), ("moaa-annotator", "metrics"), ("moaa-qwen-72b", "http")} <= scraped
+    assert all(set(e) <= {"port", "path", "interval"} and e["interval"] == "15s" for e in sm["spec"]["endpoints"])
+    assert not render(helm, "default").of_kind("ServiceMonitor")
+
+
+def test_trainer_jobs(helm):
+    assert not render(helm, "default").of_kind("Job")
+    r = render(helm, "multi-gpu")
+    jobs = {j["metadata"]["name"]: j for j in r.of_kind("Job")}
+    assert set(jobs) == {"moaa-train-sft", "moaa-train-dpo"}
+    pvcs = {p["metadata"]["name"] for p in r.of_kind("PersistentVolumeClaim")}
+    for stage, job in (("sft", jobs["moaa-train-sft"]), ("dpo", jobs["moaa-train-dpo"])):
+        pod = job["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert c["command"] == ["moaa", "train", stage]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+        # bad input (exit 2) fails the Job at once instead of burning retries
+        assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
+        data = [v for v in pod["volumes"] if v["name"] == "data"][0]
+        assert data["persistentVolumeClaim"]["claimName"] in pvcs
+    assert "--model=/data/checkpoints/sft/final" in jobs["moaa-train-dpo"]["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_helm_test_pod_targets_the_gateway(helm):
+    for name in ("default", "secure"):
+        r = render(helm, name)
+        (pod,) = r.of_kind("Pod")
+        assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        svc = r.get("Service", "moaa-gateway")
+        assert env["MOAA_TARGET"] == f"moaa-gateway:{svc['spec']['ports'][0]['port']}"
+        assert ("MOAA_TLS_DIR" in env) == (name == "secure")
+        assert ("MOAA_TOKEN_FILE" in env) == (name == "secure")
+
+
+def test_chart_made_auth_secret_holds_the_tokens(helm):
+    r = render(helm, "secure-chart-secrets")
+    (secret,) = r.of_kind("Secret")
+    assert secret["stringData"]["tokens"] == "t" * 32 + "\n"
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    assert cfg.annotator.tls.enabled and cfg.gateway.tls.client_ca_file

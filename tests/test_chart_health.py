@@ -1,0 +1,100 @@
+"""The chart's config starts the real gateway, and the `helm test` pod's own check passes against it.
+
+The gateway runs in-process on 127.0.0.1 from the ConfigMap's config file; only what a cluster provides
+is swapped (listen address, and the mount paths of the TLS and token Secrets). The check is the exact
+Python program in the rendered test Pod, run as a subprocess with the Pod's environment.
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+
+import pytest
+import yaml
+
+from moaa.services.config import parse_config
+from moaa.services.gateway.server import start_gateway
+
+TOKEN = "chart-test-token-0123456789abcdef"
+
+
+def pod_check(rendered):
+    """The test Pod's health-check program and environment."""
+    (pod,) = rendered.of_kind("Pod")
+    (c,) = pod["spec"]["containers"]
+    assert c["command"][:2] == ["python", "-c"]
+    return c["command"][2], {e["name"]: e["value"] for e in c["env"]}
+
+
+async def run_check(code: str, env: dict) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode()
+
+
+def local_config(text: str, paths: dict[str, str]) -> dict:
+    """The rendered config with the in-cluster listen address and Secret mount paths replaced."""
+    raw = yaml.safe_load(text)
+    gw = raw["gateway"]
+    gw.update(host="127.0.0.1", port=0)
+    gw.pop("metrics_port", None)
+    for section in ("tls", "auth"):
+        for key, value in gw.get(section, {}).items():
+            gw[section][key] = paths[value]
+    return raw
+
+
+@pytest.fixture
+async def started():
+    servers = []
+
+    async def start(raw: dict):
+        running = await start_gateway(parse_config(raw), probes=False)
+        servers.append(running)
+        return running
+
+    yield start
+    for s in servers:
+        await s.stop(0)
+
+
+async def test_default_chart_gateway_passes_the_helm_test(helm, started):
+    r = helm.template()
+    running = await started(local_config(r.config_text(), {}))
+    code, env = pod_check(r)
+    assert env["MOAA_TARGET"] == "moaa-gateway:50051"
+    rc, out = await run_check(code, {**env, "MOAA_TARGET": running.address})
+    assert rc == 0, out
+    assert "SERVING" in out
+    # a gateway going down (NOT_SERVING during shutdown, then gone) fails the check
+    await running.stop(0)
+    rc, out = await run_check(code, {**env, "MOAA_TARGET": running.address, "MOAA_TIMEOUT": "3"})
+    assert rc == 1 and "UNAVAILABLE" in out, out
+
+
+async def test_secure_chart_gateway_passes_the_helm_test(helm, started, gw_tls_files, tmp_path):
+    """values-secure.yaml: mutual TLS and bearer tokens, the same Secrets mounted in gateway and test pod."""
+    r = helm.template(["values-secure.yaml"])
+    tls_dir = tmp_path / "tls"  # what the kubernetes.io/tls Secret holds
+    tls_dir.mkdir()
+    for src, dst in (("server.crt", "tls.crt"), ("server.key", "tls.key"), ("ca.crt", "ca.crt")):
+        shutil.copy(gw_tls_files[src], tls_dir / dst)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\nanother-token-abcdefghijklmnop\n")
+    code, env = pod_check(r)
+    paths = {"/etc/moaa/tls/tls.crt": str(tls_dir / "tls.crt"), "/etc/moaa/tls/tls.key": str(tls_dir / "tls.key"),
+             "/etc/moaa/tls/ca.crt": str(tls_dir / "ca.crt"), env["MOAA_TOKEN_FILE"]: str(tokens)}
+    raw = local_config(r.config_text(), paths)
+    assert raw["gateway"]["tls"]["client_ca_file"] and raw["gateway"]["auth"]["tokens_file"]
+    running = await started(raw)
+    local = {**env, "MOAA_TARGET": f"localhost:{running.port}", "MOAA_TLS_DIR": str(tls_dir),
+             "MOAA_TOKEN_FILE": str(tokens), "MOAA_TIMEOUT": "5"}
+    assert env["MOAA_MUTUAL"] == "1"
+    rc, out = await run_check(code, local)
+    assert rc == 0, out
+    assert "SERVING" in out
+    # without a client certificate the handshake is refused: mutual TLS is really on
+    rc, out = await run_check(code, {**local, "MOAA_MUTUAL": "0"})
+    assert rc == 1 and "health check failed" in out, out

@@ -1,0 +1,146 @@
+"""values.schema.json and the chart's own checks: bad values fail `helm template` with a readable message."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import yaml
+
+from moaa.services.config import MoaaConfig, parse_config
+from tests.fixtures.helm import CHART, ROOT, HelmFailed
+
+
+def gen_schema():
+    spec = importlib.util.spec_from_file_location("moaa_gen_chart_schema", ROOT / "tools" / "gen_chart_schema.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def values_file(tmp_path, data: dict):
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def rejected(helm, tmp_path, data: dict) -> str:
+    with pytest.raises(HelmFailed) as err:
+        helm.template([values_file(tmp_path, data)])
+    return str(err.value)
+
+
+MODEL = {"name": "m", "model": "org/m", "roles": ["proposer", "aggregator"]}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"models": [{"model": "org/m"}]}, "at '/models/0': missing property 'name'"),
+    ({"models": [{**MODEL, "replicas": -1}]}, "at '/models/0/replicas': minimum: got -1, want 0"),
+    ({"models": [{**MODEL, "roles": ["proposer", "critic"]}]},
+     "at '/models/0/roles/1': value must be one of 'proposer', 'aggregator', 'judge', 'target'"),
+    ({"modelz": []}, "additional properties 'modelz' not allowed"),
+    ({"models": [{**MODEL, "gpu": 1}]}, "at '/models/0': additional properties 'gpu' not allowed"),
+    ({"models": [{**MODEL, "name": "Big_Model"}]}, "at '/models/0/name'"),
+    ({"models": [{**MODEL, "vllm": {"dtype": "fp8"}}]}, "at '/models/0/vllm/dtype'"),
+    ({"gateway": {"recipes": {"r": {"proposers": [{"model": "m"}], "aggregator": {"model": "m"}, "layerz": 2}}}},
+     "at '/gateway/recipes/r': additional properties 'layerz' not allowed"),
+    ({"models": [{**MODEL, "backend": {"urls": ["http://x"]}}]},
+     "at '/models/0/backend': additional properties 'urls' not allowed"),
+])
+def test_schema_rejects_bad_values(helm, tmp_path, data, message):
+    out = rejected(helm, tmp_path, data)
+    assert "values don't meet the specifications of the schema" in out
+    assert message in out, out
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"models": [MODEL, MODEL]}, 'models: the name "m" is used twice'),
+    ({"models": [{**MODEL, "gpus": 2, "vllm": {"tensorParallelSize": 4}}]},
+     "vllm.tensorParallelSize=4 needs at least 4 GPUs, but gpus=2"),
+    ({"tls": {"enabled": True}}, "tls.secretName is empty"),
+    ({"auth": {"enabled": True}}, "neither auth.existingSecret nor auth.tokens is set"),
+    ({"trainer": {"sft": {"enabled": True}}}, "trainer.sft.model is empty"),
+    ({"gateway": {"extraBackends": {"qwen": {"urls": ["https://api.example/v1"]}}}},
+     "gateway.extraBackends.qwen: a model of the chart already has this name"),
+])
+def test_chart_rejects_inconsistent_values(helm, tmp_path, data, message):
+    assert message in rejected(helm, tmp_path, data)
+
+
+def test_model_settings_merge_over_defaults_and_keep_zeros(helm, tmp_path):
+    """replicas: 0 and a single probe key override the defaults (sprig's merge would drop the zero)."""
+    r = helm.template([values_file(tmp_path, {
+        "modelDefaults": {"replicas": 3, "gpus": 1, "vllm": {"maxModelLen": 8192}},
+        "models": [{**MODEL, "replicas": 0, "gpus": 0, "probes": {"startup": {"failureThreshold": 200}}},
+                   {"name": "small", "model": "org/small", "roles": ["judge"]}],
+    })])
+    deps = {d["metadata"]["name"]: d for d in r.of_kind("Deployment")}
+    m, n = deps["moaa-m"], deps["moaa-small"]
+    assert m["spec"]["replicas"] == 0 and n["spec"]["replicas"] == 3
+    mc, nc = m["spec"]["template"]["spec"]["containers"][0], n["spec"]["template"]["spec"]["containers"][0]
+    assert mc["startupProbe"]["failureThreshold"] == 200 and mc["startupProbe"]["periodSeconds"] == 10
+    assert "resources" not in mc and nc["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "--max-model-len=8192" in mc["args"]
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    assert cfg.backends["m"].context_window == 8192
+    assert [j.model for j in cfg.ensembles["default"].judges] == ["small"]
+
+
+def test_recipes_ensembles_and_extra_backends_pass_through(helm, tmp_path):
+    recipe = {"proposers": [{"model": "m", "sampling": {"temperature": 0.7}}, {"model": "hosted"}],
+              "aggregator": {"model": "m", "system_prompt": "be brief"}, "layers": 2, "first_k": 1}
+    r = helm.template([values_file(tmp_path, {
+        "models": [MODEL],
+        "gateway": {"recipes": {"two": recipe}, "defaultRecipe": "two", "server": {"max_in_flight": 7},
+                    "extraBackends": {"hosted": {"urls": ["https://api.example.com/v1"], "api_key_env": "KEY"}}},
+        "annotator": {"ensembles": {"e": {"judges": [{"name": "j", "model": "m"}], "mode": "pointwise"}},
+                      "defaultEnsemble": "e"},
+    })])
+    raw = yaml.safe_load(r.config_text())
+    assert raw["recipes"] == {"two": recipe} and raw["default_recipe"] == "two"
+    assert raw["backends"]["hosted"] == {"urls": ["https://api.example.com/v1"], "api_key_env": "KEY"}
+    assert raw["gateway"]["max_in_flight"] == 7 and raw["default_ensemble"] == "e"
+    parse_config(raw)
+
+
+def test_schema_is_generated_from_the_chart_spec(tmp_path):
+    """The chart part of values.schema.json is what tools/gen_chart_schema.py writes."""
+    committed = json.loads((CHART / "values.schema.json").read_text())
+    fresh = gen_schema().build()
+    assert {k: v for k, v in committed.items() if k != "$defs"} == {k: v for k, v in fresh.items() if k != "$defs"}
+
+
+def test_schema_config_parts_match_the_config_model():
+    """Every config key the chart schema accepts is one the gateway's config model accepts.
+
+    (New config fields missing from the schema are reported by `python tools/gen_chart_schema.py --check`.)
+    """
+    defs = json.loads((CHART / "values.schema.json").read_text())["$defs"]
+    live = MoaaConfig.model_json_schema()["$defs"]
+    aliases = {"ModelBackend": "BackendConfig", "ServerSettings": "ServerConfig"}
+    for name, d in defs.items():
+        props = set(d.get("properties", {}))
+        assert props <= set(live[aliases.get(name, name)]["properties"]), name
+        assert d.get("additionalProperties") is False, name
+
+
+def _walk(node, path="$"):
+    if isinstance(node, dict):
+        if "properties" in node or node.get("type") in ("string", "integer", "number", "boolean", "array"):
+            yield path, node
+        for k, v in node.get("properties", {}).items():
+            yield from _walk(v, f"{path}.{k}")
+        if isinstance(node.get("items"), dict):
+            yield from _walk(node["items"], f"{path}[]")
+
+
+def test_every_chart_value_is_described_and_objects_are_closed():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for path, node in _walk({k: v for k, v in schema.items() if k != "$defs"}):
+        if path != "$":
+            assert node.get("description"), f"{path} has no description"
+        if "properties" in node:
+            assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
+    # and every key of values.yaml is in the schema (the schema check at render time proves it too)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) <= set(schema["properties"])
