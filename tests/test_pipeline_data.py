@@ -118,3 +118,25 @@ def test_missing_or_unknown_files(tmp_path):
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
     with pytest.raises(UserError, match="not UTF-8"):
         load_prompts(tmp_path / "bin.jsonl")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "moaa.cli.main", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_cli_bad_prompt_file_exits_2_with_one_line(tmp_path):
+    bad = _bad_file(tmp_path)
+    for cmd in (["pipeline", "check-prompts", "--prompts", str(bad)],
+                ["pipeline", "run", "--prompts", str(bad), "--out", str(tmp_path / "run"), "--gateway", "127.0.0.1:1"]):
+        res = _cli(*cmd)
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("moaa: error: ") and "line 2: not valid JSON" in lines[0]
+        assert "Traceback" not in res.stderr
+
+
+def test_cli_skip_invalid_reports_count_and_lines(tmp_path):
+    res = _cli("pipeline", "check-prompts", "--prompts", str(_bad_file(tmp_path)), "--skip-invalid")
+    assert res.returncode == 0, res.stderr
+    assert "2 prompts" in res.stdout and "skipped 5 invalid row(s): line 2 (not valid JSON" in res.stdout

@@ -33,11 +33,11 @@ def _read_json(path: Path) -> Any:
 
 def _metrics(model_dir: Path) -> list[dict]:
     path = model_dir / "metrics.jsonl"
-    rows = []
+    by_step: dict[int, dict] = {}  # a resumed run logs re-done steps again: keep the last
     for rec in iter_jsonl(path) if path.exists() else []:
         if isinstance(rec.get("loss"), (int, float)) and "step" in rec:
-            rows.append(rec)
-    return rows
+            by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def plot_losses(layout: RunLayout, out: Path) -> tuple[Path | None, dict[str, dict]]:

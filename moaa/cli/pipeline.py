@@ -1,0 +1,149 @@
+"""`moaa pipeline run|report|check-prompts` and `moaa eval`: thin wrappers over moaa.pipeline."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _add_prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", help="JSONL, Parquet or a saved datasets folder (default: the bundled ~50 prompts)")
+    p.add_argument("--map", dest="mapping", action="append", default=[], metavar="KEY=FIELD",
+                   help="field mapping, KEY one of prompt, messages, id, system (e.g. --map prompt=question)")
+    p.add_argument("--split", help="split of a datasets folder (default: train)")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="skip broken rows, rows without a prompt and duplicate ids (counted, with line numbers)")
+
+
+def _set_value(text: str) -> tuple[list[str], object]:
+    import yaml
+
+    from moaa.errors import UserError
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"bad --set {text!r}: use KEY=VALUE, e.g. --set sft.max_steps=20")
+    return key.split("."), yaml.safe_load(value)
+
+
+def register(subparsers) -> None:
+    pipe = subparsers.add_parser("pipeline", help="the whole MoAA recipe: MoA SFT data, SFT, pairs, DPO, eval")
+    sub = pipe.add_subparsers(dest="pipeline_command", metavar="SUBCOMMAND", parser_class=type(pipe))
+    sub.required = True
+    run = sub.add_parser("run", help="run or resume the pipeline (embedded local stack unless --gateway)")
+    _add_prompt_args(run)
+    run.add_argument("--out", default="moaa-run", help="run folder (datasets, models, report); re-run to resume")
+    run.add_argument("--quick", action="store_true", help="a small version (12 prompts, few steps) for a first look")
+    run.add_argument("--gateway", help="HOST:PORT of a running gateway (e.g. from helm install moaa)")
+    run.add_argument("--annotator", help="HOST:PORT of a running annotator (needed with --gateway)")
+    run.add_argument("--target", help="base model to train: folder or hub id (default: SmolLM2-135M-Instruct)")
+    run.add_argument("--recipe", default="", help="gateway recipe (default: the gateway's default)")
+    run.add_argument("--ensemble", default="", help="judge ensemble (default: the annotator's default)")
+    run.add_argument("--k8s", action="store_true", help="run SFT and DPO as Kubernetes Jobs (moaa train submit)")
+    run.add_argument("--k8s-arg", dest="k8s_args", action="append", default=[], metavar="ARG",
+                     help="extra argument for `moaa train submit` (repeat), e.g. --k8s-arg=--namespace=moaa")
+    run.add_argument("--token-budget", type=int, help="stop cleanly once the run folder has used N tokens")
+    run.add_argument("--eval-judge", choices=["auto", "chat", "ensemble"], default="auto",
+                     help="eval judge: auto = the local model directly when embedded, else the ensemble")
+    run.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
+                     help="embedded model server engine")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting, e.g. --set sft.max_steps=20 --set answer_tokens=128")
+    run.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
+    run.add_argument("--tls-ca", help="CA certificate for TLS to the gateway and annotator")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+
+    rep = sub.add_parser("report", help="(re)build the Markdown report of a run folder")
+    rep.add_argument("run_folder")
+    rep.set_defaults(func=_report)
+
+    chk = sub.add_parser("check-prompts", help="load and validate a prompt file, print what would be used")
+    _add_prompt_args(chk)
+    chk.set_defaults(func=_check_prompts)
+
+    ev = subparsers.add_parser("eval", help="pairwise win rate (raw, length-controlled, bootstrap CI) and 1-10 grades")
+    ev.add_argument("--answers", required=True, help="JSONL answers of the model under test")
+    ev.add_argument("--baseline", required=True, help="JSONL answers of the baseline model, or reference answers")
+    ev.add_argument("--name", default="model", help="name of the model under test")
+    ev.add_argument("--baseline-name", default="baseline", help="name of the baseline")
+    ev.add_argument("--annotator", help="HOST:PORT: judge with the annotator's ensemble")
+    ev.add_argument("--ensemble", default="", help="ensemble name (with --annotator)")
+    ev.add_argument("--judge-url", help="OpenAI-compatible base URL (…/v1) of a judge model")
+    ev.add_argument("--judge-model", help="served model name of that judge")
+    ev.add_argument("--judge-api-key-env", help="environment variable holding the judge's API key")
+    ev.add_argument("--grade", action="store_true", help="also grade each answer 1-10 (needs --judge-url)")
+    ev.add_argument("--out", default="moaa-eval", help="folder for judgments (resumable) and results")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    ev.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token for the annotator")
+    ev.set_defaults(func=_eval)
+
+
+def _overrides(items: list[str]) -> dict:
+    out: dict = {}
+    for item in items:
+        keys, value = _set_value(item)
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return out
+
+
+async def _run(args) -> int:
+    from moaa.pipeline.data import parse_mapping
+    from moaa.pipeline.runner import PipelineOptions, format_summary, run_pipeline
+
+    opts = PipelineOptions(
+        out=Path(args.out), prompts=args.prompts, mapping=parse_mapping(args.mapping), skip_invalid=args.skip_invalid,
+        split=args.split, limit=args.limit, gateway=args.gateway, annotator=args.annotator, token=args.token,
+        tls_ca=args.tls_ca, k8s=args.k8s, k8s_args=args.k8s_args, quick=args.quick, token_budget=args.token_budget,
+        target=args.target, recipe=args.recipe, ensemble=args.ensemble, eval_judge=args.eval_judge,
+        engine=args.engine, quiet=args.quiet, overrides=_overrides(args.overrides))
+    summary = await run_pipeline(opts)
+    print(format_summary(summary))
+    return 0
+
+
+def _report(args) -> int:
+    from moaa.errors import UserError
+    from moaa.pipeline.report import build_report
+
+    if not Path(args.run_folder).is_dir():
+        raise UserError(f"run folder {args.run_folder} does not exist")
+    print(build_report(args.run_folder))
+    return 0
+
+
+def _check_prompts(args) -> int:
+    from moaa.pipeline.data import load_prompts, parse_mapping
+
+    ps = load_prompts(args.prompts, mapping=parse_mapping(args.mapping), skip_invalid=args.skip_invalid,
+                      split=args.split, limit=args.limit)
+    print(f"{len(ps.rows)} prompts from {ps.source}; {ps.skipped_summary()}")
+    return 0
+
+
+async def _eval(args) -> int:
+    from moaa.errors import UserError
+    from moaa.pipeline.eval.run import evaluate
+
+    if bool(args.annotator) == bool(args.judge_url):
+        raise UserError("give exactly one judge: --annotator HOST:PORT or --judge-url URL --judge-model NAME")
+    if args.judge_url and not args.judge_model:
+        raise UserError("--judge-url needs --judge-model (the served model name)")
+    if args.grade and not args.judge_url:
+        raise UserError("--grade needs --judge-url and --judge-model")
+    result = await evaluate(args)
+    for w in result["winrates"]:
+        print(f"{w['model']} vs {w['baseline']}: win rate {w['win_rate']:.1f}% "
+              f"[{w['win_rate_ci'][0]:.1f}, {w['win_rate_ci'][1]:.1f}], length-controlled {w['lc_win_rate']:.1f}% "
+              f"[{w['lc_win_rate_ci'][0]:.1f}, {w['lc_win_rate_ci'][1]:.1f}], n={w['n']}, "
+              f"order-inconsistent {w['inconsistent']}")
+    for model, g in (result.get("grades") or {}).items():
+        print(f"{model}: mean grade {g['mean'] if g['mean'] is None else round(g['mean'], 2)} "
+              f"({g['n']} graded, {g['abstained']} abstained)")
+    print(f"results: {result['out']}", file=sys.stderr)
+    return 0

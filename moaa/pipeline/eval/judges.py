@@ -1,0 +1,109 @@
+"""Pairwise and single-answer judges for `moaa eval`: the annotator's ensemble, or any OpenAI-compatible model.
+
+Every pair is judged in both orders (the model's answer first, then second); `prefer` returns the
+averaged preference for the model, and whether the two orders disagreed (a position-driven verdict).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..budget import TokenLedger
+from .grading import grading_messages, pairwise_messages, parse_rating, parse_verdict
+from .winrate import VERDICT_VALUE
+
+
+@dataclass
+class PairVerdict:
+    preference: float | None        # P(model beats baseline) in [0, 1]; None: the judge abstained
+    orders: tuple                   # what each order said, for the record
+    inconsistent: bool
+
+
+class PairJudge(Protocol):
+    name: str
+
+    async def prefer(self, prompt: list[dict], model_text: str, base_text: str) -> PairVerdict: ...
+
+
+def _combine(first: float | None, second: float | None, orders: tuple) -> PairVerdict:
+    vals = [v for v in (first, second) if v is not None]
+    if not vals:
+        return PairVerdict(None, orders, False)
+    inconsistent = len(vals) == 2 and (first - 0.5) * (second - 0.5) < 0
+    return PairVerdict(sum(vals) / len(vals), orders, inconsistent)
+
+
+class AnnotatorPairJudge:
+    """Two Annotate calls with the candidates in both orders; the combined scores decide."""
+
+    def __init__(self, endpoint, *, ensemble: str = "", mode: str = "", ledger: TokenLedger | None = None,
+                 stage: str = "eval"):
+        from moaa.v1 import annotator_pb2_grpc
+
+        self.endpoint, self.ensemble, self.mode, self.ledger, self.stage = endpoint, ensemble, mode, ledger, stage
+        self.name = f"annotator:{ensemble or 'default'}"
+        self._channel = endpoint.channel()
+        self._stub = annotator_pb2_grpc.AnnotatorStub(self._channel)
+
+    async def _one(self, prompt, cands) -> tuple[float | None, str]:
+        from ..rpc import annotate_one
+
+        r = await annotate_one(self._stub, self.endpoint, prompt, cands, ensemble=self.ensemble, mode=self.mode, seed=0)
+        if self.ledger is not None:
+            self.ledger.add_model_usages(self.stage, r.usage)
+        scores = {c.candidate_id: c.score for c in r.combined}
+        if "m" not in scores or "b" not in scores:
+            return None, r.skip_reason or "no combined scores"
+        if scores["m"] > scores["b"]:
+            return 1.0, f"m {scores['m']:.2f} > b {scores['b']:.2f}"
+        if scores["m"] < scores["b"]:
+            return 0.0, f"m {scores['m']:.2f} < b {scores['b']:.2f}"
+        return 0.5, f"tie {scores['m']:.2f}"
+
+    async def prefer(self, prompt, model_text, base_text) -> PairVerdict:
+        first, why1 = await self._one(prompt, [("m", model_text), ("b", base_text)])
+        second, why2 = await self._one(prompt, [("b", base_text), ("m", model_text)])
+        return _combine(first, second, (why1, why2))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class ChatPairJudge:
+    """Any OpenAI-compatible model as judge, through moaa's backend client; "[[A]]/[[B]]/[[C]]" verdicts."""
+
+    def __init__(self, pool, model: str, *, max_tokens: int = 256, ledger: TokenLedger | None = None,
+                 stage: str = "eval"):
+        self.pool, self.model, self.max_tokens, self.ledger, self.stage = pool, model, max_tokens, ledger, stage
+        self.name = f"judge:{model}"
+
+    async def _ask(self, messages) -> str:
+        res = await self.pool.client(self.model).chat(messages, {"temperature": 0.0, "max_tokens": self.max_tokens})
+        if self.ledger is not None:
+            self.ledger.add(self.stage, self.model, res.usage)
+        return res.text
+
+    async def _verdict(self, prompt, a: str, b: str) -> str | None:
+        for _ in range(2):  # one retry for an unreadable answer, then an abstention
+            v = parse_verdict(await self._ask(pairwise_messages(prompt, a, b)))
+            if v is not None:
+                return v
+        return None
+
+    async def prefer(self, prompt, model_text, base_text) -> PairVerdict:
+        v1 = await self._verdict(prompt, model_text, base_text)          # model shown as A
+        v2 = await self._verdict(prompt, base_text, model_text)          # model shown as B
+        first = None if v1 is None else VERDICT_VALUE[v1]
+        second = None if v2 is None else 1.0 - VERDICT_VALUE[v2]
+        return _combine(first, second, (v1, v2))
+
+    async def grade(self, prompt, answer: str) -> float | None:
+        for _ in range(2):
+            r = parse_rating(await self._ask(grading_messages(prompt, answer)))
+            if r is not None:
+                return r
+        return None
+
+    async def close(self) -> None:
+        return None

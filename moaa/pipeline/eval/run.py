@@ -1,0 +1,202 @@
+"""Evaluation runs: judge model-vs-baseline pairs (resumable), grade single answers, write win rates.
+
+Judgments are stored keyed by "<model>~<baseline>~<prompt id>", so a killed eval resumes without
+judging a pair twice. Abstentions (a judge unreadable in both orders) are recorded as skipped rows.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from moaa.errors import UserError
+
+from ..data import content_id
+from ..progress import StageProgress
+from ..rpc import sample_prompt, sample_texts
+from ..store import DatasetStore, atomic_write_json, iter_jsonl
+from .grading import grading_summary
+from .winrate import summarize
+
+ANSWER_FIELDS = ("answer", "output", "response", "completion", "text")
+
+
+def load_answers(path: str | Path) -> dict[str, tuple[list[dict], str]]:
+    """id -> (prompt messages, answer) from a JSONL file of answers.
+
+    Accepts rows {id?, prompt|messages|instruction, answer|output|response|completion|text}, SFT rows
+    whose messages end with the assistant's answer, and `moaa sample` rows (first sample).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"answers file {path} does not exist")
+    out: dict[str, tuple[list[dict], str]] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}: line {lineno}: not valid JSON") from None
+        prompt, text = None, None
+        if sample_texts(row):
+            prompt, text = sample_prompt(row), sample_texts(row)[0]
+        else:
+            text = next((row[f] for f in ANSWER_FIELDS if isinstance(row.get(f), str)), None)
+            msgs = row.get("prompt") or row.get("messages") or row.get("instruction")
+            if isinstance(msgs, str):
+                msgs = [{"role": "user", "content": msgs}]
+            if text is None and isinstance(msgs, list) and msgs and msgs[-1].get("role") == "assistant":
+                msgs, text = msgs[:-1], msgs[-1]["content"]
+            prompt = msgs
+        if not isinstance(prompt, list) or not prompt or text is None:
+            raise UserError(f"{path}: line {lineno}: expected a prompt (prompt/messages/instruction) and an answer "
+                            f"({'/'.join(ANSWER_FIELDS)}, or messages ending with the assistant's turn)")
+        rid = str(row.get("id") or content_id(prompt))
+        out[rid] = (prompt, text)
+    if not out:
+        raise UserError(f"{path}: no answers")
+    return out
+
+
+async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, answers_base: dict,
+                      store: DatasetStore, *, concurrency: int = 4, quiet: bool = False) -> None:
+    common = [rid for rid in answers_model if rid in answers_base]
+    if not common:
+        raise UserError(f"no prompt ids in common between {model} and {baseline}")
+    keys = {rid: f"{model}~{baseline}~{rid}" for rid in common}
+    todo = [rid for rid in common if not store.is_done(keys[rid])]
+    progress = StageProgress(f"eval {model} vs {baseline}", len(common), len(common) - len(todo), quiet=quiet)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(rid: str) -> None:
+        prompt, mt = answers_model[rid]
+        bt = answers_base[rid][1]
+        async with sem:
+            try:
+                v = await judge.prefer(prompt, mt, bt)
+            except Exception as err:  # one failed judgment is recorded and retried on the next run
+                store.fail(keys[rid], f"{type(err).__name__}: {err}")
+                progress.advance(failed=True)
+                return
+        if v.preference is None:
+            store.skip(keys[rid], "judge_abstained: unreadable verdict in both orders")
+            progress.advance(skipped=True)
+            return
+        store.write({"id": keys[rid], "prompt_id": rid, "model": model, "baseline": baseline,
+                     "preference": v.preference, "orders": list(v.orders), "inconsistent": v.inconsistent,
+                     "len_model": len(mt), "len_baseline": len(bt), "judge": judge.name})
+        progress.advance()
+
+    try:
+        await asyncio.gather(*(one(rid) for rid in todo))
+    finally:
+        progress.close()
+
+
+def winrates_from_store(store: DatasetStore, pairs: list[tuple[str, str]], *, n_resamples: int = 1000) -> list[dict]:
+    out = []
+    rows = list(store.iter_rows())
+    for model, baseline in pairs:
+        sel = [r for r in rows if r["model"] == model and r["baseline"] == baseline]
+        if not sel:
+            continue
+        rep = summarize(model, baseline, [r["preference"] for r in sel], [r["len_model"] for r in sel],
+                        [r["len_baseline"] for r in sel], n_resamples=n_resamples,
+                        inconsistent=sum(bool(r["inconsistent"]) for r in sel))
+        out.append(rep.to_json())
+    return out
+
+
+async def grade_answers(grader, answers: dict[str, dict], out_dir: Path, *, concurrency: int = 4,
+                        quiet: bool = False) -> dict:
+    """MT-Bench-style 1-10 grades per model; answers: model -> {id: (prompt, text)}. Resumable."""
+    store = DatasetStore(out_dir / "grades", stage="grades", fmt="generations").open()
+    sem = asyncio.Semaphore(concurrency)
+    todo = [(m, rid) for m, ans in answers.items() for rid in ans if not store.is_done(f"{m}~{rid}")]
+    progress = StageProgress("grading", sum(len(a) for a in answers.values()),
+                             sum(len(a) for a in answers.values()) - len(todo), quiet=quiet)
+
+    async def one(model: str, rid: str) -> None:
+        prompt, text = answers[model][rid]
+        async with sem:
+            try:
+                score = await grader.grade(prompt, text)
+            except Exception as err:
+                store.fail(f"{model}~{rid}", f"{type(err).__name__}: {err}")
+                progress.advance(failed=True)
+                return
+        store.write({"id": f"{model}~{rid}", "model": model, "prompt_id": rid, "score": score})
+        progress.advance()
+
+    try:
+        await asyncio.gather(*(one(m, rid) for m, rid in todo))
+    finally:
+        progress.close()
+    scores: dict[str, list] = {m: [] for m in answers}
+    for row in store.iter_rows():
+        scores.setdefault(row["model"], []).append(row["score"])
+    summary = grading_summary(scores)
+    store.write_manifest(complete=not store.failed)
+    atomic_write_json(out_dir / "grades.json", summary)
+    return summary
+
+
+def write_winrates(out_dir: Path, winrates: list[dict]) -> Path:
+    path = out_dir / "winrates.json"
+    atomic_write_json(path, winrates)
+    return path
+
+
+def answers_from_samples(path: Path) -> dict[str, tuple[list[dict], str]]:
+    """The first sample of each row of a `moaa sample` output file."""
+    out = {}
+    for row in iter_jsonl(path):
+        texts = sample_texts(row)
+        if texts:
+            out[row["id"]] = (sample_prompt(row), texts[0])
+    return out
+
+
+async def evaluate(args) -> dict:
+    """`moaa eval`: the model's answers against a baseline's (or references), judged in both orders."""
+    from ..rpc import Endpoint
+    from .judges import AnnotatorPairJudge, ChatPairJudge
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_ans, base_ans = load_answers(args.answers), load_answers(args.baseline)
+    pool = None
+    if args.judge_url:
+        from moaa.services.backend import BackendPool
+        from moaa.services.config import BackendConfig
+
+        try:
+            cfg = BackendConfig(urls=[args.judge_url], served_model=args.judge_model,
+                                api_key_env=args.judge_api_key_env)
+        except ValueError as err:
+            raise UserError(f"bad judge settings: {err}") from None
+        pool = BackendPool({"judge": cfg}, probes=False)
+        await pool.start()
+        judge = ChatPairJudge(pool, "judge")
+    else:
+        judge = AnnotatorPairJudge(Endpoint(args.annotator, args.token), ensemble=args.ensemble)
+    store = DatasetStore(out / "judgments", stage="eval", fmt="generations").open()
+    try:
+        await judge_pairs(judge, args.name, args.baseline_name, model_ans, base_ans, store)
+        grades = None
+        if args.grade:
+            grades = await grade_answers(judge, {args.name: model_ans, args.baseline_name: base_ans}, out)
+    finally:
+        await judge.close()
+        if pool is not None:
+            await pool.close()
+    store.write_manifest(complete=not store.failed)
+    if store.failed:
+        first = next(iter(store.failed.values()))
+        from moaa.errors import TransientError
+
+        raise TransientError(f"{len(store.failed)} judgments failed (first: {first}); re-run to retry them")
+    winrates = winrates_from_store(store, [(args.name, args.baseline_name)], n_resamples=args.bootstrap)
+    write_winrates(out, winrates)
+    return {"winrates": winrates, "grades": grades, "out": str(out)}

@@ -1,0 +1,185 @@
+"""The embedded default: one real small model behind every role, gateway and annotator as local processes.
+
+SmolLM2-135M-Instruct (packaged on PyPI, prepared once into moaa's model cache) is served by the
+embedded backend (vLLM where installed, else transformers' server) and plays three proposers with
+different system prompts and temperatures, the aggregator, and three judges with different
+sampling. The gateway and the annotator run as child processes on 127.0.0.1 with the config written
+to the run folder (`moaa.yaml`), so the same file works with `moaa gateway serve --config`.
+
+Services are started for the stages that need them and stopped around training and sampling, which
+need both CPU cores; ports are fixed per pipeline run so addresses stay valid across restarts.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from moaa.errors import TransientError
+
+from .layout import RunLayout
+
+LOCAL_MODEL = "smollm2-135m-instruct"
+BACKEND = "smollm2"
+
+PROPOSERS = [
+    ("You are a careful, accurate assistant. Check facts and reasoning before you answer.", 0.3, 0.9),
+    ("You are a friendly teacher. Explain clearly, with a short example where it helps.", 0.8, 0.95),
+    ("You are a concise expert. Answer directly in a few well-organised sentences.", 0.6, 0.9),
+]
+JUDGE_TEMPERATURES = {"judge-strict": 0.0, "judge-balanced": 0.3, "judge-lenient": 0.6}
+
+
+def default_target() -> str:
+    """The model trained by the embedded pipeline: SmolLM2-135M-Instruct from the model cache."""
+    from moaa.services.local.models import resolve_model
+
+    return str(resolve_model(LOCAL_MODEL).path)
+
+
+def local_config(backend: dict[str, Any], gateway_port: int, annotator_port: int, *, quick: bool) -> dict:
+    """The moaa config of the embedded stack (validated by the services' own config model)."""
+    judge_tokens = 192 if quick else 256
+    return {
+        "backends": {BACKEND: backend},
+        "recipes": {"local": {
+            "proposers": [{"model": BACKEND, "system_prompt": sp, "sampling": {"temperature": t, "top_p": p}}
+                          for sp, t, p in PROPOSERS],
+            "aggregator": {"model": BACKEND, "sampling": {"temperature": 0.2}},
+            "layers": 1,
+            "min_proposers": 2,
+        }},
+        "default_recipe": "local",
+        "ensembles": {"local": {
+            "judges": [{"name": n, "model": BACKEND, "sampling": {"temperature": t, "max_tokens": judge_tokens}}
+                       for n, t in JUDGE_TEMPERATURES.items()],
+            "mode": "pointwise",
+            "combine": "mean",
+            "min_margin": 0.5,
+        }},
+        "default_ensemble": "local",
+        "gateway": {"host": "127.0.0.1", "port": gateway_port, "batch_window": 16},
+        "annotator": {"host": "127.0.0.1", "port": annotator_port, "batch_window": 8},
+        "annotator_address": f"127.0.0.1:{annotator_port}",
+    }
+
+
+async def wait_serving(address: str, proc: asyncio.subprocess.Process, log_path: Path, what: str,
+                       timeout_s: float = 120.0) -> None:
+    """Until the gRPC health service says SERVING; a process that exits first fails with its last line."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while loop.time() < deadline:
+            if proc.returncode is not None:
+                break
+            try:
+                resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.3)
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.exists() else []
+    reason = tail[0] if tail else "no output"
+    if proc.returncode is None:
+        proc.kill()
+    raise TransientError(f"the local {what} did not start ({reason}; log: {log_path})")
+
+
+class LocalStack:
+    def __init__(self, layout: RunLayout, *, engine: str = "auto", quick: bool = False, quiet: bool = False):
+        from moaa.services.local.engine import free_port
+
+        self.layout, self.engine_name, self.quick, self.quiet = layout, engine, quick, quiet
+        self.gateway_port, self.annotator_port, self.model_port = free_port(), free_port(), free_port()
+        self.engine = None
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.pool = None
+        self.backend: dict[str, Any] | None = None
+
+    @property
+    def gateway_address(self) -> str:
+        return f"127.0.0.1:{self.gateway_port}"
+
+    @property
+    def annotator_address(self) -> str:
+        return f"127.0.0.1:{self.annotator_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.engine is not None
+
+    async def start(self) -> None:
+        """Model server, then config, gateway and annotator; no-op when already up."""
+        if self.running:
+            return
+        from moaa.services.config import dump_config, parse_config
+        from moaa.services.local.engine import EngineServer
+
+        if not self.quiet:
+            print("starting the embedded stack (SmolLM2-135M-Instruct, gateway, annotator) ...",
+                  file=sys.stderr, flush=True)
+        self.layout.logs.mkdir(parents=True, exist_ok=True)
+        self.engine = EngineServer(LOCAL_MODEL, engine=self.engine_name, port=self.model_port, served_model_name=BACKEND,
+                                   max_model_len=2048, log_path=self.layout.logs / "model-server.log")
+        try:
+            await self.engine.start()
+            bc = self.engine.backend_config(max_concurrency=16)
+            self.backend = bc.model_dump(mode="json", exclude_none=True)
+            cfg = parse_config(local_config(self.backend, self.gateway_port, self.annotator_port, quick=self.quick),
+                               "embedded config")
+            self.layout.config.write_text(dump_config(cfg))
+            for kind, port in (("gateway", self.gateway_port), ("annotator", self.annotator_port)):
+                log_path = self.layout.logs / f"{kind}.log"
+                log = open(log_path, "ab")
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "moaa.pipeline.serve", kind, "--config", str(self.layout.config),
+                    stdout=log, stderr=asyncio.subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                log.close()
+                self.procs[kind] = proc
+                await wait_serving(f"127.0.0.1:{port}", proc, log_path, kind)
+        except BaseException:
+            await self.stop()
+            raise
+
+    def chat_judge(self, ledger):
+        """A pairwise/grading judge straight on the local model (for eval), started with the stack."""
+        from .eval.judges import ChatPairJudge
+
+        stack = self
+
+        class _LazyPool:  # the backend URL is only known once the model server is up
+            def client(self, name):
+                if stack.pool is None:
+                    from moaa.services.backend import BackendPool
+                    from moaa.services.config import BackendConfig
+
+                    stack.pool = BackendPool({BACKEND: BackendConfig(**stack.backend)}, probes=False)
+                return stack.pool.client(name)
+
+        return ChatPairJudge(_LazyPool(), BACKEND, max_tokens=160, ledger=ledger)
+
+    async def stop(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        self.procs.clear()
+        if self.engine is not None:
+            await self.engine.stop()
+            self.engine = None

@@ -1,0 +1,230 @@
+"""`moaa pipeline run`: prompts -> MoA SFT data -> SFT -> samples -> pairs -> DPO -> eval -> report.
+
+The run folder records each stage's status in run.json. A re-run with the same settings skips the
+finished stages and resumes the unfinished one (datasets by row id, training from its newest
+checkpoint); a re-run with other settings is refused (their config hash differs), so one folder never
+mixes two recipes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moaa.errors import UserError
+
+from .budget import TokenLedger
+from .data import PromptRow, load_prompts
+from .layout import RunLayout
+from .rpc import Endpoint
+from .stages import NEEDS_SERVICES, STAGES, StageContext
+from .store import atomic_write_json
+
+QUICK_PROMPTS = 12
+
+
+@dataclass
+class PipelineOptions:
+    out: Path = Path("moaa-run")
+    prompts: str | None = None            # None: the bundled set
+    mapping: dict[str, str] = field(default_factory=dict)
+    skip_invalid: bool = False
+    split: str | None = None
+    limit: int | None = None
+    gateway: str | None = None            # None: start the embedded stack
+    annotator: str | None = None
+    token: str | None = None
+    tls_ca: str | None = None
+    k8s: bool = False
+    k8s_args: list[str] = field(default_factory=list)
+    quick: bool = False
+    token_budget: int | None = None
+    target: str | None = None             # base model for SFT; None: the embedded default
+    recipe: str = ""
+    ensemble: str = ""
+    eval_fraction: float = 0.2
+    eval_judge: str = "auto"              # auto | chat | ensemble
+    engine: str = "auto"                  # embedded model server engine
+    seed: int = 0
+    quiet: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # settings overrides (tests, power users)
+
+
+def default_settings(quick: bool) -> dict[str, Any]:
+    """Generation and training sizes: small enough for 2 CPU cores (full run < 20 min, --quick a few)."""
+    steps = 4 if quick else 12
+    return {
+        "answer_tokens": 48 if quick else 96,     # stage-1 proposer and aggregator answers
+        "n_samples": 5,                           # stage-2 samples per prompt (the paper's N)
+        "sample_tokens": 40 if quick else 64,
+        "sample_temperature": 0.9,
+        "allow_failures": 0.1,
+        "sft": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": 2,
+                "learning_rate": 2e-5},
+        "dpo": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": 2,
+                "learning_rate": 5e-6, "beta": 0.1},
+    }
+
+
+def split_eval(rows: list[PromptRow], fraction: float) -> tuple[list[PromptRow], list[PromptRow]]:
+    """A stable held-out split by id: the same prompts are held out on every run and machine."""
+    n_eval = round(len(rows) * fraction) if len(rows) >= 4 else 0
+    ranked = sorted(rows, key=lambda r: hashlib.sha256(f"eval:{r.id}".encode()).hexdigest())
+    held = {r.id for r in ranked[:n_eval]}
+    return [r for r in rows if r.id not in held], [r for r in rows if r.id in held]
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_hash(opts: PipelineOptions, settings: dict, prompt_ids: list[str], target: str) -> str:
+    """What decides the content of the run folder (not where the services run)."""
+    doc = {"settings": settings, "prompts": prompt_ids, "target": target, "recipe": opts.recipe,
+           "ensemble": opts.ensemble, "eval_fraction": opts.eval_fraction, "seed": opts.seed}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pick_quick(rows: list[PromptRow]) -> list[PromptRow]:
+    if len(rows) <= QUICK_PROMPTS:
+        return rows
+    step = len(rows) / QUICK_PROMPTS  # spread over the file: the bundled set is grouped by topic
+    return [rows[int(i * step)] for i in range(QUICK_PROMPTS)]
+
+
+class RunRecord:
+    """run.json: options, config hash, per-stage status and timings."""
+
+    def __init__(self, layout: RunLayout, chash: str, opts: PipelineOptions):
+        self.layout = layout
+        self.data: dict[str, Any] = {}
+        if layout.run_manifest.exists():
+            self.data = json.loads(layout.run_manifest.read_text())
+            old = self.data.get("config_hash")
+            if old and old != chash:
+                raise UserError(f"{layout.root} holds a run with other settings (config hash {old}, now {chash}); "
+                                "use another --out folder, or the same prompts and options as before")
+        self.data.setdefault("started_at", _now())
+        self.data["config_hash"] = chash
+        self.data.setdefault("stages", {})
+        self.data["runs"] = self.data.get("runs", 0) + 1
+        self.data["options"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()
+                                if k not in ("token",)}
+        self.save()
+
+    def status(self, stage: str) -> str | None:
+        return self.data["stages"].get(stage, {}).get("status")
+
+    def set(self, stage: str, **info: Any) -> None:
+        self.data["stages"].setdefault(stage, {}).update(info)
+        self.save()
+
+    def save(self) -> None:
+        self.data["updated_at"] = _now()
+        atomic_write_json(self.layout.run_manifest, self.data)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _say(opts: PipelineOptions, text: str) -> None:
+    if not opts.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the summary also printed at the end."""
+    from .local import LocalStack, default_target
+
+    layout = RunLayout(Path(opts.out))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    pset = load_prompts(opts.prompts, mapping=opts.mapping, skip_invalid=opts.skip_invalid, split=opts.split,
+                        limit=opts.limit)
+    if pset.skipped:
+        _say(opts, f"prompts: {pset.skipped_summary()}")
+    rows = _pick_quick(pset.rows) if opts.quick else pset.rows
+    train_rows, eval_rows = split_eval(rows, opts.eval_fraction)
+    settings = _merge(default_settings(opts.quick), opts.overrides)
+    settings.update({"recipe": opts.recipe, "ensemble": opts.ensemble, "eval_judge": opts.eval_judge, "seed": opts.seed})
+    local = opts.gateway is None
+    target = opts.target or (default_target() if local else None)
+    if target is None:
+        raise UserError("give --target MODEL (folder or hub id) for the model to train when using --gateway")
+    chash = config_hash(opts, settings, [r.id for r in rows], str(target))
+    record = RunRecord(layout, chash, opts)
+    ledger = TokenLedger(layout.usage, opts.token_budget)
+    _say(opts, f"moaa pipeline: {len(train_rows)} training prompts, {len(eval_rows)} held out for eval; "
+               f"run folder {layout.root} (config {chash})")
+    stack = LocalStack(layout, engine=opts.engine, quick=opts.quick, quiet=opts.quiet) if local else None
+    summary: dict[str, Any] = {"run_folder": str(layout.root), "config_hash": chash,
+                               "prompts": {"used": len(rows), "skipped_invalid": len(pset.skipped)}}
+    try:
+        gateway = Endpoint(stack.gateway_address if stack else opts.gateway, opts.token, opts.tls_ca)
+        annotator_addr = stack.annotator_address if stack else opts.annotator
+        annotator = Endpoint(annotator_addr, opts.token, opts.tls_ca) if annotator_addr else None
+        chat_judge = stack.chat_judge(ledger) if stack else None
+        ctx = StageContext(layout=layout, ledger=ledger, config_hash=chash, train_prompts=train_rows,
+                           eval_prompts=eval_rows, base_model=str(target), settings=settings, gateway=gateway,
+                           annotator=annotator, chat_judge=chat_judge, k8s=opts.k8s, k8s_args=opts.k8s_args,
+                           quiet=opts.quiet)
+        for name, fn in STAGES:
+            if record.status(name) == "done":
+                _say(opts, f"stage {name}: done in an earlier run, skipped")
+                summary[name] = record.data["stages"][name].get("result")
+                continue
+            if stack is not None:  # services only while a stage calls them: training needs both cores
+                await (stack.start() if name in NEEDS_SERVICES else stack.stop())
+            t0 = time.monotonic()
+            record.set(name, status="running", started_at=_now())
+            try:
+                result = await fn(ctx)
+            except BaseException as err:
+                record.set(name, status="stopped" if type(err).__name__ == "BudgetExhausted" else "failed",
+                           error=str(err)[:500], seconds=time.monotonic() - t0)
+                raise
+            record.set(name, status="done", result=result, seconds=time.monotonic() - t0, finished_at=_now())
+            summary[name] = result
+    finally:
+        ledger.save()
+        if stack is not None:
+            await stack.stop()
+    from .report import build_report
+
+    report = build_report(layout.root)
+    summary["report"] = str(report)
+    summary["tokens"] = ledger.to_json()
+    atomic_write_json(layout.root / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"moaa pipeline finished: run folder {summary['run_folder']}"]
+    s1 = summary.get("sft_data") or {}
+    pairs = summary.get("pairs") or {}
+    lines.append(f"  stage 1: {s1.get('rows', 0)} SFT rows written, {s1.get('skipped', 0)} skipped")
+    reasons = ", ".join(f"{k} {v}" for k, v in (pairs.get("skipped_reasons") or {}).items())
+    lines.append(f"  stage 2: {pairs.get('rows', 0)} preference pairs, {pairs.get('skipped', 0)} prompts skipped"
+                 + (f" ({reasons})" if reasons else ""))
+    for kind in ("sft", "dpo"):
+        r = summary.get(kind) or {}
+        if r:
+            loss = r.get("train_loss")
+            lines.append(f"  {kind.upper()}: {r.get('final_step')} steps, mean train loss "
+                         + (f"{loss:.4f}" if isinstance(loss, (int, float)) else "-")
+                         + (f" (resumed from {r['resumed_from']})" if r.get("resumed_from") else ""))
+    for w in (summary.get("eval") or {}).get("winrates") or []:
+        lines.append(f"  {w['model']} vs {w['baseline']}: win rate {w['win_rate']:.1f}% "
+                     f"[{w['win_rate_ci'][0]:.1f}, {w['win_rate_ci'][1]:.1f}], LC {w['lc_win_rate']:.1f}% (n={w['n']})")
+    tok = summary.get("tokens") or {}
+    lines.append(f"  tokens: {tok.get('total_tokens', 0)}"
+                 + "".join(f"; {s} {n}" for s, n in (tok.get("per_stage") or {}).items()))
+    lines.append(f"  report: {summary.get('report')}")
+    return "\n".join(lines)

@@ -1,0 +1,244 @@
+"""The pipeline's stages. Each reads the run folder, does only what is not done yet, and writes its output.
+
+    sft_data  prompts -> gateway GenerateBatch (MoA answers)       -> stage1-sft-data/  (TRL SFT rows)
+    sft       moaa train sft                                        -> sft-model/
+    samples   moaa sample --n 5 from the SFT model                  -> stage2-samples/
+    pairs     annotator AnnotateStream (judge ensemble)             -> stage2-pairs/     (TRL preference rows)
+    dpo       moaa train dpo                                        -> dpo-model/
+    answers   one answer per held-out prompt from base, SFT, DPO     -> eval/answers-*.jsonl
+    eval      pairwise judging in both orders, win rates, grades     -> eval/winrates.json, grades.json
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moaa.errors import TransientError, UserError
+
+from .budget import TokenLedger
+from .data import PromptRow
+from .layout import RunLayout
+from .progress import StageProgress
+from .rpc import Endpoint, annotate_stream, generate_batch
+from .store import DatasetStore, atomic_write_text
+from . import training
+
+
+@dataclass
+class StageContext:
+    layout: RunLayout
+    ledger: TokenLedger
+    config_hash: str
+    train_prompts: list[PromptRow]
+    eval_prompts: list[PromptRow]
+    base_model: str                       # what SFT starts from (folder or hub id)
+    settings: dict[str, Any]              # generation / training settings, part of the config hash
+    gateway: Endpoint | None = None
+    annotator: Endpoint | None = None
+    chat_judge: Any = None                # ChatPairJudge for eval/grading where a judge backend is reachable
+    k8s: bool = False
+    k8s_args: list[str] = field(default_factory=list)
+    quiet: bool = False
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def store(self, folder: Path, stage: str, fmt: str) -> DatasetStore:
+        return DatasetStore(folder, stage=stage, fmt=fmt, config_hash=self.config_hash).open()
+
+
+def _finish_dataset(ctx: StageContext, store: DatasetStore, total: int, what: str) -> dict:
+    """Complete the stage, or fail it while too many rows failed (they are retried on the next run)."""
+    pending = [rid for rid in store.failed if not store.is_done(rid)]
+    allowed = int(ctx.settings.get("allow_failures", 0.1) * total)
+    if pending and len(pending) > allowed:
+        store.write_manifest(complete=False)
+        first = next(iter(store.failed.values()))
+        raise TransientError(f"{what}: {len(pending)} of {total} rows failed (first: {first}); "
+                             "re-run the same command to retry them")
+    for rid in pending:  # few enough: record them as skipped, with the reason, and go on
+        store.skip(rid, f"failed: {store.failed[rid]}")
+    return store.write_manifest(complete=True)
+
+
+def _train_rows_file(store: DatasetStore, path: Path, keys: tuple[str, ...]) -> Path:
+    """The rows TRL reads (id + its format's fields), in one file, written atomically."""
+    text = "".join(json.dumps({k: r[k] for k in ("id", *keys)}, ensure_ascii=False) + "\n" for r in store.iter_rows())
+    atomic_write_text(path, text)
+    return path
+
+
+async def stage_sft_data(ctx: StageContext) -> dict:
+    store = ctx.store(ctx.layout.sft_data, "sft_data", "sft")
+    total = len(ctx.train_prompts)
+    for attempt in range(2):  # a second pass retries this run's failures once
+        pending = [r for r in ctx.train_prompts if not store.is_done(r.id)]
+        if not pending:
+            break
+        ctx.ledger.check("stage 1 (MoA answers)")
+        progress = StageProgress("stage 1: MoA answers", total, total - len(pending), ctx.ledger, quiet=ctx.quiet)
+        try:
+            await generate_batch(ctx.gateway, pending, store, ctx.ledger, progress,
+                                 recipe=ctx.settings.get("recipe", ""), max_tokens=ctx.settings["answer_tokens"])
+        finally:
+            progress.close()
+            store.write_manifest(complete=False)
+        ctx.ledger.check("stage 1 (MoA answers)")
+    m = _finish_dataset(ctx, store, total, "stage 1 (MoA answers)")
+    _train_rows_file(store, ctx.layout.sft_data / "train.jsonl", ("messages",))
+    return {"rows": m["rows"], "skipped": m["skipped"]}
+
+
+async def _train(ctx: StageContext, kind: str, data: Path, model: str, out: Path) -> dict:
+    done = training.model_done(out)
+    if done:
+        return {"final_step": done.get("final_step"), "train_loss": done.get("train_loss")}
+    settings = dict(ctx.settings[kind])
+    progress = StageProgress(f"{kind.upper()} training", settings.get("max_steps") or 0, 0, unit="step", quiet=ctx.quiet)
+    try:
+        return await training.train(kind, data=data, model=model, out=out, settings=settings,
+                                    log_path=ctx.layout.logs / f"{kind}.log", progress=progress,
+                                    k8s=ctx.k8s, k8s_args=ctx.k8s_args)
+    finally:
+        progress.close()
+
+
+async def stage_sft(ctx: StageContext) -> dict:
+    return await _train(ctx, "sft", ctx.layout.sft_data / "train.jsonl", ctx.base_model, ctx.layout.sft_model)
+
+
+def _prompt_file(path: Path, prompts: list[PromptRow]) -> Path:
+    atomic_write_text(path, "".join(json.dumps({"id": p.id, "prompt": p.messages}, ensure_ascii=False) + "\n"
+                                    for p in prompts))
+    return path
+
+
+async def stage_samples(ctx: StageContext) -> dict:
+    folder = ctx.layout.samples
+    folder.mkdir(parents=True, exist_ok=True)
+    store = ctx.store(folder, "samples", "samples")   # repairs a torn last line before the sampler appends
+    total = len(ctx.train_prompts)
+    if store.rows < total:
+        prompts = _prompt_file(folder / "prompts.jsonl", ctx.train_prompts)
+        progress = StageProgress("stage 2: samples", total, store.rows, quiet=ctx.quiet)
+        try:
+            await training.sample(model=ctx.layout.sft_model, prompts=prompts, out=folder / "data-00000.jsonl",
+                                  n=ctx.settings["n_samples"], max_new_tokens=ctx.settings["sample_tokens"],
+                                  temperature=ctx.settings.get("sample_temperature", 0.8),
+                                  log_path=ctx.layout.logs / "samples.log", progress=progress,
+                                  seed=ctx.settings.get("seed", 0))
+        finally:
+            progress.close()
+        store = ctx.store(folder, "samples", "samples")
+    store.models.add("sft-model")
+    m = store.write_manifest(complete=True)
+    return {"rows": m["rows"]}
+
+
+async def stage_pairs(ctx: StageContext) -> dict:
+    if ctx.annotator is None:
+        raise UserError("stage 2 needs an annotator: give --annotator HOST:PORT")
+    samples = ctx.store(ctx.layout.samples, "samples", "samples")
+    store = ctx.store(ctx.layout.pairs, "pairs", "preference")
+    rows = list(samples.iter_rows())
+    total = len(rows)
+    for attempt in range(2):
+        pending = [r for r in rows if not store.is_done(r["id"])]
+        if not pending:
+            break
+        ctx.ledger.check("stage 2 (judging)")
+        progress = StageProgress("stage 2: judging", total, total - len(pending), ctx.ledger, quiet=ctx.quiet)
+        try:
+            await annotate_stream(ctx.annotator, pending, store, ctx.ledger, progress,
+                                  ensemble=ctx.settings.get("ensemble", ""), model="sft-model")
+        finally:
+            progress.close()
+            store.write_manifest(complete=False)
+        ctx.ledger.check("stage 2 (judging)")
+    m = _finish_dataset(ctx, store, total, "stage 2 (judging)")
+    if m["rows"] == 0:
+        raise UserError(f"stage 2 produced no preference pairs ({m['skipped']} prompts skipped: "
+                        f"{m['skipped_reasons']}); lower the ensemble's min_margin or sample more answers")
+    _train_rows_file(store, ctx.layout.pairs / "train.jsonl", ("prompt", "chosen", "rejected"))
+    return {"rows": m["rows"], "skipped": m["skipped"], "skipped_reasons": m["skipped_reasons"]}
+
+
+async def stage_dpo(ctx: StageContext) -> dict:
+    return await _train(ctx, "dpo", ctx.layout.pairs / "train.jsonl", str(ctx.layout.sft_model), ctx.layout.dpo_model)
+
+
+EVAL_MODELS = ("base", "sft", "dpo")
+EVAL_PAIRS = [("sft", "base"), ("dpo", "base"), ("dpo", "sft")]
+
+
+async def stage_answers(ctx: StageContext) -> dict:
+    """One answer per held-out prompt from the base, SFT and DPO models (no services needed)."""
+    from .eval.run import answers_from_samples
+
+    out = ctx.layout.eval
+    out.mkdir(parents=True, exist_ok=True)
+    if not ctx.eval_prompts:
+        return {"note": "no eval prompts"}
+    prompts = _prompt_file(out / "prompts.jsonl", ctx.eval_prompts)
+    models = {"base": ctx.base_model, "sft": str(ctx.layout.sft_model), "dpo": str(ctx.layout.dpo_model)}
+    counts = {}
+    for name in EVAL_MODELS:
+        ans_file = out / f"answers-{name}.jsonl"
+        have = len(answers_from_samples(ans_file)) if ans_file.exists() else 0
+        if have < len(ctx.eval_prompts):
+            progress = StageProgress(f"eval answers: {name}", len(ctx.eval_prompts), have, quiet=ctx.quiet)
+            try:
+                await training.sample(model=Path(models[name]), prompts=prompts, out=ans_file, n=1,
+                                      max_new_tokens=ctx.settings["sample_tokens"], temperature=0.0,
+                                      log_path=ctx.layout.logs / f"eval-{name}.log", progress=progress,
+                                      seed=ctx.settings.get("seed", 0))
+            finally:
+                progress.close()
+        counts[name] = len(answers_from_samples(ans_file))
+    return {"answers": counts}
+
+
+async def stage_eval(ctx: StageContext) -> dict:
+    """Pairwise judging in both orders, win rates with CIs; 1-10 grades where a chat judge is reachable."""
+    from .eval.judges import AnnotatorPairJudge
+    from .eval.run import answers_from_samples, grade_answers, judge_pairs, winrates_from_store, write_winrates
+
+    out = ctx.layout.eval
+    if not ctx.eval_prompts:
+        return {"note": "no eval prompts"}
+    answers = {name: answers_from_samples(out / f"answers-{name}.jsonl") for name in EVAL_MODELS}
+    use_chat = ctx.chat_judge is not None and ctx.settings.get("eval_judge", "auto") in ("auto", "chat")
+    if not use_chat and ctx.annotator is None:
+        raise UserError("evaluation needs a judge: give --annotator HOST:PORT")
+    judge = ctx.chat_judge if use_chat else AnnotatorPairJudge(
+        ctx.annotator, ensemble=ctx.settings.get("ensemble", ""), ledger=ctx.ledger)
+    store = ctx.store(out / "judgments", "eval", "generations")
+    grades = None
+    try:
+        for model, baseline in EVAL_PAIRS:
+            ctx.ledger.check("evaluation")
+            await judge_pairs(judge, model, baseline, answers[model], answers[baseline], store, quiet=ctx.quiet)
+        if ctx.chat_judge is not None:
+            grades = await grade_answers(ctx.chat_judge, answers, out, quiet=ctx.quiet)
+    finally:
+        ctx.ledger.save()
+        if not use_chat:
+            await judge.close()
+    _finish_dataset(ctx, store, len(EVAL_PAIRS) * len(ctx.eval_prompts), "evaluation")
+    winrates = winrates_from_store(store, EVAL_PAIRS)
+    write_winrates(out, winrates)
+    return {"winrates": winrates, "grades": grades, "judge": judge.name}
+
+
+# Stages that call the gateway or the annotator (the embedded stack runs only for these).
+NEEDS_SERVICES = {"sft_data", "pairs", "eval"}
+
+STAGES = [
+    ("sft_data", stage_sft_data),
+    ("sft", stage_sft),
+    ("samples", stage_samples),
+    ("pairs", stage_pairs),
+    ("dpo", stage_dpo),
+    ("answers", stage_answers),
+    ("eval", stage_eval),
+]

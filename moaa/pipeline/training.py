@@ -1,0 +1,136 @@
+"""The trainer's commands (`moaa train sft|dpo|submit`, `moaa sample`) run as child processes.
+
+A child process keeps the trainer's memory and threads out of the pipeline and matches what a
+Kubernetes Job runs. The child dies with the pipeline (PR_SET_PDEATHSIG), so a SIGKILLed pipeline
+leaves no orphan writing into the run folder; a re-run then resumes from the trainer's newest
+checkpoint (the trainer does that itself). Progress comes from the trainer's JSON lines on stdout.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import signal
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, TransientError, UserError
+
+from .progress import StageProgress
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def moaa_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "moaa.cli.main", *args]
+
+
+async def run_child(cmd: list[str], *, log_path: Path, what: str, on_json: Callable[[dict], None] | None = None,
+                    env: dict | None = None) -> None:
+    """Run a moaa child command; JSON lines on stdout go to `on_json`, everything to `log_path`.
+
+    Exit codes keep their meaning: 2 -> UserError, 75 -> TransientError, other -> MoaaError, each
+    with the child's last error line.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: deque[str] = deque(maxlen=40)
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+            preexec_fn=_die_with_parent, limit=16 * 1024 * 1024)
+        try:
+            assert proc.stdout is not None
+            async for raw in proc.stdout:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                log.write(line + "\n")
+                log.flush()
+                tail.append(line)
+                if on_json and line.startswith("{"):
+                    try:
+                        on_json(json.loads(line))
+                    except ValueError:
+                        pass
+            rc = await proc.wait()
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
+    if rc == 0:
+        return
+    reason = next((ln for ln in reversed(tail) if "error" in ln.lower()), tail[-1] if tail else "no output")
+    reason = reason.removeprefix("moaa: error: ").strip()
+    msg = f"{what} failed (exit {rc}): {reason} (log: {log_path})"
+    if rc == EXIT_BAD_INPUT:
+        raise UserError(msg)
+    if rc == EXIT_TRANSIENT:
+        raise TransientError(msg)
+    raise MoaaError(msg)
+
+
+def model_done(folder: Path) -> dict | None:
+    """The trainer's manifest once the final model is saved (None while training is unfinished)."""
+    path = folder / "manifest.json"
+    if not path.exists():
+        return None
+    m = json.loads(path.read_text())
+    return m if m.get("final_step") is not None else None
+
+
+async def train(kind: str, *, data: Path, model: str, out: Path, settings: dict, log_path: Path,
+                progress: StageProgress, k8s: bool = False, k8s_args: list[str] | None = None) -> dict:
+    """`moaa train KIND` (or `moaa train submit KIND` with k8s) until the final model is saved."""
+    args = ["--data", str(data), "--model", str(model), "--out", str(out)]
+    flags = {"max_steps": "--max-steps", "global_batch_size": "--batch-size", "max_length": "--max-length",
+             "save_steps": "--save-steps", "learning_rate": "--lr", "seed": "--seed", "beta": "--beta",
+             "num_train_epochs": "--epochs", "per_device_batch_size": "--per-device-batch-size"}
+    for key, value in settings.items():
+        if value is None:
+            continue
+        if key in flags:
+            args += [flags[key], str(value)]
+        else:
+            args += ["--set", f"{key}={value}"]
+    cmd = moaa_command("train", "submit", kind, *args, *(k8s_args or [])) if k8s else moaa_command("train", kind, *args)
+    state = {"resumed_from": None}
+
+    def on_json(rec: dict) -> None:
+        if rec.get("event") == "resume":
+            state["resumed_from"] = rec.get("checkpoint")
+            state["resumed_step"] = rec.get("step")
+        if isinstance(rec.get("total"), int) and rec["total"] > 0:
+            progress.set_total(rec["total"])
+        if isinstance(rec.get("step"), int):
+            post = {"loss": f"{rec['loss']:.4f}"} if isinstance(rec.get("loss"), (int, float)) else {}
+            progress.set(rec["step"], **post)
+
+    await run_child(cmd, log_path=log_path, what=f"{kind.upper()} training", on_json=on_json)
+    manifest = model_done(out)
+    if manifest is None:
+        raise MoaaError(f"{kind.upper()} training exited without saving a final model in {out} (log: {log_path})")
+    return {**state, "final_step": manifest.get("final_step"), "train_loss": manifest.get("train_loss")}
+
+
+async def sample(*, model: Path, prompts: Path, out: Path, n: int, max_new_tokens: int, temperature: float,
+                 log_path: Path, progress: StageProgress, seed: int = 0, batch_size: int = 8) -> None:
+    """`moaa sample`: n answers per prompt from a trained model, appended to `out` and resumed by id."""
+    cmd = moaa_command("sample", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
+                       "--n", str(n), "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature),
+                       "--seed", str(seed), "--batch-size", str(batch_size))
+
+    def on_json(rec: dict) -> None:
+        done = rec.get("done", rec.get("rows"))
+        if isinstance(done, int):
+            progress.set(done)
+
+    await run_child(cmd, log_path=log_path, what="sampling", on_json=on_json)
