@@ -1,0 +1,71 @@
+"""`moaa generate` and `moaa gateway serve` as a user runs them."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+import yaml
+
+from moaa.cli.main import main
+from moaa.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.fixtures.gateway import moa_config
+
+
+async def test_generate_prints_proposals_then_streams_answer(gw_emulators, gateway_factory, capsys):
+    emu = await gw_emulators({"a": {"ttft_s": 0.01}, "bad": {"error_rates": {500: 1.0}}, "agg": {"ttft_s": 0.01}})
+    gw = await gateway_factory(moa_config(emu.url, ["a", "bad"]))
+    code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--max-tokens", "6", "Tell me a joke"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "--- proposal 1.1 (a," in out and "--- failed: bad (http_5xx)" in out
+    assert out.index("--- proposal") < out.index("=== aggregated answer ===")
+    answer = out.split("=== aggregated answer ===\n", 1)[1]
+    body = emu.bodies("agg")[-1]
+    assert body["max_tokens"] == 6 and answer.strip()
+    assert emu.bodies("a")[-1]["messages"] == [{"role": "user", "content": "Tell me a joke"}]
+
+
+async def test_generate_errors_are_one_line(gw_emulators, gateway_factory, capsys, monkeypatch, unused_tcp_port):
+    emu = await gw_emulators()
+    monkeypatch.setenv("MOAA_TEST_CLI_TOKENS", "good")
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"auth": {"tokens_env": "MOAA_TEST_CLI_TOKENS"}}))
+    code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--token", "bad", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "PERMISSION_DENIED" in err
+    code = await asyncio.to_thread(main, ["generate", "--gateway", f"127.0.0.1:{unused_tcp_port}", "--timeout", "2", "hi"])
+    err = capsys.readouterr().err
+    assert code == 75 and err.startswith("moaa: error: gateway 127.0.0.1:") and err.count("\n") == 1
+
+
+async def test_gateway_serve_runs_and_stops_on_sigterm(gw_emulators, tmp_path, unused_tcp_port):
+    emu = await gw_emulators()
+    cfg = moa_config(emu.url, ["a"], gateway={"port": unused_tcp_port})
+    path = tmp_path / "moaa.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        assert f"listening on 127.0.0.1:{unused_tcp_port}" in line
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{unused_tcp_port}") as ch:
+            resp = await gateway_pb2_grpc.MoAGatewayStub(ch).ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
+            assert [m.name for m in resp.models] == ["a", "agg"]
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_gateway_serve_bad_config_is_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("backends: {}\n")
+    proc = subprocess.run([sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("moaa: error:") and proc.stderr.count("\n") == 1
