@@ -191,12 +191,15 @@ async def test_cancelled_stream_is_seen_by_the_backend(emulator_factory, pool_of
     async with pool.client("m").stream_chat(MSGS, {"max_tokens": 100}) as s2:
         await s2.__anext__()
     assert await wait_for(lambda: emu.stats.disconnects == 2)
+    async for _ in pool.client("m").stream_chat(MSGS, {"max_tokens": 100}):
+        break  # no aclose(): dropping the stream closes it (asyncio finalizes the generator)
+    assert await wait_for(lambda: emu.stats.disconnects == 3)
     task = asyncio.create_task(pool.client("m").chat(MSGS, {"max_tokens": 100}))
     await wait_for(lambda: emu.stats.in_flight == 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await wait_for(lambda: emu.stats.disconnects == 3)
+    assert await wait_for(lambda: emu.stats.disconnects == 4)
     assert pool.client("m").replicas.replicas[0].in_flight == 0
     assert pool.models_info()[0]["replicas"][0]["circuit"] == "closed"  # the caller left: no fault
 

@@ -303,3 +303,17 @@ async def test_cli_arguments_and_run_emulator(http):
     from moaa.errors import UserError
     with pytest.raises(UserError):
         settings_from_args(parser.parse_args(["--settings", '{"ttft_s": -1}']))
+
+
+async def test_echo_answers_with_the_request_messages(http, emulator_factory):
+    emu = await emulator_factory(profiles={"echo": {"echo": True}})
+    payload = body("echo", messages=[{"role": "system", "content": "Refs: [1] alpha  [2] beta"},
+                                     {"role": "user", "content": "Combine them."}], stream=True)
+    async with await post(http, emu, payload) as r:
+        events = await read_events(r)
+    text = "".join(c["delta"].get("content", "") for ev in events[:-1] for c in ev["choices"])
+    assert text == "system: Refs: [1] alpha  [2] beta\nuser: Combine them."
+    async with await post(http, emu, {**payload, "stream": False, "max_tokens": 3}) as r:
+        answer = await r.json()
+    assert answer["choices"][0]["message"]["content"] == "system: Refs: [1]"
+    assert answer["choices"][0]["finish_reason"] == "length"

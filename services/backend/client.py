@@ -20,13 +20,14 @@ from moaa.services.config import BackendConfig, SamplingConfig
 
 from .errors import REPLICA_FAULTS, BackendError, error_message
 from .limits import make_throttler
-from .protocol import ChatChoice, ChatChunk, ChatResult, Usage, chat_body, sampling_dict
+from .protocol import RESTART as _RESTART
+from .protocol import ChatChoice, ChatResult, Usage, chat_body, sampling_dict
 from .replicas import HALF_OPEN, Replica, ReplicaSet
 from .sse import DONE, MalformedEvent, SSEParser
+from .stream import ChatStream
 
 log = logging.getLogger("moaa.backend")
 
-_RESTART = object()  # yielded by _events when a retry starts over after partial output (chat() only)
 PROBE_HEADER = "X-Moaa-Probe"
 
 
@@ -68,7 +69,7 @@ class BackendClient:
         if self._session is None or self._session.closed:
             per_replica = self.cfg.max_concurrency + 2  # + probes
             connector = aiohttp.TCPConnector(limit=per_replica * len(self.cfg.urls), limit_per_host=per_replica,
-                                             ttl_dns_cache=60, enable_cleanup_closed=True)
+                                             ttl_dns_cache=60)
             self._session = aiohttp.ClientSession(
                 connector=connector, headers=self._headers, read_bufsize=1 << 20, raise_for_status=False,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.timeouts.connect_s))
@@ -94,7 +95,7 @@ class BackendClient:
         return await self._chat_once(chat_body(self.served_model, msgs, params, n), n, deadline)
 
     def stream_chat(self, messages, sampling: SamplingConfig | dict | None = None,
-                    timeout: float | None = None) -> "ChatStream":
+                    timeout: float | None = None) -> ChatStream:
         """Text deltas as the backend sends them; the last chunk carries usage. Retries and failover
         happen only before the first chunk reaches the caller. Raises BackendError while iterating."""
         body = chat_body(self.served_model, normalize_messages(messages), sampling_dict(sampling))
@@ -153,8 +154,18 @@ class BackendClient:
             # Same seed n times would give n identical answers.
             return {**params, "seed": params["seed"] + i} if "seed" in params else params
 
-        results = await asyncio.gather(*(
-            self._chat_once(chat_body(self.served_model, msgs, params_for(i)), 1, deadline) for i in range(n)))
+        tasks = [asyncio.create_task(self._chat_once(chat_body(self.served_model, msgs, params_for(i)), 1, deadline))
+                 for i in range(n)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()
+        finally:  # one failure fails the call: stop the other requests too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        results = [task.result() for task in tasks]
         usage = Usage()
         for r in results:
             usage = usage + r.usage
@@ -235,6 +246,7 @@ class BackendClient:
             raise timed_out(deadline, "queueing")
         trial = replica.begin() if not probe else False
         slot = False
+        epoch = 0
         resp: aiohttp.ClientResponse | None = None
         outcome: str | None = None  # "ok" | fault cause | None (caller went away)
         try:
@@ -247,6 +259,7 @@ class BackendClient:
                             replica.progress()  # an idle replica has no stalled requests
                         await replica.limit.acquire()
                         slot = True
+                        epoch = replica.limit.epoch
                 except TimeoutError:
                     err = timed_out(attempt_deadline, "slot")
                     err.replica_fault = False  # our own queue, not the replica's doing
@@ -273,7 +286,8 @@ class BackendClient:
                     raw = b""
                 msg = error_message(raw) if raw else resp.reason or "no error body"
                 if resp.status == 429:
-                    replica.limit.on_rate_limited()
+                    if slot:
+                        replica.limit.on_rate_limited(epoch)
                     err = fail("rate_limited", msg, 429)
                     err.retry_after = _retry_after(resp.headers.get("Retry-After"))
                     raise err
@@ -294,26 +308,24 @@ class BackendClient:
             while not done:
                 try:
                     async with asyncio.timeout_at(phase_deadline):
-                        line = await resp.content.readline()
+                        data = await resp.content.readany()  # all that arrived: fewer wakeups than per line
                 except TimeoutError:
                     raise timed_out(phase_deadline, phase) from None
                 except aiohttp.ClientPayloadError as e:
                     raise fail("stream_cut", f"stream cut short: {_short(e)}") from None
                 except (aiohttp.ClientError, ConnectionError) as e:
                     raise fail("stream_cut", f"stream cut short: {type(e).__name__}: {_short(e)}") from None
-                except ValueError as e:  # aiohttp: a line longer than the read buffer
-                    raise fail("malformed", f"stream line too long: {e}") from None
                 replica.progress()
                 try:
-                    events = parser.feed_line(line) if line else parser.close()
+                    events = parser.feed(data) if data else parser.close()
                 except MalformedEvent as e:
                     raise fail("malformed", str(e)) from None
                 for ev in events:
                     if ev is DONE:
                         done = True
                         break
-                    if "error" in ev and not ev.get("choices"):
-                        e = ev["error"]
+                    if ("error" in ev or ev.get("object") == "error") and not ev.get("choices"):
+                        e = ev.get("error", ev)
                         code = e.get("code") if isinstance(e, dict) else None
                         status = code if isinstance(code, int) and 400 <= code < 600 else 500
                         raise fail("http_5xx" if status >= 500 else "http_4xx",
@@ -326,7 +338,7 @@ class BackendClient:
                         phase = "chunk gap"
                     yield ev
                     phase_deadline = min(loop.time() + t.chunk_gap_s, attempt_deadline)
-                if not line and not done:
+                if not data and not done:
                     if finished:  # some servers end without [DONE]; a finished answer is complete
                         break
                     raise fail("stream_cut", "stream ended before the answer finished")
@@ -375,67 +387,3 @@ def _retry_after(value: str | None) -> float:
         return max(0.0, float(value)) if value else 0.0
     except ValueError:
         return 0.0
-
-
-class ChatStream:
-    """Async iterator of ChatChunk. Breaking out of `async for` or aclose() closes the HTTP stream;
-    use `async with client.stream_chat(...) as s:` to close it at once."""
-
-    def __init__(self, client: BackendClient, body: dict, deadline: float):
-        self.model = client.name
-        self.endpoint = ""
-        self.attempts = 0
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        self.ttft_s: float | None = None
-        self.latency_s = 0.0
-        self._t0 = time.monotonic()
-        self._state: dict[str, Any] = {}
-        self._gen = self._run(client, body, deadline)
-
-    async def _run(self, client: BackendClient, body: dict, deadline: float) -> AsyncIterator[ChatChunk]:
-        async with aclosing(client._events(body, deadline, self._state)) as events:
-            async for ev in events:
-                if ev is _RESTART:  # a retry after a role-only chunk: the caller saw nothing yet
-                    self.ttft_s = None
-                    continue
-                self.endpoint = self._state.get("endpoint", "")
-                self.attempts = self._state.get("attempts", 1)
-                if self.ttft_s is None:
-                    self.ttft_s = time.monotonic() - self._t0
-                usage = Usage.from_dict(ev["usage"]) if ev.get("usage") else None
-                if usage is not None:
-                    self.usage = usage
-                for ch in ev.get("choices") or []:
-                    piece = (ch.get("delta") or {}).get("content") or ch.get("text") or ""
-                    fin = ch.get("finish_reason")
-                    self.text += piece
-                    self.finish_reason = fin or self.finish_reason
-                    if piece or fin:
-                        self._state["committed"] = True
-                        yield ChatChunk(piece, fin, None, int(ch.get("index", 0)))
-                if usage is not None:
-                    self._state["committed"] = True
-                    yield ChatChunk("", self.finish_reason, usage)
-        self.latency_s = time.monotonic() - self._t0
-
-    def __aiter__(self) -> "ChatStream":
-        return self
-
-    async def __anext__(self) -> ChatChunk:
-        try:
-            return await self._gen.__anext__()
-        except BackendError:
-            self.endpoint = self._state.get("endpoint", self.endpoint)
-            self.attempts = self._state.get("attempts", self.attempts)
-            raise
-
-    async def aclose(self) -> None:
-        await self._gen.aclose()
-
-    async def __aenter__(self) -> "ChatStream":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.aclose()

@@ -32,6 +32,8 @@ async def probe_once(client: BackendClient, replica: Replica) -> bool:
     try:
         latency = await client.probe(replica)
     except BackendError as err:
+        if err.cause == "rate_limited":  # busy but answering: alive
+            return check_progress(client, replica)
         if replica.healthy:
             log.warning("backend %s replica %s: health probe failed: %s", client.name, replica.url, err.cause)
         replica.healthy = False

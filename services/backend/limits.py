@@ -26,6 +26,7 @@ class AdaptiveLimit:
         self.limit = maximum
         self.in_flight = 0
         self._successes = 0
+        self.epoch = 0  # bumped at each halving; 429s of requests sent before it are the same signal
         self._waiters: deque[asyncio.Future] = deque()
 
     @property
@@ -58,8 +59,13 @@ class AdaptiveLimit:
                 self.in_flight += 1
                 fut.set_result(None)
 
-    def on_rate_limited(self) -> None:
+    def on_rate_limited(self, epoch: int | None = None) -> None:
+        """Halves the limit, once per burst: requests admitted before the last halving (an older
+        `epoch`) were sent under the old limit, so their 429s are not a new signal."""
+        if epoch is not None and epoch != self.epoch:
+            return
         self.limit = max(1, self.limit // 2)
+        self.epoch += 1
         self._successes = 0
 
     def on_success(self) -> None:

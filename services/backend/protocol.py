@@ -69,6 +69,9 @@ class ChatChunk:
     index: int = 0
 
 
+# Yielded by the client's retry loop when a retry starts over after events were passed on.
+RESTART = object()
+
 SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty", "frequency_penalty")
 
 

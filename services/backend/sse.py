@@ -16,8 +16,22 @@ class MalformedEvent(ValueError):
 class SSEParser:
     """Collects `data:` lines into events; an empty line ends an event."""
 
+    MAX_LINE = 16 << 20  # a "line" this long without a newline is not SSE
+
     def __init__(self) -> None:
         self._data: list[str] = []
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[object]:
+        """Feeds raw bytes as they arrive (any split); returns the events they complete."""
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > self.MAX_LINE:
+            raise MalformedEvent(f"stream line longer than {self.MAX_LINE} bytes")
+        events: list[object] = []
+        for line in lines:
+            events.extend(self.feed_line(line))
+        return events
 
     def feed_line(self, raw: bytes) -> list[object]:
         """Returns the events (parsed JSON dicts or DONE) that this line completes."""
@@ -34,8 +48,10 @@ class SSEParser:
         return []  # event:, id:, retry: carry nothing we use
 
     def close(self) -> list[object]:
-        """End of stream: a pending event without its blank line still counts."""
-        return self._flush()
+        """End of stream: a pending line and event without their newlines still count."""
+        events = self.feed_line(self._partial) if self._partial else []
+        self._partial = b""
+        return events + self._flush()
 
     def _flush(self) -> list[object]:
         if not self._data:
@@ -47,7 +63,8 @@ class SSEParser:
         try:
             obj = json.loads(data)
         except ValueError:
-            raise MalformedEvent(f"stream chunk is not JSON: {data[:80]!r}") from None
+            # No excerpt: the payload is model output, which stays out of errors and logs.
+            raise MalformedEvent(f"stream chunk of {len(data)} characters is not JSON") from None
         if not isinstance(obj, dict):
-            raise MalformedEvent(f"stream chunk is not a JSON object: {data[:80]!r}")
+            raise MalformedEvent(f"stream chunk is JSON but not an object ({type(obj).__name__})")
         return [obj]

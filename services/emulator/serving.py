@@ -9,11 +9,12 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 import time
 import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from .protocol import EmulatorSettings, chunk, completion, error_body
 
@@ -29,6 +30,13 @@ def generate_tokens(body: dict, index: int, count: int) -> list[str]:
     rng = random.Random(hashlib.sha256(key.encode()).digest())
     words = rng.choices(VOCAB, k=count)
     return [words[0]] + [" " + w for w in words[1:]]
+
+
+def echo_tokens(body: dict, limit: int | None) -> list[str]:
+    """The request's messages as `role: content` lines, cut into word tokens (whitespace kept)."""
+    text = "\n".join(f"{m.get('role')}: {m.get('content', '')}" for m in body.get("messages", []))
+    tokens = re.findall(r"\s*\S+", text) or [""]
+    return tokens[:limit] if limit else tokens
 
 
 def expected_text(body: dict, index: int = 0, max_tokens: int | None = None, default_max_tokens: int = 16) -> str:
@@ -84,6 +92,19 @@ class ClientGone(Exception):
 
 
 Writer = Callable[[bytes], Awaitable[None]]
+
+
+def chunk_heads(rid: str, model: str, created: int, n: int) -> list[bytes]:
+    """The fixed start of each choice's content chunk, built once per request (the hot path only
+    splices the token in)."""
+    head = chunk(rid, model, created, [{"index": 0, "delta": {"content": ""}, "finish_reason": None}])
+    prefix = head[: head.index(b'"delta":{"content":') + len(b'"delta":{"content":')]
+    return [prefix.replace(b'"index":0,', b'"index":%d,' % i) for i in range(n)]
+
+
+def content_chunk(heads: list[bytes], tokens: list[list[str]], step: int):
+    for i, head in enumerate(heads):
+        yield head + json.dumps(tokens[i][step]).encode() + b'},"finish_reason":null}]}\n\n'
 
 
 class ChatServing:
@@ -145,6 +166,9 @@ class ChatServing:
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         count = max_tokens or s.default_max_tokens
         n = body.get("n") or 1
+        if s.echo:
+            tokens = echo_tokens(body, max_tokens)
+            return [tokens] * n, "length" if max_tokens and len(tokens) == max_tokens else "stop"
         finish = "length" if max_tokens else "stop"
         return [generate_tokens(body, i, count) for i in range(n)], finish
 
@@ -174,6 +198,7 @@ class ChatServing:
         n = len(tokens)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         loop = asyncio.get_running_loop()
+        heads = chunk_heads(rid, model, created, n)
         t0 = loop.time()
         if s.ttft_s:
             await asyncio.sleep(s.ttft_s)
@@ -200,8 +225,7 @@ class ChatServing:
                 wait = t0 + s.ttft_s + (step + 1) / s.tokens_per_s - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-            await write(chunk(rid, model, created, [{"index": i, "delta": {"content": tokens[i][step]},
-                                                     "finish_reason": None} for i in range(n)]))
+            await write(b"".join(content_chunk(heads, tokens, step)))
             self.stats.tokens += n
         await write(chunk(rid, model, created, [{"index": i, "delta": {}, "finish_reason": finish}
                                                 for i in range(n)]))
