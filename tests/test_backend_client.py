@@ -107,6 +107,15 @@ async def test_n_emulated_with_separate_requests(emulator, pool_of):
     assert "n emulated with 2 requests" in res.note and res.usage.completion_tokens == 8
 
 
+async def test_server_ignoring_n_is_covered_by_separate_requests(emulator_factory, pool_of):
+    emu = await emulator_factory(ignore_n=True)
+    pool = await pool_of({"m": make_cfg(emu.url)})  # supports_n left at true: a misconfiguration
+    res = await pool.client("m").chat(MSGS, {"max_tokens": 4, "seed": 1}, n=3)
+    assert len(res.choices) == 3 and len(set(res.texts)) == 3 and all(res.texts)
+    assert [c.index for c in res.choices] == [0, 1, 2]
+    assert "returned 1 of 3 choices" in res.note and emu.stats.requests == 3
+
+
 async def test_unknown_model_is_a_user_error(emulator, pool_of):
     pool = await pool_of({"m": make_cfg(emulator.url)})
     with pytest.raises(UnknownBackendError) as exc:
@@ -145,6 +154,32 @@ async def test_connection_refused(pool_of):
     err = exc.value
     assert (err.model, err.endpoint, err.cause, err.attempts) == ("gone", url, "connect", 3)
     assert "gone" in str(err) and url in str(err) and "connect" in str(err)
+
+
+async def test_connect_timeout(pool_of):
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connect() hangs.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        fillers.append(c)
+    await asyncio.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        pool = await pool_of({"m": make_cfg(url, timeouts={"connect_s": 0.2}, retries={"max_attempts": 1})})
+        with pytest.raises(BackendError) as exc:
+            await pool.client("m").chat(MSGS)
+        assert (exc.value.cause, exc.value.endpoint) == ("connect", url)
+        assert "connect_s=0.2" in exc.value.message
+    finally:
+        for c in fillers:
+            c.close()
+        srv.close()
 
 
 async def test_4xx_with_openai_body_is_not_retried(emulator_factory, pool_of):

@@ -104,6 +104,18 @@ async def test_circuit_opens_and_recovers(emulator_factory, pool_of):
     assert pool.models_info()[0]["replicas"][0]["circuit"] == "closed"
 
 
+async def test_short_caller_deadlines_do_not_open_the_circuit(emulator_factory, pool_of):
+    emu = await emulator_factory(ttft_s=0.3)
+    pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 1},
+                                        circuit={"failure_threshold": 2, "reset_after_s": 10})})
+    for _ in range(3):
+        with pytest.raises(BackendError) as exc:
+            await pool.client("m").chat(MSGS, timeout=0.05)
+        assert exc.value.cause == "timeout"
+    assert pool.models_info()[0]["replicas"][0]["circuit"] == "closed"
+    assert (await pool.client("m").chat(MSGS)).text
+
+
 async def test_half_open_trial_failure_reopens(emulator_factory, pool_of):
     emu = await emulator_factory(error_rates={500: 1.0})
     cfg = make_cfg(emu.url, retries={"max_attempts": 1}, circuit={"failure_threshold": 1, "reset_after_s": 0.2})

@@ -92,7 +92,17 @@ class BackendClient:
         deadline = self._deadline(timeout)
         if n > 1 and not self.cfg.supports_n:
             return await self._chat_emulated_n(msgs, params, n, deadline)
-        return await self._chat_once(chat_body(self.served_model, msgs, params, n), n, deadline)
+        res = await self._chat_once(chat_body(self.served_model, msgs, params, n), n, deadline)
+        got = sum(1 for c in res.choices if c.finish_reason is not None or c.text)
+        if got < n:  # a server that ignores n (supports_n misconfigured): ask for the rest one by one
+            extra = await self._chat_emulated_n(msgs, {**params, "seed": params["seed"] + got}
+                                                if "seed" in params else params, n - got, deadline)
+            res.choices = res.choices[:got] + [ChatChoice(got + c.index, c.text, c.finish_reason)
+                                               for c in extra.choices]
+            res.usage = res.usage + extra.usage
+            res.note = f"backend returned {got} of {n} choices; {n - got} more requested separately"
+            log.warning("backend %s ignored n=%d; set supports_n: false in its config", self.name, n)
+        return res
 
     def stream_chat(self, messages, sampling: SamplingConfig | dict | None = None,
                     timeout: float | None = None) -> ChatStream:
@@ -149,6 +159,8 @@ class BackendClient:
 
     async def _chat_emulated_n(self, msgs: list[dict], params: dict, n: int, deadline: float) -> ChatResult:
         t0 = time.monotonic()
+        if n == 1:
+            return await self._chat_once(chat_body(self.served_model, msgs, params), 1, deadline)
 
         def params_for(i: int) -> dict:
             # Same seed n times would give n identical answers.
@@ -233,7 +245,9 @@ class BackendClient:
 
         def timed_out(phase_deadline: float, phase: str) -> BackendError:
             if phase_deadline >= deadline:
-                return fail("timeout", f"caller's deadline passed during {phase}")
+                err = fail("timeout", f"caller's deadline passed during {phase}")
+                err.replica_fault = False  # a short deadline says nothing about the replica
+                return err
             if phase_deadline >= start + t.total_s:
                 return fail("timeout", f"request exceeded total_s={t.total_s}s")
             limits = {"first token": f"no first token within first_token_s={t.first_token_s}s",

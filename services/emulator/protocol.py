@@ -23,6 +23,7 @@ class EmulatorSettings(BaseModel):
     tokens_per_s: float = Field(0.0, ge=0, description="generation speed; 0 = as fast as possible")
     echo: bool = Field(False, description="answer with the request's message contents (word by word) instead of "
                                           "generated words, so a test can read what a model was sent")
+    ignore_n: bool = Field(False, description="answer one choice whatever n says (as transformers serve does)")
     default_max_tokens: int = Field(16, ge=1, description="answer length when the request sets no max_tokens")
     max_concurrency: int | None = Field(None, ge=1, description="requests served at once per model")
     overflow: Literal["reject", "queue"] = Field("reject", description="beyond max_concurrency: 429 or wait")

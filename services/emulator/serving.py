@@ -165,7 +165,7 @@ class ChatServing:
     def plan(body: dict, s: EmulatorSettings) -> tuple[list[list[str]], str]:
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         count = max_tokens or s.default_max_tokens
-        n = body.get("n") or 1
+        n = 1 if s.ignore_n else body.get("n") or 1
         if s.echo:
             tokens = echo_tokens(body, max_tokens)
             return [tokens] * n, "length" if max_tokens and len(tokens) == max_tokens else "stop"
