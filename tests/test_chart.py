@@ -176,6 +176,8 @@ def test_replicas_gpus_and_tensor_parallelism(helm):
         assert c["resources"]["requests"]["nvidia.com/gpu"] == gpus
         assert f"--tensor-parallel-size={gpus}" in c["args"]
         seen[dep["metadata"]["name"]] = (dep["spec"]["replicas"], gpus)
+        # rolling a GPU model must not need a spare GPU for a surge pod
+        assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
         pod = dep["spec"]["template"]["spec"]
         assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
         assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"

@@ -133,6 +133,8 @@ def model_settings() -> dict:
             "readiness": probe("readiness probe: the Service sends traffic only to ready pods"),
             "liveness": probe("liveness probe: restarts a pod whose server stops answering"),
         }),
+        "strategy": k8s("the Deployment's update strategy (a DeploymentStrategy); default: one pod at a time, "
+                        "no surge pod, so rolling a GPU model needs no spare GPU"),
         "backend": ref("ModelBackend", "backend settings in the gateway's config (limits, timeouts, retries)"),
         "podAnnotations": strmap("annotations of this model's pods"),
         "podLabels": strmap("extra labels of this model's pods"),
@@ -241,7 +243,8 @@ def chart_schema() -> dict:
             "enabled": b("serve the gateway over TLS"),
             "secretName": s("kubernetes.io/tls Secret (tls.crt, tls.key; ca.crt for mutual TLS)"),
             "mutual": b("require client certificates signed by ca.crt"),
-            "annotator": b("serve the annotator over TLS too"),
+            "annotator": b("serve the annotator over TLS too (for direct clients: the gateway's own annotate=true "
+                           "calls to the annotator use plaintext)"),
         }),
         "persistence": obj("storage", {
             "data": volume("datasets and checkpoints (mounted by trainer Jobs)"),
