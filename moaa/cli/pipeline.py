@@ -53,6 +53,8 @@ def register(subparsers) -> None:
                      help="override a setting, e.g. --set sft.max_steps=20 --set answer_tokens=128")
     run.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
     run.add_argument("--tls-ca", help="CA certificate for TLS to the gateway and annotator")
+    run.add_argument("--until", metavar="STAGE", help="stop after this stage: sft_data, sft, samples, pairs, dpo, "
+                     "answers, eval")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
 
@@ -101,7 +103,7 @@ async def _run(args) -> int:
         split=args.split, limit=args.limit, gateway=args.gateway, annotator=args.annotator, token=args.token,
         tls_ca=args.tls_ca, k8s=args.k8s, k8s_args=args.k8s_args, quick=args.quick, token_budget=args.token_budget,
         target=args.target, recipe=args.recipe, ensemble=args.ensemble, eval_judge=args.eval_judge,
-        engine=args.engine, quiet=args.quiet, overrides=_overrides(args.overrides))
+        engine=args.engine, quiet=args.quiet, until=args.until, overrides=_overrides(args.overrides))
     summary = await run_pipeline(opts)
     print(format_summary(summary))
     return 0

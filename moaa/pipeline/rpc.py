@@ -1,10 +1,13 @@
 """Dataset work over gRPC: GenerateBatch (stage 1) and AnnotateStream (stage 2), written row by row.
 
-Both calls are bidirectional streams: requests are fed lazily, so a budget stop only stops feeding
-new rows; the rows already in flight finish and are written (their tokens are already spent).
+Both calls are bidirectional streams. gRPC sends queued requests as fast as HTTP/2 allows, so the
+client keeps its own window: a new row is fed only when a result came back. A budget stop therefore
+stops feeding new rows within one window; the rows in flight finish and are written (their tokens
+are already spent).
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterable
 
@@ -56,12 +59,14 @@ def _sampling(max_tokens: int | None) -> common_pb2.SamplingParams:
 
 async def generate_batch(ep: Endpoint, rows: Iterable[Any], store: DatasetStore, ledger: TokenLedger,
                          progress: StageProgress, *, recipe: str = "", max_tokens: int | None = None,
-                         stage: str = "sft_data") -> None:
+                         stage: str = "sft_data", window: int = 32) -> None:
     """Stage 1: one MoA answer per prompt row -> SFT rows {id, messages, moa} in `store`."""
     by_id = {r.id: r for r in rows}
+    slots = asyncio.Semaphore(window)
 
     async def items() -> AsyncIterator[gateway_pb2.BatchItem]:
         for row in by_id.values():
+            await slots.acquire()
             if ledger.exhausted():
                 return
             req = gateway_pb2.GenerateRequest(recipe=recipe, messages=messages_pb(row.messages),
@@ -73,6 +78,7 @@ async def generate_batch(ep: Endpoint, rows: Iterable[Any], store: DatasetStore,
         stub = gateway_pb2_grpc.MoAGatewayStub(channel)
         try:
             async for res in stub.GenerateBatch(items(), metadata=ep.metadata):
+                slots.release()
                 row = by_id.get(res.id)
                 if row is None:
                     continue
@@ -134,7 +140,7 @@ def prepare_candidates(texts: list[str]) -> tuple[list[int], str | None]:
 
 async def annotate_stream(ep: Endpoint, rows: list[dict], store: DatasetStore, ledger: TokenLedger,
                           progress: StageProgress, *, ensemble: str = "", mode: str = "", model: str = "sft",
-                          stage: str = "pairs") -> None:
+                          stage: str = "pairs", window: int = 16) -> None:
     """Stage 2: candidates per prompt -> preference rows {id, prompt, chosen, rejected, scores...}."""
     todo: dict[str, tuple[dict, list[int]]] = {}
     for row in rows:
@@ -146,8 +152,11 @@ async def annotate_stream(ep: Endpoint, rows: list[dict], store: DatasetStore, l
         else:
             todo[row["id"]] = (row, keep)
 
+    slots = asyncio.Semaphore(window)
+
     async def items() -> AsyncIterator[annotator_pb2.AnnotateRequest]:
         for rid, (row, keep) in todo.items():
+            await slots.acquire()
             if ledger.exhausted():
                 return
             texts = sample_texts(row)
@@ -161,6 +170,7 @@ async def annotate_stream(ep: Endpoint, rows: list[dict], store: DatasetStore, l
         stub = annotator_pb2_grpc.AnnotatorStub(channel)
         try:
             async for res in stub.AnnotateStream(items(), metadata=ep.metadata):
+                slots.release()
                 if res.id not in todo:
                     continue
                 row, keep = todo[res.id]

@@ -25,6 +25,7 @@ from .stages import NEEDS_SERVICES, STAGES, StageContext
 from .store import atomic_write_json
 
 QUICK_PROMPTS = 12
+OPERATIONAL = {"window"}  # settings that change how, not what: left out of the config hash
 
 
 @dataclass
@@ -51,6 +52,7 @@ class PipelineOptions:
     engine: str = "auto"                  # embedded model server engine
     seed: int = 0
     quiet: bool = False
+    until: str | None = None              # stop after this stage (e.g. "sft_data": only build the SFT set)
     overrides: dict[str, Any] = field(default_factory=dict)  # settings overrides (tests, power users)
 
 
@@ -63,6 +65,7 @@ def default_settings(quick: bool) -> dict[str, Any]:
         "sample_tokens": 40 if quick else 64,
         "sample_temperature": 0.9,
         "allow_failures": 0.1,
+        "window": 32,                             # rows in flight per gRPC stream
         "sft": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": 2,
                 "learning_rate": 2e-5},
         "dpo": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": 2,
@@ -87,7 +90,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def config_hash(opts: PipelineOptions, settings: dict, prompt_ids: list[str], target: str) -> str:
     """What decides the content of the run folder (not where the services run)."""
-    doc = {"settings": settings, "prompts": prompt_ids, "target": target, "recipe": opts.recipe,
+    doc = {"settings": {k: v for k, v in settings.items() if k not in OPERATIONAL}, "prompts": prompt_ids, "target": target, "recipe": opts.recipe,
            "ensemble": opts.ensemble, "eval_fraction": opts.eval_fraction, "seed": opts.seed}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -154,6 +157,8 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     train_rows, eval_rows = split_eval(rows, opts.eval_fraction)
     settings = _merge(default_settings(opts.quick), opts.overrides)
     settings.update({"recipe": opts.recipe, "ensemble": opts.ensemble, "eval_judge": opts.eval_judge, "seed": opts.seed})
+    if opts.until and opts.until not in [n for n, _ in STAGES]:
+        raise UserError(f"--until {opts.until!r}: choose one of {', '.join(n for n, _ in STAGES)}")
     local = opts.gateway is None
     target = opts.target or (default_target() if local else None)
     if target is None:
@@ -179,6 +184,8 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
             if record.status(name) == "done":
                 _say(opts, f"stage {name}: done in an earlier run, skipped")
                 summary[name] = record.data["stages"][name].get("result")
+                if name == opts.until:
+                    break
                 continue
             if stack is not None:  # services only while a stage calls them: training needs both cores
                 await (stack.start() if name in NEEDS_SERVICES else stack.stop())
@@ -192,6 +199,9 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
                 raise
             record.set(name, status="done", result=result, seconds=time.monotonic() - t0, finished_at=_now())
             summary[name] = result
+            if name == opts.until:
+                _say(opts, f"stopping after stage {name} (--until)")
+                break
     finally:
         ledger.save()
         if stack is not None:

@@ -79,7 +79,8 @@ async def stage_sft_data(ctx: StageContext) -> dict:
         progress = StageProgress("stage 1: MoA answers", total, total - len(pending), ctx.ledger, quiet=ctx.quiet)
         try:
             await generate_batch(ctx.gateway, pending, store, ctx.ledger, progress,
-                                 recipe=ctx.settings.get("recipe", ""), max_tokens=ctx.settings["answer_tokens"])
+                                 recipe=ctx.settings.get("recipe", ""), max_tokens=ctx.settings["answer_tokens"],
+                                 window=ctx.settings.get("window", 32))
         finally:
             progress.close()
             store.write_manifest(complete=False)
@@ -150,7 +151,8 @@ async def stage_pairs(ctx: StageContext) -> dict:
         progress = StageProgress("stage 2: judging", total, total - len(pending), ctx.ledger, quiet=ctx.quiet)
         try:
             await annotate_stream(ctx.annotator, pending, store, ctx.ledger, progress,
-                                  ensemble=ctx.settings.get("ensemble", ""), model="sft-model")
+                                  ensemble=ctx.settings.get("ensemble", ""), model="sft-model",
+                                  window=ctx.settings.get("window", 32))
         finally:
             progress.close()
             store.write_manifest(complete=False)

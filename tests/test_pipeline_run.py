@@ -1,0 +1,131 @@
+"""The pipeline end to end against real local servers: gateway over the backend emulator, annotator over
+the judge emulator (both emulators: no model answers), the tiny model as the target.
+
+The pipeline itself runs as a child process (`moaa pipeline run --gateway ... --annotator ...`) so that
+tests can SIGKILL it mid-stage and run it again."""
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from moaa.services.annotator.server import start_annotator
+from moaa.services.config import parse_config
+from moaa.services.gateway.server import start_gateway
+from tests.fixtures.annotator import judge_config
+from tests.fixtures.gateway import moa_config
+
+N_PROMPTS = 20
+
+
+def _prompts(path: Path, n: int = N_PROMPTS) -> Path:
+    topics = ["rivers", "prime numbers", "bread", "sorting", "volcanoes", "chess", "tea", "bridges", "owls", "jazz",
+              "glaciers", "compilers", "bees", "tides", "maps", "soap", "kites", "clocks", "salt", "moss", "ink"]
+    rows = [{"instruction": f"Explain {topics[i % len(topics)]} in one paragraph (variant {i})."} for i in range(n)]
+    rows.append({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                              {"role": "user", "content": "Tell me a fact about the moon."}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+async def services(emulator_factory, judge_emulator):
+    """A gateway (3 proposers + aggregator on a slowish emulator) and an annotator (3 judges)."""
+    emu = await emulator_factory(ttft_s=0.05, tokens_per_s=200.0, default_max_tokens=24)
+    gw_cfg = moa_config(emu.url, ["p1", "p2", "p3"], gateway={"batch_window": 2})
+    gateway = await start_gateway(parse_config(gw_cfg), probes=False)
+    ann_cfg = judge_config(judge_emulator.url, {"j1": "longest", "j2": "longest+text", "j3": "longest"},
+                           mode="pointwise", combine="mean", min_margin=0.0)
+    annotator = await start_annotator(parse_config(ann_cfg), port=0, probes=False)
+    yield {"gateway": gateway.address, "annotator": annotator.address}
+    await gateway.stop(0)
+    await annotator.stop(0)
+
+
+def _cmd(services, prompts, out, target, *extra):
+    return [sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--prompts", str(prompts),
+            "--out", str(out), "--gateway", services["gateway"], "--annotator", services["annotator"],
+            "--target", str(target), "--set", "answer_tokens=16", "--set", "sample_tokens=12", *extra]
+
+
+async def _run(cmd, timeout=300):
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _ids(folder: Path) -> list[str]:
+    return [json.loads(line)["id"] for shard in sorted(folder.glob("data-*.jsonl"))
+            for line in shard.read_text().splitlines() if line.strip()]
+
+
+async def _kill_when(cmd, ready, timeout=120):
+    """Start the pipeline, SIGKILL it as soon as `ready()` is true; returns True if it was killed mid-run."""
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline and proc.returncode is None:
+        if ready():
+            os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            return True
+        await asyncio.sleep(0.02)
+    await proc.wait()
+    return False
+
+
+async def test_sigkill_mid_stage1_then_resume_exactly_once(services, tiny_model_dir, tmp_path):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "sft_data")
+    shard = out / "stage1-sft-data" / "data-00000.jsonl"
+    killed = await _kill_when(cmd, lambda: shard.exists() and shard.read_text().count("\n") >= 4)
+    assert killed, "stage 1 finished before the kill"
+    partial = _ids(out / "stage1-sft-data")
+    assert 4 <= len(partial) < 17
+    run = json.loads((out / "run.json").read_text())
+    assert run["stages"]["sft_data"]["status"] == "running"       # the kill left it unfinished
+    rc, stdout, err = await _run(cmd)
+    assert rc == 0, err
+    ids = _ids(out / "stage1-sft-data")
+    assert len(ids) == len(set(ids)) == 17                        # 21 prompts, 4 held out for eval
+    assert set(partial) <= set(ids)
+    manifest = json.loads((out / "stage1-sft-data" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows"] == 17 and manifest["models"] == ["agg", "p1", "p2", "p3"]
+    row = json.loads(shard.read_text().splitlines()[0])
+    assert row["messages"][-1]["role"] == "assistant" and row["moa"]["aggregator"] == "agg"
+    usage = json.loads((out / "usage.json").read_text())
+    assert usage["per_stage"]["sft_data"] > 0 and set(usage["stages"]["sft_data"]) == {"agg", "p1", "p2", "p3"}
+    # a third run has nothing to do
+    rc, _, err = await _run(cmd)
+    assert rc == 0 and _ids(out / "stage1-sft-data") == ids
+
+
+async def test_token_budget_stops_cleanly_and_resumes(services, tiny_model_dir, tmp_path):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "sft_data")
+    cmd += ["--set", "window=2"]
+    rc, _, err = await _run(cmd + ["--token-budget", "300"])
+    assert rc == 3, err
+    assert "token budget of 300 reached" in err and len(err.strip().splitlines()) == 1
+    first = _ids(out / "stage1-sft-data")
+    assert 0 < len(first) < 17
+    rc, _, err = await _run(cmd + ["--token-budget", "1000000"])
+    assert rc == 0, err
+    ids = _ids(out / "stage1-sft-data")
+    assert len(ids) == len(set(ids)) == 17
+
+
+async def test_other_settings_in_same_folder_are_refused(services, tiny_model_dir, tmp_path):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    rc, _, err = await _run(_cmd(services, prompts, out, tiny_model_dir, "--until", "sft_data"))
+    assert rc == 0, err
+    rc, _, err = await _run(_cmd(services, prompts, out, tiny_model_dir, "--until", "sft_data",
+                                 "--set", "answer_tokens=17"))
+    assert rc == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
