@@ -22,7 +22,7 @@ from .errors import REPLICA_FAULTS, BackendError, error_message
 from .limits import make_throttler
 from .protocol import RESTART as _RESTART
 from .protocol import ChatChoice, ChatResult, Usage, chat_body, sampling_dict
-from .replicas import HALF_OPEN, Replica, ReplicaSet
+from .replicas import Replica, ReplicaSet
 from .sse import DONE, MalformedEvent, SSEParser
 from .stream import ChatStream
 
@@ -263,6 +263,7 @@ class BackendClient:
         epoch = 0
         resp: aiohttp.ClientResponse | None = None
         outcome: str | None = None  # "ok" | fault cause | None (caller went away)
+        reusable = False
         try:
             if not probe:
                 try:
@@ -297,7 +298,9 @@ class BackendClient:
                     async with asyncio.timeout_at(min(loop.time() + 5.0, attempt_deadline)):
                         raw = await resp.read()
                 except (TimeoutError, aiohttp.ClientError):
-                    raw = b""
+                    raw = None
+                reusable = raw is not None  # the error body was read whole: keep the connection
+                raw = raw or b""
                 msg = error_message(raw) if raw else resp.reason or "no error body"
                 if resp.status == 429:
                     if slot:
@@ -357,15 +360,19 @@ class BackendClient:
                         break
                     raise fail("stream_cut", "stream ended before the answer finished")
             outcome = "ok"
-        except BackendError as err:
+        except Exception as exc:  # noqa: BLE001 - every failure leaves as one typed BackendError
+            err = exc if isinstance(exc, BackendError) else fail(
+                "stream_cut" if resp is not None else "connect", f"{type(exc).__name__}: {_short(exc)}")
             outcome = err.cause
             if err.cause in REPLICA_FAULTS and getattr(err, "replica_fault", True):
                 replica.record_failure(f"{err.cause}: {err.message}")
             log.debug("backend %s replica %s: %s", name, url, err.cause)
-            raise
+            if err is exc:
+                raise
+            raise err from exc
         finally:
             if resp is not None:
-                if outcome == "ok":
+                if outcome == "ok" or reusable:
                     resp.release()
                 else:
                     resp.close()  # drop the connection: the server sees the disconnect
@@ -375,10 +382,8 @@ class BackendClient:
                 if not probe:
                     replica.limit.on_success()
                 replica.record_success()
-            if trial:
+            if trial:  # an abandoned trial (caller went away) leaves the circuit half-open for the next
                 replica.end_trial()
-                if outcome is None and replica.circuit == HALF_OPEN:
-                    pass  # trial abandoned by the caller: the next request tries again
 
 
 def _as_event(raw: bytes, fail) -> dict:
