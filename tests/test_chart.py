@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from moaa.services.config import dump_config, load_config, parse_config
-from tests.fixtures.helm import K8S_VERSION
+from tests.fixtures.helm import CHART, K8S_VERSION, HelmFailed
 
 # name -> (values files in charts/moaa, --set values)
 VALUE_SETS = {
@@ -284,3 +284,14 @@ def test_chart_made_auth_secret_holds_the_tokens(helm):
     assert secret["stringData"]["tokens"] == "t" * 32 + "\n"
     cfg = parse_config(yaml.safe_load(r.config_text()))
     assert cfg.annotator.tls.enabled and cfg.gateway.tls.client_ca_file
+
+
+def test_packaged_chart_renders_the_same(helm, tmp_path):
+    """`helm package` keeps everything templates read (files/, the schema): the archive renders alike."""
+    helm.run("package", str(CHART), "--destination", str(tmp_path))
+    (archive,) = tmp_path.glob("moaa-*.tgz")
+    out = helm.run("template", "moaa", str(archive), "--namespace", "moaa", "-f", str(CHART / "values-secure.yaml"))
+    packaged = [o for o in yaml.safe_load_all(out) if o]
+    assert packaged == render(helm, "secure").objects
+    with pytest.raises(HelmFailed, match="at '/models/0/name': got null, want string"):
+        helm.run("template", "moaa", str(archive), "--set", "models[0].name=null")
