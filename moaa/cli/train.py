@@ -1,0 +1,102 @@
+"""`moaa train sft|dpo|submit` and `moaa sample`: thin wrappers over moaa.trainer."""
+from __future__ import annotations
+
+import argparse
+
+# Flags that map one-to-one onto TrainConfig fields (flag -> field).
+_FIELD_FLAGS = [
+    ("--lr", "learning_rate", float, "peak learning rate"),
+    ("--schedule", "lr_scheduler_type", str, "LR schedule: cosine, linear, constant, ..."),
+    ("--epochs", "num_train_epochs", float, "epochs (ignored with --max-steps)"),
+    ("--max-steps", "max_steps", int, "optimizer steps"),
+    ("--batch-size", "global_batch_size", int, "global batch: sequences per optimizer step, all GPUs"),
+    ("--per-device-batch-size", "per_device_batch_size", int, "sequences per forward pass per device"),
+    ("--max-length", "max_length", int, "longest tokenized row"),
+    ("--beta", "beta", float, "DPO beta"),
+    ("--save-steps", "save_steps", int, "checkpoint every N steps"),
+    ("--seed", "seed", int, "seed for init, dropout and data order"),
+    ("--device", "device", str, "auto, cpu or cuda"),
+]
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, paths_required: bool = True) -> None:
+    p.add_argument("--config", help="YAML file with TrainConfig fields")
+    p.add_argument("--data", required=paths_required, help="JSONL: SFT rows {messages} / pairs {prompt,chosen,rejected}")
+    p.add_argument("--model", required=paths_required, help="model folder or hub id (DPO: the SFT output folder)")
+    p.add_argument("--out", required=paths_required, help="output folder (checkpoints, model, metrics, plots)")
+    for flag, field, typ, help_ in _FIELD_FLAGS:
+        p.add_argument(flag, dest=field, type=typ, help=help_)
+    p.add_argument("--loss-type", dest="loss_type", action="append", help="DPO loss type (repeat to combine)")
+    p.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters (peft)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, e.g. --set lora.r=8 or --set trl.max_grad_norm=0.5")
+
+
+def _config_from_args(kind: str, args: argparse.Namespace):
+    from moaa.trainer.config import load_train_config
+
+    values = {"data": args.data, "model": args.model, "out": args.out, "loss_type": args.loss_type}
+    values.update({field: getattr(args, field) for _, field, _, _ in _FIELD_FLAGS})
+    overrides = list(args.overrides)
+    if args.lora:
+        overrides.append("lora.enabled=true")
+    return load_train_config(kind, args.config, overrides, **values)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(args.kind, args)
+    if args.kind == "sft":
+        from moaa.trainer.sft import run_sft as run
+    else:
+        from moaa.trainer.dpo import run_dpo as run
+    run(cfg)
+    return 0
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    from moaa.trainer.k8s import submit_from_args
+
+    return submit_from_args(args, _config_from_args(args.kind, args))
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from moaa.trainer.sample import SampleSettings, run_sample
+
+    settings = SampleSettings(n=args.n, temperature=args.temperature, top_p=args.top_p,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                              engine=args.engine)
+    run_sample(args.model, args.prompts, args.out, settings)
+    return 0
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="SFT and DPO with TRL, locally or as a Kubernetes Job")
+    sub = train.add_subparsers(dest="train_command", metavar="KIND", parser_class=type(train))
+    sub.required = True
+    for kind, help_ in (("sft", "supervised fine-tuning on {messages} rows"),
+                        ("dpo", "DPO on {prompt, chosen, rejected} rows")):
+        p = sub.add_parser(kind, help=help_)
+        _add_train_args(p)
+        p.set_defaults(func=_run_train, kind=kind)
+
+    submit = sub.add_parser("submit", help="run sft or dpo as a Kubernetes Job and follow it")
+    submit.add_argument("kind", choices=["sft", "dpo"])
+    _add_train_args(submit)
+    from moaa.trainer.k8s import add_submit_args
+
+    add_submit_args(submit)
+    submit.set_defaults(func=_run_submit)
+
+    sample = subparsers.add_parser("sample", help="stage 2: draw n answers per prompt from the SFT model")
+    sample.add_argument("--model", required=True, help="model folder (the SFT output)")
+    sample.add_argument("--prompts", required=True, help="JSONL rows {id, prompt: [messages]} (or {messages})")
+    sample.add_argument("--out", required=True, help="output JSONL, appended to and resumed by id")
+    sample.add_argument("--n", type=int, default=5, help="answers per prompt")
+    sample.add_argument("--temperature", type=float, default=0.8)
+    sample.add_argument("--top-p", type=float, default=0.95)
+    sample.add_argument("--max-new-tokens", type=int, default=512)
+    sample.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (transformers)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
+                        help="auto: vLLM offline engine on a GPU node when installed, else transformers")
+    sample.set_defaults(func=_run_sample)

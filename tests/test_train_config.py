@@ -1,0 +1,75 @@
+"""Train config: YAML + overrides, checked against the installed TRL before anything starts."""
+from __future__ import annotations
+
+import pytest
+
+from moaa.cli.main import main
+from moaa.errors import UserError
+from moaa.trainer.config import build_trl_args, grad_accumulation, load_train_config
+
+BASE = {"model": "m", "data": "d.jsonl", "out": "o"}
+
+
+def test_yaml_then_flags_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1.0e-4\nmax_steps: 50\nlora: {enabled: true, r: 4}\nbeta: 0.2\n")
+    cfg = load_train_config("dpo", str(path), ["lora.r=8", "trl.max_grad_norm=0.5"], max_steps=7, **BASE)
+    assert (cfg.learning_rate, cfg.max_steps, cfg.lora.r, cfg.lora.enabled, cfg.beta) == (1e-4, 7, 8, True, 0.2)
+    args = build_trl_args(cfg, device="cpu")
+    assert args.max_grad_norm == 0.5 and args.beta == 0.2 and args.use_cpu and not args.bf16
+
+
+def test_removed_trl_field_is_named(tmp_path):
+    # the alignment-handbook zephyr DPO recipe still sets max_prompt_length; this TRL has no such field
+    path = tmp_path / "zephyr.yaml"
+    path.write_text("beta: 0.01\nmax_prompt_length: 512\n")
+    with pytest.raises(UserError, match=r"max_prompt_length is not a moaa train field nor a field of the installed trl"):
+        load_train_config("dpo", str(path), **BASE)
+    with pytest.raises(UserError, match=r"max_prompt_length: not a field of the installed trl .* DPOConfig"):
+        load_train_config("dpo", None, ["trl.max_prompt_length=512"], **BASE)
+
+
+def test_trl_field_at_top_level_points_to_trl_section():
+    with pytest.raises(UserError, match=r"max_grad_norm is a TRL field: put it under `trl:`"):
+        load_train_config("sft", None, ["max_grad_norm=0.5"], **BASE)
+
+
+def test_unknown_dpo_loss_type():
+    with pytest.raises(UserError, match="loss_type bogus is not one the installed trl .* knows: sigmoid"):
+        load_train_config("dpo", None, loss_type=["bogus"], **BASE)
+
+
+def test_trl_refusal_is_a_user_error():
+    with pytest.raises(UserError, match="SFTConfig refuses the config"):
+        load_train_config("sft", None, ["trl.lr_scheduler_type=nonsense"], **BASE)
+
+
+@pytest.mark.parametrize("world,accum", [(1, 16), (2, 8), (4, 4), (8, 2)])
+def test_global_batch_is_kept_across_gpu_counts(world, accum):
+    cfg = load_train_config("sft", None, global_batch_size=32, per_device_batch_size=2, **BASE)
+    assert grad_accumulation(cfg, world) == accum
+    assert accum * world * cfg.per_device_batch_size == 32
+
+
+def test_world_size_from_env(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(UserError, match="not a multiple of per_device_batch_size 1 x world size 3"):
+        load_train_config("sft", None, global_batch_size=16, **BASE)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1,\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_train_config("sft", str(bad), **BASE)
+    with pytest.raises(UserError, match="does not exist"):
+        load_train_config("sft", str(tmp_path / "nope.yaml"), **BASE)
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "zephyr.yaml"
+    path.write_text("max_prompt_length: 512\n")
+    rc = main(["train", "dpo", "--config", str(path), "--data", "d", "--model", "m", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "max_prompt_length" in err
+    assert not (tmp_path / "o").exists()  # nothing started

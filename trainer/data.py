@@ -1,0 +1,238 @@
+"""Loading and checking training data before any step runs.
+
+Rows must be in TRL's conversational formats; TRL applies the chat template itself. Pre-templated
+strings are refused: they are how double BOS tokens and misplaced assistant headers get into training
+data (TRL #1541, alignment-handbook #116). Every problem stops the run naming the rows; every row
+dropped on purpose (exact duplicates, over-long rows when asked) is counted and reported.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from moaa.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+MAX_LISTED = 8  # problems named in the one-line error; the count says how many more
+
+
+@dataclass
+class DataReport:
+    path: str
+    kind: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    blank_lines: int = 0
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> row ids
+    sha256: str = ""
+
+    def drop(self, reason: str, row_id: str) -> None:
+        self.dropped.setdefault(reason, []).append(row_id)
+
+    def summary(self) -> dict[str, Any]:
+        return {"path": self.path, "kind": self.kind, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
+                "blank_lines": self.blank_lines, "sha256": self.sha256,
+                "dropped": {k: {"count": len(v), "ids": v[:50]} for k, v in self.dropped.items()}}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_message(msg: Any, where: str) -> str | None:
+    if not isinstance(msg, dict):
+        if isinstance(msg, str):
+            return f"{where} is a string; give a message object {{\"role\", \"content\"}}"
+        return f"{where} is not a message object"
+    role, content = msg.get("role"), msg.get("content")
+    if role not in ROLES:
+        return f"{where} has role {role!r}; use one of {', '.join(ROLES)}"
+    if not isinstance(content, str):
+        return f"{where} content must be a string"
+    if not content.strip():
+        return f"{where} ({role}) is empty"
+    return None
+
+
+def _check_conversation(msgs: Any, name: str, *, must_end: str) -> str | None:
+    """Roles: optional system first, then user/assistant alternating from user, ending in `must_end`."""
+    if isinstance(msgs, str):
+        return (f"{name} is a pre-templated string; give a list of messages and let the chat template "
+                f"format it")
+    if not isinstance(msgs, list) or not msgs:
+        return f"{name} must be a non-empty list of messages"
+    for i, m in enumerate(msgs):
+        problem = _check_message(m, f"{name}[{i}]")
+        if problem:
+            return problem
+    turns = msgs[1:] if msgs[0]["role"] == "system" else msgs
+    if not turns:
+        return f"{name} holds only a system message"
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            idx = i + (len(msgs) - len(turns))
+            return f"{name}[{idx}] is {m['role']!r} where {expected!r} is expected (turns must alternate, user first)"
+    if turns[-1]["role"] != must_end:
+        return f"{name} must end with a {must_end} message"
+    return None
+
+
+def check_sft_row(row: dict) -> str | None:
+    if "messages" not in row:
+        if "chosen" in row or "rejected" in row:
+            return "a preference row where an SFT row {\"messages\": [...]} is expected (use moaa train dpo?)"
+        if "text" in row or "prompt" in row or "completion" in row:
+            return "pre-templated text; give {\"messages\": [...]} and let the chat template format it"
+        return "missing field 'messages'"
+    return _check_conversation(row["messages"], "messages", must_end="assistant")
+
+
+def _answer(msgs: Any, name: str) -> str | None:
+    if isinstance(msgs, str):
+        return f"{name} is a pre-templated string; give [{{\"role\": \"assistant\", \"content\": ...}}]"
+    if not isinstance(msgs, list) or len(msgs) != 1:
+        return f"{name} must be a list holding exactly one assistant message"
+    problem = _check_message(msgs[0], f"{name}[0]")
+    if problem:
+        return problem
+    if msgs[0]["role"] != "assistant":
+        return f"{name}[0] has role {msgs[0]['role']!r}; it must be 'assistant'"
+    return None
+
+
+def check_pref_row(row: dict) -> str | None:
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+    if missing and "messages" in row:
+        return "an SFT row {messages} where a preference row {prompt, chosen, rejected} is expected"
+    if missing:
+        return f"missing field(s) {', '.join(missing)}; preference rows are {{prompt, chosen, rejected}}"
+    problem = (_check_conversation(row["prompt"], "prompt", must_end="user")
+               or _answer(row["chosen"], "chosen") or _answer(row["rejected"], "rejected"))
+    if problem:
+        return problem
+    if row["chosen"][0]["content"].strip() == row["rejected"][0]["content"].strip():
+        return "chosen equals rejected (no preference to learn)"
+    return None
+
+
+def _content_key(row: dict, kind: str) -> str:
+    keys = ("messages",) if kind == "sft" else ("prompt", "chosen", "rejected")
+    return json.dumps([row[k] for k in keys], sort_keys=True, ensure_ascii=False)
+
+
+def row_length(row: dict, kind: str, tokenizer) -> int:
+    """Tokens of the longest templated sequence this row becomes."""
+    def n(msgs):
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # BatchEncoding in transformers 5
+        return len(ids)
+    if kind == "sft":
+        return n(row["messages"])
+    return max(n(row["prompt"] + row["chosen"]), n(row["prompt"] + row["rejected"]))
+
+
+def _fail(path: Path, problems: list[tuple[str, str]], hint: str = "") -> None:
+    """One line: problems grouped by what is wrong, each naming its rows (line number and id)."""
+    groups: dict[str, list[str]] = {}
+    for label, text in problems:
+        groups.setdefault(text, []).append(label)
+    parts = []
+    for text, labels in groups.items():
+        shown = ", ".join(labels[:MAX_LISTED]) + (f" and {len(labels) - MAX_LISTED} more" if len(labels) > MAX_LISTED else "")
+        parts.append(f"{shown}: {text}")
+    raise UserError(f"{path}: {len(problems)} bad row(s): " + "; ".join(parts) + (f" ({hint})" if hint else ""))
+
+
+def load_rows(path: str | Path, kind: str, *, drop_duplicates: bool = True) -> tuple[list[dict], DataReport]:
+    """Read and check a JSONL file's rows. Raises UserError naming every bad row (line number and id)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} does not exist")
+    check: Callable[[dict], str | None] = check_sft_row if kind == "sft" else check_pref_row
+    report = DataReport(str(path), kind, sha256=file_sha256(path))
+    problems: list[tuple[str, str]] = []
+    kept: list[dict] = []
+    seen_ids: dict[str, int] = {}
+    seen_content: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                report.blank_lines += 1
+                continue
+            report.rows_read += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append((f"line {lineno}", f"not JSON ({err.msg} at column {err.colno})"))
+                continue
+            if not isinstance(row, dict):
+                problems.append((f"line {lineno}", "not a JSON object"))
+                continue
+            rid = str(row.get("id", f"line-{lineno}"))
+            label = f"line {lineno} (id {rid})" if "id" in row else f"line {lineno}"
+            problem = check(row)
+            if problem:
+                problems.append((label, problem))
+                continue
+            if rid in seen_ids:
+                problems.append((label, f"duplicate id, first on line {seen_ids[rid]}"))
+                continue
+            seen_ids[rid] = lineno
+            key = _content_key(row, kind)
+            if key in seen_content:
+                if drop_duplicates:
+                    report.drop(f"duplicate of {seen_content[key]}", rid)
+                    continue
+                problems.append((label, f"same content as {seen_content[key]}"))
+                continue
+            seen_content[key] = rid
+            kept.append({"id": rid, "line": lineno, **{k: row[k] for k in _fields(kind)}})
+    if problems:
+        _fail(path, problems)
+    report.rows_kept = len(kept)
+    _check_not_empty(path, kept, report)
+    return kept, report
+
+
+def _check_not_empty(path, kept, report) -> None:
+    if not kept:
+        raise UserError(f"{path}: no usable rows (read {report.rows_read}, dropped "
+                        f"{sum(len(v) for v in report.dropped.values())})")
+
+
+def check_lengths(rows: list[dict], report: DataReport, tokenizer, max_length: int,
+                  drop_overlong: bool = False) -> list[dict]:
+    """Over-long rows stop the run (or are dropped and counted with drop_overlong)."""
+    kept, problems = [], []
+    for row in rows:
+        length = row_length(row, report.kind, tokenizer)
+        if length <= max_length:
+            kept.append(row)
+        elif drop_overlong:
+            report.drop(f"longer than max_length {max_length}", row["id"])
+        else:
+            problems.append((f"line {row['line']} (id {row['id']})", f"{length} tokens > max_length {max_length}"))
+    if problems:
+        _fail(Path(report.path), problems, hint="raise max_length or set drop_overlong: true")
+    report.rows_kept = len(kept)
+    _check_not_empty(report.path, kept, report)
+    return kept
+
+
+def _fields(kind: str) -> tuple[str, ...]:
+    return ("messages",) if kind == "sft" else ("prompt", "chosen", "rejected")
+
+
+def to_dataset(rows: list[dict], kind: str):
+    """Only TRL's columns go to the trainer; ids and line numbers stay in our report."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{k: r[k] for k in _fields(kind)} for r in rows])

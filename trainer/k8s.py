@@ -1,0 +1,2 @@
+def add_submit_args(p):
+    pass

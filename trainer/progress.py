@@ -1,0 +1,71 @@
+"""Progress as JSON lines on stdout (what `moaa train submit` follows) and a metrics JSONL file."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # keep the line valid JSON; a NaN loss must still be visible
+    return value
+
+
+class JsonProgress(TrainerCallback):
+    """One JSON line per logging step: step, total, loss, ETA; the same rows go to metrics.jsonl."""
+
+    def __init__(self, metrics_path: str | Path, stream=None, kind: str = "sft"):
+        self.metrics_path = Path(metrics_path)
+        self.stream = stream or sys.stdout
+        self.kind = kind
+        self._t0 = None
+        self._step0 = 0
+
+    def _emit(self, record: dict, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        line = json.dumps({k: _clean(v) for k, v in record.items()})
+        print(line, file=self.stream, flush=True)
+        if record.get("event") == "log":
+            with open(self.metrics_path, "a") as f:
+                f.write(line + "\n")
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._t0, self._step0 = time.monotonic(), state.global_step
+        self._emit({"event": "start", "kind": self.kind, "step": state.global_step, "total": state.max_steps,
+                    "resumed": state.global_step > 0}, state)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        done = state.global_step - self._step0
+        elapsed = time.monotonic() - (self._t0 or time.monotonic())
+        eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
+        record = {"event": "log", "step": state.global_step, "total": state.max_steps,
+                  "epoch": round(state.epoch or 0.0, 4), "eta_s": round(eta, 1) if eta is not None else None,
+                  "elapsed_s": round(elapsed, 2)}
+        record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+        self._emit(record, state)
+
+    def on_save(self, args, state, control, **kw):
+        self._emit({"event": "checkpoint", "step": state.global_step, "total": state.max_steps}, state)
+
+    def on_train_end(self, args, state, control, **kw):
+        self._emit({"event": "end", "step": state.global_step, "total": state.max_steps}, state)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of metrics.jsonl, the last one per step (a resumed run logs re-done steps again)."""
+    by_step: dict[int, dict] = {}
+    p = Path(path)
+    if not p.is_file():
+        return []
+    for line in p.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step.setdefault(row["step"], {}).update(row)
+    return [by_step[s] for s in sorted(by_step)]

@@ -1,0 +1,142 @@
+"""What SFT and DPO runs share: bounded start-up, data checks, resume, outputs.
+
+Order matters for failing fast: config (already checked against TRL) -> tokenizer and model, each
+under a time bound -> chat template -> data checks with the real tokenizer -> trainer -> train.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from moaa.errors import TransientError, UserError
+from moaa.trainer.chat_template import ensure_chat_template
+from moaa.trainer.config import TrainConfig, build_trl_args, grad_accumulation, resolve_device, world_size
+from moaa.trainer.data import DataReport, check_lengths, load_rows
+from moaa.trainer.manifest import build_manifest, write_manifest
+from moaa.trainer.plots import plot_metrics
+from moaa.trainer.progress import JsonProgress
+from moaa.trainer.resume import checkpoint_step, newest_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """Run a start-up step with a time bound; a hang becomes a TransientError (exit 75), not a stuck pod."""
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+
+    t = threading.Thread(target=target, name=f"startup:{what}", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise TransientError(f"{what} did not finish within {timeout_s:.0f}s (startup_timeout_s)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def load_model_and_tokenizer(cfg: TrainConfig, device: str, *, for_ref: bool = False):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if Path(cfg.model).exists() and not (Path(cfg.model) / "config.json").is_file():
+        raise UserError(f"model folder {cfg.model} holds no config.json (not a Hugging Face model folder)")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    def load():
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        return model, tok
+
+    try:
+        model, tok = bounded(load, cfg.startup_timeout_s, f"loading model {cfg.model}")
+    except OSError as err:
+        raise UserError(f"cannot load model {cfg.model}: {str(err).splitlines()[0]}") from None
+    note = ensure_chat_template(model, tok, cfg.chat_template)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, note
+
+
+def peft_config(cfg: TrainConfig):
+    if not cfg.lora.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+
+
+@dataclass
+class Prepared:
+    cfg: TrainConfig
+    device: str
+    world: int
+    accum: int
+    model: Any
+    tokenizer: Any
+    template_note: str
+    rows: list[dict]
+    report: DataReport
+    args: Any
+    out: Path
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    device = resolve_device(cfg)
+    world = world_size()
+    accum = grad_accumulation(cfg, world)
+    args = build_trl_args(cfg, device=device)
+    rows, report = load_rows(cfg.data, cfg.kind, drop_duplicates=cfg.drop_duplicates)  # before the model loads
+    model, tok, note = load_model_and_tokenizer(cfg, device)
+    rows = check_lengths(rows, report, tok, cfg.max_length, cfg.drop_overlong)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _emit({"event": "data", **{k: v for k, v in report.summary().items() if k != "path"}})
+    return Prepared(cfg, device, world, accum, model, tok, note, rows, report, args, out)
+
+
+def _emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def train_and_save(p: Prepared, trainer) -> dict[str, Any]:
+    """Resume from the newest checkpoint, train, save the final model and the run's records."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts to stdout; our JSON lines replace it
+    trainer.remove_callback(ProgressCallback)
+    ckpt = newest_checkpoint(p.out)
+    if ckpt:
+        _emit({"event": "resume", "checkpoint": ckpt, "step": checkpoint_step(ckpt)})
+    result = trainer.train(resume_from_checkpoint=ckpt)
+    step = trainer.state.global_step
+    if trainer.is_world_process_zero():
+        model = trainer.model
+        if p.cfg.lora.enabled and p.cfg.lora.merge:
+            model = model.merge_and_unload()
+        model.save_pretrained(p.out)
+        p.tokenizer.save_pretrained(p.out)
+        plot = plot_metrics(p.out / "metrics.jsonl", p.out / f"{p.cfg.kind}_curves.png", p.cfg.kind)
+        manifest = build_manifest(
+            p.cfg, data_report=p.report, world=p.world, grad_accum=p.accum, device=p.device,
+            chat_template=p.template_note, resumed_from=ckpt, trl_args=p.args.to_dict(), final_step=step,
+            train_loss=result.training_loss, plot=str(plot) if plot else None)
+        write_manifest(p.out, manifest)
+        _emit({"event": "saved", "out": str(p.out), "step": step, "train_loss": result.training_loss})
+    return {"step": step, "train_loss": result.training_loss, "resumed_from": ckpt}
+
+
+def callbacks(p: Prepared) -> list:
+    return [JsonProgress(p.out / "metrics.jsonl", stream=sys.stdout, kind=p.cfg.kind)]
