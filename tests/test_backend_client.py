@@ -259,6 +259,14 @@ async def test_chunk_gap_timeout(emulator_factory, pool_of):
     assert len(got) == 2 and exc.value.cause == "timeout" and "chunk_gap_s=0.2" in exc.value.message
 
 
+async def test_total_timeout(emulator_factory, pool_of):
+    emu = await emulator_factory(tokens_per_s=20)  # steady chunks: no gap timeout, but a long answer
+    pool = await pool_of({"m": make_cfg(emu.url, timeouts={"total_s": 0.3}, retries={"max_attempts": 1})})
+    with pytest.raises(BackendError) as exc:
+        await pool.client("m").chat(MSGS, {"max_tokens": 100})
+    assert exc.value.cause == "timeout" and "total_s=0.3" in exc.value.message
+
+
 async def test_callers_deadline_bounds_everything(emulator_factory, pool_of):
     emu = await emulator_factory(tokens_per_s=10)
     pool = await pool_of({"m": make_cfg(emu.url)})

@@ -36,6 +36,29 @@ async def wait_for(cond, timeout=3.0):
     return cond()
 
 
+async def test_replicas_balanced_by_fewest_in_flight(emulator_factory, pool_of):
+    a = await emulator_factory(tokens_per_s=40)
+    b = await emulator_factory(tokens_per_s=40)
+    pool = await pool_of({"m": make_cfg(a.url, b.url)})
+    client = pool.client("m")
+    ra, rb = client.replicas.replicas
+    streams = [client.stream_chat(MSGS, {"max_tokens": 40}) for _ in range(8)]
+    for s in streams:  # a stream is in flight once its first chunk arrived
+        await s.__anext__()
+    assert (ra.in_flight, rb.in_flight) == (4, 4)
+    on_a = [s for s in streams if s.endpoint == a.url]
+    for s in on_a:
+        await s.aclose()
+    assert await wait_for(lambda: ra.in_flight == 0)
+    extra = [client.stream_chat(MSGS, {"max_tokens": 40}) for _ in range(3)]
+    for s in extra:
+        await s.__anext__()
+    assert [s.endpoint for s in extra] == [a.url] * 3  # new work goes to the idle replica
+    for s in streams + extra:
+        await s.aclose()
+    assert a.stats.requests + b.stats.requests == 11
+
+
 async def test_failover_to_a_healthy_replica(emulator_factory, pool_of):
     bad = await emulator_factory(error_rates={503: 1.0})
     good = await emulator_factory()
