@@ -275,8 +275,10 @@ async def test_cli_arguments_and_run_emulator(http):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = parser.parse_args(["--port", str(port), "--ttft-s", "0.01", "--error-rate", "503=1",
-                              "--profile", 'ok={"error_rates": {}}', "--model", "ok"])
+                              "--profile", 'ok={"error_rates": {}}', "--model", "ok",
+                              "--overflow", "queue", "--echo", "false", "--max-concurrency", "4"])
     settings, profiles = settings_from_args(args)
+    assert (settings.overflow, settings.echo, settings.max_concurrency) == ("queue", False, 4)
     assert settings.ttft_s == 0.01 and settings.error_rates == {503: 1.0} and profiles == {"ok": {"error_rates": {}}}
     task = asyncio.create_task(run_emulator(args))
     try:

@@ -58,6 +58,7 @@ class BackendClient:
         self.served_model = cfg.served_model or name
         self.replicas = ReplicaSet(name, cfg)
         self.throttler = make_throttler(cfg.rate_limit_per_s)
+        self._throttle_lock = asyncio.Lock()
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
@@ -269,7 +270,9 @@ class BackendClient:
                 try:
                     async with asyncio.timeout_at(attempt_deadline):
                         if self.throttler is not None:
-                            await self.throttler.acquire()
+                            # asyncio-throttle polls; one poller at a time (FIFO) instead of every waiter
+                            async with self._throttle_lock:
+                                await self.throttler.acquire()
                         if replica.in_flight == 0:
                             replica.progress()  # an idle replica has no stalled requests
                         await replica.limit.acquire()

@@ -223,12 +223,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="append", default=[], metavar="MODEL=JSON",
                         help='per-model overrides, e.g. slow={"ttft_s": 5} (repeatable)')
     for name, field in EmulatorSettings.model_fields.items():
-        if field.annotation in (float, int, bool) or name in ("max_concurrency", "stall_after_chunks",
-                                                              "disconnect_after_chunks", "malformed_after_chunks",
-                                                              "retry_after_s", "error_after_chunks"):
-            kind = {bool: _bool}.get(field.annotation, float if "float" in str(field.annotation) else int)
-            parser.add_argument(f"--{name.replace('_', '-')}", dest=f"emu_{name}", type=kind, default=None,
-                                help=field.description)
+        kind = _FLAG_TYPES.get(name)
+        if kind is None:
+            continue  # error_rates has --error-rate; the rest come through --settings
+        metavar = {_bool: "true|false", int: "N", str: "TEXT"}.get(kind, "SECONDS")
+        extra = {"choices": ["reject", "queue"], "metavar": None} if name == "overflow" else {}
+        metavar = "TOKENS" if name == "tokens_per_s" else metavar
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=f"emu_{name}", type=kind, default=None,
+                            **{"metavar": metavar, **extra}, help=field.description)
     parser.add_argument("--error-rate", action="append", default=[], metavar="STATUS=P",
                         help="inject HTTP STATUS with probability P per request (repeatable), e.g. 500=0.05")
 
@@ -239,6 +241,14 @@ def _bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_FLAG_TYPES = {
+    "ttft_s": float, "tokens_per_s": float, "echo": _bool, "ignore_n": _bool, "default_max_tokens": int,
+    "max_concurrency": int, "overflow": str, "retry_after_s": float, "seed": int, "stall_before_headers": _bool,
+    "stall_after_chunks": int, "stall_s": float, "disconnect_after_chunks": int, "malformed_after_chunks": int,
+    "error_after_chunks": int, "api_key": str, "health_status": int, "record": _bool, "history": int,
+}
 
 
 def settings_from_args(args: argparse.Namespace) -> tuple[EmulatorSettings, dict[str, dict]]:
