@@ -93,6 +93,35 @@ async def wait_serving(address: str, proc: asyncio.subprocess.Process, log_path:
     raise TransientError(f"the local {what} did not start ({reason}; log: {log_path})")
 
 
+def _cmdline(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+
+
+def reap_stale(record: Path) -> int:
+    """Kill the model server a SIGKILLed earlier run of this folder left behind (its own process group).
+
+    Only a process whose pid AND command line match what this run folder recorded is touched.
+    """
+    import json
+    import signal
+
+    if not record.exists():
+        return 0
+    killed = 0
+    for entry in json.loads(record.read_text() or "[]"):
+        if _cmdline(entry["pid"]) == entry["cmdline"]:
+            try:
+                os.killpg(entry["pid"], signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+    record.unlink(missing_ok=True)
+    return killed
+
+
 class LocalStack:
     def __init__(self, layout: RunLayout, *, engine: str = "auto", quick: bool = False, quiet: bool = False):
         from moaa.services.local.engine import free_port
@@ -127,10 +156,12 @@ class LocalStack:
             print("starting the embedded stack (SmolLM2-135M-Instruct, gateway, annotator) ...",
                   file=sys.stderr, flush=True)
         self.layout.logs.mkdir(parents=True, exist_ok=True)
+        reap_stale(self._pid_record)
         self.engine = EngineServer(LOCAL_MODEL, engine=self.engine_name, port=self.model_port, served_model_name=BACKEND,
                                    max_model_len=2048, log_path=self.layout.logs / "model-server.log")
         try:
             await self.engine.start()
+            self._record_pid()
             bc = self.engine.backend_config(max_concurrency=16)
             self.backend = bc.model_dump(mode="json", exclude_none=True)
             cfg = parse_config(local_config(self.backend, self.gateway_port, self.annotator_port, quick=self.quick),
@@ -148,6 +179,18 @@ class LocalStack:
         except BaseException:
             await self.stop()
             raise
+
+    @property
+    def _pid_record(self) -> Path:
+        return self.layout.logs / "model-server.pid.json"
+
+    def _record_pid(self) -> None:
+        import json
+
+        pid = self.engine.pid
+        cmd = _cmdline(pid) if pid else None
+        if cmd:
+            self._pid_record.write_text(json.dumps([{"pid": pid, "cmdline": cmd}]))
 
     def chat_judge(self, ledger):
         """A pairwise/grading judge straight on the local model (for eval), started with the stack."""
@@ -183,3 +226,4 @@ class LocalStack:
         if self.engine is not None:
             await self.engine.stop()
             self.engine = None
+            self._pid_record.unlink(missing_ok=True)

@@ -1,0 +1,87 @@
+"""`moaa eval` against real judges on 127.0.0.1: the judge emulator as an OpenAI-compatible judge, and a
+real annotator server over it. Both orders are asked, so a position-only judge yields 50%, not a win."""
+import asyncio
+import json
+import sys
+
+import pytest
+
+from moaa.pipeline.eval.run import load_answers
+from moaa.errors import UserError
+from moaa.services.annotator.server import start_annotator
+from moaa.services.config import parse_config
+from tests.fixtures.annotator import judge_config
+
+
+def _answers(tmp_path):
+    qs = [f"Question number {i}?" for i in range(10)]
+    # the model's answer is longer on 7 of 10 prompts
+    model = [{"id": f"q{i}", "prompt": q, "answer": ("long answer " * 8 if i < 7 else "short")} for i, q in enumerate(qs)]
+    base = [{"id": f"q{i}", "instruction": q, "output": ("short" if i < 7 else "long answer " * 8)} for i, q in enumerate(qs)]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in model))
+    b.write_text("".join(json.dumps(r) + "\n" for r in base))
+    return a, b
+
+
+async def _cli(*args, timeout=180):
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_eval_with_openai_compatible_judge(judge_emulator, tmp_path):
+    a, b = _answers(tmp_path)
+    rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--name", "sft",
+                              "--baseline-name", "base", "--judge-url", judge_emulator.url, "--judge-model", "longest",
+                              "--out", str(tmp_path / "ev"), "--bootstrap", "200", "--grade")
+    assert rc == 0, err
+    wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())[0]
+    assert wr["win_rate"] == pytest.approx(70.0) and wr["n"] == 10 and wr["inconsistent"] == 0
+    assert wr["win_rate_ci"][0] < 70 < wr["win_rate_ci"][1]
+    # the judge only rewards length: with the length term set to zero the advantage shrinks
+    assert wr["lc_win_rate"] < wr["win_rate"]
+    assert "sft vs base: win rate 70.0%" in out
+    # the emulator does not answer the 1-10 grading prompt: counted as abstentions, never as scores
+    assert "sft: mean grade None (0 graded, 10 abstained)" in out
+
+
+async def test_eval_position_only_judge_gives_half(judge_emulator, tmp_path):
+    a, b = _answers(tmp_path)
+    rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--judge-url", judge_emulator.url,
+                              "--judge-model", "first", "--out", str(tmp_path / "ev"), "--bootstrap", "200")
+    assert rc == 0, err
+    wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())[0]
+    assert wr["win_rate"] == 50.0 and wr["inconsistent"] == 10
+
+
+async def test_eval_with_annotator_ensemble(judge_emulator, tmp_path):
+    cfg = judge_config(judge_emulator.url, {"j1": "longest", "j2": "longest"}, mode="pointwise", combine="mean",
+                       min_margin=0.0)
+    server = await start_annotator(parse_config(cfg), port=0, probes=False)
+    try:
+        a, b = _answers(tmp_path)
+        rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--annotator", server.address,
+                                  "--out", str(tmp_path / "ev"), "--bootstrap", "200")
+        assert rc == 0, err
+        wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())[0]
+        assert wr["win_rate"] == pytest.approx(70.0) and wr["n"] == 10
+        # resumable: a second run judges nothing new and gives the same numbers
+        rc, out2, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--annotator", server.address,
+                                   "--out", str(tmp_path / "ev"), "--bootstrap", "200")
+        assert rc == 0 and out2 == out
+    finally:
+        await server.stop(0)
+
+
+async def test_eval_bad_input_is_one_line(tmp_path):
+    a, b = _answers(tmp_path)
+    rc, _, err = await _cli("eval", "--answers", str(a), "--baseline", str(b))
+    assert rc == 2 and err.strip().startswith("moaa: error: give exactly one judge") and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.jsonl").write_text('{"id": 1, "prompt": "x"}\n')
+    with pytest.raises(UserError, match="line 1: expected a prompt"):
+        load_answers(tmp_path / "bad.jsonl")
+    rc, _, err = await _cli("eval", "--answers", str(tmp_path / "bad.jsonl"), "--baseline", str(b),
+                            "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "x")
+    assert rc == 2 and "line 1" in err and len(err.strip().splitlines()) == 1
