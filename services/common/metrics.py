@@ -32,26 +32,35 @@ class Metrics:
     def __init__(self, service: str):
         self.service = service
         self.in_flight = IN_FLIGHT.labels(service)
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *labels):
+        # labels() takes a lock and builds a key each time; calls hit the same few children
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.service, *labels)
+        return child
 
     def call_done(self, method: str, code: str, seconds: float) -> None:
-        RPC_CALLS.labels(self.service, method, code).inc()
+        self._child(RPC_CALLS, method, code).inc()
         if code != "OK":
-            RPC_ERRORS.labels(self.service, method, code).inc()
-        RPC_LATENCY.labels(self.service, method).observe(seconds)
+            self._child(RPC_ERRORS, method, code).inc()
+        self._child(RPC_LATENCY, method).observe(seconds)
 
     def stage(self, stage: str, seconds: float) -> None:
-        STAGE_LATENCY.labels(self.service, stage).observe(seconds)
+        self._child(STAGE_LATENCY, stage).observe(seconds)
 
     def backend(self, model: str, seconds: float, cause: str | None = None) -> None:
-        BACKEND_LATENCY.labels(self.service, model, "ok" if cause is None else "error").observe(seconds)
+        self._child(BACKEND_LATENCY, model, "ok" if cause is None else "error").observe(seconds)
         if cause is not None:
-            BACKEND_ERRORS.labels(self.service, model, cause).inc()
+            self._child(BACKEND_ERRORS, model, cause).inc()
 
     def tokens(self, model: str, prompt: int, completion: int) -> None:
         if prompt:
-            TOKENS.labels(self.service, model, "prompt").inc(prompt)
+            self._child(TOKENS, model, "prompt").inc(prompt)
         if completion:
-            TOKENS.labels(self.service, model, "completion").inc(completion)
+            self._child(TOKENS, model, "completion").inc(completion)
 
 
 def serve_metrics(port: int | None, host: str = "0.0.0.0"):

@@ -174,9 +174,10 @@ class MoAEngine:
 
     # -- the whole call ---------------------------------------------------------------------------
 
-    async def run(self, plan: Plan, deadline: float | None = None,
-                  started: float | None = None) -> AsyncIterator[gateway_pb2.GenerateEvent]:
-        """Events of one MoA call; `deadline` is time.monotonic() seconds (the caller's gRPC deadline)."""
+    async def run(self, plan: Plan, deadline: float | None = None, started: float | None = None,
+                  deltas: bool = True) -> AsyncIterator[gateway_pb2.GenerateEvent]:
+        """Events of one MoA call; `deadline` is time.monotonic() seconds (the caller's gRPC deadline).
+        deltas=False leaves out the aggregator's delta events (unary callers only want the result)."""
         t0 = time.monotonic()
         started = started or t0
         usage = _Usage()
@@ -206,8 +207,9 @@ class MoAEngine:
                     if ttft is None:
                         ttft = time.monotonic() - ta
                     parts.append(chunk.text)
-                    yield gateway_pb2.GenerateEvent(request_id=plan.request_id,
-                                                    delta=gateway_pb2.AggregatorDelta(text=chunk.text))
+                    if deltas:
+                        yield gateway_pb2.GenerateEvent(request_id=plan.request_id,
+                                                        delta=gateway_pb2.AggregatorDelta(text=chunk.text))
                 if chunk.usage is not None:
                     agg_usage = chunk.usage
                 if chunk.finish_reason:

@@ -34,15 +34,15 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         self.max_prompt_chars = cfg.gateway.max_prompt_chars
         self.batch_window = cfg.gateway.batch_window
 
-    async def _generate(self, request, rid: str, deadline: float | None):
+    async def _generate(self, request, rid: str, deadline: float | None, deltas: bool = True):
         started = time.monotonic()
         plan = make_plan(self.cfg, request, rid, self.max_prompt_chars)
-        async for ev in self.engine.run(plan, deadline, started):
+        async for ev in self.engine.run(plan, deadline, started, deltas=deltas):
             yield ev
 
     @guarded
     async def Generate(self, request, context, rid):
-        async for ev in self._generate(request, rid, _deadline(context)):
+        async for ev in self._generate(request, rid, _deadline(context), deltas=False):
             if ev.HasField("final"):
                 return ev.final
         raise RpcError("the engine ended without a result")
@@ -66,7 +66,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
             token = request_id_var.set(item_rid)
             try:
                 resp = None
-                async for ev in self._generate(item.request, item_rid, deadline):
+                async for ev in self._generate(item.request, item_rid, deadline, deltas=False):
                     if ev.HasField("final"):
                         resp = ev.final
                 results.put_nowait(gateway_pb2.BatchResult(id=item.id, response=resp))

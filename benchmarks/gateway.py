@@ -1,0 +1,222 @@
+"""Gateway overhead and throughput against emulators, in one run.
+
+    python benchmarks/gateway.py [--quick]
+
+Three processes: the emulator (all models), the gateway, and this load generator. Each MoA call has
+three proposers (time to first token 1.0 / 1.5 / 2.0 s) and an aggregator (1.0 s), so the critical
+path is slowest proposer + aggregator. For each concurrency (1, 64, 512) the same call pattern is run
+twice with closed-loop clients: directly against the emulator (a plain aiohttp client fanning out and
+then calling the aggregator: the bound, the emulator's own latency and capacity) and through the
+gateway (gRPC Generate). Printed: p50/p99 of the gateway's added latency over the bound measured in
+this run, and throughput at 512 concurrent calls as a ratio to the bound (also to the configured
+latencies, which ignore HTTP costs altogether).
+
+Targets: p50 added latency < 2 ms at 64 concurrent calls; throughput at 512 >= 90 % of the bound.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+
+PROPOSERS = {"p1": 1.0, "p2": 1.5, "p3": 2.0}   # time to first token, seconds
+AGGREGATOR = ("agg", 1.0)
+TOKENS = 4
+
+
+def _run_emulator(q) -> None:
+    from moaa.services.emulator.api_router import Emulator
+    from moaa.services.emulator.protocol import EmulatorSettings
+
+    async def main():
+        profiles = {m: {"ttft_s": t} for m, t in {**PROPOSERS, AGGREGATOR[0]: AGGREGATOR[1]}.items()}
+        emu = Emulator(EmulatorSettings(record=False, default_max_tokens=TOKENS), profiles)
+        await emu.start()
+        q.put(emu.url)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _run_gateway(url: str, q) -> None:
+    import logging
+
+    from moaa.services.config import parse_config
+    from moaa.services.gateway.server import start_gateway
+
+    logging.basicConfig(level=logging.WARNING)
+    backend = {"urls": [url], "max_concurrency": 4096, "health": {"probe_interval_s": 3600}}
+    cfg = parse_config({
+        "backends": {m: backend for m in [*PROPOSERS, AGGREGATOR[0]]},
+        "recipes": {"bench": {"proposers": [{"model": m} for m in PROPOSERS], "aggregator": {"model": AGGREGATOR[0]},
+                              "min_proposers": 3}},
+        "gateway": {"port": 0, "max_in_flight": 4096},
+    })
+
+    async def main():
+        running = await start_gateway(cfg, probes=False)
+        q.put(running.port)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def _direct_call(session, url: str) -> float:
+    """The bound: proposers in parallel, then the aggregator, straight to the emulator."""
+    async def one(model: str) -> None:
+        body = {"model": model, "messages": [{"role": "user", "content": "q"}], "max_tokens": TOKENS,
+                "stream": True, "stream_options": {"include_usage": True}}
+        async with session.post(f"{url}/chat/completions", json=body) as resp:
+            async for _ in resp.content:
+                pass
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(m) for m in PROPOSERS))
+    await one(AGGREGATOR[0])
+    return time.perf_counter() - t0
+
+
+async def _closed_loop(call, concurrency: int, total: int) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    left = total
+
+    async def worker():
+        nonlocal left
+        while left > 0:
+            left -= 1
+            latencies.append(await call())
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - t0
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+async def bench(url: str, port: int, plan: list[tuple[int, int]], pids: dict[str, int]) -> dict:
+    import aiohttp
+    import grpc
+
+    from moaa.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    connector = aiohttp.TCPConnector(limit=0)
+    results = {}
+    async with aiohttp.ClientSession(connector=connector) as session, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = gateway_pb2_grpc.MoAGatewayStub(channel)
+        req = gateway_pb2.GenerateRequest(messages=[common_pb2.Message(role="user", content="q")])
+
+        added: list[float] = []
+
+        async def via_gateway() -> float:
+            t0 = time.perf_counter()
+            resp = await stub.Generate(req, timeout=120)
+            lat = time.perf_counter() - t0
+            assert resp.text and len(resp.layers[0].proposals) == 3, resp
+            # this call's own critical path, as the gateway timed its backend requests
+            critical = max(p.latency_s for p in resp.layers[0].proposals) + resp.latency.aggregator_s
+            added.append(lat - critical)
+            return lat
+
+        def cpu() -> dict[str, float]:
+            return {name: _cpu_s(pid) for name, pid in pids.items()}
+
+        await _closed_loop(lambda: _direct_call(session, url), 32, 32)  # warm connections
+        await _closed_loop(via_gateway, 32, 32)
+        for conc, total in plan:
+            # alternate direct and gateway slices so that load from elsewhere hits both alike
+            d_lat, g_lat, added[:] = [], [], []
+            d_wall = g_wall = 0.0
+            cpu_d = dict.fromkeys(pids, 0.0)
+            cpu_g = dict.fromkeys(pids, 0.0)
+            for _ in range(2):
+                c0 = cpu()
+                lat, wall = await _closed_loop(lambda: _direct_call(session, url), conc, total // 2)
+                c1 = cpu()
+                d_lat += lat
+                d_wall += wall
+                lat, wall = await _closed_loop(via_gateway, conc, total // 2)
+                c2 = cpu()
+                g_lat += lat
+                g_wall += wall
+                for k in pids:
+                    cpu_d[k] += (c1[k] - c0[k]) / total * 1e3
+                    cpu_g[k] += (c2[k] - c1[k]) / total * 1e3
+            n = len(g_lat)
+            results[conc] = {"calls": n, "direct_p50": _pct(d_lat, 50), "direct_p99": _pct(d_lat, 99),
+                             "gw_p50": _pct(g_lat, 50), "gw_p99": _pct(g_lat, 99),
+                             "added_p50_ms": _pct(added, 50) * 1e3, "added_p99_ms": _pct(added, 99) * 1e3,
+                             "direct_tput": len(d_lat) / d_wall, "gw_tput": n / g_wall,
+                             "cpu_ms_per_call_direct": cpu_d, "cpu_ms_per_call_gateway": cpu_g}
+            r = results[conc]
+            print(f"  {conc:>4} concurrent, {n} calls: bound (direct) p50 {r['direct_p50']*1e3:7.1f} ms, "
+                  f"gateway p50 {r['gw_p50']*1e3:7.1f} ms, p99 {r['gw_p99']*1e3:7.1f} ms, "
+                  f"throughput {r['gw_tput']:.1f}/s vs bound {r['direct_tput']:.1f}/s", flush=True)
+            print("        CPU ms per call: direct run " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_d.items())
+                  + "; gateway run " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_g.items()), flush=True)
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    plan = [(1, 4), (64, 128), (512, 1024)] if args.quick else [(1, 8), (64, 256), (512, 2048)]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    emu = ctx.Process(target=_run_emulator, args=(q,), daemon=True)
+    emu.start()
+    url = q.get(timeout=60)
+    gw = ctx.Process(target=_run_gateway, args=(url, q), daemon=True)
+    gw.start()
+    port = q.get(timeout=60)
+    critical = max(PROPOSERS.values()) + AGGREGATOR[1]
+    print(f"emulator {url}, gateway 127.0.0.1:{port}; critical path as configured: {critical:.2f} s; "
+          f"{os.cpu_count()} CPUs, load average before the run {os.getloadavg()[0]:.1f}", flush=True)
+    try:
+        res = asyncio.run(bench(url, port, plan, {"emulator": emu.pid, "gateway": gw.pid, "client": os.getpid()}))
+    finally:
+        gw.terminate()
+        emu.terminate()
+    print(f"load average after the run {os.getloadavg()[0]:.1f} (other work on the machine slows every figure)")
+    print("\nadded latency per call = latency seen by the client - (slowest proposer + aggregator, as the gateway "
+          "timed its backend requests); ratio = gateway p50 / direct-bound p50")
+    for conc, r in res.items():
+        print(f"  {conc:>4} concurrent: added p50 {r['added_p50_ms']:6.2f} ms, p99 {r['added_p99_ms']:7.2f} ms; "
+              f"vs the direct bound: p50 {(r['gw_p50'] - r['direct_p50']) * 1e3:+8.1f} ms "
+              f"(ratio {r['gw_p50'] / r['direct_p50']:.3f}), p99 {(r['gw_p99'] - r['direct_p99']) * 1e3:+8.1f} ms "
+              f"(ratio {r['gw_p99'] / r['direct_p99']:.3f})")
+    r512 = res[512]
+    ideal = 512 / critical
+    print(f"throughput at 512: {r512['gw_tput']:.1f} calls/s = {r512['gw_tput'] / r512['direct_tput']:.3f} of the "
+          f"emulator bound ({r512['direct_tput']:.1f}/s), {r512['gw_tput'] / ideal:.3f} of the configured-latency "
+          f"bound ({ideal:.1f}/s)")
+    t1 = res[64]["added_p50_ms"] < 2.0
+    t2 = r512["gw_tput"] / r512["direct_tput"] >= 0.9
+    print(f"targets: p50 added < 2 ms at 64: {'met' if t1 else 'MISSED'}; "
+          f"throughput >= 90% of bound at 512: {'met' if t2 else 'MISSED'}")
+    ok = t1 and t2
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({str(k): v for k, v in res.items()}, f, indent=1)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
