@@ -239,3 +239,22 @@ def build_trl_args(cfg: TrainConfig, *, check_only: bool = False, device: str | 
     except (ValueError, TypeError) as err:
         raise UserError(f"{_trl_version()} {cls.__name__} refuses the config: {str(err).splitlines()[0]}") from None
     return None if check_only else args
+
+
+# Shown on the command line even at their defaults: what a reader of a Job manifest looks for first.
+_ALWAYS_SHOWN = {"sft": ("learning_rate", "global_batch_size", "num_train_epochs", "max_steps"),
+                 "dpo": ("learning_rate", "global_batch_size", "num_train_epochs", "max_steps", "beta", "loss_type")}
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """The resolved config as `moaa train KIND` arguments (Jobs and torchrun workers run exactly this)."""
+    import json
+
+    args = ["--data", cfg.data, "--model", cfg.model, "--out", cfg.out]
+    values = cfg.model_dump(mode="json", exclude={"kind", "data", "model", "out"})
+    changed = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"kind", "data", "model", "out"})
+    keys = set(changed) | set(_ALWAYS_SHOWN[cfg.kind])
+    values["learning_rate"] = cfg.lr
+    for key in sorted(keys):
+        args += ["--set", f"{key}={json.dumps(values[key], separators=(',', ':'))}"]
+    return args

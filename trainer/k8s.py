@@ -1,2 +1,142 @@
-def add_submit_args(p):
-    pass
+"""Kubernetes Job builder for `moaa train sft|dpo` on GPU nodes (kubernetes client models).
+
+The Job runs the trainer image's `moaa train KIND ...` with the resolved config as `--set` overrides, so
+the pod runs exactly what was checked here. Exit codes drive the podFailurePolicy: 2 (bad input) fails
+the Job at once, 75 (transient) and evictions are retried, and a retried pod resumes from the newest
+checkpoint on the checkpoints volume. Several GPUs: the CLI itself starts torchrun/accelerate.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
+from moaa.trainer.config import cli_args
+
+DEFAULT_IMAGE = "moaa/moaa-trainer:0.1.0"
+CONTAINER = "trainer"
+LABEL_APP = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+
+
+class Toleration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str = Field(description="taint key, e.g. nvidia.com/gpu")
+    operator: Literal["Exists", "Equal"] = Field("Exists", description="Exists, or Equal with a value")
+    value: str | None = Field(None, description="taint value for operator Equal")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="taint effect")
+
+
+class JobSettings(BaseModel):
+    """Where and how a training Job runs (not what it trains: that is TrainConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, description="Job name; default moaa-KIND-<hash of the output folder>")
+    namespace: str = Field("moaa", description="namespace of the Job")
+    image: str = Field(DEFAULT_IMAGE, description="trainer image (docker/Dockerfile.trainer)")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
+    gpus: int = Field(1, ge=0, description="GPUs of one node; >1 starts one process per GPU")
+    gpu_resource: str = Field("nvidia.com/gpu", description="extended resource name of the GPUs")
+    cpu: str = Field("8", description="CPU request")
+    memory: str = Field("64Gi", description="memory request and limit")
+    shm_size: str = Field("8Gi", description="/dev/shm size (NCCL, data loader workers)")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="node labels the pod needs")
+    tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")],
+                                          description="taints the pod tolerates (GPU nodes are often tainted)")
+    data_claim: str = Field("moaa-data", description="PVC with datasets, mounted at /data")
+    checkpoints_claim: str = Field("moaa-checkpoints", description="PVC for checkpoints and models, at /checkpoints")
+    model_cache_claim: str = Field("moaa-model-cache", description="PVC for downloaded weights (HF_HOME), at /models")
+    hub_token_secret: str | None = Field("hf-token", description="Secret with the hub token (HF_TOKEN); optional")
+    hub_token_key: str = Field("token", description="key of the token in that Secret")
+    service_account: str = Field("moaa-trainer", description="service account of the pod")
+    backoff_limit: int = Field(4, ge=0, description="retries of failed pods (bad input is never retried)")
+    ttl_seconds_after_finished: int = Field(7 * 24 * 3600, ge=0, description="finished Jobs are deleted after this")
+    active_deadline_seconds: int | None = Field(None, ge=1, description="upper bound on the whole Job")
+    launcher: Literal["torchrun", "accelerate"] = Field("torchrun", description="multi-GPU launcher")
+
+
+def job_name(kind: str, out: str, settings: JobSettings) -> str:
+    """One output folder, one Job name: a second submit for the same folder conflicts instead of racing."""
+    return settings.name or f"moaa-{kind}-{hashlib.sha1(out.encode()).hexdigest()[:8]}"
+
+
+def build_job(cfg, settings: JobSettings | None = None):
+    """A batch/v1 Job (kubernetes.client.V1Job) that runs this training config."""
+    from kubernetes import client as k
+
+    s = settings or JobSettings()
+    name = job_name(cfg.kind, cfg.out, s)
+    labels = {LABEL_APP: "moaa", LABEL_COMPONENT: "trainer", "moaa/stage": cfg.kind}
+    command = ["moaa", "train", cfg.kind]
+    args = cli_args(cfg)
+    if s.gpus > 1:
+        args += ["--nproc-per-node", str(s.gpus), "--launcher", s.launcher]
+    limits = {"memory": s.memory}
+    if s.gpus:
+        limits[s.gpu_resource] = str(s.gpus)
+    env = [k.V1EnvVar(name="HF_HOME", value="/models/hf"),
+           k.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
+           k.V1EnvVar(name="MOAA_JOB_NAME", value=name)]
+    if s.hub_token_secret:
+        env.append(k.V1EnvVar(name="HF_TOKEN", value_from=k.V1EnvVarSource(secret_key_ref=k.V1SecretKeySelector(
+            name=s.hub_token_secret, key=s.hub_token_key, optional=True))))
+    container = k.V1Container(
+        name=CONTAINER, image=s.image, image_pull_policy=s.image_pull_policy, command=command, args=args, env=env,
+        resources=k.V1ResourceRequirements(requests={"cpu": s.cpu, "memory": s.memory, **(
+            {s.gpu_resource: str(s.gpus)} if s.gpus else {})}, limits=limits),
+        volume_mounts=[k.V1VolumeMount(name="data", mount_path="/data", read_only=True),
+                       k.V1VolumeMount(name="checkpoints", mount_path="/checkpoints"),
+                       k.V1VolumeMount(name="model-cache", mount_path="/models"),
+                       k.V1VolumeMount(name="shm", mount_path="/dev/shm")])
+    volumes = [
+        k.V1Volume(name="data", persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(claim_name=s.data_claim)),
+        k.V1Volume(name="checkpoints", persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(
+            claim_name=s.checkpoints_claim)),
+        k.V1Volume(name="model-cache", persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(
+            claim_name=s.model_cache_claim)),
+        k.V1Volume(name="shm", empty_dir=k.V1EmptyDirVolumeSource(medium="Memory", size_limit=s.shm_size)),
+    ]
+    pod = k.V1PodSpec(
+        restart_policy="Never", service_account_name=s.service_account, automount_service_account_token=False,
+        security_context=k.V1PodSecurityContext(fs_group=10001, run_as_user=10001, run_as_non_root=True),
+        node_selector=s.node_selector or None, containers=[container], volumes=volumes,
+        tolerations=[k.V1Toleration(**t.model_dump(exclude_none=True)) for t in s.tolerations] or None)
+    policy = k.V1PodFailurePolicy(rules=[
+        # bad input: a retry cannot help
+        k.V1PodFailurePolicyRule(action="FailJob", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
+            container_name=CONTAINER, operator="In", values=[EXIT_BAD_INPUT])),
+        # preemption, eviction, node drain: retry without using up backoffLimit
+        k.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[
+            k.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
+        # transient (EX_TEMPFAIL): retried, counted against backoffLimit
+        k.V1PodFailurePolicyRule(action="Count", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
+            container_name=CONTAINER, operator="In", values=[EXIT_TRANSIENT])),
+    ])
+    spec = k.V1JobSpec(
+        backoff_limit=s.backoff_limit, ttl_seconds_after_finished=s.ttl_seconds_after_finished,
+        active_deadline_seconds=s.active_deadline_seconds, pod_failure_policy=policy,
+        template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=labels), spec=pod))
+    return k.V1Job(api_version="batch/v1", kind="Job",
+                   metadata=k.V1ObjectMeta(name=name, namespace=s.namespace, labels=labels), spec=spec)
+
+
+def to_dict(obj) -> dict[str, Any]:
+    """The API's JSON form of a client model (what kubectl and the API server see)."""
+    from kubernetes.client import ApiClient
+
+    return ApiClient().sanitize_for_serialization(obj)
+
+
+def from_dict(data: dict[str, Any], klass: str):
+    """Back into a client model through the client's own deserializer."""
+    from kubernetes.client import ApiClient
+
+    return ApiClient().deserialize(json.dumps(data), klass, "application/json")
+
+
+def to_yaml(*objs) -> str:
+    return "---\n".join(yaml.safe_dump(to_dict(o) if not isinstance(o, dict) else o, sort_keys=False) for o in objs)

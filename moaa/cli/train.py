@@ -45,6 +45,10 @@ def _config_from_args(kind: str, args: argparse.Namespace):
 
 def _run_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args.kind, args)
+    from moaa.trainer.launch import is_worker, launch
+
+    if args.nproc_per_node > 1 and not is_worker():
+        return launch(cfg, args.nproc_per_node, args.launcher)
     if args.kind == "sft":
         from moaa.trainer.sft import run_sft as run
     else:
@@ -54,7 +58,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
-    from moaa.trainer.k8s import submit_from_args
+    from moaa.trainer.k8s_submit import submit_from_args
 
     return submit_from_args(args, _config_from_args(args.kind, args))
 
@@ -77,12 +81,14 @@ def register(subparsers) -> None:
                         ("dpo", "DPO on {prompt, chosen, rejected} rows")):
         p = sub.add_parser(kind, help=help_)
         _add_train_args(p)
+        p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) on this node; >1 starts torchrun")
+        p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun")
         p.set_defaults(func=_run_train, kind=kind)
 
     submit = sub.add_parser("submit", help="run sft or dpo as a Kubernetes Job and follow it")
     submit.add_argument("kind", choices=["sft", "dpo"])
     _add_train_args(submit)
-    from moaa.trainer.k8s import add_submit_args
+    from moaa.trainer.k8s_submit import add_submit_args
 
     add_submit_args(submit)
     submit.set_defaults(func=_run_submit)

@@ -1,0 +1,122 @@
+"""Job builder and k8s/ manifests: Kubernetes schema validation, client round-trip, manifests in step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from moaa.cli.main import build_parser, main
+from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
+from moaa.trainer.config import TrainConfig, load_train_config
+from moaa.trainer.k8s import JobSettings, build_job, from_dict, to_dict
+from moaa.trainer.k8s_manifests import render
+from moaa.trainer.launch import launch_command
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S_VERSION = kubernetes_validate.utils.latest_version()
+KLASS = {"Job": "V1Job", "Namespace": "V1Namespace", "PersistentVolumeClaim": "V1PersistentVolumeClaim",
+         "ServiceAccount": "V1ServiceAccount", "Role": "V1Role", "RoleBinding": "V1RoleBinding"}
+
+
+def assert_valid_and_round_trips(doc: dict) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    assert to_dict(from_dict(doc, KLASS[doc["kind"]])) == doc
+
+
+def _cfg(kind="sft", **kw) -> TrainConfig:
+    base = dict(model="/models/m", data="/data/d.jsonl", out="/checkpoints/run")
+    return load_train_config(kind, None, **(base | kw))
+
+
+SETTINGS = [
+    JobSettings(),
+    JobSettings(gpus=0, tolerations=[], hub_token_secret=None, name="cpu-run", namespace="ml"),
+    JobSettings(gpus=8, launcher="accelerate", node_selector={"nvidia.com/gpu.product": "H100"},
+                tolerations=[{"key": "dedicated", "operator": "Equal", "value": "train", "effect": "NoSchedule"}],
+                active_deadline_seconds=86400, backoff_limit=0),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["default", "cpu", "8gpu"])
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_every_job_validates_and_round_trips(kind, settings):
+    cfg = _cfg(kind, lora={"enabled": True, "r": 8}, max_steps=100, trl={"max_grad_norm": 0.5})
+    doc = to_dict(build_job(cfg, settings))
+    assert_valid_and_round_trips(doc)
+    pod = doc["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    rules = doc["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                              "values": [EXIT_BAD_INPUT]}}
+    assert any(r["action"] == "Count" and r["onExitCodes"]["values"] == [EXIT_TRANSIENT] for r in rules)
+    assert doc["spec"]["backoffLimit"] == settings.backoff_limit
+    assert doc["spec"]["ttlSecondsAfterFinished"] == settings.ttl_seconds_after_finished
+    c = pod["containers"][0]
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/data", "/checkpoints", "/models", "/dev/shm"}
+    if settings.gpus:
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == str(settings.gpus)
+    else:
+        assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    if settings.gpus > 1:
+        assert c["args"][-4:] == ["--nproc-per-node", str(settings.gpus), "--launcher", settings.launcher]
+    env = {e["name"]: e for e in c["env"]}
+    assert ("HF_TOKEN" in env) == bool(settings.hub_token_secret)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_job_command_parses_back_to_the_same_config(kind):
+    """The pod runs exactly the config checked at submit time: its argv parses into an equal TrainConfig."""
+    from moaa.cli.train import _config_from_args
+
+    cfg = _cfg(kind, lora={"enabled": True, "r": 8}, learning_rate=3e-6, loss_type=["sigmoid", "sft"] if kind == "dpo"
+               else ["sigmoid"], trl={"max_grad_norm": 0.5}, global_batch_size=32, per_device_batch_size=4)
+    c = to_dict(build_job(cfg, JobSettings(gpus=4)))["spec"]["template"]["spec"]["containers"][0]
+    argv = c["command"][1:] + c["args"]
+    args = build_parser().parse_args(argv)
+    assert args.nproc_per_node == 4 and args.launcher == "torchrun"
+    assert _config_from_args(kind, args) == cfg
+
+
+def test_launch_command_runs_workers_with_the_resolved_config():
+    cfg = _cfg("sft", max_steps=10)
+    cmd = launch_command(cfg, 4, "torchrun")
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert cmd[5:10] == ["-m", "moaa.cli.main", "train", "sft", "--data"] and "max_steps=10" in cmd
+    assert "--num_processes" in launch_command(cfg, 2, "accelerate")
+
+
+def test_k8s_manifests_validate_and_round_trip():
+    files = sorted((ROOT / "k8s").glob("*.yaml"))
+    kinds = []
+    for path in files:
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert_valid_and_round_trips(doc)
+            kinds.append(doc["kind"])
+    assert {"Namespace", "PersistentVolumeClaim", "ServiceAccount", "Role", "RoleBinding", "Job"} <= set(kinds)
+
+
+def test_k8s_manifests_are_in_step_with_the_builder():
+    rendered = render()
+    on_disk = {p.name: p.read_text() for p in (ROOT / "k8s").glob("*.yaml")}
+    assert on_disk == rendered, "k8s/ drifted from the builder: run python -m moaa.trainer.k8s_manifests k8s/"
+
+
+def test_dry_run_prints_the_job(capsys, tmp_path):
+    rc = main(["train", "submit", "dpo", "--data", "/data/p.jsonl", "--model", "/checkpoints/sft", "--out",
+               "/checkpoints/dpo", "--gpus", "2", "--node-selector", "pool=a100", "--toleration", "gpu=yes:NoSchedule",
+               "--beta", "0.05", "--dry-run"])
+    assert rc == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert_valid_and_round_trips(doc)
+    pod = doc["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "a100"}
+    assert pod["tolerations"] == [{"effect": "NoSchedule", "key": "gpu", "operator": "Equal", "value": "yes"}]
+    assert "beta=0.05" in pod["containers"][0]["args"]
+
+
+def test_bad_job_settings_exit_2(capsys):
+    rc = main(["train", "submit", "sft", "--data", "d", "--model", "m", "--out", "o", "--gpus", "-1", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "bad job settings: gpus" in err and len(err.splitlines()) == 1

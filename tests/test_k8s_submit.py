@@ -1,0 +1,154 @@
+"""`moaa train submit` against an EMULATED Kubernetes API server (kmock over real HTTP on 127.0.0.1).
+
+There is no real cluster here: the emulator stores objects like an API server, and the tests play the
+Job controller (they create the pod, its log and the Job's status) while the real CLI follows the Job.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+import yaml
+
+from moaa.cli.main import main
+from moaa.trainer.k8s import to_dict
+from tests.fixtures.trainer import sft_rows, write_jsonl
+
+NS = "moaa"
+JOB_ARGS = ["--data", "/data/sft.jsonl", "--model", "/models/m", "--out", "/checkpoints/sft", "--name", "run1",
+            "--max-steps", "4"]
+LOG = "\n".join(json.dumps({"event": "log", "step": s, "total": 4, "loss": 2.0 - s / 10, "eta_s": 4 - s})
+                for s in range(1, 5)) + "\n"
+
+
+def play_controller(emu, *, exit_code: int, log: str = LOG, reason: str | None = None, timeout: float = 30):
+    """In a thread: wait for the Job, add its pod (terminated with exit_code) and log, then set its status."""
+    from kubernetes import client
+
+    api = emu.client()
+    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+
+    def run():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not batch.list_namespaced_job(NS).items:
+            time.sleep(0.05)
+        job = batch.list_namespaced_job(NS).items[0]
+        name = job.metadata.name
+        pod = f"{name}-x1"
+        emu.on(f"get /api/v1/namespaces/{NS}/pods/{pod}/log", {"Content-Type": "text/plain"}, log.encode())
+        core.create_namespaced_pod(NS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": pod, "namespace": NS, "labels": {"job-name": name}},
+            "spec": {"containers": [{"name": "trainer", "image": "x"}], "restartPolicy": "Never"},
+            "status": {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": [{
+                "name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
+                "state": {"terminated": {"exitCode": exit_code}}}]}})
+        time.sleep(0.3)  # let the follower see the job running first
+        cond = {"type": "Complete" if exit_code == 0 else "Failed", "status": "True"}
+        if reason:
+            cond.update(reason=reason, message=f"{reason} happened")
+        batch.patch_namespaced_job_status(name, NS, {"status": {
+            "succeeded": int(exit_code == 0), "failed": int(exit_code != 0), "conditions": [cond]}})
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def submit(emu, *extra):
+    return main(["train", "submit", "sft", *JOB_ARGS, "--api-server", emu.url, "--poll-interval", "0.1",
+                 "--follow-timeout", "30", *extra])
+
+
+def stored_job(emu):
+    from kubernetes import client
+
+    return client.BatchV1Api(emu.client()).read_namespaced_job("run1", NS)
+
+
+def test_submit_follows_logs_and_succeeds(kube_api, capsys):
+    ctl = play_controller(kube_api, exit_code=0)
+    rc = submit(kube_api)
+    ctl.join(5)
+    out = capsys.readouterr().out
+    assert rc == 0
+    events = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert events[0]["event"] == "job_created" and events[0]["name"] == "run1"
+    assert [e["step"] for e in events if e["event"] == "log"] == [1, 2, 3, 4]  # the pod's progress, once each
+    assert events[-1] == {"event": "job_complete", "name": "run1"}
+    # what the API server stored is what --dry-run prints
+    assert main(["train", "submit", "sft", *JOB_ARGS, "--dry-run"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    stored = to_dict(stored_job(kube_api))
+    assert stored["spec"] == printed["spec"]
+
+
+def test_job_failed_on_bad_input_exits_2(kube_api, capsys):
+    ctl = play_controller(kube_api, exit_code=2, reason="PodFailurePolicy",
+                          log='moaa: error: /data/sft.jsonl: 1 bad row(s): line 3: not JSON\n')
+    rc = submit(kube_api)
+    ctl.join(5)
+    cap = capsys.readouterr()
+    assert rc == 2
+    assert "line 3: not JSON" in cap.out  # the pod's own error line is shown
+    err = cap.err.strip()
+    assert len(err.splitlines()) == 1 and "Job moaa/run1 failed on bad input" in err
+
+
+def test_job_failed_otherwise_exits_1(kube_api, capsys):
+    ctl = play_controller(kube_api, exit_code=1, reason="BackoffLimitExceeded")
+    rc = submit(kube_api)
+    ctl.join(5)
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "BackoffLimitExceeded" in err and "exit codes [1]" in err
+
+
+def _status(code, reason, message):
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": message,
+            "code": code}
+
+
+@pytest.mark.parametrize("code,reason,message,rc,expect", [
+    (403, "Forbidden", 'jobs.batch is forbidden: User "dev" cannot create resource "jobs"', 2, "RBAC"),
+    (422, "Invalid", 'Job.batch "run1" is invalid: spec.template.spec.containers[0].image: Required value', 2,
+     "is invalid"),
+    (503, "ServiceUnavailable", "etcd is down", 75, "etcd is down"),
+])
+def test_api_refusal_is_one_readable_line(kube_api, capsys, code, reason, message, rc, expect):
+    kube_api.on(f"post /apis/batch/v1/namespaces/{NS}/jobs", code, _status(code, reason, message))
+    assert submit(kube_api) == rc
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("moaa: error: creating Job moaa/run1")
+    assert str(code) in err and expect in err
+
+
+def test_second_submit_for_the_same_output_conflicts(kube_api, capsys):
+    assert submit(kube_api, "--no-follow") == 0
+    assert submit(kube_api, "--no-follow") == 2
+    err = capsys.readouterr().err.strip()
+    assert "already exists" in err and "pass --name" in err
+
+
+def test_unreachable_api_is_transient(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    rc = main(["train", "submit", "sft", *JOB_ARGS, "--api-server", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 75 and len(err.splitlines()) == 1 and "unreachable" in err
+
+
+def test_follow_timeout_is_transient(kube_api, capsys):
+    rc = submit(kube_api, "--follow-timeout", "0.5")
+    err = capsys.readouterr().err.strip()
+    assert rc == 75 and "keeps running" in err and "kubectl -n moaa logs -f job/run1" in err
+
+
+def test_local_bad_data_stops_before_the_api(tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [sft_rows(1)[0], "{oops"])
+    rc = main(["train", "submit", "sft", "--data", str(bad), "--model", "m", "--out", "/checkpoints/x",
+               "--api-server", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "line 2: not JSON" in err

@@ -1,0 +1,235 @@
+"""`moaa train submit`: create the training Job, follow its status and logs, exit with its outcome.
+
+Exit codes: 0 the Job completed; 2 the Job failed on bad input (or the API refused the Job: RBAC,
+invalid object, name taken); 75 the API was unreachable or overloaded, or following timed out while
+the Job still runs; 1 the Job failed otherwise (retries used up, deadline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from moaa.errors import EXIT_BAD_INPUT, MoaaError, TransientError, UserError
+from moaa.trainer.k8s import CONTAINER, JobSettings, Toleration, build_job, to_yaml
+
+REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read: no API call may hang the submit
+
+
+def add_submit_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Kubernetes Job")
+    g.add_argument("--job-settings", help="YAML file with JobSettings fields (flags override it)")
+    g.add_argument("--name", help="Job name (default: moaa-KIND-<hash of --out>)")
+    g.add_argument("--namespace", help="namespace (default moaa)")
+    g.add_argument("--image", help="trainer image")
+    g.add_argument("--gpus", type=int, help="GPUs on one node (>1: torchrun across them)")
+    g.add_argument("--launcher", choices=["torchrun", "accelerate"], help="multi-GPU launcher")
+    g.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE", help="node label (repeat)")
+    g.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE][:EFFECT]",
+                   help="tolerate a taint (repeat; replaces the default nvidia.com/gpu toleration)")
+    g.add_argument("--hub-token-secret", help="Secret holding HF_TOKEN under key 'token'")
+    g.add_argument("--backoff-limit", type=int, help="pod retries (bad input is never retried)")
+    g.add_argument("--ttl", dest="ttl_seconds_after_finished", type=int, help="delete the finished Job after N s")
+    g.add_argument("--dry-run", action="store_true", help="print the Job as YAML and stop")
+    g.add_argument("--api-server", help="API server URL (no auth; default: kubeconfig or in-cluster config)")
+    g.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    g.add_argument("--context", help="kubeconfig context")
+    g.add_argument("--no-follow", action="store_true", help="create the Job and return")
+    g.add_argument("--follow-timeout", type=float, default=7 * 24 * 3600, help="stop following after N seconds")
+    g.add_argument("--poll-interval", type=float, default=5.0, help="seconds between status and log polls")
+
+
+def settings_from_args(args: argparse.Namespace) -> JobSettings:
+    data: dict[str, Any] = {}
+    if args.job_settings:
+        try:
+            data = yaml.safe_load(Path(args.job_settings).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UserError(f"cannot read job settings {args.job_settings}: {str(err).splitlines()[0]}") from None
+    for field in ("name", "namespace", "image", "gpus", "launcher", "hub_token_secret", "backoff_limit",
+                  "ttl_seconds_after_finished"):
+        if getattr(args, field, None) is not None:
+            data[field] = getattr(args, field)
+    if args.node_selector:
+        data["node_selector"] = dict(_split(item, "=", "--node-selector") for item in args.node_selector)
+    if args.toleration:
+        data["tolerations"] = [_toleration(t) for t in args.toleration]
+    try:
+        return JobSettings.model_validate(data)
+    except ValidationError as err:
+        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise UserError(f"bad job settings: {msgs}") from None
+
+
+def _split(item: str, sep: str, flag: str) -> tuple[str, str]:
+    key, found, value = item.partition(sep)
+    if not found or not key:
+        raise UserError(f"{flag} {item!r}: expected KEY{sep}VALUE")
+    return key, value
+
+
+def _toleration(text: str) -> dict:
+    body, _, effect = text.partition(":")
+    key, eq, value = body.partition("=")
+    out: dict[str, Any] = {"key": key, "operator": "Equal" if eq else "Exists"}
+    if eq:
+        out["value"] = value
+    if effect:
+        out["effect"] = effect
+    Toleration.model_validate(out)
+    return out
+
+
+def api_client(args: argparse.Namespace):
+    from kubernetes import client, config
+
+    if args.api_server:
+        cfg = client.Configuration()
+        cfg.host = args.api_server.rstrip("/")
+        cfg.retries = 1
+        return client.ApiClient(cfg)
+    try:
+        return config.new_client_from_config(config_file=args.kubeconfig, context=args.context)
+    except (config.ConfigException, OSError, TypeError) as err:
+        if args.kubeconfig or args.context:
+            raise UserError(f"cannot use kubeconfig: {str(err).splitlines()[0]}") from None
+    try:
+        config.load_incluster_config()
+        return client.ApiClient()
+    except config.ConfigException:
+        raise UserError("no Kubernetes config: set KUBECONFIG, pass --kubeconfig or --api-server") from None
+
+
+def _api_message(err) -> str:
+    try:
+        return json.loads(err.body).get("message") or err.reason
+    except (TypeError, ValueError, AttributeError):
+        return str(err.reason or err)
+
+
+def api_call(what: str, host: str, fn, *a, **kw):
+    """One API call with bounded time; refusals become UserError, outages TransientError."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return fn(*a, _request_timeout=REQUEST_TIMEOUT, **kw)
+    except ApiException as err:
+        status, msg = err.status, _api_message(err)
+        if status in (401, 403):
+            raise UserError(f"{what}: the Kubernetes API refused ({status} {err.reason}): {msg} "
+                            f"(check credentials and RBAC, see k8s/20-rbac.yaml)") from None
+        if status == 409:
+            raise UserError(f"{what}: {msg} (a Job for this output folder exists: delete it or pass --name)") from None
+        if status in (400, 404, 422):
+            raise UserError(f"{what}: the Kubernetes API rejected it ({status} {err.reason}): {msg}") from None
+        raise TransientError(f"{what}: Kubernetes API error {status} {err.reason}: {msg}") from None
+    except (HTTPError, OSError) as err:
+        raise TransientError(f"{what}: Kubernetes API at {host} is unreachable ({type(err).__name__})") from None
+
+
+def submit_from_args(args: argparse.Namespace, cfg) -> int:
+    settings = settings_from_args(args)
+    job = build_job(cfg, settings)
+    if args.dry_run:
+        print(to_yaml(job), end="")
+        return 0
+    if Path(cfg.data).is_file():  # the file is here too: check it before a GPU node spins up
+        from moaa.trainer.data import load_rows
+
+        load_rows(cfg.data, cfg.kind, drop_duplicates=cfg.drop_duplicates)
+    api = api_client(args)
+    return submit(api, job, follow=not args.no_follow, timeout_s=args.follow_timeout, poll_s=args.poll_interval)
+
+
+def submit(api, job, *, follow: bool = True, timeout_s: float = 3600, poll_s: float = 5.0, out=print) -> int:
+    from kubernetes import client
+
+    batch = client.BatchV1Api(api)
+    ns, name = job.metadata.namespace, job.metadata.name
+    host = api.configuration.host
+    created = api_call(f"creating Job {ns}/{name}", host, batch.create_namespaced_job, ns, job)
+    out(json.dumps({"event": "job_created", "namespace": ns, "name": created.metadata.name,
+                    "uid": created.metadata.uid}))
+    if not follow:
+        return 0
+    return follow_job(api, ns, name, timeout_s=timeout_s, poll_s=poll_s, out=out)
+
+
+def _condition(job, kind: str):
+    for c in (job.status and job.status.conditions) or []:
+        if c.type == kind and c.status == "True":
+            return c
+    return None
+
+
+def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=print) -> int:
+    """Poll status and logs until the Job completes or fails; the pod's JSON progress lines pass through."""
+    from kubernetes import client
+
+    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+    host = api.configuration.host
+    deadline = time.monotonic() + timeout_s
+    seen_lines: dict[str, int] = {}
+    last_status = None
+    while True:
+        job = api_call(f"reading Job {ns}/{name}", host, batch.read_namespaced_job_status, name, ns)
+        pods = _pods(core, host, ns, name)
+        for pod in pods:
+            _print_new_log_lines(core, host, ns, pod, seen_lines, out)
+        st = job.status
+        status = (st.active or 0, st.succeeded or 0, st.failed or 0) if st else (0, 0, 0)
+        if status != last_status:
+            out(json.dumps({"event": "job_status", "active": status[0], "succeeded": status[1], "failed": status[2]}))
+            last_status = status
+        if _condition(job, "Complete"):
+            out(json.dumps({"event": "job_complete", "name": name}))
+            return 0
+        failed = _condition(job, "Failed")
+        if failed:
+            codes = _exit_codes(pods)
+            detail = f"{failed.reason or 'Failed'}: {failed.message or ''}".strip().rstrip(":")
+            if EXIT_BAD_INPUT in codes or failed.reason == "PodFailurePolicy":
+                raise UserError(f"Job {ns}/{name} failed on bad input (exit {EXIT_BAD_INPUT}; {detail}); "
+                                f"see its log above")
+            raise MoaaError(f"Job {ns}/{name} failed ({detail}; pod exit codes {sorted(codes) or 'unknown'})")
+        if time.monotonic() > deadline:
+            raise TransientError(f"stopped following Job {ns}/{name} after {timeout_s:.0f}s; it keeps running "
+                                 f"(kubectl -n {ns} logs -f job/{name})")
+        time.sleep(poll_s)
+
+
+def _pods(core, host: str, ns: str, name: str) -> list:
+    pods = api_call(f"listing pods of Job {ns}/{name}", host, core.list_namespaced_pod, ns,
+                    label_selector=f"job-name={name}")
+    mine = [p for p in pods.items if (p.metadata.labels or {}).get("job-name") == name]
+    return sorted(mine, key=lambda p: (str(p.metadata.creation_timestamp or ""), p.metadata.name))
+
+
+def _print_new_log_lines(core, host: str, ns: str, pod, seen: dict[str, int], out) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    pname = pod.metadata.name
+    try:
+        text = core.read_namespaced_pod_log(pname, ns, container=CONTAINER, _request_timeout=REQUEST_TIMEOUT)
+    except ApiException:
+        return  # not started yet, or gone: status polling decides the outcome
+    lines = text.splitlines() if isinstance(text, str) else []
+    for line in lines[seen.get(pname, 0):]:
+        out(line)
+    seen[pname] = len(lines)
+
+
+def _exit_codes(pods) -> set[int]:
+    codes = set()
+    for pod in pods:
+        for cs in (pod.status and pod.status.container_statuses) or []:
+            term = cs.state and cs.state.terminated
+            if cs.name == CONTAINER and term is not None and term.exit_code is not None:
+                codes.add(int(term.exit_code))
+    return codes
