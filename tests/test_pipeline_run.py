@@ -129,3 +129,25 @@ async def test_other_settings_in_same_folder_are_refused(services, tiny_model_di
     rc, _, err = await _run(_cmd(services, prompts, out, tiny_model_dir, "--until", "sft_data",
                                  "--set", "answer_tokens=17"))
     assert rc == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
+
+
+async def test_sigkill_mid_sft_training_then_resume_from_checkpoint(services, tiny_model_dir, tmp_path):
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "sft", "--set", "sft.max_steps=20",
+               "--set", "sft.save_steps=4", "--set", "sft.global_batch_size=2")
+    sft = out / "sft-model"
+    killed = await _kill_when(cmd, lambda: any(sft.glob("checkpoint-*/trainer_state.json")), timeout=240)
+    assert killed, "training finished before the kill"
+    assert not (sft / "manifest.json").exists()
+    assert json.loads((out / "run.json").read_text())["stages"]["sft"]["status"] == "running"
+    rc, stdout, err = await _run(cmd)
+    assert rc == 0, err
+    result = json.loads((out / "run.json").read_text())["stages"]["sft"]["result"]
+    assert result["final_step"] == 20
+    assert result["resumed_from"] and "checkpoint-" in result["resumed_from"]   # continued, not restarted
+    manifest = json.loads((sft / "manifest.json").read_text())
+    assert manifest["resumed_from"] == result["resumed_from"]
+    ids = _ids(out / "stage1-sft-data")
+    assert len(ids) == len(set(ids)) == 17
+    assert "SFT: 20 steps" in stdout and "resumed from" in stdout
