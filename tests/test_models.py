@@ -1,0 +1,90 @@
+"""The model cache and --model specs: packaged GGUF -> HF folder, folders, GGUF files, hub ids."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from moaa.cli.main import main
+from moaa.errors import UserError
+from moaa.services.local.models import MARKER, PACKAGED, prepare, resolve_model
+
+
+def test_prepared_smollm2_folder_is_complete_and_reloads_instantly(smollm2_dir):
+    names = {p.name for p in smollm2_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", MARKER} <= names
+    config = json.loads((smollm2_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    assert json.loads((smollm2_dir / MARKER).read_text())["source"]["packaged"] == "smollm2-135m-instruct"
+    t0 = time.monotonic()
+    assert prepare("smollm2-135m-instruct") == smollm2_dir
+    assert time.monotonic() - t0 < 1.0  # idempotent: the second call does no work
+
+
+def test_prepared_smollm2_has_chat_template_and_answers(smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0][prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_model_specs(tmp_path, tiny_model_dir):
+    assert resolve_model(str(tiny_model_dir)).path == tiny_model_dir.resolve()
+    hub = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert hub.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and hub.path is None
+    assert hub.engine_arg == hub.default_name == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert resolve_model("smollm2-135m-instruct", prepare_missing=False).default_name == "smollm2-135m-instruct"
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: str(d / "missing-folder"), "not a packaged model"),
+    (lambda d: "smollm3", "not a packaged model"),
+    (lambda d: "", "--model is empty"),
+    (lambda d: (d / "empty").mkdir() or str(d / "empty"), "has no config.json"),
+    (lambda d: (d / "weights.bin").write_text("x") and str(d / "weights.bin"), "not a .gguf file"),
+])
+def test_bad_model_specs_say_what_to_give(tmp_path, make, fragment):
+    with pytest.raises(UserError) as info:
+        resolve_model(make(tmp_path))
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_packaged_name():
+    with pytest.raises(UserError, match="packaged models: smollm2-135m-instruct, gemma3-270m"):
+        prepare("nope")
+
+
+def test_gemma_chunks_are_joined_in_order_and_checked():
+    gemma = PACKAGED["gemma3-270m"]
+    assert [w.member.rsplit(".", 1)[1] for w in gemma.wheels] == ["part00", "part01", "part02", "part03"]
+    assert gemma.sha256 and gemma.chat_template and "<start_of_turn>" in gemma.chat_template
+
+
+def test_gemma_template_renders_roles():
+    from jinja2 import Template
+
+    gemma = PACKAGED["gemma3-270m"]
+    text = Template(gemma.chat_template).render(
+        bos_token="<bos>", add_generation_prompt=True,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}])
+    assert text == ("<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+                    "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_cli_models_list_tiny_and_bad_prepare(tmp_path, capsys, smollm2_dir):
+    assert main(["models", "list", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["name"] for r in rows} == set(PACKAGED)
+    assert next(r for r in rows if r["name"] == "smollm2-135m-instruct")["prepared"]
+    assert main(["models", "tiny", str(tmp_path / "tiny")]) == 0
+    assert (tmp_path / "tiny" / "config.json").is_file()
+    capsys.readouterr()
+    assert main(["models", "prepare", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moaa: error: cannot prepare 'nope'") and err.count("\n") == 1
