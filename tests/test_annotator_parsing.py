@@ -89,6 +89,8 @@ VERDICT_CORPUS = [
     ("Assistant B is better because it answers the question.", "B"),
     ("A", "A"),
     ("It's a tie.", "tie"),
+    ("The answer is B.", "B"),
+    ("the answer is a mixture of both", None),                        # an article, not a verdict
     ("Both answers have strengths and weaknesses.", None),
     ("", None),
 ]
@@ -99,6 +101,15 @@ def test_verdict_corpus(text, expected):
     parsed = parse_verdict(text)
     assert parsed.verdict == expected
     assert (parsed.error is None) == (expected is not None)
+
+
+def test_verdict_read_from_a_repeated_answer():
+    # small judges answer "which is better?" by repeating the answer they prefer, under any label
+    answers = ("Die Sonne scheint heute.", "A spider has eight legs.")
+    assert parse_verdict("A: A spider has eight legs.", answers).verdict == "B"
+    assert parse_verdict("Die Sonne scheint heute.", answers).verdict == "A"
+    assert parse_verdict("Both mention legs and Sonne.", answers).verdict is None
+    assert parse_verdict("[[A]] A spider has eight legs.", answers).verdict == "A"   # an explicit verdict wins
 
 
 def test_builtin_templates_load_render_and_hash(tmp_path):

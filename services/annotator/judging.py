@@ -153,7 +153,8 @@ async def pairwise(judge, tpl, chat: ChatFn, prompt, cands, seed, lo, hi, log: C
 
     async def verdict(x: int, y: int):
         messages = tpl.render(instruction=question, answer_a=pool[x].text, answer_b=pool[y].text)
-        return await ask(chat, messages, parsing.parse_verdict, log)
+        answers = (pool[x].text, pool[y].text)
+        return await ask(chat, messages, lambda t: parsing.parse_verdict(t, answers), log)
 
     calls = [(x, y) for x, y in pairs] + [(y, x) for x, y in pairs]
     results = await asyncio.gather(*(verdict(x, y) for x, y in calls))

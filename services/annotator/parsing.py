@@ -243,8 +243,29 @@ _VERDICT_PHRASE = re.compile(r"(?:answer|assistant|response)\s+(A|B)\s+(?:is|was
 _TIE_PHRASE = re.compile(r"\b(?:it'?s a tie|tie|equally good|equally bad|both (?:answers )?are equally)\b", re.I)
 
 
-def parse_verdict(text: str) -> ParsedVerdict:
-    """`[[A]]`, `[[B]]` or `[[tie]]` (the last one wins), or the common ways of saying the same."""
+_ANSWER_IS = re.compile(r"\b[Aa]nswer\s+is:?\s*\[?\(?([AB])\)?\]?(?=[\s.,;!]|$)")
+_WORD = re.compile(r"[^\W_]+", re.U)
+
+
+def quoted_answer(text: str, answers: tuple[str, str], min_share: float = 0.6, min_lead: float = 0.3) -> str | None:
+    """"A" or "B" when the reply clearly repeats one answer's words and not the other's. Small judges
+    often answer "which is better?" by copying the better answer, under whichever label."""
+    said = {w.lower() for w in _WORD.findall(text)}
+    shares = []
+    for ans in answers:
+        words = {w.lower() for w in _WORD.findall(ans)}
+        shares.append(len(words & said) / len(words) if words else 0.0)
+    a, b = shares
+    if a >= min_share and a - b >= min_lead:
+        return "A"
+    if b >= min_share and b - a >= min_lead:
+        return "B"
+    return None
+
+
+def parse_verdict(text: str, answers: tuple[str, str] | None = None) -> ParsedVerdict:
+    """`[[A]]`, `[[B]]` or `[[tie]]` (the last one wins), or the common ways of saying the same; with
+    `answers` given, a reply that repeats one of them (and names no verdict) counts for that one."""
     text = (text or "").strip()
     if not text:
         return ParsedVerdict(None, error="empty answer")
@@ -258,9 +279,16 @@ def parse_verdict(text: str) -> ParsedVerdict:
     phrases = {v.upper() for v in _VERDICT_PHRASE.findall(text)}
     if len(phrases) == 1:
         return ParsedVerdict(phrases.pop(), reason)
+    if answers is not None:
+        quoted = quoted_answer(text, answers)
+        if quoted:
+            return ParsedVerdict(quoted, reason)
     bare = re.fullmatch(r"\W*\[?\s*(A|B)\s*\]?\W*", text, re.I)
     if bare:
         return ParsedVerdict(bare.group(1).upper(), reason)
+    said = _ANSWER_IS.findall(text)
+    if said:
+        return ParsedVerdict(said[-1], reason)
     if not phrases and _TIE_PHRASE.search(text):
         return ParsedVerdict("tie", reason)
     return ParsedVerdict(None, error="no verdict found (expected [[A]], [[B]] or [[tie]])")

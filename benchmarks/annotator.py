@@ -1,0 +1,147 @@
+"""Annotator throughput against emulated judges, and how busy the judge backends were.
+
+    python benchmarks/annotator.py [--quick]
+
+Three processes: the judge emulator (every judge backend; each request takes DELAY_S), the annotator
+server, and this client, which streams prompts with 5 candidates each through AnnotateStream. Each
+judge backend allows CONCURRENCY requests in flight (the BackendPool's max_concurrency), so the bound
+for one-call-per-judge modes is CONCURRENCY / DELAY_S annotations per second (every judge backend busy
+with all its slots all the time). Printed per mode: annotations/s, the ratio to that bound, and per judge
+backend the share of wall time it had at least one request in flight ("busy") and the share of its
+slots in use ("slots"). In mode 'moa' the aggregator judge runs after the judges, on its own backend.
+Target: >= 80 % of the bound in pointwise mode, judge backends busy >= 95 % of the time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import sys
+import time
+
+DELAY_S = 0.05
+CONCURRENCY = 8
+JUDGES = {"j1": "keyword:paris", "j2": "longest+text", "j3": "keyword:capital"}
+
+
+def _policy(name: str) -> str:
+    # the name makes each backend's served model, and so its busy-time counters, distinct
+    return f"{JUDGES.get(name, 'keyword:paris')}+delay={DELAY_S}+name={name}"
+
+
+def _run_emulator(q) -> None:
+    from moaa.services.annotator.judge_emulator import JudgeEmulator
+
+    async def main():
+        emu = await JudgeEmulator().start()
+        q.put(emu.url)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _config(url: str) -> dict:
+    backends = {name: {"urls": [url], "served_model": _policy(name), "max_concurrency": CONCURRENCY,
+                       "health": {"probe_interval_s": 3600}} for name in [*JUDGES, "agg"]}
+    judges = [{"name": n, "model": n} for n in JUDGES]
+    return {"backends": backends, "annotator": {"port": 0, "batch_window": 256},
+            "ensembles": {"pointwise": {"judges": judges, "mode": "pointwise", "combine": "mean"},
+                          "moa": {"judges": judges, "mode": "moa", "aggregator": {"name": "agg", "model": "agg"}}}}
+
+
+def _run_annotator(url: str, q) -> None:
+    from moaa.services.annotator.server import start_annotator
+    from moaa.services.config import parse_config
+
+    async def main():
+        server = await start_annotator(parse_config(_config(url)), port=0, probes=False)
+        q.put(server.address)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+async def _stats(url: str) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url.replace("/v1", "/stats")) as r:
+            return await r.json()
+
+
+async def _run_mode(address: str, emu_url: str, ensemble: str, prompts: int) -> dict:
+    import grpc
+
+    from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
+
+    def req(i: int) -> annotator_pb2.AnnotateRequest:
+        cands = ["Paris is the capital of France.", "It is Paris.", "Lyon.", "Bananas are yellow.", "Capital: Paris"]
+        return annotator_pb2.AnnotateRequest(
+            id=f"{ensemble}-{i}", ensemble=ensemble,
+            prompt=[common_pb2.Message(role="user", content=f"What is the capital of France? ({i})")],
+            candidates=[annotator_pb2.Candidate(id=str(k), text=t) for k, t in enumerate(cands)])
+
+    async def gen():
+        for i in range(prompts):
+            yield req(i)
+
+    before = await _stats(emu_url)
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = annotator_pb2_grpc.AnnotatorStub(ch)
+        t0 = time.perf_counter()
+        n = errors = 0
+        async for res in stub.AnnotateStream(gen()):
+            n += 1
+            errors += res.WhichOneof("result") == "error"
+        wall = time.perf_counter() - t0
+    after = await _stats(emu_url)
+    busy = {}
+    for name in [*JUDGES, "agg"]:
+        model = _policy(name)
+        a, b = after.get(model, {}), before.get(model, {})
+        if not a or a.get("requests", 0) == b.get("requests", 0):
+            continue
+        busy[name] = {"busy": (a["busy_s"] - b.get("busy_s", 0)) / wall,
+                      "slots": (a["slot_s"] - b.get("slot_s", 0)) / (CONCURRENCY * wall),
+                      "requests": a["requests"] - b.get("requests", 0)}
+    rate = n / wall
+    bound = CONCURRENCY / DELAY_S
+    return {"mode": ensemble, "annotations": n, "errors": errors, "wall_s": round(wall, 2),
+            "per_s": round(rate, 1), "bound_per_s": bound, "ratio": round(rate / bound, 3), "backends": busy}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer prompts")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    prompts = 200 if args.quick else 1000
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    emu = ctx.Process(target=_run_emulator, args=(q,), daemon=True)
+    emu.start()
+    emu_url = q.get(timeout=60)
+    ann = ctx.Process(target=_run_annotator, args=(emu_url, q), daemon=True)
+    ann.start()
+    address = q.get(timeout=60)
+    results = []
+    try:
+        for mode in ("pointwise", "moa"):
+            r = asyncio.run(_run_mode(address, emu_url, mode, prompts))
+            results.append(r)
+            print(f"{mode:<9} {r['annotations']} annotations in {r['wall_s']} s: {r['per_s']}/s, "
+                  f"{r['ratio']:.0%} of the bound {r['bound_per_s']:.0f}/s ({r['errors']} errors)")
+            for name, b in r["backends"].items():
+                print(f"    {name:<4} busy {b['busy']:.1%}  slots {b['slots']:.1%}  requests {b['requests']}")
+    finally:
+        ann.terminate()
+        emu.terminate()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""End to end: a real gateway's Sample(annotate=true) -> a real annotator server -> emulated judges."""
+import grpc
+import pytest
+
+from moaa.v1 import gateway_pb2
+from tests.fixtures.annotator import judge_config
+from tests.fixtures.gateway import backend, user
+
+
+async def test_gateway_sample_with_annotation_returns_preference_pair(gw_emulators, judge_emulator, annotator_factory,
+                                                                      gateway_factory):
+    sampler = await gw_emulators()
+    cfg = judge_config(judge_emulator.url, {"j1": "longest", "j2": "longest+text"}, aggregator="longest",
+                       min_margin=0.5)
+    annotator = await annotator_factory(cfg)
+    gw_cfg = {k: v for k, v in cfg.items() if k != "annotator"}
+    gw_cfg["backends"]["sft"] = backend(sampler.url)
+    gw_cfg.update(gateway={"port": 0}, annotator_address=annotator.server.address)
+    gw = await gateway_factory(gw_cfg)
+
+    resp = await gw.stub.Sample(gateway_pb2.SampleRequest(
+        id="row-7", model="sft", n=4, messages=user("Explain preference pairs."), annotate=True,
+        sampling={"max_tokens": 12, "temperature": 1.0}))
+    assert len(resp.samples) == 4
+    ann = resp.annotation
+    assert ann.id == "row-7" and not ann.skipped, ann.skip_reason
+    by_len = sorted(resp.samples, key=lambda s: len(s.text))
+    assert ann.chosen_id == str(by_len[-1].index) and ann.rejected_id == str(by_len[0].index)
+    assert [j.judge for j in ann.judges] == ["j1", "j2", "agg"] and ann.combine == "aggregator"
+    assert all(j.template_hash for j in ann.judges)
+
+    # a named ensemble that does not exist is refused by the gateway with a message
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Sample(gateway_pb2.SampleRequest(model="sft", n=2, messages=user("x"), annotate=True,
+                                                       ensemble="nope"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope" in err.value.details()
