@@ -216,6 +216,13 @@ async def test_bearer_auth(gw_emulators, gateway_factory, tmp_path, monkeypatch)
         assert err.value.code() == code
     for tok in ("file-token", "env-token-2"):
         await _check(gw.channel, (("authorization", f"Bearer {tok}"),))
+    # a rotated Secret takes effect without a restart
+    (tmp_path / "tokens").write_text("rotated-token\n")
+    await asyncio.sleep(1.1)
+    await _check(gw.channel, (("authorization", "Bearer rotated-token"),))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _check(gw.channel, (("authorization", "Bearer file-token"),))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # health stays open for probes
     h = await health_pb2_grpc.HealthStub(gw.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert h.status == health_pb2.HealthCheckResponse.SERVING

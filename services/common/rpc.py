@@ -32,6 +32,19 @@ def _status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
 
 
+async def _abort(context, code: grpc.StatusCode, msg: str) -> None:
+    """Abort with a status, unless the call already ended (deadline passed, client gone): then there is
+    nobody to tell, and grpc would raise ExecuteBatchError instead."""
+    if context.done() or context.cancelled():
+        raise asyncio.CancelledError()
+    try:
+        await context.abort(code, msg)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:  # noqa: BLE001 - the call ended meanwhile (cygrpc.ExecuteBatchError)
+        raise asyncio.CancelledError() from None
+
+
 def _aborted_code(context) -> grpc.StatusCode:
     try:
         return context.code() or grpc.StatusCode.UNKNOWN
@@ -77,7 +90,7 @@ def guarded(method):
                 code, msg = _status_of(err)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("%s failed", name)
-                await context.abort(code, msg)
+                await _abort(context, code, msg)
             finally:
                 dt = time.perf_counter() - t0
                 self.guard.metrics.call_done(name, code.name, dt)
@@ -104,7 +117,7 @@ def guarded(method):
             code, msg = _status_of(err)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)
-            await context.abort(code, msg)
+            await _abort(context, code, msg)
         finally:
             dt = time.perf_counter() - t0
             self.guard.metrics.call_done(name, code.name, dt)

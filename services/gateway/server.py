@@ -1,6 +1,7 @@
 """Building the gateway server: backend pool, servicer, common server plumbing."""
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from moaa.services.backend import BackendPool
@@ -20,6 +21,10 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
     if own_pool:
         pool = BackendPool(cfg.backends, probes=probes)
         await pool.start()
+    # load configured tokenizers now (in a thread), not on the first call that needs one
+    from moaa.services.gateway.context import counter_for
+    for name in sorted({b.tokenizer for b in cfg.backends.values() if b.tokenizer}):
+        await asyncio.to_thread(counter_for, name)
     annotator = AnnotatorClient(cfg.annotator_address) if cfg.annotator_address else None
     holder = {}
 
