@@ -23,13 +23,16 @@ from moaa.services.common.metrics import Metrics
 log = logging.getLogger("moaa.rpc")
 
 
-def _status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(err, RpcError):
         return err.code, str(err)
     if isinstance(err, (UserError, LookupError)):
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         return grpc.StatusCode.INVALID_ARGUMENT, str(msg)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+
+
+_status_of = status_of  # older name
 
 
 async def _abort(context, code: grpc.StatusCode, msg: str) -> None:
@@ -87,7 +90,7 @@ def guarded(method):
                 code = _aborted_code(context)
                 raise
             except Exception as err:  # noqa: BLE001 - every error becomes a status
-                code, msg = _status_of(err)
+                code, msg = status_of(err)
                 if code == grpc.StatusCode.INTERNAL:
                     log.exception("%s failed", name)
                 await _abort(context, code, msg)
@@ -114,7 +117,7 @@ def guarded(method):
             code = _aborted_code(context)
             raise
         except Exception as err:  # noqa: BLE001
-            code, msg = _status_of(err)
+            code, msg = status_of(err)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", name)
             await _abort(context, code, msg)

@@ -4,17 +4,14 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
-
 from moaa.services.common.errors import RpcError
-from moaa.services.common.rpc import CallGuard, _status_of, guarded, time_remaining
-from moaa.services.common.logs import request_id_var
+from moaa.services.common.logs import new_request_id, request_id_var
+from moaa.services.common.rpc import CallGuard, status_of, guarded, time_remaining
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.engine import MoAEngine
 from moaa.services.gateway.plan import make_plan
 from moaa.services.gateway.sample import AnnotatorClient, run_sample
 from moaa.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from moaa.services.common.logs import new_request_id
 
 _DONE = object()
 
@@ -73,7 +70,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001 - one bad item does not end the stream
-                code, msg = _status_of(err)
+                code, msg = status_of(err)
                 results.put_nowait(gateway_pb2.BatchResult(
                     id=item.id, error=common_pb2.ErrorDetail(code=code.name, message=msg)))
             finally:
