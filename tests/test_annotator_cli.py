@@ -97,3 +97,40 @@ async def test_judge_eval_reports_ensemble_and_each_judge(tmp_path, judge_emulat
     # always prefers the first shown; asked in both orders it cancels out to a tie, whatever the input order
     assert judges["biased"]["tie_or_abstained"] == 6 and judges["biased"]["consistent"] == 1.0
     assert "(ensemble)" in judges and "(ensemble)" in out and "fair" in out
+
+
+async def test_annotator_serve_command_serves_and_stops_on_sigterm(tmp_path, judge_emulator):
+    import signal
+    import socket
+
+    import grpc
+    import yaml
+
+    from moaa.v1 import annotator_pb2_grpc
+    from tests.fixtures.annotator import request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = judge_config(judge_emulator.url, {"a": "keyword:paris"}, mode="pointwise", combine="mean")
+    cfg["annotator"]["port"] = port
+    path = tmp_path / "moaa.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", "annotator", "serve",
+                                                "--config", str(path), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            await asyncio.wait_for(ch.channel_ready(), 60)
+            resp = await annotator_pb2_grpc.AnnotatorStub(ch).Annotate(request([GOOD, BAD]), timeout=30)
+        assert resp.chosen_id == "c0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 60)
+    assert proc.returncode == 0
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**cfg, "ensembles": {"e": {"judges": [{"name": "a", "model": "m-a",
+                                                                          "template": "nope_v9"}]}}}))
+    rc, _, err = await moaa("annotator", "serve", "--config", str(bad))
+    assert rc == 2 and "unknown judge template 'nope_v9'" in err
