@@ -1,7 +1,6 @@
 """Chat templates for base models without one, as TRL's recipes set them."""
 from __future__ import annotations
 
-import pytest
 
 from moaa.trainer.chat_template import ensure_chat_template
 

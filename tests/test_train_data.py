@@ -1,7 +1,6 @@
 """Data checks before any step: each bad file stops the CLI with exit 2 and one line naming the rows."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -132,3 +131,11 @@ def test_missing_file_and_empty_file(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(UserError, match="no usable rows"):
         load_rows(tmp_path / "e.jsonl", "sft")
+
+
+def test_multi_gpu_launch_checks_data_once_before_starting_workers(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [sft_rows(1)[0], "{broken"])
+    rc = main(["train", "sft", "--data", str(path), "--model", "m", "--out", str(tmp_path / "o"),
+               "--nproc-per-node", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "line 2: not JSON" in err and len(err.splitlines()) == 1

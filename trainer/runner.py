@@ -122,11 +122,12 @@ def train_and_save(p: Prepared, trainer) -> dict[str, Any]:
         _emit({"event": "resume", "checkpoint": ckpt, "step": checkpoint_step(ckpt)})
     result = trainer.train(resume_from_checkpoint=ckpt)
     step = trainer.state.global_step
+    if p.cfg.lora.enabled and p.cfg.lora.merge:
+        if trainer.is_world_process_zero():  # adapters merged into plain weights: loads without peft
+            trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(p.out)
+    else:
+        trainer.save_model(str(p.out))  # every rank calls it: gathers sharded (FSDP/DeepSpeed) weights
     if trainer.is_world_process_zero():
-        model = trainer.model
-        if p.cfg.lora.enabled and p.cfg.lora.merge:
-            model = model.merge_and_unload()
-        model.save_pretrained(p.out)
         p.tokenizer.save_pretrained(p.out)
         plot = plot_metrics(p.out / "metrics.jsonl", p.out / f"{p.cfg.kind}_curves.png", p.cfg.kind)
         manifest = build_manifest(
