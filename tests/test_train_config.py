@@ -73,3 +73,31 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "max_prompt_length" in err
     assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_startup_steps_are_bounded():
+    import time
+
+    from moaa.errors import TransientError
+    from moaa.trainer.runner import bounded
+
+    with pytest.raises(TransientError, match="loading model m did not finish within 0s"):
+        bounded(lambda: time.sleep(5), 0.2, "loading model m")
+    with pytest.raises(ValueError, match="boom"):
+        bounded(lambda: (_ for _ in ()).throw(ValueError("boom")), 5, "x")
+    assert bounded(lambda: 3, 5, "x") == 3
+
+
+def test_metrics_keep_the_last_value_per_step_and_plot(tmp_path):
+    from moaa.trainer.plots import plot_metrics
+    from moaa.trainer.progress import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "loss": 1.4, "rewards/margins": 0.1},
+            {"step": 3, "loss": "nan"}]  # step 2 re-done after a resume; a NaN loss stays visible as text
+    path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    got = read_metrics(path)
+    assert [r["step"] for r in got] == [1, 2, 3] and got[1]["loss"] == 1.4
+    png = plot_metrics(path, tmp_path / "c.png", "dpo")
+    assert png.stat().st_size > 1000
+    assert plot_metrics(tmp_path / "missing.jsonl", tmp_path / "x.png", "sft") is None
