@@ -151,3 +151,36 @@ async def test_sigkill_mid_sft_training_then_resume_from_checkpoint(services, ti
     ids = _ids(out / "stage1-sft-data")
     assert len(ids) == len(set(ids)) == 17
     assert "SFT: 20 steps" in stdout and "resumed from" in stdout
+
+
+@pytest.mark.slow
+async def test_whole_pipeline_on_emulators_and_tiny_model(services, tiny_model_dir, tmp_path):
+    """Every stage, in one command: SFT data, SFT, samples, pairs, DPO, answers, eval, report."""
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    cmd = _cmd(services, prompts, out, tiny_model_dir, "--set", "sft.max_steps=4", "--set", "dpo.max_steps=4",
+               "--set", "sft.save_steps=2", "--set", "dpo.save_steps=2")
+    rc, stdout, err = await _run(cmd, timeout=900)
+    assert rc == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert [s for s, v in run["stages"].items() if v["status"] == "done"] == \
+        ["sft_data", "sft", "samples", "pairs", "dpo", "answers", "eval"]
+    for folder in ("stage1-sft-data", "stage2-samples"):
+        ids = _ids(out / folder)
+        assert len(ids) == len(set(ids)) == 17, folder
+    pair_ids = _ids(out / "stage2-pairs")
+    skipped = [json.loads(x)["id"] for x in (out / "stage2-pairs" / "skipped.jsonl").read_text().splitlines()] \
+        if (out / "stage2-pairs" / "skipped.jsonl").exists() else []
+    assert sorted(pair_ids + skipped) == sorted(_ids(out / "stage2-samples"))   # each id exactly once
+    assert len(pair_ids) >= 1
+    winrates = json.loads((out / "eval" / "winrates.json").read_text())
+    assert [(w["model"], w["baseline"]) for w in winrates] == [("sft", "base"), ("dpo", "base"), ("dpo", "sft")]
+    assert all(w["n"] == 4 for w in winrates)
+    report = (out / "report" / "report.md").read_text()
+    assert "## Evaluation" in report and "## Training" in report and (out / "report" / "winrates.png").exists()
+    assert "moaa pipeline finished" in stdout and "dpo vs base: win rate" in stdout
+    # re-run: every stage is skipped, nothing changes
+    rc, stdout2, err = await _run(cmd, timeout=300)
+    assert rc == 0, err
+    again = json.loads((out / "run.json").read_text())
+    assert again["runs"] == 2 and again["stages"] == run["stages"] and _ids(out / "stage2-pairs") == pair_ids

@@ -111,7 +111,7 @@ async def generate_batch(ep: Endpoint, rows: Iterable[Any], store: DatasetStore,
 
 def sample_texts(row: dict) -> list[str]:
     """The candidate answers of a samples row, whatever the sampler named them."""
-    items = row.get("samples") or row.get("completions") or row.get("answers") or []
+    items = row.get("candidates") or row.get("samples") or row.get("completions") or row.get("answers") or []
     out = []
     for it in items:
         if isinstance(it, str):

@@ -129,7 +129,7 @@ async def sample(*, model: Path, prompts: Path, out: Path, n: int, max_new_token
                        "--seed", str(seed), "--batch-size", str(batch_size))
 
     def on_json(rec: dict) -> None:
-        done = rec.get("done", rec.get("rows"))
+        done = rec.get("already_done", rec.get("done"))
         if isinstance(done, int):
             progress.set(done)
 

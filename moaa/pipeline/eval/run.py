@@ -59,6 +59,16 @@ def load_answers(path: str | Path) -> dict[str, tuple[list[dict], str]]:
     return out
 
 
+def _empty_verdict(model_text: str, base_text: str):
+    from .judges import PairVerdict
+
+    m, b = bool(model_text.strip()), bool(base_text.strip())
+    if m and b:
+        return None
+    pref = 0.5 if m == b else (1.0 if m else 0.0)
+    return PairVerdict(pref, ("empty answer", "empty answer"), False)
+
+
 async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, answers_base: dict,
                       store: DatasetStore, *, concurrency: int = 4, quiet: bool = False) -> None:
     common = [rid for rid in answers_model if rid in answers_base]
@@ -74,7 +84,8 @@ async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, ans
         bt = answers_base[rid][1]
         async with sem:
             try:
-                v = await judge.prefer(prompt, mt, bt)
+                # an empty answer loses without asking (judges and the annotator refuse empty candidates)
+                v = _empty_verdict(mt, bt) or await judge.prefer(prompt, mt, bt)
             except Exception as err:  # one failed judgment is recorded and retried on the next run
                 store.fail(keys[rid], f"{type(err).__name__}: {err}")
                 progress.advance(failed=True)
