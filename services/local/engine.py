@@ -78,14 +78,45 @@ _NOISE = re.compile(r"^\s*(?:\^+|~+|File \"|Traceback|During handling|The above 
 
 
 def engine_error_line(log_text: str, limit: int = 400) -> str:
-    """The one line of an engine's log that says why it failed (ANSI codes and log prefixes removed)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in log_text.splitlines()]
-    lines = [ln for ln in lines if ln and not _NOISE.match(ln)]
-    pick = next((ln for ln in reversed(lines) if _EXC_LINE.match(ln)), None)
-    pick = pick or next((ln for ln in reversed(lines) if _ERRORISH.search(ln)), None)
-    pick = pick or (lines[-1] if lines else "no output")
-    pick = re.sub(r"^\(?\w*\s*pid=\d+\)?\s*", "", pick)  # vLLM's "(APIServer pid=123)" prefix
-    return pick if len(pick) <= limit else pick[: limit - 3] + "..."
+    """The one line of an engine's log that says why it failed (ANSI codes and log prefixes removed).
+
+    An exception line whose message continues on the next, indented line (pydantic's "1 validation
+    error for ModelConfig" + "  Value error, ...") gets that continuation appended."""
+    raw = [re.sub(r"^\(\w+ pid=\d+\) ", "", re.sub(r"\x1b\[[0-9;]*m", "", ln)).rstrip()  # vLLM's "(APIServer pid=1) "
+           for ln in log_text.splitlines()]
+    keep = [i for i, ln in enumerate(raw) if ln.strip() and not _NOISE.match(ln)]
+    pick = next((i for i in reversed(keep) if _EXC_LINE.match(raw[i])), None)
+    if pick is None:
+        pick = next((i for i in reversed(keep) if _ERRORISH.search(raw[i])), None)
+    if pick is None:
+        pick = keep[-1] if keep else None
+    if pick is None:
+        return "no output"
+    text = raw[pick].strip()
+    nxt = raw[pick + 1] if pick + 1 < len(raw) else ""
+    if nxt[:1].isspace() and nxt.strip() and not _NOISE.match(nxt):
+        text = f"{text}: {nxt.strip()}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def process_group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in group pgid. Zombies count as gone: this
+    machine's init may never reap the engine's orphaned workers, and they hold no resources."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: signal 0 is the best we have
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:  # state, ppid, pgrp
+            return True
+    return False
 
 
 class EngineServer:
@@ -278,22 +309,24 @@ class EngineServer:
                 os.killpg(self._proc.pid, sig)
 
     async def stop(self) -> int | None:
-        """SIGTERM the engine group, SIGKILL after stop_timeout_s; idempotent."""
+        """SIGTERM the engine's process group, SIGKILL whatever is left after stop_timeout_s; idempotent."""
         proc = self._proc
-        if proc is not None and proc.returncode is None:
-            self.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=self.stop_timeout_s)
-            except asyncio.TimeoutError:
-                self.send_signal(signal.SIGKILL)
-                await proc.wait()
-        # Workers left in the group after the leader exited (killpg still reaches them).
         if proc is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            if process_group_alive(proc.pid):
+                self.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.stop_timeout_s
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout=self.stop_timeout_s)
+            # vLLM's engine core outlives the API server by a moment; wait for the whole group.
+            while process_group_alive(proc.pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if process_group_alive(proc.pid) or proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
         if self._ready and self._run_dir and self._log_path_arg is None:  # keep logs of failed starts only
             shutil.rmtree(self._run_dir, ignore_errors=True)
-            self._ready = False
+        self._ready = False
         return proc.returncode if proc else None
 
     async def __aenter__(self) -> "EngineServer":

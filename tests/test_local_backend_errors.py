@@ -1,0 +1,118 @@
+"""Failed starts and bad arguments of the embedded backend: one readable line, the engine's own reason."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import sys
+
+import pytest
+
+from moaa.cli.main import main
+from moaa.errors import UserError
+from moaa.services.local.engine import (EngineServer, EngineStartError, engine_error_line, pick_engine,
+                                        process_group_alive, vllm_available)
+
+VLLM_LOG = """\
+(APIServer pid=123) INFO 11-26 10:00:00 [api_server.py:1] vLLM API server version 0.32.0
+Traceback (most recent call last):
+  File "/x/vllm/config/model.py", line 10, in __post_init__
+    raise ValueError(msg)
+(APIServer pid=123) pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig
+  Value error, The checkpoint you are trying to load has model type `nonsense` [type=value_error]
+(APIServer pid=123) ValueError: The checkpoint you are trying to load has model type `nonsense`
+"""
+
+
+def test_engine_error_line_picks_the_exception():
+    assert engine_error_line(VLLM_LOG) == "ValueError: The checkpoint you are trying to load has model type `nonsense`"
+    pydantic = VLLM_LOG.rsplit("\n", 2)[0]  # ends with the ValidationError and its indented reason
+    assert engine_error_line(pydantic) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for "
+                                           "ModelConfig: Value error, The checkpoint you are trying to load has "
+                                           "model type `nonsense` [type=value_error]")
+    assert engine_error_line("") == "no output"
+    assert engine_error_line("starting\nOSError: [Errno 98] address already in use\nbye") == \
+        "OSError: [Errno 98] address already in use"
+
+
+def test_bad_engine_and_names_are_user_errors():
+    with pytest.raises(UserError, match="unknown engine 'tgi'"):
+        pick_engine("tgi")
+    assert pick_engine("auto") == ("vllm" if vllm_available() else "transformers")
+
+
+async def test_bad_model_path_fails_before_any_engine_starts(tmp_path):
+    srv = EngineServer(str(tmp_path / "nowhere"), engine="transformers")
+    with pytest.raises(UserError, match="not a packaged model"):
+        await srv.start()
+    assert srv.pid is None
+
+
+async def test_transformers_rejects_a_served_name_it_cannot_answer_to(tiny_model_dir):
+    srv = EngineServer(str(tiny_model_dir), engine="transformers", served_model_name="org/name:v1")
+    with pytest.raises(UserError, match="cannot be used with transformers serve"):
+        await srv.start()
+    assert srv.pid is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+async def test_engine_failure_is_reported_with_the_engines_own_error(tmp_path, tiny_model_dir, engine):
+    if engine == "vllm" and not vllm_available():
+        pytest.skip("vllm is not installed here")
+    broken = tmp_path / "broken-model"  # a real folder whose config names an architecture nobody has
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": "nonsense", "architectures": ["Nonsense"]}))
+    srv = EngineServer(str(broken), engine=engine, startup_timeout_s=300)
+    with pytest.raises(EngineStartError) as info:
+        await srv.start()
+    msg = str(info.value)
+    assert msg.startswith(f"{engine} engine for ") and "\n" not in msg
+    assert "nonsense" in msg.lower(), msg
+    assert not process_group_alive(srv.pid)  # nothing left running
+
+
+def test_cli_serve_bad_arguments_exit_2_with_one_line(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["backend", "serve", "--model", "x", "--port", "http"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "port must be a number" in err
+    with pytest.raises(SystemExit):
+        main(["backend", "serve", "--model", "x", "--engine", "tgi"])
+    assert "invalid choice: 'tgi'" in capsys.readouterr().err
+    assert main(["backend", "serve", "--model", str(tmp_path / "none"), "--engine", "transformers"]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"moaa backend: starting transformers .*\nmoaa: error: --model .* not a packaged model .*\n", err)
+
+
+@pytest.mark.slow
+async def test_cli_serve_runs_until_sigterm_and_forwards_it(tiny_model_dir):
+    """`moaa backend serve` as a user runs it: ready line, real answers, SIGTERM -> clean exit, engine gone."""
+    import aiohttp
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "moaa.cli.main", "backend", "serve", "--model", str(tiny_model_dir),
+        "--engine", "transformers", "--port", "0", "--served-model-name", "tiny",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), timeout=300)).decode()
+        match = re.search(r"serving 'tiny' at (http://127\.0\.0\.1:\d+/v1) \(supports_n=false", line)
+        assert match, line + (await proc.stderr.read()).decode()
+        url = match.group(1)
+        body = {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/chat/completions", json=body) as resp:
+                assert resp.status == 200 and (await resp.json())["choices"]
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), timeout=60) == 0
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with session.post(f"{url}/chat/completions", json=body):
+                    pass
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
