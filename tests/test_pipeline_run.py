@@ -184,3 +184,70 @@ async def test_whole_pipeline_on_emulators_and_tiny_model(services, tiny_model_d
     assert rc == 0, err
     again = json.loads((out / "run.json").read_text())
     assert again["runs"] == 2 and again["stages"] == run["stages"] and _ids(out / "stage2-pairs") == pair_ids
+
+
+def _play_training_jobs(emu, model_dir: Path, stop: "threading.Event"):
+    """Plays the cluster for `--k8s`: for each training Job the pipeline creates (on an EMULATED API server,
+    kmock), writes what the Job would leave on the shared volume (a model and its manifest in --out), adds a
+    pod with a JSON progress log, and marks the Job Complete."""
+    import shutil
+    import threading
+    import time
+
+    from kubernetes import client
+
+    api = emu.client()
+    batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
+    handled: list[str] = []
+
+    def run():
+        while not stop.is_set():
+            for job in batch.list_namespaced_job("moaa").items:
+                name = job.metadata.name
+                if name in handled:
+                    continue
+                handled.append(name)
+                c = job.spec.template.spec.containers[0]
+                argv = list(c.command or []) + list(c.args or [])
+                out = Path(argv[argv.index("--out") + 1])
+                shutil.copytree(model_dir, out, dirs_exist_ok=True)
+                (out / "metrics.jsonl").write_text(json.dumps({"event": "log", "step": 1, "total": 1, "loss": 1.0}) + "\n")
+                (out / "manifest.json").write_text(json.dumps({"final_step": 1, "train_loss": 1.0}))
+                pod = f"{name}-x1"
+                emu.on(f"get /api/v1/namespaces/moaa/pods/{pod}/log", {"Content-Type": "text/plain"},
+                       (json.dumps({"event": "log", "step": 1, "total": 1, "loss": 1.0}) + "\n").encode())
+                core.create_namespaced_pod("moaa", {"apiVersion": "v1", "kind": "Pod", "metadata": {
+                    "name": pod, "namespace": "moaa", "labels": {"job-name": name}},
+                    "spec": {"containers": [{"name": "trainer", "image": "x"}], "restartPolicy": "Never"},
+                    "status": {"phase": "Succeeded", "containerStatuses": [{
+                        "name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
+                        "state": {"terminated": {"exitCode": 0}}}]}})
+                batch.patch_namespaced_job_status(name, "moaa", {"status": {
+                    "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}})
+            time.sleep(0.1)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return handled
+
+
+@pytest.mark.slow
+async def test_k8s_training_jobs_are_submitted_followed_and_continued(services, tiny_model_dir, kube_api, tmp_path):
+    import threading
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    stop = threading.Event()
+    jobs = _play_training_jobs(kube_api, Path(tiny_model_dir), stop)
+    try:
+        cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "dpo", "--k8s",
+                   f"--k8s-arg=--api-server={kube_api.url}", "--k8s-arg=--poll-interval=0.1")
+        rc, stdout, err = await _run(cmd, timeout=600)
+    finally:
+        stop.set()
+    assert rc == 0, err
+    assert len(jobs) == 2 and jobs[0].startswith("moaa-sft") and jobs[1].startswith("moaa-dpo")
+    run = json.loads((out / "run.json").read_text())
+    assert all(run["stages"][s]["status"] == "done" for s in ("sft_data", "sft", "samples", "pairs", "dpo"))
+    log = (out / "logs" / "sft.log").read_text()
+    assert "train submit sft" in log and "job_complete" in log

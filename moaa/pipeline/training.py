@@ -116,6 +116,9 @@ async def train(kind: str, *, data: Path, model: str, out: Path, settings: dict,
 
     await run_child(cmd, log_path=log_path, what=f"{kind.upper()} training", on_json=on_json)
     manifest = model_done(out)
+    if manifest is None and k8s:
+        raise UserError(f"the {kind.upper()} Job finished but {out}/manifest.json is not visible here: run the "
+                        "pipeline where --out is on the volume the training Jobs mount, at the same path")
     if manifest is None:
         raise MoaaError(f"{kind.upper()} training exited without saving a final model in {out} (log: {log_path})")
     return {**state, "final_step": manifest.get("final_step"), "train_loss": manifest.get("train_loss")}
