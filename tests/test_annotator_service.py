@@ -161,3 +161,30 @@ async def test_stream_cancel_by_client(judge_emulator, annotator_factory):
     call.cancel()
     await asyncio.sleep(0.3)
     assert stub.server.guard.limiter.in_flight == 0
+
+
+async def test_pairwise_against_reference_and_single_answer_template(judge_emulator, annotator_factory):
+    cfg = judge_config(judge_emulator.url, {"pair": "keyword:paris", "single": "keyword:paris"}, mode="moa",
+                       combine="mean")
+    cfg["ensembles"]["e"]["judges"][0]["template"] = "pairwise_v1"
+    cfg["ensembles"]["e"]["judges"][1]["template"] = "pointwise_single_v1"
+    stub = await annotator_factory(cfg)
+    ref = annotator_pb2.Candidate(id="ref", text="Paris.")
+    resp = await stub.Annotate(request([GOOD, BAD, "Lyon is nice."], reference=ref))
+    reps = {j.judge: j for j in resp.judges}
+    assert reps["pair"].requests == 6                  # each of 3 candidates vs the reference, both orders
+    assert reps["pair"].template == "pairwise_v1" and reps["single"].template == "pointwise_single_v1"
+    assert reps["single"].requests == 3                # one call per answer
+    assert [s.score for s in reps["single"].scores] == [9.0, 2.0, 2.0]
+    assert (resp.chosen_id, resp.skipped) == ("c0", False)
+    # a subset of the judges, and a mode override: pointwise ignores the reference and says so
+    resp = await stub.Annotate(request([GOOD, BAD], reference=ref, judges=["single"], mode="pointwise"))
+    assert [j.judge for j in resp.judges] == ["single"] and resp.mode == "pointwise"
+    assert "reference answer is used by pairwise judges only" in resp.note
+
+
+async def test_aggregator_combine_needs_moa_mode(judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris"}, aggregator="keyword:paris"))
+    resp = await stub.Annotate(request([GOOD, BAD], mode="pairwise"))
+    assert resp.combine == "weighted" and "mode is 'pairwise'" in resp.note
+    assert [j.judge for j in resp.judges] == ["a"] and resp.chosen_id == "c0"
