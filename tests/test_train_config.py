@@ -13,7 +13,11 @@ BASE = {"model": "m", "data": "d.jsonl", "out": "o"}
 def test_yaml_then_flags_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 1.0e-4\nmax_steps: 50\nlora: {enabled: true, r: 4}\nbeta: 0.2\n")
-    cfg = load_train_config("dpo", str(path), ["lora.r=8", "trl.max_grad_norm=0.5"], max_steps=7, **BASE)
+    cfg = load_train_config("dpo", str(path), ["lora.r=8", "trl.max_grad_norm=0.5", "trl.save_strategy=no",
+                                               "loss_type=[sigmoid, sft]", "lora.target_modules=q_proj"],
+                            max_steps=7, **BASE)
+    assert cfg.trl["save_strategy"] == "no" and cfg.loss_type == ["sigmoid", "sft"]
+    assert cfg.lora.target_modules == "q_proj"
     assert (cfg.learning_rate, cfg.max_steps, cfg.lora.r, cfg.lora.enabled, cfg.beta) == (1e-4, 7, 8, True, 0.2)
     args = build_trl_args(cfg, device="cpu")
     assert args.max_grad_norm == 0.5 and args.beta == 0.2 and args.use_cpu and not args.bf16

@@ -103,7 +103,21 @@ def resolve_device(cfg: TrainConfig) -> str:
 
 
 def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
+    """JSON values (numbers, true/false, null, lists); anything else stays a string.
+
+    Not YAML: YAML 1.1 reads `no`/`off` as false, so `trl.save_strategy=no` would become False."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    if text[:1] in "[{":
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"cannot parse override value {text!r}") from None
+    return text
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
