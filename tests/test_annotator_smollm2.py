@@ -25,8 +25,9 @@ HANDCRAFTED = [
     ("What color is the sky on a clear day?", ["The sky is blue on a clear day.", "Hmm... well... I don't know."]),
 ]
 # Required: the bad answer rejected in a majority (3 of 5) and the good one never rejected. Measured on
-# 2 CPU cores, transformers engine: 4 of 5 (the France prompt is skipped: two roles answered "The answer
-# is B." in both orders, which is position, not judgement), ~3 min with the engine's start.
+# 2 CPU cores: 4 of 5 with vLLM (~100 s with the engine's start) and with transformers (~3 min, loaded
+# machine); the France prompt is skipped: two roles answered "The answer is B." in both orders, which is
+# position, not judgement, so they abstain or tie.
 REQUIRED_REJECTED = 3
 
 
