@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (packaged on PyPI, prepared once into moaa's model cache) is served by the
 embedded backend (vLLM where installed, else transformers' server) and plays three proposers with
 different system prompts and temperatures, the aggregator, and three judges with different
-sampling. The gateway and the annotator run as child processes on 127.0.0.1 with the config written
+verdicts. The gateway and the annotator run as child processes on 127.0.0.1 with the config written
 to the run folder (`moaa.yaml`), so the same file works with `moaa gateway serve --config`.
 
 Services are started for the stages that need them and stopped around training and sampling, which
@@ -29,7 +29,6 @@ PROPOSERS = [
     ("You are a friendly teacher. Explain clearly, with a short example where it helps.", 0.8, 0.95),
     ("You are a concise expert. Answer directly in a few well-organised sentences.", 0.6, 0.9),
 ]
-JUDGE_TEMPERATURES = {"judge-strict": 0.0, "judge-balanced": 0.3, "judge-lenient": 0.6}
 
 
 def default_target() -> str:
@@ -39,9 +38,16 @@ def default_target() -> str:
     return str(resolve_model(LOCAL_MODEL).path)
 
 
-def local_config(backend: dict[str, Any], gateway_port: int, annotator_port: int, *, quick: bool) -> dict:
+# SmolLM2-135M cannot write JSON or criteria and gives the same 1-10 score to everything; asked which of two
+# answers responds to the question, it does pick (the annotator's SmolLM2 acceptance test measured this).
+# So the local ensemble is pairwise, both orders, with the annotator's small-model templates, short verdicts.
+LOCAL_JUDGES = {"judge-relevance": "pairwise_small_v1", "judge-topic": "pairwise_small_topic_v1",
+                "judge-language": "pairwise_small_language_v1"}
+
+
+def local_config(backend: dict[str, Any], gateway_port: int, annotator_port: int, *, quick: bool = False) -> dict:
     """The moaa config of the embedded stack (validated by the services' own config model)."""
-    judge_tokens = 192 if quick else 256
+    judges = dict(list(LOCAL_JUDGES.items())[:2])  # 2 roles: all pairs x both orders x judges calls per prompt
     return {
         "backends": {BACKEND: backend},
         "recipes": {"local": {
@@ -53,9 +59,9 @@ def local_config(backend: dict[str, Any], gateway_port: int, annotator_port: int
         }},
         "default_recipe": "local",
         "ensembles": {"local": {
-            "judges": [{"name": n, "model": BACKEND, "sampling": {"temperature": t, "max_tokens": judge_tokens}}
-                       for n, t in JUDGE_TEMPERATURES.items()],
-            "mode": "pointwise",
+            "judges": [{"name": n, "model": BACKEND, "template": t,
+                        "sampling": {"temperature": 0.0, "max_tokens": 16}} for n, t in judges.items()],
+            "mode": "pairwise",
             "combine": "mean",
             "min_margin": 0.5,
         }},
@@ -207,7 +213,7 @@ class LocalStack:
                     stack.pool = BackendPool({BACKEND: BackendConfig(**stack.backend)}, probes=False)
                 return stack.pool.client(name)
 
-        return ChatPairJudge(_LazyPool(), BACKEND, max_tokens=160, ledger=ledger)
+        return ChatPairJudge(_LazyPool(), BACKEND, max_tokens=48, ledger=ledger)
 
     async def stop(self) -> None:
         if self.pool is not None:

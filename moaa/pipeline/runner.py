@@ -48,7 +48,7 @@ class PipelineOptions:
     recipe: str = ""
     ensemble: str = ""
     eval_fraction: float = 0.2
-    eval_judge: str = "auto"              # auto | chat | ensemble
+    eval_judge: str = "auto"              # auto (= ensemble) | chat (the local model directly) | ensemble
     engine: str = "auto"                  # embedded model server engine
     seed: int = 0
     quiet: bool = False
@@ -61,7 +61,7 @@ def default_settings(quick: bool) -> dict[str, Any]:
     steps = 4 if quick else 12
     return {
         "answer_tokens": 48 if quick else 96,     # stage-1 proposer and aggregator answers
-        "n_samples": 5,                           # stage-2 samples per prompt (the paper's N)
+        "n_samples": 3 if quick else 5,           # stage-2 samples per prompt (the paper's N = 5)
         "sample_tokens": 40 if quick else 64,
         "sample_temperature": 0.9,
         "allow_failures": 0.1,
@@ -155,11 +155,14 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
         _say(opts, f"prompts: {pset.skipped_summary()}")
     rows = _pick_quick(pset.rows) if opts.quick else pset.rows
     train_rows, eval_rows = split_eval(rows, opts.eval_fraction)
-    settings = _merge(default_settings(opts.quick), opts.overrides)
+    local = opts.gateway is None
+    base = default_settings(opts.quick)
+    if local:  # the embedded ensemble is pairwise and asks both orders itself: one Annotate call per pair
+        base["eval_both_orders"] = False
+    settings = _merge(base, opts.overrides)
     settings.update({"recipe": opts.recipe, "ensemble": opts.ensemble, "eval_judge": opts.eval_judge, "seed": opts.seed})
     if opts.until and opts.until not in [n for n, _ in STAGES]:
         raise UserError(f"--until {opts.until!r}: choose one of {', '.join(n for n, _ in STAGES)}")
-    local = opts.gateway is None
     target = opts.target or (default_target() if local else None)
     if target is None:
         raise UserError("give --target MODEL (folder or hub id) for the model to train when using --gateway")

@@ -209,11 +209,12 @@ async def stage_eval(ctx: StageContext) -> dict:
     if not ctx.eval_prompts:
         return {"note": "no eval prompts"}
     answers = {name: answers_from_samples(out / f"answers-{name}.jsonl") for name in EVAL_MODELS}
-    use_chat = ctx.chat_judge is not None and ctx.settings.get("eval_judge", "auto") in ("auto", "chat")
+    use_chat = ctx.chat_judge is not None and ctx.settings.get("eval_judge", "auto") == "chat"
     if not use_chat and ctx.annotator is None:
         raise UserError("evaluation needs a judge: give --annotator HOST:PORT")
     judge = ctx.chat_judge if use_chat else AnnotatorPairJudge(
-        ctx.annotator, ensemble=ctx.settings.get("ensemble", ""), ledger=ctx.ledger)
+        ctx.annotator, ensemble=ctx.settings.get("ensemble", ""), ledger=ctx.ledger,
+        both_orders=ctx.settings.get("eval_both_orders", True))
     store = ctx.store(out / "judgments", "eval", "generations")
     grades = None
     try:

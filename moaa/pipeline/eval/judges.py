@@ -35,10 +35,14 @@ def _combine(first: float | None, second: float | None, orders: tuple) -> PairVe
 
 
 class AnnotatorPairJudge:
-    """Two Annotate calls with the candidates in both orders; the combined scores decide."""
+    """Annotate calls with the candidates in both orders; the combined scores decide.
+
+    `both_orders=False` makes one call: right for a pairwise ensemble, which asks both orders itself.
+    """
 
     def __init__(self, endpoint, *, ensemble: str = "", mode: str = "", ledger: TokenLedger | None = None,
-                 stage: str = "eval"):
+                 stage: str = "eval", both_orders: bool = True):
+        self.both_orders = both_orders
         from moaa.v1 import annotator_pb2_grpc
 
         self.endpoint, self.ensemble, self.mode, self.ledger, self.stage = endpoint, ensemble, mode, ledger, stage
@@ -63,6 +67,8 @@ class AnnotatorPairJudge:
 
     async def prefer(self, prompt, model_text, base_text) -> PairVerdict:
         first, why1 = await self._one(prompt, [("m", model_text), ("b", base_text)])
+        if not self.both_orders:
+            return _combine(first, None, (why1,))
         second, why2 = await self._one(prompt, [("b", base_text), ("m", model_text)])
         return _combine(first, second, (why1, why2))
 
