@@ -1,0 +1,39 @@
+"""The embedded stack's config and its clean-up of a model server left by a SIGKILLed run (no model needed)."""
+import json
+import subprocess
+import time
+
+from moaa.pipeline.local import local_config, reap_stale
+from moaa.services.config import parse_config
+
+
+def test_local_config_is_valid_and_uses_existing_templates():
+    cfg = parse_config(local_config({"urls": ["http://127.0.0.1:9/v1"], "served_model": "smollm2"}, 50051, 50052))
+    name, recipe = cfg.recipe(None)
+    assert len(recipe.proposers) == 3 and len({p.system_prompt for p in recipe.proposers}) == 3
+    assert len({p.sampling.temperature for p in recipe.proposers}) == 3
+    _, ens = cfg.ensemble(None)
+    assert ens.mode == "pairwise" and len(ens.judges) >= 2
+    assert cfg.annotator_address == "127.0.0.1:50052"
+    import moaa.services.annotator as ann
+    from pathlib import Path
+    templates = {p.stem for p in (Path(ann.__file__).parent / "templates").glob("*.txt")}
+    assert {j.template for j in ens.judges} <= templates
+
+
+def test_reap_stale_kills_only_the_recorded_process(tmp_path):
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    other = subprocess.Popen(["sleep", "301"], start_new_session=True)
+    try:
+        cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read().decode()
+        record = tmp_path / "model-server.pid.json"
+        record.write_text(json.dumps([{"pid": proc.pid, "cmdline": cmdline},
+                                      {"pid": other.pid, "cmdline": "not what it runs"}]))
+        assert reap_stale(record) == 1
+        assert proc.wait(10) == -9
+        time.sleep(0.1)
+        assert other.poll() is None            # a pid whose command line differs is left alone
+        assert not record.exists()
+    finally:
+        other.kill()
+        other.wait()
