@@ -5,6 +5,7 @@ averaged preference for the model, and whether the two orders disagreed (a posit
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -57,8 +58,8 @@ class AnnotatorPairJudge:
         if self.ledger is not None:
             self.ledger.add_model_usages(self.stage, r.usage)
         scores = {c.candidate_id: c.score for c in r.combined}
-        if "m" not in scores or "b" not in scores:
-            return None, r.skip_reason or "no combined scores"
+        if "m" not in scores or "b" not in scores or math.isnan(scores["m"]) or math.isnan(scores["b"]):
+            return None, r.skip_reason or "no combined scores"  # every judge abstained: no verdict
         if scores["m"] > scores["b"]:
             return 1.0, f"m {scores['m']:.2f} > b {scores['b']:.2f}"
         if scores["m"] < scores["b"]:
