@@ -85,3 +85,18 @@ async def test_eval_bad_input_is_one_line(tmp_path):
     rc, _, err = await _cli("eval", "--answers", str(tmp_path / "bad.jsonl"), "--baseline", str(b),
                             "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "x")
     assert rc == 2 and "line 1" in err and len(err.strip().splitlines()) == 1
+
+
+async def test_eval_all_abstentions_are_not_ties(judge_emulator, tmp_path):
+    cfg = judge_config(judge_emulator.url, {"j1": "garbage"}, mode="pairwise", combine="mean", min_margin=0.0)
+    server = await start_annotator(parse_config(cfg), port=0, probes=False)
+    try:
+        a, b = _answers(tmp_path)
+        rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--annotator", server.address,
+                                  "--out", str(tmp_path / "ev"))
+        assert rc == 0, err
+        assert "no pair could be judged: the judge abstained on all 10 pairs" in out
+        skipped = (tmp_path / "ev" / "judgments" / "skipped.jsonl").read_text().splitlines()
+        assert len(skipped) == 10 and all("judge_abstained" in s for s in skipped)
+    finally:
+        await server.stop(0)

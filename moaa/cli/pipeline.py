@@ -140,6 +140,8 @@ async def _eval(args) -> int:
     if args.grade and not args.judge_url:
         raise UserError("--grade needs --judge-url and --judge-model")
     result = await evaluate(args)
+    if not result["winrates"]:
+        print(f"no pair could be judged: the judge abstained on all {result['abstained']} pairs")
     for w in result["winrates"]:
         print(f"{w['model']} vs {w['baseline']}: win rate {w['win_rate']:.1f}% "
               f"[{w['win_rate_ci'][0]:.1f}, {w['win_rate_ci'][1]:.1f}], length-controlled {w['lc_win_rate']:.1f}% "

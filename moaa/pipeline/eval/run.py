@@ -210,4 +210,4 @@ async def evaluate(args) -> dict:
         raise TransientError(f"{len(store.failed)} judgments failed (first: {first}); re-run to retry them")
     winrates = winrates_from_store(store, [(args.name, args.baseline_name)], n_resamples=args.bootstrap)
     write_winrates(out, winrates)
-    return {"winrates": winrates, "grades": grades, "out": str(out)}
+    return {"winrates": winrates, "grades": grades, "out": str(out), "abstained": len(store.skipped)}
