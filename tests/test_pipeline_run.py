@@ -131,6 +131,7 @@ async def test_other_settings_in_same_folder_are_refused(services, tiny_model_di
     assert rc == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 async def test_sigkill_mid_sft_training_then_resume_from_checkpoint(services, tiny_model_dir, tmp_path):
     prompts = _prompts(tmp_path / "p.jsonl")
     out = tmp_path / "run"
