@@ -327,6 +327,9 @@ class EngineServer:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 await proc.wait()
+                deadline = time.monotonic() + 5.0  # SIGKILL is not instant: let the kernel finish
+                while process_group_alive(proc.pid) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
         if self._ready and self._run_dir and self._log_path_arg is None:  # keep logs of failed starts only
             shutil.rmtree(self._run_dir, ignore_errors=True)
         self._ready = False
