@@ -7,11 +7,15 @@ MFU is model FLOPs per second (6 x params + 12 x layers x hidden x seq per token
 PaLM appendix B) divided by a bound measured IN THE SAME RUN on the same device: the best dense matmul
 rate this torch reaches (fp32 on CPU, bf16 on GPU). On a GPU the ratio to the card's nominal dense
 bf16 peak is printed too. Settings and results are printed as one JSON object.
+
+On a CPU shared with other work, set OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads slow steps
+several-fold (the setting is printed).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -138,6 +142,7 @@ def main(argv=None) -> int:
             result.update(nominal_bf16_tflops=peak, mfu_vs_nominal=round(achieved / peak, 4))
     settings = {"model": model if args.model else "tiny (hidden 256, 4 layers, built on the fly)", "device": device,
                 "gpu": gpu, "dtype": str(dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "max_length": args.max_length, "per_device_batch_size": args.per_device_batch_size,
                 "grad_accum": args.grad_accum, "packing": args.packing,
                 "gradient_checkpointing": args.gradient_checkpointing, "steps_timed": args.steps,

@@ -34,7 +34,7 @@ def test_killed_run_resumes_from_newest_checkpoint(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "moaa.cli.main", "train", "sft", "--data", str(data),
            "--model", str(tiny_model_dir), "--out", str(out), *ARGS]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE")  # no spinning on shared cores
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     deadline = time.monotonic() + 240
     try:
