@@ -12,9 +12,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moaa.errors import UserError
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message says what to change."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config file that cannot be used; the message says what to change (the CLI exits 2 with it)."""
 
 
 class _Strict(BaseModel):
@@ -272,6 +275,18 @@ def load_config(path: str | Path) -> MoaaConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return parse_config(data, str(path))
+
+
+def load_server_config(path: str | Path, section: Literal["gateway", "annotator"],
+                       host: str | None = None, port: int | None = None) -> MoaaConfig:
+    """Load the config for one server, with the command line's host and port taking precedence."""
+    config = load_config(path)
+    server = getattr(config, section)
+    if port is not None:
+        server.port = port
+    if host:
+        server.host = host
+    return config
 
 
 def dump_config(config: MoaaConfig) -> str:

@@ -42,19 +42,11 @@ def register(subparsers) -> None:
 
 
 async def _serve(args) -> int:
-    from moaa.errors import UserError
     from moaa.services.annotator.server import start_annotator
     from moaa.services.common.logs import configure_logging
-    from moaa.services.config import ConfigError, load_config
+    from moaa.services.config import load_server_config
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        raise UserError(str(err)) from None
-    if args.port is not None:
-        cfg.annotator.port = args.port
-    if args.host:
-        cfg.annotator.host = args.host
+    cfg = load_server_config(args.config, "annotator", host=args.host, port=args.port)
     configure_logging(min(logging.getLogger().level, logging.INFO), json_lines=args.log_format == "json")
     server = await start_annotator(cfg)
     logging.getLogger("moaa.annotator").info("annotator serving on %s:%d", cfg.annotator.host, server.port)

@@ -30,19 +30,11 @@ def register(subparsers) -> None:
 
 
 async def _serve(args) -> int:
-    from moaa.errors import UserError
     from moaa.services.common.logs import configure_logging
-    from moaa.services.config import ConfigError, load_config
+    from moaa.services.config import load_server_config
     from moaa.services.gateway.server import serve
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        raise UserError(str(err)) from None
-    if args.port is not None:
-        cfg.gateway.port = args.port
-    if args.host:
-        cfg.gateway.host = args.host
+    cfg = load_server_config(args.config, "gateway", host=args.host, port=args.port)
     configure_logging(min(logging.getLogger().level, logging.INFO), json_lines=args.log_format == "json")
     await serve(cfg)
     return 0
