@@ -7,6 +7,7 @@ without prompt text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -68,6 +69,34 @@ def _request_id(request) -> str:
     return rid or new_request_id()
 
 
+@contextlib.asynccontextmanager
+async def _call_scope(guard: CallGuard, name: str, request, context):
+    """Everything around one call: request id, in-flight slot, error -> status, metrics, one log line."""
+    rid = _request_id(request if not hasattr(request, "__aiter__") else None)
+    token = request_id_var.set(rid)
+    t0 = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        with guard.limiter.slot():
+            yield rid
+    except asyncio.CancelledError:
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except grpc.aio.AbortError:
+        code = _aborted_code(context)
+        raise
+    except Exception as err:  # noqa: BLE001 - every error becomes a status
+        code, msg = status_of(err)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("%s failed", name)
+        await _abort(context, code, msg)
+    finally:
+        dt = time.perf_counter() - t0
+        guard.metrics.call_done(name, code.name, dt)
+        log.info("call", extra={"request_id": rid, "method": name, "code": code.name, "seconds": round(dt, 4)})
+        request_id_var.reset(token)
+
+
 def guarded(method):
     """Decorator for servicer methods (unary or async-generator); `self.guard` is a CallGuard."""
     name = method.__name__
@@ -75,57 +104,15 @@ def guarded(method):
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream_wrapper(self, request, context):
-            rid = _request_id(request if not hasattr(request, "__aiter__") else None)
-            token = request_id_var.set(rid)
-            t0 = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                with self.guard.limiter.slot():
-                    async for item in method(self, request, context, rid):
-                        yield item
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except grpc.aio.AbortError:
-                code = _aborted_code(context)
-                raise
-            except Exception as err:  # noqa: BLE001 - every error becomes a status
-                code, msg = status_of(err)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("%s failed", name)
-                await _abort(context, code, msg)
-            finally:
-                dt = time.perf_counter() - t0
-                self.guard.metrics.call_done(name, code.name, dt)
-                log.info("call", extra={"request_id": rid, "method": name, "code": code.name, "seconds": round(dt, 4)})
-                request_id_var.reset(token)
+            async with _call_scope(self.guard, name, request, context) as rid:
+                async for item in method(self, request, context, rid):
+                    yield item
         return stream_wrapper
 
     @functools.wraps(method)
     async def unary_wrapper(self, request, context):
-        rid = _request_id(request if not hasattr(request, "__aiter__") else None)
-        token = request_id_var.set(rid)
-        t0 = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            with self.guard.limiter.slot():
-                return await method(self, request, context, rid)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except grpc.aio.AbortError:
-            code = _aborted_code(context)
-            raise
-        except Exception as err:  # noqa: BLE001
-            code, msg = status_of(err)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", name)
-            await _abort(context, code, msg)
-        finally:
-            dt = time.perf_counter() - t0
-            self.guard.metrics.call_done(name, code.name, dt)
-            log.info("call", extra={"request_id": rid, "method": name, "code": code.name, "seconds": round(dt, 4)})
-            request_id_var.reset(token)
+        async with _call_scope(self.guard, name, request, context) as rid:
+            return await method(self, request, context, rid)
     return unary_wrapper
 
 
