@@ -33,21 +33,6 @@ def free_port_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
 
 
-@pytest.fixture
-async def pool_of():
-    pools = []
-
-    async def make(backends: dict, probes: bool = False) -> BackendPool:
-        pool = BackendPool(backends, probes=probes)
-        await pool.start()
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        await pool.close()
-
-
 def emu_body(model, n=None, **sampling):
     """The body the client sends, as the emulator hashes it."""
     return {"model": model, "messages": MSGS, **sampling}

@@ -6,25 +6,10 @@ import time
 import aiohttp
 import pytest
 
-from moaa.services.backend import BackendError, BackendPool
+from moaa.services.backend import BackendError
 from moaa.services.backend.health import check_progress, probe_once
 from moaa.services.backend.limits import AdaptiveLimit, make_throttler
 from tests.test_backend_client import MSGS, free_port_url, make_cfg
-
-
-@pytest.fixture
-async def pool_of():
-    pools = []
-
-    async def make(backends: dict, probes: bool = False) -> BackendPool:
-        pool = BackendPool(backends, probes=probes)
-        await pool.start()
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        await pool.close()
 
 
 async def wait_for(cond, timeout=3.0):
