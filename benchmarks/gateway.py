@@ -3,11 +3,14 @@
     python benchmarks/gateway.py [--quick]
 
 Three processes: the emulator (all models), the gateway, and this load generator. Each MoA call has
-three proposers (time to first token 1.0 / 1.5 / 2.0 s) and an aggregator (1.0 s), so the critical
-path is slowest proposer + aggregator. For each concurrency (1, 64, 512) the same call pattern is run
-twice with closed-loop clients: directly against the emulator (a plain aiohttp client fanning out and
-then calling the aggregator: the bound, the emulator's own latency and capacity) and through the
-gateway (gRPC Generate). Printed: p50/p99 of the gateway's added latency over the bound measured in
+three proposers (time to first token 1.0 / 1.5 / 2.0 s plus up to 0.5 s of seeded jitter, as real
+answers vary) and an aggregator (1.0 s + jitter), so the critical path is slowest proposer +
+aggregator. For each concurrency (1, 64, 512) the same call pattern is run twice with closed-loop
+clients whose first calls are spread over one call's duration (steady traffic, not one synchronized
+burst): directly against the emulator (a plain aiohttp client fanning out and then calling the
+aggregator: the bound, the emulator's own latency and capacity) and through the gateway (gRPC
+Generate). A last row repeats 64 concurrent calls started in the same instant with no jitter: the
+worst case, where every call queues behind the others on the gateway's one event loop. Printed: p50/p99 of the gateway's added latency over the bound measured in
 this run, and throughput at 512 concurrent calls as a ratio to the bound (also to the configured
 latencies, which ignore HTTP costs altogether).
 
@@ -26,6 +29,8 @@ import time
 PROPOSERS = {"p1": 1.0, "p2": 1.5, "p3": 2.0}   # time to first token, seconds
 AGGREGATOR = ("agg", 1.0)
 TOKENS = 4
+JITTER_S = 0.5
+SYNC = "@ttft_jitter_s=0"  # model-name suffix: the emulator drops the jitter for this request
 
 
 def _run_emulator(q) -> None:
@@ -33,11 +38,45 @@ def _run_emulator(q) -> None:
     from moaa.services.emulator.protocol import EmulatorSettings
 
     async def main():
-        profiles = {m: {"ttft_s": t} for m, t in {**PROPOSERS, AGGREGATOR[0]: AGGREGATOR[1]}.items()}
+        profiles = {m: {"ttft_s": t, "ttft_jitter_s": JITTER_S}
+                    for m, t in {**PROPOSERS, AGGREGATOR[0]: AGGREGATOR[1]}.items()}
         emu = Emulator(EmulatorSettings(record=False, default_max_tokens=TOKENS), profiles)
         await emu.start()
         q.put(emu.url)
         await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def _run_floor(q) -> None:
+    """A do-nothing MoAGateway: Generate sleeps as long as a call's critical path and answers a canned
+    result. What the benchmark measures against it is the cost of one gRPC round trip on this machine."""
+    import random
+
+    import grpc
+
+    from moaa.v1 import gateway_pb2, gateway_pb2_grpc
+
+    class Floor(gateway_pb2_grpc.MoAGatewayServicer):
+        async def Generate(self, request, context):
+            t0 = time.monotonic()
+            await asyncio.sleep(max(PROPOSERS.values()) + random.random() * JITTER_S)
+            t1 = time.monotonic()
+            await asyncio.sleep(AGGREGATOR[1] + random.random() * JITTER_S)
+            resp = gateway_pb2.GenerateResponse(text="x" * 32)
+            layer = resp.layers.add(layer=1)
+            for i in range(len(PROPOSERS)):
+                layer.proposals.add(index=i, text="y" * 32, latency_s=t1 - t0)
+            resp.latency.aggregator_s = time.monotonic() - t1
+            return resp
+
+    async def main():
+        server = grpc.aio.server()
+        gateway_pb2_grpc.add_MoAGatewayServicer_to_server(Floor(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        q.put(port)
+        await server.wait_for_termination()
 
     asyncio.run(main())
 
@@ -50,10 +89,16 @@ def _run_gateway(url: str, q) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     backend = {"urls": [url], "max_concurrency": 4096, "health": {"probe_interval_s": 3600}}
+    models = [*PROPOSERS, AGGREGATOR[0]]
+    backends = {m: backend for m in models}
+    backends.update({f"{m}-sync": {**backend, "served_model": m + SYNC} for m in models})
+
+    def recipe(suffix: str) -> dict:
+        return {"proposers": [{"model": m + suffix} for m in PROPOSERS], "aggregator": {"model": AGGREGATOR[0] + suffix},
+                "min_proposers": 3}
     cfg = parse_config({
-        "backends": {m: backend for m in [*PROPOSERS, AGGREGATOR[0]]},
-        "recipes": {"bench": {"proposers": [{"model": m} for m in PROPOSERS], "aggregator": {"model": AGGREGATOR[0]},
-                              "min_proposers": 3}},
+        "backends": backends,
+        "recipes": {"bench": recipe(""), "burst": recipe("-sync")}, "default_recipe": "bench",
         "gateway": {"port": 0, "max_in_flight": 4096},
     })
 
@@ -65,10 +110,10 @@ def _run_gateway(url: str, q) -> None:
     asyncio.run(main())
 
 
-async def _direct_call(session, url: str) -> float:
+async def _direct_call(session, url: str, suffix: str = "") -> float:
     """The bound: proposers in parallel, then the aggregator, straight to the emulator."""
     async def one(model: str) -> None:
-        body = {"model": model, "messages": [{"role": "user", "content": "q"}], "max_tokens": TOKENS,
+        body = {"model": model + suffix, "messages": [{"role": "user", "content": "q"}], "max_tokens": TOKENS,
                 "stream": True, "stream_options": {"include_usage": True}}
         async with session.post(f"{url}/chat/completions", json=body) as resp:
             async for _ in resp.content:
@@ -80,18 +125,21 @@ async def _direct_call(session, url: str) -> float:
     return time.perf_counter() - t0
 
 
-async def _closed_loop(call, concurrency: int, total: int) -> tuple[list[float], float]:
+async def _closed_loop(call, concurrency: int, total: int, spread_s: float = 0.0) -> tuple[list[float], float]:
+    """`concurrency` clients each calling again as soon as its call returns; client i starts after
+    i / concurrency * spread_s."""
     latencies: list[float] = []
     left = total
 
-    async def worker():
+    async def worker(i: int):
         nonlocal left
+        await asyncio.sleep(i / concurrency * spread_s)
         while left > 0:
             left -= 1
             latencies.append(await call())
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return latencies, time.perf_counter() - t0
 
 
@@ -107,7 +155,7 @@ def _pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-async def bench(url: str, port: int, plan: list[tuple[int, int]], pids: dict[str, int]) -> dict:
+async def bench(url: str, port: int, floor_port: int, plan: list[tuple[int, int]], pids: dict[str, int]) -> dict:
     import aiohttp
     import grpc
 
@@ -116,54 +164,66 @@ async def bench(url: str, port: int, plan: list[tuple[int, int]], pids: dict[str
     connector = aiohttp.TCPConnector(limit=0)
     results = {}
     async with aiohttp.ClientSession(connector=connector) as session, \
-            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{floor_port}") as floor_channel:
         stub = gateway_pb2_grpc.MoAGatewayStub(channel)
+        floor_stub = gateway_pb2_grpc.MoAGatewayStub(floor_channel)
         req = gateway_pb2.GenerateRequest(messages=[common_pb2.Message(role="user", content="q")])
 
         added: list[float] = []
 
-        async def via_gateway() -> float:
+        async def via_gateway(request, to=stub, into=added) -> float:
             t0 = time.perf_counter()
-            resp = await stub.Generate(req, timeout=120)
+            resp = await to.Generate(request, timeout=120)
             lat = time.perf_counter() - t0
             assert resp.text and len(resp.layers[0].proposals) == 3, resp
             # this call's own critical path, as the gateway timed its backend requests
             critical = max(p.latency_s for p in resp.layers[0].proposals) + resp.latency.aggregator_s
-            added.append(lat - critical)
+            into.append(lat - critical)
             return lat
 
         def cpu() -> dict[str, float]:
             return {name: _cpu_s(pid) for name, pid in pids.items()}
 
         await _closed_loop(lambda: _direct_call(session, url), 32, 32)  # warm connections
-        await _closed_loop(via_gateway, 32, 32)
-        for conc, total in plan:
+        await _closed_loop(lambda: via_gateway(req), 32, 32)
+        spread = max(PROPOSERS.values()) + AGGREGATOR[1]
+        rows = [(str(conc), conc, total, spread, "", "") for conc, total in plan]
+        burst = plan[1]
+        rows.append((f"{burst[0]} burst", burst[0], burst[1], 0.0, SYNC, "burst"))
+        floor: list[float] = []
+        await _closed_loop(lambda: via_gateway(req, floor_stub, floor), 8, 8)
+        for label, conc, total, spread_s, suffix, recipe in rows:
             # alternate direct and gateway slices so that load from elsewhere hits both alike
             d_lat, g_lat, added[:] = [], [], []
             d_wall = g_wall = 0.0
             cpu_d = dict.fromkeys(pids, 0.0)
             cpu_g = dict.fromkeys(pids, 0.0)
+            greq = gateway_pb2.GenerateRequest(recipe=recipe, messages=req.messages)
             for _ in range(2):
                 c0 = cpu()
-                lat, wall = await _closed_loop(lambda: _direct_call(session, url), conc, total // 2)
+                lat, wall = await _closed_loop(lambda: _direct_call(session, url, suffix), conc, total // 2, spread_s)
                 c1 = cpu()
                 d_lat += lat
                 d_wall += wall
-                lat, wall = await _closed_loop(via_gateway, conc, total // 2)
+                lat, wall = await _closed_loop(lambda: via_gateway(greq), conc, total // 2, spread_s)
                 c2 = cpu()
                 g_lat += lat
                 g_wall += wall
                 for k in pids:
                     cpu_d[k] += (c1[k] - c0[k]) / total * 1e3
                     cpu_g[k] += (c2[k] - c1[k]) / total * 1e3
+            floor[:] = []
+            if label in ("1", "64"):  # the same calls against a server that only sleeps: gRPC's own cost
+                await _closed_loop(lambda: via_gateway(req, floor_stub, floor), conc, total, spread_s)
             n = len(g_lat)
-            results[conc] = {"calls": n, "direct_p50": _pct(d_lat, 50), "direct_p99": _pct(d_lat, 99),
-                             "gw_p50": _pct(g_lat, 50), "gw_p99": _pct(g_lat, 99),
-                             "added_p50_ms": _pct(added, 50) * 1e3, "added_p99_ms": _pct(added, 99) * 1e3,
-                             "direct_tput": len(d_lat) / d_wall, "gw_tput": n / g_wall,
-                             "cpu_ms_per_call_direct": cpu_d, "cpu_ms_per_call_gateway": cpu_g}
-            r = results[conc]
-            print(f"  {conc:>4} concurrent, {n} calls: bound (direct) p50 {r['direct_p50']*1e3:7.1f} ms, "
+            results[label] = {"floor_p50_ms": _pct(floor, 50) * 1e3 if floor else None,"calls": n, "direct_p50": _pct(d_lat, 50), "direct_p99": _pct(d_lat, 99),
+                              "gw_p50": _pct(g_lat, 50), "gw_p99": _pct(g_lat, 99),
+                              "added_p50_ms": _pct(added, 50) * 1e3, "added_p99_ms": _pct(added, 99) * 1e3,
+                              "direct_tput": len(d_lat) / d_wall, "gw_tput": n / g_wall,
+                              "cpu_ms_per_call_direct": cpu_d, "cpu_ms_per_call_gateway": cpu_g}
+            r = results[label]
+            print(f"  {label:>9} concurrent, {n} calls: bound (direct) p50 {r['direct_p50']*1e3:7.1f} ms, "
                   f"gateway p50 {r['gw_p50']*1e3:7.1f} ms, p99 {r['gw_p99']*1e3:7.1f} ms, "
                   f"throughput {r['gw_tput']:.1f}/s vs bound {r['direct_tput']:.1f}/s", flush=True)
             print("        CPU ms per call: direct run " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_d.items())
@@ -182,38 +242,46 @@ def main() -> int:
     emu = ctx.Process(target=_run_emulator, args=(q,), daemon=True)
     emu.start()
     url = q.get(timeout=60)
+    fl = ctx.Process(target=_run_floor, args=(q,), daemon=True)
+    fl.start()
+    floor_port = q.get(timeout=60)
     gw = ctx.Process(target=_run_gateway, args=(url, q), daemon=True)
     gw.start()
     port = q.get(timeout=60)
-    critical = max(PROPOSERS.values()) + AGGREGATOR[1]
-    print(f"emulator {url}, gateway 127.0.0.1:{port}; critical path as configured: {critical:.2f} s; "
+    # the slowest proposer stays slowest (its lead is at least the jitter): mean = both means added
+    critical = max(PROPOSERS.values()) + AGGREGATOR[1] + JITTER_S
+    print(f"emulator {url}, gateway 127.0.0.1:{port}; mean critical path as configured: {critical:.2f} s; "
           f"{os.cpu_count()} CPUs, load average before the run {os.getloadavg()[0]:.1f}", flush=True)
     try:
-        res = asyncio.run(bench(url, port, plan, {"emulator": emu.pid, "gateway": gw.pid, "client": os.getpid()}))
+        res = asyncio.run(bench(url, port, floor_port, plan, {"emulator": emu.pid, "gateway": gw.pid, "client": os.getpid()}))
     finally:
         gw.terminate()
+        fl.terminate()
         emu.terminate()
     print(f"load average after the run {os.getloadavg()[0]:.1f} (other work on the machine slows every figure)")
     print("\nadded latency per call = latency seen by the client - (slowest proposer + aggregator, as the gateway "
           "timed its backend requests); ratio = gateway p50 / direct-bound p50")
     for conc, r in res.items():
-        print(f"  {conc:>4} concurrent: added p50 {r['added_p50_ms']:6.2f} ms, p99 {r['added_p99_ms']:7.2f} ms; "
+        print(f"  {conc:>9} concurrent: added p50 {r['added_p50_ms']:6.2f} ms, p99 {r['added_p99_ms']:7.2f} ms; "
               f"vs the direct bound: p50 {(r['gw_p50'] - r['direct_p50']) * 1e3:+8.1f} ms "
               f"(ratio {r['gw_p50'] / r['direct_p50']:.3f}), p99 {(r['gw_p99'] - r['direct_p99']) * 1e3:+8.1f} ms "
               f"(ratio {r['gw_p99'] / r['direct_p99']:.3f})")
-    r512 = res[512]
+        if r["floor_p50_ms"] is not None:
+            print(f"  {'':>9}   a gRPC server that only sleeps, same calls: added p50 {r['floor_p50_ms']:6.2f} ms "
+                  f"(one round trip's floor here); the gateway's own share {r['added_p50_ms'] - r['floor_p50_ms']:+.2f} ms")
+    r512 = res["512"]
     ideal = 512 / critical
     print(f"throughput at 512: {r512['gw_tput']:.1f} calls/s = {r512['gw_tput'] / r512['direct_tput']:.3f} of the "
           f"emulator bound ({r512['direct_tput']:.1f}/s), {r512['gw_tput'] / ideal:.3f} of the configured-latency "
           f"bound ({ideal:.1f}/s)")
-    t1 = res[64]["added_p50_ms"] < 2.0
+    t1 = res["64"]["added_p50_ms"] < 2.0
     t2 = r512["gw_tput"] / r512["direct_tput"] >= 0.9
     print(f"targets: p50 added < 2 ms at 64: {'met' if t1 else 'MISSED'}; "
           f"throughput >= 90% of bound at 512: {'met' if t2 else 'MISSED'}")
     ok = t1 and t2
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({str(k): v for k, v in res.items()}, f, indent=1)
+            json.dump(res, f, indent=1)
     return 0 if ok else 1
 
 

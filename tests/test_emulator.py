@@ -90,6 +90,20 @@ async def test_time_to_first_token_and_speed_are_applied(http, emulator_factory)
     assert ttft >= 0.19 and total >= 0.19 + 10 / 50 * 0.9  # lower bounds only
 
 
+async def test_ttft_jitter_spreads_first_tokens_within_its_range(http, emulator_factory):
+    emu = await emulator_factory(ttft_s=0.05, ttft_jitter_s=0.2)
+
+    async def first_token() -> float:
+        t0 = time.monotonic()
+        async with await post(http, emu, body(max_tokens=1, stream=True)) as r:
+            await r.content.readline()
+            return time.monotonic() - t0
+
+    ttfts = await asyncio.gather(*(first_token() for _ in range(12)))
+    assert min(ttfts) >= 0.049 and max(ttfts) < 0.05 + 0.2 + 0.15
+    assert max(ttfts) - min(ttfts) > 0.05  # spread, not one fixed delay
+
+
 async def test_error_rates_answer_openai_style_bodies(http, emulator_factory):
     emu = await emulator_factory(profiles={"e429": {"error_rates": {429: 1.0}, "retry_after_s": 1},
                                            "e500": {"error_rates": {500: 1.0}},

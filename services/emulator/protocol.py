@@ -20,6 +20,8 @@ class EmulatorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ttft_s: float = Field(0.0, ge=0, description="delay before the first token (and before headers when not streamed)")
+    ttft_jitter_s: float = Field(0.0, ge=0, description="extra first-token delay drawn uniformly from [0, ttft_jitter_s) "
+                                                    "per request (seeded), as real answers vary")
     tokens_per_s: float = Field(0.0, ge=0, description="generation speed; 0 = as fast as possible")
     echo: bool = Field(False, description="answer with the request's message contents (word by word) instead of "
                                           "generated words, so a test can read what a model was sent")

@@ -112,11 +112,13 @@ class ChatServing:
         self.settings = settings
         self.stats = EmulatorStats()
         self._rng = random.Random(settings.seed)
+        self._jitter_rng = random.Random(settings.seed + 1)  # apart from the error draws: same faults either way
         self._capacity: dict[str, _Capacity] = {}
 
     def reset(self) -> None:
         self.stats = EmulatorStats()
         self._rng = random.Random(self.settings.seed)
+        self._jitter_rng = random.Random(self.settings.seed + 1)
 
     def record(self, model: str, body: dict, probe: bool, s: EmulatorSettings) -> None:
         if probe:
@@ -128,6 +130,9 @@ class ChatServing:
             if q is None or q.maxlen != s.history:
                 q = self.stats.bodies[model] = deque(q or (), maxlen=s.history)
             q.append(body)
+
+    def first_token_delay(self, s: EmulatorSettings) -> float:
+        return s.ttft_s + (self._jitter_rng.random() * s.ttft_jitter_s if s.ttft_jitter_s else 0.0)
 
     def draw_error(self, s: EmulatorSettings) -> int | None:
         if not s.error_rates:
@@ -181,7 +186,7 @@ class ChatServing:
     async def answer(self, body: dict, model: str, s: EmulatorSettings) -> dict:
         """A non-streamed answer after ttft + generation time (faults handled by the router)."""
         tokens, finish = self.plan(body, s)
-        delay = s.ttft_s + (len(tokens[0]) / s.tokens_per_s if s.tokens_per_s else 0.0)
+        delay = self.first_token_delay(s) + (len(tokens[0]) / s.tokens_per_s if s.tokens_per_s else 0.0)
         if delay:
             await asyncio.sleep(delay)
         self.stats.tokens += sum(len(t) for t in tokens)
@@ -200,8 +205,9 @@ class ChatServing:
         loop = asyncio.get_running_loop()
         heads = chunk_heads(rid, model, created, n)
         t0 = loop.time()
-        if s.ttft_s:
-            await asyncio.sleep(s.ttft_s)
+        ttft = self.first_token_delay(s)
+        if ttft:
+            await asyncio.sleep(ttft)
         await write(chunk(rid, model, created, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "finish_reason": None} for i in range(n)]))
         for step in range(len(tokens[0])):
@@ -222,7 +228,7 @@ class ChatServing:
                 await write(b"data: [DONE]\n\n")
                 return False
             if s.tokens_per_s:
-                wait = t0 + s.ttft_s + (step + 1) / s.tokens_per_s - loop.time()
+                wait = t0 + ttft + (step + 1) / s.tokens_per_s - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
             await write(b"".join(content_chunk(heads, tokens, step)))
