@@ -6,8 +6,9 @@ different system prompts and temperatures, the aggregator, and three judges with
 verdicts. The gateway and the annotator run as child processes on 127.0.0.1 with the config written
 to the run folder (`moaa.yaml`), so the same file works with `moaa gateway serve --config`.
 
-Services are started for the stages that need them and stopped around training and sampling, which
-need both CPU cores; ports are fixed per pipeline run so addresses stay valid across restarts.
+Services start at the first stage that calls them and stay up to the end of the run: idle, they cost
+training and sampling nothing measurable, and each restart cost ~45 s. Ports are fixed per pipeline run
+so addresses stay valid when a resumed run starts them again.
 """
 from __future__ import annotations
 

@@ -210,6 +210,9 @@ def build_report(run_dir: str | Path) -> Path:
                          f"{w['wins']:.0f}/{w['ties']:.0f}/{w['losses']:.0f} | {w.get('inconsistent', 0)} |")
         lines += ["", f"![win rates]({wr_png.name})", ""]
     grades = _read_json(layout.eval / "grades.json")
+    note = (((_read_json(layout.run_manifest) or {}).get("stages") or {}).get("eval", {}).get("result") or {}).get("grades_note")
+    if note and not grades:
+        lines += [f"Single-answer grades: {note}.", ""]
     if grades:
         lines += ["Single-answer grades (1-10, MT-Bench style):", "", "| model | mean | graded | abstained |",
                   "|---|---|---|---|"]

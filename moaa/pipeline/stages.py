@@ -201,7 +201,8 @@ async def stage_answers(ctx: StageContext) -> dict:
 
 
 async def stage_eval(ctx: StageContext) -> dict:
-    """Pairwise judging in both orders, win rates with CIs; 1-10 grades where a chat judge is reachable."""
+    """Pairwise judging in both orders, win rates with CIs; 1-10 grades where a chat judge is reachable
+    and the eval_grades setting is on."""
     from .eval.judges import AnnotatorPairJudge
     from .eval.run import answers_from_samples, grade_answers, judge_pairs, winrates_from_store, write_winrates
 
@@ -221,7 +222,7 @@ async def stage_eval(ctx: StageContext) -> dict:
         for model, baseline in EVAL_PAIRS:
             ctx.ledger.check("evaluation")
             await judge_pairs(judge, model, baseline, answers[model], answers[baseline], store, quiet=ctx.quiet)
-        if ctx.chat_judge is not None:
+        if ctx.chat_judge is not None and ctx.settings.get("eval_grades", True):
             grades = await grade_answers(ctx.chat_judge, answers, out, quiet=ctx.quiet)
     finally:
         ctx.ledger.save()
@@ -230,7 +231,11 @@ async def stage_eval(ctx: StageContext) -> dict:
     _finish_dataset(ctx, store, len(EVAL_PAIRS) * len(ctx.eval_prompts), "evaluation")
     winrates = winrates_from_store(store, EVAL_PAIRS)
     write_winrates(out, winrates)
-    return {"winrates": winrates, "grades": grades, "judge": judge.name}
+    result = {"winrates": winrates, "grades": grades, "judge": judge.name}
+    if grades is None:
+        result["grades_note"] = ("1-10 grading off (eval_grades=false)" if ctx.chat_judge is not None
+                                 else "1-10 grading needs a chat judge; none is reachable in this setup")
+    return result
 
 
 # Stages that call the gateway or the annotator (the embedded stack runs only for these).
