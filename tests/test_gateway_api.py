@@ -139,6 +139,26 @@ async def test_sample_backend_failure(gw_emulators, gateway_factory):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "'a'" in err.value.details()
 
 
+async def test_sample_partial_failure_returns_answered_samples_and_failures(gw_emulators, gateway_factory):
+    # n sent as 4 requests; with seed 0 the emulator's draws fail the 3rd and 4th arriving request (HTTP 500)
+    emu = await gw_emulators({"a": {"error_rates": {500: 0.5}}}, seed=0)
+    one_try = {"supports_n": False, "retries": {"max_attempts": 1}}
+    gw = await gateway_factory(moa_config(emu.url, ["a"], backends={"a": one_try}))
+    resp = await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=4, messages=user("hi")), timeout=5)
+    assert len(resp.samples) == 2 and len(resp.failures) == 2
+    assert all(s.text for s in resp.samples) and len({s.index for s in resp.samples}) == 2
+    assert all(f.model == "a" and f.http_status == 500 for f in resp.failures)
+    assert "2 of them failed" in resp.note
+    # annotate needs two answered samples: with 1 of 2 answering the call fails, naming the failure
+    emu2 = await gw_emulators({"a": {"error_rates": {500: 0.5}}}, seed=1)  # seed 1: one fails, one answers
+    cfg = moa_config(emu2.url, ["a"], backends={"a": one_try})
+    cfg["annotator_address"] = "127.0.0.1:1"
+    gw2 = await gateway_factory(cfg)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw2.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi"), annotate=True), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "only 1 of 2 samples answered" in err.value.details()
+
+
 async def test_list_models(gw):
     resp = await gw.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=5)
     assert sorted(m.name for m in resp.models) == ["a", "agg", "b"]

@@ -84,15 +84,17 @@ class BackendClient:
 
     # -- public API ----------------------------------------------------------------------------
     async def chat(self, messages, sampling: SamplingConfig | dict | None = None, n: int = 1,
-                   timeout: float | None = None) -> ChatResult:
-        """The whole answer (n choices). Raises BackendError."""
+                   timeout: float | None = None, partial_ok: bool = False) -> ChatResult:
+        """The whole answer (n choices). Raises BackendError. Where n is sent as separate requests,
+        partial_ok=True returns the choices that answered (each keeps its index) and lists the failed
+        ones' errors in `failures`; it raises only when none answered."""
         if n < 1:
             raise ValueError("n must be at least 1")
         msgs = normalize_messages(messages)
         params = sampling_dict(sampling)
         deadline = self._deadline(timeout)
         if n > 1 and not self.cfg.supports_n:
-            return await self._chat_emulated_n(msgs, params, n, deadline)
+            return await self._chat_emulated_n(msgs, params, n, deadline, partial_ok)
         res = await self._chat_once(chat_body(self.served_model, msgs, params, n), n, deadline)
         got = sum(1 for c in res.choices if c.finish_reason is not None or c.text)
         if got < n:  # a server that ignores n (supports_n misconfigured): ask for the rest one by one
@@ -158,7 +160,8 @@ class BackendClient:
         return ChatResult(model=self.name, endpoint=state.get("endpoint", ""), choices=choices, usage=usage,
                           latency_s=time.monotonic() - t0, ttft_s=ttft, attempts=state.get("attempts", 1))
 
-    async def _chat_emulated_n(self, msgs: list[dict], params: dict, n: int, deadline: float) -> ChatResult:
+    async def _chat_emulated_n(self, msgs: list[dict], params: dict, n: int, deadline: float,
+                               partial_ok: bool = False) -> ChatResult:
         t0 = time.monotonic()
         if n == 1:
             return await self._chat_once(chat_body(self.served_model, msgs, params), 1, deadline)
@@ -170,25 +173,30 @@ class BackendClient:
         tasks = [asyncio.create_task(self._chat_once(chat_body(self.served_model, msgs, params_for(i)), 1, deadline))
                  for i in range(n)]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if task.exception() is not None:
-                    raise task.exception()
-        finally:  # one failure fails the call: stop the other requests too
+            # all-or-nothing: the first failure ends the call; partial_ok: wait for every request
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.ALL_COMPLETED if partial_ok
+                                         else asyncio.FIRST_EXCEPTION)
+            errors = [t.exception() for t in tasks if t.done() and t.exception() is not None]
+            for err in errors:
+                if not (partial_ok and isinstance(err, BackendError)) or len(errors) == n:
+                    raise err
+        finally:  # stop whatever still runs (a failure, or the caller went away)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        results = [task.result() for task in tasks]
+        answered = [(i, t.result()) for i, t in enumerate(tasks) if t.exception() is None]
+        results = [r for _, r in answered]
         usage = Usage()
         for r in results:
             usage = usage + r.usage
         ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
         return ChatResult(
             model=self.name, endpoint=",".join(sorted({r.endpoint for r in results})),
-            choices=[ChatChoice(i, r.text, r.finish_reason) for i, r in enumerate(results)], usage=usage,
+            choices=[ChatChoice(i, r.text, r.finish_reason) for i, r in answered], usage=usage,
             latency_s=time.monotonic() - t0, ttft_s=min(ttfts) if ttfts else None,
-            note=f"n emulated with {n} requests (backend {self.name!r} has supports_n: false)",
-            attempts=max(r.attempts for r in results))
+            note=f"n emulated with {n} requests (backend {self.name!r} has supports_n: false)"
+                 + (f"; {len(errors)} of them failed" if errors else ""),
+            attempts=max(r.attempts for r in results), failures=errors)
 
     async def _events(self, body: dict, deadline: float, state: dict) -> AsyncIterator[Any]:
         """Parsed stream events, with retries and failover until the consumer sets state['committed'];

@@ -47,6 +47,7 @@ class ChatResult:
     ttft_s: float | None = None
     note: str = ""             # e.g. "n emulated with 2 requests"
     attempts: int = 1
+    failures: list = field(default_factory=list)  # BackendErrors of the missing choices (partial_ok calls)
 
     @property
     def text(self) -> str:

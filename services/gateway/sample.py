@@ -56,13 +56,19 @@ async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: fl
                      metadata=()) -> gateway_pb2.SampleResponse:
     messages, sampling = check_sample_request(cfg, req, max_prompt_chars)
     try:
-        res = await pool.client(req.model).chat(messages, sampling, n=req.n, timeout=timeout)
+        # partial_ok: where n goes out as n requests, the samples that answered come back with the
+        # failures listed instead of the whole call failing for one lost request
+        res = await pool.client(req.model).chat(messages, sampling, n=req.n, timeout=timeout, partial_ok=True)
     except BackendError as err:
         raise Unavailable(f"model {req.model!r} failed: {err}") from None
     resp = gateway_pb2.SampleResponse(request_id=request_id, id=req.id, model=req.model, note=res.note,
                                       usage=res.usage.to_proto())
     for c in res.choices:
         resp.samples.add(index=c.index, text=c.text, finish_reason=c.finish_reason or "")
+    resp.failures.extend(err.to_proto() for err in res.failures)
+    if req.annotate and len(res.choices) < 2:
+        raise Unavailable(f"model {req.model!r}: only {len(res.choices)} of {req.n} samples answered, "
+                          f"too few to annotate; failures: {'; '.join(str(e) for e in res.failures)}")
     if req.annotate:
         areq = annotator_pb2.AnnotateRequest(
             request_id=request_id, id=req.id, prompt=req.messages, ensemble=req.ensemble,
