@@ -168,6 +168,25 @@ class TLSConfig(_Strict):
         return bool(self.cert_file and self.key_file)
 
 
+class ClientTLSConfig(_Strict):
+    """How the gateway reaches the annotator over TLS (the annotator's own `tls` is the server side)."""
+
+    enabled: bool = Field(False, description="TLS with the system's root CAs unless ca_file is set")
+    ca_file: str | None = Field(None, description="CA that signed the annotator's certificate (implies enabled)")
+    cert_file: str | None = Field(None, description="client certificate, for an annotator that requires mutual TLS")
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> "ClientTLSConfig":
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a client certificate needs both cert_file and key_file")
+        return self
+
+    @property
+    def on(self) -> bool:
+        return self.enabled or bool(self.ca_file or self.cert_file)
+
+
 class AuthConfig(_Strict):
     tokens_file: str | None = Field(None, description="file with one bearer token per line (a mounted Secret)")
     tokens_env: str | None = Field(None, description="environment variable with comma-separated tokens")
@@ -201,6 +220,8 @@ class MoaaConfig(_Strict):
     gateway: ServerConfig = Field(default_factory=ServerConfig)
     annotator: ServerConfig = Field(default_factory=lambda: ServerConfig(port=50052))
     annotator_address: str | None = Field(None, description="host:port of the annotator, for annotate=true calls")
+    annotator_tls: ClientTLSConfig = Field(default_factory=ClientTLSConfig,
+                                           description="TLS / mutual TLS from the gateway to the annotator")
 
     @model_validator(mode="after")
     def _references_exist(self) -> "MoaaConfig":

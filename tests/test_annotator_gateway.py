@@ -34,3 +34,42 @@ async def test_gateway_sample_with_annotation_returns_preference_pair(gw_emulato
         await gw.stub.Sample(gateway_pb2.SampleRequest(model="sft", n=2, messages=user("x"), annotate=True,
                                                        ensemble="nope"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope" in err.value.details()
+
+
+async def test_gateway_reaches_a_mutual_tls_annotator(gw_emulators, judge_emulator, annotator_factory, gateway_factory,
+                                                      gw_tls_files):
+    t = gw_tls_files
+    sampler = await gw_emulators()
+    cfg = judge_config(judge_emulator.url, {"j1": "longest"}, annotator={"tls": {
+        "cert_file": t["server.crt"], "key_file": t["server.key"], "client_ca_file": t["ca.crt"]}})
+    annotator = await annotator_factory(cfg)
+    gw_cfg = {k: v for k, v in cfg.items() if k != "annotator"}
+    gw_cfg["backends"]["sft"] = backend(sampler.url)
+    gw_cfg.update(gateway={"port": 0}, annotator_address=annotator.server.address)
+    ask = gateway_pb2.SampleRequest(model="sft", n=2, messages=user("Explain TLS."), annotate=True,
+                                    sampling={"max_tokens": 8})
+
+    gw = await gateway_factory({**gw_cfg, "annotator_tls": {"ca_file": t["ca.crt"], "cert_file": t["client.crt"],
+                                                            "key_file": t["client.key"]}})
+    resp = await gw.stub.Sample(ask, timeout=10)
+    assert len(resp.annotation.judges) == 1 and resp.annotation.judges[0].judge == "j1"
+
+    # trusted server but no client certificate: the annotator refuses the handshake; the caller is told
+    gw_no_cert = await gateway_factory({**gw_cfg, "annotator_tls": {"ca_file": t["ca.crt"]}})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw_no_cert.stub.Sample(ask, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "annotator at" in err.value.details()
+
+
+async def test_annotator_tls_config_errors(tmp_path):
+    from moaa.errors import UserError
+    from moaa.services.config import ConfigError, parse_config
+    from moaa.services.gateway.server import start_gateway
+
+    base = {"backends": {"m": backend("http://127.0.0.1:9/v1")}, "gateway": {"port": 0},
+            "annotator_address": "127.0.0.1:9"}
+    with pytest.raises(ConfigError, match="both cert_file and key_file"):
+        parse_config({**base, "annotator_tls": {"cert_file": "c.crt"}})
+    missing = str(tmp_path / "nope.crt")
+    with pytest.raises(UserError, match="cannot read CA certificate"):
+        await start_gateway(parse_config({**base, "annotator_tls": {"ca_file": missing}}), probes=False)

@@ -284,6 +284,8 @@ def test_chart_made_auth_secret_holds_the_tokens(helm):
     assert secret["stringData"]["tokens"] == "t" * 32 + "\n"
     cfg = parse_config(yaml.safe_load(r.config_text()))
     assert cfg.annotator.tls.enabled and cfg.gateway.tls.client_ca_file
+    # the gateway reaches the TLS annotator trusting the Secret's CA, presenting its certificate (mutual)
+    assert cfg.annotator_tls.ca_file == "/etc/moaa/tls/ca.crt" and cfg.annotator_tls.cert_file == "/etc/moaa/tls/tls.crt"
 
 
 def test_packaged_chart_renders_the_same(helm, tmp_path):

@@ -4,8 +4,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
+
 from moaa.services.backend import BackendPool
 from moaa.services.common.server import RunningServer, start_server
+from moaa.services.common.tls import channel_credentials
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.sample import AnnotatorClient
 from moaa.services.gateway.servicer import GatewayServicer
@@ -25,7 +28,7 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
     from moaa.services.gateway.context import counter_for
     for name in sorted({b.tokenizer for b in cfg.backends.values() if b.tokenizer}):
         await asyncio.to_thread(counter_for, name)
-    annotator = AnnotatorClient(cfg.annotator_address) if cfg.annotator_address else None
+    annotator = annotator_client(cfg)
     holder = {}
 
     def add(server, guard):
@@ -39,6 +42,17 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
     if own_pool:
         running.on_stop.append(pool.close)
     return running
+
+
+def annotator_client(cfg: MoaaConfig) -> AnnotatorClient | None:
+    """The channel to the annotator; TLS credentials are read now, so a bad path fails at start."""
+    if not cfg.annotator_address:
+        return None
+    tls = cfg.annotator_tls
+    if not tls.on:
+        return AnnotatorClient(cfg.annotator_address)
+    creds = channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)
+    return AnnotatorClient(cfg.annotator_address, lambda addr: grpc.aio.secure_channel(addr, creds))
 
 
 async def serve(cfg: MoaaConfig) -> None:

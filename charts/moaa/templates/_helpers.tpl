@@ -165,6 +165,15 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- $_ := set $cfg "annotator" (include "moaa.serverConfig" (dict "root" $root "which" "annotator") | fromJson) -}}
 {{- if .Values.annotator.enabled -}}
 {{- $_ := set $cfg "annotator_address" (printf "%s-annotator:%d" (include "moaa.fullname" $root) (int .Values.annotator.port)) -}}
+{{- if and .Values.tls.enabled .Values.tls.annotator -}}
+{{- /* the gateway trusts the Secret's ca.crt; with mutual TLS it shows the Secret's certificate as its own */ -}}
+{{- $ctls := dict "ca_file" (printf "%s/ca.crt" (include "moaa.tlsDir" $root)) -}}
+{{- if .Values.tls.mutual -}}
+{{- $_ := set $ctls "cert_file" (printf "%s/tls.crt" (include "moaa.tlsDir" $root)) -}}
+{{- $_ := set $ctls "key_file" (printf "%s/tls.key" (include "moaa.tlsDir" $root)) -}}
+{{- end -}}
+{{- $_ := set $cfg "annotator_tls" $ctls -}}
+{{- end -}}
 {{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
