@@ -2,17 +2,21 @@
 
     python benchmarks/gateway.py [--quick]
 
-Three processes: the emulator (all models), the gateway, and this load generator. Each MoA call has
-three proposers (time to first token 1.0 / 1.5 / 2.0 s plus up to 0.5 s of seeded jitter, as real
-answers vary) and an aggregator (1.0 s + jitter), so the critical path is slowest proposer +
-aggregator. For each concurrency (1, 64, 512) the same call pattern is run twice with closed-loop
-clients whose first calls are spread over one call's duration (steady traffic, not one synchronized
-burst): directly against the emulator (a plain aiohttp client fanning out and then calling the
-aggregator: the bound, the emulator's own latency and capacity) and through the gateway (gRPC
-Generate). A last row repeats 64 concurrent calls started in the same instant with no jitter: the
-worst case, where every call queues behind the others on the gateway's one event loop. Printed: p50/p99 of the gateway's added latency over the bound measured in
-this run, and throughput at 512 concurrent calls as a ratio to the bound (also to the configured
-latencies, which ignore HTTP costs altogether).
+Four processes: the emulator (all models), the gateway, a do-nothing gRPC server, and this load
+generator. Each MoA call has three proposers (time to first token 1.0 / 1.5 / 2.0 s plus up to 0.5 s
+of seeded jitter, as real answers vary) and an aggregator (1.0 s + jitter), so the critical path is
+slowest proposer + aggregator. For each concurrency (1, 64, 512) the same call pattern is run with
+closed-loop clients whose first calls are spread over one call's duration (steady traffic, not one
+synchronized burst): directly against the emulator (a plain aiohttp client fanning out and then
+calling the aggregator: the bound, the emulator's own latency and capacity) and through the gateway
+(gRPC Generate). At 1 and 64 the same calls also go to a gRPC server that only sleeps as long as a
+critical path: its "added" latency is the floor of one gRPC round trip on this machine. A last row
+repeats 64 concurrent calls started in the same instant with no jitter: the worst case, where every
+call queues behind the others on the gateway's one event loop.
+
+Printed: p50/p99 of the gateway's added latency per call (client latency minus the slowest proposer
+and the aggregator as the gateway timed them), the floor, and throughput (calls in flight / mean
+latency, Little's law) at 512 concurrent calls as a ratio to the bound and to the configured latencies.
 
 Targets: p50 added latency < 2 ms at 64 concurrent calls; throughput at 512 >= 90 % of the bound.
 """
@@ -220,7 +224,10 @@ async def bench(url: str, port: int, floor_port: int, plan: list[tuple[int, int]
             results[label] = {"floor_p50_ms": _pct(floor, 50) * 1e3 if floor else None,"calls": n, "direct_p50": _pct(d_lat, 50), "direct_p99": _pct(d_lat, 99),
                               "gw_p50": _pct(g_lat, 50), "gw_p99": _pct(g_lat, 99),
                               "added_p50_ms": _pct(added, 50) * 1e3, "added_p99_ms": _pct(added, 99) * 1e3,
-                              "direct_tput": len(d_lat) / d_wall, "gw_tput": n / g_wall,
+                              # Little's law: calls in flight / mean latency (the staggered start's ramp
+                              # would otherwise count as idle time)
+                              "direct_tput": conc / (sum(d_lat) / len(d_lat)), "gw_tput": conc / (sum(g_lat) / n),
+                              "direct_wall_tput": len(d_lat) / d_wall, "gw_wall_tput": n / g_wall,
                               "cpu_ms_per_call_direct": cpu_d, "cpu_ms_per_call_gateway": cpu_g}
             r = results[label]
             print(f"  {label:>9} concurrent, {n} calls: bound (direct) p50 {r['direct_p50']*1e3:7.1f} ms, "
