@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+from moaa.cli import add_serve_command
 import sys
 
 
@@ -21,12 +23,7 @@ def register(subparsers) -> None:
     ann = subparsers.add_parser("annotator", help="the judge-ensemble annotation service (gRPC)")
     asub = ann.add_subparsers(dest="annotator_command", metavar="SUBCOMMAND")
     asub.required = True
-    serve = asub.add_parser("serve", help="serve Annotator with the backends and ensembles of a config")
-    serve.add_argument("--config", required=True, help="moaa YAML config")
-    serve.add_argument("--port", type=int, help="override annotator.port")
-    serve.add_argument("--host", help="override annotator.host")
-    serve.add_argument("--log-format", choices=["json", "text"], default="json")
-    serve.set_defaults(func=_serve)
+    add_serve_command(asub, "annotator", "serve Annotator with the backends and ensembles of a config", _serve)
 
     ant = subparsers.add_parser("annotate", help="samples.jsonl -> TRL preference pairs (resumable by row id)")
     ant.add_argument("--in", dest="inp", required=True, help='JSONL rows {"id", "prompt", "candidates": [{"text", "model"}]}')

@@ -4,17 +4,14 @@ from __future__ import annotations
 import logging
 import os
 
+from moaa.cli import add_serve_command
+
 
 def register(subparsers) -> None:
     gw = subparsers.add_parser("gateway", help="the MoA gateway (gRPC)")
     gsub = gw.add_subparsers(dest="gateway_command", metavar="SUBCOMMAND")
     gsub.required = True
-    serve = gsub.add_parser("serve", help="serve MoAGateway with the backends and recipes of a config")
-    serve.add_argument("--config", required=True, help="moaa YAML config")
-    serve.add_argument("--port", type=int, help="override gateway.port")
-    serve.add_argument("--host", help="override gateway.host")
-    serve.add_argument("--log-format", choices=["json", "text"], default="json")
-    serve.set_defaults(func=_serve)
+    add_serve_command(gsub, "gateway", "serve MoAGateway with the backends and recipes of a config", _serve)
 
     gen = subparsers.add_parser("generate", help="one MoA answer from a running gateway, streamed")
     gen.add_argument("prompt", help="the user message")
