@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-from moaa.cli import add_serve_command
+from moaa.cli import add_service_group
 import sys
 
 
@@ -20,10 +20,8 @@ def _client_args(p) -> None:
 
 
 def register(subparsers) -> None:
-    ann = subparsers.add_parser("annotator", help="the judge-ensemble annotation service (gRPC)")
-    asub = ann.add_subparsers(dest="annotator_command", metavar="SUBCOMMAND")
-    asub.required = True
-    add_serve_command(asub, "annotator", "serve Annotator with the backends and ensembles of a config", _serve)
+    add_service_group(subparsers, "annotator", "the judge-ensemble annotation service (gRPC)",
+                      "serve Annotator with the backends and ensembles of a config", _serve)
 
     ant = subparsers.add_parser("annotate", help="samples.jsonl -> TRL preference pairs (resumable by row id)")
     ant.add_argument("--in", dest="inp", required=True, help='JSONL rows {"id", "prompt", "candidates": [{"text", "model"}]}')

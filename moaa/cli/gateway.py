@@ -4,14 +4,12 @@ from __future__ import annotations
 import logging
 import os
 
-from moaa.cli import add_serve_command
+from moaa.cli import add_service_group
 
 
 def register(subparsers) -> None:
-    gw = subparsers.add_parser("gateway", help="the MoA gateway (gRPC)")
-    gsub = gw.add_subparsers(dest="gateway_command", metavar="SUBCOMMAND")
-    gsub.required = True
-    add_serve_command(gsub, "gateway", "serve MoAGateway with the backends and recipes of a config", _serve)
+    add_service_group(subparsers, "gateway", "the MoA gateway (gRPC)",
+                      "serve MoAGateway with the backends and recipes of a config", _serve)
 
     gen = subparsers.add_parser("generate", help="one MoA answer from a running gateway, streamed")
     gen.add_argument("prompt", help="the user message")
