@@ -61,6 +61,25 @@ def _finish_dataset(ctx: StageContext, store: DatasetStore, total: int, what: st
     return store.write_manifest(complete=True)
 
 
+async def _fill_dataset(ctx: StageContext, store: DatasetStore, rows: list, id_of, call, label: str, what: str) -> dict:
+    """Send the rows not yet in the store through `call(pending, progress)`; a second pass retries this
+    run's failures once; the token budget is checked around each pass. Returns the finished manifest."""
+    total = len(rows)
+    for _ in range(2):
+        pending = [r for r in rows if not store.is_done(id_of(r))]
+        if not pending:
+            break
+        ctx.ledger.check(what)
+        progress = StageProgress(label, total, total - len(pending), ctx.ledger, quiet=ctx.quiet)
+        try:
+            await call(pending, progress)
+        finally:
+            progress.close()
+            store.write_manifest(complete=False)
+        ctx.ledger.check(what)
+    return _finish_dataset(ctx, store, total, what)
+
+
 def _train_rows_file(store: DatasetStore, path: Path, keys: tuple[str, ...]) -> Path:
     """The rows TRL reads (id + its format's fields), in one file, written atomically."""
     text = "".join(json.dumps({k: r[k] for k in ("id", *keys)}, ensure_ascii=False) + "\n" for r in store.iter_rows())
@@ -70,22 +89,13 @@ def _train_rows_file(store: DatasetStore, path: Path, keys: tuple[str, ...]) -> 
 
 async def stage_sft_data(ctx: StageContext) -> dict:
     store = ctx.store(ctx.layout.sft_data, "sft_data", "sft")
-    total = len(ctx.train_prompts)
-    for attempt in range(2):  # a second pass retries this run's failures once
-        pending = [r for r in ctx.train_prompts if not store.is_done(r.id)]
-        if not pending:
-            break
-        ctx.ledger.check("stage 1 (MoA answers)")
-        progress = StageProgress("stage 1: MoA answers", total, total - len(pending), ctx.ledger, quiet=ctx.quiet)
-        try:
-            await generate_batch(ctx.gateway, pending, store, ctx.ledger, progress,
-                                 recipe=ctx.settings.get("recipe", ""), max_tokens=ctx.settings["answer_tokens"],
-                                 window=ctx.settings.get("window", 32))
-        finally:
-            progress.close()
-            store.write_manifest(complete=False)
-        ctx.ledger.check("stage 1 (MoA answers)")
-    m = _finish_dataset(ctx, store, total, "stage 1 (MoA answers)")
+
+    def call(pending, progress):
+        return generate_batch(ctx.gateway, pending, store, ctx.ledger, progress, recipe=ctx.settings.get("recipe", ""),
+                              max_tokens=ctx.settings["answer_tokens"], window=ctx.settings.get("window", 32))
+
+    m = await _fill_dataset(ctx, store, ctx.train_prompts, lambda r: r.id, call,
+                            "stage 1: MoA answers", "stage 1 (MoA answers)")
     _train_rows_file(store, ctx.layout.sft_data / "train.jsonl", ("messages",))
     return {"rows": m["rows"], "skipped": m["skipped"]}
 
@@ -141,23 +151,14 @@ async def stage_pairs(ctx: StageContext) -> dict:
         raise UserError("stage 2 needs an annotator: give --annotator HOST:PORT")
     samples = ctx.store(ctx.layout.samples, "samples", "samples")
     store = ctx.store(ctx.layout.pairs, "pairs", "preference")
-    rows = list(samples.iter_rows())
-    total = len(rows)
-    for attempt in range(2):
-        pending = [r for r in rows if not store.is_done(r["id"])]
-        if not pending:
-            break
-        ctx.ledger.check("stage 2 (judging)")
-        progress = StageProgress("stage 2: judging", total, total - len(pending), ctx.ledger, quiet=ctx.quiet)
-        try:
-            await annotate_stream(ctx.annotator, pending, store, ctx.ledger, progress,
-                                  ensemble=ctx.settings.get("ensemble", ""), model="sft-model",
-                                  window=ctx.settings.get("window", 32))
-        finally:
-            progress.close()
-            store.write_manifest(complete=False)
-        ctx.ledger.check("stage 2 (judging)")
-    m = _finish_dataset(ctx, store, total, "stage 2 (judging)")
+
+    def call(pending, progress):
+        return annotate_stream(ctx.annotator, pending, store, ctx.ledger, progress,
+                               ensemble=ctx.settings.get("ensemble", ""), model="sft-model",
+                               window=ctx.settings.get("window", 32))
+
+    m = await _fill_dataset(ctx, store, list(samples.iter_rows()), lambda r: r["id"], call,
+                            "stage 2: judging", "stage 2 (judging)")
     if m["rows"] == 0:
         raise UserError(f"stage 2 produced no preference pairs ({m['skipped']} prompts skipped: "
                         f"{m['skipped_reasons']}); lower the ensemble's min_margin or sample more answers")
