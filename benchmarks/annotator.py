@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import multiprocessing as mp
 import sys
+
+from _procs import spawn, write_json  # benchmarks/ is on sys.path when run as a script
 import time
 
 DELAY_S = 0.05
@@ -119,14 +119,8 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     prompts = 200 if args.quick else 1000
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    emu = ctx.Process(target=_run_emulator, args=(q,), daemon=True)
-    emu.start()
-    emu_url = q.get(timeout=60)
-    ann = ctx.Process(target=_run_annotator, args=(emu_url, q), daemon=True)
-    ann.start()
-    address = q.get(timeout=60)
+    emu, emu_url = spawn(_run_emulator)
+    ann, address = spawn(_run_annotator, emu_url)
     results = []
     try:
         for mode in ("pointwise", "moa"):
@@ -139,9 +133,7 @@ def main() -> int:
     finally:
         ann.terminate()
         emu.terminate()
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
+    write_json(args.json, results)
     return 0
 
 

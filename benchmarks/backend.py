@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
+
+from _procs import write_json  # benchmarks/ is on sys.path when run as a script
 import time
 
 PROMPT = [{"role": "user", "content": "Count from 1 to 500, separated by commas."}]
@@ -82,9 +83,7 @@ def main() -> int:
     for engine in args.engines.split(","):
         rows += asyncio.run(bench_engine(engine, args.model, levels, args.max_tokens, args.dtype))
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(rows, fh, indent=1)
+    write_json(args.json, rows)
     return 0
 
 

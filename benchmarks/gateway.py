@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import multiprocessing as mp
 import os
 import sys
+
+from _procs import spawn, write_json  # benchmarks/ is on sys.path when run as a script
 import time
 
 PROPOSERS = {"p1": 1.0, "p2": 1.5, "p3": 2.0}   # time to first token, seconds
@@ -244,17 +244,9 @@ def main() -> int:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     plan = [(1, 4), (64, 128), (512, 1024)] if args.quick else [(1, 8), (64, 256), (512, 2048)]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    emu = ctx.Process(target=_run_emulator, args=(q,), daemon=True)
-    emu.start()
-    url = q.get(timeout=60)
-    fl = ctx.Process(target=_run_floor, args=(q,), daemon=True)
-    fl.start()
-    floor_port = q.get(timeout=60)
-    gw = ctx.Process(target=_run_gateway, args=(url, q), daemon=True)
-    gw.start()
-    port = q.get(timeout=60)
+    emu, url = spawn(_run_emulator)
+    fl, floor_port = spawn(_run_floor)
+    gw, port = spawn(_run_gateway, url)
     # the slowest proposer stays slowest (its lead is at least the jitter): mean = both means added
     critical = max(PROPOSERS.values()) + AGGREGATOR[1] + JITTER_S
     print(f"emulator {url}, gateway 127.0.0.1:{port}; mean critical path as configured: {critical:.2f} s; "
@@ -286,9 +278,7 @@ def main() -> int:
     print(f"targets: p50 added < 2 ms at 64: {'met' if t1 else 'MISSED'}; "
           f"throughput >= 90% of bound at 512: {'met' if t2 else 'MISSED'}")
     ok = t1 and t2
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    write_json(args.json, res)
     return 0 if ok else 1
 
 

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     run.add_argument("--token-budget", type=int, help="stop cleanly once the run folder has used N tokens")
     run.add_argument("--eval-judge", choices=["auto", "chat", "ensemble"], default="auto",
                      help="eval judge: the annotator's ensemble (auto, ensemble) or, embedded only, the local "
-                          "model asked directly (chat); 1-10 grades always use the local model when embedded")
+                          "model asked directly (chat); 1-10 grades (--set eval_grades=true when embedded) use the local model")
     run.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
                      help="embedded model server engine")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
