@@ -73,3 +73,67 @@ async def test_annotator_tls_config_errors(tmp_path):
     missing = str(tmp_path / "nope.crt")
     with pytest.raises(UserError, match="cannot read CA certificate"):
         await start_gateway(parse_config({**base, "annotator_tls": {"ca_file": missing}}), probes=False)
+
+
+def _moa_gateway_config(judges_cfg: dict, moa_url: str, annotator_address: str | None) -> dict:
+    """Proposers answering 4 and 8 tokens, an aggregator answering 12: 'longest' judges prefer the aggregate."""
+    cfg = {k: v for k, v in judges_cfg.items() if k != "annotator"}
+    for name in ("p1", "p2", "agg"):
+        cfg["backends"][name] = backend(moa_url)
+    cfg["recipes"] = {"moa": {"proposers": [{"model": "p1", "sampling": {"max_tokens": 4}},
+                                            {"model": "p2", "sampling": {"max_tokens": 8}}],
+                              "aggregator": {"model": "agg", "sampling": {"max_tokens": 12}}}}
+    cfg.update(default_recipe="moa", gateway={"port": 0})
+    if annotator_address:
+        cfg["annotator_address"] = annotator_address
+    return cfg
+
+
+async def test_generate_and_batch_items_can_be_annotated(gw_emulators, judge_emulator, annotator_factory,
+                                                         gateway_factory):
+    moa = await gw_emulators()
+    judges = judge_config(judge_emulator.url, {"j1": "longest", "j2": "longest"}, min_margin=0.5)
+    annotator = await annotator_factory(judges)
+    gw = await gateway_factory(_moa_gateway_config(judges, moa.url, annotator.server.address))
+    ask = gateway_pb2.GenerateRequest(messages=user("Explain MoA."), annotate=True)
+
+    resp = await gw.stub.Generate(ask, timeout=10)
+    ann = resp.annotation
+    assert resp.text and not resp.failures
+    assert sorted(c.candidate_id for c in ann.combined) == ["L1-P0", "L1-P1", "aggregate"]
+    assert ann.chosen_id == "aggregate" and ann.rejected_id == "L1-P0", ann
+    assert [j.judge for j in ann.judges] == ["j1", "j2"]
+
+    # GenerateBatch: only the item that asks for it is annotated
+    items = [gateway_pb2.BatchItem(id="a", request=ask),
+             gateway_pb2.BatchItem(id="b", request=gateway_pb2.GenerateRequest(messages=user("Explain MoA.")))]
+    results = {r.id: r async for r in gw.stub.GenerateBatch(iter(items), timeout=10)}
+    assert results["a"].response.annotation.chosen_id == "aggregate"
+    assert not results["b"].response.HasField("annotation")
+
+    # GenerateStream: the final event carries the annotation
+    events = [ev async for ev in gw.stub.GenerateStream(ask, timeout=10)]
+    assert events[-1].final.annotation.chosen_id == "aggregate"
+
+
+async def test_generate_annotate_errors(gw_emulators, gateway_factory, unused_tcp_port):
+    moa = await gw_emulators()
+    judges = judge_config("http://127.0.0.1:9/v1", {"j1": "longest"})
+    ask = gateway_pb2.GenerateRequest(messages=user("Explain MoA."), annotate=True)
+
+    no_annotator = await gateway_factory(_moa_gateway_config(judges, moa.url, None))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await no_annotator.stub.Generate(ask, timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "annotator_address" in err.value.details()
+
+    gw = await gateway_factory(_moa_gateway_config(judges, moa.url, f"127.0.0.1:{unused_tcp_port}"))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Generate(gateway_pb2.GenerateRequest(messages=user("x"), annotate=True, ensemble="nope"),
+                               timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope" in err.value.details()
+
+    # an annotator that is down loses nothing: the answer comes back, the failure is listed
+    resp = await gw.stub.Generate(ask, timeout=10)
+    assert resp.text and not resp.HasField("annotation")
+    (failure,) = resp.failures
+    assert failure.model == "annotator" and failure.cause == "unavailable" and "annotator at" in failure.message

@@ -26,7 +26,7 @@ from moaa.v1 import common_pb2 as moaa_dot_v1_dot_common__pb2
 from moaa.v1 import annotator_pb2 as moaa_dot_v1_dot_annotator__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15moaa/v1/gateway.proto\x12\x07moaa.v1\x1a\x14moaa/v1/common.proto\x1a\x17moaa/v1/annotator.proto\"\xb2\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06recipe\x18\x02 \x01(\t\x12\"\n\x08messages\x18\x03 \x03(\x0b\x32\x10.moaa.v1.Message\x12\x34\n\x13\x61ggregator_sampling\x18\x04 \x01(\x0b\x32\x17.moaa.v1.SamplingParams\x12\x32\n\x11proposer_sampling\x18\x05 \x01(\x0b\x32\x17.moaa.v1.SamplingParams\x12\x1a\n\rmin_proposers\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x07\x66irst_k\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x1d\n\x10layer_deadline_s\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x38\n\x08metadata\x18\t \x03(\x0b\x32&.moaa.v1.GenerateRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_min_proposersB\n\n\x08_first_kB\x13\n\x11_layer_deadline_s\"\xc5\x01\n\x08Proposal\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.moaa.v1.Usage\x12\x11\n\tlatency_s\x18\x06 \x01(\x01\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x0c\n\x04used\x18\x08 \x01(\x08\x12\x0f\n\x07trimmed\x18\t \x01(\x08\x12\x16\n\x0etrimmed_tokens\x18\n \x01(\r\"\xdc\x01\n\x0bLayerReport\x12\r\n\x05layer\x18\x01 \x01(\r\x12$\n\tproposals\x18\x02 \x03(\x0b\x32\x11.moaa.v1.Proposal\x12\'\n\x08\x66\x61ilures\x18\x03 \x03(\x0b\x32\x15.moaa.v1.BackendError\x12\x11\n\tcancelled\x18\x04 \x01(\r\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x11\n\tlatency_s\x18\x06 \x01(\x01\x12\x18\n\x10reference_tokens\x18\x07 \x01(\r\x12\x1a\n\x12references_trimmed\x18\x08 \x01(\x08\"v\n\x10LatencyBreakdown\x12\x0f\n\x07total_s\x18\x01 \x01(\x01\x12\x0f\n\x07layer_s\x18\x02 \x03(\x01\x12\x19\n\x11\x61ggregator_ttft_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x61ggregator_s\x18\x04 \x01(\x01\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\"\x80\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\x10\x61ggregator_model\x18\x03 \x01(\t\x12$\n\x06layers\x18\x04 \x03(\x0b\x32\x14.moaa.v1.LayerReport\x12\"\n\x05usage\x18\x05 \x03(\x0b\x32\x13.moaa.v1.ModelUsage\x12*\n\x07latency\x18\x06 \x01(\x0b\x32\x19.moaa.v1.LatencyBreakdown\x12\'\n\x08\x66\x61ilures\x18\x07 \x03(\x0b\x32\x15.moaa.v1.BackendError\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x0e\n\x06recipe\x18\t \x01(\t\x12\x39\n\x08metadata\x18\n \x03(\x0b\x32\'.moaa.v1.GenerateResponse.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0f\x41ggregatorDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xd4\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08proposal\x18\x02 \x01(\x0b\x32\x11.moaa.v1.ProposalH\x00\x12(\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x15.moaa.v1.BackendErrorH\x00\x12)\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x18.moaa.v1.AggregatorDeltaH\x00\x12*\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x19.moaa.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"B\n\tBatchItem\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.moaa.v1.GenerateRequest\"y\n\x0b\x42\x61tchResult\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.moaa.v1.GenerateResponseH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.moaa.v1.ErrorDetailH\x00\x42\x08\n\x06result\"\xbc\x01\n\rSampleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x08messages\x18\x03 \x03(\x0b\x32\x10.moaa.v1.Message\x12\t\n\x01n\x18\x04 \x01(\r\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.moaa.v1.SamplingParams\x12\x10\n\x08\x61nnotate\x18\x06 \x01(\x08\x12\x10\n\x08\x65nsemble\x18\x07 \x01(\t\x12\n\n\x02id\x18\x08 \x01(\t\"[\n\x06Sample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.moaa.v1.Usage\"\xe6\x01\n\x0eSampleResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12 \n\x07samples\x18\x04 \x03(\x0b\x32\x0f.moaa.v1.Sample\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.moaa.v1.Usage\x12\x0c\n\x04note\x18\x06 \x01(\t\x12-\n\nannotation\x18\x07 \x01(\x0b\x32\x19.moaa.v1.AnnotateResponse\x12\'\n\x08\x66\x61ilures\x18\x08 \x03(\x0b\x32\x15.moaa.v1.BackendError\"\x13\n\x11ListModelsRequest\"}\n\x07Replica\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0f\n\x07\x63ircuit\x18\x03 \x01(\t\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x1c\n\x14last_probe_latency_s\x18\x06 \x01(\x01\"\x84\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cserved_model\x18\x02 \x01(\t\x12\"\n\x08replicas\x18\x03 \x03(\x0b\x32\x10.moaa.v1.Replica\x12\x16\n\x0e\x63ontext_window\x18\x04 \x01(\r\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\"Q\n\nRecipeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tproposers\x18\x02 \x03(\t\x12\x12\n\naggregator\x18\x03 \x01(\t\x12\x0e\n\x06layers\x18\x04 \x01(\r\"^\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.moaa.v1.ModelInfo\x12$\n\x07recipes\x18\x02 \x03(\x0b\x32\x13.moaa.v1.RecipeInfo2\xd4\x02\n\nMoAGateway\x12?\n\x08Generate\x12\x18.moaa.v1.GenerateRequest\x1a\x19.moaa.v1.GenerateResponse\x12\x44\n\x0eGenerateStream\x12\x18.moaa.v1.GenerateRequest\x1a\x16.moaa.v1.GenerateEvent0\x01\x12=\n\rGenerateBatch\x12\x12.moaa.v1.BatchItem\x1a\x14.moaa.v1.BatchResult(\x01\x30\x01\x12\x39\n\x06Sample\x12\x16.moaa.v1.SampleRequest\x1a\x17.moaa.v1.SampleResponse\x12\x45\n\nListModels\x12\x1a.moaa.v1.ListModelsRequest\x1a\x1b.moaa.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15moaa/v1/gateway.proto\x12\x07moaa.v1\x1a\x14moaa/v1/common.proto\x1a\x17moaa/v1/annotator.proto\"\xd6\x03\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06recipe\x18\x02 \x01(\t\x12\"\n\x08messages\x18\x03 \x03(\x0b\x32\x10.moaa.v1.Message\x12\x34\n\x13\x61ggregator_sampling\x18\x04 \x01(\x0b\x32\x17.moaa.v1.SamplingParams\x12\x32\n\x11proposer_sampling\x18\x05 \x01(\x0b\x32\x17.moaa.v1.SamplingParams\x12\x1a\n\rmin_proposers\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x07\x66irst_k\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x1d\n\x10layer_deadline_s\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x38\n\x08metadata\x18\t \x03(\x0b\x32&.moaa.v1.GenerateRequest.MetadataEntry\x12\x10\n\x08\x61nnotate\x18\n \x01(\x08\x12\x10\n\x08\x65nsemble\x18\x0b \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x10\n\x0e_min_proposersB\n\n\x08_first_kB\x13\n\x11_layer_deadline_s\"\xc5\x01\n\x08Proposal\x12\r\n\x05layer\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.moaa.v1.Usage\x12\x11\n\tlatency_s\x18\x06 \x01(\x01\x12\x15\n\rfinish_reason\x18\x07 \x01(\t\x12\x0c\n\x04used\x18\x08 \x01(\x08\x12\x0f\n\x07trimmed\x18\t \x01(\x08\x12\x16\n\x0etrimmed_tokens\x18\n \x01(\r\"\xdc\x01\n\x0bLayerReport\x12\r\n\x05layer\x18\x01 \x01(\r\x12$\n\tproposals\x18\x02 \x03(\x0b\x32\x11.moaa.v1.Proposal\x12\'\n\x08\x66\x61ilures\x18\x03 \x03(\x0b\x32\x15.moaa.v1.BackendError\x12\x11\n\tcancelled\x18\x04 \x01(\r\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x11\n\tlatency_s\x18\x06 \x01(\x01\x12\x18\n\x10reference_tokens\x18\x07 \x01(\r\x12\x1a\n\x12references_trimmed\x18\x08 \x01(\x08\"v\n\x10LatencyBreakdown\x12\x0f\n\x07total_s\x18\x01 \x01(\x01\x12\x0f\n\x07layer_s\x18\x02 \x03(\x01\x12\x19\n\x11\x61ggregator_ttft_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x61ggregator_s\x18\x04 \x01(\x01\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\"\xaf\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x18\n\x10\x61ggregator_model\x18\x03 \x01(\t\x12$\n\x06layers\x18\x04 \x03(\x0b\x32\x14.moaa.v1.LayerReport\x12\"\n\x05usage\x18\x05 \x03(\x0b\x32\x13.moaa.v1.ModelUsage\x12*\n\x07latency\x18\x06 \x01(\x0b\x32\x19.moaa.v1.LatencyBreakdown\x12\'\n\x08\x66\x61ilures\x18\x07 \x03(\x0b\x32\x15.moaa.v1.BackendError\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x0e\n\x06recipe\x18\t \x01(\t\x12\x39\n\x08metadata\x18\n \x03(\x0b\x32\'.moaa.v1.GenerateResponse.MetadataEntry\x12-\n\nannotation\x18\x0b \x01(\x0b\x32\x19.moaa.v1.AnnotateResponse\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x1f\n\x0f\x41ggregatorDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xd4\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12%\n\x08proposal\x18\x02 \x01(\x0b\x32\x11.moaa.v1.ProposalH\x00\x12(\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x15.moaa.v1.BackendErrorH\x00\x12)\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x18.moaa.v1.AggregatorDeltaH\x00\x12*\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x19.moaa.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"B\n\tBatchItem\x12\n\n\x02id\x18\x01 \x01(\t\x12)\n\x07request\x18\x02 \x01(\x0b\x32\x18.moaa.v1.GenerateRequest\"y\n\x0b\x42\x61tchResult\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.moaa.v1.GenerateResponseH\x00\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.moaa.v1.ErrorDetailH\x00\x42\x08\n\x06result\"\xbc\x01\n\rSampleRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x08messages\x18\x03 \x03(\x0b\x32\x10.moaa.v1.Message\x12\t\n\x01n\x18\x04 \x01(\r\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.moaa.v1.SamplingParams\x12\x10\n\x08\x61nnotate\x18\x06 \x01(\x08\x12\x10\n\x08\x65nsemble\x18\x07 \x01(\t\x12\n\n\x02id\x18\x08 \x01(\t\"[\n\x06Sample\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1d\n\x05usage\x18\x04 \x01(\x0b\x32\x0e.moaa.v1.Usage\"\xe6\x01\n\x0eSampleResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12 \n\x07samples\x18\x04 \x03(\x0b\x32\x0f.moaa.v1.Sample\x12\x1d\n\x05usage\x18\x05 \x01(\x0b\x32\x0e.moaa.v1.Usage\x12\x0c\n\x04note\x18\x06 \x01(\t\x12-\n\nannotation\x18\x07 \x01(\x0b\x32\x19.moaa.v1.AnnotateResponse\x12\'\n\x08\x66\x61ilures\x18\x08 \x03(\x0b\x32\x15.moaa.v1.BackendError\"\x13\n\x11ListModelsRequest\"}\n\x07Replica\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0f\n\x07\x63ircuit\x18\x03 \x01(\t\x12\x11\n\tin_flight\x18\x04 \x01(\r\x12\x12\n\nlast_error\x18\x05 \x01(\t\x12\x1c\n\x14last_probe_latency_s\x18\x06 \x01(\x01\"\x84\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cserved_model\x18\x02 \x01(\t\x12\"\n\x08replicas\x18\x03 \x03(\x0b\x32\x10.moaa.v1.Replica\x12\x16\n\x0e\x63ontext_window\x18\x04 \x01(\r\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\r\"Q\n\nRecipeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tproposers\x18\x02 \x03(\t\x12\x12\n\naggregator\x18\x03 \x01(\t\x12\x0e\n\x06layers\x18\x04 \x01(\r\"^\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.moaa.v1.ModelInfo\x12$\n\x07recipes\x18\x02 \x03(\x0b\x32\x13.moaa.v1.RecipeInfo2\xd4\x02\n\nMoAGateway\x12?\n\x08Generate\x12\x18.moaa.v1.GenerateRequest\x1a\x19.moaa.v1.GenerateResponse\x12\x44\n\x0eGenerateStream\x12\x18.moaa.v1.GenerateRequest\x1a\x16.moaa.v1.GenerateEvent0\x01\x12=\n\rGenerateBatch\x12\x12.moaa.v1.BatchItem\x1a\x14.moaa.v1.BatchResult(\x01\x30\x01\x12\x39\n\x06Sample\x12\x16.moaa.v1.SampleRequest\x1a\x17.moaa.v1.SampleResponse\x12\x45\n\nListModels\x12\x1a.moaa.v1.ListModelsRequest\x1a\x1b.moaa.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,43 +38,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE_METADATAENTRY']._loaded_options = None
   _globals['_GENERATERESPONSE_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=82
-  _globals['_GENERATEREQUEST']._serialized_end=516
-  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_start=418
-  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_end=465
-  _globals['_PROPOSAL']._serialized_start=519
-  _globals['_PROPOSAL']._serialized_end=716
-  _globals['_LAYERREPORT']._serialized_start=719
-  _globals['_LAYERREPORT']._serialized_end=939
-  _globals['_LATENCYBREAKDOWN']._serialized_start=941
-  _globals['_LATENCYBREAKDOWN']._serialized_end=1059
-  _globals['_GENERATERESPONSE']._serialized_start=1062
-  _globals['_GENERATERESPONSE']._serialized_end=1446
-  _globals['_GENERATERESPONSE_METADATAENTRY']._serialized_start=418
-  _globals['_GENERATERESPONSE_METADATAENTRY']._serialized_end=465
-  _globals['_AGGREGATORDELTA']._serialized_start=1448
-  _globals['_AGGREGATORDELTA']._serialized_end=1479
-  _globals['_GENERATEEVENT']._serialized_start=1482
-  _globals['_GENERATEEVENT']._serialized_end=1694
-  _globals['_BATCHITEM']._serialized_start=1696
-  _globals['_BATCHITEM']._serialized_end=1762
-  _globals['_BATCHRESULT']._serialized_start=1764
-  _globals['_BATCHRESULT']._serialized_end=1885
-  _globals['_SAMPLEREQUEST']._serialized_start=1888
-  _globals['_SAMPLEREQUEST']._serialized_end=2076
-  _globals['_SAMPLE']._serialized_start=2078
-  _globals['_SAMPLE']._serialized_end=2169
-  _globals['_SAMPLERESPONSE']._serialized_start=2172
-  _globals['_SAMPLERESPONSE']._serialized_end=2402
-  _globals['_LISTMODELSREQUEST']._serialized_start=2404
-  _globals['_LISTMODELSREQUEST']._serialized_end=2423
-  _globals['_REPLICA']._serialized_start=2425
-  _globals['_REPLICA']._serialized_end=2550
-  _globals['_MODELINFO']._serialized_start=2553
-  _globals['_MODELINFO']._serialized_end=2685
-  _globals['_RECIPEINFO']._serialized_start=2687
-  _globals['_RECIPEINFO']._serialized_end=2768
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2770
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2864
-  _globals['_MOAGATEWAY']._serialized_start=2867
-  _globals['_MOAGATEWAY']._serialized_end=3207
+  _globals['_GENERATEREQUEST']._serialized_end=552
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_start=454
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_end=501
+  _globals['_PROPOSAL']._serialized_start=555
+  _globals['_PROPOSAL']._serialized_end=752
+  _globals['_LAYERREPORT']._serialized_start=755
+  _globals['_LAYERREPORT']._serialized_end=975
+  _globals['_LATENCYBREAKDOWN']._serialized_start=977
+  _globals['_LATENCYBREAKDOWN']._serialized_end=1095
+  _globals['_GENERATERESPONSE']._serialized_start=1098
+  _globals['_GENERATERESPONSE']._serialized_end=1529
+  _globals['_GENERATERESPONSE_METADATAENTRY']._serialized_start=454
+  _globals['_GENERATERESPONSE_METADATAENTRY']._serialized_end=501
+  _globals['_AGGREGATORDELTA']._serialized_start=1531
+  _globals['_AGGREGATORDELTA']._serialized_end=1562
+  _globals['_GENERATEEVENT']._serialized_start=1565
+  _globals['_GENERATEEVENT']._serialized_end=1777
+  _globals['_BATCHITEM']._serialized_start=1779
+  _globals['_BATCHITEM']._serialized_end=1845
+  _globals['_BATCHRESULT']._serialized_start=1847
+  _globals['_BATCHRESULT']._serialized_end=1968
+  _globals['_SAMPLEREQUEST']._serialized_start=1971
+  _globals['_SAMPLEREQUEST']._serialized_end=2159
+  _globals['_SAMPLE']._serialized_start=2161
+  _globals['_SAMPLE']._serialized_end=2252
+  _globals['_SAMPLERESPONSE']._serialized_start=2255
+  _globals['_SAMPLERESPONSE']._serialized_end=2485
+  _globals['_LISTMODELSREQUEST']._serialized_start=2487
+  _globals['_LISTMODELSREQUEST']._serialized_end=2506
+  _globals['_REPLICA']._serialized_start=2508
+  _globals['_REPLICA']._serialized_end=2633
+  _globals['_MODELINFO']._serialized_start=2636
+  _globals['_MODELINFO']._serialized_end=2768
+  _globals['_RECIPEINFO']._serialized_start=2770
+  _globals['_RECIPEINFO']._serialized_end=2851
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2853
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2947
+  _globals['_MOAGATEWAY']._serialized_start=2950
+  _globals['_MOAGATEWAY']._serialized_end=3290
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "recipe", "messages", "aggregator_sampling", "proposer_sampling", "min_proposers", "first_k", "layer_deadline_s", "metadata")
+    __slots__ = ("request_id", "recipe", "messages", "aggregator_sampling", "proposer_sampling", "min_proposers", "first_k", "layer_deadline_s", "metadata", "annotate", "ensemble")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,8 @@ class GenerateRequest(_message.Message):
     FIRST_K_FIELD_NUMBER: _ClassVar[int]
     LAYER_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATE_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     recipe: str
     messages: _containers.RepeatedCompositeFieldContainer[_common_pb2.Message]
@@ -35,7 +37,9 @@ class GenerateRequest(_message.Message):
     first_k: int
     layer_deadline_s: float
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., recipe: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., aggregator_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., proposer_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., min_proposers: _Optional[int] = ..., first_k: _Optional[int] = ..., layer_deadline_s: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    annotate: bool
+    ensemble: str
+    def __init__(self, request_id: _Optional[str] = ..., recipe: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., aggregator_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., proposer_sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., min_proposers: _Optional[int] = ..., first_k: _Optional[int] = ..., layer_deadline_s: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., annotate: _Optional[bool] = ..., ensemble: _Optional[str] = ...) -> None: ...
 
 class Proposal(_message.Message):
     __slots__ = ("layer", "index", "model", "text", "usage", "latency_s", "finish_reason", "used", "trimmed", "trimmed_tokens")
@@ -96,7 +100,7 @@ class LatencyBreakdown(_message.Message):
     def __init__(self, total_s: _Optional[float] = ..., layer_s: _Optional[_Iterable[float]] = ..., aggregator_ttft_s: _Optional[float] = ..., aggregator_s: _Optional[float] = ..., queue_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "aggregator_model", "layers", "usage", "latency", "failures", "finish_reason", "recipe", "metadata")
+    __slots__ = ("request_id", "text", "aggregator_model", "layers", "usage", "latency", "failures", "finish_reason", "recipe", "metadata", "annotation")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +118,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     aggregator_model: str
@@ -124,7 +129,8 @@ class GenerateResponse(_message.Message):
     finish_reason: str
     recipe: str
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., aggregator_model: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerReport, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_common_pb2.ModelUsage, _Mapping]]] = ..., latency: _Optional[_Union[LatencyBreakdown, _Mapping]] = ..., failures: _Optional[_Iterable[_Union[_common_pb2.BackendError, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., recipe: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    annotation: _annotator_pb2.AnnotateResponse
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., aggregator_model: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerReport, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[_common_pb2.ModelUsage, _Mapping]]] = ..., latency: _Optional[_Union[LatencyBreakdown, _Mapping]] = ..., failures: _Optional[_Iterable[_Union[_common_pb2.BackendError, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., recipe: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., annotation: _Optional[_Union[_annotator_pb2.AnnotateResponse, _Mapping]] = ...) -> None: ...
 
 class AggregatorDelta(_message.Message):
     __slots__ = ("text",)

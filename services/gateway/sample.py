@@ -1,13 +1,12 @@
 """Sample: n answers from one model, optionally scored by the annotator service."""
 from __future__ import annotations
 
-import grpc
-
 from moaa.services.backend import BackendError
-from moaa.services.common.errors import FailedPrecondition, InvalidArgument, RpcError, Unavailable
+from moaa.services.common.errors import InvalidArgument, Unavailable
 from moaa.services.common.validation import merge_sampling, messages_to_dicts, sampling_overrides
 from moaa.services.config import MoaaConfig, SamplingConfig
-from moaa.v1 import annotator_pb2, annotator_pb2_grpc, gateway_pb2
+from moaa.services.gateway.annotation import AnnotatorClient, annotate, check_annotate
+from moaa.v1 import annotator_pb2, gateway_pb2
 
 MAX_N = 64
 
@@ -24,31 +23,8 @@ def check_sample_request(cfg: MoaaConfig, req, max_prompt_chars: int) -> tuple[l
     if req.annotate:
         if req.n < 2:
             raise InvalidArgument("annotate needs at least 2 samples to compare: set n >= 2")
-        if not cfg.annotator_address:
-            raise FailedPrecondition("annotate=true needs annotator_address in the gateway's config")
-        if req.ensemble and req.ensemble not in cfg.ensembles:
-            raise InvalidArgument(f"unknown ensemble {req.ensemble!r}: use one of "
-                                  f"{', '.join(sorted(cfg.ensembles)) or 'none (configure ensembles)'}")
+        check_annotate(cfg, req.ensemble)
     return messages, merge_sampling(SamplingConfig(), over)
-
-
-class AnnotatorClient:
-    """A lazily opened channel to the annotator; the caller's bearer token is passed on."""
-
-    def __init__(self, address: str, channel_factory=None):
-        self.address = address
-        self._factory = channel_factory or (lambda addr: grpc.aio.insecure_channel(addr))
-        self._channel = None
-
-    def stub(self) -> annotator_pb2_grpc.AnnotatorStub:
-        if self._channel is None:
-            self._channel = self._factory(self.address)
-        return annotator_pb2_grpc.AnnotatorStub(self._channel)
-
-    async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
 
 
 async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: float | None,
@@ -73,10 +49,5 @@ async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: fl
         areq = annotator_pb2.AnnotateRequest(
             request_id=request_id, id=req.id, prompt=req.messages, ensemble=req.ensemble,
             candidates=[annotator_pb2.Candidate(id=str(c.index), text=c.text, model=req.model) for c in res.choices])
-        fwd = [(k, v) for k, v in metadata if k == "authorization"]
-        try:
-            ann = await annotator.stub().Annotate(areq, timeout=timeout, metadata=fwd or None)
-        except grpc.aio.AioRpcError as err:
-            raise RpcError(f"annotator at {annotator.address}: {err.details()}", err.code()) from None
-        resp.annotation.CopyFrom(ann)
+        resp.annotation.CopyFrom(await annotate(annotator, areq, timeout=timeout, metadata=metadata))
     return resp

@@ -10,7 +10,7 @@ from moaa.services.backend import BackendPool
 from moaa.services.common.server import RunningServer, start_server
 from moaa.services.common.tls import channel_credentials
 from moaa.services.config import MoaaConfig
-from moaa.services.gateway.sample import AnnotatorClient
+from moaa.services.gateway.annotation import AnnotatorClient
 from moaa.services.gateway.servicer import GatewayServicer
 from moaa.v1 import gateway_pb2, gateway_pb2_grpc
 

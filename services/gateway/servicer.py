@@ -10,7 +10,8 @@ from moaa.services.common.rpc import CallGuard, status_of, guarded, time_remaini
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.engine import MoAEngine
 from moaa.services.gateway.plan import make_plan
-from moaa.services.gateway.sample import AnnotatorClient, run_sample
+from moaa.services.gateway.annotation import AnnotatorClient, annotate_moa, check_annotate
+from moaa.services.gateway.sample import run_sample
 from moaa.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 _DONE = object()
@@ -31,22 +32,28 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         self.max_prompt_chars = cfg.gateway.max_prompt_chars
         self.batch_window = cfg.gateway.batch_window
 
-    async def _generate(self, request, rid: str, deadline: float | None, deltas: bool = True):
+    async def _generate(self, request, rid: str, deadline: float | None, deltas: bool = True, metadata=()):
         started = time.monotonic()
         plan = make_plan(self.cfg, request, rid, self.max_prompt_chars)
+        if request.annotate:
+            check_annotate(self.cfg, request.ensemble)
         async for ev in self.engine.run(plan, deadline, started, deltas=deltas):
+            if request.annotate and ev.HasField("final"):
+                timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+                await annotate_moa(self.annotator, request, ev.final, timeout=timeout, metadata=metadata)
             yield ev
 
     @guarded
     async def Generate(self, request, context, rid):
-        async for ev in self._generate(request, rid, _deadline(context), deltas=False):
+        async for ev in self._generate(request, rid, _deadline(context), deltas=False,
+                                       metadata=context.invocation_metadata() or ()):
             if ev.HasField("final"):
                 return ev.final
         raise RpcError("the engine ended without a result")
 
     @guarded
     async def GenerateStream(self, request, context, rid):
-        async for ev in self._generate(request, rid, _deadline(context)):
+        async for ev in self._generate(request, rid, _deadline(context), metadata=context.invocation_metadata() or ()):
             yield ev
 
     @guarded
@@ -56,6 +63,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         window = asyncio.Semaphore(self.batch_window)
         results: asyncio.Queue = asyncio.Queue()
         deadline = _deadline(context)
+        metadata = context.invocation_metadata() or ()
         tasks: set[asyncio.Task] = set()
 
         async def one(item):
@@ -63,7 +71,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
             token = request_id_var.set(item_rid)
             try:
                 resp = None
-                async for ev in self._generate(item.request, item_rid, deadline, deltas=False):
+                async for ev in self._generate(item.request, item_rid, deadline, deltas=False, metadata=metadata):
                     if ev.HasField("final"):
                         resp = ev.final
                 results.put_nowait(gateway_pb2.BatchResult(id=item.id, response=resp))

@@ -1,0 +1,67 @@
+"""The gateway's side of annotation: the channel to the annotator service and the one call that scores
+candidates with the judge ensemble, used by Sample(annotate) and Generate(annotate)."""
+from __future__ import annotations
+
+import grpc
+
+from moaa.services.common.errors import FailedPrecondition, InvalidArgument, RpcError
+from moaa.services.config import MoaaConfig
+from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2, gateway_pb2
+
+
+class AnnotatorClient:
+    """A lazily opened channel to the annotator; the caller's bearer token is passed on."""
+
+    def __init__(self, address: str, channel_factory=None):
+        self.address = address
+        self._factory = channel_factory or (lambda addr: grpc.aio.insecure_channel(addr))
+        self._channel = None
+
+    def stub(self) -> annotator_pb2_grpc.AnnotatorStub:
+        if self._channel is None:
+            self._channel = self._factory(self.address)
+        return annotator_pb2_grpc.AnnotatorStub(self._channel)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+def check_annotate(cfg: MoaaConfig, ensemble: str) -> None:
+    """What annotate=true needs from the gateway's config and the request."""
+    if not cfg.annotator_address:
+        raise FailedPrecondition("annotate=true needs annotator_address in the gateway's config")
+    if ensemble and ensemble not in cfg.ensembles:
+        raise InvalidArgument(f"unknown ensemble {ensemble!r}: use one of "
+                              f"{', '.join(sorted(cfg.ensembles)) or 'none (configure ensembles)'}")
+
+
+async def annotate(annotator: AnnotatorClient, request: annotator_pb2.AnnotateRequest, *, timeout: float | None,
+                   metadata=()) -> annotator_pb2.AnnotateResponse:
+    """One Annotate call; the caller's bearer token goes with it. Raises RpcError with the annotator's status."""
+    fwd = [(k, v) for k, v in metadata if k == "authorization"]
+    try:
+        return await annotator.stub().Annotate(request, timeout=timeout, metadata=fwd or None)
+    except grpc.aio.AioRpcError as err:
+        raise RpcError(f"annotator at {annotator.address}: {err.details()}", err.code()) from None
+
+
+def moa_candidates(resp: gateway_pb2.GenerateResponse) -> list[annotator_pb2.Candidate]:
+    """The last layer's proposals and the aggregated answer, as candidates to judge against each other."""
+    last = resp.layers[-1].proposals if resp.layers else []
+    cands = [annotator_pb2.Candidate(id=f"L{p.layer}-P{p.index}", text=p.text, model=p.model) for p in last]
+    cands.append(annotator_pb2.Candidate(id="aggregate", text=resp.text, model=resp.aggregator_model))
+    return cands
+
+
+async def annotate_moa(annotator: AnnotatorClient, request: gateway_pb2.GenerateRequest,
+                       resp: gateway_pb2.GenerateResponse, *, timeout: float | None, metadata=()) -> None:
+    """Fill resp.annotation; an annotator that fails is recorded in resp.failures and the answer is kept."""
+    areq = annotator_pb2.AnnotateRequest(request_id=resp.request_id, prompt=request.messages,
+                                         ensemble=request.ensemble, candidates=moa_candidates(resp))
+    try:
+        resp.annotation.CopyFrom(await annotate(annotator, areq, timeout=timeout, metadata=metadata))
+    except RpcError as err:
+        resp.failures.append(common_pb2.BackendError(model="annotator", cause=err.code.name.lower(),
+                                                     message=str(err)))
