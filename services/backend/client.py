@@ -177,9 +177,11 @@ class BackendClient:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.ALL_COMPLETED if partial_ok
                                          else asyncio.FIRST_EXCEPTION)
             errors = [t.exception() for t in tasks if t.done() and t.exception() is not None]
-            for err in errors:
-                if not (partial_ok and isinstance(err, BackendError)) or len(errors) == n:
-                    raise err
+            if errors and len(errors) == n:
+                raise errors[0]
+            fatal = [e for e in errors if not (partial_ok and isinstance(e, BackendError))]
+            if fatal:
+                raise fatal[0]
         finally:  # stop whatever still runs (a failure, or the caller went away)
             for task in tasks:
                 task.cancel()

@@ -33,9 +33,6 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
 
 
-_status_of = status_of  # older name
-
-
 async def _abort(context, code: grpc.StatusCode, msg: str) -> None:
     """Abort with a status, unless the call already ended (deadline passed, client gone): then there is
     nobody to tell, and grpc would raise ExecuteBatchError instead."""

@@ -110,15 +110,14 @@ def content_chunk(heads: list[bytes], tokens: list[list[str]], step: int):
 class ChatServing:
     def __init__(self, settings: EmulatorSettings):
         self.settings = settings
-        self.stats = EmulatorStats()
-        self._rng = random.Random(settings.seed)
-        self._jitter_rng = random.Random(settings.seed + 1)  # apart from the error draws: same faults either way
         self._capacity: dict[str, _Capacity] = {}
+        self.reset()
 
     def reset(self) -> None:
+        """Fresh counters and seeded draws, as at start."""
         self.stats = EmulatorStats()
         self._rng = random.Random(self.settings.seed)
-        self._jitter_rng = random.Random(self.settings.seed + 1)
+        self._jitter_rng = random.Random(self.settings.seed + 1)  # apart from the error draws: same faults either way
 
     def record(self, model: str, body: dict, probe: bool, s: EmulatorSettings) -> None:
         if probe:
