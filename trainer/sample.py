@@ -1,24 +1,21 @@
 """Stage 2 sampling: n answers per prompt from the SFT model, ready for the annotator.
 
 Output rows: {"id", "prompt": [messages], "candidates": [{"id", "text", "model"}], "sampling": {...}}.
-The output file is appended to row by row and resumed by id: a killed run started again with the same
-arguments skips the ids already written and finishes with every prompt exactly once. vLLM's offline
+Prompts are read by the pipeline's one loader (`moaa.pipeline.data`, keeping the rows' own ids) and the
+output goes through the one resumable writer (`moaa.jsonl`): appended row by row, fsynced, resumed by
+id; a killed run started again with the same arguments finishes with every prompt exactly once. vLLM's offline
 engine is used on a GPU node when it is installed; transformers' batched generate otherwise.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
 from moaa.errors import UserError
-from moaa.trainer.data import _check_conversation
-
-log = logging.getLogger(__name__)
+from moaa.jsonl import JsonlAppender
 
 
 @dataclass
@@ -38,62 +35,6 @@ class SampleSettings:
             raise UserError("n > 1 needs temperature > 0 (greedy decoding gives n equal answers)")
         if not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1]")
-
-
-def _prompt_of(row: dict) -> list[dict] | None:
-    if "prompt" in row:
-        p = row["prompt"]
-        return [{"role": "user", "content": p}] if isinstance(p, str) else p
-    msgs = row.get("messages")
-    if isinstance(msgs, list):  # an SFT row: the conversation up to its last user turn
-        last_user = max((i for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"), default=-1)
-        return msgs[:last_user + 1] if last_user >= 0 else msgs
-    return None
-
-
-def load_prompts(path: str | Path) -> list[dict]:
-    """Rows {id, prompt} (or SFT rows {id, messages}); bad rows stop the run naming them."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file {path} does not exist")
-    rows, problems, seen = [], [], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"line {lineno}: not JSON ({err.msg})")
-            continue
-        prompt = _prompt_of(row) if isinstance(row, dict) else None
-        problem = _check_conversation(prompt, "prompt", must_end="user") if prompt is not None else \
-            "needs 'prompt' (a list of messages) or 'messages'"
-        rid = str(row.get("id")) if isinstance(row, dict) and "id" in row else \
-            "p-" + hashlib.sha1(json.dumps(prompt, sort_keys=True).encode()).hexdigest()[:12]
-        if problem:
-            problems.append(f"line {lineno} (id {rid}): {problem}")
-        elif rid in seen:
-            problems.append(f"line {lineno} (id {rid}): duplicate id, first on line {seen[rid]}")
-        else:
-            seen[rid] = lineno
-            rows.append({"id": rid, "prompt": prompt})
-    if problems:
-        more = f"; and {len(problems) - 8} more" if len(problems) > 8 else ""
-        raise UserError(f"{path}: {len(problems)} bad row(s): " + "; ".join(problems[:8]) + more)
-    return rows
-
-
-def done_ids(out: Path) -> set[str]:
-    """Ids already written; a last line cut by a kill is removed so the file stays valid JSONL."""
-    if not out.is_file():
-        return set()
-    data = out.read_bytes()
-    good_end = data.rfind(b"\n") + 1
-    if good_end < len(data):
-        log.warning("dropping a partial last line of %s (the previous run was killed mid-write)", out)
-        with open(out, "r+b") as f:
-            f.truncate(good_end)
-    return {json.loads(line)["id"] for line in data[:good_end].decode().splitlines() if line.strip()}
 
 
 def pick_engine(requested: str) -> str:
@@ -160,10 +101,11 @@ def run_sample(model_dir: str, prompts: str, out: str, s: SampleSettings) -> dic
     s.check()
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"model folder {model_dir} holds no config.json")
-    rows = load_prompts(prompts)
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = done_ids(out_path)
+    from moaa.pipeline.data import load_prompts
+
+    rows = [{"id": r.id, "prompt": r.messages} for r in load_prompts(prompts, keep_ids=True).rows]
+    writer = JsonlAppender(out)
+    done = {r["id"] for r in writer.open()}
     todo = [r for r in rows if r["id"] not in done]
     engine = pick_engine(s.engine)
     summary = {"event": "sample", "prompts": len(rows), "already_done": len(rows) - len(todo), "engine": engine}
@@ -175,14 +117,11 @@ def run_sample(model_dir: str, prompts: str, out: str, s: SampleSettings) -> dic
     model_name = Path(model_dir).name
     # vLLM schedules its own batches: hand it larger chunks, written as each finishes
     chunk = s.batch_size if engine == "transformers" else max(s.batch_size, 256)
-    with open(out_path, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="prompt", desc="sampling") as bar:
+    with tqdm(total=len(todo), unit="prompt", desc="sampling") as bar:
         for batch in _batches(todo, chunk):
             for row, answers in zip(batch, generate(batch)):
                 cands = [{"id": f"c{i}", "text": t, "model": model_name} for i, t in enumerate(answers)]
-                f.write(json.dumps({"id": row["id"], "prompt": row["prompt"], "candidates": cands,
-                                    "sampling": sampling}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+                writer.append({"id": row["id"], "prompt": row["prompt"], "candidates": cands, "sampling": sampling})
             bar.update(len(batch))
     summary["written"] = len(todo)
     return summary

@@ -49,11 +49,17 @@ async def _serve(args) -> int:
     return 0
 
 
-async def _annotate(args) -> int:
-    from moaa.services.annotator.batch import annotate_file
+def _endpoint(args):
+    from moaa.client.endpoint import Endpoint
 
-    summary = await annotate_file(args.annotator, args.inp, args.out, ensemble=args.ensemble, mode=args.mode,
-                                  token=args.token, tls_ca=args.tls_ca, tls=args.tls, progress=not args.no_progress)
+    return Endpoint(args.annotator, token=args.token, tls_ca=args.tls_ca, tls=args.tls)
+
+
+async def _annotate(args) -> int:
+    from moaa.client.annotate import annotate_file
+
+    summary = await annotate_file(_endpoint(args), args.inp, args.out, ensemble=args.ensemble, mode=args.mode,
+                                  progress=not args.no_progress)
     c = summary
     sys.stderr.write(f"{c['pairs']} pairs written, {c['skipped']} skipped, {c['invalid']} invalid, "
                      f"{c['already_done']} already done; report: {args.out}.report.json\n")
@@ -61,10 +67,10 @@ async def _annotate(args) -> int:
 
 
 async def _judge_eval(args) -> int:
-    from moaa.services.annotator.judge_eval import format_table, judge_eval, write_json
+    from moaa.client.judge_eval import format_table, judge_eval, write_json
 
-    summary = await judge_eval(args.annotator, args.inp, ensemble=args.ensemble, mode=args.mode, token=args.token,
-                               tls_ca=args.tls_ca, tls=args.tls, progress=not args.no_progress)
+    summary = await judge_eval(_endpoint(args), args.inp, ensemble=args.ensemble, mode=args.mode,
+                               progress=not args.no_progress)
     print(format_table(summary))
     if args.out:
         write_json(summary, args.out)

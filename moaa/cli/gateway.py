@@ -36,8 +36,10 @@ async def _serve(args) -> int:
 
 
 async def _generate(args) -> int:
-    from moaa.services.gateway.client import generate
+    from moaa.client.endpoint import Endpoint
+    from moaa.client.generate import generate
 
-    await generate(args.gateway, args.prompt, recipe=args.recipe, system=args.system, token=args.token,
-                   tls_ca=args.tls_ca, tls=args.tls, timeout=args.timeout, max_tokens=args.max_tokens)
+    ep = Endpoint(args.gateway, token=args.token, tls_ca=args.tls_ca, tls=args.tls)
+    await generate(ep, args.prompt, recipe=args.recipe, system=args.system, timeout=args.timeout,
+                   max_tokens=args.max_tokens)
     return 0

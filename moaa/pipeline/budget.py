@@ -53,6 +53,14 @@ class TokenLedger:
             rec["completion_tokens"] += c
             rec["requests"] += requests
 
+    def restore_stage(self, stage: str, journaled: dict[str, dict[str, int]]) -> None:
+        """Replace a stage's counts by the tokens journaled with its rows. A run killed before it saved this
+        ledger forgets nothing that reached disk; only the rows that were in flight are not counted."""
+        if not journaled:
+            return  # a folder written before rows carried their usage: keep the saved counts
+        with self._lock:
+            self.stages[stage] = {m: dict(u) for m, u in journaled.items()}
+
     def add_model_usages(self, stage: str, usages: Iterable[Any]) -> None:
         """From repeated moaa.v1.ModelUsage (gateway and annotator responses)."""
         for mu in usages:

@@ -7,8 +7,9 @@ Recognised without mapping (the paper's sources and TRL's own formats):
 - `instruction` (UltraFeedback: its `completions` are ignored), `question`.
 A trailing assistant turn is dropped: the pipeline writes that turn. Earlier turns are kept.
 
-Each row's id is a hash of its conversation (stable across runs and machines), unless `--map id=FIELD`
-names a column that already holds ids. Broken lines, missing fields and duplicate ids are collected with
+The one row-id rule (`row_id`): a hash of the conversation (sha256[:16], stable across runs and
+machines), unless `--map id=FIELD` names a column that already holds ids, or the caller keeps the file's
+own ids (`keep_ids`: `moaa sample`, whose input rows already carry the pipeline's or the user's ids). Broken lines, missing fields and duplicate ids are collected with
 their line numbers: one readable error, or with `skip_invalid` a list of what was skipped.
 """
 from __future__ import annotations
@@ -61,6 +62,13 @@ def content_id(messages: list[dict[str, str]]) -> str:
     """Stable id of a conversation: sha256 of its canonical JSON (roles and contents only)."""
     canon = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
+
+
+def row_id(messages: list[dict[str, str]], source_id: str | None, mapping: dict[str, str], keep_ids: bool) -> str:
+    """The id a prompt row is keyed by everywhere downstream (samples, pairs, eval)."""
+    if mapping.get("id") or (keep_ids and source_id is not None):
+        return source_id
+    return content_id(messages)
 
 
 def parse_mapping(items: list[str] | None) -> dict[str, str]:
@@ -203,7 +211,8 @@ def default_prompts_path() -> Path:
 
 
 def load_prompts(path: str | Path | None = None, *, mapping: dict[str, str] | None = None,
-                 skip_invalid: bool = False, split: str | None = None, limit: int | None = None) -> PromptSet:
+                 skip_invalid: bool = False, split: str | None = None, limit: int | None = None,
+                 keep_ids: bool = False) -> PromptSet:
     """Read and validate a prompt set. Raises UserError naming the bad lines unless `skip_invalid`."""
     path = Path(path) if path else default_prompts_path()
     mapping = mapping or {}
@@ -216,7 +225,7 @@ def load_prompts(path: str | Path | None = None, *, mapping: dict[str, str] | No
                 if isinstance(rec, _RowError):
                     raise rec
                 msgs, source_id = row_to_prompt(rec, mapping)
-                rid = source_id if mapping.get("id") else content_id(msgs)
+                rid = row_id(msgs, source_id, mapping, keep_ids)
                 if rid in seen:
                     raise _RowError(f"duplicate id {rid} (same as line {seen[rid]})")
             except _RowError as err:

@@ -15,7 +15,10 @@ import numpy as np
 from scipy import stats
 
 from .layout import RunLayout
-from .store import iter_jsonl, read_manifest
+from moaa.client.pairs import judge_scores as row_judge_scores
+from moaa.jsonl import read_rows
+
+from .store import read_manifest
 
 
 def _plt():
@@ -34,7 +37,7 @@ def _read_json(path: Path) -> Any:
 def _metrics(model_dir: Path) -> list[dict]:
     path = model_dir / "metrics.jsonl"
     by_step: dict[int, dict] = {}  # a resumed run logs re-done steps again: keep the last
-    for rec in iter_jsonl(path) if path.exists() else []:
+    for rec in read_rows(path, key=None):
         if isinstance(rec.get("loss"), (int, float)) and "step" in rec:
             by_step[rec["step"]] = rec
     return [by_step[k] for k in sorted(by_step)]
@@ -64,8 +67,8 @@ def judge_scores(pairs_dir: Path) -> dict[str, list[list[float]]]:
     """judge -> per prompt, the scores it gave the candidates (in candidate order)."""
     per_judge: dict[str, list[list[float]]] = {}
     for shard in sorted(pairs_dir.glob("data-*.jsonl")):
-        for row in iter_jsonl(shard):
-            for judge, scores in (row.get("judge_scores") or {}).items():
+        for row in read_rows(shard):
+            for judge, scores in row_judge_scores(row).items():
                 per_judge.setdefault(judge, []).append([float("nan") if s is None else float(s) for s in scores])
     return per_judge
 

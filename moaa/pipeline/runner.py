@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moaa.client.endpoint import Endpoint
 from moaa.errors import UserError
 
 from .budget import TokenLedger
 from .data import PromptRow, load_prompts
 from .layout import RunLayout
-from .rpc import Endpoint
 from .stages import NEEDS_SERVICES, STAGES, StageContext
 from .store import atomic_write_json
 

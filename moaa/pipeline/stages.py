@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moaa.client.endpoint import Endpoint
 from moaa.errors import TransientError, UserError
 
 from .budget import TokenLedger
 from .data import PromptRow
 from .layout import RunLayout
 from .progress import StageProgress
-from .rpc import Endpoint, annotate_stream, generate_batch
+from .rpc import annotate_stream, generate_batch
 from .store import DatasetStore, atomic_write_text
 from . import training
 
@@ -65,6 +66,8 @@ async def _fill_dataset(ctx: StageContext, store: DatasetStore, rows: list, id_o
     """Send the rows not yet in the store through `call(pending, progress)`; a second pass retries this
     run's failures once; the token budget is checked around each pass. Returns the finished manifest."""
     total = len(rows)
+    ctx.ledger.restore_stage(store.stage, store.usage)
+    ctx.ledger.save()
     for _ in range(2):
         pending = [r for r in rows if not store.is_done(id_of(r))]
         if not pending:

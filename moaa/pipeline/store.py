@@ -6,9 +6,9 @@ Layout of one dataset folder:
     failures.jsonl         ids that failed; retried on the next run (not "done")
     manifest.json          counts, models, config hash, stage, timestamps, complete flag
 
-Exactly once: every line is written with one `write` to a file opened for append and flushed to disk
-before the id counts as done. A run killed mid-line leaves a torn last line, which `open` cuts off, so
-that row is simply done again. Ids already present in rows or skipped.jsonl are never written twice.
+Exactly once: every line goes through the one resumable writer (`moaa.jsonl`: one write per row, fsynced
+before the id counts as done; a torn last line of a killed run is cut by `open` and that row is done
+again). Ids already present in rows or skipped.jsonl are never written twice.
 The manifest is replaced atomically (write to a temporary file, fsync, rename).
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moaa.errors import UserError
+from moaa.jsonl import JsonlAppender, read_rows
 
 SHARD_ROWS = 1000
 FORMATS = ("sft", "preference", "samples", "generations")
@@ -39,36 +40,6 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
-def _repair_tail(path: Path) -> int:
-    """Cut a torn last line (no trailing newline, or not JSON) left by a killed writer. Returns bytes cut."""
-    size = path.stat().st_size
-    if size == 0:
-        return 0
-    with path.open("rb+") as fh:
-        data = fh.read()
-        keep = data.rfind(b"\n") + 1 if not data.endswith(b"\n") else size
-        # A complete-looking last line that is not JSON is torn too (killed between bytes of a multi-byte write).
-        last_start = data.rfind(b"\n", 0, keep - 1) + 1 if keep else 0
-        if keep and last_start < keep:
-            try:
-                json.loads(data[last_start:keep])
-            except ValueError:
-                keep = last_start
-        if keep < size:
-            fh.truncate(keep)
-            return size - keep
-    return 0
-
-
-def iter_jsonl(path: Path) -> Iterator[dict]:
-    if not path.exists():
-        return
-    with path.open("r", encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
-
-
 class DatasetStore:
     """Append-only, resumable writer and reader of one dataset folder."""
 
@@ -84,7 +55,8 @@ class DatasetStore:
         self.rows = 0
         self.models: set[str] = set()
         self.extra: dict[str, Any] = {}
-        self._fh = None
+        self.usage: dict[str, dict[str, int]] = {}   # model -> tokens journaled in this folder's records
+        self._writers: dict[Path, JsonlAppender] = {}
         self._shard_rows = 0
         self._shard_index = 0
         self.manifest: dict[str, Any] = {}
@@ -102,24 +74,25 @@ class DatasetStore:
             self.models = set(self.manifest.get("models", []))
             self.extra = dict(self.manifest.get("extra", {}))
         shards = self.shards()
+        last: list[dict] = []
         for shard in shards:
-            _repair_tail(shard)
-            for row in iter_jsonl(shard):
-                self.done.add(row["id"])
-                self.rows += 1
-        for name in ("skipped.jsonl", "failures.jsonl"):
-            if (self.folder / name).exists():
-                _repair_tail(self.folder / name)
-        for rec in iter_jsonl(self.folder / "skipped.jsonl"):
+            last = self._writer(shard).open()
+            self.done.update(row["id"] for row in last)
+            self.rows += len(last)
+            self._count(last)
+        skipped = self._writer(self.folder / "skipped.jsonl").open()
+        for rec in skipped:
             self.skipped[rec["id"]] = rec.get("reason", "")
-        for rec in iter_jsonl(self.folder / "failures.jsonl"):
+        failures = self._writer(self.folder / "failures.jsonl").open()
+        for rec in failures:
             self.failed[rec["id"]] = rec.get("error", "")
+        self._count(skipped + failures)
         for rid in list(self.failed):
             if rid in self.done or rid in self.skipped:
                 del self.failed[rid]
         if shards:
             self._shard_index = len(shards) - 1
-            self._shard_rows = sum(1 for _ in iter_jsonl(shards[-1]))
+            self._shard_rows = len(last)
         if not self.manifest:
             self.manifest = {"created_at": _now()}
         return self
@@ -136,14 +109,22 @@ class DatasetStore:
         return row_id in self.done or row_id in self.skipped
 
     # -- writing -------------------------------------------------------------------------------
+    def _writer(self, path: Path) -> JsonlAppender:
+        if path not in self._writers:
+            self._writers[path] = JsonlAppender(path)
+        return self._writers[path]
+
     def _append_line(self, path: Path, obj: dict) -> None:
-        line = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._writer(path).append(obj)
+        self._count([obj])
+
+    def _count(self, records: list[dict]) -> None:
+        """Sum the tokens journaled with records ("usage": {model: {...}}): the ledger's source of truth."""
+        for rec in records:
+            for model, u in (rec.get("usage") or {}).items():
+                acc = self.usage.setdefault(model, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
+                for k in acc:
+                    acc[k] += int(u.get(k, 0) or 0)
 
     def write(self, row: dict, *, models: list[str] | None = None) -> bool:
         """Append one row (must carry "id"). Returns False when that id is already done."""
@@ -169,9 +150,9 @@ class DatasetStore:
         self.failed.pop(row_id, None)
         return True
 
-    def fail(self, row_id: str, error: str) -> None:
+    def fail(self, row_id: str, error: str, **info: Any) -> None:
         """Record a failure; the id stays pending and is retried on the next run."""
-        self._append_line(self.folder / "failures.jsonl", {"id": row_id, "error": error, "at": _now()})
+        self._append_line(self.folder / "failures.jsonl", {"id": row_id, "error": error, "at": _now(), **info})
         self.failed[row_id] = error
 
     def write_manifest(self, *, complete: bool = False, **extra: Any) -> dict:
@@ -201,7 +182,7 @@ class DatasetStore:
     # -- reading -------------------------------------------------------------------------------
     def iter_rows(self) -> Iterator[dict]:
         for shard in self.shards():
-            yield from iter_jsonl(shard)
+            yield from read_rows(shard)
 
     def export_jsonl(self, path: Path) -> Path:
         """All rows in one file (what `moaa train` reads), written atomically."""

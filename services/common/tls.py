@@ -1,4 +1,4 @@
-"""TLS and mutual TLS credentials from config, for servers and for clients."""
+"""TLS and mutual TLS credentials from config, for servers and for clients (channels: moaa.client.endpoint)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,11 +37,3 @@ def channel_credentials(ca_file: str | None = None, cert_file: str | None = None
     cert = _read(cert_file, "client certificate") if cert_file else None
     key = _read(key_file, "client key") if key_file else None
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-
-
-def open_channel(address: str, *, ca_file: str | None = None, cert_file: str | None = None,
-                 key_file: str | None = None, tls: bool = False, options=None) -> grpc.aio.Channel:
-    """An aio channel: TLS when a CA or client certificate is given or tls=True, else plaintext."""
-    if tls or ca_file or cert_file:
-        return grpc.aio.secure_channel(address, channel_credentials(ca_file, cert_file, key_file), options=options)
-    return grpc.aio.insecure_channel(address, options=options)

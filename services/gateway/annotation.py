@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import grpc
 
+from moaa.client.endpoint import Endpoint, forwarded_auth
 from moaa.services.common.errors import FailedPrecondition, InvalidArgument, RpcError
 from moaa.services.config import MoaaConfig
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2, gateway_pb2
 
 
 class AnnotatorClient:
-    """A lazily opened channel to the annotator; the caller's bearer token is passed on."""
+    """A lazily opened channel to the annotator (an Endpoint of the one client package); the caller's
+    bearer token is passed on with each call."""
 
-    def __init__(self, address: str, channel_factory=None):
-        self.address = address
-        self._factory = channel_factory or (lambda addr: grpc.aio.insecure_channel(addr))
+    def __init__(self, endpoint: Endpoint):
+        self.endpoint = endpoint
+        self.address = endpoint.address
         self._channel = None
 
     def stub(self) -> annotator_pb2_grpc.AnnotatorStub:
         if self._channel is None:
-            self._channel = self._factory(self.address)
+            self._channel = self.endpoint.channel()
         return annotator_pb2_grpc.AnnotatorStub(self._channel)
 
     async def close(self) -> None:
@@ -39,10 +41,10 @@ def check_annotate(cfg: MoaaConfig, ensemble: str) -> None:
 
 async def annotate(annotator: AnnotatorClient, request: annotator_pb2.AnnotateRequest, *, timeout: float | None,
                    metadata=()) -> annotator_pb2.AnnotateResponse:
-    """One Annotate call; the caller's bearer token goes with it. Raises RpcError with the annotator's status."""
-    fwd = [(k, v) for k, v in metadata if k == "authorization"]
+    """One Annotate call; the caller's bearer token goes with it. Raises RpcError with the annotator's status
+    (the gateway answers its own callers with gRPC statuses, not the CLI's errors)."""
     try:
-        return await annotator.stub().Annotate(request, timeout=timeout, metadata=fwd or None)
+        return await annotator.stub().Annotate(request, timeout=timeout, metadata=forwarded_auth(metadata))
     except grpc.aio.AioRpcError as err:
         raise RpcError(f"annotator at {annotator.address}: {err.details()}", err.code()) from None
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
-
+from moaa.client.endpoint import Endpoint
 from moaa.services.backend import BackendPool
 from moaa.services.common.server import RunningServer, start_server
-from moaa.services.common.tls import channel_credentials
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.annotation import AnnotatorClient
 from moaa.services.gateway.servicer import GatewayServicer
@@ -49,10 +47,8 @@ def annotator_client(cfg: MoaaConfig) -> AnnotatorClient | None:
     if not cfg.annotator_address:
         return None
     tls = cfg.annotator_tls
-    if not tls.on:
-        return AnnotatorClient(cfg.annotator_address)
-    creds = channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)
-    return AnnotatorClient(cfg.annotator_address, lambda addr: grpc.aio.secure_channel(addr, creds))
+    return AnnotatorClient(Endpoint(cfg.annotator_address, tls=tls.on, tls_ca=tls.ca_file, cert_file=tls.cert_file,
+                                    key_file=tls.key_file))
 
 
 async def serve(cfg: MoaaConfig) -> None:

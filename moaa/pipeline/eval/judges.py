@@ -52,9 +52,9 @@ class AnnotatorPairJudge:
         self._stub = annotator_pb2_grpc.AnnotatorStub(self._channel)
 
     async def _one(self, prompt, cands) -> tuple[float | None, str]:
-        from ..rpc import annotate_one
+        from moaa.client.annotate import annotate_once
 
-        r = await annotate_one(self._stub, self.endpoint, prompt, cands, ensemble=self.ensemble, mode=self.mode, seed=0)
+        r = await annotate_once(self._stub, self.endpoint, prompt, cands, ensemble=self.ensemble, mode=self.mode, seed=0)
         if self.ledger is not None:
             self.ledger.add_model_usages(self.stage, r.usage)
         scores = {c.candidate_id: c.score for c in r.combined}

@@ -9,12 +9,13 @@ import asyncio
 import json
 from pathlib import Path
 
+from moaa.client.pairs import sample_prompt, sample_texts
 from moaa.errors import UserError
+from moaa.jsonl import read_rows
 
 from ..data import content_id
 from ..progress import StageProgress
-from ..rpc import sample_prompt, sample_texts
-from ..store import DatasetStore, atomic_write_json, iter_jsonl
+from ..store import DatasetStore, atomic_write_json
 from .grading import grading_summary
 from .winrate import summarize
 
@@ -162,7 +163,7 @@ def write_winrates(out_dir: Path, winrates: list[dict]) -> Path:
 def answers_from_samples(path: Path) -> dict[str, tuple[list[dict], str]]:
     """The first sample of each row of a `moaa sample` output file."""
     out = {}
-    for row in iter_jsonl(path):
+    for row in read_rows(path):
         texts = sample_texts(row)
         if texts:
             out[row["id"]] = (sample_prompt(row), texts[0])
@@ -171,7 +172,7 @@ def answers_from_samples(path: Path) -> dict[str, tuple[list[dict], str]]:
 
 async def evaluate(args) -> dict:
     """`moaa eval`: the model's answers against a baseline's (or references), judged in both orders."""
-    from ..rpc import Endpoint
+    from moaa.client.endpoint import Endpoint
     from .judges import AnnotatorPairJudge, ChatPairJudge
 
     out = Path(args.out)

@@ -1,26 +1,17 @@
-"""Client-side helpers for `moaa generate`: open a channel and render a GenerateStream to a terminal."""
+"""`moaa generate`: one GenerateStream rendered to a terminal (proposals, failures, the streamed answer)."""
 from __future__ import annotations
 
 import sys
 
 import grpc
 
-from moaa.errors import TransientError, UserError
-from moaa.services.common.tls import open_channel
 from moaa.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-_BAD_INPUT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-              grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND}
+from .endpoint import Endpoint
+from .errors import call_error
 
 
-def rpc_error(err: grpc.aio.AioRpcError, address: str) -> Exception:
-    """A CLI error (one line) for a failed call."""
-    msg = f"gateway {address}: {err.code().name}: {err.details()}"
-    return UserError(msg) if err.code() in _BAD_INPUT else TransientError(msg)
-
-
-async def generate(address: str, prompt: str, *, recipe: str = "", system: str | None = None,
-                   token: str | None = None, tls_ca: str | None = None, tls: bool = False,
+async def generate(ep: Endpoint, prompt: str, *, recipe: str = "", system: str | None = None,
                    timeout: float | None = None, max_tokens: int | None = None, out=None) -> gateway_pb2.GenerateResponse:
     """Stream one MoA call: proposals as they complete, then the aggregated answer as it streams."""
     out = out or sys.stdout
@@ -30,13 +21,12 @@ async def generate(address: str, prompt: str, *, recipe: str = "", system: str |
     if max_tokens:
         req.aggregator_sampling.max_tokens = max_tokens
         req.proposer_sampling.max_tokens = max_tokens
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
     final = None
     answering = False
-    async with open_channel(address, ca_file=tls_ca, tls=tls) as channel:
+    async with ep.channel() as channel:
         stub = gateway_pb2_grpc.MoAGatewayStub(channel)
         try:
-            async for ev in stub.GenerateStream(req, metadata=metadata, timeout=timeout):
+            async for ev in stub.GenerateStream(req, metadata=ep.metadata, timeout=timeout):
                 kind = ev.WhichOneof("event")
                 if kind == "proposal":
                     p = ev.proposal
@@ -56,7 +46,7 @@ async def generate(address: str, prompt: str, *, recipe: str = "", system: str |
         except grpc.aio.AioRpcError as err:
             if answering:
                 out.write("\n")
-            raise rpc_error(err, address) from None
+            raise call_error(err, f"gateway {ep.address}") from None
     if final is not None:
         total = sum(u.usage.total_tokens for u in final.usage)
         out.write(f"\n\n[{final.aggregator_model}, {final.latency.total_s:.2f} s, {total} tokens"

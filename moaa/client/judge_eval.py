@@ -11,14 +11,14 @@ import json
 import math
 from pathlib import Path
 
-import grpc
 from tqdm import tqdm
 
-from moaa.errors import TransientError, UserError
-from moaa.services.common.tls import open_channel
+from moaa.errors import UserError
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
 
-from .batch import read_jsonl
+from .annotate import read_input
+from .endpoint import Endpoint
+from .window import windowed
 
 ENSEMBLE = "(ensemble)"
 
@@ -41,7 +41,7 @@ def _prompt(value, where: str) -> list:
 
 def build_requests(path: Path, ensemble: str = "", mode: str = "") -> list[annotator_pb2.AnnotateRequest]:
     reqs = []
-    for n, row in read_jsonl(path, "labelled data"):
+    for n, row in read_input(path, "labelled data"):
         where = f"{path}:{n}"
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:
@@ -90,35 +90,27 @@ def summarise(results: dict[str, dict[str, str]]) -> dict:
     return {"rows": len(rows), "judges": out}
 
 
-async def judge_eval(address: str, in_path: str, *, ensemble: str = "", mode: str = "", token: str | None = None,
-                     tls_ca: str | None = None, tls: bool = False, progress: bool = True) -> dict:
+async def judge_eval(ep: Endpoint, in_path: str, *, ensemble: str = "", mode: str = "", progress: bool = True,
+                     window: int = 32) -> dict:
     reqs = build_requests(Path(in_path), ensemble, mode)
     if not reqs:
         raise UserError(f"{in_path} has no rows")
     results: dict[str, dict[str, str]] = {}
     errors: list[str] = []
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
-
-    async def gen():
-        for r in reqs:
-            yield r
 
     with tqdm(total=len(reqs), desc="judge-eval", unit="call", disable=not progress) as bar:
-        async with open_channel(address, ca_file=tls_ca, tls=tls) as channel:
+        async with ep.channel() as channel:
             stub = annotator_pb2_grpc.AnnotatorStub(channel)
-            try:
-                async for res in stub.AnnotateStream(gen(), metadata=metadata):
-                    bar.update(1)
-                    if res.WhichOneof("result") == "error":
-                        errors.append(f"{res.id.split(chr(9))[0]}: {res.error.code}: {res.error.message}")
-                        continue
-                    resp = res.response
-                    outcomes = {ENSEMBLE: _outcome({c.candidate_id: c.score for c in resp.combined})}
-                    for j in resp.judges:
-                        outcomes[j.judge] = _outcome({s.candidate_id: s.score for s in j.scores})
-                    results[res.id] = outcomes
-            except grpc.aio.AioRpcError as err:
-                raise TransientError(f"annotator {address}: {err.code().name}: {err.details()}") from None
+            async for res in windowed(stub.AnnotateStream, reqs, ep=ep, what="annotator", window=window):
+                bar.update(1)
+                if res.WhichOneof("result") == "error":
+                    errors.append(f"{res.id.split(chr(9))[0]}: {res.error.code}: {res.error.message}")
+                    continue
+                resp = res.response
+                outcomes = {ENSEMBLE: _outcome({c.candidate_id: c.score for c in resp.combined})}
+                for j in resp.judges:
+                    outcomes[j.judge] = _outcome({s.candidate_id: s.score for s in j.scores})
+                results[res.id] = outcomes
     if not results:
         raise UserError("no row could be judged: " + "; ".join(errors[:3]))
     summary = summarise(results)

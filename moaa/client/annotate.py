@@ -1,0 +1,155 @@
+"""`moaa annotate`: a samples file -> preference rows in the one schema (`pairs.py`), through a running
+annotator's AnnotateStream; and `annotate_once`, one Annotate call (`moaa eval`'s ensemble judge).
+
+Resumable by row id through the one resumable writer (`moaa.jsonl`). Pairs the judges could not separate,
+rows with fewer than two distinct answers and rows the annotator refused as invalid go to
+`<out>.skipped.jsonl` (done, not retried); transient failures go to `<out>.errors.jsonl` and are retried
+by the next run. `<out>.report.json` holds the per-judge position bias, agreement and length
+correlation over the run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import grpc
+from tqdm import tqdm
+
+from moaa.errors import TransientError, UserError
+from moaa.jsonl import JsonlAppender, scan
+from moaa.v1 import annotator_pb2, annotator_pb2_grpc
+
+from .endpoint import Endpoint
+from .errors import call_error, is_bad_input
+from .pairs import annotate_request, pair_row, skip_info
+from .window import windowed
+
+
+def read_input(path: Path, what: str) -> list[tuple[int, dict]]:
+    """An input file of rows (samples, labelled pairs): every line must be a JSON object."""
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object per line")
+        rows.append((n, row))
+    return rows
+
+
+class RunReport:
+    """Per-judge bias and agreement over a run (means over the prompts where each was defined)."""
+
+    def __init__(self):
+        self.judges: dict[str, dict[str, list[float]]] = {}
+        self.counts = {"pairs": 0, "skipped": 0, "invalid": 0, "errors": 0, "already_done": 0}
+        self.skip_reasons: dict[str, int] = {}
+
+    def skip(self, reason: str) -> None:
+        self.counts["skipped"] += 1
+        key = reason.split(":")[0]
+        self.skip_reasons[key] = self.skip_reasons.get(key, 0) + 1
+
+    def add(self, resp) -> None:
+        for j in resp.judges:
+            d = self.judges.setdefault(j.judge, {"position_bias": [], "length_correlation": [], "agreement": [],
+                                                  "abstentions": [], "order_flip_rate": []})
+            for key in ("position_bias", "length_correlation", "agreement", "order_flip_rate"):
+                v = getattr(j, key)
+                if not math.isnan(v):
+                    d[key].append(v)
+            d["abstentions"].append(j.abstentions)
+
+    def summary(self) -> dict:
+        judges = {}
+        for name, d in self.judges.items():
+            judges[name] = {k: (round(sum(v) / len(v), 4) if v else None) for k, v in d.items() if k != "abstentions"}
+            judges[name]["abstentions"] = sum(d["abstentions"])
+        return {**self.counts, "skip_reasons": self.skip_reasons, "judges": judges}
+
+
+async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: str = "", mode: str = "",
+                        progress: bool = True, window: int = 32) -> dict:
+    src, out = Path(in_path), Path(out_path)
+    writer = JsonlAppender(out)
+    skipper = JsonlAppender(out.with_name(out.name + ".skipped.jsonl"))
+    errors_path = out.with_name(out.name + ".errors.jsonl")
+    done = {r["id"] for r in writer.open()} | {r["id"] for r in skipper.open()}
+    scan(errors_path)  # refuse a foreign file before deleting it
+    errors_path.unlink(missing_ok=True)  # failures of the last run are retried now
+    failer = JsonlAppender(errors_path)
+    report = RunReport()
+    todo: dict[str, annotator_pb2.AnnotateRequest] = {}
+    for n, row in read_input(src, "samples"):
+        req, reason = annotate_request(row, ensemble=ensemble, mode=mode, where=f"{src}:{n}")
+        rid = str(row["id"])
+        if rid in done:
+            report.counts["already_done"] += 1
+            continue
+        if rid in todo:
+            raise UserError(f"{src}:{n}: row id {rid!r} appears twice")
+        if req is None:
+            skipper.append({"id": rid, "reason": reason})
+            report.skip(reason)
+            done.add(rid)
+            continue
+        todo[rid] = req
+    bar = tqdm(total=len(todo), desc="annotate", unit="row", disable=not progress)
+    try:
+        async with ep.channel() as channel:
+            stub = annotator_pb2_grpc.AnnotatorStub(channel)
+            async for res in windowed(stub.AnnotateStream, list(todo.values()), ep=ep, what="annotator",
+                                      window=window, hint=lambda: f"{len(todo)} rows left; rerun to resume"):
+                req = todo.pop(res.id, None)
+                if req is None:
+                    continue
+                if res.WhichOneof("result") == "error":
+                    why = f"{res.error.code}: {res.error.message}"
+                    if is_bad_input(res.error.code):
+                        report.counts["invalid"] += 1
+                        skipper.append({"id": res.id, "reason": why})
+                    else:
+                        report.counts["errors"] += 1
+                        failer.append({"id": res.id, "error": why})
+                elif res.response.skipped:
+                    report.skip(res.response.skip_reason)
+                    report.add(res.response)
+                    skipper.append({"id": res.id, "reason": res.response.skip_reason,
+                                    **skip_info(req, res.response)})
+                else:
+                    report.counts["pairs"] += 1
+                    report.add(res.response)
+                    writer.append(pair_row(req, res.response))
+                bar.update(1)
+    finally:
+        bar.close()
+        summary = report.summary()
+        out.with_name(out.name + ".report.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if report.counts["errors"]:
+        raise TransientError(f"{report.counts['errors']} rows failed (see {errors_path}); rerun to retry them")
+    return summary
+
+
+async def annotate_once(stub, ep: Endpoint, prompt: list[dict], cands: list[tuple[str, str]], *,
+                        ensemble: str = "", mode: str = "", seed: int | None = None) -> annotator_pb2.AnnotateResponse:
+    """One Annotate call: candidates (id, text) answering `prompt`."""
+    req = annotator_pb2.AnnotateRequest(prompt=[{"role": m["role"], "content": m["content"]} for m in prompt],
+                                        ensemble=ensemble, mode=mode,
+                                        candidates=[annotator_pb2.Candidate(id=cid, text=t) for cid, t in cands])
+    if seed is not None:
+        req.seed = seed
+    try:
+        return await stub.Annotate(req, metadata=ep.metadata)
+    except grpc.aio.AioRpcError as err:
+        raise call_error(err, f"annotator Annotate at {ep.address}") from None

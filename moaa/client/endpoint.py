@@ -1,0 +1,49 @@
+"""Where a service is and how to reach it: address, TLS (CA, client certificate) and bearer token."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+
+from moaa.services.common.tls import channel_credentials
+
+# Dataset rows (many proposals, long answers) can exceed gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def bearer(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata carrying a bearer token (None without one)."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def forwarded_auth(metadata) -> tuple[tuple[str, str], ...] | None:
+    """The caller's own authorization header, for a service that calls another on the caller's behalf."""
+    fwd = tuple((k, v) for k, v in (metadata or ()) if k == "authorization")
+    return fwd or None
+
+
+@dataclass
+class Endpoint:
+    address: str
+    token: str | None = None
+    tls_ca: str | None = None
+    tls: bool = False                  # TLS with the system's trusted CAs
+    cert_file: str | None = None       # client certificate, for servers that require mutual TLS
+    key_file: str | None = None
+    _creds: grpc.ChannelCredentials | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        # read certificates now: a bad path fails when the endpoint is made, not at the first call
+        if self.tls or self.tls_ca or self.cert_file:
+            self._creds = channel_credentials(self.tls_ca, self.cert_file, self.key_file)
+
+    @property
+    def metadata(self):
+        return bearer(self.token)
+
+    def channel(self) -> grpc.aio.Channel:
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if self._creds is not None:
+            return grpc.aio.secure_channel(self.address, self._creds, options=opts)
+        return grpc.aio.insecure_channel(self.address, options=opts)

@@ -1,0 +1,144 @@
+"""Samples -> annotation requests -> preference rows: the ONE preference row schema.
+
+Input, a samples row (what `moaa sample` writes; other samplers' names are accepted too):
+    {"id", "prompt": [messages] or str, "candidates": [{"id", "text", "model"} or str]}
+Empty and duplicate answers are not sent; fewer than two distinct answers is a skip (too_few_candidates).
+
+Output, TRL's conversational preference format plus one provenance block:
+    {"id", "prompt": [messages], "chosen": [assistant message], "rejected": [assistant message],
+     "annotation": {chosen_id, rejected_id, chosen_model, rejected_model, score_chosen, score_rejected,
+                    margin, agreement, candidates: [ids, in the order sent], combined: {id: score},
+                    judges: [{judge, model, scores: {id: score or null}, abstentions, position_bias,
+                              length_correlation, agreement, order_flip_rate, template, template_hash,
+                              permutation_seed}],
+                    ensemble, mode, combine, seed},
+     "usage": {model: {prompt_tokens, completion_tokens, requests}}}   (what judging this row cost)
+A pair the judges could not separate becomes a skip record {"id", "reason", "annotation", "usage"}.
+`moaa annotate` and the pipeline's pairs stage both write these; `annotation_of` reads them back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from moaa.errors import UserError
+from moaa.v1 import annotator_pb2, common_pb2
+
+SAMPLE_FIELDS = ("candidates", "samples", "completions", "answers")
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 4)
+
+
+def sample_prompt(row: dict, where: str = "") -> list[dict]:
+    """The prompt messages of a samples (or answers) row."""
+    prompt = row.get("prompt") or row.get("messages")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                               for m in prompt):
+        raise UserError(f"{where or 'row'}: row {row.get('id')!r} needs 'prompt' (a string or a list of "
+                        "{role, content} messages)")
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def sample_items(row: dict) -> list[dict]:
+    """The candidate answers of a samples row as {"id", "text", "model"}, whatever the sampler named them."""
+    items = next((row[f] for f in SAMPLE_FIELDS if row.get(f)), [])
+    out = []
+    for i, it in enumerate(items if isinstance(items, list) else []):
+        if isinstance(it, str):
+            out.append({"id": f"s{i}", "text": it, "model": ""})
+        elif isinstance(it, dict):
+            text = it.get("text") or it.get("content") or ""
+            out.append({"id": str(it.get("id") or f"s{i}"), "text": text if isinstance(text, str) else "",
+                        "model": str(it.get("model") or "")})
+    return out
+
+
+def sample_texts(row: dict) -> list[str]:
+    return [c["text"] for c in sample_items(row)]
+
+
+def annotate_request(row: dict, *, ensemble: str = "", mode: str = "", model: str = "",
+                     where: str = "") -> tuple[annotator_pb2.AnnotateRequest | None, str | None]:
+    """(request, None), or (None, skip reason) when fewer than two distinct non-empty answers remain."""
+    if "id" not in row:
+        raise UserError(f"{where or 'row'}: row has no 'id'")
+    prompt = sample_prompt(row, where)
+    items = sample_items(row)
+    keep, seen = [], set()
+    for c in items:
+        key = c["text"].strip()
+        if key and key not in seen:
+            seen.add(key)
+            keep.append(c)
+    if len(keep) < 2:
+        return None, f"too_few_candidates: {len(keep)} distinct non-empty answers of {len(items)}"
+    req = annotator_pb2.AnnotateRequest(
+        id=str(row["id"]), ensemble=ensemble, mode=mode,
+        prompt=[common_pb2.Message(role=m["role"], content=m["content"]) for m in prompt],
+        candidates=[annotator_pb2.Candidate(id=c["id"], text=c["text"], model=c["model"] or model) for c in keep])
+    return req, None
+
+
+def provenance(req: annotator_pb2.AnnotateRequest, resp: annotator_pb2.AnnotateResponse) -> dict[str, Any]:
+    """The annotation block: scores, agreement, each judge, and how the ensemble was run."""
+    combined = {c.candidate_id: _num(c.score) for c in resp.combined}
+    models = {c.id: c.model for c in req.candidates}
+    out = {
+        "candidates": [c.id for c in req.candidates],
+        "combined": combined,
+        "margin": _num(resp.margin), "agreement": _num(resp.agreement),
+        "judges": [{"judge": j.judge, "model": j.model,
+                    "scores": {s.candidate_id: (None if s.abstained else _num(s.score)) for s in j.scores},
+                    "abstentions": j.abstentions, "position_bias": _num(j.position_bias),
+                    "length_correlation": _num(j.length_correlation), "agreement": _num(j.agreement),
+                    "order_flip_rate": _num(j.order_flip_rate), "template": j.template,
+                    "template_hash": j.template_hash, "permutation_seed": j.permutation_seed}
+                   for j in resp.judges],
+        "ensemble": resp.ensemble, "mode": resp.mode, "combine": resp.combine, "seed": resp.seed,
+    }
+    if not resp.skipped:
+        out = {"chosen_id": resp.chosen_id, "rejected_id": resp.rejected_id,
+               "chosen_model": models.get(resp.chosen_id, ""), "rejected_model": models.get(resp.rejected_id, ""),
+               "score_chosen": combined.get(resp.chosen_id), "score_rejected": combined.get(resp.rejected_id),
+               **out}
+    return out
+
+
+def pair_row(req: annotator_pb2.AnnotateRequest, resp: annotator_pb2.AnnotateResponse) -> dict[str, Any]:
+    """A preference row in the one schema (module docstring), with the tokens it cost (`usage`)."""
+    text = {c.id: c.text for c in req.candidates}
+    return {
+        "id": req.id,
+        "prompt": [{"role": m.role, "content": m.content} for m in req.prompt],
+        "chosen": [{"role": "assistant", "content": text[resp.chosen_id]}],
+        "rejected": [{"role": "assistant", "content": text[resp.rejected_id]}],
+        "annotation": provenance(req, resp),
+        "usage": usage_record(resp.usage),
+    }
+
+
+def skip_info(req: annotator_pb2.AnnotateRequest, resp: annotator_pb2.AnnotateResponse) -> dict[str, Any]:
+    """What a skip record carries besides its id and reason."""
+    return {"annotation": provenance(req, resp), "usage": usage_record(resp.usage)}
+
+
+def usage_record(usages) -> dict[str, dict[str, int]]:
+    """Tokens a row cost, per model, from repeated ModelUsage: journaled with the row (`usage`)."""
+    out: dict[str, dict[str, int]] = {}
+    for mu in usages:
+        rec = out.setdefault(mu.model or "unknown", {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
+        rec["prompt_tokens"] += int(mu.usage.prompt_tokens)
+        rec["completion_tokens"] += int(mu.usage.completion_tokens)
+        rec["requests"] += int(getattr(mu, "requests", 1) or 1)
+    return out
+
+
+def judge_scores(row: dict) -> dict[str, list[float | None]]:
+    """judge -> its scores of the row's candidates, in the order they were sent (for agreement plots)."""
+    ann = row.get("annotation") or {}
+    order = ann.get("candidates") or []
+    return {j["judge"]: [j["scores"].get(cid) for cid in order] for j in ann.get("judges", [])}

@@ -1,0 +1,110 @@
+"""The one resumable JSONL writer and reader, for every file of rows keyed by "id" that moaa appends to
+(the pipeline's dataset folders, `moaa sample`, `moaa annotate`).
+
+Rules, in one place:
+- a row is one JSON object with "id" as its first key, written as `line + newline` with ONE `write` to a
+  file opened for append, then fsynced; a short write is an error, never a half line left in the middle;
+- the torn-tail rule: bytes after the last newline are the torn write of a killed run, cut off when the
+  file is opened for appending, so that row is simply done again;
+- any other line that is not a JSON object with an "id" is an error naming file:line, never a silent
+  truncation: a complete line was written whole, so garbage there is not ours to repair;
+- a file whose first line is not one of our rows is refused (a wrong `--out` must not be truncated).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from moaa.errors import TransientError, UserError
+
+ID_KEY = "id"
+
+
+def _foreign(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is not a moaa JSONL file of rows keyed by {ID_KEY!r} ({why}); "
+                     "give another output path or remove that file")
+
+
+def _looks_ours(head: bytes) -> bool:
+    """A torn first line can only be ours if it starts as our writer starts every line."""
+    return head.lstrip().startswith(b'{"id"')
+
+
+def scan(path: str | Path, *, repair: bool = False, key: str | None = ID_KEY) -> list[tuple[int, dict]]:
+    """(line number, row) for every complete row. With `repair`, a torn tail is cut off the file.
+    Raises UserError for a foreign file or a bad line before the tail. `key=None` reads logs whose
+    rows carry no id (training metrics)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    end = data.rfind(b"\n") + 1
+    tail = data[end:]
+    rows: list[tuple[int, dict]] = []
+    for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            if not rows:
+                raise _foreign(path, f"line {n} is not JSON") from None
+            raise UserError(f"{path}:{n}: not JSON ({getattr(err, 'msg', err)}); only the last line of a "
+                            "killed run can be torn: fix or remove this line") from None
+        if not isinstance(row, dict) or (key is not None and key not in row):
+            if not rows:
+                raise _foreign(path, f"line {n} has no {key!r}" if isinstance(row, dict) else f"line {n} is not an object")
+            raise UserError(f"{path}:{n}: not a row with {key!r}; fix or remove this line")
+        rows.append((n, row))
+    if key is not None and tail.strip() and not rows and not _looks_ours(tail):
+        raise _foreign(path, "it does not start with a row")
+    if tail and repair:
+        with path.open("rb+") as fh:
+            fh.truncate(end)
+    return rows
+
+
+def read_rows(path: str | Path, *, key: str | None = ID_KEY) -> Iterator[dict]:
+    """The complete rows of a file (a torn tail is ignored, not cut)."""
+    for _, row in scan(path, key=key):
+        yield row
+
+
+def encode(row: dict) -> bytes:
+    if ID_KEY not in row:
+        raise ValueError(f"a row needs {ID_KEY!r}")
+    ordered = {ID_KEY: row[ID_KEY], **row}  # "id" first: how a torn first line is recognised as ours
+    return (json.dumps(ordered, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+class JsonlAppender:
+    """Append-only, fsynced writer of one file. `open()` cuts a torn tail and returns the rows already there.
+    Each append opens, writes, fsyncs and closes: nothing to close, and no descriptor outlives a row."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._broken = False
+
+    def open(self) -> list[dict]:
+        rows = [row for _, row in scan(self.path, repair=True)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return rows
+
+    def append(self, row: dict) -> None:
+        if self._broken:  # a short write left a partial line: appending after it would bury it mid-file
+            raise TransientError(f"{self.path}: an earlier write was short; rerun to resume")
+        data = encode(row)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                self._broken = True  # the partial line is the file's tail: the next open cuts it
+                raise TransientError(f"short write to {self.path} ({written} of {len(data)} bytes; disk full?)")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
