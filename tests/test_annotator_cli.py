@@ -24,6 +24,8 @@ def _samples(path, ids):
                 cands = [{"text": BAD, "model": "sft"}, {"text": BAD + " ", "model": "sft"}]
             if i == "one":
                 cands = cands[:1]
+            if i == "dup":  # the annotator refuses repeated candidate ids: INVALID_ARGUMENT, not retried
+                cands = [{"id": "x", **cands[0]}, {"id": "x", **cands[1]}]
             fh.write(json.dumps({"id": i, "prompt": [{"role": "user", "content": "Capital of France?"}],
                                  "candidates": cands}) + "\n")
 
@@ -32,7 +34,7 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
     stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris", "b": "keyword:capital"},
                                                 mode="pointwise", combine="mean"))
     inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
-    _samples(inp, ["r1", "r2", "same", "one"])
+    _samples(inp, ["r1", "r2", "same", "one", "dup"])
     rc, _, err = await moaa("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out", str(out),
                             "--no-progress")
     assert rc == 0, err
@@ -42,18 +44,21 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
     assert row["prompt"] == [{"role": "user", "content": "Capital of France?"}]
     assert row["chosen"] == [{"role": "assistant", "content": GOOD}]
     assert row["rejected"] == [{"role": "assistant", "content": BAD}]
-    assert row["score_chosen"] > row["score_rejected"] and {j["judge"] for j in row["judges"]} == {"a", "b"}
-    assert row["agreement"] == 1.0 and row["chosen_model"] == "sft"
+    ann = row["annotation"]
+    assert ann["score_chosen"] > ann["score_rejected"] and {j["judge"] for j in ann["judges"]} == {"a", "b"}
+    assert ann["agreement"] == 1.0 and ann["chosen_model"] == "sft"
     skipped = {json.loads(x)["id"]: json.loads(x)["reason"] for x in (tmp_path / "pairs.jsonl.skipped.jsonl").open()}
-    assert "same" in skipped["same"] and skipped["one"].startswith("INVALID_ARGUMENT")
+    # equal (after strip) or single answers are not sent: the same rule as the pipeline's pairs stage
+    assert skipped["same"].startswith("too_few_candidates") and skipped["one"].startswith("too_few_candidates")
+    assert skipped["dup"].startswith("INVALID_ARGUMENT")
     report = json.loads((tmp_path / "pairs.jsonl.report.json").read_text())
-    assert report["pairs"] == 2 and report["skipped"] == 1 and report["invalid"] == 1
+    assert report["pairs"] == 2 and report["skipped"] == 2 and report["invalid"] == 1
     assert set(report["judges"]) == {"a", "b"}
 
     # a killed run left a torn line; new rows arrive: only the missing ones are annotated, each once
     with out.open("a") as fh:
         fh.write('{"id": "r3", "prompt": [')
-    _samples(inp, ["r1", "r2", "same", "one", "r3", "r4"])
+    _samples(inp, ["r1", "r2", "same", "one", "dup", "r3", "r4"])
     judge_emulator.reset_stats()
     rc, _, err = await moaa("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out", str(out),
                             "--no-progress")
@@ -61,7 +66,7 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == ["r1", "r2", "r3", "r4"]
     assert sum(s["requests"] for s in judge_emulator.snapshot().values()) == 4   # 2 rows x 2 judges
-    assert "2 pairs written" in err and "4 already done" in err
+    assert "2 pairs written" in err and "5 already done" in err
 
 
 async def test_annotate_bad_input_and_unreachable(tmp_path):
@@ -73,6 +78,14 @@ async def test_annotate_bad_input_and_unreachable(tmp_path):
     rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(tmp_path / "o"),
                             "--no-progress")
     assert rc == 75 and "UNAVAILABLE" in err and "rerun to resume" in err
+
+    # an --out that is not one of our files is refused, not truncated
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my notes\nmore notes")
+    rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(foreign),
+                            "--no-progress")
+    assert rc == 2 and "is not a moaa JSONL file" in err and "Traceback" not in err
+    assert foreign.read_text() == "my notes\nmore notes"
 
 
 async def test_judge_eval_reports_ensemble_and_each_judge(tmp_path, judge_emulator, annotator_factory):

@@ -19,8 +19,11 @@ def _synthetic_run(root):
     pairs = DatasetStore(lay.pairs, stage="pairs", fmt="preference").open()
     for i in range(6):
         s = [float((i + k) % 10 + 1) for k in range(5)]
+        cids = [f"c{k}" for k in range(5)]
+        judges = [{"judge": name, "scores": dict(zip(cids, sc))}
+                  for name, sc in (("judge-a", s), ("judge-b", s[::-1]), ("judge-c", s))]
         pairs.write({"id": f"p{i}", "prompt": [], "chosen": [], "rejected": [],
-                     "judge_scores": {"judge-a": s, "judge-b": s[::-1], "judge-c": s}})
+                     "annotation": {"candidates": cids, "judges": judges}})
     pairs.skip("p9", "low_margin: 0.2 < 0.5")
     pairs.write_manifest(complete=True)
     for name, losses in (("sft-model", [2.0, 1.5, 1.1]), ("dpo-model", [0.69, 0.6, 0.5])):

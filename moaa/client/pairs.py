@@ -25,6 +25,7 @@ from moaa.errors import UserError
 from moaa.v1 import annotator_pb2, common_pb2
 
 SAMPLE_FIELDS = ("candidates", "samples", "completions", "answers")
+PAIR_KEYS = ("id", "prompt", "chosen", "rejected", "annotation", "usage")
 
 
 def _num(x: float) -> float | None:
@@ -135,6 +136,19 @@ def usage_record(usages) -> dict[str, dict[str, int]]:
         rec["completion_tokens"] += int(mu.usage.completion_tokens)
         rec["requests"] += int(getattr(mu, "requests", 1) or 1)
     return out
+
+
+def read_pairs(path) -> list[dict]:
+    """Preference rows of a file written by `moaa annotate` or the pipeline, checked against the one schema."""
+    from moaa.jsonl import scan
+
+    rows = []
+    for n, row in scan(path):
+        missing = [k for k in PAIR_KEYS if k not in row]
+        if missing:
+            raise UserError(f"{path}:{n}: not a moaa preference row (missing {', '.join(missing)})")
+        rows.append(row)
+    return rows
 
 
 def judge_scores(row: dict) -> dict[str, list[float | None]]:
