@@ -1,0 +1,87 @@
+"""The one resumable JSONL writer: torn tail cut, mid-file garbage refused, foreign files refused, rows
+fsynced before a SIGKILL survive it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from moaa.errors import UserError
+from moaa.jsonl import JsonlAppender, read_rows
+
+
+def test_append_and_resume(tmp_path):
+    w = JsonlAppender(tmp_path / "out.jsonl")
+    assert w.open() == []
+    w.append({"text": "a", "id": "r1"})
+    w.append({"id": "r2", "text": "é"})
+    lines = (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith('{"id": "r1"')          # id first, whatever the caller's key order
+    assert [r["id"] for r in JsonlAppender(tmp_path / "out.jsonl").open()] == ["r1", "r2"]
+    with pytest.raises(ValueError):
+        w.append({"text": "no id"})
+
+
+def test_torn_tail_is_cut_and_redone(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"id": "r1"}\n{"id": "r2", "prom')
+    assert [r["id"] for r in read_rows(path)] == ["r1"]           # reading alone never changes the file
+    assert path.read_text().endswith('"prom')
+    w = JsonlAppender(path)
+    assert [r["id"] for r in w.open()] == ["r1"]
+    assert path.read_text() == '{"id": "r1"}\n'
+    w.append({"id": "r2"})
+    assert [r["id"] for r in read_rows(path)] == ["r1", "r2"]
+    # a first row torn by a kill is ours too (it starts as every row we write starts)
+    first = tmp_path / "first.jsonl"
+    first.write_text('{"id": "r1", "te')
+    assert JsonlAppender(first).open() == [] and first.read_text() == ""
+
+
+def test_garbage_mid_file_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    text = '{"id": "r1"}\nnot json\n{"id": "r3"}\n'
+    path.write_text(text)
+    with pytest.raises(UserError, match=r"out.jsonl:2: not JSON"):
+        JsonlAppender(path).open()
+    path.write_text('{"id": "r1"}\n{"id": "r2"}\n[1, 2]\n')       # a complete last line is not a torn one
+    with pytest.raises(UserError, match=r"out.jsonl:3: not a row with 'id'"):
+        JsonlAppender(path).open()
+    assert path.read_text() == '{"id": "r1"}\n{"id": "r2"}\n[1, 2]\n'   # nothing was truncated
+
+
+@pytest.mark.parametrize("content", ["hello world", "my notes\nmore", '{"name": "x"}\n{"id": 1}\n', "a,b,c\n1,2,3\n"])
+def test_foreign_file_is_refused_untouched(tmp_path, content):
+    path = tmp_path / "notes.txt"
+    path.write_text(content)
+    with pytest.raises(UserError, match="is not a moaa JSONL file"):
+        JsonlAppender(path).open()
+    assert path.read_text() == content
+
+
+def test_fsynced_rows_survive_sigkill(tmp_path):
+    path = tmp_path / "out.jsonl"
+    script = textwrap.dedent(f"""
+        from moaa.jsonl import JsonlAppender
+        w = JsonlAppender({str(path)!r})
+        w.open()
+        for i in range(100000):
+            w.append({{"id": f"r{{i}}", "text": "x" * 3000}})
+            if i == 50:
+                print("half", flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "half"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    w = JsonlAppender(path)
+    rows = w.open()
+    ids = [r["id"] for r in rows]
+    assert len(ids) >= 51 and ids == [f"r{i}" for i in range(len(ids))]
+    for i in range(len(ids), len(ids) + 3):
+        w.append({"id": f"r{i}"})
+    again = [json.loads(x)["id"] for x in path.read_text().splitlines()]
+    assert again == [f"r{i}" for i in range(len(ids) + 3)]
