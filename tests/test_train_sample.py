@@ -52,7 +52,9 @@ def test_sample_bad_prompts_exit_2(tiny_sft_dir, tmp_path, capsys):
                                              {"id": "b", "text": "hi"}])
     assert _run(tiny_sft_dir, bad, tmp_path / "o.jsonl") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "3 bad row(s)" in err
-    assert "line 1 (id a): prompt[0] (user) is empty" in err and "line 2: not JSON" in err and "id b" in err
+    # the pipeline's one prompt loader: the same checks and messages as `moaa pipeline check-prompts`
+    assert len(err.splitlines()) == 1 and "3 invalid row(s)" in err
+    assert "line 1: prompt[0] (user) is empty" in err and "line 2: not valid JSON" in err
+    assert "line 3: missing prompt field" in err
     assert _run(tiny_sft_dir, _prompts(tmp_path), tmp_path / "o.jsonl", "--temperature", "0") == 2
     assert "needs temperature > 0" in capsys.readouterr().err
