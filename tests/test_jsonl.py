@@ -1,16 +1,13 @@
 """The one resumable JSONL writer: torn tail cut, mid-file garbage refused, foreign files refused, rows
 fsynced before a SIGKILL survive it."""
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from moaa.errors import UserError
 from moaa.jsonl import JsonlAppender, read_rows
+from tests.fixtures.kill import sigkill_when
 
 
 def test_append_and_resume(tmp_path):
@@ -73,10 +70,7 @@ def test_fsynced_rows_survive_sigkill(tmp_path):
             if i == 50:
                 print("half", flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "half"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when(script)
     w = JsonlAppender(path)
     rows = w.open()
     ids = [r["id"] for r in rows]

@@ -49,6 +49,16 @@ def test_ids_are_content_hashes_and_stable(tmp_path):
     assert ids1[0] == content_id([{"role": "user", "content": "a"}])
 
 
+def test_one_row_id_rule_keep_ids(tmp_path):
+    """`moaa sample` keeps the rows' own ids (the pipeline's prompts.jsonl carries the pipeline's ids), and
+    hashes a row without one by the same rule as the pipeline; the pipeline's own ids never change."""
+    rows = [{"id": "q1", "prompt": "a"}, {"prompt": "b"}, {"prompt_id": "u9", "prompt": "c"}]
+    p = _write_jsonl(tmp_path / "p.jsonl", rows)
+    assert [r.id for r in load_prompts(p, keep_ids=True).rows] == [
+        "q1", content_id([{"role": "user", "content": "b"}]), "u9"]
+    assert [r.id for r in load_prompts(p).rows] == [content_id([{"role": "user", "content": x}]) for x in "abc"]
+
+
 def test_field_mapping(tmp_path):
     p = _write_jsonl(tmp_path / "p.jsonl", [{"q": "what?", "qid": "x1", "sys": "be brief"}])
     ps = load_prompts(p, mapping=parse_mapping(["prompt=q", "id=qid", "system=sys"]))

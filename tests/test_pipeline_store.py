@@ -1,9 +1,5 @@
 """Dataset store: sharding, exactly-once append and resume, torn lines, manifest; token ledger."""
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -11,6 +7,7 @@ import pytest
 from moaa.errors import UserError
 from moaa.pipeline.budget import BudgetExhausted, TokenLedger
 from moaa.pipeline.store import DatasetStore, read_manifest
+from tests.fixtures.kill import sigkill_when
 
 
 def _ids(store):
@@ -80,10 +77,7 @@ def test_sigkill_while_writing_then_resume(tmp_path):
                 if i == 100:
                     print("half", flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "half"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    sigkill_when(script)
     st = DatasetStore(folder, stage="s", fmt="sft", shard_rows=50).open()
     before = st.rows
     assert 100 <= before < 400
