@@ -54,12 +54,15 @@ class TokenLedger:
             rec["requests"] += requests
 
     def restore_stage(self, stage: str, journaled: dict[str, dict[str, int]]) -> None:
-        """Replace a stage's counts by the tokens journaled with its rows. A run killed before it saved this
-        ledger forgets nothing that reached disk; only the rows that were in flight are not counted."""
-        if not journaled:
-            return  # a folder written before rows carried their usage: keep the saved counts
+        """Raise a stage's counts to the tokens journaled with its rows. A run killed before it saved this
+        ledger forgets nothing that reached disk; only the rows that were in flight are not counted.
+        (Never lowered: rows written before rows carried their usage are only in the saved counts.)"""
         with self._lock:
-            self.stages[stage] = {m: dict(u) for m, u in journaled.items()}
+            models = self.stages.setdefault(stage, {})
+            for model, u in journaled.items():
+                rec = models.setdefault(model, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
+                for k in rec:
+                    rec[k] = max(rec[k], int(u.get(k, 0)))
 
     def add_model_usages(self, stage: str, usages: Iterable[Any]) -> None:
         """From repeated moaa.v1.ModelUsage (gateway and annotator responses)."""
