@@ -79,3 +79,37 @@ def test_fsynced_rows_survive_sigkill(tmp_path):
         w.append({"id": f"r{i}"})
     again = [json.loads(x)["id"] for x in path.read_text().splitlines()]
     assert again == [f"r{i}" for i in range(len(ids) + 3)]
+
+
+def test_short_write_is_an_error_and_its_partial_line_is_cut(tmp_path):
+    """A disk that fills mid-row (here: a file-size limit) gives a short write: an error, never a torn line
+    buried mid-file by the next append; the next open cuts the partial tail."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "out.jsonl"
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from moaa.errors import TransientError
+        from moaa.jsonl import JsonlAppender
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+        w = JsonlAppender({str(path)!r})
+        w.open()
+        try:
+            for i in range(100):
+                w.append({{"id": f"r{{i}}", "text": "x" * 90}})
+        except TransientError as err:
+            print(i, err)
+        try:
+            w.append({{"id": "after"}})
+        except TransientError as err:
+            print("refused:", err)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60).stdout
+    first, second = out.splitlines()
+    assert "short write" in first and second.startswith("refused:")
+    assert not path.read_bytes().endswith(b"\n")                      # the partial row is the tail ...
+    rows = JsonlAppender(path).open()                                  # ... and is cut on the next open
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(int(first.split()[0]))]
+    assert path.read_bytes().endswith(b"\n")
