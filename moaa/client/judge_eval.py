@@ -18,6 +18,7 @@ from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
 
 from .annotate import read_input
 from .endpoint import Endpoint
+from .pairs import sample_prompt
 from .window import windowed
 
 ENSEMBLE = "(ensemble)"
@@ -31,14 +32,6 @@ def _text(value, where: str) -> str:
     raise UserError(f"{where}: expected a string or a list of messages")
 
 
-def _prompt(value, where: str) -> list:
-    if isinstance(value, str):
-        return [common_pb2.Message(role="user", content=value)]
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return [common_pb2.Message(role=m["role"], content=m["content"]) for m in value]
-    raise UserError(f"{where}: 'prompt' must be a string or a list of messages")
-
-
 def build_requests(path: Path, ensemble: str = "", mode: str = "") -> list[annotator_pb2.AnnotateRequest]:
     reqs = []
     for n, row in read_input(path, "labelled data"):
@@ -47,7 +40,7 @@ def build_requests(path: Path, ensemble: str = "", mode: str = "") -> list[annot
             if key not in row:
                 raise UserError(f"{where}: row has no {key!r}")
         rid = str(row.get("id", n))
-        prompt = _prompt(row["prompt"], where)
+        prompt = [common_pb2.Message(**m) for m in sample_prompt(row, where)]
         good = annotator_pb2.Candidate(id="chosen", text=_text(row["chosen"], where))
         bad = annotator_pb2.Candidate(id="rejected", text=_text(row["rejected"], where))
         for order, cands in (("chosen_first", [good, bad]), ("rejected_first", [bad, good])):
