@@ -163,3 +163,32 @@ async def test_sigkill_during_pairs_then_resume_ledger_equals_rows(judge_emulato
     assert sorted(ids) == sorted(f"p{i}" for i in range(n)) and result["rows"] + result["skipped"] == n
     journaled = sum(u["prompt_tokens"] + u["completion_tokens"] for u in store.usage.values())
     assert journaled > 0 and TokenLedger(layout.usage).stage_total("pairs") == journaled
+
+
+async def test_budget_stop_overspends_by_at_most_the_rows_in_flight(judge_emulator, tmp_path):
+    import pytest
+
+    from moaa.pipeline.budget import BudgetExhausted
+
+    cfg = judge_config(judge_emulator.url, {"j1": "longest"}, mode="pointwise", combine="mean", min_margin=0.0)
+    server = await start_annotator(parse_config(cfg), port=0, probes=False)
+    layout = RunLayout(tmp_path)
+    layout.samples.mkdir(parents=True)
+    (layout.samples / "data-00000.jsonl").write_text("".join(
+        json.dumps({"id": f"p{i}", "prompt": [{"role": "user", "content": f"Question {i}?"}],
+                    "candidates": [{"text": "short"}, {"text": f"a longer answer number {i}"}]}) + "\n"
+        for i in range(30)))
+    window, budget = 3, 500
+    ledger = TokenLedger(layout.usage, budget=budget)
+    ctx = StageContext(layout=layout, ledger=ledger, config_hash="h", train_prompts=[], eval_prompts=[],
+                       base_model="x", settings={"allow_failures": 0.1, "window": window},
+                       annotator=Endpoint(server.address), quiet=True)
+    try:
+        with pytest.raises(BudgetExhausted):
+            await stage_pairs(ctx)
+    finally:
+        await server.stop(0)
+    rows = list(DatasetStore(layout.pairs, stage="pairs", fmt="preference").open().iter_rows())
+    cost = [sum(u["prompt_tokens"] + u["completion_tokens"] for u in r["usage"].values()) for r in rows]
+    assert 0 < len(rows) < 30 and ledger.total == sum(cost)
+    assert ledger.total - budget <= window * max(cost)
