@@ -79,9 +79,11 @@ async def wait_serving(address: str, proc: asyncio.subprocess.Process, log_path:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from moaa.client.endpoint import Endpoint
+
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with Endpoint(address).channel() as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while loop.time() < deadline:
             if proc.returncode is not None:
