@@ -75,6 +75,30 @@ def read_rows(path: str | Path, *, key: str | None = ID_KEY) -> Iterator[dict]:
         yield row
 
 
+def read_input(path: str | Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, row) of an input file written by anyone (samples, labelled pairs, answers): every
+    non-blank line must be a JSON object; the first that is not stops with file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object per line")
+        rows.append((n, row))
+    return rows
+
+
 def encode(row: dict) -> bytes:
     if ID_KEY not in row:
         raise ValueError(f"a row needs {ID_KEY!r}")

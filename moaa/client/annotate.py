@@ -17,35 +17,13 @@ import grpc
 from tqdm import tqdm
 
 from moaa.errors import TransientError, UserError
-from moaa.jsonl import JsonlAppender, scan
+from moaa.jsonl import JsonlAppender, read_input, scan
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
 from .endpoint import Endpoint
 from .errors import call_error, is_bad_input
 from .pairs import annotate_request, pair_row, skip_info
 from .window import windowed
-
-
-def read_input(path: Path, what: str) -> list[tuple[int, dict]]:
-    """An input file of rows (samples, labelled pairs): every line must be a JSON object."""
-    if not path.is_file():
-        raise UserError(f"{what} file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{n}: expected a JSON object per line")
-        rows.append((n, row))
-    return rows
 
 
 class RunReport:

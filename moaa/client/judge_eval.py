@@ -14,9 +14,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from moaa.errors import UserError
+from moaa.jsonl import read_input
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
 
-from .annotate import read_input
 from .endpoint import Endpoint
 from .pairs import sample_prompt
 from .window import windowed

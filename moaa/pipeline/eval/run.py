@@ -6,12 +6,11 @@ judging a pair twice. Abstentions (a judge unreadable in both orders) are record
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from moaa.client.pairs import sample_prompt, sample_texts
 from moaa.errors import UserError
-from moaa.jsonl import read_rows
+from moaa.jsonl import read_input, read_rows
 
 from ..data import content_id
 from ..progress import StageProgress
@@ -29,16 +28,8 @@ def load_answers(path: str | Path) -> dict[str, tuple[list[dict], str]]:
     whose messages end with the assistant's answer, and `moaa sample` rows (first sample).
     """
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"answers file {path} does not exist")
     out: dict[str, tuple[list[dict], str]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise UserError(f"{path}: line {lineno}: not valid JSON") from None
+    for lineno, row in read_input(path, "answers"):
         prompt, text = None, None
         if sample_texts(row):
             prompt, text = sample_prompt(row), sample_texts(row)[0]
