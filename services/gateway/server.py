@@ -11,6 +11,8 @@ from moaa.services.common.server import RunningServer, start_server
 from moaa.services.common.tls import channel_credentials
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.annotation import AnnotatorClient
+from moaa.services.gateway.openai.api_router import OpenAIRouter, start_http
+from moaa.services.gateway.openai.serving import ChatServing
 from moaa.services.gateway.servicer import GatewayServicer
 from moaa.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -37,6 +39,18 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
 
     running = await start_server(cfg.gateway, "gateway", add, [SERVICE_NAME])
     running.servicer = holder["servicer"]
+    running.http_port = None
+    if cfg.gateway.http_port is not None:  # the OpenAI-compatible door, over the same engine and limits
+        try:
+            router = OpenAIRouter(ChatServing(cfg, running.servicer.engine), running.guard, cfg.gateway)
+            runner, running.http_port = await start_http(router, cfg.gateway.host, cfg.gateway.http_port,
+                                                         cfg.gateway.shutdown_grace_s)
+        except BaseException:
+            await running.stop(0)
+            if own_pool:
+                await pool.close()
+            raise
+        running.on_stop.append(runner.cleanup)
     if annotator is not None:
         running.on_stop.append(annotator.close)
     if own_pool:
@@ -59,5 +73,6 @@ async def serve(cfg: MoaaConfig) -> None:
     """Run until SIGTERM/SIGINT, then finish calls in flight and stop."""
     running = await start_gateway(cfg)
     print(f"moaa gateway listening on {cfg.gateway.host}:{running.port}"
+          + (f", OpenAI-compatible HTTP on :{running.http_port}/v1" if running.http_port else "")
           + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
     await running.wait_for_signal()
