@@ -269,3 +269,43 @@ async def test_client_disconnect_cancels_backend_requests(gw_emulators, gateway_
     assert emu.stats.disconnects == 2 and emu.stats.in_flight == 0
     assert REGISTRY.get_sample_value("moaa_rpc_calls_total", {
         "service": "gateway", "method": "ChatCompletions", "code": "CANCELLED", "transport": "http"}) >= 1
+
+
+async def test_gateway_serve_cli_serves_both_doors(gw_emulators, tmp_path, unused_tcp_port_factory):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    grpc_port, http_port = unused_tcp_port_factory(), unused_tcp_port_factory()
+    path = tmp_path / "moaa.yaml"
+    path.write_text(yaml.safe_dump(moa_config(emu.url, ["a"], gateway={"port": grpc_port})))
+    cmd = [sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config", str(path)]
+    proc = subprocess.Popen([*cmd, "--http-port", str(http_port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        assert f"OpenAI-compatible HTTP on :{http_port}/v1" in line, line
+        models = await openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="x").models.list()
+        assert [m.id for m in models.data][0] == "moa"
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    bad = subprocess.run([*cmd, "--http-port", "70000"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--http-port 70000 is out of range" in bad.stderr and bad.stderr.count("\n") == 1
+    # the HTTP port taken: one line, non-zero, no traceback
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        busy = subprocess.run([*cmd, "--http-port", str(taken)], capture_output=True, text=True, timeout=60)
+    last = busy.stderr.strip().splitlines()[-1]
+    assert busy.returncode == 2 and last.startswith("moaa: error: cannot serve HTTP on 127.0.0.1:") and "http_port" in last
+    assert "Traceback" not in busy.stderr

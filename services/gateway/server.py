@@ -6,6 +6,7 @@ import logging
 
 import grpc
 
+from moaa.errors import UserError
 from moaa.services.backend import BackendPool
 from moaa.services.common.server import RunningServer, start_server
 from moaa.services.common.tls import channel_credentials
@@ -45,6 +46,12 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
             router = OpenAIRouter(ChatServing(cfg, running.servicer.engine), running.guard, cfg.gateway)
             runner, running.http_port = await start_http(router, cfg.gateway.host, cfg.gateway.http_port,
                                                          cfg.gateway.shutdown_grace_s)
+        except OSError as err:
+            await running.stop(0)
+            if own_pool:
+                await pool.close()
+            raise UserError(f"cannot serve HTTP on {cfg.gateway.host}:{cfg.gateway.http_port} ({err.strerror or err}): "
+                            "set gateway.http_port (or --http-port) to a free port, or null to turn HTTP off") from None
         except BaseException:
             await running.stop(0)
             if own_pool:
