@@ -309,3 +309,19 @@ async def test_gateway_serve_cli_serves_both_doors(gw_emulators, tmp_path, unuse
     last = busy.stderr.strip().splitlines()[-1]
     assert busy.returncode == 2 and last.startswith("moaa: error: cannot serve HTTP on 127.0.0.1:") and "http_port" in last
     assert "Traceback" not in busy.stderr
+
+
+async def test_unknown_route_and_too_large_body(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"max_request_bytes": 2048}))
+    base = f"http://127.0.0.1:{gw.running.http_port}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base + "/v1/completions") as r:
+            assert r.status == 404 and (await r.json())["error"]["type"] == "invalid_request_error"
+        body = {"model": "moa", "messages": ask("x" * 5000)}
+        async with s.post(base + "/v1/chat/completions", json=body) as r:
+            err = (await r.json())["error"]
+            assert r.status == 413 and "2048" in err["message"], err
+        async with s.post(base + "/v1/chat/completions", json={"model": "moa", "messages": ask()},
+                          headers={"x-request-id": "x" * 500}) as r:
+            assert r.status == 200 and len(r.headers["x-request-id"]) == 16  # unusable id replaced

@@ -70,16 +70,19 @@ class OpenAIRouter:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        rid = request.headers.get(REQUEST_ID) or new_request_id()
+        rid = request.headers.get(REQUEST_ID, "")
+        if not rid or len(rid) > 128 or not rid.isprintable():  # ids go into logs and response headers
+            rid = new_request_id()
         request["rid"] = rid
         token = request_id_var.set(rid)
         try:
             problem = None if request.path.startswith(_EXEMPT) else self._auth(request)
             resp = _error(grpc.StatusCode.UNAUTHENTICATED, problem) if problem else await handler(request)
-        except web.HTTPException as exc:  # 404/405 of unknown routes, in OpenAI's error shape
-            code = grpc.StatusCode.NOT_FOUND if exc.status == 404 else grpc.StatusCode.INVALID_ARGUMENT
-            resp = _error(code, f"{request.method} {request.path}: {exc.reason}")
-            resp.set_status(exc.status)
+        except web.HTTPException as exc:  # unknown route, wrong method, body too large: OpenAI's error shape
+            body = p.ErrorResponse(error=p.ErrorInfo(message=f"{request.method} {request.path}: {exc.reason}"
+                                                     + (f" ({exc.text})" if exc.status == 413 else ""),
+                                                     type="invalid_request_error"))
+            resp = _json(body, exc.status)
         finally:
             request_id_var.reset(token)
         if not resp.prepared:
@@ -117,6 +120,9 @@ class OpenAIRouter:
                 resp = await self._chat_call(request, rid)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
+            raise
+        except web.HTTPException:
+            code = grpc.StatusCode.INVALID_ARGUMENT  # e.g. 413 body too large; the middleware answers it
             raise
         except (ConnectionResetError, ConnectionError):
             code = grpc.StatusCode.CANCELLED  # the client hung up mid-stream
