@@ -271,36 +271,20 @@ async def test_client_disconnect_cancels_backend_requests(gw_emulators, gateway_
         "service": "gateway", "method": "ChatCompletions", "code": "CANCELLED", "transport": "http"}) >= 1
 
 
-async def test_gateway_serve_cli_serves_both_doors(gw_emulators, tmp_path, unused_tcp_port_factory):
-    import os
-    import signal
+async def test_gateway_serve_http_port_errors_are_one_line(gw_emulators, tmp_path):
+    import socket
     import subprocess
     import sys
 
     import yaml
 
     emu = await gw_emulators({"a": FAST, "agg": FAST})
-    grpc_port, http_port = unused_tcp_port_factory(), unused_tcp_port_factory()
     path = tmp_path / "moaa.yaml"
-    path.write_text(yaml.safe_dump(moa_config(emu.url, ["a"], gateway={"port": grpc_port})))
+    path.write_text(yaml.safe_dump(moa_config(emu.url, ["a"])))
     cmd = [sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config", str(path)]
-    proc = subprocess.Popen([*cmd, "--http-port", str(http_port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
-        assert f"OpenAI-compatible HTTP on :{http_port}/v1" in line, line
-        models = await openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="x").models.list()
-        assert [m.id for m in models.data][0] == "moa"
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     bad = subprocess.run([*cmd, "--http-port", "70000"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--http-port 70000 is out of range" in bad.stderr and bad.stderr.count("\n") == 1
     # the HTTP port taken: one line, non-zero, no traceback
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
