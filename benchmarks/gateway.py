@@ -224,6 +224,7 @@ async def bench(url: str, port: int, http_port: int, floor_port: int, plan: list
             d_wall = g_wall = 0.0
             cpu_d = dict.fromkeys(pids, 0.0)
             cpu_g = dict.fromkeys(pids, 0.0)
+            cpu_h = dict.fromkeys(pids, 0.0)
             greq = gateway_pb2.GenerateRequest(recipe=recipe, messages=req.messages)
             for _ in range(2):
                 c0 = cpu()
@@ -236,10 +237,12 @@ async def bench(url: str, port: int, http_port: int, floor_port: int, plan: list
                 g_lat += lat
                 g_wall += wall
                 lat, _ = await _closed_loop(lambda: via_http(recipe), conc, total // 2, spread_s)
+                c3 = cpu()
                 h_lat += lat
                 for k in pids:
                     cpu_d[k] += (c1[k] - c0[k]) / total * 1e3
                     cpu_g[k] += (c2[k] - c1[k]) / total * 1e3
+                    cpu_h[k] += (c3[k] - c2[k]) / total * 1e3
             floor[:] = []
             if label in ("1", "64"):  # the same calls against a server that only sleeps: gRPC's own cost
                 await _closed_loop(lambda: via_gateway(req, floor_stub, floor), conc, total, spread_s)
@@ -255,7 +258,7 @@ async def bench(url: str, port: int, http_port: int, floor_port: int, plan: list
                               "http_p50": _pct(h_lat, 50), "http_p99": _pct(h_lat, 99),
                               "http_added_p50_ms": _pct(http_added, 50) * 1e3,
                               "http_added_p99_ms": _pct(http_added, 99) * 1e3,
-                              "http_tput": conc / (sum(h_lat) / len(h_lat))}
+                              "http_tput": conc / (sum(h_lat) / len(h_lat)), "cpu_ms_per_call_http": cpu_h}
             r = results[label]
             print(f"  {label:>9} concurrent, {n} calls: bound (direct) p50 {r['direct_p50']*1e3:7.1f} ms, "
                   f"gateway p50 {r['gw_p50']*1e3:7.1f} ms, p99 {r['gw_p99']*1e3:7.1f} ms, "
@@ -263,7 +266,8 @@ async def bench(url: str, port: int, http_port: int, floor_port: int, plan: list
             print(f"        HTTP door p50 {r['http_p50']*1e3:7.1f} ms, p99 {r['http_p99']*1e3:7.1f} ms, "
                   f"throughput {r['http_tput']:.1f}/s", flush=True)
             print("        CPU ms per call: direct run " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_d.items())
-                  + "; gateway run " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_g.items()), flush=True)
+                  + "; gateway run " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_g.items())
+                  + "; HTTP door run " + ", ".join(f"{k} {v:.2f}" for k, v in cpu_h.items()), flush=True)
     return results
 
 

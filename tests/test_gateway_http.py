@@ -121,6 +121,9 @@ async def test_passthrough_backend_and_model_list(gw):
     assert body["messages"] == ask("plain question") and body["max_tokens"] == 3  # no references, nothing added
     stream = await client(gw).chat.completions.create(model="b", messages=ask(), stream=True)
     assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    with pytest.raises(openai.BadRequestError) as err:  # MoA knobs on a single model: said, not ignored
+        await client(gw).chat.completions.create(model="b", messages=ask(), extra_body={"moaa": {"first_k": 1}})
+    assert err.value.body["param"] == "moaa" and "plain backend" in err.value.body["message"]
 
 
 @pytest.mark.parametrize("kw, param", [
