@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
 import openai
@@ -46,7 +47,8 @@ async def test_off_when_null(gw_emulators, gateway_factory):
     assert (await handle.stub.Generate(request(), timeout=10)).text  # gRPC alone still serves
 
 
-async def test_recipe_answer_with_usage_and_extension(gw):
+async def test_recipe_answer_with_usage_and_extension(gw, caplog):
+    caplog.set_level(logging.INFO, logger="moaa.http")
     raw = await client(gw).chat.completions.with_raw_response.create(
         model="moa", messages=ask(), extra_headers={"x-request-id": "rid-http-1"})
     resp = raw.parse()
@@ -64,7 +66,9 @@ async def test_recipe_answer_with_usage_and_extension(gw):
     assert resp.usage.prompt_tokens == sum(u["prompt_tokens"] for u in per_model.values()) > 0
     assert resp.usage.completion_tokens == sum(u["completion_tokens"] for u in per_model.values()) > 0
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
-    # one log/metric series per transport
+    # one log line per call, as gRPC's, with the request id and the transport; a metric series per transport
+    (rec,) = [r for r in caplog.records if r.name == "moaa.http" and r.msg == "call"]
+    assert (rec.request_id, rec.method, rec.transport, rec.code) == ("rid-http-1", "ChatCompletions", "http", "OK")
     assert REGISTRY.get_sample_value("moaa_rpc_calls_total", {
         "service": "gateway", "method": "ChatCompletions", "code": "OK", "transport": "http"}) >= 1
 
