@@ -211,13 +211,20 @@ class ServerConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
+class GatewayConfig(ServerConfig):
+    """The gateway's server settings: gRPC plus the OpenAI-compatible HTTP door on `http_port`."""
+
+    http_port: int | None = Field(8080, ge=0, le=65535,
+                                  description="OpenAI-compatible HTTP (/v1/chat/completions) port; null = off, 0 = any free port")
+
+
 class MoaaConfig(_Strict):
     backends: dict[str, BackendConfig] = Field(min_length=1)
     recipes: dict[str, RecipeConfig] = Field(default_factory=dict)
     default_recipe: str | None = None
     ensembles: dict[str, EnsembleConfig] = Field(default_factory=dict)
     default_ensemble: str | None = None
-    gateway: ServerConfig = Field(default_factory=ServerConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     annotator: ServerConfig = Field(default_factory=lambda: ServerConfig(port=50052))
     annotator_address: str | None = Field(None, description="host:port of the annotator, for annotate=true calls")
     annotator_tls: ClientTLSConfig = Field(default_factory=ClientTLSConfig,

@@ -131,7 +131,8 @@ def test_servers_mount_what_the_config_names(helm, name):
             assert f in files, f"{which}: config names {f}, pods mount {sorted(files)}"
         assert server.host == "0.0.0.0"
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports == {"grpc": server.port, "metrics": server.metrics_port}
+        http = {"http": server.http_port} if getattr(server, "http_port", None) else {}
+        assert ports == {"grpc": server.port, "metrics": server.metrics_port, **http}
         svc = r.get("Service", f"moaa-{which}")
         assert selects(svc["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
     if cfg.annotator_address:

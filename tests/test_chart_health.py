@@ -38,7 +38,7 @@ def local_config(text: str, paths: dict[str, str]) -> dict:
     """The rendered config with the in-cluster listen address and Secret mount paths replaced."""
     raw = yaml.safe_load(text)
     gw = raw["gateway"]
-    gw.update(host="127.0.0.1", port=0)
+    gw.update(host="127.0.0.1", port=0, http_port=0 if gw.get("http_port") is not None else None)
     gw.pop("metrics_port", None)
     for section in ("tls", "auth"):
         for key, value in gw.get(section, {}).items():
@@ -64,10 +64,14 @@ async def test_default_chart_gateway_passes_the_helm_test(helm, started):
     r = helm.template()
     running = await started(local_config(r.config_text(), {}))
     code, env = pod_check(r)
-    assert env["MOAA_TARGET"] == "moaa-gateway:50051"
-    rc, out = await run_check(code, {**env, "MOAA_TARGET": running.address})
+    assert env["MOAA_TARGET"] == "moaa-gateway:50051" and env["MOAA_HTTP_TARGET"] == "moaa-gateway:8080"
+    http = f"127.0.0.1:{running.http_port}"
+    rc, out = await run_check(code, {**env, "MOAA_TARGET": running.address, "MOAA_HTTP_TARGET": http})
     assert rc == 0, out
-    assert "SERVING" in out
+    assert "SERVING" in out and f"http://{http}/v1: serving recipes default" in out
+    # the HTTP door failing fails the test too
+    rc, out = await run_check(code, {**env, "MOAA_TARGET": running.address, "MOAA_HTTP_TARGET": "127.0.0.1:1"})
+    assert rc == 1 and "OpenAI-compatible HTTP check failed" in out, out
     # a gateway going down (NOT_SERVING during shutdown, then gone) fails the check
     await running.stop(0)
     rc, out = await run_check(code, {**env, "MOAA_TARGET": running.address, "MOAA_TIMEOUT": "3"})
@@ -90,11 +94,12 @@ async def test_secure_chart_gateway_passes_the_helm_test(helm, started, gw_tls_f
     assert raw["gateway"]["tls"]["client_ca_file"] and raw["gateway"]["auth"]["tokens_file"]
     running = await started(raw)
     local = {**env, "MOAA_TARGET": f"localhost:{running.port}", "MOAA_TLS_DIR": str(tls_dir),
+             "MOAA_HTTP_TARGET": f"localhost:{running.http_port}",
              "MOAA_TOKEN_FILE": str(tokens), "MOAA_TIMEOUT": "5"}
     assert env["MOAA_MUTUAL"] == "1"
     rc, out = await run_check(code, local)
     assert rc == 0, out
-    assert "SERVING" in out
+    assert "SERVING" in out and f"https://localhost:{running.http_port}/v1: serving recipes" in out
     # without a client certificate the handshake is refused: mutual TLS is really on
     rc, out = await run_check(code, {**local, "MOAA_MUTUAL": "0"})
     assert rc == 1 and "health check failed" in out, out

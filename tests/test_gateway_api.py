@@ -286,8 +286,8 @@ async def test_health_reflection_and_metrics(gw_emulators, gateway_factory):
         await gw.stub.Generate(gateway_pb2.GenerateRequest(), timeout=5)
     port = gw.running.metrics_port
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode())
-    assert 'moaa_rpc_calls_total{code="OK",method="Generate",service="gateway"}' in text
-    assert 'moaa_rpc_errors_total{code="INVALID_ARGUMENT",method="Generate",service="gateway"}' in text
+    assert 'moaa_rpc_calls_total{code="OK",method="Generate",service="gateway",transport="grpc"}' in text
+    assert 'moaa_rpc_errors_total{code="INVALID_ARGUMENT",method="Generate",service="gateway",transport="grpc"}' in text
     assert 'moaa_stage_latency_seconds_bucket{le="0.001",service="gateway",stage="layer1"}' in text
     assert 'moaa_backend_latency_seconds_count{model="agg",outcome="ok",service="gateway"}' in text
     assert 'moaa_tokens_total{kind="completion",model="a",service="gateway"}' in text

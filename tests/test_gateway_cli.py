@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import grpc
+import openai
 import yaml
 
 from moaa.cli.main import main
@@ -41,20 +42,25 @@ async def test_generate_errors_are_one_line(gw_emulators, gateway_factory, capsy
     assert code == 75 and err.startswith("moaa: error: gateway 127.0.0.1:") and err.count("\n") == 1
 
 
-async def test_gateway_serve_runs_and_stops_on_sigterm(gw_emulators, tmp_path, unused_tcp_port):
+async def test_gateway_serve_runs_and_stops_on_sigterm(gw_emulators, tmp_path, unused_tcp_port, unused_tcp_port_factory):
     emu = await gw_emulators()
     cfg = moa_config(emu.url, ["a"], gateway={"port": unused_tcp_port})
     path = tmp_path / "moaa.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config", str(path)],
+    http_port = unused_tcp_port_factory()
+    proc = subprocess.Popen([sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config", str(path),
+                             "--http-port", str(http_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
         assert f"listening on 127.0.0.1:{unused_tcp_port}" in line
+        assert f"OpenAI-compatible HTTP on :{http_port}/v1" in line, line
         async with grpc.aio.insecure_channel(f"127.0.0.1:{unused_tcp_port}") as ch:
             resp = await gateway_pb2_grpc.MoAGatewayStub(ch).ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
             assert [m.name for m in resp.models] == ["a", "agg"]
+        models = await openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="x").models.list()
+        assert [m.id for m in models.data][0] == "moa"
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
     finally:

@@ -160,6 +160,8 @@ def server(which: str, port: int) -> dict:
                         "one recipe 'default' from the models' roles",
                         "additionalProperties": {"$ref": "#/$defs/RecipeConfig"}},
             "defaultRecipe": s("recipe used when a call names none (config default_recipe)"),
+            "httpPort": i("OpenAI-compatible HTTP port (/v1/chat/completions; default 8080); 0 = off",
+                          minimum=0, maximum=65535),
             "extraBackends": {"type": "object", "description": "backends outside the chart (e.g. a hosted "
                               "OpenAI-compatible API), as the config's backends:",
                               "additionalProperties": {"$ref": "#/$defs/BackendConfig"}},

@@ -8,8 +8,12 @@ from moaa.cli import add_service_group
 
 
 def register(subparsers) -> None:
-    add_service_group(subparsers, "gateway", "the MoA gateway (gRPC)",
-                      "serve MoAGateway with the backends and recipes of a config", _serve)
+    serve = add_service_group(subparsers, "gateway", "the MoA gateway (gRPC, and OpenAI-compatible HTTP)",
+                              "serve MoAGateway (gRPC) and /v1/chat/completions (HTTP) with the backends and "
+                              "recipes of a config", _serve)
+    http = serve.add_mutually_exclusive_group()
+    http.add_argument("--http-port", type=int, help="override gateway.http_port (OpenAI-compatible HTTP; 0 = any free port)")
+    http.add_argument("--no-http", action="store_true", help="serve gRPC only (gateway.http_port: null)")
 
     gen = subparsers.add_parser("generate", help="one MoA answer from a running gateway, streamed")
     gen.add_argument("prompt", help="the user message")
@@ -25,11 +29,18 @@ def register(subparsers) -> None:
 
 
 async def _serve(args) -> int:
+    from moaa.errors import UserError
     from moaa.services.common.logs import configure_logging
     from moaa.services.config import load_server_config
     from moaa.services.gateway.server import serve
 
     cfg = load_server_config(args.config, "gateway", host=args.host, port=args.port)
+    if args.no_http:
+        cfg.gateway.http_port = None
+    elif args.http_port is not None:
+        if not 0 <= args.http_port <= 65535:
+            raise UserError(f"--http-port {args.http_port} is out of range: use 0..65535")
+        cfg.gateway.http_port = args.http_port
     configure_logging(min(logging.getLogger().level, logging.INFO), json_lines=args.log_format == "json")
     await serve(cfg)
     return 0

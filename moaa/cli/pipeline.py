@@ -68,7 +68,12 @@ def register(subparsers) -> None:
     chk.set_defaults(func=_check_prompts)
 
     ev = subparsers.add_parser("eval", help="pairwise win rate (raw, length-controlled, bootstrap CI) and 1-10 grades")
-    ev.add_argument("--answers", required=True, help="JSONL answers of the model under test")
+    ev.add_argument("--answers", help="JSONL answers of the model under test")
+    ev.add_argument("--contestant", metavar="NAME=URL#model",
+                    help="instead of --answers: an OpenAI-compatible endpoint answers the baseline's prompts, e.g. "
+                         "moa=http://127.0.0.1:8080/v1#default (the gateway's HTTP door and a recipe)")
+    ev.add_argument("--contestant-api-key-env", help="environment variable holding the contestant's API key")
+    ev.add_argument("--contestant-max-tokens", type=int, help="max_tokens of the contestant's answers")
     ev.add_argument("--baseline", required=True, help="JSONL answers of the baseline model, or reference answers")
     ev.add_argument("--name", default="model", help="name of the model under test")
     ev.add_argument("--baseline-name", default="baseline", help="name of the baseline")
@@ -133,6 +138,8 @@ async def _eval(args) -> int:
     from moaa.errors import UserError
     from moaa.pipeline.eval.run import evaluate
 
+    if bool(args.answers) == bool(args.contestant):
+        raise UserError("give the model's answers: --answers FILE or --contestant NAME=URL#model (one of them)")
     if bool(args.annotator) == bool(args.judge_url):
         raise UserError("give exactly one judge: --annotator HOST:PORT or --judge-url URL --judge-model NAME")
     if args.judge_url and not args.judge_model:

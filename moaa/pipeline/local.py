@@ -67,7 +67,7 @@ def local_config(backend: dict[str, Any], gateway_port: int, annotator_port: int
             "min_margin": 0.5,
         }},
         "default_ensemble": "local",
-        "gateway": {"host": "127.0.0.1", "port": gateway_port, "batch_window": 16},
+        "gateway": {"host": "127.0.0.1", "port": gateway_port, "batch_window": 16, "http_port": 0},
         "annotator": {"host": "127.0.0.1", "port": annotator_port, "batch_window": 8},
         "annotator_address": f"127.0.0.1:{annotator_port}",
     }

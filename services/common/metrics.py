@@ -13,11 +13,12 @@ log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
-RPC_CALLS = Counter("moaa_rpc_calls", "gRPC calls finished, by status code", ["service", "method", "code"])
-RPC_ERRORS = Counter("moaa_rpc_errors", "gRPC calls that ended with a non-OK code", ["service", "method", "code"])
-RPC_LATENCY = Histogram("moaa_rpc_latency_seconds", "gRPC call latency", ["service", "method"],
+# transport: "grpc" or "http" (the gateway's OpenAI-compatible door); codes are gRPC status names for both
+RPC_CALLS = Counter("moaa_rpc_calls", "calls finished, by status code", ["service", "method", "code", "transport"])
+RPC_ERRORS = Counter("moaa_rpc_errors", "calls that ended with a non-OK code", ["service", "method", "code", "transport"])
+RPC_LATENCY = Histogram("moaa_rpc_latency_seconds", "call latency", ["service", "method", "transport"],
                         buckets=_LATENCY_BUCKETS)
-IN_FLIGHT = Gauge("moaa_rpc_in_flight", "gRPC calls in flight", ["service"])
+IN_FLIGHT = Gauge("moaa_rpc_in_flight", "calls in flight (both transports)", ["service"])
 STAGE_LATENCY = Histogram("moaa_stage_latency_seconds", "latency per stage of a call (layer N, aggregator, ...)",
                           ["service", "stage"], buckets=_LATENCY_BUCKETS)
 BACKEND_LATENCY = Histogram("moaa_backend_latency_seconds", "backend request latency", ["service", "model", "outcome"],
@@ -42,11 +43,11 @@ class Metrics:
             child = self._children[key] = metric.labels(self.service, *labels)
         return child
 
-    def call_done(self, method: str, code: str, seconds: float) -> None:
-        self._child(RPC_CALLS, method, code).inc()
+    def call_done(self, method: str, code: str, seconds: float, transport: str = "grpc") -> None:
+        self._child(RPC_CALLS, method, code, transport).inc()
         if code != "OK":
-            self._child(RPC_ERRORS, method, code).inc()
-        self._child(RPC_LATENCY, method).observe(seconds)
+            self._child(RPC_ERRORS, method, code, transport).inc()
+        self._child(RPC_LATENCY, method, transport).observe(seconds)
 
     def stage(self, stage: str, seconds: float) -> None:
         self._child(STAGE_LATENCY, stage).observe(seconds)

@@ -193,8 +193,9 @@ class MoAEngine:
             resp.failures.extend(report.failures)
             prev = report
         # aggregator: the last layer's answers as references, fitted to its window; its answer streamed
+        # (a plan with no layers, the HTTP door's plain backend, sends the conversation as it is)
         agent = plan.aggregator
-        messages, fit = self._messages(plan, agent, list(prev.proposals))
+        messages, fit = self._messages(plan, agent, list(prev.proposals) if prev is not None else None)
         _set_reference_report(prev, fit)
         ta = time.monotonic()
         parts: list[str] = []

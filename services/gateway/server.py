@@ -5,10 +5,13 @@ import asyncio
 import logging
 
 from moaa.client.endpoint import Endpoint
+from moaa.errors import UserError
 from moaa.services.backend import BackendPool
 from moaa.services.common.server import RunningServer, start_server
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.annotation import AnnotatorClient
+from moaa.services.gateway.openai.api_router import OpenAIRouter, start_http
+from moaa.services.gateway.openai.serving import ChatServing
 from moaa.services.gateway.servicer import GatewayServicer
 from moaa.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -35,6 +38,24 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
 
     running = await start_server(cfg.gateway, "gateway", add, [SERVICE_NAME])
     running.servicer = holder["servicer"]
+    running.http_port = None
+    if cfg.gateway.http_port is not None:  # the OpenAI-compatible door, over the same engine and limits
+        try:
+            router = OpenAIRouter(ChatServing(cfg, running.servicer.engine), running.guard, cfg.gateway)
+            runner, running.http_port = await start_http(router, cfg.gateway.host, cfg.gateway.http_port,
+                                                         cfg.gateway.shutdown_grace_s)
+        except OSError as err:
+            await running.stop(0)
+            if own_pool:
+                await pool.close()
+            raise UserError(f"cannot serve HTTP on {cfg.gateway.host}:{cfg.gateway.http_port} ({err.strerror or err}): "
+                            "set gateway.http_port (or --http-port) to a free port, or null to turn HTTP off") from None
+        except BaseException:
+            await running.stop(0)
+            if own_pool:
+                await pool.close()
+            raise
+        running.on_stop.append(runner.cleanup)
     if annotator is not None:
         running.on_stop.append(annotator.close)
     if own_pool:
@@ -55,5 +76,6 @@ async def serve(cfg: MoaaConfig) -> None:
     """Run until SIGTERM/SIGINT, then finish calls in flight and stop."""
     running = await start_gateway(cfg)
     print(f"moaa gateway listening on {cfg.gateway.host}:{running.port}"
+          + (f", OpenAI-compatible HTTP on :{running.http_port}/v1" if running.http_port else "")
           + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
     await running.wait_for_signal()

@@ -115,6 +115,9 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- define "moaa.serverConfig" -}}
 {{- $v := get .root.Values .which -}}
 {{- $s := dict "host" "0.0.0.0" "port" (int $v.port) "metrics_port" (int $v.metricsPort) -}}
+{{- if eq .which "gateway" -}}
+{{- $_ := set $s "http_port" (ternary (int $v.httpPort) nil (gt (int $v.httpPort) 0)) -}}
+{{- end -}}
 {{- $s = include "moaa.merge" (dict "base" $s "over" $v.server) | fromJson -}}
 {{- if and .root.Values.tls.enabled (or (eq .which "gateway") .root.Values.tls.annotator) -}}
 {{- $tls := dict "cert_file" (printf "%s/tls.crt" (include "moaa.tlsDir" .)) "key_file" (printf "%s/tls.key" (include "moaa.tlsDir" .)) -}}

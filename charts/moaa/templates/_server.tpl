@@ -56,6 +56,11 @@ spec:
             - name: grpc
               containerPort: {{ int $v.port }}
               protocol: TCP
+            {{- if and (eq .which "gateway") (gt (int $v.httpPort) 0) }}
+            - name: http
+              containerPort: {{ int $v.httpPort }}
+              protocol: TCP
+            {{- end }}
             - name: metrics
               containerPort: {{ int $v.metricsPort }}
               protocol: TCP
@@ -147,6 +152,13 @@ spec:
       targetPort: grpc
       protocol: TCP
       appProtocol: grpc
+    {{- if and (eq .which "gateway") (gt (int $v.httpPort) 0) }}
+    - name: http
+      port: {{ int $v.httpPort }}
+      targetPort: http
+      protocol: TCP
+      appProtocol: {{ ternary "https" "http" .root.Values.tls.enabled }}
+    {{- end }}
     - name: metrics
       port: {{ int $v.metricsPort }}
       targetPort: metrics

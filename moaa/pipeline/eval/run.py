@@ -168,7 +168,16 @@ async def evaluate(args) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_ans, base_ans = load_answers(args.answers), load_answers(args.baseline)
+    base_ans = load_answers(args.baseline)
+    if getattr(args, "contestant", None):  # an OpenAI-compatible endpoint answers the baseline's prompts
+        from .contestant import contestant_answers, parse_contestant
+
+        contestant = parse_contestant(args.contestant)
+        args.name = contestant.name
+        model_ans = await contestant_answers(contestant, base_ans, out, api_key_env=args.contestant_api_key_env,
+                                             max_tokens=args.contestant_max_tokens)
+    else:
+        model_ans = load_answers(args.answers)
     pool = None
     if args.judge_url:
         from moaa.services.backend import BackendPool

@@ -1,0 +1,234 @@
+"""The HTTP door's transport (aiohttp): routes, bearer auth, request ids, the in-flight limit, metrics,
+one log line per call, SSE. The logic lives in serving.py.
+
+    GET  /health                 200 while serving (no token needed: probes)
+    GET  /v1/models              recipes, and plain backends marked as such
+    POST /v1/chat/completions    streamed (SSE) or not
+
+Calls share the gRPC server's limiter, metrics (transport="http") and bearer tokens. A client that
+hangs up cancels its handler (handler_cancellation), which closes the engine's generator and with it
+the backend requests, as a gRPC cancel does.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from contextlib import aclosing
+
+import grpc
+from aiohttp import web
+from pydantic import ValidationError
+
+from moaa.services.common.auth import TokenStore
+from moaa.services.common.errors import RpcError
+from moaa.services.common.logs import new_request_id, request_id_var
+from moaa.services.common.rpc import CallGuard, status_of
+from moaa.services.config import ServerConfig
+
+from . import protocol as p
+from .serving import RETRY_AFTER_S, ChatServing, HttpError, http_error
+
+log = logging.getLogger("moaa.http")
+REQUEST_ID = "x-request-id"
+CHAT_METHOD = "ChatCompletions"
+_EXEMPT = ("/health",)
+_SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _json(model, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(body=model.model_dump_json(exclude_none=False), status=status,
+                        content_type="application/json", headers=headers)
+
+
+def _error(code: grpc.StatusCode, message: str, param: str | None = None) -> web.Response:
+    status, body = http_error(code, message, param)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    return _json(body, status, headers)
+
+
+def _sse(model) -> bytes:
+    return b"data: " + model.model_dump_json(exclude_none=True).encode() + b"\n\n"
+
+
+class OpenAIRouter:
+    def __init__(self, serving: ChatServing, guard: CallGuard, server_cfg: ServerConfig):
+        self.serving = serving
+        self.guard = guard
+        self.cfg = server_cfg
+        self.tokens = TokenStore(server_cfg.auth) if server_cfg.auth.enabled else None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_request_bytes, middlewares=[self._middleware])
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        return app
+
+    # -- everything around a request ----------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        rid = request.headers.get(REQUEST_ID, "")
+        if not rid or len(rid) > 128 or not rid.isprintable():  # ids go into logs and response headers
+            rid = new_request_id()
+        request["rid"] = rid
+        token = request_id_var.set(rid)
+        try:
+            problem = None if request.path.startswith(_EXEMPT) else self._auth(request)
+            resp = _error(grpc.StatusCode.UNAUTHENTICATED, problem) if problem else await handler(request)
+        except web.HTTPException as exc:  # unknown route, wrong method, body too large: OpenAI's error shape
+            body = p.ErrorResponse(error=p.ErrorInfo(message=f"{request.method} {request.path}: {exc.reason}"
+                                                     + (f" ({exc.text})" if exc.status == 413 else ""),
+                                                     type="invalid_request_error"))
+            resp = _json(body, exc.status)
+        finally:
+            request_id_var.reset(token)
+        if not resp.prepared:
+            resp.headers[REQUEST_ID] = rid
+        return resp
+
+    def _auth(self, request: web.Request) -> str | None:
+        """What is wrong with the request's token, or None (the gRPC API's tokens and rules)."""
+        if self.tokens is None:
+            return None
+        value = request.headers.get("Authorization", "")
+        scheme, _, tok = value.partition(" ")
+        if not value:
+            return "missing bearer token: send the header 'Authorization: Bearer <token>' (the OpenAI SDK's api_key)"
+        if scheme.lower() != "bearer" or not tok.strip():
+            return "malformed Authorization header: expected 'Bearer <token>'"
+        if not self.tokens.accepts(tok.strip()):
+            return "the bearer token is not accepted"
+        return None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return _json(self.serving.models())
+
+    # -- chat completions --------------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        rid = request["rid"]
+        t0 = time.perf_counter()
+        code, resp = grpc.StatusCode.OK, None
+        try:
+            with self.guard.limiter.slot():
+                resp = await self._chat_call(request, rid)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except web.HTTPException:
+            code = grpc.StatusCode.INVALID_ARGUMENT  # e.g. 413 body too large; the middleware answers it
+            raise
+        except (ConnectionResetError, ConnectionError):
+            code = grpc.StatusCode.CANCELLED  # the client hung up mid-stream
+            resp = request.get("stream") or web.Response(status=499)
+        except Exception as err:  # noqa: BLE001 - every error becomes an OpenAI error body
+            code, msg = status_of(err)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("chat completion failed")
+            resp = self._failed(request, code, msg, getattr(err, "param", None))
+        finally:
+            if isinstance(resp, _Streamed) and resp.error is not None:
+                code = resp.error
+            dt = time.perf_counter() - t0
+            self.guard.metrics.call_done(CHAT_METHOD, code.name, dt, transport="http")
+            log.info("call", extra={"request_id": rid, "method": CHAT_METHOD, "transport": "http",
+                                    "code": code.name, "seconds": round(dt, 4)})
+        return resp
+
+    def _failed(self, request: web.Request, code: grpc.StatusCode, msg: str, param: str | None):
+        stream = request.get("stream")
+        if stream is not None:  # the answer already started: the error goes in the stream
+            stream.error = code
+            return stream
+        return _error(code, msg, param)
+
+    async def _chat_call(self, request: web.Request, rid: str) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HttpError("the request body is not JSON", grpc.StatusCode.INVALID_ARGUMENT) from None
+        try:
+            req = p.ChatCompletionRequest.model_validate(body)
+        except ValidationError as err:
+            param, msg = p.describe_validation(err)
+            raise HttpError(msg, grpc.StatusCode.INVALID_ARGUMENT, param) from None
+        started = time.monotonic()
+        call = self.serving.check(req, rid)
+        if not req.stream:
+            async with aclosing(self.serving.events(call, started, deltas=False)) as events:
+                async for ev in events:
+                    if ev.HasField("final"):
+                        return _json(self.serving.completion(call, ev.final), headers={REQUEST_ID: rid})
+            raise RpcError("the engine ended without a result")
+        return await self._stream(request, call, started)
+
+    async def _stream(self, request: web.Request, call, started: float) -> web.StreamResponse:
+        """Headers go out with the first delta, so an error before it (too few proposers, deadline)
+        still answers with its own status; after it, an error is an `error` event in the stream."""
+        serving = self.serving
+        resp = _Streamed(headers={**_SSE_HEADERS, REQUEST_ID: call.plan.request_id})
+
+        async def start() -> None:
+            await resp.prepare(request)
+            request["stream"] = resp
+            await resp.write(_sse(serving.chunk(call, role=True, content="")))
+
+        try:
+            async with aclosing(serving.events(call, started, deltas=True)) as events:
+                async for ev in events:
+                    if ev.HasField("delta"):
+                        if not resp.prepared:
+                            await start()
+                        await resp.write(_sse(serving.chunk(call, content=ev.delta.text)))
+                    elif ev.HasField("final"):
+                        if not resp.prepared:
+                            await start()
+                        final = ev.final
+                        await resp.write(_sse(serving.chunk(call, finish=final.finish_reason or "stop", final=final)))
+                        if call.request.include_usage:
+                            await resp.write(_sse(serving.usage_chunk(call, final)))
+        except RpcError as err:
+            if not resp.prepared:
+                raise
+            code, msg = status_of(err)
+            _, body = http_error(code, msg)
+            resp.error = code
+            await resp.write(b"data: " + body.model_dump_json().encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+class _Streamed(web.StreamResponse):
+    """A streamed answer; `error` is the status code of an error sent inside it."""
+
+    error: grpc.StatusCode | None = None
+
+
+def ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+    """The gRPC port's certificate for HTTPS too; with client_ca_file, client certificates are required."""
+    if not cfg.tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+    if cfg.tls.client_ca_file:
+        ctx.load_verify_locations(cfg.tls.client_ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+async def start_http(router: OpenAIRouter, host: str, port: int, grace_s: float):
+    """Serve the router; returns (runner, bound port). `runner.cleanup()` waits up to grace_s for calls."""
+    runner = web.AppRunner(router.app(), handler_cancellation=True, access_log=None, shutdown_timeout=grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context(router.cfg), backlog=2048)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]
+    log.info("OpenAI-compatible HTTP on %s:%d%s", host, bound, " (TLS)" if router.cfg.tls.enabled else "")
+    return runner, bound

@@ -1,0 +1,207 @@
+"""OpenAI chat-completions request and response models, as the HTTP door accepts and answers them.
+
+Requests are strict: a field we do not implement answers 400 naming it instead of being ignored. The
+`moaa` object is our extension: in a request (via the SDK's `extra_body`) the MoA knobs of
+GenerateRequest, in a response the per-model usage, proposals, failures and latency per stage.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_STOP = 4
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class ResponseFormat(BaseModel):
+    type: str
+
+
+class MoaaOptions(_Strict):
+    """MoA knobs of GenerateRequest, for a recipe model only."""
+
+    min_proposers: int | None = Field(None, ge=1)
+    first_k: int | None = Field(None, ge=1)
+    layer_deadline_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, gt=0, description="deadline of the whole call (504 when it passes)")
+
+
+class ChatCompletionRequest(_Strict):
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    moaa: MoaaOptions | None = None
+    # accepted only with the value that means "not used"; anything else is a 400 naming the field
+    n: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for the first field set to something we do not implement."""
+        if self.n is not None and self.n != 1:
+            return "n", f"n={self.n} is not supported: a MoA call gives one answer, use n=1 (or leave it out)"
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name, f"{name} is not supported: the gateway answers with text only, remove {name}"
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                return name, f"{name} is not supported: remove it (no tools are called)"
+        if self.logprobs:
+            return "logprobs", "logprobs are not supported: remove logprobs (or set it to false)"
+        if self.top_logprobs:
+            return "top_logprobs", "top_logprobs is not supported: remove it"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported: remove it"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", (f"response_format type {self.response_format.type!r} is not supported: "
+                                       "only 'text'")
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            return "max_completion_tokens", "max_tokens and max_completion_tokens differ: send one of them"
+        stops = self.stop_list()
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            return "stop", f"stop takes at most {MAX_STOP} non-empty strings"
+        return None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def describe_validation(err: ValidationError) -> tuple[str | None, str]:
+    """(param, message) of the first problem in a request body, in the client's field names."""
+    e = err.errors()[0]
+    loc = [str(x) for x in e["loc"]]
+    # the union branch pydantic tried ('str', 'list[ContentPart]') is noise in a field path
+    loc = [x for x in loc if not x.startswith(("str", "list[", "function-", "literal"))]
+    path = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None  # messages[0].role
+    if e["type"] == "extra_forbidden":
+        return path, f"unsupported field {path!r}: remove it (the gateway implements the chat fields it lists in its docs)"
+    if e["type"] == "missing":
+        return path, f"{path} is required"
+    return path, f"{path}: {e['msg']}" if path else e["msg"]
+
+
+# -- responses ---------------------------------------------------------------------------------------
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    moaa: dict[str, Any] | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    moaa: dict[str, Any] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str
+    moaa: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,318 @@
+"""The gateway's OpenAI-compatible HTTP door, called with the official `openai` client: a real gateway
+(gRPC and HTTP in one process) over the in-process emulator."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client import REGISTRY
+
+from moaa.services.config import parse_config
+from tests.fixtures.gateway import moa_config, request
+
+FAST = {"ttft_s": 0.0}
+TOKEN = "http-door-token-0123456789"
+
+
+def client(gw, api_key: str = "unused", **kw) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.running.http_port}/v1", api_key=api_key,
+                              max_retries=0, timeout=30, **kw)
+
+
+def ask(text: str = "What is a mixture of agents?") -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture
+async def gw(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"a": FAST, "b": FAST, "agg": FAST})
+    handle = await gateway_factory(moa_config(emu.url, ["a", "b"]))
+    handle.emu = emu
+    yield handle
+
+
+async def test_config_default_port_and_off():
+    cfg = parse_config({"backends": {"m": {"urls": ["http://x/v1"]}}})
+    assert cfg.gateway.http_port == 8080
+    assert parse_config({"backends": {"m": {"urls": ["http://x/v1"]}}, "gateway": {"http_port": None}}).gateway.http_port is None
+
+
+async def test_off_when_null(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    handle = await gateway_factory(moa_config(emu.url, ["a"], gateway={"http_port": None}))
+    assert handle.running.http_port is None
+    assert (await handle.stub.Generate(request(), timeout=10)).text  # gRPC alone still serves
+
+
+async def test_recipe_answer_with_usage_and_extension(gw, caplog):
+    caplog.set_level(logging.INFO, logger="moaa.http")
+    raw = await client(gw).chat.completions.with_raw_response.create(
+        model="moa", messages=ask(), extra_headers={"x-request-id": "rid-http-1"})
+    resp = raw.parse()
+    assert raw.headers["x-request-id"] == "rid-http-1" and resp.id == "chatcmpl-rid-http-1"
+    assert resp.object == "chat.completion" and resp.model == "moa"
+    assert resp.choices[0].message.role == "assistant" and resp.choices[0].message.content
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    ext = resp.model_extra["moaa"]
+    assert ext["kind"] == "recipe" and ext["recipe"] == "moa" and ext["request_id"] == "rid-http-1"
+    assert [p["model"] for p in ext["layers"][0]["proposals"]] == ["a", "b"]
+    assert all(p["text"] for p in ext["layers"][0]["proposals"]) and ext["failures"] == []
+    assert ext["latency"]["total_s"] > 0 and len(ext["latency"]["layer_s"]) == 1
+    per_model = {u["model"]: u["usage"] for u in ext["usage"]}
+    assert set(per_model) == {"a", "b", "agg"}
+    assert resp.usage.prompt_tokens == sum(u["prompt_tokens"] for u in per_model.values()) > 0
+    assert resp.usage.completion_tokens == sum(u["completion_tokens"] for u in per_model.values()) > 0
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    # one log line per call, as gRPC's, with the request id and the transport; a metric series per transport
+    (rec,) = [r for r in caplog.records if r.name == "moaa.http" and r.msg == "call"]
+    assert (rec.request_id, rec.method, rec.transport, rec.code) == ("rid-http-1", "ChatCompletions", "http", "OK")
+    assert REGISTRY.get_sample_value("moaa_rpc_calls_total", {
+        "service": "gateway", "method": "ChatCompletions", "code": "OK", "transport": "http"}) >= 1
+
+
+async def test_sampling_maps_onto_the_aggregator(gw):
+    await client(gw).chat.completions.create(
+        model="moa", messages=ask(), temperature=0.3, top_p=0.5, max_completion_tokens=5, stop=["zz"], seed=11,
+        presence_penalty=0.1, frequency_penalty=0.2)
+    agg = gw.emu.bodies("agg")[-1]
+    assert {k: agg[k] for k in ("temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty",
+                                "frequency_penalty")} == {
+        "temperature": 0.3, "top_p": 0.5, "max_tokens": 5, "stop": ["zz"], "seed": 11, "presence_penalty": 0.1,
+        "frequency_penalty": 0.2}
+    assert "temperature" not in gw.emu.bodies("a")[-1]  # proposers keep the recipe's sampling
+
+
+async def test_streaming_chunks_usage_and_done(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"a": FAST, "agg": {"tokens_per_s": 200}})
+    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    stream = await client(gw).chat.completions.create(model="moa", messages=ask(), stream=True, max_tokens=8,
+                                                      stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content_chunks) == 8  # the aggregator's deltas, one per backend chunk
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].model_extra["moaa"]["aggregator_model"] == "agg"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
+    assert text.strip()
+    # without include_usage there is no usage chunk
+    stream = await client(gw).chat.completions.create(model="moa", messages=ask(), stream=True, max_tokens=2)
+    assert all(c.choices for c in [c async for c in stream])
+
+
+async def test_sse_wire_format_ends_with_done(gw):
+    url = f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions"
+    async with aiohttp.ClientSession() as s, s.post(url, json={"model": "moa", "messages": ask(), "stream": True}) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        body = (await r.read()).decode()
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+async def test_passthrough_backend_and_model_list(gw):
+    models = await client(gw).models.list()
+    kinds = {m.id: m.model_extra["moaa"]["kind"] for m in models.data}
+    assert kinds == {"moa": "recipe", "a": "backend", "b": "backend", "agg": "backend"}
+    resp = await client(gw).chat.completions.create(model="b", messages=ask("plain question"), max_tokens=3)
+    assert resp.choices[0].message.content and resp.model_extra["moaa"]["kind"] == "backend"
+    assert resp.model_extra["moaa"]["layers"] == [] and resp.usage.total_tokens > 0
+    body = gw.emu.bodies("b")[-1]
+    assert body["messages"] == ask("plain question") and body["max_tokens"] == 3  # no references, nothing added
+    stream = await client(gw).chat.completions.create(model="b", messages=ask(), stream=True)
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    with pytest.raises(openai.BadRequestError) as err:  # MoA knobs on a single model: said, not ignored
+        await client(gw).chat.completions.create(model="b", messages=ask(), extra_body={"moaa": {"first_k": 1}})
+    assert err.value.body["param"] == "moaa" and "plain backend" in err.value.body["message"]
+
+
+@pytest.mark.parametrize("kw, param", [
+    ({"n": 2}, "n"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"logprobs": True}, "logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"temperature": 3.0}, "temperature"),
+    ({"extra_body": {"top_k": 5}}, "top_k"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+    ({"extra_body": {"moaa": {"min_proposers": 5}}}, "moaa"),
+])
+async def test_bad_requests_are_400_naming_the_field(gw, kw, param):
+    args = {"model": "moa", "messages": ask(), **kw}
+    with pytest.raises(openai.BadRequestError) as err:
+        await client(gw).chat.completions.create(**args)
+    assert err.value.status_code == 400
+    e = err.value.body
+    assert e["type"] == "invalid_request_error" and e["message"], e
+    assert e["param"].split("[")[0] == param and param in e["message"], e
+
+
+async def test_body_not_json_is_400(gw):
+    url = f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions"
+    async with aiohttp.ClientSession() as s, s.post(url, data=b"{not json", headers={"x-request-id": "r9"}) as r:
+        assert r.status == 400 and r.headers["x-request-id"] == "r9"
+        assert (await r.json())["error"] == {"message": "the request body is not JSON",
+                                             "type": "invalid_request_error", "param": None, "code": None}
+
+
+async def test_unknown_model_is_404(gw):
+    with pytest.raises(openai.NotFoundError) as err:
+        await client(gw).chat.completions.create(model="nope", messages=ask())
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+    assert "'nope'" in err.value.body["message"] and "moa" in err.value.body["message"]
+
+
+async def test_auth_none_wrong_right(gw_emulators, gateway_factory, monkeypatch):
+    monkeypatch.setenv("MOAA_TEST_HTTP_TOKENS", TOKEN)
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"auth": {"tokens_env": "MOAA_TEST_HTTP_TOKENS"}}))
+    url = f"http://127.0.0.1:{gw.running.http_port}"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + "/v1/chat/completions", json={"model": "moa", "messages": ask()}) as r:
+            assert r.status == 401 and "missing bearer token" in (await r.json())["error"]["message"]
+        async with s.get(url + "/health") as r:  # probes need no token
+            assert r.status == 200
+    with pytest.raises(openai.AuthenticationError) as err:
+        await client(gw, api_key="wrong").chat.completions.create(model="moa", messages=ask())
+    assert err.value.status_code == 401 and err.value.body["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        await client(gw, api_key="wrong").models.list()
+    resp = await client(gw, api_key=TOKEN).chat.completions.create(model="moa", messages=ask())
+    assert resp.choices[0].message.content
+
+
+async def test_over_max_in_flight_is_429_with_retry_after(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"stall": {"stall_before_headers": True}, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["stall"], gateway={"max_in_flight": 1}))
+    first = asyncio.create_task(client(gw).chat.completions.create(model="moa", messages=ask()))
+    for _ in range(100):
+        if emu.stats.in_flight:
+            break
+        await asyncio.sleep(0.02)
+    try:
+        with pytest.raises(openai.RateLimitError) as err:
+            await client(gw).chat.completions.create(model="moa", messages=ask())
+        assert err.value.response.headers["retry-after"] == "1"
+        assert "max_in_flight=1" in err.value.body["message"] and err.value.body["type"] == "rate_limit_error"
+        # the gRPC door shares the limit
+        import grpc
+        with pytest.raises(grpc.aio.AioRpcError) as gerr:
+            await gw.stub.Generate(request(), timeout=5)
+        assert gerr.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+
+
+async def test_too_few_proposers_is_503(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"a": FAST, "bad": {"error_rates": {500: 1.0}}, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a", "bad"], min_proposers=2))
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as err:
+            r = await client(gw).chat.completions.create(model="moa", messages=ask(), stream=stream)
+            [c async for c in r]
+        assert err.value.status_code == 503, stream
+        assert err.value.body["type"] == "service_unavailable"
+        assert "only 1 of 2 proposers answered" in err.value.body["message"] and "bad" in err.value.body["message"]
+
+
+async def test_deadline_is_504(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"slow": {"ttft_s": 5}, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["slow"]))
+    with pytest.raises(openai.APIStatusError) as err:
+        await client(gw).chat.completions.create(model="moa", messages=ask(), extra_body={"moaa": {"timeout_s": 0.3}})
+    assert err.value.status_code == 504 and err.value.body["type"] == "timeout"
+    for _ in range(100):  # the proposer's request was cancelled at the deadline
+        if emu.stats.disconnects:
+            break
+        await asyncio.sleep(0.02)
+    assert emu.stats.disconnects == 1
+
+
+async def test_error_after_the_answer_started_is_an_event_in_the_stream(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"a": FAST, "agg": {"disconnect_after_chunks": 2}})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], backends={"agg": {"retries": {"max_attempts": 1}}}))
+    stream = await client(gw).chat.completions.create(model="moa", messages=ask(), stream=True, max_tokens=10)
+    got = []
+    with pytest.raises(openai.APIError) as err:
+        async for c in stream:
+            got.append(c)
+    assert "aggregator failed" in str(err.value.message) and len(got) >= 2
+
+
+async def test_client_disconnect_cancels_backend_requests(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"a": FAST, "stall": {"stall_before_headers": True}, "agg": {"tokens_per_s": 20}})
+    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    # streaming: the client hangs up after the first words of the aggregator's answer
+    stream = await client(gw).chat.completions.create(model="moa", messages=ask(), stream=True, max_tokens=200)
+    async for c in stream:
+        if c.choices and c.choices[0].delta.content:
+            break
+    await stream.close()
+    for _ in range(200):
+        if emu.stats.disconnects and not gw.running.guard.limiter.in_flight:
+            break
+        await asyncio.sleep(0.02)
+    assert emu.stats.disconnects == 1 and emu.stats.in_flight == 0
+    assert gw.running.guard.limiter.in_flight == 0
+    # not streamed: hanging up while the proposers answer cancels them
+    gw2 = await gateway_factory(moa_config(emu.url, ["a", "stall"]))
+    task = asyncio.create_task(client(gw2).chat.completions.create(model="moa", messages=ask()))
+    for _ in range(100):
+        if emu.stats.in_flight:
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    for _ in range(200):
+        if emu.stats.disconnects == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert emu.stats.disconnects == 2 and emu.stats.in_flight == 0
+    assert REGISTRY.get_sample_value("moaa_rpc_calls_total", {
+        "service": "gateway", "method": "ChatCompletions", "code": "CANCELLED", "transport": "http"}) >= 1
+
+
+async def test_gateway_serve_http_port_errors_are_one_line(gw_emulators, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    path = tmp_path / "moaa.yaml"
+    path.write_text(yaml.safe_dump(moa_config(emu.url, ["a"])))
+    cmd = [sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config", str(path)]
+    bad = subprocess.run([*cmd, "--http-port", "70000"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--http-port 70000 is out of range" in bad.stderr and bad.stderr.count("\n") == 1
+    # the HTTP port taken: one line, non-zero, no traceback
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        busy = subprocess.run([*cmd, "--http-port", str(taken)], capture_output=True, text=True, timeout=60)
+    last = busy.stderr.strip().splitlines()[-1]
+    assert busy.returncode == 2 and last.startswith("moaa: error: cannot serve HTTP on 127.0.0.1:") and "http_port" in last
+    assert "Traceback" not in busy.stderr
+
+
+async def test_unknown_route_and_too_large_body(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"max_request_bytes": 2048}))
+    base = f"http://127.0.0.1:{gw.running.http_port}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(base + "/v1/completions") as r:
+            assert r.status == 404 and (await r.json())["error"]["type"] == "invalid_request_error"
+        body = {"model": "moa", "messages": ask("x" * 5000)}
+        async with s.post(base + "/v1/chat/completions", json=body) as r:
+            err = (await r.json())["error"]
+            assert r.status == 413 and "2048" in err["message"], err
+        async with s.post(base + "/v1/chat/completions", json={"model": "moa", "messages": ask()},
+                          headers={"x-request-id": "x" * 500}) as r:
+            assert r.status == 200 and len(r.headers["x-request-id"]) == 16  # unusable id replaced
