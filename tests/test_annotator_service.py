@@ -84,19 +84,6 @@ async def test_small_margin_and_aggregator_fallback(judge_emulator, annotator_fa
     assert resp.combine == "weighted" and "aggregator judge gave no readable score" in resp.note
 
 
-async def test_backend_down_recorded_as_failure_and_abstention(judge_emulator, annotator_factory):
-    cfg = judge_config(judge_emulator.url, {"up": "keyword:paris", "down": "keyword:paris"}, mode="pointwise",
-                       combine="mean")
-    cfg["backends"]["m-down"] = {"urls": ["http://127.0.0.1:9/v1"], "retries": {"max_attempts": 1},
-                                 "timeouts": {"connect_s": 1}}
-    stub = await annotator_factory(cfg)
-    resp = await stub.Annotate(request([GOOD, BAD]))
-    reps = {j.judge: j for j in resp.judges}
-    assert reps["down"].abstentions == 2 and "backend failed: connect" in reps["down"].scores[0].abstain_reason
-    assert [f.cause for f in resp.failures] == ["connect"] and resp.failures[0].model == "m-down"
-    assert resp.chosen_id == "c0"
-
-
 @pytest.mark.parametrize("mutate,message", [
     (lambda r: r.candidates.__delitem__(slice(1, None)), "candidates has 1 entry: send at least 2"),
     (lambda r: r.candidates.add(id="c9", text=" \n "), "candidates[3] is empty"),

@@ -126,6 +126,27 @@ def combine(scores: dict[str, list[float | None]], weights: dict[str, float], ru
     return out
 
 
+def quorum(min_judges: int | None, asked: int) -> int:
+    """Judges that must answer: `min_judges` (capped at the judges asked), default all of them."""
+    return asked if min_judges is None else min(min_judges, asked)
+
+
+def describe_failures(failures: dict[str, list]) -> str:
+    """'b (connect at http://...: refused), c (http_5xx ...)': each failed judge with its first failure."""
+    parts = []
+    for name, errs in failures.items():
+        e = errs[0]
+        where = f" at {e.endpoint}" if e.endpoint else ""
+        parts.append(f"{name} ({e.model}: {e.cause}{where}: {e.message})")
+    return ", ".join(parts)
+
+
+def outage_message(ensemble: str, failures: dict[str, list], answered: int, asked: int, need: int) -> str:
+    """Why a prompt could not be decided because judge backends failed (an UNAVAILABLE item, retried)."""
+    return (f"judge backends failed: {describe_failures(failures)}; {answered} of {asked} judges answered, "
+            f"ensemble {ensemble!r} needs {need} (min_judges); retry when the backends are back")
+
+
 @dataclass
 class Decision:
     chosen: int | None = None
