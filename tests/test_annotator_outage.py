@@ -72,7 +72,7 @@ async def test_unreadable_reply_is_still_an_abstention_and_a_quality_skip(judge_
     stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "garbage", "b": "garbage"},
                                                 mode="pointwise", combine="mean"))
     resp = await stub.Annotate(request([GOOD, BAD]))
-    assert resp.skipped and resp.skip_reason.startswith("too many abstentions") and not resp.failures
+    assert resp.skipped and resp.skip_reason.startswith("too_many_abstentions: 2 of 2") and not resp.failures
 
 
 def test_min_judges_above_the_judges_is_a_config_error():

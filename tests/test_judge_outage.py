@@ -1,0 +1,201 @@
+"""Acceptance "Judge outage": one judge backend refuses connections for a window during stage 2 and then
+recovers. After the run and at most one re-run every prompt has a pair or a quality skip; none is lost to
+the outage. For the pipeline's pairs stage, `moaa annotate` and `moaa eval` (real annotator server, real
+CLI subprocesses, emulated judges: the faulty judge's emulator is stopped and restarted on its port)."""
+import asyncio
+import json
+import sys
+
+from moaa.pipeline.budget import TokenLedger
+from moaa.pipeline.layout import RunLayout
+from moaa.pipeline.rpc import Endpoint
+from moaa.pipeline.stages import StageContext, stage_pairs
+from moaa.pipeline.store import DatasetStore, iter_jsonl
+from moaa.services.annotator.judge_emulator import JudgeEmulator
+from moaa.services.annotator.server import start_annotator
+from moaa.services.config import parse_config
+from tests.fixtures.annotator import judge_config
+
+QUALITY = ("too_many_abstentions", "too_few_scored", "low_agreement", "low_margin", "too_few_candidates")
+POLICY = "longest+delay=0.2"
+
+
+class FlakyJudge:
+    """A judge emulator that goes down (connection refused, requests in flight cut) and comes back on its port."""
+
+    def __init__(self):
+        self.emu: JudgeEmulator | None = None
+        self.port = 0
+
+    async def up(self) -> "FlakyJudge":
+        self.emu = await JudgeEmulator(port=self.port).start()
+        self.port = self.emu.port
+        return self
+
+    async def back(self) -> None:
+        """The window ends: the judge answers on its port again, and the annotator's health probe has seen it
+        (the probe settles the circuit breaker, as in a cluster)."""
+        await self.up()
+        while self.served() < 1:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+
+    async def down(self) -> None:
+        await self.emu.stop()
+
+    def served(self) -> int:
+        return sum(s["requests"] for s in self.emu.snapshot().values())
+
+    async def down_after(self, requests: int) -> None:
+        """The outage starts in the middle of the work: after this many requests reached the judge."""
+        while self.served() < requests:
+            await asyncio.sleep(0.02)
+        await self.down()
+
+
+def _config(steady_url: str, flaky: FlakyJudge, **annotator) -> dict:
+    cfg = judge_config(steady_url, {"j1": POLICY, "j2": POLICY}, mode="pointwise", combine="mean", min_margin=0.0,
+                       annotator={"batch_window": 2, **annotator})
+    cfg["backends"]["m-j2"].update(urls=[f"http://127.0.0.1:{flaky.port}/v1"],
+                                   timeouts={"connect_s": 1}, circuit={"reset_after_s": 0.1},
+                                   health={"probe_interval_s": 0.2, "probe_timeout_s": 1})
+    return cfg
+
+
+def _question(i: int) -> str:
+    return f"Question number {i}?"
+
+
+async def _moaa(*args: str, timeout: float = 120) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def _annotator(cfg: dict):
+    return await start_annotator(parse_config(cfg), port=0, probes=True)
+
+
+async def test_pipeline_pairs_stage_loses_no_prompt_to_a_judge_outage(judge_emulator, tmp_path):
+    flaky = await FlakyJudge().up()
+    server = await _annotator(_config(judge_emulator.url, flaky))
+    try:
+        layout = RunLayout(tmp_path)
+        layout.samples.mkdir(parents=True)
+        rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": _question(i)}],
+                 "samples": ["short", "a much longer answer " * (i % 3 + 1)]} for i in range(12)]
+        rows.append({"id": "tie", "prompt": [{"role": "user", "content": "Tie?"}], "samples": ["aaaa", "bbbb"]})
+        (layout.samples / "data-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", train_prompts=[],
+                           eval_prompts=[], base_model="x", settings={"allow_failures": 0.1},
+                           annotator=Endpoint(server.address), quiet=True)
+        outage = asyncio.create_task(flaky.down_after(4))
+        runs = 0
+        for _ in range(2):  # the run and at most one re-run
+            runs += 1
+            try:
+                result = await stage_pairs(ctx)
+                break
+            except Exception as err:  # too many failures: the stage stays incomplete, rows pending
+                assert "re-run the same command to retry them" in str(err)
+                await outage
+                await flaky.back()
+        failures = list(iter_jsonl(layout.pairs / "failures.jsonl"))
+        assert failures and all(f["error"].startswith("UNAVAILABLE: judge backends failed: j2 (m-j2:")
+                                for f in failures)
+        store = DatasetStore(layout.pairs, stage="pairs", fmt="preference").open()
+        assert store.done | set(store.skipped) == {r["id"] for r in rows}, "every prompt: a pair or a skip"
+        assert all(why.split(":")[0] in QUALITY for why in store.skipped.values()), store.skipped
+        assert store.skipped == {"tie": store.skipped["tie"]} and store.skipped["tie"].startswith("low_margin")
+        assert not store.failed and result["rows"] == 12 and result["failed"] == 0 and runs <= 2
+        assert result["skipped_reasons"] == {"low_margin": 1}
+    finally:
+        await server.stop(0)
+        await flaky.down()
+
+
+async def test_pipeline_pairs_stage_keeps_few_failures_as_failures_and_retries_them(judge_emulator, tmp_path):
+    """Under allow_failures the stage completes, but the failed prompts are failures (not skips) and the
+    next run of the stage retries them."""
+    flaky = await FlakyJudge().up()
+    await flaky.down()
+    server = await _annotator(_config(judge_emulator.url, flaky))
+    try:
+        layout = RunLayout(tmp_path)
+        layout.samples.mkdir(parents=True)
+        rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": _question(i)}],
+                 "samples": ["short", "a much longer answer"]} for i in range(3)]
+        (layout.samples / "data-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", train_prompts=[],
+                           eval_prompts=[], base_model="x", settings={"allow_failures": 1.0},
+                           annotator=Endpoint(server.address), quiet=True)
+        try:
+            await stage_pairs(ctx)
+        except Exception as err:  # no pair at all: the stage says so, the rows stay failures
+            assert "no preference pairs" in str(err)
+        store = DatasetStore(layout.pairs, stage="pairs", fmt="preference").open()
+        assert set(store.failed) == {"p0", "p1", "p2"} and not store.skipped and not store.done
+        assert json.loads((layout.pairs / "manifest.json").read_text())["failed"] == 3
+        await flaky.back()
+        result = await stage_pairs(ctx)
+        assert result["rows"] == 3 and result["failed"] == 0 and result["skipped"] == 0
+    finally:
+        await server.stop(0)
+        await flaky.down()
+
+
+async def test_moaa_annotate_loses_no_prompt_to_a_judge_outage(judge_emulator, tmp_path):
+    flaky = await FlakyJudge().up()
+    server = await _annotator(_config(judge_emulator.url, flaky))
+    try:
+        inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+        ids = [f"r{i}" for i in range(12)]
+        inp.write_text("".join(json.dumps({"id": i, "prompt": [{"role": "user", "content": f"Q {i}?"}],
+                                           "candidates": [{"text": "short"}, {"text": "a much longer answer"}]}) + "\n"
+                               for i in ids))
+        args = ("annotate", "--annotator", server.address, "--in", str(inp), "--out", str(out), "--no-progress")
+        outage = asyncio.create_task(flaky.down_after(4))
+        rc, _, err = await _moaa(*args)
+        await outage
+        assert rc == 75, err                                   # transient: a re-run retries
+        assert "rerun to retry them" in err
+        errors = list(iter_jsonl(tmp_path / "pairs.jsonl.errors.jsonl"))
+        assert errors and all(e["error"].startswith("UNAVAILABLE: judge backends failed: j2 (m-j2:") for e in errors)
+        report = json.loads((tmp_path / "pairs.jsonl.report.json").read_text())
+        assert report["errors"] == len(errors) and report["skipped"] == 0
+        await flaky.back()
+        rc, _, err = await _moaa(*args)
+        assert rc == 0, err
+        done = [r["id"] for r in iter_jsonl(out)]
+        assert sorted(done) == sorted(ids) and len(done) == len(set(done))
+        assert not list(iter_jsonl(tmp_path / "pairs.jsonl.skipped.jsonl"))
+    finally:
+        await server.stop(0)
+        await flaky.down()
+
+
+async def test_moaa_eval_loses_no_judgment_to_a_judge_outage(judge_emulator, tmp_path):
+    flaky = await FlakyJudge().up()
+    server = await _annotator(_config(judge_emulator.url, flaky))
+    try:
+        a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+        a.write_text("".join(json.dumps({"id": f"q{i}", "prompt": _question(i), "answer": "long answer " * 8}) + "\n"
+                             for i in range(10)))
+        b.write_text("".join(json.dumps({"id": f"q{i}", "prompt": _question(i), "answer": "short"}) + "\n"
+                             for i in range(10)))
+        args = ("eval", "--answers", str(a), "--baseline", str(b), "--annotator", server.address,
+                "--out", str(tmp_path / "ev"), "--bootstrap", "100")
+        outage = asyncio.create_task(flaky.down_after(4))
+        rc, _, err = await _moaa(*args)
+        await outage
+        assert rc == 75 and "judgments failed" in err and "UNAVAILABLE" in err, err
+        await flaky.back()
+        rc, _, err = await _moaa(*args)
+        assert rc == 0, err
+        wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())[0]
+        assert wr["n"] == 10 and wr["win_rate"] == 100.0            # every judgment is there, none abstained
+        assert not list(iter_jsonl(tmp_path / "ev" / "judgments" / "skipped.jsonl"))
+    finally:
+        await server.stop(0)
+        await flaky.down()
