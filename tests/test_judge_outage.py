@@ -6,13 +6,16 @@ import asyncio
 import json
 import sys
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from moaa.pipeline.budget import TokenLedger
 from moaa.pipeline.layout import RunLayout
 from moaa.pipeline.rpc import Endpoint
 from moaa.pipeline.stages import StageContext, stage_pairs
 from moaa.pipeline.store import DatasetStore, iter_jsonl
 from moaa.services.annotator.judge_emulator import JudgeEmulator
-from moaa.services.annotator.server import start_annotator
+from moaa.services.annotator.server import SERVICE_NAME, start_annotator
 from moaa.services.config import parse_config
 from tests.fixtures.annotator import judge_config
 
@@ -196,6 +199,36 @@ async def test_moaa_eval_loses_no_judgment_to_a_judge_outage(judge_emulator, tmp
         wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())[0]
         assert wr["n"] == 10 and wr["win_rate"] == 100.0            # every judgment is there, none abstained
         assert not list(iter_jsonl(tmp_path / "ev" / "judgments" / "skipped.jsonl"))
+    finally:
+        await server.stop(0)
+        await flaky.down()
+
+
+async def _health(address: str, service: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                timeout=5)).status
+
+
+async def _wait_health(address: str, status: int, timeout: float = 15.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while await _health(address, SERVICE_NAME) != status:
+        assert loop.time() < end, f"health of {SERVICE_NAME} never became {status}"
+        await asyncio.sleep(0.1)
+
+
+async def test_annotator_health_reports_a_judge_outage_and_the_recovery(judge_emulator, tmp_path):
+    flaky = await FlakyJudge().up()
+    server = await _annotator(_config(judge_emulator.url, flaky))
+    try:
+        assert await _health(server.address, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
+        await flaky.down()
+        await _wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # the process itself is fine: the overall status, which kubelet probes, stays SERVING
+        assert await _health(server.address, "") == health_pb2.HealthCheckResponse.SERVING
+        await flaky.back()
+        await _wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
     finally:
         await server.stop(0)
         await flaky.down()

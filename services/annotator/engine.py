@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from moaa.services.backend.errors import BackendError
+from moaa.services.backend.replicas import OPEN
 from moaa.services.common.errors import Unavailable
 from moaa.services.config import EnsembleConfig, JudgeConfig, MoaaConfig
 from moaa.v1 import annotator_pb2, common_pb2
@@ -70,6 +71,25 @@ class AnnotationEngine:
                     store.get(t)
                 except TemplateError as err:
                     raise TemplateError(f"ensembles.{name}: {err}") from None
+
+    def _backend_up(self, model: str) -> bool:
+        """A replica that is healthy (probes) and whose circuit is not open (request failures)."""
+        return any(r.healthy and r.circuit != OPEN for r in self.pool.client(model).replicas.replicas)
+
+    def outage(self) -> str | None:
+        """Why no ensemble can be decided now (every one lacks its quorum of reachable judges, or its
+        aggregator judge in mode 'moa'), or None. Drives the health status of the Annotator service."""
+        why = []
+        for name, ens in self.config.ensembles.items():
+            down = [j.name for j in ens.judges if not self._backend_up(j.model)]
+            need = cb.quorum(ens.min_judges, len(ens.judges))
+            if len(ens.judges) - len(down) < need:
+                why.append(f"{name}: judges {', '.join(down)} unreachable, {need} needed")
+            elif ens.mode == "moa" and ens.aggregator is not None and not self._backend_up(ens.aggregator.model):
+                why.append(f"{name}: aggregator judge {ens.aggregator.name} unreachable")
+            else:
+                return None
+        return "; ".join(why)
 
     def judge_template(self, ens: EnsembleConfig, judge: JudgeConfig, mode: str) -> JudgeTemplate:
         store = self.store(ens)
