@@ -3,12 +3,15 @@ recovers. After the run and at most one re-run every prompt has a pair or a qual
 the outage. For the pipeline's pairs stage, `moaa annotate` and `moaa eval` (real annotator server, real
 CLI subprocesses, emulated judges: the faulty judge's emulator is stopped and restarted on its port)."""
 import asyncio
+import contextlib
 import json
 import sys
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moaa.errors import TransientError, UserError
 from moaa.pipeline.budget import TokenLedger
 from moaa.pipeline.layout import RunLayout
 from moaa.pipeline.rpc import Endpoint
@@ -80,19 +83,47 @@ async def _annotator(cfg: dict):
     return await start_annotator(parse_config(cfg), port=0, probes=True)
 
 
-async def test_pipeline_pairs_stage_loses_no_prompt_to_a_judge_outage(judge_emulator, tmp_path):
+@contextlib.asynccontextmanager
+async def _ensemble(steady_url: str):
+    """A flaky judge, and a real annotator whose ensemble is a steady judge plus the flaky one."""
     flaky = await FlakyJudge().up()
-    server = await _annotator(_config(judge_emulator.url, flaky))
+    server = await _annotator(_config(steady_url, flaky))
     try:
-        layout = RunLayout(tmp_path)
-        layout.samples.mkdir(parents=True)
+        yield flaky, server
+    finally:
+        await server.stop(0)
+        await flaky.down()
+
+
+async def _cli_across_outage(flaky: FlakyJudge, *args: str) -> str:
+    """The command while the judge goes down mid-run (exit 75: retry), then its one re-run after the
+    judge is back (exit 0). Returns the first run's stderr."""
+    outage = asyncio.create_task(flaky.down_after(4))
+    rc, _, err = await _moaa(*args)
+    await outage
+    assert rc == 75, err
+    await flaky.back()
+    rc, _, err2 = await _moaa(*args)
+    assert rc == 0, err2
+    return err
+
+
+def _pairs_context(tmp_path, server, rows: list[dict], allow_failures: float) -> tuple[RunLayout, StageContext]:
+    """Stage 2's samples written as `moaa sample` leaves them, and a stage context on the annotator."""
+    layout = RunLayout(tmp_path)
+    layout.samples.mkdir(parents=True)
+    (layout.samples / "data-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return layout, StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", train_prompts=[],
+                                eval_prompts=[], base_model="x", settings={"allow_failures": allow_failures},
+                                annotator=Endpoint(server.address), quiet=True)
+
+
+async def test_pipeline_pairs_stage_loses_no_prompt_to_a_judge_outage(judge_emulator, tmp_path):
+    async with _ensemble(judge_emulator.url) as (flaky, server):
         rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": _question(i)}],
                  "samples": ["short", "a much longer answer " * (i % 3 + 1)]} for i in range(12)]
         rows.append({"id": "tie", "prompt": [{"role": "user", "content": "Tie?"}], "samples": ["aaaa", "bbbb"]})
-        (layout.samples / "data-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", train_prompts=[],
-                           eval_prompts=[], base_model="x", settings={"allow_failures": 0.1},
-                           annotator=Endpoint(server.address), quiet=True)
+        layout, ctx = _pairs_context(tmp_path, server, rows, 0.1)
         outage = asyncio.create_task(flaky.down_after(4))
         runs = 0
         for _ in range(2):  # the run and at most one re-run
@@ -100,7 +131,7 @@ async def test_pipeline_pairs_stage_loses_no_prompt_to_a_judge_outage(judge_emul
             try:
                 result = await stage_pairs(ctx)
                 break
-            except Exception as err:  # too many failures: the stage stays incomplete, rows pending
+            except TransientError as err:  # too many failures: the stage stays incomplete, rows pending
                 assert "re-run the same command to retry them" in str(err)
                 await outage
                 await flaky.back()
@@ -113,96 +144,71 @@ async def test_pipeline_pairs_stage_loses_no_prompt_to_a_judge_outage(judge_emul
         assert store.skipped == {"tie": store.skipped["tie"]} and store.skipped["tie"].startswith("low_margin")
         assert not store.failed and result["rows"] == 12 and result["failed"] == 0 and runs <= 2
         assert result["skipped_reasons"] == {"low_margin": 1}
-    finally:
-        await server.stop(0)
-        await flaky.down()
 
 
 async def test_pipeline_pairs_stage_keeps_few_failures_as_failures_and_retries_them(judge_emulator, tmp_path):
-    """Under allow_failures the stage completes, but the failed prompts are failures (not skips) and the
+    """Under allow_failures the stage may complete, but the failed prompts are failures (not skips) and the
     next run of the stage retries them."""
-    flaky = await FlakyJudge().up()
-    await flaky.down()
-    server = await _annotator(_config(judge_emulator.url, flaky))
-    try:
-        layout = RunLayout(tmp_path)
-        layout.samples.mkdir(parents=True)
+    async with _ensemble(judge_emulator.url) as (flaky, server):
+        await flaky.down()
         rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": _question(i)}],
                  "samples": ["short", "a much longer answer"]} for i in range(3)]
-        (layout.samples / "data-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", train_prompts=[],
-                           eval_prompts=[], base_model="x", settings={"allow_failures": 1.0},
-                           annotator=Endpoint(server.address), quiet=True)
-        try:
+        layout, ctx = _pairs_context(tmp_path, server, rows, 1.0)
+        with pytest.raises(UserError, match="no preference pairs"):
             await stage_pairs(ctx)
-        except Exception as err:  # no pair at all: the stage says so, the rows stay failures
-            assert "no preference pairs" in str(err)
         store = DatasetStore(layout.pairs, stage="pairs", fmt="preference").open()
         assert set(store.failed) == {"p0", "p1", "p2"} and not store.skipped and not store.done
         assert json.loads((layout.pairs / "manifest.json").read_text())["failed"] == 3
         await flaky.back()
         result = await stage_pairs(ctx)
         assert result["rows"] == 3 and result["failed"] == 0 and result["skipped"] == 0
-    finally:
-        await server.stop(0)
-        await flaky.down()
 
 
 async def test_moaa_annotate_loses_no_prompt_to_a_judge_outage(judge_emulator, tmp_path):
-    flaky = await FlakyJudge().up()
-    server = await _annotator(_config(judge_emulator.url, flaky))
-    try:
+    async with _ensemble(judge_emulator.url) as (flaky, server):
         inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
         ids = [f"r{i}" for i in range(12)]
         inp.write_text("".join(json.dumps({"id": i, "prompt": [{"role": "user", "content": f"Q {i}?"}],
                                            "candidates": [{"text": "short"}, {"text": "a much longer answer"}]}) + "\n"
                                for i in ids))
-        args = ("annotate", "--annotator", server.address, "--in", str(inp), "--out", str(out), "--no-progress")
-        outage = asyncio.create_task(flaky.down_after(4))
-        rc, _, err = await _moaa(*args)
-        await outage
-        assert rc == 75, err                                   # transient: a re-run retries
+        err = await _cli_across_outage(flaky, "annotate", "--annotator", server.address, "--in", str(inp),
+                                       "--out", str(out), "--no-progress")
         assert "rerun to retry them" in err
-        errors = list(iter_jsonl(tmp_path / "pairs.jsonl.errors.jsonl"))
-        assert errors and all(e["error"].startswith("UNAVAILABLE: judge backends failed: j2 (m-j2:") for e in errors)
-        report = json.loads((tmp_path / "pairs.jsonl.report.json").read_text())
-        assert report["errors"] == len(errors) and report["skipped"] == 0
-        await flaky.back()
-        rc, _, err = await _moaa(*args)
-        assert rc == 0, err
         done = [r["id"] for r in iter_jsonl(out)]
         assert sorted(done) == sorted(ids) and len(done) == len(set(done))
         assert not list(iter_jsonl(tmp_path / "pairs.jsonl.skipped.jsonl"))
-    finally:
-        await server.stop(0)
+        report = json.loads((tmp_path / "pairs.jsonl.report.json").read_text())
+        assert report["pairs"] + report["already_done"] == 12 and report["skipped"] == report["errors"] == 0
+
+
+async def test_moaa_annotate_reports_outage_rows_as_errors_not_skips(judge_emulator, tmp_path):
+    async with _ensemble(judge_emulator.url) as (flaky, server):
         await flaky.down()
+        inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+        inp.write_text(json.dumps({"id": "r0", "prompt": "Q?", "candidates": [{"text": "a"}, {"text": "bb"}]}) + "\n")
+        rc, _, err = await _moaa("annotate", "--annotator", server.address, "--in", str(inp), "--out", str(out),
+                                 "--no-progress")
+        assert rc == 75 and "1 rows failed" in err, err
+        errors = list(iter_jsonl(tmp_path / "pairs.jsonl.errors.jsonl"))
+        assert [e["id"] for e in errors] == ["r0"]
+        assert errors[0]["error"].startswith("UNAVAILABLE: judge backends failed: j2 (m-j2:")
+        report = json.loads((tmp_path / "pairs.jsonl.report.json").read_text())
+        assert report["errors"] == 1 and report["skipped"] == 0 and report["skip_reasons"] == {}
 
 
 async def test_moaa_eval_loses_no_judgment_to_a_judge_outage(judge_emulator, tmp_path):
-    flaky = await FlakyJudge().up()
-    server = await _annotator(_config(judge_emulator.url, flaky))
-    try:
+    async with _ensemble(judge_emulator.url) as (flaky, server):
         a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
         a.write_text("".join(json.dumps({"id": f"q{i}", "prompt": _question(i), "answer": "long answer " * 8}) + "\n"
                              for i in range(10)))
         b.write_text("".join(json.dumps({"id": f"q{i}", "prompt": _question(i), "answer": "short"}) + "\n"
                              for i in range(10)))
-        args = ("eval", "--answers", str(a), "--baseline", str(b), "--annotator", server.address,
-                "--out", str(tmp_path / "ev"), "--bootstrap", "100")
-        outage = asyncio.create_task(flaky.down_after(4))
-        rc, _, err = await _moaa(*args)
-        await outage
-        assert rc == 75 and "judgments failed" in err and "UNAVAILABLE" in err, err
-        await flaky.back()
-        rc, _, err = await _moaa(*args)
-        assert rc == 0, err
+        err = await _cli_across_outage(flaky, "eval", "--answers", str(a), "--baseline", str(b), "--annotator",
+                                       server.address, "--out", str(tmp_path / "ev"), "--bootstrap", "100")
+        assert "judgments failed" in err and "UNAVAILABLE: judge backends failed: j2" in err
         wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())[0]
         assert wr["n"] == 10 and wr["win_rate"] == 100.0            # every judgment is there, none abstained
         assert not list(iter_jsonl(tmp_path / "ev" / "judgments" / "skipped.jsonl"))
-    finally:
-        await server.stop(0)
-        await flaky.down()
-
 
 async def _health(address: str, service: str) -> int:
     async with grpc.aio.insecure_channel(address) as channel:
@@ -219,9 +225,7 @@ async def _wait_health(address: str, status: int, timeout: float = 15.0) -> None
 
 
 async def test_annotator_health_reports_a_judge_outage_and_the_recovery(judge_emulator, tmp_path):
-    flaky = await FlakyJudge().up()
-    server = await _annotator(_config(judge_emulator.url, flaky))
-    try:
+    async with _ensemble(judge_emulator.url) as (flaky, server):
         assert await _health(server.address, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
         await flaky.down()
         await _wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -229,6 +233,3 @@ async def test_annotator_health_reports_a_judge_outage_and_the_recovery(judge_em
         assert await _health(server.address, "") == health_pb2.HealthCheckResponse.SERVING
         await flaky.back()
         await _wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
-    finally:
-        await server.stop(0)
-        await flaky.down()
