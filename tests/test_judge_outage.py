@@ -233,3 +233,11 @@ async def test_annotator_health_reports_a_judge_outage_and_the_recovery(judge_em
         assert await _health(server.address, "") == health_pb2.HealthCheckResponse.SERVING
         await flaky.back()
         await _wait_health(server.address, health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_run_summary_lists_failures_apart_from_quality_skips():
+    from moaa.pipeline.runner import format_summary
+
+    text = format_summary({"run_folder": "run", "pairs": {"rows": 2, "skipped": 1, "skipped_reasons": {"low_margin": 1},
+                                                          "failed": 2}})
+    assert "2 preference pairs, 1 prompts skipped (low_margin 1), 2 failed (a re-run retries them)" in text
