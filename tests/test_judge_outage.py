@@ -20,6 +20,7 @@ from moaa.pipeline.store import DatasetStore, iter_jsonl
 from moaa.services.annotator.judge_emulator import JudgeEmulator
 from moaa.services.annotator.server import SERVICE_NAME, start_annotator
 from moaa.services.config import parse_config
+from moaa.services.emulator import Emulator, EmulatorSettings
 from tests.fixtures.annotator import judge_config
 
 QUALITY = ("too_many_abstentions", "too_few_scored", "low_agreement", "low_margin", "too_few_candidates")
@@ -27,13 +28,19 @@ POLICY = "longest+delay=0.2"
 
 
 class FlakyJudge:
-    """A judge emulator that goes down (connection refused, requests in flight cut) and comes back on its port."""
+    """A judge emulator that goes down and comes back on its port. Down is `refuse` (connection refused,
+    requests in flight cut) or `503` (the main emulator takes the port and answers every request 503)."""
 
-    def __init__(self):
+    def __init__(self, fault: str = "refuse"):
+        self.fault = fault
         self.emu: JudgeEmulator | None = None
+        self.faulty: Emulator | None = None
         self.port = 0
 
     async def up(self) -> "FlakyJudge":
+        if self.faulty is not None:
+            await self.faulty.stop()
+            self.faulty = None
         self.emu = await JudgeEmulator(port=self.port).start()
         self.port = self.emu.port
         return self
@@ -48,6 +55,14 @@ class FlakyJudge:
 
     async def down(self) -> None:
         await self.emu.stop()
+        if self.fault == "503":
+            self.faulty = Emulator(EmulatorSettings(error_rates={503: 1.0}))
+            await self.faulty.start("127.0.0.1", self.port)
+
+    async def close(self) -> None:
+        await self.emu.stop()
+        if self.faulty is not None:
+            await self.faulty.stop()
 
     def served(self) -> int:
         return sum(s["requests"] for s in self.emu.snapshot().values())
@@ -84,15 +99,15 @@ async def _annotator(cfg: dict):
 
 
 @contextlib.asynccontextmanager
-async def _ensemble(steady_url: str):
+async def _ensemble(steady_url: str, fault: str = "refuse"):
     """A flaky judge, and a real annotator whose ensemble is a steady judge plus the flaky one."""
-    flaky = await FlakyJudge().up()
+    flaky = await FlakyJudge(fault).up()
     server = await _annotator(_config(steady_url, flaky))
     try:
         yield flaky, server
     finally:
         await server.stop(0)
-        await flaky.down()
+        await flaky.close()
 
 
 async def _cli_across_outage(flaky: FlakyJudge, *args: str) -> str:
@@ -118,8 +133,9 @@ def _pairs_context(tmp_path, server, rows: list[dict], allow_failures: float) ->
                                 annotator=Endpoint(server.address), quiet=True)
 
 
-async def test_pipeline_pairs_stage_loses_no_prompt_to_a_judge_outage(judge_emulator, tmp_path):
-    async with _ensemble(judge_emulator.url) as (flaky, server):
+@pytest.mark.parametrize("fault", ["refuse", "503"])
+async def test_pipeline_pairs_stage_loses_no_prompt_to_a_judge_outage(judge_emulator, tmp_path, fault):
+    async with _ensemble(judge_emulator.url, fault) as (flaky, server):
         rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": _question(i)}],
                  "samples": ["short", "a much longer answer " * (i % 3 + 1)]} for i in range(12)]
         rows.append({"id": "tie", "prompt": [{"role": "user", "content": "Tie?"}], "samples": ["aaaa", "bbbb"]})
@@ -138,6 +154,7 @@ async def test_pipeline_pairs_stage_loses_no_prompt_to_a_judge_outage(judge_emul
         failures = list(iter_jsonl(layout.pairs / "failures.jsonl"))
         assert failures and all(f["error"].startswith("UNAVAILABLE: judge backends failed: j2 (m-j2:")
                                 for f in failures)
+        assert any({"refuse": "m-j2: connect", "503": "m-j2: http_5xx"}[fault] in f["error"] for f in failures)
         store = DatasetStore(layout.pairs, stage="pairs", fmt="preference").open()
         assert store.done | set(store.skipped) == {r["id"] for r in rows}, "every prompt: a pair or a skip"
         assert all(why.split(":")[0] in QUALITY for why in store.skipped.values()), store.skipped
@@ -224,8 +241,9 @@ async def _wait_health(address: str, status: int, timeout: float = 15.0) -> None
         await asyncio.sleep(0.1)
 
 
-async def test_annotator_health_reports_a_judge_outage_and_the_recovery(judge_emulator, tmp_path):
-    async with _ensemble(judge_emulator.url) as (flaky, server):
+@pytest.mark.parametrize("fault", ["refuse", "503"])
+async def test_annotator_health_reports_a_judge_outage_and_the_recovery(judge_emulator, tmp_path, fault):
+    async with _ensemble(judge_emulator.url, fault) as (flaky, server):
         assert await _health(server.address, SERVICE_NAME) == health_pb2.HealthCheckResponse.SERVING
         await flaky.down()
         await _wait_health(server.address, health_pb2.HealthCheckResponse.NOT_SERVING)
