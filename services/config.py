@@ -136,6 +136,9 @@ class EnsembleConfig(_Strict):
     min_margin: float = Field(0.5, ge=0, description="skip the pair when chosen - rejected is below this")
     min_agreement: float = Field(-1.0, ge=-1, le=1, description="skip when mean Kendall tau is below this")
     max_abstain_fraction: float = Field(0.5, ge=0, le=1, description="skip when more judges than this abstained")
+    min_judges: int | None = Field(None, ge=1, description=(
+        "judges whose backends must answer for a prompt to be decided; fewer -> the item fails UNAVAILABLE "
+        "(retried), never a skip. Default: all judges asked. In mode 'moa' the aggregator judge must answer too"))
     criteria_filter: bool = Field(True, description="dynamic criteria filtering")
     max_criterion_disagreement: float = Field(3.0, ge=0, description="drop a criterion whose judges' ratings spread more than this")
     max_criterion_length_corr: float = Field(0.9, ge=0, le=1, description="drop a criterion that merely tracks length")
@@ -155,6 +158,8 @@ class EnsembleConfig(_Strict):
             raise ValueError(f"judge names must be unique; repeated: {', '.join(dup)}")
         if self.scale_max <= self.scale_min:
             raise ValueError("scale_max must be larger than scale_min")
+        if self.min_judges is not None and self.min_judges > len(self.judges):
+            raise ValueError(f"min_judges={self.min_judges} exceeds the {len(self.judges)} judges")
         return self
 
 

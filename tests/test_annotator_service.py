@@ -72,7 +72,7 @@ async def test_too_many_abstentions_skips_with_reason(judge_emulator, annotator_
     stub = await annotator_factory(judge_config(
         judge_emulator.url, {"a": "garbage", "b": "garbage", "c": "keyword:paris"}, mode="pointwise", combine="mean"))
     resp = await stub.Annotate(request([GOOD, BAD]))
-    assert resp.skipped and "too many abstentions: 2 of 3" in resp.skip_reason
+    assert resp.skipped and resp.skip_reason.startswith("too_many_abstentions: 2 of 3")
     assert resp.chosen_id == "" and resp.rejected_id == ""
 
 
@@ -82,19 +82,6 @@ async def test_small_margin_and_aggregator_fallback(judge_emulator, annotator_fa
     resp = await stub.Annotate(request([GOOD, BAD]))
     assert resp.skipped and "same" in resp.skip_reason
     assert resp.combine == "weighted" and "aggregator judge gave no readable score" in resp.note
-
-
-async def test_backend_down_recorded_as_failure_and_abstention(judge_emulator, annotator_factory):
-    cfg = judge_config(judge_emulator.url, {"up": "keyword:paris", "down": "keyword:paris"}, mode="pointwise",
-                       combine="mean")
-    cfg["backends"]["m-down"] = {"urls": ["http://127.0.0.1:9/v1"], "retries": {"max_attempts": 1},
-                                 "timeouts": {"connect_s": 1}}
-    stub = await annotator_factory(cfg)
-    resp = await stub.Annotate(request([GOOD, BAD]))
-    reps = {j.judge: j for j in resp.judges}
-    assert reps["down"].abstentions == 2 and "backend failed: connect" in reps["down"].scores[0].abstain_reason
-    assert [f.cause for f in resp.failures] == ["connect"] and resp.failures[0].model == "m-down"
-    assert resp.chosen_id == "c0"
 
 
 @pytest.mark.parametrize("mutate,message", [

@@ -193,7 +193,10 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
                            annotator=annotator, chat_judge=chat_judge, k8s=opts.k8s, k8s_args=opts.k8s_args,
                            quiet=opts.quiet)
         for name, fn in STAGES:
-            if record.status(name) == "done":
+            failed = (record.data["stages"].get(name, {}).get("result") or {}).get("failed") or 0
+            if record.status(name) == "done" and failed:  # few enough to go on, but never given up on
+                _say(opts, f"stage {name}: retrying the {failed} rows that failed in an earlier run")
+            elif record.status(name) == "done":
                 _say(opts, f"stage {name}: done in an earlier run, skipped")
                 summary[name] = record.data["stages"][name].get("result")
                 if name == opts.until:
@@ -233,10 +236,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"moaa pipeline finished: run folder {summary['run_folder']}"]
     s1 = summary.get("sft_data") or {}
     pairs = summary.get("pairs") or {}
-    lines.append(f"  stage 1: {s1.get('rows', 0)} SFT rows written, {s1.get('skipped', 0)} skipped")
+    lines.append(f"  stage 1: {s1.get('rows', 0)} SFT rows written, {s1.get('skipped', 0)} skipped"
+                 + (f", {s1['failed']} failed (a re-run retries them)" if s1.get("failed") else ""))
     reasons = ", ".join(f"{k} {v}" for k, v in (pairs.get("skipped_reasons") or {}).items())
     lines.append(f"  stage 2: {pairs.get('rows', 0)} preference pairs, {pairs.get('skipped', 0)} prompts skipped"
-                 + (f" ({reasons})" if reasons else ""))
+                 + (f" ({reasons})" if reasons else "")
+                 + (f", {pairs['failed']} failed (a re-run retries them)" if pairs.get("failed") else ""))
     for kind in ("sft", "dpo"):
         r = summary.get(kind) or {}
         if r:

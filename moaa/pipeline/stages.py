@@ -49,7 +49,10 @@ class StageContext:
 
 
 def _finish_dataset(ctx: StageContext, store: DatasetStore, total: int, what: str) -> dict:
-    """Complete the stage, or fail it while too many rows failed (they are retried on the next run)."""
+    """Complete the stage, or fail it while too many rows failed (they are retried on the next run).
+
+    Failed rows (a backend or judge outage) stay failures, never skips: with at most `allow_failures`
+    of them the stage completes so the run goes on, lists them as failed, and every re-run retries them."""
     pending = [rid for rid in store.failed if not store.is_done(rid)]
     allowed = int(ctx.settings.get("allow_failures", 0.1) * total)
     if pending and len(pending) > allowed:
@@ -57,8 +60,6 @@ def _finish_dataset(ctx: StageContext, store: DatasetStore, total: int, what: st
         first = next(iter(store.failed.values()))
         raise TransientError(f"{what}: {len(pending)} of {total} rows failed (first: {first}); "
                              "re-run the same command to retry them")
-    for rid in pending:  # few enough: record them as skipped, with the reason, and go on
-        store.skip(rid, f"failed: {store.failed[rid]}")
     return store.write_manifest(complete=True)
 
 
@@ -100,7 +101,7 @@ async def stage_sft_data(ctx: StageContext) -> dict:
     m = await _fill_dataset(ctx, store, ctx.train_prompts, lambda r: r.id, call,
                             "stage 1: MoA answers", "stage 1 (MoA answers)")
     _train_rows_file(store, ctx.layout.sft_data / "train.jsonl", ("messages",))
-    return {"rows": m["rows"], "skipped": m["skipped"]}
+    return {"rows": m["rows"], "skipped": m["skipped"], "failed": m["failed"]}
 
 
 async def _train(ctx: StageContext, kind: str, data: Path, model: str, out: Path) -> dict:
@@ -166,7 +167,7 @@ async def stage_pairs(ctx: StageContext) -> dict:
         raise UserError(f"stage 2 produced no preference pairs ({m['skipped']} prompts skipped: "
                         f"{m['skipped_reasons']}); lower the ensemble's min_margin or sample more answers")
     _train_rows_file(store, ctx.layout.pairs / "train.jsonl", ("prompt", "chosen", "rejected"))
-    return {"rows": m["rows"], "skipped": m["skipped"], "skipped_reasons": m["skipped_reasons"]}
+    return {"rows": m["rows"], "skipped": m["skipped"], "skipped_reasons": m["skipped_reasons"], "failed": m["failed"]}
 
 
 async def stage_dpo(ctx: StageContext) -> dict:
@@ -232,10 +233,10 @@ async def stage_eval(ctx: StageContext) -> dict:
         ctx.ledger.save()
         if not use_chat:
             await judge.close()
-    _finish_dataset(ctx, store, len(EVAL_PAIRS) * len(ctx.eval_prompts), "evaluation")
+    m = _finish_dataset(ctx, store, len(EVAL_PAIRS) * len(ctx.eval_prompts), "evaluation")
     winrates = winrates_from_store(store, EVAL_PAIRS)
     write_winrates(out, winrates)
-    result = {"winrates": winrates, "grades": grades, "judge": judge.name}
+    result = {"winrates": winrates, "grades": grades, "judge": judge.name, "failed": m["failed"]}
     if grades is None:
         result["grades_note"] = ("1-10 grading off (eval_grades=false)" if ctx.chat_judge is not None
                                  else "1-10 grading needs a chat judge; none is reachable in this setup")

@@ -126,6 +126,27 @@ def combine(scores: dict[str, list[float | None]], weights: dict[str, float], ru
     return out
 
 
+def quorum(min_judges: int | None, asked: int) -> int:
+    """Judges that must answer: `min_judges` (capped at the judges asked), default all of them."""
+    return asked if min_judges is None else min(min_judges, asked)
+
+
+def describe_failures(failures: dict[str, list]) -> str:
+    """'b (connect at http://...: refused), c (http_5xx ...)': each failed judge with its first failure."""
+    parts = []
+    for name, errs in failures.items():
+        e = errs[0]
+        where = f" at {e.endpoint}" if e.endpoint else ""
+        parts.append(f"{name} ({e.model}: {e.cause}{where}: {e.message})")
+    return ", ".join(parts)
+
+
+def outage_message(ensemble: str, failures: dict[str, list], answered: int, asked: int, need: int) -> str:
+    """Why a prompt could not be decided because judge backends failed (an UNAVAILABLE item, retried)."""
+    return (f"judge backends failed: {describe_failures(failures)}; {answered} of {asked} judges answered, "
+            f"ensemble {ensemble!r} needs {need} (min_judges); retry when the backends are back")
+
+
 @dataclass
 class Decision:
     chosen: int | None = None
@@ -145,7 +166,11 @@ class SkipRules:
 
 def decide(ids: list[str], combined: list[float | None], agreement: float | None,
            judges_abstained: int, judges_total: int, rules: SkipRules) -> Decision:
-    """chosen = highest, rejected = lowest; ties broken by candidate id so input order never matters."""
+    """chosen = highest, rejected = lowest; ties broken by candidate id so input order never matters.
+
+    Skips are for quality only; each reason starts with its kind (too_many_abstentions, too_few_scored,
+    low_agreement, low_margin) and a colon, so reports count them by kind. Failed judge backends never
+    reach this function: the engine leaves them out or fails the item UNAVAILABLE."""
     scored = [i for i, s in enumerate(combined) if s is not None]
     ranked = sorted(scored, key=lambda i: (-combined[i], ids[i]))
     ranks = [0] * len(combined)
@@ -154,20 +179,20 @@ def decide(ids: list[str], combined: list[float | None], agreement: float | None
     d = Decision(ranks=ranks)
     if judges_total and judges_abstained / judges_total > rules.max_abstain_fraction:
         d.skipped, d.skip_reason = True, (
-            f"too many abstentions: {judges_abstained} of {judges_total} judges gave no readable score "
+            f"too_many_abstentions: {judges_abstained} of {judges_total} judges gave no readable score "
             f"(max_abstain_fraction {rules.max_abstain_fraction:g})")
         return d
     if len(ranked) < 2:
-        d.skipped, d.skip_reason = True, f"only {len(ranked)} candidate(s) received a score"
+        d.skipped, d.skip_reason = True, f"too_few_scored: only {len(ranked)} candidate(s) received a score"
         return d
     best, worst = ranked[0], min(scored, key=lambda i: (combined[i], _neg(ids[i])))
     d.margin = combined[best] - combined[worst]
     if agreement is not None and agreement < rules.min_agreement:
-        d.skipped, d.skip_reason = True, f"judges disagree: mean Kendall tau {agreement:.2f} below min_agreement {rules.min_agreement:g}"
+        d.skipped, d.skip_reason = True, f"low_agreement: judges disagree, mean Kendall tau {agreement:.2f} below min_agreement {rules.min_agreement:g}"
     elif d.margin <= 0:
-        d.skipped, d.skip_reason = True, "all candidates scored the same (margin 0)"
+        d.skipped, d.skip_reason = True, "low_margin: all candidates scored the same (margin 0)"
     elif d.margin < rules.min_margin:
-        d.skipped, d.skip_reason = True, f"margin {d.margin:.2f} below min_margin {rules.min_margin:g}"
+        d.skipped, d.skip_reason = True, f"low_margin: margin {d.margin:.2f} below min_margin {rules.min_margin:g}"
     if not d.skipped:
         d.chosen, d.rejected = best, worst
     return d

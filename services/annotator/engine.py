@@ -2,6 +2,10 @@
 
 All judge calls of a prompt are in flight together (bounded only by the shared BackendPool's
 per-backend limits), so a batch of prompts keeps every judge backend busy.
+
+A judge whose backend failed is left out of the decision (never counted as an abstention); when fewer
+judges answered than the ensemble's quorum (`min_judges`, default all), or the aggregator judge of
+mode 'moa' failed, the prompt raises UNAVAILABLE naming the judges and causes, so callers retry it.
 """
 from __future__ import annotations
 
@@ -11,6 +15,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from moaa.services.backend.errors import BackendError
+from moaa.services.backend.replicas import OPEN
+from moaa.services.common.errors import Unavailable
 from moaa.services.config import EnsembleConfig, JudgeConfig, MoaaConfig
 from moaa.v1 import annotator_pb2, common_pb2
 
@@ -65,6 +72,25 @@ class AnnotationEngine:
                 except TemplateError as err:
                     raise TemplateError(f"ensembles.{name}: {err}") from None
 
+    def _backend_up(self, model: str) -> bool:
+        """A replica that is healthy (probes) and whose circuit is not open (request failures)."""
+        return any(r.healthy and r.circuit != OPEN for r in self.pool.client(model).replicas.replicas)
+
+    def outage(self) -> str | None:
+        """Why no ensemble can be decided now (every one lacks its quorum of reachable judges, or its
+        aggregator judge in mode 'moa'), or None. Drives the health status of the Annotator service."""
+        why = []
+        for name, ens in self.config.ensembles.items():
+            down = [j.name for j in ens.judges if not self._backend_up(j.model)]
+            need = cb.quorum(ens.min_judges, len(ens.judges))
+            if len(ens.judges) - len(down) < need:
+                why.append(f"{name}: judges {', '.join(down)} unreachable, {need} needed")
+            elif ens.mode == "moa" and ens.aggregator is not None and not self._backend_up(ens.aggregator.model):
+                why.append(f"{name}: aggregator judge {ens.aggregator.name} unreachable")
+            else:
+                return None
+        return "; ".join(why)
+
     def judge_template(self, ens: EnsembleConfig, judge: JudgeConfig, mode: str) -> JudgeTemplate:
         store = self.store(ens)
         own = store.get(judge.template)
@@ -81,7 +107,12 @@ class AnnotationEngine:
         async def chat(messages: list[dict]) -> str:
             timeout = None if deadline is None else max(0.001, deadline - loop.time())
             t0 = time.perf_counter()
-            res = await client.chat(messages, judge.sampling, n=1, timeout=timeout)
+            try:
+                res = await client.chat(messages, judge.sampling, n=1, timeout=timeout)
+            except BackendError as err:
+                if self.metrics is not None:  # moaa_backend_errors{service="annotator",model,cause}
+                    self.metrics.backend(judge.model, time.perf_counter() - t0, cause=err.cause)
+                raise
             if self.metrics is not None:
                 self.metrics.backend(judge.model, time.perf_counter() - t0)
             u = res.usage
@@ -110,6 +141,14 @@ class AnnotationEngine:
         logs = {j.name: CallLog() for j in job.judges}
         judges = list(await asyncio.gather(*(self._run_judge(job, j, job.mode, deadline, logs[j.name]) for j in job.judges)))
         self._stage("judges", t0)
+        rule, notes = ens.combine, list(job.notes)
+        failed = {j.name: logs[j.name].failures for j in judges if logs[j.name].failures}
+        if failed:
+            judges = [j for j in judges if j.name not in failed]
+            need = cb.quorum(ens.min_judges, len(job.judges))
+            if len(judges) < need:
+                raise Unavailable(cb.outage_message(job.ensemble_name, failed, len(judges), len(job.judges), need))
+            notes.append(f"decided by {len(judges)} of {len(job.judges)} judges; failed: {cb.describe_failures(failed)}")
         lengths = [len(c.text) for c in job.candidates]
         criteria = cb.filter_criteria(judges, lengths, cb.FilterSettings(
             ens.criteria_filter, ens.max_criterion_disagreement, ens.max_criterion_length_corr,
@@ -121,7 +160,6 @@ class AnnotationEngine:
             j.agreement = per_judge_tau.get(j.name)
             j.length_correlation = stats.spearman(effective[j.name], [float(x) for x in lengths])
 
-        rule, notes = ens.combine, list(job.notes)
         aggregator_result = None
         if rule == "aggregator":
             if job.mode != "moa" or ens.aggregator is None:
@@ -134,6 +172,10 @@ class AnnotationEngine:
                 logs[ens.aggregator.name] = agg_log
                 aggregator_result = await self._aggregate(job, judges, effective, kept, deadline, agg_log)
                 self._stage("aggregator", t1)
+                if agg_log.failures:  # the aggregator judge is the decision in mode 'moa': no quorum without it
+                    raise Unavailable(f"aggregator judge backend failed: "
+                                      f"{cb.describe_failures({ens.aggregator.name: agg_log.failures})}; mode 'moa' of "
+                                      f"ensemble {job.ensemble_name!r} needs it; retry when the backend is back")
                 if aggregator_result.abstained:
                     rule = "weighted"
                     notes.append("the aggregator judge gave no readable score: weighted mean used")
@@ -184,7 +226,6 @@ class AnnotationEngine:
             seed=job.seed, agreement=nan if tau is None else tau, skipped=decision.skipped,
             skip_reason=decision.skip_reason, margin=decision.margin, combine=rule, note="; ".join(notes))
         ids = [c.id for c in job.candidates]
-        usage_by_model: dict[str, list] = {}
         for r in results:
             log = logs[r.name]
             rep = resp.judges.add(
@@ -198,7 +239,13 @@ class AnnotationEngine:
                 rep.scores.add(candidate_id=cid, score=nan if s is None else s, rationale=r.rationales[i],
                                abstained=s is None, abstain_reason=r.abstain_reasons[i] if s is None else "",
                                criteria=r.criteria[i], position=r.positions[i])
-            entry = usage_by_model.setdefault(r.model, [0, 0, 0, 0])
+        # usage and failures of every judge asked, also of one that failed and is not in `results`
+        models = {j.name: j.model for j in job.judges}
+        if job.ensemble.aggregator is not None:
+            models[job.ensemble.aggregator.name] = job.ensemble.aggregator.model
+        usage_by_model: dict[str, list] = {}
+        for name, log in logs.items():
+            entry = usage_by_model.setdefault(models[name], [0, 0, 0, 0])
             for k, key in enumerate(("prompt_tokens", "completion_tokens", "total_tokens")):
                 entry[k] += log.usage[key]
             entry[3] += log.requests

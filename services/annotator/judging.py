@@ -2,7 +2,9 @@
 
 Every call goes through the shared BackendPool client, so per-backend throttles and concurrency caps
 apply as in the gateway. An unreadable answer is asked again once, with the unreadable reply shown
-and the format restated; still unreadable -> abstention with the reason, never a score.
+and the format restated; still unreadable -> abstention with the reason, never a score. A backend
+that fails (connect, timeout, 5xx, circuit open) is not an abstention: the call is recorded in
+`CallLog.failures` and the judge counts as failed for this prompt (the engine's quorum rule decides).
 """
 from __future__ import annotations
 
@@ -53,10 +55,13 @@ def render_answers(cands: list[Candidate], order: list[int]) -> str:
 
 
 async def ask(chat: ChatFn, messages: list[dict], parse, log: CallLog):
-    """Call, parse; on an unreadable reply ask once more. Returns (parsed, error or None)."""
+    """Call, parse; on an unreadable reply ask once more. Returns (parsed, error or None).
+
+    A backend failure (the client already retried) is recorded in `log.failures`; the caller's judge
+    then counts as failed, not abstained, so its partial result is never used."""
     try:
         reply = await chat(messages)
-    except BackendError as err:  # the client already retried; record it and abstain
+    except BackendError as err:
         log.failures.append(err)
         return parse(""), f"backend failed: {err.cause}: {err.message}"
     finally:
@@ -70,7 +75,7 @@ async def ask(chat: ChatFn, messages: list[dict], parse, log: CallLog):
         reply2 = await chat(retry)
     except BackendError as err:
         log.failures.append(err)
-        return parsed, f"unreadable ({parsed.error}), and the retry failed: {err.cause}"
+        return parse(""), f"unreadable ({parsed.error}), and the retry failed: {err.cause}"
     finally:
         log.requests += 1
     parsed2 = parse(reply2)
