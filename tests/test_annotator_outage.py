@@ -44,7 +44,7 @@ async def test_default_quorum_all_judges_outage_is_unavailable_not_a_skip(judge_
     line = next(x for x in text.splitlines()
                 if x.startswith("moaa_backend_errors_total{") and 'service="annotator"' in x and 'model="m-down"' in x)
     assert 'cause="connect"' in line and float(line.split()[-1]) >= 4
-    assert 'moaa_rpc_errors_total{code="UNAVAILABLE",method="Annotate",service="annotator"}' in text
+    assert 'moaa_rpc_errors_total{code="UNAVAILABLE",method="Annotate",service="annotator",transport="grpc"}' in text
 
 
 async def test_min_judges_decides_with_the_judges_that_answered(judge_emulator, annotator_factory):

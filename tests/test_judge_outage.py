@@ -16,7 +16,8 @@ from moaa.pipeline.budget import TokenLedger
 from moaa.pipeline.layout import RunLayout
 from moaa.pipeline.rpc import Endpoint
 from moaa.pipeline.stages import StageContext, stage_pairs
-from moaa.pipeline.store import DatasetStore, iter_jsonl
+from moaa.jsonl import read_rows as iter_jsonl
+from moaa.pipeline.store import DatasetStore
 from moaa.services.annotator.judge_emulator import JudgeEmulator
 from moaa.services.annotator.server import SERVICE_NAME, start_annotator
 from moaa.services.config import parse_config
