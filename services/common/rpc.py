@@ -30,7 +30,10 @@ def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(err, (UserError, LookupError)):
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         return grpc.StatusCode.INVALID_ARGUMENT, str(msg)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+    # The exception's type and text stay in the server's log (the caller logs it with the request id):
+    # they can carry paths, config and other callers' data.
+    return grpc.StatusCode.INTERNAL, (f"internal error (request id {request_id_var.get()}): the server logged "
+                                      "the details; report the request id to its operators")
 
 
 async def _abort(context, code: grpc.StatusCode, msg: str) -> None:
