@@ -125,6 +125,18 @@ async def test_undecodable_bytes_without_a_token_are_unauthenticated(gw_emulator
     assert code == grpc.StatusCode.UNAUTHENTICATED  # authentication is checked before the bytes are looked at
 
 
+async def test_a_huge_field_echoed_in_an_error_is_clipped(gw_emulators, gateway_factory):
+    # found by fuzzing: the details echoing a 300k-character model name exceeded the 16 KiB header limit,
+    # and the client saw RESOURCE_EXHAUSTED "Stream removed" instead of our INVALID_ARGUMENT
+    emu = await gw_emulators()
+    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Sample(gateway_pb2.SampleRequest(model="m" * 300_000, n=1, messages=request().messages), timeout=10)
+    details = err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 2100
+    assert details.startswith("unknown model 'mmm") and "characters cut" in details and "use one of a" in details
+
+
 # -- INTERNAL does not leak the exception -------------------------------------------------------------
 
 class _Broken(annotator_pb2_grpc.AnnotatorServicer):
