@@ -142,7 +142,8 @@ def _knobs(proposer, aggregator, extra):
 SANE_SAMPLING = st.builds(
     lambda kw: common_pb2.SamplingParams(**kw),
     st.fixed_dictionaries({}, optional={
-        "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1), "max_tokens": _mostly(st.integers(1, 32), st.integers(1, 4200)),
+        "temperature": st.floats(0, 2), "top_p": st.floats(0.01, 1),
+        "max_tokens": _mostly(st.integers(1, 32), st.integers(1, 4200)),
         "seed": st.integers(-2**63, 2**63 - 1), "stop": st.lists(st.sampled_from(["\n", "END"]), max_size=3),
         "presence_penalty": st.floats(-2, 2), "frequency_penalty": st.floats(-2, 2)}))
 KNOBS = st.builds(lambda kw: gateway_pb2.GenerateRequest(**kw), st.fixed_dictionaries({}, optional={
@@ -171,7 +172,8 @@ VALID_ANNOTATE = st.builds(
     lambda over, cands: _merged(annotate_request(["Paris is the capital.", "Bananas."]), over) if cands is None
     else _merged(annotate_request([]), over),
     st.builds(lambda kw: annotator_pb2.AnnotateRequest(**kw), st.fixed_dictionaries({}, optional={
-        "ensemble": st.sampled_from(["", "e", "nope"]), "judges": st.lists(st.sampled_from(["j1", "j2", "zz"]), max_size=3),
+        "ensemble": st.sampled_from(["", "e", "nope"]),
+        "judges": st.lists(st.sampled_from(["j1", "j2", "zz"]), max_size=3),
         "mode": st.sampled_from(["", "pointwise", "pairwise", "moa", "bogus"]), "seed": st.integers(0, 2**64 - 1),
         "id": _mostly(st.uuids().map(lambda u: u.hex[:8]), st.sampled_from(["", "r1"])), "candidates": CANDIDATES,
         "reference": st.builds(lambda t: annotator_pb2.Candidate(id="ref", text=t), _text("text"))})),

@@ -131,7 +131,8 @@ async def test_a_huge_field_echoed_in_an_error_is_clipped(gw_emulators, gateway_
     emu = await gw_emulators()
     gw = await gateway_factory(moa_config(emu.url, ["a"]))
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await gw.stub.Sample(gateway_pb2.SampleRequest(model="m" * 300_000, n=1, messages=request().messages), timeout=10)
+        await gw.stub.Sample(gateway_pb2.SampleRequest(model="m" * 300_000, n=1, messages=request().messages),
+                             timeout=10)
     details = err.value.details()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 2100
     assert details.startswith("unknown model 'mmm") and "characters cut" in details and "use one of a" in details
@@ -212,8 +213,9 @@ async def shape_server():
 
 @pytest.mark.parametrize("name", list(WRONG_SHAPES))
 async def test_wrong_shaped_chunk_is_a_typed_malformed_failure(shape_server, pool_of, name):
-    shape_server["body"] = _sse(OK_CHUNK, WRONG_SHAPES[name], END_CHUNK) if "usage" not in name and "token" not in name \
-        else _sse(OK_CHUNK, END_CHUNK, WRONG_SHAPES[name])
+    in_usage = "usage" in name or "token" in name  # a usage chunk comes last
+    shape_server["body"] = (_sse(OK_CHUNK, END_CHUNK, WRONG_SHAPES[name]) if in_usage
+                            else _sse(OK_CHUNK, WRONG_SHAPES[name], END_CHUNK))
     pool = await pool_of({"m": make_cfg(shape_server["url"], retries={"max_attempts": 1})})
     with pytest.raises(BackendError) as exc:
         await pool.client("m").chat(MSGS)

@@ -18,7 +18,10 @@ def _number(text: str, kind: type, what: str):
 
 def port(text: str) -> int:
     """A TCP port, 0 = any free port."""
-    value = _number(text, int, "a port number")
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be a number, got {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0..65535 (0 = any free port), got {value}")
     return value

@@ -83,7 +83,8 @@ def register(subparsers) -> None:
                         ("dpo", "DPO on {prompt, chosen, rejected} rows")):
         p = sub.add_parser(kind, help=help_)
         _add_train_args(p)
-        p.add_argument("--nproc-per-node", type=positive_int, default=1, help="processes (GPUs) on this node; >1 starts torchrun")
+        p.add_argument("--nproc-per-node", type=positive_int, default=1,
+                       help="processes (GPUs) on this node; >1 starts torchrun")
         p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun")
         p.set_defaults(func=_run_train, kind=kind)
 

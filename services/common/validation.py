@@ -97,8 +97,8 @@ def check_max_tokens(value: int | None, *, model: str, context_window: int, fiel
         limit, why = context_window - MIN_PROMPT_TOKENS, f"the window less {MIN_PROMPT_TOKENS} tokens for the prompt"
     limit = max(1, limit)
     if value > limit:
-        raise InvalidArgument(f"{field}.max_tokens={value} is too large for model {model!r} with a {context_window}-token "
-                              f"context window: use at most {limit} ({why})")
+        raise InvalidArgument(f"{field}.max_tokens={value} is too large for model {model!r} with a "
+                              f"{context_window}-token context window: use at most {limit} ({why})")
 
 
 def check_item_id(item_id: str, seen: set[str], *, field: str = "id") -> None:
