@@ -313,3 +313,20 @@ async def test_fuzzed_raw_bytes_get_typed_statuses(stack):
     finally:
         await channels["Annotator"].close()
     assert (await stack["gateway"].Generate(request(), timeout=T)).text
+
+
+async def test_fuzzed_authorization_metadata_gets_typed_statuses(gw_emulators, gateway_factory, monkeypatch):
+    """Random `authorization` values (printable ASCII: what HTTP/2 headers carry) against an auth-enabled
+    gateway: UNAUTHENTICATED or OK, nothing else."""
+    emu = await gw_emulators()
+    monkeypatch.setenv("MOAA_TEST_FUZZ_TOKENS", "good-token")
+    gw = await gateway_factory({"backends": {"a": backend(emu.url)},
+                                "recipes": {"moa": {"proposers": [{"model": "a"}], "aggregator": {"model": "a"}}},
+                                "gateway": {"port": 0, "auth": {"tokens_env": "MOAA_TEST_FUZZ_TOKENS"}}})
+    header = st.one_of(st.just("Bearer good-token"), st.builds(lambda t: "Bearer " + t, st.text(
+        st.characters(min_codepoint=32, max_codepoint=126), max_size=40)),
+        st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40))
+    seen = await asyncio.to_thread(_fuzz, {"loop": asyncio.get_running_loop()}, header, lambda value: gw.stub.ListModels(
+        gateway_pb2.ListModelsRequest(), metadata=(("authorization", value),), timeout=T), False)
+    assert set(seen) <= {"OK", "UNAUTHENTICATED"}, seen
+    assert "UNAUTHENTICATED" in seen
