@@ -225,7 +225,7 @@ async def test_bearer_auth(gw_emulators, gateway_factory, tmp_path, monkeypatch)
         "tokens_file": str(tmp_path / "tokens"), "tokens_env": "MOAA_TEST_TOKENS"}}))
     for md, code in [(None, grpc.StatusCode.UNAUTHENTICATED),
                      ((("authorization", "Basic abc"),), grpc.StatusCode.UNAUTHENTICATED),
-                     ((("authorization", "Bearer wrong"),), grpc.StatusCode.PERMISSION_DENIED)]:
+                     ((("authorization", "Bearer wrong"),), grpc.StatusCode.UNAUTHENTICATED)]:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _check(gw.channel, md)
         assert err.value.code() == code
@@ -241,7 +241,7 @@ async def test_bearer_auth(gw_emulators, gateway_factory, tmp_path, monkeypatch)
     await _check(gw.channel, (("authorization", "Bearer rotated-token"),))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _check(gw.channel, (("authorization", "Bearer file-token"),))
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # health stays open for probes
     h = await health_pb2_grpc.HealthStub(gw.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert h.status == health_pb2.HealthCheckResponse.SERVING

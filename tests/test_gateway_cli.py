@@ -36,7 +36,7 @@ async def test_generate_errors_are_one_line(gw_emulators, gateway_factory, capsy
     gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"auth": {"tokens_env": "MOAA_TEST_CLI_TOKENS"}}))
     code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--token", "bad", "hi"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "PERMISSION_DENIED" in err
+    assert code == 2 and err.count("\n") == 1 and "UNAUTHENTICATED" in err
     code = await asyncio.to_thread(main, ["generate", "--gateway", f"127.0.0.1:{unused_tcp_port}", "--timeout", "2", "hi"])
     err = capsys.readouterr().err
     assert code == 75 and err.startswith("moaa: error: gateway 127.0.0.1:") and err.count("\n") == 1

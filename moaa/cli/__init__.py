@@ -1,4 +1,53 @@
-"""The `moaa` command line: one module per command group, each with register(subparsers)."""
+"""The `moaa` command line: one module per command group, each with register(subparsers).
+
+The argument types below check ranges while parsing, so that a bad number exits 2 with a usage line
+(argparse's error) instead of failing later with an exception's text.
+"""
+import argparse
+
+
+def _number(text: str, kind: type, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):  # nan / inf
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 = any free port."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be a number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535 (0 = any free port), got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a positive whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = _number(text, int, "a whole number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _number(text, float, "a positive number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def add_service_group(subparsers, kind: str, help_text: str, serve_help: str, serve):
     """`moaa gateway serve` / `moaa annotator serve`: the same flags for both services."""
     group = subparsers.add_parser(kind, help=help_text)
@@ -6,7 +55,7 @@ def add_service_group(subparsers, kind: str, help_text: str, serve_help: str, se
     sub.required = True
     cmd = sub.add_parser("serve", help=serve_help)
     cmd.add_argument("--config", required=True, help="moaa YAML config")
-    cmd.add_argument("--port", type=int, help=f"override {kind}.port")
+    cmd.add_argument("--port", type=port, help=f"override {kind}.port (0 = any free port)")
     cmd.add_argument("--host", help=f"override {kind}.host")
     cmd.add_argument("--log-format", choices=["json", "text"], default="json")
     cmd.set_defaults(func=serve)

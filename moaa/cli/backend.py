@@ -3,29 +3,7 @@ from __future__ import annotations
 
 import sys
 
-
-def _port(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port must be a number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0..65535 (0 = any free port), got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
+from moaa.cli import port, positive_int
 
 
 def register(subparsers) -> None:
@@ -37,16 +15,16 @@ def register(subparsers) -> None:
     serve = bsub.add_parser("serve", help="serve a model with vLLM or transformers' server, OpenAI-compatible")
     serve.add_argument("--model", required=True,
                        help="packaged name (smollm2-135m-instruct, gemma3-270m), model folder, .gguf file or hub id")
-    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free port)")
+    serve.add_argument("--port", type=port, default=8000, help="port (default 8000; 0 = any free port)")
     serve.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                        help="auto = vllm where installed, else transformers")
     serve.add_argument("--served-model-name", help="model name clients send (default: the packaged or folder name)")
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--max-model-len", type=_positive, default=2048, help="context length (vllm)")
+    serve.add_argument("--max-model-len", type=positive_int, default=2048, help="context length (vllm)")
     serve.add_argument("--dtype", default="auto",
                        help="compute dtype (default auto = the weights' own: float32 for prepared models; "
                             "vLLM CPU's bfloat16 path garbles SmolLM2)")
-    serve.add_argument("--startup-timeout", type=_positive, default=600, help="seconds to wait for readiness")
+    serve.add_argument("--startup-timeout", type=positive_int, default=600, help="seconds to wait for readiness")
     serve.add_argument("--log-file", help="engine log file (default: a temporary folder, printed at start)")
     serve.set_defaults(func=_serve)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-from moaa.cli import add_service_group
+from moaa.cli import add_service_group, positive_float, positive_int
 
 
 def register(subparsers) -> None:
@@ -20,8 +20,8 @@ def register(subparsers) -> None:
     gen.add_argument("--gateway", default="127.0.0.1:50051", help="HOST:PORT of the gateway")
     gen.add_argument("--recipe", default="", help="recipe name (default: the gateway's default)")
     gen.add_argument("--system", help="system message")
-    gen.add_argument("--max-tokens", type=int, help="max tokens per proposer and for the aggregator")
-    gen.add_argument("--timeout", type=float, default=600.0, help="deadline of the call in seconds")
+    gen.add_argument("--max-tokens", type=positive_int, help="max tokens per proposer and for the aggregator")
+    gen.add_argument("--timeout", type=positive_float, default=600.0, help="deadline of the call in seconds")
     gen.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
     gen.add_argument("--tls-ca", help="CA certificate to verify the gateway's TLS certificate")
     gen.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")

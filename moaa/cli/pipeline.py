@@ -6,13 +6,15 @@ import os
 import sys
 from pathlib import Path
 
+from moaa.cli import positive_int
+
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", help="JSONL, Parquet or a saved datasets folder (default: the bundled ~50 prompts)")
     p.add_argument("--map", dest="mapping", action="append", default=[], metavar="KEY=FIELD",
                    help="field mapping, KEY one of prompt, messages, id, system (e.g. --map prompt=question)")
     p.add_argument("--split", help="split of a datasets folder (default: train)")
-    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--limit", type=positive_int, help="use only the first N prompts")
     p.add_argument("--skip-invalid", action="store_true",
                    help="skip broken rows, rows without a prompt and duplicate ids (counted, with line numbers)")
 
@@ -44,7 +46,7 @@ def register(subparsers) -> None:
     run.add_argument("--k8s", action="store_true", help="run SFT and DPO as Kubernetes Jobs (moaa train submit)")
     run.add_argument("--k8s-arg", dest="k8s_args", action="append", default=[], metavar="ARG",
                      help="extra argument for `moaa train submit` (repeat), e.g. --k8s-arg=--namespace=moaa")
-    run.add_argument("--token-budget", type=int, help="stop cleanly once the run folder has used N tokens")
+    run.add_argument("--token-budget", type=positive_int, help="stop cleanly once the run folder has used N tokens")
     run.add_argument("--eval-judge", choices=["auto", "chat", "ensemble"], default="auto",
                      help="eval judge: the annotator's ensemble (auto, ensemble) or, embedded only, the local "
                           "model asked directly (chat); 1-10 grades (--set eval_grades=true when embedded) use the local model")
@@ -84,7 +86,7 @@ def register(subparsers) -> None:
     ev.add_argument("--judge-api-key-env", help="environment variable holding the judge's API key")
     ev.add_argument("--grade", action="store_true", help="also grade each answer 1-10 (needs --judge-url)")
     ev.add_argument("--out", default="moaa-eval", help="folder for judgments (resumable) and results")
-    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    ev.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the CIs")
     ev.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token for the annotator")
     ev.set_defaults(func=_eval)
 

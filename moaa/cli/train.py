@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import argparse
 
+from moaa.cli import positive_float, positive_int
+
 # Flags that map one-to-one onto TrainConfig fields (flag -> field).
 _FIELD_FLAGS = [
-    ("--lr", "learning_rate", float, "peak learning rate"),
+    ("--lr", "learning_rate", positive_float, "peak learning rate"),
     ("--schedule", "lr_scheduler_type", str, "LR schedule: cosine, linear, constant, ..."),
-    ("--epochs", "num_train_epochs", float, "epochs (ignored with --max-steps)"),
-    ("--max-steps", "max_steps", int, "optimizer steps"),
-    ("--batch-size", "global_batch_size", int, "global batch: sequences per optimizer step, all GPUs"),
-    ("--per-device-batch-size", "per_device_batch_size", int, "sequences per forward pass per device"),
-    ("--max-length", "max_length", int, "longest tokenized row"),
+    ("--epochs", "num_train_epochs", positive_float, "epochs (ignored with --max-steps)"),
+    ("--max-steps", "max_steps", positive_int, "optimizer steps"),
+    ("--batch-size", "global_batch_size", positive_int, "global batch: sequences per optimizer step, all GPUs"),
+    ("--per-device-batch-size", "per_device_batch_size", positive_int, "sequences per forward pass per device"),
+    ("--max-length", "max_length", positive_int, "longest tokenized row"),
     ("--beta", "beta", float, "DPO beta"),
-    ("--save-steps", "save_steps", int, "checkpoint every N steps"),
+    ("--save-steps", "save_steps", positive_int, "checkpoint every N steps"),
     ("--seed", "seed", int, "seed for init, dropout and data order"),
     ("--device", "device", str, "auto, cpu or cuda"),
 ]
@@ -81,7 +83,8 @@ def register(subparsers) -> None:
                         ("dpo", "DPO on {prompt, chosen, rejected} rows")):
         p = sub.add_parser(kind, help=help_)
         _add_train_args(p)
-        p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) on this node; >1 starts torchrun")
+        p.add_argument("--nproc-per-node", type=positive_int, default=1,
+                       help="processes (GPUs) on this node; >1 starts torchrun")
         p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun")
         p.set_defaults(func=_run_train, kind=kind)
 
@@ -97,11 +100,11 @@ def register(subparsers) -> None:
     sample.add_argument("--model", required=True, help="model folder (the SFT output)")
     sample.add_argument("--prompts", required=True, help="JSONL rows {id, prompt: [messages]} (or {messages})")
     sample.add_argument("--out", required=True, help="output JSONL, appended to and resumed by id")
-    sample.add_argument("--n", type=int, default=5, help="answers per prompt")
+    sample.add_argument("--n", type=positive_int, default=5, help="answers per prompt")
     sample.add_argument("--temperature", type=float, default=0.8)
     sample.add_argument("--top-p", type=float, default=0.95)
-    sample.add_argument("--max-new-tokens", type=int, default=512)
-    sample.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (transformers)")
+    sample.add_argument("--max-new-tokens", type=positive_int, default=512)
+    sample.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generate call (transformers)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
                         help="auto: vLLM offline engine on a GPU node when installed, else transformers")

@@ -7,7 +7,8 @@ import logging
 import grpc
 
 from moaa.services.common.errors import RpcError
-from moaa.services.common.rpc import guarded, time_remaining
+from moaa.services.common.rpc import guarded, status_of, time_remaining
+from moaa.services.common.validation import check_item_id
 from moaa.services.config import MoaaConfig
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
 
@@ -29,9 +30,10 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
         job = build_job(request, self.config, self.server_cfg, rid)
         return await self.engine.annotate(job, timeout=time_remaining(context))
 
-    async def _one(self, request) -> annotator_pb2.AnnotateResult:
+    async def _one(self, request, seen: set[str]) -> annotator_pb2.AnnotateResult:
         """One stream item; its errors go into the result, the stream goes on."""
         try:
+            check_item_id(request.id, seen)
             job = build_job(request, self.config, self.server_cfg)
             return annotator_pb2.AnnotateResult(id=request.id, response=await self.engine.annotate(job))
         except asyncio.CancelledError:
@@ -42,7 +44,8 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
             code, msg = "INVALID_ARGUMENT", str(err.args[0] if err.args else err)
         except Exception as err:  # noqa: BLE001 - one bad item must not end the stream
             log.exception("annotating %s failed", request.id)
-            code, msg = "INTERNAL", f"internal error: {type(err).__name__}: {err}"
+            status, msg = status_of(err)
+            code = status.name
         return annotator_pb2.AnnotateResult(id=request.id, error=common_pb2.ErrorDetail(code=code, message=msg))
 
     @guarded
@@ -53,6 +56,7 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
         results: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         reading_done = object()
+        seen: set[str] = set()
 
         def finished(task: asyncio.Task) -> None:
             tasks.discard(task)
@@ -63,7 +67,7 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
         async def reader() -> None:
             async for request in request_iterator:
                 await window.acquire()
-                task = asyncio.create_task(self._one(request))
+                task = asyncio.create_task(self._one(request, seen))
                 tasks.add(task)
                 task.add_done_callback(finished)
             results.put_nowait(reading_done)

@@ -23,7 +23,7 @@ from .limits import make_throttler
 from .protocol import RESTART as _RESTART
 from .protocol import ChatChoice, ChatResult, Usage, chat_body, sampling_dict
 from .replicas import Replica, ReplicaSet
-from .sse import DONE, MalformedEvent, SSEParser
+from .sse import DONE, MalformedEvent, SSEParser, check_chat_chunk
 from .stream import ChatStream
 
 log = logging.getLogger("moaa.backend")
@@ -360,9 +360,11 @@ class BackendClient:
                         status = code if isinstance(code, int) and 400 <= code < 600 else 500
                         raise fail("http_5xx" if status >= 500 else "http_4xx",
                                    "error in stream: " + error_message(json.dumps(ev)), status)
-                    if not isinstance(ev.get("choices", []), list):
-                        raise fail("malformed", "stream chunk has no choices list")
-                    if any(c.get("finish_reason") for c in ev.get("choices") or [] if isinstance(c, dict)):
+                    try:
+                        check_chat_chunk(ev)
+                    except MalformedEvent as e:
+                        raise fail("malformed", str(e)) from None
+                    if any(c.get("finish_reason") for c in ev.get("choices") or []):
                         finished = True
                     if phase == "first token":
                         phase = "chunk gap"
@@ -405,9 +407,11 @@ def _as_event(raw: bytes, fail) -> dict:
         obj = json.loads(raw)
         choices = [{"index": c.get("index", 0), "delta": {"content": (c.get("message") or {}).get("content") or ""},
                     "finish_reason": c.get("finish_reason")} for c in obj["choices"]]
+        return check_chat_chunk({"choices": choices, "usage": obj.get("usage")})
+    except MalformedEvent as e:
+        raise fail("malformed", f"response is not a chat completion: {e}") from None
     except (ValueError, KeyError, TypeError, AttributeError):
         raise fail("malformed", "response is not a chat completion") from None
-    return {"choices": choices, "usage": obj.get("usage")}
 
 
 def _short(e: BaseException) -> str:

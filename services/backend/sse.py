@@ -1,4 +1,5 @@
-"""Server-sent events as OpenAI-compatible servers send them (aiohttp has no client-side SSE parser).
+"""Server-sent events as OpenAI-compatible servers send them (aiohttp has no client-side SSE parser),
+and the shape check of the chat chunks they carry.
 
 The parser is fed one line at a time so that the caller can put its own timeout on each read.
 """
@@ -68,3 +69,45 @@ class SSEParser:
         if not isinstance(obj, dict):
             raise MalformedEvent(f"stream chunk is JSON but not an object ({type(obj).__name__})")
         return [obj]
+
+
+_MAX_COUNT = 1 << 62  # token counts go into uint64 proto fields
+
+
+def _optional(obj: dict, key: str, kind: type, where: str):
+    value = obj.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise MalformedEvent(f"{where}.{key} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+def check_chat_chunk(ev: dict) -> dict:
+    """`ev` (a parsed chunk) if it has the shape of an OpenAI chat completion chunk, else MalformedEvent.
+
+    Valid JSON of the wrong shape (a string delta, a list as usage, a text index, a negative token
+    count) would otherwise fail deep in the caller as a TypeError; here it is a typed `malformed`
+    failure, retried like any other. Missing fields are allowed: servers omit what is empty."""
+    choices = ev.get("choices")
+    if choices is None:
+        choices = []
+    if not isinstance(choices, list):
+        raise MalformedEvent(f"stream chunk's choices is {type(choices).__name__}, not a list")
+    for i, ch in enumerate(choices):
+        where = f"choices[{i}]"
+        if not isinstance(ch, dict):
+            raise MalformedEvent(f"stream chunk's {where} is {type(ch).__name__}, not an object")
+        index = ch.get("index", 0)
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise MalformedEvent(f"stream chunk's {where}.index is {index!r}, not a non-negative integer")
+        delta = _optional(ch, "delta", dict, where)
+        if delta is not None:
+            _optional(delta, "content", str, where + ".delta")
+        _optional(ch, "text", str, where)
+        _optional(ch, "finish_reason", str, where)
+    usage = _optional(ev, "usage", dict, "stream chunk")
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        value = (usage or {}).get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 0 <= value < _MAX_COUNT):
+            raise MalformedEvent(f"stream chunk's usage.{key} is {value!r}, not a token count")
+    return ev

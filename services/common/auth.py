@@ -2,8 +2,10 @@
 
 Tokens come from a file (one per line, as a mounted Kubernetes Secret provides them; re-read when the
 file changes, so a rotated Secret takes effect without a restart) and/or an environment variable
-(comma-separated). A call without a token gets UNAUTHENTICATED, a wrong token PERMISSION_DENIED.
-Tokens never reach the logs.
+(comma-separated). A call without a token, with a malformed one or with a token that is not accepted
+gets UNAUTHENTICATED: each is a failed authentication (PERMISSION_DENIED would say the caller is known
+but not allowed). Deleting the tokens file revokes its tokens (fail closed). Health checks stay open for
+kubelet probes. Tokens never reach the logs.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class TokenStore:
     def __init__(self, cfg: AuthConfig):
         self.cfg = cfg
         self._file_tokens: frozenset[str] = frozenset()
-        self._mtime: float | None = None
+        self._stamp: tuple | None = None  # (mtime_ns, size, inode) of the file last read
         self._checked = 0.0
         self._env_tokens = frozenset(self._split(os.environ.get(cfg.tokens_env, ""), ",")) if cfg.tokens_env else frozenset()
         if cfg.tokens_env and cfg.tokens_env not in os.environ:
@@ -51,13 +53,21 @@ class TokenStore:
         self._checked = now
         path = Path(self.cfg.tokens_file)
         try:
-            mtime = path.stat().st_mtime
-            if mtime != self._mtime:
+            st = path.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if stamp != self._stamp:
                 self._file_tokens = frozenset(self._split(path.read_text(), "\n"))
-                self._mtime = mtime
+                if self._stamp is not None:
+                    log.info("auth: tokens file %s changed: %d tokens", path, len(self._file_tokens))
+                self._stamp = stamp
         except OSError as err:
-            if force:
-                log.warning("auth: cannot read tokens file %s: %s", path, err.strerror)
+            # A deleted or unreadable file revokes its tokens: failing open would keep a revoked
+            # Secret's tokens valid until the restart.
+            if self._stamp is not None or force:
+                log.warning("auth: cannot read tokens file %s (%s): its tokens are no longer accepted",
+                            path, err.strerror or err)
+            self._file_tokens = frozenset()
+            self._stamp = None
 
     def tokens(self) -> frozenset[str]:
         self._reload()
@@ -113,7 +123,9 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
                                   "malformed authorization metadata: expected 'Bearer <token>'")
         if not self.store.accepts(token.strip()):
-            return _abort_handler(handler, grpc.StatusCode.PERMISSION_DENIED, "the bearer token is not accepted")
+            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                  "the bearer token is not accepted: send a token from the server's tokens file "
+                                  "or environment variable")
         return handler
 
 

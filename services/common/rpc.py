@@ -24,13 +24,29 @@ from moaa.services.common.metrics import Metrics
 log = logging.getLogger("moaa.rpc")
 
 
+MAX_MESSAGE = 2000  # status details travel in a header (16 KiB limit): a message echoing a huge field
+# would otherwise be replaced by the client's RESOURCE_EXHAUSTED "metadata size exceeds hard limit"
+
+
+def clip(msg: str, limit: int = MAX_MESSAGE) -> str:
+    """`msg` cut in the middle to `limit` characters: the field named at the start and the advice at the
+    end both stay."""
+    if len(msg) <= limit:
+        return msg
+    head, tail = limit * 2 // 3, limit // 3
+    return f"{msg[:head]} [... {len(msg) - head - tail} characters cut ...] {msg[-tail:]}"
+
+
 def status_of(err: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(err, RpcError):
-        return err.code, str(err)
+        return err.code, clip(str(err))
     if isinstance(err, (UserError, LookupError)):
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        return grpc.StatusCode.INVALID_ARGUMENT, str(msg)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}"
+        return grpc.StatusCode.INVALID_ARGUMENT, clip(str(msg))
+    # The exception's type and text stay in the server's log (the caller logs it with the request id):
+    # they can carry paths, config and other callers' data.
+    return grpc.StatusCode.INTERNAL, (f"internal error (request id {request_id_var.get()}): the server logged "
+                                      "the details; report the request id to its operators")
 
 
 async def _abort(context, code: grpc.StatusCode, msg: str) -> None:

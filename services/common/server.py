@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moaa.services.common.auth import auth_interceptors
+from moaa.services.common.decoding import DecodeGuardInterceptor
 from moaa.services.common.limiter import InFlightLimiter
 from moaa.services.common.metrics import Metrics, serve_metrics
 from moaa.services.common.rpc import CallGuard
@@ -89,7 +90,9 @@ async def start_server(cfg: ServerConfig, service: str, add_servicers, service_n
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[*auth_interceptors(cfg.auth), *extra_interceptors], options=options,
+    # undecodable request bytes -> INVALID_ARGUMENT (innermost, so auth's refusals decode safely too)
+    interceptors = [*auth_interceptors(cfg.auth), *extra_interceptors, DecodeGuardInterceptor()]
+    server = grpc.aio.server(interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=None)
     add_servicers(server, guard)
     health_servicer = health.aio.HealthServicer()

@@ -9,6 +9,7 @@ from moaa.services.config import SamplingConfig
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
+MIN_PROMPT_TOKENS = 16  # room a reply must leave in the context window for the prompt
 
 
 def messages_to_dicts(messages, *, field: str = "messages", max_chars: int | None = None,
@@ -81,3 +82,30 @@ def check_range(value: int, lo: int, hi: int, field: str, hint: str = "") -> int
     if not lo <= value <= hi:
         raise InvalidArgument(f"{field}={value} is out of range: use {lo}..{hi}{(' ' + hint) if hint else ''}")
     return value
+
+
+def check_max_tokens(value: int | None, *, model: str, context_window: int, field: str,
+                     with_references: bool = False) -> None:
+    """A requested max_tokens must fit the model's context window with room for the prompt; an agent
+    that reads references (an aggregator, a proposer after layer 1) may spend at most half the window
+    on its reply, or every reference would be cut down to its trim marker."""
+    if value is None:
+        return
+    if with_references:
+        limit, why = context_window // 2, "half the window: the rest holds the conversation and the references"
+    else:
+        limit, why = context_window - MIN_PROMPT_TOKENS, f"the window less {MIN_PROMPT_TOKENS} tokens for the prompt"
+    limit = max(1, limit)
+    if value > limit:
+        raise InvalidArgument(f"{field}.max_tokens={value} is too large for model {model!r} with a "
+                              f"{context_window}-token context window: use at most {limit} ({why})")
+
+
+def check_item_id(item_id: str, seen: set[str], *, field: str = "id") -> None:
+    """A stream item's id must be set and unique within the stream: results are matched to rows by it.
+    Adds the id to `seen`; raises InvalidArgument (an item error, the stream goes on)."""
+    if not item_id:
+        raise InvalidArgument(f"{field} is empty: give every stream item a unique id (results are matched by it)")
+    if item_id in seen:
+        raise InvalidArgument(f"{field} {item_id!r} was already sent on this stream: give every item a unique id")
+    seen.add(item_id)

@@ -215,7 +215,9 @@ class Emulator:
 # -- CLI (wired into `moaa backend emulate` by moaa/cli/backend.py) ---------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
+    from moaa.cli import port  # the CLI's range-checked type: --port 70000 is a usage error
+
+    parser.add_argument("--port", type=port, default=8000, help="port to listen on (0 = any free port)")
     parser.add_argument("--model", dest="models", action="append", default=None,
                         help="model name to list in /v1/models (repeatable); any name is answered")
     parser.add_argument("--settings", default=None,

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from moaa.services.common.errors import InvalidArgument
-from moaa.services.common.validation import merge_sampling, messages_to_dicts, sampling_overrides
+from moaa.services.common.validation import check_max_tokens, merge_sampling, messages_to_dicts, sampling_overrides
 from moaa.services.config import MoaaConfig, RecipeConfig, SamplingConfig
 
 
@@ -62,6 +62,11 @@ def make_plan(cfg: MoaaConfig, req, request_id: str, max_prompt_chars: int) -> P
         raise InvalidArgument(f"layer_deadline_s={deadline} must be a positive number of seconds")
     proposers = [Agent(a.model, a.system_prompt, merge_sampling(a.sampling, prop_over)) for a in recipe.proposers]
     agg = recipe.aggregator
+    for agent in recipe.proposers:  # a later layer's proposers read the previous layer's answers
+        check_max_tokens(prop_over.get("max_tokens"), model=agent.model, field="proposer_sampling",
+                         context_window=cfg.backends[agent.model].context_window, with_references=recipe.layers > 1)
+    check_max_tokens(agg_over.get("max_tokens"), model=agg.model, field="aggregator_sampling",
+                     context_window=cfg.backends[agg.model].context_window, with_references=True)
     aggregator = Agent(agg.model, agg.system_prompt, merge_sampling(agg.sampling, agg_over))
     return Plan(request_id=request_id, recipe_name=recipe_name, recipe=recipe, conversation=conversation,
                 proposers=proposers, aggregator=aggregator, layers=recipe.layers, min_proposers=min_p,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from moaa.services.backend import BackendError
 from moaa.services.common.errors import InvalidArgument, Unavailable
-from moaa.services.common.validation import merge_sampling, messages_to_dicts, sampling_overrides
+from moaa.services.common.validation import check_max_tokens, merge_sampling, messages_to_dicts, sampling_overrides
 from moaa.services.config import MoaaConfig, SamplingConfig
 from moaa.services.gateway.annotation import AnnotatorClient, annotate, check_annotate
 from moaa.v1 import annotator_pb2, gateway_pb2
@@ -20,6 +20,8 @@ def check_sample_request(cfg: MoaaConfig, req, max_prompt_chars: int) -> tuple[l
         raise InvalidArgument(f"n={req.n} is out of range: ask for 1..{MAX_N} samples")
     messages = messages_to_dicts(req.messages, max_chars=max_prompt_chars)
     over = sampling_overrides(req.sampling if req.HasField("sampling") else None, field="sampling")
+    check_max_tokens(over.get("max_tokens"), model=req.model, field="sampling",
+                     context_window=cfg.backends[req.model].context_window)
     if req.annotate:
         if req.n < 2:
             raise InvalidArgument("annotate needs at least 2 samples to compare: set n >= 2")

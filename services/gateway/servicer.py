@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+
+import grpc
 
 from moaa.services.common.errors import RpcError
 from moaa.services.common.logs import new_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, status_of, guarded, time_remaining
+from moaa.services.common.validation import check_item_id
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.engine import MoAEngine
 from moaa.services.gateway.plan import make_plan
 from moaa.services.gateway.annotation import AnnotatorClient, annotate_moa, check_annotate
 from moaa.services.gateway.sample import run_sample
 from moaa.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger("moaa.gateway")
 
 _DONE = object()
 
@@ -65,11 +71,13 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         deadline = _deadline(context)
         metadata = context.invocation_metadata() or ()
         tasks: set[asyncio.Task] = set()
+        seen: set[str] = set()
 
         async def one(item):
             item_rid = item.request.request_id or (f"{rid}-{item.id}" if item.id else new_request_id())
             token = request_id_var.set(item_rid)
             try:
+                check_item_id(item.id, seen)  # tasks start in the order read: the first of a repeated id wins
                 resp = None
                 async for ev in self._generate(item.request, item_rid, deadline, deltas=False, metadata=metadata):
                     if ev.HasField("final"):
@@ -79,6 +87,8 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
                 raise
             except Exception as err:  # noqa: BLE001 - one bad item does not end the stream
                 code, msg = status_of(err)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("batch item %s failed", item.id)
                 results.put_nowait(gateway_pb2.BatchResult(
                     id=item.id, error=common_pb2.ErrorDetail(code=code.name, message=msg)))
             finally:

@@ -1,0 +1,114 @@
+"""Undecodable request bytes answer INVALID_ARGUMENT, not grpc.aio's UNKNOWN.
+
+grpc.aio runs the request deserializer before any servicer code, and an exception there becomes
+UNKNOWN with the exception's text. This server interceptor gives every handler (ours, health,
+reflection) a deserializer that never raises: it returns an `Undecodable` marker, and the wrapped
+handler aborts with INVALID_ARGUMENT naming the message type it expected. For streamed requests the
+marker aborts the call when the servicer reads that message.
+"""
+from __future__ import annotations
+
+import inspect
+
+import grpc
+
+
+class Undecodable:
+    """Stands in for a request message whose bytes did not parse."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _type_name(deserializer) -> str:
+    owner = getattr(deserializer, "__self__", None)  # e.g. GenerateRequest.FromString
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", "") or "the request message"
+
+
+def safe_deserializer(deserializer):
+    """`deserializer` that returns Undecodable instead of raising; None (raw bytes) stays None."""
+    if deserializer is None:
+        return None
+    name = _type_name(deserializer)
+
+    def decode(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception as err:  # noqa: BLE001 - DecodeError, or whatever a custom deserializer raises
+            return Undecodable(f"request bytes do not parse as {name} ({type(err).__name__}: "
+                               f"{str(err).rsplit(':', 1)[-1].strip() or 'corrupt'}): send a serialized {name}")
+    return decode
+
+
+async def _reject(context, bad: Undecodable) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+
+def _checked_iterator(requests, context):
+    async def gen():
+        async for item in requests:
+            if isinstance(item, Undecodable):
+                await _reject(context, item)
+            yield item
+    return gen()
+
+
+def _wrap_behavior(behavior, request_streaming: bool, response_streaming: bool):
+    """The same kind of callable as `behavior` (coroutine function or async generator function)."""
+
+    def check(request, context):
+        if request_streaming:
+            return _checked_iterator(request, context), None
+        return request, request if isinstance(request, Undecodable) else None
+
+    if response_streaming and inspect.isasyncgenfunction(behavior):
+        async def stream(request, context):
+            request, bad = check(request, context)
+            if bad is not None:
+                await _reject(context, bad)
+            async for item in behavior(request, context):
+                yield item
+        return stream
+
+    async def call(request, context):
+        request, bad = check(request, context)
+        if bad is not None:
+            await _reject(context, bad)
+        result = behavior(request, context)
+        if inspect.isawaitable(result):
+            return await result
+        if response_streaming and hasattr(result, "__aiter__"):  # async generator from a plain function
+            async for item in result:
+                await context.write(item)
+            return None
+        return result
+    return call
+
+
+_KINDS = {
+    "unary_unary": (False, False, grpc.unary_unary_rpc_method_handler),
+    "unary_stream": (False, True, grpc.unary_stream_rpc_method_handler),
+    "stream_unary": (True, False, grpc.stream_unary_rpc_method_handler),
+    "stream_stream": (True, True, grpc.stream_stream_rpc_method_handler),
+}
+
+
+def guard_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    for attr, (req_stream, resp_stream, make) in _KINDS.items():
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            return make(_wrap_behavior(behavior, req_stream, resp_stream),
+                        request_deserializer=safe_deserializer(handler.request_deserializer),
+                        response_serializer=handler.response_serializer)
+    return handler
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Put it last (innermost), so that the auth interceptor's refusals use the safe deserializer too."""
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        return guard_handler(handler) if handler is not None else None
