@@ -62,6 +62,7 @@ class BackendClient:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self.queued = 0  # requests waiting for a rate-limit token or a replica slot (bounded by max_queued)
 
     # -- session -------------------------------------------------------------------------------
     def _ensure_session(self) -> aiohttp.ClientSession:
@@ -277,6 +278,12 @@ class BackendClient:
         reusable = False
         try:
             if not probe:
+                if self.queued >= self.cfg.max_queued and not replica.limit.free:
+                    err = fail("queue_full", f"{self.queued} requests already wait for this backend "
+                               f"(max_queued={self.cfg.max_queued}); send fewer at once or raise max_queued")
+                    err.replica_fault = False
+                    raise err
+                self.queued += 1
                 try:
                     async with asyncio.timeout_at(attempt_deadline):
                         if self.throttler is not None:
@@ -292,6 +299,8 @@ class BackendClient:
                     err = timed_out(attempt_deadline, "slot")
                     err.replica_fault = False  # our own queue, not the replica's doing
                     raise err from None
+                finally:
+                    self.queued -= 1
                 sent = loop.time()
             headers = {PROBE_HEADER: "1"} if probe else None
             phase, phase_deadline = "first token", min(sent + t.first_token_s, attempt_deadline)

@@ -33,6 +33,11 @@ class AdaptiveLimit:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def free(self) -> bool:
+        """A request would get a slot now, without waiting."""
+        return self.in_flight < self.limit and not self._waiters
+
     async def acquire(self) -> None:
         if self.in_flight < self.limit and not self._waiters:
             self.in_flight += 1
@@ -44,7 +49,7 @@ class AdaptiveLimit:
         except BaseException:
             if fut.done() and not fut.cancelled():
                 self.release()  # got the slot just as we were cancelled: pass it on
-            else:
+            elif fut in self._waiters:  # a cancelled waiter may already have been dropped by release()
                 self._waiters.remove(fut)
             raise
 
