@@ -37,6 +37,7 @@ async def start_annotator(config: MoaaConfig, *, port: int | None = None, probes
         await pool.close()
         raise
     engine.metrics = running.guard.metrics
+    running.servicer = holder["servicer"]
     running.on_stop.append(pool.close)
     return running
 
