@@ -130,7 +130,8 @@ async def test_unary_call_beyond_the_bound_is_resource_exhausted_while_stream_it
     call = gw.stub.GenerateBatch(iter(items), timeout=30)
     limiter = gw.running.guard.limiter
     assert await wait_for(lambda: limiter.in_flight == 2 and limiter.waiting == 1, timeout=10)
-    assert emu.stats.in_flight == 2  # the stream's third item waits for capacity; it was not refused
+    # two items reached the backend; the third waits for capacity, it was not refused
+    assert await wait_for(lambda: emu.stats.in_flight == 2, timeout=10)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gw.stub.Generate(request(), timeout=5)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
