@@ -1,11 +1,11 @@
 """Per-backend rate limit (asyncio-throttle) and a per-replica concurrency cap that adapts to 429s."""
 from __future__ import annotations
 
-import asyncio
 import math
-from collections import deque
 
 from asyncio_throttle import Throttler
+
+from moaa.services.common.limiter import Slots
 
 
 def make_throttler(rate_per_s: float | None) -> Throttler | None:
@@ -17,52 +17,15 @@ def make_throttler(rate_per_s: float | None) -> Throttler | None:
     return Throttler(rate_limit=burst, period=burst / rate_per_s, retry_interval=min(0.01, 0.5 / rate_per_s))
 
 
-class AdaptiveLimit:
+class AdaptiveLimit(Slots):
     """A semaphore whose limit halves when the backend says 429 and grows back by one per window of
     successes (additive increase, multiplicative decrease), never above `maximum`."""
 
     def __init__(self, maximum: int):
+        super().__init__(maximum)
         self.maximum = maximum
-        self.limit = maximum
-        self.in_flight = 0
         self._successes = 0
         self.epoch = 0  # bumped at each halving; 429s of requests sent before it are the same signal
-        self._waiters: deque[asyncio.Future] = deque()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    @property
-    def free(self) -> bool:
-        """A request would get a slot now, without waiting."""
-        return self.in_flight < self.limit and not self._waiters
-
-    async def acquire(self) -> None:
-        if self.in_flight < self.limit and not self._waiters:
-            self.in_flight += 1
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut  # the slot is handed over by release(), in_flight already counted
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.release()  # got the slot just as we were cancelled: pass it on
-            elif fut in self._waiters:  # a cancelled waiter may already have been dropped by release()
-                self._waiters.remove(fut)
-            raise
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.limit:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self.in_flight += 1
-                fut.set_result(None)
 
     def on_rate_limited(self, epoch: int | None = None) -> None:
         """Halves the limit, once per burst: requests admitted before the last halving (an older
