@@ -208,8 +208,8 @@ class ServerConfig(_Strict):
     max_candidates: int = Field(16, ge=2, description="annotator: most candidates per request")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_candidate_bytes: int = Field(256 * 1024, ge=1, description="annotator: most UTF-8 bytes per candidate text")
-    batch_window: int = Field(64, ge=1, description="items per batch stream held at once (running or waiting to "
-                              "be written); a slot frees when its result was written")
+    batch_window: int = Field(256, ge=1, description="upper bound on the items of one batch stream held at once "
+                              "(running or waiting to be written); within it, items start as the backends have room")
     shutdown_grace_s: float = Field(30.0, ge=0)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -27,7 +27,7 @@ from tests.fixtures.waiting import wait_for
 
 BOUND = 8  # max_in_flight of the gateway under test: far below 50 streams x batch_window 64
 STREAMS, ITEMS = 50, 100
-MAX_QUEUED = 3  # per backend; with max_concurrency 2 and up to BOUND items, some requests find it full
+MAX_QUEUED = 3  # per backend; admission by free capacity keeps the queues below it
 # RSS growth allowed over the run, after a warm-up round on the same 50 streams. What the gateway holds is
 # bounded by BOUND items (a MoA call's tasks, aiohttp requests, protobufs: tens of KiB each, so < 1 MiB)
 # plus per-stream gRPC state that the warm-up already created; measured: under 1 MiB. The same run with
@@ -60,7 +60,7 @@ async def _run_streams(stub, streams: int, items: int, prefix: str) -> dict[str,
 
 
 async def test_overload_50_streams_of_100_items(gw_emulators, tmp_path, unused_tcp_port_factory):
-    emu = await gw_emulators()
+    emu = await gw_emulators({"a": {"error_rates": {500: 0.05}, "seed": 7}})  # some items fail after retry
     port, metrics_port = unused_tcp_port_factory(), unused_tcp_port_factory()
     limits = {"max_concurrency": 2, "max_queued": MAX_QUEUED}
     cfg = moa_config(emu.url, ["a"], backends={"a": limits, "agg": limits},
@@ -109,8 +109,8 @@ async def test_overload_50_streams_of_100_items(gw_emulators, tmp_path, unused_t
     assert ids == sorted(f"r{s}-{i}" for s in range(STREAMS) for i in range(ITEMS))
     assert out["ok"], "no item succeeded"
     for err in out["error"]:
-        assert err.error.code in ("UNAVAILABLE", "RESOURCE_EXHAUSTED"), err
-        assert "queue_full" in err.error.message and f"max_queued={MAX_QUEUED}" in err.error.message, err
+        assert err.error.code == "UNAVAILABLE" and "failed backends: a " in err.error.message, err
+        assert "http_5xx" in err.error.message or f"max_queued={MAX_QUEUED}" in err.error.message, err
     # the bound held at every sample and over the whole run (high-water gauge)
     assert len(samples) >= 5, samples
     assert max(s[0] for s in samples) <= BOUND and max(s[1] for s in samples) <= BOUND, samples

@@ -1,6 +1,7 @@
 """The grpc.aio `Annotator` servicer: thin, it validates, calls the engine and converts errors."""
 from __future__ import annotations
 
+from moaa.services.backend.limits import Admission
 from moaa.services.common.rpc import guarded, time_remaining
 from moaa.services.common.stream import ItemStream
 from moaa.services.config import MoaaConfig
@@ -21,6 +22,7 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
         self.engine = engine
         self.guard = guard
         self.streams: set[ItemStream] = set()  # open AnnotateStream streams
+        self.admission = Admission(engine.pool)
         guard.metrics.watch_backends(engine.pool)
 
     @guarded
@@ -32,9 +34,19 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
         job = build_job(request, self.config, self.server_cfg)
         return annotator_pb2.AnnotateResult(id=request.id, response=await self.engine.annotate(job))
 
+    async def _admit(self, request, spawn) -> None:
+        """By the free capacity of the ensemble's judges (first phase) and aggregator judge (later)."""
+        try:
+            _, ens = self.config.ensemble(request.ensemble or None)
+        except LookupError:  # no such ensemble: build_job answers INVALID_ARGUMENT at once
+            spawn()
+            return
+        later = {ens.aggregator.model} if ens.aggregator else set()
+        await self.admission.admit({j.model for j in ens.judges}, later, spawn)
+
     @guarded
     async def AnnotateStream(self, request_iterator, context, rid):
         """Items through the one bounded stream (services/common/stream.py)."""
         stream = ItemStream(self._stream_item, _stream_error, window=self.server_cfg.batch_window,
-                            limiter=self.guard.limiter, live=self.streams)
+                            limiter=self.guard.limiter, live=self.streams, admit=self._admit)
         await stream.serve(request_iterator, context.write)

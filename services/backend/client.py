@@ -19,7 +19,7 @@ import aiohttp
 from moaa.services.config import BackendConfig, SamplingConfig
 
 from .errors import REPLICA_FAULTS, BackendError, error_message
-from .limits import make_throttler
+from .limits import ITEM_STARTED, make_throttler
 from .protocol import RESTART as _RESTART
 from .protocol import ChatChoice, ChatResult, Usage, chat_body, sampling_dict
 from .replicas import Replica, ReplicaSet
@@ -63,6 +63,17 @@ class BackendClient:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.queued = 0  # requests waiting for a rate-limit token or a replica slot (bounded by max_queued)
+        self.on_release: list = []  # called when a request gives its slot back (Admission listens)
+
+    @property
+    def capacity(self) -> int:
+        """Requests the replicas take at once now (their adaptive limits)."""
+        return sum(r.limit.limit for r in self.replicas.replicas)
+
+    @property
+    def available(self) -> bool:
+        """Some replica takes requests (not every circuit is open)."""
+        return any(r.available() for r in self.replicas.replicas)
 
     # -- session -------------------------------------------------------------------------------
     def _ensure_session(self) -> aiohttp.ClientSession:
@@ -284,6 +295,9 @@ class BackendClient:
                     err.replica_fault = False
                     raise err
                 self.queued += 1
+                started = ITEM_STARTED.get()
+                if started is not None:
+                    started.set()
                 try:
                     async with asyncio.timeout_at(attempt_deadline):
                         if self.throttler is not None:
@@ -400,6 +414,8 @@ class BackendClient:
                     resp.close()  # drop the connection: the server sees the disconnect
             if slot:
                 replica.limit.release()
+                for notify in self.on_release:
+                    notify()
             if outcome == "ok":
                 if not probe:
                     replica.limit.on_success()

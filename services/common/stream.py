@@ -5,7 +5,9 @@ from the moment it is read until its result has been WRITTEN to the transport. S
 not read stops the server from reading its requests (gRPC flow control then holds the client back), and
 no stream keeps more than `window` results in memory. A failed item becomes an error result through the
 one `status_of`; the stream goes on. Ending the stream (client gone, deadline, shutdown) cancels the
-items still running and waits for them before the call returns.
+items still running and waits for them before the call returns. With `admit` (the backends' Admission,
+services/backend/limits.py) an item starts only when the backends it needs have room, so the window is
+an upper bound and the backends' free capacity decides how many items run.
 """
 from __future__ import annotations
 
@@ -36,12 +38,14 @@ class ItemStream(Generic[Req, Res]):
     in the order they complete. `failed(request, code_name, message)` builds the error result."""
 
     def __init__(self, handle: Callable[[Req], Awaitable[Res]], failed: Callable[[Req, str, str], Res], *,
-                 window: int, limiter: InFlightLimiter, live: set | None = None):
+                 window: int, limiter: InFlightLimiter, live: set | None = None,
+                 admit: Callable[[Req, Callable[[], asyncio.Task]], Awaitable[None]] | None = None):
         self.handle = handle
         self.failed = failed
         self.window = window
         self.limiter = limiter
         self.live = live  # the servicer's set of open streams (tests and metrics look at them)
+        self.admit = admit  # admit(request, spawn): waits for backend capacity, then calls spawn()
         self.read = 0  # requests read from the client
         self.written = 0  # results the transport took
         self.held = 0  # items read and not yet written: each holds a window slot and an in-flight slot
@@ -73,6 +77,12 @@ class ItemStream(Generic[Req, Res]):
         self._results.put_nowait(result)
         self.max_queued = max(self.max_queued, self._results.qsize())
 
+    def _spawn(self, request: Req) -> asyncio.Task:
+        task = asyncio.create_task(self._one(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def _read(self, requests: AsyncIterable[Req]) -> None:
         try:
             it = aiter(requests)
@@ -86,9 +96,10 @@ class ItemStream(Generic[Req, Res]):
                 self.read += 1
                 self.held += 1
                 self.max_held = max(self.max_held, self.held)
-                task = asyncio.create_task(self._one(request))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                if self.admit is None:
+                    self._spawn(request)
+                else:
+                    await self.admit(request, lambda: self._spawn(request))
             while self._tasks:
                 await asyncio.wait(set(self._tasks))
             self._results.put_nowait(_END)

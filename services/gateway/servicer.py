@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from moaa.services.backend.limits import Admission
 from moaa.services.common.errors import RpcError
 from moaa.services.common.logs import new_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, guarded, time_remaining
@@ -34,6 +35,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         self.max_prompt_chars = cfg.gateway.max_prompt_chars
         self.batch_window = cfg.gateway.batch_window
         self.streams: set[ItemStream] = set()  # open GenerateBatch streams
+        self.admission = Admission(pool)
         guard.metrics.watch_backends(pool)
 
     async def _generate(self, request, rid: str, deadline: float | None, deltas: bool = True, metadata=()):
@@ -71,12 +73,22 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         finally:
             request_id_var.reset(token)
 
+    async def _admit(self, item, spawn) -> None:
+        """By the free capacity of the recipe's proposers (first phase) and aggregator (later)."""
+        try:
+            _, recipe = self.cfg.recipe(item.request.recipe or None)
+        except LookupError:  # no such recipe: make_plan answers INVALID_ARGUMENT at once
+            spawn()
+            return
+        await self.admission.admit({a.model for a in recipe.proposers}, {recipe.aggregator.model}, spawn)
+
     @guarded
     async def GenerateBatch(self, request_iterator, context, rid):
         """Items through the one bounded stream (services/common/stream.py)."""
         deadline, metadata = _deadline(context), context.invocation_metadata() or ()
         stream = ItemStream(lambda item: self._batch_item(item, rid, deadline, metadata), _batch_error,
-                            window=self.batch_window, limiter=self.guard.limiter, live=self.streams)
+                            window=self.batch_window, limiter=self.guard.limiter, live=self.streams,
+                            admit=self._admit)
         await stream.serve(request_iterator, context.write)
 
     @guarded
