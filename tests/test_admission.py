@@ -45,3 +45,33 @@ async def test_generate_batch_admits_by_free_backend_capacity(gw_emulators, gate
     assert peaks["a_queued"] == 0 and peaks["agg_queued"] <= SLOTS, peaks
     # so the stream held about what the backends can run, far below its window of 64
     assert SLOTS < peaks["held"] <= 3 * SLOTS + 1, peaks
+
+
+async def test_annotate_stream_admits_by_free_judge_capacity(judge_emulator, annotator_factory):
+    from tests.fixtures.annotator import judge_config
+    from tests.fixtures.annotator import request as annotate_request
+
+    cfg = judge_config(judge_emulator.url, {"a": "keyword:paris+delay=0.1"}, mode="pointwise", combine="mean",
+                       annotator={"batch_window": 64})
+    cfg["backends"]["m-a"]["max_concurrency"] = SLOTS
+    stub = await annotator_factory(cfg)
+    servicer = stub.server.servicer
+    judge = servicer.engine.pool.client("m-a")
+    peaks = {"held": 0, "busy": 0}
+    done = asyncio.Event()
+
+    async def sample():
+        while not done.is_set():
+            peaks["held"] = max(peaks["held"], max((s.held for s in servicer.streams), default=0))
+            peaks["busy"] = max(peaks["busy"], judge.replicas.replicas[0].in_flight)
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.create_task(sample())
+    items = [annotate_request(["Paris is the capital of France.", "Bananas are yellow."], id=f"r{i}")
+             for i in range(24)]
+    results = [r async for r in stub.AnnotateStream(iter(items), timeout=60)]
+    done.set()
+    await sampler
+    assert sorted(r.id for r in results) == sorted(it.id for it in items)
+    assert all(r.response.chosen_id == "c0" for r in results)
+    assert peaks["busy"] == SLOTS and peaks["held"] <= SLOTS + 1, peaks  # the judge, not the window, decides

@@ -32,7 +32,8 @@ MAX_QUEUED = 3  # per backend; admission by free capacity keeps the queues below
 # bounded by BOUND items (a MoA call's tasks, aiohttp requests, protobufs: tens of KiB each, so < 1 MiB)
 # plus per-stream gRPC state that the warm-up already created; measured: under 1 MiB. The same run with
 # every item admitted at once (max_in_flight 4000, so 50 streams x batch_window 64 = 3200 items in flight,
-# as before items were counted) grew the gateway by 48 MiB on the machine this was written on. 16 MiB is
+# as before items were counted, and before admission by backend capacity) grew the gateway by 48 MiB on the
+# machine this was written on. 16 MiB is
 # well clear of allocator noise and well below what an unbounded gateway costs.
 RSS_GROWTH_MIB = 16
 

@@ -67,7 +67,7 @@ class RunningServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down: finishing %d calls in flight (grace %.0f s)", self.guard.limiter.in_flight, self.grace_s)
+        log.info("shutting down: finishing %d items in flight (grace %.0f s)", self.guard.limiter.in_flight, self.grace_s)
         await self.stop()
 
 
