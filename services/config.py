@@ -57,6 +57,8 @@ class BackendConfig(_Strict):
     api_key_file: str | None = Field(None, description="file holding the bearer token (a mounted Secret)")
     rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second, all replicas together")
     max_concurrency: int = Field(32, ge=1, description="requests in flight per replica; halved on 429, regrown after")
+    max_queued: int = Field(4096, ge=0, description="requests waiting for a slot (all replicas together) before "
+                            "new ones fail at once with cause queue_full")
     context_window: int = Field(4096, ge=64, description="model context length in tokens")
     tokenizer: str | None = Field(None, description="tokenizer folder or hub id for counting reference tokens")
     supports_n: bool = Field(True, description="false when the server ignores n (transformers serve): moaa sends n requests")
@@ -205,12 +207,14 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
-    max_in_flight: int = Field(1024, ge=1, description="calls in flight before RESOURCE_EXHAUSTED")
+    max_in_flight: int = Field(1024, ge=1, description="work in flight: unary calls plus items of batch streams; "
+                               "unary calls beyond it get RESOURCE_EXHAUSTED, stream items wait")
     max_prompt_chars: int = Field(200_000, ge=1)
     max_candidates: int = Field(16, ge=2, description="annotator: most candidates per request")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_candidate_bytes: int = Field(256 * 1024, ge=1, description="annotator: most UTF-8 bytes per candidate text")
-    batch_window: int = Field(64, ge=1, description="GenerateBatch items in flight per stream")
+    batch_window: int = Field(256, ge=1, description="upper bound on the items of one batch stream held at once "
+                              "(running or waiting to be written); within it, items start as the backends have room")
     shutdown_grace_s: float = Field(30.0, ge=0)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -68,6 +68,7 @@ async def start_annotator(config: MoaaConfig, *, port: int | None = None, probes
     engine.metrics = running.guard.metrics
     watcher = asyncio.create_task(watch_judges(running, engine), name="annotator judge health")
     running.on_stop.append(watcher.cancel)
+    running.servicer = holder["servicer"]
     running.on_stop.append(pool.close)
     return running
 

@@ -1,21 +1,18 @@
 """The grpc.aio `Annotator` servicer: thin, it validates, calls the engine and converts errors."""
 from __future__ import annotations
 
-import asyncio
-import logging
-
-import grpc
-
-from moaa.services.common.errors import RpcError
-from moaa.services.common.rpc import guarded, status_of, time_remaining
-from moaa.services.common.validation import check_item_id
+from moaa.services.backend.limits import Admission
+from moaa.services.common.rpc import guarded, time_remaining
+from moaa.services.common.stream import ItemStream
 from moaa.services.config import MoaaConfig
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
 
 from .engine import AnnotationEngine
 from .validation import build_job
 
-log = logging.getLogger("moaa.annotator")
+
+def _stream_error(request, code: str, message: str) -> annotator_pb2.AnnotateResult:
+    return annotator_pb2.AnnotateResult(id=request.id, error=common_pb2.ErrorDetail(code=code, message=message))
 
 
 class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
@@ -24,72 +21,33 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
         self.server_cfg = config.annotator
         self.engine = engine
         self.guard = guard
+        self.streams: set[ItemStream] = set()  # open AnnotateStream streams
+        self.admission = Admission(engine.pool)
+        guard.metrics.watch_backends(engine.pool)
 
     @guarded
     async def Annotate(self, request, context, rid):
         job = build_job(request, self.config, self.server_cfg, rid)
         return await self.engine.annotate(job, timeout=time_remaining(context))
 
-    async def _one(self, request, seen: set[str]) -> annotator_pb2.AnnotateResult:
-        """One stream item; its errors go into the result, the stream goes on."""
+    async def _stream_item(self, request) -> annotator_pb2.AnnotateResult:
+        job = build_job(request, self.config, self.server_cfg)
+        return annotator_pb2.AnnotateResult(id=request.id, response=await self.engine.annotate(job))
+
+    async def _admit(self, request, spawn) -> None:
+        """By the free capacity of the ensemble's judges (first phase) and aggregator judge (later)."""
         try:
-            check_item_id(request.id, seen)
-            job = build_job(request, self.config, self.server_cfg)
-            return annotator_pb2.AnnotateResult(id=request.id, response=await self.engine.annotate(job))
-        except asyncio.CancelledError:
-            raise
-        except RpcError as err:
-            code, msg = err.code.name, str(err)
-        except LookupError as err:
-            code, msg = "INVALID_ARGUMENT", str(err.args[0] if err.args else err)
-        except Exception as err:  # noqa: BLE001 - one bad item must not end the stream
-            log.exception("annotating %s failed", request.id)
-            status, msg = status_of(err)
-            code = status.name
-        return annotator_pb2.AnnotateResult(id=request.id, error=common_pb2.ErrorDetail(code=code, message=msg))
+            _, ens = self.config.ensemble(request.ensemble or None)
+        except LookupError:  # no such ensemble: build_job answers INVALID_ARGUMENT at once
+            spawn()
+            return
+        later = {ens.aggregator.model} if ens.aggregator else set()
+        await self.admission.admit({j.model for j in ens.judges}, later, spawn)
 
     @guarded
     async def AnnotateStream(self, request_iterator, context, rid):
-        """At most `batch_window` items in flight: the next request is read only when a slot is free,
-        so a fast client is held back by gRPC flow control instead of filling memory."""
-        window = asyncio.Semaphore(self.server_cfg.batch_window)
-        results: asyncio.Queue = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
-        reading_done = object()
-        seen: set[str] = set()
-
-        def finished(task: asyncio.Task) -> None:
-            tasks.discard(task)
-            window.release()
-            if not task.cancelled():
-                results.put_nowait(task.result())
-
-        async def reader() -> None:
-            async for request in request_iterator:
-                await window.acquire()
-                task = asyncio.create_task(self._one(request, seen))
-                tasks.add(task)
-                task.add_done_callback(finished)
-            results.put_nowait(reading_done)
-
-        read_task = asyncio.create_task(reader())
-        done_reading = False
-        try:
-            while not (done_reading and not tasks and results.empty()):
-                getter = asyncio.ensure_future(results.get())
-                await asyncio.wait({getter, read_task} if not done_reading else {getter},
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    if read_task.done() and read_task.exception() is not None:
-                        raise read_task.exception()
-                    continue
-                item = getter.result()
-                if item is reading_done:
-                    done_reading = True
-                    continue
-                yield item
-        finally:
-            read_task.cancel()
-            for task in list(tasks):
-                task.cancel()
+        """Items through the one bounded stream (services/common/stream.py)."""
+        stream = ItemStream(self._stream_item, _stream_error, window=self.server_cfg.batch_window,
+                            limiter=self.guard.limiter, live=self.streams, admit=self._admit,
+                            item_id=lambda request: request.id)
+        await stream.serve(request_iterator, context.write)

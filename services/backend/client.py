@@ -19,7 +19,7 @@ import aiohttp
 from moaa.services.config import BackendConfig, SamplingConfig
 
 from .errors import REPLICA_FAULTS, BackendError, error_message
-from .limits import make_throttler
+from .limits import ITEM_STARTED, make_throttler
 from .protocol import RESTART as _RESTART
 from .protocol import ChatChoice, ChatResult, Usage, chat_body, sampling_dict
 from .replicas import Replica, ReplicaSet
@@ -62,6 +62,18 @@ class BackendClient:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self.queued = 0  # requests waiting for a rate-limit token or a replica slot (bounded by max_queued)
+        self.on_release: list = []  # called when a request gives its slot back (Admission listens)
+
+    @property
+    def capacity(self) -> int:
+        """Requests the replicas take at once now (their adaptive limits)."""
+        return sum(r.limit.limit for r in self.replicas.replicas)
+
+    @property
+    def available(self) -> bool:
+        """Some replica takes requests (not every circuit is open)."""
+        return any(r.available() for r in self.replicas.replicas)
 
     # -- session -------------------------------------------------------------------------------
     def _ensure_session(self) -> aiohttp.ClientSession:
@@ -277,6 +289,15 @@ class BackendClient:
         reusable = False
         try:
             if not probe:
+                if self.queued >= self.cfg.max_queued and not replica.limit.free:
+                    err = fail("queue_full", f"{self.queued} requests already wait for this backend "
+                               f"(max_queued={self.cfg.max_queued}); send fewer at once or raise max_queued")
+                    err.replica_fault = False
+                    raise err
+                self.queued += 1
+                started = ITEM_STARTED.get()
+                if started is not None:
+                    started.set()
                 try:
                     async with asyncio.timeout_at(attempt_deadline):
                         if self.throttler is not None:
@@ -292,6 +313,8 @@ class BackendClient:
                     err = timed_out(attempt_deadline, "slot")
                     err.replica_fault = False  # our own queue, not the replica's doing
                     raise err from None
+                finally:
+                    self.queued -= 1
                 sent = loop.time()
             headers = {PROBE_HEADER: "1"} if probe else None
             phase, phase_deadline = "first token", min(sent + t.first_token_s, attempt_deadline)
@@ -393,6 +416,8 @@ class BackendClient:
                     resp.close()  # drop the connection: the server sees the disconnect
             if slot:
                 replica.limit.release()
+                for notify in self.on_release:
+                    notify()
             if outcome == "ok":
                 if not probe:
                     replica.limit.on_success()

@@ -7,7 +7,7 @@ from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, UserError
 
 CAUSES = (
     "connect", "timeout", "rate_limited", "http_4xx", "http_5xx",
-    "stream_cut", "malformed", "cancelled", "circuit_open",
+    "stream_cut", "malformed", "cancelled", "circuit_open", "queue_full",
 )
 # Causes worth another attempt (on another replica where there is one). 4xx is the caller's fault.
 RETRYABLE = frozenset({"connect", "timeout", "rate_limited", "http_5xx", "stream_cut", "malformed", "circuit_open"})

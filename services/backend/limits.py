@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections import deque
+from contextvars import ContextVar
 
 from asyncio_throttle import Throttler
+
+from moaa.services.common.limiter import Slots
 
 
 def make_throttler(rate_per_s: float | None) -> Throttler | None:
@@ -17,47 +19,15 @@ def make_throttler(rate_per_s: float | None) -> Throttler | None:
     return Throttler(rate_limit=burst, period=burst / rate_per_s, retry_interval=min(0.01, 0.5 / rate_per_s))
 
 
-class AdaptiveLimit:
+class AdaptiveLimit(Slots):
     """A semaphore whose limit halves when the backend says 429 and grows back by one per window of
     successes (additive increase, multiplicative decrease), never above `maximum`."""
 
     def __init__(self, maximum: int):
+        super().__init__(maximum)
         self.maximum = maximum
-        self.limit = maximum
-        self.in_flight = 0
         self._successes = 0
         self.epoch = 0  # bumped at each halving; 429s of requests sent before it are the same signal
-        self._waiters: deque[asyncio.Future] = deque()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    async def acquire(self) -> None:
-        if self.in_flight < self.limit and not self._waiters:
-            self.in_flight += 1
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut  # the slot is handed over by release(), in_flight already counted
-        except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.release()  # got the slot just as we were cancelled: pass it on
-            else:
-                self._waiters.remove(fut)
-            raise
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.limit:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self.in_flight += 1
-                fut.set_result(None)
 
     def on_rate_limited(self, epoch: int | None = None) -> None:
         """Halves the limit, once per burst: requests admitted before the last halving (an older
@@ -76,3 +46,60 @@ class AdaptiveLimit:
             self._successes = 0
             self.limit += 1
             self._wake()
+
+
+# Set by Admission in the task of an admitted item (and so in every task it starts); the backend client
+# sets the event when the item's first request joins a backend's queue or gets a slot.
+ITEM_STARTED: ContextVar[asyncio.Event | None] = ContextVar("moaa_item_started", default=None)
+
+
+class Admission:
+    """Admits the items of batch streams by the backends' free capacity instead of a fixed count.
+
+    An item may start when every model of its first phase (proposers, judges) has a free slot, and no model
+    of a later phase (aggregator) already has a full round of its capacity waiting. One item is admitted
+    at a time, first come first served across streams, and the next one only once the previous item's
+    first request reached its backend, so that every decision sees the load the earlier ones added.
+    Backends whose every replica's circuit is open do not hold items back: they fail fast with a typed
+    error instead.
+    """
+
+    def __init__(self, pool):
+        self.pool = pool
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        for name in pool.names:
+            pool.client(name).on_release.append(self._changed.set)
+
+    def _room(self, first, later) -> bool:
+        for name in first:
+            client = self.pool.client(name)
+            free = sum(max(0, r.limit.limit - r.limit.in_flight) for r in client.replicas.replicas if r.available())
+            if free - client.queued <= 0 and client.available:
+                return False
+        for name in later:
+            client = self.pool.client(name)
+            if client.queued >= client.capacity and client.available:
+                return False
+        return True
+
+    async def admit(self, first, later, spawn) -> None:
+        """Wait for room, then `spawn()` the item's task (it inherits ITEM_STARTED) and wait until its
+        first request reached a backend or it ended."""
+        first = [m for m in first if m in self.pool]
+        later = [m for m in later if m in self.pool]
+        async with self._lock:
+            while not self._room(first, later):
+                self._changed.clear()
+                await self._changed.wait()
+            started = asyncio.Event()
+            token = ITEM_STARTED.set(started)
+            try:
+                task = spawn()
+            finally:
+                ITEM_STARTED.reset(token)
+            waiter = asyncio.ensure_future(started.wait())
+            try:
+                await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()

@@ -18,7 +18,14 @@ RPC_CALLS = Counter("moaa_rpc_calls", "calls finished, by status code", ["servic
 RPC_ERRORS = Counter("moaa_rpc_errors", "calls that ended with a non-OK code", ["service", "method", "code", "transport"])
 RPC_LATENCY = Histogram("moaa_rpc_latency_seconds", "call latency", ["service", "method", "transport"],
                         buckets=_LATENCY_BUCKETS)
-IN_FLIGHT = Gauge("moaa_rpc_in_flight", "calls in flight (both transports)", ["service"])
+IN_FLIGHT = Gauge("moaa_rpc_in_flight", "work in flight: unary calls plus items of request streams", ["service"])
+IN_FLIGHT_HIGH = Gauge("moaa_rpc_in_flight_high_water", "most work ever in flight at once (bounded by max_in_flight)",
+                       ["service"])
+IN_FLIGHT_LIMIT = Gauge("moaa_rpc_in_flight_limit", "max_in_flight: the bound on work in flight", ["service"])
+BACKEND_QUEUED = Gauge("moaa_backend_queued", "requests waiting for a backend slot (bounded by max_queued)",
+                       ["service", "model"])
+BACKEND_IN_FLIGHT = Gauge("moaa_backend_in_flight", "requests sent to a backend and not yet answered",
+                          ["service", "model"])
 STAGE_LATENCY = Histogram("moaa_stage_latency_seconds", "latency per stage of a call (layer N, aggregator, ...)",
                           ["service", "stage"], buckets=_LATENCY_BUCKETS)
 BACKEND_LATENCY = Histogram("moaa_backend_latency_seconds", "backend request latency", ["service", "model", "outcome"],
@@ -33,6 +40,8 @@ class Metrics:
     def __init__(self, service: str):
         self.service = service
         self.in_flight = IN_FLIGHT.labels(service)
+        self.in_flight_high = IN_FLIGHT_HIGH.labels(service)
+        self.in_flight_limit = IN_FLIGHT_LIMIT.labels(service)
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *labels):
@@ -42,6 +51,14 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(self.service, *labels)
         return child
+
+    def watch_backends(self, pool) -> None:
+        """Per-backend queue depth and requests in flight, read from the pool at each scrape."""
+        for name in pool.names:
+            client = pool.client(name)
+            BACKEND_QUEUED.labels(self.service, name).set_function(lambda c=client: c.queued)
+            BACKEND_IN_FLIGHT.labels(self.service, name).set_function(
+                lambda c=client: sum(r.in_flight for r in c.replicas.replicas))
 
     def call_done(self, method: str, code: str, seconds: float, transport: str = "grpc") -> None:
         self._child(RPC_CALLS, method, code, transport).inc()

@@ -85,12 +85,13 @@ def _request_id(request) -> str:
 @contextlib.asynccontextmanager
 async def _call_scope(guard: CallGuard, name: str, request, context):
     """Everything around one call: request id, in-flight slot, error -> status, metrics, one log line."""
-    rid = _request_id(request if not hasattr(request, "__aiter__") else None)
+    items = hasattr(request, "__aiter__")  # a request stream: its items take in-flight slots (stream.py)
+    rid = _request_id(None if items else request)
     token = request_id_var.set(rid)
     t0 = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
-        with guard.limiter.slot():
+        with contextlib.nullcontext() if items else guard.limiter.slot():
             yield rid
     except asyncio.CancelledError:
         code = grpc.StatusCode.CANCELLED

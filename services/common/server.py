@@ -68,7 +68,7 @@ class RunningServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("shutting down: finishing %d calls in flight (grace %.0f s)", self.guard.limiter.in_flight, self.grace_s)
+        log.info("shutting down: finishing %d items in flight (grace %.0f s)", self.guard.limiter.in_flight, self.grace_s)
         await self.stop()
 
 
@@ -84,7 +84,8 @@ async def start_server(cfg: ServerConfig, service: str, add_servicers, service_n
     """Start a server. `add_servicers(server, guard)` registers the service(s); `service_names` are the
     full names (e.g. 'moaa.v1.MoAGateway') for health and reflection."""
     metrics = Metrics(service)
-    guard = CallGuard(InFlightLimiter(cfg.max_in_flight, metrics.in_flight), metrics)
+    metrics.in_flight_limit.set(cfg.max_in_flight)
+    guard = CallGuard(InFlightLimiter(cfg.max_in_flight, metrics.in_flight, metrics.in_flight_high), metrics)
     options = [
         ("grpc.max_receive_message_length", cfg.max_request_bytes),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),

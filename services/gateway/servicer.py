@@ -1,16 +1,13 @@
 """The MoAGateway gRPC servicer: thin, every call goes through `guarded` and plain async functions."""
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 
-import grpc
-
+from moaa.services.backend.limits import Admission
 from moaa.services.common.errors import RpcError
 from moaa.services.common.logs import new_request_id, request_id_var
-from moaa.services.common.rpc import CallGuard, status_of, guarded, time_remaining
-from moaa.services.common.validation import check_item_id
+from moaa.services.common.rpc import CallGuard, guarded, time_remaining
+from moaa.services.common.stream import ItemStream
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.engine import MoAEngine
 from moaa.services.gateway.plan import make_plan
@@ -18,9 +15,9 @@ from moaa.services.gateway.annotation import AnnotatorClient, annotate_moa, chec
 from moaa.services.gateway.sample import run_sample
 from moaa.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-log = logging.getLogger("moaa.gateway")
 
-_DONE = object()
+def _batch_error(item, code: str, message: str) -> gateway_pb2.BatchResult:
+    return gateway_pb2.BatchResult(id=item.id, error=common_pb2.ErrorDetail(code=code, message=message))
 
 
 def _deadline(context) -> float | None:
@@ -37,6 +34,9 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         self.annotator = annotator
         self.max_prompt_chars = cfg.gateway.max_prompt_chars
         self.batch_window = cfg.gateway.batch_window
+        self.streams: set[ItemStream] = set()  # open GenerateBatch streams
+        self.admission = Admission(pool)
+        guard.metrics.watch_backends(pool)
 
     async def _generate(self, request, rid: str, deadline: float | None, deltas: bool = True, metadata=()):
         started = time.monotonic()
@@ -62,69 +62,34 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         async for ev in self._generate(request, rid, _deadline(context), metadata=context.invocation_metadata() or ()):
             yield ev
 
+    async def _batch_item(self, item, rid: str, deadline: float | None, metadata) -> gateway_pb2.BatchResult:
+        item_rid = item.request.request_id or (f"{rid}-{item.id}" if item.id else new_request_id())
+        token = request_id_var.set(item_rid)
+        try:
+            async for ev in self._generate(item.request, item_rid, deadline, deltas=False, metadata=metadata):
+                if ev.HasField("final"):
+                    return gateway_pb2.BatchResult(id=item.id, response=ev.final)
+            raise RpcError("the engine ended without a result")
+        finally:
+            request_id_var.reset(token)
+
+    async def _admit(self, item, spawn) -> None:
+        """By the free capacity of the recipe's proposers (first phase) and aggregator (later)."""
+        try:
+            _, recipe = self.cfg.recipe(item.request.recipe or None)
+        except LookupError:  # no such recipe: make_plan answers INVALID_ARGUMENT at once
+            spawn()
+            return
+        await self.admission.admit({a.model for a in recipe.proposers}, {recipe.aggregator.model}, spawn)
+
     @guarded
     async def GenerateBatch(self, request_iterator, context, rid):
-        """At most `batch_window` items in flight; a slot frees only once its result was written, so a
-        slow reader stops us reading more requests instead of piling results up in memory."""
-        window = asyncio.Semaphore(self.batch_window)
-        results: asyncio.Queue = asyncio.Queue()
-        deadline = _deadline(context)
-        metadata = context.invocation_metadata() or ()
-        tasks: set[asyncio.Task] = set()
-        seen: set[str] = set()
-
-        async def one(item):
-            item_rid = item.request.request_id or (f"{rid}-{item.id}" if item.id else new_request_id())
-            token = request_id_var.set(item_rid)
-            try:
-                check_item_id(item.id, seen)  # tasks start in the order read: the first of a repeated id wins
-                resp = None
-                async for ev in self._generate(item.request, item_rid, deadline, deltas=False, metadata=metadata):
-                    if ev.HasField("final"):
-                        resp = ev.final
-                results.put_nowait(gateway_pb2.BatchResult(id=item.id, response=resp))
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # noqa: BLE001 - one bad item does not end the stream
-                code, msg = status_of(err)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("batch item %s failed", item.id)
-                results.put_nowait(gateway_pb2.BatchResult(
-                    id=item.id, error=common_pb2.ErrorDetail(code=code.name, message=msg)))
-            finally:
-                request_id_var.reset(token)
-
-        spawned = 0
-
-        async def reader():
-            nonlocal spawned
-            try:
-                async for item in request_iterator:
-                    await window.acquire()
-                    task = asyncio.create_task(one(item))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    spawned += 1
-            finally:
-                results.put_nowait(_DONE)
-
-        read_task = asyncio.create_task(reader())
-        written, reader_done = 0, False
-        try:
-            while not (reader_done and written == spawned):
-                res = await results.get()
-                if res is _DONE:
-                    reader_done = True
-                    continue
-                yield res  # returns once the transport took it: backpressure
-                written += 1
-                window.release()
-            await read_task
-        finally:
-            read_task.cancel()
-            for t in list(tasks):
-                t.cancel()
-            await asyncio.gather(read_task, *tasks, return_exceptions=True)
+        """Items through the one bounded stream (services/common/stream.py)."""
+        deadline, metadata = _deadline(context), context.invocation_metadata() or ()
+        stream = ItemStream(lambda item: self._batch_item(item, rid, deadline, metadata), _batch_error,
+                            window=self.batch_window, limiter=self.guard.limiter, live=self.streams,
+                            admit=self._admit, item_id=lambda item: item.id)
+        await stream.serve(request_iterator, context.write)
 
     @guarded
     async def Sample(self, request, context, rid):

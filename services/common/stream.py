@@ -1,0 +1,150 @@
+"""The one bounded bidirectional stream of items, shared by GenerateBatch and AnnotateStream.
+
+An item holds a slot of its stream's window and one of the server's in-flight slots (InFlightLimiter)
+from the moment it is read until its result has been WRITTEN to the transport. So a client that does
+not read stops the server from reading its requests (gRPC flow control then holds the client back), and
+no stream keeps more than `window` results in memory. A failed item becomes an error result through the
+one `status_of`; the stream goes on. Ending the stream (client gone, deadline, shutdown) cancels the
+items still running and waits for them before the call returns. With `admit` (the backends' Admission,
+services/backend/limits.py) an item starts only when the backends it needs have room, so the window is
+an upper bound and the backends' free capacity decides how many items run.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterable, Awaitable, Callable, Generic, TypeVar
+
+import grpc
+
+from moaa.services.common.errors import InvalidArgument
+from moaa.services.common.limiter import InFlightLimiter
+from moaa.services.common.rpc import status_of
+from moaa.services.common.validation import check_item_id
+
+log = logging.getLogger("moaa.rpc")
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
+_END = object()
+
+
+class _ReadFailed:
+    def __init__(self, err: BaseException):
+        self.err = err
+
+
+class ItemStream(Generic[Req, Res]):
+    """`handle(request) -> result` run for each request, at most `window` items held at once; results
+    in the order they complete. `failed(request, code_name, message)` builds the error result."""
+
+    def __init__(self, handle: Callable[[Req], Awaitable[Res]], failed: Callable[[Req, str, str], Res], *,
+                 window: int, limiter: InFlightLimiter, live: set | None = None,
+                 admit: Callable[[Req, Callable[[], asyncio.Task]], Awaitable[None]] | None = None,
+                 item_id: Callable[[Req], str] | None = None):
+        self.handle = handle
+        self.failed = failed
+        self.window = window
+        self.limiter = limiter
+        self.live = live  # the servicer's set of open streams (tests and metrics look at them)
+        self.admit = admit  # admit(request, spawn): waits for backend capacity, then calls spawn()
+        self.item_id = item_id  # results are matched to requests by it: empty or repeated ids are item errors
+        self._seen: set[str] = set()
+        self.read = 0  # requests read from the client
+        self.written = 0  # results the transport took
+        self.held = 0  # items read and not yet written: each holds a window slot and an in-flight slot
+        self.max_held = 0
+        self.max_queued = 0  # most finished results ever waiting for the transport
+        self._results: asyncio.Queue = asyncio.Queue()
+        self._room = asyncio.Semaphore(window)
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def queued(self) -> int:
+        """Finished results waiting to be written."""
+        return self._results.qsize()
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    async def _one(self, request: Req) -> None:
+        try:
+            result = await self.handle(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - one bad item does not end the stream
+            code, msg = status_of(err)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("stream item failed")
+            result = self.failed(request, code.name, msg)
+        self._results.put_nowait(result)
+        self.max_queued = max(self.max_queued, self._results.qsize())
+
+    def _spawn(self, request: Req) -> asyncio.Task:
+        task = asyncio.create_task(self._one(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _read(self, requests: AsyncIterable[Req]) -> None:
+        try:
+            it = aiter(requests)
+            while True:
+                await self._room.acquire()  # given back after a result was written
+                try:
+                    request = await anext(it)
+                except StopAsyncIteration:
+                    break
+                await self.limiter.acquire()  # the server-wide bound: wait our turn
+                self.read += 1
+                self.held += 1
+                self.max_held = max(self.max_held, self.held)
+                if self.item_id is not None:
+                    try:
+                        check_item_id(self.item_id(request), self._seen)  # in reading order: the first use wins
+                    except InvalidArgument as err:
+                        self._results.put_nowait(self.failed(request, "INVALID_ARGUMENT", str(err)))
+                        continue
+                if self.admit is None:
+                    self._spawn(request)
+                else:
+                    await self.admit(request, lambda: self._spawn(request))
+            while self._tasks:
+                await asyncio.wait(set(self._tasks))
+            self._results.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - reading failed: the call ends with that error
+            self._results.put_nowait(_ReadFailed(err))
+
+    async def serve(self, requests: AsyncIterable[Req], write: Callable[[Res], Awaitable[None]]) -> None:
+        """Read `requests`, write each result with `write` (grpc's `context.write`, which returns once the
+        transport took the message). Runs in the call's own task, so a cancelled call (client gone,
+        deadline) cancels and awaits the items still running before it returns."""
+        reader = asyncio.create_task(self._read(requests))
+        if self.live is not None:
+            self.live.add(self)
+        try:
+            while True:
+                result = await self._results.get()
+                if result is _END:
+                    return
+                if isinstance(result, _ReadFailed):
+                    raise result.err
+                await write(result)  # returns once the transport took it: the backpressure
+                self.written += 1
+                self.held -= 1
+                self.limiter.release()
+                self._room.release()
+        finally:
+            reader.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(reader, *self._tasks, return_exceptions=True)
+            for _ in range(self.held):  # results never written still held their in-flight slots
+                self.limiter.release()
+            self.held = 0
+            if self.live is not None:
+                self.live.discard(self)
