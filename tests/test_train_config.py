@@ -14,7 +14,7 @@ def test_yaml_then_flags_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 1.0e-4\nmax_steps: 50\nlora: {enabled: true, r: 4}\nbeta: 0.2\n")
     cfg = load_train_config("dpo", str(path), ["lora.r=8", "trl.max_grad_norm=0.5", "trl.save_strategy=no",
-                                               "loss_type=[sigmoid, sft]", "lora.target_modules=q_proj"],
+                                               'loss_type=["sigmoid","sft"]', "lora.target_modules=q_proj"],
                             max_steps=7, **BASE)
     assert cfg.trl["save_strategy"] == "no" and cfg.loss_type == ["sigmoid", "sft"]
     assert cfg.lora.target_modules == "q_proj"
@@ -27,7 +27,7 @@ def test_removed_trl_field_is_named(tmp_path):
     # the alignment-handbook zephyr DPO recipe still sets max_prompt_length; this TRL has no such field
     path = tmp_path / "zephyr.yaml"
     path.write_text("beta: 0.01\nmax_prompt_length: 512\n")
-    with pytest.raises(UserError, match=r"max_prompt_length is not a moaa train field nor a field of the installed trl"):
+    with pytest.raises(UserError, match=r"max_prompt_length is not a moaa DPOSettings field nor a field of the installed trl"):
         load_train_config("dpo", str(path), **BASE)
     with pytest.raises(UserError, match=r"max_prompt_length: not a field of the installed trl .* DPOConfig"):
         load_train_config("dpo", None, ["trl.max_prompt_length=512"], **BASE)
