@@ -131,6 +131,84 @@ async def test_other_settings_in_same_folder_are_refused(services, tiny_model_di
     assert rc == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
 
 
+def _offline_cmd(out: Path, *sets: str) -> list[str]:
+    """A run whose settings are refused before it would call anything (the addresses are never dialled)."""
+    return [sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--out", str(out), "--gateway",
+            "127.0.0.1:9", "--annotator", "127.0.0.1:9", "--target", "some-model",
+            *[x for item in sets for x in ("--set", item)]]
+
+
+async def test_bad_sft_value_exits_2_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = await _run(_offline_cmd(out, "sft.learning_rate=abc"), timeout=60)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "bad sft settings (--set sft.KEY=VALUE): learning_rate: Input should be a valid number" in err
+    assert not out.exists()                                    # no run folder, so no stage folder either
+    rc, _, err = await _run(_offline_cmd(out, "dpo.packing=true"), timeout=60)   # packing is an SFT field
+    assert rc == 2 and "packing is not a moaa DPOSettings field" in err and not out.exists()
+
+
+async def test_trl_values_are_checked_by_the_trainer_before_stage_1(tmp_path):
+    """The TRL layer: the trainer's own `moaa train KIND --check` gets the exact argv of the stage and refuses a
+    bad `trl.*` value; the same check shows `sft.trl.save_strategy=no` reaching TRL's SFTConfig as "no"."""
+    out = tmp_path / "run"
+    rc, _, err = await _run(_offline_cmd(out, "sft.trl.save_strategy=no", "dpo.trl.max_grad_norm=abc"), timeout=180)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "checking --set dpo.* against the installed TRL failed (exit 2)" in err
+    assert "trl.max_grad_norm='abc': Input should be a valid number" in err
+    # no stage ran, and no config hash was recorded: the fixed command may use the same folder
+    assert not (out / "stage1-sft-data").exists() and not (out / "run.json").exists()
+    checked = [json.loads(line) for line in (out / "logs" / "sft-check.log").read_text().splitlines()
+               if line.startswith("{")]
+    assert checked == [{"event": "config_ok", "kind": "sft", "trl": {"save_strategy": "no"}}]
+
+
+async def test_sft_trl_save_strategy_no_reaches_the_trainer(services, tiny_model_dir, tmp_path):
+    """`--set sft.trl.save_strategy=no` (YAML would read False) trains with TRL's save_strategy "no"."""
+    prompts = _prompts(tmp_path / "p.jsonl", n=6)
+    out = tmp_path / "run"
+    cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "sft", "--set", "sft.max_steps=2",
+               "--set", "sft.global_batch_size=2", "--set", "sft.trl.save_strategy=no")
+    rc, _, err = await _run(cmd, timeout=600)
+    assert rc == 0, err
+    manifest = json.loads((out / "sft-model" / "manifest.json").read_text())
+    assert manifest["trl_args"]["save_strategy"] == "no" and manifest["config"]["trl"] == {"save_strategy": "no"}
+    assert not list((out / "sft-model").glob("checkpoint-*"))
+    assert 'trl={"save_strategy":"no"}' in (out / "logs" / "sft.log").read_text().splitlines()[0]
+
+
+async def test_one_run_per_folder_and_a_killed_runs_lock_is_taken_over(services, tiny_model_dir, tmp_path):
+    import socket
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "sft_data")
+    lock = out / ".moaa-run.lock"
+    holder = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                  stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(3000):
+            if lock.exists() and f'"pid": {holder.pid}' in lock.read_text():
+                break
+            await asyncio.sleep(0.01)
+        os.kill(holder.pid, signal.SIGSTOP)      # holds the folder for as long as the test needs
+        rc, _, err = await _run(cmd, timeout=60)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"is in use by another moaa pipeline run (pid {holder.pid} on host {socket.gethostname()}" in err
+        os.kill(holder.pid, signal.SIGKILL)      # dies holding it: the kernel drops the flock
+        await holder.wait()
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+    assert f'"pid": {holder.pid}' in lock.read_text()       # the dead run's record is still there
+    rc, _, err = await _run(cmd)
+    assert rc == 0, err
+    ids = _ids(out / "stage1-sft-data")
+    assert len(ids) == len(set(ids)) == 17
+    assert lock.read_text() == ""                             # released at the end
+
+
 @pytest.mark.slow
 async def test_sigkill_mid_sft_training_then_resume_from_checkpoint(services, tiny_model_dir, tmp_path):
     prompts = _prompts(tmp_path / "p.jsonl")

@@ -228,7 +228,8 @@ def _check_trl_types(cls, trl: dict[str, Any]) -> None:
         try:
             adapter.validate_python(value, strict=True)
         except ValidationError as err:
-            bad.append(f"trl.{key}={value!r}: {err.errors()[0]['msg']} ({hints[key]})")
+            hint = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key])
+            bad.append(f"trl.{key}={value!r}: {err.errors()[0]['msg']} (TRL declares {hint})")
     if bad:
         raise UserError(f"{_trl_version()} {cls.__name__}: {'; '.join(bad)}")
 

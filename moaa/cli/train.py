@@ -45,10 +45,14 @@ def _config_from_args(kind: str, args: argparse.Namespace):
 
 def _run_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args.kind, args)
-    if args.check:  # the config is checked against the installed TRL; nothing is trained
+    if args.check:  # checked against the installed TRL (load_train_config did that); nothing is trained
         import json
 
-        print(json.dumps({"event": "config_ok", "kind": cfg.kind}), flush=True)
+        from moaa.trainer.config import build_trl_args
+
+        trl = build_trl_args(cfg).to_dict()  # what TRL made of the trl.* pass-through, as the trainer will see it
+        print(json.dumps({"event": "config_ok", "kind": cfg.kind, "trl": {k: trl.get(k) for k in cfg.trl}},
+                         default=str), flush=True)
         return 0
     from moaa.trainer.launch import is_worker, launch
 
