@@ -105,3 +105,34 @@ def test_metrics_keep_the_last_value_per_step_and_plot(tmp_path):
     png = plot_metrics(path, tmp_path / "c.png", "dpo")
     assert png.stat().st_size > 1000
     assert plot_metrics(tmp_path / "missing.jsonl", tmp_path / "x.png", "sft") is None
+
+
+def test_pipeline_set_reaches_trl_as_a_string(tmp_path):
+    """`moaa pipeline run --set sft.trl.save_strategy=no`: the typed config the pipeline builds, serialised
+    by cli_args and parsed by the trainer's own CLI, gives TRL's SFTConfig the string "no" (YAML gave False)."""
+    from moaa.cli.main import build_parser
+    from moaa.cli.train import _config_from_args
+    from moaa.overrides import apply_sets
+    from moaa.pipeline.layout import RunLayout
+    from moaa.pipeline.runner import PipelineOptions, resolve_settings, training_configs
+    from moaa.trainer.config import cli_args
+
+    args = build_parser().parse_args(["pipeline", "run", "--set", "sft.trl.save_strategy=no",
+                                      "--set", "dpo.loss_type=[\"sigmoid\",\"sft\"]", "--set", "dpo.beta=0.2"])
+    opts = PipelineOptions(out=tmp_path, gateway="g:1", overrides=apply_sets({}, args.overrides))
+    cfgs = training_configs(resolve_settings(opts, local=False), RunLayout(tmp_path), "base")
+    for kind, cfg in cfgs.items():
+        back = _config_from_args(kind, build_parser().parse_args(["train", kind, *cli_args(cfg)]))
+        assert back == cfg and type(back).__name__ == f"{kind.upper()}Settings"
+    assert build_trl_args(cfgs["sft"], device="cpu").save_strategy == "no"
+    dpo = build_trl_args(cfgs["dpo"], device="cpu")
+    assert dpo.loss_type == ["sigmoid", "sft"] and dpo.beta == 0.2
+
+
+def test_trl_values_are_checked_against_trl_types():
+    with pytest.raises(UserError, match=r"trl.max_grad_norm='abc': Input should be a valid number \(TRL declares float\)"):
+        load_train_config("sft", None, ["trl.max_grad_norm=abc"], **BASE)
+    with pytest.raises(UserError, match=r"trl.bf16='no': Input should be a valid boolean"):
+        load_train_config("sft", None, ["trl.bf16=no"], **BASE)
+    cfg = load_train_config("sft", None, ["trl.save_strategy=no", "trl.max_grad_norm=1"], **BASE)
+    assert cfg.trl == {"save_strategy": "no", "max_grad_norm": 1}

@@ -139,6 +139,13 @@ class RunRecord:
         atomic_write_json(self.layout.run_manifest, self.data)
 
 
+def _recorded_hash(layout: RunLayout) -> str | None:
+    try:
+        return json.loads(layout.run_manifest.read_text()).get("config_hash")
+    except (OSError, ValueError):
+        return None
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -192,10 +199,8 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     local = opts.gateway is None
     settings = resolve_settings(opts, local)
     stages = _stages_to_run(opts.until)
-    if not local and opts.target is None:
-        raise UserError("give --target MODEL (folder or hub id) for the model to train when using --gateway")
-    # the embedded default model is resolved later (it may be prepared on first use): a placeholder here
-    training_configs(settings, layout, opts.target or "embedded-default")
+    # the model is resolved later (the embedded default may be prepared on first use): a placeholder here
+    training_configs(settings, layout, opts.target or "base-model")
     layout.root.mkdir(parents=True, exist_ok=True)
     with RunLock(layout.root):
         return await _run_locked(opts, layout, settings, stages)
@@ -212,11 +217,16 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     rows = _pick_quick(pset.rows) if opts.quick else pset.rows
     train_rows, eval_rows = split_eval(rows, opts.eval_fraction)
     local = opts.gateway is None
-    target = opts.target or default_target()
+    target = opts.target or (default_target() if local else None)
+    if target is None:
+        raise UserError("give --target MODEL (folder or hub id) for the model to train when using --gateway")
     chash = config_hash(opts, settings, [r.id for r in rows], str(target))
     pending = [cfg for kind, cfg in training_configs(settings, layout, str(target)).items()
                if kind in stages and training.model_done(Path(cfg.out)) is None]
-    if pending:  # before run.json records this config: a fixed typo must not make the folder "other settings"
+    # checked before run.json records this config (a fixed typo must not make the folder "other settings"),
+    # so a folder that already records it was checked by an earlier run
+    if pending and _recorded_hash(layout) != chash:
+        _say(opts, f"checking {', '.join(c.kind for c in pending)} settings against the installed TRL")
         await training.check_with_trl(pending, log_dir=layout.logs)
     record = RunRecord(layout, chash, opts)
     ledger = TokenLedger(layout.usage, opts.token_budget)
