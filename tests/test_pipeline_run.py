@@ -278,6 +278,7 @@ def _play_training_jobs(emu, model_dir: Path, stop: "threading.Event"):
     api = emu.client()
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
     handled: list[str] = []
+    argvs: dict[str, list[str]] = {}
 
     def run():
         while not stop.is_set():
@@ -288,6 +289,7 @@ def _play_training_jobs(emu, model_dir: Path, stop: "threading.Event"):
                 handled.append(name)
                 c = job.spec.template.spec.containers[0]
                 argv = list(c.command or []) + list(c.args or [])
+                argvs[name] = argv
                 out = Path(argv[argv.index("--out") + 1])
                 shutil.copytree(model_dir, out, dirs_exist_ok=True)
                 (out / "metrics.jsonl").write_text(json.dumps({"event": "log", "step": 1, "total": 1, "loss": 1.0}) + "\n")
@@ -307,7 +309,7 @@ def _play_training_jobs(emu, model_dir: Path, stop: "threading.Event"):
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    return handled
+    return handled, argvs
 
 
 @pytest.mark.slow
@@ -317,15 +319,28 @@ async def test_k8s_training_jobs_are_submitted_followed_and_continued(services, 
     prompts = _prompts(tmp_path / "p.jsonl")
     out = tmp_path / "run"
     stop = threading.Event()
-    jobs = _play_training_jobs(kube_api, Path(tiny_model_dir), stop)
+    jobs, argvs = _play_training_jobs(kube_api, Path(tiny_model_dir), stop)
     try:
-        cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "dpo", "--k8s",
-                   f"--k8s-arg=--api-server={kube_api.url}", "--k8s-arg=--poll-interval=0.1")
+        cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "dpo", "--k8s", "--set", "sft.trl.save_strategy=no",
+                   "--set", "dpo.beta=0.05", f"--k8s-arg=--api-server={kube_api.url}", "--k8s-arg=--poll-interval=0.1")
         rc, stdout, err = await _run(cmd, timeout=600)
     finally:
         stop.set()
     assert rc == 0, err
     assert len(jobs) == 2 and jobs[0].startswith("moaa-sft") and jobs[1].startswith("moaa-dpo")
+    # the Jobs run the typed configs the pipeline built at start, through the one serialiser (cli_args)
+    from moaa.cli.main import build_parser
+    from moaa.cli.train import _config_from_args
+    from moaa.pipeline.layout import RunLayout
+    from moaa.pipeline.runner import PipelineOptions, resolve_settings, training_configs
+
+    opts = PipelineOptions(gateway="g", overrides={"answer_tokens": 16, "sample_tokens": 12,
+                                                   "sft": {"trl": {"save_strategy": "no"}}, "dpo": {"beta": 0.05}})
+    expected = training_configs(resolve_settings(opts, local=False), RunLayout(out), str(tiny_model_dir))
+    for name, kind in zip(jobs, ("sft", "dpo")):
+        got = _config_from_args(kind, build_parser().parse_args(argvs[name][1:]))
+        assert got == expected[kind], kind
+    assert expected["sft"].trl == {"save_strategy": "no"} and expected["dpo"].beta == 0.05
     run = json.loads((out / "run.json").read_text())
     assert all(run["stages"][s]["status"] == "done" for s in ("sft_data", "sft", "samples", "pairs", "dpo"))
     log = (out / "logs" / "sft.log").read_text()
