@@ -136,3 +136,13 @@ def test_trl_values_are_checked_against_trl_types():
         load_train_config("sft", None, ["trl.bf16=no"], **BASE)
     cfg = load_train_config("sft", None, ["trl.save_strategy=no", "trl.max_grad_norm=1"], **BASE)
     assert cfg.trl == {"save_strategy": "no", "max_grad_norm": 1}
+
+
+def test_check_flag_reports_what_trl_made_of_the_pass_through_and_trains_nothing(tmp_path, capsys):
+    import json
+
+    rc = main(["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--check",
+               "--set", "trl.save_strategy=no", "--set", "trl.max_grad_norm=0.5"])
+    assert rc == 0 and not (tmp_path / "o").exists()
+    assert json.loads(capsys.readouterr().out) == {"event": "config_ok", "kind": "sft",
+                                                   "trl": {"save_strategy": "no", "max_grad_norm": 0.5}}
