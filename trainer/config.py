@@ -1,10 +1,11 @@
 """Typed training config: a YAML file plus `--set` overrides, checked before anything starts.
 
 TrainConfig holds what SFT and DPO share; SFTSettings (trainer/sft.py) and DPOSettings (trainer/dpo.py)
-add their own fields. Two layers are checked. Our own fields (pydantic, extra="forbid") cover what users tune. Everything is
-then mapped onto the INSTALLED TRL's SFTConfig / DPOConfig and constructed once, so a field that this
-TRL does not have (recipes drift: the handbook's zephyr DPO recipe still sets `max_prompt_length`) or a
-value TRL refuses stops the run with one readable line before a model is loaded or a Job submitted.
+add their own fields. Two layers are checked. Our own fields (pydantic, extra="forbid") cover what users
+tune. Everything is then mapped onto the INSTALLED TRL's SFTConfig / DPOConfig (`trl.*` values against
+the types TRL declares) and constructed once, so a field that this TRL does not have (recipes drift: the
+handbook's zephyr DPO recipe still sets `max_prompt_length`) or a value TRL refuses stops the run with
+one readable line before a model is loaded or a Job submitted.
 """
 from __future__ import annotations
 

@@ -202,7 +202,10 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     # the model is resolved later (the embedded default may be prepared on first use): a placeholder here
     training_configs(settings, layout, opts.target or "base-model")
     layout.root.mkdir(parents=True, exist_ok=True)
-    with RunLock(layout.root):
+    with RunLock(layout.root) as lock:
+        if lock.previous:
+            _say(opts, f"run folder {layout.root}: taking over from pid {lock.previous.get('pid')} on "
+                       f"{lock.previous.get('host')}, which stopped without finishing")
         return await _run_locked(opts, layout, settings, stages)
 
 

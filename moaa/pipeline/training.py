@@ -90,7 +90,7 @@ def model_done(folder: Path) -> dict | None:
     return m if m.get("final_step") is not None else None
 
 
-def train_config(kind: str, settings: dict, *, data: Path, model: str, out: Path, trl_check: bool = False):
+def train_config(kind: str, settings: dict, *, data: Path, model: str, out: Path):
     """The typed SFTSettings / DPOSettings of one training stage from the pipeline's `sft.*` / `dpo.*`.
 
     Built (and checked) when the pipeline starts and again, identically, when the stage runs; a bad value
@@ -98,7 +98,7 @@ def train_config(kind: str, settings: dict, *, data: Path, model: str, out: Path
     from moaa.trainer.config import build_train_config
 
     values = {**settings, "data": str(data), "model": str(model), "out": str(out)}
-    return build_train_config(kind, values, where=f"{kind} settings (--set {kind}.KEY=VALUE)", trl_check=trl_check)
+    return build_train_config(kind, values, where=f"{kind} settings (--set {kind}.KEY=VALUE)", trl_check=False)
 
 
 async def check_with_trl(configs: list, *, log_dir: Path) -> None:
