@@ -249,22 +249,14 @@ def test_service_monitor(helm):
     assert not render(helm, "default").of_kind("ServiceMonitor")
 
 
-def test_trainer_jobs(helm):
-    assert not render(helm, "default").of_kind("Job")
-    r = render(helm, "multi-gpu")
-    jobs = {j["metadata"]["name"]: j for j in r.of_kind("Job")}
-    assert set(jobs) == {"moaa-train-sft", "moaa-train-dpo"}
-    pvcs = {p["metadata"]["name"] for p in r.of_kind("PersistentVolumeClaim")}
-    for stage, job in (("sft", jobs["moaa-train-sft"]), ("dpo", jobs["moaa-train-dpo"])):
-        pod = job["spec"]["template"]["spec"]
-        (c,) = pod["containers"]
-        assert c["command"] == ["moaa", "train", stage]
-        assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
-        # bad input (exit 2) fails the Job at once instead of burning retries
-        assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
-        data = [v for v in pod["volumes"] if v["name"] == "data"][0]
-        assert data["persistentVolumeClaim"]["claimName"] in pvcs
-    assert "--model=/data/checkpoints/sft/final" in jobs["moaa-train-dpo"]["spec"]["template"]["spec"]["containers"][0]["args"]
+def test_training_jobs_are_not_a_chart_copy(helm):
+    """The trainer Job has one definition, trainer/k8s.py build_job (moaa train submit, k8s/): the chart
+    renders no Job in any values file and refuses the old `trainer:` values instead of ignoring them."""
+    for name in VALUE_SETS:
+        assert not render(helm, name).of_kind("Job"), name
+    assert not (CHART / "templates" / "trainer-job.yaml").exists()
+    with pytest.raises(HelmFailed, match="additional properties 'trainer' not allowed"):
+        helm.run("template", "moaa", str(CHART), "--set", "trainer.sft.enabled=true")
 
 
 def test_helm_test_pod_targets_the_gateway(helm):

@@ -70,8 +70,9 @@ def test_job_command_parses_back_to_the_same_config(kind):
     """The pod runs exactly the config checked at submit time: its argv parses into an equal TrainConfig."""
     from moaa.cli.train import _config_from_args
 
-    cfg = _cfg(kind, lora={"enabled": True, "r": 8}, learning_rate=3e-6, loss_type=["sigmoid", "sft"] if kind == "dpo"
-               else ["sigmoid"], trl={"max_grad_norm": 0.5}, global_batch_size=32, per_device_batch_size=4)
+    own = {"loss_type": ["sigmoid", "sft"]} if kind == "dpo" else {"packing": True}
+    cfg = _cfg(kind, lora={"enabled": True, "r": 8}, learning_rate=3e-6, trl={"max_grad_norm": 0.5, "save_strategy": "no"},
+               global_batch_size=32, per_device_batch_size=4, **own)
     c = to_dict(build_job(cfg, JobSettings(gpus=4)))["spec"]["template"]["spec"]["containers"][0]
     argv = c["command"][1:] + c["args"]
     args = build_parser().parse_args(argv)

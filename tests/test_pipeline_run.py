@@ -131,6 +131,84 @@ async def test_other_settings_in_same_folder_are_refused(services, tiny_model_di
     assert rc == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
 
 
+def _offline_cmd(out: Path, *sets: str) -> list[str]:
+    """A run whose settings are refused before it would call anything (the addresses are never dialled)."""
+    return [sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--out", str(out), "--gateway",
+            "127.0.0.1:9", "--annotator", "127.0.0.1:9", "--target", "some-model",
+            *[x for item in sets for x in ("--set", item)]]
+
+
+async def test_bad_sft_value_exits_2_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = await _run(_offline_cmd(out, "sft.learning_rate=abc"), timeout=60)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "bad sft settings (--set sft.KEY=VALUE): learning_rate: Input should be a valid number" in err
+    assert not out.exists()                                    # no run folder, so no stage folder either
+    rc, _, err = await _run(_offline_cmd(out, "dpo.packing=true"), timeout=60)   # packing is an SFT field
+    assert rc == 2 and "packing is not a moaa DPOSettings field" in err and not out.exists()
+
+
+async def test_trl_values_are_checked_by_the_trainer_before_stage_1(tmp_path):
+    """The TRL layer: the trainer's own `moaa train KIND --check` gets the exact argv of the stage and refuses a
+    bad `trl.*` value; the same check shows `sft.trl.save_strategy=no` reaching TRL's SFTConfig as "no"."""
+    out = tmp_path / "run"
+    rc, _, err = await _run(_offline_cmd(out, "sft.trl.save_strategy=no", "dpo.trl.max_grad_norm=abc"), timeout=180)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "checking --set dpo.* against the installed TRL failed (exit 2)" in err
+    assert "trl.max_grad_norm='abc': Input should be a valid number" in err
+    # no stage ran, and no config hash was recorded: the fixed command may use the same folder
+    assert not (out / "stage1-sft-data").exists() and not (out / "run.json").exists()
+    checked = [json.loads(line) for line in (out / "logs" / "sft-check.log").read_text().splitlines()
+               if line.startswith("{")]
+    assert checked == [{"event": "config_ok", "kind": "sft", "trl": {"save_strategy": "no"}}]
+
+
+async def test_sft_trl_save_strategy_no_reaches_the_trainer(services, tiny_model_dir, tmp_path):
+    """`--set sft.trl.save_strategy=no` (YAML would read False) trains with TRL's save_strategy "no"."""
+    prompts = _prompts(tmp_path / "p.jsonl", n=6)
+    out = tmp_path / "run"
+    cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "sft", "--set", "sft.max_steps=2",
+               "--set", "sft.global_batch_size=2", "--set", "sft.trl.save_strategy=no")
+    rc, _, err = await _run(cmd, timeout=600)
+    assert rc == 0, err
+    manifest = json.loads((out / "sft-model" / "manifest.json").read_text())
+    assert manifest["trl_args"]["save_strategy"] == "no" and manifest["config"]["trl"] == {"save_strategy": "no"}
+    assert not list((out / "sft-model").glob("checkpoint-*"))
+    assert 'trl={"save_strategy":"no"}' in (out / "logs" / "sft.log").read_text().splitlines()[0]
+
+
+async def test_one_run_per_folder_and_a_killed_runs_lock_is_taken_over(services, tiny_model_dir, tmp_path):
+    import socket
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "sft_data")
+    lock = out / ".moaa-run.lock"
+    holder = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                  stderr=asyncio.subprocess.DEVNULL)
+    try:
+        for _ in range(3000):
+            if lock.exists() and f'"pid": {holder.pid}' in lock.read_text():
+                break
+            await asyncio.sleep(0.01)
+        os.kill(holder.pid, signal.SIGSTOP)      # holds the folder for as long as the test needs
+        rc, _, err = await _run(cmd, timeout=60)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"is in use by another moaa pipeline run (pid {holder.pid} on host {socket.gethostname()}" in err
+        os.kill(holder.pid, signal.SIGKILL)      # dies holding it: the kernel drops the flock
+        await holder.wait()
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+    assert f'"pid": {holder.pid}' in lock.read_text()       # the dead run's record is still there
+    rc, _, err = await _run(cmd)
+    assert rc == 0, err
+    ids = _ids(out / "stage1-sft-data")
+    assert len(ids) == len(set(ids)) == 17
+    assert lock.read_text() == ""                             # released at the end
+
+
 @pytest.mark.slow
 async def test_sigkill_mid_sft_training_then_resume_from_checkpoint(services, tiny_model_dir, tmp_path):
     prompts = _prompts(tmp_path / "p.jsonl")
@@ -200,6 +278,7 @@ def _play_training_jobs(emu, model_dir: Path, stop: "threading.Event"):
     api = emu.client()
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
     handled: list[str] = []
+    argvs: dict[str, list[str]] = {}
 
     def run():
         while not stop.is_set():
@@ -210,6 +289,7 @@ def _play_training_jobs(emu, model_dir: Path, stop: "threading.Event"):
                 handled.append(name)
                 c = job.spec.template.spec.containers[0]
                 argv = list(c.command or []) + list(c.args or [])
+                argvs[name] = argv
                 out = Path(argv[argv.index("--out") + 1])
                 shutil.copytree(model_dir, out, dirs_exist_ok=True)
                 (out / "metrics.jsonl").write_text(json.dumps({"event": "log", "step": 1, "total": 1, "loss": 1.0}) + "\n")
@@ -229,7 +309,7 @@ def _play_training_jobs(emu, model_dir: Path, stop: "threading.Event"):
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    return handled
+    return handled, argvs
 
 
 @pytest.mark.slow
@@ -239,15 +319,28 @@ async def test_k8s_training_jobs_are_submitted_followed_and_continued(services, 
     prompts = _prompts(tmp_path / "p.jsonl")
     out = tmp_path / "run"
     stop = threading.Event()
-    jobs = _play_training_jobs(kube_api, Path(tiny_model_dir), stop)
+    jobs, argvs = _play_training_jobs(kube_api, Path(tiny_model_dir), stop)
     try:
-        cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "dpo", "--k8s",
-                   f"--k8s-arg=--api-server={kube_api.url}", "--k8s-arg=--poll-interval=0.1")
+        cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "dpo", "--k8s", "--set", "sft.trl.save_strategy=no",
+                   "--set", "dpo.beta=0.05", f"--k8s-arg=--api-server={kube_api.url}", "--k8s-arg=--poll-interval=0.1")
         rc, stdout, err = await _run(cmd, timeout=600)
     finally:
         stop.set()
     assert rc == 0, err
     assert len(jobs) == 2 and jobs[0].startswith("moaa-sft") and jobs[1].startswith("moaa-dpo")
+    # the Jobs run the typed configs the pipeline built at start, through the one serialiser (cli_args)
+    from moaa.cli.main import build_parser
+    from moaa.cli.train import _config_from_args
+    from moaa.pipeline.layout import RunLayout
+    from moaa.pipeline.runner import PipelineOptions, resolve_settings, training_configs
+
+    opts = PipelineOptions(gateway="g", overrides={"answer_tokens": 16, "sample_tokens": 12,
+                                                   "sft": {"trl": {"save_strategy": "no"}}, "dpo": {"beta": 0.05}})
+    expected = training_configs(resolve_settings(opts, local=False), RunLayout(out), str(tiny_model_dir))
+    for name, kind in zip(jobs, ("sft", "dpo")):
+        got = _config_from_args(kind, build_parser().parse_args(argvs[name][1:]))
+        assert got == expected[kind], kind
+    assert expected["sft"].trl == {"save_strategy": "no"} and expected["dpo"].beta == 0.05
     run = json.loads((out / "run.json").read_text())
     assert all(run["stages"][s]["status"] == "done" for s in ("sft_data", "sft", "samples", "pairs", "dpo"))
     log = (out / "logs" / "sft.log").read_text()

@@ -14,7 +14,7 @@ def test_yaml_then_flags_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 1.0e-4\nmax_steps: 50\nlora: {enabled: true, r: 4}\nbeta: 0.2\n")
     cfg = load_train_config("dpo", str(path), ["lora.r=8", "trl.max_grad_norm=0.5", "trl.save_strategy=no",
-                                               "loss_type=[sigmoid, sft]", "lora.target_modules=q_proj"],
+                                               'loss_type=["sigmoid","sft"]', "lora.target_modules=q_proj"],
                             max_steps=7, **BASE)
     assert cfg.trl["save_strategy"] == "no" and cfg.loss_type == ["sigmoid", "sft"]
     assert cfg.lora.target_modules == "q_proj"
@@ -27,7 +27,7 @@ def test_removed_trl_field_is_named(tmp_path):
     # the alignment-handbook zephyr DPO recipe still sets max_prompt_length; this TRL has no such field
     path = tmp_path / "zephyr.yaml"
     path.write_text("beta: 0.01\nmax_prompt_length: 512\n")
-    with pytest.raises(UserError, match=r"max_prompt_length is not a moaa train field nor a field of the installed trl"):
+    with pytest.raises(UserError, match=r"max_prompt_length is not a moaa DPOSettings field nor a field of the installed trl"):
         load_train_config("dpo", str(path), **BASE)
     with pytest.raises(UserError, match=r"max_prompt_length: not a field of the installed trl .* DPOConfig"):
         load_train_config("dpo", None, ["trl.max_prompt_length=512"], **BASE)
@@ -105,3 +105,44 @@ def test_metrics_keep_the_last_value_per_step_and_plot(tmp_path):
     png = plot_metrics(path, tmp_path / "c.png", "dpo")
     assert png.stat().st_size > 1000
     assert plot_metrics(tmp_path / "missing.jsonl", tmp_path / "x.png", "sft") is None
+
+
+def test_pipeline_set_reaches_trl_as_a_string(tmp_path):
+    """`moaa pipeline run --set sft.trl.save_strategy=no`: the typed config the pipeline builds, serialised
+    by cli_args and parsed by the trainer's own CLI, gives TRL's SFTConfig the string "no" (YAML gave False)."""
+    from moaa.cli.main import build_parser
+    from moaa.cli.train import _config_from_args
+    from moaa.overrides import apply_sets
+    from moaa.pipeline.layout import RunLayout
+    from moaa.pipeline.runner import PipelineOptions, resolve_settings, training_configs
+    from moaa.trainer.config import cli_args
+
+    args = build_parser().parse_args(["pipeline", "run", "--set", "sft.trl.save_strategy=no",
+                                      "--set", "dpo.loss_type=[\"sigmoid\",\"sft\"]", "--set", "dpo.beta=0.2"])
+    opts = PipelineOptions(out=tmp_path, gateway="g:1", overrides=apply_sets({}, args.overrides))
+    cfgs = training_configs(resolve_settings(opts, local=False), RunLayout(tmp_path), "base")
+    for kind, cfg in cfgs.items():
+        back = _config_from_args(kind, build_parser().parse_args(["train", kind, *cli_args(cfg)]))
+        assert back == cfg and type(back).__name__ == f"{kind.upper()}Settings"
+    assert build_trl_args(cfgs["sft"], device="cpu").save_strategy == "no"
+    dpo = build_trl_args(cfgs["dpo"], device="cpu")
+    assert dpo.loss_type == ["sigmoid", "sft"] and dpo.beta == 0.2
+
+
+def test_trl_values_are_checked_against_trl_types():
+    with pytest.raises(UserError, match=r"trl.max_grad_norm='abc': Input should be a valid number \(TRL declares float\)"):
+        load_train_config("sft", None, ["trl.max_grad_norm=abc"], **BASE)
+    with pytest.raises(UserError, match=r"trl.bf16='no': Input should be a valid boolean"):
+        load_train_config("sft", None, ["trl.bf16=no"], **BASE)
+    cfg = load_train_config("sft", None, ["trl.save_strategy=no", "trl.max_grad_norm=1"], **BASE)
+    assert cfg.trl == {"save_strategy": "no", "max_grad_norm": 1}
+
+
+def test_check_flag_reports_what_trl_made_of_the_pass_through_and_trains_nothing(tmp_path, capsys):
+    import json
+
+    rc = main(["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--check",
+               "--set", "trl.save_strategy=no", "--set", "trl.max_grad_norm=0.5"])
+    assert rc == 0 and not (tmp_path / "o").exists()
+    assert json.loads(capsys.readouterr().out) == {"event": "config_ok", "kind": "sft",
+                                                   "trl": {"save_strategy": "no", "max_grad_norm": 0.5}}

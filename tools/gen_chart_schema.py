@@ -197,16 +197,6 @@ def volume(desc: str) -> dict:
     })
 
 
-def train_stage(stage: str) -> dict:
-    return obj(f"the {stage.upper()} Job (moaa train {stage})", {
-        "enabled": b(f"create the {stage.upper()} Job"),
-        "model": s("base model: hub id or a path on a mounted volume"),
-        "data": s("training data file (JSONL in TRL's format) on the data volume"),
-        "out": s("output folder for checkpoints and the final model"),
-        "extraArgs": arr("more `moaa train` arguments", {"type": "string", "description": "an argument"}),
-    })
-
-
 def chart_schema() -> dict:
     settings = model_settings()
     model_item = obj("one model server", {
@@ -222,7 +212,6 @@ def chart_schema() -> dict:
         "images": obj("container images", {
             "vllm": image("the official vLLM OpenAI-compatible server image"),
             "moaa": image("the moaa image (docker/Dockerfile.gateway): gateway, annotator, helm test"),
-            "trainer": image("the trainer image (docker/Dockerfile.trainer): CUDA torch and TRL"),
         }),
         "imagePullSecrets": arr("Secrets for pulling private images", obj("a LocalObjectReference", {
             "name": s("Secret name")}, required=["name"])),
@@ -249,18 +238,8 @@ def chart_schema() -> dict:
                            "calls to the annotator use plaintext)"),
         }),
         "persistence": obj("storage", {
-            "data": volume("datasets and checkpoints (mounted by trainer Jobs)"),
+            "data": volume("datasets and checkpoints (a release named moaa: the PVC moaa-data training Jobs mount)"),
             "modelCache": volume("model weights cache (HF_HOME of the vLLM pods)"),
-        }),
-        "trainer": obj("TRL training Jobs, off by default", {
-            "sft": train_stage("sft"),
-            "dpo": train_stage("dpo"),
-            "gpus": i("GPUs per training pod", minimum=0),
-            "backoffLimit": i("pod retries before the Job fails (exit code 2, bad input, fails at once)", minimum=0),
-            "resources": resources("CPU and memory requests and limits"),
-            "env": env(),
-            "shmSize": s("size of the in-memory /dev/shm volume", pattern=QUANTITY),
-            **placement(),
         }),
         "metrics": obj("Prometheus", {
             "serviceMonitor": obj("a ServiceMonitor (prometheus-operator) for gateway, annotator and vLLM", {

@@ -1,21 +1,24 @@
-"""Typed training config: a YAML file plus command-line overrides, checked before anything starts.
+"""Typed training config: a YAML file plus `--set` overrides, checked before anything starts.
 
-Two layers are checked. Our own fields (pydantic, extra="forbid") cover what users tune. Everything is
-then mapped onto the INSTALLED TRL's SFTConfig / DPOConfig and constructed once, so a field that this
-TRL does not have (recipes drift: the handbook's zephyr DPO recipe still sets `max_prompt_length`) or a
-value TRL refuses stops the run with one readable line before a model is loaded or a Job submitted.
+TrainConfig holds what SFT and DPO share; SFTSettings (trainer/sft.py) and DPOSettings (trainer/dpo.py)
+add their own fields. Two layers are checked. Our own fields (pydantic, extra="forbid") cover what users
+tune. Everything is then mapped onto the INSTALLED TRL's SFTConfig / DPOConfig (`trl.*` values against
+the types TRL declares) and constructed once, so a field that this TRL does not have (recipes drift: the
+handbook's zephyr DPO recipe still sets `max_prompt_length`) or a value TRL refuses stops the run with
+one readable line before a model is loaded or a Job submitted.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moaa.errors import UserError
+from moaa.overrides import apply_sets, format_set
 
 
 class _Strict(BaseModel):
@@ -32,9 +35,14 @@ class LoraSettings(_Strict):
 
 
 class TrainConfig(_Strict):
-    """What a user tunes for one SFT or DPO run. Field names follow TRL where they mean the same."""
+    """What SFT and DPO runs share; SFTSettings (trainer/sft.py) and DPOSettings (trainer/dpo.py) add their
+    own fields, as TRL keeps SFTConfig beside SFTTrainer. Field names follow TRL where they mean the same."""
 
-    kind: Literal["sft", "dpo"] = Field(description="which trainer")
+    DEFAULT_LR: ClassVar[float] = 2e-5
+    # shown on the command line even at their defaults: what a reader of a Job manifest looks for first
+    ALWAYS_SHOWN: ClassVar[tuple[str, ...]] = ("learning_rate", "global_batch_size", "num_train_epochs", "max_steps")
+
+    kind: str = Field(description="sft or dpo (set by the subclass)")
     model: str = Field(description="model folder (Hugging Face format) or hub id")
     data: str = Field(description="JSONL file: SFT rows {messages} or preference rows {prompt, chosen, rejected}")
     out: str = Field(description="output folder: checkpoints, final model, metrics, plots, manifest")
@@ -47,13 +55,10 @@ class TrainConfig(_Strict):
     global_batch_size: int = Field(16, ge=1, description="sequences per optimizer step, all GPUs together")
     per_device_batch_size: int = Field(1, ge=1, description="sequences per forward pass per device")
     max_length: int = Field(1024, ge=8, description="longest tokenized row (prompt + answer)")
-    beta: float = Field(0.1, gt=0, description="DPO: strength of the KL penalty towards the reference")
-    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], description="DPO loss type(s) TRL knows")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save GPU memory")
-    packing: bool = Field(False, description="SFT: pack rows into max_length blocks (TRL bfd packing)")
     padding_free: bool = Field(False, description="batch without padding (needs flash-attention on GPU)")
     seed: int = Field(42, description="seed for weights init, dropout and data order")
     save_steps: int = Field(100, ge=1, description="checkpoint every N optimizer steps")
@@ -69,13 +74,36 @@ class TrainConfig(_Strict):
     def _check(self) -> "TrainConfig":
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be a positive number of steps, or -1 to train by epochs")
-        if isinstance(self.loss_type, str):  # pragma: no cover - pydantic already coerces lists
-            self.loss_type = [self.loss_type]
         return self
 
     @property
     def lr(self) -> float:
-        return self.learning_rate or (2e-5 if self.kind == "sft" else 5e-7)
+        return self.learning_rate or self.DEFAULT_LR
+
+    @classmethod
+    def trl_class(cls):
+        """The installed TRL's config class for this kind (imported only when asked)."""
+        raise NotImplementedError
+
+    def trl_own(self) -> dict[str, Any]:
+        """This kind's own fields under TRL's names."""
+        return {}
+
+    def check_trl(self, kw: dict[str, Any]) -> None:
+        """Checks TRL itself would only make at step 1."""
+
+
+def settings_class(kind: str) -> type[TrainConfig]:
+    """SFTSettings or DPOSettings (beside the trainer that uses them)."""
+    if kind == "sft":
+        from moaa.trainer.sft import SFTSettings
+
+        return SFTSettings
+    if kind == "dpo":
+        from moaa.trainer.dpo import DPOSettings
+
+        return DPOSettings
+    raise UserError(f"unknown training kind {kind!r}: sft or dpo")
 
 
 def world_size() -> int:
@@ -102,62 +130,21 @@ def resolve_device(cfg: TrainConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _parse_value(text: str) -> Any:
-    """JSON values (numbers, true/false, null, lists); anything else stays a string.
-
-    Not YAML: YAML 1.1 reads `no`/`off` as false, so `trl.save_strategy=no` would become False."""
-    import json
-
-    try:
-        return json.loads(text)
-    except ValueError:
-        pass
-    if text[:1] in "[{":
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise UserError(f"cannot parse override value {text!r}") from None
-    return text
+def _trl_fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`key=value` or `a.b=value` (YAML-typed values) on top of the file's dict."""
-    out = dict(data)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"override {item!r} is not key=value")
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise UserError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = _parse_value(value)
-    return out
-
-
-def _trl_config_class(kind: str):
-    from trl import DPOConfig, SFTConfig
-
-    return SFTConfig if kind == "sft" else DPOConfig
-
-
-def _trl_fields(kind: str) -> set[str]:
-    return {f.name for f in dataclasses.fields(_trl_config_class(kind))}
-
-
-def _format_validation(err: ValidationError, kind: str) -> str:
+def _format_validation(err: ValidationError, cls: type[TrainConfig]) -> str:
     parts = []
-    trl_fields = _trl_fields(kind)
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
-            if loc in trl_fields:
+            trl_cls = cls.trl_class()
+            if loc in _trl_fields(trl_cls):
                 parts.append(f"{loc} is a TRL field: put it under `trl:` (trl.{loc}=...)")
             else:
-                parts.append(f"{loc} is not a moaa train field nor a field of the installed {_trl_version()} "
-                             f"{_trl_config_class(kind).__name__} (removed or misspelt?)")
+                parts.append(f"{loc} is not a moaa {cls.__name__} field nor a field of the installed "
+                             f"{_trl_version()} {trl_cls.__name__} (removed or misspelt?)")
         else:
             parts.append(f"{loc}: {e['msg']}")
     return "; ".join(parts)
@@ -169,9 +156,25 @@ def _trl_version() -> str:
     return f"trl {trl.__version__}"
 
 
+def build_train_config(kind: str, data: dict[str, Any], *, where: str = "train config",
+                       trl_check: bool = True) -> TrainConfig:
+    """Typed settings from a plain dict; errors are one-line UserErrors (exit 2).
+
+    trl_check=False checks only our own fields (no TRL import: the pipeline does this in-process at start
+    and has a child `moaa train KIND --check` run the TRL check)."""
+    cls = settings_class(kind)
+    try:
+        cfg = cls.model_validate({**data, "kind": kind})
+    except ValidationError as err:
+        raise UserError(f"bad {where}: {_format_validation(err, cls)}") from None
+    if trl_check:
+        build_trl_args(cfg, check_only=True)
+    return cfg
+
+
 def load_train_config(kind: str, path: str | None = None, overrides: list[str] | None = None,
                       **values: Any) -> TrainConfig:
-    """File (optional) < keyword values < `key=value` overrides; errors are UserError (exit 2)."""
+    """File (optional) < keyword values < `--set key=value` overrides; errors are UserError (exit 2)."""
     data: dict[str, Any] = {}
     if path:
         try:
@@ -184,15 +187,8 @@ def load_train_config(kind: str, path: str | None = None, overrides: list[str] |
             raise UserError(f"config file {path} must hold a mapping of fields")
         data.update(loaded or {})
     data.update({k: v for k, v in values.items() if v is not None})
-    data["kind"] = kind
-    data = apply_overrides(data, overrides or [])
-    try:
-        cfg = TrainConfig.model_validate(data)
-    except ValidationError as err:
-        where = f" in {path}" if path else ""
-        raise UserError(f"bad train config{where}: {_format_validation(err, kind)}") from None
-    build_trl_args(cfg, check_only=True)
-    return cfg
+    data = apply_sets(data, overrides or [])
+    return build_train_config(kind, data, where=f"train config in {path}" if path else "train config")
 
 
 def trl_kwargs(cfg: TrainConfig, device: str | None = None, world: int | None = None) -> dict[str, Any]:
@@ -209,45 +205,45 @@ def trl_kwargs(cfg: TrainConfig, device: str | None = None, world: int | None = 
         save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, report_to="none",
         bf16=bf16, use_cpu=device == "cpu", disable_tqdm=True, dataloader_num_workers=0,
     )
-    if cfg.kind == "sft":
-        kw.update(packing=cfg.packing)
-    else:
-        kw.update(beta=cfg.beta, loss_type=list(cfg.loss_type))
-        if cfg.packing:
-            raise UserError("packing is an SFT option; DPO batches pairs (use padding_free instead)")
+    kw.update(cfg.trl_own())
     kw.update(cfg.trl)
-    if cfg.kind == "dpo":
-        _check_loss_types(kw.get("loss_type") or [])
+    cfg.check_trl(kw)
     return kw
 
 
-def known_dpo_loss_types() -> list[str]:
-    """Loss types the installed TRL documents on DPOConfig.loss_type (the trainer only fails at step 1)."""
-    import re
+def _check_trl_types(cls, trl: dict[str, Any]) -> None:
+    """`trl.*` values against the types TRL declares (strict: "no" is not a bool, "abc" not a float)."""
+    import typing
 
-    from trl import DPOConfig
+    from pydantic import TypeAdapter
 
-    help_text = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata.get("help", "")
-    return re.findall(r"`'([a-z_0-9]+)'`", help_text)
-
-
-def _check_loss_types(types) -> None:
-    types = [types] if isinstance(types, str) else list(types)
-    known = known_dpo_loss_types()
-    bad = [t for t in types if t not in known]
-    if known and bad:
-        raise UserError(f"DPO loss_type {', '.join(bad)} is not one the installed {_trl_version()} knows: "
-                        f"{', '.join(known)}")
+    hints = typing.get_type_hints(cls)
+    bad = []
+    for key, value in trl.items():
+        if key not in hints:
+            continue
+        try:
+            adapter = TypeAdapter(hints[key])
+        except Exception:  # a type pydantic cannot describe: TRL checks it itself  # noqa: BLE001
+            continue
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError as err:
+            hint = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key])
+            bad.append(f"trl.{key}={value!r}: {err.errors()[0]['msg']} (TRL declares {hint})")
+    if bad:
+        raise UserError(f"{_trl_version()} {cls.__name__}: {'; '.join(bad)}")
 
 
 def build_trl_args(cfg: TrainConfig, *, check_only: bool = False, device: str | None = None):
     """Construct the installed TRL's config from ours; any refusal is a UserError naming the field."""
-    cls = _trl_config_class(cfg.kind)
+    cls = cfg.trl_class()
     kw = trl_kwargs(cfg, device=device)
-    unknown = sorted(set(kw) - _trl_fields(cfg.kind))
+    unknown = sorted(set(kw) - _trl_fields(cls))
     if unknown:
         raise UserError(f"{', '.join(unknown)}: not a field of the installed {_trl_version()} {cls.__name__} "
                         f"(removed or renamed?); remove it from the config")
+    _check_trl_types(cls, cfg.trl)
     try:
         args = cls(**kw)
     except (ValueError, TypeError) as err:
@@ -255,20 +251,15 @@ def build_trl_args(cfg: TrainConfig, *, check_only: bool = False, device: str | 
     return None if check_only else args
 
 
-# Shown on the command line even at their defaults: what a reader of a Job manifest looks for first.
-_ALWAYS_SHOWN = {"sft": ("learning_rate", "global_batch_size", "num_train_epochs", "max_steps"),
-                 "dpo": ("learning_rate", "global_batch_size", "num_train_epochs", "max_steps", "beta", "loss_type")}
-
-
 def cli_args(cfg: TrainConfig) -> list[str]:
-    """The resolved config as `moaa train KIND` arguments (Jobs and torchrun workers run exactly this)."""
-    import json
+    """THE serialiser of a training config: `moaa train KIND` arguments in the one `--set` grammar.
 
+    The pipeline's trainer children, torchrun/accelerate workers and Kubernetes Jobs all run exactly this;
+    `load_train_config(kind, None, cli_args(cfg)[6:], ...)` gives back an equal config (tested)."""
     args = ["--data", cfg.data, "--model", cfg.model, "--out", cfg.out]
     values = cfg.model_dump(mode="json", exclude={"kind", "data", "model", "out"})
     changed = cfg.model_dump(mode="json", exclude_defaults=True, exclude={"kind", "data", "model", "out"})
-    keys = set(changed) | set(_ALWAYS_SHOWN[cfg.kind])
     values["learning_rate"] = cfg.lr
-    for key in sorted(keys):
-        args += ["--set", f"{key}={json.dumps(values[key], separators=(',', ':'))}"]
+    for key in sorted(set(changed) | set(cfg.ALWAYS_SHOWN)):
+        args += ["--set", format_set(key, values[key])]
     return args

@@ -1,4 +1,4 @@
-"""DPO on MoA-judged preference pairs with TRL's DPOTrainer.
+"""DPO on MoA-judged preference pairs with TRL's DPOTrainer, and its typed settings.
 
 The reference model is loaded explicitly (a second copy, same chat-template fix-ups) rather than
 left to TRL, which would reload it from the model's saved path and miss tokens added in memory. With
@@ -6,15 +6,60 @@ LoRA there is no second copy: TRL uses the base weights with adapters disabled.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import re
+from typing import Any, ClassVar, Literal
 
+from pydantic import Field
+
+from moaa.errors import UserError
 from moaa.trainer.config import TrainConfig
-from moaa.trainer.data import to_dataset
-from moaa.trainer.runner import callbacks, load_model_and_tokenizer, peft_config, prepare, train_and_save
 
 
-def run_dpo(cfg: TrainConfig) -> dict[str, Any]:
+class DPOSettings(TrainConfig):
+    """`moaa train dpo` settings (and the pipeline's `dpo.*`); mapped onto TRL's DPOConfig."""
+
+    DEFAULT_LR: ClassVar[float] = 5e-7
+    ALWAYS_SHOWN: ClassVar[tuple[str, ...]] = TrainConfig.ALWAYS_SHOWN + ("beta", "loss_type")
+
+    kind: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="strength of the KL penalty towards the reference")
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], description="DPO loss type(s) TRL knows")
+
+    @classmethod
+    def trl_class(cls):
+        from trl import DPOConfig
+
+        return DPOConfig
+
+    def trl_own(self) -> dict[str, Any]:
+        return {"beta": self.beta, "loss_type": list(self.loss_type)}
+
+    def check_trl(self, kw: dict[str, Any]) -> None:
+        types = kw.get("loss_type") or []
+        types = [types] if isinstance(types, str) else list(types)
+        known = known_dpo_loss_types()
+        bad = [t for t in types if t not in known]
+        if known and bad:
+            import trl
+
+            raise UserError(f"DPO loss_type {', '.join(bad)} is not one the installed trl {trl.__version__} knows: "
+                            f"{', '.join(known)}")
+
+
+def known_dpo_loss_types() -> list[str]:
+    """Loss types the installed TRL documents on DPOConfig.loss_type (the trainer only fails at step 1)."""
+    from trl import DPOConfig
+
+    help_text = next(f for f in dataclasses.fields(DPOConfig) if f.name == "loss_type").metadata.get("help", "")
+    return re.findall(r"`'([a-z_0-9]+)'`", help_text)
+
+
+def run_dpo(cfg: DPOSettings) -> dict[str, Any]:
     from trl import DPOTrainer
+
+    from moaa.trainer.data import to_dataset
+    from moaa.trainer.runner import callbacks, load_model_and_tokenizer, peft_config, prepare, train_and_save
 
     p = prepare(cfg)
     ref = None

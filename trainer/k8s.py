@@ -1,9 +1,9 @@
 """Kubernetes Job builder for `moaa train sft|dpo` on GPU nodes (kubernetes client models).
 
-The Job runs the trainer image's `moaa train KIND ...` with the resolved config as `--set` overrides, so
-the pod runs exactly what was checked here. Exit codes drive the podFailurePolicy: 2 (bad input) fails
-the Job at once, 75 (transient) and evictions are retried, and a retried pod resumes from the newest
-checkpoint on the checkpoints volume. Several GPUs: the CLI itself starts torchrun/accelerate.
+The Job runs the trainer image's `moaa train KIND ...` with the resolved config as `--set` overrides
+(config.cli_args, the one serialiser), so the pod runs exactly what was checked here. Exit codes drive
+the podFailurePolicy: 2 (bad input) fails the Job at once, 75 (transient) and evictions are retried,
+and a retried pod resumes from the newest checkpoint on the checkpoints volume. Several GPUs: the CLI itself starts torchrun/accelerate.
 """
 from __future__ import annotations
 

@@ -65,9 +65,9 @@ def service_accounts_and_rbac(settings: JobSettings | None = None) -> list:
 
 
 def example_job(example: dict):
-    from moaa.trainer.config import TrainConfig
+    from moaa.trainer.config import settings_class
 
-    return build_job(TrainConfig.model_validate(example), JobSettings(namespace=NAMESPACE))
+    return build_job(settings_class(example["kind"]).model_validate(example), JobSettings(namespace=NAMESPACE))
 
 
 def manifests() -> dict[str, list]:

@@ -1,19 +1,38 @@
-"""Supervised fine-tuning on MoA answers with TRL's SFTTrainer."""
+"""Supervised fine-tuning on MoA answers with TRL's SFTTrainer, and its typed settings."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from moaa.trainer.config import TrainConfig
-from moaa.trainer.data import to_dataset
-from moaa.trainer.runner import callbacks, peft_config, prepare, train_and_save
 
 
-def run_sft(cfg: TrainConfig) -> dict[str, Any]:
+class SFTSettings(TrainConfig):
+    """`moaa train sft` settings (and the pipeline's `sft.*`); mapped onto TRL's SFTConfig."""
+
+    DEFAULT_LR: ClassVar[float] = 2e-5
+
+    kind: Literal["sft"] = "sft"
+    packing: bool = Field(False, description="pack rows into max_length blocks (TRL bfd packing)")
+
+    @classmethod
+    def trl_class(cls):
+        from trl import SFTConfig
+
+        return SFTConfig
+
+    def trl_own(self) -> dict[str, Any]:
+        return {"packing": self.packing}
+
+
+def run_sft(cfg: SFTSettings) -> dict[str, Any]:
     from trl import SFTTrainer
+
+    from moaa.trainer.data import to_dataset
+    from moaa.trainer.runner import callbacks, peft_config, prepare, train_and_save
 
     p = prepare(cfg)
     trainer = SFTTrainer(model=p.model, args=p.args, train_dataset=to_dataset(p.rows, cfg.kind),
                          processing_class=p.tokenizer, peft_config=peft_config(cfg), callbacks=callbacks(p))
     return train_and_save(p, trainer)
-
-

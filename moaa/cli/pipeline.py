@@ -19,17 +19,6 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
                    help="skip broken rows, rows without a prompt and duplicate ids (counted, with line numbers)")
 
 
-def _set_value(text: str) -> tuple[list[str], object]:
-    import yaml
-
-    from moaa.errors import UserError
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise UserError(f"bad --set {text!r}: use KEY=VALUE, e.g. --set sft.max_steps=20")
-    return key.split("."), yaml.safe_load(value)
-
-
 def register(subparsers) -> None:
     pipe = subparsers.add_parser("pipeline", help="the whole MoAA recipe: MoA SFT data, SFT, pairs, DPO, eval")
     sub = pipe.add_subparsers(dest="pipeline_command", metavar="SUBCOMMAND", parser_class=type(pipe))
@@ -53,7 +42,8 @@ def register(subparsers) -> None:
     run.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
                      help="embedded model server engine")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a setting, e.g. --set sft.max_steps=20 --set answer_tokens=128")
+                     help="override a setting, value as JSON or a bare string: --set sft.max_steps=20 "
+                          "--set sft.trl.save_strategy=no --set dpo.loss_type='[\"sigmoid\"]'")
     run.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
     run.add_argument("--tls-ca", help="CA certificate for TLS to the gateway and annotator")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage: sft_data, sft, samples, pairs, dpo, "
@@ -91,18 +81,8 @@ def register(subparsers) -> None:
     ev.set_defaults(func=_eval)
 
 
-def _overrides(items: list[str]) -> dict:
-    out: dict = {}
-    for item in items:
-        keys, value = _set_value(item)
-        node = out
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return out
-
-
 async def _run(args) -> int:
+    from moaa.overrides import apply_sets
     from moaa.pipeline.data import parse_mapping
     from moaa.pipeline.runner import PipelineOptions, format_summary, run_pipeline
 
@@ -111,7 +91,7 @@ async def _run(args) -> int:
         split=args.split, limit=args.limit, gateway=args.gateway, annotator=args.annotator, token=args.token,
         tls_ca=args.tls_ca, k8s=args.k8s, k8s_args=args.k8s_args, quick=args.quick, token_budget=args.token_budget,
         target=args.target, recipe=args.recipe, ensemble=args.ensemble, eval_judge=args.eval_judge,
-        engine=args.engine, quiet=args.quiet, until=args.until, overrides=_overrides(args.overrides))
+        engine=args.engine, quiet=args.quiet, until=args.until, overrides=apply_sets({}, args.overrides))
     summary = await run_pipeline(opts)
     print(format_summary(summary))
     return 0

@@ -22,7 +22,7 @@ _FIELD_FLAGS = [
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, paths_required: bool = True) -> None:
-    p.add_argument("--config", help="YAML file with TrainConfig fields")
+    p.add_argument("--config", help="YAML file with SFTSettings / DPOSettings fields")
     p.add_argument("--data", required=paths_required, help="JSONL: SFT rows {messages} / pairs {prompt,chosen,rejected}")
     p.add_argument("--model", required=paths_required, help="model folder or hub id (DPO: the SFT output folder)")
     p.add_argument("--out", required=paths_required, help="output folder (checkpoints, model, metrics, plots)")
@@ -31,7 +31,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, paths_required: bool = True) 
     p.add_argument("--loss-type", dest="loss_type", action="append", help="DPO loss type (repeat to combine)")
     p.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters (peft)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config field, e.g. --set lora.r=8 or --set trl.max_grad_norm=0.5")
+                   help="any config field, value as JSON or a bare string: --set lora.r=8 --set trl.save_strategy=no")
 
 
 def _config_from_args(kind: str, args: argparse.Namespace):
@@ -47,6 +47,15 @@ def _config_from_args(kind: str, args: argparse.Namespace):
 
 def _run_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args.kind, args)
+    if args.check:  # checked against the installed TRL (load_train_config did that); nothing is trained
+        import json
+
+        from moaa.trainer.config import build_trl_args
+
+        trl = build_trl_args(cfg).to_dict()  # what TRL made of the trl.* pass-through, as the trainer will see it
+        print(json.dumps({"event": "config_ok", "kind": cfg.kind, "trl": {k: trl.get(k) for k in cfg.trl}},
+                         default=str), flush=True)
+        return 0
     from moaa.trainer.launch import is_worker, launch
 
     if args.nproc_per_node > 1 and not is_worker():
@@ -86,6 +95,7 @@ def register(subparsers) -> None:
         p.add_argument("--nproc-per-node", type=positive_int, default=1,
                        help="processes (GPUs) on this node; >1 starts torchrun")
         p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun")
+        p.add_argument("--check", action="store_true", help="check the settings against the installed TRL and exit")
         p.set_defaults(func=_run_train, kind=kind)
 
     submit = sub.add_parser("submit", help="run sft or dpo as a Kubernetes Job and follow it")

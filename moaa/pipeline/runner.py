@@ -21,8 +21,10 @@ from moaa.errors import UserError
 from .budget import TokenLedger
 from .data import PromptRow, load_prompts
 from .layout import RunLayout
+from .lock import RunLock
 from .stages import NEEDS_SERVICES, STAGES, StageContext
 from .store import atomic_write_json
+from . import training
 
 QUICK_PROMPTS = 12
 OPERATIONAL = {"window"}  # settings that change how, not what: left out of the config hash
@@ -137,6 +139,13 @@ class RunRecord:
         atomic_write_json(self.layout.run_manifest, self.data)
 
 
+def _recorded_hash(layout: RunLayout) -> str | None:
+    try:
+        return json.loads(layout.run_manifest.read_text()).get("config_hash")
+    except (OSError, ValueError):
+        return None
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -146,19 +155,8 @@ def _say(opts: PipelineOptions, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline; returns the summary also printed at the end."""
-    from .local import LocalStack, default_target
-
-    layout = RunLayout(Path(opts.out))
-    layout.root.mkdir(parents=True, exist_ok=True)
-    pset = load_prompts(opts.prompts, mapping=opts.mapping, skip_invalid=opts.skip_invalid, split=opts.split,
-                        limit=opts.limit)
-    if pset.skipped:
-        _say(opts, f"prompts: {pset.skipped_summary()}")
-    rows = _pick_quick(pset.rows) if opts.quick else pset.rows
-    train_rows, eval_rows = split_eval(rows, opts.eval_fraction)
-    local = opts.gateway is None
+def resolve_settings(opts: PipelineOptions, local: bool) -> dict[str, Any]:
+    """Defaults for this kind of run, then the `--set` overrides."""
     base = default_settings(opts.quick)
     if local:  # the embedded ensemble is pairwise and asks both orders itself: one Annotate call per pair
         base["eval_both_orders"] = False
@@ -170,12 +168,69 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
         base["eval_grades"] = False
     settings = _merge(base, opts.overrides)
     settings.update({"recipe": opts.recipe, "ensemble": opts.ensemble, "eval_judge": opts.eval_judge, "seed": opts.seed})
-    if opts.until and opts.until not in [n for n, _ in STAGES]:
-        raise UserError(f"--until {opts.until!r}: choose one of {', '.join(n for n, _ in STAGES)}")
+    return settings
+
+
+def _stages_to_run(until: str | None) -> list[str]:
+    names = [n for n, _ in STAGES]
+    if until and until not in names:
+        raise UserError(f"--until {until!r}: choose one of {', '.join(names)}")
+    return names[:names.index(until) + 1] if until else names
+
+
+def training_configs(settings: dict[str, Any], layout: RunLayout, base_model: str) -> dict[str, Any]:
+    """The typed SFT and DPO configs of this run (stages.py gives the trainer the same inputs)."""
+    for kind in ("sft", "dpo"):
+        if not isinstance(settings.get(kind), dict):
+            raise UserError(f"--set {kind}=...: {kind} is a section of training settings; set its keys, "
+                            f"e.g. --set {kind}.max_steps=20")
+    return {"sft": training.train_config("sft", settings["sft"], data=layout.sft_data / "train.jsonl",
+                                         model=base_model, out=layout.sft_model),
+            "dpo": training.train_config("dpo", settings["dpo"], data=layout.pairs / "train.jsonl",
+                                         model=str(layout.sft_model), out=layout.dpo_model)}
+
+
+async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the summary also printed at the end.
+
+    Settings are checked before anything is written: the typed SFT/DPO configs here, then (once the folder
+    is locked) against the installed TRL, before stage 1."""
+    layout = RunLayout(Path(opts.out))
+    local = opts.gateway is None
+    settings = resolve_settings(opts, local)
+    stages = _stages_to_run(opts.until)
+    # the model is resolved later (the embedded default may be prepared on first use): a placeholder here
+    training_configs(settings, layout, opts.target or "base-model")
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with RunLock(layout.root) as lock:
+        if lock.previous:
+            _say(opts, f"run folder {layout.root}: taking over from pid {lock.previous.get('pid')} on "
+                       f"{lock.previous.get('host')}, which stopped without finishing")
+        return await _run_locked(opts, layout, settings, stages)
+
+
+async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[str, Any],
+                      stages: list[str]) -> dict[str, Any]:
+    from .local import LocalStack, default_target
+
+    pset = load_prompts(opts.prompts, mapping=opts.mapping, skip_invalid=opts.skip_invalid, split=opts.split,
+                        limit=opts.limit)
+    if pset.skipped:
+        _say(opts, f"prompts: {pset.skipped_summary()}")
+    rows = _pick_quick(pset.rows) if opts.quick else pset.rows
+    train_rows, eval_rows = split_eval(rows, opts.eval_fraction)
+    local = opts.gateway is None
     target = opts.target or (default_target() if local else None)
     if target is None:
         raise UserError("give --target MODEL (folder or hub id) for the model to train when using --gateway")
     chash = config_hash(opts, settings, [r.id for r in rows], str(target))
+    pending = [cfg for kind, cfg in training_configs(settings, layout, str(target)).items()
+               if kind in stages and training.model_done(Path(cfg.out)) is None]
+    # checked before run.json records this config (a fixed typo must not make the folder "other settings"),
+    # so a folder that already records it was checked by an earlier run
+    if pending and _recorded_hash(layout) != chash:
+        _say(opts, f"checking {', '.join(c.kind for c in pending)} settings against the installed TRL")
+        await training.check_with_trl(pending, log_dir=layout.logs)
     record = RunRecord(layout, chash, opts)
     ledger = TokenLedger(layout.usage, opts.token_budget)
     _say(opts, f"moaa pipeline: {len(train_rows)} training prompts, {len(eval_rows)} held out for eval; "

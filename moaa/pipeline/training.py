@@ -90,20 +90,39 @@ def model_done(folder: Path) -> dict | None:
     return m if m.get("final_step") is not None else None
 
 
+def train_config(kind: str, settings: dict, *, data: Path, model: str, out: Path):
+    """The typed SFTSettings / DPOSettings of one training stage from the pipeline's `sft.*` / `dpo.*`.
+
+    Built (and checked) when the pipeline starts and again, identically, when the stage runs; a bad value
+    is one UserError line naming the `--set` key. The TRL layer is checked by `check_with_trl`."""
+    from moaa.trainer.config import build_train_config
+
+    values = {**settings, "data": str(data), "model": str(model), "out": str(out)}
+    return build_train_config(kind, values, where=f"{kind} settings (--set {kind}.KEY=VALUE)", trl_check=False)
+
+
+async def check_with_trl(configs: list, *, log_dir: Path) -> None:
+    """`moaa train KIND ... --check` for each config, side by side: the exact argv the trainer will get,
+    checked against the installed TRL in a child (TRL and torch stay out of the pipeline's memory)."""
+    from moaa.trainer.config import cli_args
+
+    results = await asyncio.gather(*(
+        run_child(moaa_command("train", cfg.kind, *cli_args(cfg), "--check"), log_path=log_dir / f"{cfg.kind}-check.log",
+                  what=f"checking --set {cfg.kind}.* against the installed TRL") for cfg in configs),
+        return_exceptions=True)
+    for err in results:
+        if isinstance(err, BaseException):
+            raise err
+
+
 async def train(kind: str, *, data: Path, model: str, out: Path, settings: dict, log_path: Path,
                 progress: StageProgress, k8s: bool = False, k8s_args: list[str] | None = None) -> dict:
-    """`moaa train KIND` (or `moaa train submit KIND` with k8s) until the final model is saved."""
-    args = ["--data", str(data), "--model", str(model), "--out", str(out)]
-    flags = {"max_steps": "--max-steps", "global_batch_size": "--batch-size", "max_length": "--max-length",
-             "save_steps": "--save-steps", "learning_rate": "--lr", "seed": "--seed", "beta": "--beta",
-             "num_train_epochs": "--epochs", "per_device_batch_size": "--per-device-batch-size"}
-    for key, value in settings.items():
-        if value is None:
-            continue
-        if key in flags:
-            args += [flags[key], str(value)]
-        else:
-            args += ["--set", f"{key}={value}"]
+    """`moaa train KIND` (or `moaa train submit KIND` with k8s) until the final model is saved.
+
+    The typed config travels as `cli_args` (the serialiser Jobs and torchrun workers use too)."""
+    from moaa.trainer.config import cli_args
+
+    args = cli_args(train_config(kind, settings, data=data, model=model, out=out))
     cmd = moaa_command("train", "submit", kind, *args, *(k8s_args or [])) if k8s else moaa_command("train", kind, *args)
     state = {"resumed_from": None}
 
