@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from moaa.services.emulator import add_arguments, expected_text, run_emulator, settings_from_args
+from tests.fixtures.waiting import wait_for
 
 MSGS = [{"role": "user", "content": "Say something about agents."}]
 
@@ -37,15 +38,6 @@ async def read_events(resp):
             data = line[6:]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
-
-
-async def wait_for(cond, timeout=3.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        await asyncio.sleep(0.01)
-    return cond()
 
 
 async def test_answers_are_deterministic_and_sized_by_max_tokens(http, emulator):

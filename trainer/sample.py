@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from moaa.engines import pick_engine
 from moaa.errors import UserError
 from moaa.trainer.data import _check_conversation
 
@@ -96,17 +97,6 @@ def done_ids(out: Path) -> set[str]:
     return {json.loads(line)["id"] for line in data[:good_end].decode().splitlines() if line.strip()}
 
 
-def pick_engine(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    try:
-        import torch
-        import vllm  # noqa: F401
-    except ImportError:
-        return "transformers"
-    return "vllm" if torch.cuda.is_available() else "transformers"
-
-
 def _batches(rows: list[dict], size: int) -> Iterator[list[dict]]:
     for i in range(0, len(rows), size):
         yield rows[i:i + size]
@@ -165,7 +155,7 @@ def run_sample(model_dir: str, prompts: str, out: str, s: SampleSettings) -> dic
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = done_ids(out_path)
     todo = [r for r in rows if r["id"] not in done]
-    engine = pick_engine(s.engine)
+    engine = pick_engine(s.engine, vllm_on_cpu=False)
     summary = {"event": "sample", "prompts": len(rows), "already_done": len(rows) - len(todo), "engine": engine}
     print(json.dumps(summary), flush=True)
     if not todo:

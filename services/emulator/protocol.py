@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# sent by moaa's health probes; the emulator counts probes apart from real requests
+from moaa.services.backend.client import PROBE_HEADER  # noqa: F401 (re-exported)
+
 OVERRIDE_HEADER = "X-Emulator"
-PROBE_HEADER = "X-Moaa-Probe"  # sent by moaa's health probes; counted apart from real requests
 
 
 class EmulatorSettings(BaseModel):

