@@ -9,5 +9,5 @@ the chosen/rejected pair for DPO (PAPER.md, stage 2).
     engine.py      one prompt: every judge at once through the shared BackendPool, then the aggregator
     validation.py  AnnotateRequest -> Job, INVALID_ARGUMENT with a message
     servicer.py    grpc.aio Annotator (Annotate, AnnotateStream with a bounded window); server.py starts it
-    batch.py       `moaa annotate`; judge_eval.py `moaa judge-eval`; judge_emulator.py emulated judges
+    batch.py       `moaa annotate`; judge_eval.py `moaa judge-eval` (emulated judges: `moaa backend emulate --judge true`)
 """

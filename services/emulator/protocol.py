@@ -45,6 +45,8 @@ class EmulatorSettings(BaseModel):
     health_status: int = Field(200, description="what /health answers (200 even while stalling, like vLLM)")
     record: bool = Field(True, description="keep request bodies for assertions")
     history: int = Field(64, ge=0, description="request bodies kept per model")
+    judge: bool = Field(False, description="answer moaa's judging prompts by the policy the model name spells "
+                                           "(e.g. keyword:paris+text; see services/emulator/judge.py)")
 
 
 class OverrideError(ValueError):
