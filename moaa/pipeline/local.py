@@ -27,6 +27,13 @@ from .layout import RunLayout
 
 LOCAL_MODEL = "smollm2-135m-instruct"
 BACKEND = "smollm2"
+# Another small model for the embedded stack (a packaged name or a model folder: tests use the tiny one);
+# it is served in every role and is the default model to train.
+MODEL_ENV = "MOAA_LOCAL_MODEL"
+
+
+def local_model() -> str:
+    return os.environ.get(MODEL_ENV) or LOCAL_MODEL
 
 PROPOSERS = [
     ("You are a careful, accurate assistant. Check facts and reasoning before you answer.", 0.3, 0.9),
@@ -36,10 +43,10 @@ PROPOSERS = [
 
 
 def default_target() -> str:
-    """The model trained by the embedded pipeline: SmolLM2-135M-Instruct from the model cache."""
+    """The model trained by the embedded pipeline: SmolLM2-135M-Instruct from the model cache (or $MOAA_LOCAL_MODEL)."""
     from moaa.services.local.models import resolve_model
 
-    return str(resolve_model(LOCAL_MODEL).path)
+    return str(resolve_model(local_model()).path)
 
 
 # SmolLM2-135M cannot write JSON or criteria and gives the same 1-10 score to everything; asked which of two
@@ -169,7 +176,7 @@ class LocalStack:
                   file=sys.stderr, flush=True)
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         reap_stale(self._pid_record)
-        self.engine = EngineServer(LOCAL_MODEL, engine=self.engine_name, port=self.model_port, served_model_name=BACKEND,
+        self.engine = EngineServer(local_model(), engine=self.engine_name, port=self.model_port, served_model_name=BACKEND,
                                    max_model_len=2048, log_path=self.layout.logs / "model-server.log")
         try:
             await self.engine.start()
