@@ -131,3 +131,9 @@ def test_sigkilled_backend_serve_leaves_no_engine(tiny_model_dir, engine):
     finally:
         proc.kill()
         kill_all(tree)
+
+
+def test_supervisor_usage_error_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "moaa.services.local.lifeline", "3"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: python -m moaa.services.local.lifeline FD --")
