@@ -2,7 +2,7 @@
 
     python benchmarks/annotator.py [--quick]
 
-Three processes: the judge emulator (every judge backend; each request takes DELAY_S), the annotator
+Three processes: the emulator in judge mode (every judge backend; each request takes DELAY_S), the annotator
 server, and this client, which streams prompts with 5 candidates each through AnnotateStream. Each
 judge backend allows CONCURRENCY requests in flight (the BackendPool's max_concurrency), so the bound
 for one-call-per-judge modes is CONCURRENCY / DELAY_S annotations per second (every judge backend busy
@@ -33,10 +33,11 @@ def _policy(name: str) -> str:
 
 
 def _run_emulator(q) -> None:
-    from moaa.services.annotator.judge_emulator import JudgeEmulator
+    from moaa.services.emulator import Emulator, EmulatorSettings
 
     async def main():
-        emu = await JudgeEmulator().start()
+        emu = Emulator(EmulatorSettings(judge=True, record=False))
+        await emu.start()
         q.put(emu.url)
         await asyncio.Event().wait()
 
@@ -68,8 +69,8 @@ async def _stats(url: str) -> dict:
     import aiohttp
 
     async with aiohttp.ClientSession() as s:
-        async with s.get(url.replace("/v1", "/stats")) as r:
-            return await r.json()
+        async with s.get(url.replace("/v1", "/emulator/stats")) as r:
+            return (await r.json())["models"]
 
 
 async def _run_mode(address: str, emu_url: str, ensemble: str, prompts: int) -> dict:

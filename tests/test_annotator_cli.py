@@ -59,13 +59,13 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
     with out.open("a") as fh:
         fh.write('{"id": "r3", "prompt": [')
     _samples(inp, ["r1", "r2", "same", "one", "dup", "r3", "r4"])
-    judge_emulator.reset_stats()
+    judge_emulator.reset()
     rc, _, err = await moaa("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out", str(out),
                             "--no-progress")
     assert rc == 0, err
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == ["r1", "r2", "r3", "r4"]
-    assert sum(s["requests"] for s in judge_emulator.snapshot().values()) == 4   # 2 rows x 2 judges
+    assert judge_emulator.stats.requests == 4   # 2 rows x 2 judges
     assert "2 pairs written" in err and "5 already done" in err
 
 

@@ -112,6 +112,15 @@ def test_verdict_read_from_a_repeated_answer():
     assert parse_verdict("[[A]] A spider has eight legs.", answers).verdict == "A"   # an explicit verdict wins
 
 
+def test_one_verdict_parser_for_annotator_and_eval():
+    # `moaa eval` asks for [[C]] as a tie; it reads verdicts with this same parser
+    from moaa.pipeline.eval.grading import parse_verdict as eval_verdict
+
+    assert parse_verdict("Both are fine. [[C]]").verdict == "tie"
+    for text, _ in VERDICT_CORPUS:
+        assert eval_verdict(text) == parse_verdict(text).verdict
+
+
 def test_builtin_templates_load_render_and_hash(tmp_path):
     store = TemplateStore()
     assert {"pointwise_v1", "pointwise_single_v1", "pairwise_v1", "aggregator_v1"} <= set(store.names())

@@ -120,7 +120,7 @@ async def test_request_over_max_request_bytes_refused(judge_emulator, annotator_
 async def test_annotate_stream_bounded_window_and_item_errors(judge_emulator, annotator_factory):
     stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris+delay=0.05"},
                                                 mode="pointwise", combine="mean", annotator={"batch_window": 2}))
-    judge_emulator.reset_stats()
+    judge_emulator.reset()
 
     async def items():
         for i in range(6):
@@ -131,7 +131,7 @@ async def test_annotate_stream_bounded_window_and_item_errors(judge_emulator, an
     by_id = {r.id: r for r in results}
     assert by_id["r3"].WhichOneof("result") == "error" and by_id["r3"].error.code == "INVALID_ARGUMENT"
     assert all(by_id[f"r{i}"].response.chosen_id == "c0" for i in (0, 1, 2, 4, 5))
-    assert judge_emulator.snapshot()["keyword:paris+delay=0.05"]["max_in_flight"] <= 2
+    assert judge_emulator.stats.models["keyword:paris+delay=0.05"].max_in_flight <= 2
 
 
 async def test_stream_cancel_by_client(judge_emulator, annotator_factory):

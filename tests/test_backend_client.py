@@ -7,6 +7,7 @@ import pytest
 from moaa.errors import UserError
 from moaa.services.backend import BackendError, BackendPool, ChatResult, Usage
 from moaa.services.backend.errors import UnknownBackendError, error_message
+from moaa.services.common.convert import backend_error_proto
 from moaa.services.config import BackendConfig, SamplingConfig
 from moaa.services.emulator import expected_text
 from moaa.v1 import common_pb2
@@ -267,7 +268,7 @@ async def test_callers_deadline_bounds_everything(emulator_factory, pool_of):
 
 async def test_error_conversions():
     err = BackendError("m", "http://x/v1", "http_5xx", "boom", 502, 2)
-    proto = err.to_proto()
+    proto = backend_error_proto(err)
     assert isinstance(proto, common_pb2.BackendError)
     assert (proto.model, proto.endpoint, proto.cause, proto.http_status, proto.message, proto.attempts) == \
         ("m", "http://x/v1", "http_5xx", 502, "boom", 2)

@@ -9,16 +9,9 @@ import pytest
 from moaa.services.backend import BackendError
 from moaa.services.backend.health import check_progress, probe_once
 from moaa.services.backend.limits import AdaptiveLimit, make_throttler
+from moaa.services.common.convert import models_info_proto
 from tests.test_backend_client import MSGS, free_port_url, make_cfg
-
-
-async def wait_for(cond, timeout=3.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        await asyncio.sleep(0.01)
-    return cond()
+from tests.fixtures.waiting import wait_for
 
 
 async def test_replicas_balanced_by_fewest_in_flight(emulator_factory, pool_of):
@@ -281,6 +274,6 @@ async def test_models_info_shape(emulator, pool_of):
     assert info["max_concurrency"] == 4
     assert info["replicas"] == [{"url": emulator.url, "healthy": True, "circuit": "closed", "in_flight": 0,
                                  "last_error": "", "last_probe_latency_s": 0.0}]
-    (proto,) = pool.models_info_proto()
+    (proto,) = models_info_proto(pool.models_info())
     assert proto.replicas[0].url == emulator.url and proto.context_window == 2048
     assert "m" in pool and pool.names == ["m"]

@@ -2,6 +2,7 @@
 (kubernetes-validate) and against the gateway's own config model."""
 from __future__ import annotations
 
+import base64
 from urllib.parse import urlsplit
 
 import kubernetes_validate
@@ -197,7 +198,8 @@ def test_cpu_models_ask_for_no_gpu(helm):
 def test_defaults_are_minimal(helm):
     r = render(helm, "default")
     kinds = sorted(o["kind"] for o in r.objects)
-    assert kinds == ["ConfigMap", "Deployment", "Deployment", "Deployment", "Pod", "Service", "Service", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy", "Pod",
+                     "Secret", "Service", "Service", "Service"]
     cfg = parse_config(yaml.safe_load(r.config_text()))
     # one model in every role: the derived recipe and ensemble use it
     assert [a.model for a in cfg.recipes["default"].proposers] == ["qwen"]
@@ -205,28 +207,79 @@ def test_defaults_are_minimal(helm):
     assert [j.model for j in cfg.ensembles["default"].judges] == ["qwen"]
 
 
-def test_network_policy_lets_only_gateway_and_annotator_reach_models(helm):
-    r = render(helm, "secure")
-    pods = {d["metadata"]["labels"]["app.kubernetes.io/component"] + "/" + d["metadata"]["name"]:
-            d["spec"]["template"]["metadata"]["labels"] for d in r.of_kind("Deployment")}
-    pol = r.get("NetworkPolicy", "moaa-models")
-    selector = pol["spec"]["podSelector"]["matchLabels"]
-    protected = {k for k, labels in pods.items() if selects(selector, labels)}
-    assert protected == {k for k in pods if k.startswith("model/")}
-    (rule,) = pol["spec"]["ingress"]
-    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
-    pod_peers = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
-    allowed = {k for k, labels in pods.items() if any(selects(s, labels) for s in pod_peers)}
-    assert allowed == {"gateway/moaa-gateway", "annotator/moaa-annotator"}
-    others = [p for p in rule["from"] if "podSelector" not in p]
-    assert others == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
-    # the servers' policy still lets the gateway call the annotator and the helm test pod check the gateway
-    servers = r.get("NetworkPolicy", "moaa-servers")["spec"]["ingress"][0]["from"]
-    test_pod = r.of_kind("Pod")[0]["metadata"]["labels"]
-    assert any(selects(p["podSelector"]["matchLabels"], test_pod) for p in servers if "podSelector" in p)
-    assert any(selects(p["podSelector"]["matchLabels"], pods["gateway/moaa-gateway"]) for p in servers
-               if "podSelector" in p)
-    assert not render(helm, "default").of_kind("NetworkPolicy")
+def test_default_install_is_closed(helm):
+    """Auth on with a generated token, NetworkPolicies on; TLS stays opt-in (it needs a certificate)."""
+    r = render(helm, "default")
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    assert cfg.gateway.auth.tokens_file == cfg.annotator.auth.tokens_file == "/etc/moaa/auth/tokens"
+    assert not cfg.gateway.tls.enabled
+    (secret,) = r.of_kind("Secret")
+    assert secret["metadata"]["name"] == "moaa-auth"
+    token = secret["stringData"]["tokens"]
+    assert len(token) == 41 and token.endswith("\n") and token[:-1].isalnum()
+    assert {p["metadata"]["name"] for p in r.of_kind("NetworkPolicy")} == {"moaa-models", "moaa-servers"}
+    # turned off on request, and a listed token replaces the generated one
+    off = render_sets(helm, {"auth.enabled": "false", "networkPolicy.enabled": "false"})
+    assert not off.of_kind("Secret") and not off.of_kind("NetworkPolicy")
+    assert parse_config(yaml.safe_load(off.config_text())).gateway.auth.tokens_file is None
+    mine = render_sets(helm, {"auth.tokens[0]": "u" * 20})
+    assert mine.of_kind("Secret")[0]["stringData"]["tokens"] == "u" * 20 + "\n"
+
+
+def render_sets(helm, sets: dict[str, str]):
+    return helm.template([], sets)
+
+
+def test_generated_token_is_kept_across_upgrades(helm, helm_cluster):
+    """`helm template --dry-run=server` against an emulated API server runs the chart's real `lookup`."""
+    first = helm.template(cluster=helm_cluster).of_kind("Secret")[0]["stringData"]["tokens"]
+    again = helm.template(cluster=helm_cluster).of_kind("Secret")[0]["stringData"]["tokens"]
+    assert first != again  # nothing installed yet: every render generates a fresh one
+    helm_cluster.put({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                      "metadata": {"name": "moaa-auth", "namespace": "moaa"},
+                      "data": {"tokens": base64.b64encode(first.encode()).decode()}})
+    for _ in range(2):  # upgrades keep the installed token
+        assert helm.template(cluster=helm_cluster).of_kind("Secret")[0]["stringData"]["tokens"] == first
+    # listing tokens replaces it
+    listed = helm.template([], {"auth.tokens[0]": "v" * 20}, cluster=helm_cluster)
+    assert listed.of_kind("Secret")[0]["stringData"]["tokens"] == "v" * 20 + "\n"
+
+
+def trainer_pod_labels(helm) -> list[dict]:
+    """Labels of trainer pods: the chart's Jobs and `moaa train submit`'s (trainer/k8s.py)."""
+    from moaa.trainer.k8s import LABEL_APP, LABEL_COMPONENT
+
+    chart = [j["spec"]["template"]["metadata"]["labels"] for j in render(helm, "multi-gpu").of_kind("Job")]
+    return chart + [{LABEL_APP: "moaa", LABEL_COMPONENT: "trainer", "moaa/stage": "sft"}]
+
+
+def test_network_policy_lets_only_gateway_annotator_and_trainer_reach_models(helm):
+    for name in ("default", "secure"):
+        r = render(helm, name)
+        pods = {d["metadata"]["labels"]["app.kubernetes.io/component"] + "/" + d["metadata"]["name"]:
+                d["spec"]["template"]["metadata"]["labels"] for d in r.of_kind("Deployment")}
+        pol = r.get("NetworkPolicy", "moaa-models")
+        selector = pol["spec"]["podSelector"]["matchLabels"]
+        protected = {k for k, labels in pods.items() if selects(selector, labels)}
+        assert protected == {k for k in pods if k.startswith("model/")}
+        (rule,) = pol["spec"]["ingress"]
+        assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+        pod_peers = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
+        allowed = {k for k, labels in pods.items() if any(selects(s, labels) for s in pod_peers)}
+        assert allowed == {"gateway/moaa-gateway", "annotator/moaa-annotator"}
+        assert all(any(selects(s, labels) for s in pod_peers) for labels in trainer_pod_labels(helm))
+        test_pod = r.of_kind("Pod")[0]["metadata"]["labels"]
+        assert not any(selects(s, test_pod) for s in pod_peers)  # nor any other pod
+        others = [p for p in rule["from"] if "podSelector" not in p]
+        if name == "default":
+            assert others == [] and r.get("NetworkPolicy", "moaa-servers")["spec"]["ingress"] == [{}]
+            continue
+        assert others == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+        # the servers' policy still lets the gateway call the annotator and the helm test pod check the gateway
+        servers = r.get("NetworkPolicy", "moaa-servers")["spec"]["ingress"][0]["from"]
+        assert any(selects(p["podSelector"]["matchLabels"], test_pod) for p in servers if "podSelector" in p)
+        assert any(selects(p["podSelector"]["matchLabels"], pods["gateway/moaa-gateway"]) for p in servers
+                   if "podSelector" in p)
 
 
 def test_tls_switches_kubelet_probes_to_tcp(helm):
@@ -268,7 +321,7 @@ def test_helm_test_pod_targets_the_gateway(helm):
         svc = r.get("Service", "moaa-gateway")
         assert env["MOAA_TARGET"] == f"moaa-gateway:{svc['spec']['ports'][0]['port']}"
         assert ("MOAA_TLS_DIR" in env) == (name == "secure")
-        assert ("MOAA_TOKEN_FILE" in env) == (name == "secure")
+        assert "MOAA_TOKEN_FILE" in env  # auth is on by default
 
 
 def test_chart_made_auth_secret_holds_the_tokens(helm):

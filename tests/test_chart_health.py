@@ -60,11 +60,14 @@ async def started():
         await s.stop(0)
 
 
-async def test_default_chart_gateway_passes_the_helm_test(helm, started):
+async def test_default_chart_gateway_passes_the_helm_test(helm, started, tmp_path):
     r = helm.template()
-    running = await started(local_config(r.config_text(), {}))
+    tokens = tmp_path / "tokens"  # auth is on by default: the chart-made Secret's generated token
+    tokens.write_text(r.of_kind("Secret")[0]["stringData"]["tokens"])
     code, env = pod_check(r)
+    running = await started(local_config(r.config_text(), {env["MOAA_TOKEN_FILE"]: str(tokens)}))
     assert env["MOAA_TARGET"] == "moaa-gateway:50051" and env["MOAA_HTTP_TARGET"] == "moaa-gateway:8080"
+    env["MOAA_TOKEN_FILE"] = str(tokens)
     http = f"127.0.0.1:{running.http_port}"
     rc, out = await run_check(code, {**env, "MOAA_TARGET": running.address, "MOAA_HTTP_TARGET": http})
     assert rc == 0, out

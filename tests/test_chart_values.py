@@ -59,7 +59,6 @@ def test_schema_rejects_bad_values(helm, tmp_path, data, message):
     ({"models": [{**MODEL, "gpus": 2, "vllm": {"tensorParallelSize": 4}}]},
      "vllm.tensorParallelSize=4 needs at least 4 GPUs, but gpus=2"),
     ({"tls": {"enabled": True}}, "tls.secretName is empty"),
-    ({"auth": {"enabled": True}}, "neither auth.existingSecret nor auth.tokens is set"),
     ({"gateway": {"extraBackends": {"qwen": {"urls": ["https://api.example/v1"]}}}},
      "gateway.extraBackends.qwen: a model of the chart already has this name"),
 ])

@@ -8,7 +8,9 @@ import time
 import aiohttp
 import pytest
 
-from moaa.services.emulator import add_arguments, expected_text, run_emulator, settings_from_args
+from moaa.cli.backend import add_emulator_arguments, emulator_settings_from_args
+from moaa.services.emulator import expected_text, run_emulator
+from tests.fixtures.waiting import wait_for
 
 MSGS = [{"role": "user", "content": "Say something about agents."}]
 
@@ -37,15 +39,6 @@ async def read_events(resp):
             data = line[6:]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
-
-
-async def wait_for(cond, timeout=3.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        await asyncio.sleep(0.01)
-    return cond()
 
 
 async def test_answers_are_deterministic_and_sized_by_max_tokens(http, emulator):
@@ -284,17 +277,17 @@ async def test_many_concurrent_streams(http, emulator_factory):
 
 async def test_cli_arguments_and_run_emulator(http):
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_emulator_arguments(parser)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = parser.parse_args(["--port", str(port), "--ttft-s", "0.01", "--error-rate", "503=1",
                               "--profile", 'ok={"error_rates": {}}', "--model", "ok",
                               "--overflow", "queue", "--echo", "false", "--max-concurrency", "4"])
-    settings, profiles = settings_from_args(args)
+    settings, profiles = emulator_settings_from_args(args)
     assert (settings.overflow, settings.echo, settings.max_concurrency) == ("queue", False, 4)
     assert settings.ttft_s == 0.01 and settings.error_rates == {503: 1.0} and profiles == {"ok": {"error_rates": {}}}
-    task = asyncio.create_task(run_emulator(args))
+    task = asyncio.create_task(run_emulator(settings, profiles, args.models, args.host, args.port))
     try:
         url = f"http://127.0.0.1:{port}"
 
@@ -318,7 +311,7 @@ async def test_cli_arguments_and_run_emulator(http):
             await task
     from moaa.errors import UserError
     with pytest.raises(UserError):
-        settings_from_args(parser.parse_args(["--settings", '{"ttft_s": -1}']))
+        emulator_settings_from_args(parser.parse_args(["--settings", '{"ttft_s": -1}']))
 
 
 async def test_echo_answers_with_the_request_messages(http, emulator_factory):
@@ -333,3 +326,23 @@ async def test_echo_answers_with_the_request_messages(http, emulator_factory):
         answer = await r.json()
     assert answer["choices"][0]["message"]["content"] == "system: Refs: [1]"
     assert answer["choices"][0]["finish_reason"] == "length"
+
+
+async def test_judge_mode_answers_judging_prompts_by_the_model_name_policy(http, emulator_factory):
+    emu = await emulator_factory(judge=True)
+    pair = ("Which answer is better?\n[Answer A]\nLyon.\n[End of answer A]\n\n"
+            "[Answer B]\nParis is the capital.\n[End of answer B]")
+    async with await post(http, emu, body("keyword:paris+delay=0.05", messages=[{"role": "user", "content": pair}],
+                                          stream=True)) as r:
+        events = await read_events(r)
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1] if e.get("choices"))
+    assert text.endswith("[[B]]")
+    async with await post(http, emu, body("first", messages=[{"role": "user", "content": pair}])) as r:
+        assert (await r.json())["choices"][0]["message"]["content"].endswith("[[A]]")
+    async with await post(http, emu, body("garbage", messages=[{"role": "user", "content": pair}])) as r:
+        assert "[[" not in (await r.json())["choices"][0]["message"]["content"]
+    stats = emu.stats.models
+    assert stats["keyword:paris+delay=0.05"].requests == 1 and stats["keyword:paris+delay=0.05"].busy_s >= 0.05
+    assert stats["first"].in_flight == 0 and stats["first"].max_in_flight == 1
+    async with http.get(emu.root + "/emulator/stats") as r:
+        assert (await r.json())["models"]["garbage"]["requests"] == 1

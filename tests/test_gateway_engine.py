@@ -1,7 +1,6 @@
 """MoA engine behaviour through a real gateway against real (in-process) emulators on 127.0.0.1."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -9,17 +8,9 @@ import pytest
 
 from moaa.v1 import common_pb2, gateway_pb2
 from tests.fixtures.gateway import moa_config, request
+from tests.fixtures.waiting import wait_for
 
 FAST = {"ttft_s": 0.02}
-
-
-async def _wait_for(pred, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        await asyncio.sleep(0.02)
-    return pred()
 
 
 async def test_two_layers_with_failing_and_stalling_proposers(gw_emulators, gateway_factory):
@@ -57,7 +48,7 @@ async def test_two_layers_with_failing_and_stalling_proposers(gw_emulators, gate
     assert usage["p1"].requests == 2 and usage["p1"].usage.completion_tokens > 0
     assert usage["agg"].requests == 1
     assert len(resp.latency.layer_s) == 2 and resp.latency.total_s >= sum(resp.latency.layer_s)
-    assert await _wait_for(lambda: emu.stats.disconnects >= 2)  # both stalled requests were closed
+    assert await wait_for(lambda: emu.stats.disconnects >= 2, timeout=5.0)  # both stalled requests were closed
 
 
 async def test_first_k_does_not_wait_for_the_straggler(gw_emulators, gateway_factory):
@@ -72,7 +63,7 @@ async def test_first_k_does_not_wait_for_the_straggler(gw_emulators, gateway_fac
     assert layer.stop_reason == "first_k" and layer.cancelled == 1
     assert [p.model for p in layer.proposals] == ["a", "b", "c"]
     assert not resp.failures
-    assert await _wait_for(lambda: emu.stats.disconnects >= 1)
+    assert await wait_for(lambda: emu.stats.disconnects >= 1, timeout=5.0)
 
 
 async def test_below_min_proposers_is_unavailable_naming_backends(gw_emulators, gateway_factory):
@@ -125,7 +116,7 @@ async def test_cancelled_call_closes_backend_streams(gw_emulators, gateway_facto
     assert first.proposal.model == "a"
     assert emu.stats.in_flight == 1
     call.cancel()
-    assert await _wait_for(lambda: emu.stats.disconnects >= 1 and emu.stats.in_flight == 0)
+    assert await wait_for(lambda: emu.stats.disconnects >= 1 and emu.stats.in_flight == 0, timeout=5.0)
 
 
 async def test_caller_deadline_bounds_backend_requests(gw_emulators, gateway_factory):
@@ -136,7 +127,7 @@ async def test_caller_deadline_bounds_backend_requests(gw_emulators, gateway_fac
         await gw.stub.Generate(request(), timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - t0 < 3
-    assert await _wait_for(lambda: emu.stats.disconnects >= 1 and emu.stats.in_flight == 0)
+    assert await wait_for(lambda: emu.stats.disconnects >= 1 and emu.stats.in_flight == 0, timeout=5.0)
 
 
 async def test_multi_turn_and_system_message(gw_emulators, gateway_factory):

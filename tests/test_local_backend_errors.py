@@ -43,6 +43,23 @@ def test_bad_engine_and_names_are_user_errors():
     assert pick_engine("auto") == ("vllm" if vllm_available() else "transformers")
 
 
+def test_one_engine_rule_for_server_and_sampler(monkeypatch):
+    # the sampler (`moaa sample`) and the server share one pick_engine; offline sampling on a CPU-only
+    # machine stays on transformers
+    import moaa.engines as engines
+    from moaa.trainer import sample
+
+    assert sample.pick_engine is engines.pick_engine
+    with pytest.raises(UserError, match="unknown engine"):
+        sample.run_sample.__globals__["pick_engine"]("tgi")
+    monkeypatch.setattr(engines, "vllm_available", lambda: True)
+    monkeypatch.setattr(engines, "_gpu_visible", lambda: False)
+    assert engines.pick_engine("auto") == "vllm"
+    assert engines.pick_engine("auto", vllm_on_cpu=False) == "transformers"
+    monkeypatch.setattr(engines, "_gpu_visible", lambda: True)
+    assert engines.pick_engine("auto", vllm_on_cpu=False) == "vllm"
+
+
 async def test_bad_model_path_fails_before_any_engine_starts(tmp_path):
     srv = EngineServer(str(tmp_path / "nowhere"), engine="transformers")
     with pytest.raises(UserError, match="not a packaged model"):

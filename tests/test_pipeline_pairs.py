@@ -57,9 +57,9 @@ async def test_stage_pairs_with_real_annotator(judge_emulator, tmp_path):
         assert sum(u["prompt_tokens"] + u["completion_tokens"] for u in journaled.values()) == \
             ledger.stage_total("pairs")
         # resumable: nothing is judged again
-        before = judge_emulator.snapshot()
+        before = judge_emulator.stats.requests
         assert (await stage_pairs(ctx))["rows"] == 2
-        assert judge_emulator.snapshot() == before
+        assert judge_emulator.stats.requests == before
     finally:
         await server.stop(0)
 

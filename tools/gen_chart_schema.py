@@ -224,11 +224,11 @@ def chart_schema() -> dict:
         "gateway": server("gateway", 50051),
         "annotator": server("annotator", 50052),
         "auth": obj("bearer-token authentication of gRPC calls", {
-            "enabled": b("require a bearer token on gateway and annotator calls"),
+            "enabled": b("require a bearer token on gateway and annotator calls (default true)"),
             "existingSecret": s("existing Secret with the tokens; empty: the chart creates one from tokens"),
             "key": s("key in the Secret: a file with one token per line"),
-            "tokens": arr("tokens for the chart-made Secret", {"type": "string", "minLength": 16,
-                                                               "description": "a token (16 characters or more)"}),
+            "tokens": arr("tokens for the chart-made Secret; empty: one generated token, kept across upgrades",
+                          {"type": "string", "minLength": 16, "description": "a token (16 characters or more)"}),
         }),
         "tls": obj("TLS for the gRPC servers", {
             "enabled": b("serve the gateway over TLS"),
@@ -249,7 +249,7 @@ def chart_schema() -> dict:
             }),
         }),
         "networkPolicy": obj("NetworkPolicies", {
-            "enabled": b("only the gateway and annotator may reach the model pods"),
+            "enabled": b("only the gateway, annotator and trainer pods may reach the model pods (default true)"),
             "extraModelIngress": arr("more peers allowed to reach model pods (NetworkPolicyPeer objects)",
                                      k8s("a NetworkPolicyPeer")),
             "clientIngress": arr("peers allowed to reach gateway and annotator; empty: everyone",

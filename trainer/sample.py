@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from moaa.engines import pick_engine
 from moaa.errors import UserError
 from moaa.jsonl import JsonlAppender
 
@@ -37,15 +38,6 @@ class SampleSettings:
             raise UserError("--top-p must be in (0, 1]")
 
 
-def pick_engine(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    try:
-        import torch
-        import vllm  # noqa: F401
-    except ImportError:
-        return "transformers"
-    return "vllm" if torch.cuda.is_available() else "transformers"
 
 
 def _batches(rows: list[dict], size: int) -> Iterator[list[dict]]:
@@ -107,7 +99,7 @@ def run_sample(model_dir: str, prompts: str, out: str, s: SampleSettings) -> dic
     writer = JsonlAppender(out)
     done = {r["id"] for r in writer.open()}
     todo = [r for r in rows if r["id"] not in done]
-    engine = pick_engine(s.engine)
+    engine = pick_engine(s.engine, vllm_on_cpu=False)
     summary = {"event": "sample", "prompts": len(rows), "already_done": len(rows) - len(todo), "engine": engine}
     print(json.dumps(summary), flush=True)
     if not todo:

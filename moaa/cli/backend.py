@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moaa.services.emulator.protocol import EmulatorSettings
 
 from moaa.cli import port, positive_int
 
@@ -29,12 +33,7 @@ def register(subparsers) -> None:
     serve.set_defaults(func=_serve)
 
     emu = bsub.add_parser("emulate", help="OpenAI-compatible emulator: no model, configurable latency and faults")
-    try:
-        from moaa.services.emulator.api_router import add_arguments
-    except ImportError:  # the emulator is optional for this command group
-        add_arguments = None
-    if add_arguments is not None:
-        add_arguments(emu)
+    add_emulator_arguments(emu)
     emu.set_defaults(func=_emulate)
 
 
@@ -56,6 +55,83 @@ async def _serve(args) -> int:
 
 
 async def _emulate(args) -> int:
-    from moaa.services.emulator.api_router import run_emulator
+    from moaa.services.emulator import run_emulator
 
-    return await run_emulator(args)
+    settings, profiles = emulator_settings_from_args(args)
+    return await run_emulator(settings, profiles, args.models, args.host, args.port)
+
+
+# -- `moaa backend emulate`: flags -> typed EmulatorSettings -----------------------------------------
+def add_emulator_arguments(parser) -> None:
+    from moaa.services.emulator.protocol import EmulatorSettings
+
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (0 = any free port)")
+    parser.add_argument("--model", dest="models", action="append", default=None,
+                        help="model name to list in /v1/models (repeatable); any name is answered")
+    parser.add_argument("--settings", default=None,
+                        help='server settings as JSON, e.g. \'{"ttft_s": 0.2, "tokens_per_s": 50}\'')
+    parser.add_argument("--profile", action="append", default=[], metavar="MODEL=JSON",
+                        help='per-model overrides, e.g. slow={"ttft_s": 5} (repeatable)')
+    for name, field in EmulatorSettings.model_fields.items():
+        kind = _FLAG_TYPES.get(name)
+        if kind is None:
+            continue  # error_rates has --error-rate; the rest come through --settings
+        metavar = {_bool: "true|false", int: "N", str: "TEXT"}.get(kind, "SECONDS")
+        extra = {"choices": ["reject", "queue"], "metavar": None} if name == "overflow" else {}
+        metavar = "TOKENS" if name == "tokens_per_s" else metavar
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=f"emu_{name}", type=kind, default=None,
+                            **{"metavar": metavar, **extra}, help=field.description)
+    parser.add_argument("--error-rate", action="append", default=[], metavar="STATUS=P",
+                        help="inject HTTP STATUS with probability P per request (repeatable), e.g. 500=0.05")
+
+
+def _bool(text: str) -> bool:
+    import argparse
+
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+_FLAG_TYPES = {
+    "ttft_s": float, "ttft_jitter_s": float, "tokens_per_s": float, "echo": _bool, "ignore_n": _bool, "default_max_tokens": int,
+    "max_concurrency": int, "overflow": str, "retry_after_s": float, "seed": int, "stall_before_headers": _bool,
+    "stall_after_chunks": int, "stall_s": float, "disconnect_after_chunks": int, "malformed_after_chunks": int,
+    "error_after_chunks": int, "api_key": str, "health_status": int, "record": _bool, "history": int, "judge": _bool,
+}
+
+
+def emulator_settings_from_args(args) -> tuple["EmulatorSettings", dict[str, dict]]:
+    """The flags as typed settings and per-model profiles; bad values are a UserError (exit 2)."""
+    import json
+
+    from moaa.errors import UserError
+    from moaa.services.emulator.protocol import EmulatorSettings, OverrideError, effective_settings
+
+    try:
+        fields = json.loads(args.settings) if args.settings else {}
+        if not isinstance(fields, dict):
+            raise UserError("--settings must be a JSON object")
+        for name in EmulatorSettings.model_fields:
+            value = getattr(args, f"emu_{name}", None)
+            if value is not None:
+                fields[name] = value
+        rates = dict(fields.get("error_rates") or {})
+        for item in args.error_rate:
+            status, _, p = item.partition("=")
+            rates[int(status)] = float(p)
+        if rates:
+            fields["error_rates"] = rates
+        settings = effective_settings(EmulatorSettings(), fields)
+        profiles = {}
+        for item in args.profile:
+            model, _, data = item.partition("=")
+            profile = json.loads(data)
+            effective_settings(settings, profile)  # validate now, not on the first request
+            profiles[model] = profile
+    except (ValueError, OverrideError) as err:
+        raise UserError(f"emulator settings: {err}") from None
+    return settings, profiles

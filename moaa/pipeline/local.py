@@ -3,8 +3,9 @@
 SmolLM2-135M-Instruct (packaged on PyPI, prepared once into moaa's model cache) is served by the
 embedded backend (vLLM where installed, else transformers' server) and plays three proposers with
 different system prompts and temperatures, the aggregator, and three judges with different
-verdicts. The gateway and the annotator run as child processes on 127.0.0.1 with the config written
-to the run folder (`moaa.yaml`), so the same file works with `moaa gateway serve --config`.
+verdicts. The gateway and the annotator run as `moaa gateway serve` / `moaa annotator serve` child
+processes on 127.0.0.1 with the config written to the run folder (`moaa.yaml`). Every child (engine
+included) is tied to the pipeline's process: a killed run leaves none behind (services/local/lifeline.py).
 
 Services start at the first stage that calls them and stay up to the end of the run: idle, they cost
 training and sampling nothing measurable, and each restart cost ~45 s. Ports are fixed per pipeline run
@@ -13,7 +14,9 @@ so addresses stay valid when a resumed run starts them again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,13 @@ from .layout import RunLayout
 
 LOCAL_MODEL = "smollm2-135m-instruct"
 BACKEND = "smollm2"
+# Another small model for the embedded stack (a packaged name or a model folder: tests use the tiny one);
+# it is served in every role and is the default model to train.
+MODEL_ENV = "MOAA_LOCAL_MODEL"
+
+
+def local_model() -> str:
+    return os.environ.get(MODEL_ENV) or LOCAL_MODEL
 
 PROPOSERS = [
     ("You are a careful, accurate assistant. Check facts and reasoning before you answer.", 0.3, 0.9),
@@ -33,10 +43,10 @@ PROPOSERS = [
 
 
 def default_target() -> str:
-    """The model trained by the embedded pipeline: SmolLM2-135M-Instruct from the model cache."""
+    """The model trained by the embedded pipeline: SmolLM2-135M-Instruct from the model cache (or $MOAA_LOCAL_MODEL)."""
     from moaa.services.local.models import resolve_model
 
-    return str(resolve_model(LOCAL_MODEL).path)
+    return str(resolve_model(local_model()).path)
 
 
 # SmolLM2-135M cannot write JSON or criteria and gives the same 1-10 score to everything; asked which of two
@@ -98,7 +108,8 @@ async def wait_serving(address: str, proc: asyncio.subprocess.Process, log_path:
     tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] if log_path.exists() else []
     reason = tail[0] if tail else "no output"
     if proc.returncode is None:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # proc leads its group (spawn_tied)
     raise TransientError(f"the local {what} did not start ({reason}; log: {log_path})")
 
 
@@ -110,12 +121,12 @@ def _cmdline(pid: int) -> str | None:
 
 
 def reap_stale(record: Path) -> int:
-    """Kill the model server a SIGKILLed earlier run of this folder left behind (its own process group).
+    """Kill the model server an earlier run of this folder left behind (its own process group). The
+    lifeline ends it when the run dies; this covers a supervisor that was itself killed.
 
     Only a process whose pid AND command line match what this run folder recorded is touched.
     """
     import json
-    import signal
 
     if not record.exists():
         return 0
@@ -160,13 +171,14 @@ class LocalStack:
             return
         from moaa.services.config import dump_config, parse_config
         from moaa.services.local.engine import EngineServer
+        from moaa.services.local.lifeline import spawn_tied
 
         if not self.quiet:
             print("starting the embedded stack (SmolLM2-135M-Instruct, gateway, annotator) ...",
                   file=sys.stderr, flush=True)
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         reap_stale(self._pid_record)
-        self.engine = EngineServer(LOCAL_MODEL, engine=self.engine_name, port=self.model_port, served_model_name=BACKEND,
+        self.engine = EngineServer(local_model(), engine=self.engine_name, port=self.model_port, served_model_name=BACKEND,
                                    max_model_len=2048, log_path=self.layout.logs / "model-server.log")
         try:
             await self.engine.start()
@@ -179,8 +191,10 @@ class LocalStack:
             for kind, port in (("gateway", self.gateway_port), ("annotator", self.annotator_port)):
                 log_path = self.layout.logs / f"{kind}.log"
                 log = open(log_path, "ab")
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "moaa.pipeline.serve", kind, "--config", str(self.layout.config),
+                # the one way to start a service, `moaa gateway|annotator serve`, tied to this process:
+                # it dies with the pipeline, even by kill -9
+                proc = await spawn_tied(
+                    [sys.executable, "-m", "moaa.cli.main", kind, "serve", "--config", str(self.layout.config)],
                     stdout=log, stderr=asyncio.subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
                 log.close()
                 self.procs[kind] = proc
@@ -219,6 +233,8 @@ class LocalStack:
         return ChatPairJudge(_LazyPool(), BACKEND, max_tokens=48, ledger=ledger)
 
     async def stop(self) -> None:
+        from moaa.services.local.lifeline import release
+
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
@@ -229,8 +245,10 @@ class LocalStack:
             try:
                 await asyncio.wait_for(proc.wait(), 15)
             except asyncio.TimeoutError:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the supervisor and the service it runs
                 await proc.wait()
+            release(proc)
         self.procs.clear()
         if self.engine is not None:
             await self.engine.stop()

@@ -9,6 +9,5 @@ the chosen/rejected pair for DPO (PAPER.md, stage 2).
     engine.py      one prompt: every judge at once through the shared BackendPool, then the aggregator
     validation.py  AnnotateRequest -> Job, INVALID_ARGUMENT with a message
     servicer.py    grpc.aio Annotator (Annotate, AnnotateStream with a bounded window); server.py starts it
-    judge_emulator.py emulated judges
-The clients (`moaa annotate`, `moaa judge-eval`) live in the one client package, `moaa/client/`.
+The clients (`moaa annotate`, `moaa judge-eval`) live in the one client package, `moaa/client/`. Emulated judges: `moaa backend emulate --judge true`.
 """

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from moaa.services.backend.errors import BackendError
 from moaa.services.backend.replicas import OPEN
 from moaa.services.common.errors import Unavailable
+from moaa.services.common.convert import backend_error_proto
 from moaa.services.config import EnsembleConfig, JudgeConfig, MoaaConfig
 from moaa.v1 import annotator_pb2, common_pb2
 
@@ -249,7 +250,7 @@ class AnnotationEngine:
             for k, key in enumerate(("prompt_tokens", "completion_tokens", "total_tokens")):
                 entry[k] += log.usage[key]
             entry[3] += log.requests
-            resp.failures.extend(f.to_proto() for f in log.failures)
+            resp.failures.extend(backend_error_proto(f) for f in log.failures)
         for model, (p, c, t, n) in usage_by_model.items():
             resp.usage.add(model=model, usage=common_pb2.Usage(prompt_tokens=p, completion_tokens=c, total_tokens=t),
                            requests=n)

@@ -235,7 +235,7 @@ def parse_ratings(text: str, n: int, lo: float, hi: float) -> ParsedRatings:
     return out
 
 
-_VERDICT_STRICT = re.compile(r"\[\[\s*(A|B|tie)\s*\]\]", re.I)
+_VERDICT_STRICT = re.compile(r"\[\[\s*(A|B|C|tie)\s*\]\]", re.I)  # [[C]]: a tie, as `moaa eval` asks
 _VERDICT_LABELLED = re.compile(
     r"(?:verdict|winner|better answer|final answer|choice|decision|preferred)\**\s*(?:is)?\s*[:=]?\s*\**\s*\[?\s*"
     r"(?:answer|assistant|response)?\s*(A|B|tie)\b", re.I)
@@ -264,7 +264,7 @@ def quoted_answer(text: str, answers: tuple[str, str], min_share: float = 0.6, m
 
 
 def parse_verdict(text: str, answers: tuple[str, str] | None = None) -> ParsedVerdict:
-    """`[[A]]`, `[[B]]` or `[[tie]]` (the last one wins), or the common ways of saying the same; with
+    """`[[A]]`, `[[B]]` or `[[tie]]`/`[[C]]` (the last one wins), or the common ways of saying the same; with
     `answers` given, a reply that repeats one of them (and names no verdict) counts for that one."""
     text = (text or "").strip()
     if not text:
@@ -295,4 +295,4 @@ def parse_verdict(text: str, answers: tuple[str, str] | None = None) -> ParsedVe
 
 
 def _norm_verdict(v: str) -> str:
-    return "tie" if v.lower() == "tie" else v.upper()
+    return "tie" if v.lower() in ("tie", "c") else v.upper()

@@ -51,11 +51,6 @@ class BackendError(MoaaError):
         return {"model": self.model, "endpoint": self.endpoint, "cause": self.cause,
                 "http_status": self.http_status, "message": self.message, "attempts": self.attempts}
 
-    def to_proto(self):
-        from moaa.v1 import common_pb2
-
-        return common_pb2.BackendError(**self.to_dict())
-
 
 class UnknownBackendError(UserError, LookupError):
     """A model name that is not in the config's backends."""

@@ -89,11 +89,3 @@ class BackendPool:
         return [{"name": c.name, "served_model": c.served_model, "context_window": c.cfg.context_window,
                  "max_concurrency": c.cfg.max_concurrency, "replicas": [r.info() for r in c.replicas.replicas]}
                 for c in self._clients.values()]
-
-    def models_info_proto(self) -> list:
-        from moaa.v1 import gateway_pb2
-
-        return [gateway_pb2.ModelInfo(name=m["name"], served_model=m["served_model"],
-                                      context_window=m["context_window"], max_concurrency=m["max_concurrency"],
-                                      replicas=[gateway_pb2.Replica(**r) for r in m["replicas"]])
-                for m in self.models_info()]

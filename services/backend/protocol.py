@@ -23,12 +23,6 @@ class Usage:
         return Usage(self.prompt_tokens + other.prompt_tokens, self.completion_tokens + other.completion_tokens,
                      self.total_tokens + other.total_tokens)
 
-    def to_proto(self):
-        from moaa.v1 import common_pb2
-
-        return common_pb2.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                                total_tokens=self.total_tokens)
-
 
 @dataclass
 class ChatChoice:

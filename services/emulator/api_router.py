@@ -9,9 +9,7 @@
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import logging
 import socket
 
@@ -19,6 +17,7 @@ from aiohttp import web
 
 from .protocol import (OVERRIDE_HEADER, PROBE_HEADER, EmulatorSettings, OverrideError, effective_settings,
                        error_body, header_overrides, split_model, validate_chat)
+from .judge import judge_timing
 from .serving import ChatServing, EmulatorStats
 
 log = logging.getLogger("moaa.emulator")
@@ -148,7 +147,10 @@ class Emulator:
         serving.stats.authorization = request.headers.get("Authorization")
         if s.api_key is not None and serving.stats.authorization != f"Bearer {s.api_key}":
             return _error(401, "invalid or missing API key")
-        serving.record(base, body, bool(request.headers.get(PROBE_HEADER)), s)
+        probe = bool(request.headers.get(PROBE_HEADER))
+        serving.record(base, body, probe, s)
+        if s.judge:
+            s = judge_timing(s, base)
         status = serving.draw_error(s)
         if status is not None:
             headers = {"Retry-After": f"{s.retry_after_s:g}"} if status == 429 and s.retry_after_s is not None else None
@@ -158,7 +160,7 @@ class Emulator:
             serving.stats.rejected += 1
             return _error(429, f"model {base!r} is at its concurrency cap ({cap.limit}); retry later")
         finished = False
-        serving.begin()
+        serving.begin(None if probe else base)
         try:
             if cap is not None:
                 if s.overflow == "queue":
@@ -176,7 +178,7 @@ class Emulator:
             serving.stats.disconnects += 1
             raise
         finally:
-            serving.end()
+            serving.end(None if probe else base)
             if finished:
                 serving.stats.completed += 1
 
@@ -212,81 +214,11 @@ class Emulator:
         return resp, complete
 
 
-# -- CLI (wired into `moaa backend emulate` by moaa/cli/backend.py) ---------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    from moaa.cli import port  # the CLI's range-checked type: --port 70000 is a usage error
-
-    parser.add_argument("--port", type=port, default=8000, help="port to listen on (0 = any free port)")
-    parser.add_argument("--model", dest="models", action="append", default=None,
-                        help="model name to list in /v1/models (repeatable); any name is answered")
-    parser.add_argument("--settings", default=None,
-                        help='server settings as JSON, e.g. \'{"ttft_s": 0.2, "tokens_per_s": 50}\'')
-    parser.add_argument("--profile", action="append", default=[], metavar="MODEL=JSON",
-                        help='per-model overrides, e.g. slow={"ttft_s": 5} (repeatable)')
-    for name, field in EmulatorSettings.model_fields.items():
-        kind = _FLAG_TYPES.get(name)
-        if kind is None:
-            continue  # error_rates has --error-rate; the rest come through --settings
-        metavar = {_bool: "true|false", int: "N", str: "TEXT"}.get(kind, "SECONDS")
-        extra = {"choices": ["reject", "queue"], "metavar": None} if name == "overflow" else {}
-        metavar = "TOKENS" if name == "tokens_per_s" else metavar
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=f"emu_{name}", type=kind, default=None,
-                            **{"metavar": metavar, **extra}, help=field.description)
-    parser.add_argument("--error-rate", action="append", default=[], metavar="STATUS=P",
-                        help="inject HTTP STATUS with probability P per request (repeatable), e.g. 500=0.05")
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-_FLAG_TYPES = {
-    "ttft_s": float, "ttft_jitter_s": float, "tokens_per_s": float, "echo": _bool, "ignore_n": _bool, "default_max_tokens": int,
-    "max_concurrency": int, "overflow": str, "retry_after_s": float, "seed": int, "stall_before_headers": _bool,
-    "stall_after_chunks": int, "stall_s": float, "disconnect_after_chunks": int, "malformed_after_chunks": int,
-    "error_after_chunks": int, "api_key": str, "health_status": int, "record": _bool, "history": int,
-}
-
-
-def settings_from_args(args: argparse.Namespace) -> tuple[EmulatorSettings, dict[str, dict]]:
-    from moaa.errors import UserError
-
-    try:
-        fields = json.loads(args.settings) if args.settings else {}
-        if not isinstance(fields, dict):
-            raise UserError("--settings must be a JSON object")
-        for name in EmulatorSettings.model_fields:
-            value = getattr(args, f"emu_{name}", None)
-            if value is not None:
-                fields[name] = value
-        rates = dict(fields.get("error_rates") or {})
-        for item in args.error_rate:
-            status, _, p = item.partition("=")
-            rates[int(status)] = float(p)
-        if rates:
-            fields["error_rates"] = rates
-        settings = effective_settings(EmulatorSettings(), fields)
-        profiles = {}
-        for item in args.profile:
-            model, _, data = item.partition("=")
-            profile = json.loads(data)
-            effective_settings(settings, profile)  # validate now, not on the first request
-            profiles[model] = profile
-    except (ValueError, OverrideError) as err:
-        raise UserError(f"emulator settings: {err}") from None
-    return settings, profiles
-
-
-async def run_emulator(args: argparse.Namespace) -> int:
-    """Serves until interrupted (SIGINT/SIGTERM cancel the main task)."""
-    settings, profiles = settings_from_args(args)
-    emulator = Emulator(settings, profiles, args.models)
-    await emulator.start(args.host, args.port)
+async def run_emulator(settings: EmulatorSettings, profiles: dict[str, dict] | None = None,
+                       models: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000) -> int:
+    """Serves until cancelled (`moaa backend emulate`: SIGINT/SIGTERM cancel the main task)."""
+    emulator = Emulator(settings, profiles, models)
+    await emulator.start(host, port)
     print(f"moaa emulator listening on {emulator.url}", flush=True)
     try:
         await asyncio.Event().wait()

@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# sent by moaa's health probes; the emulator counts probes apart from real requests
+from moaa.services.backend.client import PROBE_HEADER  # noqa: F401 (re-exported)
+
 OVERRIDE_HEADER = "X-Emulator"
-PROBE_HEADER = "X-Moaa-Probe"  # sent by moaa's health probes; counted apart from real requests
 
 
 class EmulatorSettings(BaseModel):
@@ -43,6 +45,8 @@ class EmulatorSettings(BaseModel):
     health_status: int = Field(200, description="what /health answers (200 even while stalling, like vLLM)")
     record: bool = Field(True, description="keep request bodies for assertions")
     history: int = Field(64, ge=0, description="request bodies kept per model")
+    judge: bool = Field(False, description="answer moaa's judging prompts by the policy the model name spells "
+                                           "(e.g. keyword:paris+text; see services/emulator/judge.py)")
 
 
 class OverrideError(ValueError):

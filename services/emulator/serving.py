@@ -16,7 +16,8 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from .protocol import EmulatorSettings, chunk, completion, error_body
+from .judge import Policy, judge_reply
+from .protocol import EmulatorSettings, chunk, completion, error_body, split_model
 
 VOCAB = ("the", "model", "answer", "is", "a", "mixture", "of", "agents", "that", "proposes", "and", "aggregates",
          "responses", "with", "care", "data", "quality", "improves", "when", "judges", "agree", "on", "better",
@@ -32,11 +33,15 @@ def generate_tokens(body: dict, index: int, count: int) -> list[str]:
     return [words[0]] + [" " + w for w in words[1:]]
 
 
-def echo_tokens(body: dict, limit: int | None) -> list[str]:
-    """The request's messages as `role: content` lines, cut into word tokens (whitespace kept)."""
-    text = "\n".join(f"{m.get('role')}: {m.get('content', '')}" for m in body.get("messages", []))
+def text_tokens(text: str, limit: int | None) -> list[str]:
+    """`text` cut into word tokens (whitespace kept), at most `limit`."""
     tokens = re.findall(r"\s*\S+", text) or [""]
     return tokens[:limit] if limit else tokens
+
+
+def echo_tokens(body: dict, limit: int | None) -> list[str]:
+    """The request's messages as `role: content` lines, cut into word tokens (whitespace kept)."""
+    return text_tokens("\n".join(f"{m.get('role')}: {m.get('content', '')}" for m in body.get("messages", [])), limit)
 
 
 def expected_text(body: dict, index: int = 0, max_tokens: int | None = None, default_max_tokens: int = 16) -> str:
@@ -47,6 +52,32 @@ def expected_text(body: dict, index: int = 0, max_tokens: int | None = None, def
 
 def count_prompt_tokens(body: dict) -> int:
     return sum(len(str(m.get("content", "")).split()) + 1 for m in body.get("messages", []))
+
+
+@dataclass
+class ModelStats:
+    """One model's load: how busy its backend was (judge benchmarks read busy and slot time)."""
+    requests: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    busy_s: float = 0.0           # wall time with at least one request in flight
+    slot_s: float = 0.0           # integral of in-flight requests over time
+    _mark: float = 0.0
+
+    def change(self, delta: int) -> None:
+        now = time.monotonic()
+        if self.in_flight:
+            self.busy_s += now - self._mark
+            self.slot_s += self.in_flight * (now - self._mark)
+        self._mark = now
+        self.in_flight += delta
+        if delta > 0:
+            self.requests += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def to_dict(self) -> dict:
+        return {"requests": self.requests, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+                "busy_s": self.busy_s, "slot_s": self.slot_s}
 
 
 @dataclass
@@ -63,12 +94,14 @@ class EmulatorStats:
     bodies: dict[str, deque] = field(default_factory=dict)  # model (base name) -> last request bodies
     tokens: int = 0
     authorization: str | None = None  # the last Authorization header seen
+    models: dict[str, ModelStats] = field(default_factory=dict)  # per model (base name), probes excluded
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "probes": self.probes, "completed": self.completed,
                 "disconnects": self.disconnects, "rejected": self.rejected, "errors": dict(self.errors),
                 "faults": dict(self.faults), "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "tokens": self.tokens, "authorization": self.authorization, "bodies": {m: list(d) for m, d in self.bodies.items()}}
+                "tokens": self.tokens, "authorization": self.authorization, "bodies": {m: list(d) for m, d in self.bodies.items()},
+                "models": {m: st.to_dict() for m, st in self.models.items()}}
 
     def last_body(self, model: str | None = None) -> dict | None:
         queues = [self.bodies[model]] if model else list(self.bodies.values())
@@ -153,12 +186,17 @@ class ChatServing:
             cap = self._capacity[model] = _Capacity(s.max_concurrency)
         return cap
 
-    def begin(self) -> None:
+    def begin(self, model: str | None) -> None:
+        """A request starts; `model` None for health probes (kept out of the per-model load)."""
         self.stats.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+        if model is not None:
+            self.stats.models.setdefault(model, ModelStats()).change(+1)
 
-    def end(self) -> None:
+    def end(self, model: str | None) -> None:
         self.stats.in_flight -= 1
+        if model is not None and model in self.stats.models:  # a reset may have come in between
+            self.stats.models[model].change(-1)
 
     async def stall(self, s: EmulatorSettings, kind: str) -> None:
         self.stats.faults[kind] += 1
@@ -170,6 +208,9 @@ class ChatServing:
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         count = max_tokens or s.default_max_tokens
         n = 1 if s.ignore_n else body.get("n") or 1
+        if s.judge:
+            tokens = text_tokens(judge_reply(Policy(split_model(body["model"])[0]), body["messages"]), max_tokens)
+            return [tokens] * n, "length" if max_tokens and len(tokens) == max_tokens else "stop"
         if s.echo:
             tokens = echo_tokens(body, max_tokens)
             return [tokens] * n, "length" if max_tokens and len(tokens) == max_tokens else "stop"

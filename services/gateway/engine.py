@@ -17,6 +17,7 @@ from typing import AsyncIterator
 import grpc
 
 from moaa.services.backend import BackendError
+from moaa.services.common.convert import backend_error_proto, usage_proto
 from moaa.services.common.errors import RpcError, Unavailable
 from moaa.services.common.metrics import Metrics
 from moaa.services.config import MoaaConfig
@@ -46,7 +47,7 @@ class _Usage:
 
 def _error_proto(err: BaseException, model: str) -> common_pb2.BackendError:
     if isinstance(err, BackendError):
-        return err.to_proto()
+        return backend_error_proto(err)
     return common_pb2.BackendError(model=model, cause="malformed", message=f"{type(err).__name__}: {err}")
 
 
@@ -128,7 +129,7 @@ class MoAEngine:
                     usage.add(agent.model, res.usage)
                     self._backend_metric(agent.model, res.latency_s, None, res.usage)
                     prop = gateway_pb2.Proposal(
-                        layer=layer, index=i, model=agent.model, text=res.text, usage=res.usage.to_proto(),
+                        layer=layer, index=i, model=agent.model, text=res.text, usage=usage_proto(res.usage),
                         latency_s=res.latency_s, finish_reason=res.finish_reason or "", used=True)
                     ok.append(prop)
                     yield gateway_pb2.GenerateEvent(request_id=plan.request_id, proposal=prop)
@@ -218,7 +219,7 @@ class MoAEngine:
         except BackendError as err:
             usage.add(agent.model)
             self._backend_metric(agent.model, time.monotonic() - ta, err.cause)
-            failure = err.to_proto()
+            failure = backend_error_proto(err)
             resp.failures.append(failure)
             yield gateway_pb2.GenerateEvent(request_id=plan.request_id, failure=failure)
             raise Unavailable(f"aggregator failed: {_describe([failure])}") from None

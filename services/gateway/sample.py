@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from moaa.services.backend import BackendError
+from moaa.services.common.convert import backend_error_proto, usage_proto
 from moaa.services.common.errors import InvalidArgument, Unavailable
 from moaa.services.common.validation import check_max_tokens, merge_sampling, messages_to_dicts, sampling_overrides
 from moaa.services.config import MoaaConfig, SamplingConfig
@@ -40,10 +41,10 @@ async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: fl
     except BackendError as err:
         raise Unavailable(f"model {req.model!r} failed: {err}") from None
     resp = gateway_pb2.SampleResponse(request_id=request_id, id=req.id, model=req.model, note=res.note,
-                                      usage=res.usage.to_proto())
+                                      usage=usage_proto(res.usage))
     for c in res.choices:
         resp.samples.add(index=c.index, text=c.text, finish_reason=c.finish_reason or "")
-    resp.failures.extend(err.to_proto() for err in res.failures)
+    resp.failures.extend(backend_error_proto(err) for err in res.failures)
     if req.annotate and len(res.choices) < 2:
         raise Unavailable(f"model {req.model!r}: only {len(res.choices)} of {req.n} samples answered, "
                           f"too few to annotate; failures: {'; '.join(str(e) for e in res.failures)}")

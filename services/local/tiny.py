@@ -64,8 +64,18 @@ def build_tiny_model(out_dir: str | Path, *, hidden_size: int = 64, layers: int 
         raise ValueError(f"hidden_size must be heads * 32 = {heads * head_dim}")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    with torch.no_grad():  # never the argmax: a random model's greedy answers are otherwise blank lines
+        model.get_input_embeddings().weight[_invisible_ids(tokenizer)] = 0.0
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, max_new_tokens=32)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _invisible_ids(tokenizer) -> list[int]:
+    """Tokens that print nothing: special ones other than end-of-turn, and whitespace. With tied
+    embeddings a zero row gives them logit 0, below the best of the random others, so even greedy
+    decoding writes visible (random) words."""
+    keep = tokenizer.eos_token_id
+    return [i for i in range(len(tokenizer)) if i != keep and not tokenizer.decode([i]).strip()]

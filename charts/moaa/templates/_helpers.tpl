@@ -92,9 +92,6 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled is true but tls.secretName is empty: name a kubernetes.io/tls Secret" -}}
 {{- end -}}
-{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.tokens) -}}
-{{- fail "auth.enabled is true but neither auth.existingSecret nor auth.tokens is set" -}}
-{{- end -}}
 {{- range $name, $_ := .Values.gateway.extraBackends -}}
 {{- if hasKey $seen $name -}}
 {{- fail (printf "gateway.extraBackends.%s: a model of the chart already has this name" $name) -}}
@@ -109,6 +106,16 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 
 {{- define "moaa.authSecretName" -}}
 {{- default (printf "%s-auth" (include "moaa.fullname" .)) .Values.auth.existingSecret -}}
+{{- end -}}
+
+{{/*
+The generated token: what the existing Secret (a `lookup` result; empty on a first install and under
+`helm template`) holds under key, else 40 random letters and digits. Call with (dict "existing" $s "key" $k).
+*/}}
+{{- define "moaa.keptToken" -}}
+{{- $data := (default (dict) .existing).data | default (dict) -}}
+{{- $old := get $data .key | b64dec | trim -}}
+{{- default (randAlphaNum 40) $old -}}
 {{- end -}}
 
 {{/* The server section of the config for "gateway" or "annotator". Call with (dict "root" $ "which" "gateway"). */}}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from statistics import mean
 
+from moaa.services.annotator.parsing import parse_verdict as _parse_verdict
+
 PAIRWISE_SYSTEM = (
     "You compare two answers written by AI assistants to the same user request. Judge which answer "
     "serves the user better: correct, helpful, relevant, complete, clearly written. Do not let the order "
@@ -43,31 +45,10 @@ def grading_messages(prompt: list[dict], answer: str) -> list[dict]:
     return [{"role": "system", "content": GRADING_SYSTEM}, {"role": "user", "content": user}]
 
 
-_VERDICT_STRICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
-_VERDICT_LOOSE = [
-    re.compile(r"\b(?:verdict|winner|better answer|final answer)\s*(?:is|:)?\s*\**\s*(?:answer\s+)?\[?\s*([ABC])\b", re.I),
-    re.compile(r"\banswer\s+([AB])\s+is\s+(?:clearly\s+|much\s+|slightly\s+)?better\b", re.I),
-    re.compile(r"^\s*\[?\s*([ABC])\s*\]?\s*\.?\s*$", re.M),
-]
-_TIE = re.compile(r"\b(?:it'?s a tie|tie|equally good|both (?:answers )?are equally)\b", re.I)
-
-
 def parse_verdict(text: str) -> str | None:
-    """'A', 'B' or 'tie' from a judge's answer; None when unreadable. The last strict marker wins."""
-    if not text:
-        return None
-    strict = _VERDICT_STRICT.findall(text)
-    if strict:
-        v = strict[-1]
-        return "tie" if v == "C" else v
-    for pattern in _VERDICT_LOOSE:
-        found = pattern.findall(text)
-        if found:
-            v = found[-1].upper()
-            return "tie" if v == "C" else v
-    if _TIE.search(text):
-        return "tie"
-    return None
+    """'A', 'B' or 'tie' from a judge's answer; None when unreadable. The annotator's one verdict
+    parser (it reads [[C]] as a tie too)."""
+    return _parse_verdict(text).verdict
 
 
 _RATING_PATTERNS = [
