@@ -18,7 +18,7 @@ from typing import Any
 from moaa.errors import UserError
 
 from .budget import TokenLedger
-from .data import PromptRow, load_prompts
+from .data import PromptRow, held_out_ids, load_prompts
 from .layout import RunLayout
 from .rpc import Endpoint
 from .stages import NEEDS_SERVICES, STAGES, StageContext
@@ -67,6 +67,9 @@ def default_settings(quick: bool) -> dict[str, Any]:
         "eval_grades": True,                      # MT-Bench-style 1-10 grades besides the pairwise win rates
         "sample_tokens": 40 if quick else 64,
         "sample_temperature": 0.9,
+        "eval_samples": 2,                        # sampled eval answers per prompt besides the greedy one
+        "eval_temperature": 0.7,
+        "pairs_heldout_fraction": 0.2,            # preference pairs kept out of DPO to measure it on
         "allow_failures": 0.1,
         "window": 32,                             # rows in flight per gRPC stream
         "sft": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": save,
@@ -78,9 +81,7 @@ def default_settings(quick: bool) -> dict[str, Any]:
 
 def split_eval(rows: list[PromptRow], fraction: float) -> tuple[list[PromptRow], list[PromptRow]]:
     """A stable held-out split by id: the same prompts are held out on every run and machine."""
-    n_eval = round(len(rows) * fraction) if len(rows) >= 4 else 0
-    ranked = sorted(rows, key=lambda r: hashlib.sha256(f"eval:{r.id}".encode()).hexdigest())
-    held = {r.id for r in ranked[:n_eval]}
+    held = held_out_ids([r.id for r in rows], fraction, "eval")
     return [r for r in rows if r.id not in held], [r for r in rows if r.id in held]
 
 
@@ -247,6 +248,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     for w in (summary.get("eval") or {}).get("winrates") or []:
         lines.append(f"  {w['model']} vs {w['baseline']}: win rate {w['win_rate']:.1f}% "
                      f"[{w['win_rate_ci'][0]:.1f}, {w['win_rate_ci'][1]:.1f}], LC {w['lc_win_rate']:.1f}% (n={w['n']})")
+    for sentence in (summary.get("training_effect") or {}).get("statements") or []:
+        lines.append(f"  effect: {sentence}")
     tok = summary.get("tokens") or {}
     lines.append(f"  tokens: {tok.get('total_tokens', 0)}"
                  + "".join(f"; {s} {n}" for s, n in (tok.get("per_stage") or {}).items()))
