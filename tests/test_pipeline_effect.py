@@ -80,7 +80,8 @@ def test_measures_from_log_probabilities_by_hand():
     assert e["answers_changed"]["dpo_vs_sft"]["changed"] == 0     # whitespace alone is no change
     text = " ".join(e["statements"])
     assert "SFT lowered the per-token loss" in text
-    assert "DPO changed nothing a user would see" in text and "interval includes 0.5" in text
+    assert "DPO changed nothing a user would see" in text and "too few held-out pairs" in text
+    assert "on its 1 training pairs 50%" in text
 
 
 def test_missing_parts_are_said_not_invented(tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 
 from .store import iter_jsonl
 
+MIN_PAIRS_FOR_CI = 5  # below this a percentile bootstrap interval is degenerate
 NOTE_SFT_REFERENCE = ("SFT model: its reference is itself, so every reward margin is 0 and its accuracy is 0.5 by "
                       "definition (ties count half)")
 
@@ -123,10 +124,13 @@ def statements(effect: dict[str, Any]) -> list[str]:
     held = (effect.get("dpo_reward_accuracy") or {}).get("heldout") or {}
     if held.get("n"):
         lo, hi = held["dpo_ci"]
-        tail = ("above 0.5" if lo > 0.5 else "below 0.5" if hi < 0.5 else
+        tail = ("too few held-out pairs for an interval to mean much" if held["n"] < MIN_PAIRS_FOR_CI else
+                "above 0.5" if lo > 0.5 else "below 0.5" if hi < 0.5 else
                 "the interval includes 0.5: too few pairs to tell DPO from no change")
+        train = (effect.get("dpo_reward_accuracy") or {}).get("train") or {}
+        beside = f"; on its {train['n']} training pairs {train['dpo']:.0%}" if train.get("n") else ""
         out.append(f"DPO's implicit reward ranks chosen over rejected on {held['dpo']:.0%} of {held['n']} held-out "
-                   f"pairs (95% CI {lo:.0%}-{hi:.0%}; the SFT model's 50% by definition): {tail}.")
+                   f"pairs (95% CI {lo:.0%}-{hi:.0%}; the SFT model's 50% by definition): {tail}{beside}.")
     for key, stage, before in (("sft_vs_base", "SFT", "the base model"), ("dpo_vs_sft", "DPO", "the SFT model")):
         c = changed.get(key) or {}
         if not c.get("n"):
