@@ -84,6 +84,18 @@ def test_measures_from_log_probabilities_by_hand():
     assert "on its 1 training pairs 50%" in text
 
 
+def test_sampled_answers_show_a_change_the_greedy_ones_hide():
+    greedy = {m: {"1": (PROMPT, "same")} for m in ("base", "sft", "dpo")}
+    sampled = {"base": {"1#0": (PROMPT, "x"), "1#1": (PROMPT, "y")}, "sft": {"1#0": (PROMPT, "x"), "1#1": (PROMPT, "y")},
+               "dpo": {"1#0": (PROMPT, "x"), "1#1": (PROMPT, "z")}}
+    e = training_effect({}, greedy, 0.1, sampled)
+    assert e["answers_changed"]["sampled"]["dpo_vs_sft"] == {"n": 2, "changed": 1, "share": 0.5}
+    text = " ".join(e["statements"])
+    assert "DPO left every greedy answer as the SFT model's (1 eval prompts), but changed 1 of 2 sampled" in text
+    assert "SFT changed nothing a user would see: its greedy answers equal the base model's on all 1 eval prompts, " \
+           "and all 2 sampled answers too." in text
+
+
 def test_missing_parts_are_said_not_invented(tmp_path):
     e = training_effect({}, {}, beta=0.1)
     assert e["sft_heldout_loss"] == {"note": "no held-out stage-1 answers"}

@@ -8,7 +8,10 @@
                          model's reference is the SFT model; the SFT model's reference is itself, so every
                          margin is 0 and its accuracy is 0.5 by definition
     dpo_reward_margin    mean r(chosen) - r(rejected) on the same pairs
-    answers_changed      share of eval prompts whose greedy answer differs: SFT vs base, DPO vs SFT
+    answers_changed      share of eval prompts whose greedy answer differs: SFT vs base, DPO vs SFT; and under
+                         "sampled", the share of sampled answers that differ (sample j of each model is drawn
+                         from the same seed, so a small change of the model shows there before it moves the
+                         greedy answer)
 
 The log-probabilities come from `moaa logprobs` (trainer/effect.py), run as a child process.
 """
@@ -133,20 +136,30 @@ def statements(effect: dict[str, Any]) -> list[str]:
                    f"pairs (95% CI {lo:.0%}-{hi:.0%}; the SFT model's 50% by definition): {tail}{beside}.")
     for key, stage, before in (("sft_vs_base", "SFT", "the base model"), ("dpo_vs_sft", "DPO", "the SFT model")):
         c = changed.get(key) or {}
+        sampled = (changed.get("sampled") or {}).get(key) or {}
         if not c.get("n"):
             continue
-        if c["changed"] == 0:
+        if c["changed"] == 0 and sampled.get("changed"):
+            out.append(f"{stage} left every greedy answer as {before}'s ({c['n']} eval prompts), but changed "
+                       f"{sampled['changed']} of {sampled['n']} sampled answers drawn with the same seeds.")
+        elif c["changed"] == 0:
             out.append(f"{stage} changed nothing a user would see: its greedy answers equal {before}'s on all "
-                       f"{c['n']} eval prompts.")
+                       f"{c['n']} eval prompts" + (f", and all {sampled['n']} sampled answers too" if sampled.get("n")
+                                                   else "") + ".")
         else:
             out.append(f"{stage} changed the greedy answer on {c['changed']} of {c['n']} eval prompts "
                        f"({c['share']:.0%}) against {before}.")
     return out
 
 
-def training_effect(lp: dict[str, dict[str, list]], answers: dict[str, dict[str, tuple]], beta: float) -> dict:
+def training_effect(lp: dict[str, dict[str, list]], answers: dict[str, dict[str, tuple]], beta: float,
+                    sampled: dict[str, dict[str, tuple]] | None = None) -> dict:
+    """`answers`: per model, eval prompt id -> (prompt, greedy answer); `sampled`: the same keyed "<id>#<j>"."""
     acc, margin = dpo_rewards(lp, beta)
+    changed = answers_changed(answers)
+    if sampled:
+        changed["sampled"] = answers_changed(sampled)
     effect = {"sft_heldout_loss": sft_loss(lp), "dpo_reward_accuracy": acc, "dpo_reward_margin": margin,
-              "answers_changed": answers_changed(answers)}
+              "answers_changed": changed}
     effect["statements"] = statements(effect)
     return effect

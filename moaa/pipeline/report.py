@@ -170,9 +170,16 @@ def plot_effect(effect: dict, out: Path) -> Path | None:
     if splits:
         axes[1].legend(fontsize=8)
     names = [k for k in ("sft_vs_base", "dpo_vs_sft") if (changed.get(k) or {}).get("n")]
-    axes[2].bar([k.replace("_", " ") for k in names], [changed[k]["share"] for k in names], color="tab:green")
+    sampled = changed.get("sampled") or {}
+    x = np.arange(len(names))
+    axes[2].bar(x - 0.2, [changed[k]["share"] for k in names], width=0.4, color="tab:green", label="greedy")
+    axes[2].bar(x + 0.2, [(sampled.get(k) or {}).get("share") or 0.0 for k in names], width=0.4, color="tab:olive",
+                label="sampled (same seeds)")
+    axes[2].set_xticks(x, [k.replace("_", " ") for k in names])
     axes[2].set_ylim(0, 1)
-    axes[2].set_title("eval prompts with a different greedy answer")
+    axes[2].set_title("share of eval answers that differ")
+    if names:
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -169,6 +169,9 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
         # SmolLM2-135M never writes "Rating: [[N]]": every 1-10 grade of the embedded run abstained (30 of 30,
         # 65 s measured). Win rates still come from the pairwise judges; grading: --set eval_grades=true
         base["eval_grades"] = False
+        # each sampled eval answer per prompt costs ~35 s of sampling and ~70 s of judging on the embedded
+        # default (estimated from the greedy eval's 71 s / 68 s; not yet measured): one, against the 20-minute bound
+        base["eval_samples"] = 1
     settings = _merge(base, opts.overrides)
     settings.update({"recipe": opts.recipe, "ensemble": opts.ensemble, "eval_judge": opts.eval_judge, "seed": opts.seed})
     if opts.until and opts.until not in [n for n, _ in STAGES]:

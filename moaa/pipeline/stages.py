@@ -228,7 +228,7 @@ async def stage_answers(ctx: StageContext) -> dict:
 async def stage_training_effect(ctx: StageContext) -> dict:
     """Judge-independent evidence of what SFT and DPO changed (see moaa/pipeline/effect.py)."""
     from .effect import effect_items, training_effect
-    from .eval.run import answers_from_samples
+    from .eval.run import all_answers_from_samples, answers_from_samples
 
     out = ctx.layout.eval
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +244,10 @@ async def stage_training_effect(ctx: StageContext) -> dict:
         await training.run_child(cmd, log_path=ctx.layout.logs / "effect.log", what="training-effect log-probs")
     answers = {name: answers_from_samples(out / f"answers-{name}.jsonl") for name in EVAL_MODELS
                if (out / f"answers-{name}.jsonl").exists()}
-    effect = training_effect(json.loads(lp_path.read_text()), answers, float(ctx.settings["dpo"].get("beta", 0.1)))
+    sampled = {name: all_answers_from_samples(out / f"answers-{name}-sampled.jsonl") for name in EVAL_MODELS
+               if (out / f"answers-{name}-sampled.jsonl").exists()}
+    effect = training_effect(json.loads(lp_path.read_text()), answers, float(ctx.settings["dpo"].get("beta", 0.1)),
+                             sampled)
     atomic_write_text(out / "effect.json", json.dumps(effect, indent=2))
     return effect
 
