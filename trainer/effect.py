@@ -17,16 +17,11 @@ from moaa.errors import UserError
 
 def load_items(path: str | Path) -> list[dict]:
     """Rows {id, prompt, completion}; a bad row stops the run naming its line."""
+    from moaa.services.annotator.batch import read_jsonl
+
     rows = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise UserError(f"{path}: line {lineno}: not valid JSON") from None
-        if not (isinstance(row, dict) and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list)
-                and row.get("id")):
+    for lineno, row in read_jsonl(Path(path), "items file"):
+        if not (isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list) and row.get("id")):
             raise UserError(f"{path}: line {lineno}: expected {{id, prompt: [messages], completion: [messages]}}")
         rows.append(row)
     return rows
