@@ -155,3 +155,37 @@ def test_dpo_on_the_tiny_model_moves_its_implicit_reward(tiny_sft_dir, train_dat
     train = e["dpo_reward_accuracy"]["train"]
     assert train["n"] == 4 and train["dpo"] > 0.5 and train["sft"] == 0.5
     assert e["dpo_reward_margin"]["train"]["dpo"] > 0 and math.isfinite(e["dpo_reward_margin"]["train"]["dpo"])
+
+
+@pytest.mark.slow
+async def test_effect_step_on_a_run_folder_and_its_rerun_recomputes_nothing(tiny_model_dir, tiny_sft_dir, tmp_path):
+    """The step itself: a DPO model equal to the SFT model changed nothing, and the report says so."""
+    import shutil
+
+    from moaa.pipeline.budget import TokenLedger
+    from moaa.pipeline.layout import RunLayout
+    from moaa.pipeline.stages import StageContext, stage_training_effect
+
+    lay = RunLayout(tmp_path / "run")
+    for folder in (lay.sft_data, lay.pairs, lay.eval):
+        folder.mkdir(parents=True)
+    write_jsonl(lay.sft_data / "heldout.jsonl", sft_rows(2))
+    write_jsonl(lay.pairs / "heldout.jsonl", pref_rows(2))
+    write_jsonl(lay.pairs / "train.jsonl", pref_rows(3))
+    shutil.copytree(tiny_sft_dir, lay.sft_model)
+    shutil.copytree(tiny_sft_dir, lay.dpo_model)
+    for name, text in (("base", "x"), ("sft", "y"), ("dpo", "y")):
+        write_jsonl(lay.eval / f"answers-{name}.jsonl", [{"id": "q", "prompt": PROMPT, "candidates": [{"text": text}]}])
+    ctx = StageContext(layout=lay, ledger=TokenLedger(lay.usage), config_hash="h", train_prompts=[], eval_prompts=[],
+                       base_model=str(tiny_model_dir), settings={"sft": {"max_length": 128}, "dpo": {"beta": 0.1}},
+                       quiet=True)
+    effect = await stage_training_effect(ctx)
+    assert effect["sft_heldout_loss"]["rows"] == 2 and effect["sft_heldout_loss"]["sft"] < effect["sft_heldout_loss"]["base"]
+    assert effect["dpo_reward_accuracy"]["heldout"]["dpo"] == 0.5 and effect["dpo_reward_margin"]["train"]["dpo"] == 0.0
+    assert effect["answers_changed"]["sft_vs_base"]["changed"] == 1
+    assert any(s.startswith("DPO changed nothing a user would see") for s in effect["statements"])
+    assert json.loads((lay.eval / "effect.json").read_text()) == effect
+    stamp = (lay.eval / "logprobs.json").stat().st_mtime_ns
+    shutil.rmtree(lay.dpo_model)          # a re-run does not load a model again
+    assert await stage_training_effect(ctx) == effect
+    assert (lay.eval / "logprobs.json").stat().st_mtime_ns == stamp

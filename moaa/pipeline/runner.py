@@ -237,10 +237,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"moaa pipeline finished: run folder {summary['run_folder']}"]
     s1 = summary.get("sft_data") or {}
     pairs = summary.get("pairs") or {}
-    lines.append(f"  stage 1: {s1.get('rows', 0)} SFT rows written, {s1.get('skipped', 0)} skipped")
+    lines.append(f"  stage 1: {s1.get('rows', 0)} SFT rows written, {s1.get('skipped', 0)} skipped"
+                 + (f" ({s1['heldout_rows']} held out to measure SFT on)" if s1.get("heldout_rows") else ""))
     reasons = ", ".join(f"{k} {v}" for k, v in (pairs.get("skipped_reasons") or {}).items())
     lines.append(f"  stage 2: {pairs.get('rows', 0)} preference pairs, {pairs.get('skipped', 0)} prompts skipped"
-                 + (f" ({reasons})" if reasons else ""))
+                 + (f" ({reasons})" if reasons else "")
+                 + (f"; {pairs['heldout_rows']} pairs held out to measure DPO on" if pairs.get("heldout_rows") else ""))
     for kind in ("sft", "dpo"):
         r = summary.get(kind) or {}
         if r:
