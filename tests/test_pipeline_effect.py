@@ -118,6 +118,7 @@ def test_held_out_ids_are_a_stable_share():
     assert len(held) == 6 and held == held_out_ids(list(reversed(ids)), 0.2, "pairs-heldout")
     assert held != held_out_ids(ids, 0.2, "eval")          # another salt, another share
     assert held_out_ids(ids[:3], 0.5, "x") == set()
+    assert len(held_out_ids(ids, 0.2, "pairs-heldout", cap=4)) == 4 and held_out_ids(ids, 0.2, "pairs-heldout", cap=4) <= held
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -63,10 +63,11 @@ def content_id(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
 
 
-def held_out_ids(ids: list[str], fraction: float, salt: str) -> set[str]:
-    """A stable held-out share of ids, chosen by a hash of salt and id: the same on every run and machine
-    (none below 4 ids: too few to spare any)."""
+def held_out_ids(ids: list[str], fraction: float, salt: str, cap: int | None = None) -> set[str]:
+    """A stable held-out share of ids (at most `cap`), chosen by a hash of salt and id: the same on every run
+    and machine (none below 4 ids: too few to spare any)."""
     n = round(len(ids) * fraction) if len(ids) >= 4 else 0
+    n = n if cap is None else min(n, cap)
     return set(sorted(ids, key=lambda i: hashlib.sha256(f"{salt}:{i}".encode()).hexdigest())[:n])
 
 

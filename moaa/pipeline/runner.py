@@ -69,7 +69,8 @@ def default_settings(quick: bool) -> dict[str, Any]:
         "sample_temperature": 0.9,
         "eval_samples": 2,                        # sampled eval answers per prompt besides the greedy one
         "eval_temperature": 0.7,
-        "pairs_heldout_fraction": 0.2,            # preference pairs kept out of DPO to measure it on
+        "pairs_heldout_fraction": 0.2,            # preference pairs kept out of DPO to measure it on ...
+        "pairs_heldout_max": 1000,                # ... at most this many
         "allow_failures": 0.1,
         "window": 32,                             # rows in flight per gRPC stream
         "sft": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": save,

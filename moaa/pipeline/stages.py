@@ -174,8 +174,9 @@ async def stage_pairs(ctx: StageContext) -> dict:
     if m["rows"] == 0:
         raise UserError(f"stage 2 produced no preference pairs ({m['skipped']} prompts skipped: "
                         f"{m['skipped_reasons']}); lower the ensemble's min_margin or sample more answers")
+    # enough pairs to measure DPO on, not so many that a large run trains on much less
     held = held_out_ids([r["id"] for r in store.iter_rows()], ctx.settings.get("pairs_heldout_fraction", 0.2),
-                        "pairs-heldout")
+                        "pairs-heldout", cap=ctx.settings.get("pairs_heldout_max", 1000))
     split = _split_rows_file(store, ctx.layout.pairs, ("prompt", "chosen", "rejected"), held)
     return {"rows": m["rows"], "skipped": m["skipped"], "skipped_reasons": m["skipped_reasons"], **split}
 
