@@ -42,18 +42,25 @@ def encode(tok, prompt: list[dict], completion: list[dict], max_length: int) -> 
     return p + c, len(p)
 
 
-def completion_logprob(model, ids: list[int], start: int) -> tuple[float, int]:
-    """Sum of log p(ids[t] | ids[:t]) over t >= start, and the count of those tokens."""
+def completion_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int) -> list[tuple[float, int]]:
+    """For each (ids, start): the sum of log p(ids[t] | ids[:t]) over t >= start, and the count of those
+    tokens. One forward pass for the batch, right-padded and masked (padding comes after every real token,
+    so a causal model's real positions see none of it)."""
     import torch
 
-    x = torch.tensor([ids], device=model.device)
+    width = max(len(ids) for ids, _ in seqs)
+    x = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device=model.device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device=model.device)
     with torch.no_grad():
-        logits = model(input_ids=x).logits[0, :-1].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
-    return float(logp[start - 1:].sum()), len(ids) - start
+        logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(2, x[:, 1:, None])[:, :, 0]
+    out = []
+    for row, (ids, start) in enumerate(seqs):
+        out.append((float(logp[row, start - 1:len(ids) - 1].sum()), len(ids) - start))
+    return out
 
 
-def model_logprobs(model_dir: str, items: list[dict], max_length: int = 512) -> dict[str, list]:
+def model_logprobs(model_dir: str, items: list[dict], max_length: int = 512, batch_size: int = 8) -> dict[str, list]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,11 +70,15 @@ def model_logprobs(model_dir: str, items: list[dict], max_length: int = 512) -> 
     if not tok.chat_template:
         raise UserError(f"model {model_dir} has no chat template")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    encoded = {row["id"]: encode(tok, row["prompt"], row["completion"], max_length) for row in items}
+    ids = sorted(encoded, key=lambda k: len(encoded[k][0]))  # similar lengths per batch: little padding
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = {}
-    for row in items:
-        ids, start = encode(tok, row["prompt"], row["completion"], max_length)
-        out[row["id"]] = list(completion_logprob(model, ids, start))
-    return out
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        for rid, value in zip(chunk, completion_logprobs(model, [encoded[k] for k in chunk], pad)):
+            out[rid] = list(value)
+    return {row["id"]: out[row["id"]] for row in items}
 
 
 def run_logprobs(models: dict[str, str], items_path: str, out: str, max_length: int = 512) -> dict:
