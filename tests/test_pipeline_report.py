@@ -68,3 +68,21 @@ def test_judge_agreement_matrix():
     i = {n: k for k, n in enumerate(names)}
     assert mat[i["a"], i["c"]] == 1.0 and mat[i["a"], i["b"]] == -1.0
     assert str(mat[i["a"], i["d"]]) == "nan"   # constant scores: tau undefined, not 0
+
+
+def test_report_shows_the_training_effect_and_why_prompts_gave_no_pair(tmp_path):
+    from moaa.pipeline.effect import training_effect
+
+    lay = _synthetic_run(tmp_path / "run")
+    lp = {"base": {"sft:x": [-30.0, 15]}, "sft": {"sft:x": [-15.0, 15], "heldout:chosen:p": [-9.0, 3],
+                                                  "heldout:rejected:p": [-9.0, 3]},
+          "dpo": {"heldout:chosen:p": [-8.0, 3], "heldout:rejected:p": [-9.5, 3]}}
+    same = {"1": ([], "same")}
+    atomic_write_json(lay.eval / "effect.json", training_effect(lp, {"base": same, "sft": same, "dpo": same}, 0.1))
+    text = build_report(lay.root).read_text()
+    assert "## Did training change the model?" in text and (lay.report / "training_effect.png").stat().st_size > 1000
+    assert "base 2.0000, SFT 1.0000 (-1.0000)" in text
+    assert "| heldout | 1 | 0.50 | 1.00 [1.00, 1.00] | 0.1500 [0.1500, 0.1500] |" in text
+    assert "SFT changed nothing a user would see" in text and "DPO changed nothing a user would see" in text
+    assert "| low_margin | 1 | low_margin: 0.2 < 0.5 |" in text
+    assert "too few held-out pairs for an interval to mean much" in text

@@ -86,16 +86,20 @@ async def test_sigkill_mid_stage1_then_resume_exactly_once(services, tiny_model_
     killed = await _kill_when(cmd, lambda: shard.exists() and shard.read_text().count("\n") >= 4)
     assert killed, "stage 1 finished before the kill"
     partial = _ids(out / "stage1-sft-data")
-    assert 4 <= len(partial) < 17
+    assert 4 <= len(partial) < 21
     run = json.loads((out / "run.json").read_text())
     assert run["stages"]["sft_data"]["status"] == "running"       # the kill left it unfinished
     rc, stdout, err = await _run(cmd)
     assert rc == 0, err
     ids = _ids(out / "stage1-sft-data")
-    assert len(ids) == len(set(ids)) == 17                        # 21 prompts, 4 held out for eval
+    assert len(ids) == len(set(ids)) == 21        # 21 prompts: 17 to train on, the 4 eval prompts' answers held out
     assert set(partial) <= set(ids)
     manifest = json.loads((out / "stage1-sft-data" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["rows"] == 17 and manifest["models"] == ["agg", "p1", "p2", "p3"]
+    assert manifest["complete"] and manifest["rows"] == 21 and manifest["models"] == ["agg", "p1", "p2", "p3"]
+    train, held = ([json.loads(x)["id"] for x in (out / "stage1-sft-data" / f).read_text().splitlines()]
+                   for f in ("train.jsonl", "heldout.jsonl"))
+    assert len(train) == 17 and len(held) == 4 and set(train) | set(held) == set(ids)
+    assert json.loads((out / "run.json").read_text())["stages"]["sft_data"]["result"]["heldout_rows"] == 4
     row = json.loads(shard.read_text().splitlines()[0])
     assert row["messages"][-1]["role"] == "assistant" and row["moa"]["aggregator"] == "agg"
     usage = json.loads((out / "usage.json").read_text())
@@ -114,11 +118,11 @@ async def test_token_budget_stops_cleanly_and_resumes(services, tiny_model_dir, 
     assert rc == 3, err
     assert "token budget of 300 reached" in err and len(err.strip().splitlines()) == 1
     first = _ids(out / "stage1-sft-data")
-    assert 0 < len(first) < 17
+    assert 0 < len(first) < 21
     rc, _, err = await _run(cmd + ["--token-budget", "1000000"])
     assert rc == 0, err
     ids = _ids(out / "stage1-sft-data")
-    assert len(ids) == len(set(ids)) == 17
+    assert len(ids) == len(set(ids)) == 21
 
 
 async def test_other_settings_in_same_folder_are_refused(services, tiny_model_dir, tmp_path):
@@ -228,7 +232,7 @@ async def test_sigkill_mid_sft_training_then_resume_from_checkpoint(services, ti
     manifest = json.loads((sft / "manifest.json").read_text())
     assert manifest["resumed_from"] == result["resumed_from"]
     ids = _ids(out / "stage1-sft-data")
-    assert len(ids) == len(set(ids)) == 17
+    assert len(ids) == len(set(ids)) == 21
     assert "SFT: 20 steps" in stdout and "resumed from" in stdout
 
 
@@ -243,18 +247,29 @@ async def test_whole_pipeline_on_emulators_and_tiny_model(services, tiny_model_d
     assert rc == 0, err
     run = json.loads((out / "run.json").read_text())
     assert [s for s, v in run["stages"].items() if v["status"] == "done"] == \
-        ["sft_data", "sft", "samples", "pairs", "dpo", "answers", "eval"]
-    for folder in ("stage1-sft-data", "stage2-samples"):
+        ["sft_data", "sft", "samples", "pairs", "dpo", "answers", "training_effect", "eval"]
+    for folder, n in (("stage1-sft-data", 21), ("stage2-samples", 17)):
         ids = _ids(out / folder)
-        assert len(ids) == len(set(ids)) == 17, folder
+        assert len(ids) == len(set(ids)) == n, folder
     pair_ids = _ids(out / "stage2-pairs")
     skipped = [json.loads(x)["id"] for x in (out / "stage2-pairs" / "skipped.jsonl").read_text().splitlines()] \
         if (out / "stage2-pairs" / "skipped.jsonl").exists() else []
     assert sorted(pair_ids + skipped) == sorted(_ids(out / "stage2-samples"))   # each id exactly once
     assert len(pair_ids) >= 1
     winrates = json.loads((out / "eval" / "winrates.json").read_text())
-    assert [(w["model"], w["baseline"]) for w in winrates] == [("sft", "base"), ("dpo", "base"), ("dpo", "sft")]
-    assert all(w["n"] == 4 for w in winrates)
+    greedy = [("sft", "base"), ("dpo", "base"), ("dpo", "sft")]
+    assert [(w["model"], w["baseline"]) for w in winrates] == greedy + [(f"{m}:sampled", f"{b}:sampled") for m, b in greedy]
+    assert [w["n"] for w in winrates] == [4] * 3 + [8] * 3          # 2 sampled answers per eval prompt
+    summary = json.loads((out / "summary.json").read_text())
+    effect = summary["training_effect"]
+    assert {"sft_heldout_loss", "dpo_reward_accuracy", "dpo_reward_margin", "answers_changed"} <= set(effect)
+    loss = effect["sft_heldout_loss"]
+    assert loss["rows"] == 4 and loss["base"] > 0 and loss["sft"] > 0
+    acc = effect["dpo_reward_accuracy"]
+    assert acc["heldout"]["n"] + acc["train"]["n"] == len(pair_ids) and acc["train"]["sft"] == 0.5
+    assert effect["answers_changed"]["dpo_vs_sft"]["n"] == 4 and effect["statements"]
+    assert "## Did training change the model?" in (out / "report" / "report.md").read_text()
+    assert "effect: " in stdout
     report = (out / "report" / "report.md").read_text()
     assert "## Evaluation" in report and "## Training" in report and (out / "report" / "winrates.png").exists()
     assert "moaa pipeline finished" in stdout and "dpo vs base: win rate" in stdout
@@ -263,6 +278,7 @@ async def test_whole_pipeline_on_emulators_and_tiny_model(services, tiny_model_d
     assert rc == 0, err
     again = json.loads((out / "run.json").read_text())
     assert again["runs"] == 2 and again["stages"] == run["stages"] and _ids(out / "stage2-pairs") == pair_ids
+    assert stdout2 == stdout and json.loads((out / "summary.json").read_text()) == summary   # nothing recomputed
 
 
 def _play_training_jobs(emu, model_dir: Path, stop: "threading.Event"):

@@ -18,7 +18,7 @@ COMMAND_MODULES = [
     "models",       # moaa models prepare | tiny | list
     "gateway",      # moaa gateway serve, moaa generate
     "annotator",    # moaa annotator serve, moaa annotate, moaa judge-eval
-    "train",        # moaa train sft | dpo | submit, moaa sample
+    "train",        # moaa train sft | dpo | submit, moaa sample, moaa logprobs
     "pipeline",     # moaa pipeline run, moaa eval
 ]
 

@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     run.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
     run.add_argument("--tls-ca", help="CA certificate for TLS to the gateway and annotator")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage: sft_data, sft, samples, pairs, dpo, "
-                     "answers, eval")
+                     "answers, training_effect, eval")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.set_defaults(func=_run)
 

@@ -84,6 +84,20 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_logprobs(args: argparse.Namespace) -> int:
+    from moaa.errors import UserError
+    from moaa.trainer.effect import run_logprobs
+
+    models = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"bad --model {item!r}: use NAME=FOLDER")
+        models[name] = path
+    run_logprobs(models, args.items, args.out, args.max_length)
+    return 0
+
+
 def register(subparsers) -> None:
     train = subparsers.add_parser("train", help="SFT and DPO with TRL, locally or as a Kubernetes Job")
     sub = train.add_subparsers(dest="train_command", metavar="KIND", parser_class=type(train))
@@ -119,3 +133,10 @@ def register(subparsers) -> None:
     sample.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
                         help="auto: vLLM offline engine on a GPU node when installed, else transformers")
     sample.set_defaults(func=_run_sample)
+
+    lp = subparsers.add_parser("logprobs", help="summed log-probabilities of completions under each model")
+    lp.add_argument("--model", action="append", required=True, metavar="NAME=FOLDER", help="a model (repeat)")
+    lp.add_argument("--items", required=True, help="JSONL rows {id, prompt: [messages], completion: [messages]}")
+    lp.add_argument("--out", required=True, help="output JSON: {name: {id: [sum_logp, tokens]}}")
+    lp.add_argument("--max-length", type=int, default=512, help="longest tokenized row (as in training)")
+    lp.set_defaults(func=_run_logprobs)

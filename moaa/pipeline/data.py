@@ -71,6 +71,14 @@ def row_id(messages: list[dict[str, str]], source_id: str | None, mapping: dict[
     return content_id(messages)
 
 
+def held_out_ids(ids: list[str], fraction: float, salt: str, cap: int | None = None) -> set[str]:
+    """A stable held-out share of ids (at most `cap`), chosen by a hash of salt and id: the same on every run
+    and machine (none below 4 ids: too few to spare any)."""
+    n = round(len(ids) * fraction) if len(ids) >= 4 else 0
+    n = n if cap is None else min(n, cap)
+    return set(sorted(ids, key=lambda i: hashlib.sha256(f"{salt}:{i}".encode()).hexdigest())[:n])
+
+
 def parse_mapping(items: list[str] | None) -> dict[str, str]:
     """`["prompt=question", "id=qid"]` -> {"prompt": "question", "id": "qid"}."""
     mapping: dict[str, str] = {}

@@ -2,7 +2,8 @@
 
 Sections: stages and rows (written, skipped and why, failed), tokens per stage and model, training
 losses (SFT, DPO), judge score distributions and agreement (from the preference pairs), win rates with
-confidence intervals (raw and length-controlled) and 1-10 grades (from `eval/`).
+confidence intervals (raw and length-controlled) and 1-10 grades (from `eval/`), and the judge-independent
+training effect (`eval/effect.json`: held-out loss, DPO implicit-reward accuracy, answers changed).
 """
 from __future__ import annotations
 
@@ -147,6 +148,84 @@ def plot_winrates(winrates: list[dict], out: Path) -> Path | None:
     return out
 
 
+def plot_effect(effect: dict, out: Path) -> Path | None:
+    """Three panels: held-out loss (base, SFT), DPO reward accuracy with CI (held-out, train), answers changed."""
+    loss = effect.get("sft_heldout_loss") or {}
+    acc = effect.get("dpo_reward_accuracy") or {}
+    changed = effect.get("answers_changed") or {}
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    if "sft" in loss:
+        axes[0].bar(["base", "SFT"], [loss["base"], loss["sft"]], color=["grey", "tab:blue"])
+    axes[0].set_title(f"loss on {loss.get('rows', 0)} held-out MoA answers")
+    axes[0].set_ylabel("mean per-token loss")
+    splits = [k for k in ("heldout", "train") if (acc.get(k) or {}).get("n")]
+    for i, split in enumerate(splits):
+        a = acc[split]
+        err = [[max(0.0, a["dpo"] - a["dpo_ci"][0])], [max(0.0, a["dpo_ci"][1] - a["dpo"])]]
+        axes[1].bar(i - 0.2, a["sft"], width=0.4, color="grey", label="SFT (ref = itself)" if i == 0 else None)
+        axes[1].bar(i + 0.2, a["dpo"], width=0.4, yerr=err, capsize=4, color="tab:orange",
+                    label="DPO (ref = SFT)" if i == 0 else None)
+    axes[1].set_xticks(range(len(splits)), [f"{s} (n={acc[s]['n']})" for s in splits])
+    axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("DPO implicit-reward accuracy (95% CI)")
+    if splits:
+        axes[1].legend(fontsize=8)
+    names = [k for k in ("sft_vs_base", "dpo_vs_sft") if (changed.get(k) or {}).get("n")]
+    sampled = changed.get("sampled") or {}
+    x = np.arange(len(names))
+    axes[2].bar(x - 0.2, [changed[k]["share"] for k in names], width=0.4, color="tab:green", label="greedy")
+    axes[2].bar(x + 0.2, [(sampled.get(k) or {}).get("share") or 0.0 for k in names], width=0.4, color="tab:olive",
+                label="sampled (same seeds)")
+    axes[2].set_xticks(x, [k.replace("_", " ") for k in names])
+    axes[2].set_ylim(0, 1)
+    axes[2].set_title("share of eval answers that differ")
+    if names:
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def effect_section(effect: dict | None, out: Path) -> list[str]:
+    if not effect:
+        return []
+    lines = ["## Did training change the model?", "",
+             "Judge-independent: computed from the models' own log-probabilities and answers, no judge involved.", ""]
+    lines += [f"- {s}" for s in effect.get("statements") or []] + [""]
+    loss = effect.get("sft_heldout_loss") or {}
+    if "sft" in loss:
+        lines += [f"Held-out loss ({loss['rows']} stage-1 MoA answers to the eval prompts, {loss['tokens']} tokens): "
+                  f"base {loss['base']:.4f}, SFT {loss['sft']:.4f} ({loss['change']:+.4f}).", ""]
+    acc, margin = effect.get("dpo_reward_accuracy") or {}, effect.get("dpo_reward_margin") or {}
+    rows = [(k, acc[k], margin[k]) for k in ("heldout", "train") if (acc.get(k) or {}).get("n")]
+    if rows:
+        lines += [f"DPO implicit reward, beta = {acc.get('beta')}; {acc.get('note', '')}.", "",
+                  "| pairs | n | accuracy SFT | accuracy DPO (95% CI) | mean margin DPO (95% CI) |", "|---|---|---|---|---|"]
+        for split, a, m in rows:
+            lines.append(f"| {split} | {a['n']} | {a['sft']:.2f} | {a['dpo']:.2f} [{a['dpo_ci'][0]:.2f}, "
+                         f"{a['dpo_ci'][1]:.2f}] | {m['dpo']:.4f} [{m['dpo_ci'][0]:.4f}, {m['dpo_ci'][1]:.4f}] |")
+        lines.append("")
+    png = plot_effect(effect, out / "training_effect.png")
+    return lines + [f"![training effect]({png.name})", ""]
+
+
+def no_pair_section(pairs_dir: Path) -> list[str]:
+    """Why prompts gave no pair: counts per reason kind, with one full reason as an example."""
+    path = pairs_dir / "skipped.jsonl"
+    kinds: dict[str, list[str]] = {}
+    for row in iter_jsonl(path) if path.exists() else []:
+        kinds.setdefault(str(row.get("reason", "")).split(":")[0], []).append(str(row.get("reason", "")))
+    if not kinds:
+        return []
+    lines = ["### Prompts that gave no preference pair", "", "| reason | prompts | example |", "|---|---|---|"]
+    for kind, reasons in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"| {kind} | {len(reasons)} | {reasons[0][:160].replace('|', '/')} |")
+    return lines + [""]
+
+
 def _dataset_line(name: str, folder: Path) -> str | None:
     m = read_manifest(folder)
     if not m:
@@ -178,6 +257,7 @@ def build_report(run_dir: str | Path) -> Path:
     if rows:
         lines += ["## Datasets", "", "| dataset | rows | skipped (why) | failed | complete | models |",
                   "|---|---|---|---|---|---|", *rows, ""]
+        lines += no_pair_section(layout.pairs)
     usage = _read_json(layout.usage)
     if usage and usage.get("stages"):
         lines += ["## Tokens", "", f"Total: {usage['total_tokens']} tokens"
@@ -193,6 +273,7 @@ def build_report(run_dir: str | Path) -> Path:
         for kind, s in losses.items():
             lines.append(f"- {kind}: loss {s['first']:.4f} -> {s['last']:.4f} over {s['steps']} steps")
         lines += ["", f"![training losses]({loss_png.name})", ""]
+    lines += effect_section(_read_json(layout.eval / "effect.json"), out)
     per_judge = judge_scores(layout.pairs)
     scores_png, agree_png = plot_judges(per_judge, out / "judge_scores.png", out / "judge_agreement.png")
     if scores_png:
@@ -203,7 +284,9 @@ def build_report(run_dir: str | Path) -> Path:
     wr_png = plot_winrates(winrates, out / "winrates.png")
     if wr_png:
         lines += ["## Evaluation", "", "Each pair judged in both orders; ties and order-dependent verdicts count "
-                  "half. LC = AlpacaEval 2 length-controlled win rate.", "",
+                  "half. LC = AlpacaEval 2 length-controlled win rate. `:sampled` rows: k answers per prompt at a "
+                  "temperature > 0 (fixed seeds), sample j of the model against sample j of the baseline, n counts "
+                  "samples; the CI resamples samples, not prompts, so it is narrower than a per-prompt interval.", "",
                   "| model | baseline | n | win rate (95% CI) | LC win rate (95% CI) | W/T/L | order-inconsistent |",
                   "|---|---|---|---|---|---|---|"]
         for w in winrates:

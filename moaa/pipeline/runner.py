@@ -19,7 +19,7 @@ from moaa.client.endpoint import Endpoint
 from moaa.errors import UserError
 
 from .budget import TokenLedger
-from .data import PromptRow, load_prompts
+from .data import PromptRow, held_out_ids, load_prompts
 from .layout import RunLayout
 from .lock import RunLock
 from .stages import NEEDS_SERVICES, STAGES, StageContext
@@ -69,6 +69,10 @@ def default_settings(quick: bool) -> dict[str, Any]:
         "eval_grades": True,                      # MT-Bench-style 1-10 grades besides the pairwise win rates
         "sample_tokens": 40 if quick else 64,
         "sample_temperature": 0.9,
+        "eval_samples": 2,                        # sampled eval answers per prompt besides the greedy one
+        "eval_temperature": 0.7,
+        "pairs_heldout_fraction": 0.2,            # preference pairs kept out of DPO to measure it on ...
+        "pairs_heldout_max": 1000,                # ... at most this many
         "allow_failures": 0.1,
         "window": 32,                             # rows in flight per gRPC stream
         "sft": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": save,
@@ -80,9 +84,7 @@ def default_settings(quick: bool) -> dict[str, Any]:
 
 def split_eval(rows: list[PromptRow], fraction: float) -> tuple[list[PromptRow], list[PromptRow]]:
     """A stable held-out split by id: the same prompts are held out on every run and machine."""
-    n_eval = round(len(rows) * fraction) if len(rows) >= 4 else 0
-    ranked = sorted(rows, key=lambda r: hashlib.sha256(f"eval:{r.id}".encode()).hexdigest())
-    held = {r.id for r in ranked[:n_eval]}
+    held = held_out_ids([r.id for r in rows], fraction, "eval")
     return [r for r in rows if r.id not in held], [r for r in rows if r.id in held]
 
 
@@ -166,6 +168,9 @@ def resolve_settings(opts: PipelineOptions, local: bool) -> dict[str, Any]:
         # SmolLM2-135M never writes "Rating: [[N]]": every 1-10 grade of the embedded run abstained (30 of 30,
         # 65 s measured). Win rates still come from the pairwise judges; grading: --set eval_grades=true
         base["eval_grades"] = False
+        # each sampled eval answer per prompt costs ~35 s of sampling and ~70 s of judging on the embedded
+        # default (estimated from the greedy eval's 71 s / 68 s; not yet measured): one, against the 20-minute bound
+        base["eval_samples"] = 1
     settings = _merge(base, opts.overrides)
     settings.update({"recipe": opts.recipe, "ensemble": opts.ensemble, "eval_judge": opts.eval_judge, "seed": opts.seed})
     return settings
@@ -292,11 +297,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     s1 = summary.get("sft_data") or {}
     pairs = summary.get("pairs") or {}
     lines.append(f"  stage 1: {s1.get('rows', 0)} SFT rows written, {s1.get('skipped', 0)} skipped"
+                 + (f" ({s1['heldout_rows']} held out to measure SFT on)" if s1.get("heldout_rows") else "")
                  + (f", {s1['failed']} failed (a re-run retries them)" if s1.get("failed") else ""))
     reasons = ", ".join(f"{k} {v}" for k, v in (pairs.get("skipped_reasons") or {}).items())
     lines.append(f"  stage 2: {pairs.get('rows', 0)} preference pairs, {pairs.get('skipped', 0)} prompts skipped"
                  + (f" ({reasons})" if reasons else "")
-                 + (f", {pairs['failed']} failed (a re-run retries them)" if pairs.get("failed") else ""))
+                 + (f", {pairs['failed']} failed (a re-run retries them)" if pairs.get("failed") else "")
+                 + (f"; {pairs['heldout_rows']} pairs held out to measure DPO on" if pairs.get("heldout_rows") else ""))
     for kind in ("sft", "dpo"):
         r = summary.get(kind) or {}
         if r:
@@ -307,6 +314,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     for w in (summary.get("eval") or {}).get("winrates") or []:
         lines.append(f"  {w['model']} vs {w['baseline']}: win rate {w['win_rate']:.1f}% "
                      f"[{w['win_rate_ci'][0]:.1f}, {w['win_rate_ci'][1]:.1f}], LC {w['lc_win_rate']:.1f}% (n={w['n']})")
+    for sentence in (summary.get("training_effect") or {}).get("statements") or []:
+        lines.append(f"  effect: {sentence}")
     tok = summary.get("tokens") or {}
     lines.append(f"  tokens: {tok.get('total_tokens', 0)}"
                  + "".join(f"; {s} {n}" for s, n in (tok.get("per_stage") or {}).items()))

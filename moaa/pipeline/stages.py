@@ -1,11 +1,16 @@
 """The pipeline's stages. Each reads the run folder, does only what is not done yet, and writes its output.
 
-    sft_data  prompts -> gateway GenerateBatch (MoA answers)       -> stage1-sft-data/  (TRL SFT rows)
+    sft_data  prompts -> gateway GenerateBatch (MoA answers)       -> stage1-sft-data/  (TRL SFT rows; the eval
+              prompts' rows are held out of train.jsonl, in heldout.jsonl, to measure SFT on)
     sft       moaa train sft                                        -> sft-model/
     samples   moaa sample --n 5 from the SFT model                  -> stage2-samples/
-    pairs     annotator AnnotateStream (judge ensemble)             -> stage2-pairs/     (TRL preference rows)
+    pairs     annotator AnnotateStream (judge ensemble)             -> stage2-pairs/     (TRL preference rows; a
+              share held out by id hash into heldout.jsonl, to measure DPO on)
     dpo       moaa train dpo                                        -> dpo-model/
-    answers   one answer per held-out prompt from base, SFT, DPO     -> eval/answers-*.jsonl
+    answers   per held-out prompt from base, SFT, DPO: one greedy answer and k sampled ones (fixed seeds)
+                                                                    -> eval/answers-*.jsonl
+    training_effect  judge-independent: held-out loss, DPO implicit reward accuracy, answers changed
+                                                                    -> eval/effect.json
     eval      pairwise judging in both orders, win rates, grades     -> eval/winrates.json, grades.json
 """
 from __future__ import annotations
@@ -19,7 +24,7 @@ from moaa.client.endpoint import Endpoint
 from moaa.errors import TransientError, UserError
 
 from .budget import TokenLedger
-from .data import PromptRow
+from .data import PromptRow, held_out_ids
 from .layout import RunLayout
 from .progress import StageProgress
 from .rpc import annotate_stream, generate_batch
@@ -84,11 +89,17 @@ async def _fill_dataset(ctx: StageContext, store: DatasetStore, rows: list, id_o
     return _finish_dataset(ctx, store, total, what)
 
 
-def _train_rows_file(store: DatasetStore, path: Path, keys: tuple[str, ...]) -> Path:
-    """The rows TRL reads (id + its format's fields), in one file, written atomically."""
-    text = "".join(json.dumps({k: r[k] for k in ("id", *keys)}, ensure_ascii=False) + "\n" for r in store.iter_rows())
-    atomic_write_text(path, text)
-    return path
+def _train_rows_file(store: DatasetStore, path: Path, keys: tuple[str, ...], keep=lambda rid: True) -> int:
+    """The rows TRL reads (id + its format's fields) whose id `keep` accepts, in one file, written atomically."""
+    rows = [{k: r[k] for k in ("id", *keys)} for r in store.iter_rows() if keep(r["id"])]
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return len(rows)
+
+
+def _split_rows_file(store: DatasetStore, folder: Path, keys: tuple[str, ...], held: set[str]) -> dict:
+    """train.jsonl (what training reads) and heldout.jsonl (what the training-effect step measures on)."""
+    return {"train_rows": _train_rows_file(store, folder / "train.jsonl", keys, lambda rid: rid not in held),
+            "heldout_rows": _train_rows_file(store, folder / "heldout.jsonl", keys, lambda rid: rid in held)}
 
 
 async def stage_sft_data(ctx: StageContext) -> dict:
@@ -98,10 +109,11 @@ async def stage_sft_data(ctx: StageContext) -> dict:
         return generate_batch(ctx.gateway, pending, store, ctx.ledger, progress, recipe=ctx.settings.get("recipe", ""),
                               max_tokens=ctx.settings["answer_tokens"], window=ctx.settings.get("window", 32))
 
-    m = await _fill_dataset(ctx, store, ctx.train_prompts, lambda r: r.id, call,
+    # the eval prompts get MoA answers too: never trained on, they measure SFT's effect on its own target
+    m = await _fill_dataset(ctx, store, ctx.train_prompts + ctx.eval_prompts, lambda r: r.id, call,
                             "stage 1: MoA answers", "stage 1 (MoA answers)")
-    _train_rows_file(store, ctx.layout.sft_data / "train.jsonl", ("messages",))
-    return {"rows": m["rows"], "skipped": m["skipped"], "failed": m["failed"]}
+    split = _split_rows_file(store, ctx.layout.sft_data, ("messages",), {p.id for p in ctx.eval_prompts})
+    return {"rows": m["rows"], "skipped": m["skipped"], "failed": m["failed"], **split}
 
 
 async def _train(ctx: StageContext, kind: str, data: Path, model: str, out: Path) -> dict:
@@ -166,8 +178,11 @@ async def stage_pairs(ctx: StageContext) -> dict:
     if m["rows"] == 0:
         raise UserError(f"stage 2 produced no preference pairs ({m['skipped']} prompts skipped: "
                         f"{m['skipped_reasons']}); lower the ensemble's min_margin or sample more answers")
-    _train_rows_file(store, ctx.layout.pairs / "train.jsonl", ("prompt", "chosen", "rejected"))
-    return {"rows": m["rows"], "skipped": m["skipped"], "skipped_reasons": m["skipped_reasons"], "failed": m["failed"]}
+    # enough pairs to measure DPO on, not so many that a large run trains on much less
+    held = held_out_ids([r["id"] for r in store.iter_rows()], ctx.settings.get("pairs_heldout_fraction", 0.2),
+                        "pairs-heldout", cap=ctx.settings.get("pairs_heldout_max", 1000))
+    split = _split_rows_file(store, ctx.layout.pairs, ("prompt", "chosen", "rejected"), held)
+    return {"rows": m["rows"], "skipped": m["skipped"], "skipped_reasons": m["skipped_reasons"], "failed": m["failed"], **split}
 
 
 async def stage_dpo(ctx: StageContext) -> dict:
@@ -178,8 +193,16 @@ EVAL_MODELS = ("base", "sft", "dpo")
 EVAL_PAIRS = [("sft", "base"), ("dpo", "base"), ("dpo", "sft")]
 
 
+def _eval_decodings(ctx: StageContext) -> list[tuple[str, int, float]]:
+    """(file suffix, answers per prompt, temperature): greedy, and k samples at a temperature when k > 0 (a
+    small change of the model moves sampled answers before it moves the greedy one)."""
+    k = int(ctx.settings.get("eval_samples", 0) or 0)
+    greedy = [("", 1, 0.0)]
+    return greedy + [("-sampled", k, float(ctx.settings.get("eval_temperature", 0.7)))] if k > 0 else greedy
+
+
 async def stage_answers(ctx: StageContext) -> dict:
-    """One answer per held-out prompt from the base, SFT and DPO models (no services needed)."""
+    """Answers to the held-out prompts from the base, SFT and DPO models (no services needed)."""
     from .eval.run import answers_from_samples
 
     out = ctx.layout.eval
@@ -189,32 +212,67 @@ async def stage_answers(ctx: StageContext) -> dict:
     prompts = _prompt_file(out / "prompts.jsonl", ctx.eval_prompts)
     models = {"base": ctx.base_model, "sft": str(ctx.layout.sft_model), "dpo": str(ctx.layout.dpo_model)}
     counts = {}
-    for name in EVAL_MODELS:
-        ans_file = out / f"answers-{name}.jsonl"
-        have = len(answers_from_samples(ans_file)) if ans_file.exists() else 0
-        if have < len(ctx.eval_prompts):
-            progress = StageProgress(f"eval answers: {name}", len(ctx.eval_prompts), have, quiet=ctx.quiet)
-            try:
-                await training.sample(model=Path(models[name]), prompts=prompts, out=ans_file, n=1,
-                                      max_new_tokens=ctx.settings["sample_tokens"], temperature=0.0,
-                                      log_path=ctx.layout.logs / f"eval-{name}.log", progress=progress,
-                                      seed=ctx.settings.get("seed", 0))
-            finally:
-                progress.close()
-        counts[name] = len(answers_from_samples(ans_file))
+    for suffix, n, temperature in _eval_decodings(ctx):
+        for name in EVAL_MODELS:
+            ans_file = out / f"answers-{name}{suffix}.jsonl"
+            have = len(answers_from_samples(ans_file)) if ans_file.exists() else 0
+            if have < len(ctx.eval_prompts):
+                progress = StageProgress(f"eval answers: {name}{suffix}", len(ctx.eval_prompts), have, quiet=ctx.quiet)
+                try:
+                    # the same seed for every model: sample j of each model starts from the same random state
+                    await training.sample(model=Path(models[name]), prompts=prompts, out=ans_file, n=n,
+                                          max_new_tokens=ctx.settings["sample_tokens"], temperature=temperature,
+                                          log_path=ctx.layout.logs / f"eval-{name}.log", progress=progress,
+                                          seed=ctx.settings.get("seed", 0))
+                finally:
+                    progress.close()
+            counts[f"{name}{suffix}"] = len(answers_from_samples(ans_file)) * n
     return {"answers": counts}
+
+
+async def stage_training_effect(ctx: StageContext) -> dict:
+    """Judge-independent evidence of what SFT and DPO changed (see moaa/pipeline/effect.py)."""
+    from .effect import effect_items, training_effect
+    from .eval.run import all_answers_from_samples, answers_from_samples
+
+    out = ctx.layout.eval
+    out.mkdir(parents=True, exist_ok=True)
+    lp_path = out / "logprobs.json"
+    if not lp_path.exists():  # the child writes it atomically once every model is done
+        items = effect_items(ctx.layout.sft_data / "heldout.jsonl",
+                             {"heldout": ctx.layout.pairs / "heldout.jsonl", "train": ctx.layout.pairs / "train.jsonl"})
+        atomic_write_text(out / "effect-items.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+        models = {"base": ctx.base_model, "sft": ctx.layout.sft_model, "dpo": ctx.layout.dpo_model}
+        cmd = training.moaa_command("logprobs", "--items", str(out / "effect-items.jsonl"), "--out", str(lp_path),
+                                    "--max-length", str((ctx.settings.get("sft") or {}).get("max_length", 512)),
+                                    *[a for name, path in models.items() for a in ("--model", f"{name}={path}")])
+        await training.run_child(cmd, log_path=ctx.layout.logs / "effect.log", what="training-effect log-probs")
+    answers = {name: answers_from_samples(out / f"answers-{name}.jsonl") for name in EVAL_MODELS
+               if (out / f"answers-{name}.jsonl").exists()}
+    sampled = {name: all_answers_from_samples(out / f"answers-{name}-sampled.jsonl") for name in EVAL_MODELS
+               if (out / f"answers-{name}-sampled.jsonl").exists()}
+    beta = float((ctx.settings.get("dpo") or {}).get("beta", 0.1))
+    effect = training_effect(json.loads(lp_path.read_text()), answers, beta, sampled)
+    atomic_write_text(out / "effect.json", json.dumps(effect, indent=2))
+    return effect
 
 
 async def stage_eval(ctx: StageContext) -> dict:
     """Pairwise judging in both orders, win rates with CIs; 1-10 grades where a chat judge is reachable
     and the eval_grades setting is on."""
     from .eval.judges import AnnotatorPairJudge
-    from .eval.run import answers_from_samples, grade_answers, judge_pairs, winrates_from_store, write_winrates
+    from .eval.run import (all_answers_from_samples, answers_from_samples, grade_answers, judge_pairs,
+                           winrates_from_store, write_winrates)
 
     out = ctx.layout.eval
     if not ctx.eval_prompts:
         return {"note": "no eval prompts"}
     answers = {name: answers_from_samples(out / f"answers-{name}.jsonl") for name in EVAL_MODELS}
+    pairs = list(EVAL_PAIRS)
+    for suffix, n, _ in _eval_decodings(ctx)[1:]:  # sampled answers: "<model>:sampled", sample j against sample j
+        answers.update({f"{name}:sampled": all_answers_from_samples(out / f"answers-{name}{suffix}.jsonl")
+                        for name in EVAL_MODELS})
+        pairs += [(f"{m}:sampled", f"{b}:sampled") for m, b in EVAL_PAIRS]
     use_chat = ctx.chat_judge is not None and ctx.settings.get("eval_judge", "auto") == "chat"
     if not use_chat and ctx.annotator is None:
         raise UserError("evaluation needs a judge: give --annotator HOST:PORT")
@@ -224,17 +282,17 @@ async def stage_eval(ctx: StageContext) -> dict:
     store = ctx.store(out / "judgments", "eval", "generations")
     grades = None
     try:
-        for model, baseline in EVAL_PAIRS:
+        for model, baseline in pairs:
             ctx.ledger.check("evaluation")
             await judge_pairs(judge, model, baseline, answers[model], answers[baseline], store, quiet=ctx.quiet)
         if ctx.chat_judge is not None and ctx.settings.get("eval_grades", True):
-            grades = await grade_answers(ctx.chat_judge, answers, out, quiet=ctx.quiet)
+            grades = await grade_answers(ctx.chat_judge, {m: answers[m] for m in EVAL_MODELS}, out, quiet=ctx.quiet)
     finally:
         ctx.ledger.save()
         if not use_chat:
             await judge.close()
-    m = _finish_dataset(ctx, store, len(EVAL_PAIRS) * len(ctx.eval_prompts), "evaluation")
-    winrates = winrates_from_store(store, EVAL_PAIRS)
+    m = _finish_dataset(ctx, store, sum(len(answers[m]) for m, _ in pairs), "evaluation")
+    winrates = winrates_from_store(store, pairs)
     write_winrates(out, winrates)
     result = {"winrates": winrates, "grades": grades, "judge": judge.name, "failed": m["failed"]}
     if grades is None:
@@ -253,5 +311,6 @@ STAGES = [
     ("pairs", stage_pairs),
     ("dpo", stage_dpo),
     ("answers", stage_answers),
+    ("training_effect", stage_training_effect),
     ("eval", stage_eval),
 ]

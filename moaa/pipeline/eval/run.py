@@ -161,6 +161,15 @@ def answers_from_samples(path: Path) -> dict[str, tuple[list[dict], str]]:
     return out
 
 
+def all_answers_from_samples(path: Path) -> dict[str, tuple[list[dict], str]]:
+    """Every sample of each row, keyed "<id>#<j>": sample j of one model is judged against sample j of another."""
+    out = {}
+    for row in iter_jsonl(path):
+        for j, text in enumerate(sample_texts(row)):
+            out[f"{row['id']}#{j}"] = (sample_prompt(row), text)
+    return out
+
+
 async def evaluate(args) -> dict:
     """`moaa eval`: the model's answers against a baseline's (or references), judged in both orders."""
     from moaa.client.endpoint import Endpoint

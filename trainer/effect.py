@@ -1,0 +1,95 @@
+"""`moaa logprobs`: summed log-probabilities of completions under one or more models (the torch side of the
+pipeline's judge-independent training-effect measures).
+
+Input rows: {"id", "prompt": [messages], "completion": [messages], "models"?: [names]} (without
+"models", every model scores the row). The prompt is rendered with the chat
+template and the generation prompt; the completion is what the template adds after it, tokenized
+separately and appended, as TRL's SFT/DPO trainers build their sequences. Output, per model and row id:
+[sum of log p(completion token | prefix), completion tokens]. Models are loaded one at a time.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moaa.errors import UserError
+
+
+def load_items(path: str | Path) -> list[dict]:
+    """Rows {id, prompt, completion}; a bad row stops the run naming its line."""
+    from moaa.services.annotator.batch import read_jsonl
+
+    rows = []
+    for lineno, row in read_jsonl(Path(path), "items file"):
+        if not (isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list) and row.get("id")):
+            raise UserError(f"{path}: line {lineno}: expected {{id, prompt: [messages], completion: [messages]}}")
+        rows.append(row)
+    return rows
+
+
+def encode(tok, prompt: list[dict], completion: list[dict], max_length: int) -> tuple[list[int], int]:
+    """Token ids of prompt + completion, and where the completion starts (truncated to max_length:
+    the completion's end is cut first, then the prompt's start)."""
+    prompt_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tok.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise UserError("the chat template renders the prompt differently once the answer follows; "
+                        "cannot tell the answer's tokens apart")
+    p = tok(prompt_text, add_special_tokens=False)["input_ids"]
+    c = tok(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    c = c[:max(1, max_length - len(p))]
+    p = p[-max(1, max_length - len(c)):]
+    return p + c, len(p)
+
+
+def completion_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int) -> list[tuple[float, int]]:
+    """For each (ids, start): the sum of log p(ids[t] | ids[:t]) over t >= start, and the count of those
+    tokens. One forward pass for the batch, right-padded and masked (padding comes after every real token,
+    so a causal model's real positions see none of it)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in seqs)
+    x = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in seqs], device=model.device)
+    mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in seqs], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(2, x[:, 1:, None])[:, :, 0]
+    out = []
+    for row, (ids, start) in enumerate(seqs):
+        out.append((float(logp[row, start - 1:len(ids) - 1].sum()), len(ids) - start))
+    return out
+
+
+def model_logprobs(model_dir: str, items: list[dict], max_length: int = 512, batch_size: int = 8) -> dict[str, list]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UserError(f"model folder {model_dir} holds no config.json")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if not tok.chat_template:
+        raise UserError(f"model {model_dir} has no chat template")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    encoded = {row["id"]: encode(tok, row["prompt"], row["completion"], max_length) for row in items}
+    ids = sorted(encoded, key=lambda k: len(encoded[k][0]))  # similar lengths per batch: little padding
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = {}
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i:i + batch_size]
+        for rid, value in zip(chunk, completion_logprobs(model, [encoded[k] for k in chunk], pad)):
+            out[rid] = list(value)
+    return {row["id"]: out[row["id"]] for row in items}
+
+
+def run_logprobs(models: dict[str, str], items_path: str, out: str, max_length: int = 512) -> dict:
+    """{name: {id: [sum_logp, n_tokens]}} for every model, written atomically to `out`."""
+    from moaa.pipeline.store import atomic_write_json
+
+    items = load_items(items_path)
+    result = {}
+    for name, path in models.items():
+        mine = [r for r in items if name in r.get("models", [name])]  # a row may name the models it needs
+        result[name] = model_logprobs(path, mine, max_length) if mine else {}
+        print(json.dumps({"event": "logprobs", "model": name, "rows": len(mine)}), flush=True)
+    atomic_write_json(Path(out), result)
+    return result
