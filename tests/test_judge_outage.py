@@ -18,7 +18,6 @@ from moaa.pipeline.rpc import Endpoint
 from moaa.pipeline.stages import StageContext, stage_pairs
 from moaa.jsonl import read_rows as iter_jsonl
 from moaa.pipeline.store import DatasetStore
-from moaa.services.annotator.judge_emulator import JudgeEmulator
 from moaa.services.annotator.server import SERVICE_NAME, start_annotator
 from moaa.services.config import parse_config
 from moaa.services.emulator import Emulator, EmulatorSettings
@@ -34,7 +33,7 @@ class FlakyJudge:
 
     def __init__(self, fault: str = "refuse"):
         self.fault = fault
-        self.emu: JudgeEmulator | None = None
+        self.emu: Emulator | None = None
         self.faulty: Emulator | None = None
         self.port = 0
 
@@ -42,7 +41,8 @@ class FlakyJudge:
         if self.faulty is not None:
             await self.faulty.stop()
             self.faulty = None
-        self.emu = await JudgeEmulator(port=self.port).start()
+        self.emu = Emulator(EmulatorSettings(judge=True))
+        await self.emu.start("127.0.0.1", self.port)
         self.port = self.emu.port
         return self
 
@@ -66,7 +66,7 @@ class FlakyJudge:
             await self.faulty.stop()
 
     def served(self) -> int:
-        return sum(s["requests"] for s in self.emu.snapshot().values())
+        return self.emu.stats.requests
 
     async def down_after(self, requests: int) -> None:
         """The outage starts in the middle of the work: after this many requests reached the judge."""
