@@ -269,6 +269,7 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     n = 2000 if args.quick else args.rows
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops its servers
     emu, emu_url = spawn(_run_emulator)
     judges, judge_url = spawn(_run_judges)
     gw, gw_addr = spawn(_run_gateway, emu_url)

@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from moaa.errors import UserError
 from moaa.jsonl import JsonlAppender, read_rows
@@ -26,11 +26,16 @@ SHARD_ROWS = 1000
 FORMATS = ("sft", "preference", "samples", "generations")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
+    """Write `text` (a string, or its pieces one by one: a whole dataset never sits in memory) to a
+    temporary file, fsync, rename: readers see the old file or the new one, never half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
+        if isinstance(text, str):
+            fh.write(text)
+        else:
+            fh.writelines(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -73,26 +78,28 @@ class DatasetStore:
                                 f"now {self.config_hash}); use a new --out folder or delete this one")
             self.models = set(self.manifest.get("models", []))
             self.extra = dict(self.manifest.get("extra", {}))
+        # one row at a time: what stays is the ids and the counts, never a shard's rows
         shards = self.shards()
-        last: list[dict] = []
+        last = 0
         for shard in shards:
-            last = self._writer(shard).open()
-            self.done.update(row["id"] for row in last)
-            self.rows += len(last)
-            self._count(last)
-        skipped = self._writer(self.folder / "skipped.jsonl").open()
-        for rec in skipped:
+            last = 0
+            for row in self._writer(shard).open_iter():
+                self.done.add(row["id"])
+                self._count(row)
+                last += 1
+            self.rows += last
+        for rec in self._writer(self.folder / "skipped.jsonl").open_iter():
             self.skipped[rec["id"]] = rec.get("reason", "")
-        failures = self._writer(self.folder / "failures.jsonl").open()
-        for rec in failures:
+            self._count(rec)
+        for rec in self._writer(self.folder / "failures.jsonl").open_iter():
             self.failed[rec["id"]] = rec.get("error", "")
-        self._count(skipped + failures)
+            self._count(rec)
         for rid in list(self.failed):
             if rid in self.done or rid in self.skipped:
                 del self.failed[rid]
         if shards:
             self._shard_index = len(shards) - 1
-            self._shard_rows = len(last)
+            self._shard_rows = last
         if not self.manifest:
             self.manifest = {"created_at": _now()}
         return self
@@ -116,15 +123,14 @@ class DatasetStore:
 
     def _append_line(self, path: Path, obj: dict) -> None:
         self._writer(path).append(obj)
-        self._count([obj])
+        self._count(obj)
 
-    def _count(self, records: list[dict]) -> None:
-        """Sum the tokens journaled with records ("usage": {model: {...}}): the ledger's source of truth."""
-        for rec in records:
-            for model, u in (rec.get("usage") or {}).items():
-                acc = self.usage.setdefault(model, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
-                for k in acc:
-                    acc[k] += int(u.get(k, 0) or 0)
+    def _count(self, rec: dict) -> None:
+        """Sum the tokens journaled with a record ("usage": {model: {...}}): the ledger's source of truth."""
+        for model, u in (rec.get("usage") or {}).items():
+            acc = self.usage.setdefault(model, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
+            for k in acc:
+                acc[k] += int(u.get(k, 0) or 0)
 
     def write(self, row: dict, *, models: list[str] | None = None) -> bool:
         """Append one row (must carry "id"). Returns False when that id is already done."""
@@ -186,8 +192,7 @@ class DatasetStore:
 
     def export_jsonl(self, path: Path) -> Path:
         """All rows in one file (what `moaa train` reads), written atomically."""
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.iter_rows())
-        atomic_write_text(Path(path), text)
+        atomic_write_text(Path(path), (json.dumps(r, ensure_ascii=False) + "\n" for r in self.iter_rows()))
         return Path(path)
 
 
