@@ -98,3 +98,36 @@ def test_store_reopen_after_torn_tail_across_shards(tmp_path):
     assert again.write({"id": "r8", "messages": []})  # shard 2 held 1 row + r7 -> r8 fills it to 3
     assert [p.name for p in again.shards()] == ["data-00000.jsonl", "data-00001.jsonl", "data-00002.jsonl"]
     assert again.write({"id": "r10", "messages": []}) and len(again.shards()) == 4
+
+
+def test_group_commit_writes_every_row_and_syncs_before_the_manifest(tmp_path, monkeypatch):
+    """One fsync per interval, not per row; every row is in the file at once; the manifest syncs first."""
+    import os
+
+    from moaa.jsonl import JsonlAppender, read_rows
+
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    w = JsonlAppender(tmp_path / "a.jsonl", sync_every_s=3600)
+    w.open()
+    for i in range(50):
+        w.append({"id": f"r{i}"})
+    assert calls == [] and len(list(read_rows(tmp_path / "a.jsonl"))) == 50   # written, not yet synced
+    w.sync()
+    assert len(calls) == 1
+    w.sync()
+    assert len(calls) == 1                                            # nothing left to sync
+    per_row = JsonlAppender(tmp_path / "b.jsonl")                     # the default: fsync per row
+    per_row.append({"id": "x"})
+    per_row.append({"id": "y"})
+    assert len(calls) == 3
+    monkeypatch.setattr("moaa.pipeline.store.SYNC_EVERY_S", 3600)
+    store = DatasetStore(tmp_path / "ds", stage="s", fmt="sft").open()
+    n = len(calls)
+    for i in range(20):
+        store.write({"id": f"r{i}", "messages": []})
+    store.skip("s1", "why")
+    assert len(calls) == n
+    store.write_manifest()
+    assert len(calls) == n + 2 + 1          # the shard, skipped.jsonl, then the manifest's own fsync
