@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from _procs import spawn, write_json  # benchmarks/ is on sys.path when run as a script
+from annotator import _run_emulator as _run_judges  # the judge emulator, as benchmarks/annotator.py runs it
 
 DELAY_S = 0.05          # each backend request
 SLOTS = 16              # requests in flight per backend model
@@ -50,17 +51,6 @@ def _run_emulator(q) -> None:
         emu = Emulator(EmulatorSettings(record=False, ttft_s=DELAY_S, tokens_per_s=100000.0,
                                         default_max_tokens=TOKENS))
         await emu.start()
-        q.put(emu.url)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
-
-
-def _run_judges(q) -> None:
-    from moaa.services.annotator.judge_emulator import JudgeEmulator
-
-    async def main():
-        emu = await JudgeEmulator().start()
         q.put(emu.url)
         await asyncio.Event().wait()
 
@@ -187,6 +177,7 @@ class Run:
                 _, status, usage = os.wait4(self.proc.pid, 0)
                 break
             time.sleep(0.02)
+        self.wall_s = time.monotonic() - self.t0
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         self.errfile.seek(0)
         self.err = self.errfile.read().decode(errors="replace")
@@ -257,6 +248,8 @@ def _size(gw: str, ann: str, tmp: Path, rows: int, window: int | None, kill: boo
         s = res["stages"]["sft_data"]
         left = rows - res["killed_at_rows"]
         s.update(rows_per_s=round(left / s["seconds"], 1), share_of_bound=round(left / s["seconds"] / (SLOTS / DELAY_S), 3))
+    # the rest of the command's wall time: start-up, the skipped stages, the report built at the end
+    res["outside_stages_s"] = round(run.wall_s - sum(v["seconds"] for v in res["stages"].values()), 1)
     res.update(_check_once(out, train_ids))
     return res
 
@@ -289,7 +282,7 @@ def main() -> int:
                 print(line)
                 print(f"    ids exactly once: stage 1 {r['stage1_exactly_once']} ({r['stage1_ids']}), "
                       f"pairs {r['pairs_exactly_once']} ({r['pairs_ids']}); fresh run's first row after "
-                      f"{r['fresh_first_row_s']} s")
+                      f"{r['fresh_first_row_s']} s; outside the two stages (start, report) {r['outside_stages_s']} s")
                 if kill:
                     print(f"    SIGKILL at {r['killed_at_rows']} stage-1 rows: opening the killed folder "
                           f"{r['store_open_s']} s, re-run's first new row after {r['resume_first_row_s']} s")
