@@ -71,7 +71,7 @@ async def _fill_dataset(ctx: StageContext, store: DatasetStore, rows: Callable[[
     ctx.ledger.restore_stage(store.stage, store.usage)
     ctx.ledger.save()
     for _ in range(2):
-        done = len(store.done) + len(store.skipped)  # disjoint: an id is written or skipped, once
+        done = sum(1 for r in rows() if store.is_done(id_of(r)))  # one pass over ids, nothing kept
         if done >= total:
             break
         pending = (r for r in rows() if not store.is_done(id_of(r)))
