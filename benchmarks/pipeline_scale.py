@@ -13,9 +13,10 @@ finished SFT model manifest (so the sft stage is done) and a complete stage-2 sa
 candidates per prompt, one shard as `moaa sample` writes it. Stages sft_data and pairs then run for real.
 
 Per size (N/4 and N rows through both stages; the prompt file holds N / 0.8 prompts, as 20 % are held
-out for eval): rows/s of each stage and its share of the bound, the pipeline's peak RSS (its own
-process, from wait4), and that every id is in the output exactly once. At N, the run is SIGKILLed at
-about half of stage 1 and run again: printed are the time to open the killed dataset folder
+out for eval): rows/s of each stage and its share of the bound, the pipeline's RSS while the stages run
+(sampled every 0.5 s) and its peak over the whole command (its own process, from wait4: that includes
+the report built after the stages), and that every id is in the output exactly once. At N, the run
+is SIGKILLed at about half of stage 1 and run again: printed are the time to open the killed dataset folder
 (`DatasetStore.open`, what a re-run does to find where it stopped) and the re-run's time to its first
 new row, next to a fresh run's time to its first row (process start, imports, prompt loading).
 """
@@ -31,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 from _procs import spawn, write_json  # benchmarks/ is on sys.path when run as a script
 from annotator import _run_emulator as _run_judges  # the judge emulator, as benchmarks/annotator.py runs it
@@ -156,12 +159,29 @@ class Run:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.errfile)
         self.first_row_s: float | None = None
         self.err = ""
+        self.stage_rss_mib = 0.0     # sampled while stages sft_data .. pairs run (not the report after them)
+        self._sampled_at = 0.0
 
     def poll(self) -> int:
         n = _rows_in(self.watch)
+        now = time.monotonic()
         if self.first_row_s is None and n > self.base:
-            self.first_row_s = time.monotonic() - self.t0
+            self.first_row_s = now - self.t0
+        if now - self._sampled_at >= 0.5 and not self._pairs_done():
+            self._sampled_at = now
+            try:
+                rss = psutil.Process(self.proc.pid).memory_info().rss / 2**20
+            except psutil.Error:
+                rss = 0.0
+            self.stage_rss_mib = max(self.stage_rss_mib, rss)
         return n
+
+    def _pairs_done(self) -> bool:
+        try:
+            run = json.loads((self.watch.parent / "run.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return run.get("stages", {}).get("pairs", {}).get("status") == "done"
 
     def wait(self, until=None, timeout_s: float = 3600) -> tuple[int, float]:
         """Poll until exit (or until `until(rows)` is true: then SIGKILL). Returns (exit code, peak RSS MiB).
@@ -233,11 +253,13 @@ def _size(gw: str, ann: str, tmp: Path, rows: int, window: int | None, kill: boo
         rc, rss = rerun.wait()
         res["resume_first_row_s"] = round(rerun.first_row_s or float("nan"), 2)
         res["peak_rss_mib"] = round(max(rss, rss_killed), 1)
+        res["stage_rss_mib"] = round(max(first.stage_rss_mib, rerun.stage_rss_mib), 1)
         run = rerun
     else:
         run = Run(cmd, s1)
         rc, rss = run.wait()
         res["peak_rss_mib"] = round(rss, 1)
+        res["stage_rss_mib"] = round(run.stage_rss_mib, 1)
         res["fresh_first_row_s"] = round(run.first_row_s or float("nan"), 2)
     if rc != 0:
         raise SystemExit(f"pipeline run failed (exit {rc}):\n{run.err[-3000:]}")
@@ -276,7 +298,8 @@ def main() -> int:
                 r = _size(gw_addr, ann_addr, Path(tmp), rows, args.window, kill)
                 results.append(r)
                 st = r["stages"]
-                line = f"{rows} rows: peak RSS {r['peak_rss_mib']} MiB; " + "; ".join(
+                line = (f"{rows} rows: pipeline RSS {r['stage_rss_mib']} MiB during the stages (sampled), peak "
+                        f"{r['peak_rss_mib']} MiB with the report built after them; ") + "; ".join(
                     f"{k} {v['rows_per_s']} rows/s ({v['share_of_bound']:.0%} of bound, {v['seconds']} s)"
                     for k, v in st.items())
                 print(line)
