@@ -123,8 +123,8 @@ def _seed(out: Path, prompts: Path) -> list[str]:
     (out / "stage2-samples").mkdir()
     with (out / "stage2-samples" / "data-00000.jsonl").open("w") as fh:
         for k, r in enumerate(train):
-            cands = [{"id": f"s{i}", "text": f"Answer {i} to prompt {k}: " + "water " * (i + k % 3), "model": "sft-model"}
-                     for i in range(CANDIDATES)]
+            cands = [{"id": f"s{i}", "text": f"Answer {i} to prompt {k}: " + "water " * (i + k % 3),
+                      "model": "sft-model"} for i in range(CANDIDATES)]
             fh.write(json.dumps({"id": r.id, "prompt": r.messages, "candidates": cands}) + "\n")
     return [r.id for r in train]
 
@@ -217,7 +217,8 @@ def _stage_rates(out: Path, rows: int) -> dict:
     res = {}
     for stage in ("sft_data", "pairs"):
         s = run["stages"][stage]["seconds"]
-        res[stage] = {"seconds": round(s, 1), "rows_per_s": round(rows / s, 1), "share_of_bound": round(rows / s / bound, 3)}
+        res[stage] = {"seconds": round(s, 1), "rows_per_s": round(rows / s, 1),
+                      "share_of_bound": round(rows / s / bound, 3)}
     return res
 
 
@@ -269,7 +270,8 @@ def _size(gw: str, ann: str, tmp: Path, rows: int, window: int | None, kill: boo
         res["stages"] = _stage_rates(out, rows)  # stage 1 of the re-run: the rows left after the kill
         s = res["stages"]["sft_data"]
         left = rows - res["killed_at_rows"]
-        s.update(rows_per_s=round(left / s["seconds"], 1), share_of_bound=round(left / s["seconds"] / (SLOTS / DELAY_S), 3))
+        s.update(rows_per_s=round(left / s["seconds"], 1),
+                 share_of_bound=round(left / s["seconds"] / (SLOTS / DELAY_S), 3))
     # the rest of the command's wall time: start-up, the skipped stages, the report built at the end
     res["outside_stages_s"] = round(run.wall_s - sum(v["seconds"] for v in res["stages"].values()), 1)
     res.update(_check_once(out, train_ids))
