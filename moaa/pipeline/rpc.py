@@ -7,12 +7,14 @@ line), so the ledger of a killed run is rebuilt from its rows (`DatasetStore.usa
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterable
 
 from moaa.client.endpoint import Endpoint
 from moaa.client.pairs import annotate_request, pair_row, skip_info, usage_record
 from moaa.client.window import windowed
-from moaa.v1 import annotator_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
+from moaa.errors import UserError
+from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .budget import TokenLedger
 from .progress import StageProgress
@@ -30,17 +32,20 @@ async def generate_batch(ep: Endpoint, rows: Iterable[Any], store: DatasetStore,
                          progress: StageProgress, *, recipe: str = "", max_tokens: int | None = None,
                          stage: str = "sft_data", window: int = 32) -> None:
     """Stage 1: one MoA answer per prompt row -> SFT rows {id, messages, moa, usage} in `store`."""
-    by_id = {r.id: r for r in rows}
-    items = (gateway_pb2.BatchItem(id=row.id, request=gateway_pb2.GenerateRequest(
-        recipe=recipe, messages=[common_pb2.Message(role=m["role"], content=m["content"]) for m in row.messages],
-        aggregator_sampling=_sampling(max_tokens), proposer_sampling=_sampling(max_tokens)))
-        for row in by_id.values())
+    inflight: dict[str, Any] = {}   # only the rows sent and not yet answered: memory does not grow with rows
+
+    def items():
+        for row in rows:
+            inflight[row.id] = row
+            yield gateway_pb2.BatchItem(id=row.id, request=gateway_pb2.GenerateRequest(
+                recipe=recipe, messages=[common_pb2.Message(role=m["role"], content=m["content"]) for m in row.messages],
+                aggregator_sampling=_sampling(max_tokens), proposer_sampling=_sampling(max_tokens)))
     async with ep.channel() as channel:
         stub = gateway_pb2_grpc.MoAGatewayStub(channel)
         try:
-            async for res in windowed(stub.GenerateBatch, items, ep=ep, what="gateway GenerateBatch",
+            async for res in windowed(stub.GenerateBatch, items(), ep=ep, what="gateway GenerateBatch",
                                       window=window, stop=ledger.exhausted):
-                row = by_id.get(res.id)
+                row = inflight.pop(res.id, None)
                 if row is None:
                     continue
                 if res.WhichOneof("result") == "error":
@@ -71,26 +76,41 @@ async def generate_batch(ep: Endpoint, rows: Iterable[Any], store: DatasetStore,
             ledger.save()
 
 
-async def annotate_stream(ep: Endpoint, rows: list[dict], store: DatasetStore, ledger: TokenLedger,
+async def annotate_stream(ep: Endpoint, rows: Iterable[dict], store: DatasetStore, ledger: TokenLedger,
                           progress: StageProgress, *, ensemble: str = "", mode: str = "", model: str = "sft",
                           stage: str = "pairs", window: int = 16) -> None:
-    """Stage 2: candidates per prompt -> preference rows in the one schema (`moaa.client.pairs`)."""
-    todo = {}
-    for row in rows:
-        req, reason = annotate_request(row, ensemble=ensemble, mode=mode, model=model)
-        if req is None:
-            store.skip(row["id"], reason)
-            progress.advance(skipped=True)
-        else:
-            todo[req.id] = req
-    if not todo:
+    """Stage 2: candidates per prompt -> preference rows in the one schema (`moaa.client.pairs`).
+    Rows are read as they are sent (a 65,000-row samples file never sits in memory); a bad row stops
+    the feeding, the rows in flight are still written, then its error is raised."""
+    inflight: dict[str, annotator_pb2.AnnotateRequest] = {}
+    bad: list[Exception] = []
+
+    def requests():
+        for row in rows:
+            try:
+                req, reason = annotate_request(row, ensemble=ensemble, mode=mode, model=model)
+            except UserError as err:  # raised inside gRPC's request iterator it would only cancel the call
+                bad.append(err)
+                return
+            if req is None:
+                store.skip(row["id"], reason)
+                progress.advance(skipped=True)
+                continue
+            inflight[req.id] = req
+            yield req
+
+    todo = requests()
+    first = next(todo, None)
+    if first is None:  # nothing to judge: no call (and no annotator needed)
+        if bad:
+            raise bad[0]
         return
     async with ep.channel() as channel:
         stub = annotator_pb2_grpc.AnnotatorStub(channel)
         try:
-            async for res in windowed(stub.AnnotateStream, list(todo.values()), ep=ep,
+            async for res in windowed(stub.AnnotateStream, itertools.chain([first], todo), ep=ep,
                                       what="annotator AnnotateStream", window=window, stop=ledger.exhausted):
-                req = todo.get(res.id)
+                req = inflight.pop(res.id, None)
                 if req is None:
                     continue
                 if res.WhichOneof("result") == "error":
@@ -108,3 +128,5 @@ async def annotate_stream(ep: Endpoint, rows: list[dict], store: DatasetStore, l
                 progress.advance()
         finally:
             ledger.save()
+    if bad:
+        raise bad[0]

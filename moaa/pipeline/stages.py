@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from moaa.client.endpoint import Endpoint
 from moaa.errors import TransientError, UserError
@@ -68,18 +68,21 @@ def _finish_dataset(ctx: StageContext, store: DatasetStore, total: int, what: st
     return store.write_manifest(complete=True)
 
 
-async def _fill_dataset(ctx: StageContext, store: DatasetStore, rows: list, id_of, call, label: str, what: str) -> dict:
+async def _fill_dataset(ctx: StageContext, store: DatasetStore, rows: Callable[[], Iterable], total: int, id_of,
+                        call, label: str, what: str) -> dict:
     """Send the rows not yet in the store through `call(pending, progress)`; a second pass retries this
-    run's failures once; the token budget is checked around each pass. Returns the finished manifest."""
-    total = len(rows)
+    run's failures once; the token budget is checked around each pass. Returns the finished manifest.
+    `rows()` gives the stage's `total` input rows afresh for each pass, lazily: at 65,000 rows a stage
+    holds only the rows in flight, never its whole input (the samples of stage 2 are a 65,000-row file)."""
     ctx.ledger.restore_stage(store.stage, store.usage)
     ctx.ledger.save()
     for _ in range(2):
-        pending = [r for r in rows if not store.is_done(id_of(r))]
-        if not pending:
+        done = sum(1 for r in rows() if store.is_done(id_of(r)))  # one pass over ids, nothing kept
+        if done >= total:
             break
+        pending = (r for r in rows() if not store.is_done(id_of(r)))
         ctx.ledger.check(what)
-        progress = StageProgress(label, total, total - len(pending), ctx.ledger, quiet=ctx.quiet)
+        progress = StageProgress(label, total, done, ctx.ledger, quiet=ctx.quiet)
         try:
             await call(pending, progress)
         finally:
@@ -90,10 +93,19 @@ async def _fill_dataset(ctx: StageContext, store: DatasetStore, rows: list, id_o
 
 
 def _train_rows_file(store: DatasetStore, path: Path, keys: tuple[str, ...], keep=lambda rid: True) -> int:
-    """The rows TRL reads (id + its format's fields) whose id `keep` accepts, in one file, written atomically."""
-    rows = [{k: r[k] for k in ("id", *keys)} for r in store.iter_rows() if keep(r["id"])]
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return len(rows)
+    """The rows TRL reads (id + its format's fields) whose id `keep` accepts, in one file, written atomically
+    and streamed (a large set is never held in memory)."""
+    count = 0
+
+    def lines():
+        nonlocal count
+        for r in store.iter_rows():
+            if keep(r["id"]):
+                count += 1
+                yield json.dumps({k: r[k] for k in ("id", *keys)}, ensure_ascii=False) + "\n"
+
+    atomic_write_text(path, lines())
+    return count
 
 
 def _split_rows_file(store: DatasetStore, folder: Path, keys: tuple[str, ...], held: set[str]) -> dict:
@@ -110,7 +122,8 @@ async def stage_sft_data(ctx: StageContext) -> dict:
                               max_tokens=ctx.settings["answer_tokens"], window=ctx.settings.get("window", 32))
 
     # the eval prompts get MoA answers too: never trained on, they measure SFT's effect on its own target
-    m = await _fill_dataset(ctx, store, ctx.train_prompts + ctx.eval_prompts, lambda r: r.id, call,
+    m = await _fill_dataset(ctx, store, lambda: ctx.train_prompts + ctx.eval_prompts,
+                            len(ctx.train_prompts) + len(ctx.eval_prompts), lambda r: r.id, call,
                             "stage 1: MoA answers", "stage 1 (MoA answers)")
     split = _split_rows_file(store, ctx.layout.sft_data, ("messages",), {p.id for p in ctx.eval_prompts})
     return {"rows": m["rows"], "skipped": m["skipped"], "failed": m["failed"], **split}
@@ -135,8 +148,8 @@ async def stage_sft(ctx: StageContext) -> dict:
 
 
 def _prompt_file(path: Path, prompts: list[PromptRow]) -> Path:
-    atomic_write_text(path, "".join(json.dumps({"id": p.id, "prompt": p.messages}, ensure_ascii=False) + "\n"
-                                    for p in prompts))
+    atomic_write_text(path, (json.dumps({"id": p.id, "prompt": p.messages}, ensure_ascii=False) + "\n"
+                             for p in prompts))
     return path
 
 
@@ -173,7 +186,7 @@ async def stage_pairs(ctx: StageContext) -> dict:
                                ensemble=ctx.settings.get("ensemble", ""), model="sft-model",
                                window=ctx.settings.get("window", 32))
 
-    m = await _fill_dataset(ctx, store, list(samples.iter_rows()), lambda r: r["id"], call,
+    m = await _fill_dataset(ctx, store, samples.iter_rows, samples.rows, lambda r: r["id"], call,
                             "stage 2: judging", "stage 2 (judging)")
     if m["rows"] == 0:
         raise UserError(f"stage 2 produced no preference pairs ({m['skipped']} prompts skipped: "

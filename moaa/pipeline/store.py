@@ -6,9 +6,11 @@ Layout of one dataset folder:
     failures.jsonl         ids that failed; retried on the next run (not "done")
     manifest.json          counts, models, config hash, stage, timestamps, complete flag
 
-Exactly once: every line goes through the one resumable writer (`moaa.jsonl`: one write per row, fsynced
-before the id counts as done; a torn last line of a killed run is cut by `open` and that row is done
-again). Ids already present in rows or skipped.jsonl are never written twice.
+Exactly once: every line goes through the one resumable writer (`moaa.jsonl`: one write per row; a torn
+last line of a killed run is cut by `open` and that row is done again). Ids already present in rows or
+skipped.jsonl are never written twice. Rows are fsynced by group commit (every SYNC_EVERY_S, and before
+each manifest): a killed process loses no row it wrote; a machine crash loses at most the last interval's
+rows, which are then simply not done and are redone on resume.
 The manifest is replaced atomically (write to a temporary file, fsync, rename).
 """
 from __future__ import annotations
@@ -17,20 +19,26 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from moaa.errors import UserError
 from moaa.jsonl import JsonlAppender, read_rows
 
 SHARD_ROWS = 1000
+SYNC_EVERY_S = 0.2   # group commit of the rows (moaa.jsonl.JsonlAppender); the manifest is written after a sync
 FORMATS = ("sft", "preference", "samples", "generations")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
+    """Write `text` (a string, or its pieces one by one: a whole dataset never sits in memory) to a
+    temporary file, fsync, rename: readers see the old file or the new one, never half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
+        if isinstance(text, str):
+            fh.write(text)
+        else:
+            fh.writelines(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -73,26 +81,28 @@ class DatasetStore:
                                 f"now {self.config_hash}); use a new --out folder or delete this one")
             self.models = set(self.manifest.get("models", []))
             self.extra = dict(self.manifest.get("extra", {}))
+        # one row at a time: what stays is the ids and the counts, never a shard's rows
         shards = self.shards()
-        last: list[dict] = []
+        last = 0
         for shard in shards:
-            last = self._writer(shard).open()
-            self.done.update(row["id"] for row in last)
-            self.rows += len(last)
-            self._count(last)
-        skipped = self._writer(self.folder / "skipped.jsonl").open()
-        for rec in skipped:
+            last = 0
+            for row in self._writer(shard).open_iter():
+                self.done.add(row["id"])
+                self._count(row)
+                last += 1
+            self.rows += last
+        for rec in self._writer(self.folder / "skipped.jsonl").open_iter():
             self.skipped[rec["id"]] = rec.get("reason", "")
-        failures = self._writer(self.folder / "failures.jsonl").open()
-        for rec in failures:
+            self._count(rec)
+        for rec in self._writer(self.folder / "failures.jsonl").open_iter():
             self.failed[rec["id"]] = rec.get("error", "")
-        self._count(skipped + failures)
+            self._count(rec)
         for rid in list(self.failed):
             if rid in self.done or rid in self.skipped:
                 del self.failed[rid]
         if shards:
             self._shard_index = len(shards) - 1
-            self._shard_rows = len(last)
+            self._shard_rows = last
         if not self.manifest:
             self.manifest = {"created_at": _now()}
         return self
@@ -111,20 +121,19 @@ class DatasetStore:
     # -- writing -------------------------------------------------------------------------------
     def _writer(self, path: Path) -> JsonlAppender:
         if path not in self._writers:
-            self._writers[path] = JsonlAppender(path)
+            self._writers[path] = JsonlAppender(path, sync_every_s=SYNC_EVERY_S)
         return self._writers[path]
 
     def _append_line(self, path: Path, obj: dict) -> None:
         self._writer(path).append(obj)
-        self._count([obj])
+        self._count(obj)
 
-    def _count(self, records: list[dict]) -> None:
-        """Sum the tokens journaled with records ("usage": {model: {...}}): the ledger's source of truth."""
-        for rec in records:
-            for model, u in (rec.get("usage") or {}).items():
-                acc = self.usage.setdefault(model, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
-                for k in acc:
-                    acc[k] += int(u.get(k, 0) or 0)
+    def _count(self, rec: dict) -> None:
+        """Sum the tokens journaled with a record ("usage": {model: {...}}): the ledger's source of truth."""
+        for model, u in (rec.get("usage") or {}).items():
+            acc = self.usage.setdefault(model, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
+            for k in acc:
+                acc[k] += int(u.get(k, 0) or 0)
 
     def write(self, row: dict, *, models: list[str] | None = None) -> bool:
         """Append one row (must carry "id"). Returns False when that id is already done."""
@@ -155,7 +164,13 @@ class DatasetStore:
         self._append_line(self.folder / "failures.jsonl", {"id": row_id, "error": error, "at": _now(), **info})
         self.failed[row_id] = error
 
+    def sync(self) -> None:
+        """fsync every row written so far (group commit leaves up to SYNC_EVERY_S of them unsynced)."""
+        for w in self._writers.values():
+            w.sync()
+
     def write_manifest(self, *, complete: bool = False, **extra: Any) -> dict:
+        self.sync()  # the counts it records are on disk first
         self.extra.update(extra)
         reasons: dict[str, int] = {}
         for why in self.skipped.values():
@@ -186,8 +201,7 @@ class DatasetStore:
 
     def export_jsonl(self, path: Path) -> Path:
         """All rows in one file (what `moaa train` reads), written atomically."""
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.iter_rows())
-        atomic_write_text(Path(path), text)
+        atomic_write_text(Path(path), (json.dumps(r, ensure_ascii=False) + "\n" for r in self.iter_rows()))
         return Path(path)
 
 
