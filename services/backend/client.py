@@ -15,6 +15,7 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import aiohttp
+import orjson
 
 from moaa.services.config import BackendConfig, SamplingConfig
 
@@ -29,6 +30,8 @@ from .stream import ChatStream
 log = logging.getLogger("moaa.backend")
 
 PROBE_HEADER = "X-Moaa-Probe"
+_JSON = {"Content-Type": "application/json"}
+_PROBE_JSON = {**_JSON, PROBE_HEADER: "1"}
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -316,11 +319,12 @@ class BackendClient:
                 finally:
                     self.queued -= 1
                 sent = loop.time()
-            headers = {PROBE_HEADER: "1"} if probe else None
+            # encoded once here with orjson: aiohttp's json= costs a stdlib dumps and a payload wrapper
+            payload, headers = _dumps(body), (_PROBE_JSON if probe else _JSON)
             phase, phase_deadline = "first token", min(sent + t.first_token_s, attempt_deadline)
             try:
                 async with asyncio.timeout_at(phase_deadline):
-                    resp = await self._ensure_session().post(f"{url}/chat/completions", json=body, headers=headers)
+                    resp = await self._ensure_session().post(f"{url}/chat/completions", data=payload, headers=headers)
             except TimeoutError as e:
                 if isinstance(e, aiohttp.ServerTimeoutError):
                     raise fail("connect", f"connect timed out after connect_s={t.connect_s}s") from None
@@ -387,8 +391,10 @@ class BackendClient:
                         check_chat_chunk(ev)
                     except MalformedEvent as e:
                         raise fail("malformed", str(e)) from None
-                    if any(c.get("finish_reason") for c in ev.get("choices") or []):
-                        finished = True
+                    if not finished:
+                        for c in ev.get("choices") or ():
+                            if c.get("finish_reason"):
+                                finished = True
                     if phase == "first token":
                         phase = "chunk gap"
                     yield ev
@@ -437,6 +443,13 @@ def _as_event(raw: bytes, fail) -> dict:
         raise fail("malformed", f"response is not a chat completion: {e}") from None
     except (ValueError, KeyError, TypeError, AttributeError):
         raise fail("malformed", "response is not a chat completion") from None
+
+
+def _dumps(body: dict) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # what orjson refuses (integers over 64 bits) the stdlib still writes
+        return json.dumps(body).encode()
 
 
 def _short(e: BaseException) -> str:
