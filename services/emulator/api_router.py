@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import socket
+import time
 
 from aiohttp import web
 
@@ -164,10 +165,12 @@ class Emulator:
                 if s.overflow == "queue":
                     await cap.sem.acquire()
                 cap.active += 1
+            t0 = time.monotonic()
             try:
                 result, finished = await self._respond(request, body, base, s)
                 return result
             finally:
+                serving.stats.busy_s[base] += time.monotonic() - t0
                 if cap is not None:
                     cap.active -= 1
                     if s.overflow == "queue":
