@@ -38,7 +38,7 @@ import asyncio
 import os
 import sys
 
-from _procs import spawn, write_json  # benchmarks/ is on sys.path when run as a script
+from _procs import cpu_s as _cpu_s, spawn, write_json  # benchmarks/ is on sys.path when run as a script
 import time
 
 PROPOSERS = {"p1": 1.0, "p2": 1.5, "p3": 2.0}   # time to first token, seconds
@@ -259,13 +259,6 @@ async def _closed_loop(call, concurrency: int, total: int, spread_s: float = 0.0
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return latencies, time.perf_counter() - t0
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], p: float) -> float:
