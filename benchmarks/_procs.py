@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 
 
 def spawn(target, *args, timeout_s: float = 60.0):
@@ -19,3 +20,11 @@ def write_json(path: str | None, obj) -> None:
     if path:
         with open(path, "w") as fh:
             json.dump(obj, fh, indent=1)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc). CPU time, unlike wall time, barely changes
+    with other load on the machine: the benchmarks' per-request cost figures use it."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

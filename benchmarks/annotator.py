@@ -11,7 +11,8 @@ backend the share of wall time it had at least one request in flight ("busy") an
 slots in use ("slots"). In mode 'moa' the aggregator judge runs after the judges, on its own backend.
 Target: judge backends busy >= 95 % of the time; pointwise >= 75 % of the bound. On 2 shared cores
 (emulator, annotator and client compete for them) measured 78-80 % of the bound in pointwise mode with
-every judge backend busy 99 % of the time; moa 48-63 % (the aggregator call follows the judges).
+every judge backend busy 99 % of the time; moa 48-63 % (the aggregator call follows the judges). Also
+printed: the annotator's CPU time per judge request (process CPU time, which other load barely changes).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import argparse
 import asyncio
 import sys
 
-from _procs import spawn, write_json  # benchmarks/ is on sys.path when run as a script
+from _procs import cpu_s, spawn, write_json  # benchmarks/ is on sys.path when run as a script
 import time
 
 DELAY_S = 0.05
@@ -73,7 +74,7 @@ async def _stats(url: str) -> dict:
             return (await r.json())["models"]
 
 
-async def _run_mode(address: str, emu_url: str, ensemble: str, prompts: int) -> dict:
+async def _run_mode(address: str, emu_url: str, ensemble: str, prompts: int, pid: int) -> dict:
     import grpc
 
     from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
@@ -92,12 +93,12 @@ async def _run_mode(address: str, emu_url: str, ensemble: str, prompts: int) -> 
     before = await _stats(emu_url)
     async with grpc.aio.insecure_channel(address) as ch:
         stub = annotator_pb2_grpc.AnnotatorStub(ch)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s(pid)
         n = errors = 0
         async for res in stub.AnnotateStream(gen()):
             n += 1
             errors += res.WhichOneof("result") == "error"
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, cpu_s(pid) - c0
     after = await _stats(emu_url)
     busy = {}
     for name in [*JUDGES, "agg"]:
@@ -111,7 +112,9 @@ async def _run_mode(address: str, emu_url: str, ensemble: str, prompts: int) -> 
     rate = n / wall
     bound = CONCURRENCY / DELAY_S
     return {"mode": ensemble, "annotations": n, "errors": errors, "wall_s": round(wall, 2),
-            "per_s": round(rate, 1), "bound_per_s": bound, "ratio": round(rate / bound, 3), "backends": busy}
+            "per_s": round(rate, 1), "bound_per_s": bound, "ratio": round(rate / bound, 3), "backends": busy,
+            # the annotator process's CPU time per judge request it made
+            "cpu_ms_per_backend_request": cpu * 1e3 / max(1, sum(b["requests"] for b in busy.values()))}
 
 
 def main() -> int:
@@ -125,10 +128,11 @@ def main() -> int:
     results = []
     try:
         for mode in ("pointwise", "moa"):
-            r = asyncio.run(_run_mode(address, emu_url, mode, prompts))
+            r = asyncio.run(_run_mode(address, emu_url, mode, prompts, ann.pid))
             results.append(r)
             print(f"{mode:<9} {r['annotations']} annotations in {r['wall_s']} s: {r['per_s']}/s, "
-                  f"{r['ratio']:.0%} of the bound {r['bound_per_s']:.0f}/s ({r['errors']} errors)")
+                  f"{r['ratio']:.0%} of the bound {r['bound_per_s']:.0f}/s ({r['errors']} errors); annotator CPU "
+                  f"{r['cpu_ms_per_backend_request']:.3f} ms per judge request")
             for name, b in r["backends"].items():
                 print(f"    {name:<4} busy {b['busy']:.1%}  slots {b['slots']:.1%}  requests {b['requests']}")
     finally:

@@ -346,3 +346,17 @@ async def test_judge_mode_answers_judging_prompts_by_the_model_name_policy(http,
     assert stats["first"].in_flight == 0 and stats["first"].max_in_flight == 1
     async with http.get(emu.root + "/emulator/stats") as r:
         assert (await r.json())["models"]["garbage"]["requests"] == 1
+
+
+async def test_busy_time_counts_slot_seconds_served_not_time_queued(http, emulator_factory):
+    """/emulator/stats' busy_s: what a benchmark checks its share-of-capacity figure against."""
+    emu = await emulator_factory(max_concurrency=2, overflow="queue", ttft_s=0.2)
+
+    async def one():
+        async with await post(http, emu, body("m", stream=True, max_tokens=2)) as r:
+            await r.read()
+
+    await asyncio.gather(*(one() for _ in range(4)))  # two served at once, two waited for a slot
+    async with http.get(emu.root + "/emulator/stats") as resp:
+        busy = (await resp.json())["busy_s"]
+    assert set(busy) == {"m"} and 0.8 <= busy["m"] < 1.2  # 4 x 0.2 s, the queueing not counted

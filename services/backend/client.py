@@ -15,6 +15,7 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import aiohttp
+import orjson
 
 from moaa.services.config import BackendConfig, SamplingConfig
 
@@ -29,6 +30,8 @@ from .stream import ChatStream
 log = logging.getLogger("moaa.backend")
 
 PROBE_HEADER = "X-Moaa-Probe"
+_JSON = {"Content-Type": "application/json"}
+_PROBE_JSON = {**_JSON, PROBE_HEADER: "1"}
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -153,21 +156,23 @@ class BackendClient:
         ttft = None
         state: dict[str, Any] = {}
         async with aclosing(self._events(body, deadline, state)) as events:
-            async for ev in events:
-                if ev is _RESTART:
+            async for batch in events:
+                if batch is _RESTART:
                     texts, finish, usage, ttft = {}, {}, Usage(), None
                     continue
                 if ttft is None:
                     ttft = time.monotonic() - t0
-                for ch in ev.get("choices") or []:
-                    i = int(ch.get("index", 0))
-                    delta = ch.get("delta") or {}
-                    piece = delta.get("content") or ch.get("text") or ""
-                    texts.setdefault(i, []).append(piece)
-                    if ch.get("finish_reason"):
-                        finish[i] = ch["finish_reason"]
-                if ev.get("usage"):
-                    usage = Usage.from_dict(ev["usage"])
+                for ev in batch:
+                    for ch in ev.get("choices") or ():
+                        i = ch.get("index", 0)
+                        delta = ch.get("delta")
+                        piece = (delta and delta.get("content")) or ch.get("text")
+                        if piece:
+                            texts.setdefault(i, []).append(piece)
+                        if ch.get("finish_reason"):
+                            finish[i] = ch["finish_reason"]
+                    if ev.get("usage"):
+                        usage = Usage.from_dict(ev["usage"])
         choices = [ChatChoice(i, "".join(texts.get(i, [])), finish.get(i)) for i in range(n)]
         return ChatResult(model=self.name, endpoint=state.get("endpoint", ""), choices=choices, usage=usage,
                           latency_s=time.monotonic() - t0, ttft_s=ttft, attempts=state.get("attempts", 1))
@@ -213,7 +218,7 @@ class BackendClient:
             attempts=max(r.attempts for r in results), failures=errors)
 
     async def _events(self, body: dict, deadline: float, state: dict) -> AsyncIterator[Any]:
-        """Parsed stream events, with retries and failover until the consumer sets state['committed'];
+        """Parsed stream events in lists (those of one read), with retries and failover until the consumer sets state['committed'];
         a retry after events were passed on is announced by a _RESTART marker so the consumer starts
         over. Sets state['endpoint'] and state['attempts']."""
         loop = asyncio.get_running_loop()
@@ -232,9 +237,9 @@ class BackendClient:
                 state["endpoint"] = replica.url
                 tried.add(replica.url)
                 async with aclosing(self._attempt(replica, body, deadline)) as events:
-                    async for ev in events:
+                    async for batch in events:
                         passed_on = True
-                        yield ev
+                        yield batch
                 return
             except BackendError as err:
                 err.attempts = attempt
@@ -253,8 +258,8 @@ class BackendClient:
                     yield _RESTART
 
     async def _attempt(self, replica: Replica, body: dict, deadline: float,
-                       probe: bool = False) -> AsyncIterator[dict]:
-        """One request to one replica, as parsed SSE events. Raises BackendError naming the cause."""
+                       probe: bool = False) -> AsyncIterator[list[dict]]:
+        """One request to one replica, as lists of parsed SSE events (those of one read). Raises BackendError naming the cause."""
         loop = asyncio.get_running_loop()
         t = self.cfg.timeouts
         start = loop.time()
@@ -316,11 +321,12 @@ class BackendClient:
                 finally:
                     self.queued -= 1
                 sent = loop.time()
-            headers = {PROBE_HEADER: "1"} if probe else None
+            # encoded once here with orjson: aiohttp's json= costs a stdlib dumps and a payload wrapper
+            payload, headers = _dumps(body), (_PROBE_JSON if probe else _JSON)
             phase, phase_deadline = "first token", min(sent + t.first_token_s, attempt_deadline)
             try:
                 async with asyncio.timeout_at(phase_deadline):
-                    resp = await self._ensure_session().post(f"{url}/chat/completions", json=body, headers=headers)
+                    resp = await self._ensure_session().post(f"{url}/chat/completions", data=payload, headers=headers)
             except TimeoutError as e:
                 if isinstance(e, aiohttp.ServerTimeoutError):
                     raise fail("connect", f"connect timed out after connect_s={t.connect_s}s") from None
@@ -353,7 +359,7 @@ class BackendClient:
                     raise timed_out(phase_deadline, phase) from None
                 except aiohttp.ClientError as e:
                     raise fail("stream_cut", f"response cut short: {_short(e)}") from None
-                yield _as_event(whole, fail)
+                yield [_as_event(whole, fail)]
                 outcome = "ok"
                 return
             parser = SSEParser()
@@ -373,6 +379,10 @@ class BackendClient:
                     events = parser.feed(data) if data else parser.close()
                 except MalformedEvent as e:
                     raise fail("malformed", str(e)) from None
+                # the events of one read are checked, then passed on as one list: one wakeup of the
+                # consumer per read, not one per chunk (most answers arrive in a read or two)
+                batch: list[dict] = []
+                failure: BackendError | None = None
                 for ev in events:
                     if ev is DONE:
                         done = True
@@ -381,18 +391,25 @@ class BackendClient:
                         e = ev.get("error", ev)
                         code = e.get("code") if isinstance(e, dict) else None
                         status = code if isinstance(code, int) and 400 <= code < 600 else 500
-                        raise fail("http_5xx" if status >= 500 else "http_4xx",
-                                   "error in stream: " + error_message(json.dumps(ev)), status)
+                        failure = fail("http_5xx" if status >= 500 else "http_4xx",
+                                       "error in stream: " + error_message(json.dumps(ev)), status)
+                        break
                     try:
                         check_chat_chunk(ev)
                     except MalformedEvent as e:
-                        raise fail("malformed", str(e)) from None
-                    if any(c.get("finish_reason") for c in ev.get("choices") or []):
-                        finished = True
-                    if phase == "first token":
-                        phase = "chunk gap"
-                    yield ev
+                        failure = fail("malformed", str(e))
+                        break
+                    if not finished:
+                        for c in ev.get("choices") or ():
+                            if c.get("finish_reason"):
+                                finished = True
+                    batch.append(ev)
+                if batch:  # what came before a failure still reaches the caller, as it did chunk by chunk
+                    phase = "chunk gap"
+                    yield batch
                     phase_deadline = min(loop.time() + t.chunk_gap_s, attempt_deadline)
+                if failure is not None:
+                    raise failure
                 if not data and not done:
                     if finished:  # some servers end without [DONE]; a finished answer is complete
                         break
@@ -437,6 +454,13 @@ def _as_event(raw: bytes, fail) -> dict:
         raise fail("malformed", f"response is not a chat completion: {e}") from None
     except (ValueError, KeyError, TypeError, AttributeError):
         raise fail("malformed", "response is not a chat completion") from None
+
+
+def _dumps(body: dict) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # what orjson refuses (integers over 64 bits) the stdlib still writes
+        return json.dumps(body).encode()
 
 
 def _short(e: BaseException) -> str:

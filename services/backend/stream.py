@@ -33,28 +33,30 @@ class _StreamState:
 async def _stream_chunks(client: BackendClient, body: dict, deadline: float,
                          st: _StreamState) -> AsyncIterator[ChatChunk]:
     async with aclosing(client._events(body, deadline, st.retry)) as events:
-        async for ev in events:
-            if ev is RESTART:  # a retry after a role-only chunk: the caller saw nothing yet
+        async for batch in events:
+            if batch is RESTART:  # a retry after a role-only chunk: the caller saw nothing yet
                 st.ttft_s = None
                 continue
             st.endpoint = st.retry.get("endpoint", "")
             st.attempts = st.retry.get("attempts", 1)
             if st.ttft_s is None:
                 st.ttft_s = time.monotonic() - st.t0
-            usage = Usage.from_dict(ev["usage"]) if ev.get("usage") else None
-            if usage is not None:
-                st.usage = usage
-            for ch in ev.get("choices") or []:
-                piece = (ch.get("delta") or {}).get("content") or ch.get("text") or ""
-                fin = ch.get("finish_reason")
-                st.text += piece
-                st.finish_reason = fin or st.finish_reason
-                if piece or fin:
+            for ev in batch:
+                usage = Usage.from_dict(ev["usage"]) if ev.get("usage") else None
+                if usage is not None:
+                    st.usage = usage
+                for ch in ev.get("choices") or ():
+                    delta = ch.get("delta")
+                    piece = (delta and delta.get("content")) or ch.get("text") or ""
+                    fin = ch.get("finish_reason")
+                    st.text += piece
+                    st.finish_reason = fin or st.finish_reason
+                    if piece or fin:
+                        st.retry["committed"] = True
+                        yield ChatChunk(piece, fin, None, ch.get("index", 0))
+                if usage is not None:
                     st.retry["committed"] = True
-                    yield ChatChunk(piece, fin, None, int(ch.get("index", 0)))
-            if usage is not None:
-                st.retry["committed"] = True
-                yield ChatChunk("", st.finish_reason, usage)
+                    yield ChatChunk("", st.finish_reason, usage)
     st.latency_s = time.monotonic() - st.t0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 
 from aiohttp import web
 
@@ -166,10 +167,12 @@ class Emulator:
                 if s.overflow == "queue":
                     await cap.sem.acquire()
                 cap.active += 1
+            t0 = time.monotonic()
             try:
                 result, finished = await self._respond(request, body, base, s)
                 return result
             finally:
+                serving.stats.busy_s[base] += time.monotonic() - t0
                 if cap is not None:
                     cap.active -= 1
                     if s.overflow == "queue":

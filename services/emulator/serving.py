@@ -95,12 +95,16 @@ class EmulatorStats:
     tokens: int = 0
     authorization: str | None = None  # the last Authorization header seen
     models: dict[str, ModelStats] = field(default_factory=dict)  # per model (base name), probes excluded
+    # model (base name) -> slot-seconds spent answering (slot taken to answer sent): a benchmark divides
+    # it by slots x wall time for the share of capacity the backend really had busy
+    busy_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "probes": self.probes, "completed": self.completed,
                 "disconnects": self.disconnects, "rejected": self.rejected, "errors": dict(self.errors),
                 "faults": dict(self.faults), "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "tokens": self.tokens, "authorization": self.authorization, "bodies": {m: list(d) for m, d in self.bodies.items()},
+                "tokens": self.tokens, "authorization": self.authorization, "busy_s": dict(self.busy_s),
+                "bodies": {m: list(d) for m, d in self.bodies.items()},
                 "models": {m: st.to_dict() for m, st in self.models.items()}}
 
     def last_body(self, model: str | None = None) -> dict | None:
