@@ -116,7 +116,10 @@ async def _cli_across_outage(flaky: FlakyJudge, *args: str) -> str:
     judge is back (exit 0). Returns the first run's stderr."""
     outage = asyncio.create_task(flaky.down_after(4))
     rc, _, err = await _moaa(*args)
-    await outage
+    try:
+        await asyncio.wait_for(outage, 30)  # the judge went down mid-run (or the command ended before it could)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"the command ended (rc {rc}) before the outage began: {err}") from None
     assert rc == 75, err
     await flaky.back()
     rc, _, err2 = await _moaa(*args)

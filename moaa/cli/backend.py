@@ -66,7 +66,7 @@ def add_emulator_arguments(parser) -> None:
     from moaa.services.emulator.protocol import EmulatorSettings
 
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=_port, default=8000, help="port to listen on (0 = any free port)")
+    parser.add_argument("--port", type=port, default=8000, help="port to listen on (0 = any free port)")
     parser.add_argument("--model", dest="models", action="append", default=None,
                         help="model name to list in /v1/models (repeatable); any name is answered")
     parser.add_argument("--settings", default=None,

@@ -216,7 +216,7 @@ def no_pair_section(pairs_dir: Path) -> list[str]:
     """Why prompts gave no pair: counts per reason kind, with one full reason as an example."""
     path = pairs_dir / "skipped.jsonl"
     kinds: dict[str, list[str]] = {}
-    for row in iter_jsonl(path) if path.exists() else []:
+    for row in read_rows(path):
         kinds.setdefault(str(row.get("reason", "")).split(":")[0], []).append(str(row.get("reason", "")))
     if not kinds:
         return []

@@ -164,7 +164,7 @@ def answers_from_samples(path: Path) -> dict[str, tuple[list[dict], str]]:
 def all_answers_from_samples(path: Path) -> dict[str, tuple[list[dict], str]]:
     """Every sample of each row, keyed "<id>#<j>": sample j of one model is judged against sample j of another."""
     out = {}
-    for row in iter_jsonl(path):
+    for row in read_rows(path):
         for j, text in enumerate(sample_texts(row)):
             out[f"{row['id']}#{j}"] = (sample_prompt(row), text)
     return out
