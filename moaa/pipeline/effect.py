@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import iter_jsonl
+from moaa.jsonl import read_rows as iter_jsonl
 
 MIN_PAIRS_FOR_CI = 5  # below this a percentile bootstrap interval is degenerate
 NOTE_SFT_REFERENCE = ("SFT model: its reference is itself, so every reward margin is 0 and its accuracy is 0.5 by "
