@@ -12,6 +12,8 @@ import time
 import psutil
 import pytest
 
+from tests.fixtures.kill import alive, wait_all_gone
+
 # A stand-in for vLLM: the server process starts an "engine core" child and a worker that ignores
 # SIGTERM (only SIGKILL ends it), then serves forever.
 STANDIN = """
@@ -41,24 +43,6 @@ def descendants(pid: int, at_least: int, timeout: float = 30.0) -> list[psutil.P
         if len(procs) >= at_least or time.monotonic() > deadline:
             return procs
         time.sleep(0.1)
-
-
-def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def wait_all_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout
-    while alive(procs) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return alive(procs)
 
 
 def kill_all(procs: list[psutil.Process]) -> None:

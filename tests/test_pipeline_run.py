@@ -62,14 +62,24 @@ def _ids(folder: Path) -> list[str]:
             for line in shard.read_text().splitlines() if line.strip()]
 
 
-async def _kill_when(cmd, ready, timeout=120):
-    """Start the pipeline, SIGKILL it as soon as `ready()` is true; returns True if it was killed mid-run."""
+async def _kill_when(cmd, ready, timeout=120, tree: dict | None = None):
+    """Start the pipeline, SIGKILL it as soon as `ready()` is true; returns True if it was killed mid-run.
+    `tree` receives the pipeline and its descendants as they were just before the kill (psutil.Process -> argv)."""
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.DEVNULL)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline and proc.returncode is None:
         if ready():
+            if tree is not None:
+                import psutil
+
+                me = psutil.Process(proc.pid)
+                for p in [me, *me.children(recursive=True)]:
+                    try:
+                        tree[p] = p.cmdline()
+                    except psutil.NoSuchProcess:
+                        pass
             os.kill(proc.pid, signal.SIGKILL)
             await proc.wait()
             return True
@@ -234,6 +244,49 @@ async def test_sigkill_mid_sft_training_then_resume_from_checkpoint(services, ti
     ids = _ids(out / "stage1-sft-data")
     assert len(ids) == len(set(ids)) == 21
     assert "SFT: 20 steps" in stdout and "resumed from" in stdout
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_samples_leaves_no_process_and_resumes_exactly_once(services, tiny_model_dir, tmp_path):
+    """SIGKILL while the sampler child (`moaa sample`) is appending rows: the sampler dies with the pipeline,
+    the re-run finishes the samples with every id once, and the token ledger equals the rows' journaled usage.
+    Sampling is local (the SFT model in the sampler process): it calls no service and journals no tokens."""
+    from moaa.pipeline.budget import TokenLedger
+    from moaa.pipeline.store import DatasetStore
+    from tests.fixtures.kill import alive, wait_all_gone
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "samples", "--set", "sft.max_steps=2",
+               "--set", "sft.global_batch_size=2", "--set", "sft.trl.save_strategy=no")
+    shard = out / "stage2-samples" / "data-00000.jsonl"
+    tree: dict = {}
+    killed = await _kill_when(cmd, lambda: shard.exists() and 1 <= shard.read_text().count("\n") < 17,
+                              timeout=300, tree=tree)
+    assert killed, "the samples stage finished before the kill"
+    assert any(argv[3:4] == ["sample"] for argv in tree.values()), list(tree.values())  # python -m moaa.cli.main sample
+    partial = _ids(out / "stage2-samples")
+    assert 1 <= len(partial) < 17 and len(partial) == len(set(partial))
+    left = await asyncio.to_thread(wait_all_gone, list(tree), 5.0)      # a few seconds later: nothing of the run
+    assert not left, [(p.pid, tree[p][:5]) for p in alive(left)]
+    # an orphaned sampler may finish the tiny model's rows within those seconds: it shows as rows written after
+    assert _ids(out / "stage2-samples") == partial, "a process of the killed run kept writing samples"
+    assert json.loads((out / "run.json").read_text())["stages"]["samples"]["status"] == "running"
+    rc, _, err = await _run(cmd)
+    assert rc == 0, err
+    ids = _ids(out / "stage2-samples")
+    assert len(ids) == len(set(ids)) == 17 and set(partial) <= set(ids)
+    manifest = json.loads((out / "stage2-samples" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows"] == 17
+    assert json.loads((out / "run.json").read_text())["stages"]["samples"]["status"] == "done"
+    # the ledger: stage 1's tokens equal the usage journaled with its rows; sampling spent none
+    ledger = TokenLedger(out / "usage.json")
+    stage1 = DatasetStore(out / "stage1-sft-data", stage="sft_data", fmt="sft").open()
+    journaled = sum(u["prompt_tokens"] + u["completion_tokens"] for u in stage1.usage.values())
+    assert journaled > 0 and ledger.stage_total("sft_data") == journaled
+    assert ledger.stage_total("samples") == 0 and ledger.total == journaled
+    samples = DatasetStore(out / "stage2-samples", stage="samples", fmt="samples").open()
+    assert samples.usage == {}
 
 
 @pytest.mark.slow
