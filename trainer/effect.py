@@ -17,10 +17,10 @@ from moaa.errors import UserError
 
 def load_items(path: str | Path) -> list[dict]:
     """Rows {id, prompt, completion}; a bad row stops the run naming its line."""
-    from moaa.services.annotator.batch import read_jsonl
+    from moaa.jsonl import read_input
 
     rows = []
-    for lineno, row in read_jsonl(Path(path), "items file"):
+    for lineno, row in read_input(Path(path), "items"):
         if not (isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list) and row.get("id")):
             raise UserError(f"{path}: line {lineno}: expected {{id, prompt: [messages], completion: [messages]}}")
         rows.append(row)
