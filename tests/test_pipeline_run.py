@@ -219,7 +219,7 @@ async def test_one_run_per_folder_and_a_killed_runs_lock_is_taken_over(services,
     rc, _, err = await _run(cmd)
     assert rc == 0, err
     ids = _ids(out / "stage1-sft-data")
-    assert len(ids) == len(set(ids)) == 17
+    assert len(ids) == len(set(ids)) == 21        # 17 to train on + the 4 eval prompts held out
     assert lock.read_text() == ""                             # released at the end
 
 

@@ -69,7 +69,9 @@ async def test_stage_pairs_over_a_one_shard_samples_file_resumes(annotator, tmp_
     ids = [r["id"] for r in DatasetStore(layout.pairs, stage="pairs", fmt="preference").open().iter_rows()]
     assert sorted(ids) == sorted(f"p{i}" for i in range(300))
     assert (await stage_pairs(ctx))["rows"] == 300
-    assert len((layout.pairs / "train.jsonl").read_text().splitlines()) == 300
+    train = (layout.pairs / "train.jsonl").read_text().splitlines()
+    held = (layout.pairs / "heldout.jsonl").read_text().splitlines()   # pairs held out to measure DPO on
+    assert len(train) + len(held) == 300 and len(held) == 60
 
 
 def test_scan_streams_rows_before_a_bad_line(tmp_path):
