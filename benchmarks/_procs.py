@@ -1,6 +1,7 @@
 """What the benchmark scripts share: server processes that report where they listen, JSON figures."""
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -14,6 +15,20 @@ def spawn(target, *args, timeout_s: float = 60.0):
     proc = ctx.Process(target=target, args=(*args, q), daemon=True)
     proc.start()
     return proc, q.get(timeout=timeout_s)
+
+
+def run_emulator(settings: dict, profiles: dict | None, q) -> None:
+    """The one emulated backend of every benchmark, in its own process: `spawn(run_emulator, {settings},
+    {model: overrides})` returns its URL."""
+    from moaa.services.emulator import Emulator, EmulatorSettings
+
+    async def main():
+        emu = Emulator(EmulatorSettings(**settings), profiles or {})
+        await emu.start()
+        q.put(emu.url)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
 
 
 def write_json(path: str | None, obj) -> None:

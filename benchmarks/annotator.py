@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import sys
 
-from _procs import cpu_s, spawn, write_json  # benchmarks/ is on sys.path when run as a script
+from _procs import cpu_s, run_emulator, spawn, write_json  # benchmarks/ is on sys.path when run as a script
 import time
 
 DELAY_S = 0.05
@@ -31,18 +31,6 @@ JUDGES = {"j1": "keyword:paris", "j2": "longest+text", "j3": "keyword:capital"}
 def _policy(name: str) -> str:
     # the name makes each backend's served model, and so its busy-time counters, distinct
     return f"{JUDGES.get(name, 'keyword:paris')}+delay={DELAY_S}+name={name}"
-
-
-def _run_emulator(q) -> None:
-    from moaa.services.emulator import Emulator, EmulatorSettings
-
-    async def main():
-        emu = Emulator(EmulatorSettings(judge=True, record=False))
-        await emu.start()
-        q.put(emu.url)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
 
 
 def _config(url: str) -> dict:
@@ -123,7 +111,7 @@ def main() -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     prompts = 200 if args.quick else 1000
-    emu, emu_url = spawn(_run_emulator)
+    emu, emu_url = spawn(run_emulator, {"judge": True, "record": False}, None)
     ann, address = spawn(_run_annotator, emu_url)
     results = []
     try:

@@ -38,7 +38,7 @@ import asyncio
 import os
 import sys
 
-from _procs import cpu_s as _cpu_s, spawn, write_json  # benchmarks/ is on sys.path when run as a script
+from _procs import cpu_s as _cpu_s, run_emulator, spawn, write_json  # benchmarks/ is on sys.path when run as a script
 import time
 
 PROPOSERS = {"p1": 1.0, "p2": 1.5, "p3": 2.0}   # time to first token, seconds
@@ -48,37 +48,13 @@ JITTER_S = 0.5
 SYNC = "@ttft_jitter_s=0"  # model-name suffix: the emulator drops the jitter for this request
 
 
-def _run_emulator(q) -> None:
-    from moaa.services.emulator.api_router import Emulator
-    from moaa.services.emulator.protocol import EmulatorSettings
-
-    async def main():
-        profiles = {m: {"ttft_s": t, "ttft_jitter_s": JITTER_S}
-                    for m, t in {**PROPOSERS, AGGREGATOR[0]: AGGREGATOR[1]}.items()}
-        emu = Emulator(EmulatorSettings(record=False, default_max_tokens=TOKENS), profiles)
-        await emu.start()
-        q.put(emu.url)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+def _profiles() -> dict:
+    """Each proposer's and the aggregator's first-token time, each with seeded jitter."""
+    return {m: {"ttft_s": t, "ttft_jitter_s": JITTER_S} for m, t in {**PROPOSERS, AGGREGATOR[0]: AGGREGATOR[1]}.items()}
 
 
 BATCH_ITEMS = 512
 BATCH_LATENCY_S = 1.0
-
-
-def _run_batch_emulator(slots: int, q) -> None:
-    from moaa.services.emulator.api_router import Emulator
-    from moaa.services.emulator.protocol import EmulatorSettings
-
-    async def main():
-        emu = Emulator(EmulatorSettings(record=False, default_max_tokens=TOKENS, ttft_s=BATCH_LATENCY_S,
-                                        max_concurrency=slots, overflow="queue"), {})
-        await emu.start()
-        q.put(emu.url)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
 
 
 def _run_batch_gateway(url: str, slots: int, q) -> None:
@@ -117,7 +93,8 @@ async def batch_row(slots: int, items: int = BATCH_ITEMS) -> dict:
 
     from moaa.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-    emu, url = spawn(_run_batch_emulator, slots)
+    emu, url = spawn(run_emulator, {"record": False, "default_max_tokens": TOKENS, "ttft_s": BATCH_LATENCY_S,
+                                    "max_concurrency": slots, "overflow": "queue"}, None)
     gw, (port, mport) = spawn(_run_batch_gateway, url, slots)
     models = len(PROPOSERS) + 1
     try:
@@ -398,7 +375,7 @@ def main() -> int:
     plan = [(1, 4), (64, 128), (512, 1024)] if args.quick else [(1, 8), (64, 256), (512, 2048)]
     if args.smoke:
         plan = [(1, 2), (64, 64), (512, 512)]
-    emu, url = spawn(_run_emulator)
+    emu, url = spawn(run_emulator, {"record": False, "default_max_tokens": TOKENS}, _profiles())
     fl, floor_port = spawn(_run_floor)
     gw, (port, http_port) = spawn(_run_gateway, url)
     # the slowest proposer stays slowest (its lead is at least the jitter): mean = both means added

@@ -35,8 +35,7 @@ from pathlib import Path
 
 import psutil
 
-from _procs import spawn, write_json  # benchmarks/ is on sys.path when run as a script
-from annotator import _run_emulator as _run_judges  # the judge emulator, as benchmarks/annotator.py runs it
+from _procs import run_emulator, spawn, write_json  # benchmarks/ is on sys.path when run as a script
 
 DELAY_S = 0.05          # each backend request
 SLOTS = 16              # requests in flight per backend model
@@ -44,20 +43,6 @@ TOKENS = 8              # answer length
 PROPOSERS = ["p1", "p2", "p3"]
 JUDGES = {"j1": "longest", "j2": "longest+text", "j3": "keyword:water"}
 CANDIDATES = 5
-
-
-def _run_emulator(q) -> None:
-    from moaa.services.emulator.api_router import Emulator
-    from moaa.services.emulator.protocol import EmulatorSettings
-
-    async def main():
-        emu = Emulator(EmulatorSettings(record=False, ttft_s=DELAY_S, tokens_per_s=100000.0,
-                                        default_max_tokens=TOKENS))
-        await emu.start()
-        q.put(emu.url)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
 
 
 def _backend(url: str, served: str | None = None) -> dict:
@@ -112,12 +97,15 @@ def _write_prompts(path: Path, n: int) -> None:
             fh.write(json.dumps({"id": f"p{i:06d}", "prompt": f"Explain topic number {i} in one paragraph."}) + "\n")
 
 
-def _seed(out: Path, prompts: Path) -> list[str]:
-    """A finished SFT model and a complete samples file: the run goes from stage 1 straight to judging."""
+def _seed(out: Path, prompts: Path) -> tuple[list[str], list[str]]:
+    """A finished SFT model and a complete samples file: the run goes from stage 1 straight to judging.
+    Returns the training prompts' ids (judged in stage 2) and every prompt's id (stage 1 answers the eval
+    prompts too, held out to measure SFT on)."""
     from moaa.pipeline.data import load_prompts
     from moaa.pipeline.runner import split_eval
 
-    train, _ = split_eval(load_prompts(prompts).rows, 0.2)
+    everything = load_prompts(prompts).rows
+    train, _ = split_eval(everything, 0.2)
     (out / "sft-model").mkdir(parents=True)
     (out / "sft-model" / "manifest.json").write_text(json.dumps({"final_step": 0, "note": "seeded by the benchmark"}))
     (out / "stage2-samples").mkdir()
@@ -126,7 +114,7 @@ def _seed(out: Path, prompts: Path) -> list[str]:
             cands = [{"id": f"s{i}", "text": f"Answer {i} to prompt {k}: " + "water " * (i + k % 3),
                       "model": "sft-model"} for i in range(CANDIDATES)]
             fh.write(json.dumps({"id": r.id, "prompt": r.messages, "candidates": cands}) + "\n")
-    return [r.id for r in train]
+    return [r.id for r in train], [r.id for r in everything]
 
 
 def _rows_in(folder: Path) -> int:
@@ -211,23 +199,22 @@ def _cmd(gateway: str, annotator: str, prompts: Path, out: Path, window: int | N
             *(["--set", f"window={window}"] if window else [])]
 
 
-def _stage_rates(out: Path, rows: int) -> dict:
+def _stage_rates(out: Path, rows_of: dict[str, int]) -> dict:
     run = json.loads((out / "run.json").read_text())
     bound = SLOTS / DELAY_S
     res = {}
-    for stage in ("sft_data", "pairs"):
+    for stage, rows in rows_of.items():
         s = run["stages"][stage]["seconds"]
         res[stage] = {"seconds": round(s, 1), "rows_per_s": round(rows / s, 1),
                       "share_of_bound": round(rows / s / bound, 3)}
     return res
 
 
-def _check_once(out: Path, train_ids: list[str]) -> dict:
+def _check_once(out: Path, train_ids: list[str], all_ids: list[str]) -> dict:
     s1 = _ids(out / "stage1-sft-data", "skipped.jsonl")
     s2 = _ids(out / "stage2-pairs", "skipped.jsonl")
-    want = set(train_ids)
-    return {"stage1_exactly_once": len(s1) == len(set(s1)) == len(want) and set(s1) == want,
-            "pairs_exactly_once": len(s2) == len(set(s2)) == len(want) and set(s2) == want,
+    return {"stage1_exactly_once": len(s1) == len(set(s1)) == len(set(all_ids)) and set(s1) == set(all_ids),
+            "pairs_exactly_once": len(s2) == len(set(s2)) == len(set(train_ids)) and set(s2) == set(train_ids),
             "stage1_ids": len(s1), "pairs_ids": len(s2)}
 
 
@@ -238,7 +225,8 @@ def _size(gw: str, ann: str, tmp: Path, rows: int, window: int | None, kill: boo
     folder.mkdir()
     prompts, out = folder / "prompts.jsonl", folder / "run"
     _write_prompts(prompts, _n_prompts(rows))
-    train_ids = _seed(out, prompts)
+    train_ids, all_ids = _seed(out, prompts)
+    rows_of = {"sft_data": len(all_ids), "pairs": len(train_ids)}
     cmd = _cmd(gw, ann, prompts, out, window)
     s1 = out / "stage1-sft-data"
     res: dict = {"rows": rows, "prompts": _n_prompts(rows)}
@@ -264,17 +252,15 @@ def _size(gw: str, ann: str, tmp: Path, rows: int, window: int | None, kill: boo
         res["fresh_first_row_s"] = round(run.first_row_s or float("nan"), 2)
     if rc != 0:
         raise SystemExit(f"pipeline run failed (exit {rc}):\n{run.err[-3000:]}")
-    if not kill:  # a resumed run's stage time covers only its half
-        res["stages"] = _stage_rates(out, rows)
-    else:
-        res["stages"] = _stage_rates(out, rows)  # stage 1 of the re-run: the rows left after the kill
+    res["stages"] = _stage_rates(out, rows_of)
+    if kill:  # a resumed run's stage 1 time covers only the rows left after the kill
         s = res["stages"]["sft_data"]
-        left = rows - res["killed_at_rows"]
+        left = rows_of["sft_data"] - res["killed_at_rows"]
         s.update(rows_per_s=round(left / s["seconds"], 1),
                  share_of_bound=round(left / s["seconds"] / (SLOTS / DELAY_S), 3))
     # the rest of the command's wall time: start-up, the skipped stages, the report built at the end
     res["outside_stages_s"] = round(run.wall_s - sum(v["seconds"] for v in res["stages"].values()), 1)
-    res.update(_check_once(out, train_ids))
+    res.update(_check_once(out, train_ids, all_ids))
     return res
 
 
@@ -287,8 +273,9 @@ def main() -> int:
     args = ap.parse_args()
     n = 2000 if args.quick else args.rows
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still stops its servers
-    emu, emu_url = spawn(_run_emulator)
-    judges, judge_url = spawn(_run_judges)
+    emu, emu_url = spawn(run_emulator, {"record": False, "ttft_s": DELAY_S, "tokens_per_s": 100000.0,
+                                                "default_max_tokens": TOKENS}, None)
+    judges, judge_url = spawn(run_emulator, {"judge": True, "record": False}, None)
     gw, gw_addr = spawn(_run_gateway, emu_url)
     ann, ann_addr = spawn(_run_annotator, judge_url)
     print(f"backends: {len(PROPOSERS)} proposers + aggregator, {len(JUDGES)} judges; {SLOTS} slots x {DELAY_S} s each: "
