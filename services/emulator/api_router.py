@@ -172,7 +172,7 @@ class Emulator:
                 result, finished = await self._respond(request, body, base, s)
                 return result
             finally:
-                serving.stats.busy_s[base] += time.monotonic() - t0
+                serving.served(None if probe else base, time.monotonic() - t0)
                 if cap is not None:
                     cap.active -= 1
                     if s.overflow == "queue":

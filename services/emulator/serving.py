@@ -62,6 +62,7 @@ class ModelStats:
     max_in_flight: int = 0
     busy_s: float = 0.0           # wall time with at least one request in flight
     slot_s: float = 0.0           # integral of in-flight requests over time
+    served_s: float = 0.0         # slot-seconds spent answering (slot taken to answer sent), queueing excluded
     _mark: float = 0.0
 
     def change(self, delta: int) -> None:
@@ -77,7 +78,7 @@ class ModelStats:
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "busy_s": self.busy_s, "slot_s": self.slot_s}
+                "busy_s": self.busy_s, "slot_s": self.slot_s, "served_s": self.served_s}
 
 
 @dataclass
@@ -95,15 +96,15 @@ class EmulatorStats:
     tokens: int = 0
     authorization: str | None = None  # the last Authorization header seen
     models: dict[str, ModelStats] = field(default_factory=dict)  # per model (base name), probes excluded
-    # model (base name) -> slot-seconds spent answering (slot taken to answer sent): a benchmark divides
-    # it by slots x wall time for the share of capacity the backend really had busy
-    busy_s: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "probes": self.probes, "completed": self.completed,
                 "disconnects": self.disconnects, "rejected": self.rejected, "errors": dict(self.errors),
                 "faults": dict(self.faults), "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "tokens": self.tokens, "authorization": self.authorization, "busy_s": dict(self.busy_s),
+                "tokens": self.tokens, "authorization": self.authorization,
+                # per model, slot-seconds spent answering: a benchmark divides it by slots x wall time for
+                # the share of capacity the backend really had busy
+                "busy_s": {m: st.served_s for m, st in self.models.items()},
                 "bodies": {m: list(d) for m, d in self.bodies.items()},
                 "models": {m: st.to_dict() for m, st in self.models.items()}}
 
@@ -201,6 +202,11 @@ class ChatServing:
         self.stats.in_flight -= 1
         if model is not None and model in self.stats.models:  # a reset may have come in between
             self.stats.models[model].change(-1)
+
+    def served(self, model: str | None, seconds: float) -> None:
+        """A slot of `model` spent `seconds` answering (probes, `model` None, kept out like in begin/end)."""
+        if model is not None and model in self.stats.models:
+            self.stats.models[model].served_s += seconds
 
     async def stall(self, s: EmulatorSettings, kind: str) -> None:
         self.stats.faults[kind] += 1
