@@ -199,11 +199,6 @@ class DatasetStore:
         for shard in self.shards():
             yield from read_rows(shard)
 
-    def export_jsonl(self, path: Path) -> Path:
-        """All rows in one file (what `moaa train` reads), written atomically."""
-        atomic_write_text(Path(path), (json.dumps(r, ensure_ascii=False) + "\n" for r in self.iter_rows()))
-        return Path(path)
-
 
 def read_manifest(folder: str | Path) -> dict | None:
     path = Path(folder) / "manifest.json"

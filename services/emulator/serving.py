@@ -108,13 +108,6 @@ class EmulatorStats:
                 "bodies": {m: list(d) for m, d in self.bodies.items()},
                 "models": {m: st.to_dict() for m, st in self.models.items()}}
 
-    def last_body(self, model: str | None = None) -> dict | None:
-        queues = [self.bodies[model]] if model else list(self.bodies.values())
-        for q in queues:
-            if q:
-                return q[-1]
-        return None
-
 
 class _Capacity:
     """Per-model concurrency cap: a counter for 'reject', a semaphore for 'queue'."""
@@ -123,10 +116,6 @@ class _Capacity:
         self.limit = limit
         self.active = 0
         self.sem = asyncio.Semaphore(limit)
-
-
-class ClientGone(Exception):
-    """The client closed the connection."""
 
 
 Writer = Callable[[bytes], Awaitable[None]]
