@@ -85,24 +85,33 @@ def read_rows(path: str | Path, *, key: str | None = ID_KEY) -> Iterator[dict]:
         yield row
 
 
+def iter_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON or its JSONDecodeError) for every non-blank line of a UTF-8 file."""
+    offset = 0
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {offset + err.start})") from None
+            offset += len(raw)
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield n, err
+
+
 def read_input(path: str | Path, what: str) -> list[tuple[int, dict]]:
     """(line number, row) of an input file written by anyone (samples, labelled pairs, answers): every
     non-blank line must be a JSON object; the first that is not stops with file:line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
+    for n, row in iter_lines(path):
+        if isinstance(row, json.JSONDecodeError):
+            raise UserError(f"{path}:{n}: not JSON ({row.msg})")
         if not isinstance(row, dict):
             raise UserError(f"{path}:{n}: expected a JSON object per line")
         rows.append((n, row))
