@@ -31,6 +31,12 @@ def _plt():
     return plt
 
 
+def _save(fig, out: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    _plt().close(fig)
+
+
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -58,9 +64,7 @@ def plot_losses(layout: RunLayout, out: Path) -> tuple[Path | None, dict[str, di
         ax.set_title(f"{kind} training loss")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out)
     return out, summary
 
 
@@ -102,9 +106,7 @@ def plot_judges(per_judge: dict[str, list[list[float]]], out_scores: Path, out_a
     ax.set_xlabel("score")
     ax.set_ylabel("candidates")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_scores, dpi=100)
-    plt.close(fig)
+    _save(fig, out_scores)
     agree_png = None
     if len(per_judge) >= 2:
         names, mat = judge_agreement(per_judge)
@@ -117,9 +119,7 @@ def plot_judges(per_judge: dict[str, list[list[float]]], out_scores: Path, out_a
                 ax.text(j, i, "-" if np.isnan(mat[i, j]) else f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8)
         ax.set_title("judge agreement (mean Kendall tau)")
         fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(out_agree, dpi=100)
-        plt.close(fig)
+        _save(fig, out_agree)
         agree_png = out_agree
     return out_scores, agree_png
 
@@ -142,9 +142,7 @@ def plot_winrates(winrates: list[dict], out: Path) -> Path | None:
     ax.set_ylabel("% (95% bootstrap CI)")
     ax.set_title("pairwise win rates")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out)
     return out
 
 
@@ -183,9 +181,7 @@ def plot_effect(effect: dict, out: Path) -> Path | None:
     axes[2].set_title("share of eval answers that differ")
     if names:
         axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out)
     return out
 
 
