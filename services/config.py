@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from moaa.errors import UserError
 
 
-
 class ConfigError(UserError, ValueError):
     """A config file that cannot be used; the message says what to change (the CLI exits 2 with it)."""
 

@@ -68,7 +68,6 @@ class ChatChunk:
 RESTART = object()
 
 
-
 def sampling_dict(sampling: SamplingConfig | dict | None) -> dict[str, Any]:
     """Sampling fields to send: unset (None) and empty ones are left to the backend's defaults."""
     if sampling is None:
