@@ -81,8 +81,7 @@ def scan(path: str | Path, *, repair: bool = False, key: str | None = ID_KEY) ->
 
 def read_rows(path: str | Path, *, key: str | None = ID_KEY) -> Iterator[dict]:
     """The complete rows of a file, one at a time (a torn tail is ignored, not cut)."""
-    for _, row in iter_scan(path, key=key):
-        yield row
+    return (row for _, row in iter_scan(path, key=key))
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, object]]:

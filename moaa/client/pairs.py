@@ -14,7 +14,7 @@ Output, TRL's conversational preference format plus one provenance block:
                     ensemble, mode, combine, seed},
      "usage": {model: {prompt_tokens, completion_tokens, requests}}}   (what judging this row cost)
 A pair the judges could not separate becomes a skip record {"id", "reason", "annotation", "usage"}.
-`moaa annotate` and the pipeline's pairs stage both write these; `annotation_of` reads them back.
+`moaa annotate` and the pipeline's pairs stage both write these; `read_pairs` reads them back.
 """
 from __future__ import annotations
 

@@ -207,11 +207,9 @@ class ChatServing:
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         count = max_tokens or s.default_max_tokens
         n = 1 if s.ignore_n else body.get("n") or 1
-        if s.judge:
-            tokens = text_tokens(judge_reply(Policy(split_model(body["model"])[0]), body["messages"]), max_tokens)
-            return [tokens] * n, "length" if max_tokens and len(tokens) == max_tokens else "stop"
-        if s.echo:
-            tokens = echo_tokens(body, max_tokens)
+        if s.judge or s.echo:
+            tokens = (text_tokens(judge_reply(Policy(split_model(body["model"])[0]), body["messages"]), max_tokens)
+                      if s.judge else echo_tokens(body, max_tokens))
             return [tokens] * n, "length" if max_tokens and len(tokens) == max_tokens else "stop"
         finish = "length" if max_tokens else "stop"
         return [generate_tokens(body, i, count) for i in range(n)], finish
