@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from moaa.services.common.decoding import HANDLER_KINDS
 from moaa.services.config import AuthConfig
 
 log = logging.getLogger(__name__)
@@ -89,14 +90,10 @@ def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, messag
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **kw)
-    return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+    kind = next((attr for attr in HANDLER_KINDS if getattr(handler, attr)), "stream_stream")
+    _, response_streaming, make = HANDLER_KINDS[kind]
+    return make(streaming if response_streaming else unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
