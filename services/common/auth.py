@@ -82,6 +82,18 @@ class TokenStore:
         return ok
 
 
+def bearer_problem(store: TokenStore, value: str, where: str, how: str) -> str | None:
+    """What is wrong with an authorization value (`where` it came from, `how` to send one), or None."""
+    scheme, _, token = value.partition(" ")
+    if not value:
+        return f"missing bearer token: {how}"
+    if scheme.lower() != "bearer" or not token.strip():
+        return f"malformed {where}: expected 'Bearer <token>'"
+    if not store.accepts(token.strip()):
+        return "the bearer token is not accepted: send a token from the server's tokens file or environment variable"
+    return None
+
+
 def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     async def unary(request_or_iterator, context):
         await context.abort(code, message)
@@ -112,18 +124,9 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization":
                 value = val if isinstance(val, str) else val.decode()
                 break
-        scheme, _, token = value.partition(" ")
-        if not value:
-            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                  "missing bearer token: send metadata 'authorization: Bearer <token>'")
-        if scheme.lower() != "bearer" or not token.strip():
-            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                  "malformed authorization metadata: expected 'Bearer <token>'")
-        if not self.store.accepts(token.strip()):
-            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                  "the bearer token is not accepted: send a token from the server's tokens file "
-                                  "or environment variable")
-        return handler
+        problem = bearer_problem(self.store, value, "authorization metadata",
+                                 "send metadata 'authorization: Bearer <token>'")
+        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem) if problem else handler
 
 
 def auth_interceptors(cfg: AuthConfig) -> list[grpc.aio.ServerInterceptor]:
