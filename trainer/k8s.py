@@ -12,10 +12,10 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
-from moaa.trainer.config import cli_args
+from moaa.trainer.config import _Strict, cli_args
 
 DEFAULT_IMAGE = "moaa/moaa-trainer:0.1.0"
 CONTAINER = "trainer"
@@ -23,18 +23,16 @@ LABEL_APP = "app.kubernetes.io/name"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 
 
-class Toleration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Toleration(_Strict):
     key: str = Field(description="taint key, e.g. nvidia.com/gpu")
     operator: Literal["Exists", "Equal"] = Field("Exists", description="Exists, or Equal with a value")
     value: str | None = Field(None, description="taint value for operator Equal")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="taint effect")
 
 
-class JobSettings(BaseModel):
+class JobSettings(_Strict):
     """Where and how a training Job runs (not what it trains: that is TrainConfig)."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str | None = Field(None, description="Job name; default moaa-KIND-<hash of the output folder>")
     namespace: str = Field("moaa", description="namespace of the Job")
     image: str = Field(DEFAULT_IMAGE, description="trainer image (docker/Dockerfile.trainer)")
