@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from .layout import RunLayout
 from moaa.client.pairs import judge_scores as row_judge_scores
 from moaa.jsonl import read_rows
+from moaa.services.annotator.stats import kendall_tau
 
 from .store import read_manifest
 
@@ -68,38 +68,35 @@ def plot_losses(layout: RunLayout, out: Path) -> tuple[Path | None, dict[str, di
     return out, summary
 
 
-def judge_scores(pairs_dir: Path) -> dict[str, list[list[float]]]:
-    """judge -> per prompt, the scores it gave the candidates (in candidate order)."""
-    per_judge: dict[str, list[list[float]]] = {}
+def judge_scores(pairs_dir: Path) -> dict[str, list[list[float | None]]]:
+    """judge -> per prompt, the scores it gave the candidates (in candidate order; None: abstained)."""
+    per_judge: dict[str, list[list[float | None]]] = {}
     for shard in sorted(pairs_dir.glob("data-*.jsonl")):
         for row in read_rows(shard):
             for judge, scores in row_judge_scores(row).items():
-                per_judge.setdefault(judge, []).append([float("nan") if s is None else float(s) for s in scores])
+                per_judge.setdefault(judge, []).append([None if s is None else float(s) for s in scores])
     return per_judge
 
 
-def judge_agreement(per_judge: dict[str, list[list[float]]]) -> tuple[list[str], np.ndarray]:
+def judge_agreement(per_judge: dict[str, list[list[float | None]]]) -> tuple[list[str], np.ndarray]:
     """Mean Kendall tau per pair of judges over the prompts both scored (NaN where undefined)."""
     names = sorted(per_judge)
     mat = np.eye(len(names))
     for (i, a), (j, b) in combinations(enumerate(names), 2):
-        taus = []
-        for sa, sb in zip(per_judge[a], per_judge[b]):
-            x, y = np.asarray(sa, float), np.asarray(sb, float)
-            ok = ~(np.isnan(x) | np.isnan(y))
-            if ok.sum() >= 2 and np.ptp(x[ok]) > 0 and np.ptp(y[ok]) > 0:
-                taus.append(stats.kendalltau(x[ok], y[ok]).statistic)
+        # the annotator's own tau: None where fewer than two common scores or one side is constant
+        taus = [t for sa, sb in zip(per_judge[a], per_judge[b]) if (t := kendall_tau(sa, sb)) is not None]
         mat[i, j] = mat[j, i] = float(np.mean(taus)) if taus else np.nan
     return names, mat
 
 
-def plot_judges(per_judge: dict[str, list[list[float]]], out_scores: Path, out_agree: Path) -> tuple[Path | None, Path | None]:
+def plot_judges(per_judge: dict[str, list[list[float | None]]], out_scores: Path,
+                out_agree: Path) -> tuple[Path | None, Path | None]:
     if not per_judge:
         return None, None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for judge, rows in sorted(per_judge.items()):
-        vals = [v for r in rows for v in r if not np.isnan(v)]
+        vals = [v for r in rows for v in r if v is not None]
         if vals:
             ax.hist(vals, bins=np.arange(0.5, 11.5, 1.0), alpha=0.5, label=judge)
     ax.set_title("judge score distributions")
