@@ -18,6 +18,7 @@ from .layout import RunLayout
 from moaa.client.pairs import judge_scores as row_judge_scores
 from moaa.jsonl import read_rows
 from moaa.services.annotator.stats import kendall_tau
+from moaa.trainer.plots import read_metrics
 
 from .store import read_manifest
 
@@ -42,12 +43,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _metrics(model_dir: Path) -> list[dict]:
-    path = model_dir / "metrics.jsonl"
-    by_step: dict[int, dict] = {}  # a resumed run logs re-done steps again: keep the last
-    for rec in read_rows(path, key=None):
-        if isinstance(rec.get("loss"), (int, float)) and "step" in rec:
-            by_step[rec["step"]] = rec
-    return [by_step[k] for k in sorted(by_step)]
+    return [r for r in read_metrics(model_dir / "metrics.jsonl") if isinstance(r.get("loss"), (int, float))]
 
 
 def plot_losses(layout: RunLayout, out: Path) -> tuple[Path | None, dict[str, dict]]:
