@@ -74,11 +74,6 @@ def iter_scan(path: str | Path, *, repair: bool = False, key: str | None = ID_KE
             fh.truncate(end)
 
 
-def scan(path: str | Path, *, repair: bool = False, key: str | None = ID_KEY) -> list[tuple[int, dict]]:
-    """`iter_scan` as a list (small files)."""
-    return list(iter_scan(path, repair=repair, key=key))
-
-
 def read_rows(path: str | Path, *, key: str | None = ID_KEY) -> Iterator[dict]:
     """The complete rows of a file, one at a time (a torn tail is ignored, not cut)."""
     return (row for _, row in iter_scan(path, key=key))
