@@ -137,29 +137,20 @@ def row_to_prompt(record: Any, mapping: dict[str, str]) -> tuple[list[dict[str, 
         name = mapping.get("messages") or mapping["prompt"]
         if name not in record:
             raise _RowError(f"missing field {name!r} (from --map)")
-        candidates = [name]
     else:
-        candidates = [f for f in AUTO_FIELDS if f in record and record[f] is not None]
-        if not candidates:
+        name = next((f for f in AUTO_FIELDS if record.get(f) is not None), None)
+        if name is None:
             raise _RowError(f"missing prompt field (expected one of {', '.join(AUTO_FIELDS)}; "
                             "or name one with --map prompt=FIELD)")
-    name = candidates[0]
     msgs = _to_prompt(_as_messages(record[name], name), name)
     system_field = mapping.get("system")
     if system_field and record.get(system_field) and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": str(record[system_field])}] + msgs
-    source_id = None
     id_field = mapping.get("id")
-    if id_field:
-        if record.get(id_field) in (None, ""):
-            raise _RowError(f"missing id field {id_field!r} (from --map)")
-        source_id = str(record[id_field])
-    else:
-        for key in ("id", "prompt_id"):
-            if record.get(key) not in (None, ""):
-                source_id = str(record[key])
-                break
-    return msgs, source_id
+    if id_field and record.get(id_field) in (None, ""):
+        raise _RowError(f"missing id field {id_field!r} (from --map)")
+    key = id_field or next((k for k in ("id", "prompt_id") if record.get(k) not in (None, "")), None)
+    return msgs, None if key is None else str(record[key])
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
