@@ -31,6 +31,28 @@ def run_emulator(settings: dict, profiles: dict | None, q) -> None:
     asyncio.run(main())
 
 
+def run_server(which: str, cfg: dict, reply: tuple[str, ...], q) -> None:
+    """A gateway or an annotator from a config dict, in its own process: `spawn(run_server, "gateway", cfg,
+    ("address",))` returns the running server's `address` (several names: a tuple of their values)."""
+    import logging
+
+    from moaa.services.annotator.server import start_annotator
+    from moaa.services.config import parse_config
+    from moaa.services.gateway.server import start_gateway
+
+    logging.basicConfig(level=logging.WARNING)
+
+    async def main():
+        config = parse_config(cfg)
+        running = await (start_gateway(config, probes=False) if which == "gateway"
+                         else start_annotator(config, port=0, probes=False))
+        values = tuple(getattr(running, name) for name in reply)
+        q.put(values[0] if len(values) == 1 else values)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
 def write_json(path: str | None, obj) -> None:
     if path:
         with open(path, "w") as fh:

@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import sys
 
-from _procs import cpu_s, run_emulator, spawn, write_json  # benchmarks/ is on sys.path when run as a script
+from _procs import cpu_s, run_emulator, run_server, spawn, write_json  # benchmarks/ is on sys.path when run as a script
 import time
 
 DELAY_S = 0.05
@@ -40,18 +40,6 @@ def _config(url: str) -> dict:
     return {"backends": backends, "annotator": {"port": 0, "batch_window": 256},
             "ensembles": {"pointwise": {"judges": judges, "mode": "pointwise", "combine": "mean"},
                           "moa": {"judges": judges, "mode": "moa", "aggregator": {"name": "agg", "model": "agg"}}}}
-
-
-def _run_annotator(url: str, q) -> None:
-    from moaa.services.annotator.server import start_annotator
-    from moaa.services.config import parse_config
-
-    async def main():
-        server = await start_annotator(parse_config(_config(url)), port=0, probes=False)
-        q.put(server.address)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
 
 
 async def _stats(url: str) -> dict:
@@ -112,7 +100,7 @@ def main() -> int:
     args = ap.parse_args()
     prompts = 200 if args.quick else 1000
     emu, emu_url = spawn(run_emulator, {"judge": True, "record": False}, None)
-    ann, address = spawn(_run_annotator, emu_url)
+    ann, address = spawn(run_server, "annotator", _config(emu_url), ("address",))
     results = []
     try:
         for mode in ("pointwise", "moa"):

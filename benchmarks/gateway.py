@@ -38,7 +38,7 @@ import asyncio
 import os
 import sys
 
-from _procs import cpu_s as _cpu_s, run_emulator, spawn, write_json  # benchmarks/ is on sys.path when run as a script
+from _procs import cpu_s as _cpu_s, run_emulator, run_server, spawn, write_json  # benchmarks/ is on sys.path when run as a script
 import time
 
 PROPOSERS = {"p1": 1.0, "p2": 1.5, "p3": 2.0}   # time to first token, seconds
@@ -57,27 +57,14 @@ BATCH_ITEMS = 512
 BATCH_LATENCY_S = 1.0
 
 
-def _run_batch_gateway(url: str, slots: int, q) -> None:
+def _batch_config(url: str, slots: int) -> dict:
     """A gateway with default settings; each backend states its slots (max_concurrency), as a user would."""
-    import logging
-
-    from moaa.services.config import parse_config
-    from moaa.services.gateway.server import start_gateway
-
-    logging.basicConfig(level=logging.WARNING)
     backend = {"urls": [url], "max_concurrency": slots, "health": {"probe_interval_s": 3600}}
-    cfg = parse_config({
+    return {
         "backends": {m: backend for m in [*PROPOSERS, AGGREGATOR[0]]},
         "recipes": {"bench": {"proposers": [{"model": m} for m in PROPOSERS], "aggregator": {"model": AGGREGATOR[0]}}},
         "default_recipe": "bench", "gateway": {"port": 0, "metrics_port": 0},
-    })
-
-    async def main():
-        running = await start_gateway(cfg, probes=False)
-        q.put((running.port, running.metrics_port))
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    }
 
 
 def _gauge(text: str, name: str) -> float:
@@ -95,7 +82,7 @@ async def batch_row(slots: int, items: int = BATCH_ITEMS) -> dict:
 
     emu, url = spawn(run_emulator, {"record": False, "default_max_tokens": TOKENS, "ttft_s": BATCH_LATENCY_S,
                                     "max_concurrency": slots, "overflow": "queue"}, None)
-    gw, (port, mport) = spawn(_run_batch_gateway, url, slots)
+    gw, (port, mport) = spawn(run_server, "gateway", _batch_config(url, slots), ("port", "metrics_port"))
     models = len(PROPOSERS) + 1
     try:
         async with aiohttp.ClientSession() as http, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -180,13 +167,7 @@ def _run_floor(q) -> None:
     asyncio.run(main())
 
 
-def _run_gateway(url: str, q) -> None:
-    import logging
-
-    from moaa.services.config import parse_config
-    from moaa.services.gateway.server import start_gateway
-
-    logging.basicConfig(level=logging.WARNING)
+def _gateway_config(url: str) -> dict:
     backend = {"urls": [url], "max_concurrency": 4096, "health": {"probe_interval_s": 3600}}
     models = [*PROPOSERS, AGGREGATOR[0]]
     backends = {m: backend for m in models}
@@ -195,18 +176,8 @@ def _run_gateway(url: str, q) -> None:
     def recipe(suffix: str) -> dict:
         return {"proposers": [{"model": m + suffix} for m in PROPOSERS], "aggregator": {"model": AGGREGATOR[0] + suffix},
                 "min_proposers": 3}
-    cfg = parse_config({
-        "backends": backends,
-        "recipes": {"bench": recipe(""), "burst": recipe("-sync")}, "default_recipe": "bench",
-        "gateway": {"port": 0, "http_port": 0, "max_in_flight": 4096},
-    })
-
-    async def main():
-        running = await start_gateway(cfg, probes=False)
-        q.put((running.port, running.http_port))
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+    return {"backends": backends, "recipes": {"bench": recipe(""), "burst": recipe("-sync")},
+            "default_recipe": "bench", "gateway": {"port": 0, "http_port": 0, "max_in_flight": 4096}}
 
 
 async def _direct_call(session, url: str, suffix: str = "") -> float:
@@ -377,7 +348,7 @@ def main() -> int:
         plan = [(1, 2), (64, 64), (512, 512)]
     emu, url = spawn(run_emulator, {"record": False, "default_max_tokens": TOKENS}, _profiles())
     fl, floor_port = spawn(_run_floor)
-    gw, (port, http_port) = spawn(_run_gateway, url)
+    gw, (port, http_port) = spawn(run_server, "gateway", _gateway_config(url), ("port", "http_port"))
     # the slowest proposer stays slowest (its lead is at least the jitter): mean = both means added
     critical = max(PROPOSERS.values()) + AGGREGATOR[1] + JITTER_S
     print(f"emulator {url}, gateway 127.0.0.1:{port}; mean critical path as configured: {critical:.2f} s; "

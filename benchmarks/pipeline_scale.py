@@ -23,7 +23,6 @@ new row, next to a fresh run's time to its first row (process start, imports, pr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import psutil
 
-from _procs import run_emulator, spawn, write_json  # benchmarks/ is on sys.path when run as a script
+from _procs import run_emulator, run_server, spawn, write_json  # benchmarks/ is on sys.path when run as a script
 
 DELAY_S = 0.05          # each backend request
 SLOTS = 16              # requests in flight per backend model
@@ -50,37 +49,17 @@ def _backend(url: str, served: str | None = None) -> dict:
     return {**cfg, "served_model": served} if served else cfg
 
 
-def _run_gateway(url: str, q) -> None:
-    from moaa.services.config import parse_config
-    from moaa.services.gateway.server import start_gateway
-
-    cfg = {"backends": {m: _backend(url) for m in [*PROPOSERS, "agg"]},
-           "recipes": {"moa": {"proposers": [{"model": p} for p in PROPOSERS], "aggregator": {"model": "agg"}}},
-           "gateway": {"port": 0}}
-
-    async def main():
-        running = await start_gateway(parse_config(cfg), probes=False)
-        q.put(running.address)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+def _gateway_config(url: str) -> dict:
+    return {"backends": {m: _backend(url) for m in [*PROPOSERS, "agg"]},
+            "recipes": {"moa": {"proposers": [{"model": p} for p in PROPOSERS], "aggregator": {"model": "agg"}}},
+            "gateway": {"port": 0}}
 
 
-def _run_annotator(url: str, q) -> None:
-    from moaa.services.annotator.server import start_annotator
-    from moaa.services.config import parse_config
-
-    cfg = {"backends": {n: _backend(url, f"{pol}+delay={DELAY_S}+name={n}") for n, pol in JUDGES.items()},
-           "ensembles": {"e": {"judges": [{"name": n, "model": n} for n in JUDGES], "mode": "pointwise",
-                               "combine": "mean", "min_margin": 0.0}},
-           "annotator": {"port": 0}}
-
-    async def main():
-        server = await start_annotator(parse_config(cfg), port=0, probes=False)
-        q.put(server.address)
-        await asyncio.Event().wait()
-
-    asyncio.run(main())
+def _annotator_config(url: str) -> dict:
+    return {"backends": {n: _backend(url, f"{pol}+delay={DELAY_S}+name={n}") for n, pol in JUDGES.items()},
+            "ensembles": {"e": {"judges": [{"name": n, "model": n} for n in JUDGES], "mode": "pointwise",
+                                "combine": "mean", "min_margin": 0.0}},
+            "annotator": {"port": 0}}
 
 
 # -- the run folder --------------------------------------------------------------------------------
@@ -276,8 +255,8 @@ def main() -> int:
     emu, emu_url = spawn(run_emulator, {"record": False, "ttft_s": DELAY_S, "tokens_per_s": 100000.0,
                                                 "default_max_tokens": TOKENS}, None)
     judges, judge_url = spawn(run_emulator, {"judge": True, "record": False}, None)
-    gw, gw_addr = spawn(_run_gateway, emu_url)
-    ann, ann_addr = spawn(_run_annotator, judge_url)
+    gw, gw_addr = spawn(run_server, "gateway", _gateway_config(emu_url), ("address",))
+    ann, ann_addr = spawn(run_server, "annotator", _annotator_config(judge_url), ("address",))
     print(f"backends: {len(PROPOSERS)} proposers + aggregator, {len(JUDGES)} judges; {SLOTS} slots x {DELAY_S} s each: "
           f"bound {SLOTS / DELAY_S:.0f} rows/s per stage (measured on a shared, loaded machine)")
     results = []

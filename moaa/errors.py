@@ -4,7 +4,6 @@ Exit codes are part of the contract: a Kubernetes Job's podFailurePolicy fails t
 EXIT_BAD_INPUT and lets the pod retry on EXIT_TRANSIENT.
 """
 
-EXIT_OK = 0
 EXIT_FAILURE = 1       # anything else that went wrong
 EXIT_BAD_INPUT = 2     # the user must change something: arguments, config, data
 EXIT_TRANSIENT = 75    # EX_TEMPFAIL: a retry may succeed (backend down, API unreachable)

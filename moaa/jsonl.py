@@ -74,15 +74,26 @@ def iter_scan(path: str | Path, *, repair: bool = False, key: str | None = ID_KE
             fh.truncate(end)
 
 
-def scan(path: str | Path, *, repair: bool = False, key: str | None = ID_KEY) -> list[tuple[int, dict]]:
-    """`iter_scan` as a list (small files)."""
-    return list(iter_scan(path, repair=repair, key=key))
-
-
 def read_rows(path: str | Path, *, key: str | None = ID_KEY) -> Iterator[dict]:
     """The complete rows of a file, one at a time (a torn tail is ignored, not cut)."""
-    for _, row in iter_scan(path, key=key):
-        yield row
+    return (row for _, row in iter_scan(path, key=key))
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON or its JSONDecodeError) for every non-blank line of a UTF-8 file."""
+    offset = 0
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {offset + err.start})") from None
+            offset += len(raw)
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield n, err
 
 
 def read_input(path: str | Path, what: str) -> list[tuple[int, dict]]:
@@ -91,18 +102,10 @@ def read_input(path: str | Path, what: str) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as err:
-            raise UserError(f"{path}:{n}: not JSON ({err.msg})") from None
+    for n, row in iter_lines(path):
+        if isinstance(row, json.JSONDecodeError):
+            raise UserError(f"{path}:{n}: not JSON ({row.msg})")
         if not isinstance(row, dict):
             raise UserError(f"{path}:{n}: expected a JSON object per line")
         rows.append((n, row))

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from moaa.errors import UserError
 
 
-
 class ConfigError(UserError, ValueError):
     """A config file that cannot be used; the message says what to change (the CLI exits 2 with it)."""
 
@@ -260,27 +259,23 @@ class MoaaConfig(_Strict):
         return self
 
     def recipe(self, name: str | None) -> tuple[str, RecipeConfig]:
-        """The named recipe, or the default one (the only one, or `default_recipe`)."""
-        if name:
-            if name not in self.recipes:
-                raise KeyError(f"unknown recipe {name!r}; known: {', '.join(sorted(self.recipes)) or 'none'}")
-            return name, self.recipes[name]
-        if self.default_recipe:
-            return self.default_recipe, self.recipes[self.default_recipe]
-        if len(self.recipes) == 1:
-            return next(iter(self.recipes.items()))
-        raise KeyError("no recipe named and no default_recipe set")
+        return _pick("recipe", self.recipes, self.default_recipe, name)
 
     def ensemble(self, name: str | None) -> tuple[str, EnsembleConfig]:
-        if name:
-            if name not in self.ensembles:
-                raise KeyError(f"unknown ensemble {name!r}; known: {', '.join(sorted(self.ensembles)) or 'none'}")
-            return name, self.ensembles[name]
-        if self.default_ensemble:
-            return self.default_ensemble, self.ensembles[self.default_ensemble]
-        if len(self.ensembles) == 1:
-            return next(iter(self.ensembles.items()))
-        raise KeyError("no ensemble named and no default_ensemble set")
+        return _pick("ensemble", self.ensembles, self.default_ensemble, name)
+
+
+def _pick(kind: str, table: dict, default: str | None, name: str | None) -> tuple:
+    """The named entry, or the default one (the only one, or `default_<kind>`)."""
+    if name:
+        if name not in table:
+            raise KeyError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table)) or 'none'}")
+        return name, table[name]
+    if default:
+        return default, table[default]
+    if len(table) == 1:
+        return next(iter(table.items()))
+    raise KeyError(f"no {kind} named and no default_{kind} set")
 
 
 def _format_errors(err: ValidationError) -> str:

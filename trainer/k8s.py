@@ -12,10 +12,10 @@ import json
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
-from moaa.trainer.config import cli_args
+from moaa.trainer.config import _Strict, cli_args
 
 DEFAULT_IMAGE = "moaa/moaa-trainer:0.1.0"
 CONTAINER = "trainer"
@@ -23,18 +23,16 @@ LABEL_APP = "app.kubernetes.io/name"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 
 
-class Toleration(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Toleration(_Strict):
     key: str = Field(description="taint key, e.g. nvidia.com/gpu")
     operator: Literal["Exists", "Equal"] = Field("Exists", description="Exists, or Equal with a value")
     value: str | None = Field(None, description="taint value for operator Equal")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(None, description="taint effect")
 
 
-class JobSettings(BaseModel):
+class JobSettings(_Strict):
     """Where and how a training Job runs (not what it trains: that is TrainConfig)."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str | None = Field(None, description="Job name; default moaa-KIND-<hash of the output folder>")
     namespace: str = Field("moaa", description="namespace of the Job")
     image: str = Field(DEFAULT_IMAGE, description="trainer image (docker/Dockerfile.trainer)")
@@ -75,9 +73,7 @@ def build_job(cfg, settings: JobSettings | None = None):
     args = cli_args(cfg)
     if s.gpus > 1:
         args += ["--nproc-per-node", str(s.gpus), "--launcher", s.launcher]
-    limits = {"memory": s.memory}
-    if s.gpus:
-        limits[s.gpu_resource] = str(s.gpus)
+    gpus = {s.gpu_resource: str(s.gpus)} if s.gpus else {}
     env = [k.V1EnvVar(name="HF_HOME", value="/models/hf"),
            k.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
            k.V1EnvVar(name="MOAA_JOB_NAME", value=name)]
@@ -86,20 +82,16 @@ def build_job(cfg, settings: JobSettings | None = None):
             name=s.hub_token_secret, key=s.hub_token_key, optional=True))))
     container = k.V1Container(
         name=CONTAINER, image=s.image, image_pull_policy=s.image_pull_policy, command=command, args=args, env=env,
-        resources=k.V1ResourceRequirements(requests={"cpu": s.cpu, "memory": s.memory, **(
-            {s.gpu_resource: str(s.gpus)} if s.gpus else {})}, limits=limits),
+        resources=k.V1ResourceRequirements(requests={"cpu": s.cpu, "memory": s.memory, **gpus},
+                                           limits={"memory": s.memory, **gpus}),
         volume_mounts=[k.V1VolumeMount(name="data", mount_path="/data", read_only=True),
                        k.V1VolumeMount(name="checkpoints", mount_path="/checkpoints"),
                        k.V1VolumeMount(name="model-cache", mount_path="/models"),
                        k.V1VolumeMount(name="shm", mount_path="/dev/shm")])
-    volumes = [
-        k.V1Volume(name="data", persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(claim_name=s.data_claim)),
-        k.V1Volume(name="checkpoints", persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(
-            claim_name=s.checkpoints_claim)),
-        k.V1Volume(name="model-cache", persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(
-            claim_name=s.model_cache_claim)),
-        k.V1Volume(name="shm", empty_dir=k.V1EmptyDirVolumeSource(medium="Memory", size_limit=s.shm_size)),
-    ]
+    claims = {"data": s.data_claim, "checkpoints": s.checkpoints_claim, "model-cache": s.model_cache_claim}
+    volumes = [k.V1Volume(name=vol, persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(claim_name=claim))
+               for vol, claim in claims.items()]
+    volumes.append(k.V1Volume(name="shm", empty_dir=k.V1EmptyDirVolumeSource(medium="Memory", size_limit=s.shm_size)))
     pod = k.V1PodSpec(
         restart_policy="Never", service_account_name=s.service_account, automount_service_account_token=False,
         security_context=k.V1PodSecurityContext(fs_group=10001, run_as_user=10001, run_as_non_root=True),

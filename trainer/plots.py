@@ -3,7 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moaa.trainer.progress import read_metrics
+from moaa.jsonl import read_rows
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of metrics.jsonl, the last one per step (a resumed run logs re-done steps again); a torn last
+    line of a killed run is left out."""
+    by_step: dict[int, dict] = {}
+    for row in read_rows(path, key=None):
+        if "step" in row:
+            by_step.setdefault(row["step"], {}).update(row)
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def plot_metrics(metrics_path: str | Path, out_png: str | Path, kind: str) -> Path | None:

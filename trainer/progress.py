@@ -9,6 +9,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from moaa.trainer.plots import read_metrics  # noqa: F401 (lives beside its plot, free of transformers)
+
 
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
@@ -57,15 +59,3 @@ class JsonProgress(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         self._emit({"event": "end", "step": state.global_step, "total": state.max_steps}, state)
 
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of metrics.jsonl, the last one per step (a resumed run logs re-done steps again)."""
-    by_step: dict[int, dict] = {}
-    p = Path(path)
-    if not p.is_file():
-        return []
-    for line in p.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            by_step.setdefault(row["step"], {}).update(row)
-    return [by_step[s] for s in sorted(by_step)]

@@ -45,7 +45,7 @@ def bounded(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
     return box.get("value")
 
 
-def load_model_and_tokenizer(cfg: TrainConfig, device: str, *, for_ref: bool = False):
+def load_model_and_tokenizer(cfg: TrainConfig, device: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -38,8 +38,6 @@ class SampleSettings:
             raise UserError("--top-p must be in (0, 1]")
 
 
-
-
 def _batches(rows: list[dict], size: int) -> Iterator[list[dict]]:
     for i in range(0, len(rows), size):
         yield rows[i:i + size]

@@ -17,7 +17,7 @@ import grpc
 from tqdm import tqdm
 
 from moaa.errors import TransientError, UserError
-from moaa.jsonl import JsonlAppender, read_input, scan
+from moaa.jsonl import JsonlAppender, iter_scan, read_input
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
 from .endpoint import Endpoint
@@ -64,7 +64,7 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
     skipper = JsonlAppender(out.with_name(out.name + ".skipped.jsonl"))
     errors_path = out.with_name(out.name + ".errors.jsonl")
     done = {r["id"] for r in writer.open()} | {r["id"] for r in skipper.open()}
-    scan(errors_path)  # refuse a foreign file before deleting it
+    list(iter_scan(errors_path))  # refuse a foreign file before deleting it
     errors_path.unlink(missing_ok=True)  # failures of the last run are retried now
     failer = JsonlAppender(errors_path)
     report = RunReport()

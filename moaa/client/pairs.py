@@ -14,7 +14,7 @@ Output, TRL's conversational preference format plus one provenance block:
                     ensemble, mode, combine, seed},
      "usage": {model: {prompt_tokens, completion_tokens, requests}}}   (what judging this row cost)
 A pair the judges could not separate becomes a skip record {"id", "reason", "annotation", "usage"}.
-`moaa annotate` and the pipeline's pairs stage both write these; `annotation_of` reads them back.
+`moaa annotate` and the pipeline's pairs stage both write these; `read_pairs` reads them back.
 """
 from __future__ import annotations
 
@@ -140,10 +140,10 @@ def usage_record(usages) -> dict[str, dict[str, int]]:
 
 def read_pairs(path) -> list[dict]:
     """Preference rows of a file written by `moaa annotate` or the pipeline, checked against the one schema."""
-    from moaa.jsonl import scan
+    from moaa.jsonl import iter_scan
 
     rows = []
-    for n, row in scan(path):
+    for n, row in iter_scan(path):
         missing = [k for k in PAIR_KEYS if k not in row]
         if missing:
             raise UserError(f"{path}:{n}: not a moaa preference row (missing {', '.join(missing)})")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moaa.errors import UserError
+from moaa.jsonl import iter_lines
 
 ROLES = ("system", "user", "assistant")
 # Field names tried in order when no mapping is given.
@@ -136,40 +137,26 @@ def row_to_prompt(record: Any, mapping: dict[str, str]) -> tuple[list[dict[str, 
         name = mapping.get("messages") or mapping["prompt"]
         if name not in record:
             raise _RowError(f"missing field {name!r} (from --map)")
-        candidates = [name]
     else:
-        candidates = [f for f in AUTO_FIELDS if f in record and record[f] is not None]
-        if not candidates:
+        name = next((f for f in AUTO_FIELDS if record.get(f) is not None), None)
+        if name is None:
             raise _RowError(f"missing prompt field (expected one of {', '.join(AUTO_FIELDS)}; "
                             "or name one with --map prompt=FIELD)")
-    name = candidates[0]
     msgs = _to_prompt(_as_messages(record[name], name), name)
     system_field = mapping.get("system")
     if system_field and record.get(system_field) and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": str(record[system_field])}] + msgs
-    source_id = None
     id_field = mapping.get("id")
-    if id_field:
-        if record.get(id_field) in (None, ""):
-            raise _RowError(f"missing id field {id_field!r} (from --map)")
-        source_id = str(record[id_field])
-    else:
-        for key in ("id", "prompt_id"):
-            if record.get(key) not in (None, ""):
-                source_id = str(record[key])
-                break
-    return msgs, source_id
+    if id_field and record.get(id_field) in (None, ""):
+        raise _RowError(f"missing id field {id_field!r} (from --map)")
+    key = id_field or next((k for k in ("id", "prompt_id") if record.get(k) not in (None, "")), None)
+    return msgs, None if key is None else str(record[key])
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open("r", encoding="utf-8", errors="strict") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield lineno, _RowError(f"not valid JSON ({err.msg} at column {err.colno})")
+    for lineno, rec in iter_lines(path):
+        bad = isinstance(rec, json.JSONDecodeError)
+        yield lineno, _RowError(f"not valid JSON ({rec.msg} at column {rec.colno})") if bad else rec
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -227,22 +214,19 @@ def load_prompts(path: str | Path | None = None, *, mapping: dict[str, str] | No
     rows: list[PromptRow] = []
     bad: list[tuple[int, str]] = []
     seen: dict[str, int] = {}
-    try:
-        for lineno, rec in _records(path, split):
-            try:
-                if isinstance(rec, _RowError):
-                    raise rec
-                msgs, source_id = row_to_prompt(rec, mapping)
-                rid = row_id(msgs, source_id, mapping, keep_ids)
-                if rid in seen:
-                    raise _RowError(f"duplicate id {rid} (same as line {seen[rid]})")
-            except _RowError as err:
-                bad.append((lineno, str(err)))
-                continue
-            seen[rid] = lineno
-            rows.append(PromptRow(id=rid, messages=msgs, line=lineno, source_id=source_id))
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for lineno, rec in _records(path, split):
+        try:
+            if isinstance(rec, _RowError):
+                raise rec
+            msgs, source_id = row_to_prompt(rec, mapping)
+            rid = row_id(msgs, source_id, mapping, keep_ids)
+            if rid in seen:
+                raise _RowError(f"duplicate id {rid} (same as line {seen[rid]})")
+        except _RowError as err:
+            bad.append((lineno, str(err)))
+            continue
+        seen[rid] = lineno
+        rows.append(PromptRow(id=rid, messages=msgs, line=lineno, source_id=source_id))
     if bad and not skip_invalid:
         listed = "; ".join(f"line {ln}: {why}" for ln, why in bad[:MAX_LISTED])
         more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""

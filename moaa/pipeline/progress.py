@@ -45,6 +45,12 @@ class StageProgress:
             self.bar.set_postfix(post, refresh=False)
         self.bar.refresh()
 
+    def __enter__(self) -> "StageProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> float:
         self.bar.close()
         return time.monotonic() - self.t0

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from .layout import RunLayout
 from moaa.client.pairs import judge_scores as row_judge_scores
 from moaa.jsonl import read_rows
+from moaa.services.annotator.stats import kendall_tau
+from moaa.trainer.plots import read_metrics
 
 from .store import read_manifest
 
@@ -31,17 +32,18 @@ def _plt():
     return plt
 
 
+def _save(fig, out: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    _plt().close(fig)
+
+
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def _metrics(model_dir: Path) -> list[dict]:
-    path = model_dir / "metrics.jsonl"
-    by_step: dict[int, dict] = {}  # a resumed run logs re-done steps again: keep the last
-    for rec in read_rows(path, key=None):
-        if isinstance(rec.get("loss"), (int, float)) and "step" in rec:
-            by_step[rec["step"]] = rec
-    return [by_step[k] for k in sorted(by_step)]
+    return [r for r in read_metrics(model_dir / "metrics.jsonl") if isinstance(r.get("loss"), (int, float))]
 
 
 def plot_losses(layout: RunLayout, out: Path) -> tuple[Path | None, dict[str, dict]]:
@@ -58,53 +60,46 @@ def plot_losses(layout: RunLayout, out: Path) -> tuple[Path | None, dict[str, di
         ax.set_title(f"{kind} training loss")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out)
     return out, summary
 
 
-def judge_scores(pairs_dir: Path) -> dict[str, list[list[float]]]:
-    """judge -> per prompt, the scores it gave the candidates (in candidate order)."""
-    per_judge: dict[str, list[list[float]]] = {}
+def judge_scores(pairs_dir: Path) -> dict[str, list[list[float | None]]]:
+    """judge -> per prompt, the scores it gave the candidates (in candidate order; None: abstained)."""
+    per_judge: dict[str, list[list[float | None]]] = {}
     for shard in sorted(pairs_dir.glob("data-*.jsonl")):
         for row in read_rows(shard):
             for judge, scores in row_judge_scores(row).items():
-                per_judge.setdefault(judge, []).append([float("nan") if s is None else float(s) for s in scores])
+                per_judge.setdefault(judge, []).append([None if s is None else float(s) for s in scores])
     return per_judge
 
 
-def judge_agreement(per_judge: dict[str, list[list[float]]]) -> tuple[list[str], np.ndarray]:
+def judge_agreement(per_judge: dict[str, list[list[float | None]]]) -> tuple[list[str], np.ndarray]:
     """Mean Kendall tau per pair of judges over the prompts both scored (NaN where undefined)."""
     names = sorted(per_judge)
     mat = np.eye(len(names))
     for (i, a), (j, b) in combinations(enumerate(names), 2):
-        taus = []
-        for sa, sb in zip(per_judge[a], per_judge[b]):
-            x, y = np.asarray(sa, float), np.asarray(sb, float)
-            ok = ~(np.isnan(x) | np.isnan(y))
-            if ok.sum() >= 2 and np.ptp(x[ok]) > 0 and np.ptp(y[ok]) > 0:
-                taus.append(stats.kendalltau(x[ok], y[ok]).statistic)
+        # the annotator's own tau: None where fewer than two common scores or one side is constant
+        taus = [t for sa, sb in zip(per_judge[a], per_judge[b]) if (t := kendall_tau(sa, sb)) is not None]
         mat[i, j] = mat[j, i] = float(np.mean(taus)) if taus else np.nan
     return names, mat
 
 
-def plot_judges(per_judge: dict[str, list[list[float]]], out_scores: Path, out_agree: Path) -> tuple[Path | None, Path | None]:
+def plot_judges(per_judge: dict[str, list[list[float | None]]], out_scores: Path,
+                out_agree: Path) -> tuple[Path | None, Path | None]:
     if not per_judge:
         return None, None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for judge, rows in sorted(per_judge.items()):
-        vals = [v for r in rows for v in r if not np.isnan(v)]
+        vals = [v for r in rows for v in r if v is not None]
         if vals:
             ax.hist(vals, bins=np.arange(0.5, 11.5, 1.0), alpha=0.5, label=judge)
     ax.set_title("judge score distributions")
     ax.set_xlabel("score")
     ax.set_ylabel("candidates")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_scores, dpi=100)
-    plt.close(fig)
+    _save(fig, out_scores)
     agree_png = None
     if len(per_judge) >= 2:
         names, mat = judge_agreement(per_judge)
@@ -117,9 +112,7 @@ def plot_judges(per_judge: dict[str, list[list[float]]], out_scores: Path, out_a
                 ax.text(j, i, "-" if np.isnan(mat[i, j]) else f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8)
         ax.set_title("judge agreement (mean Kendall tau)")
         fig.colorbar(im, ax=ax)
-        fig.tight_layout()
-        fig.savefig(out_agree, dpi=100)
-        plt.close(fig)
+        _save(fig, out_agree)
         agree_png = out_agree
     return out_scores, agree_png
 
@@ -142,9 +135,7 @@ def plot_winrates(winrates: list[dict], out: Path) -> Path | None:
     ax.set_ylabel("% (95% bootstrap CI)")
     ax.set_title("pairwise win rates")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out)
     return out
 
 
@@ -183,9 +174,7 @@ def plot_effect(effect: dict, out: Path) -> Path | None:
     axes[2].set_title("share of eval answers that differ")
     if names:
         axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out)
     return out
 
 

@@ -40,40 +40,28 @@ async def generate_batch(ep: Endpoint, rows: Iterable[Any], store: DatasetStore,
             yield gateway_pb2.BatchItem(id=row.id, request=gateway_pb2.GenerateRequest(
                 recipe=recipe, messages=[common_pb2.Message(role=m["role"], content=m["content"]) for m in row.messages],
                 aggregator_sampling=_sampling(max_tokens), proposer_sampling=_sampling(max_tokens)))
-    async with ep.channel() as channel:
-        stub = gateway_pb2_grpc.MoAGatewayStub(channel)
-        try:
-            async for res in windowed(stub.GenerateBatch, items(), ep=ep, what="gateway GenerateBatch",
-                                      window=window, stop=ledger.exhausted):
-                row = inflight.pop(res.id, None)
-                if row is None:
-                    continue
-                if res.WhichOneof("result") == "error":
-                    store.fail(res.id, f"{res.error.code}: {res.error.message}")
-                    progress.advance(failed=True)
-                    continue
-                r = res.response
-                ledger.add_model_usages(stage, r.usage)
-                usage = usage_record(r.usage)
-                if not r.text.strip():
-                    store.fail(res.id, f"empty answer from the aggregator ({r.finish_reason or 'no reason'})",
-                               usage=usage)
-                    progress.advance(failed=True)
-                    continue
-                proposals = [{"layer": p.layer, "model": p.model, "used": p.used, "trimmed": p.trimmed}
-                             for layer in r.layers for p in layer.proposals]
-                models = sorted({p["model"] for p in proposals} | {r.aggregator_model})
-                store.write({
-                    "id": row.id,
-                    "messages": row.messages + [{"role": "assistant", "content": r.text}],
-                    "moa": {"recipe": r.recipe, "aggregator": r.aggregator_model, "proposals": proposals,
-                            "failures": [f"{f.model}: {f.cause}" for f in r.failures],
-                            "finish_reason": r.finish_reason, "latency_s": round(r.latency.total_s, 3)},
-                    "usage": usage,
-                }, models=models)
-                progress.advance()
-        finally:
-            ledger.save()
+
+    def write(row, r) -> None:
+        usage = usage_record(r.usage)
+        if not r.text.strip():
+            store.fail(row.id, f"empty answer from the aggregator ({r.finish_reason or 'no reason'})", usage=usage)
+            progress.advance(failed=True)
+            return
+        proposals = [{"layer": p.layer, "model": p.model, "used": p.used, "trimmed": p.trimmed}
+                     for layer in r.layers for p in layer.proposals]
+        models = sorted({p["model"] for p in proposals} | {r.aggregator_model})
+        store.write({
+            "id": row.id,
+            "messages": row.messages + [{"role": "assistant", "content": r.text}],
+            "moa": {"recipe": r.recipe, "aggregator": r.aggregator_model, "proposals": proposals,
+                    "failures": [f"{f.model}: {f.cause}" for f in r.failures],
+                    "finish_reason": r.finish_reason, "latency_s": round(r.latency.total_s, 3)},
+            "usage": usage,
+        }, models=models)
+        progress.advance()
+
+    await _drive(ep, gateway_pb2_grpc.MoAGatewayStub, "GenerateBatch", items(), inflight, write, store, ledger,
+                 progress, stage=stage, what="gateway GenerateBatch", window=window)
 
 
 async def annotate_stream(ep: Endpoint, rows: Iterable[dict], store: DatasetStore, ledger: TokenLedger,
@@ -105,28 +93,38 @@ async def annotate_stream(ep: Endpoint, rows: Iterable[dict], store: DatasetStor
         if bad:
             raise bad[0]
         return
+    def write(req, r) -> None:
+        if r.skipped:
+            store.skip(req.id, r.skip_reason or "skipped by the annotator", **skip_info(req, r))
+            progress.advance(skipped=True)
+            return
+        store.write(pair_row(req, r), models=sorted({c.model for c in req.candidates if c.model}
+                                                    | {j.model for j in r.judges}))
+        progress.advance()
+
+    await _drive(ep, annotator_pb2_grpc.AnnotatorStub, "AnnotateStream", itertools.chain([first], todo), inflight,
+                 write, store, ledger, progress, stage=stage, what="annotator AnnotateStream", window=window)
+    if bad:
+        raise bad[0]
+
+
+async def _drive(ep: Endpoint, stub_class, method: str, items: Iterable, inflight: dict, write,
+                 store: DatasetStore, ledger: TokenLedger, progress: StageProgress, *, stage: str, what: str,
+                 window: int) -> None:
+    """Both stages' loop: a per-item error fails its row, an answer's usage is journaled, then
+    `write(what was sent, response)`; the ledger is saved however the stream ends."""
     async with ep.channel() as channel:
-        stub = annotator_pb2_grpc.AnnotatorStub(channel)
+        call = getattr(stub_class(channel), method)
         try:
-            async for res in windowed(stub.AnnotateStream, itertools.chain([first], todo), ep=ep,
-                                      what="annotator AnnotateStream", window=window, stop=ledger.exhausted):
-                req = inflight.pop(res.id, None)
-                if req is None:
+            async for res in windowed(call, items, ep=ep, what=what, window=window, stop=ledger.exhausted):
+                sent = inflight.pop(res.id, None)
+                if sent is None:
                     continue
                 if res.WhichOneof("result") == "error":
                     store.fail(res.id, f"{res.error.code}: {res.error.message}")
                     progress.advance(failed=True)
                     continue
-                r = res.response
-                ledger.add_model_usages(stage, r.usage)
-                if r.skipped:
-                    store.skip(res.id, r.skip_reason or "skipped by the annotator", **skip_info(req, r))
-                    progress.advance(skipped=True)
-                    continue
-                store.write(pair_row(req, r), models=sorted({c.model for c in req.candidates if c.model}
-                                                            | {j.model for j in r.judges}))
-                progress.advance()
+                ledger.add_model_usages(stage, res.response.usage)
+                write(sent, res.response)
         finally:
             ledger.save()
-    if bad:
-        raise bad[0]

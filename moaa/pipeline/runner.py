@@ -23,7 +23,7 @@ from .data import PromptRow, held_out_ids, load_prompts
 from .layout import RunLayout
 from .lock import RunLock
 from .stages import NEEDS_SERVICES, STAGES, StageContext
-from .store import atomic_write_json
+from .store import atomic_write_json, utc_now
 from . import training
 
 QUICK_PROMPTS = 12
@@ -121,7 +121,7 @@ class RunRecord:
             if old and old != chash:
                 raise UserError(f"{layout.root} holds a run with other settings (config hash {old}, now {chash}); "
                                 "use another --out folder, or the same prompts and options as before")
-        self.data.setdefault("started_at", _now())
+        self.data.setdefault("started_at", utc_now())
         self.data["config_hash"] = chash
         self.data.setdefault("stages", {})
         self.data["runs"] = self.data.get("runs", 0) + 1
@@ -137,7 +137,7 @@ class RunRecord:
         self.save()
 
     def save(self) -> None:
-        self.data["updated_at"] = _now()
+        self.data["updated_at"] = utc_now()
         atomic_write_json(self.layout.run_manifest, self.data)
 
 
@@ -146,10 +146,6 @@ def _recorded_hash(layout: RunLayout) -> str | None:
         return json.loads(layout.run_manifest.read_text()).get("config_hash")
     except (OSError, ValueError):
         return None
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _say(opts: PipelineOptions, text: str) -> None:
@@ -267,14 +263,14 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
                 # idle gateway/annotator cost training nothing measurable, while each restart costs ~45 s
                 await stack.start()
             t0 = time.monotonic()
-            record.set(name, status="running", started_at=_now())
+            record.set(name, status="running", started_at=utc_now())
             try:
                 result = await fn(ctx)
             except BaseException as err:
                 record.set(name, status="stopped" if type(err).__name__ == "BudgetExhausted" else "failed",
                            error=str(err)[:500], seconds=time.monotonic() - t0)
                 raise
-            record.set(name, status="done", result=result, seconds=time.monotonic() - t0, finished_at=_now())
+            record.set(name, status="done", result=result, seconds=time.monotonic() - t0, finished_at=utc_now())
             summary[name] = result
             if name == opts.until:
                 _say(opts, f"stopping after stage {name} (--until)")

@@ -135,12 +135,10 @@ async def _train(ctx: StageContext, kind: str, data: Path, model: str, out: Path
         return {"final_step": done.get("final_step"), "train_loss": done.get("train_loss")}
     settings = dict(ctx.settings[kind])
     progress = StageProgress(f"{kind.upper()} training", settings.get("max_steps") or 0, 0, unit="step", quiet=ctx.quiet)
-    try:
+    with progress:
         return await training.train(kind, data=data, model=model, out=out, settings=settings,
                                     log_path=ctx.layout.logs / f"{kind}.log", progress=progress,
                                     k8s=ctx.k8s, k8s_args=ctx.k8s_args)
-    finally:
-        progress.close()
 
 
 async def stage_sft(ctx: StageContext) -> dict:
@@ -161,14 +159,12 @@ async def stage_samples(ctx: StageContext) -> dict:
     if store.rows < total:
         prompts = _prompt_file(folder / "prompts.jsonl", ctx.train_prompts)
         progress = StageProgress("stage 2: samples", total, store.rows, quiet=ctx.quiet)
-        try:
+        with progress:
             await training.sample(model=ctx.layout.sft_model, prompts=prompts, out=folder / "data-00000.jsonl",
                                   n=ctx.settings["n_samples"], max_new_tokens=ctx.settings["sample_tokens"],
                                   temperature=ctx.settings.get("sample_temperature", 0.8),
                                   log_path=ctx.layout.logs / "samples.log", progress=progress,
                                   seed=ctx.settings.get("seed", 0))
-        finally:
-            progress.close()
         store = ctx.store(folder, "samples", "samples")
     store.models.add("sft-model")
     m = store.write_manifest(complete=True)
@@ -231,14 +227,12 @@ async def stage_answers(ctx: StageContext) -> dict:
             have = len(answers_from_samples(ans_file)) if ans_file.exists() else 0
             if have < len(ctx.eval_prompts):
                 progress = StageProgress(f"eval answers: {name}{suffix}", len(ctx.eval_prompts), have, quiet=ctx.quiet)
-                try:
+                with progress:
                     # the same seed for every model: sample j of each model starts from the same random state
                     await training.sample(model=Path(models[name]), prompts=prompts, out=ans_file, n=n,
                                           max_new_tokens=ctx.settings["sample_tokens"], temperature=temperature,
                                           log_path=ctx.layout.logs / f"eval-{name}.log", progress=progress,
                                           seed=ctx.settings.get("seed", 0))
-                finally:
-                    progress.close()
             counts[f"{name}{suffix}"] = len(answers_from_samples(ans_file)) * n
     return {"answers": counts}
 

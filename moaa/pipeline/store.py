@@ -104,7 +104,7 @@ class DatasetStore:
             self._shard_index = len(shards) - 1
             self._shard_rows = last
         if not self.manifest:
-            self.manifest = {"created_at": _now()}
+            self.manifest = {"created_at": utc_now()}
         return self
 
     def shards(self) -> list[Path]:
@@ -161,7 +161,7 @@ class DatasetStore:
 
     def fail(self, row_id: str, error: str, **info: Any) -> None:
         """Record a failure; the id stays pending and is retried on the next run."""
-        self._append_line(self.folder / "failures.jsonl", {"id": row_id, "error": error, "at": _now(), **info})
+        self._append_line(self.folder / "failures.jsonl", {"id": row_id, "error": error, "at": utc_now(), **info})
         self.failed[row_id] = error
 
     def sync(self) -> None:
@@ -185,12 +185,12 @@ class DatasetStore:
             "shards": [p.name for p in self.shards()],
             "models": sorted(self.models),
             "config_hash": self.config_hash or self.manifest.get("config_hash"),
-            "updated_at": _now(),
+            "updated_at": utc_now(),
             "complete": complete,
             "extra": self.extra,
         })
         if complete:
-            self.manifest["completed_at"] = _now()
+            self.manifest["completed_at"] = utc_now()
         atomic_write_json(self.folder / "manifest.json", self.manifest)
         return self.manifest
 
@@ -199,16 +199,11 @@ class DatasetStore:
         for shard in self.shards():
             yield from read_rows(shard)
 
-    def export_jsonl(self, path: Path) -> Path:
-        """All rows in one file (what `moaa train` reads), written atomically."""
-        atomic_write_text(Path(path), (json.dumps(r, ensure_ascii=False) + "\n" for r in self.iter_rows()))
-        return Path(path)
-
 
 def read_manifest(folder: str | Path) -> dict | None:
     path = Path(folder) / "manifest.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _now() -> str:
+def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

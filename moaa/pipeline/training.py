@@ -8,26 +8,17 @@ checkpoint (the trainer does that itself). Progress comes from the trainer's JSO
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
-import signal
 import sys
 from collections import deque
 from pathlib import Path
 from typing import Callable
 
 from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, TransientError, UserError
+from moaa.services.local.lifeline import die_with_parent
 
 from .progress import StageProgress
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def moaa_command(*args: str) -> list[str]:
@@ -50,7 +41,7 @@ async def run_child(cmd: list[str], *, log_path: Path, what: str, on_json: Calla
         log.flush()
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
-            preexec_fn=_die_with_parent, limit=16 * 1024 * 1024)
+            preexec_fn=die_with_parent, limit=16 * 1024 * 1024)
         try:
             assert proc.stdout is not None
             async for raw in proc.stdout:

@@ -63,15 +63,10 @@ def normalise(value: float, denom: float | None, lo: float, hi: float) -> tuple[
 
 
 def _read_number(text: str, lo: float, hi: float) -> tuple[float | None, str | None]:
-    for pattern in (_LABELLED, _FRACTION, _BOLD):
-        m = pattern.search(text)
+    for m in (_LABELLED.search(text), _FRACTION.search(text), _BOLD.search(text), _LEADING.match(text)):
         if m:
-            denom = float(m.group(2)) if m.lastindex and m.lastindex >= 2 and m.group(2) else None
+            denom = float(m.group(2)) if m.re.groups >= 2 and m.group(2) else None
             return normalise(float(m.group(1)), denom, lo, hi)
-    m = _LEADING.match(text)
-    if m:
-        denom = float(m.group(2)) if m.group(2) else None
-        return normalise(float(m.group(1)), denom, lo, hi)
     return None, "no score found"
 
 

@@ -90,7 +90,3 @@ def order_flip_rate(pairs: list[tuple[str | None, str | None]]) -> float | None:
         flips += winner_xy != winner_yx
     return flips / len(judged)
 
-
-def mean_or_none(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None

@@ -11,7 +11,7 @@ from moaa.services.config import BackendConfig
 
 from .client import BackendClient
 from .errors import UnknownBackendError
-from .health import probe_loop, probe_once
+from .health import probe_loop
 
 log = logging.getLogger("moaa.backend")
 
@@ -76,13 +76,6 @@ class BackendPool:
         except KeyError:
             raise UnknownBackendError(
                 f"unknown model {name!r}; configured backends: {', '.join(sorted(self._clients)) or 'none'}") from None
-
-    async def probe_all(self) -> dict[str, list[bool]]:
-        """Probes every replica once now (e.g. at startup, or from a readiness check)."""
-        async def one(client):
-            return await asyncio.gather(*(probe_once(client, r) for r in client.replicas.replicas))
-        results = await asyncio.gather(*(one(c) for c in self._clients.values()))
-        return dict(zip(self._clients, [list(r) for r in results]))
 
     def models_info(self) -> list[dict]:
         """Per backend: replicas with health, circuit state and requests in flight (ListModels' shape)."""

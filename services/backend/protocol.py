@@ -67,8 +67,6 @@ class ChatChunk:
 # Yielded by the client's retry loop when a retry starts over after events were passed on.
 RESTART = object()
 
-SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop", "presence_penalty", "frequency_penalty")
-
 
 def sampling_dict(sampling: SamplingConfig | dict | None) -> dict[str, Any]:
     """Sampling fields to send: unset (None) and empty ones are left to the backend's defaults."""

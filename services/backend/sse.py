@@ -39,12 +39,6 @@ class SSEParser:
             self._line(line, events)
         return events
 
-    def feed_line(self, raw: bytes) -> list[object]:
-        """Returns the events (parsed JSON dicts or DONE) that this line completes."""
-        events: list[object] = []
-        self._line(raw, events)
-        return events
-
     def _line(self, line: bytes, events: list[object]) -> None:
         if line.endswith((b"\r", b"\n")):
             line = line.rstrip(b"\r\n")

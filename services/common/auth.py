@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from moaa.services.common.decoding import HANDLER_KINDS
 from moaa.services.config import AuthConfig
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,18 @@ class TokenStore:
         return ok
 
 
+def bearer_problem(store: TokenStore, value: str, where: str, how: str) -> str | None:
+    """What is wrong with an authorization value (`where` it came from, `how` to send one), or None."""
+    scheme, _, token = value.partition(" ")
+    if not value:
+        return f"missing bearer token: {how}"
+    if scheme.lower() != "bearer" or not token.strip():
+        return f"malformed {where}: expected 'Bearer <token>'"
+    if not store.accepts(token.strip()):
+        return "the bearer token is not accepted: send a token from the server's tokens file or environment variable"
+    return None
+
+
 def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     async def unary(request_or_iterator, context):
         await context.abort(code, message)
@@ -89,14 +102,10 @@ def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, messag
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(streaming, **kw)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary, **kw)
-    return grpc.stream_stream_rpc_method_handler(streaming, **kw)
+    kind = next((attr for attr in HANDLER_KINDS if getattr(handler, attr)), "stream_stream")
+    _, response_streaming, make = HANDLER_KINDS[kind]
+    return make(streaming if response_streaming else unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -115,18 +124,9 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization":
                 value = val if isinstance(val, str) else val.decode()
                 break
-        scheme, _, token = value.partition(" ")
-        if not value:
-            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                  "missing bearer token: send metadata 'authorization: Bearer <token>'")
-        if scheme.lower() != "bearer" or not token.strip():
-            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                  "malformed authorization metadata: expected 'Bearer <token>'")
-        if not self.store.accepts(token.strip()):
-            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                  "the bearer token is not accepted: send a token from the server's tokens file "
-                                  "or environment variable")
-        return handler
+        problem = bearer_problem(self.store, value, "authorization metadata",
+                                 "send metadata 'authorization: Bearer <token>'")
+        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem) if problem else handler
 
 
 def auth_interceptors(cfg: AuthConfig) -> list[grpc.aio.ServerInterceptor]:

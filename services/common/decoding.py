@@ -88,7 +88,8 @@ def _wrap_behavior(behavior, request_streaming: bool, response_streaming: bool):
     return call
 
 
-_KINDS = {
+# handler attribute -> (request streaming, response streaming, the grpc factory that makes such a handler)
+HANDLER_KINDS = {
     "unary_unary": (False, False, grpc.unary_unary_rpc_method_handler),
     "unary_stream": (False, True, grpc.unary_stream_rpc_method_handler),
     "stream_unary": (True, False, grpc.stream_unary_rpc_method_handler),
@@ -97,7 +98,7 @@ _KINDS = {
 
 
 def guard_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    for attr, (req_stream, resp_stream, make) in _KINDS.items():
+    for attr, (req_stream, resp_stream, make) in HANDLER_KINDS.items():
         behavior = getattr(handler, attr)
         if behavior is not None:
             return make(_wrap_behavior(behavior, req_stream, resp_stream),

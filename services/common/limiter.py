@@ -75,8 +75,6 @@ class InFlightLimiter(Slots):
         self.high_water = 0  # the most slots ever held at once (never above max_in_flight)
         self._gauge = gauge
         self._high_water_gauge = high_water_gauge
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     @property
     def max_in_flight(self) -> int:
@@ -84,7 +82,6 @@ class InFlightLimiter(Slots):
 
     def _take(self) -> None:
         super()._take()
-        self._idle.clear()
         if self._gauge is not None:
             self._gauge.inc()
         if self.in_flight > self.high_water:
@@ -96,8 +93,6 @@ class InFlightLimiter(Slots):
         if self._gauge is not None:
             self._gauge.dec()
         super().release()
-        if self.in_flight == 0:
-            self._idle.set()
 
     @contextmanager
     def slot(self):
@@ -111,11 +106,3 @@ class InFlightLimiter(Slots):
             yield
         finally:
             self.release()
-
-    async def wait_idle(self, timeout: float | None = None) -> bool:
-        """True when nothing is in flight (within `timeout`)."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False

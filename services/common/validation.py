@@ -78,12 +78,6 @@ def merge_sampling(base: SamplingConfig, overrides: dict) -> SamplingConfig:
     return base.model_copy(update=overrides)
 
 
-def check_range(value: int, lo: int, hi: int, field: str, hint: str = "") -> int:
-    if not lo <= value <= hi:
-        raise InvalidArgument(f"{field}={value} is out of range: use {lo}..{hi}{(' ' + hint) if hint else ''}")
-    return value
-
-
 def check_max_tokens(value: int | None, *, model: str, context_window: int, field: str,
                      with_references: bool = False) -> None:
     """A requested max_tokens must fit the model's context window with room for the prompt; an agent

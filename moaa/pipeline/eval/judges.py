@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 from ..budget import TokenLedger
 from .grading import grading_messages, pairwise_messages, parse_rating, parse_verdict
@@ -19,12 +18,6 @@ class PairVerdict:
     preference: float | None        # P(model beats baseline) in [0, 1]; None: the judge abstained
     orders: tuple                   # what each order said, for the record
     inconsistent: bool
-
-
-class PairJudge(Protocol):
-    name: str
-
-    async def prefer(self, prompt: list[dict], model_text: str, base_text: str) -> PairVerdict: ...
 
 
 def _combine(first: float | None, second: float | None, orders: tuple) -> PairVerdict:

@@ -91,10 +91,8 @@ async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, ans
                      "len_model": len(mt), "len_baseline": len(bt), "judge": judge.name})
         progress.advance()
 
-    try:
+    with progress:
         await asyncio.gather(*(one(rid) for rid in todo))
-    finally:
-        progress.close()
 
 
 def winrates_from_store(store: DatasetStore, pairs: list[tuple[str, str]], *, n_resamples: int = 1000) -> list[dict]:
@@ -132,10 +130,8 @@ async def grade_answers(grader, answers: dict[str, dict], out_dir: Path, *, conc
         store.write({"id": f"{model}~{rid}", "model": model, "prompt_id": rid, "score": score})
         progress.advance()
 
-    try:
+    with progress:
         await asyncio.gather(*(one(m, rid) for m, rid in todo))
-    finally:
-        progress.close()
     scores: dict[str, list] = {m: [] for m in answers}
     for row in store.iter_rows():
         scores.setdefault(row["model"], []).append(row["score"])

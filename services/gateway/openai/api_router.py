@@ -21,7 +21,7 @@ import grpc
 from aiohttp import web
 from pydantic import ValidationError
 
-from moaa.services.common.auth import TokenStore
+from moaa.services.common.auth import TokenStore, bearer_problem
 from moaa.services.common.errors import RpcError
 from moaa.services.common.logs import new_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, status_of
@@ -93,15 +93,8 @@ class OpenAIRouter:
         """What is wrong with the request's token, or None (the gRPC API's tokens and rules)."""
         if self.tokens is None:
             return None
-        value = request.headers.get("Authorization", "")
-        scheme, _, tok = value.partition(" ")
-        if not value:
-            return "missing bearer token: send the header 'Authorization: Bearer <token>' (the OpenAI SDK's api_key)"
-        if scheme.lower() != "bearer" or not tok.strip():
-            return "malformed Authorization header: expected 'Bearer <token>'"
-        if not self.tokens.accepts(tok.strip()):
-            return "the bearer token is not accepted"
-        return None
+        return bearer_problem(self.tokens, request.headers.get("Authorization", ""), "Authorization header",
+                              "send the header 'Authorization: Bearer <token>' (the OpenAI SDK's api_key)")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
