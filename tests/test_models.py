@@ -88,3 +88,36 @@ def test_cli_models_list_tiny_and_bad_prepare(tmp_path, capsys, smollm2_dir):
     assert main(["models", "prepare", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("moaa: error: cannot prepare 'nope'") and err.count("\n") == 1
+
+
+def test_tiny_verdict_model_judges_by_content_and_order(tiny_verdict_model_dir):
+    """The verdict variant (services/local/tiny.py): at temperature 0 it writes only [[A]]/[[B]], the
+    annotator reads a verdict from every reply, and for some answer pairs it prefers the same answer in
+    both orders (what makes a preference pair), for others not (a tie): verdicts follow the content."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moaa.services.annotator.parsing import parse_verdict
+    from moaa.services.annotator.templates import TemplateStore
+
+    tok = AutoTokenizer.from_pretrained(tiny_verdict_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_verdict_model_dir)
+    tpl = TemplateStore().get("pairwise_small_v1")
+
+    def reply(a: str, b: str, q: str) -> str:
+        ids = tok.apply_chat_template(tpl.render(instruction=q, answer_a=a, answer_b=b), add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    answers = ["Paris is the capital.", "Hello! How can I help?", "def add(a, b): return a + b",
+               "Guten Morgen.", "1 2 3 4 5", "Write a short poem about the sea."]
+    kinds = set()
+    for i, (a, b) in enumerate(zip(answers, answers[1:] + answers[:1])):
+        q = f"Explain topic number {i} in one short paragraph."
+        r1, r2 = reply(a, b, q), reply(b, a, q)
+        assert r1.replace("[[A]]", "").replace("[[B]]", "") == "" and r1, r1
+        v1, v2 = parse_verdict(r1).verdict, parse_verdict(r2).verdict
+        kinds.add("preference" if v1 != v2 else "tie")
+    assert kinds == {"preference", "tie"}

@@ -1,11 +1,13 @@
 """The headline command on the real embedded stack: `moaa pipeline run` with no --gateway starts the model
-server (transformers, on the tiny model via $MOAA_LOCAL_MODEL), `moaa gateway serve` and `moaa annotator
-serve` as processes, and runs the stages through them. A second test SIGKILLs it mid-run, checks that no
-process of the killed run survives, and resumes.
+server (transformers, on a tiny model via $MOAA_LOCAL_MODEL), `moaa gateway serve` and `moaa annotator
+serve` as processes, and runs every stage through them, to the report. A second test SIGKILLs it in the
+DPO stage (after stage 1, SFT, sampling and judging), checks that no process of the killed run survives,
+and resumes it to the end.
 
-The tiny model is random: it writes words but cannot judge, so every pairwise verdict abstains and stage 2
-ends with no pairs. These tests therefore stop after the samples stage (--until samples); the stages after
-it run against emulated judges in tests/test_pipeline_run.py.
+The model is the tiny one's verdict variant (services/local/tiny.py): it plays proposers, aggregator and
+judges like SmolLM2 does, and its judges give "[[A]]"/"[[B]]" verdicts that depend on the prompt and the
+order of the answers, so stage 2 yields preference pairs and DPO and eval run. (The plain tiny model
+writes random words: every verdict abstains and stage 2 ends with no pairs.)
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-N_PROMPTS = 30
+N_PROMPTS = 20
+HELD_OUT = round(N_PROMPTS * 0.2)          # eval prompts (by id hash)
+STAGES = ["sft_data", "sft", "samples", "pairs", "dpo", "answers", "training_effect", "eval"]
 
 
 def _prompts(path: Path, n: int = N_PROMPTS) -> Path:
@@ -31,19 +35,57 @@ def _prompts(path: Path, n: int = N_PROMPTS) -> Path:
     return path
 
 
-def _cmd(prompts: Path, out: Path, until: str) -> list[str]:
+def _cmd(prompts: Path, out: Path) -> list[str]:
+    """The whole pipeline, kept small: short answers and samples, 4 SFT and 4 DPO steps."""
+    sets = ["answer_tokens=16", "sample_tokens=12", "sft.max_steps=4", "sft.save_steps=2", "dpo.max_steps=4",
+            "dpo.save_steps=2"]
     return [sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--prompts", str(prompts),
-            "--out", str(out), "--engine", "transformers", "--until", until, "--set", "answer_tokens=16",
-            "--set", "sample_tokens=12", "--set", "sft.max_steps=4"]
+            "--out", str(out), "--engine", "transformers", *[a for kv in sets for a in ("--set", kv)]]
 
 
-def _env(tiny_model_dir: Path) -> dict:
-    return {**os.environ, "MOAA_LOCAL_MODEL": str(tiny_model_dir)}
+def _env(model_dir: Path) -> dict:
+    return {**os.environ, "MOAA_LOCAL_MODEL": str(model_dir)}
 
 
-def _ids(folder: Path) -> list[str]:
-    return [json.loads(line)["id"] for shard in sorted(folder.glob("data-*.jsonl"))
+def _ids(folder: Path, name: str = "data-*.jsonl") -> list[str]:
+    return [json.loads(line)["id"] for shard in sorted(folder.glob(name))
             for line in shard.read_text().splitlines() if line.strip()]
+
+
+def _check_finished(out: Path) -> dict:
+    """Every stage done, every id exactly once in each stage's data, the ledger equal to the rows' usage,
+    summary.json with every stage. Returns the summary."""
+    from moaa.pipeline.budget import TokenLedger
+    from moaa.pipeline.store import DatasetStore
+
+    run = json.loads((out / "run.json").read_text())
+    assert [s for s, v in run["stages"].items() if v["status"] == "done"] == STAGES
+    # stage 1 answers every prompt (the eval prompts' answers measure SFT); stage 2 the training prompts
+    for folder, n in (("stage1-sft-data", N_PROMPTS), ("stage2-samples", N_PROMPTS - HELD_OUT)):
+        ids = _ids(out / folder)
+        assert len(ids) == len(set(ids)) == n, folder
+    pairs, skipped = _ids(out / "stage2-pairs"), _ids(out / "stage2-pairs", "skipped.jsonl")
+    assert sorted(pairs + skipped) == sorted(_ids(out / "stage2-samples"))        # each id exactly once
+    assert len(pairs) >= 5, (len(pairs), run["stages"]["pairs"])
+    split = run["stages"]["pairs"]["result"]
+    assert split["train_rows"] >= 1 and split["heldout_rows"] >= 1
+    assert split["train_rows"] + split["heldout_rows"] == len(pairs)
+    # the token ledger: each service stage's tokens are the usage journaled with its rows
+    ledger = TokenLedger(out / "usage.json")
+    for folder, stage, fmt in (("stage1-sft-data", "sft_data", "sft"), ("stage2-pairs", "pairs", "preference")):
+        store = DatasetStore(out / folder, stage=stage, fmt=fmt).open()
+        journaled = sum(u["prompt_tokens"] + u["completion_tokens"] for u in store.usage.values())
+        assert journaled > 0 and ledger.stage_total(stage) == journaled, stage
+    assert ledger.stage_total("eval") > 0   # eval judgments do not journal their usage yet: only its total
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(STAGES) <= set(summary), sorted(summary)
+    assert summary["dpo"]["final_step"] == 4 and summary["sft"]["final_step"] == 4
+    assert {"sft_heldout_loss", "dpo_reward_accuracy"} <= set(summary["training_effect"])
+    assert [(w["model"], w["baseline"]) for w in summary["eval"]["winrates"]][:3] == \
+        [("sft", "base"), ("dpo", "base"), ("dpo", "sft")]
+    assert summary["tokens"]["total_tokens"] == ledger.total
+    assert (out / "report" / "report.md").exists()
+    return summary
 
 
 def _alive(procs: dict[int, psutil.Process]) -> list[str]:
@@ -96,19 +138,12 @@ async def _run(cmd, env, *, kill_when=None, timeout=900.0):
     return proc.returncode, (await err_task).decode(), seen
 
 
-async def test_headline_command_on_the_embedded_stack(tiny_model_dir, tmp_path):
+async def test_headline_command_on_the_embedded_stack(tiny_verdict_model_dir, tmp_path):
     t0 = time.monotonic()
     out = tmp_path / "run"
-    rc, err, seen = await _run(_cmd(_prompts(tmp_path / "p.jsonl"), out, "samples"), _env(tiny_model_dir))
+    rc, err, seen = await _run(_cmd(_prompts(tmp_path / "p.jsonl"), out), _env(tiny_verdict_model_dir))
     assert rc == 0, err
-    run = json.loads((out / "run.json").read_text())
-    assert [s for s, v in run["stages"].items() if v["status"] == "done"] == ["sft_data", "sft", "samples"]
-    held_out = round(N_PROMPTS * 0.2)
-    # stage 1 answers every prompt (the eval prompts' answers are held out to measure SFT on); stage 2
-    # samples the training prompts only
-    for folder, n in (("stage1-sft-data", N_PROMPTS), ("stage2-samples", N_PROMPTS - held_out)):
-        ids = _ids(out / folder)
-        assert len(ids) == len(set(ids)) == n, folder
+    _check_finished(out)
     # engine, gateway and annotator ran as processes, the services started the one way, each under a
     # lifeline supervisor; all were stopped with the run
     cmdlines = [getattr(p, "seen_cmdline", "") for p in seen.values()]
@@ -116,24 +151,32 @@ async def test_headline_command_on_the_embedded_stack(tiny_model_dir, tmp_path):
         assert any(part in c for c in cmdlines), (part, cmdlines)
     assert sum("moaa.services.local.lifeline" in c for c in cmdlines) == 3, cmdlines
     assert not await _gone(seen, timeout=10)
-    print(f"embedded pipeline --until samples: {time.monotonic() - t0:.0f} s")
+    print(f"embedded pipeline, every stage: {time.monotonic() - t0:.0f} s")
 
 
-async def test_sigkilled_embedded_run_leaves_no_process_and_resumes(tiny_model_dir, tmp_path):
+async def test_sigkilled_embedded_run_leaves_no_process_and_resumes(tiny_verdict_model_dir, tmp_path):
+    """SIGKILL in the DPO stage, once its first checkpoint is saved (stage 2 judging takes ~2 s here, too
+    short to hit reliably; the emulator tests kill it there), then the same command to the end: DPO goes
+    on from its checkpoint and no row of an earlier stage is redone."""
+    t0 = time.monotonic()
     out = tmp_path / "run"
-    cmd = _cmd(_prompts(tmp_path / "p.jsonl"), out, "sft_data")
-    shard = out / "stage1-sft-data" / "data-00000.jsonl"
-    env = _env(tiny_model_dir)
-    rc, _, seen = await _run(cmd, env, kill_when=lambda: shard.exists() and shard.read_text().count("\n") >= 3)
-    assert rc == -signal.SIGKILL, "stage 1 finished before the kill"
+    cmd = _cmd(_prompts(tmp_path / "p.jsonl"), out)
+    env = _env(tiny_verdict_model_dir)
+    checkpoint = out / "dpo-model" / "checkpoint-2" / "trainer_state.json"   # written last in a checkpoint
+    rc, _, seen = await _run(cmd, env, kill_when=checkpoint.exists)
+    assert rc == -signal.SIGKILL, "DPO finished before the kill"
     assert len(seen) >= 6  # engine, gateway, annotator and their supervisors were up
     left = await _gone(seen, timeout=20)  # the lifeline: SIGTERM at once, SIGKILL after its grace period
     assert not left, left
-    partial = _ids(out / "stage1-sft-data")
-    assert 3 <= len(partial) < N_PROMPTS
+    assert json.loads((out / "run.json").read_text())["stages"]["dpo"]["status"] == "running"
+    before = {folder: _ids(out / folder) + _ids(out / folder, "skipped.jsonl")
+              for folder in ("stage1-sft-data", "stage2-samples", "stage2-pairs")}
     rc, err, seen = await _run(cmd, env)
     assert rc == 0, err
-    ids = _ids(out / "stage1-sft-data")
-    assert len(ids) == len(set(ids)) == N_PROMPTS   # every id exactly once (eval prompts' answers included)
-    assert set(partial) <= set(ids)
+    summary = _check_finished(out)
+    assert "checkpoint-2" in (summary["dpo"]["resumed_from"] or ""), summary["dpo"]
+    for folder, ids in before.items():   # the finished stages were kept, not redone
+        assert _ids(out / folder) + _ids(out / folder, "skipped.jsonl") == ids, folder
+    assert json.loads((out / "run.json").read_text())["runs"] == 2
     assert not await _gone(seen, timeout=10)
+    print(f"embedded pipeline, killed in DPO and resumed: {time.monotonic() - t0:.0f} s")
