@@ -71,7 +71,8 @@ def local_config(backend: dict[str, Any], gateway_port: int, annotator_port: int
         "default_recipe": "local",
         "ensembles": {"local": {
             "judges": [{"name": n, "model": BACKEND, "template": t,
-                        "sampling": {"temperature": 0.0, "max_tokens": 16}} for n, t in judges.items()],
+                        # the verdict comes first when it comes at all: 12 tokens parsed as many of 80 replies as 16
+                        "sampling": {"temperature": 0.0, "max_tokens": 12}} for n, t in judges.items()],
             "mode": "pairwise",
             "combine": "mean",
             "min_margin": 0.5,
@@ -183,7 +184,9 @@ class LocalStack:
         try:
             await self.engine.start()
             self._record_pid()
-            bc = self.engine.backend_config(max_concurrency=16)
+            # vLLM's CPU engine measured here: 156 tok/s at 16 concurrent answers, 178 at 32 (judge prompts
+            # 2.97 -> 3.30 req/s); more in flight is how the one engine core does more work per step
+            bc = self.engine.backend_config(max_concurrency=32)
             self.backend = bc.model_dump(mode="json", exclude_none=True)
             cfg = parse_config(local_config(self.backend, self.gateway_port, self.annotator_port, quick=self.quick),
                                "embedded config")
