@@ -72,11 +72,11 @@ def _check_finished(out: Path) -> dict:
     assert split["train_rows"] + split["heldout_rows"] == len(pairs)
     # the token ledger: each service stage's tokens are the usage journaled with its rows
     ledger = TokenLedger(out / "usage.json")
-    for folder, stage, fmt in (("stage1-sft-data", "sft_data", "sft"), ("stage2-pairs", "pairs", "preference")):
+    for folder, stage, fmt in (("stage1-sft-data", "sft_data", "sft"), ("stage2-pairs", "pairs", "preference"),
+                               ("eval/judgments", "eval", "generations")):
         store = DatasetStore(out / folder, stage=stage, fmt=fmt).open()
         journaled = sum(u["prompt_tokens"] + u["completion_tokens"] for u in store.usage.values())
         assert journaled > 0 and ledger.stage_total(stage) == journaled, stage
-    assert ledger.stage_total("eval") > 0   # eval judgments do not journal their usage yet: only its total
     summary = json.loads((out / "summary.json").read_text())
     assert set(STAGES) <= set(summary), sorted(summary)
     assert summary["dpo"]["final_step"] == 4 and summary["sft"]["final_step"] == 4

@@ -284,14 +284,15 @@ async def stage_eval(ctx: StageContext) -> dict:
     if not use_chat and ctx.annotator is None:
         raise UserError("evaluation needs a judge: give --annotator HOST:PORT")
     judge = ctx.chat_judge if use_chat else AnnotatorPairJudge(
-        ctx.annotator, ensemble=ctx.settings.get("ensemble", ""), ledger=ctx.ledger,
-        both_orders=ctx.settings.get("eval_both_orders", True))
+        ctx.annotator, ensemble=ctx.settings.get("ensemble", ""), both_orders=ctx.settings.get("eval_both_orders", True))
     store = ctx.store(out / "judgments", "eval", "generations")
+    ctx.ledger.restore_stage(store.stage, store.usage)  # judgments journal their tokens, as the other stages' rows
     grades = None
     try:
         for model, baseline in pairs:
             ctx.ledger.check("evaluation")
-            await judge_pairs(judge, model, baseline, answers[model], answers[baseline], store, quiet=ctx.quiet)
+            await judge_pairs(judge, model, baseline, answers[model], answers[baseline], store, quiet=ctx.quiet,
+                              ledger=ctx.ledger)
         if ctx.chat_judge is not None and ctx.settings.get("eval_grades", True):
             grades = await grade_answers(ctx.chat_judge, {m: answers[m] for m in EVAL_MODELS}, out, quiet=ctx.quiet)
     finally:

@@ -6,9 +6,9 @@ averaged preference for the model, and whether the two orders disagreed (a posit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..budget import TokenLedger
+from ..budget import TokenLedger, _usage_tuple
 from .grading import grading_messages, pairwise_messages, parse_rating, parse_verdict
 from .winrate import VERDICT_VALUE
 
@@ -18,14 +18,25 @@ class PairVerdict:
     preference: float | None        # P(model beats baseline) in [0, 1]; None: the judge abstained
     orders: tuple                   # what each order said, for the record
     inconsistent: bool
+    # tokens the verdict cost, per model, journaled with its judgment row (the ledger's source of truth)
+    usage: dict = field(default_factory=dict)
 
 
-def _combine(first: float | None, second: float | None, orders: tuple) -> PairVerdict:
+def add_usage(into: dict, model: str, usage, requests: int = 1) -> None:
+    """Add one call's tokens (an OpenAI usage object or dict) to a {model: counts} record."""
+    p, c = _usage_tuple(usage)
+    rec = into.setdefault(model or "unknown", {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
+    rec["prompt_tokens"] += p
+    rec["completion_tokens"] += c
+    rec["requests"] += requests
+
+
+def _combine(first: float | None, second: float | None, orders: tuple, usage: dict) -> PairVerdict:
     vals = [v for v in (first, second) if v is not None]
     if not vals:
-        return PairVerdict(None, orders, False)
+        return PairVerdict(None, orders, False, usage)
     inconsistent = len(vals) == 2 and (first - 0.5) * (second - 0.5) < 0
-    return PairVerdict(sum(vals) / len(vals), orders, inconsistent)
+    return PairVerdict(sum(vals) / len(vals), orders, inconsistent, usage)
 
 
 class AnnotatorPairJudge:
@@ -34,22 +45,21 @@ class AnnotatorPairJudge:
     `both_orders=False` makes one call: right for a pairwise ensemble, which asks both orders itself.
     """
 
-    def __init__(self, endpoint, *, ensemble: str = "", mode: str = "", ledger: TokenLedger | None = None,
-                 stage: str = "eval", both_orders: bool = True):
+    def __init__(self, endpoint, *, ensemble: str = "", mode: str = "", both_orders: bool = True):
         self.both_orders = both_orders
         from moaa.v1 import annotator_pb2_grpc
 
-        self.endpoint, self.ensemble, self.mode, self.ledger, self.stage = endpoint, ensemble, mode, ledger, stage
+        self.endpoint, self.ensemble, self.mode = endpoint, ensemble, mode
         self.name = f"annotator:{ensemble or 'default'}"
         self._channel = endpoint.channel()
         self._stub = annotator_pb2_grpc.AnnotatorStub(self._channel)
 
-    async def _one(self, prompt, cands) -> tuple[float | None, str]:
+    async def _one(self, prompt, cands, usage: dict) -> tuple[float | None, str]:
         from moaa.client.annotate import annotate_once
 
         r = await annotate_once(self._stub, self.endpoint, prompt, cands, ensemble=self.ensemble, mode=self.mode, seed=0)
-        if self.ledger is not None:
-            self.ledger.add_model_usages(self.stage, r.usage)
+        for mu in r.usage:
+            add_usage(usage, mu.model, mu.usage, int(getattr(mu, "requests", 1) or 1))
         scores = {c.candidate_id: c.score for c in r.combined}
         if "m" not in scores or "b" not in scores or math.isnan(scores["m"]) or math.isnan(scores["b"]):
             return None, r.skip_reason or "no combined scores"  # every judge abstained: no verdict
@@ -60,11 +70,12 @@ class AnnotatorPairJudge:
         return 0.5, f"tie {scores['m']:.2f}"
 
     async def prefer(self, prompt, model_text, base_text) -> PairVerdict:
-        first, why1 = await self._one(prompt, [("m", model_text), ("b", base_text)])
+        usage: dict = {}
+        first, why1 = await self._one(prompt, [("m", model_text), ("b", base_text)], usage)
         if not self.both_orders:
-            return _combine(first, None, (why1,))
-        second, why2 = await self._one(prompt, [("b", base_text), ("m", model_text)])
-        return _combine(first, second, (why1, why2))
+            return _combine(first, None, (why1,), usage)
+        second, why2 = await self._one(prompt, [("b", base_text), ("m", model_text)], usage)
+        return _combine(first, second, (why1, why2), usage)
 
     async def close(self) -> None:
         await self._channel.close()
@@ -78,25 +89,29 @@ class ChatPairJudge:
         self.pool, self.model, self.max_tokens, self.ledger, self.stage = pool, model, max_tokens, ledger, stage
         self.name = f"judge:{model}"
 
-    async def _ask(self, messages) -> str:
+    async def _ask(self, messages, usage: dict | None = None) -> str:
+        """One call; its tokens go to `usage` (a verdict's, journaled with its row) or else to the ledger."""
         res = await self.pool.client(self.model).chat(messages, {"temperature": 0.0, "max_tokens": self.max_tokens})
-        if self.ledger is not None:
+        if usage is not None:
+            add_usage(usage, self.model, res.usage)
+        elif self.ledger is not None:
             self.ledger.add(self.stage, self.model, res.usage)
         return res.text
 
-    async def _verdict(self, prompt, a: str, b: str) -> str | None:
+    async def _verdict(self, prompt, a: str, b: str, usage: dict) -> str | None:
         for _ in range(2):  # one retry for an unreadable answer, then an abstention
-            v = parse_verdict(await self._ask(pairwise_messages(prompt, a, b)))
+            v = parse_verdict(await self._ask(pairwise_messages(prompt, a, b), usage))
             if v is not None:
                 return v
         return None
 
     async def prefer(self, prompt, model_text, base_text) -> PairVerdict:
-        v1 = await self._verdict(prompt, model_text, base_text)          # model shown as A
-        v2 = await self._verdict(prompt, base_text, model_text)          # model shown as B
+        usage: dict = {}
+        v1 = await self._verdict(prompt, model_text, base_text, usage)   # model shown as A
+        v2 = await self._verdict(prompt, base_text, model_text, usage)   # model shown as B
         first = None if v1 is None else VERDICT_VALUE[v1]
         second = None if v2 is None else 1.0 - VERDICT_VALUE[v2]
-        return _combine(first, second, (v1, v2))
+        return _combine(first, second, (v1, v2), usage)
 
     async def grade(self, prompt, answer: str) -> float | None:
         for _ in range(2):

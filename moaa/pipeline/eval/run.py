@@ -12,6 +12,7 @@ from moaa.client.pairs import sample_prompt, sample_texts
 from moaa.errors import UserError
 from moaa.jsonl import read_input, read_rows
 
+from ..budget import TokenLedger
 from ..data import content_id
 from ..progress import StageProgress
 from ..store import DatasetStore, atomic_write_json
@@ -62,7 +63,10 @@ def _empty_verdict(model_text: str, base_text: str):
 
 
 async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, answers_base: dict,
-                      store: DatasetStore, *, concurrency: int = 4, quiet: bool = False) -> None:
+                      store: DatasetStore, *, concurrency: int = 4, quiet: bool = False,
+                      ledger: TokenLedger | None = None) -> None:
+    """Each prompt's pair judged once; the verdict's tokens are journaled with its row (and added to
+    `ledger`), so a killed evaluation's ledger is rebuilt from its rows like the other stages'."""
     common = [rid for rid in answers_model if rid in answers_base]
     if not common:
         raise UserError(f"no prompt ids in common between {model} and {baseline}")
@@ -82,13 +86,16 @@ async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, ans
                 store.fail(keys[rid], f"{type(err).__name__}: {err}")
                 progress.advance(failed=True)
                 return
+        if ledger is not None:
+            for m, u in v.usage.items():
+                ledger.add(store.stage, m, u, requests=u["requests"])
         if v.preference is None:
-            store.skip(keys[rid], "judge_abstained: unreadable verdict in both orders")
+            store.skip(keys[rid], "judge_abstained: unreadable verdict in both orders", usage=v.usage)
             progress.advance(skipped=True)
             return
         store.write({"id": keys[rid], "prompt_id": rid, "model": model, "baseline": baseline,
                      "preference": v.preference, "orders": list(v.orders), "inconsistent": v.inconsistent,
-                     "len_model": len(mt), "len_baseline": len(bt), "judge": judge.name})
+                     "len_model": len(mt), "len_baseline": len(bt), "judge": judge.name, "usage": v.usage})
         progress.advance()
 
     with progress:
