@@ -127,14 +127,22 @@ def skip_info(req: annotator_pb2.AnnotateRequest, resp: annotator_pb2.AnnotateRe
     return {"annotation": provenance(req, resp), "usage": usage_record(resp.usage)}
 
 
-def usage_record(usages) -> dict[str, dict[str, int]]:
-    """Tokens a row cost, per model, from repeated ModelUsage: journaled with the row (`usage`)."""
-    out: dict[str, dict[str, int]] = {}
+def add_usage(into: dict[str, dict[str, int]], model: str, prompt_tokens: int, completion_tokens: int,
+              requests: int = 1) -> None:
+    """Add one call's tokens to a per-model record ({model: {prompt_tokens, completion_tokens, requests}})."""
+    rec = into.setdefault(model or "unknown", {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
+    rec["prompt_tokens"] += int(prompt_tokens)
+    rec["completion_tokens"] += int(completion_tokens)
+    rec["requests"] += int(requests)
+
+
+def usage_record(usages, into: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
+    """Tokens a row cost, per model, from repeated ModelUsage: journaled with the row (`usage`); added to
+    `into` when given (a row made of several calls)."""
+    out: dict[str, dict[str, int]] = {} if into is None else into
     for mu in usages:
-        rec = out.setdefault(mu.model or "unknown", {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
-        rec["prompt_tokens"] += int(mu.usage.prompt_tokens)
-        rec["completion_tokens"] += int(mu.usage.completion_tokens)
-        rec["requests"] += int(getattr(mu, "requests", 1) or 1)
+        add_usage(out, mu.model, mu.usage.prompt_tokens, mu.usage.completion_tokens,
+                  int(getattr(mu, "requests", 1) or 1))
     return out
 
 

@@ -142,7 +142,7 @@ async def sample(*, model: Path, prompts: Path, out: Path, n: int, max_new_token
     """`moaa sample`: n answers per prompt from a trained model, appended to `out` and resumed by id.
 
     A generate call decodes its sequences in lock-step, so the batch is sized in sequences: 8 prompts of
-    n = 3 samples, or all 10 eval prompts at n = 1 in one call instead of two (one 64-token decode, not two)."""
+    n = 3 samples, or all 10 eval prompts at n = 1 in one call instead of two (one decode, not two)."""
     batch_size = max(1, sequences_per_call // n)
     cmd = moaa_command("sample", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
                        "--n", str(n), "--max-new-tokens", str(max_new_tokens), "--temperature", str(temperature),

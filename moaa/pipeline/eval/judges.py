@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from moaa.client.pairs import add_usage, usage_record
+
 from ..budget import TokenLedger, _usage_tuple
 from .grading import grading_messages, pairwise_messages, parse_rating, parse_verdict
 from .winrate import VERDICT_VALUE
@@ -20,15 +22,6 @@ class PairVerdict:
     inconsistent: bool
     # tokens the verdict cost, per model, journaled with its judgment row (the ledger's source of truth)
     usage: dict = field(default_factory=dict)
-
-
-def add_usage(into: dict, model: str, usage, requests: int = 1) -> None:
-    """Add one call's tokens (an OpenAI usage object or dict) to a {model: counts} record."""
-    p, c = _usage_tuple(usage)
-    rec = into.setdefault(model or "unknown", {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
-    rec["prompt_tokens"] += p
-    rec["completion_tokens"] += c
-    rec["requests"] += requests
 
 
 def _combine(first: float | None, second: float | None, orders: tuple, usage: dict) -> PairVerdict:
@@ -58,8 +51,7 @@ class AnnotatorPairJudge:
         from moaa.client.annotate import annotate_once
 
         r = await annotate_once(self._stub, self.endpoint, prompt, cands, ensemble=self.ensemble, mode=self.mode, seed=0)
-        for mu in r.usage:
-            add_usage(usage, mu.model, mu.usage, int(getattr(mu, "requests", 1) or 1))
+        usage_record(r.usage, into=usage)
         scores = {c.candidate_id: c.score for c in r.combined}
         if "m" not in scores or "b" not in scores or math.isnan(scores["m"]) or math.isnan(scores["b"]):
             return None, r.skip_reason or "no combined scores"  # every judge abstained: no verdict
@@ -93,7 +85,7 @@ class ChatPairJudge:
         """One call; its tokens go to `usage` (a verdict's, journaled with its row) or else to the ledger."""
         res = await self.pool.client(self.model).chat(messages, {"temperature": 0.0, "max_tokens": self.max_tokens})
         if usage is not None:
-            add_usage(usage, self.model, res.usage)
+            add_usage(usage, self.model, *_usage_tuple(res.usage))
         elif self.ledger is not None:
             self.ledger.add(self.stage, self.model, res.usage)
         return res.text
