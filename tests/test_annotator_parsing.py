@@ -2,6 +2,8 @@
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moaa.services.annotator import combine as cb
 from moaa.services.annotator import stats
@@ -148,6 +150,33 @@ def test_permutation_is_seeded_and_per_judge():
     assert stats.judge_seed(1, "a") == stats.judge_seed(1, "a") != stats.judge_seed(1, "b")
     orders = {tuple(stats.permutation(5, s)) for s in range(20)}
     assert len(orders) > 10
+
+
+_scores = st.lists(st.one_of(st.none(), st.integers(1, 10), st.floats(0, 10, allow_nan=False)), min_size=0,
+                   max_size=16)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_rank_correlations_agree_with_scipy(data):
+    """kendall_tau (tau-b) and spearman are computed in stats.py for speed; scipy is the reference."""
+    from scipy import stats as sp
+
+    a = data.draw(_scores)
+    b = data.draw(st.lists(st.one_of(st.none(), st.integers(1, 10), st.floats(0, 10, allow_nan=False)),
+                           min_size=len(a), max_size=len(a)))
+    x = [u for u, v in zip(a, b) if u is not None and v is not None]
+    y = [v for u, v in zip(a, b) if u is not None and v is not None]
+    defined = len(set(x)) > 1 and len(set(y)) > 1
+    tau, rho = stats.kendall_tau(a, b), stats.spearman(a, b)
+    if not defined or len(x) < 2:
+        assert tau is None
+    else:
+        assert tau == pytest.approx(sp.kendalltau(x, y).statistic, abs=1e-9)
+    if not defined or len(x) < 3:
+        assert rho is None
+    else:
+        assert rho == pytest.approx(sp.spearmanr(x, y).statistic, abs=1e-9)
 
 
 def test_statistics():
