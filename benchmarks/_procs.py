@@ -32,11 +32,13 @@ def run_emulator(settings: dict, profiles: dict | None, q) -> None:
 
 
 def run_server(which: str, cfg: dict, reply: tuple[str, ...], q) -> None:
-    """A gateway or an annotator from a config dict, in its own process: `spawn(run_server, "gateway", cfg,
-    ("address",))` returns the running server's `address` (several names: a tuple of their values)."""
+    """A gateway or an annotator from a config dict, in its own process, set up as the CLI's serve commands
+    do: `spawn(run_server, "gateway", cfg, ("address",))` returns the running server's `address` (several
+    names: a tuple of their values)."""
     import logging
 
     from moaa.services.annotator.server import start_annotator
+    from moaa.services.common.server import tune_gc_for_serving
     from moaa.services.config import parse_config
     from moaa.services.gateway.server import start_gateway
 
@@ -48,6 +50,7 @@ def run_server(which: str, cfg: dict, reply: tuple[str, ...], q) -> None:
                          else start_annotator(config, port=0, probes=False))
         values = tuple(getattr(running, name) for name in reply)
         q.put(values[0] if len(values) == 1 else values)
+        tune_gc_for_serving()  # as `moaa gateway|annotator serve` does once it serves
         await asyncio.Event().wait()
 
     asyncio.run(main())

@@ -75,3 +75,12 @@ def test_gateway_serve_bad_config_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("moaa: error:") and proc.stderr.count("\n") == 1
+
+
+def test_serving_processes_tune_the_garbage_collector():
+    """What `serve` does once it serves (RunningServer.wait_for_signal): startup objects frozen, rare
+    collections. In a child, as it changes the whole process."""
+    code = ("import gc; from moaa.services.common.server import GC_THRESHOLDS, tune_gc_for_serving; "
+            "tune_gc_for_serving(); print(gc.get_threshold() == GC_THRESHOLDS, gc.get_freeze_count() > 1000)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "True"], out.stderr
