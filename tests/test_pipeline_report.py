@@ -3,7 +3,7 @@ import json
 
 from moaa.pipeline.budget import TokenLedger
 from moaa.pipeline.layout import RunLayout
-from moaa.pipeline.report import build_report, judge_agreement
+from moaa.pipeline.report import JudgeTally, build_report, judge_agreement
 from moaa.pipeline.store import DatasetStore, atomic_write_json
 
 
@@ -63,10 +63,12 @@ def test_report_of_an_empty_run_folder(tmp_path):
 
 
 def test_judge_agreement_matrix():
-    per = {"a": [[1, 2, 3]], "b": [[3, 2, 1]], "c": [[1, 2, 3]], "d": [[5, 5, 5]]}
-    names, mat = judge_agreement(per)
+    tally = JudgeTally()
+    tally.add({"a": [1, 2, 3], "b": [3, 2, 1], "c": [1, 2, 3], "d": [5, 5, 5]})
+    tally.add({"a": [1, 2, 3], "c": [3, 2, 1]})   # b and d did not judge this prompt: only a-c counts it
+    names, mat = judge_agreement(tally)
     i = {n: k for k, n in enumerate(names)}
-    assert mat[i["a"], i["c"]] == 1.0 and mat[i["a"], i["b"]] == -1.0
+    assert mat[i["a"], i["c"]] == 0.0 and mat[i["a"], i["b"]] == -1.0 and mat[i["b"], i["c"]] == -1.0
     assert str(mat[i["a"], i["d"]]) == "nan"   # constant scores: tau undefined, not 0
 
 

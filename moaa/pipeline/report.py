@@ -8,6 +8,7 @@ training effect (`eval/effect.json`: held-out loss, DPO implicit-reward accuracy
 from __future__ import annotations
 
 import json
+from collections import Counter
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -64,45 +65,61 @@ def plot_losses(layout: RunLayout, out: Path) -> tuple[Path | None, dict[str, di
     return out, summary
 
 
-def judge_scores(pairs_dir: Path) -> dict[str, list[list[float | None]]]:
-    """judge -> per prompt, the scores it gave the candidates (in candidate order; None: abstained)."""
-    per_judge: dict[str, list[list[float | None]]] = {}
-    for shard in sorted(pairs_dir.glob("data-*.jsonl")):
-        for row in read_rows(shard):
-            for judge, scores in row_judge_scores(row).items():
-                per_judge.setdefault(judge, []).append([None if s is None else float(s) for s in scores])
-    return per_judge
+class JudgeTally:
+    """The judges' score counts and pairwise Kendall tau sums, gathered one pair row at a time: the
+    report's memory does not grow with the number of pairs."""
+
+    def __init__(self) -> None:
+        self.scores: dict[str, Counter] = {}                      # judge -> score -> candidates
+        self.taus: dict[tuple[str, str], list[float]] = {}       # (a, b), a < b -> [sum, prompts]
+
+    def add(self, per_judge: dict[str, list[float | None]]) -> None:
+        """One prompt: judge -> its scores of the candidates, in candidate order (None: abstained)."""
+        for judge, scores in per_judge.items():
+            self.scores.setdefault(judge, Counter()).update(float(v) for v in scores if v is not None)
+        for a, b in combinations(sorted(per_judge), 2):
+            acc = self.taus.setdefault((a, b), [0.0, 0])
+            # the annotator's own tau: None where fewer than two common scores or one side is constant
+            if (t := kendall_tau(per_judge[a], per_judge[b])) is not None:
+                acc[0] += t
+                acc[1] += 1
+
+    @classmethod
+    def of_pairs(cls, pairs_dir: Path) -> "JudgeTally":
+        tally = cls()
+        for shard in sorted(pairs_dir.glob("data-*.jsonl")):
+            for row in read_rows(shard):
+                tally.add(row_judge_scores(row))
+        return tally
 
 
-def judge_agreement(per_judge: dict[str, list[list[float | None]]]) -> tuple[list[str], np.ndarray]:
+def judge_agreement(tally: JudgeTally) -> tuple[list[str], np.ndarray]:
     """Mean Kendall tau per pair of judges over the prompts both scored (NaN where undefined)."""
-    names = sorted(per_judge)
+    names = sorted(tally.scores)
     mat = np.eye(len(names))
     for (i, a), (j, b) in combinations(enumerate(names), 2):
-        # the annotator's own tau: None where fewer than two common scores or one side is constant
-        taus = [t for sa, sb in zip(per_judge[a], per_judge[b]) if (t := kendall_tau(sa, sb)) is not None]
-        mat[i, j] = mat[j, i] = float(np.mean(taus)) if taus else np.nan
+        total, n = tally.taus.get((a, b), (0.0, 0))
+        mat[i, j] = mat[j, i] = total / n if n else np.nan
     return names, mat
 
 
-def plot_judges(per_judge: dict[str, list[list[float | None]]], out_scores: Path,
-                out_agree: Path) -> tuple[Path | None, Path | None]:
-    if not per_judge:
+def plot_judges(tally: JudgeTally, out_scores: Path, out_agree: Path) -> tuple[Path | None, Path | None]:
+    if not tally.scores:
         return None, None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for judge, rows in sorted(per_judge.items()):
-        vals = [v for r in rows for v in r if v is not None]
-        if vals:
-            ax.hist(vals, bins=np.arange(0.5, 11.5, 1.0), alpha=0.5, label=judge)
+    for judge, counts in sorted(tally.scores.items()):
+        if counts:
+            ax.hist(list(counts), weights=list(counts.values()), bins=np.arange(0.5, 11.5, 1.0), alpha=0.5,
+                    label=judge)
     ax.set_title("judge score distributions")
     ax.set_xlabel("score")
     ax.set_ylabel("candidates")
     ax.legend(fontsize=8)
     _save(fig, out_scores)
     agree_png = None
-    if len(per_judge) >= 2:
-        names, mat = judge_agreement(per_judge)
+    if len(tally.scores) >= 2:
+        names, mat = judge_agreement(tally)
         fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 1.0 * len(names) + 1.5))
         im = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
@@ -263,8 +280,8 @@ def build_report(run_dir: str | Path) -> Path:
             lines.append(f"- {kind}: loss {s['first']:.4f} -> {s['last']:.4f} over {s['steps']} steps")
         lines += ["", f"![training losses]({loss_png.name})", ""]
     lines += effect_section(_read_json(layout.eval / "effect.json"), out)
-    per_judge = judge_scores(layout.pairs)
-    scores_png, agree_png = plot_judges(per_judge, out / "judge_scores.png", out / "judge_agreement.png")
+    scores_png, agree_png = plot_judges(JudgeTally.of_pairs(layout.pairs), out / "judge_scores.png",
+                                        out / "judge_agreement.png")
     if scores_png:
         lines += ["## Judges", "", f"![judge score distributions]({scores_png.name})", ""]
         if agree_png:
