@@ -78,8 +78,9 @@ def local_config(backend: dict[str, Any], gateway_port: int, annotator_port: int
             "min_margin": 0.5,
         }},
         "default_ensemble": "local",
-        "gateway": {"host": "127.0.0.1", "port": gateway_port, "batch_window": 16, "http_port": 0},
-        "annotator": {"host": "127.0.0.1", "port": annotator_port, "batch_window": 8},
+        # no batch_window here: stage 1 and judging are admitted by the engine's free slots, as on a cluster
+        "gateway": {"host": "127.0.0.1", "port": gateway_port, "http_port": 0},
+        "annotator": {"host": "127.0.0.1", "port": annotator_port},
         "annotator_address": f"127.0.0.1:{annotator_port}",
     }
 
