@@ -25,7 +25,11 @@ def test_reap_stale_kills_only_the_recorded_process(tmp_path):
     proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
     other = subprocess.Popen(["sleep", "301"], start_new_session=True)
     try:
-        cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read().decode()
+        for _ in range(100):  # until the child has exec'd: before that its command line is pytest's
+            cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read().decode()
+            if cmdline.startswith("sleep"):
+                break
+            time.sleep(0.02)
         record = tmp_path / "model-server.pid.json"
         record.write_text(json.dumps([{"pid": proc.pid, "cmdline": cmdline},
                                       {"pid": other.pid, "cmdline": "not what it runs"}]))
