@@ -51,7 +51,7 @@ def kendall_tau(a: list[float | None], b: list[float | None]) -> float | None:
             else:
                 discordant += 1
     n0 = len(x) * (len(x) - 1) // 2
-    return _clean((concordant - discordant) / math.sqrt((n0 - tied_x) * (n0 - tied_y)))
+    return _clean(max(-1.0, min(1.0, (concordant - discordant) / math.sqrt((n0 - tied_x) * (n0 - tied_y)))))
 
 
 def _ranks(xs: list[float]) -> list[float]:
