@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from moaa.errors import UserError
+from moaa.usage import add_usage
 from moaa.v1 import annotator_pb2, common_pb2
 
 SAMPLE_FIELDS = ("candidates", "samples", "completions", "answers")
@@ -125,15 +126,6 @@ def pair_row(req: annotator_pb2.AnnotateRequest, resp: annotator_pb2.AnnotateRes
 def skip_info(req: annotator_pb2.AnnotateRequest, resp: annotator_pb2.AnnotateResponse) -> dict[str, Any]:
     """What a skip record carries besides its id and reason."""
     return {"annotation": provenance(req, resp), "usage": usage_record(resp.usage)}
-
-
-def add_usage(into: dict[str, dict[str, int]], model: str, prompt_tokens: int, completion_tokens: int,
-              requests: int = 1) -> None:
-    """Add one call's tokens to a per-model record ({model: {prompt_tokens, completion_tokens, requests}})."""
-    rec = into.setdefault(model or "unknown", {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
-    rec["prompt_tokens"] += int(prompt_tokens)
-    rec["completion_tokens"] += int(completion_tokens)
-    rec["requests"] += int(requests)
 
 
 def usage_record(usages, into: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:

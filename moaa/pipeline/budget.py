@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from moaa.errors import MoaaError
+from moaa.usage import add_usage, usage_tokens
 
 from .store import atomic_write_json
 
@@ -23,15 +24,6 @@ class BudgetExhausted(MoaaError):
     """The token budget is spent; the run stopped cleanly and can be resumed with a larger budget."""
 
     exit_code = EXIT_BUDGET
-
-
-def _usage_tuple(usage: Any) -> tuple[int, int]:
-    """(prompt, completion) tokens from a proto Usage, the client's Usage, or a dict."""
-    if usage is None:
-        return 0, 0
-    if isinstance(usage, dict):
-        return int(usage.get("prompt_tokens", 0) or 0), int(usage.get("completion_tokens", 0) or 0)
-    return int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)
 
 
 class TokenLedger:
@@ -45,13 +37,8 @@ class TokenLedger:
             self.stages = json.loads(self.path.read_text()).get("stages", {})
 
     def add(self, stage: str, model: str, usage: Any, requests: int = 1) -> None:
-        p, c = _usage_tuple(usage)
         with self._lock:
-            rec = self.stages.setdefault(stage, {}).setdefault(
-                model or "unknown", {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
-            rec["prompt_tokens"] += p
-            rec["completion_tokens"] += c
-            rec["requests"] += requests
+            add_usage(self.stages.setdefault(stage, {}), model, *usage_tokens(usage), requests)
 
     def restore_stage(self, stage: str, journaled: dict[str, dict[str, int]]) -> None:
         """Raise a stage's counts to the tokens journaled with its rows. A run killed before it saved this

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Iterator
 
 from moaa.errors import UserError
 from moaa.jsonl import JsonlAppender, read_rows
+from moaa.usage import add_usage, usage_tokens
 
 SHARD_ROWS = 1000
 SYNC_EVERY_S = 0.2   # group commit of the rows (moaa.jsonl.JsonlAppender); the manifest is written after a sync
@@ -131,9 +132,7 @@ class DatasetStore:
     def _count(self, rec: dict) -> None:
         """Sum the tokens journaled with a record ("usage": {model: {...}}): the ledger's source of truth."""
         for model, u in (rec.get("usage") or {}).items():
-            acc = self.usage.setdefault(model, {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0})
-            for k in acc:
-                acc[k] += int(u.get(k, 0) or 0)
+            add_usage(self.usage, model, *usage_tokens(u), u.get("requests", 0) or 0)
 
     def write(self, row: dict, *, models: list[str] | None = None) -> bool:
         """Append one row (must carry "id"). Returns False when that id is already done."""

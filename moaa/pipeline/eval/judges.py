@@ -8,9 +8,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from moaa.client.pairs import add_usage, usage_record
+from moaa.client.pairs import usage_record
+from moaa.usage import add_usage, usage_tokens
 
-from ..budget import TokenLedger, _usage_tuple
+from ..budget import TokenLedger
 from .grading import grading_messages, pairwise_messages, parse_rating, parse_verdict
 from .winrate import VERDICT_VALUE
 
@@ -85,7 +86,7 @@ class ChatPairJudge:
         """One call; its tokens go to `usage` (a verdict's, journaled with its row) or else to the ledger."""
         res = await self.pool.client(self.model).chat(messages, {"temperature": 0.0, "max_tokens": self.max_tokens})
         if usage is not None:
-            add_usage(usage, self.model, *_usage_tuple(res.usage))
+            add_usage(usage, self.model, *usage_tokens(res.usage))
         elif self.ledger is not None:
             self.ledger.add(self.stage, self.model, res.usage)
         return res.text
