@@ -132,8 +132,8 @@ def _pairs_context(tmp_path, server, rows: list[dict], allow_failures: float) ->
     layout = RunLayout(tmp_path)
     layout.samples.mkdir(parents=True)
     (layout.samples / "data-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return layout, StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", train_prompts=[],
-                                eval_prompts=[], base_model="x", settings={"allow_failures": allow_failures},
+    return layout, StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", base_model="x",
+                                settings={"allow_failures": allow_failures},
                                 annotator=Endpoint(server.address), quiet=True)
 
 
@@ -160,9 +160,10 @@ async def test_pipeline_pairs_stage_loses_no_prompt_to_a_judge_outage(judge_emul
                                 for f in failures)
         assert any({"refuse": "m-j2: connect", "503": "m-j2: http_5xx"}[fault] in f["error"] for f in failures)
         store = DatasetStore(layout.pairs, stage="pairs", fmt="preference").open()
-        assert store.done | set(store.skipped) == {r["id"] for r in rows}, "every prompt: a pair or a skip"
-        assert all(why.split(":")[0] in QUALITY for why in store.skipped.values()), store.skipped
-        assert store.skipped == {"tie": store.skipped["tie"]} and store.skipped["tie"].startswith("low_margin")
+        skips = {r["id"]: r["reason"] for r in iter_jsonl(layout.pairs / "skipped.jsonl")}
+        assert {r["id"] for r in store.iter_rows()} | set(skips) == {r["id"] for r in rows}, "a pair or a skip"
+        assert all(why.split(":")[0] in QUALITY for why in skips.values()), skips
+        assert list(skips) == ["tie"] and skips["tie"].startswith("low_margin") and len(store.skipped) == 1
         assert not store.failed and result["rows"] == 12 and result["failed"] == 0 and runs <= 2
         assert result["skipped_reasons"] == {"low_margin": 1}
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from moaa.errors import UserError
-from moaa.pipeline.data import content_id, default_prompts_path, load_prompts, parse_mapping
+from moaa.pipeline.data import PromptStream, content_id, default_prompts_path, parse_mapping
 
 
 def _write_jsonl(path, rows):
@@ -15,10 +15,11 @@ def _write_jsonl(path, rows):
 
 
 def test_bundled_default_prompts():
-    ps = load_prompts()
-    assert 45 <= len(ps.rows) <= 60 and not ps.skipped
-    assert any(len(r.messages) > 1 for r in ps.rows)          # a few multi-turn conversations
-    assert len({r.id for r in ps.rows}) == len(ps.rows)
+    ps = PromptStream()
+    rows = list(ps)
+    assert 45 <= len(rows) <= 60 and not ps.skipped
+    assert any(len(r.messages) > 1 for r in rows)          # a few multi-turn conversations
+    assert len({r.id for r in rows}) == len(rows)
     assert default_prompts_path().name == "default.jsonl"
 
 
@@ -31,20 +32,21 @@ def test_recognised_shapes_without_mapping(tmp_path):
         {"id": "u7", "data": ["q1", "a1", "q2"]},                # original UltraChat
         {"prompt": [{"role": "user", "content": "TRL preference prompt"}], "chosen": [], "rejected": []},
     ]
-    ps = load_prompts(_write_jsonl(tmp_path / "p.jsonl", rows))
-    got = [r.messages for r in ps.rows]
+    ps = PromptStream(_write_jsonl(tmp_path / "p.jsonl", rows))
+    rows = list(ps)
+    got = [r.messages for r in rows]
     assert got[0] == [{"role": "user", "content": "UltraFeedback style"}]
-    assert ps.rows[1].source_id == "p1"
+    assert rows[1].source_id == "p1"
     assert got[2][-1] == {"role": "user", "content": "how are you?"} and len(got[2]) == 3  # trailing answer dropped
-    assert [m["role"] for m in got[3]] == ["user", "assistant", "user"] and ps.rows[3].source_id == "u7"
+    assert [m["role"] for m in got[3]] == ["user", "assistant", "user"] and rows[3].source_id == "u7"
     assert got[4] == [{"role": "user", "content": "TRL preference prompt"}]
 
 
 def test_ids_are_content_hashes_and_stable(tmp_path):
     p = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
-    ids1 = [r.id for r in load_prompts(p).rows]
+    ids1 = [r.id for r in PromptStream(p)]
     p2 = _write_jsonl(tmp_path / "q.jsonl", [{"prompt": "b"}, {"instruction": "a", "other": 1}])
-    ids2 = [r.id for r in load_prompts(p2).rows]
+    ids2 = [r.id for r in PromptStream(p2)]
     assert ids1 == ids2[::-1]
     assert ids1[0] == content_id([{"role": "user", "content": "a"}])
 
@@ -54,16 +56,17 @@ def test_one_row_id_rule_keep_ids(tmp_path):
     hashes a row without one by the same rule as the pipeline; the pipeline's own ids never change."""
     rows = [{"id": "q1", "prompt": "a"}, {"prompt": "b"}, {"prompt_id": "u9", "prompt": "c"}]
     p = _write_jsonl(tmp_path / "p.jsonl", rows)
-    assert [r.id for r in load_prompts(p, keep_ids=True).rows] == [
+    assert [r.id for r in PromptStream(p, keep_ids=True)] == [
         "q1", content_id([{"role": "user", "content": "b"}]), "u9"]
-    assert [r.id for r in load_prompts(p).rows] == [content_id([{"role": "user", "content": x}]) for x in "abc"]
+    assert [r.id for r in PromptStream(p)] == [content_id([{"role": "user", "content": x}]) for x in "abc"]
 
 
 def test_field_mapping(tmp_path):
     p = _write_jsonl(tmp_path / "p.jsonl", [{"q": "what?", "qid": "x1", "sys": "be brief"}])
-    ps = load_prompts(p, mapping=parse_mapping(["prompt=q", "id=qid", "system=sys"]))
-    assert ps.rows[0].id == "x1"
-    assert ps.rows[0].messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what?"}]
+    ps = PromptStream(p, mapping=parse_mapping(["prompt=q", "id=qid", "system=sys"]))
+    rows = list(ps)
+    assert rows[0].id == "x1"
+    assert rows[0].messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what?"}]
     with pytest.raises(UserError, match="KEY=FIELD"):
         parse_mapping(["nonsense"])
 
@@ -82,7 +85,7 @@ def _bad_file(tmp_path):
 
 def test_invalid_rows_give_one_readable_error(tmp_path):
     with pytest.raises(UserError) as err:
-        load_prompts(_bad_file(tmp_path))
+        list(PromptStream(_bad_file(tmp_path)))
     msg = str(err.value)
     assert "\n" not in msg
     for needle in ("5 invalid row(s)", "line 2: not valid JSON", "line 3: missing prompt field",
@@ -91,16 +94,17 @@ def test_invalid_rows_give_one_readable_error(tmp_path):
 
 
 def test_skip_invalid_counts_with_line_numbers(tmp_path):
-    ps = load_prompts(_bad_file(tmp_path), skip_invalid=True)
-    assert [r.line for r in ps.rows] == [1, 7]
+    ps = PromptStream(_bad_file(tmp_path), skip_invalid=True)
+    rows = list(ps)
+    assert [r.line for r in rows] == [1, 7]
     assert [ln for ln, _ in ps.skipped] == [2, 3, 4, 5, 6]
-    assert ps.skipped_summary().startswith("skipped 5 invalid row(s): line 2 (not valid JSON")
+    assert ps.summary().startswith("skipped 5 invalid row(s): line 2 (not valid JSON")
 
 
 def test_duplicate_source_ids_with_mapping(tmp_path):
     p = _write_jsonl(tmp_path / "p.jsonl", [{"q": "a", "k": 1}, {"q": "b", "k": 1}])
     with pytest.raises(UserError, match="line 2: duplicate id 1"):
-        load_prompts(p, mapping={"prompt": "q", "id": "k"})
+        list(PromptStream(p, mapping={"prompt": "q", "id": "k"}))
 
 
 def test_parquet_and_datasets_folder(tmp_path):
@@ -109,25 +113,26 @@ def test_parquet_and_datasets_folder(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"instruction": ["p one", "p two"]}), tmp_path / "p.parquet")
-    assert [r.messages[0]["content"] for r in load_prompts(tmp_path / "p.parquet").rows] == ["p one", "p two"]
+    assert [r.messages[0]["content"] for r in PromptStream(tmp_path / "p.parquet")] == ["p one", "p two"]
     ds = datasets.DatasetDict({"train_sft": datasets.Dataset.from_dict({
         "prompt": ["hi"], "messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]})})
     ds.save_to_disk(str(tmp_path / "uc"))
     with pytest.raises(UserError, match="--split"):
-        load_prompts(tmp_path / "uc", split="nope")
-    ps = load_prompts(tmp_path / "uc")  # a single split is taken
-    assert ps.rows[0].messages == [{"role": "user", "content": "hi"}]
+        list(PromptStream(tmp_path / "uc", split="nope"))
+    ps = PromptStream(tmp_path / "uc")  # a single split is taken
+    rows = list(ps)
+    assert rows[0].messages == [{"role": "user", "content": "hi"}]
 
 
 def test_missing_or_unknown_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        load_prompts(tmp_path / "nope.jsonl")
+        list(PromptStream(tmp_path / "nope.jsonl"))
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(UserError, match="unknown prompt format"):
-        load_prompts(tmp_path / "x.csv")
+        list(PromptStream(tmp_path / "x.csv"))
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
     with pytest.raises(UserError, match="not UTF-8"):
-        load_prompts(tmp_path / "bin.jsonl")
+        list(PromptStream(tmp_path / "bin.jsonl"))
 
 
 def _cli(*args, cwd=None):

@@ -177,8 +177,8 @@ async def test_effect_step_on_a_run_folder_and_its_rerun_recomputes_nothing(tiny
     shutil.copytree(tiny_sft_dir, lay.dpo_model)
     for name, text in (("base", "x"), ("sft", "y"), ("dpo", "y")):
         write_jsonl(lay.eval / f"answers-{name}.jsonl", [{"id": "q", "prompt": PROMPT, "candidates": [{"text": text}]}])
-    ctx = StageContext(layout=lay, ledger=TokenLedger(lay.usage), config_hash="h", train_prompts=[], eval_prompts=[],
-                       base_model=str(tiny_model_dir), settings={"sft": {"max_length": 128}, "dpo": {"beta": 0.1}},
+    ctx = StageContext(layout=lay, ledger=TokenLedger(lay.usage), config_hash="h", base_model=str(tiny_model_dir),
+                       settings={"sft": {"max_length": 128}, "dpo": {"beta": 0.1}},
                        quiet=True)
     effect = await stage_training_effect(ctx)
     assert effect["sft_heldout_loss"]["rows"] == 2 and effect["sft_heldout_loss"]["sft"] < effect["sft_heldout_loss"]["base"]

@@ -3,6 +3,7 @@ skips recorded with reasons, resumable by prompt id."""
 import json
 
 from moaa.client.pairs import judge_scores
+from moaa.jsonl import read_rows
 from moaa.pipeline.budget import TokenLedger
 from moaa.pipeline.layout import RunLayout
 from moaa.client.endpoint import Endpoint
@@ -33,8 +34,8 @@ async def test_stage_pairs_with_real_annotator(judge_emulator, tmp_path):
         layout = RunLayout(tmp_path)
         _samples(layout)
         ledger = TokenLedger(layout.usage)
-        ctx = StageContext(layout=layout, ledger=ledger, config_hash="h", train_prompts=[], eval_prompts=[],
-                           base_model="x", settings={"allow_failures": 0.1}, annotator=Endpoint(server.address),
+        ctx = StageContext(layout=layout, ledger=ledger, config_hash="h", base_model="x",
+                           settings={"allow_failures": 0.1}, annotator=Endpoint(server.address),
                            quiet=True)
         result = await stage_pairs(ctx)
         assert result["rows"] == 2 and result["skipped"] == 1
@@ -77,8 +78,8 @@ async def test_moaa_annotate_and_pairs_stage_write_one_schema(judge_emulator, tm
     try:
         layout = RunLayout(tmp_path / "run")
         _samples(layout)
-        ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", train_prompts=[],
-                           eval_prompts=[], base_model="x", settings={"allow_failures": 0.1},
+        ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", base_model="x",
+                           settings={"allow_failures": 0.1},
                            annotator=Endpoint(server.address), quiet=True)
         await stage_pairs(ctx)
         out = tmp_path / "pairs.jsonl"
@@ -134,8 +135,8 @@ async def test_sigkill_during_pairs_then_resume_ledger_equals_rows(judge_emulato
         from moaa.pipeline.layout import RunLayout
         from moaa.pipeline.stages import StageContext, stage_pairs
         layout = RunLayout(Path({str(tmp_path)!r}))
-        ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", train_prompts=[],
-                           eval_prompts=[], base_model="x", settings={{"allow_failures": 0.1, "window": 2}},
+        ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", base_model="x",
+                           settings={{"allow_failures": 0.1, "window": 2}},
                            annotator=Endpoint({server.address!r}), quiet=True)
         asyncio.run(stage_pairs(ctx))
     """)
@@ -152,14 +153,15 @@ async def test_sigkill_during_pairs_then_resume_ledger_equals_rows(judge_emulato
         assert 5 <= written < n, "the stage was not killed mid-stream"
         assert not layout.usage.exists() or TokenLedger(layout.usage).stage_total("pairs") == 0  # never saved
         ledger = TokenLedger(layout.usage)
-        ctx = StageContext(layout=layout, ledger=ledger, config_hash="h", train_prompts=[], eval_prompts=[],
-                           base_model="x", settings={"allow_failures": 0.1}, annotator=Endpoint(server.address),
+        ctx = StageContext(layout=layout, ledger=ledger, config_hash="h", base_model="x",
+                           settings={"allow_failures": 0.1}, annotator=Endpoint(server.address),
                            quiet=True)
         result = await stage_pairs(ctx)
     finally:
         await server.stop(0)
     store = DatasetStore(layout.pairs, stage="pairs", fmt="preference").open()
-    ids = [r["id"] for r in store.iter_rows()] + list(store.skipped)
+    skipped = layout.pairs / "skipped.jsonl"
+    ids = [r["id"] for r in store.iter_rows()] + [r["id"] for r in read_rows(skipped)] * skipped.exists()
     assert sorted(ids) == sorted(f"p{i}" for i in range(n)) and result["rows"] + result["skipped"] == n
     journaled = sum(u["prompt_tokens"] + u["completion_tokens"] for u in store.usage.values())
     assert journaled > 0 and TokenLedger(layout.usage).stage_total("pairs") == journaled
@@ -180,8 +182,8 @@ async def test_budget_stop_overspends_by_at_most_the_rows_in_flight(judge_emulat
         for i in range(30)))
     window, budget = 3, 500
     ledger = TokenLedger(layout.usage, budget=budget)
-    ctx = StageContext(layout=layout, ledger=ledger, config_hash="h", train_prompts=[], eval_prompts=[],
-                       base_model="x", settings={"allow_failures": 0.1, "window": window},
+    ctx = StageContext(layout=layout, ledger=ledger, config_hash="h", base_model="x",
+                       settings={"allow_failures": 0.1, "window": window},
                        annotator=Endpoint(server.address), quiet=True)
     try:
         with pytest.raises(BudgetExhausted):

@@ -62,8 +62,8 @@ async def test_stage_pairs_over_a_one_shard_samples_file_resumes(annotator, tmp_
     layout = RunLayout(tmp_path)
     layout.samples.mkdir(parents=True)
     atomic_write_text(layout.samples / "data-00000.jsonl", (json.dumps(_row(i)) + "\n" for i in range(300)))
-    ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", train_prompts=[],
-                       eval_prompts=[], base_model="x", settings={"allow_failures": 0.1, "window": 16},
+    ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", base_model="x",
+                       settings={"allow_failures": 0.1, "window": 16},
                        annotator=annotator, quiet=True)
     assert (await stage_pairs(ctx))["rows"] == 300
     ids = [r["id"] for r in DatasetStore(layout.pairs, stage="pairs", fmt="preference").open().iter_rows()]
@@ -93,7 +93,8 @@ def test_store_reopen_after_torn_tail_across_shards(tmp_path):
     with (tmp_path / "data-00002.jsonl").open("a") as fh:
         fh.write('{"id": "r7", "mess')                 # killed mid-write
     again = DatasetStore(tmp_path, stage="s", fmt="sft", shard_rows=3).open()
-    assert again.rows == 7 and again.done == {f"r{i}" for i in range(7)} and again.skipped == {"r9": "why"}
+    assert again.rows == 7 == len(again.done) and all(f"r{i}" in again.done for i in range(7))
+    assert "r9" in again.skipped and len(again.skipped) == 1 and again.skip_reasons == {"why": 1}
     assert again.usage["m"]["prompt_tokens"] == 7 and again.usage["m"]["completion_tokens"] == 14
     assert (tmp_path / "data-00002.jsonl").read_text().endswith("}\n")
     assert again.write({"id": "r7", "messages": []})
@@ -133,3 +134,59 @@ def test_group_commit_writes_every_row_and_syncs_before_the_manifest(tmp_path, m
     assert len(calls) == n
     store.write_manifest()
     assert len(calls) == n + 2 + 1          # the shard, skipped.jsonl, then the manifest's own fsync
+
+
+def test_idset_membership_without_keeping_the_ids():
+    from moaa.pipeline.idset import MERGE_AT, IdSet, _digest
+
+    # an id whose digest ends in a NUL byte: numpy hands such an S16 element out shortened
+    nul = next(str(k) for k in range(100000) if _digest(str(k))[-1] == 0)
+    ids = [nul] + [f"r{i}" for i in range(2 * MERGE_AT + 5)]
+    s = IdSet(ids)
+    s.add("r1")                                        # again: not counted twice
+    assert len(s) == len(ids) and all(i in s for i in ids) and nul in s
+    assert "r-1" not in s and 7 not in s and "" not in s
+    assert s._sorted.nbytes == 16 * 2 * MERGE_AT       # merged in batches, 16 bytes an id
+
+
+def test_run_prompts_are_streamed_from_the_run_folder_with_the_old_split_quick_pick_and_hash(tmp_path):
+    """The prompt set on disk gives exactly what the in-memory rules gave: ids, eval split, --quick pick
+    and config hash (a folder started before keeps its config)."""
+    import hashlib
+
+    from moaa.pipeline.data import PromptStream, held_out_ids
+    from moaa.pipeline.promptset import QUICK_PROMPTS, config_hash, prepare_prompts
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Question {i}?"}) + "\n" for i in range(50)))
+    rows = list(PromptStream(src))
+    got = prepare_prompts(tmp_path / "prompts.jsonl", PromptStream(src), eval_fraction=0.2, quick=False)
+    held = held_out_ids([r.id for r in rows], 0.2, "eval")
+    assert [r.id for r in got.rows()] == [r.id for r in rows] and got.count == 50 and got.n_eval == len(held) == 10
+    assert [r.id for r in got.rows("eval")] == [r.id for r in rows if r.id in held]
+    assert [r.messages for r in got.rows("train")] == [r.messages for r in rows if r.id not in held]
+    doc = {"settings": {"a": 1}, "target": "t", "seed": 0}
+    old = hashlib.sha256(json.dumps({**doc, "prompts": [r.id for r in rows]}, sort_keys=True).encode()).hexdigest()
+    assert config_hash(doc, (r.id for r in got.rows())) == old[:16]
+    assert config_hash(doc, []) == hashlib.sha256(json.dumps({**doc, "prompts": []}, sort_keys=True).encode()).hexdigest()[:16]
+
+    quick = prepare_prompts(tmp_path / "q.jsonl", PromptStream(src), eval_fraction=0.2, quick=True)
+    step = len(rows) / QUICK_PROMPTS
+    assert [r.id for r in quick.rows()] == [rows[int(i * step)].id for i in range(QUICK_PROMPTS)]
+
+
+def test_bad_prompt_input_leaves_no_prompt_file_and_names_the_first_line_of_a_duplicate(tmp_path):
+    from moaa.pipeline.data import PromptStream
+    from moaa.pipeline.promptset import prepare_prompts
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ["a?", "b?", "a?", "c?", "a?"]) + "{oops\n")
+    with pytest.raises(UserError, match=r"3 invalid row\(s\): line 3: duplicate id \w+ \(same as line 1\); "
+                                        r"line 5: duplicate id \w+ \(same as line 1\); line 6: not valid JSON"):
+        prepare_prompts(tmp_path / "prompts.jsonl", PromptStream(src), eval_fraction=0.2, quick=False)
+    assert list(tmp_path.iterdir()) == [src]          # neither the file nor its temporary
+    ok = prepare_prompts(tmp_path / "prompts.jsonl", PromptStream(src, skip_invalid=True), eval_fraction=0.2,
+                         quick=False)
+    assert ok.count == 3 and ok.invalid == 3 and ok.summary.startswith("skipped 3 invalid row(s): line 3 (dup")
+    assert PromptStream(src, limit=2, skip_invalid=True).__iter__().__next__().messages[0]["content"] == "a?"
+    assert len(list(PromptStream(src, limit=2))) == 2   # stops at the limit: rows after it are not read

@@ -53,7 +53,7 @@ def test_torn_last_line_is_cut(tmp_path):
     with open(tmp_path / "d" / "data-00000.jsonl", "a") as fh:
         fh.write('{"id": "b", "messages": [{"ro')               # killed mid-write
     st2 = DatasetStore(tmp_path / "d", stage="s", fmt="sft").open()
-    assert st2.done == {"a"}
+    assert "a" in st2.done and "b" not in st2.done and len(st2.done) == 1
     st2.write({"id": "b"})
     assert _ids(st2) == ["a", "b"]
 

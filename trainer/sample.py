@@ -91,9 +91,9 @@ def run_sample(model_dir: str, prompts: str, out: str, s: SampleSettings) -> dic
     s.check()
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"model folder {model_dir} holds no config.json")
-    from moaa.pipeline.data import load_prompts
+    from moaa.pipeline.data import PromptStream
 
-    rows = [{"id": r.id, "prompt": r.messages} for r in load_prompts(prompts, keep_ids=True).rows]
+    rows = [{"id": r.id, "prompt": r.messages} for r in PromptStream(prompts, keep_ids=True)]
     writer = JsonlAppender(out)
     done = {r["id"] for r in writer.open()}
     todo = [r for r in rows if r["id"] not in done]

@@ -108,11 +108,13 @@ def _report(args) -> int:
 
 
 def _check_prompts(args) -> int:
-    from moaa.pipeline.data import load_prompts, parse_mapping
+    from moaa.pipeline.data import PromptStream, parse_mapping
 
-    ps = load_prompts(args.prompts, mapping=parse_mapping(args.mapping), skip_invalid=args.skip_invalid,
-                      split=args.split, limit=args.limit)
-    print(f"{len(ps.rows)} prompts from {ps.source}; {ps.skipped_summary()}")
+    stream = PromptStream(args.prompts, mapping=parse_mapping(args.mapping), skip_invalid=args.skip_invalid,
+                          split=args.split, limit=args.limit)
+    for _ in stream:   # checked row by row: a large set is never held
+        pass
+    print(f"{stream.count} prompts from {stream.path}; {stream.summary()}")
     return 0
 
 

@@ -15,20 +15,24 @@ their line numbers: one readable error, or with `skip_invalid` a list of what wa
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from moaa.errors import UserError
 from moaa.jsonl import iter_lines
+
+from .idset import IdSet
 
 ROLES = ("system", "user", "assistant")
 # Field names tried in order when no mapping is given.
 AUTO_FIELDS = ("messages", "data", "prompt", "instruction", "question")
 MAPPABLE = ("prompt", "messages", "id", "system")
 MAX_LISTED = 5  # invalid rows named in one error line
+KEPT_INVALID = 20  # invalid rows kept with their reasons for the summary (all are counted)
 
 
 @dataclass
@@ -45,20 +49,6 @@ class PromptRow:
         return out
 
 
-@dataclass
-class PromptSet:
-    rows: list[PromptRow]
-    source: str
-    skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
-
-    def skipped_summary(self) -> str:
-        if not self.skipped:
-            return "no rows skipped"
-        listed = ", ".join(f"line {ln} ({why})" for ln, why in self.skipped[:20])
-        more = f", and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
-        return f"skipped {len(self.skipped)} invalid row(s): {listed}{more}"
-
-
 def content_id(messages: list[dict[str, str]]) -> str:
     """Stable id of a conversation: sha256 of its canonical JSON (roles and contents only)."""
     canon = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
@@ -72,12 +62,17 @@ def row_id(messages: list[dict[str, str]], source_id: str | None, mapping: dict[
     return content_id(messages)
 
 
-def held_out_ids(ids: list[str], fraction: float, salt: str, cap: int | None = None) -> set[str]:
+def held_out_ids(ids: Iterable[str], fraction: float, salt: str, cap: int | None = None, *,
+                 count: int | None = None) -> set[str]:
     """A stable held-out share of ids (at most `cap`), chosen by a hash of salt and id: the same on every run
-    and machine (none below 4 ids: too few to spare any)."""
-    n = round(len(ids) * fraction) if len(ids) >= 4 else 0
+    and machine (none below 4 ids: too few to spare any). Given `count` (how many `ids` yields), `ids` may be
+    a one-pass stream: only the chosen ids are held, never all of them."""
+    if count is None:
+        ids = list(ids)
+        count = len(ids)
+    n = round(count * fraction) if count >= 4 else 0
     n = n if cap is None else min(n, cap)
-    return set(sorted(ids, key=lambda i: hashlib.sha256(f"{salt}:{i}".encode()).hexdigest())[:n])
+    return set(heapq.nsmallest(n, ids, key=lambda i: hashlib.sha256(f"{salt}:{i}".encode()).digest()))
 
 
 def parse_mapping(items: list[str] | None) -> dict[str, str]:
@@ -205,35 +200,72 @@ def default_prompts_path() -> Path:
     return Path(str(resources.files("moaa.pipeline.prompts") / "default.jsonl"))
 
 
-def load_prompts(path: str | Path | None = None, *, mapping: dict[str, str] | None = None,
+class PromptStream:
+    """The valid rows of a prompt source, read and checked one at a time: iterating holds one row, and
+    per row only its id's 16-byte digest (for duplicates). Iterate once. After the last row, `skipped`
+    holds the first KEPT_INVALID invalid rows (line, reason) and `invalid` counts them all; unless
+    `skip_invalid`, the end of the iteration raises UserError naming the bad lines instead."""
+
+    def __init__(self, path: str | Path | None = None, *, mapping: dict[str, str] | None = None,
                  skip_invalid: bool = False, split: str | None = None, limit: int | None = None,
-                 keep_ids: bool = False) -> PromptSet:
-    """Read and validate a prompt set. Raises UserError naming the bad lines unless `skip_invalid`."""
-    path = Path(path) if path else default_prompts_path()
-    mapping = mapping or {}
-    rows: list[PromptRow] = []
-    bad: list[tuple[int, str]] = []
-    seen: dict[str, int] = {}
-    for lineno, rec in _records(path, split):
-        try:
-            if isinstance(rec, _RowError):
-                raise rec
-            msgs, source_id = row_to_prompt(rec, mapping)
-            rid = row_id(msgs, source_id, mapping, keep_ids)
-            if rid in seen:
-                raise _RowError(f"duplicate id {rid} (same as line {seen[rid]})")
-        except _RowError as err:
-            bad.append((lineno, str(err)))
-            continue
-        seen[rid] = lineno
-        rows.append(PromptRow(id=rid, messages=msgs, line=lineno, source_id=source_id))
-    if bad and not skip_invalid:
-        listed = "; ".join(f"line {ln}: {why}" for ln, why in bad[:MAX_LISTED])
-        more = f"; and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
-        raise UserError(f"{path}: {len(bad)} invalid row(s): {listed}{more} "
-                        "(fix them, or pass --skip-invalid to skip them)")
-    if not rows:
-        raise UserError(f"{path}: no usable prompts" + (f" ({len(bad)} invalid rows skipped)" if bad else ""))
-    if limit is not None:
-        rows = rows[:limit]
-    return PromptSet(rows=rows, source=str(path), skipped=bad)
+                 keep_ids: bool = False):
+        self.path = Path(path) if path else default_prompts_path()
+        self.mapping, self.skip_invalid, self.split, self.limit, self.keep_ids = (
+            mapping or {}, skip_invalid, split, limit, keep_ids)
+        self.skipped: list[tuple[int, str]] = []
+        self.invalid = self.count = 0
+
+    def _rows(self) -> Iterator[tuple[int, PromptRow | _RowError]]:
+        for lineno, rec in _records(self.path, self.split):
+            try:
+                if isinstance(rec, _RowError):
+                    raise rec
+                msgs, source_id = row_to_prompt(rec, self.mapping)
+                row = PromptRow(row_id(msgs, source_id, self.mapping, self.keep_ids), msgs, lineno, source_id)
+            except _RowError as err:
+                row = err
+            yield lineno, row
+
+    def __iter__(self) -> Iterator[PromptRow]:
+        seen, dups = IdSet(), {}   # dups: id -> its entries in `skipped`, to name the line of its first row
+        for lineno, row in self._rows():
+            if isinstance(row, PromptRow) and row.id in seen:
+                if len(self.skipped) < KEPT_INVALID:
+                    dups.setdefault(row.id, []).append(len(self.skipped))
+                row = _RowError(f"duplicate id {row.id}")
+            if isinstance(row, _RowError):
+                self.invalid += 1
+                if len(self.skipped) < KEPT_INVALID:
+                    self.skipped.append((lineno, str(row)))
+                continue
+            seen.add(row.id)
+            self.count += 1
+            yield row
+            if self.limit is not None and self.count >= self.limit:
+                break
+        self._name_first_lines(dups)
+        if self.invalid and not self.skip_invalid:
+            listed = "; ".join(f"line {ln}: {why}" for ln, why in self.skipped[:MAX_LISTED])
+            more = f"; and {self.invalid - MAX_LISTED} more" if self.invalid > MAX_LISTED else ""
+            raise UserError(f"{self.path}: {self.invalid} invalid row(s): {listed}{more} "
+                            "(fix them, or pass --skip-invalid to skip them)")
+        if not self.count:
+            raise UserError(f"{self.path}: no usable prompts"
+                            + (f" ({self.invalid} invalid rows skipped)" if self.invalid else ""))
+
+    def _name_first_lines(self, dups: dict[str, list[int]]) -> None:
+        """One more pass, only when duplicates are listed: the line each listed id was first seen on."""
+        for lineno, row in self._rows() if dups else ():
+            if isinstance(row, PromptRow) and row.id in dups:
+                for i in dups.pop(row.id):
+                    self.skipped[i] = (self.skipped[i][0], f"{self.skipped[i][1]} (same as line {lineno})")
+                if not dups:
+                    break
+
+    def summary(self) -> str:
+        if not self.invalid:
+            return "no rows skipped"
+        listed = ", ".join(f"line {ln} ({why})" for ln, why in self.skipped)
+        more = f", and {self.invalid - len(self.skipped)} more" if self.invalid > len(self.skipped) else ""
+        return f"skipped {self.invalid} invalid row(s): {listed}{more}"
+

@@ -22,6 +22,10 @@ class RunLayout:
         return self.root / "usage.json"
 
     @property
+    def prompts(self) -> Path:
+        return self.root / "prompts.jsonl"
+
+    @property
     def sft_data(self) -> Path:
         return self.root / "stage1-sft-data"
 

@@ -7,7 +7,6 @@ mixes two recipes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -19,14 +18,14 @@ from moaa.client.endpoint import Endpoint
 from moaa.errors import UserError
 
 from .budget import TokenLedger
-from .data import PromptRow, held_out_ids, load_prompts
+from .data import PromptStream
 from .layout import RunLayout
 from .lock import RunLock
+from .promptset import RunPrompts, config_hash, prepare_prompts
 from .stages import NEEDS_SERVICES, STAGES, StageContext
 from .store import atomic_write_json, utc_now
 from . import training
 
-QUICK_PROMPTS = 12
 OPERATIONAL = {"window"}  # settings that change how, not what: left out of the config hash
 
 
@@ -82,12 +81,6 @@ def default_settings(quick: bool) -> dict[str, Any]:
     }
 
 
-def split_eval(rows: list[PromptRow], fraction: float) -> tuple[list[PromptRow], list[PromptRow]]:
-    """A stable held-out split by id: the same prompts are held out on every run and machine."""
-    held = held_out_ids([r.id for r in rows], fraction, "eval")
-    return [r for r in rows if r.id not in held], [r for r in rows if r.id in held]
-
-
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
@@ -95,18 +88,11 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def config_hash(opts: PipelineOptions, settings: dict, prompt_ids: list[str], target: str) -> str:
+def run_config_hash(opts: PipelineOptions, settings: dict, prompts: RunPrompts, target: str) -> str:
     """What decides the content of the run folder (not where the services run)."""
-    doc = {"settings": {k: v for k, v in settings.items() if k not in OPERATIONAL}, "prompts": prompt_ids, "target": target, "recipe": opts.recipe,
-           "ensemble": opts.ensemble, "eval_fraction": opts.eval_fraction, "seed": opts.seed}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _pick_quick(rows: list[PromptRow]) -> list[PromptRow]:
-    if len(rows) <= QUICK_PROMPTS:
-        return rows
-    step = len(rows) / QUICK_PROMPTS  # spread over the file: the bundled set is grouped by topic
-    return [rows[int(i * step)] for i in range(QUICK_PROMPTS)]
+    doc = {"settings": {k: v for k, v in settings.items() if k not in OPERATIONAL}, "target": target,
+           "recipe": opts.recipe, "ensemble": opts.ensemble, "eval_fraction": opts.eval_fraction, "seed": opts.seed}
+    return config_hash(doc, (r.id for r in prompts.rows()))
 
 
 class RunRecord:
@@ -217,17 +203,16 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
                       stages: list[str]) -> dict[str, Any]:
     from .local import LocalStack, default_target
 
-    pset = load_prompts(opts.prompts, mapping=opts.mapping, skip_invalid=opts.skip_invalid, split=opts.split,
-                        limit=opts.limit)
-    if pset.skipped:
-        _say(opts, f"prompts: {pset.skipped_summary()}")
-    rows = _pick_quick(pset.rows) if opts.quick else pset.rows
-    train_rows, eval_rows = split_eval(rows, opts.eval_fraction)
+    stream = PromptStream(opts.prompts, mapping=opts.mapping, skip_invalid=opts.skip_invalid, split=opts.split,
+                          limit=opts.limit)
+    prompts = prepare_prompts(layout.prompts, stream, eval_fraction=opts.eval_fraction, quick=opts.quick)
+    if prompts.invalid:
+        _say(opts, f"prompts: {prompts.summary}")
     local = opts.gateway is None
     target = opts.target or (default_target() if local else None)
     if target is None:
         raise UserError("give --target MODEL (folder or hub id) for the model to train when using --gateway")
-    chash = config_hash(opts, settings, [r.id for r in rows], str(target))
+    chash = run_config_hash(opts, settings, prompts, str(target))
     pending = [cfg for kind, cfg in training_configs(settings, layout, str(target)).items()
                if kind in stages and training.model_done(Path(cfg.out)) is None]
     # checked before run.json records this config (a fixed typo must not make the folder "other settings"),
@@ -237,20 +222,19 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
         await training.check_with_trl(pending, log_dir=layout.logs)
     record = RunRecord(layout, chash, opts)
     ledger = TokenLedger(layout.usage, opts.token_budget)
-    _say(opts, f"moaa pipeline: {len(train_rows)} training prompts, {len(eval_rows)} held out for eval; "
+    _say(opts, f"moaa pipeline: {prompts.n_train} training prompts, {prompts.n_eval} held out for eval; "
                f"run folder {layout.root} (config {chash})")
     stack = LocalStack(layout, engine=opts.engine, quick=opts.quick, quiet=opts.quiet) if local else None
     summary: dict[str, Any] = {"run_folder": str(layout.root), "config_hash": chash,
-                               "prompts": {"used": len(rows), "skipped_invalid": len(pset.skipped)}}
+                               "prompts": {"used": prompts.count, "skipped_invalid": prompts.invalid}}
     try:
         gateway = Endpoint(stack.gateway_address if stack else opts.gateway, opts.token, opts.tls_ca)
         annotator_addr = stack.annotator_address if stack else opts.annotator
         annotator = Endpoint(annotator_addr, opts.token, opts.tls_ca) if annotator_addr else None
         chat_judge = stack.chat_judge(ledger) if stack else None
-        ctx = StageContext(layout=layout, ledger=ledger, config_hash=chash, train_prompts=train_rows,
-                           eval_prompts=eval_rows, base_model=str(target), settings=settings, gateway=gateway,
-                           annotator=annotator, chat_judge=chat_judge, k8s=opts.k8s, k8s_args=opts.k8s_args,
-                           quiet=opts.quiet)
+        ctx = StageContext(layout=layout, ledger=ledger, config_hash=chash, prompts=prompts, base_model=str(target),
+                           settings=settings, gateway=gateway, annotator=annotator, chat_judge=chat_judge,
+                           k8s=opts.k8s, k8s_args=opts.k8s_args, quiet=opts.quiet)
         for name, fn in STAGES:
             failed = (record.data["stages"].get(name, {}).get("result") or {}).get("failed") or 0
             if record.status(name) == "done" and failed:  # few enough to go on, but never given up on

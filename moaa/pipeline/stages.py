@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Container, Iterable
 
 from moaa.client.endpoint import Endpoint
 from moaa.errors import TransientError, UserError
@@ -27,6 +27,7 @@ from .budget import TokenLedger
 from .data import PromptRow, held_out_ids
 from .layout import RunLayout
 from .progress import StageProgress
+from .promptset import RunPrompts
 from .rpc import annotate_stream, generate_batch
 from .store import DatasetStore, atomic_write_text
 from . import training
@@ -37,10 +38,9 @@ class StageContext:
     layout: RunLayout
     ledger: TokenLedger
     config_hash: str
-    train_prompts: list[PromptRow]
-    eval_prompts: list[PromptRow]
     base_model: str                       # what SFT starts from (folder or hub id)
     settings: dict[str, Any]              # generation / training settings, part of the config hash
+    prompts: RunPrompts | None = None     # streamed from the run folder by each stage that reads prompts
     gateway: Endpoint | None = None
     annotator: Endpoint | None = None
     chat_judge: Any = None                # ChatPairJudge for eval/grading where a judge backend is reachable
@@ -108,7 +108,7 @@ def _train_rows_file(store: DatasetStore, path: Path, keys: tuple[str, ...], kee
     return count
 
 
-def _split_rows_file(store: DatasetStore, folder: Path, keys: tuple[str, ...], held: set[str]) -> dict:
+def _split_rows_file(store: DatasetStore, folder: Path, keys: tuple[str, ...], held: Container[str]) -> dict:
     """train.jsonl (what training reads) and heldout.jsonl (what the training-effect step measures on)."""
     return {"train_rows": _train_rows_file(store, folder / "train.jsonl", keys, lambda rid: rid not in held),
             "heldout_rows": _train_rows_file(store, folder / "heldout.jsonl", keys, lambda rid: rid in held)}
@@ -122,10 +122,9 @@ async def stage_sft_data(ctx: StageContext) -> dict:
                               max_tokens=ctx.settings["answer_tokens"], window=ctx.settings.get("window", 32))
 
     # the eval prompts get MoA answers too: never trained on, they measure SFT's effect on its own target
-    m = await _fill_dataset(ctx, store, lambda: ctx.train_prompts + ctx.eval_prompts,
-                            len(ctx.train_prompts) + len(ctx.eval_prompts), lambda r: r.id, call,
+    m = await _fill_dataset(ctx, store, ctx.prompts.rows, ctx.prompts.count, lambda r: r.id, call,
                             "stage 1: MoA answers", "stage 1 (MoA answers)")
-    split = _split_rows_file(store, ctx.layout.sft_data, ("messages",), {p.id for p in ctx.eval_prompts})
+    split = _split_rows_file(store, ctx.layout.sft_data, ("messages",), ctx.prompts.eval_ids)
     return {"rows": m["rows"], "skipped": m["skipped"], "failed": m["failed"], **split}
 
 
@@ -145,7 +144,7 @@ async def stage_sft(ctx: StageContext) -> dict:
     return await _train(ctx, "sft", ctx.layout.sft_data / "train.jsonl", ctx.base_model, ctx.layout.sft_model)
 
 
-def _prompt_file(path: Path, prompts: list[PromptRow]) -> Path:
+def _prompt_file(path: Path, prompts: Iterable[PromptRow]) -> Path:
     atomic_write_text(path, (json.dumps({"id": p.id, "prompt": p.messages}, ensure_ascii=False) + "\n"
                              for p in prompts))
     return path
@@ -155,9 +154,9 @@ async def stage_samples(ctx: StageContext) -> dict:
     folder = ctx.layout.samples
     folder.mkdir(parents=True, exist_ok=True)
     store = ctx.store(folder, "samples", "samples")   # repairs a torn last line before the sampler appends
-    total = len(ctx.train_prompts)
+    total = ctx.prompts.n_train
     if store.rows < total:
-        prompts = _prompt_file(folder / "prompts.jsonl", ctx.train_prompts)
+        prompts = _prompt_file(folder / "prompts.jsonl", ctx.prompts.rows("train"))
         progress = StageProgress("stage 2: samples", total, store.rows, quiet=ctx.quiet)
         with progress:
             await training.sample(model=ctx.layout.sft_model, prompts=prompts, out=folder / "data-00000.jsonl",
@@ -188,8 +187,8 @@ async def stage_pairs(ctx: StageContext) -> dict:
         raise UserError(f"stage 2 produced no preference pairs ({m['skipped']} prompts skipped: "
                         f"{m['skipped_reasons']}); lower the ensemble's min_margin or sample more answers")
     # enough pairs to measure DPO on, not so many that a large run trains on much less
-    held = held_out_ids([r["id"] for r in store.iter_rows()], ctx.settings.get("pairs_heldout_fraction", 0.2),
-                        "pairs-heldout", cap=ctx.settings.get("pairs_heldout_max", 1000))
+    held = held_out_ids((r["id"] for r in store.iter_rows()), ctx.settings.get("pairs_heldout_fraction", 0.2),
+                        "pairs-heldout", cap=ctx.settings.get("pairs_heldout_max", 1000), count=store.rows)
     split = _split_rows_file(store, ctx.layout.pairs, ("prompt", "chosen", "rejected"), held)
     return {"rows": m["rows"], "skipped": m["skipped"], "skipped_reasons": m["skipped_reasons"], "failed": m["failed"], **split}
 
@@ -216,17 +215,17 @@ async def stage_answers(ctx: StageContext) -> dict:
 
     out = ctx.layout.eval
     out.mkdir(parents=True, exist_ok=True)
-    if not ctx.eval_prompts:
+    if not ctx.prompts.n_eval:
         return {"note": "no eval prompts"}
-    prompts = _prompt_file(out / "prompts.jsonl", ctx.eval_prompts)
+    prompts = _prompt_file(out / "prompts.jsonl", ctx.prompts.rows("eval"))
     models = {"base": ctx.base_model, "sft": str(ctx.layout.sft_model), "dpo": str(ctx.layout.dpo_model)}
     counts = {}
     for suffix, n, temperature in _eval_decodings(ctx):
         for name in EVAL_MODELS:
             ans_file = out / f"answers-{name}{suffix}.jsonl"
             have = len(answers_from_samples(ans_file)) if ans_file.exists() else 0
-            if have < len(ctx.eval_prompts):
-                progress = StageProgress(f"eval answers: {name}{suffix}", len(ctx.eval_prompts), have, quiet=ctx.quiet)
+            if have < ctx.prompts.n_eval:
+                progress = StageProgress(f"eval answers: {name}{suffix}", ctx.prompts.n_eval, have, quiet=ctx.quiet)
                 with progress:
                     # the same seed for every model: sample j of each model starts from the same random state
                     await training.sample(model=Path(models[name]), prompts=prompts, out=ans_file, n=n,
@@ -272,7 +271,7 @@ async def stage_eval(ctx: StageContext) -> dict:
                            winrates_from_store, write_winrates)
 
     out = ctx.layout.eval
-    if not ctx.eval_prompts:
+    if not ctx.prompts.n_eval:
         return {"note": "no eval prompts"}
     answers = {name: answers_from_samples(out / f"answers-{name}.jsonl") for name in EVAL_MODELS}
     pairs = list(EVAL_PAIRS)

@@ -18,12 +18,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from moaa.errors import UserError
 from moaa.jsonl import JsonlAppender, read_rows
 from moaa.usage import add_usage, usage_tokens
+
+from .idset import IdSet
 
 SHARD_ROWS = 1000
 SYNC_EVERY_S = 0.2   # group commit of the rows (moaa.jsonl.JsonlAppender); the manifest is written after a sync
@@ -35,14 +38,17 @@ def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
     temporary file, fsync, rename: readers see the old file or the new one, never half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as fh:
-        if isinstance(text, str):
-            fh.write(text)
-        else:
-            fh.writelines(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            if isinstance(text, str):
+                fh.write(text)
+            else:
+                fh.writelines(text)   # a generator that raises (bad input found late) leaves no file behind
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -58,8 +64,10 @@ class DatasetStore:
             raise ValueError(f"unknown dataset format {fmt!r}")
         self.folder = Path(folder)
         self.stage, self.fmt, self.config_hash, self.shard_rows = stage, fmt, config_hash, shard_rows
-        self.done: set[str] = set()
-        self.skipped: dict[str, str] = {}
+        # ids only, 16 bytes each (a 65,000-row folder reopens in ~1 MB); reasons only as counts
+        self.done = IdSet()
+        self.skipped = IdSet()
+        self.skip_reasons: Counter[str] = Counter()
         self.failed: dict[str, str] = {}
         self.rows = 0
         self.models: set[str] = set()
@@ -93,7 +101,7 @@ class DatasetStore:
                 last += 1
             self.rows += last
         for rec in self._writer(self.folder / "skipped.jsonl").open_iter():
-            self.skipped[rec["id"]] = rec.get("reason", "")
+            self._skipped(rec["id"], rec.get("reason", ""))
             self._count(rec)
         for rec in self._writer(self.folder / "failures.jsonl").open_iter():
             self.failed[rec["id"]] = rec.get("error", "")
@@ -154,9 +162,14 @@ class DatasetStore:
         if self.is_done(row_id):
             return False
         self._append_line(self.folder / "skipped.jsonl", {"id": row_id, "reason": reason, **info})
-        self.skipped[row_id] = reason
+        self._skipped(row_id, reason)
         self.failed.pop(row_id, None)
         return True
+
+    def _skipped(self, row_id: str, reason: str) -> None:
+        if row_id not in self.skipped:
+            self.skipped.add(row_id)
+            self.skip_reasons[reason.split(":")[0]] += 1
 
     def fail(self, row_id: str, error: str, **info: Any) -> None:
         """Record a failure; the id stays pending and is retried on the next run."""
@@ -171,15 +184,12 @@ class DatasetStore:
     def write_manifest(self, *, complete: bool = False, **extra: Any) -> dict:
         self.sync()  # the counts it records are on disk first
         self.extra.update(extra)
-        reasons: dict[str, int] = {}
-        for why in self.skipped.values():
-            reasons[why.split(":")[0]] = reasons.get(why.split(":")[0], 0) + 1
         self.manifest.update({
             "stage": self.stage,
             "format": self.fmt,
             "rows": self.rows,
             "skipped": len(self.skipped),
-            "skipped_reasons": reasons,
+            "skipped_reasons": dict(self.skip_reasons),
             "failed": len(self.failed),
             "shards": [p.name for p in self.shards()],
             "models": sorted(self.models),
