@@ -14,8 +14,8 @@ candidates per prompt, one shard as `moaa sample` writes it. Stages sft_data and
 
 Per size (N/4 and N rows through both stages; the prompt file holds N / 0.8 prompts, as 20 % are held
 out for eval): rows/s of each stage and its share of the bound, the pipeline's RSS while the stages run
-(sampled every 0.5 s) and its peak over the whole command (its own process, from wait4: that includes
-the report built after the stages), and that every id is in the output exactly once. At N, the run
+(sampled every 0.5 s) and its peak over the whole command (its own VmHWM, read every poll until it
+exits: that includes the report built after the stages), and that every id is in the output exactly once. At N, the run
 is SIGKILLed at about half of stage 1 and run again: printed are the time to open the killed dataset folder
 (`DatasetStore.open`, what a re-run does to find where it stopped) and the re-run's time to its first
 new row, next to a fresh run's time to its first row (process start, imports, prompt loading).
@@ -80,11 +80,11 @@ def _seed(out: Path, prompts: Path) -> tuple[list[str], list[str]]:
     """A finished SFT model and a complete samples file: the run goes from stage 1 straight to judging.
     Returns the training prompts' ids (judged in stage 2) and every prompt's id (stage 1 answers the eval
     prompts too, held out to measure SFT on)."""
-    from moaa.pipeline.data import load_prompts
-    from moaa.pipeline.runner import split_eval
+    from moaa.pipeline.data import PromptStream
+    from moaa.pipeline.promptset import prepare_prompts
 
-    everything = load_prompts(prompts).rows
-    train, _ = split_eval(everything, 0.2)
+    split = prepare_prompts(out.parent / "split.jsonl", PromptStream(prompts), eval_fraction=0.2, quick=False)
+    everything, train = list(split.rows()), list(split.rows("train"))
     (out / "sft-model").mkdir(parents=True)
     (out / "sft-model" / "manifest.json").write_text(json.dumps({"final_step": 0, "note": "seeded by the benchmark"}))
     (out / "stage2-samples").mkdir()
@@ -116,8 +116,19 @@ def _ids(folder: Path, *names: str) -> list[str]:
     return [row["id"] for f in files for row in read_rows(f)]
 
 
+def _hwm_mib(pid: int) -> float:
+    """A live process's own peak RSS since its exec (VmHWM). Not wait4's ru_maxrss: Linux carries the
+    forking parent's peak across exec into it: it gave this benchmark's own peak whenever that was larger
+    (at 32,000 rows the child's ru_maxrss was already 99.5 MiB before it ran a line)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0.0   # exited between two polls: its peak was read at the poll before
+
+
 class Run:
-    """One `moaa pipeline run` child: peak RSS from wait4, time to its first new row in a folder."""
+    """One `moaa pipeline run` child: its peak RSS, its time to its first new row in a folder."""
 
     def __init__(self, cmd: list[str], watch: Path):
         self.watch, self.base = watch, _rows_in(watch)
@@ -127,6 +138,7 @@ class Run:
         self.first_row_s: float | None = None
         self.err = ""
         self.stage_rss_mib = 0.0     # sampled while stages sft_data .. pairs run (not the report after them)
+        self.peak_rss_mib = 0.0      # VmHWM: the child's own peak since its exec, read at every poll
         self._sampled_at = 0.0
 
     def poll(self) -> int:
@@ -134,6 +146,7 @@ class Run:
         now = time.monotonic()
         if self.first_row_s is None and n > self.base:
             self.first_row_s = now - self.t0
+        self.peak_rss_mib = max(self.peak_rss_mib, _hwm_mib(self.proc.pid))
         if now - self._sampled_at >= 0.5 and not self._pairs_done():
             self._sampled_at = now
             try:
@@ -151,24 +164,23 @@ class Run:
         return run.get("stages", {}).get("pairs", {}).get("status") == "done"
 
     def wait(self, until=None, timeout_s: float = 3600) -> tuple[int, float]:
-        """Poll until exit (or until `until(rows)` is true: then SIGKILL). Returns (exit code, peak RSS MiB).
-        The child is reaped here with wait4, whose rusage is that one process's own peak RSS."""
+        """Poll until exit (or until `until(rows)` is true: then SIGKILL). Returns (exit code, peak RSS MiB)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            n = self.poll()
+            pid, status = os.waitpid(self.proc.pid, os.WNOHANG)
             if pid:
                 break
-            n = self.poll()
             if (until is not None and until(n)) or time.monotonic() > deadline:
                 os.kill(self.proc.pid, signal.SIGKILL)
-                _, status, usage = os.wait4(self.proc.pid, 0)
+                _, status = os.waitpid(self.proc.pid, 0)
                 break
             time.sleep(0.02)
         self.wall_s = time.monotonic() - self.t0
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         self.errfile.seek(0)
         self.err = self.errfile.read().decode(errors="replace")
-        return self.proc.returncode, usage.ru_maxrss / 1024
+        return self.proc.returncode, self.peak_rss_mib
 
 
 def _cmd(gateway: str, annotator: str, prompts: Path, out: Path, window: int | None) -> list[str]:
