@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from moaa.engines import pick_engine
 from moaa.errors import UserError
@@ -38,9 +38,15 @@ class SampleSettings:
             raise UserError("--top-p must be in (0, 1]")
 
 
-def _batches(rows: list[dict], size: int) -> Iterator[list[dict]]:
-    for i in range(0, len(rows), size):
-        yield rows[i:i + size]
+def _batches(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _transformers_generate(model_dir: str, s: SampleSettings):
@@ -92,13 +98,18 @@ def run_sample(model_dir: str, prompts: str, out: str, s: SampleSettings) -> dic
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"model folder {model_dir} holds no config.json")
     from moaa.pipeline.data import PromptStream
+    from moaa.pipeline.idset import IdSet
 
-    rows = [{"id": r.id, "prompt": r.messages} for r in PromptStream(prompts, keep_ids=True)]
     writer = JsonlAppender(out)
-    done = {r["id"] for r in writer.open()}
-    todo = [r for r in rows if r["id"] not in done]
+    done = IdSet(r["id"] for r in writer.open_iter())
+    # two reads of the prompts (a count for the progress bar and a check of every row before a model loads,
+    # then the rows): memory stays one batch and 16 bytes per done id, whatever the prompt count
+    total = todo = 0
+    for r in PromptStream(prompts, keep_ids=True):
+        total, todo = total + 1, todo + (r.id not in done)
+    to_do = ({"id": r.id, "prompt": r.messages} for r in PromptStream(prompts, keep_ids=True) if r.id not in done)
     engine = pick_engine(s.engine, vllm_on_cpu=False)
-    summary = {"event": "sample", "prompts": len(rows), "already_done": len(rows) - len(todo), "engine": engine}
+    summary = {"event": "sample", "prompts": total, "already_done": total - todo, "engine": engine}
     print(json.dumps(summary), flush=True)
     if not todo:
         return summary
@@ -107,11 +118,11 @@ def run_sample(model_dir: str, prompts: str, out: str, s: SampleSettings) -> dic
     model_name = Path(model_dir).name
     # vLLM schedules its own batches: hand it larger chunks, written as each finishes
     chunk = s.batch_size if engine == "transformers" else max(s.batch_size, 256)
-    with tqdm(total=len(todo), unit="prompt", desc="sampling") as bar:
-        for batch in _batches(todo, chunk):
+    with tqdm(total=todo, unit="prompt", desc="sampling") as bar:
+        for batch in _batches(to_do, chunk):
             for row, answers in zip(batch, generate(batch)):
                 cands = [{"id": f"c{i}", "text": t, "model": model_name} for i, t in enumerate(answers)]
                 writer.append({"id": row["id"], "prompt": row["prompt"], "candidates": cands, "sampling": sampling})
             bar.update(len(batch))
-    summary["written"] = len(todo)
+    summary["written"] = todo
     return summary
