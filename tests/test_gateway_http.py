@@ -141,6 +141,17 @@ async def test_passthrough_backend_and_model_list(gw):
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
     ({"extra_body": {"moaa": {"min_proposers": 5}}}, "moaa"),
+    # past the wire types of GenerateRequest: a 400, not a 500 from protobuf
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -2**63 - 1}, "seed"),
+    ({"max_tokens": 2**32}, "max_tokens"),
+    ({"max_completion_tokens": 2**32}, "max_completion_tokens"),
+    ({"extra_body": {"moaa": {"first_k": 2**32}}}, "moaa.first_k"),
+    ({"extra_body": {"moaa": {"min_proposers": 2**32}}}, "moaa.min_proposers"),
+    ({"messages": [*ask(), {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *ask()]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
+     "messages"),
 ])
 async def test_bad_requests_are_400_naming_the_field(gw, kw, param):
     args = {"model": "moa", "messages": ask(), **kw}

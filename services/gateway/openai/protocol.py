@@ -12,6 +12,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_STOP = 4
+# the wire types of GenerateRequest's fields (uint32, int64): past them protobuf raises, which is a 500
+UINT32_MAX = 2**32 - 1
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
 
 class _Strict(BaseModel):
@@ -46,8 +49,8 @@ class ResponseFormat(BaseModel):
 class MoaaOptions(_Strict):
     """MoA knobs of GenerateRequest, for a recipe model only."""
 
-    min_proposers: int | None = Field(None, ge=1)
-    first_k: int | None = Field(None, ge=1)
+    min_proposers: int | None = Field(None, ge=1, le=UINT32_MAX)
+    first_k: int | None = Field(None, ge=1, le=UINT32_MAX)
     layer_deadline_s: float | None = Field(None, gt=0)
     timeout_s: float | None = Field(None, gt=0, description="deadline of the whole call (504 when it passes)")
 
@@ -57,10 +60,10 @@ class ChatCompletionRequest(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool = False
