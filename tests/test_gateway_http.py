@@ -148,6 +148,9 @@ async def test_passthrough_backend_and_model_list(gw):
     ({"max_completion_tokens": 2**32}, "max_completion_tokens"),
     ({"extra_body": {"moaa": {"first_k": 2**32}}}, "moaa.first_k"),
     ({"extra_body": {"moaa": {"min_proposers": 2**32}}}, "moaa.min_proposers"),
+    # per-chunk usage cannot be given (the engine counts tokens at the end): said, not ignored
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
     ({"messages": [*ask(), {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *ask()]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},

@@ -99,6 +99,10 @@ class ChatCompletionRequest(_Strict):
             return "top_logprobs", "top_logprobs is not supported: remove it"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported: remove it"
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            return "stream_options.continuous_usage_stats", (
+                "stream_options.continuous_usage_stats is not supported: the usage of a MoA call is known when it "
+                "ends, use include_usage for one usage chunk at the end")
         if self.response_format is not None and self.response_format.type != "text":
             return "response_format", (f"response_format type {self.response_format.type!r} is not supported: "
                                        "only 'text'")
