@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import aiohttp
@@ -112,6 +113,13 @@ async def test_sse_wire_format_ends_with_done(gw):
         body = (await r.read()).decode()
     events = [e for e in body.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    # as OpenAI and vLLM send them: every choice says finish_reason and logprobs, null until the last
+    choices = [c["choices"][0] for c in chunks]
+    assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(ch["finish_reason"] is None and ch["logprobs"] is None for ch in choices[:-1])
+    assert choices[-1]["finish_reason"] in ("stop", "length") and choices[-1]["delta"] == {}
+    assert all("usage" not in c and "role" not in ch["delta"] for c, ch in zip(chunks[1:], choices[1:]))
 
 
 async def test_passthrough_backend_and_model_list(gw):

@@ -49,7 +49,7 @@ def _error(code: grpc.StatusCode, message: str, param: str | None = None) -> web
 
 
 def _sse(model) -> bytes:
-    return b"data: " + model.model_dump_json(exclude_none=True).encode() + b"\n\n"
+    return b"data: " + model.model_dump_json().encode() + b"\n\n"
 
 
 class OpenAIRouter:

@@ -7,9 +7,9 @@ GenerateRequest, in a response the per-model usage, proposals, failures and late
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 MAX_STOP = 4
 # the wire types of GenerateRequest's fields (uint32, int64): past them protobuf raises, which is a 500
@@ -168,7 +168,23 @@ class ChatCompletion(BaseModel):
     moaa: dict[str, Any] | None = None
 
 
-class Delta(BaseModel):
+class _Sparse(BaseModel):
+    """Writes the fields named in `_omit_none` only when set, as OpenAI's stream does (a delta carries
+    `role` in the first chunk only); the others always, null or not (`finish_reason` is null until the last)."""
+
+    _omit_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler):
+        out = handler(self)
+        for name in self._omit_none:
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
+
+class Delta(_Sparse):
+    _omit_none = ("role", "content")
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -180,7 +196,8 @@ class ChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Sparse):
+    _omit_none = ("usage", "moaa")
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
