@@ -126,6 +126,11 @@ async def test_passthrough_backend_and_model_list(gw):
     models = await client(gw).models.list()
     kinds = {m.id: m.model_extra["moaa"]["kind"] for m in models.data}
     assert kinds == {"moa": "recipe", "a": "backend", "b": "backend", "agg": "backend"}
+    for m in models.data:  # GET /v1/models/{id}, as `client.models.retrieve` calls it
+        assert (await client(gw).models.retrieve(m.id)) == m
+    with pytest.raises(openai.NotFoundError) as err:
+        await client(gw).models.retrieve("nope")
+    assert err.value.body["code"] == "model_not_found" and "'nope'" in err.value.body["message"]
     resp = await client(gw).chat.completions.create(model="b", messages=ask("plain question"), max_tokens=3)
     assert resp.choices[0].message.content and resp.model_extra["moaa"]["kind"] == "backend"
     assert resp.model_extra["moaa"]["layers"] == [] and resp.usage.total_tokens > 0
@@ -136,6 +141,13 @@ async def test_passthrough_backend_and_model_list(gw):
     with pytest.raises(openai.BadRequestError) as err:  # MoA knobs on a single model: said, not ignored
         await client(gw).chat.completions.create(model="b", messages=ask(), extra_body={"moaa": {"first_k": 1}})
     assert err.value.body["param"] == "moaa" and "plain backend" in err.value.body["message"]
+
+
+async def test_model_named_with_a_slash(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"org/m": FAST, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["org/m"]))
+    assert (await client(gw).models.retrieve("org/m")).model_extra["moaa"]["kind"] == "backend"
+    assert (await client(gw).chat.completions.create(model="org/m", messages=ask())).model == "org/m"
 
 
 @pytest.mark.parametrize("kw, param", [

@@ -110,6 +110,18 @@ class ChatServing:
                   for n in self._passthrough]
         return p.ModelList(data=cards)
 
+    def model(self, name: str) -> p.ModelCard:
+        """GET /v1/models/{name}: its card, or the unknown-model 404."""
+        card = next((c for c in self.models().data if c.id == name), None)
+        if card is None:
+            raise self._unknown_model(name)
+        return card
+
+    def _unknown_model(self, name: str) -> HttpError:
+        known = ", ".join([*self.cfg.recipes, *self._passthrough])
+        return HttpError(f"model {name!r} does not exist: use a recipe or backend of GET /v1/models ({known})",
+                         grpc.StatusCode.NOT_FOUND, "model")
+
     def check(self, req: p.ChatCompletionRequest, rid: str) -> Call:
         """The plan of a request, or an HttpError naming the field to change."""
         bad = req.unsupported()
@@ -126,9 +138,7 @@ class ChatServing:
                                 "layer_deadline_s apply to recipes only", grpc.StatusCode.INVALID_ARGUMENT, "moaa")
             plan = _plan_or_400(lambda: self._passthrough_plan(greq, rid))
         else:
-            known = ", ".join([*self.cfg.recipes, *self._passthrough])
-            raise HttpError(f"model {req.model!r} does not exist: use a recipe or backend of GET /v1/models ({known})",
-                            grpc.StatusCode.NOT_FOUND, "model")
+            raise self._unknown_model(req.model)
         timeout = req.moaa.timeout_s if req.moaa is not None else None
         deadline = None if timeout is None else time.monotonic() + timeout
         return Call(req, plan, kind, deadline, int(time.time()))
