@@ -186,6 +186,20 @@ async def test_bad_requests_are_400_naming_the_field(gw, kw, param):
     assert e["param"].split("[")[0] == param and param in e["message"], e
 
 
+async def test_history_as_the_sdk_gives_it_back(gw):
+    """An answer's message appended to the history as the SDK dumps it (refusal, tool_calls... as null)."""
+    first = await client(gw).chat.completions.create(model="b", messages=ask("one"), max_tokens=2)
+    said = first.choices[0].message
+    for turn in (said, said.model_dump(), said.model_dump(mode="json") | {"annotations": [], "tool_calls": []}):
+        resp = await client(gw).chat.completions.create(model="b", messages=[*ask("one"), turn, *ask("two")])
+        assert resp.choices[0].message.content
+        assert gw.emu.bodies("b")[-1]["messages"][1] == {"role": "assistant", "content": said.content}
+    with pytest.raises(openai.BadRequestError) as err:  # a refusal is not text we can pass on: said
+        await client(gw).chat.completions.create(
+            model="b", messages=[*ask("one"), {"role": "assistant", "content": None, "refusal": "no"}, *ask("two")])
+    assert err.value.body["param"] == "messages[1].refusal"
+
+
 async def test_body_not_json_is_400(gw):
     url = f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions"
     async with aiohttp.ClientSession() as s, s.post(url, data=b"{not json", headers={"x-request-id": "r9"}) as r:

@@ -30,6 +30,18 @@ class ChatMessage(_Strict):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # an answer's message as the SDK writes it back into the history (`message.model_dump()`): accepted
+    # while empty, a 400 naming the field when set (only text is passed on)
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: list[Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first of the answer-only fields that is set."""
+        return next((f for f in ("refusal", "tool_calls", "function_call", "audio", "annotations")
+                     if getattr(self, f)), None)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -85,6 +97,11 @@ class ChatCompletionRequest(_Strict):
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first field set to something we do not implement."""
+        for i, m in enumerate(self.messages):
+            field = m.unsupported()
+            if field is not None:
+                return f"messages[{i}].{field}", (f"messages[{i}].{field} is not supported: the gateway passes on "
+                                                  f"text only, send the turn's text as content without {field}")
         if self.n is not None and self.n != 1:
             return "n", f"n={self.n} is not supported: a MoA call gives one answer, use n=1 (or leave it out)"
         for name in ("tools", "functions"):
