@@ -200,12 +200,22 @@ async def test_history_as_the_sdk_gives_it_back(gw):
     assert err.value.body["param"] == "messages[1].refusal"
 
 
+async def test_content_part_not_text_is_named(gw):
+    with pytest.raises(openai.BadRequestError) as err:
+        await client(gw).chat.completions.create(model="moa", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    assert err.value.body["param"] == "messages[0].content[1].type"
+    assert "'image_url'" in err.value.body["message"] and "text" in err.value.body["message"], err.value.body
+
+
 async def test_body_not_json_is_400(gw):
     url = f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions"
     async with aiohttp.ClientSession() as s, s.post(url, data=b"{not json", headers={"x-request-id": "r9"}) as r:
         assert r.status == 400 and r.headers["x-request-id"] == "r9"
         assert (await r.json())["error"] == {"message": "the request body is not JSON",
                                              "type": "invalid_request_error", "param": None, "code": None}
+        async with s.post(url, json=[{"model": "moa"}]) as r:
+            assert r.status == 400 and (await r.json())["error"]["message"] == "the request body must be a JSON object"
 
 
 async def test_unknown_model_is_404(gw):

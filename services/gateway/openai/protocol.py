@@ -143,7 +143,12 @@ class ChatCompletionRequest(_Strict):
 
 def describe_validation(err: ValidationError) -> tuple[str | None, str]:
     """(param, message) of the first problem in a request body, in the client's field names."""
-    e = err.errors()[0]
+    errors = err.errors()
+    e = errors[0]
+    if not e["loc"] and e["type"] == "model_type":
+        return None, "the request body must be a JSON object"
+    if e["type"] == "string_type" and isinstance(e.get("input"), list) and len(errors) > 1:
+        e = errors[1]  # content sent as parts: what is wrong in them, not that it is no string
     loc = [str(x) for x in e["loc"]]
     # the union branch pydantic tried ('str', 'list[ContentPart]') is noise in a field path
     loc = [x for x in loc if not x.startswith(("str", "list[", "function-", "literal"))]
@@ -152,6 +157,8 @@ def describe_validation(err: ValidationError) -> tuple[str | None, str]:
         return path, f"unsupported field {path!r}: remove it (the gateway implements the chat fields it lists in its docs)"
     if e["type"] == "missing":
         return path, f"{path} is required"
+    if e["type"] == "literal_error":  # e.g. a content part's type: say what was sent
+        return path, f"{path} is {e['input']!r}: {e['msg']}"
     return path, f"{path}: {e['msg']}" if path else e["msg"]
 
 
