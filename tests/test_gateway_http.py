@@ -175,6 +175,8 @@ async def test_model_named_with_a_slash(gw_emulators, gateway_factory):
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *ask()]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages"),
+    ({"extra_body": {"stream": "maybe"}}, "stream"),  # fields named str... are fields, not a union's branch
+    ({"stream": True, "stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
 ])
 async def test_bad_requests_are_400_naming_the_field(gw, kw, param):
     args = {"model": "moa", "messages": ask(), **kw}
@@ -206,6 +208,16 @@ async def test_content_part_not_text_is_named(gw):
             {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
     assert err.value.body["param"] == "messages[0].content[1].type"
     assert "'image_url'" in err.value.body["message"] and "text" in err.value.body["message"], err.value.body
+
+
+async def test_null_is_unset(gw):
+    """Clients that serialize None send null for what they leave out: it means the default."""
+    url = f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions"
+    nulls = dict.fromkeys(["stream", "stream_options", "stop", "n", "user", "seed", "temperature", "top_p", "max_tokens",
+                           "max_completion_tokens", "presence_penalty", "frequency_penalty", "response_format",
+                           "tools", "tool_choice", "logprobs", "top_logprobs", "logit_bias", "metadata"])
+    async with aiohttp.ClientSession() as s, s.post(url, json={"model": "moa", "messages": ask(), **nulls}) as r:
+        assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"]
 
 
 async def test_body_not_json_is_400(gw):

@@ -78,7 +78,7 @@ class ChatCompletionRequest(_Strict):
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stream: bool = False
+    stream: bool | None = False  # null as false, as vLLM takes it
     stream_options: StreamOptions | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -150,8 +150,8 @@ def describe_validation(err: ValidationError) -> tuple[str | None, str]:
     if e["type"] == "string_type" and isinstance(e.get("input"), list) and len(errors) > 1:
         e = errors[1]  # content sent as parts: what is wrong in them, not that it is no string
     loc = [str(x) for x in e["loc"]]
-    # the union branch pydantic tried ('str', 'list[ContentPart]') is noise in a field path
-    loc = [x for x in loc if not x.startswith(("str", "list[", "function-", "literal"))]
+    # the union branch pydantic tried ('str', 'list[ContentPart]') is noise in a field path; `stream` is a field
+    loc = [x for x in loc if x != "str" and not x.startswith(("list[", "function-", "literal["))]
     path = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None  # messages[0].role
     if e["type"] == "extra_forbidden":
         return path, f"unsupported field {path!r}: remove it (the gateway implements the chat fields it lists in its docs)"
