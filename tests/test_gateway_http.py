@@ -150,6 +150,17 @@ async def test_model_named_with_a_slash(gw_emulators, gateway_factory):
     assert (await client(gw).chat.completions.create(model="org/m", messages=ask())).model == "org/m"
 
 
+@pytest.mark.parametrize("kw", [
+    {"n": 1}, {"logprobs": False}, {"top_logprobs": 0}, {"tools": []}, {"tool_choice": "none"}, {"logit_bias": {}},
+    {"parallel_tool_calls": False}, {"response_format": {"type": "text"}}, {"store": False}, {"modalities": ["text"]},
+    {"user": "u-1", "metadata": {"team": "eval"}}, {"stream_options": {"include_usage": True}},
+])
+async def test_fields_at_their_unused_value_are_accepted(gw, kw):
+    """What real clients send with the value that asks for nothing we lack (vLLM takes them too)."""
+    resp = await client(gw).chat.completions.create(model="moa", messages=ask(), max_tokens=2, **kw)
+    assert resp.choices[0].message.content
+
+
 @pytest.mark.parametrize("kw, param", [
     ({"n": 2}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
@@ -175,6 +186,8 @@ async def test_model_named_with_a_slash(gw_emulators, gateway_factory):
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *ask()]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
      "messages"),
+    ({"store": True}, "store"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
     ({"extra_body": {"stream": "maybe"}}, "stream"),  # fields named str... are fields, not a union's branch
     ({"stream": True, "stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
 ])

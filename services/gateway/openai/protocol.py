@@ -94,6 +94,8 @@ class ChatCompletionRequest(_Strict):
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
+    store: bool | None = None
+    modalities: list[str] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first field set to something we do not implement."""
@@ -116,6 +118,10 @@ class ChatCompletionRequest(_Strict):
             return "top_logprobs", "top_logprobs is not supported: remove it"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported: remove it"
+        if self.store:
+            return "store", "store=true is not supported: the gateway keeps no completions, remove store"
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            return "modalities", "modalities other than 'text' are not supported: use [\"text\"] or remove it"
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:
             return "stream_options.continuous_usage_stats", (
                 "stream_options.continuous_usage_stats is not supported: the usage of a MoA call is known when it "
