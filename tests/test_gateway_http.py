@@ -392,6 +392,10 @@ async def test_unknown_route_and_too_large_body(gw_emulators, gateway_factory):
     async with aiohttp.ClientSession() as s:
         async with s.get(base + "/v1/completions") as r:
             assert r.status == 404 and (await r.json())["error"]["type"] == "invalid_request_error"
+        for method in ("GET", "PUT", "OPTIONS", "HEAD"):  # 405 in JSON, with the Allow header HTTP requires
+            async with s.request(method, base + "/v1/chat/completions") as r:
+                assert r.status == 405 and r.headers["Allow"] == "POST", method
+                assert method == "HEAD" or (await r.json())["error"]["type"] == "invalid_request_error"
         body = {"model": "moa", "messages": ask("x" * 5000)}
         async with s.post(base + "/v1/chat/completions", json=body) as r:
             err = (await r.json())["error"]

@@ -84,7 +84,7 @@ class OpenAIRouter:
             body = p.ErrorResponse(error=p.ErrorInfo(message=f"{request.method} {request.path}: {exc.reason}"
                                                      + (f" ({exc.text})" if exc.status == 413 else ""),
                                                      type="invalid_request_error"))
-            resp = _json(body, exc.status)
+            resp = _json(body, exc.status, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
         finally:
             request_id_var.reset(token)
         if not resp.prepared:
