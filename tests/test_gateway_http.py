@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from moaa.services.config import parse_config
-from tests.fixtures.gateway import moa_config, request
+from tests.fixtures.gateway import backend, moa_config, request
 
 FAST = {"ttft_s": 0.0}
 TOKEN = "http-door-token-0123456789"
@@ -302,6 +302,24 @@ async def test_too_few_proposers_is_503(gw_emulators, gateway_factory):
         assert err.value.status_code == 503, stream
         assert err.value.body["type"] == "service_unavailable"
         assert "only 1 of 2 proposers answered" in err.value.body["message"] and "bad" in err.value.body["message"]
+
+
+async def test_plain_backend_refusing_the_request_is_400(gw_emulators, gateway_factory):
+    """A request passed through unchanged that the model refuses (vLLM's 400 for a prompt past its context)
+    is the client's to change: a 400 with the model's message, not a 503 that SDKs retry."""
+    emu = await gw_emulators({"a": FAST, "agg": {"error_rates": {400: 1.0}}, "down": {"error_rates": {500: 1.0}}})
+    cfg = moa_config(emu.url, ["a"])
+    cfg["backends"]["down"] = backend(emu.url, retries={"max_attempts": 1})
+    gw = await gateway_factory(cfg)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            await client(gw).chat.completions.create(model="agg", messages=ask(), stream=stream)
+        assert "emulated 400 error" in err.value.body["message"] and "'agg'" in err.value.body["message"]
+    with pytest.raises(openai.InternalServerError) as err:  # its own failures stay a 503
+        await client(gw).chat.completions.create(model="down", messages=ask())
+    with pytest.raises(openai.InternalServerError) as err:  # a recipe's aggregator gets our prompt: ours, a 503
+        await client(gw).chat.completions.create(model="moa", messages=ask())
+    assert err.value.status_code == 503 and "aggregator failed" in err.value.body["message"]
 
 
 async def test_deadline_is_504(gw_emulators, gateway_factory):
