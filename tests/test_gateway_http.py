@@ -183,9 +183,11 @@ async def test_fields_at_their_unused_value_are_accepted(gw, kw):
     ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
      "stream_options.continuous_usage_stats"),
     ({"messages": [*ask(), {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *ask()]}, "messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
-     "messages"),
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *ask()]},
+     "messages[1].tool_calls"),
+    ({"messages": [*ask(), {"role": "assistant", "content": None, "refusal": "no"}, *ask()]}, "messages[1].refusal"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {
+        "url": "http://x/y.png"}}]}]}, "messages[0].content[1].type"),  # message: "... is 'image_url': ... 'text'"
     ({"store": True}, "store"),
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"extra_body": {"stream": "maybe"}}, "stream"),  # fields named str... are fields, not a union's branch
@@ -198,7 +200,7 @@ async def test_bad_requests_are_400_naming_the_field(gw, kw, param):
     assert err.value.status_code == 400
     e = err.value.body
     assert e["type"] == "invalid_request_error" and e["message"], e
-    assert e["param"].split("[")[0] == param and param in e["message"], e
+    assert param in (e["param"], e["param"].split("[")[0]) and param in e["message"], e
 
 
 async def test_history_as_the_sdk_gives_it_back(gw):
@@ -209,18 +211,6 @@ async def test_history_as_the_sdk_gives_it_back(gw):
         resp = await client(gw).chat.completions.create(model="b", messages=[*ask("one"), turn, *ask("two")])
         assert resp.choices[0].message.content
         assert gw.emu.bodies("b")[-1]["messages"][1] == {"role": "assistant", "content": said.content}
-    with pytest.raises(openai.BadRequestError) as err:  # a refusal is not text we can pass on: said
-        await client(gw).chat.completions.create(
-            model="b", messages=[*ask("one"), {"role": "assistant", "content": None, "refusal": "no"}, *ask("two")])
-    assert err.value.body["param"] == "messages[1].refusal"
-
-
-async def test_content_part_not_text_is_named(gw):
-    with pytest.raises(openai.BadRequestError) as err:
-        await client(gw).chat.completions.create(model="moa", messages=[{"role": "user", "content": [
-            {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
-    assert err.value.body["param"] == "messages[0].content[1].type"
-    assert "'image_url'" in err.value.body["message"] and "text" in err.value.body["message"], err.value.body
 
 
 async def test_null_is_unset(gw):
