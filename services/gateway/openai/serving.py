@@ -154,7 +154,8 @@ class ChatServing:
                     metadata=dict(greq.metadata))
 
     async def events(self, call: Call, started: float, deltas: bool) -> AsyncIterator[gateway_pb2.GenerateEvent]:
-        """The engine's events; past the call's deadline, DEADLINE_EXCEEDED (the engine's requests cancelled)."""
+        """The engine's events; past the call's deadline, DEADLINE_EXCEEDED (the engine's requests cancelled);
+        a plain backend's 400/413/422, INVALID_ARGUMENT with its message."""
         run = self.engine.run(call.plan, call.deadline, started, deltas=deltas)
         failure = None
         try:
