@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import aiohttp
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from moaa.services.config import parse_config
-from tests.fixtures.gateway import moa_config, request
+from tests.fixtures.gateway import backend, moa_config, request
 
 FAST = {"ttft_s": 0.0}
 TOKEN = "http-door-token-0123456789"
@@ -112,12 +113,24 @@ async def test_sse_wire_format_ends_with_done(gw):
         body = (await r.read()).decode()
     events = [e for e in body.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    # as OpenAI and vLLM send them: every choice says finish_reason and logprobs, null until the last
+    choices = [c["choices"][0] for c in chunks]
+    assert choices[0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(ch["finish_reason"] is None and ch["logprobs"] is None for ch in choices[:-1])
+    assert choices[-1]["finish_reason"] in ("stop", "length") and choices[-1]["delta"] == {}
+    assert all("usage" not in c and "role" not in ch["delta"] for c, ch in zip(chunks[1:], choices[1:]))
 
 
 async def test_passthrough_backend_and_model_list(gw):
     models = await client(gw).models.list()
     kinds = {m.id: m.model_extra["moaa"]["kind"] for m in models.data}
     assert kinds == {"moa": "recipe", "a": "backend", "b": "backend", "agg": "backend"}
+    for m in models.data:  # GET /v1/models/{id}, as `client.models.retrieve` calls it
+        assert (await client(gw).models.retrieve(m.id)) == m
+    with pytest.raises(openai.NotFoundError) as err:
+        await client(gw).models.retrieve("nope")
+    assert err.value.body["code"] == "model_not_found" and "'nope'" in err.value.body["message"]
     resp = await client(gw).chat.completions.create(model="b", messages=ask("plain question"), max_tokens=3)
     assert resp.choices[0].message.content and resp.model_extra["moaa"]["kind"] == "backend"
     assert resp.model_extra["moaa"]["layers"] == [] and resp.usage.total_tokens > 0
@@ -128,6 +141,24 @@ async def test_passthrough_backend_and_model_list(gw):
     with pytest.raises(openai.BadRequestError) as err:  # MoA knobs on a single model: said, not ignored
         await client(gw).chat.completions.create(model="b", messages=ask(), extra_body={"moaa": {"first_k": 1}})
     assert err.value.body["param"] == "moaa" and "plain backend" in err.value.body["message"]
+
+
+async def test_model_named_with_a_slash(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"org/m": FAST, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["org/m"]))
+    assert (await client(gw).models.retrieve("org/m")).model_extra["moaa"]["kind"] == "backend"
+    assert (await client(gw).chat.completions.create(model="org/m", messages=ask())).model == "org/m"
+
+
+@pytest.mark.parametrize("kw", [
+    {"n": 1}, {"logprobs": False}, {"top_logprobs": 0}, {"tools": []}, {"tool_choice": "none"}, {"logit_bias": {}},
+    {"parallel_tool_calls": False}, {"response_format": {"type": "text"}}, {"store": False}, {"modalities": ["text"]},
+    {"user": "u-1", "metadata": {"team": "eval"}}, {"stream_options": {"include_usage": True}},
+])
+async def test_fields_at_their_unused_value_are_accepted(gw, kw):
+    """What real clients send with the value that asks for nothing we lack (vLLM takes them too)."""
+    resp = await client(gw).chat.completions.create(model="moa", messages=ask(), max_tokens=2, **kw)
+    assert resp.choices[0].message.content
 
 
 @pytest.mark.parametrize("kw, param", [
@@ -141,6 +172,26 @@ async def test_passthrough_backend_and_model_list(gw):
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages"),
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
     ({"extra_body": {"moaa": {"min_proposers": 5}}}, "moaa"),
+    # past the wire types of GenerateRequest: a 400, not a 500 from protobuf
+    ({"seed": 2**63}, "seed"),
+    ({"seed": -2**63 - 1}, "seed"),
+    ({"max_tokens": 2**32}, "max_tokens"),
+    ({"max_completion_tokens": 2**32}, "max_completion_tokens"),
+    ({"extra_body": {"moaa": {"first_k": 2**32}}}, "moaa.first_k"),
+    ({"extra_body": {"moaa": {"min_proposers": 2**32}}}, "moaa.min_proposers"),
+    # per-chunk usage cannot be given (the engine counts tokens at the end): said, not ignored
+    ({"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats"),
+    ({"messages": [*ask(), {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *ask()]},
+     "messages[1].tool_calls"),
+    ({"messages": [*ask(), {"role": "assistant", "content": None, "refusal": "no"}, *ask()]}, "messages[1].refusal"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {
+        "url": "http://x/y.png"}}]}]}, "messages[0].content[1].type"),  # message: "... is 'image_url': ... 'text'"
+    ({"store": True}, "store"),
+    ({"modalities": ["text", "audio"]}, "modalities"),
+    ({"extra_body": {"stream": "maybe"}}, "stream"),  # fields named str... are fields, not a union's branch
+    ({"stream": True, "stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
 ])
 async def test_bad_requests_are_400_naming_the_field(gw, kw, param):
     args = {"model": "moa", "messages": ask(), **kw}
@@ -149,7 +200,27 @@ async def test_bad_requests_are_400_naming_the_field(gw, kw, param):
     assert err.value.status_code == 400
     e = err.value.body
     assert e["type"] == "invalid_request_error" and e["message"], e
-    assert e["param"].split("[")[0] == param and param in e["message"], e
+    assert param in (e["param"], e["param"].split("[")[0]) and param in e["message"], e
+
+
+async def test_history_as_the_sdk_gives_it_back(gw):
+    """An answer's message appended to the history as the SDK dumps it (refusal, tool_calls... as null)."""
+    first = await client(gw).chat.completions.create(model="b", messages=ask("one"), max_tokens=2)
+    said = first.choices[0].message
+    for turn in (said, said.model_dump(), said.model_dump(mode="json") | {"annotations": [], "tool_calls": []}):
+        resp = await client(gw).chat.completions.create(model="b", messages=[*ask("one"), turn, *ask("two")])
+        assert resp.choices[0].message.content
+        assert gw.emu.bodies("b")[-1]["messages"][1] == {"role": "assistant", "content": said.content}
+
+
+async def test_null_is_unset(gw):
+    """Clients that serialize None send null for what they leave out: it means the default."""
+    url = f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions"
+    nulls = dict.fromkeys(["stream", "stream_options", "stop", "n", "user", "seed", "temperature", "top_p", "max_tokens",
+                           "max_completion_tokens", "presence_penalty", "frequency_penalty", "response_format",
+                           "tools", "tool_choice", "logprobs", "top_logprobs", "logit_bias", "metadata"])
+    async with aiohttp.ClientSession() as s, s.post(url, json={"model": "moa", "messages": ask(), **nulls}) as r:
+        assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"]
 
 
 async def test_body_not_json_is_400(gw):
@@ -158,6 +229,8 @@ async def test_body_not_json_is_400(gw):
         assert r.status == 400 and r.headers["x-request-id"] == "r9"
         assert (await r.json())["error"] == {"message": "the request body is not JSON",
                                              "type": "invalid_request_error", "param": None, "code": None}
+        async with s.post(url, json=[{"model": "moa"}]) as r:
+            assert r.status == 400 and (await r.json())["error"]["message"] == "the request body must be a JSON object"
 
 
 async def test_unknown_model_is_404(gw):
@@ -219,6 +292,24 @@ async def test_too_few_proposers_is_503(gw_emulators, gateway_factory):
         assert err.value.status_code == 503, stream
         assert err.value.body["type"] == "service_unavailable"
         assert "only 1 of 2 proposers answered" in err.value.body["message"] and "bad" in err.value.body["message"]
+
+
+async def test_plain_backend_refusing_the_request_is_400(gw_emulators, gateway_factory):
+    """A request passed through unchanged that the model refuses (vLLM's 400 for a prompt past its context)
+    is the client's to change: a 400 with the model's message, not a 503 that SDKs retry."""
+    emu = await gw_emulators({"a": FAST, "agg": {"error_rates": {400: 1.0}}, "down": {"error_rates": {500: 1.0}}})
+    cfg = moa_config(emu.url, ["a"])
+    cfg["backends"]["down"] = backend(emu.url, retries={"max_attempts": 1})
+    gw = await gateway_factory(cfg)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            await client(gw).chat.completions.create(model="agg", messages=ask(), stream=stream)
+        assert "emulated 400 error" in err.value.body["message"] and "'agg'" in err.value.body["message"]
+    with pytest.raises(openai.InternalServerError) as err:  # its own failures stay a 503
+        await client(gw).chat.completions.create(model="down", messages=ask())
+    with pytest.raises(openai.InternalServerError) as err:  # a recipe's aggregator gets our prompt: ours, a 503
+        await client(gw).chat.completions.create(model="moa", messages=ask())
+    assert err.value.status_code == 503 and "aggregator failed" in err.value.body["message"]
 
 
 async def test_deadline_is_504(gw_emulators, gateway_factory):
@@ -309,6 +400,10 @@ async def test_unknown_route_and_too_large_body(gw_emulators, gateway_factory):
     async with aiohttp.ClientSession() as s:
         async with s.get(base + "/v1/completions") as r:
             assert r.status == 404 and (await r.json())["error"]["type"] == "invalid_request_error"
+        for method in ("GET", "PUT", "OPTIONS", "HEAD"):  # 405 in JSON, with the Allow header HTTP requires
+            async with s.request(method, base + "/v1/chat/completions") as r:
+                assert r.status == 405 and r.headers["Allow"] == "POST", method
+                assert method == "HEAD" or (await r.json())["error"]["type"] == "invalid_request_error"
         body = {"model": "moa", "messages": ask("x" * 5000)}
         async with s.post(base + "/v1/chat/completions", json=body) as r:
             err = (await r.json())["error"]

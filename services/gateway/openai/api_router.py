@@ -3,6 +3,7 @@ one log line per call, SSE. The logic lives in serving.py.
 
     GET  /health                 200 while serving (no token needed: probes)
     GET  /v1/models              recipes, and plain backends marked as such
+    GET  /v1/models/{model}      one of them (404 unknown model)
     POST /v1/chat/completions    streamed (SSE) or not
 
 Calls share the gRPC server's limiter, metrics (transport="http") and bearer tokens. A client that
@@ -49,7 +50,7 @@ def _error(code: grpc.StatusCode, message: str, param: str | None = None) -> web
 
 
 def _sse(model) -> bytes:
-    return b"data: " + model.model_dump_json(exclude_none=True).encode() + b"\n\n"
+    return b"data: " + model.model_dump_json().encode() + b"\n\n"
 
 
 class OpenAIRouter:
@@ -63,6 +64,7 @@ class OpenAIRouter:
         app = web.Application(client_max_size=self.cfg.max_request_bytes, middlewares=[self._middleware])
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model:.+}", self._model)  # backend names may hold '/' (org/name)
         app.router.add_post("/v1/chat/completions", self._chat)
         return app
 
@@ -82,7 +84,7 @@ class OpenAIRouter:
             body = p.ErrorResponse(error=p.ErrorInfo(message=f"{request.method} {request.path}: {exc.reason}"
                                                      + (f" ({exc.text})" if exc.status == 413 else ""),
                                                      type="invalid_request_error"))
-            resp = _json(body, exc.status)
+            resp = _json(body, exc.status, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
         finally:
             request_id_var.reset(token)
         if not resp.prepared:
@@ -101,6 +103,12 @@ class OpenAIRouter:
 
     async def _models(self, request: web.Request) -> web.Response:
         return _json(self.serving.models())
+
+    async def _model(self, request: web.Request) -> web.Response:
+        try:
+            return _json(self.serving.model(request.match_info["model"]))
+        except HttpError as err:
+            return _error(err.code, str(err), err.param)
 
     # -- chat completions --------------------------------------------------------------------------
 

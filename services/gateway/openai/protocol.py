@@ -7,11 +7,14 @@ GenerateRequest, in a response the per-model usage, proposals, failures and late
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 MAX_STOP = 4
+# the wire types of GenerateRequest's fields (uint32, int64): past them protobuf raises, which is a 500
+UINT32_MAX = 2**32 - 1
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
 
 class _Strict(BaseModel):
@@ -27,6 +30,18 @@ class ChatMessage(_Strict):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # an answer's message as the SDK writes it back into the history (`message.model_dump()`): accepted
+    # while empty, a 400 naming the field when set (only text is passed on)
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: list[Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first of the answer-only fields that is set."""
+        return next((f for f in ("refusal", "tool_calls", "function_call", "audio", "annotations")
+                     if getattr(self, f)), None)
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -46,8 +61,8 @@ class ResponseFormat(BaseModel):
 class MoaaOptions(_Strict):
     """MoA knobs of GenerateRequest, for a recipe model only."""
 
-    min_proposers: int | None = Field(None, ge=1)
-    first_k: int | None = Field(None, ge=1)
+    min_proposers: int | None = Field(None, ge=1, le=UINT32_MAX)
+    first_k: int | None = Field(None, ge=1, le=UINT32_MAX)
     layer_deadline_s: float | None = Field(None, gt=0)
     timeout_s: float | None = Field(None, gt=0, description="deadline of the whole call (504 when it passes)")
 
@@ -57,13 +72,13 @@ class ChatCompletionRequest(_Strict):
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stream: bool = False
+    stream: bool | None = False  # null as false, as vLLM takes it
     stream_options: StreamOptions | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -79,9 +94,16 @@ class ChatCompletionRequest(_Strict):
     top_logprobs: int | None = None
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
+    store: bool | None = None
+    modalities: list[str] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first field set to something we do not implement."""
+        for i, m in enumerate(self.messages):
+            field = m.unsupported()
+            if field is not None:
+                return f"messages[{i}].{field}", (f"messages[{i}].{field} is not supported: the gateway passes on "
+                                                  f"text only, send the turn's text as content without {field}")
         if self.n is not None and self.n != 1:
             return "n", f"n={self.n} is not supported: a MoA call gives one answer, use n=1 (or leave it out)"
         for name in ("tools", "functions"):
@@ -96,6 +118,14 @@ class ChatCompletionRequest(_Strict):
             return "top_logprobs", "top_logprobs is not supported: remove it"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported: remove it"
+        if self.store:
+            return "store", "store=true is not supported: the gateway keeps no completions, remove store"
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            return "modalities", "modalities other than 'text' are not supported: use [\"text\"] or remove it"
+        if self.stream_options is not None and self.stream_options.continuous_usage_stats:
+            return "stream_options.continuous_usage_stats", (
+                "stream_options.continuous_usage_stats is not supported: the usage of a MoA call is known when it "
+                "ends, use include_usage for one usage chunk at the end")
         if self.response_format is not None and self.response_format.type != "text":
             return "response_format", (f"response_format type {self.response_format.type!r} is not supported: "
                                        "only 'text'")
@@ -119,15 +149,22 @@ class ChatCompletionRequest(_Strict):
 
 def describe_validation(err: ValidationError) -> tuple[str | None, str]:
     """(param, message) of the first problem in a request body, in the client's field names."""
-    e = err.errors()[0]
+    errors = err.errors()
+    e = errors[0]
+    if not e["loc"] and e["type"] == "model_type":
+        return None, "the request body must be a JSON object"
+    if e["type"] == "string_type" and isinstance(e.get("input"), list) and len(errors) > 1:
+        e = errors[1]  # content sent as parts: what is wrong in them, not that it is no string
     loc = [str(x) for x in e["loc"]]
-    # the union branch pydantic tried ('str', 'list[ContentPart]') is noise in a field path
-    loc = [x for x in loc if not x.startswith(("str", "list[", "function-", "literal"))]
+    # the union branch pydantic tried ('str', 'list[ContentPart]') is noise in a field path; `stream` is a field
+    loc = [x for x in loc if x != "str" and not x.startswith(("list[", "function-", "literal["))]
     path = "".join(f"[{x}]" if x.isdigit() else f".{x}" for x in loc).lstrip(".") or None  # messages[0].role
     if e["type"] == "extra_forbidden":
         return path, f"unsupported field {path!r}: remove it (the gateway implements the chat fields it lists in its docs)"
     if e["type"] == "missing":
         return path, f"{path} is required"
+    if e["type"] == "literal_error":  # e.g. a content part's type: say what was sent
+        return path, f"{path} is {e['input']!r}: {e['msg']}"
     return path, f"{path}: {e['msg']}" if path else e["msg"]
 
 
@@ -161,7 +198,23 @@ class ChatCompletion(BaseModel):
     moaa: dict[str, Any] | None = None
 
 
-class Delta(BaseModel):
+class _Sparse(BaseModel):
+    """Writes the fields named in `_omit_none` only when set, as OpenAI's stream does (a delta carries
+    `role` in the first chunk only); the others always, null or not (`finish_reason` is null until the last)."""
+
+    _omit_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit(self, handler):
+        out = handler(self)
+        for name in self._omit_none:
+            if out.get(name) is None:
+                out.pop(name, None)
+        return out
+
+
+class Delta(_Sparse):
+    _omit_none = ("role", "content")
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -173,7 +226,8 @@ class ChunkChoice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Sparse):
+    _omit_none = ("usage", "moaa")
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int

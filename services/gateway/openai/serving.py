@@ -38,6 +38,7 @@ _HTTP = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout", "deadline_exceeded"),
 }
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait
+_REFUSED = (400, 413, 422)  # a backend's statuses for a request it will never take (vLLM: prompt past the context)
 
 
 class HttpError(RpcError):
@@ -110,6 +111,18 @@ class ChatServing:
                   for n in self._passthrough]
         return p.ModelList(data=cards)
 
+    def model(self, name: str) -> p.ModelCard:
+        """GET /v1/models/{name}: its card, or the unknown-model 404."""
+        card = next((c for c in self.models().data if c.id == name), None)
+        if card is None:
+            raise self._unknown_model(name)
+        return card
+
+    def _unknown_model(self, name: str) -> HttpError:
+        known = ", ".join([*self.cfg.recipes, *self._passthrough])
+        return HttpError(f"model {name!r} does not exist: use a recipe or backend of GET /v1/models ({known})",
+                         grpc.StatusCode.NOT_FOUND, "model")
+
     def check(self, req: p.ChatCompletionRequest, rid: str) -> Call:
         """The plan of a request, or an HttpError naming the field to change."""
         bad = req.unsupported()
@@ -126,9 +139,7 @@ class ChatServing:
                                 "layer_deadline_s apply to recipes only", grpc.StatusCode.INVALID_ARGUMENT, "moaa")
             plan = _plan_or_400(lambda: self._passthrough_plan(greq, rid))
         else:
-            known = ", ".join([*self.cfg.recipes, *self._passthrough])
-            raise HttpError(f"model {req.model!r} does not exist: use a recipe or backend of GET /v1/models ({known})",
-                            grpc.StatusCode.NOT_FOUND, "model")
+            raise self._unknown_model(req.model)
         timeout = req.moaa.timeout_s if req.moaa is not None else None
         deadline = None if timeout is None else time.monotonic() + timeout
         return Call(req, plan, kind, deadline, int(time.time()))
@@ -143,16 +154,24 @@ class ChatServing:
                     metadata=dict(greq.metadata))
 
     async def events(self, call: Call, started: float, deltas: bool) -> AsyncIterator[gateway_pb2.GenerateEvent]:
-        """The engine's events; past the call's deadline, DEADLINE_EXCEEDED (the engine's requests cancelled)."""
+        """The engine's events; past the call's deadline, DEADLINE_EXCEEDED (the engine's requests cancelled);
+        a plain backend's 400/413/422, INVALID_ARGUMENT with its message."""
         run = self.engine.run(call.plan, call.deadline, started, deltas=deltas)
+        failure = None
         try:
             async for ev in run:
+                if ev.HasField("failure"):
+                    failure = ev.failure
                 yield ev
         except RpcError as err:
             # a backend timing out at our deadline is the deadline, not a failed backend
             if call.deadline is not None and time.monotonic() >= call.deadline - 0.01:
                 raise RpcError(f"the call's deadline of {call.request.moaa.timeout_s:g} s passed ({err})",
                                grpc.StatusCode.DEADLINE_EXCEEDED) from None
+            # a plain backend refusing the client's own request: the client's to change, not a 503 SDKs retry
+            if call.kind == "backend" and failure is not None and failure.http_status in _REFUSED:
+                raise HttpError(f"model {call.request.model!r} refused the request (HTTP {failure.http_status}): "
+                                f"{failure.message}", grpc.StatusCode.INVALID_ARGUMENT) from None
             raise
         finally:
             await run.aclose()
