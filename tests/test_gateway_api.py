@@ -115,6 +115,24 @@ async def test_sample_n(gw):
     assert gw.emu.bodies("a")[-1]["n"] == 3
 
 
+async def test_sample_usage_per_sample(gw_emulators, gateway_factory):
+    """Sample.usage holds each sample's own tokens where the backend reported them apart: n sent as n
+    requests, or n=1; a backend answering n in one request reports only the total (SampleResponse.usage)."""
+    emu = await gw_emulators({"a": FAST, "b": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a", "b"], backends={"b": {"supports_n": False}}))
+    resp = await gw.stub.Sample(gateway_pb2.SampleRequest(model="b", n=3, messages=user("hi"),
+                                                          sampling=S(max_tokens=5)), timeout=5)
+    assert [s.usage.completion_tokens for s in resp.samples] == [5, 5, 5]
+    assert all(s.usage.prompt_tokens > 0 for s in resp.samples)
+    assert sum(s.usage.total_tokens for s in resp.samples) == resp.usage.total_tokens
+    one = await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=1, messages=user("hi"),
+                                                         sampling=S(max_tokens=5)), timeout=5)
+    assert one.samples[0].usage == one.usage and one.usage.completion_tokens == 5
+    native = await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=3, messages=user("hi"),
+                                                            sampling=S(max_tokens=5)), timeout=5)
+    assert not any(s.HasField("usage") for s in native.samples) and native.usage.completion_tokens == 15
+
+
 async def test_sample_annotate_needs_annotator(gw):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi"), annotate=True), timeout=5)

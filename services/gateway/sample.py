@@ -43,7 +43,9 @@ async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: fl
     resp = gateway_pb2.SampleResponse(request_id=request_id, id=req.id, model=req.model, note=res.note,
                                       usage=usage_proto(res.usage))
     for c in res.choices:
-        resp.samples.add(index=c.index, text=c.text, finish_reason=c.finish_reason or "")
+        sample = resp.samples.add(index=c.index, text=c.text, finish_reason=c.finish_reason or "")
+        if c.usage is not None:
+            sample.usage.CopyFrom(usage_proto(c.usage))
     resp.failures.extend(backend_error_proto(err) for err in res.failures)
     if req.annotate and len(res.choices) < 2:
         raise Unavailable(f"model {req.model!r}: only {len(res.choices)} of {req.n} samples answered, "
