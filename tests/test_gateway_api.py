@@ -52,6 +52,7 @@ GENERATE_INVALID = [
     ("min_proposers 0", dict(messages=user("hi"), min_proposers=0), "min_proposers=0 is out of range"),
     ("first_k", dict(messages=user("hi"), first_k=5), "first_k=5 is out of range"),
     ("deadline", dict(messages=user("hi"), layer_deadline_s=-1), "layer_deadline_s=-1"),
+    ("ensemble without annotate", dict(messages=user("hi"), ensemble="e"), "annotate is false"),
 ]
 
 
@@ -95,6 +96,7 @@ SAMPLE_INVALID = [
     ("n large", dict(model="a", n=65), "n=65 is out of range"),
     ("bad sampling", dict(model="a", n=1, sampling=S(temperature=-1)), "sampling.temperature"),
     ("annotate n=1", dict(model="a", n=1, annotate=True), "at least 2 samples"),
+    ("ensemble without annotate", dict(model="a", n=2, ensemble="e"), "annotate is false"),
 ]
 
 

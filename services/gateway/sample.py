@@ -23,10 +23,9 @@ def check_sample_request(cfg: MoaaConfig, req, max_prompt_chars: int) -> tuple[l
     over = sampling_overrides(req.sampling if req.HasField("sampling") else None, field="sampling")
     check_max_tokens(over.get("max_tokens"), model=req.model, field="sampling",
                      context_window=cfg.backends[req.model].context_window)
-    if req.annotate:
-        if req.n < 2:
-            raise InvalidArgument("annotate needs at least 2 samples to compare: set n >= 2")
-        check_annotate(cfg, req.ensemble)
+    if req.annotate and req.n < 2:
+        raise InvalidArgument("annotate needs at least 2 samples to compare: set n >= 2")
+    check_annotate(cfg, req.annotate, req.ensemble)
     return messages, merge_sampling(SamplingConfig(), over)
 
 

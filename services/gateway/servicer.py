@@ -42,8 +42,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
     async def _generate(self, request, rid: str, deadline: float | None, deltas: bool = True, metadata=()):
         started = time.monotonic()
         plan = make_plan(self.cfg, request, rid, self.max_prompt_chars)
-        if request.annotate:
-            check_annotate(self.cfg, request.ensemble)
+        check_annotate(self.cfg, request.annotate, request.ensemble)
         async for ev in self.engine.run(plan, deadline, started, deltas=deltas):
             if request.annotate and ev.HasField("final"):
                 timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
