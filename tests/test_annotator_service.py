@@ -134,6 +134,18 @@ async def test_annotate_stream_bounded_window_and_item_errors(judge_emulator, an
     assert judge_emulator.stats.models["keyword:paris+delay=0.05"].max_in_flight <= 2
 
 
+async def test_annotate_stream_items_carry_the_call_request_id(judge_emulator, annotator_factory, caplog):
+    """As GenerateBatch's: an item's own request_id, else the stream call's id and the item id, so the
+    items' log lines are found under the call's."""
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris"}, mode="pointwise"))
+    items = [request([GOOD, BAD], id="r1"), request([GOOD, BAD], id="r2"),
+             request([GOOD, BAD], id="r3", request_id="mine")]
+    with caplog.at_level("INFO", logger="moaa.rpc"):
+        results = {r.id: r.response.request_id async for r in stub.AnnotateStream(iter(items), timeout=20)}
+    call_rid = next(r.request_id for r in caplog.records if getattr(r, "method", "") == "AnnotateStream")
+    assert results == {"r1": f"{call_rid}-r1", "r2": f"{call_rid}-r2", "r3": "mine"}
+
+
 async def test_stream_cancel_by_client(judge_emulator, annotator_factory):
     stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris+delay=0.2"},
                                                 mode="pointwise", combine="mean"))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from moaa.services.backend.errors import BackendError
 from moaa.services.backend.replicas import OPEN
 from moaa.services.common.errors import Unavailable
+from moaa.services.common.logs import new_request_id
 from moaa.services.common.convert import backend_error_proto
 from moaa.services.config import EnsembleConfig, JudgeConfig, MoaaConfig
 from moaa.v1 import annotator_pb2, common_pb2
@@ -223,7 +223,7 @@ class AnnotationEngine:
     def _response(self, job, results, logs, criteria, combined, decision, tau, rule, notes):
         nan = float("nan")
         resp = annotator_pb2.AnnotateResponse(
-            request_id=job.request_id or uuid.uuid4().hex, id=job.id, mode=job.mode, ensemble=job.ensemble_name,
+            request_id=job.request_id or new_request_id(), id=job.id, mode=job.mode, ensemble=job.ensemble_name,
             seed=job.seed, agreement=nan if tau is None else tau, skipped=decision.skipped,
             skip_reason=decision.skip_reason, margin=decision.margin, combine=rule, note="; ".join(notes))
         ids = [c.id for c in job.candidates]

@@ -6,7 +6,7 @@ import time
 from moaa.services.backend.limits import Admission
 from moaa.services.common.convert import models_info_proto
 from moaa.services.common.errors import RpcError
-from moaa.services.common.logs import new_request_id, request_id_var
+from moaa.services.common.logs import item_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, guarded, time_remaining
 from moaa.services.common.stream import ItemStream
 from moaa.services.config import MoaaConfig
@@ -63,7 +63,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
             yield ev
 
     async def _batch_item(self, item, rid: str, deadline: float | None, metadata) -> gateway_pb2.BatchResult:
-        item_rid = item.request.request_id or (f"{rid}-{item.id}" if item.id else new_request_id())
+        item_rid = item_request_id(item.request.request_id, rid, item.id)
         token = request_id_var.set(item_rid)
         try:
             async for ev in self._generate(item.request, item_rid, deadline, deltas=False, metadata=metadata):
