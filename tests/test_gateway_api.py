@@ -179,6 +179,24 @@ async def test_sample_partial_failure_returns_answered_samples_and_failures(gw_e
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "only 1 of 2 samples answered" in err.value.details()
 
 
+async def test_caller_deadline_is_deadline_exceeded_not_a_backend_outage(gw_emulators, gateway_factory):
+    """Backend calls cut by the caller's own deadline, in the proposers' layer or the aggregator's, are no
+    outage (UNAVAILABLE would be retried with the same deadline). Timers race gRPC's: several calls."""
+    emu = await gw_emulators({"a": FAST, "slow": {"ttft_s": 5}, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["slow"]))
+    gw_agg = await gateway_factory(moa_config(emu.url, ["a"], aggregator="slow"))
+    codes = []
+    for handle in (gw, gw_agg):
+        for timeout in (0.3, 0.2, 0.1, 0.05, 0.01) * 2:
+            for call in (handle.stub.Generate(request(), timeout=timeout),
+                         handle.stub.Sample(gateway_pb2.SampleRequest(model="slow", n=2, messages=user("hi")),
+                                            timeout=timeout)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                codes.append((err.value.code(), err.value.details()))
+    assert {c for c, _ in codes} == {grpc.StatusCode.DEADLINE_EXCEEDED}, [c for c in codes if c[0].name != "DEADLINE_EXCEEDED"]
+
+
 async def test_list_models(gw):
     resp = await gw.stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=5)
     assert sorted(m.name for m in resp.models) == ["a", "agg", "b"]
