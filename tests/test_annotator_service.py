@@ -134,6 +134,31 @@ async def test_annotate_stream_bounded_window_and_item_errors(judge_emulator, an
     assert judge_emulator.stats.models["keyword:paris+delay=0.05"].max_in_flight <= 2
 
 
+async def test_annotate_stream_items_carry_the_call_request_id(judge_emulator, annotator_factory, caplog):
+    """As GenerateBatch's: an item's own request_id, else the stream call's id and the item id, so the
+    items' log lines are found under the call's."""
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris"}, mode="pointwise"))
+    items = [request([GOOD, BAD], id="r1"), request([GOOD, BAD], id="r2"),
+             request([GOOD, BAD], id="r3", request_id="mine")]
+    with caplog.at_level("INFO", logger="moaa.rpc"):
+        results = {r.id: r.response.request_id async for r in stub.AnnotateStream(iter(items), timeout=20)}
+    call_rid = next(r.request_id for r in caplog.records if getattr(r, "method", "") == "AnnotateStream")
+    assert results == {"r1": f"{call_rid}-r1", "r2": f"{call_rid}-r2", "r3": "mine"}
+
+
+async def test_caller_deadline_is_deadline_exceeded_not_a_judge_outage(judge_emulator, annotator_factory):
+    """Judge calls cut by the caller's own deadline are no backend outage: UNAVAILABLE would be retried
+    with the same deadline. The server's timers and gRPC's race, so several calls."""
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris+delay=5", "b": "keyword:paris"},
+                                                mode="pointwise"))
+    codes = []
+    for timeout in (0.3, 0.2, 0.1, 0.05, 0.01) * 2:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Annotate(request([GOOD, BAD]), timeout=timeout)
+        codes.append((err.value.code(), err.value.details()))
+    assert {c for c, _ in codes} == {grpc.StatusCode.DEADLINE_EXCEEDED}, codes
+
+
 async def test_stream_cancel_by_client(judge_emulator, annotator_factory):
     stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris+delay=0.2"},
                                                 mode="pointwise", combine="mean"))

@@ -52,6 +52,7 @@ GENERATE_INVALID = [
     ("min_proposers 0", dict(messages=user("hi"), min_proposers=0), "min_proposers=0 is out of range"),
     ("first_k", dict(messages=user("hi"), first_k=5), "first_k=5 is out of range"),
     ("deadline", dict(messages=user("hi"), layer_deadline_s=-1), "layer_deadline_s=-1"),
+    ("ensemble without annotate", dict(messages=user("hi"), ensemble="e"), "annotate is false"),
 ]
 
 
@@ -95,6 +96,7 @@ SAMPLE_INVALID = [
     ("n large", dict(model="a", n=65), "n=65 is out of range"),
     ("bad sampling", dict(model="a", n=1, sampling=S(temperature=-1)), "sampling.temperature"),
     ("annotate n=1", dict(model="a", n=1, annotate=True), "at least 2 samples"),
+    ("ensemble without annotate", dict(model="a", n=2, ensemble="e"), "annotate is false"),
 ]
 
 
@@ -113,6 +115,24 @@ async def test_sample_n(gw):
     assert [s.index for s in resp.samples] == [0, 1, 2] and all(s.text for s in resp.samples)
     assert resp.usage.completion_tokens == 15
     assert gw.emu.bodies("a")[-1]["n"] == 3
+
+
+async def test_sample_usage_per_sample(gw_emulators, gateway_factory):
+    """Sample.usage holds each sample's own tokens where the backend reported them apart: n sent as n
+    requests, or n=1; a backend answering n in one request reports only the total (SampleResponse.usage)."""
+    emu = await gw_emulators({"a": FAST, "b": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a", "b"], backends={"b": {"supports_n": False}}))
+    resp = await gw.stub.Sample(gateway_pb2.SampleRequest(model="b", n=3, messages=user("hi"),
+                                                          sampling=S(max_tokens=5)), timeout=5)
+    assert [s.usage.completion_tokens for s in resp.samples] == [5, 5, 5]
+    assert all(s.usage.prompt_tokens > 0 for s in resp.samples)
+    assert sum(s.usage.total_tokens for s in resp.samples) == resp.usage.total_tokens
+    one = await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=1, messages=user("hi"),
+                                                         sampling=S(max_tokens=5)), timeout=5)
+    assert one.samples[0].usage == one.usage and one.usage.completion_tokens == 5
+    native = await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=3, messages=user("hi"),
+                                                            sampling=S(max_tokens=5)), timeout=5)
+    assert not any(s.HasField("usage") for s in native.samples) and native.usage.completion_tokens == 15
 
 
 async def test_sample_annotate_needs_annotator(gw):
@@ -157,6 +177,24 @@ async def test_sample_partial_failure_returns_answered_samples_and_failures(gw_e
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gw2.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi"), annotate=True), timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "only 1 of 2 samples answered" in err.value.details()
+
+
+async def test_caller_deadline_is_deadline_exceeded_not_a_backend_outage(gw_emulators, gateway_factory):
+    """Backend calls cut by the caller's own deadline, in the proposers' layer or the aggregator's, are no
+    outage (UNAVAILABLE would be retried with the same deadline). Timers race gRPC's: several calls."""
+    emu = await gw_emulators({"a": FAST, "slow": {"ttft_s": 5}, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["slow"]))
+    gw_agg = await gateway_factory(moa_config(emu.url, ["a"], aggregator="slow"))
+    codes = []
+    for handle in (gw, gw_agg):
+        for timeout in (0.3, 0.2, 0.1, 0.05, 0.01) * 2:
+            for call in (handle.stub.Generate(request(), timeout=timeout),
+                         handle.stub.Sample(gateway_pb2.SampleRequest(model="slow", n=2, messages=user("hi")),
+                                            timeout=timeout)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                codes.append((err.value.code(), err.value.details()))
+    assert {c for c, _ in codes} == {grpc.StatusCode.DEADLINE_EXCEEDED}, [c for c in codes if c[0].name != "DEADLINE_EXCEEDED"]
 
 
 async def test_list_models(gw):

@@ -57,7 +57,10 @@ class AnnotatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AnnotateStream(self, request_iterator, context):
-        """Dataset work: requests in, results out keyed by AnnotateRequest.id, in completion order.
+        """Dataset work: requests in, results out keyed by AnnotateRequest.id, in completion order. Each id must be
+        non-empty and unique within the stream. A bad or failed item gets an ErrorDetail and the stream goes on;
+        only an item over the server's max_request_bytes (RESOURCE_EXHAUSTED: gRPC refuses the message before it
+        is read) or one whose bytes do not parse (INVALID_ARGUMENT) ends it, as do the deadline and cancellation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

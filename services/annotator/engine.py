@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from moaa.services.backend.errors import BackendError
 from moaa.services.backend.replicas import OPEN
-from moaa.services.common.errors import Unavailable
+from moaa.services.common.errors import outage
+from moaa.services.common.logs import new_request_id
 from moaa.services.common.convert import backend_error_proto
 from moaa.services.config import EnsembleConfig, JudgeConfig, MoaaConfig
 from moaa.v1 import annotator_pb2, common_pb2
@@ -28,6 +28,10 @@ from .judging import CallLog, Candidate, pairwise, pointwise_all, pointwise_sing
 from .templates import JudgeTemplate, TemplateError, TemplateStore
 
 MODES = ("pointwise", "pairwise", "moa")
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - asyncio.get_running_loop().time()
 
 
 @dataclass
@@ -148,7 +152,8 @@ class AnnotationEngine:
             judges = [j for j in judges if j.name not in failed]
             need = cb.quorum(ens.min_judges, len(job.judges))
             if len(judges) < need:
-                raise Unavailable(cb.outage_message(job.ensemble_name, failed, len(judges), len(job.judges), need))
+                raise outage(cb.outage_message(job.ensemble_name, failed, len(judges), len(job.judges), need),
+                             _left(deadline), "judges were")
             notes.append(f"decided by {len(judges)} of {len(job.judges)} judges; failed: {cb.describe_failures(failed)}")
         lengths = [len(c.text) for c in job.candidates]
         criteria = cb.filter_criteria(judges, lengths, cb.FilterSettings(
@@ -174,9 +179,10 @@ class AnnotationEngine:
                 aggregator_result = await self._aggregate(job, judges, effective, kept, deadline, agg_log)
                 self._stage("aggregator", t1)
                 if agg_log.failures:  # the aggregator judge is the decision in mode 'moa': no quorum without it
-                    raise Unavailable(f"aggregator judge backend failed: "
-                                      f"{cb.describe_failures({ens.aggregator.name: agg_log.failures})}; mode 'moa' of "
-                                      f"ensemble {job.ensemble_name!r} needs it; retry when the backend is back")
+                    raise outage(f"aggregator judge backend failed: "
+                                 f"{cb.describe_failures({ens.aggregator.name: agg_log.failures})}; mode 'moa' of "
+                                 f"ensemble {job.ensemble_name!r} needs it; retry when the backend is back",
+                                 _left(deadline), "the aggregator judge was")
                 if aggregator_result.abstained:
                     rule = "weighted"
                     notes.append("the aggregator judge gave no readable score: weighted mean used")
@@ -223,7 +229,7 @@ class AnnotationEngine:
     def _response(self, job, results, logs, criteria, combined, decision, tau, rule, notes):
         nan = float("nan")
         resp = annotator_pb2.AnnotateResponse(
-            request_id=job.request_id or uuid.uuid4().hex, id=job.id, mode=job.mode, ensemble=job.ensemble_name,
+            request_id=job.request_id or new_request_id(), id=job.id, mode=job.mode, ensemble=job.ensemble_name,
             seed=job.seed, agreement=nan if tau is None else tau, skipped=decision.skipped,
             skip_reason=decision.skip_reason, margin=decision.margin, combine=rule, note="; ".join(notes))
         ids = [c.id for c in job.candidates]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from moaa.services.backend.limits import Admission
+from moaa.services.common.logs import item_request_id, request_id_var
 from moaa.services.common.rpc import guarded, time_remaining
 from moaa.services.common.stream import ItemStream
 from moaa.services.config import MoaaConfig
@@ -30,9 +31,13 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
         job = build_job(request, self.config, self.server_cfg, rid)
         return await self.engine.annotate(job, timeout=time_remaining(context))
 
-    async def _stream_item(self, request) -> annotator_pb2.AnnotateResult:
-        job = build_job(request, self.config, self.server_cfg)
-        return annotator_pb2.AnnotateResult(id=request.id, response=await self.engine.annotate(job))
+    async def _stream_item(self, request, rid: str) -> annotator_pb2.AnnotateResult:
+        token = request_id_var.set(item_request_id(request.request_id, rid, request.id))
+        try:
+            job = build_job(request, self.config, self.server_cfg, request_id_var.get())
+            return annotator_pb2.AnnotateResult(id=request.id, response=await self.engine.annotate(job))
+        finally:
+            request_id_var.reset(token)
 
     async def _admit(self, request, spawn) -> None:
         """By the free capacity of the ensemble's judges (first phase) and aggregator judge (later)."""
@@ -47,7 +52,7 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
     @guarded
     async def AnnotateStream(self, request_iterator, context, rid):
         """Items through the one bounded stream (services/common/stream.py)."""
-        stream = ItemStream(self._stream_item, _stream_error, window=self.server_cfg.batch_window,
+        stream = ItemStream(lambda request: self._stream_item(request, rid), _stream_error, window=self.server_cfg.batch_window,
                             limiter=self.guard.limiter, live=self.streams, admit=self._admit,
                             item_id=lambda request: request.id)
         await stream.serve(request_iterator, context.write)

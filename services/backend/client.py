@@ -115,7 +115,9 @@ class BackendClient:
         if got < n:  # a server that ignores n (supports_n misconfigured): ask for the rest one by one
             extra = await self._chat_emulated_n(msgs, {**params, "seed": params["seed"] + got}
                                                 if "seed" in params else params, n - got, deadline)
-            res.choices = res.choices[:got] + [ChatChoice(got + c.index, c.text, c.finish_reason)
+            if got == 1:
+                res.choices[0].usage = res.usage
+            res.choices = res.choices[:got] + [ChatChoice(got + c.index, c.text, c.finish_reason, c.usage)
                                                for c in extra.choices]
             res.usage = res.usage + extra.usage
             res.note = f"backend returned {got} of {n} choices; {n - got} more requested separately"
@@ -174,6 +176,8 @@ class BackendClient:
                     if ev.get("usage"):
                         usage = Usage.from_dict(ev["usage"])
         choices = [ChatChoice(i, "".join(texts.get(i, [])), finish.get(i)) for i in range(n)]
+        if n == 1:  # one choice: the request's usage is its own (n choices share one usage)
+            choices[0].usage = usage
         return ChatResult(model=self.name, endpoint=state.get("endpoint", ""), choices=choices, usage=usage,
                           latency_s=time.monotonic() - t0, ttft_s=ttft, attempts=state.get("attempts", 1))
 
@@ -211,7 +215,7 @@ class BackendClient:
         ttfts = [r.ttft_s for r in results if r.ttft_s is not None]
         return ChatResult(
             model=self.name, endpoint=",".join(sorted({r.endpoint for r in results})),
-            choices=[ChatChoice(i, r.text, r.finish_reason) for i, r in answered], usage=usage,
+            choices=[ChatChoice(i, r.text, r.finish_reason, r.usage) for i, r in answered], usage=usage,
             latency_s=time.monotonic() - t0, ttft_s=min(ttfts) if ttfts else None,
             note=f"n emulated with {n} requests (backend {self.name!r} has supports_n: false)"
                  + (f"; {len(errors)} of them failed" if errors else ""),

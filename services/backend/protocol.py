@@ -29,6 +29,7 @@ class ChatChoice:
     index: int
     text: str
     finish_reason: str | None = None
+    usage: Usage | None = None  # this choice's own tokens, where the backend reported them apart from others
 
 
 @dataclass

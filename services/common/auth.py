@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from moaa.services.common.decoding import HANDLER_KINDS
+from moaa.services.common.decoding import HANDLER_KINDS, drain_requests
 from moaa.services.config import AuthConfig
 
 log = logging.getLogger(__name__)
@@ -95,16 +95,19 @@ def bearer_problem(store: TokenStore, value: str, where: str, how: str) -> str |
 
 
 def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def unary(request_or_iterator, context):
+    kind = next((attr for attr in HANDLER_KINDS if getattr(handler, attr)), "stream_stream")
+    request_streaming, response_streaming, make = HANDLER_KINDS[kind]
+
+    async def refuse(request_or_iterator, context):
+        if request_streaming:  # the client may still be writing: read that first (drain_requests)
+            await drain_requests(request_or_iterator)
         await context.abort(code, message)
 
     async def streaming(request_or_iterator, context):
-        await context.abort(code, message)
+        await refuse(request_or_iterator, context)
         yield  # pragma: no cover - makes this an async generator
 
-    kind = next((attr for attr in HANDLER_KINDS if getattr(handler, attr)), "stream_stream")
-    _, response_streaming, make = HANDLER_KINDS[kind]
-    return make(streaming if response_streaming else unary, request_deserializer=handler.request_deserializer,
+    return make(streaming if response_streaming else refuse, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
 
 

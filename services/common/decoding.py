@@ -8,9 +8,17 @@ marker aborts the call when the servicer reads that message.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
+import time
 
 import grpc
+
+# Bounds on reading a request stream that is about to be refused (drain_requests).
+DRAIN_IDLE_S = 0.2
+DRAIN_TOTAL_S = 1.0
+DRAIN_MAX_ITEMS = 1000
 
 
 class Undecodable:
@@ -43,7 +51,26 @@ def safe_deserializer(deserializer):
     return decode
 
 
-async def _reject(context, bad: Undecodable) -> None:
+async def drain_requests(requests) -> None:
+    """Read (and drop) what a client already sent on a request stream the server is about to refuse.
+
+    grpc.aio's client reports a write that fails after the server's status as INTERNAL "Internal error
+    from Core" instead of that status (grpc/grpc#36066), so a refusal sent while the client still writes
+    would reach it as INTERNAL. Bounded: a client that keeps sending, or waits for results before it
+    sends more, gets the status after DRAIN_IDLE_S of quiet, DRAIN_TOTAL_S or DRAIN_MAX_ITEMS."""
+    it = aiter(requests)
+    end = time.monotonic() + DRAIN_TOTAL_S
+    with contextlib.suppress(Exception, asyncio.TimeoutError):
+        for _ in range(DRAIN_MAX_ITEMS):
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.wait_for(anext(it), min(DRAIN_IDLE_S, left))
+
+
+async def _reject(context, bad: Undecodable, requests=None) -> None:
+    if requests is not None:
+        await drain_requests(requests)
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
 
 
@@ -51,7 +78,7 @@ def _checked_iterator(requests, context):
     async def gen():
         async for item in requests:
             if isinstance(item, Undecodable):
-                await _reject(context, item)
+                await _reject(context, item, requests)
             yield item
     return gen()
 

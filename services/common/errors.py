@@ -29,3 +29,19 @@ class Unavailable(RpcError):
 
 class FailedPrecondition(RpcError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DeadlineExceeded(RpcError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+DEADLINE_SLACK_S = 0.05  # a backend call cut by the caller's deadline ends within this of it
+
+
+def outage(message: str, left_s: float | None, waiting_for: str) -> RpcError:
+    """UNAVAILABLE for backends that failed (callers retry it), or DEADLINE_EXCEEDED when `left_s`, the
+    seconds left of the caller's deadline, says it is that deadline which cut them: a retry with the same
+    deadline would fail the same way."""
+    if left_s is not None and left_s <= DEADLINE_SLACK_S:
+        return DeadlineExceeded(f"the call's deadline passed while {waiting_for} still answering: allow more time")
+    return Unavailable(message)

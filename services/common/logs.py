@@ -18,6 +18,12 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def item_request_id(own: str, call_id: str, item_id: str) -> str:
+    """A stream item's request id: its own, else the stream call's id and the item's, so the items'
+    log lines are found under the call's."""
+    return own or (f"{call_id}-{item_id}" if item_id else new_request_id())
+
+
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):  # set explicitly by the call's own log lines

@@ -30,8 +30,14 @@ class AnnotatorClient:
             self._channel = None
 
 
-def check_annotate(cfg: MoaaConfig, ensemble: str) -> None:
-    """What annotate=true needs from the gateway's config and the request."""
+def check_annotate(cfg: MoaaConfig, annotate: bool, ensemble: str) -> None:
+    """What annotate=true needs from the gateway's config and the request; an ensemble without annotate
+    would be ignored, so it is refused."""
+    if not annotate:
+        if ensemble:
+            raise InvalidArgument(f"ensemble={ensemble!r} is set but annotate is false: set annotate=true to have "
+                                  "the judge ensemble score the answers, or leave ensemble empty")
+        return
     if not cfg.annotator_address:
         raise FailedPrecondition("annotate=true needs annotator_address in the gateway's config")
     if ensemble and ensemble not in cfg.ensembles:

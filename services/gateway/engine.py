@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-import grpc
 
 from moaa.services.backend import BackendError
 from moaa.services.common.convert import backend_error_proto, usage_proto
-from moaa.services.common.errors import RpcError, Unavailable
+from moaa.services.common.errors import DeadlineExceeded, outage
 from moaa.services.common.metrics import Metrics
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.context import counter_for, fit_references
@@ -43,6 +42,11 @@ class _Usage:
     def to_proto(self) -> list[common_pb2.ModelUsage]:
         return [common_pb2.ModelUsage(model=m, requests=r, usage=common_pb2.Usage(
             prompt_tokens=p, completion_tokens=c, total_tokens=p + c)) for m, (p, c, r) in self.per_model.items()]
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left of the caller's deadline (a time.monotonic() value)."""
+    return None if deadline is None else deadline - time.monotonic()
 
 
 def _error_proto(err: BaseException, model: str) -> common_pb2.BackendError:
@@ -112,8 +116,7 @@ class MoAEngine:
                     if layer_end is not None and (deadline is None or layer_end <= deadline):
                         stop = "deadline"
                         break
-                    raise RpcError("the call's deadline passed while proposers were still answering",
-                                   grpc.StatusCode.DEADLINE_EXCEEDED)
+                    raise DeadlineExceeded("the call's deadline passed while proposers were still answering")
                 for task in sorted(done, key=tasks.__getitem__):
                     i = tasks[task]
                     agent = plan.proposers[i]
@@ -162,9 +165,9 @@ class MoAEngine:
         if self.metrics:
             self.metrics.stage(f"layer{layer}", report.latency_s)
         if len(ok) < plan.min_proposers:
-            raise Unavailable(
-                f"layer {layer}: only {len(ok)} of {len(plan.proposers)} proposers answered, below "
-                f"min_proposers={plan.min_proposers}; failed backends: {_describe(report.failures)}")
+            raise outage(f"layer {layer}: only {len(ok)} of {len(plan.proposers)} proposers answered, below "
+                         f"min_proposers={plan.min_proposers}; failed backends: {_describe(report.failures)}",
+                         _left(deadline), "proposers were")
 
     def _backend_metric(self, model: str, seconds: float, cause: str | None, usage=None) -> None:
         if self.metrics is None:
@@ -222,7 +225,7 @@ class MoAEngine:
             failure = backend_error_proto(err)
             resp.failures.append(failure)
             yield gateway_pb2.GenerateEvent(request_id=plan.request_id, failure=failure)
-            raise Unavailable(f"aggregator failed: {_describe([failure])}") from None
+            raise outage(f"aggregator failed: {_describe([failure])}", _left(deadline), "the aggregator was") from None
         finally:
             await stream.aclose()
         usage.add(agent.model, agg_usage)

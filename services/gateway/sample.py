@@ -1,9 +1,11 @@
 """Sample: n answers from one model, optionally scored by the annotator service."""
 from __future__ import annotations
 
+import time
+
 from moaa.services.backend import BackendError
 from moaa.services.common.convert import backend_error_proto, usage_proto
-from moaa.services.common.errors import InvalidArgument, Unavailable
+from moaa.services.common.errors import InvalidArgument, Unavailable, outage
 from moaa.services.common.validation import check_max_tokens, merge_sampling, messages_to_dicts, sampling_overrides
 from moaa.services.config import MoaaConfig, SamplingConfig
 from moaa.services.gateway.annotation import AnnotatorClient, annotate, check_annotate
@@ -23,10 +25,9 @@ def check_sample_request(cfg: MoaaConfig, req, max_prompt_chars: int) -> tuple[l
     over = sampling_overrides(req.sampling if req.HasField("sampling") else None, field="sampling")
     check_max_tokens(over.get("max_tokens"), model=req.model, field="sampling",
                      context_window=cfg.backends[req.model].context_window)
-    if req.annotate:
-        if req.n < 2:
-            raise InvalidArgument("annotate needs at least 2 samples to compare: set n >= 2")
-        check_annotate(cfg, req.ensemble)
+    if req.annotate and req.n < 2:
+        raise InvalidArgument("annotate needs at least 2 samples to compare: set n >= 2")
+    check_annotate(cfg, req.annotate, req.ensemble)
     return messages, merge_sampling(SamplingConfig(), over)
 
 
@@ -34,16 +35,20 @@ async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: fl
                      max_prompt_chars: int, annotator: AnnotatorClient | None = None,
                      metadata=()) -> gateway_pb2.SampleResponse:
     messages, sampling = check_sample_request(cfg, req, max_prompt_chars)
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         # partial_ok: where n goes out as n requests, the samples that answered come back with the
         # failures listed instead of the whole call failing for one lost request
         res = await pool.client(req.model).chat(messages, sampling, n=req.n, timeout=timeout, partial_ok=True)
     except BackendError as err:
-        raise Unavailable(f"model {req.model!r} failed: {err}") from None
+        left = None if deadline is None else deadline - time.monotonic()
+        raise outage(f"model {req.model!r} failed: {err}", left, "the samples were") from None
     resp = gateway_pb2.SampleResponse(request_id=request_id, id=req.id, model=req.model, note=res.note,
                                       usage=usage_proto(res.usage))
     for c in res.choices:
-        resp.samples.add(index=c.index, text=c.text, finish_reason=c.finish_reason or "")
+        sample = resp.samples.add(index=c.index, text=c.text, finish_reason=c.finish_reason or "")
+        if c.usage is not None:
+            sample.usage.CopyFrom(usage_proto(c.usage))
     resp.failures.extend(backend_error_proto(err) for err in res.failures)
     if req.annotate and len(res.choices) < 2:
         raise Unavailable(f"model {req.model!r}: only {len(res.choices)} of {req.n} samples answered, "

@@ -6,7 +6,7 @@ import time
 from moaa.services.backend.limits import Admission
 from moaa.services.common.convert import models_info_proto
 from moaa.services.common.errors import RpcError
-from moaa.services.common.logs import new_request_id, request_id_var
+from moaa.services.common.logs import item_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, guarded, time_remaining
 from moaa.services.common.stream import ItemStream
 from moaa.services.config import MoaaConfig
@@ -42,8 +42,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
     async def _generate(self, request, rid: str, deadline: float | None, deltas: bool = True, metadata=()):
         started = time.monotonic()
         plan = make_plan(self.cfg, request, rid, self.max_prompt_chars)
-        if request.annotate:
-            check_annotate(self.cfg, request.ensemble)
+        check_annotate(self.cfg, request.annotate, request.ensemble)
         async for ev in self.engine.run(plan, deadline, started, deltas=deltas):
             if request.annotate and ev.HasField("final"):
                 timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
@@ -64,7 +63,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
             yield ev
 
     async def _batch_item(self, item, rid: str, deadline: float | None, metadata) -> gateway_pb2.BatchResult:
-        item_rid = item.request.request_id or (f"{rid}-{item.id}" if item.id else new_request_id())
+        item_rid = item_request_id(item.request.request_id, rid, item.id)
         token = request_id_var.set(item_rid)
         try:
             async for ev in self._generate(item.request, item_rid, deadline, deltas=False, metadata=metadata):
