@@ -191,6 +191,8 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     stages = _stages_to_run(opts.until)
     # the model is resolved later (the embedded default may be prepared on first use): a placeholder here
     training_configs(settings, layout, opts.target or "base-model")
+    if layout.root.exists() and not layout.root.is_dir():
+        raise UserError(f"--out {layout.root} is a file; give a folder for the run (new, or one to resume)")
     layout.root.mkdir(parents=True, exist_ok=True)
     with RunLock(layout.root) as lock:
         if lock.previous:
