@@ -166,7 +166,7 @@ async def test_out_that_is_a_file_or_report_of_a_file_exits_2(tmp_path):
     out = tmp_path / "run.jsonl"
     out.write_text("{}\n")
     rc, _, err = await _run(_offline_cmd(out), timeout=60)
-    assert rc == 2 and err.strip() == f"moaa: error: --out {out} is a file; give a folder for the run (new, or one to resume)"
+    assert rc == 2 and err.strip() == f"moaa: error: --out {out} is a file; give a folder (new, or one to resume)"
     rc, _, err = await _run([sys.executable, "-m", "moaa.cli.main", "pipeline", "report", str(out)], timeout=60)
     assert rc == 2 and err.strip() == f"moaa: error: run folder {out} is not a folder"
     assert out.read_text() == "{}\n"

@@ -204,3 +204,12 @@ def test_written_rows_load_in_trl_trainers(tmp_path, tiny_model_dir):
                    DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=ds, processing_class=tok))
         batch = next(iter(trainer.get_train_dataloader()))
         assert any(k.endswith("input_ids") for k in batch), (kind, list(batch))
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, tiny_model_dir, capsys):
+    data, out = write_jsonl(tmp_path / "d.jsonl", sft_rows(2)), tmp_path / "out.jsonl"
+    out.write_text("keep me\n")
+    rc = main(["train", "sft", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == f"moaa: error: --out {out} is a file; give a folder (new, or one to resume)"
+    assert out.read_text() == "keep me\n"
