@@ -47,6 +47,7 @@ def test_public_dataset_shapes(tmp_path):
     rows = [
         {"instruction": "Translate to French", "input": "Hello world", "output": "Bonjour le monde"},   # Alpaca
         {"instruction": "Name a colour", "input": "", "output": "Blue"},
+        {"instruction": "Summarise.", "context": "Dolly's passage.", "response": "Short.", "category": "summarization"},
         {"id": "sg1", "conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
                                         {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "A joke?"}]},
         {"messages": [{"role": "developer", "content": "Be terse."},                        # OpenAI chat logs
@@ -58,6 +59,8 @@ def test_public_dataset_shapes(tmp_path):
     got = list(PromptStream(_write_jsonl(tmp_path / "p.jsonl", rows), keep_ids=True))
     assert got[0].messages == [{"role": "user", "content": "Translate to French\n\nHello world"}]
     assert got[1].messages == [{"role": "user", "content": "Name a colour"}]
+    assert got[2].messages == [{"role": "user", "content": "Summarise.\n\nDolly's passage."}]
+    got = got[:2] + got[3:]
     assert got[2].id == "sg1" and got[2].messages == [
         {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "A joke?"}]

@@ -6,8 +6,8 @@ Recognised without mapping (the paper's sources, TRL's own formats and common pu
 - `conversations`: ShareGPT's list of {from, value} (human -> user, gpt -> assistant, system);
 - `data`: a list of strings, alternating user / assistant (the original UltraChat release);
 - `prompt`: a string (UltraFeedback binarized) or a list of messages (TRL preference rows);
-- `instruction` (UltraFeedback: its `completions` are ignored; Alpaca: a non-empty `input` is appended
-  after a blank line, as Alpaca's own template does), `question`.
+- `instruction` (UltraFeedback: its `completions` are ignored; Alpaca's `input` or Dolly's `context`, when
+  not empty, is appended after a blank line, as Alpaca's own template does), `question`.
 A trailing assistant turn is dropped: the pipeline writes that turn. Earlier turns are kept.
 Files: JSON Lines (.jsonl, .ndjson, .json; gzip'd as .gz; a UTF-8 BOM is ignored), a .json file holding one
 JSON array of rows (read whole), Parquet, or a folder written by `datasets.save_to_disk`.
@@ -40,6 +40,7 @@ ROLE_ALIASES = {"developer": "system", "human": "user", "gpt": "assistant"}
 AUTO_FIELDS = ("messages", "conversations", "data", "prompt", "instruction", "question")
 MAPPABLE = ("prompt", "messages", "id", "system")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+INSTRUCTION_INPUTS = ("input", "context")   # what an instruction works on: Alpaca's `input`, Dolly's `context`
 MAX_LISTED = 5  # invalid rows named in one error line
 KEPT_INVALID = 20  # invalid rows kept with their reasons for the summary (all are counted)
 
@@ -165,8 +166,8 @@ def row_to_prompt(record: Any, mapping: dict[str, str]) -> tuple[list[dict[str, 
             raise _RowError(f"missing prompt field (expected one of {', '.join(AUTO_FIELDS)}; "
                             "or name one with --map prompt=FIELD)")
     value = record[name]
-    extra = record.get("input") if name == "instruction" else None
-    if isinstance(value, str) and isinstance(extra, str) and extra.strip():   # Alpaca: instruction + input
+    extra = next((record[k] for k in INSTRUCTION_INPUTS if record.get(k)), None) if name == "instruction" else None
+    if isinstance(value, str) and isinstance(extra, str) and extra.strip():   # Alpaca, Dolly: instruction + input
         value = f"{value}\n\n{extra}"
     msgs = _to_prompt(_as_messages(value, name), name)
     system_field = mapping.get("system")
@@ -240,7 +241,8 @@ def _records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return _iter_hf_folder(path, split)
-        raise UserError(f"{path} is a folder but not a saved Hugging Face dataset (no dataset_info.json)")
+        raise UserError(f"{path} is a folder but not a saved Hugging Face dataset (no dataset_info.json); give "
+                        "one of its .jsonl or .parquet files, or a folder written by datasets' save_to_disk")
     if not path.exists():
         raise UserError(f"prompt file {path} does not exist")
     if path.suffix == ".parquet":
