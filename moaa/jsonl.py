@@ -12,6 +12,7 @@ Rules, in one place:
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import time
@@ -79,28 +80,46 @@ def read_rows(path: str | Path, *, key: str | None = ID_KEY) -> Iterator[dict]:
     return (row for _, row in iter_scan(path, key=key))
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed JSON or its JSONDecodeError) for every non-blank line of a UTF-8 file."""
+def open_bytes(path: Path):
+    """A file written by anyone, opened for reading bytes: gzip'd when its name ends in .gz."""
+    try:
+        return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; give a file") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+
+
+def iter_lines(path: Path, *, blanks: bool = False) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON or its JSONDecodeError) for every non-blank line of a UTF-8 file (gzip'd
+    if named .gz; a byte-order mark, as Windows tools write, is skipped). `blanks`: (n, None) for blank lines."""
     offset = 0
-    with path.open("rb") as fh:
-        for n, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {offset + err.start})") from None
-            offset += len(raw)
-            if line.strip():
+    with open_bytes(path) as fh:
+        try:
+            for n, raw in enumerate(fh, 1):
                 try:
-                    yield n, json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield n, err
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {offset + err.start})") from None
+                offset += len(raw)
+                if n == 1:
+                    line = line.removeprefix("\ufeff")
+                if line.strip():
+                    try:
+                        yield n, json.loads(line)
+                    except json.JSONDecodeError as err:
+                        yield n, err
+                elif blanks:
+                    yield n, None
+        except (OSError, EOFError) as err:   # a truncated or corrupt .gz
+            raise UserError(f"cannot read {path}: {err}") from None
 
 
 def read_input(path: str | Path, what: str) -> list[tuple[int, dict]]:
     """(line number, row) of an input file written by anyone (samples, labelled pairs, answers): every
     non-blank line must be a JSON object; the first that is not stops with file:line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{what} file {path} does not exist")
     rows = []
     for n, row in iter_lines(path):

@@ -312,6 +312,9 @@ async def test_cli_arguments_and_run_emulator(http):
     from moaa.errors import UserError
     with pytest.raises(UserError):
         emulator_settings_from_args(parser.parse_args(["--settings", '{"ttft_s": -1}']))
+    for bad in ("500=2", "x=0.1", "503"):
+        with pytest.raises(UserError, match=f"bad --error-rate '{bad}': use STATUS=P"):
+            emulator_settings_from_args(parser.parse_args(["--error-rate", bad]))
 
 
 async def test_echo_answers_with_the_request_messages(http, emulator_factory):

@@ -85,6 +85,9 @@ async def test_eval_bad_input_is_one_line(tmp_path):
     rc, _, err = await _cli("eval", "--answers", str(tmp_path / "bad.jsonl"), "--baseline", str(b),
                             "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "x")
     assert rc == 2 and "line 1" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--out", str(a),
+                            "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "x")
+    assert rc == 2 and err.strip() == f"moaa: error: --out {a} is a file; give a folder (new, or one to resume)"
 
 
 async def test_eval_all_abstentions_are_not_ties(judge_emulator, tmp_path):

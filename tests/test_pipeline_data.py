@@ -42,6 +42,59 @@ def test_recognised_shapes_without_mapping(tmp_path):
     assert got[4] == [{"role": "user", "content": "TRL preference prompt"}]
 
 
+def test_public_dataset_shapes(tmp_path):
+    """Rows as the public sets ship them: nothing of the prompt is dropped, other roles' names are mapped."""
+    rows = [
+        {"instruction": "Translate to French", "input": "Hello world", "output": "Bonjour le monde"},   # Alpaca
+        {"instruction": "Name a colour", "input": "", "output": "Blue"},
+        {"instruction": "Summarise.", "context": "Dolly's passage.", "response": "Short.", "category": "summarization"},
+        {"id": "sg1", "conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"},
+                                        {"from": "gpt", "value": "Hello"}, {"from": "human", "value": "A joke?"}]},
+        {"messages": [{"role": "developer", "content": "Be terse."},                        # OpenAI chat logs
+                      {"role": "user", "content": [{"type": "text", "text": "Part one."},
+                                                   {"type": "text", "text": "Part two. 🤖 日本語"}]}]},
+        {"prompt": "How do I bake bread?", "prompt_id": "uc1",                             # UltraChat 200k
+         "messages": [{"role": "user", "content": "How do I bake bread?"}, {"role": "assistant", "content": "Mix"}]},
+    ]
+    got = list(PromptStream(_write_jsonl(tmp_path / "p.jsonl", rows), keep_ids=True))
+    assert got[0].messages == [{"role": "user", "content": "Translate to French\n\nHello world"}]
+    assert got[1].messages == [{"role": "user", "content": "Name a colour"}]
+    assert got[2].messages == [{"role": "user", "content": "Summarise.\n\nDolly's passage."}]
+    got = got[:2] + got[3:]
+    assert got[2].id == "sg1" and got[2].messages == [
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "A joke?"}]
+    assert got[3].messages == [{"role": "system", "content": "Be terse."},
+                               {"role": "user", "content": "Part one.\nPart two. 🤖 日本語"}]
+    assert got[4].id == "uc1" and got[4].messages == [{"role": "user", "content": "How do I bake bread?"}]
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    tool = {"conversations": [{"from": "function_call", "value": "{}"}]}
+    with pytest.raises(UserError) as err:
+        list(PromptStream(_write_jsonl(tmp_path / "bad.jsonl", [image, tool])))
+    assert "line 1: messages[0] content has a 'image_url' part" in str(err.value)
+    assert "line 2: conversations[0] has role 'function_call'" in str(err.value)
+
+
+def test_file_encodings_and_containers(tmp_path):
+    """BOM, CRLF, blank lines, .jsonl.gz and a .json array read as JSON Lines are; a corrupt .gz is one line."""
+    import gzip
+
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n\r\n  \n{"prompt": "b\\r\\nc"}\r\n')
+    rows = list(PromptStream(tmp_path / "bom.jsonl"))
+    assert [r.messages[0]["content"] for r in rows] == ["a", "b\r\nc"] and [r.line for r in rows] == [1, 4]
+    with gzip.open(tmp_path / "p.jsonl.gz", "wt") as fh:
+        fh.write('{"prompt": "zipped"}\n')
+    assert [r.messages[0]["content"] for r in PromptStream(tmp_path / "p.jsonl.gz")] == ["zipped"]
+    (tmp_path / "alpaca_data.json").write_text(json.dumps([{"instruction": "x", "input": "y", "output": "z"}], indent=2))
+    assert [r.messages[0]["content"] for r in PromptStream(tmp_path / "alpaca_data.json")] == ["x\n\ny"]
+    (tmp_path / "broken.json").write_text('[{"instruction": "x"},')
+    with pytest.raises(UserError, match="not valid JSON .*one JSON array of objects"):
+        list(PromptStream(tmp_path / "broken.json"))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n' * 100)[:40])
+    with pytest.raises(UserError, match="cannot read .*cut.jsonl.gz"):
+        list(PromptStream(tmp_path / "cut.jsonl.gz"))
+
+
 def test_ids_are_content_hashes_and_stable(tmp_path):
     p = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
     ids1 = [r.id for r in PromptStream(p)]

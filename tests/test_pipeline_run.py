@@ -162,6 +162,16 @@ async def test_bad_sft_value_exits_2_before_anything_is_written(tmp_path):
     assert rc == 2 and "packing is not a moaa DPOSettings field" in err and not out.exists()
 
 
+async def test_out_that_is_a_file_or_report_of_a_file_exits_2(tmp_path):
+    out = tmp_path / "run.jsonl"
+    out.write_text("{}\n")
+    rc, _, err = await _run(_offline_cmd(out), timeout=60)
+    assert rc == 2 and err.strip() == f"moaa: error: --out {out} is a file; give a folder (new, or one to resume)"
+    rc, _, err = await _run([sys.executable, "-m", "moaa.cli.main", "pipeline", "report", str(out)], timeout=60)
+    assert rc == 2 and err.strip() == f"moaa: error: run folder {out} is not a folder"
+    assert out.read_text() == "{}\n"
+
+
 async def test_trl_values_are_checked_by_the_trainer_before_stage_1(tmp_path):
     """The TRL layer: the trainer's own `moaa train KIND --check` gets the exact argv of the stage and refuses a
     bad `trl.*` value; the same check shows `sft.trl.save_strategy=no` reaching TRL's SFTConfig as "no"."""

@@ -68,6 +68,8 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_train_config("sft", str(bad), **BASE)
     with pytest.raises(UserError, match="does not exist"):
         load_train_config("sft", str(tmp_path / "nope.yaml"), **BASE)
+    with pytest.raises(UserError, match="cannot read config file .*: Is a directory"):
+        load_train_config("sft", str(tmp_path), **BASE)
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Data checks before any step: each bad file stops the CLI with exit 2 and one line naming the rows."""
 from __future__ import annotations
 
+import json
 
 import pytest
 
@@ -52,7 +53,7 @@ def test_chosen_equals_rejected(tmp_path, capsys):
 def test_pretemplated_strings_are_refused(tmp_path, capsys):
     rows = [{"id": "t", "prompt": "<|im_start|>user\nHi?<|im_end|>\n", "chosen": "Hello", "rejected": "Go away"}]
     err = _cli("dpo", write_jsonl(tmp_path / "p.jsonl", rows), tmp_path, capsys)
-    assert "id t" in err and "pre-templated string" in err
+    assert "id t" in err and "prompt is a string (TRL's standard format, or pre-templated text)" in err
     err = _cli("sft", write_jsonl(tmp_path / "s.jsonl", [{"id": "x", "text": "<s>[INST] hi [/INST] yo"}]), tmp_path, capsys)
     assert "pre-templated text" in err
 
@@ -133,9 +134,82 @@ def test_missing_file_and_empty_file(tmp_path):
         load_rows(tmp_path / "e.jsonl", "sft")
 
 
+def test_files_written_by_trl_users(tmp_path, capsys):
+    """TRL's conversational rows load as TRL reads them (no ids, implicit prompts split at the first differing
+    turn as trl.maybe_extract_prompt does, a BOM, a .gz); its standard string rows get one line saying what to give."""
+    import gzip
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [U, A]}])
+    sft.write_bytes(b"\xef\xbb\xbf" + sft.read_bytes().replace(b"\n", b"\r\n"))
+    kept, _ = load_rows(sft, "sft")
+    assert kept == [{"id": "line-1", "line": 1, "messages": [U, A]}]
+    no = {"role": "assistant", "content": "No."}
+    implicit = {"chosen": [U, A], "rejected": [U, no]}                                # trl-lib/ultrafeedback_binarized
+    h4 = {"prompt": "Hi?", "prompt_id": "x", "chosen": [U, A], "rejected": [U, no], "messages": [U, A]}   # HuggingFaceH4's
+    path = tmp_path / "pairs.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in (implicit, h4 | {"id": "h"})).encode()))
+    kept, report = load_rows(path, "dpo")
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in kept] == [([U], [A], [no])]
+    assert report.dropped == {"duplicate of line-1": ["h"]}   # both rows hold the same pair
+    std = write_jsonl(tmp_path / "std.jsonl", [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}])
+    err = _cli("dpo", std, tmp_path, capsys)
+    assert "line 1: prompt is a string (TRL's standard format" in err and "give a list of" in err
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": [U], "completion": [A]}])
+    assert "join them into messages" in _cli("sft", pc, tmp_path, capsys)
+    (tmp_path / "folder").mkdir()
+    assert _cli("sft", tmp_path / "folder", tmp_path, capsys) == f"moaa: error: {tmp_path / 'folder'} is a folder; give a file"
+
+
 def test_multi_gpu_launch_checks_data_once_before_starting_workers(tmp_path, capsys):
     path = write_jsonl(tmp_path / "d.jsonl", [sft_rows(1)[0], "{broken"])
     rc = main(["train", "sft", "--data", str(path), "--model", "m", "--out", str(tmp_path / "o"),
                "--nproc-per-node", "2"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "line 2: not JSON" in err and len(err.splitlines()) == 1
+
+
+def test_written_rows_load_in_trl_trainers(tmp_path, tiny_model_dir):
+    """What moaa writes (stage 1's SFT rows, the one preference row schema with its provenance) is read by
+    `datasets.load_dataset("json")` and prepared by the installed TRL's SFTTrainer and DPOTrainer as they are."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from moaa.client.pairs import pair_row
+    from moaa.v1 import annotator_pb2 as pb, common_pb2
+
+    def pair(i):
+        req = pb.AnnotateRequest(id=f"p{i}", prompt=[common_pb2.Message(role="user", content=f"Q{i} 🤖?")],
+                                 candidates=[pb.Candidate(id="c0", text=f"good {i}", model="sft"),
+                                             pb.Candidate(id="c1", text=f"bad {i}", model="sft")])
+        judge = pb.JudgeReport(judge="j", model="m", scores=[pb.JudgeScore(candidate_id="c0", score=1.0),
+                                                             pb.JudgeScore(candidate_id="c1", abstained=bool(i))])
+        usage = [common_pb2.ModelUsage(model="m", usage=common_pb2.Usage(prompt_tokens=3), requests=1)] if i else []
+        return pair_row(req, pb.AnnotateResponse(chosen_id="c0", rejected_id="c1", margin=float("nan") if i else 1.0,
+                                                 combined=[pb.CandidateScore(candidate_id="c0", score=1.0)],
+                                                 judges=[judge], usage=usage))
+    sft = [{"id": f"s{i}", "messages": [U, {"role": "assistant", "content": f"Hello {i}."}],
+            "moa": {"recipe": "r", "aggregator": "a", "proposals": [{"layer": 0, "model": "p", "used": True,
+                                                                     "trimmed": False}],
+                    "failures": [], "finish_reason": "stop", "latency_s": 0.1}, "usage": {}} for i in range(2)]
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for kind, rows in (("sft", sft), ("dpo", [pair(0), pair(1)])):
+        path = write_jsonl(tmp_path / f"{kind}.jsonl", rows)
+        load_rows(path, kind)   # our own check agrees
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        common = {"output_dir": str(tmp_path / kind), "report_to": [], "max_length": 64, "use_cpu": True}
+        trainer = (SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=ds, processing_class=tok)
+                   if kind == "sft" else
+                   DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=ds, processing_class=tok))
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert any(k.endswith("input_ids") for k in batch), (kind, list(batch))
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, tiny_model_dir, capsys):
+    data, out = write_jsonl(tmp_path / "d.jsonl", sft_rows(2)), tmp_path / "out.jsonl"
+    out.write_text("keep me\n")
+    rc = main(["train", "sft", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1] == f"moaa: error: --out {out} is a file; give a folder (new, or one to resume)"
+    assert out.read_text() == "keep me\n"

@@ -181,6 +181,10 @@ def load_train_config(kind: str, path: str | None = None, overrides: list[str] |
             loaded = yaml.safe_load(Path(path).read_text())
         except FileNotFoundError:
             raise UserError(f"config file {path} does not exist") from None
+        except OSError as err:   # a folder, no permission
+            raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"config file {path} is not UTF-8 text ({err.reason})") from None
         except yaml.YAMLError as err:
             raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
         if loaded is not None and not isinstance(loaded, dict):

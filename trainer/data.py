@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moaa.errors import UserError
+from moaa.jsonl import iter_lines
 
 ROLES = ("system", "user", "assistant")
 MAX_LISTED = 8  # problems named in the one-line error; the count says how many more
+# TRL's standard (non-conversational) format would train on the raw strings with no chat template; moaa trains
+# chat models, so it asks for the conversational form rather than guess which turn a string is.
+STRING_ROW = ("a string (TRL's standard format, or pre-templated text); moaa trains on TRL's conversational "
+              "format: give a list of {\"role\", \"content\"} messages and let the chat template format it")
 
 
 @dataclass
@@ -64,8 +69,7 @@ def _check_message(msg: Any, where: str) -> str | None:
 def _check_conversation(msgs: Any, name: str, *, must_end: str) -> str | None:
     """Roles: optional system first, then user/assistant alternating from user, ending in `must_end`."""
     if isinstance(msgs, str):
-        return (f"{name} is a pre-templated string; give a list of messages and let the chat template "
-                f"format it")
+        return f"{name} is {STRING_ROW}"
     if not isinstance(msgs, list) or not msgs:
         return f"{name} must be a non-empty list of messages"
     for i, m in enumerate(msgs):
@@ -89,6 +93,9 @@ def check_sft_row(row: dict) -> str | None:
     if "messages" not in row:
         if "chosen" in row or "rejected" in row:
             return "a preference row where an SFT row {\"messages\": [...]} is expected (use moaa train dpo?)"
+        if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+            return ("a prompt-completion row; moaa's SFT trains on {\"messages\": prompt + completion} "
+                    "(loss on every turn): join them into messages")
         if "text" in row or "prompt" in row or "completion" in row:
             return "pre-templated text; give {\"messages\": [...]} and let the chat template format it"
         return "missing field 'messages'"
@@ -97,7 +104,7 @@ def check_sft_row(row: dict) -> str | None:
 
 def _answer(msgs: Any, name: str) -> str | None:
     if isinstance(msgs, str):
-        return f"{name} is a pre-templated string; give [{{\"role\": \"assistant\", \"content\": ...}}]"
+        return f"{name} is {STRING_ROW}"
     if not isinstance(msgs, list) or len(msgs) != 1:
         return f"{name} must be a list holding exactly one assistant message"
     problem = _check_message(msgs[0], f"{name}[0]")
@@ -106,6 +113,22 @@ def _answer(msgs: Any, name: str) -> str | None:
     if msgs[0]["role"] != "assistant":
         return f"{name}[0] has role {msgs[0]['role']!r}; it must be 'assistant'"
     return None
+
+
+def implicit_prompt(row: dict) -> dict:
+    """TRL's implicit prompt (`trl.maybe_extract_prompt`): conversational chosen/rejected that both start with
+    the prompt (trl-lib/ultrafeedback_binarized; HuggingFaceH4's, whose `prompt` is a string) are split at
+    their first differing message into prompt, chosen and rejected, as TRL does."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if isinstance(row.get("prompt"), list) or not (isinstance(chosen, list) and isinstance(rejected, list)
+                                                   and chosen and isinstance(chosen[0], dict)):
+        return row
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:   # nothing shared: no prompt to take (a string prompt stays, and is refused as one)
+        return row
+    return {**row, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
 def check_pref_row(row: dict) -> str | None:
@@ -154,49 +177,49 @@ def _fail(path: Path, problems: list[tuple[str, str]], hint: str = "") -> None:
 def load_rows(path: str | Path, kind: str, *, drop_duplicates: bool = True) -> tuple[list[dict], DataReport]:
     """Read and check a JSONL file's rows. Raises UserError naming every bad row (line number and id)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"data file {path} does not exist")
     check: Callable[[dict], str | None] = check_sft_row if kind == "sft" else check_pref_row
-    report = DataReport(str(path), kind, sha256=file_sha256(path))
+    report = DataReport(str(path), kind)
     problems: list[tuple[str, str]] = []
     kept: list[dict] = []
     seen_ids: dict[str, int] = {}
     seen_content: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                report.blank_lines += 1
+    for lineno, row in iter_lines(path, blanks=True):   # the one JSONL reader: BOM, .gz, unreadable files
+        if row is None:
+            report.blank_lines += 1
+            continue
+        report.rows_read += 1
+        if isinstance(row, json.JSONDecodeError):
+            problems.append((f"line {lineno}", f"not JSON ({row.msg} at column {row.colno})"))
+            continue
+        if not isinstance(row, dict):
+            problems.append((f"line {lineno}", "not a JSON object"))
+            continue
+        if kind != "sft":
+            row = implicit_prompt(row)
+        rid = str(row.get("id", f"line-{lineno}"))
+        label = f"line {lineno} (id {rid})" if "id" in row else f"line {lineno}"
+        problem = check(row)
+        if problem:
+            problems.append((label, problem))
+            continue
+        if rid in seen_ids:
+            problems.append((label, f"duplicate id, first on line {seen_ids[rid]}"))
+            continue
+        seen_ids[rid] = lineno
+        key = _content_key(row, kind)
+        if key in seen_content:
+            if drop_duplicates:
+                report.drop(f"duplicate of {seen_content[key]}", rid)
                 continue
-            report.rows_read += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append((f"line {lineno}", f"not JSON ({err.msg} at column {err.colno})"))
-                continue
-            if not isinstance(row, dict):
-                problems.append((f"line {lineno}", "not a JSON object"))
-                continue
-            rid = str(row.get("id", f"line-{lineno}"))
-            label = f"line {lineno} (id {rid})" if "id" in row else f"line {lineno}"
-            problem = check(row)
-            if problem:
-                problems.append((label, problem))
-                continue
-            if rid in seen_ids:
-                problems.append((label, f"duplicate id, first on line {seen_ids[rid]}"))
-                continue
-            seen_ids[rid] = lineno
-            key = _content_key(row, kind)
-            if key in seen_content:
-                if drop_duplicates:
-                    report.drop(f"duplicate of {seen_content[key]}", rid)
-                    continue
-                problems.append((label, f"same content as {seen_content[key]}"))
-                continue
-            seen_content[key] = rid
-            kept.append({"id": rid, "line": lineno, **{k: row[k] for k in _fields(kind)}})
+            problems.append((label, f"same content as {seen_content[key]}"))
+            continue
+        seen_content[key] = rid
+        kept.append({"id": rid, "line": lineno, **{k: row[k] for k in _fields(kind)}})
     if problems:
         _fail(path, problems)
+    report.sha256 = file_sha256(path)
     report.rows_kept = len(kept)
     _check_not_empty(path, kept, report)
     return kept, report

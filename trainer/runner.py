@@ -21,6 +21,7 @@ from moaa.trainer.manifest import build_manifest, write_manifest
 from moaa.trainer.plots import plot_metrics
 from moaa.trainer.progress import JsonProgress
 from moaa.trainer.resume import checkpoint_step, newest_checkpoint
+from moaa.pipeline.store import make_folder
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     rows, report = load_rows(cfg.data, cfg.kind, drop_duplicates=cfg.drop_duplicates)  # before the model loads
     model, tok, note = load_model_and_tokenizer(cfg, device)
     rows = check_lengths(rows, report, tok, cfg.max_length, cfg.drop_overlong)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(cfg.out)
     _emit({"event": "data", **{k: v for k, v in report.summary().items() if k != "path"}})
     return Prepared(cfg, device, world, accum, model, tok, note, rows, report, args, out)
 

@@ -122,7 +122,13 @@ def emulator_settings_from_args(args) -> tuple["EmulatorSettings", dict[str, dic
         rates = dict(fields.get("error_rates") or {})
         for item in args.error_rate:
             status, _, p = item.partition("=")
-            rates[int(status)] = float(p)
+            try:
+                code, prob = int(status), float(p)
+            except ValueError:
+                code, prob = 0, -1.0
+            if not (100 <= code <= 599 and 0 <= prob <= 1):
+                raise UserError(f"bad --error-rate {item!r}: use STATUS=P, an HTTP status and P in [0, 1]")
+            rates[code] = prob
         if rates:
             fields["error_rates"] = rates
         settings = effective_settings(EmulatorSettings(), fields)

@@ -102,7 +102,8 @@ def _report(args) -> int:
     from moaa.pipeline.report import build_report
 
     if not Path(args.run_folder).is_dir():
-        raise UserError(f"run folder {args.run_folder} does not exist")
+        why = "is not a folder" if Path(args.run_folder).exists() else "does not exist"
+        raise UserError(f"run folder {args.run_folder} {why}")
     print(build_report(args.run_folder))
     return 0
 

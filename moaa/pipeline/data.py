@@ -1,11 +1,16 @@
 """Prompt loading: JSONL, Parquet or a local Hugging Face `datasets` folder -> validated prompt rows.
 
-Recognised without mapping (the paper's sources and TRL's own formats):
-- `messages`: a list of {role, content} (UltraChat 200k, TRL conversational SFT rows);
+Recognised without mapping (the paper's sources, TRL's own formats and common public ones):
+- `messages`: a list of {role, content} (UltraChat 200k, TRL conversational SFT rows, OpenAI chat logs:
+  content may be a list of text parts, joined by newlines; the `developer` role is taken as `system`);
+- `conversations`: ShareGPT's list of {from, value} (human -> user, gpt -> assistant, system);
 - `data`: a list of strings, alternating user / assistant (the original UltraChat release);
 - `prompt`: a string (UltraFeedback binarized) or a list of messages (TRL preference rows);
-- `instruction` (UltraFeedback: its `completions` are ignored), `question`.
+- `instruction` (UltraFeedback: its `completions` are ignored; Alpaca's `input` or Dolly's `context`, when
+  not empty, is appended after a blank line, as Alpaca's own template does), `question`.
 A trailing assistant turn is dropped: the pipeline writes that turn. Earlier turns are kept.
+Files: JSON Lines (.jsonl, .ndjson, .json; gzip'd as .gz; a UTF-8 BOM is ignored), a .json file holding one
+JSON array of rows (read whole), Parquet, or a folder written by `datasets.save_to_disk`.
 
 The one row-id rule (`row_id`): a hash of the conversation (sha256[:16], stable across runs and
 machines), unless `--map id=FIELD` names a column that already holds ids, or the caller keeps the file's
@@ -14,6 +19,7 @@ their line numbers: one readable error, or with `skip_invalid` a list of what wa
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import heapq
 import json
@@ -23,14 +29,18 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from moaa.errors import UserError
-from moaa.jsonl import iter_lines
+from moaa.jsonl import iter_lines, open_bytes
 
 from .idset import IdSet
 
 ROLES = ("system", "user", "assistant")
+# Other names of those roles: OpenAI's `developer` (its newer name for system), ShareGPT's `from` values.
+ROLE_ALIASES = {"developer": "system", "human": "user", "gpt": "assistant"}
 # Field names tried in order when no mapping is given.
-AUTO_FIELDS = ("messages", "data", "prompt", "instruction", "question")
+AUTO_FIELDS = ("messages", "conversations", "data", "prompt", "instruction", "question")
 MAPPABLE = ("prompt", "messages", "id", "system")
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+INSTRUCTION_INPUTS = ("input", "context")   # what an instruction works on: Alpaca's `input`, Dolly's `context`
 MAX_LISTED = 5  # invalid rows named in one error line
 KEPT_INVALID = 20  # invalid rows kept with their reasons for the summary (all are counted)
 
@@ -102,14 +112,32 @@ def _as_messages(value: Any, fieldname: str) -> list[dict[str, str]]:
         return [{"role": "user" if i % 2 == 0 else "assistant", "content": v} for i, v in enumerate(value)]
     msgs = []
     for i, m in enumerate(value):
+        if isinstance(m, dict) and "role" not in m and "from" in m and "value" in m:   # ShareGPT
+            m = {"role": m["from"], "content": m["value"]}
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise _RowError(f"{fieldname}[{i}] is not a {{role, content}} message")
-        if m["role"] not in ROLES:
+        role = ROLE_ALIASES.get(m["role"], m["role"])
+        if role not in ROLES:
             raise _RowError(f"{fieldname}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise _RowError(f"{fieldname}[{i}] content is not a string")
-        msgs.append({"role": m["role"], "content": m["content"]})
+        msgs.append({"role": role, "content": _text(m["content"], f"{fieldname}[{i}]")})
     return msgs
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI's list of parts when every part is text (joined by newlines,
+    as vLLM's chat endpoint joins them). Other parts (images, audio) are refused: prompts here are text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise _RowError(f"{where} content has a {kind or type(part).__name__!r} part; only text parts "
+                                "({\"type\": \"text\", \"text\": ...}) can be used")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise _RowError(f"{where} content is not a string or a list of text parts")
 
 
 def _to_prompt(msgs: list[dict[str, str]], fieldname: str) -> list[dict[str, str]]:
@@ -137,7 +165,11 @@ def row_to_prompt(record: Any, mapping: dict[str, str]) -> tuple[list[dict[str, 
         if name is None:
             raise _RowError(f"missing prompt field (expected one of {', '.join(AUTO_FIELDS)}; "
                             "or name one with --map prompt=FIELD)")
-    msgs = _to_prompt(_as_messages(record[name], name), name)
+    value = record[name]
+    extra = next((record[k] for k in INSTRUCTION_INPUTS if record.get(k)), None) if name == "instruction" else None
+    if isinstance(value, str) and isinstance(extra, str) and extra.strip():   # Alpaca, Dolly: instruction + input
+        value = f"{value}\n\n{extra}"
+    msgs = _to_prompt(_as_messages(value, name), name)
     system_field = mapping.get("system")
     if system_field and record.get(system_field) and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": str(record[system_field])}] + msgs
@@ -148,10 +180,33 @@ def row_to_prompt(record: Any, mapping: dict[str, str]) -> tuple[list[dict[str, 
     return msgs, None if key is None else str(record[key])
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
+    """JSON Lines by line; a file that is one JSON array (Alpaca's alpaca_data.json) by row number."""
+    if _read(path, 4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+        yield from enumerate(_json_array(path), 1)
+        return
     for lineno, rec in iter_lines(path):
         bad = isinstance(rec, json.JSONDecodeError)
         yield lineno, _RowError(f"not valid JSON ({rec.msg} at column {rec.colno})") if bad else rec
+
+
+def _read(path: Path, size: int = -1) -> bytes:
+    try:
+        with open_bytes(path) as fh:
+            return fh.read(size)
+    except (OSError, EOFError) as err:   # a truncated or corrupt .gz
+        raise UserError(f"cannot read {path}: {err}") from None
+
+
+def _json_array(path: Path) -> list:
+    try:
+        rows = json.loads(_read(path).decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); give "
+                        "JSON Lines (one object per line) or one JSON array of objects") from None
+    return rows if isinstance(rows, list) else [rows]
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
@@ -186,14 +241,16 @@ def _records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
             return _iter_hf_folder(path, split)
-        raise UserError(f"{path} is a folder but not a saved Hugging Face dataset (no dataset_info.json)")
+        raise UserError(f"{path} is a folder but not a saved Hugging Face dataset (no dataset_info.json); give "
+                        "one of its .jsonl or .parquet files, or a folder written by datasets' save_to_disk")
     if not path.exists():
         raise UserError(f"prompt file {path} does not exist")
     if path.suffix == ".parquet":
         return _iter_parquet(path)
-    if path.suffix in (".jsonl", ".json", ".ndjson"):
-        return _iter_jsonl(path)
-    raise UserError(f"{path}: unknown prompt format; use .jsonl, .parquet or a saved datasets folder")
+    if path.suffix in JSON_SUFFIXES or (path.suffix == ".gz" and Path(path.stem).suffix in JSON_SUFFIXES):
+        return _iter_json(path)
+    raise UserError(f"{path}: unknown prompt format; use .jsonl (or .jsonl.gz), .json, .parquet or a saved "
+                    "datasets folder")
 
 
 def default_prompts_path() -> Path:

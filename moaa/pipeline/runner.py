@@ -23,7 +23,7 @@ from .layout import RunLayout
 from .lock import RunLock
 from .promptset import RunPrompts, config_hash, prepare_prompts
 from .stages import NEEDS_SERVICES, STAGES, StageContext
-from .store import atomic_write_json, utc_now
+from .store import atomic_write_json, make_folder, utc_now
 from . import training
 
 OPERATIONAL = {"window"}  # settings that change how, not what: left out of the config hash
@@ -191,7 +191,7 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     stages = _stages_to_run(opts.until)
     # the model is resolved later (the embedded default may be prepared on first use): a placeholder here
     training_configs(settings, layout, opts.target or "base-model")
-    layout.root.mkdir(parents=True, exist_ok=True)
+    make_folder(layout.root)
     with RunLock(layout.root) as lock:
         if lock.previous:
             _say(opts, f"run folder {layout.root}: taking over from pid {lock.previous.get('pid')} on "

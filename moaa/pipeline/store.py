@@ -51,6 +51,15 @@ def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def make_folder(path: str | Path, flag: str = "--out") -> Path:
+    """The output folder a command writes into, made if missing; a file in its place is bad input."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file; give a folder (new, or one to resume)")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 

@@ -15,7 +15,7 @@ from moaa.jsonl import read_input, read_rows
 from ..budget import TokenLedger
 from ..data import content_id
 from ..progress import StageProgress
-from ..store import DatasetStore, atomic_write_json
+from ..store import DatasetStore, atomic_write_json, make_folder
 from .grading import grading_summary
 from .winrate import summarize
 
@@ -178,8 +178,7 @@ async def evaluate(args) -> dict:
     from moaa.client.endpoint import Endpoint
     from .judges import AnnotatorPairJudge, ChatPairJudge
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(args.out)
     base_ans = load_answers(args.baseline)
     if getattr(args, "contestant", None):  # an OpenAI-compatible endpoint answers the baseline's prompts
         from .contestant import contestant_answers, parse_contestant
