@@ -208,3 +208,15 @@ def test_cli_skip_invalid_reports_count_and_lines(tmp_path):
     res = _cli("pipeline", "check-prompts", "--prompts", str(_bad_file(tmp_path)), "--skip-invalid")
     assert res.returncode == 0, res.stderr
     assert "2 prompts" in res.stdout and "skipped 5 invalid row(s): line 2 (not valid JSON" in res.stdout
+
+
+def test_samples_rows_read_messages_as_the_prompt_loader_does():
+    """`moaa annotate`, judge-eval and eval read a samples row's prompt with the loader's message rules."""
+    from moaa.client.pairs import sample_prompt
+
+    row = {"id": "x", "prompt": [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                                 {"from": "human", "value": "Hi"}]}
+    assert sample_prompt(row) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert sample_prompt({"id": "y", "prompt": "Hello"}) == [{"role": "user", "content": "Hello"}]
+    with pytest.raises(UserError, match="row 'z': prompt\\[0\\] content has a 'image_url' part"):
+        sample_prompt({"id": "z", "prompt": [{"role": "user", "content": [{"type": "image_url"}]}]}, "s.jsonl")

@@ -52,7 +52,7 @@ async def test_judging_reads_samples_as_it_sends_them(annotator, tmp_path):
 async def test_bad_sample_row_mid_stream_writes_rows_in_flight_then_fails(annotator, tmp_path):
     store = DatasetStore(tmp_path / "pairs", stage="pairs", fmt="preference").open()
     rows = [_row(0), _row(1), {"id": "broken", "samples": ["a", "b"]}, _row(3)]
-    with pytest.raises(UserError, match="'broken' needs 'prompt'"):
+    with pytest.raises(UserError, match="row 'broken': .*give 'prompt'"):
         await annotate_stream(annotator, iter(rows), store, TokenLedger(), StageProgress("t", 4, 0, quiet=True))
     assert sorted(r["id"] for r in store.iter_rows()) == ["p0", "p1"]    # written, not lost with the call
 

@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from moaa.errors import UserError
+from moaa.pipeline.data import RowError, as_messages
 from moaa.usage import add_usage
 from moaa.v1 import annotator_pb2, common_pb2
 
@@ -34,15 +35,13 @@ def _num(x: float) -> float | None:
 
 
 def sample_prompt(row: dict, where: str = "") -> list[dict]:
-    """The prompt messages of a samples (or answers) row."""
-    prompt = row.get("prompt") or row.get("messages")
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                               for m in prompt):
-        raise UserError(f"{where or 'row'}: row {row.get('id')!r} needs 'prompt' (a string or a list of "
-                        "{role, content} messages)")
-    return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    """The prompt messages of a samples (or answers) row, read as the prompt loader reads messages (text
+    parts joined, `developer` as system, ShareGPT's from/value)."""
+    try:
+        return as_messages(row.get("prompt") or row.get("messages"), "prompt")
+    except RowError as err:
+        raise UserError(f"{where or 'row'}: row {row.get('id')!r}: {err} (give 'prompt' as a string or a list "
+                        "of {role, content} messages)") from None
 
 
 def sample_items(row: dict) -> list[dict]:

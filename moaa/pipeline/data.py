@@ -97,17 +97,17 @@ def parse_mapping(items: list[str] | None) -> dict[str, str]:
     return mapping
 
 
-class _RowError(ValueError):
-    pass
+class RowError(ValueError):
+    """What is wrong with one input row (the loaders collect these with their line numbers)."""
 
 
-def _as_messages(value: Any, fieldname: str) -> list[dict[str, str]]:
+def as_messages(value: Any, fieldname: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         if not value.strip():
-            raise _RowError(f"field {fieldname!r} is empty")
+            raise RowError(f"field {fieldname!r} is empty")
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
-        raise _RowError(f"field {fieldname!r} must be a string or a non-empty list")
+        raise RowError(f"field {fieldname!r} must be a string or a non-empty list")
     if all(isinstance(v, str) for v in value):  # UltraChat's `data`: alternating user / assistant
         return [{"role": "user" if i % 2 == 0 else "assistant", "content": v} for i, v in enumerate(value)]
     msgs = []
@@ -115,10 +115,10 @@ def _as_messages(value: Any, fieldname: str) -> list[dict[str, str]]:
         if isinstance(m, dict) and "role" not in m and "from" in m and "value" in m:   # ShareGPT
             m = {"role": m["from"], "content": m["value"]}
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _RowError(f"{fieldname}[{i}] is not a {{role, content}} message")
+            raise RowError(f"{fieldname}[{i}] is not a {{role, content}} message")
         role = ROLE_ALIASES.get(m["role"], m["role"])
         if role not in ROLES:
-            raise _RowError(f"{fieldname}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
+            raise RowError(f"{fieldname}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
         msgs.append({"role": role, "content": _text(m["content"], f"{fieldname}[{i}]")})
     return msgs
 
@@ -133,11 +133,11 @@ def _text(content: Any, where: str) -> str:
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind != "text" or not isinstance(part.get("text"), str):
-                raise _RowError(f"{where} content has a {kind or type(part).__name__!r} part; only text parts "
+                raise RowError(f"{where} content has a {kind or type(part).__name__!r} part; only text parts "
                                 "({\"type\": \"text\", \"text\": ...}) can be used")
             texts.append(part["text"])
         return "\n".join(texts)
-    raise _RowError(f"{where} content is not a string or a list of text parts")
+    raise RowError(f"{where} content is not a string or a list of text parts")
 
 
 def _to_prompt(msgs: list[dict[str, str]], fieldname: str) -> list[dict[str, str]]:
@@ -145,37 +145,37 @@ def _to_prompt(msgs: list[dict[str, str]], fieldname: str) -> list[dict[str, str
     while msgs and msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]
     if not msgs or msgs[-1]["role"] != "user":
-        raise _RowError(f"field {fieldname!r} has no user turn to answer")
+        raise RowError(f"field {fieldname!r} has no user turn to answer")
     for i, m in enumerate(msgs):
         if not m["content"].strip():
-            raise _RowError(f"{fieldname}[{i}] ({m['role']}) is empty")
+            raise RowError(f"{fieldname}[{i}] ({m['role']}) is empty")
     return msgs
 
 
 def row_to_prompt(record: Any, mapping: dict[str, str]) -> tuple[list[dict[str, str]], str | None]:
-    """One input record -> (prompt messages, the record's own id or None). Raises _RowError."""
+    """One input record -> (prompt messages, the record's own id or None). Raises RowError."""
     if not isinstance(record, dict):
-        raise _RowError("not a JSON object")
+        raise RowError("not a JSON object")
     if "prompt" in mapping or "messages" in mapping:
         name = mapping.get("messages") or mapping["prompt"]
         if name not in record:
-            raise _RowError(f"missing field {name!r} (from --map)")
+            raise RowError(f"missing field {name!r} (from --map)")
     else:
         name = next((f for f in AUTO_FIELDS if record.get(f) is not None), None)
         if name is None:
-            raise _RowError(f"missing prompt field (expected one of {', '.join(AUTO_FIELDS)}; "
+            raise RowError(f"missing prompt field (expected one of {', '.join(AUTO_FIELDS)}; "
                             "or name one with --map prompt=FIELD)")
     value = record[name]
     extra = next((record[k] for k in INSTRUCTION_INPUTS if record.get(k)), None) if name == "instruction" else None
     if isinstance(value, str) and isinstance(extra, str) and extra.strip():   # Alpaca, Dolly: instruction + input
         value = f"{value}\n\n{extra}"
-    msgs = _to_prompt(_as_messages(value, name), name)
+    msgs = _to_prompt(as_messages(value, name), name)
     system_field = mapping.get("system")
     if system_field and record.get(system_field) and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": str(record[system_field])}] + msgs
     id_field = mapping.get("id")
     if id_field and record.get(id_field) in (None, ""):
-        raise _RowError(f"missing id field {id_field!r} (from --map)")
+        raise RowError(f"missing id field {id_field!r} (from --map)")
     key = id_field or next((k for k in ("id", "prompt_id") if record.get(k) not in (None, "")), None)
     return msgs, None if key is None else str(record[key])
 
@@ -187,7 +187,7 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
         return
     for lineno, rec in iter_lines(path):
         bad = isinstance(rec, json.JSONDecodeError)
-        yield lineno, _RowError(f"not valid JSON ({rec.msg} at column {rec.colno})") if bad else rec
+        yield lineno, RowError(f"not valid JSON ({rec.msg} at column {rec.colno})") if bad else rec
 
 
 def _read(path: Path, size: int = -1) -> bytes:
@@ -272,14 +272,14 @@ class PromptStream:
         self.skipped: list[tuple[int, str]] = []
         self.invalid = self.count = 0
 
-    def _rows(self) -> Iterator[tuple[int, PromptRow | _RowError]]:
+    def _rows(self) -> Iterator[tuple[int, PromptRow | RowError]]:
         for lineno, rec in _records(self.path, self.split):
             try:
-                if isinstance(rec, _RowError):
+                if isinstance(rec, RowError):
                     raise rec
                 msgs, source_id = row_to_prompt(rec, self.mapping)
                 row = PromptRow(row_id(msgs, source_id, self.mapping, self.keep_ids), msgs, lineno, source_id)
-            except _RowError as err:
+            except RowError as err:
                 row = err
             yield lineno, row
 
@@ -289,8 +289,8 @@ class PromptStream:
             if isinstance(row, PromptRow) and row.id in seen:
                 if len(self.skipped) < KEPT_INVALID:
                     dups.setdefault(row.id, []).append(len(self.skipped))
-                row = _RowError(f"duplicate id {row.id}")
-            if isinstance(row, _RowError):
+                row = RowError(f"duplicate id {row.id}")
+            if isinstance(row, RowError):
                 self.invalid += 1
                 if len(self.skipped) < KEPT_INVALID:
                     self.skipped.append((lineno, str(row)))
