@@ -79,4 +79,7 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     (tmp_path / "checkpoint-4").mkdir()  # killed while saving: no trainer_state.json
     assert newest_checkpoint(tmp_path).endswith("checkpoint-2")
+    (tmp_path / "checkpoint-6").mkdir()  # killed while writing trainer_state.json itself
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_st')
+    assert newest_checkpoint(tmp_path).endswith("checkpoint-2")
     assert newest_checkpoint(tmp_path / "missing") is None

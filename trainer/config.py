@@ -5,20 +5,21 @@ add their own fields. Two layers are checked. Our own fields (pydantic, extra="f
 tune. Everything is then mapped onto the INSTALLED TRL's SFTConfig / DPOConfig (`trl.*` values against
 the types TRL declares) and constructed once, so a field that this TRL does not have (recipes drift: the
 handbook's zephyr DPO recipe still sets `max_prompt_length`) or a value TRL refuses stops the run with
-one readable line before a model is loaded or a Job submitted.
+one readable line before a model is loaded or a Job submitted. A TRL field moaa fills from one of its own
+settings (SET_FROM, or the same name) is refused under `trl.` with the setting to use: one route per value,
+so the data checks and the manifest see what TRL trains with. TRL_DEFAULTS are moaa's own defaults for
+fields it does not own; `trl.X` overrides them.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moaa.errors import UserError
-from moaa.overrides import apply_sets, format_set
+from moaa.overrides import apply_sets, format_set, load_mapping
 
 
 class _Strict(BaseModel):
@@ -45,6 +46,8 @@ class TrainConfig(_Strict):
     kind: str = Field(description="sft or dpo (set by the subclass)")
     model: str = Field(description="model folder (Hugging Face format) or hub id")
     data: str = Field(description="JSONL file: SFT rows {messages} or preference rows {prompt, chosen, rejected}")
+    eval_data: str | None = Field(None, description="held-out JSONL in the format of data: TRL's eval_dataset, "
+                                                    "evaluated every save_steps (trl.eval_strategy/eval_steps)")
     out: str = Field(description="output folder: checkpoints, final model, metrics, plots, manifest")
     learning_rate: float | None = Field(None, gt=0, description="peak LR; default 2e-5 for SFT, 5e-7 for DPO")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name: linear, cosine, constant, ...")
@@ -56,7 +59,8 @@ class TrainConfig(_Strict):
     per_device_batch_size: int = Field(1, ge=1, description="sequences per forward pass per device")
     max_length: int = Field(1024, ge=8, description="longest tokenized row (prompt + answer)")
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU; bf16 also runs on CPU; fp16 (mixed) needs a GPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save GPU memory")
     padding_free: bool = Field(False, description="batch without padding (needs flash-attention on GPU)")
@@ -130,6 +134,30 @@ def resolve_device(cfg: TrainConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def mixed_precision(cfg: TrainConfig, device: str) -> str | None:
+    """"bf16", "fp16" or None (fp32) for this run. fp16 on CPU is refused: TRL would train in fp32 silently."""
+    if cfg.precision == "fp16" and device != "cuda":
+        raise UserError(f"precision fp16 needs a CUDA GPU (this run is on {device}): use precision bf16 or fp32")
+    if cfg.precision in ("bf16", "fp16"):
+        return cfg.precision
+    return "bf16" if cfg.precision == "auto" and device == "cuda" else None
+
+
+# TRL fields moaa fills from a setting of its own under another name: `trl.X` (or X) names that setting instead,
+# so the data checks, the manifest and the global batch never disagree with what TRL trains (one route per value).
+SET_FROM = {"output_dir": "--out", "per_device_train_batch_size": "per_device_batch_size",
+            "gradient_accumulation_steps": "global_batch_size (accumulation is derived from it)",
+            "bf16": "precision", "fp16": "precision", "use_cpu": "device", "data_seed": "seed"}
+# moaa's defaults for TRL fields it does not own (TRL's differ): `trl.X` overrides each one.
+TRL_DEFAULTS: dict[str, Any] = {"save_strategy": "steps", "report_to": "none", "disable_tqdm": True,
+                                "dataloader_num_workers": 0}
+
+
+def _set_instead(name: str) -> str:
+    owner = SET_FROM.get(name, name)
+    return f"moaa sets TRL's {name} from its own setting {owner}: set {owner.split()[0]} instead"
+
+
 def _trl_fields(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -140,7 +168,9 @@ def _format_validation(err: ValidationError, cls: type[TrainConfig]) -> str:
         loc = ".".join(str(x) for x in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
             trl_cls = cls.trl_class()
-            if loc in _trl_fields(trl_cls):
+            if loc in SET_FROM:
+                parts.append(f"{loc}: {_set_instead(loc)}")
+            elif loc in _trl_fields(trl_cls):
                 parts.append(f"{loc} is a TRL field: put it under `trl:` (trl.{loc}=...)")
             else:
                 parts.append(f"{loc} is not a moaa {cls.__name__} field nor a field of the installed "
@@ -175,17 +205,7 @@ def build_train_config(kind: str, data: dict[str, Any], *, where: str = "train c
 def load_train_config(kind: str, path: str | None = None, overrides: list[str] | None = None,
                       **values: Any) -> TrainConfig:
     """File (optional) < keyword values < `--set key=value` overrides; errors are UserError (exit 2)."""
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a mapping of fields")
-        data.update(loaded or {})
+    data: dict[str, Any] = load_mapping(path) if path else {}
     data.update({k: v for k, v in values.items() if v is not None})
     data = apply_sets(data, overrides or [])
     return build_train_config(kind, data, where=f"train config in {path}" if path else "train config")
@@ -194,19 +214,27 @@ def load_train_config(kind: str, path: str | None = None, overrides: list[str] |
 def trl_kwargs(cfg: TrainConfig, device: str | None = None, world: int | None = None) -> dict[str, Any]:
     """Our fields mapped onto TRL's config names (and TrainingArguments')."""
     device = device or resolve_device(cfg)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")
-    kw: dict[str, Any] = dict(
+    precision = mixed_precision(cfg, device)
+    owned: dict[str, Any] = dict(
         output_dir=cfg.out, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=grad_accumulation(cfg, world), max_length=cfg.max_length,
         gradient_checkpointing=cfg.gradient_checkpointing, padding_free=cfg.padding_free, seed=cfg.seed,
-        data_seed=cfg.seed, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, report_to="none",
-        bf16=bf16, use_cpu=device == "cpu", disable_tqdm=True, dataloader_num_workers=0,
+        data_seed=cfg.seed, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
     )
-    kw.update(cfg.trl_own())
-    kw.update(cfg.trl)
+    owned.update(cfg.trl_own())
+    clash = sorted(set(cfg.trl) & set(owned))
+    if clash:
+        raise UserError("; ".join(f"trl.{k}: {_set_instead(k)}" for k in clash))
+    defaults = dict(TRL_DEFAULTS)
+    if cfg.eval_data:
+        defaults.update(eval_strategy="steps", eval_steps=cfg.save_steps)
+    kw = {**owned, **defaults, **cfg.trl}
+    if str(kw.get("eval_strategy", "no")) != "no" and not cfg.eval_data:
+        raise UserError(f"trl.eval_strategy={kw['eval_strategy']} needs held-out rows: set eval_data to a JSONL "
+                        "in the format of data")
     cfg.check_trl(kw)
     return kw
 

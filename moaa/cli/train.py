@@ -14,6 +14,7 @@ _FIELD_FLAGS = [
     ("--batch-size", "global_batch_size", positive_int, "global batch: sequences per optimizer step, all GPUs"),
     ("--per-device-batch-size", "per_device_batch_size", positive_int, "sequences per forward pass per device"),
     ("--max-length", "max_length", positive_int, "longest tokenized row"),
+    ("--eval-data", "eval_data", str, "held-out JSONL in the format of --data (TRL's eval_dataset)"),
     ("--beta", "beta", float, "DPO beta"),
     ("--save-steps", "save_steps", positive_int, "checkpoint every N steps"),
     ("--seed", "seed", int, "seed for init, dropout and data order"),
