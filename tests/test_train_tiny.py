@@ -152,3 +152,12 @@ def test_out_with_another_runs_checkpoints_is_refused(tiny_model_dir, train_data
     # the same settings (a harmless one changed) resume: nothing left to train, the model is saved again
     assert _sft(train_data["sft"], tiny_model_dir, out, "--set", "startup_timeout_s=300") == 0
     assert json.loads((out / "manifest.json").read_text())["resumed_from"].endswith("checkpoint-2")
+
+
+def test_out_that_is_a_file_or_the_model_itself_is_bad_input(tiny_model_dir, train_data, tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    assert _sft(train_data["sft"], tiny_model_dir, tmp_path / "f") == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert _sft(train_data["sft"], tiny_model_dir, tiny_model_dir) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is the model folder itself" in err

@@ -52,6 +52,10 @@ def _short(value: Any) -> str:
 def guard_out(out_dir: str | Path, config: dict[str, Any], data_sha256: str, *, write: bool = True) -> None:
     """Refuse a folder holding another run's checkpoints or final model; record this run's settings."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    if out.resolve() == Path(config["model"]).resolve():
+        raise UserError(f"--out {out} is the model folder itself: training would overwrite the model it starts from")
     record = {"config": {k: v for k, v in config.items() if k not in MAY_CHANGE}, "data_sha256": data_sha256}
     path = out / RUN_CONFIG
     started = newest_checkpoint(out) or (out / "manifest.json").is_file()
