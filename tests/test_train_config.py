@@ -198,6 +198,7 @@ def test_moaa_defaults_for_trl_fields_are_documented_and_overridable():
     ("sft", "trl.per_device_train_batch_size=4", "per_device_batch_size"),
     ("sft", "trl.bf16=true", "precision"), ("sft", "trl.fp16=true", "precision"), ("sft", "trl.use_cpu=true", "device"),
     ("dpo", "trl.beta=0.5", "beta"), ("dpo", "trl.loss_type=[\"ipo\"]", "loss_type"),
+    ("sft", "trl.chat_template_path=t.jinja", "chat_template"),
     ("sft", "gradient_accumulation_steps=4", "global_batch_size"),  # at the top level too, not "put it under trl:"
 ])
 def test_trl_field_moaa_sets_itself_names_the_setting(kind, item, setting):
@@ -239,3 +240,9 @@ def test_missing_reporting_integration_exits_2_before_the_model_loads(tmp_path, 
                "--set", "trl.report_to=tensorboard"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "trl.report_to tensorboard: not installed here" in err
+
+
+def test_trl_field_a_moaa_run_would_ignore_is_refused():
+    for item in ("trl.resume_from_checkpoint=x", "resume_from_checkpoint=x"):
+        with pytest.raises(UserError, match="resume_from_checkpoint: not taken: moaa resumes from the newest complete"):
+            load_train_config("sft", None, [item], **BASE)

@@ -161,3 +161,18 @@ def test_out_that_is_a_file_or_the_model_itself_is_bad_input(tiny_model_dir, tra
     assert _sft(train_data["sft"], tiny_model_dir, tiny_model_dir) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is the model folder itself" in err
+
+
+def test_trl_model_loading_fields_are_applied_by_moaas_loader(tiny_model_dir):
+    """moaa loads the model itself; TRL's model_init_kwargs would otherwise be ignored (TRL applies them only to a
+    model name)."""
+    from moaa.trainer.config import load_train_config
+    from moaa.trainer.runner import load_model_and_tokenizer
+
+    cfg = load_train_config("sft", None, ['trl.model_init_kwargs={"attn_implementation":"eager"}'],
+                            model=str(tiny_model_dir), data="d", out="o")
+    model, _, _ = load_model_and_tokenizer(cfg, "cpu")
+    assert model.config._attn_implementation == "eager"
+    cfg = load_train_config("sft", None, ['trl.model_init_kwargs={"attn_implementation":"sdpa"}'],
+                            model=str(tiny_model_dir), data="d", out="o")
+    assert load_model_and_tokenizer(cfg, "cpu")[0].config._attn_implementation == "sdpa"

@@ -147,13 +147,19 @@ def mixed_precision(cfg: TrainConfig, device: str) -> str | None:
 # so the data checks, the manifest and the global batch never disagree with what TRL trains (one route per value).
 SET_FROM = {"output_dir": "--out", "per_device_train_batch_size": "per_device_batch_size",
             "gradient_accumulation_steps": "global_batch_size (accumulation is derived from it)",
-            "bf16": "precision", "fp16": "precision", "use_cpu": "device", "data_seed": "seed"}
+            "bf16": "precision", "fp16": "precision", "use_cpu": "device", "data_seed": "seed",
+            "chat_template_path": "chat_template"}
+# TRL fields a moaa run would silently ignore, and why (model_init_kwargs and trust_remote_code are applied:
+# moaa loads the model, as TRL does when given a model name)
+NOT_PASSED = {"resume_from_checkpoint": "moaa resumes from the newest complete checkpoint in --out by itself"}
 # moaa's defaults for TRL fields it does not own (TRL's differ): `trl.X` overrides each one.
 TRL_DEFAULTS: dict[str, Any] = {"save_strategy": "steps", "report_to": "none", "disable_tqdm": True,
                                 "dataloader_num_workers": 0}
 
 
 def _set_instead(name: str) -> str:
+    if name in NOT_PASSED:
+        return f"not taken: {NOT_PASSED[name]}"
     owner = SET_FROM.get(name, name)
     return f"moaa sets TRL's {name} from its own setting {owner}: set {owner.split()[0]} instead"
 
@@ -168,7 +174,7 @@ def _format_validation(err: ValidationError, cls: type[TrainConfig]) -> str:
         loc = ".".join(str(x) for x in e["loc"]) or "config"
         if e["type"] == "extra_forbidden":
             trl_cls = cls.trl_class()
-            if loc in SET_FROM:
+            if loc in SET_FROM or loc in NOT_PASSED:
                 parts.append(f"{loc}: {_set_instead(loc)}")
             elif loc in _trl_fields(trl_cls):
                 parts.append(f"{loc} is a TRL field: put it under `trl:` (trl.{loc}=...)")
@@ -225,7 +231,7 @@ def trl_kwargs(cfg: TrainConfig, device: str | None = None, world: int | None = 
         logging_steps=cfg.logging_steps, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
     )
     owned.update(cfg.trl_own())
-    clash = sorted(set(cfg.trl) & set(owned))
+    clash = sorted(set(cfg.trl) & (set(owned) | set(SET_FROM) | set(NOT_PASSED)))
     if clash:
         raise UserError("; ".join(f"trl.{k}: {_set_instead(k)}" for k in clash))
     defaults = dict(TRL_DEFAULTS)

@@ -56,9 +56,13 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str):
     # fp16 is mixed precision over fp32 weights (fp16 weights cannot be trained with the AMP grad scaler)
     dtype = torch.bfloat16 if mixed_precision(cfg, device) == "bf16" else torch.float32
 
+    # TRL's own model-loading fields, applied here because moaa loads the model (TRL would only for a model name)
+    remote = {"trust_remote_code": True} if cfg.trl.get("trust_remote_code") else {}
+    init_kwargs = {"dtype": dtype, **remote, **(cfg.trl.get("model_init_kwargs") or {})}
+
     def load():
-        tok = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(cfg.model, **remote)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **init_kwargs)
         return model, tok
 
     try:
@@ -119,6 +123,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
                               if cfg.eval_data else (None, None))
     guard_out(cfg.out, cfg.model_dump(mode="json"), report.sha256, write=int(os.environ.get("RANK", "0")) == 0)
     model, tok, note = load_model_and_tokenizer(cfg, device)
+    args.model_init_kwargs = None  # applied by our loader; TRL would warn that it ignores them for a loaded model
     rows = check_lengths(rows, report, tok, cfg.max_length, cfg.drop_overlong)
     if eval_rows is not None:
         eval_rows = check_lengths(eval_rows, eval_report, tok, cfg.max_length, cfg.drop_overlong)
