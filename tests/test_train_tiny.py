@@ -93,13 +93,18 @@ def test_base_model_without_chat_template_gets_one(tiny_model_dir, train_data, t
 
     assert not AutoTokenizer.from_pretrained(base).chat_template
     out = tmp_path / "out"
+    # the template moaa gives marks the answers, so TRL's assistant_only_loss works on it
     rc = main(["train", "sft", "--data", str(train_data["sft"]), "--model", str(base), "--out", str(out),
-               "--max-steps", "2", "--save-steps", "100", *FIXED_BATCH])
+               "--max-steps", "2", "--save-steps", "100", "--set", "trl.assistant_only_loss=true", *FIXED_BATCH])
     assert rc == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["chat_template"].startswith("set to ChatML")
     tok = AutoTokenizer.from_pretrained(out)
     assert "<|im_start|>" in tok.chat_template and tok.eos_token == "<|im_end|>"
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ids = tok.apply_chat_template(msgs, return_dict=True, return_assistant_tokens_mask=True)
+    answer = [i for i, m in zip(ids["input_ids"], ids["assistant_masks"]) if m]
+    assert tok.decode(answer) == "yo<|im_end|>"
     assert_loads_and_generates(out)
 
 
