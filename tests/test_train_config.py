@@ -246,3 +246,26 @@ def test_trl_field_a_moaa_run_would_ignore_is_refused():
     for item in ("trl.resume_from_checkpoint=x", "resume_from_checkpoint=x"):
         with pytest.raises(UserError, match="resume_from_checkpoint: not taken: moaa resumes from the newest complete"):
             load_train_config("sft", None, [item], **BASE)
+
+
+def test_gpu_config_is_checked_where_there_is_no_gpu_and_refused_by_a_run_there(tmp_path, capsys):
+    """`moaa train submit` from a machine without a GPU checks a Job's config (it used to refuse device cuda);
+    the run itself, on a machine without a GPU, refuses device cuda / precision fp16 with one line before any
+    model loads."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    for item in ("precision=fp16", "device=cuda"):
+        rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "/models/m", "--out", "/ck/o",
+                   "--gpus", "1", "--dry-run", "--set", item])
+        out = capsys.readouterr()
+        assert rc == 0 and "kind: Job" in out.out, out.err
+        rc = main(["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--set", item])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+        assert ("needs a CUDA GPU" if "fp16" in item else "no CUDA GPU is visible") in err
+        # the pipeline checks its trainers' argv: for this machine, or (with --k8s) for the Jobs' GPU nodes
+        base = ["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--set", item]
+        assert main([*base, "--check"]) == 2 and main([*base, "--check", "job"]) == 0
+        capsys.readouterr()

@@ -126,12 +126,19 @@ def grad_accumulation(cfg: TrainConfig, world: int | None = None) -> int:
     return cfg.global_batch_size // per_step
 
 
-def resolve_device(cfg: TrainConfig) -> str:
-    if cfg.device != "auto":
-        return cfg.device
+def _cuda_here() -> bool:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.is_available()
+
+
+def resolve_device(cfg: TrainConfig) -> str:
+    """The device this run trains on; device cuda where no GPU is visible is bad input."""
+    if cfg.device == "cuda" and not _cuda_here():
+        raise UserError("device cuda: no CUDA GPU is visible on this machine; use device auto or cpu")
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if _cuda_here() else "cpu"
 
 
 def mixed_precision(cfg: TrainConfig, device: str) -> str | None:
@@ -270,7 +277,14 @@ def _check_trl_types(cls, trl: dict[str, Any]) -> None:
 
 
 def build_trl_args(cfg: TrainConfig, *, check_only: bool = False, device: str | None = None):
-    """Construct the installed TRL's config from ours; any refusal is a UserError naming the field."""
+    """Construct the installed TRL's config from ours; any refusal is a UserError naming the field.
+
+    A run gives its device. Without one the config is checked for wherever it will run: a GPU-only config
+    (device cuda, precision fp16) checked where there is no GPU (`moaa train submit` from a laptop, the
+    pipeline's `--check` before Jobs) has its fields and types checked as a CPU config here, and is checked
+    in full by the run on the GPU node, before the model loads."""
+    if device is None and (cfg.device == "cuda" or cfg.precision == "fp16") and not _cuda_here():
+        cfg, device = cfg.model_copy(update={"device": "cpu", "precision": "fp32"}), "cpu"
     cls = cfg.trl_class()
     kw = trl_kwargs(cfg, device=device)
     unknown = sorted(set(kw) - _trl_fields(cls))

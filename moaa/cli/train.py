@@ -51,9 +51,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.check:  # checked against the installed TRL (load_train_config did that); nothing is trained
         import json
 
-        from moaa.trainer.config import build_trl_args
+        from moaa.trainer.config import build_trl_args, resolve_device
 
-        trl = build_trl_args(cfg).to_dict()  # what TRL made of the trl.* pass-through, as the trainer will see it
+        # what TRL made of the trl.* pass-through, as the trainer will see it here (or on a Job's GPU node)
+        trl = build_trl_args(cfg, device=None if args.check == "job" else resolve_device(cfg)).to_dict()
         print(json.dumps({"event": "config_ok", "kind": cfg.kind, "trl": {k: trl.get(k) for k in cfg.trl}},
                          default=str), flush=True)
         return 0
@@ -110,7 +111,9 @@ def register(subparsers) -> None:
         p.add_argument("--nproc-per-node", type=positive_int, default=1,
                        help="processes (GPUs) on this node; >1 starts torchrun")
         p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun")
-        p.add_argument("--check", action="store_true", help="check the settings against the installed TRL and exit")
+        p.add_argument("--check", nargs="?", const="here", choices=["here", "job"],
+                       help="check the settings against the installed TRL and exit: for this machine (default), or "
+                            "for a Job (job: GPU-only settings are checked as on CPU here, in full on the GPU node)")
         p.set_defaults(func=_run_train, kind=kind)
 
     submit = sub.add_parser("submit", help="run sft or dpo as a Kubernetes Job and follow it")
