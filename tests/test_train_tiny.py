@@ -181,3 +181,15 @@ def test_trl_model_loading_fields_are_applied_by_moaas_loader(tiny_model_dir):
     cfg = load_train_config("sft", None, ['trl.model_init_kwargs={"attn_implementation":"sdpa"}'],
                             model=str(tiny_model_dir), data="d", out="o")
     assert load_model_and_tokenizer(cfg, "cpu")[0].config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("item,trl_key,value", [
+    ("packing=true", "packing", True),
+    ("gradient_checkpointing=true", "gradient_checkpointing", True),
+    ("precision=bf16", "bf16", True),                 # documented: bf16 also trains on CPU
+    ("trl.max_grad_norm=0.5", "max_grad_norm", 0.5),
+])
+def test_common_trl_settings_train(item, trl_key, value, tiny_model_dir, train_data, tmp_path):
+    assert _sft(train_data["sft"], tiny_model_dir, tmp_path / "o", "--set", item) == 0
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["trl_args"][trl_key] == value
+    assert len(losses(tmp_path / "o")) == 2 and all(math.isfinite(x) for x in losses(tmp_path / "o"))
