@@ -224,6 +224,8 @@ def test_dpo_loss_type_may_be_one_string_as_in_trl():
 def test_eval_strategy_needs_eval_data_and_eval_data_evaluates():
     with pytest.raises(UserError, match="trl.eval_strategy=steps needs held-out rows: set eval_data"):
         load_train_config("sft", None, ["trl.eval_strategy=steps"], **BASE)
+    with pytest.raises(UserError, match="trl.eval_on_start=True needs held-out rows"):  # TRL: only at step 0
+        load_train_config("sft", None, ["trl.eval_on_start=true"], **BASE)
     args = build_trl_args(load_train_config("dpo", None, ["eval_data=h.jsonl", "save_steps=7"], **BASE), device="cpu")
     assert (args.eval_strategy, args.eval_steps) == ("steps", 7)
     args = build_trl_args(load_train_config("sft", None, ["eval_data=h.jsonl", "trl.eval_strategy=no"], **BASE),
@@ -231,15 +233,18 @@ def test_eval_strategy_needs_eval_data_and_eval_data_evaluates():
     assert args.eval_strategy == "no"
 
 
-def test_missing_reporting_integration_exits_2_before_the_model_loads(tmp_path, capsys):
-    from transformers.integrations import get_available_reporting_integrations
+@pytest.mark.parametrize("item,package,message", [
+    ("trl.report_to=tensorboard", "tensorboard", "trl.report_to tensorboard: not installed here"),
+    ("trl.use_liger_kernel=true", "liger_kernel", "trl.use_liger_kernel needs liger-kernel, which is not installed"),
+])
+def test_setting_whose_package_is_missing_exits_2_before_the_model_loads(item, package, message, tmp_path, capsys):
+    import importlib.util
 
-    if "tensorboard" in get_available_reporting_integrations():
-        pytest.skip("tensorboard is installed here")
-    rc = main(["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"),
-               "--set", "trl.report_to=tensorboard"])
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    rc = main(["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--set", item])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "trl.report_to tensorboard: not installed here" in err
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err
 
 
 def test_trl_field_a_moaa_run_would_ignore_is_refused():

@@ -245,8 +245,9 @@ def trl_kwargs(cfg: TrainConfig, device: str | None = None, world: int | None = 
     if cfg.eval_data:
         defaults.update(eval_strategy="steps", eval_steps=cfg.save_steps)
     kw = {**owned, **defaults, **cfg.trl}
-    if str(kw.get("eval_strategy", "no")) != "no" and not cfg.eval_data:
-        raise UserError(f"trl.eval_strategy={kw['eval_strategy']} needs held-out rows: set eval_data to a JSONL "
+    evals = [f"{k}={kw[k]}" for k in ("eval_strategy", "eval_on_start") if kw.get(k) not in (None, False, "no")]
+    if evals and not cfg.eval_data:
+        raise UserError(f"trl.{' and trl.'.join(evals)} needs held-out rows: set eval_data to a JSONL "
                         "in the format of data")
     cfg.check_trl(kw)
     return kw

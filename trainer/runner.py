@@ -117,7 +117,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     world = world_size()
     accum = grad_accumulation(cfg, world)
     args = build_trl_args(cfg, device=device)
-    check_reporters(args.report_to)
+    check_packages(args)
     rows, report = load_rows(cfg.data, cfg.kind, drop_duplicates=cfg.drop_duplicates)  # before the model loads
     eval_rows, eval_report = (load_rows(cfg.eval_data, cfg.kind, drop_duplicates=cfg.drop_duplicates)
                               if cfg.eval_data else (None, None))
@@ -133,14 +133,20 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(cfg, device, world, accum, model, tok, note, rows, report, eval_rows, eval_report, args, out)
 
 
-def check_reporters(report_to: list[str]) -> None:
-    """`trl.report_to` names integrations installed here (TRL's trainer would fail only after the model loads)."""
+def check_packages(args) -> None:
+    """The packages `trl.report_to` and `trl.use_liger_kernel` need are installed here (TRL's trainer would
+    fail only after the model loads, or at step 0)."""
     from transformers.integrations import get_available_reporting_integrations
+    from transformers.utils import is_liger_kernel_available
 
-    missing = [r for r in report_to if r not in ("none", "all") and r not in get_available_reporting_integrations()]
+    available = get_available_reporting_integrations()
+    missing = [r for r in args.report_to if r not in ("none", "all") and r not in available]
     if missing:
         raise UserError(f"trl.report_to {', '.join(missing)}: not installed here (pip install {' '.join(missing)}), "
                         "or leave report_to at none")
+    if args.use_liger_kernel and not is_liger_kernel_available():
+        raise UserError("trl.use_liger_kernel needs liger-kernel, which is not installed here "
+                        "(pip install liger-kernel)")
 
 
 def build_trainer(make: Callable[[], Any], p: Prepared):
