@@ -185,6 +185,7 @@ def test_trl_model_loading_fields_are_applied_by_moaas_loader(tiny_model_dir):
 
 @pytest.mark.parametrize("item,trl_key,value", [
     ("packing=true", "packing", True),
+    ("padding_free=true", "padding_free", True),      # without packing: rows are length-checked by moaa
     ("gradient_checkpointing=true", "gradient_checkpointing", True),
     ("precision=bf16", "bf16", True),                 # documented: bf16 also trains on CPU
     ("trl.max_grad_norm=0.5", "max_grad_norm", 0.5),

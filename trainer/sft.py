@@ -23,7 +23,12 @@ class SFTSettings(TrainConfig):
         return SFTConfig
 
     def trl_own(self) -> dict[str, Any]:
-        return {"packing": self.packing}
+        own: dict[str, Any] = {"packing": self.packing}
+        if self.padding_free and not self.packing:
+            # TRL refuses padding_free with a max_length it cannot enforce without packing; every row was
+            # checked against max_length before training (trainer/data.py), so TRL need not enforce it
+            own["max_length"] = None
+        return own
 
 
 def run_sft(cfg: SFTSettings) -> dict[str, Any]:
