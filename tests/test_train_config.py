@@ -274,3 +274,13 @@ def test_gpu_config_is_checked_where_there_is_no_gpu_and_refused_by_a_run_there(
         base = ["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--set", item]
         assert main([*base, "--check"]) == 2 and main([*base, "--check", "job"]) == 0
         capsys.readouterr()
+
+
+def test_paths_may_come_from_the_config_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: m\ndata: d.jsonl\nout: {tmp_path / 'o'}\nmax_steps: 3\n")
+    assert main(["train", "sft", "--config", str(path), "--check"]) == 0
+    rc = main(["train", "dpo", "--model", "m", "--check"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "data is required: give --data, or data: in the --config file; out is required: give --out" in err

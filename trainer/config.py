@@ -179,7 +179,9 @@ def _format_validation(err: ValidationError, cls: type[TrainConfig]) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "config"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "missing" and loc in ("data", "model", "out"):
+            parts.append(f"{loc} is required: give --{loc}, or {loc}: in the --config file")
+        elif e["type"] == "extra_forbidden":
             trl_cls = cls.trl_class()
             if loc in SET_FROM or loc in NOT_PASSED:
                 parts.append(f"{loc}: {_set_instead(loc)}")

@@ -22,11 +22,12 @@ _FIELD_FLAGS = [
 ]
 
 
-def _add_train_args(p: argparse.ArgumentParser, *, paths_required: bool = True) -> None:
-    p.add_argument("--config", help="YAML file with SFTSettings / DPOSettings fields")
-    p.add_argument("--data", required=paths_required, help="JSONL: SFT rows {messages} / pairs {prompt,chosen,rejected}")
-    p.add_argument("--model", required=paths_required, help="model folder or hub id (DPO: the SFT output folder)")
-    p.add_argument("--out", required=paths_required, help="output folder (checkpoints, model, metrics, plots)")
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    # --data/--model/--out may come from the --config file instead (the typed config requires them)
+    p.add_argument("--config", help="YAML or JSON file with SFTSettings / DPOSettings fields")
+    p.add_argument("--data", help="JSONL: SFT rows {messages} / pairs {prompt,chosen,rejected}")
+    p.add_argument("--model", help="model folder or hub id (DPO: the SFT output folder)")
+    p.add_argument("--out", help="output folder (checkpoints, model, metrics, plots)")
     for flag, field, typ, help_ in _FIELD_FLAGS:
         p.add_argument(flag, dest=field, type=typ, help=help_)
     p.add_argument("--loss-type", dest="loss_type", action="append", help="DPO loss type (repeat to combine)")
