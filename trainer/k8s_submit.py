@@ -134,10 +134,11 @@ def submit_from_args(args: argparse.Namespace, cfg) -> int:
     if args.dry_run:
         print(to_yaml(job), end="")
         return 0
-    if Path(cfg.data).is_file():  # the file is here too: check it before a GPU node spins up
-        from moaa.trainer.data import load_rows
+    from moaa.trainer.data import load_rows
 
-        load_rows(cfg.data, cfg.kind, drop_duplicates=cfg.drop_duplicates)
+    for path in filter(None, (cfg.data, cfg.eval_data)):
+        if Path(path).is_file():  # the file is here too: check it before a GPU node spins up
+            load_rows(path, cfg.kind, drop_duplicates=cfg.drop_duplicates)
     api = api_client(args)
     return submit(api, job, follow=not args.no_follow, timeout_s=args.follow_timeout, poll_s=args.poll_interval)
 
