@@ -136,7 +136,7 @@ def submit_from_args(args: argparse.Namespace, cfg) -> int:
         return 0
     from moaa.trainer.data import load_rows
 
-    for path in filter(None, (cfg.data, cfg.eval_data)):
+    for path in cfg.data_files:
         if Path(path).is_file():  # the file is here too: check it before a GPU node spins up
             load_rows(path, cfg.kind, drop_duplicates=cfg.drop_duplicates)
     api = api_client(args)

@@ -30,7 +30,7 @@ def launch_command(cfg: TrainConfig, nproc: int, launcher: str) -> list[str]:
 
 
 def launch(cfg: TrainConfig, nproc: int, launcher: str = "torchrun") -> int:
-    for path in filter(None, (cfg.data, cfg.eval_data)):  # bad data: exit 2 here, once
+    for path in cfg.data_files:  # bad data: exit 2 here, once
         load_rows(path, cfg.kind, drop_duplicates=cfg.drop_duplicates)
     cmd = launch_command(cfg, nproc, launcher)
     log.info("starting %s", " ".join(cmd))
