@@ -4,7 +4,9 @@ A value is JSON when it parses as JSON (numbers, true/false/null, "quoted string
 a bare string otherwise, so `save_strategy=no` stays the string "no" (YAML 1.1 would read it as false).
 Text that starts like a list or object but is not valid JSON is refused rather than kept as a string:
 `loss_type=[a, b]` is almost surely meant as a list. `format_set` writes the grammar back (values as
-JSON), so argv built from a config parses into the same config.
+JSON), so argv built from a config parses into the same config. Config files (`--config`, YAML or JSON) are
+read by `load_mapping` with the same typing: YAML 1.2 scalars, so `no` stays a string and `1e-8` (valid
+JSON, a string to YAML 1.1) is a float.
 
 A leaf module: the trainer, which imports nothing else of moaa but errors, uses it too.
 """
@@ -12,7 +14,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from pathlib import Path
 from typing import Any, Iterable
+
+import yaml
 
 from moaa.errors import UserError
 
@@ -61,3 +67,35 @@ def apply_sets(data: dict, items: Iterable[str]) -> dict:
 def format_set(key: str, value: Any) -> str:
     """The inverse of parse_set for one key: parse_set(format_set(k, v)) == ([k...], v)."""
     return f"{key}={json.dumps(value, separators=(',', ':'), ensure_ascii=False)}"
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core booleans and floats: only true/false are booleans, `1e-8` is a float."""
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(  # after int: "12" stays an int
+    _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def load_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML or JSON config file as a dict; errors are one-line UserErrors naming the file."""
+    try:
+        loaded = yaml.load(Path(path).read_text(), Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except OSError as err:   # a folder, no permission
+        raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {path} is not UTF-8 text ({err.reason})") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise UserError(f"{what} {path} must hold a mapping of fields")
+    return loaded or {}

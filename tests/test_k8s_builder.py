@@ -121,3 +121,10 @@ def test_bad_job_settings_exit_2(capsys):
     rc = main(["train", "submit", "sft", "--data", "d", "--model", "m", "--out", "o", "--gpus", "-1", "--dry-run"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "bad job settings: gpus" in err and len(err.splitlines()) == 1
+
+
+def test_job_settings_file_is_read_like_a_config_file(tmp_path, capsys):
+    rc = main(["train", "submit", "sft", "--data", "d", "--model", "m", "--out", "o", "--dry-run",
+               "--job-settings", str(tmp_path / "missing.yaml")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "job settings file" in err and "does not exist" in err

@@ -45,7 +45,7 @@ def test_unknown_dpo_loss_type():
 
 def test_trl_refusal_is_a_user_error():
     with pytest.raises(UserError, match="SFTConfig refuses the config"):
-        load_train_config("sft", None, ["trl.lr_scheduler_type=nonsense"], **BASE)
+        load_train_config("sft", None, ["lr_scheduler_type=nonsense"], **BASE)
 
 
 @pytest.mark.parametrize("world,accum", [(1, 16), (2, 8), (4, 4), (8, 2)])
@@ -134,8 +134,8 @@ def test_pipeline_set_reaches_trl_as_a_string(tmp_path):
 def test_trl_values_are_checked_against_trl_types():
     with pytest.raises(UserError, match=r"trl.max_grad_norm='abc': Input should be a valid number \(TRL declares float\)"):
         load_train_config("sft", None, ["trl.max_grad_norm=abc"], **BASE)
-    with pytest.raises(UserError, match=r"trl.bf16='no': Input should be a valid boolean"):
-        load_train_config("sft", None, ["trl.bf16=no"], **BASE)
+    with pytest.raises(UserError, match=r"trl.dataloader_drop_last='no': Input should be a valid boolean"):
+        load_train_config("sft", None, ["trl.dataloader_drop_last=no"], **BASE)
     cfg = load_train_config("sft", None, ["trl.save_strategy=no", "trl.max_grad_norm=1"], **BASE)
     assert cfg.trl == {"save_strategy": "no", "max_grad_norm": 1}
 
@@ -148,3 +148,141 @@ def test_check_flag_reports_what_trl_made_of_the_pass_through_and_trains_nothing
     assert rc == 0 and not (tmp_path / "o").exists()
     assert json.loads(capsys.readouterr().out) == {"event": "config_ok", "kind": "sft",
                                                    "trl": {"save_strategy": "no", "max_grad_norm": 0.5}}
+
+
+def test_config_files_read_values_as_the_set_grammar_does(tmp_path):
+    """YAML 1.1 reads `1e-8` as a string and `no` as false; a TRL user's YAML or JSON config means a float and
+    the string "no" (one typing for --config and --set)."""
+    yml = tmp_path / "c.yaml"
+    yml.write_text("learning_rate: 1e-4\ntrl:\n  adam_epsilon: 1e-8\n  save_strategy: no\n"
+                   "  dataloader_drop_last: true\n")
+    jsn = tmp_path / "c.json"
+    jsn.write_text('{"learning_rate": 1e-4, "trl": {"adam_epsilon": 1e-8, "eos_token": null, "max_grad_norm": 1}}')
+    a = build_trl_args(load_train_config("sft", str(yml), **BASE), device="cpu")
+    assert (a.learning_rate, a.adam_epsilon, a.save_strategy, a.dataloader_drop_last) == (1e-4, 1e-8, "no", True)
+    b = build_trl_args(load_train_config("sft", str(jsn), **BASE), device="cpu")
+    assert (b.learning_rate, b.adam_epsilon, b.eos_token, b.max_grad_norm) == (1e-4, 1e-8, None, 1.0)
+
+
+@pytest.mark.parametrize("kind,item,value", [
+    ("sft", "trl.optim=adamw_torch", ("optim", "adamw_torch")),
+    ("sft", "trl.gradient_checkpointing_kwargs={\"use_reentrant\":false}",
+     ("gradient_checkpointing_kwargs", {"use_reentrant": False})),
+    ("sft", "trl.assistant_only_loss=true", ("assistant_only_loss", True)),
+    ("sft", "trl.completion_only_loss=null", ("completion_only_loss", None)),
+    ("sft", "trl.logging_strategy=no", ("logging_strategy", "no")),
+    ("sft", "trl.dataloader_num_workers=2", ("dataloader_num_workers", 2)),
+    ("sft", "trl.report_to=[]", ("report_to", [])),
+    ("dpo", "trl.loss_weights=[1.0]", ("loss_weights", [1.0])),
+    ("dpo", "trl.precompute_ref_log_probs=true", ("precompute_ref_log_probs", True)),
+])
+def test_trl_values_reach_trl_typed(kind, item, value):
+    args = build_trl_args(load_train_config(kind, None, [item], **BASE), device="cpu")
+    assert getattr(args, value[0]) == value[1]
+
+
+def test_moaa_defaults_for_trl_fields_are_documented_and_overridable():
+    from moaa.trainer.config import TRL_DEFAULTS
+
+    args = build_trl_args(load_train_config("sft", None, **BASE), device="cpu")
+    assert args.report_to in ([], ["none"], "none") and args.save_strategy == "steps" and args.disable_tqdm
+    assert not args.gradient_checkpointing  # TRL's default is True; moaa's is documented as False
+    sets = ["trl.save_strategy=epoch", "trl.disable_tqdm=false", "trl.dataloader_num_workers=1"]
+    args = build_trl_args(load_train_config("sft", None, sets, **BASE), device="cpu")
+    assert (args.save_strategy, args.disable_tqdm, args.dataloader_num_workers) == ("epoch", False, 1)
+    assert set(TRL_DEFAULTS) == {"save_strategy", "report_to", "disable_tqdm", "dataloader_num_workers"}
+
+
+@pytest.mark.parametrize("kind,item,setting", [
+    ("sft", "trl.max_length=512", "max_length"), ("sft", "trl.packing=true", "packing"),
+    ("sft", "trl.seed=3", "seed"), ("sft", "trl.data_seed=3", "seed"), ("sft", "trl.output_dir=x", "--out"),
+    ("sft", "trl.gradient_accumulation_steps=4", "global_batch_size"),
+    ("sft", "trl.per_device_train_batch_size=4", "per_device_batch_size"),
+    ("sft", "trl.bf16=true", "precision"), ("sft", "trl.fp16=true", "precision"), ("sft", "trl.use_cpu=true", "device"),
+    ("dpo", "trl.beta=0.5", "beta"), ("dpo", "trl.loss_type=[\"ipo\"]", "loss_type"),
+    ("sft", "trl.chat_template_path=t.jinja", "chat_template"),
+    ("sft", "gradient_accumulation_steps=4", "global_batch_size"),  # at the top level too, not "put it under trl:"
+])
+def test_trl_field_moaa_sets_itself_names_the_setting(kind, item, setting):
+    """Silently taking trl.max_length would train on rows the length check never saw; trl.gradient_accumulation_steps
+    would change the global batch the manifest reports. One route per value: moaa's own setting."""
+    with pytest.raises(UserError, match=rf"moaa sets TRL's \w+ from its own setting {setting}.*: set {setting} inst"):
+        load_train_config(kind, None, [item], **BASE)
+
+
+def test_fp16_needs_a_gpu():
+    # TRL on CPU ignores fp16 and trains in fp32 without a word
+    with pytest.raises(UserError, match="precision fp16 needs a CUDA GPU \\(this run is on cpu\\)"):
+        build_trl_args(load_train_config("sft", None, ["precision=fp16"], **BASE), device="cpu")
+    cpu_bf16 = build_trl_args(load_train_config("sft", None, ["precision=bf16"], **BASE), device="cpu")
+    assert cpu_bf16.bf16 and cpu_bf16.use_cpu  # documented: bf16 also trains on CPU
+
+
+def test_dpo_loss_type_may_be_one_string_as_in_trl():
+    cfg = load_train_config("dpo", None, ["loss_type=ipo"], **BASE)
+    assert cfg.loss_type == ["ipo"] and build_trl_args(cfg, device="cpu").loss_type == ["ipo"]
+
+
+def test_eval_strategy_needs_eval_data_and_eval_data_evaluates():
+    with pytest.raises(UserError, match="trl.eval_strategy=steps needs held-out rows: set eval_data"):
+        load_train_config("sft", None, ["trl.eval_strategy=steps"], **BASE)
+    with pytest.raises(UserError, match="trl.eval_on_start=True needs held-out rows"):  # TRL: only at step 0
+        load_train_config("sft", None, ["trl.eval_on_start=true"], **BASE)
+    args = build_trl_args(load_train_config("dpo", None, ["eval_data=h.jsonl", "save_steps=7"], **BASE), device="cpu")
+    assert (args.eval_strategy, args.eval_steps) == ("steps", 7)
+    args = build_trl_args(load_train_config("sft", None, ["eval_data=h.jsonl", "trl.eval_strategy=no"], **BASE),
+                          device="cpu")
+    assert args.eval_strategy == "no"
+
+
+@pytest.mark.parametrize("item,package,message", [
+    ("trl.report_to=tensorboard", "tensorboard", "trl.report_to tensorboard: not installed here"),
+    ("trl.use_liger_kernel=true", "liger_kernel", "trl.use_liger_kernel needs liger-kernel, which is not installed"),
+])
+def test_setting_whose_package_is_missing_exits_2_before_the_model_loads(item, package, message, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    rc = main(["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--set", item])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err
+
+
+def test_trl_field_a_moaa_run_would_ignore_is_refused():
+    for item in ("trl.resume_from_checkpoint=x", "resume_from_checkpoint=x"):
+        with pytest.raises(UserError, match="resume_from_checkpoint: not taken: moaa resumes from the newest complete"):
+            load_train_config("sft", None, [item], **BASE)
+
+
+def test_gpu_config_is_checked_where_there_is_no_gpu_and_refused_by_a_run_there(tmp_path, capsys):
+    """`moaa train submit` from a machine without a GPU checks a Job's config (it used to refuse device cuda);
+    the run itself, on a machine without a GPU, refuses device cuda / precision fp16 with one line before any
+    model loads."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    for item in ("precision=fp16", "device=cuda"):
+        rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "/models/m", "--out", "/ck/o",
+                   "--gpus", "1", "--dry-run", "--set", item])
+        out = capsys.readouterr()
+        assert rc == 0 and "kind: Job" in out.out, out.err
+        rc = main(["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--set", item])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+        assert ("needs a CUDA GPU" if "fp16" in item else "no CUDA GPU is visible") in err
+        # the pipeline checks its trainers' argv: for this machine, or (with --k8s) for the Jobs' GPU nodes
+        base = ["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--set", item]
+        assert main([*base, "--check"]) == 2 and main([*base, "--check", "job"]) == 0
+        capsys.readouterr()
+
+
+def test_paths_may_come_from_the_config_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model: m\ndata: d.jsonl\nout: {tmp_path / 'o'}\nmax_steps: 3\n")
+    assert main(["train", "sft", "--config", str(path), "--check"]) == 0
+    rc = main(["train", "dpo", "--model", "m", "--check"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "data is required: give --data, or data: in the --config file; out is required: give --out" in err

@@ -79,4 +79,26 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     (tmp_path / "checkpoint-4").mkdir()  # killed while saving: no trainer_state.json
     assert newest_checkpoint(tmp_path).endswith("checkpoint-2")
+    (tmp_path / "checkpoint-6").mkdir()  # killed while writing trainer_state.json itself
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_st')
+    assert newest_checkpoint(tmp_path).endswith("checkpoint-2")
     assert newest_checkpoint(tmp_path / "missing") is None
+
+
+def test_run_killed_while_saving_resumes_from_the_checkpoint_before(tiny_model_dir, tmp_path):
+    """The folder a kill during a save leaves (weights written, trainer_state.json not yet), end to end: the
+    re-run resumes from the checkpoint before it, redoes the step and saves over the partial folder."""
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(4))
+    out = tmp_path / "run"
+    args = ["train", "sft", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out), "--max-steps", "3",
+            "--save-steps", "1", "--batch-size", "4", "--per-device-batch-size", "4", "--max-length", "96", "--lr", "1e-3"]
+    assert main(args) == 0
+    ref = _by_step(out, "loss")
+    (out / "checkpoint-3" / "trainer_state.json").unlink()
+    for name in ("manifest.json", "metrics.jsonl", "model.safetensors"):
+        (out / name).unlink()
+    assert main(args) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["resumed_from"].endswith("checkpoint-2") and man["final_step"] == 3
+    assert _by_step(out, "loss")[3] == pytest.approx(ref[3], rel=1e-4)
+    assert newest_checkpoint(out).endswith("checkpoint-3")

@@ -5,20 +5,21 @@ add their own fields. Two layers are checked. Our own fields (pydantic, extra="f
 tune. Everything is then mapped onto the INSTALLED TRL's SFTConfig / DPOConfig (`trl.*` values against
 the types TRL declares) and constructed once, so a field that this TRL does not have (recipes drift: the
 handbook's zephyr DPO recipe still sets `max_prompt_length`) or a value TRL refuses stops the run with
-one readable line before a model is loaded or a Job submitted.
+one readable line before a model is loaded or a Job submitted. A TRL field moaa fills from one of its own
+settings (SET_FROM, or the same name) is refused under `trl.` with the setting to use: one route per value,
+so the data checks and the manifest see what TRL trains with. TRL_DEFAULTS are moaa's own defaults for
+fields it does not own; `trl.X` overrides them.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moaa.errors import UserError
-from moaa.overrides import apply_sets, format_set
+from moaa.overrides import apply_sets, format_set, load_mapping
 
 
 class _Strict(BaseModel):
@@ -45,6 +46,8 @@ class TrainConfig(_Strict):
     kind: str = Field(description="sft or dpo (set by the subclass)")
     model: str = Field(description="model folder (Hugging Face format) or hub id")
     data: str = Field(description="JSONL file: SFT rows {messages} or preference rows {prompt, chosen, rejected}")
+    eval_data: str | None = Field(None, description="held-out JSONL in the format of data: TRL's eval_dataset, "
+                                                    "evaluated every save_steps (trl.eval_strategy/eval_steps)")
     out: str = Field(description="output folder: checkpoints, final model, metrics, plots, manifest")
     learning_rate: float | None = Field(None, gt=0, description="peak LR; default 2e-5 for SFT, 5e-7 for DPO")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name: linear, cosine, constant, ...")
@@ -56,7 +59,8 @@ class TrainConfig(_Strict):
     per_device_batch_size: int = Field(1, ge=1, description="sequences per forward pass per device")
     max_length: int = Field(1024, ge=8, description="longest tokenized row (prompt + answer)")
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU; bf16 also runs on CPU; fp16 (mixed) needs a GPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
     gradient_checkpointing: bool = Field(False, description="recompute activations to save GPU memory")
     padding_free: bool = Field(False, description="batch without padding (needs flash-attention on GPU)")
@@ -79,6 +83,11 @@ class TrainConfig(_Strict):
     @property
     def lr(self) -> float:
         return self.learning_rate or self.DEFAULT_LR
+
+    @property
+    def data_files(self) -> list[str]:
+        """The JSONL files this run reads: data, and eval_data when given."""
+        return [p for p in (self.data, self.eval_data) if p]
 
     @classmethod
     def trl_class(cls):
@@ -122,12 +131,49 @@ def grad_accumulation(cfg: TrainConfig, world: int | None = None) -> int:
     return cfg.global_batch_size // per_step
 
 
-def resolve_device(cfg: TrainConfig) -> str:
-    if cfg.device != "auto":
-        return cfg.device
+def _cuda_here() -> bool:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.cuda.is_available()
+
+
+def resolve_device(cfg: TrainConfig) -> str:
+    """The device this run trains on; device cuda where no GPU is visible is bad input."""
+    if cfg.device == "cuda" and not _cuda_here():
+        raise UserError("device cuda: no CUDA GPU is visible on this machine; use device auto or cpu")
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if _cuda_here() else "cpu"
+
+
+def mixed_precision(cfg: TrainConfig, device: str) -> str | None:
+    """"bf16", "fp16" or None (fp32) for this run. fp16 on CPU is refused: TRL would train in fp32 silently."""
+    if cfg.precision == "fp16" and device != "cuda":
+        raise UserError(f"precision fp16 needs a CUDA GPU (this run is on {device}): use precision bf16 or fp32")
+    if cfg.precision in ("bf16", "fp16"):
+        return cfg.precision
+    return "bf16" if cfg.precision == "auto" and device == "cuda" else None
+
+
+# TRL fields moaa fills from a setting of its own under another name: `trl.X` (or X) names that setting instead,
+# so the data checks, the manifest and the global batch never disagree with what TRL trains (one route per value).
+SET_FROM = {"output_dir": "--out", "per_device_train_batch_size": "per_device_batch_size",
+            "gradient_accumulation_steps": "global_batch_size (accumulation is derived from it)",
+            "bf16": "precision", "fp16": "precision", "use_cpu": "device", "data_seed": "seed",
+            "chat_template_path": "chat_template"}
+# TRL fields a moaa run would silently ignore, and why (model_init_kwargs and trust_remote_code are applied:
+# moaa loads the model, as TRL does when given a model name)
+NOT_PASSED = {"resume_from_checkpoint": "moaa resumes from the newest complete checkpoint in --out by itself"}
+# moaa's defaults for TRL fields it does not own (TRL's differ): `trl.X` overrides each one.
+TRL_DEFAULTS: dict[str, Any] = {"save_strategy": "steps", "report_to": "none", "disable_tqdm": True,
+                                "dataloader_num_workers": 0}
+
+
+def _set_instead(name: str) -> str:
+    if name in NOT_PASSED:
+        return f"not taken: {NOT_PASSED[name]}"
+    owner = SET_FROM.get(name, name)
+    return f"moaa sets TRL's {name} from its own setting {owner}: set {owner.split()[0]} instead"
 
 
 def _trl_fields(cls) -> set[str]:
@@ -138,9 +184,13 @@ def _format_validation(err: ValidationError, cls: type[TrainConfig]) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "config"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "missing" and loc in ("data", "model", "out"):
+            parts.append(f"{loc} is required: give --{loc}, or {loc}: in the --config file")
+        elif e["type"] == "extra_forbidden":
             trl_cls = cls.trl_class()
-            if loc in _trl_fields(trl_cls):
+            if loc in SET_FROM or loc in NOT_PASSED:
+                parts.append(f"{loc}: {_set_instead(loc)}")
+            elif loc in _trl_fields(trl_cls):
                 parts.append(f"{loc} is a TRL field: put it under `trl:` (trl.{loc}=...)")
             else:
                 parts.append(f"{loc} is not a moaa {cls.__name__} field nor a field of the installed "
@@ -175,21 +225,7 @@ def build_train_config(kind: str, data: dict[str, Any], *, where: str = "train c
 def load_train_config(kind: str, path: str | None = None, overrides: list[str] | None = None,
                       **values: Any) -> TrainConfig:
     """File (optional) < keyword values < `--set key=value` overrides; errors are UserError (exit 2)."""
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist") from None
-        except OSError as err:   # a folder, no permission
-            raise UserError(f"cannot read config file {path}: {err.strerror}") from None
-        except UnicodeDecodeError as err:
-            raise UserError(f"config file {path} is not UTF-8 text ({err.reason})") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"config file {path} must hold a mapping of fields")
-        data.update(loaded or {})
+    data: dict[str, Any] = load_mapping(path) if path else {}
     data.update({k: v for k, v in values.items() if v is not None})
     data = apply_sets(data, overrides or [])
     return build_train_config(kind, data, where=f"train config in {path}" if path else "train config")
@@ -198,19 +234,28 @@ def load_train_config(kind: str, path: str | None = None, overrides: list[str] |
 def trl_kwargs(cfg: TrainConfig, device: str | None = None, world: int | None = None) -> dict[str, Any]:
     """Our fields mapped onto TRL's config names (and TrainingArguments')."""
     device = device or resolve_device(cfg)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")
-    kw: dict[str, Any] = dict(
+    precision = mixed_precision(cfg, device)
+    owned: dict[str, Any] = dict(
         output_dir=cfg.out, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=grad_accumulation(cfg, world), max_length=cfg.max_length,
         gradient_checkpointing=cfg.gradient_checkpointing, padding_free=cfg.padding_free, seed=cfg.seed,
-        data_seed=cfg.seed, save_strategy="steps", save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, report_to="none",
-        bf16=bf16, use_cpu=device == "cpu", disable_tqdm=True, dataloader_num_workers=0,
+        data_seed=cfg.seed, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps, bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
     )
-    kw.update(cfg.trl_own())
-    kw.update(cfg.trl)
+    owned.update(cfg.trl_own())
+    clash = sorted(set(cfg.trl) & (set(owned) | set(SET_FROM) | set(NOT_PASSED)))
+    if clash:
+        raise UserError("; ".join(f"trl.{k}: {_set_instead(k)}" for k in clash))
+    defaults = dict(TRL_DEFAULTS)
+    if cfg.eval_data:
+        defaults.update(eval_strategy="steps", eval_steps=cfg.save_steps)
+    kw = {**owned, **defaults, **cfg.trl}
+    evals = [f"{k}={kw[k]}" for k in ("eval_strategy", "eval_on_start") if kw.get(k) not in (None, False, "no")]
+    if evals and not cfg.eval_data:
+        raise UserError(f"trl.{' and trl.'.join(evals)} needs held-out rows: set eval_data to a JSONL "
+                        "in the format of data")
     cfg.check_trl(kw)
     return kw
 
@@ -240,7 +285,14 @@ def _check_trl_types(cls, trl: dict[str, Any]) -> None:
 
 
 def build_trl_args(cfg: TrainConfig, *, check_only: bool = False, device: str | None = None):
-    """Construct the installed TRL's config from ours; any refusal is a UserError naming the field."""
+    """Construct the installed TRL's config from ours; any refusal is a UserError naming the field.
+
+    A run gives its device. Without one the config is checked for wherever it will run: a GPU-only config
+    (device cuda, precision fp16) checked where there is no GPU (`moaa train submit` from a laptop, the
+    pipeline's `--check` before Jobs) has its fields and types checked as a CPU config here, and is checked
+    in full by the run on the GPU node, before the model loads."""
+    if device is None and (cfg.device == "cuda" or cfg.precision == "fp16") and not _cuda_here():
+        cfg, device = cfg.model_copy(update={"device": "cpu", "precision": "fp32"}), "cpu"
     cls = cfg.trl_class()
     kw = trl_kwargs(cfg, device=device)
     unknown = sorted(set(kw) - _trl_fields(cls))

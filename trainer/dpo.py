@@ -10,7 +10,7 @@ import dataclasses
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from moaa.errors import UserError
 from moaa.trainer.config import TrainConfig
@@ -25,6 +25,11 @@ class DPOSettings(TrainConfig):
     kind: Literal["dpo"] = "dpo"
     beta: float = Field(0.1, gt=0, description="strength of the KL penalty towards the reference")
     loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], description="DPO loss type(s) TRL knows")
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_loss_type(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # as DPOConfig takes it: loss_type=sigmoid
 
     @classmethod
     def trl_class(cls):
@@ -58,14 +63,15 @@ def known_dpo_loss_types() -> list[str]:
 def run_dpo(cfg: DPOSettings) -> dict[str, Any]:
     from trl import DPOTrainer
 
-    from moaa.trainer.data import to_dataset
-    from moaa.trainer.runner import callbacks, load_model_and_tokenizer, peft_config, prepare, train_and_save
+    from moaa.trainer.runner import (build_trainer, callbacks, load_model_and_tokenizer, peft_config, prepare,
+                                     train_and_save, trainer_datasets)
 
     p = prepare(cfg)
     ref = None
     if not cfg.lora.enabled:
         ref, _, _ = load_model_and_tokenizer(cfg, p.device)
         ref.eval()
-    trainer = DPOTrainer(model=p.model, ref_model=ref, args=p.args, train_dataset=to_dataset(p.rows, cfg.kind),
-                         processing_class=p.tokenizer, peft_config=peft_config(cfg), callbacks=callbacks(p))
+    trainer = build_trainer(lambda: DPOTrainer(model=p.model, ref_model=ref, args=p.args, **trainer_datasets(p),
+                                               processing_class=p.tokenizer, peft_config=peft_config(cfg),
+                                               callbacks=callbacks(p)), p)
     return train_and_save(p, trainer)

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from moaa.errors import EXIT_BAD_INPUT, MoaaError, TransientError, UserError
+from moaa.overrides import load_mapping
 from moaa.trainer.k8s import CONTAINER, JobSettings, Toleration, build_job, to_yaml
 
 REQUEST_TIMEOUT = (5.0, 30.0)  # connect, read: no API call may hang the submit
@@ -45,12 +45,7 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> JobSettings:
-    data: dict[str, Any] = {}
-    if args.job_settings:
-        try:
-            data = yaml.safe_load(Path(args.job_settings).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise UserError(f"cannot read job settings {args.job_settings}: {str(err).splitlines()[0]}") from None
+    data: dict[str, Any] = load_mapping(args.job_settings, "job settings file") if args.job_settings else {}
     for field in ("name", "namespace", "image", "gpus", "launcher", "hub_token_secret", "backoff_limit",
                   "ttl_seconds_after_finished"):
         if getattr(args, field, None) is not None:
@@ -139,10 +134,11 @@ def submit_from_args(args: argparse.Namespace, cfg) -> int:
     if args.dry_run:
         print(to_yaml(job), end="")
         return 0
-    if Path(cfg.data).is_file():  # the file is here too: check it before a GPU node spins up
-        from moaa.trainer.data import load_rows
+    from moaa.trainer.data import load_rows
 
-        load_rows(cfg.data, cfg.kind, drop_duplicates=cfg.drop_duplicates)
+    for path in cfg.data_files:
+        if Path(path).is_file():  # the file is here too: check it before a GPU node spins up
+            load_rows(path, cfg.kind, drop_duplicates=cfg.drop_duplicates)
     api = api_client(args)
     return submit(api, job, follow=not args.no_follow, timeout_s=args.follow_timeout, poll_s=args.poll_interval)
 

@@ -30,7 +30,8 @@ def launch_command(cfg: TrainConfig, nproc: int, launcher: str) -> list[str]:
 
 
 def launch(cfg: TrainConfig, nproc: int, launcher: str = "torchrun") -> int:
-    load_rows(cfg.data, cfg.kind, drop_duplicates=cfg.drop_duplicates)  # bad data: exit 2 here, once
+    for path in cfg.data_files:  # bad data: exit 2 here, once
+        load_rows(path, cfg.kind, drop_duplicates=cfg.drop_duplicates)
     cmd = launch_command(cfg, nproc, launcher)
     log.info("starting %s", " ".join(cmd))
     print(f'{{"event": "launch", "launcher": "{launcher}", "nproc": {nproc}}}', flush=True)

@@ -19,7 +19,7 @@ def _clean(value):
 
 
 class JsonProgress(TrainerCallback):
-    """One JSON line per logging step: step, total, loss, ETA; the same rows go to metrics.jsonl."""
+    """One JSON line per logging step: step, total, loss, rate, ETA; the same rows go to metrics.jsonl."""
 
     def __init__(self, metrics_path: str | Path, stream=None, kind: str = "sft"):
         self.metrics_path = Path(metrics_path)
@@ -46,10 +46,11 @@ class JsonProgress(TrainerCallback):
         logs = dict(logs or {})
         done = state.global_step - self._step0
         elapsed = time.monotonic() - (self._t0 or time.monotonic())
-        eta = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
+        rate = done / elapsed if done > 0 and elapsed > 0 else None  # optimizer steps per second, this process
+        eta = (state.max_steps - state.global_step) / rate if rate else None
         record = {"event": "log", "step": state.global_step, "total": state.max_steps,
                   "epoch": round(state.epoch or 0.0, 4), "eta_s": round(eta, 1) if eta is not None else None,
-                  "elapsed_s": round(elapsed, 2)}
+                  "steps_per_s": round(rate, 4) if rate else None, "elapsed_s": round(elapsed, 2)}
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
         self._emit(record, state)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 from dataclasses import dataclass
@@ -15,12 +16,13 @@ from typing import Any, Callable
 
 from moaa.errors import TransientError, UserError
 from moaa.trainer.chat_template import ensure_chat_template
-from moaa.trainer.config import TrainConfig, build_trl_args, grad_accumulation, resolve_device, world_size
+from moaa.trainer.config import (TrainConfig, build_trl_args, grad_accumulation, mixed_precision, resolve_device,
+                                 world_size)
 from moaa.trainer.data import DataReport, check_lengths, load_rows
 from moaa.trainer.manifest import build_manifest, write_manifest
 from moaa.trainer.plots import plot_metrics
 from moaa.trainer.progress import JsonProgress
-from moaa.trainer.resume import checkpoint_step, newest_checkpoint
+from moaa.trainer.resume import checkpoint_step, guard_out, newest_checkpoint
 from moaa.pipeline.store import make_folder
 
 log = logging.getLogger(__name__)
@@ -52,12 +54,16 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str):
 
     if Path(cfg.model).exists() and not (Path(cfg.model) / "config.json").is_file():
         raise UserError(f"model folder {cfg.model} holds no config.json (not a Hugging Face model folder)")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device == "cuda")
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    # fp16 is mixed precision over fp32 weights (fp16 weights cannot be trained with the AMP grad scaler)
+    dtype = torch.bfloat16 if mixed_precision(cfg, device) == "bf16" else torch.float32
+
+    # TRL's own model-loading fields, applied here because moaa loads the model (TRL would only for a model name)
+    remote = {"trust_remote_code": True} if cfg.trl.get("trust_remote_code") else {}
+    init_kwargs = {"dtype": dtype, **remote, **(cfg.trl.get("model_init_kwargs") or {})}
 
     def load():
-        tok = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(cfg.model, **remote)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, **init_kwargs)
         return model, tok
 
     try:
@@ -90,21 +96,76 @@ class Prepared:
     template_note: str
     rows: list[dict]
     report: DataReport
+    eval_rows: list[dict] | None
+    eval_report: DataReport | None
     args: Any
     out: Path
 
 
+def quiet_progress_bars() -> None:
+    """Progress is our JSON lines (disable_tqdm for training): the loading, dataset and saving bars would only
+    put carriage-return noise into pod logs and above a one-line error."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def prepare(cfg: TrainConfig) -> Prepared:
+    quiet_progress_bars()
     device = resolve_device(cfg)
     world = world_size()
     accum = grad_accumulation(cfg, world)
     args = build_trl_args(cfg, device=device)
+    check_packages(args)
     rows, report = load_rows(cfg.data, cfg.kind, drop_duplicates=cfg.drop_duplicates)  # before the model loads
+    eval_rows, eval_report = (load_rows(cfg.eval_data, cfg.kind, drop_duplicates=cfg.drop_duplicates)
+                              if cfg.eval_data else (None, None))
+    guard_out(cfg.out, cfg.model_dump(mode="json"), report.sha256, write=int(os.environ.get("RANK", "0")) == 0)
     model, tok, note = load_model_and_tokenizer(cfg, device)
+    args.model_init_kwargs = None  # applied by our loader; TRL would warn that it ignores them for a loaded model
     rows = check_lengths(rows, report, tok, cfg.max_length, cfg.drop_overlong)
+    if eval_rows is not None:
+        eval_rows = check_lengths(eval_rows, eval_report, tok, cfg.max_length, cfg.drop_overlong)
     out = make_folder(cfg.out)
     _emit({"event": "data", **{k: v for k, v in report.summary().items() if k != "path"}})
-    return Prepared(cfg, device, world, accum, model, tok, note, rows, report, args, out)
+    return Prepared(cfg, device, world, accum, model, tok, note, rows, report, eval_rows, eval_report, args, out)
+
+
+def check_packages(args) -> None:
+    """The packages `trl.report_to` and `trl.use_liger_kernel` need are installed here (TRL's trainer would
+    fail only after the model loads, or at step 0)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.utils import is_liger_kernel_available
+
+    available = get_available_reporting_integrations()
+    missing = [r for r in args.report_to if r not in ("none", "all") and r not in available]
+    if missing:
+        raise UserError(f"trl.report_to {', '.join(missing)}: not installed here (pip install {' '.join(missing)}), "
+                        "or leave report_to at none")
+    if args.use_liger_kernel and not is_liger_kernel_available():
+        raise UserError("trl.use_liger_kernel needs liger-kernel, which is not installed here "
+                        "(pip install liger-kernel)")
+
+
+def build_trainer(make: Callable[[], Any], p: Prepared):
+    """TRL's trainer checks some settings only once model, tokenizer and data meet (assistant_only_loss on a
+    chat template without generation markers, for one): its refusal is bad input, exit 2, not a crash."""
+    try:
+        return make()
+    except ValueError as err:
+        raise UserError(f"TRL refuses the {p.cfg.kind.upper()} run: {str(err).splitlines()[0]}") from None
+
+
+def trainer_datasets(p: Prepared) -> dict[str, Any]:
+    """train_dataset and (with eval_data) eval_dataset, as the trainers take them."""
+    from moaa.trainer.data import to_dataset
+
+    out = {"train_dataset": to_dataset(p.rows, p.cfg.kind)}
+    if p.eval_rows is not None:
+        out["eval_dataset"] = to_dataset(p.eval_rows, p.cfg.kind)
+    return out
 
 
 def _emit(record: dict) -> None:
@@ -133,7 +194,8 @@ def train_and_save(p: Prepared, trainer) -> dict[str, Any]:
         manifest = build_manifest(
             p.cfg, data_report=p.report, world=p.world, grad_accum=p.accum, device=p.device,
             chat_template=p.template_note, resumed_from=ckpt, trl_args=p.args.to_dict(), final_step=step,
-            train_loss=result.training_loss, plot=str(plot) if plot else None)
+            train_loss=result.training_loss, plot=str(plot) if plot else None,
+            eval_data=p.eval_report.summary() if p.eval_report else None)
         write_manifest(p.out, manifest)
         _emit({"event": "saved", "out": str(p.out), "step": step, "train_loss": result.training_loss})
     return {"step": step, "train_loss": result.training_loss, "resumed_from": ckpt}

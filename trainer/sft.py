@@ -23,16 +23,21 @@ class SFTSettings(TrainConfig):
         return SFTConfig
 
     def trl_own(self) -> dict[str, Any]:
-        return {"packing": self.packing}
+        own: dict[str, Any] = {"packing": self.packing}
+        if self.padding_free and not self.packing:
+            # TRL refuses padding_free with a max_length it cannot enforce without packing; every row was
+            # checked against max_length before training (trainer/data.py), so TRL need not enforce it
+            own["max_length"] = None
+        return own
 
 
 def run_sft(cfg: SFTSettings) -> dict[str, Any]:
     from trl import SFTTrainer
 
-    from moaa.trainer.data import to_dataset
-    from moaa.trainer.runner import callbacks, peft_config, prepare, train_and_save
+    from moaa.trainer.runner import build_trainer, callbacks, peft_config, prepare, train_and_save, trainer_datasets
 
     p = prepare(cfg)
-    trainer = SFTTrainer(model=p.model, args=p.args, train_dataset=to_dataset(p.rows, cfg.kind),
-                         processing_class=p.tokenizer, peft_config=peft_config(cfg), callbacks=callbacks(p))
+    trainer = build_trainer(lambda: SFTTrainer(model=p.model, args=p.args, **trainer_datasets(p),
+                                               processing_class=p.tokenizer, peft_config=peft_config(cfg),
+                                               callbacks=callbacks(p)), p)
     return train_and_save(p, trainer)

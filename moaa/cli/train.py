@@ -14,6 +14,7 @@ _FIELD_FLAGS = [
     ("--batch-size", "global_batch_size", positive_int, "global batch: sequences per optimizer step, all GPUs"),
     ("--per-device-batch-size", "per_device_batch_size", positive_int, "sequences per forward pass per device"),
     ("--max-length", "max_length", positive_int, "longest tokenized row"),
+    ("--eval-data", "eval_data", str, "held-out JSONL in the format of --data (TRL's eval_dataset)"),
     ("--beta", "beta", float, "DPO beta"),
     ("--save-steps", "save_steps", positive_int, "checkpoint every N steps"),
     ("--seed", "seed", int, "seed for init, dropout and data order"),
@@ -21,11 +22,12 @@ _FIELD_FLAGS = [
 ]
 
 
-def _add_train_args(p: argparse.ArgumentParser, *, paths_required: bool = True) -> None:
-    p.add_argument("--config", help="YAML file with SFTSettings / DPOSettings fields")
-    p.add_argument("--data", required=paths_required, help="JSONL: SFT rows {messages} / pairs {prompt,chosen,rejected}")
-    p.add_argument("--model", required=paths_required, help="model folder or hub id (DPO: the SFT output folder)")
-    p.add_argument("--out", required=paths_required, help="output folder (checkpoints, model, metrics, plots)")
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    # --data/--model/--out may come from the --config file instead (the typed config requires them)
+    p.add_argument("--config", help="YAML or JSON file with SFTSettings / DPOSettings fields")
+    p.add_argument("--data", help="JSONL: SFT rows {messages} / pairs {prompt,chosen,rejected}")
+    p.add_argument("--model", help="model folder or hub id (DPO: the SFT output folder)")
+    p.add_argument("--out", help="output folder (checkpoints, model, metrics, plots)")
     for flag, field, typ, help_ in _FIELD_FLAGS:
         p.add_argument(flag, dest=field, type=typ, help=help_)
     p.add_argument("--loss-type", dest="loss_type", action="append", help="DPO loss type (repeat to combine)")
@@ -50,9 +52,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.check:  # checked against the installed TRL (load_train_config did that); nothing is trained
         import json
 
-        from moaa.trainer.config import build_trl_args
+        from moaa.trainer.config import build_trl_args, resolve_device
 
-        trl = build_trl_args(cfg).to_dict()  # what TRL made of the trl.* pass-through, as the trainer will see it
+        # what TRL made of the trl.* pass-through, as the trainer will see it here (or on a Job's GPU node)
+        trl = build_trl_args(cfg, device=None if args.check == "job" else resolve_device(cfg)).to_dict()
         print(json.dumps({"event": "config_ok", "kind": cfg.kind, "trl": {k: trl.get(k) for k in cfg.trl}},
                          default=str), flush=True)
         return 0
@@ -109,7 +112,9 @@ def register(subparsers) -> None:
         p.add_argument("--nproc-per-node", type=positive_int, default=1,
                        help="processes (GPUs) on this node; >1 starts torchrun")
         p.add_argument("--launcher", choices=["torchrun", "accelerate"], default="torchrun")
-        p.add_argument("--check", action="store_true", help="check the settings against the installed TRL and exit")
+        p.add_argument("--check", nargs="?", const="here", choices=["here", "job"],
+                       help="check the settings against the installed TRL and exit: for this machine (default), or "
+                            "for a Job (job: GPU-only settings are checked as on CPU here, in full on the GPU node)")
         p.set_defaults(func=_run_train, kind=kind)
 
     submit = sub.add_parser("submit", help="run sft or dpo as a Kubernetes Job and follow it")

@@ -51,11 +51,17 @@ def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def make_folder(path: str | Path, flag: str = "--out") -> Path:
-    """The output folder a command writes into, made if missing; a file in its place is bad input."""
+def check_folder(path: str | Path, flag: str = "--out") -> Path:
+    """An output folder given by the user: a file in its place is bad input."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file; give a folder (new, or one to resume)")
+    return path
+
+
+def make_folder(path: str | Path, flag: str = "--out") -> Path:
+    """The output folder a command writes into, made if missing; a file in its place is bad input."""
+    path = check_folder(path, flag)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

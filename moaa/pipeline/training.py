@@ -92,13 +92,15 @@ def train_config(kind: str, settings: dict, *, data: Path, model: str, out: Path
     return build_train_config(kind, values, where=f"{kind} settings (--set {kind}.KEY=VALUE)", trl_check=False)
 
 
-async def check_with_trl(configs: list, *, log_dir: Path) -> None:
+async def check_with_trl(configs: list, *, log_dir: Path, k8s: bool = False) -> None:
     """`moaa train KIND ... --check` for each config, side by side: the exact argv the trainer will get,
-    checked against the installed TRL in a child (TRL and torch stay out of the pipeline's memory)."""
+    checked against the installed TRL in a child (TRL and torch stay out of the pipeline's memory); for
+    this machine, or with k8s for the Jobs' GPU nodes."""
     from moaa.trainer.config import cli_args
 
     results = await asyncio.gather(*(
-        run_child(moaa_command("train", cfg.kind, *cli_args(cfg), "--check"), log_path=log_dir / f"{cfg.kind}-check.log",
+        run_child(moaa_command("train", cfg.kind, *cli_args(cfg), "--check", "job" if k8s else "here"),
+                  log_path=log_dir / f"{cfg.kind}-check.log",
                   what=f"checking --set {cfg.kind}.* against the installed TRL") for cfg in configs),
         return_exceptions=True)
     for err in results:
