@@ -19,10 +19,11 @@ VALUE_SETS = {
     "one-model-per-role": (["values-one-model-per-role.yaml"], {}),
     "multi-gpu": (["values-multi-gpu.yaml"], {}),
     "secure": (["values-secure.yaml"], {}),
-    # chart-made auth Secret, TLS on the annotator too, both volumes created by the chart
+    # chart-made auth Secret, TLS on the annotator too, every volume created by the chart
     "secure-chart-secrets": (["values-secure.yaml"], {
         "auth.existingSecret": "", "auth.tokens[0]": "t" * 32, "tls.annotator": "true",
         "persistence.data.enabled": "true", "persistence.modelCache.enabled": "true",
+        "persistence.checkpoints.enabled": "true",
     }),
 }
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
@@ -51,14 +52,29 @@ def test_lint_finds_nothing(helm, name):
         assert level not in out, out
 
 
+def min_kube_version() -> str:
+    """The oldest Kubernetes the chart claims (Chart.yaml kubeVersion ">=X.Y.Z-0")."""
+    claim = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    assert claim.startswith(">=") and " " not in claim, claim
+    return claim[2:].split("-")[0]
+
+
+@pytest.mark.parametrize("kube", [min_kube_version(), K8S_VERSION])
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_every_object_validates_against_the_kubernetes_schemas(helm, name):
-    r = render(helm, name)
-    assert r.objects
-    for obj in r.objects:
+def test_every_object_validates_against_the_kubernetes_schemas(helm, name, kube):
+    """Every Kubernetes version the chart claims: its oldest and the newest schemas that ship."""
+    files, sets = VALUE_SETS[name]
+    out = helm.run("template", "moaa", str(CHART), "--namespace", "moaa", "--kube-version", kube,
+                   *helm._value_args(files, sets))
+    objects = [o for o in yaml.safe_load_all(out) if o]
+    assert objects
+    for obj in objects:
         if (obj["apiVersion"], obj["kind"]) in CRDS:
             continue  # no schema ships for CRDs; test_service_monitor checks it by structure
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(obj, kube, strict=True)
+    older = f"1.{int(min_kube_version().split('.')[1]) - 1}.0"
+    with pytest.raises(HelmFailed, match=f"incompatible with Kubernetes v{older}"):
+        helm.run("template", "moaa", str(CHART), "--kube-version", older)
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -310,6 +326,23 @@ def test_training_jobs_are_not_a_chart_copy(helm):
     assert not (CHART / "templates" / "trainer-job.yaml").exists()
     with pytest.raises(HelmFailed, match="additional properties 'trainer' not allowed"):
         helm.run("template", "moaa", str(CHART), "--set", "trainer.sft.enabled=true")
+
+
+def test_chart_storage_is_what_training_jobs_mount(helm):
+    """A release named moaa with storage on makes every PVC a default `moaa train submit` Job mounts
+    (data, checkpoints, model cache): nothing else to apply, no Job Pending on a missing claim."""
+    from moaa.trainer.k8s import JobSettings, build_job, to_dict
+    from moaa.trainer.config import load_train_config
+
+    cfg = load_train_config("sft", None, model="/models/m", data="/data/d.jsonl", out="/checkpoints/run")
+    pod = to_dict(build_job(cfg, JobSettings()))["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    for name in ("multi-gpu", "secure-chart-secrets"):
+        pvcs = {p["metadata"]["name"]: p for p in render(helm, name).of_kind("PersistentVolumeClaim")}
+        assert claims <= set(pvcs), f"{name}: Jobs mount {sorted(claims)}, the chart makes {sorted(pvcs)}"
+    mine = helm.template([], {"persistence.checkpoints.enabled": "true", "persistence.checkpoints.existingClaim": "c",
+                              "persistence.checkpoints.storageClass": "fast"})
+    assert not mine.of_kind("PersistentVolumeClaim")  # an existing claim is used, not made
 
 
 def test_helm_test_pod_targets_the_gateway(helm):

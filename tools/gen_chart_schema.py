@@ -238,7 +238,9 @@ def chart_schema() -> dict:
                            "calls to the annotator use plaintext)"),
         }),
         "persistence": obj("storage", {
-            "data": volume("datasets and checkpoints (a release named moaa: the PVC moaa-data training Jobs mount)"),
+            "data": volume("datasets (a release named moaa: the PVC moaa-data training Jobs mount at /data)"),
+            "checkpoints": volume("training outputs and checkpoints (a release named moaa: the PVC moaa-checkpoints "
+                                  "training Jobs write to and resume from)"),
             "modelCache": volume("model weights cache (HF_HOME of the vLLM pods)"),
         }),
         "metrics": obj("Prometheus", {
