@@ -121,3 +121,31 @@ def test_bad_job_settings_exit_2(capsys):
     rc = main(["train", "submit", "sft", "--data", "d", "--model", "m", "--out", "o", "--gpus", "-1", "--dry-run"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "bad job settings: gpus" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("out, why", [
+    ("runs/sft", "relative"),
+    ("/data/sft", "read-only data volume"),
+    ("/tmp/sft", "not on the checkpoints volume"),
+    ("/checkpointsX/sft", "not on the checkpoints volume"),
+])
+def test_output_off_the_checkpoints_volume_exits_2(capsys, out, why):
+    """The pod's own filesystem dies with it: a model (and the checkpoints a retried pod resumes from)
+    written anywhere but the checkpoints PVC would be lost, with the Job reported complete."""
+    rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", out, "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"--out {out}" in err and why in err and "/checkpoints" in err
+
+
+def test_checkpoints_mount_follows_the_settings(capsys, tmp_path):
+    """Mounted where the output is (the pipeline's --out must be at the same path as in the Job)."""
+    settings = tmp_path / "job.yaml"
+    settings.write_text("checkpoints_path: /mnt/ckpt\n")
+    rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", "/mnt/ckpt/run1",
+               "--job-settings", str(settings), "--dry-run"])
+    assert rc == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert_valid_and_round_trips(doc)
+    mounts = {m["name"]: m["mountPath"] for m in doc["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["checkpoints"] == "/mnt/ckpt"

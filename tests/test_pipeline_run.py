@@ -389,9 +389,12 @@ async def test_k8s_training_jobs_are_submitted_followed_and_continued(services, 
     out = tmp_path / "run"
     stop = threading.Event()
     jobs, argvs = _play_training_jobs(kube_api, Path(tiny_model_dir), stop)
+    job_settings = tmp_path / "job.yaml"  # the Jobs mount the checkpoints volume where --out is here
+    job_settings.write_text(f"checkpoints_path: {tmp_path}\n")
     try:
         cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "dpo", "--k8s", "--set", "sft.trl.save_strategy=no",
-                   "--set", "dpo.beta=0.05", f"--k8s-arg=--api-server={kube_api.url}", "--k8s-arg=--poll-interval=0.1")
+                   "--set", "dpo.beta=0.05", f"--k8s-arg=--api-server={kube_api.url}", "--k8s-arg=--poll-interval=0.1",
+                   f"--k8s-arg=--job-settings={job_settings}")
         rc, stdout, err = await _run(cmd, timeout=600)
     finally:
         stop.set()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field
 
-from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
+from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, UserError
 from moaa.trainer.config import _Strict, cli_args
 
 DEFAULT_IMAGE = "moaa/moaa-trainer:0.1.0"
@@ -46,7 +47,9 @@ class JobSettings(_Strict):
     tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")],
                                           description="taints the pod tolerates (GPU nodes are often tainted)")
     data_claim: str = Field("moaa-data", description="PVC with datasets, mounted at /data")
-    checkpoints_claim: str = Field("moaa-checkpoints", description="PVC for checkpoints and models, at /checkpoints")
+    checkpoints_claim: str = Field("moaa-checkpoints", description="PVC for checkpoints and models")
+    checkpoints_path: str = Field("/checkpoints", pattern="^/", description="where the checkpoints PVC is mounted; "
+                                  "--out must be under it (the pipeline's --out: at the same path as where it runs)")
     model_cache_claim: str = Field("moaa-model-cache", description="PVC for downloaded weights (HF_HOME), at /models")
     hub_token_secret: str | None = Field("hf-token", description="Secret with the hub token (HF_TOKEN); optional")
     hub_token_key: str = Field("token", description="key of the token in that Secret")
@@ -62,11 +65,28 @@ def job_name(kind: str, out: str, settings: JobSettings) -> str:
     return settings.name or f"moaa-{kind}-{hashlib.sha1(out.encode()).hexdigest()[:8]}"
 
 
+def check_output(out: str, s: JobSettings) -> None:
+    """The pod's own filesystem dies with it: --out (the model, and the checkpoints a retried pod resumes
+    from) must be on the checkpoints PVC, or the Job completes and its result is gone."""
+    where = f"the checkpoints volume (PVC {s.checkpoints_claim} at {s.checkpoints_path})"
+    path = PurePosixPath(out)
+    if not path.is_absolute():
+        problem = "is relative: in the pod it is on the container's own filesystem, not on " + where
+    elif path.is_relative_to(s.checkpoints_path) and path != PurePosixPath(s.checkpoints_path):
+        return
+    elif path.is_relative_to("/data"):
+        problem = f"is on the read-only data volume, not on {where}"
+    else:
+        problem = f"is not on {where}: the model and its checkpoints would be lost with the pod"
+    raise UserError(f"--out {out} {problem}; use --out {s.checkpoints_path}/NAME")
+
+
 def build_job(cfg, settings: JobSettings | None = None):
     """A batch/v1 Job (kubernetes.client.V1Job) that runs this training config."""
     from kubernetes import client as k
 
     s = settings or JobSettings()
+    check_output(str(cfg.out), s)
     name = job_name(cfg.kind, cfg.out, s)
     labels = {LABEL_APP: "moaa", LABEL_COMPONENT: "trainer", "moaa/stage": cfg.kind}
     command = ["moaa", "train", cfg.kind]
@@ -85,7 +105,7 @@ def build_job(cfg, settings: JobSettings | None = None):
         resources=k.V1ResourceRequirements(requests={"cpu": s.cpu, "memory": s.memory, **gpus},
                                            limits={"memory": s.memory, **gpus}),
         volume_mounts=[k.V1VolumeMount(name="data", mount_path="/data", read_only=True),
-                       k.V1VolumeMount(name="checkpoints", mount_path="/checkpoints"),
+                       k.V1VolumeMount(name="checkpoints", mount_path=s.checkpoints_path),
                        k.V1VolumeMount(name="model-cache", mount_path="/models"),
                        k.V1VolumeMount(name="shm", mount_path="/dev/shm")])
     claims = {"data": s.data_claim, "checkpoints": s.checkpoints_claim, "model-cache": s.model_cache_claim}
