@@ -152,3 +152,38 @@ def test_local_bad_data_stops_before_the_api(tmp_path, capsys):
                "--api-server", "http://127.0.0.1:9"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "line 2: not JSON" in err
+
+
+def test_a_pod_that_cannot_start_is_reported(kube_api, capsys):
+    """A Pending pod (no node with a free GPU, an image that cannot be pulled) says why, once per change,
+    and following that times out names the reason instead of only 'keeps running'."""
+    from kubernetes import client
+
+    assert submit(kube_api, "--no-follow") == 0
+    core = client.CoreV1Api(kube_api.client())
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                     "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}
+    core.create_namespaced_pod(NS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "run1-x1", "namespace": NS, "labels": {"job-name": "run1"}},
+        "spec": {"containers": [{"name": "trainer", "image": "x"}], "restartPolicy": "Never"},
+        "status": {"phase": "Pending", "conditions": [unschedulable]}})
+    from moaa.errors import TransientError
+    from moaa.trainer.k8s_submit import follow_job  # what `submit` does after creating the Job
+
+    lines: list[str] = []
+    with pytest.raises(TransientError) as err:
+        follow_job(kube_api.client(), NS, "run1", timeout_s=0.6, poll_s=0.1, out=lines.append)
+    waiting = [json.loads(x) for x in lines if '"pod_waiting"' in x]
+    assert waiting == [{"event": "pod_waiting", "pod": "run1-x1", "reason": "Unschedulable",
+                        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]
+    assert "run1-x1 is waiting: Unschedulable: 0/3 nodes are available" in str(err.value)
+    # scheduled, but the image cannot be pulled
+    core.patch_namespaced_pod_status("run1-x1", NS, {"status": {"conditions": [
+        {"type": "PodScheduled", "status": "True"}], "containerStatuses": [{
+            "name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x"'}}}]}})
+    lines.clear()
+    with pytest.raises(TransientError) as err:
+        follow_job(kube_api.client(), NS, "run1", timeout_s=0.6, poll_s=0.1, out=lines.append)
+    assert [json.loads(x)["reason"] for x in lines if '"pod_waiting"' in x] == ["ImagePullBackOff"]
+    assert len(str(err.value).splitlines()) == 1 and "ImagePullBackOff" in str(err.value)

@@ -169,19 +169,25 @@ def _condition(job, kind: str):
 
 
 def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=print) -> int:
-    """Poll status and logs until the Job completes or fails; the pod's JSON progress lines pass through."""
+    """Poll status and logs until the Job completes or fails; the pod's JSON progress lines pass through,
+    and a pod that cannot start (unschedulable, image pull, missing Secret) is reported when its reason changes."""
     from kubernetes import client
 
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
     host = api.configuration.host
     deadline = time.monotonic() + timeout_s
     seen_lines: dict[str, int] = {}
+    waiting: dict[str, tuple[str, str] | None] = {}
     last_status = None
     while True:
         job = api_call(f"reading Job {ns}/{name}", host, batch.read_namespaced_job_status, name, ns)
         pods = _pods(core, host, ns, name)
         for pod in pods:
             _print_new_log_lines(core, host, ns, pod, seen_lines, out)
+            why = _waiting_reason(pod)
+            if why and why != waiting.get(pod.metadata.name):
+                out(json.dumps({"event": "pod_waiting", "pod": pod.metadata.name, "reason": why[0], "message": why[1]}))
+            waiting[pod.metadata.name] = why
         st = job.status
         status = (st.active or 0, st.succeeded or 0, st.failed or 0) if st else (0, 0, 0)
         if status != last_status:
@@ -199,8 +205,9 @@ def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=
                                 f"see its log above")
             raise MoaaError(f"Job {ns}/{name} failed ({detail}; pod exit codes {sorted(codes) or 'unknown'})")
         if time.monotonic() > deadline:
+            stuck = "".join(f"; pod {p} is waiting: {w[0]}: {w[1]}" for p, w in waiting.items() if w)
             raise TransientError(f"stopped following Job {ns}/{name} after {timeout_s:.0f}s; it keeps running "
-                                 f"(kubectl -n {ns} logs -f job/{name})")
+                                 f"(kubectl -n {ns} logs -f job/{name}){stuck}")
         time.sleep(poll_s)
 
 
@@ -209,6 +216,25 @@ def _pods(core, host: str, ns: str, name: str) -> list:
                     label_selector=f"job-name={name}")
     mine = [p for p in pods.items if (p.metadata.labels or {}).get("job-name") == name]
     return sorted(mine, key=lambda p: (str(p.metadata.creation_timestamp or ""), p.metadata.name))
+
+
+# Container states that are just a pod starting normally, not worth a line.
+_STARTING = {"ContainerCreating", "PodInitializing"}
+
+
+def _waiting_reason(pod) -> tuple[str, str] | None:
+    """Why a pod is not running yet (no node fits, image not pulled, Secret missing ...), or None."""
+    st = pod.status
+    if st is None:
+        return None
+    for c in st.conditions or []:
+        if c.type == "PodScheduled" and c.status == "False":
+            return c.reason or "Unschedulable", " ".join((c.message or "").split())
+    for cs in st.container_statuses or []:
+        w = cs.state and cs.state.waiting
+        if w is not None and w.reason and w.reason not in _STARTING:
+            return w.reason, " ".join((w.message or "").split())
+    return None
 
 
 def _print_new_log_lines(core, host: str, ns: str, pod, seen: dict[str, int], out) -> None:
