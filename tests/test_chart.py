@@ -174,6 +174,22 @@ def test_model_pods_have_probes_and_shared_memory(helm, name):
         assert c["command"] == ["vllm", "serve"]
 
 
+def pod_specs(r) -> dict[str, dict]:
+    """Every pod the chart runs: Deployments' templates and the helm test pod."""
+    pods = {f"Deployment/{d['metadata']['name']}": d["spec"]["template"]["spec"] for d in r.of_kind("Deployment")}
+    return pods | {f"Pod/{p['metadata']['name']}": p["spec"] for p in r.of_kind("Pod")}
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_container_requests_cpu_and_memory(helm, name):
+    """The scheduler places pods by their requests: without them a node is overcommitted and the pods are
+    the first evicted (BestEffort)."""
+    for where, pod in pod_specs(render(helm, name)).items():
+        for c in pod["containers"]:
+            res = c.get("resources", {})
+            assert {"cpu", "memory"} <= set(res.get("requests", {})), f"{where}/{c['name']}: {res}"
+
+
 def model_deployments(r):
     return [d for d in r.of_kind("Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "model"]
 

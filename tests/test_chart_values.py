@@ -78,7 +78,7 @@ def test_model_settings_merge_over_defaults_and_keep_zeros(helm, tmp_path):
     assert m["spec"]["replicas"] == 0 and n["spec"]["replicas"] == 3
     mc, nc = m["spec"]["template"]["spec"]["containers"][0], n["spec"]["template"]["spec"]["containers"][0]
     assert mc["startupProbe"]["failureThreshold"] == 200 and mc["startupProbe"]["periodSeconds"] == 10
-    assert "resources" not in mc and nc["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in mc["resources"].get("limits", {}) and nc["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "--max-model-len=8192" in mc["args"]
     cfg = parse_config(yaml.safe_load(r.config_text()))
     assert cfg.backends["m"].context_window == 8192

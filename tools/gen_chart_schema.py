@@ -261,6 +261,7 @@ def chart_schema() -> dict:
            for k, v in placement().items()},
         "tests": obj("the helm test pod", {
             "timeoutSeconds": i("deadline of its gRPC health check", minimum=1),
+            "resources": resources("CPU and memory requests and limits of the test pod"),
         }),
     }
     return obj("values of the moaa chart", props)
