@@ -11,6 +11,7 @@ import yaml
 
 from moaa.services.config import dump_config, load_config, parse_config
 from tests.fixtures.helm import CHART, K8S_VERSION, HelmFailed
+from tests.fixtures.trainer import restricted_problems
 
 # name -> (values files in charts/moaa, --set values)
 VALUE_SETS = {
@@ -188,6 +189,15 @@ def test_every_container_requests_cpu_and_memory(helm, name):
         for c in pod["containers"]:
             res = c.get("resources", {})
             assert {"cpu", "memory"} <= set(res.get("requests", {})), f"{where}/{c['name']}: {res}"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_moaa_pods_meet_the_restricted_pod_security_standard(helm, name):
+    """Gateway, annotator and the helm test pod (the moaa image runs as uid 10001). The vLLM pods run the
+    official image as root: they are not held to it."""
+    for where, pod in pod_specs(render(helm, name)).items():
+        if pod["containers"][0]["name"] != "vllm":
+            assert restricted_problems(pod) == [], where
 
 
 def model_deployments(r):

@@ -13,6 +13,7 @@ from moaa.trainer.config import TrainConfig, load_train_config
 from moaa.trainer.k8s import JobSettings, build_job, from_dict, to_dict
 from moaa.trainer.k8s_manifests import render
 from moaa.trainer.launch import launch_command
+from tests.fixtures.trainer import restricted_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_VERSION = kubernetes_validate.utils.latest_version()
@@ -63,6 +64,13 @@ def test_every_job_validates_and_round_trips(kind, settings):
         assert c["args"][-4:] == ["--nproc-per-node", str(settings.gpus), "--launcher", settings.launcher]
     env = {e["name"]: e for e in c["env"]}
     assert ("HF_TOKEN" in env) == bool(settings.hub_token_secret)
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["default", "cpu", "8gpu"])
+def test_job_pod_meets_the_restricted_pod_security_standard(settings):
+    """A namespace that enforces the "restricted" Pod Security Standard admits the trainer pod."""
+    pod = to_dict(build_job(_cfg(), settings))["spec"]["template"]["spec"]
+    assert restricted_problems(pod) == []
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])

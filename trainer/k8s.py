@@ -102,6 +102,9 @@ def build_job(cfg, settings: JobSettings | None = None):
             name=s.hub_token_secret, key=s.hub_token_key, optional=True))))
     container = k.V1Container(
         name=CONTAINER, image=s.image, image_pull_policy=s.image_pull_policy, command=command, args=args, env=env,
+        # the "restricted" Pod Security Standard: nothing the trainer needs, and such namespaces admit it
+        security_context=k.V1SecurityContext(allow_privilege_escalation=False,
+                                             capabilities=k.V1Capabilities(drop=["ALL"])),
         resources=k.V1ResourceRequirements(requests={"cpu": s.cpu, "memory": s.memory, **gpus},
                                            limits={"memory": s.memory, **gpus}),
         volume_mounts=[k.V1VolumeMount(name="data", mount_path="/data", read_only=True),
@@ -114,7 +117,9 @@ def build_job(cfg, settings: JobSettings | None = None):
     volumes.append(k.V1Volume(name="shm", empty_dir=k.V1EmptyDirVolumeSource(medium="Memory", size_limit=s.shm_size)))
     pod = k.V1PodSpec(
         restart_policy="Never", service_account_name=s.service_account, automount_service_account_token=False,
-        security_context=k.V1PodSecurityContext(fs_group=10001, run_as_user=10001, run_as_non_root=True),
+        security_context=k.V1PodSecurityContext(fs_group=10001, run_as_user=10001, run_as_group=10001,
+                                                run_as_non_root=True,
+                                                seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
         node_selector=s.node_selector or None, containers=[container], volumes=volumes,
         tolerations=[k.V1Toleration(**t.model_dump(exclude_none=True)) for t in s.tolerations] or None)
     policy = k.V1PodFailurePolicy(rules=[
