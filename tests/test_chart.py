@@ -287,12 +287,13 @@ def test_generated_token_is_kept_across_upgrades(helm, helm_cluster):
     assert listed.of_kind("Secret")[0]["stringData"]["tokens"] == "v" * 20 + "\n"
 
 
-def trainer_pod_labels(helm) -> list[dict]:
-    """Labels of trainer pods: the chart's Jobs and `moaa train submit`'s (trainer/k8s.py)."""
-    from moaa.trainer.k8s import LABEL_APP, LABEL_COMPONENT
+def trainer_pod_labels() -> dict:
+    """Labels of the trainer pods `moaa train submit` makes (trainer/k8s.py); the chart has no Job."""
+    from moaa.trainer.config import load_train_config
+    from moaa.trainer.k8s import build_job, to_dict
 
-    chart = [j["spec"]["template"]["metadata"]["labels"] for j in render(helm, "multi-gpu").of_kind("Job")]
-    return chart + [{LABEL_APP: "moaa", LABEL_COMPONENT: "trainer", "moaa/stage": "sft"}]
+    cfg = load_train_config("sft", None, model="/models/m", data="/data/d.jsonl", out="/checkpoints/run")
+    return to_dict(build_job(cfg))["spec"]["template"]["metadata"]["labels"]
 
 
 def test_network_policy_lets_only_gateway_annotator_and_trainer_reach_models(helm):
@@ -309,9 +310,13 @@ def test_network_policy_lets_only_gateway_annotator_and_trainer_reach_models(hel
         pod_peers = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
         allowed = {k for k, labels in pods.items() if any(selects(s, labels) for s in pod_peers)}
         assert allowed == {"gateway/moaa-gateway", "annotator/moaa-annotator"}
-        assert all(any(selects(s, labels) for s in pod_peers) for labels in trainer_pod_labels(helm))
+        trainer = trainer_pod_labels()
+        assert any(selects(s, trainer) for s in pod_peers)
         test_pod = r.of_kind("Pod")[0]["metadata"]["labels"]
         assert not any(selects(s, test_pod) for s in pod_peers)  # nor any other pod
+        # and every peer admits some pod that exists: no selector left for pods nothing makes
+        for peer in pod_peers:
+            assert any(selects(peer, labels) for labels in [*pods.values(), trainer]), peer
         others = [p for p in rule["from"] if "podSelector" not in p]
         if name == "default":
             assert others == [] and r.get("NetworkPolicy", "moaa-servers")["spec"]["ingress"] == [{}]

@@ -215,7 +215,8 @@ def chart_schema() -> dict:
         }),
         "imagePullSecrets": arr("Secrets for pulling private images", obj("a LocalObjectReference", {
             "name": s("Secret name")}, required=["name"])),
-        "hubToken": obj("Hugging Face token for gated models, passed to model pods and Jobs as HF_TOKEN", {
+        "hubToken": obj("Hugging Face token for gated models, passed to model pods as HF_TOKEN (training Jobs: "
+                      "moaa train submit --hub-token-secret, default hf-token)", {
             "secretName": s("existing Secret holding the token; empty: no token"),
             "key": s("key of the token in that Secret"),
         }),
