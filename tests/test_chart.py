@@ -407,3 +407,17 @@ def test_packaged_chart_renders_the_same(helm, tmp_path):
     assert packaged == render(helm, "secure").objects
     with pytest.raises(HelmFailed, match="at '/models/0/name': got null, want string"):
         helm.run("template", "moaa", str(archive), "--set", "models[0].name=null")
+
+
+def test_install_notes_follow_the_values(helm, tmp_path):
+    """NOTES.txt: models with the roles they really have (modelDefaults merged in), and a LoadBalancer
+    address that works on clouds that give a hostname (AWS) as well as an IP."""
+    values = tmp_path / "v.yaml"
+    values.write_text(yaml.safe_dump({"modelDefaults": {"roles": ["judge"]}, "gateway": {"service": {"type": "LoadBalancer"}},
+                                      "models": [{"name": "a", "model": "org/a", "roles": ["proposer", "aggregator"]},
+                                                 {"name": "b", "model": "org/b"}]}))
+    notes = helm.notes([values])
+    assert "- a: org/a -> http://moaa-a:8000/v1  roles: proposer, aggregator\n" in notes
+    assert "- b: org/b -> http://moaa-b:8000/v1  roles: judge\n" in notes
+    (gateway,) = [x for x in notes.splitlines() if x.strip().startswith("export GATEWAY=")]
+    assert "ingress[0].ip}" in gateway and "ingress[0].hostname}" in gateway
