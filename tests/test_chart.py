@@ -25,6 +25,7 @@ VALUE_SETS = {
         "auth.existingSecret": "", "auth.tokens[0]": "t" * 32, "tls.annotator": "true",
         "persistence.data.enabled": "true", "persistence.modelCache.enabled": "true",
         "persistence.checkpoints.enabled": "true",
+        "serviceAccount.create": "true", "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn": "arn:x",
     }),
 }
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
@@ -421,3 +422,19 @@ def test_install_notes_follow_the_values(helm, tmp_path):
     assert "- b: org/b -> http://moaa-b:8000/v1  roles: judge\n" in notes
     (gateway,) = [x for x in notes.splitlines() if x.strip().startswith("export GATEWAY=")]
     assert "ingress[0].ip}" in gateway and "ingress[0].hostname}" in gateway
+
+
+def test_service_account(helm):
+    """serviceAccount: the chart's pods run under it (e.g. for workload identity to fetch weights);
+    created with its annotations on request, an existing one named, or the namespace's default."""
+    def accounts(r):
+        return {d["metadata"]["name"]: d["spec"]["template"]["spec"].get("serviceAccountName")
+                for d in r.of_kind("Deployment")}
+    made = render(helm, "secure-chart-secrets")
+    (sa,) = made.of_kind("ServiceAccount")
+    assert sa["metadata"]["name"] == "moaa" and sa["automountServiceAccountToken"] is False
+    assert sa["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:x"}
+    assert set(accounts(made).values()) == {"moaa"}
+    named = helm.template([], {"serviceAccount.name": "weights-reader"})
+    assert not named.of_kind("ServiceAccount") and set(accounts(named).values()) == {"weights-reader"}
+    assert set(accounts(render(helm, "default")).values()) == {None}

@@ -215,6 +215,11 @@ def chart_schema() -> dict:
         }),
         "imagePullSecrets": arr("Secrets for pulling private images", obj("a LocalObjectReference", {
             "name": s("Secret name")}, required=["name"])),
+        "serviceAccount": obj("service account of the gateway, annotator and model pods (its token is not mounted)", {
+            "create": b("make it; off: use name, or the namespace's default account"),
+            "name": s("its name; empty with create: <fullname>"),
+            "annotations": strmap("its annotations (e.g. a workload identity role)"),
+        }),
         "hubToken": obj("Hugging Face token for gated models, passed to model pods as HF_TOKEN (training Jobs: "
                       "moaa train submit --hub-token-secret, default hf-token)", {
             "secretName": s("existing Secret holding the token; empty: no token"),

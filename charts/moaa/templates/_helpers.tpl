@@ -204,6 +204,15 @@ affinity:
 {{- end }}
 {{- end -}}
 
+{{/* The pods' service account: made by the chart, named, or empty (the namespace's default). */}}
+{{- define "moaa.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "moaa.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "moaa.imagePullSecrets" -}}
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:

@@ -33,6 +33,9 @@ spec:
         {{- end }}
     spec:
       automountServiceAccountToken: false
+      {{- with include "moaa.serviceAccountName" $root }}
+      serviceAccountName: {{ . }}
+      {{- end }}
       {{- with include "moaa.imagePullSecrets" $root | trim }}{{ . | nindent 6 }}{{- end }}
       {{- with include "moaa.placement" (dict "root" $root "v" $v) | trim }}{{ . | nindent 6 }}{{- end }}
       securityContext:
