@@ -25,6 +25,8 @@ VALUE_SETS = {
         "auth.existingSecret": "", "auth.tokens[0]": "t" * 32, "tls.annotator": "true",
         "persistence.data.enabled": "true", "persistence.modelCache.enabled": "true",
         "persistence.checkpoints.enabled": "true",
+        "gateway.ingress.enabled": "true", "gateway.ingress.className": "nginx", "gateway.ingress.hosts[0]": "moaa.example.com",
+        "gateway.ingress.tls[0].secretName": "moaa-www", "gateway.ingress.tls[0].hosts[0]": "moaa.example.com",
         "serviceAccount.create": "true", "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn": "arn:x",
     }),
 }
@@ -438,3 +440,26 @@ def test_service_account(helm):
     named = helm.template([], {"serviceAccount.name": "weights-reader"})
     assert not named.of_kind("ServiceAccount") and set(accounts(named).values()) == {"weights-reader"}
     assert set(accounts(render(helm, "default")).values()) == {None}
+
+
+def test_ingress_exposes_the_gateway_http_door(helm, tmp_path):
+    """gateway.ingress: an Ingress to the OpenAI-compatible HTTP port of the gateway Service (gRPC stays on
+    the Service: ingress controllers need their own settings for it); off by default."""
+    r = render(helm, "secure-chart-secrets")
+    (ing,) = r.of_kind("Ingress")
+    assert ing["spec"]["ingressClassName"] == "nginx"
+    assert ing["spec"]["tls"] == [{"secretName": "moaa-www", "hosts": ["moaa.example.com"]}]
+    (rule,) = ing["spec"]["rules"]
+    assert rule["host"] == "moaa.example.com"
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    svc = r.get("Service", backend["name"])
+    assert backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]} and backend["port"]["name"] == "http"
+    assert path["path"] == "/" and path["pathType"] == "Prefix"
+    assert not render(helm, "default").of_kind("Ingress")
+    (any_host,) = helm.template([], {"gateway.ingress.enabled": "true"}).of_kind("Ingress")
+    (rule,) = any_host["spec"]["rules"]
+    assert "host" not in rule and "tls" not in any_host["spec"]
+    kubernetes_validate.validate(any_host, K8S_VERSION, strict=True)
+    with pytest.raises(HelmFailed, match="gateway.ingress.enabled needs the HTTP door: gateway.httpPort is 0"):
+        helm.template([], {"gateway.ingress.enabled": "true", "gateway.httpPort": "0"})

@@ -162,6 +162,14 @@ def server(which: str, port: int) -> dict:
             "defaultRecipe": s("recipe used when a call names none (config default_recipe)"),
             "httpPort": i("OpenAI-compatible HTTP port (/v1/chat/completions; default 8080); 0 = off",
                           minimum=0, maximum=65535),
+            "ingress": obj("an Ingress to the gateway's HTTP door (not gRPC)", {
+                "enabled": b("make the Ingress (needs httpPort > 0)"),
+                "className": s("ingressClassName; empty: the cluster's default class"),
+                "annotations": strmap("Ingress annotations (controller settings)"),
+                "hosts": arr("host names routed to the gateway; empty: every host",
+                             {"type": "string", "description": "a host name"}),
+                "tls": arr("TLS of the Ingress (IngressTLS objects: secretName, hosts)", k8s("an IngressTLS")),
+            }),
             "extraBackends": {"type": "object", "description": "backends outside the chart (e.g. a hosted "
                               "OpenAI-compatible API), as the config's backends:",
                               "additionalProperties": {"$ref": "#/$defs/BackendConfig"}},

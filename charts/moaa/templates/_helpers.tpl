@@ -89,6 +89,9 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- end -}}
 {{- $_ := set $seen .name true -}}
 {{- end -}}
+{{- if and .Values.gateway.enabled .Values.gateway.ingress.enabled (eq (int .Values.gateway.httpPort) 0) -}}
+{{- fail "gateway.ingress.enabled needs the HTTP door: gateway.httpPort is 0" -}}
+{{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled is true but tls.secretName is empty: name a kubernetes.io/tls Secret" -}}
 {{- end -}}
