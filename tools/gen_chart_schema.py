@@ -191,7 +191,8 @@ def server(which: str, port: int) -> dict:
     return obj(what, props)
 
 
-def volume(desc: str) -> dict:
+def volume(desc: str, mount: str | None) -> dict:
+    """A PVC value; `mount` describes mountPath (None: no chart pod mounts it, so no mountPath)."""
     return obj(desc, {
         "enabled": b("create (or use) a PersistentVolumeClaim; off: an emptyDir"),
         "existingClaim": s("use this existing PVC instead of creating one"),
@@ -201,7 +202,7 @@ def volume(desc: str) -> dict:
                            {"type": "string", "description": "an access mode",
                             "enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
                            minItems=1),
-        "mountPath": s("where pods mount it", pattern="^/"),
+        **({"mountPath": s(mount, pattern="^/")} if mount else {}),
     })
 
 
@@ -252,10 +253,12 @@ def chart_schema() -> dict:
                            "calls to the annotator use plaintext)"),
         }),
         "persistence": obj("storage", {
-            "data": volume("datasets (a release named moaa: the PVC moaa-data training Jobs mount at /data)"),
+            "data": volume("datasets (a release named moaa: the PVC moaa-data training Jobs mount at /data)",
+                           "unused: no chart pod mounts this volume (training Jobs mount it at /data)"),
             "checkpoints": volume("training outputs and checkpoints (a release named moaa: the PVC moaa-checkpoints "
-                                  "training Jobs write to and resume from)"),
-            "modelCache": volume("model weights cache (HF_HOME of the vLLM pods)"),
+                                  "training Jobs write to and resume from)", None),
+            "modelCache": volume("model weights cache (HF_HOME of the vLLM pods)",
+                                 "where the vLLM pods mount it (HF_HOME is <mountPath>/hf)"),
         }),
         "metrics": obj("Prometheus", {
             "serviceMonitor": obj("a ServiceMonitor (prometheus-operator) for gateway, annotator and vLLM", {
