@@ -463,3 +463,34 @@ def test_ingress_exposes_the_gateway_http_door(helm, tmp_path):
     kubernetes_validate.validate(any_host, K8S_VERSION, strict=True)
     with pytest.raises(HelmFailed, match="gateway.ingress.enabled needs the HTTP door: gateway.httpPort is 0"):
         helm.template([], {"gateway.ingress.enabled": "true", "gateway.httpPort": "0"})
+
+
+def test_upgrades_keep_selectors_and_roll_only_what_changed(helm, tmp_path):
+    """`helm upgrade` to a newer chart keeps every selector (immutable in Deployments); a config change
+    rolls the gateway and annotator (checksum/config) and leaves the GPU model pods alone."""
+    import shutil
+
+    newer = tmp_path / "moaa"
+    shutil.copytree(CHART, newer)
+    meta = yaml.safe_load((newer / "Chart.yaml").read_text())
+    meta.update(version="9.9.9", appVersion="9.9.9")
+    (newer / "Chart.yaml").write_text(yaml.safe_dump(meta))
+
+    def selectors(objs):
+        return {(o["kind"], o["metadata"]["name"]): o["spec"].get("selector") for o in objs
+                if o["kind"] in ("Deployment", "Service")}
+    old = render(helm, "multi-gpu").objects
+    new = [o for o in yaml.safe_load_all(helm.run("template", "moaa", str(newer), "--namespace", "moaa", "-f",
+                                                  str(CHART / "values-multi-gpu.yaml"))) if o]
+    assert selectors(old) == selectors(new)
+    for pvc in (o for o in old if o["kind"] == "PersistentVolumeClaim"):  # a PVC's spec is immutable too
+        assert pvc["spec"] == next(o for o in new if o["metadata"]["name"] == pvc["metadata"]["name"])["spec"]
+
+    def templates(r):
+        return {d["metadata"]["name"]: d["spec"]["template"] for d in r.of_kind("Deployment")}
+    before = templates(render(helm, "default"))
+    after = templates(helm.template([], {"gateway.server.max_in_flight": "77"}))
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {"moaa-gateway", "moaa-annotator"}
+    assert all(before[n]["metadata"]["annotations"]["checksum/config"] != after[n]["metadata"]["annotations"]["checksum/config"]
+               for n in changed)
