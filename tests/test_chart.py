@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 import kubernetes_validate
@@ -374,6 +375,19 @@ def test_chart_storage_is_what_training_jobs_mount(helm):
     for name in ("multi-gpu", "secure-chart-secrets"):
         pvcs = {p["metadata"]["name"]: p for p in render(helm, name).of_kind("PersistentVolumeClaim")}
         assert claims <= set(pvcs), f"{name}: Jobs mount {sorted(claims)}, the chart makes {sorted(pvcs)}"
+    # the model cache is one HF_HOME: what the vLLM pods downloaded, the Jobs find (and the other way round)
+    def hf_home(pod, claim):
+        (c,) = pod["containers"]
+        vol = next(v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == claim)
+        mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == vol)
+        home = next(e["value"] for e in c["env"] if e["name"] == "HF_HOME")
+        return str(PurePosixPath(home).relative_to(mount))
+    vllm = next(d for d in render(helm, "multi-gpu").of_kind("Deployment")
+                if d["metadata"]["labels"]["app.kubernetes.io/component"] == "model")["spec"]["template"]["spec"]
+    assert hf_home(vllm, "moaa-model-cache") == hf_home(pod, "moaa-model-cache")
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    vllm_env = {e["name"]: e for e in vllm["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == vllm_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
     mine = helm.template([], {"persistence.checkpoints.enabled": "true", "persistence.checkpoints.existingClaim": "c",
                               "persistence.checkpoints.storageClass": "fast"})
     assert not mine.of_kind("PersistentVolumeClaim")  # an existing claim is used, not made
