@@ -157,3 +157,23 @@ def test_checkpoints_mount_follows_the_settings(capsys, tmp_path):
     assert_valid_and_round_trips(doc)
     mounts = {m["name"]: m["mountPath"] for m in doc["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
     assert mounts["checkpoints"] == "/mnt/ckpt"
+
+
+def test_private_registry_and_extra_env(capsys):
+    """The trainer image lives in the user's (private) registry, as the chart's images do; and Jobs take
+    extra environment variables (NCCL, experiment trackers) beside the ones the builder sets."""
+    rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", "/checkpoints/r",
+               "--image-pull-secret", "regcred", "--image-pull-secret", "other", "--env", "NCCL_DEBUG=INFO",
+               "--env", "WANDB_MODE=offline", "--dry-run"])
+    assert rc == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert_valid_and_round_trips(doc)
+    pod = doc["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "other"}]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["NCCL_DEBUG"] == "INFO" and env["WANDB_MODE"] == "offline" and env["HF_HOME"] == "/models/hf"
+    # the builder's own variables cannot be overridden by accident
+    rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", "/checkpoints/r",
+               "--env", "HF_HOME=/tmp", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "HF_HOME" in err

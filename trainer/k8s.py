@@ -38,6 +38,8 @@ class JobSettings(_Strict):
     namespace: str = Field("moaa", description="namespace of the Job")
     image: str = Field(DEFAULT_IMAGE, description="trainer image (docker/Dockerfile.trainer)")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets for a private registry")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables of the trainer")
     gpus: int = Field(1, ge=0, description="GPUs of one node; >1 starts one process per GPU")
     gpu_resource: str = Field("nvidia.com/gpu", description="extended resource name of the GPUs")
     cpu: str = Field("8", description="CPU request")
@@ -97,6 +99,11 @@ def build_job(cfg, settings: JobSettings | None = None):
     env = [k.V1EnvVar(name="HF_HOME", value="/models/hf"),
            k.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
            k.V1EnvVar(name="MOAA_JOB_NAME", value=name)]
+    taken = {e.name for e in env} | {"HF_TOKEN"}
+    clash = sorted(taken & set(s.env))
+    if clash:
+        raise UserError(f"env {', '.join(clash)}: set by the Job builder itself; use its own setting instead")
+    env += [k.V1EnvVar(name=key, value=value) for key, value in s.env.items()]
     if s.hub_token_secret:
         env.append(k.V1EnvVar(name="HF_TOKEN", value_from=k.V1EnvVarSource(secret_key_ref=k.V1SecretKeySelector(
             name=s.hub_token_secret, key=s.hub_token_key, optional=True))))
@@ -121,6 +128,7 @@ def build_job(cfg, settings: JobSettings | None = None):
                                                 run_as_non_root=True,
                                                 seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
         node_selector=s.node_selector or None, containers=[container], volumes=volumes,
+        image_pull_secrets=[k.V1LocalObjectReference(name=n) for n in s.image_pull_secrets] or None,
         tolerations=[k.V1Toleration(**t.model_dump(exclude_none=True)) for t in s.tolerations] or None)
     policy = k.V1PodFailurePolicy(rules=[
         # bad input: a retry cannot help

@@ -27,6 +27,9 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="Job name (default: moaa-KIND-<hash of --out>)")
     g.add_argument("--namespace", help="namespace (default moaa)")
     g.add_argument("--image", help="trainer image")
+    g.add_argument("--image-pull-secret", dest="image_pull_secrets", action="append", default=[], metavar="SECRET",
+                   help="Secret for pulling the image from a private registry (repeat)")
+    g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment variable (repeat)")
     g.add_argument("--gpus", type=int, help="GPUs on one node (>1: torchrun across them)")
     g.add_argument("--launcher", choices=["torchrun", "accelerate"], help="multi-GPU launcher")
     g.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE", help="node label (repeat)")
@@ -59,6 +62,13 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         data["node_selector"] = dict(_split(item, "=", "--node-selector") for item in args.node_selector)
     if args.toleration:
         data["tolerations"] = [_toleration(t) for t in args.toleration]
+    if args.image_pull_secrets:
+        data["image_pull_secrets"] = args.image_pull_secrets
+    if args.env:
+        base = data.get("env") or {}
+        if not isinstance(base, dict):
+            raise UserError("bad job settings: env: expected a mapping of NAME: VALUE")
+        data["env"] = {**base, **dict(_split(item, "=", "--env") for item in args.env)}
     try:
         return JobSettings.model_validate(data)
     except ValidationError as err:
