@@ -59,6 +59,9 @@ def test_schema_rejects_bad_values(helm, tmp_path, data, message):
     ({"models": [{**MODEL, "gpus": 2, "vllm": {"tensorParallelSize": 4}}]},
      "vllm.tensorParallelSize=4 needs at least 4 GPUs, but gpus=2"),
     ({"tls": {"enabled": True}}, "tls.secretName is empty"),
+    ({"models": [{**MODEL, "name": "gateway"}]},
+     'models: the name "gateway" would make a second Deployment and Service moaa-gateway; pick another'),
+    ({"models": [{**MODEL, "name": "annotator"}]}, 'models: the name "annotator" would make a second'),
     ({"gateway": {"extraBackends": {"qwen": {"urls": ["https://api.example/v1"]}}}},
      "gateway.extraBackends.qwen: a model of the chart already has this name"),
 ])

@@ -88,6 +88,9 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- fail (printf "models: the name %q is used twice; model names must be unique" .name) -}}
 {{- end -}}
 {{- $_ := set $seen .name true -}}
+{{- if has .name (list "gateway" "annotator") -}}
+{{- fail (printf "models: the name %q would make a second Deployment and Service %s-%s; pick another" .name (include "moaa.fullname" $) .name) -}}
+{{- end -}}
 {{- end -}}
 {{- if and .Values.gateway.enabled .Values.gateway.ingress.enabled (eq (int .Values.gateway.httpPort) 0) -}}
 {{- fail "gateway.ingress.enabled needs the HTTP door: gateway.httpPort is 0" -}}
