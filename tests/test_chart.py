@@ -521,3 +521,18 @@ def test_renders_are_reproducible(helm):
     one, two = (helm.run(*args).splitlines() for _ in range(2))
     differ = [(a, b) for a, b in zip(one, two) if a != b]
     assert len(one) == len(two) and len(differ) == 1 and differ[0][0].strip().startswith("tokens:")
+
+
+def test_common_labels_reach_every_object_and_pod(helm):
+    """commonLabels (cost centre, team) land on every object and every pod, where cost tools read them;
+    the pods get no chart version label, so a chart upgrade alone does not restart GPU pods."""
+    r = helm.template(["values-multi-gpu.yaml"], {"commonLabels.team": "ml", "modelDefaults.podLabels.team": "gpu",
+                                                   "modelDefaults.podLabels.tier": "a"})
+    for obj in r.objects:
+        assert obj["metadata"]["labels"]["team"] == "ml", obj["metadata"]["name"]
+    for d in r.of_kind("Deployment"):
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        model = d["metadata"]["labels"]["app.kubernetes.io/component"] == "model"
+        assert labels["team"] == ("gpu" if model else "ml"), d["metadata"]["name"]  # a model's own podLabels win
+        assert ("tier" in labels) == model and "app.kubernetes.io/version" not in labels
+        assert "team" not in d["spec"]["selector"]["matchLabels"]

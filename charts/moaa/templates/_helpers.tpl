@@ -28,6 +28,13 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* Labels of a component's pods: the selector's, then "extra" (a dict, optional), then commonLabels, the
+first winning a clash (no version: a chart upgrade alone must not restart pods). Call like moaa.selectorLabels. */}}
+{{- define "moaa.podLabels" -}}
+{{- $l := merge (include "moaa.selectorLabels" . | fromYaml) (deepCopy (default (dict) .extra)) (deepCopy .root.Values.commonLabels) -}}
+{{- toYaml $l -}}
+{{- end -}}
+
 {{- define "moaa.labels" -}}
 {{ include "moaa.selectorLabels" . }}
 helm.sh/chart: {{ include "moaa.chart" .root }}

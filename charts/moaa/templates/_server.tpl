@@ -24,7 +24,7 @@ spec:
   template:
     metadata:
       labels:
-        {{- include "moaa.selectorLabels" $labels | nindent 8 }}
+        {{- include "moaa.podLabels" $labels | nindent 8 }}
       annotations:
         # Roll the pods when the config changes: they read it once at start.
         checksum/config: {{ include "moaa.config" $root | sha256sum }}
