@@ -217,7 +217,7 @@ def chart_schema() -> dict:
     props = {
         "nameOverride": s("replaces the chart name in object names"),
         "fullnameOverride": s("replaces the whole object name prefix"),
-        "commonLabels": strmap("labels added to every object"),
+        "commonLabels": strmap("labels added to every object and pod"),
         "images": obj("container images", {
             "vllm": image("the official vLLM OpenAI-compatible server image"),
             "moaa": image("the moaa image (docker/Dockerfile.gateway): gateway, annotator, helm test"),
