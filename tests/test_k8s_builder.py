@@ -136,6 +136,8 @@ def test_bad_job_settings_exit_2(capsys):
     ("/data/sft", "read-only data volume"),
     ("/tmp/sft", "not on the checkpoints volume"),
     ("/checkpointsX/sft", "not on the checkpoints volume"),
+    ("/checkpoints/../tmp/sft", "not on the checkpoints volume"),
+    ("/checkpoints", "not on the checkpoints volume"),  # the volume's root: a second run would mix with it
 ])
 def test_output_off_the_checkpoints_volume_exits_2(capsys, out, why):
     """The pod's own filesystem dies with it: a model (and the checkpoints a retried pod resumes from)

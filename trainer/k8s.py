@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
@@ -71,7 +72,7 @@ def check_output(out: str, s: JobSettings) -> None:
     """The pod's own filesystem dies with it: --out (the model, and the checkpoints a retried pod resumes
     from) must be on the checkpoints PVC, or the Job completes and its result is gone."""
     where = f"the checkpoints volume (PVC {s.checkpoints_claim} at {s.checkpoints_path})"
-    path = PurePosixPath(out)
+    path = PurePosixPath(posixpath.normpath(out))  # "/checkpoints/../tmp" is not on the volume
     if not path.is_absolute():
         problem = "is relative: in the pod it is on the container's own filesystem, not on " + where
     elif path.is_relative_to(s.checkpoints_path) and path != PurePosixPath(s.checkpoints_path):
@@ -99,7 +100,7 @@ def build_job(cfg, settings: JobSettings | None = None):
     env = [k.V1EnvVar(name="HF_HOME", value="/models/hf"),
            k.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
            k.V1EnvVar(name="MOAA_JOB_NAME", value=name)]
-    taken = {e.name for e in env} | {"HF_TOKEN"}
+    taken = {e.name for e in env} | ({"HF_TOKEN"} if s.hub_token_secret else set())
     clash = sorted(taken & set(s.env))
     if clash:
         raise UserError(f"env {', '.join(clash)}: set by the Job builder itself; use its own setting instead")
