@@ -24,7 +24,8 @@ LOG = "\n".join(json.dumps({"event": "log", "step": s, "total": 4, "loss": 2.0 -
                 for s in range(1, 5)) + "\n"
 
 
-def play_controller(emu, *, exit_code: int, log: str = LOG, reason: str | None = None, timeout: float = 30):
+def play_controller(emu, *, exit_code: int, log: str = LOG, reason: str | None = None, timeout: float = 30,
+                    killed: str | None = None):
     """In a thread: wait for the Job, add its pod (terminated with exit_code) and log, then set its status."""
     from kubernetes import client
 
@@ -44,7 +45,7 @@ def play_controller(emu, *, exit_code: int, log: str = LOG, reason: str | None =
             "spec": {"containers": [{"name": "trainer", "image": "x"}], "restartPolicy": "Never"},
             "status": {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": [{
                 "name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
-                "state": {"terminated": {"exitCode": exit_code}}}]}})
+                "state": {"terminated": {"exitCode": exit_code, **({"reason": killed} if killed else {})}}}]}})
         time.sleep(0.3)  # let the follower see the job running first
         cond = {"type": "Complete" if exit_code == 0 else "Failed", "status": "True"}
         if reason:
@@ -103,6 +104,16 @@ def test_job_failed_otherwise_exits_1(kube_api, capsys):
     ctl.join(5)
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "BackoffLimitExceeded" in err and "exit codes [1]" in err
+
+
+def test_out_of_memory_is_named(kube_api, capsys):
+    """A trainer killed for memory says so, and which setting to raise."""
+    ctl = play_controller(kube_api, exit_code=137, reason="BackoffLimitExceeded", killed="OOMKilled")
+    rc = submit(kube_api)
+    ctl.join(5)
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "exit codes [137]" in err
+    assert "OOMKilled" in err and "memory" in err and "--job-settings" in err
 
 
 def _status(code, reason, message):

@@ -213,7 +213,9 @@ def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=
             if EXIT_BAD_INPUT in codes or failed.reason == "PodFailurePolicy":
                 raise UserError(f"Job {ns}/{name} failed on bad input (exit {EXIT_BAD_INPUT}; {detail}); "
                                 f"see its log above")
-            raise MoaaError(f"Job {ns}/{name} failed ({detail}; pod exit codes {sorted(codes) or 'unknown'})")
+            oom = "; OOMKilled: the trainer ran out of memory, raise `memory` (--job-settings)" \
+                if "OOMKilled" in _termination_reasons(pods) else ""
+            raise MoaaError(f"Job {ns}/{name} failed ({detail}; pod exit codes {sorted(codes) or 'unknown'}){oom}")
         if time.monotonic() > deadline:
             stuck = "".join(f"; pod {p} is waiting: {w[0]}: {w[1]}" for p, w in waiting.items() if w)
             raise TransientError(f"stopped following Job {ns}/{name} after {timeout_s:.0f}s; it keeps running "
@@ -261,11 +263,20 @@ def _print_new_log_lines(core, host: str, ns: str, pod, seen: dict[str, int], ou
     seen[pname] = len(lines)
 
 
-def _exit_codes(pods) -> set[int]:
-    codes = set()
+def _terminations(pods) -> list:
+    """The trainer container's terminated states (exit code, and the kubelet's reason, e.g. OOMKilled)."""
+    out = []
     for pod in pods:
         for cs in (pod.status and pod.status.container_statuses) or []:
             term = cs.state and cs.state.terminated
-            if cs.name == CONTAINER and term is not None and term.exit_code is not None:
-                codes.add(int(term.exit_code))
-    return codes
+            if cs.name == CONTAINER and term is not None:
+                out.append(term)
+    return out
+
+
+def _exit_codes(pods) -> set[int]:
+    return {int(t.exit_code) for t in _terminations(pods) if t.exit_code is not None}
+
+
+def _termination_reasons(pods) -> set[str]:
+    return {t.reason for t in _terminations(pods) if t.reason}
