@@ -335,6 +335,20 @@ def test_network_policy_lets_only_gateway_annotator_and_trainer_reach_models(hel
                    if "podSelector" in p)
 
 
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_servers_drain_before_they_stop(helm, name):
+    """A rolling update (every config change rolls them) loses no calls: the pod keeps serving while the
+    Service's endpoints drop it (preStop sleep), then gets its shutdown grace on top."""
+    r = render(helm, name)
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    for which, server in (("gateway", cfg.gateway), ("annotator", cfg.annotator)):
+        pod = r.get("Deployment", f"moaa-{which}")["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        sleep = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert sleep[0] == "sleep" and int(sleep[1]) >= 5
+        assert pod["terminationGracePeriodSeconds"] >= int(sleep[1]) + server.shutdown_grace_s
+
+
 def test_tls_switches_kubelet_probes_to_tcp(helm):
     gw = render(helm, "secure").get("Deployment", "moaa-gateway")["spec"]["template"]["spec"]["containers"][0]
     assert gw["readinessProbe"]["tcpSocket"] == {"port": "grpc"}

@@ -45,12 +45,19 @@ spec:
         fsGroup: 10001
         seccompProfile:
           type: RuntimeDefault
-      terminationGracePeriodSeconds: {{ add 5 (int (default 30 $v.server.shutdown_grace_s)) }}
+      {{- /* the preStop sleep, then the server's own shutdown grace, then a margin */}}
+      terminationGracePeriodSeconds: {{ add 10 (int (default 30 $v.server.shutdown_grace_s)) }}
       containers:
         - name: {{ .which }}
           image: {{ include "moaa.image" (dict "image" $image "root" $root) | quote }}
           imagePullPolicy: {{ $image.pullPolicy }}
           command: ["moaa", {{ .which | quote }}, "serve", "--config", "{{ include "moaa.configDir" . }}/moaa.yaml"]
+          lifecycle:
+            # Keep serving while the Service's endpoints drop this pod (they update asynchronously);
+            # SIGTERM then starts the server's own graceful shutdown. No call is refused mid-roll.
+            preStop:
+              exec:
+                command: ["sleep", "5"]
           {{- with $v.env }}
           env:
             {{- toYaml . | nindent 12 }}
