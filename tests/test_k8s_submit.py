@@ -24,12 +24,16 @@ LOG = "\n".join(json.dumps({"event": "log", "step": s, "total": 4, "loss": 2.0 -
                 for s in range(1, 5)) + "\n"
 
 
+CONTROLLER = "moaa-test-job-controller"
+
+
 def play_controller(emu, *, exit_code: int, log: str = LOG, reason: str | None = None, timeout: float = 30,
                     killed: str | None = None):
     """In a thread: wait for the Job, add its pod (terminated with exit_code) and log, then set its status."""
     from kubernetes import client
 
     api = emu.client()
+    api.user_agent = CONTROLLER  # tells its requests from those of `moaa train submit`
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
 
     def run():
@@ -84,6 +88,27 @@ def test_submit_follows_logs_and_succeeds(kube_api, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     stored = to_dict(stored_job(kube_api))
     assert stored["spec"] == printed["spec"]
+
+
+def test_submit_needs_only_what_the_submitter_role_grants(kube_api, capsys):
+    """Every API request of a submit that creates, follows (status, pods, logs) and finishes a Job is
+    allowed by the Role of k8s/20-rbac.yaml: a user bound to it is not stopped by a 403 half way."""
+    from pathlib import Path
+
+    docs = yaml.safe_load_all((Path(__file__).resolve().parents[1] / "k8s" / "20-rbac.yaml").read_text())
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    ctl = play_controller(kube_api, exit_code=0)
+    assert submit(kube_api) == 0
+    ctl.join(5)
+    verbs = {"FETCH": "get", "LIST": "list", "WATCH": "watch", "CREATE": "create", "UPDATE": "update",
+             "PATCH": "patch", "DELETE": "delete"}  # kmock's names of the request verbs
+    made = {(r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""),
+             verbs[r.action.value]) for r in list(kube_api.kmock)
+            if r.headers.get("User-Agent") != CONTROLLER and r.resource}
+    assert ("batch", "jobs", "create") in made
+    for group, resource, verb in sorted(made):
+        assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+                   for rule in role["rules"]), f"{verb} {resource} ({group or 'core'}) is not in the submitter Role"
 
 
 def test_job_failed_on_bad_input_exits_2(kube_api, capsys):

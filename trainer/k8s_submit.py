@@ -190,7 +190,8 @@ def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=
     waiting: dict[str, tuple[str, str] | None] = {}
     last_status = None
     while True:
-        job = api_call(f"reading Job {ns}/{name}", host, batch.read_namespaced_job_status, name, ns)
+        # the Job itself carries its status; the jobs/status subresource would need its own RBAC rule
+        job = api_call(f"reading Job {ns}/{name}", host, batch.read_namespaced_job, name, ns)
         pods = _pods(core, host, ns, name)
         for pod in pods:
             _print_new_log_lines(core, host, ns, pod, seen_lines, out)
