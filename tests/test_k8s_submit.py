@@ -180,6 +180,9 @@ def test_follow_timeout_is_transient(kube_api, capsys):
     rc = submit(kube_api, "--follow-timeout", "0.5")
     err = capsys.readouterr().err.strip()
     assert rc == 75 and "keeps running" in err and "kubectl -n moaa logs -f job/run1" in err
+    # no pod ever appeared (the Job controller could not make one): say where the reason is
+    assert "no pod was created" in err and "kubectl -n moaa describe job/run1" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_local_bad_data_stops_before_the_api(tmp_path, capsys):

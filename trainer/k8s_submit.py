@@ -219,6 +219,8 @@ def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=
             raise MoaaError(f"Job {ns}/{name} failed ({detail}; pod exit codes {sorted(codes) or 'unknown'}){oom}")
         if time.monotonic() > deadline:
             stuck = "".join(f"; pod {p} is waiting: {w[0]}: {w[1]}" for p, w in waiting.items() if w)
+            if not waiting:  # e.g. a missing service account, a quota, an admission webhook
+                stuck = f"; no pod was created: kubectl -n {ns} describe job/{name} shows why"
             raise TransientError(f"stopped following Job {ns}/{name} after {timeout_s:.0f}s; it keeps running "
                                  f"(kubectl -n {ns} logs -f job/{name}){stuck}")
         time.sleep(poll_s)
