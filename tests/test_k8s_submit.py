@@ -226,3 +226,19 @@ def test_a_pod_that_cannot_start_is_reported(kube_api, capsys):
         follow_job(kube_api.client(), NS, "run1", timeout_s=0.6, poll_s=0.1, out=lines.append)
     assert [json.loads(x)["reason"] for x in lines if '"pod_waiting"' in x] == ["ImagePullBackOff"]
     assert len(str(err.value).splitlines()) == 1 and "ImagePullBackOff" in str(err.value)
+
+
+def test_a_job_without_pods_says_so_while_following(kube_api):
+    """No pod a minute after the Job was made (no service account, a quota, an admission webhook): one
+    job_waiting line says where the reason is, long before following times out."""
+    from moaa.errors import TransientError
+    from moaa.trainer.k8s_submit import follow_job
+
+    assert submit(kube_api, "--no-follow") == 0
+    lines: list[str] = []
+    with pytest.raises(TransientError):
+        follow_job(kube_api.client(), NS, "run1", timeout_s=0.8, poll_s=0.1, out=lines.append, no_pod_hint_s=0.2)
+    hints = [json.loads(x) for x in lines if '"job_waiting"' in x]
+    assert hints == [{"event": "job_waiting", "name": "run1",
+                      "message": "no pod yet: kubectl -n moaa describe job/run1 shows why "
+                                 "(service account, quota, admission)"}]

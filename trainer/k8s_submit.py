@@ -178,14 +178,18 @@ def _condition(job, kind: str):
     return None
 
 
-def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=print) -> int:
+def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=print,
+               no_pod_hint_s: float = 60.0) -> int:
     """Poll status and logs until the Job completes or fails; the pod's JSON progress lines pass through,
-    and a pod that cannot start (unschedulable, image pull, missing Secret) is reported when its reason changes."""
+    a pod that cannot start (unschedulable, image pull, missing Secret) is reported when its reason changes,
+    and a Job still without a pod after `no_pod_hint_s` says where to look, once."""
     from kubernetes import client
 
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
     host = api.configuration.host
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
+    hinted = False
     seen_lines: dict[str, int] = {}
     waiting: dict[str, tuple[str, str] | None] = {}
     last_status = None
@@ -199,6 +203,10 @@ def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=
             if why and why != waiting.get(pod.metadata.name):
                 out(json.dumps({"event": "pod_waiting", "pod": pod.metadata.name, "reason": why[0], "message": why[1]}))
             waiting[pod.metadata.name] = why
+        if not pods and not hinted and time.monotonic() - started > no_pod_hint_s:
+            out(json.dumps({"event": "job_waiting", "name": name, "message": f"no pod yet: kubectl -n {ns} describe "
+                            f"job/{name} shows why (service account, quota, admission)"}))
+            hinted = True
         st = job.status
         status = (st.active or 0, st.succeeded or 0, st.failed or 0) if st else (0, 0, 0)
         if status != last_status:
