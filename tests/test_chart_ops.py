@@ -119,3 +119,16 @@ def test_common_labels_reach_every_object_and_pod(helm):
         assert labels["team"] == ("gpu" if model else "ml"), d["metadata"]["name"]  # a model's own podLabels win
         assert ("tier" in labels) == model and "app.kubernetes.io/version" not in labels
         assert "team" not in d["spec"]["selector"]["matchLabels"]
+
+
+def test_one_version_for_chart_images_and_trainer_jobs(helm):
+    """The chart's moaa image, the Jobs' trainer image and the package are one release: a version bump
+    that forgets one of them would run a trainer of another release than the gateway."""
+    import tomllib
+
+    from moaa.trainer.k8s import DEFAULT_IMAGE
+
+    app = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    package = tomllib.loads((CHART.parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    gw = render(helm, "default").get("Deployment", "moaa-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert gw["image"].rsplit(":", 1)[1] == DEFAULT_IMAGE.rsplit(":", 1)[1] == app == package
