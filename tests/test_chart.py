@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
 import kubernetes_validate
@@ -11,6 +12,7 @@ import yaml
 
 from moaa.services.config import dump_config, load_config, parse_config
 from tests.fixtures.helm import CHART, K8S_VERSION, HelmFailed
+from tests.fixtures.trainer import restricted_problems
 
 # name -> (values files in charts/moaa, --set values)
 VALUE_SETS = {
@@ -19,10 +21,14 @@ VALUE_SETS = {
     "one-model-per-role": (["values-one-model-per-role.yaml"], {}),
     "multi-gpu": (["values-multi-gpu.yaml"], {}),
     "secure": (["values-secure.yaml"], {}),
-    # chart-made auth Secret, TLS on the annotator too, both volumes created by the chart
+    # chart-made auth Secret, TLS on the annotator too, every volume created by the chart
     "secure-chart-secrets": (["values-secure.yaml"], {
         "auth.existingSecret": "", "auth.tokens[0]": "t" * 32, "tls.annotator": "true",
         "persistence.data.enabled": "true", "persistence.modelCache.enabled": "true",
+        "persistence.checkpoints.enabled": "true",
+        "gateway.ingress.enabled": "true", "gateway.ingress.className": "nginx", "gateway.ingress.hosts[0]": "moaa.example.com",
+        "gateway.ingress.tls[0].secretName": "moaa-www", "gateway.ingress.tls[0].hosts[0]": "moaa.example.com",
+        "serviceAccount.create": "true", "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn": "arn:x",
     }),
 }
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
@@ -51,14 +57,29 @@ def test_lint_finds_nothing(helm, name):
         assert level not in out, out
 
 
+def min_kube_version() -> str:
+    """The oldest Kubernetes the chart claims (Chart.yaml kubeVersion ">=X.Y.Z-0")."""
+    claim = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    assert claim.startswith(">=") and " " not in claim, claim
+    return claim[2:].split("-")[0]
+
+
+@pytest.mark.parametrize("kube", [min_kube_version(), K8S_VERSION])
 @pytest.mark.parametrize("name", VALUE_SETS)
-def test_every_object_validates_against_the_kubernetes_schemas(helm, name):
-    r = render(helm, name)
-    assert r.objects
-    for obj in r.objects:
+def test_every_object_validates_against_the_kubernetes_schemas(helm, name, kube):
+    """Every Kubernetes version the chart claims: its oldest and the newest schemas that ship."""
+    files, sets = VALUE_SETS[name]
+    out = helm.run("template", "moaa", str(CHART), "--namespace", "moaa", "--kube-version", kube,
+                   *helm._value_args(files, sets))
+    objects = [o for o in yaml.safe_load_all(out) if o]
+    assert objects
+    for obj in objects:
         if (obj["apiVersion"], obj["kind"]) in CRDS:
             continue  # no schema ships for CRDs; test_service_monitor checks it by structure
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(obj, kube, strict=True)
+    older = f"1.{int(min_kube_version().split('.')[1]) - 1}.0"
+    with pytest.raises(HelmFailed, match=f"incompatible with Kubernetes v{older}"):
+        helm.run("template", "moaa", str(CHART), "--kube-version", older)
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -155,7 +176,34 @@ def test_model_pods_have_probes_and_shared_memory(helm, name):
         assert shm["emptyDir"]["medium"] == "Memory"
         assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
         assert c["image"].startswith(("vllm/vllm-openai:", "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:"))
+        # the official image runs as root; still no privilege escalation
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False}
         assert c["command"] == ["vllm", "serve"]
+
+
+def pod_specs(r) -> dict[str, dict]:
+    """Every pod the chart runs: Deployments' templates and the helm test pod."""
+    pods = {f"Deployment/{d['metadata']['name']}": d["spec"]["template"]["spec"] for d in r.of_kind("Deployment")}
+    return pods | {f"Pod/{p['metadata']['name']}": p["spec"] for p in r.of_kind("Pod")}
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_container_requests_cpu_and_memory(helm, name):
+    """The scheduler places pods by their requests: without them a node is overcommitted and the pods are
+    the first evicted (BestEffort)."""
+    for where, pod in pod_specs(render(helm, name)).items():
+        for c in pod["containers"]:
+            res = c.get("resources", {})
+            assert {"cpu", "memory"} <= set(res.get("requests", {})), f"{where}/{c['name']}: {res}"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_moaa_pods_meet_the_restricted_pod_security_standard(helm, name):
+    """Gateway, annotator and the helm test pod (the moaa image runs as uid 10001). The vLLM pods run the
+    official image as root: they are not held to it."""
+    for where, pod in pod_specs(render(helm, name)).items():
+        if pod["containers"][0]["name"] != "vllm":
+            assert restricted_problems(pod) == [], where
 
 
 def model_deployments(r):
@@ -245,12 +293,13 @@ def test_generated_token_is_kept_across_upgrades(helm, helm_cluster):
     assert listed.of_kind("Secret")[0]["stringData"]["tokens"] == "v" * 20 + "\n"
 
 
-def trainer_pod_labels(helm) -> list[dict]:
-    """Labels of trainer pods: the chart's Jobs and `moaa train submit`'s (trainer/k8s.py)."""
-    from moaa.trainer.k8s import LABEL_APP, LABEL_COMPONENT
+def trainer_pod_labels() -> dict:
+    """Labels of the trainer pods `moaa train submit` makes (trainer/k8s.py); the chart has no Job."""
+    from moaa.trainer.config import load_train_config
+    from moaa.trainer.k8s import build_job, to_dict
 
-    chart = [j["spec"]["template"]["metadata"]["labels"] for j in render(helm, "multi-gpu").of_kind("Job")]
-    return chart + [{LABEL_APP: "moaa", LABEL_COMPONENT: "trainer", "moaa/stage": "sft"}]
+    cfg = load_train_config("sft", None, model="/models/m", data="/data/d.jsonl", out="/checkpoints/run")
+    return to_dict(build_job(cfg))["spec"]["template"]["metadata"]["labels"]
 
 
 def test_network_policy_lets_only_gateway_annotator_and_trainer_reach_models(helm):
@@ -267,9 +316,13 @@ def test_network_policy_lets_only_gateway_annotator_and_trainer_reach_models(hel
         pod_peers = [p["podSelector"]["matchLabels"] for p in rule["from"] if "podSelector" in p]
         allowed = {k for k, labels in pods.items() if any(selects(s, labels) for s in pod_peers)}
         assert allowed == {"gateway/moaa-gateway", "annotator/moaa-annotator"}
-        assert all(any(selects(s, labels) for s in pod_peers) for labels in trainer_pod_labels(helm))
+        trainer = trainer_pod_labels()
+        assert any(selects(s, trainer) for s in pod_peers)
         test_pod = r.of_kind("Pod")[0]["metadata"]["labels"]
         assert not any(selects(s, test_pod) for s in pod_peers)  # nor any other pod
+        # and every peer admits some pod that exists: no selector left for pods nothing makes
+        for peer in pod_peers:
+            assert any(selects(peer, labels) for labels in [*pods.values(), trainer]), peer
         others = [p for p in rule["from"] if "podSelector" not in p]
         if name == "default":
             assert others == [] and r.get("NetworkPolicy", "moaa-servers")["spec"]["ingress"] == [{}]
@@ -280,6 +333,20 @@ def test_network_policy_lets_only_gateway_annotator_and_trainer_reach_models(hel
         assert any(selects(p["podSelector"]["matchLabels"], test_pod) for p in servers if "podSelector" in p)
         assert any(selects(p["podSelector"]["matchLabels"], pods["gateway/moaa-gateway"]) for p in servers
                    if "podSelector" in p)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_servers_drain_before_they_stop(helm, name):
+    """A rolling update (every config change rolls them) loses no calls: the pod keeps serving while the
+    Service's endpoints drop it (preStop sleep), then gets its shutdown grace on top."""
+    r = render(helm, name)
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    for which, server in (("gateway", cfg.gateway), ("annotator", cfg.annotator)):
+        pod = r.get("Deployment", f"moaa-{which}")["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        sleep = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert sleep[0] == "sleep" and int(sleep[1]) >= 5
+        assert pod["terminationGracePeriodSeconds"] >= int(sleep[1]) + server.shutdown_grace_s
 
 
 def test_tls_switches_kubelet_probes_to_tcp(helm):
@@ -310,6 +377,36 @@ def test_training_jobs_are_not_a_chart_copy(helm):
     assert not (CHART / "templates" / "trainer-job.yaml").exists()
     with pytest.raises(HelmFailed, match="additional properties 'trainer' not allowed"):
         helm.run("template", "moaa", str(CHART), "--set", "trainer.sft.enabled=true")
+
+
+def test_chart_storage_is_what_training_jobs_mount(helm):
+    """A release named moaa with storage on makes every PVC a default `moaa train submit` Job mounts
+    (data, checkpoints, model cache): nothing else to apply, no Job Pending on a missing claim."""
+    from moaa.trainer.k8s import JobSettings, build_job, to_dict
+    from moaa.trainer.config import load_train_config
+
+    cfg = load_train_config("sft", None, model="/models/m", data="/data/d.jsonl", out="/checkpoints/run")
+    pod = to_dict(build_job(cfg, JobSettings()))["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    for name in ("multi-gpu", "secure-chart-secrets"):
+        pvcs = {p["metadata"]["name"]: p for p in render(helm, name).of_kind("PersistentVolumeClaim")}
+        assert claims <= set(pvcs), f"{name}: Jobs mount {sorted(claims)}, the chart makes {sorted(pvcs)}"
+    # the model cache is one HF_HOME: what the vLLM pods downloaded, the Jobs find (and the other way round)
+    def hf_home(pod, claim):
+        (c,) = pod["containers"]
+        vol = next(v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == claim)
+        mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == vol)
+        home = next(e["value"] for e in c["env"] if e["name"] == "HF_HOME")
+        return str(PurePosixPath(home).relative_to(mount))
+    vllm = next(d for d in render(helm, "multi-gpu").of_kind("Deployment")
+                if d["metadata"]["labels"]["app.kubernetes.io/component"] == "model")["spec"]["template"]["spec"]
+    assert hf_home(vllm, "moaa-model-cache") == hf_home(pod, "moaa-model-cache")
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    vllm_env = {e["name"]: e for e in vllm["containers"][0]["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == vllm_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+    mine = helm.template([], {"persistence.checkpoints.enabled": "true", "persistence.checkpoints.existingClaim": "c",
+                              "persistence.checkpoints.storageClass": "fast"})
+    assert not mine.of_kind("PersistentVolumeClaim")  # an existing claim is used, not made
 
 
 def test_helm_test_pod_targets_the_gateway(helm):

@@ -7,6 +7,8 @@ Python program in the rendered test Pod, run as a subprocess with the Pod's envi
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
 import shutil
 import sys
 
@@ -106,3 +108,37 @@ async def test_secure_chart_gateway_passes_the_helm_test(helm, started, gw_tls_f
     # without a client certificate the handshake is refused: mutual TLS is really on
     rc, out = await run_check(code, {**local, "MOAA_MUTUAL": "0"})
     assert rc == 1 and "health check failed" in out, out
+
+
+async def test_install_notes_generate_command_works_against_the_secure_gateway(helm, started, gw_tls_files,
+                                                                               emulator, tmp_path):
+    """The `moaa generate` line `helm install -f values-secure.yaml` prints, run as printed (from a folder
+    holding the Secret's files), reaches the mutual-TLS, token-guarded gateway and streams an answer."""
+    r = helm.template(["values-secure.yaml"])
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    for src, dst in (("server.crt", "tls.crt"), ("server.key", "tls.key"), ("ca.crt", "ca.crt")):
+        shutil.copy(gw_tls_files[src], tls_dir / dst)
+    # the client's own certificate, signed by the same CA, under the names the notes use
+    shutil.copy(gw_tls_files["client.crt"], tmp_path / "tls.crt")
+    shutil.copy(gw_tls_files["client.key"], tmp_path / "tls.key")
+    shutil.copy(gw_tls_files["ca.crt"], tmp_path / "ca.crt")
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{TOKEN}\n")
+    _, env = pod_check(r)
+    raw = local_config(r.config_text(), {"/etc/moaa/tls/tls.crt": str(tls_dir / "tls.crt"),
+                                         "/etc/moaa/tls/tls.key": str(tls_dir / "tls.key"),
+                                         "/etc/moaa/tls/ca.crt": str(tls_dir / "ca.crt"),
+                                         env["MOAA_TOKEN_FILE"]: str(tokens)})
+    for backend in raw["backends"].values():
+        backend["urls"] = [emulator.url]  # the model Services, here one emulated OpenAI-compatible server
+    running = await started(raw)
+    (line,) = [x.strip() for x in helm.notes(["values-secure.yaml"]).splitlines() if x.strip().startswith("moaa generate")]
+    argv = [a.replace("$GATEWAY", f"localhost:{running.port}").replace("$MOAA_TOKEN", TOKEN)
+            for a in shlex.split(line)]
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", *argv[1:], cwd=tmp_path,
+                                                env={**os.environ, "MOAA_TOKEN": ""},
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, (line, err.decode())
+    assert out.strip()

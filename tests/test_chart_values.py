@@ -59,6 +59,9 @@ def test_schema_rejects_bad_values(helm, tmp_path, data, message):
     ({"models": [{**MODEL, "gpus": 2, "vllm": {"tensorParallelSize": 4}}]},
      "vllm.tensorParallelSize=4 needs at least 4 GPUs, but gpus=2"),
     ({"tls": {"enabled": True}}, "tls.secretName is empty"),
+    ({"models": [{**MODEL, "name": "gateway"}]},
+     'models: the name "gateway" would make a second Deployment and Service moaa-gateway; pick another'),
+    ({"models": [{**MODEL, "name": "annotator"}]}, 'models: the name "annotator" would make a second'),
     ({"gateway": {"extraBackends": {"qwen": {"urls": ["https://api.example/v1"]}}}},
      "gateway.extraBackends.qwen: a model of the chart already has this name"),
 ])
@@ -78,7 +81,7 @@ def test_model_settings_merge_over_defaults_and_keep_zeros(helm, tmp_path):
     assert m["spec"]["replicas"] == 0 and n["spec"]["replicas"] == 3
     mc, nc = m["spec"]["template"]["spec"]["containers"][0], n["spec"]["template"]["spec"]["containers"][0]
     assert mc["startupProbe"]["failureThreshold"] == 200 and mc["startupProbe"]["periodSeconds"] == 10
-    assert "resources" not in mc and nc["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in mc["resources"].get("limits", {}) and nc["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "--max-model-len=8192" in mc["args"]
     cfg = parse_config(yaml.safe_load(r.config_text()))
     assert cfg.backends["m"].context_window == 8192

@@ -40,6 +40,10 @@ async def test_generate_errors_are_one_line(gw_emulators, gateway_factory, capsy
     code = await asyncio.to_thread(main, ["generate", "--gateway", f"127.0.0.1:{unused_tcp_port}", "--timeout", "2", "hi"])
     err = capsys.readouterr().err
     assert code == 75 and err.startswith("moaa: error: gateway 127.0.0.1:") and err.count("\n") == 1
+    # a client certificate without its key (mutual TLS needs both)
+    code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--tls-cert", "tls.crt", "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "needs both --tls-cert and --tls-key" in err
 
 
 async def test_gateway_serve_runs_and_stops_on_sigterm(gw_emulators, tmp_path, unused_tcp_port, unused_tcp_port_factory):

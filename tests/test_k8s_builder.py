@@ -13,6 +13,7 @@ from moaa.trainer.config import TrainConfig, load_train_config
 from moaa.trainer.k8s import JobSettings, build_job, from_dict, to_dict
 from moaa.trainer.k8s_manifests import render
 from moaa.trainer.launch import launch_command
+from tests.fixtures.trainer import restricted_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_VERSION = kubernetes_validate.utils.latest_version()
@@ -63,6 +64,13 @@ def test_every_job_validates_and_round_trips(kind, settings):
         assert c["args"][-4:] == ["--nproc-per-node", str(settings.gpus), "--launcher", settings.launcher]
     env = {e["name"]: e for e in c["env"]}
     assert ("HF_TOKEN" in env) == bool(settings.hub_token_secret)
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["default", "cpu", "8gpu"])
+def test_job_pod_meets_the_restricted_pod_security_standard(settings):
+    """A namespace that enforces the "restricted" Pod Security Standard admits the trainer pod."""
+    pod = to_dict(build_job(_cfg(), settings))["spec"]["template"]["spec"]
+    assert restricted_problems(pod) == []
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
@@ -128,3 +136,53 @@ def test_job_settings_file_is_read_like_a_config_file(tmp_path, capsys):
                "--job-settings", str(tmp_path / "missing.yaml")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "job settings file" in err and "does not exist" in err
+
+
+@pytest.mark.parametrize("out, why", [
+    ("runs/sft", "relative"),
+    ("/data/sft", "read-only data volume"),
+    ("/tmp/sft", "not on the checkpoints volume"),
+    ("/checkpointsX/sft", "not on the checkpoints volume"),
+    ("/checkpoints/../tmp/sft", "not on the checkpoints volume"),
+    ("/checkpoints", "not on the checkpoints volume"),  # the volume's root: a second run would mix with it
+])
+def test_output_off_the_checkpoints_volume_exits_2(capsys, out, why):
+    """The pod's own filesystem dies with it: a model (and the checkpoints a retried pod resumes from)
+    written anywhere but the checkpoints PVC would be lost, with the Job reported complete."""
+    rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", out, "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"--out {out}" in err and why in err and "/checkpoints" in err
+
+
+def test_checkpoints_mount_follows_the_settings(capsys, tmp_path):
+    """Mounted where the output is (the pipeline's --out must be at the same path as in the Job)."""
+    settings = tmp_path / "job.yaml"
+    settings.write_text("checkpoints_path: /mnt/ckpt\n")
+    rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", "/mnt/ckpt/run1",
+               "--job-settings", str(settings), "--dry-run"])
+    assert rc == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert_valid_and_round_trips(doc)
+    mounts = {m["name"]: m["mountPath"] for m in doc["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert mounts["checkpoints"] == "/mnt/ckpt"
+
+
+def test_private_registry_and_extra_env(capsys):
+    """The trainer image lives in the user's (private) registry, as the chart's images do; and Jobs take
+    extra environment variables (NCCL, experiment trackers) beside the ones the builder sets."""
+    rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", "/checkpoints/r",
+               "--image-pull-secret", "regcred", "--image-pull-secret", "other", "--env", "NCCL_DEBUG=INFO",
+               "--env", "WANDB_MODE=offline", "--dry-run"])
+    assert rc == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert_valid_and_round_trips(doc)
+    pod = doc["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "other"}]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["NCCL_DEBUG"] == "INFO" and env["WANDB_MODE"] == "offline" and env["HF_HOME"] == "/models/hf"
+    # the builder's own variables cannot be overridden by accident
+    rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", "/checkpoints/r",
+               "--env", "HF_HOME=/tmp", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "HF_HOME" in err

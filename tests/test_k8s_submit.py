@@ -24,11 +24,16 @@ LOG = "\n".join(json.dumps({"event": "log", "step": s, "total": 4, "loss": 2.0 -
                 for s in range(1, 5)) + "\n"
 
 
-def play_controller(emu, *, exit_code: int, log: str = LOG, reason: str | None = None, timeout: float = 30):
+CONTROLLER = "moaa-test-job-controller"
+
+
+def play_controller(emu, *, exit_code: int, log: str = LOG, reason: str | None = None, timeout: float = 30,
+                    killed: str | None = None):
     """In a thread: wait for the Job, add its pod (terminated with exit_code) and log, then set its status."""
     from kubernetes import client
 
     api = emu.client()
+    api.user_agent = CONTROLLER  # tells its requests from those of `moaa train submit`
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
 
     def run():
@@ -44,7 +49,7 @@ def play_controller(emu, *, exit_code: int, log: str = LOG, reason: str | None =
             "spec": {"containers": [{"name": "trainer", "image": "x"}], "restartPolicy": "Never"},
             "status": {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": [{
                 "name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
-                "state": {"terminated": {"exitCode": exit_code}}}]}})
+                "state": {"terminated": {"exitCode": exit_code, **({"reason": killed} if killed else {})}}}]}})
         time.sleep(0.3)  # let the follower see the job running first
         cond = {"type": "Complete" if exit_code == 0 else "Failed", "status": "True"}
         if reason:
@@ -85,6 +90,27 @@ def test_submit_follows_logs_and_succeeds(kube_api, capsys):
     assert stored["spec"] == printed["spec"]
 
 
+def test_submit_needs_only_what_the_submitter_role_grants(kube_api, capsys):
+    """Every API request of a submit that creates, follows (status, pods, logs) and finishes a Job is
+    allowed by the Role of k8s/20-rbac.yaml: a user bound to it is not stopped by a 403 half way."""
+    from pathlib import Path
+
+    docs = yaml.safe_load_all((Path(__file__).resolve().parents[1] / "k8s" / "20-rbac.yaml").read_text())
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    ctl = play_controller(kube_api, exit_code=0)
+    assert submit(kube_api) == 0
+    ctl.join(5)
+    verbs = {"FETCH": "get", "LIST": "list", "WATCH": "watch", "CREATE": "create", "UPDATE": "update",
+             "PATCH": "patch", "DELETE": "delete"}  # kmock's names of the request verbs
+    made = {(r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""),
+             verbs[r.action.value]) for r in list(kube_api.kmock)
+            if r.headers.get("User-Agent") != CONTROLLER and r.resource}
+    assert ("batch", "jobs", "create") in made
+    for group, resource, verb in sorted(made):
+        assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+                   for rule in role["rules"]), f"{verb} {resource} ({group or 'core'}) is not in the submitter Role"
+
+
 def test_job_failed_on_bad_input_exits_2(kube_api, capsys):
     ctl = play_controller(kube_api, exit_code=2, reason="PodFailurePolicy",
                           log='moaa: error: /data/sft.jsonl: 1 bad row(s): line 3: not JSON\n')
@@ -103,6 +129,16 @@ def test_job_failed_otherwise_exits_1(kube_api, capsys):
     ctl.join(5)
     err = capsys.readouterr().err.strip()
     assert rc == 1 and "BackoffLimitExceeded" in err and "exit codes [1]" in err
+
+
+def test_out_of_memory_is_named(kube_api, capsys):
+    """A trainer killed for memory says so, and which setting to raise."""
+    ctl = play_controller(kube_api, exit_code=137, reason="BackoffLimitExceeded", killed="OOMKilled")
+    rc = submit(kube_api)
+    ctl.join(5)
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "exit codes [137]" in err
+    assert "OOMKilled" in err and "memory" in err and "--job-settings" in err
 
 
 def _status(code, reason, message):
@@ -144,6 +180,9 @@ def test_follow_timeout_is_transient(kube_api, capsys):
     rc = submit(kube_api, "--follow-timeout", "0.5")
     err = capsys.readouterr().err.strip()
     assert rc == 75 and "keeps running" in err and "kubectl -n moaa logs -f job/run1" in err
+    # no pod ever appeared (the Job controller could not make one): say where the reason is
+    assert "no pod was created" in err and "kubectl -n moaa describe job/run1" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_local_bad_data_stops_before_the_api(tmp_path, capsys):
@@ -152,3 +191,54 @@ def test_local_bad_data_stops_before_the_api(tmp_path, capsys):
                "--api-server", "http://127.0.0.1:9"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "line 2: not JSON" in err
+
+
+def test_a_pod_that_cannot_start_is_reported(kube_api, capsys):
+    """A Pending pod (no node with a free GPU, an image that cannot be pulled) says why, once per change,
+    and following that times out names the reason instead of only 'keeps running'."""
+    from kubernetes import client
+
+    assert submit(kube_api, "--no-follow") == 0
+    core = client.CoreV1Api(kube_api.client())
+    unschedulable = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                     "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}
+    core.create_namespaced_pod(NS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": "run1-x1", "namespace": NS, "labels": {"job-name": "run1"}},
+        "spec": {"containers": [{"name": "trainer", "image": "x"}], "restartPolicy": "Never"},
+        "status": {"phase": "Pending", "conditions": [unschedulable]}})
+    from moaa.errors import TransientError
+    from moaa.trainer.k8s_submit import follow_job  # what `submit` does after creating the Job
+
+    lines: list[str] = []
+    with pytest.raises(TransientError) as err:
+        follow_job(kube_api.client(), NS, "run1", timeout_s=0.6, poll_s=0.1, out=lines.append)
+    waiting = [json.loads(x) for x in lines if '"pod_waiting"' in x]
+    assert waiting == [{"event": "pod_waiting", "pod": "run1-x1", "reason": "Unschedulable",
+                        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]
+    assert "run1-x1 is waiting: Unschedulable: 0/3 nodes are available" in str(err.value)
+    # scheduled, but the image cannot be pulled
+    core.patch_namespaced_pod_status("run1-x1", NS, {"status": {"conditions": [
+        {"type": "PodScheduled", "status": "True"}], "containerStatuses": [{
+            "name": "trainer", "image": "x", "imageID": "", "ready": False, "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x"'}}}]}})
+    lines.clear()
+    with pytest.raises(TransientError) as err:
+        follow_job(kube_api.client(), NS, "run1", timeout_s=0.6, poll_s=0.1, out=lines.append)
+    assert [json.loads(x)["reason"] for x in lines if '"pod_waiting"' in x] == ["ImagePullBackOff"]
+    assert len(str(err.value).splitlines()) == 1 and "ImagePullBackOff" in str(err.value)
+
+
+def test_a_job_without_pods_says_so_while_following(kube_api):
+    """No pod a minute after the Job was made (no service account, a quota, an admission webhook): one
+    job_waiting line says where the reason is, long before following times out."""
+    from moaa.errors import TransientError
+    from moaa.trainer.k8s_submit import follow_job
+
+    assert submit(kube_api, "--no-follow") == 0
+    lines: list[str] = []
+    with pytest.raises(TransientError):
+        follow_job(kube_api.client(), NS, "run1", timeout_s=0.8, poll_s=0.1, out=lines.append, no_pod_hint_s=0.2)
+    hints = [json.loads(x) for x in lines if '"job_waiting"' in x]
+    assert hints == [{"event": "job_waiting", "name": "run1",
+                      "message": "no pod yet: kubectl -n moaa describe job/run1 shows why "
+                                 "(service account, quota, admission)"}]

@@ -187,6 +187,16 @@ async def test_trl_values_are_checked_by_the_trainer_before_stage_1(tmp_path):
     assert checked == [{"event": "config_ok", "kind": "sft", "trl": {"save_strategy": "no"}}]
 
 
+async def test_k8s_jobs_are_checked_before_stage_1(tmp_path):
+    """With --k8s, each stage's Job is built (`moaa train submit ... --dry-run`, the stage's exact argv and
+    --k8s-arg) before stage 1: an --out the Jobs cannot write to stops the run now, not hours later."""
+    out = tmp_path / "run"
+    rc, _, err = await _run([*_offline_cmd(out), "--k8s"], timeout=180)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "checking the SFT Job" in err and f"--out {out}/" in err and "checkpoints volume" in err
+    assert not (out / "stage1-sft-data").exists() and not (out / "run.json").exists()
+
+
 async def test_sft_trl_save_strategy_no_reaches_the_trainer(services, tiny_model_dir, tmp_path):
     """`--set sft.trl.save_strategy=no` (YAML would read False) trains with TRL's save_strategy "no"."""
     prompts = _prompts(tmp_path / "p.jsonl", n=6)
@@ -399,9 +409,12 @@ async def test_k8s_training_jobs_are_submitted_followed_and_continued(services, 
     out = tmp_path / "run"
     stop = threading.Event()
     jobs, argvs = _play_training_jobs(kube_api, Path(tiny_model_dir), stop)
+    job_settings = tmp_path / "job.yaml"  # the Jobs mount the checkpoints volume where --out is here
+    job_settings.write_text(f"checkpoints_path: {tmp_path}\n")
     try:
         cmd = _cmd(services, prompts, out, tiny_model_dir, "--until", "dpo", "--k8s", "--set", "sft.trl.save_strategy=no",
-                   "--set", "dpo.beta=0.05", f"--k8s-arg=--api-server={kube_api.url}", "--k8s-arg=--poll-interval=0.1")
+                   "--set", "dpo.beta=0.05", f"--k8s-arg=--api-server={kube_api.url}", "--k8s-arg=--poll-interval=0.1",
+                   f"--k8s-arg=--job-settings={job_settings}")
         rc, stdout, err = await _run(cmd, timeout=600)
     finally:
         stop.set()

@@ -264,7 +264,7 @@ def test_gpu_config_is_checked_where_there_is_no_gpu_and_refused_by_a_run_there(
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible here")
     for item in ("precision=fp16", "device=cuda"):
-        rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "/models/m", "--out", "/ck/o",
+        rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "/models/m", "--out", "/checkpoints/o",
                    "--gpus", "1", "--dry-run", "--set", item])
         out = capsys.readouterr()
         assert rc == 0 and "kind: Job" in out.out, out.err

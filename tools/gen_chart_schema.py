@@ -162,6 +162,14 @@ def server(which: str, port: int) -> dict:
             "defaultRecipe": s("recipe used when a call names none (config default_recipe)"),
             "httpPort": i("OpenAI-compatible HTTP port (/v1/chat/completions; default 8080); 0 = off",
                           minimum=0, maximum=65535),
+            "ingress": obj("an Ingress to the gateway's HTTP door (not gRPC)", {
+                "enabled": b("make the Ingress (needs httpPort > 0)"),
+                "className": s("ingressClassName; empty: the cluster's default class"),
+                "annotations": strmap("Ingress annotations (controller settings)"),
+                "hosts": arr("host names routed to the gateway; empty: every host",
+                             {"type": "string", "description": "a host name"}),
+                "tls": arr("TLS of the Ingress (IngressTLS objects: secretName, hosts)", k8s("an IngressTLS")),
+            }),
             "extraBackends": {"type": "object", "description": "backends outside the chart (e.g. a hosted "
                               "OpenAI-compatible API), as the config's backends:",
                               "additionalProperties": {"$ref": "#/$defs/BackendConfig"}},
@@ -183,7 +191,8 @@ def server(which: str, port: int) -> dict:
     return obj(what, props)
 
 
-def volume(desc: str) -> dict:
+def volume(desc: str, mount: str | None) -> dict:
+    """A PVC value; `mount` describes mountPath (None: no chart pod mounts it, so no mountPath)."""
     return obj(desc, {
         "enabled": b("create (or use) a PersistentVolumeClaim; off: an emptyDir"),
         "existingClaim": s("use this existing PVC instead of creating one"),
@@ -193,7 +202,7 @@ def volume(desc: str) -> dict:
                            {"type": "string", "description": "an access mode",
                             "enum": ["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]},
                            minItems=1),
-        "mountPath": s("where pods mount it", pattern="^/"),
+        **({"mountPath": s(mount, pattern="^/")} if mount else {}),
     })
 
 
@@ -208,14 +217,20 @@ def chart_schema() -> dict:
     props = {
         "nameOverride": s("replaces the chart name in object names"),
         "fullnameOverride": s("replaces the whole object name prefix"),
-        "commonLabels": strmap("labels added to every object"),
+        "commonLabels": strmap("labels added to every object and pod"),
         "images": obj("container images", {
             "vllm": image("the official vLLM OpenAI-compatible server image"),
             "moaa": image("the moaa image (docker/Dockerfile.gateway): gateway, annotator, helm test"),
         }),
         "imagePullSecrets": arr("Secrets for pulling private images", obj("a LocalObjectReference", {
             "name": s("Secret name")}, required=["name"])),
-        "hubToken": obj("Hugging Face token for gated models, passed to model pods and Jobs as HF_TOKEN", {
+        "serviceAccount": obj("service account of the gateway, annotator and model pods (its token is not mounted)", {
+            "create": b("make it; off: use name, or the namespace's default account"),
+            "name": s("its name; empty with create: <fullname>"),
+            "annotations": strmap("its annotations (e.g. a workload identity role)"),
+        }),
+        "hubToken": obj("Hugging Face token for gated models, passed to model pods as HF_TOKEN (training Jobs: "
+                      "moaa train submit --hub-token-secret, default hf-token)", {
             "secretName": s("existing Secret holding the token; empty: no token"),
             "key": s("key of the token in that Secret"),
         }),
@@ -238,8 +253,12 @@ def chart_schema() -> dict:
                            "calls to the annotator use plaintext)"),
         }),
         "persistence": obj("storage", {
-            "data": volume("datasets and checkpoints (a release named moaa: the PVC moaa-data training Jobs mount)"),
-            "modelCache": volume("model weights cache (HF_HOME of the vLLM pods)"),
+            "data": volume("datasets (a release named moaa: the PVC moaa-data training Jobs mount at /data)",
+                           "unused: no chart pod mounts this volume (training Jobs mount it at /data)"),
+            "checkpoints": volume("training outputs and checkpoints (a release named moaa: the PVC moaa-checkpoints "
+                                  "training Jobs write to and resume from)", None),
+            "modelCache": volume("model weights cache (HF_HOME of the vLLM pods)",
+                                 "where the vLLM pods mount it (HF_HOME is <mountPath>/hf)"),
         }),
         "metrics": obj("Prometheus", {
             "serviceMonitor": obj("a ServiceMonitor (prometheus-operator) for gateway, annotator and vLLM", {
@@ -259,6 +278,7 @@ def chart_schema() -> dict:
            for k, v in placement().items()},
         "tests": obj("the helm test pod", {
             "timeoutSeconds": i("deadline of its gRPC health check", minimum=1),
+            "resources": resources("CPU and memory requests and limits of the test pod"),
         }),
     }
     return obj("values of the moaa chart", props)

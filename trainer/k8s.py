@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field
 
-from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT
+from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, UserError
 from moaa.trainer.config import _Strict, cli_args
 
 DEFAULT_IMAGE = "moaa/moaa-trainer:0.1.0"
@@ -37,6 +39,8 @@ class JobSettings(_Strict):
     namespace: str = Field("moaa", description="namespace of the Job")
     image: str = Field(DEFAULT_IMAGE, description="trainer image (docker/Dockerfile.trainer)")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets for a private registry")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables of the trainer")
     gpus: int = Field(1, ge=0, description="GPUs of one node; >1 starts one process per GPU")
     gpu_resource: str = Field("nvidia.com/gpu", description="extended resource name of the GPUs")
     cpu: str = Field("8", description="CPU request")
@@ -46,7 +50,9 @@ class JobSettings(_Strict):
     tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")],
                                           description="taints the pod tolerates (GPU nodes are often tainted)")
     data_claim: str = Field("moaa-data", description="PVC with datasets, mounted at /data")
-    checkpoints_claim: str = Field("moaa-checkpoints", description="PVC for checkpoints and models, at /checkpoints")
+    checkpoints_claim: str = Field("moaa-checkpoints", description="PVC for checkpoints and models")
+    checkpoints_path: str = Field("/checkpoints", pattern="^/", description="where the checkpoints PVC is mounted; "
+                                  "--out must be under it (the pipeline's --out: at the same path as where it runs)")
     model_cache_claim: str = Field("moaa-model-cache", description="PVC for downloaded weights (HF_HOME), at /models")
     hub_token_secret: str | None = Field("hf-token", description="Secret with the hub token (HF_TOKEN); optional")
     hub_token_key: str = Field("token", description="key of the token in that Secret")
@@ -62,11 +68,28 @@ def job_name(kind: str, out: str, settings: JobSettings) -> str:
     return settings.name or f"moaa-{kind}-{hashlib.sha1(out.encode()).hexdigest()[:8]}"
 
 
+def check_output(out: str, s: JobSettings) -> None:
+    """The pod's own filesystem dies with it: --out (the model, and the checkpoints a retried pod resumes
+    from) must be on the checkpoints PVC, or the Job completes and its result is gone."""
+    where = f"the checkpoints volume (PVC {s.checkpoints_claim} at {s.checkpoints_path})"
+    path = PurePosixPath(posixpath.normpath(out))  # "/checkpoints/../tmp" is not on the volume
+    if not path.is_absolute():
+        problem = "is relative: in the pod it is on the container's own filesystem, not on " + where
+    elif path.is_relative_to(s.checkpoints_path) and path != PurePosixPath(s.checkpoints_path):
+        return
+    elif path.is_relative_to("/data"):
+        problem = f"is on the read-only data volume, not on {where}"
+    else:
+        problem = f"is not on {where}: the model and its checkpoints would be lost with the pod"
+    raise UserError(f"--out {out} {problem}; use --out {s.checkpoints_path}/NAME")
+
+
 def build_job(cfg, settings: JobSettings | None = None):
     """A batch/v1 Job (kubernetes.client.V1Job) that runs this training config."""
     from kubernetes import client as k
 
     s = settings or JobSettings()
+    check_output(str(cfg.out), s)
     name = job_name(cfg.kind, cfg.out, s)
     labels = {LABEL_APP: "moaa", LABEL_COMPONENT: "trainer", "moaa/stage": cfg.kind}
     command = ["moaa", "train", cfg.kind]
@@ -77,15 +100,23 @@ def build_job(cfg, settings: JobSettings | None = None):
     env = [k.V1EnvVar(name="HF_HOME", value="/models/hf"),
            k.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
            k.V1EnvVar(name="MOAA_JOB_NAME", value=name)]
+    taken = {e.name for e in env} | ({"HF_TOKEN"} if s.hub_token_secret else set())
+    clash = sorted(taken & set(s.env))
+    if clash:
+        raise UserError(f"env {', '.join(clash)}: set by the Job builder itself; use its own setting instead")
+    env += [k.V1EnvVar(name=key, value=value) for key, value in s.env.items()]
     if s.hub_token_secret:
         env.append(k.V1EnvVar(name="HF_TOKEN", value_from=k.V1EnvVarSource(secret_key_ref=k.V1SecretKeySelector(
             name=s.hub_token_secret, key=s.hub_token_key, optional=True))))
     container = k.V1Container(
         name=CONTAINER, image=s.image, image_pull_policy=s.image_pull_policy, command=command, args=args, env=env,
+        # the "restricted" Pod Security Standard: nothing the trainer needs, and such namespaces admit it
+        security_context=k.V1SecurityContext(allow_privilege_escalation=False,
+                                             capabilities=k.V1Capabilities(drop=["ALL"])),
         resources=k.V1ResourceRequirements(requests={"cpu": s.cpu, "memory": s.memory, **gpus},
                                            limits={"memory": s.memory, **gpus}),
         volume_mounts=[k.V1VolumeMount(name="data", mount_path="/data", read_only=True),
-                       k.V1VolumeMount(name="checkpoints", mount_path="/checkpoints"),
+                       k.V1VolumeMount(name="checkpoints", mount_path=s.checkpoints_path),
                        k.V1VolumeMount(name="model-cache", mount_path="/models"),
                        k.V1VolumeMount(name="shm", mount_path="/dev/shm")])
     claims = {"data": s.data_claim, "checkpoints": s.checkpoints_claim, "model-cache": s.model_cache_claim}
@@ -94,8 +125,11 @@ def build_job(cfg, settings: JobSettings | None = None):
     volumes.append(k.V1Volume(name="shm", empty_dir=k.V1EmptyDirVolumeSource(medium="Memory", size_limit=s.shm_size)))
     pod = k.V1PodSpec(
         restart_policy="Never", service_account_name=s.service_account, automount_service_account_token=False,
-        security_context=k.V1PodSecurityContext(fs_group=10001, run_as_user=10001, run_as_non_root=True),
+        security_context=k.V1PodSecurityContext(fs_group=10001, run_as_user=10001, run_as_group=10001,
+                                                run_as_non_root=True,
+                                                seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
         node_selector=s.node_selector or None, containers=[container], volumes=volumes,
+        image_pull_secrets=[k.V1LocalObjectReference(name=n) for n in s.image_pull_secrets] or None,
         tolerations=[k.V1Toleration(**t.model_dump(exclude_none=True)) for t in s.tolerations] or None)
     policy = k.V1PodFailurePolicy(rules=[
         # bad input: a retry cannot help

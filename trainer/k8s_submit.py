@@ -27,6 +27,9 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="Job name (default: moaa-KIND-<hash of --out>)")
     g.add_argument("--namespace", help="namespace (default moaa)")
     g.add_argument("--image", help="trainer image")
+    g.add_argument("--image-pull-secret", dest="image_pull_secrets", action="append", default=[], metavar="SECRET",
+                   help="Secret for pulling the image from a private registry (repeat)")
+    g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra environment variable (repeat)")
     g.add_argument("--gpus", type=int, help="GPUs on one node (>1: torchrun across them)")
     g.add_argument("--launcher", choices=["torchrun", "accelerate"], help="multi-GPU launcher")
     g.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE", help="node label (repeat)")
@@ -54,6 +57,13 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
         data["node_selector"] = dict(_split(item, "=", "--node-selector") for item in args.node_selector)
     if args.toleration:
         data["tolerations"] = [_toleration(t) for t in args.toleration]
+    if args.image_pull_secrets:
+        data["image_pull_secrets"] = args.image_pull_secrets
+    if args.env:
+        base = data.get("env") or {}
+        if not isinstance(base, dict):
+            raise UserError("bad job settings: env: expected a mapping of NAME: VALUE")
+        data["env"] = {**base, **dict(_split(item, "=", "--env") for item in args.env)}
     try:
         return JobSettings.model_validate(data)
     except ValidationError as err:
@@ -164,20 +174,35 @@ def _condition(job, kind: str):
     return None
 
 
-def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=print) -> int:
-    """Poll status and logs until the Job completes or fails; the pod's JSON progress lines pass through."""
+def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=print,
+               no_pod_hint_s: float = 60.0) -> int:
+    """Poll status and logs until the Job completes or fails; the pod's JSON progress lines pass through,
+    a pod that cannot start (unschedulable, image pull, missing Secret) is reported when its reason changes,
+    and a Job still without a pod after `no_pod_hint_s` says where to look, once."""
     from kubernetes import client
 
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
     host = api.configuration.host
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
+    hinted = False
     seen_lines: dict[str, int] = {}
+    waiting: dict[str, tuple[str, str] | None] = {}
     last_status = None
     while True:
-        job = api_call(f"reading Job {ns}/{name}", host, batch.read_namespaced_job_status, name, ns)
+        # the Job itself carries its status; the jobs/status subresource would need its own RBAC rule
+        job = api_call(f"reading Job {ns}/{name}", host, batch.read_namespaced_job, name, ns)
         pods = _pods(core, host, ns, name)
         for pod in pods:
             _print_new_log_lines(core, host, ns, pod, seen_lines, out)
+            why = _waiting_reason(pod)
+            if why and why != waiting.get(pod.metadata.name):
+                out(json.dumps({"event": "pod_waiting", "pod": pod.metadata.name, "reason": why[0], "message": why[1]}))
+            waiting[pod.metadata.name] = why
+        if not pods and not hinted and time.monotonic() - started > no_pod_hint_s:
+            out(json.dumps({"event": "job_waiting", "name": name, "message": f"no pod yet: kubectl -n {ns} describe "
+                            f"job/{name} shows why (service account, quota, admission)"}))
+            hinted = True
         st = job.status
         status = (st.active or 0, st.succeeded or 0, st.failed or 0) if st else (0, 0, 0)
         if status != last_status:
@@ -193,10 +218,15 @@ def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=
             if EXIT_BAD_INPUT in codes or failed.reason == "PodFailurePolicy":
                 raise UserError(f"Job {ns}/{name} failed on bad input (exit {EXIT_BAD_INPUT}; {detail}); "
                                 f"see its log above")
-            raise MoaaError(f"Job {ns}/{name} failed ({detail}; pod exit codes {sorted(codes) or 'unknown'})")
+            oom = "; OOMKilled: the trainer ran out of memory, raise `memory` (--job-settings)" \
+                if "OOMKilled" in _termination_reasons(pods) else ""
+            raise MoaaError(f"Job {ns}/{name} failed ({detail}; pod exit codes {sorted(codes) or 'unknown'}){oom}")
         if time.monotonic() > deadline:
+            stuck = "".join(f"; pod {p} is waiting: {w[0]}: {w[1]}" for p, w in waiting.items() if w)
+            if not waiting:  # e.g. a missing service account, a quota, an admission webhook
+                stuck = f"; no pod was created: kubectl -n {ns} describe job/{name} shows why"
             raise TransientError(f"stopped following Job {ns}/{name} after {timeout_s:.0f}s; it keeps running "
-                                 f"(kubectl -n {ns} logs -f job/{name})")
+                                 f"(kubectl -n {ns} logs -f job/{name}){stuck}")
         time.sleep(poll_s)
 
 
@@ -205,6 +235,25 @@ def _pods(core, host: str, ns: str, name: str) -> list:
                     label_selector=f"job-name={name}")
     mine = [p for p in pods.items if (p.metadata.labels or {}).get("job-name") == name]
     return sorted(mine, key=lambda p: (str(p.metadata.creation_timestamp or ""), p.metadata.name))
+
+
+# Container states that are just a pod starting normally, not worth a line.
+_STARTING = {"ContainerCreating", "PodInitializing"}
+
+
+def _waiting_reason(pod) -> tuple[str, str] | None:
+    """Why a pod is not running yet (no node fits, image not pulled, Secret missing ...), or None."""
+    st = pod.status
+    if st is None:
+        return None
+    for c in st.conditions or []:
+        if c.type == "PodScheduled" and c.status == "False":
+            return c.reason or "Unschedulable", " ".join((c.message or "").split())
+    for cs in st.container_statuses or []:
+        w = cs.state and cs.state.waiting
+        if w is not None and w.reason and w.reason not in _STARTING:
+            return w.reason, " ".join((w.message or "").split())
+    return None
 
 
 def _print_new_log_lines(core, host: str, ns: str, pod, seen: dict[str, int], out) -> None:
@@ -221,11 +270,20 @@ def _print_new_log_lines(core, host: str, ns: str, pod, seen: dict[str, int], ou
     seen[pname] = len(lines)
 
 
-def _exit_codes(pods) -> set[int]:
-    codes = set()
+def _terminations(pods) -> list:
+    """The trainer container's terminated states (exit code, and the kubelet's reason, e.g. OOMKilled)."""
+    out = []
     for pod in pods:
         for cs in (pod.status and pod.status.container_statuses) or []:
             term = cs.state and cs.state.terminated
-            if cs.name == CONTAINER and term is not None and term.exit_code is not None:
-                codes.add(int(term.exit_code))
-    return codes
+            if cs.name == CONTAINER and term is not None:
+                out.append(term)
+    return out
+
+
+def _exit_codes(pods) -> set[int]:
+    return {int(t.exit_code) for t in _terminations(pods) if t.exit_code is not None}
+
+
+def _termination_reasons(pods) -> set[str]:
+    return {t.reason for t in _terminations(pods) if t.reason}

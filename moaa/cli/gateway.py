@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     gen.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
     gen.add_argument("--tls-ca", help="CA certificate to verify the gateway's TLS certificate")
     gen.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
+    gen.add_argument("--tls-cert", help="client certificate, for a gateway that requires mutual TLS")
+    gen.add_argument("--tls-key", help="key of the client certificate")
     gen.set_defaults(func=_generate)
 
 
@@ -50,7 +52,8 @@ async def _generate(args) -> int:
     from moaa.client.endpoint import Endpoint
     from moaa.client.generate import generate
 
-    ep = Endpoint(args.gateway, token=args.token, tls_ca=args.tls_ca, tls=args.tls)
+    ep = Endpoint(args.gateway, token=args.token, tls_ca=args.tls_ca, tls=args.tls, cert_file=args.tls_cert,
+                  key_file=args.tls_key)
     await generate(ep, args.prompt, recipe=args.recipe, system=args.system, timeout=args.timeout,
                    max_tokens=args.max_tokens)
     return 0

@@ -219,7 +219,7 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     # so a folder that already records it was checked by an earlier run
     if pending and _recorded_hash(layout) != chash:
         _say(opts, f"checking {', '.join(c.kind for c in pending)} settings against the installed TRL")
-        await training.check_with_trl(pending, log_dir=layout.logs, k8s=opts.k8s)
+        await training.check_with_trl(pending, log_dir=layout.logs, k8s_args=opts.k8s_args if opts.k8s else None)
     record = RunRecord(layout, chash, opts)
     ledger = TokenLedger(layout.usage, opts.token_budget)
     _say(opts, f"moaa pipeline: {prompts.n_train} training prompts, {prompts.n_eval} held out for eval; "

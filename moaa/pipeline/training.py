@@ -92,17 +92,23 @@ def train_config(kind: str, settings: dict, *, data: Path, model: str, out: Path
     return build_train_config(kind, values, where=f"{kind} settings (--set {kind}.KEY=VALUE)", trl_check=False)
 
 
-async def check_with_trl(configs: list, *, log_dir: Path, k8s: bool = False) -> None:
+async def check_with_trl(configs: list, *, log_dir: Path, k8s_args: list[str] | None = None) -> None:
     """`moaa train KIND ... --check` for each config, side by side: the exact argv the trainer will get,
     checked against the installed TRL in a child (TRL and torch stay out of the pipeline's memory); for
-    this machine, or with k8s for the Jobs' GPU nodes."""
+    this machine, or with `k8s_args` (--k8s) for the Jobs' GPU nodes, and then each stage's Job is built
+    too (`moaa train submit ... --dry-run`): job settings and an --out the Jobs cannot write to fail now,
+    not after stage 1."""
     from moaa.trainer.config import cli_args
 
-    results = await asyncio.gather(*(
-        run_child(moaa_command("train", cfg.kind, *cli_args(cfg), "--check", "job" if k8s else "here"),
-                  log_path=log_dir / f"{cfg.kind}-check.log",
-                  what=f"checking --set {cfg.kind}.* against the installed TRL") for cfg in configs),
-        return_exceptions=True)
+    where = "here" if k8s_args is None else "job"
+    checks = [run_child(moaa_command("train", cfg.kind, *cli_args(cfg), "--check", where),
+                        log_path=log_dir / f"{cfg.kind}-check.log",
+                        what=f"checking --set {cfg.kind}.* against the installed TRL") for cfg in configs]
+    if k8s_args is not None:
+        checks += [run_child(moaa_command("train", "submit", cfg.kind, *cli_args(cfg), *k8s_args, "--dry-run"),
+                             log_path=log_dir / f"{cfg.kind}-job.log", what=f"checking the {cfg.kind.upper()} Job")
+                   for cfg in configs]
+    results = await asyncio.gather(*checks, return_exceptions=True)
     for err in results:
         if isinstance(err, BaseException):
             raise err

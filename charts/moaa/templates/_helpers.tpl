@@ -28,6 +28,13 @@ app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* Labels of a component's pods: the selector's, then "extra" (a dict, optional), then commonLabels, the
+first winning a clash (no version: a chart upgrade alone must not restart pods). Call like moaa.selectorLabels. */}}
+{{- define "moaa.podLabels" -}}
+{{- $l := merge (include "moaa.selectorLabels" . | fromYaml) (deepCopy (default (dict) .extra)) (deepCopy .root.Values.commonLabels) -}}
+{{- toYaml $l -}}
+{{- end -}}
+
 {{- define "moaa.labels" -}}
 {{ include "moaa.selectorLabels" . }}
 helm.sh/chart: {{ include "moaa.chart" .root }}
@@ -88,6 +95,12 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- fail (printf "models: the name %q is used twice; model names must be unique" .name) -}}
 {{- end -}}
 {{- $_ := set $seen .name true -}}
+{{- if has .name (list "gateway" "annotator") -}}
+{{- fail (printf "models: the name %q would make a second Deployment and Service %s-%s; pick another" .name (include "moaa.fullname" $) .name) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.gateway.enabled .Values.gateway.ingress.enabled (eq (int .Values.gateway.httpPort) 0) -}}
+{{- fail "gateway.ingress.enabled needs the HTTP door: gateway.httpPort is 0" -}}
 {{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled is true but tls.secretName is empty: name a kubernetes.io/tls Secret" -}}
@@ -202,6 +215,15 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* The pods' service account: made by the chart, named, or empty (the namespace's default). */}}
+{{- define "moaa.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "moaa.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "moaa.imagePullSecrets" -}}

@@ -24,7 +24,7 @@ spec:
   template:
     metadata:
       labels:
-        {{- include "moaa.selectorLabels" $labels | nindent 8 }}
+        {{- include "moaa.podLabels" $labels | nindent 8 }}
       annotations:
         # Roll the pods when the config changes: they read it once at start.
         checksum/config: {{ include "moaa.config" $root | sha256sum }}
@@ -33,6 +33,9 @@ spec:
         {{- end }}
     spec:
       automountServiceAccountToken: false
+      {{- with include "moaa.serviceAccountName" $root }}
+      serviceAccountName: {{ . }}
+      {{- end }}
       {{- with include "moaa.imagePullSecrets" $root | trim }}{{ . | nindent 6 }}{{- end }}
       {{- with include "moaa.placement" (dict "root" $root "v" $v) | trim }}{{ . | nindent 6 }}{{- end }}
       securityContext:
@@ -42,12 +45,19 @@ spec:
         fsGroup: 10001
         seccompProfile:
           type: RuntimeDefault
-      terminationGracePeriodSeconds: {{ add 5 (int (default 30 $v.server.shutdown_grace_s)) }}
+      {{- /* the preStop sleep, then the server's own shutdown grace, then a margin */}}
+      terminationGracePeriodSeconds: {{ add 10 (int (default 30 $v.server.shutdown_grace_s)) }}
       containers:
         - name: {{ .which }}
           image: {{ include "moaa.image" (dict "image" $image "root" $root) | quote }}
           imagePullPolicy: {{ $image.pullPolicy }}
           command: ["moaa", {{ .which | quote }}, "serve", "--config", "{{ include "moaa.configDir" . }}/moaa.yaml"]
+          lifecycle:
+            # Keep serving while the Service's endpoints drop this pod (they update asynchronously);
+            # SIGTERM then starts the server's own graceful shutdown. No call is refused mid-roll.
+            preStop:
+              exec:
+                command: ["sleep", "5"]
           {{- with $v.env }}
           env:
             {{- toYaml . | nindent 12 }}
