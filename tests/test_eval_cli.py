@@ -42,9 +42,11 @@ async def test_eval_with_openai_compatible_judge(judge_emulator, tmp_path):
     assert wr["win_rate_ci"][0] < 70 < wr["win_rate_ci"][1]
     # the judge only rewards length: with the length term set to zero the advantage shrinks
     assert wr["lc_win_rate"] < wr["win_rate"]
-    assert "sft vs base: win rate 70.0%" in out
+    # 70% on 10 prompts: the interval includes 50%, so the printed verdict is no difference, never a win
+    assert out.startswith("sft vs base: no measurable difference") and "win rate 70.0% [" in out
+    assert wr["conclusion"] == "no measurable difference" and wr["abstained"] == wr["failed"] == wr["missing"] == 0
     # the emulator does not answer the 1-10 grading prompt: counted as abstentions, never as scores
-    assert "sft: mean grade None (0 graded, 10 abstained)" in out
+    assert "sft: mean grade None (0 graded, 10 abstained, 0 failed)" in out
 
 
 async def test_eval_position_only_judge_gives_half(judge_emulator, tmp_path):
@@ -75,6 +77,31 @@ async def test_eval_with_annotator_ensemble(judge_emulator, tmp_path):
         await server.stop(0)
 
 
+async def test_eval_counts_missing_answers_and_agrees_with_its_verdict_rows(judge_emulator, tmp_path):
+    """Prompts the model did not answer are counted, not silently dropped; winrates.json and the printed
+    line are recomputed here from the stored verdict rows."""
+    from moaa.jsonl import read_rows
+    from moaa.pipeline.eval.winrate import conclusion, summarize
+
+    a, b = _answers(tmp_path)
+    a.write_text("".join(a.read_text().splitlines(keepends=True)[:8]))   # no answers for q8, q9
+    rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--name", "sft", "--baseline-name",
+                              "base", "--judge-url", judge_emulator.url, "--judge-model", "longest",
+                              "--out", str(tmp_path / "ev"), "--bootstrap", "200")
+    assert rc == 0, err
+    wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())[0]
+    rows = [r for f in sorted((tmp_path / "ev" / "judgments").glob("data-*.jsonl")) for r in read_rows(f)]
+    assert wr["n"] == len(rows) == 8 and wr["missing"] == 2 and wr["prompts"] == 8
+    assert all(len(r["orders"]) == 2 for r in rows)            # both presentation orders asked and kept
+    again = summarize("sft", "base", [r["preference"] for r in rows], [r["len_model"] for r in rows],
+                      [r["len_baseline"] for r in rows], n_resamples=200).to_json()
+    for key in ("win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_ci", "wins", "ties", "losses", "conclusion"):
+        assert wr[key] == pytest.approx(again[key]) if key != "conclusion" else wr[key] == again[key], key
+    assert wr["conclusion"] == conclusion(wr["win_rate_ci"], 8)
+    assert f"win rate {wr['win_rate']:.1f}% [{wr['win_rate_ci'][0]:.1f}, {wr['win_rate_ci'][1]:.1f}]" in out
+    assert "2 missing" in out
+
+
 async def test_eval_bad_input_is_one_line(tmp_path):
     a, b = _answers(tmp_path)
     rc, _, err = await _cli("eval", "--answers", str(a), "--baseline", str(b))
@@ -98,7 +125,9 @@ async def test_eval_all_abstentions_are_not_ties(judge_emulator, tmp_path):
         rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--annotator", server.address,
                                   "--out", str(tmp_path / "ev"))
         assert rc == 0, err
-        assert "no pair could be judged: the judge abstained on all 10 pairs" in out
+        assert "no verdict: none of the pairs was judged (10 abstained, 0 failed, 0 missing an answer)" in out
+        wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())
+        assert wr[0]["n"] == 0 and wr[0]["abstained"] == 10 and wr[0]["ties"] == 0 and wr[0]["win_rate"] is None
         skipped = (tmp_path / "ev" / "judgments" / "skipped.jsonl").read_text().splitlines()
         assert len(skipped) == 10 and all("judge_abstained" in s for s in skipped)
     finally:

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from moaa.pipeline.eval.grading import grading_summary, parse_rating, parse_verdict, pairwise_messages
-from moaa.pipeline.eval.winrate import (bootstrap_ci, length_controlled_win_rate, preference_from_verdicts,
-                                         summarize, win_rate)
+from moaa.pipeline.eval.winrate import (MIN_PROMPTS_FOR_CI, bootstrap_ci, conclusion, format_winrate,
+                                         length_controlled_win_rate, preference_from_verdicts, summarize, win_rate)
 
 
 def _two_group_table():
@@ -154,7 +154,46 @@ def test_parse_rating(text, expected):
 
 
 def test_grading_summary_and_prompt():
-    s = grading_summary({"a": [8, None, 6], "b": [None]})
-    assert s["a"] == {"mean": 7, "n": 2, "abstained": 1} and s["b"]["mean"] is None
+    s = grading_summary({"a": [8, None, 6], "b": [None]}, {"b": 2})
+    assert s["a"] == {"mean": 7, "n": 2, "abstained": 1, "failed": 0} and s["b"]["mean"] is None
+    assert s["b"]["failed"] == 2   # a judge error is a failure, never an abstention
     msgs = pairwise_messages([{"role": "user", "content": "hi"}], "one", "two")
     assert "[[A]]" in msgs[0]["content"] and "one" in msgs[1]["content"] and "two" in msgs[1]["content"]
+
+
+def test_an_interval_including_half_is_no_measurable_difference():
+    assert conclusion((40.0, 80.0), 10) == "no measurable difference"
+    assert conclusion((50.0, 80.0), 10) == "no measurable difference"   # touching 50 is not a win
+    assert conclusion((55.0, 80.0), 10) == "better" and conclusion((10.0, 45.0), 10) == "worse"
+    assert conclusion((100.0, 100.0), MIN_PROMPTS_FOR_CI - 1).startswith("too few prompts to tell")
+    # a 60% win rate on 10 prompts: its interval includes 50, and every printed line says so
+    rep = summarize("sft", "base", [1.0] * 6 + [0.0] * 4, [100] * 10, [100] * 10, n_resamples=300).to_json()
+    assert rep["win_rate_ci"][0] < 50 < rep["win_rate_ci"][1]
+    assert rep["conclusion"] == rep["lc_conclusion"] == "no measurable difference"
+    assert format_winrate(rep).startswith("sft vs base: no measurable difference (win rate 60.0% [")
+
+
+def test_one_or_no_judged_prompt_is_never_a_win():
+    one = summarize("sft", "base", [1.0], [10], [5], n_resamples=100)
+    assert one.win_rate == 100.0 and one.win_rate_ci == (100.0, 100.0)   # a point: the bootstrap has nothing to resample
+    assert one.conclusion.startswith("too few prompts") and one.lc_conclusion.startswith("too few prompts")
+    none = summarize("sft", "base", [], [], [], abstained=3, failed=1, missing=2).to_json()
+    assert none["n"] == 0 and none["win_rate"] is None and none["abstained"] == 3
+    assert none["conclusion"] == "no verdict: none of the pairs was judged (3 abstained, 1 failed, 2 missing an answer)"
+    assert "3 abstained, 1 failed, 2 missing" in format_winrate(none) and "win rate -" in format_winrate(none)
+
+
+def test_bootstrap_resamples_prompts_not_samples():
+    # 10 prompts, 5 sampled answers each with the same verdict: 50 rows, but only 10 independent prompts
+    per_prompt = np.array([1.0] * 7 + [0.0] * 3)
+    y = np.repeat(per_prompt, 5)
+    groups = np.repeat([f"p{i}" for i in range(10)], 5)
+    stat = lambda i: y[i].mean() * 100  # noqa: E731
+    by_prompt = bootstrap_ci(10, lambda i: per_prompt[i].mean() * 100, n_resamples=500)
+    assert bootstrap_ci(50, stat, n_resamples=500, groups=list(groups)) == pytest.approx(by_prompt)
+    lo, hi = bootstrap_ci(50, stat, n_resamples=500)   # rows as if independent: too narrow
+    assert hi - lo < 0.6 * (by_prompt[1] - by_prompt[0])
+    rep = summarize("sft:sampled", "base:sampled", y, [1] * 50, [1] * 50, prompt_ids=list(groups), n_resamples=500)
+    assert rep.n == 50 and rep.prompts == 10 and rep.win_rate_ci == pytest.approx(by_prompt)
+    # seeded: the same call gives the same interval
+    assert summarize("a", "b", y, [1] * 50, [1] * 50, prompt_ids=list(groups), n_resamples=500).win_rate_ci == rep.win_rate_ci

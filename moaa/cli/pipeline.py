@@ -131,16 +131,13 @@ async def _eval(args) -> int:
         raise UserError("--judge-url needs --judge-model (the served model name)")
     if args.grade and not args.judge_url:
         raise UserError("--grade needs --judge-url and --judge-model")
+    from moaa.pipeline.eval.winrate import format_winrate
+
     result = await evaluate(args)
-    if not result["winrates"]:
-        print(f"no pair could be judged: the judge abstained on all {result['abstained']} pairs")
     for w in result["winrates"]:
-        print(f"{w['model']} vs {w['baseline']}: win rate {w['win_rate']:.1f}% "
-              f"[{w['win_rate_ci'][0]:.1f}, {w['win_rate_ci'][1]:.1f}], length-controlled {w['lc_win_rate']:.1f}% "
-              f"[{w['lc_win_rate_ci'][0]:.1f}, {w['lc_win_rate_ci'][1]:.1f}], n={w['n']}, "
-              f"order-inconsistent {w['inconsistent']}")
+        print(format_winrate(w))
     for model, g in (result.get("grades") or {}).items():
         print(f"{model}: mean grade {g['mean'] if g['mean'] is None else round(g['mean'], 2)} "
-              f"({g['n']} graded, {g['abstained']} abstained)")
+              f"({g['n']} graded, {g['abstained']} abstained, {g.get('failed', 0)} failed)")
     print(f"results: {result['out']}", file=sys.stderr)
     return 0

@@ -24,7 +24,7 @@ import numpy as np
 
 from moaa.jsonl import read_rows as iter_jsonl
 
-MIN_PAIRS_FOR_CI = 5  # below this a percentile bootstrap interval is degenerate
+from .eval.winrate import MIN_PROMPTS_FOR_CI as MIN_PAIRS_FOR_CI  # the one threshold for "an interval means something"
 NOTE_SFT_REFERENCE = ("SFT model: its reference is itself, so every reward margin is 0 and its accuracy is 0.5 by "
                       "definition (ties count half)")
 

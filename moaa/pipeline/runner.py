@@ -276,6 +276,8 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    from .eval.winrate import format_winrate
+
     lines = [f"moaa pipeline finished: run folder {summary['run_folder']}"]
     s1 = summary.get("sft_data") or {}
     pairs = summary.get("pairs") or {}
@@ -294,9 +296,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             lines.append(f"  {kind.upper()}: {r.get('final_step')} steps, mean train loss "
                          + (f"{loss:.4f}" if isinstance(loss, (int, float)) else "-")
                          + (f" (resumed from {r['resumed_from']})" if r.get("resumed_from") else ""))
-    for w in (summary.get("eval") or {}).get("winrates") or []:
-        lines.append(f"  {w['model']} vs {w['baseline']}: win rate {w['win_rate']:.1f}% "
-                     f"[{w['win_rate_ci'][0]:.1f}, {w['win_rate_ci'][1]:.1f}], LC {w['lc_win_rate']:.1f}% (n={w['n']})")
+    ev = summary.get("eval") or {}
+    if ev.get("note"):
+        lines.append(f"  eval: {ev['note']}")
+    for w in ev.get("winrates") or []:
+        lines.append(f"  {format_winrate(w)}")
     for sentence in (summary.get("training_effect") or {}).get("statements") or []:
         lines.append(f"  effect: {sentence}")
     tok = summary.get("tokens") or {}

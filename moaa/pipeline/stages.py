@@ -286,12 +286,12 @@ async def stage_eval(ctx: StageContext) -> dict:
         ctx.annotator, ensemble=ctx.settings.get("ensemble", ""), both_orders=ctx.settings.get("eval_both_orders", True))
     store = ctx.store(out / "judgments", "eval", "generations")
     ctx.ledger.restore_stage(store.stage, store.usage)  # judgments journal their tokens, as the other stages' rows
-    grades = None
+    grades, missing = None, {}
     try:
         for model, baseline in pairs:
             ctx.ledger.check("evaluation")
-            await judge_pairs(judge, model, baseline, answers[model], answers[baseline], store, quiet=ctx.quiet,
-                              ledger=ctx.ledger)
+            missing[(model, baseline)] = await judge_pairs(judge, model, baseline, answers[model], answers[baseline],
+                                                           store, quiet=ctx.quiet, ledger=ctx.ledger)
         if ctx.chat_judge is not None and ctx.settings.get("eval_grades", True):
             grades = await grade_answers(ctx.chat_judge, {m: answers[m] for m in EVAL_MODELS}, out, quiet=ctx.quiet)
     finally:
@@ -299,7 +299,8 @@ async def stage_eval(ctx: StageContext) -> dict:
         if not use_chat:
             await judge.close()
     m = _finish_dataset(ctx, store, sum(len(answers[m]) for m, _ in pairs), "evaluation")
-    winrates = winrates_from_store(store, pairs)
+    winrates = winrates_from_store(store, pairs, missing=missing,
+                                   sampled=frozenset(p for p in pairs if p[0].endswith(":sampled")))
     write_winrates(out, winrates)
     result = {"winrates": winrates, "grades": grades, "judge": judge.name, "failed": m["failed"]}
     if grades is None:

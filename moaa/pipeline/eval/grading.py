@@ -71,10 +71,12 @@ def parse_rating(text: str, lo: float = 1.0, hi: float = 10.0) -> float | None:
     return None
 
 
-def grading_summary(scores: dict[str, list[float | None]]) -> dict[str, dict]:
-    """Per model: mean of readable grades, count, abstentions."""
+def grading_summary(scores: dict[str, list[float | None]], failed: dict[str, int] | None = None) -> dict[str, dict]:
+    """Per model: mean of readable grades, count, abstentions, and failed gradings (a judge error: no grade
+    yet, retried by a re-run, never an abstention)."""
     out = {}
     for model, vals in scores.items():
         ok = [v for v in vals if v is not None]
-        out[model] = {"mean": mean(ok) if ok else None, "n": len(ok), "abstained": len(vals) - len(ok)}
+        out[model] = {"mean": mean(ok) if ok else None, "n": len(ok), "abstained": len(vals) - len(ok),
+                      "failed": (failed or {}).get(model, 0)}
     return out

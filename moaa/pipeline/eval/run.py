@@ -1,7 +1,8 @@
 """Evaluation runs: judge model-vs-baseline pairs (resumable), grade single answers, write win rates.
 
 Judgments are stored keyed by "<model>~<baseline>~<prompt id>", so a killed eval resumes without
-judging a pair twice. Abstentions (a judge unreadable in both orders) are recorded as skipped rows.
+judging a pair twice. Abstentions (a judge unreadable in both orders) are recorded as skipped rows and
+counted beside each win rate, as are failed judgments and prompts one side has no answer for.
 """
 from __future__ import annotations
 
@@ -64,12 +65,14 @@ def _empty_verdict(model_text: str, base_text: str):
 
 async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, answers_base: dict,
                       store: DatasetStore, *, concurrency: int = 4, quiet: bool = False,
-                      ledger: TokenLedger | None = None) -> None:
+                      ledger: TokenLedger | None = None) -> int:
     """Each prompt's pair judged once; the verdict's tokens are journaled with its row (and added to
-    `ledger`), so a killed evaluation's ledger is rebuilt from its rows like the other stages'."""
+    `ledger`), so a killed evaluation's ledger is rebuilt from its rows like the other stages'.
+    Returns how many prompts could not be judged because one side has no answer for them."""
     common = [rid for rid in answers_model if rid in answers_base]
     if not common:
         raise UserError(f"no prompt ids in common between {model} and {baseline}")
+    missing = len(answers_model) + len(answers_base) - 2 * len(common)
     keys = {rid: f"{model}~{baseline}~{rid}" for rid in common}
     todo = [rid for rid in common if not store.is_done(keys[rid])]
     progress = StageProgress(f"eval {model} vs {baseline}", len(common), len(common) - len(todo), quiet=quiet)
@@ -90,7 +93,8 @@ async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, ans
             for m, u in v.usage.items():
                 ledger.add(store.stage, m, u, requests=u["requests"])
         if v.preference is None:
-            store.skip(keys[rid], "judge_abstained: unreadable verdict in both orders", usage=v.usage)
+            store.skip(keys[rid], "judge_abstained: unreadable verdict in both orders", usage=v.usage,
+                       model=model, baseline=baseline)
             progress.advance(skipped=True)
             return
         store.write({"id": keys[rid], "prompt_id": rid, "model": model, "baseline": baseline,
@@ -100,18 +104,34 @@ async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, ans
 
     with progress:
         await asyncio.gather(*(one(rid) for rid in todo))
+    return missing
 
 
-def winrates_from_store(store: DatasetStore, pairs: list[tuple[str, str]], *, n_resamples: int = 1000) -> list[dict]:
+def sample_prompt_id(key: str) -> str:
+    """The prompt of a sampled answer's key "<id>#<j>" (see all_answers_from_samples)."""
+    return key.rsplit("#", 1)[0]
+
+
+def winrates_from_store(store: DatasetStore, pairs: list[tuple[str, str]], *, n_resamples: int = 1000,
+                        missing: dict | None = None, sampled: frozenset = frozenset()) -> list[dict]:
+    """One win-rate record per pair with any judgment, abstention, failure or missing answer.
+    `sampled`: pairs whose rows are k samples per prompt ("<id>#<j>"): their intervals resample prompts."""
     out = []
     rows = list(store.iter_rows())
+    abstained = [r["id"] for r in read_rows(store.folder / "skipped.jsonl")] \
+        if (store.folder / "skipped.jsonl").exists() else []
     for model, baseline in pairs:
+        prefix = f"{model}~{baseline}~"
         sel = [r for r in rows if r["model"] == model and r["baseline"] == baseline]
-        if not sel:
+        counts = {"abstained": sum(k.startswith(prefix) for k in abstained),
+                  "failed": sum(k.startswith(prefix) for k in store.failed),
+                  "missing": (missing or {}).get((model, baseline), 0)}
+        if not sel and not any(counts.values()):
             continue
+        groups = [sample_prompt_id(r["prompt_id"]) for r in sel] if (model, baseline) in sampled else None
         rep = summarize(model, baseline, [r["preference"] for r in sel], [r["len_model"] for r in sel],
                         [r["len_baseline"] for r in sel], n_resamples=n_resamples,
-                        inconsistent=sum(bool(r["inconsistent"]) for r in sel))
+                        inconsistent=sum(bool(r["inconsistent"]) for r in sel), prompt_ids=groups, **counts)
         out.append(rep.to_json())
     return out
 
@@ -142,7 +162,7 @@ async def grade_answers(grader, answers: dict[str, dict], out_dir: Path, *, conc
     scores: dict[str, list] = {m: [] for m in answers}
     for row in store.iter_rows():
         scores.setdefault(row["model"], []).append(row["score"])
-    summary = grading_summary(scores)
+    summary = grading_summary(scores, {m: sum(k.startswith(f"{m}~") for k in store.failed) for m in answers})
     store.write_manifest(complete=not store.failed)
     atomic_write_json(out_dir / "grades.json", summary)
     return summary
@@ -169,7 +189,7 @@ def all_answers_from_samples(path: Path) -> dict[str, tuple[list[dict], str]]:
     out = {}
     for row in read_rows(path):
         for j, text in enumerate(sample_texts(row)):
-            out[f"{row['id']}#{j}"] = (sample_prompt(row), text)
+            out[f"{row['id']}#{j}"] = (sample_prompt(row), text)  # sample_prompt_id reads this key back
     return out
 
 
@@ -206,7 +226,7 @@ async def evaluate(args) -> dict:
         judge = AnnotatorPairJudge(Endpoint(args.annotator, args.token), ensemble=args.ensemble)
     store = DatasetStore(out / "judgments", stage="eval", fmt="generations").open()
     try:
-        await judge_pairs(judge, args.name, args.baseline_name, model_ans, base_ans, store)
+        missing = await judge_pairs(judge, args.name, args.baseline_name, model_ans, base_ans, store)
         grades = None
         if args.grade:
             grades = await grade_answers(judge, {args.name: model_ans, args.baseline_name: base_ans}, out)
@@ -215,11 +235,14 @@ async def evaluate(args) -> dict:
         if pool is not None:
             await pool.close()
     store.write_manifest(complete=not store.failed)
-    if store.failed:
-        first = next(iter(store.failed.values()))
+    failed_grades = sum(g["failed"] for g in (grades or {}).values())
+    if store.failed or failed_grades:
+        first = next(iter(store.failed.values()), "see grades/failures.jsonl")
         from moaa.errors import TransientError
 
-        raise TransientError(f"{len(store.failed)} judgments failed (first: {first}); re-run to retry them")
-    winrates = winrates_from_store(store, [(args.name, args.baseline_name)], n_resamples=args.bootstrap)
+        raise TransientError(f"{len(store.failed)} judgments failed" + (f", {failed_grades} gradings failed" if
+                             failed_grades else "") + f" (first: {first}); re-run to retry them")
+    winrates = winrates_from_store(store, [(args.name, args.baseline_name)], n_resamples=args.bootstrap,
+                                   missing={(args.name, args.baseline_name): missing})
     write_winrates(out, winrates)
     return {"winrates": winrates, "grades": grades, "out": str(out), "abstained": len(store.skipped)}

@@ -114,34 +114,64 @@ def length_controlled_win_rate(prefs: Sequence[float], len_model: Sequence[float
 
 
 def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], *, n_resamples: int = 1000,
-                 confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap over instructions: `statistic(indices)` on resampled row indices."""
-    if n < 2:
+                 confidence: float = 0.95, seed: int = 0, groups: Sequence | None = None) -> tuple[float, float]:
+    """Percentile bootstrap: `statistic(indices)` on resampled row indices.
+
+    The resampled unit is the prompt: `groups` (one label per row, e.g. the prompt id of each of k sampled
+    answers) draws whole groups, so k correlated rows of one prompt are never counted as k independent ones.
+    Without `groups` every row is its own prompt."""
+    if groups is None:
+        units, rows_of = n, (lambda g: g)
+    else:
+        labels = np.asarray(groups, dtype=object)
+        members = [np.flatnonzero(labels == g) for g in dict.fromkeys(groups)]
+        units, rows_of = len(members), (lambda g: np.concatenate([members[k] for k in g]))
+    if units < 2:
         v = statistic(np.arange(n))
         return v, v
-    res = stats.bootstrap((np.arange(n),), lambda idx: statistic(idx.astype(int)), vectorized=False,
+    res = stats.bootstrap((np.arange(units),), lambda g: statistic(rows_of(g.astype(int))), vectorized=False,
                           n_resamples=n_resamples, confidence_level=confidence, method="percentile",
                           random_state=np.random.default_rng(seed))
     lo, hi = res.confidence_interval
     return float(lo), float(hi)
 
 
+# The fewest prompts for which an interval can support a claim: below 6, even a unanimous result is not
+# significant at 5% (two-sided sign test: 2 * 0.5**5 = 0.0625), while a percentile bootstrap of it is a point.
+MIN_PROMPTS_FOR_CI = 6
+
+
+def conclusion(ci: Sequence[float], n_prompts: int, *, even: float = 50.0) -> str:
+    """What an interval lets a report say: a difference only when the whole interval lies on one side of
+    `even` (50% for a win rate); an interval that includes it is "no measurable difference", never a win."""
+    if n_prompts < MIN_PROMPTS_FOR_CI:
+        return f"too few prompts to tell ({n_prompts} < {MIN_PROMPTS_FOR_CI})"
+    lo, hi = ci
+    return "better" if lo > even else "worse" if hi < even else "no measurable difference"
+
+
 @dataclass
 class WinRateReport:
     model: str
     baseline: str
-    n: int
-    win_rate: float
-    win_rate_ci: tuple[float, float]
-    lc_win_rate: float
-    lc_win_rate_ci: tuple[float, float]
+    n: int                       # judged rows (prompts, or samples for `:sampled` pairs)
+    win_rate: float | None
+    win_rate_ci: tuple[float, float] | None
+    lc_win_rate: float | None
+    lc_win_rate_ci: tuple[float, float] | None
     wins: float
     ties: float
     losses: float
     inconsistent: int            # pairs whose two orders disagreed (position-driven verdicts)
-    avg_len_model: float
-    avg_len_baseline: float
-    beta_length: float
+    avg_len_model: float | None
+    avg_len_baseline: float | None
+    beta_length: float | None
+    prompts: int = 0             # distinct prompts among the n rows: the bootstrap's resampled unit
+    conclusion: str = ""         # what the win rate's interval supports (see `conclusion`)
+    lc_conclusion: str = ""      # the same for the length-controlled win rate
+    abstained: int = 0           # pairs the judge gave no readable verdict on (left out of n, never ties)
+    failed: int = 0              # judgments that failed (a backend error): retried on the next run
+    missing: int = 0             # prompts without an answer from one side, so never judged
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -150,19 +180,42 @@ class WinRateReport:
 def summarize(model: str, baseline: str, prefs: Sequence[float], len_model: Sequence[float],
               len_baseline: Sequence[float], *, difficulty: Sequence[float] | None = None,
               n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
-              inconsistent: int = 0) -> WinRateReport:
+              inconsistent: int = 0, prompt_ids: Sequence | None = None, abstained: int = 0, failed: int = 0,
+              missing: int = 0) -> WinRateReport:
+    """`prompt_ids`: the prompt of each row where several rows share one (k samples per prompt): the
+    intervals resample prompts. With no judged row at all, every rate is None and the conclusion says why."""
+    counts = {"abstained": abstained, "failed": failed, "missing": missing}
     y = np.asarray(prefs, dtype=float)
+    if y.size == 0:
+        return WinRateReport(model, baseline, 0, None, None, None, None, 0.0, 0.0, 0.0, 0, None, None, None,
+                             conclusion=f"no verdict: none of the pairs was judged ({abstained} abstained, "
+                                        f"{failed} failed, {missing} missing an answer)", **counts)
     lm, lb = np.asarray(len_model, float), np.asarray(len_baseline, float)
     diff = None if difficulty is None else np.asarray(difficulty, float)
+    prompts = len(y) if prompt_ids is None else len(set(prompt_ids))
     fit = length_controlled_win_rate(y, lm, lb, diff)
     wr_ci = bootstrap_ci(len(y), lambda i: y[i].mean() * 100.0, n_resamples=n_resamples, seed=seed,
-                         confidence=confidence)
+                         confidence=confidence, groups=prompt_ids)
     lc_ci = bootstrap_ci(len(y), lambda i: length_controlled_win_rate(
         y[i], lm[i], lb[i], None if diff is None else diff[i]).lc_win_rate,
-        n_resamples=max(200, n_resamples // 5), seed=seed, confidence=confidence)
+        n_resamples=max(200, n_resamples // 5), seed=seed, confidence=confidence, groups=prompt_ids)
     return WinRateReport(
         model=model, baseline=baseline, n=int(y.size), win_rate=fit.win_rate, win_rate_ci=wr_ci,
         lc_win_rate=fit.lc_win_rate, lc_win_rate_ci=lc_ci, wins=float(np.sum(y > 0.5)),
         ties=float(np.sum(y == 0.5)), losses=float(np.sum(y < 0.5)),
         inconsistent=inconsistent,
-        avg_len_model=float(lm.mean()), avg_len_baseline=float(lb.mean()), beta_length=fit.beta)
+        avg_len_model=float(lm.mean()), avg_len_baseline=float(lb.mean()), beta_length=fit.beta,
+        prompts=prompts, conclusion=conclusion(wr_ci, prompts), lc_conclusion=conclusion(lc_ci, prompts), **counts)
+
+
+def _rate(value: float | None, ci) -> str:
+    return "-" if value is None else f"{value:.1f}% [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def format_winrate(w: dict) -> str:
+    """One line per model/baseline pair for the printed summaries (`moaa eval`, `moaa pipeline run`)."""
+    lc = "" if w.get("lc_conclusion") in (None, "", w.get("conclusion")) else f"; length-controlled: {w['lc_conclusion']}"
+    extra = "".join(f", {w[k]} {k}" for k in ("abstained", "failed", "missing") if w.get(k))
+    return (f"{w['model']} vs {w['baseline']}: {w.get('conclusion') or '-'}{lc} (win rate "
+            f"{_rate(w['win_rate'], w['win_rate_ci'])}, length-controlled {_rate(w['lc_win_rate'], w['lc_win_rate_ci'])}, "
+            f"n={w['n']}, order-inconsistent {w.get('inconsistent', 0)}{extra})")
