@@ -1,6 +1,8 @@
 """Report generation from a synthetic run folder (no models: the report reads files only)."""
 import json
 
+import pytest
+
 from moaa.pipeline.budget import TokenLedger
 from moaa.pipeline.layout import RunLayout
 from moaa.pipeline.report import JudgeTally, build_report, judge_agreement
@@ -37,12 +39,31 @@ def _synthetic_run(root):
     lay.eval.mkdir()
     atomic_write_json(lay.eval / "winrates.json", [
         {"model": "sft", "baseline": "base", "n": 10, "win_rate": 60.0, "win_rate_ci": [40.0, 80.0],
-         "lc_win_rate": 55.0, "lc_win_rate_ci": [35.0, 75.0], "wins": 6, "ties": 0, "losses": 4, "inconsistent": 1}])
+         "lc_win_rate": 55.0, "lc_win_rate_ci": [35.0, 75.0], "wins": 6, "ties": 0, "losses": 4, "inconsistent": 1,
+         "prompts": 10, "conclusion": "no measurable difference", "lc_conclusion": "no measurable difference",
+         "abstained": 2, "failed": 0, "missing": 0}])
     atomic_write_json(lay.eval / "grades.json", {"base": {"mean": 4.5, "n": 10, "abstained": 0}})
     return lay
 
 
-def test_report_from_synthetic_run(tmp_path):
+@pytest.fixture
+def plot_labels(monkeypatch):
+    """(title, x label, y label) of every axis the report saves; each plot must label both axes."""
+    import matplotlib.figure
+
+    labels, save = [], matplotlib.figure.Figure.savefig
+
+    def record(fig, *a, **kw):
+        labels.extend((ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes
+                      if ax.get_label() != "<colorbar>")
+        return save(fig, *a, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    yield labels
+    assert all(x and y for _, x, y in labels), labels
+
+
+def test_report_from_synthetic_run(tmp_path, plot_labels):
     lay = _synthetic_run(tmp_path / "run")
     md = build_report(lay.root)
     text = md.read_text()
@@ -52,9 +73,11 @@ def test_report_from_synthetic_run(tmp_path):
     assert "SFT: loss 2.0000 -> 1.1000 over 3 steps" in text
     assert "| stage 1: MoA SFT data | 5 | 0 | 0 | yes | agg |" in text
     assert "low_margin: 1" in text
-    assert "| sft | base | 10 | 60.0 [40.0, 80.0] | 55.0 [35.0, 75.0] | 6/0/4 | 1 |" in text
+    assert ("| sft | base | 10 | 10 | 60.0 [40.0, 80.0] | 55.0 [35.0, 75.0] | no measurable difference | "
+            "no measurable difference | 6/0/4 | 1 | 2 | 0 | 0 |") in text
     assert "| sft_data | smol-a | 100 | 50 | 1 |" in text
-    assert "| base | 4.50 | 10 | 0 |" in text
+    assert "| base | 4.50 | 10 | 0 | 0 |" in text
+    assert len(plot_labels) == 5   # losses (SFT, DPO), judge scores, judge agreement, win rates: each labelled
 
 
 def test_report_of_an_empty_run_folder(tmp_path):
@@ -72,7 +95,7 @@ def test_judge_agreement_matrix():
     assert str(mat[i["a"], i["d"]]) == "nan"   # constant scores: tau undefined, not 0
 
 
-def test_report_shows_the_training_effect_and_why_prompts_gave_no_pair(tmp_path):
+def test_report_shows_the_training_effect_and_why_prompts_gave_no_pair(tmp_path, plot_labels):
     from moaa.pipeline.effect import training_effect
 
     lay = _synthetic_run(tmp_path / "run")
@@ -88,3 +111,105 @@ def test_report_shows_the_training_effect_and_why_prompts_gave_no_pair(tmp_path)
     assert "SFT changed nothing a user would see" in text and "DPO changed nothing a user would see" in text
     assert "| low_margin | 1 | low_margin: 0.2 < 0.5 |" in text
     assert "too few held-out pairs for an interval to mean much" in text
+
+
+def _judged_run(root, url):
+    """A run folder whose eval stage was judged for real: the judge emulator (policy keyword:WIN prefers the
+    answer containing WIN; garbage never answers readably) through moaa's chat judge, as stage_eval does."""
+    from moaa.pipeline.eval.judges import ChatPairJudge
+    from moaa.pipeline.eval.run import judge_pairs
+    from moaa.services.backend import BackendPool
+    from moaa.services.config import BackendConfig
+
+    lay = RunLayout(root)
+    prompt = lambda i: [{"role": "user", "content": f"Question {i}?"}]  # noqa: E731
+    # sft wins 11 of 12 prompts; dpo has no answer for q11
+    answers = {"sft": {f"q{i}": (prompt(i), "WIN here" if i else "plain") for i in range(12)},
+               "base": {f"q{i}": (prompt(i), "plain" if i else "WIN there") for i in range(12)},
+               "dpo": {f"q{i}": (prompt(i), "WIN too") for i in range(11)}}
+
+    async def judge_all():
+        results = {}
+        for policy, (model, baseline) in (("keyword:WIN", ("sft", "base")), ("garbage", ("dpo", "base"))):
+            pool = BackendPool({"judge": BackendConfig(urls=[url], served_model=policy)}, probes=False)
+            await pool.start()
+            try:
+                store = DatasetStore(lay.eval / "judgments", stage="eval", fmt="generations").open()
+                results[(model, baseline)] = await judge_pairs(ChatPairJudge(pool, "judge"), model, baseline,
+                                                               answers[model], answers[baseline], store, quiet=True)
+            finally:
+                await pool.close()
+        return results
+
+    return lay, answers, judge_all
+
+
+async def test_report_summary_and_verdict_rows_agree_and_a_rerun_is_identical(judge_emulator, tmp_path, plot_labels):
+    from moaa.jsonl import read_rows
+    from moaa.pipeline.eval.run import winrates_from_store, write_winrates
+    from moaa.pipeline.eval.winrate import summarize
+    from moaa.pipeline.runner import format_summary
+    from moaa.pipeline.stages import EVAL_PAIRS
+
+    lay, answers, judge_all = _judged_run(tmp_path / "run", judge_emulator.url)
+    lay.eval.mkdir(parents=True)
+    missing = await judge_all()
+    store = DatasetStore(lay.eval / "judgments", stage="eval", fmt="generations").open()
+    store.write_manifest(complete=True)   # as stage_eval's _finish_dataset does
+    winrates = winrates_from_store(store, EVAL_PAIRS, missing=missing, n_resamples=300)
+    write_winrates(lay.eval, winrates)
+    stages = {n: {"status": "done", "seconds": 1.0} for n in
+              ("sft_data", "sft", "samples", "pairs", "dpo", "answers", "training_effect")}
+    stages["eval"] = {"status": "done", "seconds": 1.0, "result": {"winrates": winrates}}
+    atomic_write_json(lay.run_manifest, {"config_hash": "c0ffee", "stages": stages})
+    summary = {"run_folder": str(lay.root), "eval": stages["eval"]["result"]}
+    atomic_write_json(lay.root / "summary.json", summary)
+
+    text = build_report(lay.root).read_text()
+    assert [t for t, _, _ in plot_labels] == ["pairwise win rates"]
+
+    by_pair = {(w["model"], w["baseline"]): w for w in winrates}
+    assert set(by_pair) == {("sft", "base"), ("dpo", "base")}        # dpo vs sft: no answers in common judged
+    rows = [r for f in sorted((lay.eval / "judgments").glob("data-*.jsonl")) for r in read_rows(f)]
+    sft = [r for r in rows if r["model"] == "sft"]
+    again = summarize("sft", "base", [r["preference"] for r in sft], [r["len_model"] for r in sft],
+                      [r["len_baseline"] for r in sft], n_resamples=300).to_json()
+    w = by_pair[("sft", "base")]
+    assert w["n"] == 12 and w["win_rate"] == again["win_rate"] == pytest.approx(100 * 11 / 12)
+    assert w["win_rate_ci"] == again["win_rate_ci"] and w["wins"] == 11 and w["losses"] == 1
+    assert w["conclusion"] == again["conclusion"] == "better"
+    d = by_pair[("dpo", "base")]
+    assert d["n"] == 0 and d["abstained"] == 11 and d["missing"] == 1 and d["ties"] == 0
+    assert d["conclusion"].startswith("no verdict")
+    # the same numbers in report.md, summary.json and the printed summary
+    cell = f"{w['win_rate']:.1f} [{w['win_rate_ci'][0]:.1f}, {w['win_rate_ci'][1]:.1f}]"
+    assert f"| sft | base | 12 | 12 | {cell} |" in text and "| better |" in text and "| 11/0/1 | 0 | 0 | 0 | 0 |" in text
+    assert "| dpo | base | 0 | 0 | - | - | no verdict: none of the pairs was judged (11 abstained, 0 failed, 1 missing " \
+           "an answer) | - | 0/0/0 | 0 | 11 | 0 | 1 |" in text
+    assert "| eval: pairwise judgments | 12 | 11 (judge_abstained: 11) | 0 |" in text
+    printed = format_summary(json.loads((lay.root / "summary.json").read_text()))
+    assert f"sft vs base: better (win rate {w['win_rate']:.1f}% [{w['win_rate_ci'][0]:.1f}, " in printed
+    assert "dpo vs base: no verdict" in printed and "11 abstained" in printed and "1 missing" in printed
+    # Markdown: every image it references exists; a rerun writes the same report
+    import re
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert images and all((lay.report / i).is_file() for i in images)
+    before = {p.name: p.read_bytes() for p in lay.report.iterdir()}
+    assert build_report(lay.root).read_text() == text
+    assert {p.name: p.read_bytes() for p in lay.report.iterdir()} == before
+
+
+def test_report_of_an_interrupted_run_says_what_is_missing(tmp_path):
+    lay = _synthetic_run(tmp_path / "run")
+    atomic_write_json(lay.run_manifest, {"config_hash": "c0ffee", "stages": {
+        "sft_data": {"status": "done", "seconds": 12.0},
+        "sft": {"status": "failed", "seconds": 3.0, "error": "training crashed\nTraceback..."}}})
+    text = build_report(lay.root).read_text()
+    assert "| sft | failed: training crashed | 3 |" in text and "| eval | not run | 0 |" in text
+    assert "**Incomplete run**: not done: sft, samples, pairs, dpo, answers, training_effect, eval." in text
+
+
+def test_report_says_why_there_are_no_win_rates(tmp_path):
+    atomic_write_json(RunLayout(tmp_path).run_manifest, {"stages": {"eval": {"status": "done",
+                                                                             "result": {"note": "no eval prompts"}}}})
+    assert "No win rates: no eval prompts." in build_report(tmp_path).read_text()

@@ -59,7 +59,8 @@ def plot_losses(layout: RunLayout, out: Path) -> tuple[Path | None, dict[str, di
     for ax, (kind, rows) in zip(axes[0], curves.items()):
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o" if len(rows) < 30 else None)
         ax.set_title(f"{kind} training loss")
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (mean per-token, nats)" if kind == "SFT" else "DPO loss (nats)")
         ax.grid(alpha=0.3)
     _save(fig, out)
     return out, summary
@@ -113,7 +114,7 @@ def plot_judges(tally: JudgeTally, out_scores: Path, out_agree: Path) -> tuple[P
             ax.hist(list(counts), weights=list(counts.values()), bins=np.arange(0.5, 11.5, 1.0), alpha=0.5,
                     label=judge)
     ax.set_title("judge score distributions")
-    ax.set_xlabel("score")
+    ax.set_xlabel("judge score (1-10 scale)")
     ax.set_ylabel("candidates")
     ax.legend(fontsize=8)
     _save(fig, out_scores)
@@ -124,6 +125,8 @@ def plot_judges(tally: JudgeTally, out_scores: Path, out_agree: Path) -> tuple[P
         im = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xlabel("judge")
+        ax.set_ylabel("judge")
         for i in range(len(names)):
             for j in range(len(names)):
                 ax.text(j, i, "-" if np.isnan(mat[i, j]) else f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8)
@@ -135,6 +138,7 @@ def plot_judges(tally: JudgeTally, out_scores: Path, out_agree: Path) -> tuple[P
 
 
 def plot_winrates(winrates: list[dict], out: Path) -> Path | None:
+    winrates = [w for w in winrates if w.get("win_rate") is not None]  # a pair with no verdict has no bar
     if not winrates:
         return None
     plt = _plt()
@@ -148,8 +152,9 @@ def plot_winrates(winrates: list[dict], out: Path) -> Path | None:
         ax.bar(x + off, vals, width=0.36, yerr=err, capsize=4, label=name)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xticks(x, labels, fontsize=8)
+    ax.set_xlabel("model vs baseline")
     ax.set_ylim(0, 100)
-    ax.set_ylabel("% (95% bootstrap CI)")
+    ax.set_ylabel("win rate against the baseline, %\n(bars: 95% bootstrap CI)")
     ax.set_title("pairwise win rates")
     ax.legend(fontsize=8)
     _save(fig, out)
@@ -166,7 +171,8 @@ def plot_effect(effect: dict, out: Path) -> Path | None:
     if "sft" in loss:
         axes[0].bar(["base", "SFT"], [loss["base"], loss["sft"]], color=["grey", "tab:blue"])
     axes[0].set_title(f"loss on {loss.get('rows', 0)} held-out MoA answers")
-    axes[0].set_ylabel("mean per-token loss")
+    axes[0].set_ylabel("mean per-token loss (nats)")
+    axes[0].set_xlabel("model")
     splits = [k for k in ("heldout", "train") if (acc.get(k) or {}).get("n")]
     for i, split in enumerate(splits):
         a = acc[split]
@@ -178,6 +184,8 @@ def plot_effect(effect: dict, out: Path) -> Path | None:
     axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
     axes[1].set_ylim(0, 1)
     axes[1].set_title("DPO implicit-reward accuracy (95% CI)")
+    axes[1].set_ylabel("share of pairs, chosen ranked first")
+    axes[1].set_xlabel("preference pairs")
     if splits:
         axes[1].legend(fontsize=8)
     names = [k for k in ("sft_vs_base", "dpo_vs_sft") if (changed.get(k) or {}).get("n")]
@@ -189,6 +197,8 @@ def plot_effect(effect: dict, out: Path) -> Path | None:
     axes[2].set_xticks(x, [k.replace("_", " ") for k in names])
     axes[2].set_ylim(0, 1)
     axes[2].set_title("share of eval answers that differ")
+    axes[2].set_ylabel("share of answers")
+    axes[2].set_xlabel("stage against the model before it")
     if names:
         axes[2].legend(fontsize=8)
     _save(fig, out)
@@ -216,6 +226,53 @@ def effect_section(effect: dict | None, out: Path) -> list[str]:
         lines.append("")
     png = plot_effect(effect, out / "training_effect.png")
     return lines + [f"![training effect]({png.name})", ""]
+
+
+def stage_section(stages: dict) -> list[str]:
+    """Every stage of the pipeline with its status; those not done are named, so the report of an
+    interrupted run says what it is missing."""
+    from .stages import STAGES
+
+    lines = ["| stage | status | seconds |", "|---|---|---|"]
+    for name in [n for n, _ in STAGES] + [n for n in stages if n not in dict(STAGES)]:
+        st = stages.get(name) or {}
+        status = st.get("status", "not run")
+        if st.get("error") and status != "done":
+            status += f": {str(st['error']).splitlines()[0][:120].replace('|', '/')}"
+        lines.append(f"| {name} | {status} | {st.get('seconds', 0):.0f} |")
+    unfinished = [n for n, _ in STAGES if (stages.get(n) or {}).get("status") != "done"]
+    if unfinished:
+        lines += ["", f"**Incomplete run**: not done: {', '.join(unfinished)}. The sections below show only what "
+                  "the finished stages wrote; re-run `moaa pipeline run` with the same options to finish."]
+    return lines + [""]
+
+
+def _cell(value: float | None, ci) -> str:
+    return "-" if value is None else f"{value:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def eval_section(winrates: list[dict], run: dict, out: Path) -> list[str]:
+    """Win rates with what their intervals support, and every pair the judge could not decide, counted."""
+    note = ((run.get("stages") or {}).get("eval", {}).get("result") or {}).get("note")
+    if not winrates:
+        return ["## Evaluation", "", f"No win rates: {note}.", ""] if note else []
+    lines = ["## Evaluation", "", "Each pair judged in both orders; ties and order-dependent verdicts count half. "
+             "LC = AlpacaEval 2 length-controlled win rate. Result: \"better\" or \"worse\" only where the whole "
+             "95% interval lies on one side of 50%; an interval that includes 50% is \"no measurable difference\". "
+             "Abstained (no readable verdict in either order), failed (judge errors, retried by a re-run) and "
+             "missing (no answer from one side) pairs are not in n and are never counted as ties. `:sampled` rows: "
+             "k answers per prompt at a temperature > 0 (fixed seeds), sample j of the model against sample j of "
+             "the baseline; n counts samples, the intervals resample prompts.", "",
+             "| model | baseline | n | prompts | win rate (95% CI) | LC win rate (95% CI) | result | LC result | W/T/L "
+             "| order-inconsistent | abstained | failed | missing |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in winrates:
+        lines.append(f"| {w['model']} | {w['baseline']} | {w['n']} | {w.get('prompts', w['n'])} | "
+                     f"{_cell(w['win_rate'], w['win_rate_ci'])} | {_cell(w['lc_win_rate'], w['lc_win_rate_ci'])} | "
+                     f"{w.get('conclusion') or '-'} | {w.get('lc_conclusion') or '-'} | "
+                     f"{w['wins']:.0f}/{w['ties']:.0f}/{w['losses']:.0f} | {w.get('inconsistent', 0)} | "
+                     f"{w.get('abstained', 0)} | {w.get('failed', 0)} | {w.get('missing', 0)} |")
+    wr_png = plot_winrates(winrates, out / "winrates.png")
+    return lines + (["", f"![win rates]({wr_png.name})", ""] if wr_png else [""])
 
 
 def no_pair_section(pairs_dir: Path) -> list[str]:
@@ -251,15 +308,11 @@ def build_report(run_dir: str | Path) -> Path:
     if run:
         lines += [f"Run folder `{layout.root}`; config hash `{run.get('config_hash', '-')}`; "
                   f"started {run.get('started_at', '-')}, updated {run.get('updated_at', '-')}.", ""]
-        stages = run.get("stages", {})
-        if stages:
-            lines += ["| stage | status | seconds |", "|---|---|---|"]
-            for name, st in stages.items():
-                lines.append(f"| {name} | {st.get('status', '-')} | {st.get('seconds', 0):.0f} |")
-            lines.append("")
+        lines += stage_section(run.get("stages", {}))
     rows = [r for r in (_dataset_line("stage 1: MoA SFT data", layout.sft_data),
                         _dataset_line("stage 2: samples", layout.samples),
-                        _dataset_line("stage 2: preference pairs", layout.pairs)) if r]
+                        _dataset_line("stage 2: preference pairs", layout.pairs),
+                        _dataset_line("eval: pairwise judgments", layout.eval / "judgments")) if r]
     if rows:
         lines += ["## Datasets", "", "| dataset | rows | skipped (why) | failed | complete | models |",
                   "|---|---|---|---|---|---|", *rows, ""]
@@ -286,31 +339,17 @@ def build_report(run_dir: str | Path) -> Path:
         lines += ["## Judges", "", f"![judge score distributions]({scores_png.name})", ""]
         if agree_png:
             lines += [f"![judge agreement]({agree_png.name})", ""]
-    winrates = _read_json(layout.eval / "winrates.json") or []
-    wr_png = plot_winrates(winrates, out / "winrates.png")
-    if wr_png:
-        lines += ["## Evaluation", "", "Each pair judged in both orders; ties and order-dependent verdicts count "
-                  "half. LC = AlpacaEval 2 length-controlled win rate. `:sampled` rows: k answers per prompt at a "
-                  "temperature > 0 (fixed seeds), sample j of the model against sample j of the baseline, n counts "
-                  "samples; the CI resamples samples, not prompts, so it is narrower than a per-prompt interval.", "",
-                  "| model | baseline | n | win rate (95% CI) | LC win rate (95% CI) | W/T/L | order-inconsistent |",
-                  "|---|---|---|---|---|---|---|"]
-        for w in winrates:
-            lines.append(f"| {w['model']} | {w['baseline']} | {w['n']} | {w['win_rate']:.1f} "
-                         f"[{w['win_rate_ci'][0]:.1f}, {w['win_rate_ci'][1]:.1f}] | {w['lc_win_rate']:.1f} "
-                         f"[{w['lc_win_rate_ci'][0]:.1f}, {w['lc_win_rate_ci'][1]:.1f}] | "
-                         f"{w['wins']:.0f}/{w['ties']:.0f}/{w['losses']:.0f} | {w.get('inconsistent', 0)} |")
-        lines += ["", f"![win rates]({wr_png.name})", ""]
+    lines += eval_section(_read_json(layout.eval / "winrates.json") or [], run, out)
     grades = _read_json(layout.eval / "grades.json")
     note = (((_read_json(layout.run_manifest) or {}).get("stages") or {}).get("eval", {}).get("result") or {}).get("grades_note")
     if note and not grades:
         lines += [f"Single-answer grades: {note}.", ""]
     if grades:
-        lines += ["Single-answer grades (1-10, MT-Bench style):", "", "| model | mean | graded | abstained |",
-                  "|---|---|---|---|"]
+        lines += ["Single-answer grades (1-10, MT-Bench style):", "", "| model | mean | graded | abstained | failed |",
+                  "|---|---|---|---|---|"]
         for model, g in grades.items():
             mean = "-" if g.get("mean") is None else f"{g['mean']:.2f}"
-            lines.append(f"| {model} | {mean} | {g['n']} | {g['abstained']} |")
+            lines.append(f"| {model} | {mean} | {g['n']} | {g['abstained']} | {g.get('failed', 0)} |")
         lines.append("")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
