@@ -197,3 +197,14 @@ def test_bootstrap_resamples_prompts_not_samples():
     assert rep.n == 50 and rep.prompts == 10 and rep.win_rate_ci == pytest.approx(by_prompt)
     # seeded: the same call gives the same interval
     assert summarize("a", "b", y, [1] * 50, [1] * 50, prompt_ids=list(groups), n_resamples=500).win_rate_ci == rep.win_rate_ci
+
+
+def test_a_verdict_readable_in_one_order_only_is_counted():
+    from moaa.pipeline.eval.judges import _combine
+
+    v = _combine(1.0, None, ("A", None), {})
+    assert v.preference == 1.0 and v.abstained_orders == 1 and not v.inconsistent
+    assert _combine(None, None, (None, None), {}).preference is None
+    assert _combine(1.0, None, ("m > b",), {}, asked=1).abstained_orders == 0   # one order asked by design
+    rep = summarize("sft", "base", [1.0] * 8, [1] * 8, [1] * 8, one_order=3, n_resamples=100).to_json()
+    assert rep["one_order"] == 3 and "3 decided by one order" in format_winrate(rep)

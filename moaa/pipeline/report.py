@@ -260,7 +260,8 @@ def eval_section(winrates: list[dict], run: dict, out: Path) -> list[str]:
              "LC = AlpacaEval 2 length-controlled win rate. Result: \"better\" or \"worse\" only where the whole "
              "95% interval lies on one side of 50%; an interval that includes 50% is \"no measurable difference\". "
              "Abstained (no readable verdict in either order), failed (judge errors, retried by a re-run) and "
-             "missing (no answer from one side) pairs are not in n and are never counted as ties. `:sampled` rows: "
+             "missing (no answer from one side) pairs are not in n and are never counted as ties; \"+k in one order\": "
+             "k pairs in n decided by one order, the judge unreadable in the other. `:sampled` rows: "
              "k answers per prompt at a temperature > 0 (fixed seeds), sample j of the model against sample j of "
              "the baseline; n counts samples, the intervals resample prompts.", "",
              "| model | baseline | n | prompts | win rate (95% CI) | LC win rate (95% CI) | result | LC result | W/T/L "
@@ -270,7 +271,8 @@ def eval_section(winrates: list[dict], run: dict, out: Path) -> list[str]:
                      f"{_cell(w['win_rate'], w['win_rate_ci'])} | {_cell(w['lc_win_rate'], w['lc_win_rate_ci'])} | "
                      f"{w.get('conclusion') or '-'} | {w.get('lc_conclusion') or '-'} | "
                      f"{w['wins']:.0f}/{w['ties']:.0f}/{w['losses']:.0f} | {w.get('inconsistent', 0)} | "
-                     f"{w.get('abstained', 0)} | {w.get('failed', 0)} | {w.get('missing', 0)} |")
+                     f"{w.get('abstained', 0)}" + (f" (+{w['one_order']} in one order)" if w.get("one_order") else "")
+                     + f" | {w.get('failed', 0)} | {w.get('missing', 0)} |")
     wr_png = plot_winrates(winrates, out / "winrates.png")
     return lines + (["", f"![win rates]({wr_png.name})", ""] if wr_png else [""])
 

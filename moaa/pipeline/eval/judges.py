@@ -23,14 +23,17 @@ class PairVerdict:
     inconsistent: bool
     # tokens the verdict cost, per model, journaled with its judgment row (the ledger's source of truth)
     usage: dict = field(default_factory=dict)
+    # orders asked that gave no readable verdict: a pair decided by one order has no position-bias control,
+    # so it is counted and shown beside the win rate, not silently treated as a two-order verdict
+    abstained_orders: int = 0
 
 
-def _combine(first: float | None, second: float | None, orders: tuple, usage: dict) -> PairVerdict:
+def _combine(first: float | None, second: float | None, orders: tuple, usage: dict, asked: int = 2) -> PairVerdict:
     vals = [v for v in (first, second) if v is not None]
     if not vals:
-        return PairVerdict(None, orders, False, usage)
+        return PairVerdict(None, orders, False, usage, asked)
     inconsistent = len(vals) == 2 and (first - 0.5) * (second - 0.5) < 0
-    return PairVerdict(sum(vals) / len(vals), orders, inconsistent, usage)
+    return PairVerdict(sum(vals) / len(vals), orders, inconsistent, usage, asked - len(vals))
 
 
 class AnnotatorPairJudge:
@@ -66,7 +69,7 @@ class AnnotatorPairJudge:
         usage: dict = {}
         first, why1 = await self._one(prompt, [("m", model_text), ("b", base_text)], usage)
         if not self.both_orders:
-            return _combine(first, None, (why1,), usage)
+            return _combine(first, None, (why1,), usage, asked=1)
         second, why2 = await self._one(prompt, [("b", base_text), ("m", model_text)], usage)
         return _combine(first, second, (why1, why2), usage)
 

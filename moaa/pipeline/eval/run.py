@@ -99,6 +99,7 @@ async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, ans
             return
         store.write({"id": keys[rid], "prompt_id": rid, "model": model, "baseline": baseline,
                      "preference": v.preference, "orders": list(v.orders), "inconsistent": v.inconsistent,
+                     "abstained_orders": v.abstained_orders,
                      "len_model": len(mt), "len_baseline": len(bt), "judge": judge.name, "usage": v.usage})
         progress.advance()
 
@@ -131,7 +132,8 @@ def winrates_from_store(store: DatasetStore, pairs: list[tuple[str, str]], *, n_
         groups = [sample_prompt_id(r["prompt_id"]) for r in sel] if (model, baseline) in sampled else None
         rep = summarize(model, baseline, [r["preference"] for r in sel], [r["len_model"] for r in sel],
                         [r["len_baseline"] for r in sel], n_resamples=n_resamples,
-                        inconsistent=sum(bool(r["inconsistent"]) for r in sel), prompt_ids=groups, **counts)
+                        inconsistent=sum(bool(r["inconsistent"]) for r in sel), prompt_ids=groups,
+                        one_order=sum(bool(r.get("abstained_orders")) for r in sel), **counts)
         out.append(rep.to_json())
     return out
 

@@ -172,6 +172,7 @@ class WinRateReport:
     abstained: int = 0           # pairs the judge gave no readable verdict on (left out of n, never ties)
     failed: int = 0              # judgments that failed (a backend error): retried on the next run
     missing: int = 0             # prompts without an answer from one side, so never judged
+    one_order: int = 0           # of the n: pairs decided by one order, the judge unreadable in the other
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -181,7 +182,7 @@ def summarize(model: str, baseline: str, prefs: Sequence[float], len_model: Sequ
               len_baseline: Sequence[float], *, difficulty: Sequence[float] | None = None,
               n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
               inconsistent: int = 0, prompt_ids: Sequence | None = None, abstained: int = 0, failed: int = 0,
-              missing: int = 0) -> WinRateReport:
+              missing: int = 0, one_order: int = 0) -> WinRateReport:
     """`prompt_ids`: the prompt of each row where several rows share one (k samples per prompt): the
     intervals resample prompts. With no judged row at all, every rate is None and the conclusion says why."""
     counts = {"abstained": abstained, "failed": failed, "missing": missing}
@@ -205,7 +206,8 @@ def summarize(model: str, baseline: str, prefs: Sequence[float], len_model: Sequ
         ties=float(np.sum(y == 0.5)), losses=float(np.sum(y < 0.5)),
         inconsistent=inconsistent,
         avg_len_model=float(lm.mean()), avg_len_baseline=float(lb.mean()), beta_length=fit.beta,
-        prompts=prompts, conclusion=conclusion(wr_ci, prompts), lc_conclusion=conclusion(lc_ci, prompts), **counts)
+        prompts=prompts, conclusion=conclusion(wr_ci, prompts), lc_conclusion=conclusion(lc_ci, prompts),
+        one_order=one_order, **counts)
 
 
 def _rate(value: float | None, ci) -> str:
@@ -215,7 +217,8 @@ def _rate(value: float | None, ci) -> str:
 def format_winrate(w: dict) -> str:
     """One line per model/baseline pair for the printed summaries (`moaa eval`, `moaa pipeline run`)."""
     lc = "" if w.get("lc_conclusion") in (None, "", w.get("conclusion")) else f"; length-controlled: {w['lc_conclusion']}"
-    extra = "".join(f", {w[k]} {k}" for k in ("abstained", "failed", "missing") if w.get(k))
+    extra = "".join(f", {w[k]} {label}" for k, label in (("abstained", "abstained"), ("failed", "failed"),
+                    ("missing", "missing"), ("one_order", "decided by one order")) if w.get(k))
     return (f"{w['model']} vs {w['baseline']}: {w.get('conclusion') or '-'}{lc} (win rate "
             f"{_rate(w['win_rate'], w['win_rate_ci'])}, length-controlled {_rate(w['lc_win_rate'], w['lc_win_rate_ci'])}, "
             f"n={w['n']}, order-inconsistent {w.get('inconsistent', 0)}{extra})")
