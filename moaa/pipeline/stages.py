@@ -302,7 +302,9 @@ async def stage_eval(ctx: StageContext) -> dict:
     winrates = winrates_from_store(store, pairs, missing=missing,
                                    sampled=frozenset(p for p in pairs if p[0].endswith(":sampled")))
     write_winrates(out, winrates)
-    result = {"winrates": winrates, "grades": grades, "judge": judge.name, "failed": m["failed"]}
+    # failed gradings count with failed judgments: the runner re-runs a stage with failures on the next run
+    failed = m["failed"] + sum(g.get("failed", 0) for g in (grades or {}).values())
+    result = {"winrates": winrates, "grades": grades, "judge": judge.name, "failed": failed}
     if grades is None:
         result["grades_note"] = ("1-10 grading off (eval_grades=false)" if ctx.chat_judge is not None
                                  else "1-10 grading needs a chat judge; none is reachable in this setup")
