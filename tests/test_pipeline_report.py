@@ -46,6 +46,19 @@ def _synthetic_run(root):
     return lay
 
 
+def assert_tables_rectangular(text: str) -> None:
+    """Valid Markdown tables: a separator under each header and as many cells in every row as in the header."""
+    block: list[str] = []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            block.append(line)
+            continue
+        if block:
+            widths = {row.count("|") for row in block}
+            assert len(widths) == 1 and set(block[1].replace("|", "")) <= set("-"), block
+        block = []
+
+
 @pytest.fixture
 def plot_labels(monkeypatch):
     """(title, x label, y label) of every axis the report saves; each plot must label both axes."""
@@ -78,6 +91,7 @@ def test_report_from_synthetic_run(tmp_path, plot_labels):
     assert "| sft_data | smol-a | 100 | 50 | 1 |" in text
     assert "| base | 4.50 | 10 | 0 | 0 |" in text
     assert len(plot_labels) == 5   # losses (SFT, DPO), judge scores, judge agreement, win rates: each labelled
+    assert_tables_rectangular(text)
 
 
 def test_report_of_an_empty_run_folder(tmp_path):
@@ -193,6 +207,7 @@ async def test_report_summary_and_verdict_rows_agree_and_a_rerun_is_identical(ju
     # Markdown: every image it references exists; a rerun writes the same report
     import re
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert_tables_rectangular(text)
     assert images and all((lay.report / i).is_file() for i in images)
     before = {p.name: p.read_bytes() for p in lay.report.iterdir()}
     assert build_report(lay.root).read_text() == text
@@ -207,6 +222,7 @@ def test_report_of_an_interrupted_run_says_what_is_missing(tmp_path):
     text = build_report(lay.root).read_text()
     assert "| sft | failed: training crashed | 3 |" in text and "| eval | not run | 0 |" in text
     assert "**Incomplete run**: not done: sft, samples, pairs, dpo, answers, training_effect, eval." in text
+    assert_tables_rectangular(text)
 
 
 def test_report_says_why_there_are_no_win_rates(tmp_path):
