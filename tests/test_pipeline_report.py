@@ -229,3 +229,6 @@ def test_report_says_why_there_are_no_win_rates(tmp_path):
     atomic_write_json(RunLayout(tmp_path).run_manifest, {"stages": {"eval": {"status": "done",
                                                                              "result": {"note": "no eval prompts"}}}})
     assert "No win rates: no eval prompts." in build_report(tmp_path).read_text()
+    from moaa.pipeline.runner import format_summary
+
+    assert "  eval: no eval prompts" in format_summary({"run_folder": str(tmp_path), "eval": {"note": "no eval prompts"}})
