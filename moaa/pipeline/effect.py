@@ -24,7 +24,9 @@ import numpy as np
 
 from moaa.jsonl import read_rows as iter_jsonl
 
-from .eval.winrate import MIN_PROMPTS_FOR_CI as MIN_PAIRS_FOR_CI  # the one threshold for "an interval means something"
+from .eval.winrate import MIN_PROMPTS_FOR_CI, bootstrap_ci
+
+MIN_PAIRS_FOR_CI = MIN_PROMPTS_FOR_CI  # the one threshold below which an interval supports no claim
 NOTE_SFT_REFERENCE = ("SFT model: its reference is itself, so every reward margin is 0 and its accuracy is 0.5 by "
                       "definition (ties count half)")
 
@@ -58,8 +60,6 @@ def effect_items(sft_heldout: Path, pairs_files: dict[str, Path]) -> list[dict]:
 
 
 def _ci(values: np.ndarray, statistic) -> list[float]:
-    from .eval.winrate import bootstrap_ci
-
     return list(bootstrap_ci(len(values), lambda i: statistic(values[i])))
 
 
