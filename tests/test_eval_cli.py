@@ -132,3 +132,24 @@ async def test_eval_all_abstentions_are_not_ties(judge_emulator, tmp_path):
         assert len(skipped) == 10 and all("judge_abstained" in s for s in skipped)
     finally:
         await server.stop(0)
+
+
+async def test_a_grading_backend_failure_is_a_failure_not_an_abstention(judge_emulator, tmp_path):
+    """A judge that cannot be reached while grading: each grade is recorded as failed (retried by a re-run),
+    none is counted as an abstention, and the reachable judge's re-run grades them."""
+    import socket
+
+    from moaa.pipeline.eval.judges import ChatPairJudge
+    from moaa.pipeline.eval.run import grade_answers
+    from moaa.services.backend import BackendPool
+    from moaa.services.config import BackendConfig
+
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    answers = {"sft": load_answers(_answers(tmp_path)[0])}
+    for url, expect in ((dead, {"mean": None, "n": 0, "abstained": 0, "failed": 10}),
+                        (judge_emulator.url, {"mean": None, "n": 0, "abstained": 10, "failed": 0})):
+        cfg = BackendConfig(urls=[url], served_model="longest", retries={"max_attempts": 1})
+        async with BackendPool({"judge": cfg}, probes=False) as pool:
+            assert (await grade_answers(ChatPairJudge(pool, "judge"), answers, tmp_path / "ev", quiet=True))["sft"] == expect
