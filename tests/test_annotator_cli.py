@@ -147,3 +147,53 @@ async def test_annotator_serve_command_serves_and_stops_on_sigterm(tmp_path, jud
                                                                           "template": "nope_v9"}]}}}))
     rc, _, err = await moaa("annotator", "serve", "--config", str(bad))
     assert rc == 2 and "unknown judge template 'nope_v9'" in err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_annotate_retries_an_annotator_that_is_down_or_restarts(tmp_path, judge_emulator):
+    """UNAVAILABLE is retried a bounded number of times: an annotator that comes up a moment late, or is
+    restarted mid-run, costs no row and no duplicate; one that stays down fails in bounded time."""
+    from moaa.services.annotator.server import start_annotator
+    from moaa.services.config import parse_config
+
+    port = _free_port()
+    cfg = parse_config(judge_config(judge_emulator.url, {"a": "longest+delay=0.05", "b": "longest+delay=0.05"},
+                                    mode="pointwise", combine="mean", min_margin=0.0))
+    inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+    with inp.open("w") as fh:
+        for i in range(60):
+            fh.write(json.dumps({"id": f"r{i}", "prompt": f"Question {i}?",
+                                 "candidates": ["short", f"a longer answer {i}", f"the longest answer of all {i}"]}) + "\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "moaa.cli.main", "annotate", "--annotator", f"127.0.0.1:{port}", "--in", str(inp),
+        "--out", str(out), "--no-progress", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    servers = []
+    try:
+        await asyncio.sleep(1.0)  # the command's first call finds nothing listening
+        servers.append(await start_annotator(cfg, port=port, probes=False))
+        for _ in range(600):  # restart it once some rows are written
+            if out.exists() and len(out.read_bytes().splitlines()) >= 5:
+                break
+            await asyncio.sleep(0.02)
+        await servers[0].stop(0)
+        servers.append(await start_annotator(cfg, port=port, probes=False))
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        for s in servers:
+            await s.stop(0)
+    assert proc.returncode == 0, stderr.decode()
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(60))   # every row exactly once
+
+    t0 = asyncio.get_running_loop().time()
+    rc, _, err = await moaa("annotate", "--annotator", f"127.0.0.1:{_free_port()}", "--in", str(inp),
+                            "--out", str(tmp_path / "other.jsonl"), "--no-progress")
+    assert rc == 75 and "UNAVAILABLE" in err and "4 tries over 3.5 s" in err and len(err.strip().splitlines()) == 1
+    assert asyncio.get_running_loop().time() - t0 < 30

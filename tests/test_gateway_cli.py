@@ -40,10 +40,23 @@ async def test_generate_errors_are_one_line(gw_emulators, gateway_factory, capsy
     code = await asyncio.to_thread(main, ["generate", "--gateway", f"127.0.0.1:{unused_tcp_port}", "--timeout", "2", "hi"])
     err = capsys.readouterr().err
     assert code == 75 and err.startswith("moaa: error: gateway 127.0.0.1:") and err.count("\n") == 1
+    assert "UNAVAILABLE" in err and "tries over" in err   # retried, within --timeout, then one line
     # a client certificate without its key (mutual TLS needs both)
     code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--tls-cert", "tls.crt", "hi"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "needs both --tls-cert and --tls-key" in err
+
+
+async def test_generate_retries_a_gateway_that_comes_up_late(gw_emulators, gateway_factory, capsys, unused_tcp_port):
+    """A gateway that is down when the command starts (a restart, a pod not ready yet) is retried a bounded
+    number of times (UNAVAILABLE only) before the command gives up."""
+    emu = await gw_emulators()
+    run = asyncio.create_task(asyncio.to_thread(
+        main, ["generate", "--gateway", f"127.0.0.1:{unused_tcp_port}", "--max-tokens", "4", "hi"]))
+    await asyncio.sleep(0.8)
+    await gateway_factory(moa_config(emu.url, ["a"], gateway={"port": unused_tcp_port}))
+    assert await run == 0, capsys.readouterr().err
+    assert "=== aggregated answer ===" in capsys.readouterr().out
 
 
 async def test_gateway_serve_runs_and_stops_on_sigterm(gw_emulators, tmp_path, unused_tcp_port, unused_tcp_port_factory):
