@@ -197,3 +197,28 @@ async def test_annotate_retries_an_annotator_that_is_down_or_restarts(tmp_path, 
                             "--out", str(tmp_path / "other.jsonl"), "--no-progress")
     assert rc == 75 and "UNAVAILABLE" in err and "4 tries over 3.5 s" in err and len(err.strip().splitlines()) == 1
     assert asyncio.get_running_loop().time() - t0 < 30
+
+
+async def test_annotate_and_judge_eval_reach_a_mutual_tls_annotator(tmp_path, judge_emulator, annotator_factory,
+                                                                    gw_tls_files, monkeypatch):
+    """The client flags are the same on every command: --tls-ca, --tls-cert/--tls-key, --token or $MOAA_TOKEN."""
+    monkeypatch.setenv("MOAA_TEST_ANN_TOKENS", "good")
+    tls = {"cert_file": gw_tls_files["server.crt"], "key_file": gw_tls_files["server.key"],
+           "client_ca_file": gw_tls_files["ca.crt"]}
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris"}, mode="pointwise",
+                                                combine="mean", annotator={"tls": tls,
+                                                                           "auth": {"tokens_env": "MOAA_TEST_ANN_TOKENS"}}))
+    inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+    _samples(inp, ["r1"])
+    mtls = ("--annotator", stub.server.address, "--tls-ca", gw_tls_files["ca.crt"], "--tls-cert",
+            gw_tls_files["client.crt"], "--tls-key", gw_tls_files["client.key"], "--no-progress")
+    rc, _, err = await moaa("annotate", "--in", str(inp), "--out", str(out), "--token", "good", *mtls)
+    assert rc == 0, err
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["r1"]
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text(json.dumps({"id": "l0", "prompt": "Capital of France?", "chosen": GOOD, "rejected": BAD}) + "\n")
+    monkeypatch.setenv("MOAA_TOKEN", "good")
+    rc, stdout, err = await moaa("judge-eval", "--in", str(labelled), *mtls)
+    assert rc == 0 and "1 labelled rows" in stdout, err
+    rc, _, err = await moaa("judge-eval", "--in", str(labelled), *mtls, "--token", "bad")
+    assert rc == 2 and "UNAUTHENTICATED" in err and len(err.strip().splitlines()) == 1   # not retried

@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import logging
-import os
-
-from moaa.cli import add_service_group
 import sys
+
+from moaa.cli import add_connection_args, add_service_group, connection
 
 
 def _client_args(p) -> None:
@@ -13,9 +12,7 @@ def _client_args(p) -> None:
     p.add_argument("--ensemble", default="", help="judge ensemble (default: the annotator's default)")
     p.add_argument("--mode", default="", choices=["", "pointwise", "pairwise", "moa"],
                    help="judging mode (default: the ensemble's)")
-    p.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
-    p.add_argument("--tls-ca", help="CA certificate to verify the annotator's TLS certificate")
-    p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
+    add_connection_args(p, "annotator")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -50,9 +47,7 @@ async def _serve(args) -> int:
 
 
 def _endpoint(args):
-    from moaa.client.endpoint import Endpoint
-
-    return Endpoint(args.annotator, token=args.token, tls_ca=args.tls_ca, tls=args.tls)
+    return connection(args, args.annotator)
 
 
 async def _annotate(args) -> int:

@@ -41,6 +41,9 @@ class PipelineOptions:
     annotator: str | None = None
     token: str | None = None
     tls_ca: str | None = None
+    tls: bool = False                     # TLS with the system's trusted CAs
+    tls_cert: str | None = None           # client certificate and key, for services that require mutual TLS
+    tls_key: str | None = None
     k8s: bool = False
     k8s_args: list[str] = field(default_factory=list)
     quick: bool = False
@@ -228,9 +231,12 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     summary: dict[str, Any] = {"run_folder": str(layout.root), "config_hash": chash,
                                "prompts": {"used": prompts.count, "skipped_invalid": prompts.invalid}}
     try:
-        gateway = Endpoint(stack.gateway_address if stack else opts.gateway, opts.token, opts.tls_ca)
+        def endpoint(address: str) -> Endpoint:
+            return Endpoint(address, opts.token, opts.tls_ca, opts.tls, opts.tls_cert, opts.tls_key)
+
+        gateway = endpoint(stack.gateway_address if stack else opts.gateway)
         annotator_addr = stack.annotator_address if stack else opts.annotator
-        annotator = Endpoint(annotator_addr, opts.token, opts.tls_ca) if annotator_addr else None
+        annotator = endpoint(annotator_addr) if annotator_addr else None
         chat_judge = stack.chat_judge(ledger) if stack else None
         ctx = StageContext(layout=layout, ledger=ledger, config_hash=chash, prompts=prompts, base_model=str(target),
                            settings=settings, gateway=gateway, annotator=annotator, chat_judge=chat_judge,
