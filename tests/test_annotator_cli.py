@@ -222,3 +222,23 @@ async def test_annotate_and_judge_eval_reach_a_mutual_tls_annotator(tmp_path, ju
     assert rc == 0 and "1 labelled rows" in stdout, err
     rc, _, err = await moaa("judge-eval", "--in", str(labelled), *mtls, "--token", "bad")
     assert rc == 2 and "UNAUTHENTICATED" in err and len(err.strip().splitlines()) == 1   # not retried
+
+
+async def test_judge_eval_failed_calls_are_an_error_and_a_foreign_out_is_kept(tmp_path, judge_emulator,
+                                                                               annotator_factory):
+    """A judge whose backend is down makes every item UNAVAILABLE: transient (exit 75), never a silent
+    skip; --out that is not a judge-eval summary is refused before any call and left as it was."""
+    cfg = judge_config(judge_emulator.url, {"a": "keyword:paris", "b": "keyword:paris"}, mode="pointwise",
+                       combine="mean")
+    cfg["backends"]["m-b"].update(urls=["http://127.0.0.1:9/v1"], retries={"max_attempts": 1})
+    stub = await annotator_factory(cfg)
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text(json.dumps({"id": "l0", "prompt": "Capital of France?", "chosen": GOOD, "rejected": BAD}) + "\n")
+    rc, _, err = await moaa("judge-eval", "--annotator", stub.server.address, "--in", str(labelled), "--no-progress")
+    assert rc == 75 and "UNAVAILABLE" in err and "rerun" in err and len(err.strip().splitlines()) == 1
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    rc, _, err = await moaa("judge-eval", "--annotator", "127.0.0.1:9", "--in", str(labelled), "--out", str(notes),
+                            "--no-progress")
+    assert rc == 2 and "is not a judge-eval summary" in err and notes.read_text() == "my notes\n"

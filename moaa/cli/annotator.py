@@ -62,12 +62,16 @@ async def _annotate(args) -> int:
 
 
 async def _judge_eval(args) -> int:
-    from moaa.client.judge_eval import format_table, judge_eval, write_json
+    from moaa.client.judge_eval import check_out, failure, format_table, judge_eval, write_json
 
+    if args.out:
+        check_out(args.out)
     summary = await judge_eval(_endpoint(args), args.inp, ensemble=args.ensemble, mode=args.mode,
                                progress=not args.no_progress)
     print(format_table(summary))
     if args.out:
         write_json(summary, args.out)
+    err = failure(summary)
+    if err is not None:
+        raise err
     return 0
-
