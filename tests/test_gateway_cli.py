@@ -59,6 +59,21 @@ async def test_generate_retries_a_gateway_that_comes_up_late(gw_emulators, gatew
     assert "=== aggregated answer ===" in capsys.readouterr().out
 
 
+async def test_generate_into_a_closed_pipe_stops_quietly(gw_emulators, gateway_factory):
+    """`moaa generate ... | head -n 1`: the reader goes away; no error line, the shell's SIGPIPE status."""
+    emu = await gw_emulators()
+    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", "generate", "--gateway",
+                                                    gw.address, "hi", stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 141 and err.decode() == ""
+
+
 async def test_gateway_serve_runs_and_stops_on_sigterm(gw_emulators, tmp_path, unused_tcp_port, unused_tcp_port_factory):
     emu = await gw_emulators()
     cfg = moa_config(emu.url, ["a"], gateway={"port": unused_tcp_port})
