@@ -45,6 +45,10 @@ async def test_generate_errors_are_one_line(gw_emulators, gateway_factory, capsy
     code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--tls-cert", "tls.crt", "hi"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "needs both --tls-cert and --tls-key" in err
+    # a CA file that is not PEM: a usage error before any call, not the C core's log lines and UNAVAILABLE
+    code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--tls-ca", __file__, "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is not PEM" in err
 
 
 async def test_generate_retries_a_gateway_that_comes_up_late(gw_emulators, gateway_factory, capsys, unused_tcp_port):
