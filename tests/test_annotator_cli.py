@@ -237,6 +237,14 @@ async def test_judge_eval_failed_calls_are_an_error_and_a_foreign_out_is_kept(tm
     rc, _, err = await moaa("judge-eval", "--annotator", stub.server.address, "--in", str(labelled), "--no-progress")
     assert rc == 75 and "UNAVAILABLE" in err and "rerun" in err and len(err.strip().splitlines()) == 1
 
+    # moaa annotate: the failed rows are counted beside what was done, in its one line
+    inp = tmp_path / "samples.jsonl"
+    _samples(inp, ["r1", "one"])
+    rc, _, err = await moaa("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out",
+                            str(tmp_path / "pairs.jsonl"), "--no-progress")
+    assert rc == 75 and len(err.strip().splitlines()) == 1, err
+    assert "0 pairs written, 1 skipped, 0 invalid, 0 already done; 1 rows failed" in err
+
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
     rc, _, err = await moaa("judge-eval", "--annotator", "127.0.0.1:9", "--in", str(labelled), "--out", str(notes),

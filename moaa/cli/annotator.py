@@ -51,13 +51,11 @@ def _endpoint(args):
 
 
 async def _annotate(args) -> int:
-    from moaa.client.annotate import annotate_file
+    from moaa.client.annotate import annotate_file, counts_line
 
     summary = await annotate_file(_endpoint(args), args.inp, args.out, ensemble=args.ensemble, mode=args.mode,
                                   progress=not args.no_progress)
-    c = summary
-    sys.stderr.write(f"{c['pairs']} pairs written, {c['skipped']} skipped, {c['invalid']} invalid, "
-                     f"{c['already_done']} already done; report: {args.out}.report.json\n")
+    sys.stderr.write(f"{counts_line(summary)}; report: {args.out}.report.json\n")
     return 0
 
 
