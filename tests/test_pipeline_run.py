@@ -162,6 +162,19 @@ async def test_bad_sft_value_exits_2_before_anything_is_written(tmp_path):
     assert rc == 2 and "packing is not a moaa DPOSettings field" in err and not out.exists()
 
 
+async def test_gateway_without_annotator_or_annotator_without_gateway_exits_2_at_once(tmp_path):
+    """Checked before anything runs: not after stage 1, SFT and sampling have spent their hours."""
+    out = tmp_path / "run"
+    cmd = [x for x in _offline_cmd(out) if x not in ("--annotator",)]
+    cmd.remove("127.0.0.1:9")                       # the annotator's address (the gateway's stays)
+    rc, _, err = await _run(cmd, timeout=60)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "give --annotator HOST:PORT" in err, err
+    assert not out.exists()
+    rc, _, err = await _run([sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--out", str(out),
+                             "--annotator", "127.0.0.1:9"], timeout=60)
+    assert rc == 2 and "give --gateway HOST:PORT too" in err and not out.exists(), err
+
+
 async def test_out_that_is_a_file_or_report_of_a_file_exits_2(tmp_path):
     out = tmp_path / "run.jsonl"
     out.write_text("{}\n")

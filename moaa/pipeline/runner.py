@@ -164,6 +164,16 @@ def resolve_settings(opts: PipelineOptions, local: bool) -> dict[str, Any]:
     return settings
 
 
+def check_services(opts: PipelineOptions, stages: list[str]) -> None:
+    """Before anything runs: hours of SFT must not end in a missing --annotator, nor may one be ignored."""
+    if opts.gateway is None and opts.annotator:
+        raise UserError("--annotator is for a run against running services: give --gateway HOST:PORT too "
+                        "(without --gateway the embedded stack runs its own annotator)")
+    if opts.gateway and not opts.annotator and "pairs" in stages:
+        raise UserError("with --gateway, stage 2 (pairs) and eval need an annotator: give --annotator HOST:PORT, "
+                        "or stop before it with --until samples")
+
+
 def _stages_to_run(until: str | None) -> list[str]:
     names = [n for n, _ in STAGES]
     if until and until not in names:
@@ -192,6 +202,7 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     local = opts.gateway is None
     settings = resolve_settings(opts, local)
     stages = _stages_to_run(opts.until)
+    check_services(opts, stages)
     # the model is resolved later (the embedded default may be prepared on first use): a placeholder here
     training_configs(settings, layout, opts.target or "base-model")
     make_folder(layout.root)
