@@ -63,6 +63,15 @@ async def test_generate_retries_a_gateway_that_comes_up_late(gw_emulators, gatew
     assert "=== aggregated answer ===" in capsys.readouterr().out
 
 
+async def test_generate_past_its_timeout_says_which_flag(gw_emulators, gateway_factory, capsys):
+    emu = await gw_emulators({"a": {"ttft_s": 5.0}})
+    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--timeout", "0.5", "hi"])
+    err = capsys.readouterr().err
+    assert code == 75 and err.count("\n") == 1 and "DEADLINE_EXCEEDED" in err
+    assert "--timeout 0.5 s passed; give a larger --timeout" in err
+
+
 async def test_generate_into_a_closed_pipe_stops_quietly(gw_emulators, gateway_factory):
     """`moaa generate ... | head -n 1`: the reader goes away; no error line, the shell's SIGPIPE status."""
     emu = await gw_emulators()

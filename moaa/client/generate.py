@@ -58,8 +58,10 @@ async def generate(ep: Endpoint, prompt: str, *, recipe: str = "", system: str |
                     continue
                 if answering:
                     out.write("\n")
-                unavailable = err.code() == grpc.StatusCode.UNAVAILABLE
-                raise call_error(err, f"gateway {ep.address}", retry_note(tries) if unavailable else "") from None
+                hint = {grpc.StatusCode.UNAVAILABLE: retry_note(tries),
+                        grpc.StatusCode.DEADLINE_EXCEEDED: f"--timeout {timeout:g} s passed; give a larger --timeout"
+                        if timeout else ""}.get(err.code(), "")
+                raise call_error(err, f"gateway {ep.address}", hint) from None
     if final is not None:
         total = sum(u.usage.total_tokens for u in final.usage)
         out.write(f"\n\n[{final.aggregator_model}, {final.latency.total_s:.2f} s, {total} tokens"
