@@ -189,6 +189,8 @@ async def test_annotate_retries_an_annotator_that_is_down_or_restarts(tmp_path, 
         for s in servers:
             await s.stop(0)
     assert proc.returncode == 0, stderr.decode()
+    assert stderr.decode().strip().splitlines() == ["60 pairs written, 0 skipped, 0 invalid, 0 already done; "
+                                                    f"report: {out}.report.json"]   # the failed call left nothing behind
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"r{i}" for i in range(60))   # every row exactly once
 

@@ -32,12 +32,13 @@ async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: 
     while True:
         slots = asyncio.Semaphore(max(1, window))
         resend = list(unanswered.values())
+        ended = asyncio.Event()   # the call is over: its feed must stop waiting for a slot (and take nothing)
 
-        async def feed(resend=resend, slots=slots):
+        async def feed(resend=resend, slots=slots, ended=ended):
             for req in itertools.chain(resend, source):
                 unanswered[req.id] = req   # before waiting for a slot: a call cut while waiting loses nothing
                 await slots.acquire()
-                if stop is not None and stop():
+                if ended.is_set() or (stop is not None and stop()):
                     return
                 yield req
 
@@ -49,6 +50,8 @@ async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: 
                 yield res
             return
         except grpc.aio.AioRpcError as err:
+            ended.set()
+            slots.release()   # wakes a feed left waiting: it returns, its item stays unanswered
             if err.code() != grpc.StatusCode.UNAVAILABLE or tries >= len(RETRY_DELAYS_S):
                 note = retry_note(tries) if err.code() == grpc.StatusCode.UNAVAILABLE else ""
                 raise call_error(err, f"{what} at {ep.address}", ", ".join(
