@@ -147,3 +147,108 @@ async def test_annotator_serve_command_serves_and_stops_on_sigterm(tmp_path, jud
                                                                           "template": "nope_v9"}]}}}))
     rc, _, err = await moaa("annotator", "serve", "--config", str(bad))
     assert rc == 2 and "unknown judge template 'nope_v9'" in err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_annotate_retries_an_annotator_that_is_down_or_restarts(tmp_path, judge_emulator):
+    """UNAVAILABLE is retried a bounded number of times: an annotator that comes up a moment late, or is
+    restarted mid-run, costs no row and no duplicate; one that stays down fails in bounded time."""
+    from moaa.services.annotator.server import start_annotator
+    from moaa.services.config import parse_config
+
+    port = _free_port()
+    cfg = parse_config(judge_config(judge_emulator.url, {"a": "longest+delay=0.05", "b": "longest+delay=0.05"},
+                                    mode="pointwise", combine="mean", min_margin=0.0))
+    inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+    with inp.open("w") as fh:
+        for i in range(60):
+            fh.write(json.dumps({"id": f"r{i}", "prompt": f"Question {i}?",
+                                 "candidates": ["short", f"a longer answer {i}", f"the longest answer of all {i}"]}) + "\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "moaa.cli.main", "annotate", "--annotator", f"127.0.0.1:{port}", "--in", str(inp),
+        "--out", str(out), "--no-progress", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    servers = []
+    try:
+        await asyncio.sleep(1.0)  # the command's first call finds nothing listening
+        servers.append(await start_annotator(cfg, port=port, probes=False))
+        for _ in range(600):  # restart it once some rows are written
+            if out.exists() and len(out.read_bytes().splitlines()) >= 5:
+                break
+            await asyncio.sleep(0.02)
+        await servers[0].stop(0)
+        servers.append(await start_annotator(cfg, port=port, probes=False))
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        for s in servers:
+            await s.stop(0)
+    assert proc.returncode == 0, stderr.decode()
+    assert stderr.decode().strip().splitlines() == ["60 pairs written, 0 skipped, 0 invalid, 0 already done; "
+                                                    f"report: {out}.report.json"]   # the failed call left nothing behind
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(60))   # every row exactly once
+
+    t0 = asyncio.get_running_loop().time()
+    rc, _, err = await moaa("annotate", "--annotator", f"127.0.0.1:{_free_port()}", "--in", str(inp),
+                            "--out", str(tmp_path / "other.jsonl"), "--no-progress")
+    assert rc == 75 and "UNAVAILABLE" in err and "4 tries over 3.5 s" in err and len(err.strip().splitlines()) == 1
+    assert asyncio.get_running_loop().time() - t0 < 30
+
+
+async def test_annotate_and_judge_eval_reach_a_mutual_tls_annotator(tmp_path, judge_emulator, annotator_factory,
+                                                                    gw_tls_files, monkeypatch):
+    """The client flags are the same on every command: --tls-ca, --tls-cert/--tls-key, --token or $MOAA_TOKEN."""
+    monkeypatch.setenv("MOAA_TEST_ANN_TOKENS", "good")
+    tls = {"cert_file": gw_tls_files["server.crt"], "key_file": gw_tls_files["server.key"],
+           "client_ca_file": gw_tls_files["ca.crt"]}
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris"}, mode="pointwise",
+                                                combine="mean", annotator={"tls": tls,
+                                                                           "auth": {"tokens_env": "MOAA_TEST_ANN_TOKENS"}}))
+    inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+    _samples(inp, ["r1"])
+    mtls = ("--annotator", stub.server.address, "--tls-ca", gw_tls_files["ca.crt"], "--tls-cert",
+            gw_tls_files["client.crt"], "--tls-key", gw_tls_files["client.key"], "--no-progress")
+    rc, _, err = await moaa("annotate", "--in", str(inp), "--out", str(out), "--token", "good", *mtls)
+    assert rc == 0, err
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["r1"]
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text(json.dumps({"id": "l0", "prompt": "Capital of France?", "chosen": GOOD, "rejected": BAD}) + "\n")
+    monkeypatch.setenv("MOAA_TOKEN", "good")
+    rc, stdout, err = await moaa("judge-eval", "--in", str(labelled), *mtls)
+    assert rc == 0 and "1 labelled rows" in stdout, err
+    rc, _, err = await moaa("judge-eval", "--in", str(labelled), *mtls, "--token", "bad")
+    assert rc == 2 and "UNAUTHENTICATED" in err and len(err.strip().splitlines()) == 1   # not retried
+
+
+async def test_judge_eval_failed_calls_are_an_error_and_a_foreign_out_is_kept(tmp_path, judge_emulator,
+                                                                               annotator_factory):
+    """A judge whose backend is down makes every item UNAVAILABLE: transient (exit 75), never a silent
+    skip; --out that is not a judge-eval summary is refused before any call and left as it was."""
+    cfg = judge_config(judge_emulator.url, {"a": "keyword:paris", "b": "keyword:paris"}, mode="pointwise",
+                       combine="mean")
+    cfg["backends"]["m-b"].update(urls=["http://127.0.0.1:9/v1"], retries={"max_attempts": 1})
+    stub = await annotator_factory(cfg)
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text(json.dumps({"id": "l0", "prompt": "Capital of France?", "chosen": GOOD, "rejected": BAD}) + "\n")
+    rc, _, err = await moaa("judge-eval", "--annotator", stub.server.address, "--in", str(labelled), "--no-progress")
+    assert rc == 75 and "UNAVAILABLE" in err and "rerun" in err and len(err.strip().splitlines()) == 1
+
+    # moaa annotate: the failed rows are counted beside what was done, in its one line
+    inp = tmp_path / "samples.jsonl"
+    _samples(inp, ["r1", "one"])
+    rc, _, err = await moaa("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out",
+                            str(tmp_path / "pairs.jsonl"), "--no-progress")
+    assert rc == 75 and len(err.strip().splitlines()) == 1, err
+    assert "0 pairs written, 1 skipped, 0 invalid, 0 already done; 1 rows failed" in err
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    rc, _, err = await moaa("judge-eval", "--annotator", "127.0.0.1:9", "--in", str(labelled), "--out", str(notes),
+                            "--no-progress")
+    assert rc == 2 and "is not a judge-eval summary" in err and notes.read_text() == "my notes\n"

@@ -40,10 +40,51 @@ async def test_generate_errors_are_one_line(gw_emulators, gateway_factory, capsy
     code = await asyncio.to_thread(main, ["generate", "--gateway", f"127.0.0.1:{unused_tcp_port}", "--timeout", "2", "hi"])
     err = capsys.readouterr().err
     assert code == 75 and err.startswith("moaa: error: gateway 127.0.0.1:") and err.count("\n") == 1
+    assert "UNAVAILABLE" in err and "tries over" in err   # retried, within --timeout, then one line
     # a client certificate without its key (mutual TLS needs both)
     code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--tls-cert", "tls.crt", "hi"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "needs both --tls-cert and --tls-key" in err
+    # a CA file that is not PEM: a usage error before any call, not the C core's log lines and UNAVAILABLE
+    code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--tls-ca", __file__, "hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is not PEM" in err
+
+
+async def test_generate_retries_a_gateway_that_comes_up_late(gw_emulators, gateway_factory, capsys, unused_tcp_port):
+    """A gateway that is down when the command starts (a restart, a pod not ready yet) is retried a bounded
+    number of times (UNAVAILABLE only) before the command gives up."""
+    emu = await gw_emulators()
+    run = asyncio.create_task(asyncio.to_thread(
+        main, ["generate", "--gateway", f"127.0.0.1:{unused_tcp_port}", "--max-tokens", "4", "hi"]))
+    await asyncio.sleep(0.8)
+    await gateway_factory(moa_config(emu.url, ["a"], gateway={"port": unused_tcp_port}))
+    assert await run == 0, capsys.readouterr().err
+    assert "=== aggregated answer ===" in capsys.readouterr().out
+
+
+async def test_generate_past_its_timeout_says_which_flag(gw_emulators, gateway_factory, capsys):
+    emu = await gw_emulators({"a": {"ttft_s": 5.0}})
+    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    code = await asyncio.to_thread(main, ["generate", "--gateway", gw.address, "--timeout", "0.5", "hi"])
+    err = capsys.readouterr().err
+    assert code == 75 and err.count("\n") == 1 and "DEADLINE_EXCEEDED" in err
+    assert "--timeout 0.5 s passed; give a larger --timeout" in err
+
+
+async def test_generate_into_a_closed_pipe_stops_quietly(gw_emulators, gateway_factory):
+    """`moaa generate ... | head -n 1`: the reader goes away; no error line, the shell's SIGPIPE status."""
+    emu = await gw_emulators()
+    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", "generate", "--gateway",
+                                                    gw.address, "hi", stdout=write_end, stderr=subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 141 and err.decode() == ""
 
 
 async def test_gateway_serve_runs_and_stops_on_sigterm(gw_emulators, tmp_path, unused_tcp_port, unused_tcp_port_factory):

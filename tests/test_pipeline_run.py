@@ -162,6 +162,19 @@ async def test_bad_sft_value_exits_2_before_anything_is_written(tmp_path):
     assert rc == 2 and "packing is not a moaa DPOSettings field" in err and not out.exists()
 
 
+async def test_gateway_without_annotator_or_annotator_without_gateway_exits_2_at_once(tmp_path):
+    """Checked before anything runs: not after stage 1, SFT and sampling have spent their hours."""
+    out = tmp_path / "run"
+    cmd = [x for x in _offline_cmd(out) if x not in ("--annotator",)]
+    cmd.remove("127.0.0.1:9")                       # the annotator's address (the gateway's stays)
+    rc, _, err = await _run(cmd, timeout=60)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "give --annotator HOST:PORT" in err, err
+    assert not out.exists()
+    rc, _, err = await _run([sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--out", str(out),
+                             "--annotator", "127.0.0.1:9"], timeout=60)
+    assert rc == 2 and "give --gateway HOST:PORT too" in err and not out.exists(), err
+
+
 async def test_out_that_is_a_file_or_report_of_a_file_exits_2(tmp_path):
     out = tmp_path / "run.jsonl"
     out.write_text("{}\n")
@@ -437,3 +450,51 @@ async def test_k8s_training_jobs_are_submitted_followed_and_continued(services, 
     assert all(run["stages"][s]["status"] == "done" for s in ("sft_data", "sft", "samples", "pairs", "dpo"))
     log = (out / "logs" / "sft.log").read_text()
     assert "train submit sft" in log and "job_complete" in log
+
+
+async def test_gateway_killed_and_back_mid_stage1_costs_no_row(emulator_factory, tmp_path):
+    """`moaa gateway serve` SIGKILLed mid-stream and back on its port within the client's retry bound: the
+    stream is retried (the rows without a result resent), the run finishes, every id once, and the dead
+    call leaves no error behind (its request feed is stopped, not left waiting)."""
+    import socket
+
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    emu = await emulator_factory(ttft_s=0.05, tokens_per_s=200.0, default_max_tokens=24)
+    cfg = moa_config(emu.url, ["p1", "p2", "p3"], gateway={"port": port, "http_port": None, "batch_window": 4})
+    (tmp_path / "moaa.yaml").write_text(yaml.safe_dump(cfg))
+    gw = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config",
+                                              str(tmp_path / "moaa.yaml"), stdout=asyncio.subprocess.DEVNULL,
+                                              stderr=asyncio.subprocess.DEVNULL)
+    prompts, out = _prompts(tmp_path / "prompts.jsonl", 60), tmp_path / "run"
+    cmd = [sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--prompts", str(prompts),
+           "--out", str(out), "--gateway", f"127.0.0.1:{port}", "--annotator", "127.0.0.1:9", "--target", "m",
+           "--until", "sft_data", "--set", "answer_tokens=16"]
+    back = None
+    try:
+        import grpc
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            await asyncio.wait_for(ch.channel_ready(), 60)
+        run = asyncio.create_task(_run(cmd, timeout=120))
+        data = out / "stage1-sft-data"
+        for _ in range(3000):
+            if len(_ids(data)) >= 8:
+                break
+            await asyncio.sleep(0.01)
+        gw.kill()
+        await gw.wait()
+        back = await start_gateway(parse_config(cfg), probes=False)
+        rc, _, err = await run
+    finally:
+        if gw.returncode is None:
+            gw.kill()
+            await gw.wait()
+        if back is not None:
+            await back.stop(0)
+    assert rc == 0 and err == "", err
+    ids = _ids(out / "stage1-sft-data")
+    assert len(ids) == len(set(ids)) == 61

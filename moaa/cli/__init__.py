@@ -53,3 +53,22 @@ def add_service_group(subparsers, kind: str, help_text: str, serve_help: str, se
     cmd.add_argument("--log-format", choices=["json", "text"], default="json")
     cmd.set_defaults(func=serve)
     return cmd
+
+
+def add_connection_args(p, what: str) -> None:
+    """How to reach a moaa service (token, TLS, mutual TLS): the same flags on every command that calls one."""
+    import os
+
+    p.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
+    p.add_argument("--tls-ca", help=f"CA certificate to verify the TLS certificate of the {what}")
+    p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
+    p.add_argument("--tls-cert", help=f"client certificate, when the {what} requires mutual TLS")
+    p.add_argument("--tls-key", help="key of the client certificate")
+
+
+def connection(args, address: str):
+    """The client package's Endpoint for `address`, reached as add_connection_args' flags say."""
+    from moaa.client.endpoint import Endpoint
+
+    return Endpoint(address, token=args.token, tls_ca=args.tls_ca, tls=args.tls, cert_file=args.tls_cert,
+                    key_file=args.tls_key)

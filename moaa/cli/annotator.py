@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import logging
-import os
-
-from moaa.cli import add_service_group
 import sys
+
+from moaa.cli import add_connection_args, add_service_group, connection
 
 
 def _client_args(p) -> None:
@@ -13,9 +12,7 @@ def _client_args(p) -> None:
     p.add_argument("--ensemble", default="", help="judge ensemble (default: the annotator's default)")
     p.add_argument("--mode", default="", choices=["", "pointwise", "pairwise", "moa"],
                    help="judging mode (default: the ensemble's)")
-    p.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
-    p.add_argument("--tls-ca", help="CA certificate to verify the annotator's TLS certificate")
-    p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
+    add_connection_args(p, "annotator")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -50,29 +47,29 @@ async def _serve(args) -> int:
 
 
 def _endpoint(args):
-    from moaa.client.endpoint import Endpoint
-
-    return Endpoint(args.annotator, token=args.token, tls_ca=args.tls_ca, tls=args.tls)
+    return connection(args, args.annotator)
 
 
 async def _annotate(args) -> int:
-    from moaa.client.annotate import annotate_file
+    from moaa.client.annotate import annotate_file, counts_line
 
     summary = await annotate_file(_endpoint(args), args.inp, args.out, ensemble=args.ensemble, mode=args.mode,
                                   progress=not args.no_progress)
-    c = summary
-    sys.stderr.write(f"{c['pairs']} pairs written, {c['skipped']} skipped, {c['invalid']} invalid, "
-                     f"{c['already_done']} already done; report: {args.out}.report.json\n")
+    sys.stderr.write(f"{counts_line(summary)}; report: {args.out}.report.json\n")
     return 0
 
 
 async def _judge_eval(args) -> int:
-    from moaa.client.judge_eval import format_table, judge_eval, write_json
+    from moaa.client.judge_eval import check_out, failure, format_table, judge_eval, write_json
 
+    if args.out:
+        check_out(args.out)
     summary = await judge_eval(_endpoint(args), args.inp, ensemble=args.ensemble, mode=args.mode,
                                progress=not args.no_progress)
     print(format_table(summary))
     if args.out:
         write_json(summary, args.out)
+    err = failure(summary)
+    if err is not None:
+        raise err
     return 0
-

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import logging
-import os
 
-from moaa.cli import add_service_group, positive_float, positive_int
+from moaa.cli import add_connection_args, add_service_group, connection, positive_float, positive_int
 
 
 def register(subparsers) -> None:
@@ -22,11 +21,7 @@ def register(subparsers) -> None:
     gen.add_argument("--system", help="system message")
     gen.add_argument("--max-tokens", type=positive_int, help="max tokens per proposer and for the aggregator")
     gen.add_argument("--timeout", type=positive_float, default=600.0, help="deadline of the call in seconds")
-    gen.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
-    gen.add_argument("--tls-ca", help="CA certificate to verify the gateway's TLS certificate")
-    gen.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
-    gen.add_argument("--tls-cert", help="client certificate, for a gateway that requires mutual TLS")
-    gen.add_argument("--tls-key", help="key of the client certificate")
+    add_connection_args(gen, "gateway")
     gen.set_defaults(func=_generate)
 
 
@@ -49,11 +44,8 @@ async def _serve(args) -> int:
 
 
 async def _generate(args) -> int:
-    from moaa.client.endpoint import Endpoint
     from moaa.client.generate import generate
 
-    ep = Endpoint(args.gateway, token=args.token, tls_ca=args.tls_ca, tls=args.tls, cert_file=args.tls_cert,
-                  key_file=args.tls_key)
-    await generate(ep, args.prompt, recipe=args.recipe, system=args.system, timeout=args.timeout,
+    await generate(connection(args, args.gateway), args.prompt, recipe=args.recipe, system=args.system, timeout=args.timeout,
                    max_tokens=args.max_tokens)
     return 0

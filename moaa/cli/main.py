@@ -10,7 +10,7 @@ import os
 import sys
 
 from moaa import __version__
-from moaa.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, MoaaError
+from moaa.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, MoaaError
 
 # Command-group modules under moaa.cli, in help order.
 COMMAND_MODULES = [
@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except MoaaError as err:
         sys.stderr.write(f"moaa: error: {err}\n")
         return err.exit_code
+    except BrokenPipeError:  # `moaa generate ... | head`: the reader is gone; stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         sys.stderr.write("moaa: interrupted\n")
         return EXIT_INTERRUPTED

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from moaa.cli import positive_int
+from moaa.cli import add_connection_args, positive_int
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -44,8 +43,7 @@ def register(subparsers) -> None:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, value as JSON or a bare string: --set sft.max_steps=20 "
                           "--set sft.trl.save_strategy=no --set dpo.loss_type='[\"sigmoid\"]'")
-    run.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token (default: $MOAA_TOKEN)")
-    run.add_argument("--tls-ca", help="CA certificate for TLS to the gateway and annotator")
+    add_connection_args(run, "gateway and annotator")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage: sft_data, sft, samples, pairs, dpo, "
                      "answers, training_effect, eval")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -77,7 +75,7 @@ def register(subparsers) -> None:
     ev.add_argument("--grade", action="store_true", help="also grade each answer 1-10 (needs --judge-url)")
     ev.add_argument("--out", default="moaa-eval", help="folder for judgments (resumable) and results")
     ev.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the CIs")
-    ev.add_argument("--token", default=os.environ.get("MOAA_TOKEN"), help="bearer token for the annotator")
+    add_connection_args(ev, "annotator")
     ev.set_defaults(func=_eval)
 
 
@@ -89,7 +87,7 @@ async def _run(args) -> int:
     opts = PipelineOptions(
         out=Path(args.out), prompts=args.prompts, mapping=parse_mapping(args.mapping), skip_invalid=args.skip_invalid,
         split=args.split, limit=args.limit, gateway=args.gateway, annotator=args.annotator, token=args.token,
-        tls_ca=args.tls_ca, k8s=args.k8s, k8s_args=args.k8s_args, quick=args.quick, token_budget=args.token_budget,
+        tls_ca=args.tls_ca, tls=args.tls, tls_cert=args.tls_cert, tls_key=args.tls_key, k8s=args.k8s, k8s_args=args.k8s_args, quick=args.quick, token_budget=args.token_budget,
         target=args.target, recipe=args.recipe, ensemble=args.ensemble, eval_judge=args.eval_judge,
         engine=args.engine, quiet=args.quiet, until=args.until, overrides=apply_sets({}, args.overrides))
     summary = await run_pipeline(opts)

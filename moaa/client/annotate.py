@@ -115,8 +115,15 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
         summary = report.summary()
         out.with_name(out.name + ".report.json").write_text(json.dumps(summary, indent=2) + "\n")
     if report.counts["errors"]:
-        raise TransientError(f"{report.counts['errors']} rows failed (see {errors_path}); rerun to retry them")
+        raise TransientError(f"{counts_line(summary)}; {report.counts['errors']} rows failed (see {errors_path}); "
+                             "rerun to retry them")
     return summary
+
+
+def counts_line(summary: dict) -> str:
+    """What a run did, in one line: printed when it ends, and inside its error when rows failed."""
+    return (f"{summary['pairs']} pairs written, {summary['skipped']} skipped, {summary['invalid']} invalid, "
+            f"{summary['already_done']} already done")
 
 
 async def annotate_once(stub, ep: Endpoint, prompt: list[dict], cands: list[tuple[str, str]], *,

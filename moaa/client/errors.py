@@ -1,4 +1,5 @@
-"""The one mapping from a gRPC status to the CLI's errors: bad input (exit 2) or transient (exit 75)."""
+"""The one mapping from a gRPC status to the CLI's errors: bad input (exit 2) or transient (exit 75),
+and the one retry bound of the client package for a server that is down or restarting (UNAVAILABLE)."""
 from __future__ import annotations
 
 import grpc
@@ -11,10 +12,18 @@ BAD_INPUT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHE
                        grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE})
 BAD_INPUT_NAMES = frozenset(c.name for c in BAD_INPUT)
 
+# Waits before the retries of a call that answered UNAVAILABLE: 4 tries in about 3.5 s, enough for a
+# restarting server's port to come back, short enough that a wrong address fails soon.
+RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+
 
 def is_bad_input(code: grpc.StatusCode | str) -> bool:
     """Also for a stream item's ErrorDetail, whose code is the status name."""
     return (code.name if isinstance(code, grpc.StatusCode) else code) in BAD_INPUT_NAMES
+
+
+def retry_note(retries: int) -> str:
+    return f"{retries + 1} tries over {sum(RETRY_DELAYS_S[:retries]):g} s" if retries else ""
 
 
 def call_error(err: grpc.aio.AioRpcError, what: str, hint: str = "") -> UserError | TransientError:

@@ -1,6 +1,7 @@
 """`moaa generate`: one GenerateStream rendered to a terminal (proposals, failures, the streamed answer)."""
 from __future__ import annotations
 
+import asyncio
 import sys
 
 import grpc
@@ -8,7 +9,7 @@ import grpc
 from moaa.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .endpoint import Endpoint
-from .errors import call_error
+from .errors import RETRY_DELAYS_S, call_error, retry_note
 
 
 async def generate(ep: Endpoint, prompt: str, *, recipe: str = "", system: str | None = None,
@@ -23,30 +24,44 @@ async def generate(ep: Endpoint, prompt: str, *, recipe: str = "", system: str |
         req.proposer_sampling.max_tokens = max_tokens
     final = None
     answering = False
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout   # --timeout bounds the retries too
     async with ep.channel() as channel:
         stub = gateway_pb2_grpc.MoAGatewayStub(channel)
-        try:
-            async for ev in stub.GenerateStream(req, metadata=ep.metadata, timeout=timeout):
-                kind = ev.WhichOneof("event")
-                if kind == "proposal":
-                    p = ev.proposal
-                    out.write(f"--- proposal {p.layer}.{p.index + 1} ({p.model}, {p.latency_s:.2f} s) ---\n"
-                              f"{p.text.strip()}\n\n")
-                elif kind == "failure":
-                    f = ev.failure
-                    out.write(f"--- failed: {f.model} ({f.cause}): {f.message} ---\n\n")
-                elif kind == "delta":
-                    if not answering:
-                        out.write("=== aggregated answer ===\n")
-                        answering = True
-                    out.write(ev.delta.text)
-                elif kind == "final":
-                    final = ev.final
-                out.flush()
-        except grpc.aio.AioRpcError as err:
-            if answering:
-                out.write("\n")
-            raise call_error(err, f"gateway {ep.address}") from None
+        for tries in range(len(RETRY_DELAYS_S) + 1):
+            started = False   # after the first event the output has begun: no retry, it would repeat it
+            try:
+                async for ev in stub.GenerateStream(
+                        req, metadata=ep.metadata, timeout=None if deadline is None else max(0.001, deadline - loop.time())):
+                    started = True
+                    kind = ev.WhichOneof("event")
+                    if kind == "proposal":
+                        p = ev.proposal
+                        out.write(f"--- proposal {p.layer}.{p.index + 1} ({p.model}, {p.latency_s:.2f} s) ---\n"
+                                  f"{p.text.strip()}\n\n")
+                    elif kind == "failure":
+                        f = ev.failure
+                        out.write(f"--- failed: {f.model} ({f.cause}): {f.message} ---\n\n")
+                    elif kind == "delta":
+                        if not answering:
+                            out.write("=== aggregated answer ===\n")
+                            answering = True
+                        out.write(ev.delta.text)
+                    elif kind == "final":
+                        final = ev.final
+                    out.flush()
+                break
+            except grpc.aio.AioRpcError as err:
+                if (err.code() == grpc.StatusCode.UNAVAILABLE and not started and tries < len(RETRY_DELAYS_S)
+                        and (deadline is None or loop.time() + RETRY_DELAYS_S[tries] < deadline)):
+                    await asyncio.sleep(RETRY_DELAYS_S[tries])
+                    continue
+                if answering:
+                    out.write("\n")
+                hint = {grpc.StatusCode.UNAVAILABLE: retry_note(tries),
+                        grpc.StatusCode.DEADLINE_EXCEEDED: f"--timeout {timeout:g} s passed; give a larger --timeout"
+                        if timeout else ""}.get(err.code(), "")
+                raise call_error(err, f"gateway {ep.address}", hint) from None
     if final is not None:
         total = sum(u.usage.total_tokens for u in final.usage)
         out.write(f"\n\n[{final.aggregator_model}, {final.latency.total_s:.2f} s, {total} tokens"

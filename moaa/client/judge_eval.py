@@ -13,11 +13,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from moaa.errors import UserError
+from moaa.errors import TransientError, UserError
 from moaa.jsonl import read_input
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
 
 from .endpoint import Endpoint
+from .errors import is_bad_input
 from .pairs import sample_prompt
 from .window import windowed
 
@@ -90,6 +91,7 @@ async def judge_eval(ep: Endpoint, in_path: str, *, ensemble: str = "", mode: st
         raise UserError(f"{in_path} has no rows")
     results: dict[str, dict[str, str]] = {}
     errors: list[str] = []
+    transient = 0
 
     with tqdm(total=len(reqs), desc="judge-eval", unit="call", disable=not progress) as bar:
         async with ep.channel() as channel:
@@ -98,6 +100,7 @@ async def judge_eval(ep: Endpoint, in_path: str, *, ensemble: str = "", mode: st
                 bar.update(1)
                 if res.WhichOneof("result") == "error":
                     errors.append(f"{res.id.split(chr(9))[0]}: {res.error.code}: {res.error.message}")
+                    transient += not is_bad_input(res.error.code)
                     continue
                 resp = res.response
                 outcomes = {ENSEMBLE: _outcome({c.candidate_id: c.score for c in resp.combined})}
@@ -105,10 +108,38 @@ async def judge_eval(ep: Endpoint, in_path: str, *, ensemble: str = "", mode: st
                     outcomes[j.judge] = _outcome({s.candidate_id: s.score for s in j.scores})
                 results[res.id] = outcomes
     if not results:
-        raise UserError("no row could be judged: " + "; ".join(errors[:3]))
+        raise failure({"errors": errors, "transient_errors": transient}, "no row could be judged")
     summary = summarise(results)
     summary["errors"] = errors
+    summary["transient_errors"] = transient
     return summary
+
+
+def failure(summary: dict, what: str = "") -> UserError | TransientError | None:
+    """The error a run with failed calls ends with (after its table): a failed call is never a silent skip.
+    Transient (the judges' backends down) when any failure was, so a rerun is the fix."""
+    errors = summary.get("errors") or []
+    if not errors:
+        return None
+    msg = (f"{what or f'{len(errors)} calls failed; the accuracies above leave them out'}: "
+           + "; ".join(errors[:3]))
+    if summary.get("transient_errors"):
+        return TransientError(msg + "; rerun when the annotator's judges are back")
+    return UserError(msg)
+
+
+def check_out(path: str) -> None:
+    """--out may replace an earlier summary, never a file that is not one."""
+    p = Path(path)
+    if not p.exists():
+        return
+    try:
+        doc = json.loads(p.read_text())
+        ours = isinstance(doc, dict) and {"rows", "judges"} <= doc.keys()
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise UserError(f"{path} is not a judge-eval summary; give another --out path or remove that file")
 
 
 def format_table(summary: dict) -> str:

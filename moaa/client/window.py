@@ -3,35 +3,58 @@
 gRPC sends queued requests as fast as HTTP/2 allows, so the client keeps its own window: a new item is
 fed only when a result came back. A stop (the token budget) therefore stops feeding within one window;
 the items in flight finish and their results are still delivered (their tokens are already spent).
+
+A server that is down or restarting (UNAVAILABLE) is retried a bounded number of times (`RETRY_DELAYS_S`,
+counted since the last result): the new call sends the items that got no result first, then the rest,
+so every item is answered once. Any other status ends the run at once.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import AsyncIterator, Callable, Iterable
 
 import grpc
 
 from .endpoint import Endpoint
-from .errors import call_error
+from .errors import RETRY_DELAYS_S, call_error, retry_note
 
 
 async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: int,
                    stop: Callable[[], bool] | None = None,
                    hint: Callable[[], str] | None = None) -> AsyncIterator:
-    """Results of `rpc` (a stream-stream method of a stub) over `requests`, at most `window` in flight.
-    A failed call raises UserError / TransientError naming `what`; `hint()` is added to its message."""
-    slots = asyncio.Semaphore(max(1, window))
+    """Results of `rpc` (a stream-stream method of a stub) over `requests` (each with an `id`), at most
+    `window` in flight. A failed call raises UserError / TransientError naming `what`; `hint()` is added
+    to its message."""
+    source = iter(requests)
+    unanswered: dict[str, object] = {}   # fed to a call (or taken for it), no result yet: resent on a retry
+    tries = 0
+    while True:
+        slots = asyncio.Semaphore(max(1, window))
+        resend = list(unanswered.values())
+        ended = asyncio.Event()   # the call is over: its feed must stop waiting for a slot (and take nothing)
 
-    async def feed():
-        for req in requests:
-            await slots.acquire()
-            if stop is not None and stop():
-                return
-            yield req
+        async def feed(resend=resend, slots=slots, ended=ended):
+            for req in itertools.chain(resend, source):
+                unanswered[req.id] = req   # before waiting for a slot: a call cut while waiting loses nothing
+                await slots.acquire()
+                if ended.is_set() or (stop is not None and stop()):
+                    return
+                yield req
 
-    try:
-        async for res in rpc(feed(), metadata=ep.metadata):
-            slots.release()
-            yield res
-    except grpc.aio.AioRpcError as err:
-        raise call_error(err, f"{what} at {ep.address}", hint() if hint else "") from None
+        try:
+            async for res in rpc(feed(), metadata=ep.metadata):
+                slots.release()
+                unanswered.pop(res.id, None)
+                tries = 0
+                yield res
+            return
+        except grpc.aio.AioRpcError as err:
+            ended.set()
+            slots.release()   # wakes a feed left waiting: it returns, its item stays unanswered
+            if err.code() != grpc.StatusCode.UNAVAILABLE or tries >= len(RETRY_DELAYS_S):
+                note = retry_note(tries) if err.code() == grpc.StatusCode.UNAVAILABLE else ""
+                raise call_error(err, f"{what} at {ep.address}", ", ".join(
+                    x for x in (note, hint() if hint else "") if x)) from None
+            await asyncio.sleep(RETRY_DELAYS_S[tries])
+            tries += 1

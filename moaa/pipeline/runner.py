@@ -41,6 +41,9 @@ class PipelineOptions:
     annotator: str | None = None
     token: str | None = None
     tls_ca: str | None = None
+    tls: bool = False                     # TLS with the system's trusted CAs
+    tls_cert: str | None = None           # client certificate and key, for services that require mutual TLS
+    tls_key: str | None = None
     k8s: bool = False
     k8s_args: list[str] = field(default_factory=list)
     quick: bool = False
@@ -161,6 +164,16 @@ def resolve_settings(opts: PipelineOptions, local: bool) -> dict[str, Any]:
     return settings
 
 
+def check_services(opts: PipelineOptions, stages: list[str]) -> None:
+    """Before anything runs: hours of SFT must not end in a missing --annotator, nor may one be ignored."""
+    if opts.gateway is None and opts.annotator:
+        raise UserError("--annotator is for a run against running services: give --gateway HOST:PORT too "
+                        "(without --gateway the embedded stack runs its own annotator)")
+    if opts.gateway and not opts.annotator and "pairs" in stages:
+        raise UserError("with --gateway, stage 2 (pairs) and eval need an annotator: give --annotator HOST:PORT, "
+                        "or stop before it with --until samples")
+
+
 def _stages_to_run(until: str | None) -> list[str]:
     names = [n for n, _ in STAGES]
     if until and until not in names:
@@ -189,6 +202,7 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     local = opts.gateway is None
     settings = resolve_settings(opts, local)
     stages = _stages_to_run(opts.until)
+    check_services(opts, stages)
     # the model is resolved later (the embedded default may be prepared on first use): a placeholder here
     training_configs(settings, layout, opts.target or "base-model")
     make_folder(layout.root)
@@ -228,9 +242,12 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     summary: dict[str, Any] = {"run_folder": str(layout.root), "config_hash": chash,
                                "prompts": {"used": prompts.count, "skipped_invalid": prompts.invalid}}
     try:
-        gateway = Endpoint(stack.gateway_address if stack else opts.gateway, opts.token, opts.tls_ca)
+        def endpoint(address: str) -> Endpoint:
+            return Endpoint(address, opts.token, opts.tls_ca, opts.tls, opts.tls_cert, opts.tls_key)
+
+        gateway = endpoint(stack.gateway_address if stack else opts.gateway)
         annotator_addr = stack.annotator_address if stack else opts.annotator
-        annotator = Endpoint(annotator_addr, opts.token, opts.tls_ca) if annotator_addr else None
+        annotator = endpoint(annotator_addr) if annotator_addr else None
         chat_judge = stack.chat_judge(ledger) if stack else None
         ctx = StageContext(layout=layout, ledger=ledger, config_hash=chash, prompts=prompts, base_model=str(target),
                            settings=settings, gateway=gateway, annotator=annotator, chat_judge=chat_judge,

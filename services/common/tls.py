@@ -11,9 +11,13 @@ from moaa.services.config import TLSConfig
 
 def _read(path: str, what: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as err:
         raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
+    # gRPC's C core would log its own errors and fail the first call as UNAVAILABLE (a retry cannot fix it)
+    if b"-----BEGIN " not in data:
+        raise UserError(f"{what} {path} is not PEM (no '-----BEGIN' line): give the PEM file")
+    return data
 
 
 def server_credentials(cfg: TLSConfig) -> grpc.ServerCredentials | None:
