@@ -65,10 +65,3 @@ def add_connection_args(p, what: str) -> None:
     p.add_argument("--tls-cert", help=f"client certificate, when the {what} requires mutual TLS")
     p.add_argument("--tls-key", help="key of the client certificate")
 
-
-def connection(args, address: str):
-    """The client package's Endpoint for `address`, reached as add_connection_args' flags say."""
-    from moaa.client.endpoint import Endpoint
-
-    return Endpoint(address, token=args.token, tls_ca=args.tls_ca, tls=args.tls, cert_file=args.tls_cert,
-                    key_file=args.tls_key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from moaa.cli import add_connection_args, add_service_group, connection
+from moaa.cli import add_connection_args, add_service_group
 
 
 def _client_args(p) -> None:
@@ -47,7 +47,9 @@ async def _serve(args) -> int:
 
 
 def _endpoint(args):
-    return connection(args, args.annotator)
+    from moaa.client.endpoint import Endpoint
+
+    return Endpoint.reached_as(args.annotator, args)
 
 
 async def _annotate(args) -> int:

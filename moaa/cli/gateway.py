@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from moaa.cli import add_connection_args, add_service_group, connection, positive_float, positive_int
+from moaa.cli import add_connection_args, add_service_group, positive_float, positive_int
 
 
 def register(subparsers) -> None:
@@ -44,8 +44,9 @@ async def _serve(args) -> int:
 
 
 async def _generate(args) -> int:
+    from moaa.client.endpoint import Endpoint
     from moaa.client.generate import generate
 
-    await generate(connection(args, args.gateway), args.prompt, recipe=args.recipe, system=args.system, timeout=args.timeout,
+    await generate(Endpoint.reached_as(args.gateway, args), args.prompt, recipe=args.recipe, system=args.system, timeout=args.timeout,
                    max_tokens=args.max_tokens)
     return 0

@@ -37,6 +37,13 @@ class Endpoint:
         if self.tls or self.tls_ca or self.cert_file:
             self._creds = channel_credentials(self.tls_ca, self.cert_file, self.key_file)
 
+    @classmethod
+    def reached_as(cls, address: str, flags) -> "Endpoint":
+        """`address`, reached as `flags` say: anything with token, tls_ca, tls, tls_cert and tls_key (the
+        client commands' parsed flags, moaa.cli.add_connection_args; the pipeline's options)."""
+        return cls(address, token=flags.token, tls_ca=flags.tls_ca, tls=flags.tls, cert_file=flags.tls_cert,
+                   key_file=flags.tls_key)
+
     @property
     def metadata(self):
         return bearer(self.token)

@@ -242,12 +242,9 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     summary: dict[str, Any] = {"run_folder": str(layout.root), "config_hash": chash,
                                "prompts": {"used": prompts.count, "skipped_invalid": prompts.invalid}}
     try:
-        def endpoint(address: str) -> Endpoint:
-            return Endpoint(address, opts.token, opts.tls_ca, opts.tls, opts.tls_cert, opts.tls_key)
-
-        gateway = endpoint(stack.gateway_address if stack else opts.gateway)
+        gateway = Endpoint.reached_as(stack.gateway_address if stack else opts.gateway, opts)
         annotator_addr = stack.annotator_address if stack else opts.annotator
-        annotator = endpoint(annotator_addr) if annotator_addr else None
+        annotator = Endpoint.reached_as(annotator_addr, opts) if annotator_addr else None
         chat_judge = stack.chat_judge(ledger) if stack else None
         ctx = StageContext(layout=layout, ledger=ledger, config_hash=chash, prompts=prompts, base_model=str(target),
                            settings=settings, gateway=gateway, annotator=annotator, chat_judge=chat_judge,

@@ -197,7 +197,7 @@ def all_answers_from_samples(path: Path) -> dict[str, tuple[list[dict], str]]:
 
 async def evaluate(args) -> dict:
     """`moaa eval`: the model's answers against a baseline's (or references), judged in both orders."""
-    from moaa.cli import connection
+    from moaa.client.endpoint import Endpoint
 
     from .judges import AnnotatorPairJudge, ChatPairJudge
 
@@ -226,7 +226,7 @@ async def evaluate(args) -> dict:
         await pool.start()
         judge = ChatPairJudge(pool, "judge")
     else:
-        judge = AnnotatorPairJudge(connection(args, args.annotator), ensemble=args.ensemble)
+        judge = AnnotatorPairJudge(Endpoint.reached_as(args.annotator, args), ensemble=args.ensemble)
     store = DatasetStore(out / "judgments", stage="eval", fmt="generations").open()
     try:
         missing = await judge_pairs(judge, args.name, args.baseline_name, model_ans, base_ans, store)
