@@ -90,6 +90,22 @@ def open_bytes(path: Path):
         raise UserError(f"cannot read {path}: {err.strerror}") from None
 
 
+_READ_ERRORS = (OSError, EOFError)   # what reading a truncated or corrupt .gz raises
+
+
+def _unreadable(path: Path, err: BaseException) -> UserError:
+    return UserError(f"cannot read {path}: {err}")
+
+
+def read_bytes(path: Path, size: int = -1) -> bytes:
+    """The first `size` bytes (all with -1) of a file opened as `open_bytes` opens it, errors as one line."""
+    with open_bytes(path) as fh:
+        try:
+            return fh.read(size)
+        except _READ_ERRORS as err:
+            raise _unreadable(path, err) from None
+
+
 def iter_lines(path: Path, *, blanks: bool = False) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON or its JSONDecodeError) for every non-blank line of a UTF-8 file (gzip'd
     if named .gz; a byte-order mark, as Windows tools write, is skipped). `blanks`: (n, None) for blank lines."""
@@ -111,8 +127,8 @@ def iter_lines(path: Path, *, blanks: bool = False) -> Iterator[tuple[int, objec
                         yield n, err
                 elif blanks:
                     yield n, None
-        except (OSError, EOFError) as err:   # a truncated or corrupt .gz
-            raise UserError(f"cannot read {path}: {err}") from None
+        except _READ_ERRORS as err:
+            raise _unreadable(path, err) from None
 
 
 def read_input(path: str | Path, what: str) -> list[tuple[int, dict]]:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from moaa.errors import UserError
-from moaa.jsonl import iter_lines, open_bytes
+from moaa.jsonl import iter_lines, read_bytes
 
 from .idset import IdSet
 
@@ -182,7 +182,7 @@ def row_to_prompt(record: Any, mapping: dict[str, str]) -> tuple[list[dict[str, 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
     """JSON Lines by line; a file that is one JSON array (Alpaca's alpaca_data.json) by row number."""
-    if _read(path, 4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+    if read_bytes(path, 4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
         yield from enumerate(_json_array(path), 1)
         return
     for lineno, rec in iter_lines(path):
@@ -190,17 +190,9 @@ def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
         yield lineno, RowError(f"not valid JSON ({rec.msg} at column {rec.colno})") if bad else rec
 
 
-def _read(path: Path, size: int = -1) -> bytes:
-    try:
-        with open_bytes(path) as fh:
-            return fh.read(size)
-    except (OSError, EOFError) as err:   # a truncated or corrupt .gz
-        raise UserError(f"cannot read {path}: {err}") from None
-
-
 def _json_array(path: Path) -> list:
     try:
-        rows = json.loads(_read(path).decode("utf-8-sig"))
+        rows = json.loads(read_bytes(path).decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
