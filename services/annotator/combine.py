@@ -137,14 +137,22 @@ def describe_failures(failures: dict[str, list]) -> str:
     for name, errs in failures.items():
         e = errs[0]
         where = f" at {e.endpoint}" if e.endpoint else ""
-        parts.append(f"{name} ({e.model}: {e.cause}{where}: {e.message})")
+        status = f" HTTP {e.http_status}" if e.http_status else ""
+        parts.append(f"{name} ({e.model}: {e.cause}{status}{where}: {e.message})")
     return ", ".join(parts)
 
 
+def all_refused(failures: dict[str, list]) -> bool:
+    """Every failed judge's backend refused the request as sent (a prompt past its context): no retry helps."""
+    return all(e.refused for errs in failures.values() for e in errs)
+
+
 def outage_message(ensemble: str, failures: dict[str, list], answered: int, asked: int, need: int) -> str:
-    """Why a prompt could not be decided because judge backends failed (an UNAVAILABLE item, retried)."""
+    """Why a prompt could not be decided because judge backends failed (an UNAVAILABLE item, retried; an
+    INVALID_ARGUMENT one where every failure was a refusal)."""
+    retry = "" if all_refused(failures) else "; retry when the backends are back"
     return (f"judge backends failed: {describe_failures(failures)}; {answered} of {asked} judges answered, "
-            f"ensemble {ensemble!r} needs {need} (min_judges); retry when the backends are back")
+            f"ensemble {ensemble!r} needs {need} (min_judges){retry}")
 
 
 @dataclass

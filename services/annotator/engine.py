@@ -153,7 +153,7 @@ class AnnotationEngine:
             need = cb.quorum(ens.min_judges, len(job.judges))
             if len(judges) < need:
                 raise outage(cb.outage_message(job.ensemble_name, failed, len(judges), len(job.judges), need),
-                             _left(deadline), "judges were")
+                             _left(deadline), "judges were", refused=cb.all_refused(failed))
             notes.append(f"decided by {len(judges)} of {len(job.judges)} judges; failed: {cb.describe_failures(failed)}")
         lengths = [len(c.text) for c in job.candidates]
         criteria = cb.filter_criteria(judges, lengths, cb.FilterSettings(

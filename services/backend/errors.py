@@ -13,6 +13,8 @@ CAUSES = (
 RETRYABLE = frozenset({"connect", "timeout", "rate_limited", "http_5xx", "stream_cut", "malformed", "circuit_open"})
 # Causes that count against a replica's circuit breaker and health.
 REPLICA_FAULTS = frozenset({"connect", "timeout", "http_5xx", "stream_cut", "malformed"})
+# Statuses of a request the model will never take as it stands (vLLM: 400 for a prompt past its context).
+REFUSED_STATUSES = frozenset({400, 413, 422})
 
 
 class BackendError(MoaaError):
@@ -44,12 +46,22 @@ class BackendError(MoaaError):
         return self.cause in RETRYABLE or self.http_status == 408
 
     @property
+    def refused(self) -> bool:
+        """The model refused this request as it stands: no retry or other replica makes it answer."""
+        return refused(self.cause, self.http_status)
+
+    @property
     def exit_code(self) -> int:  # type: ignore[override]
         return EXIT_BAD_INPUT if self.cause == "http_4xx" and self.http_status not in (408, 409) else EXIT_TRANSIENT
 
     def to_dict(self) -> dict:
         return {"model": self.model, "endpoint": self.endpoint, "cause": self.cause,
                 "http_status": self.http_status, "message": self.message, "attempts": self.attempts}
+
+
+def refused(cause: str, http_status: int) -> bool:
+    """`refused` of a BackendError or of its proto (common_pb2.BackendError) by cause and status."""
+    return cause == "http_4xx" and http_status in REFUSED_STATUSES
 
 
 class UnknownBackendError(UserError, LookupError):

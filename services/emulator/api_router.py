@@ -16,10 +16,10 @@ import time
 
 from aiohttp import web
 
-from .protocol import (OVERRIDE_HEADER, PROBE_HEADER, EmulatorSettings, OverrideError, effective_settings,
-                       error_body, header_overrides, split_model, validate_chat)
+from .protocol import (OVERRIDE_HEADER, PROBE_HEADER, EmulatorSettings, OverrideError, context_refusal,
+                       effective_settings, error_body, header_overrides, split_model, validate_chat)
 from .judge import judge_timing
-from .serving import ChatServing, EmulatorStats
+from .serving import ChatServing, EmulatorStats, count_prompt_tokens
 
 log = logging.getLogger("moaa.emulator")
 
@@ -150,6 +150,9 @@ class Emulator:
             return _error(401, "invalid or missing API key")
         probe = bool(request.headers.get(PROBE_HEADER))
         serving.record(base, body, probe, s)
+        refusal = context_refusal(body, count_prompt_tokens(body), s.max_model_len)
+        if refusal:
+            return _error(400, refusal)
         if s.judge:
             s = judge_timing(s, base)
         status = serving.draw_error(s)

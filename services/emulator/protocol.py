@@ -41,6 +41,8 @@ class EmulatorSettings(BaseModel):
     disconnect_after_chunks: int | None = Field(None, ge=0, description="drop the connection after this many chunks")
     malformed_after_chunks: int | None = Field(None, ge=0, description="send a non-JSON chunk after this many chunks")
     error_after_chunks: int | None = Field(None, ge=0, description="send an in-stream error event after this many chunks")
+    max_model_len: int | None = Field(None, ge=1, description="refuse, like vLLM, with a 400 naming the limit, a "
+                                      "prompt whose tokens (words + 1 per message) with max_tokens exceed this")
     api_key: str | None = Field(None, description="require `Authorization: Bearer <api_key>` (401 otherwise)")
     health_status: int = Field(200, description="what /health answers (200 even while stalling, like vLLM)")
     record: bool = Field(True, description="keep request bodies for assertions")
@@ -117,6 +119,22 @@ def completion(rid: str, model: str, texts: list[str], finish: str, usage: dict)
             "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": finish,
                          "logprobs": None} for i, t in enumerate(texts)],
             "usage": usage}
+
+
+def context_refusal(body: dict, prompt_tokens: int, max_model_len: int | None) -> str | None:
+    """vLLM's 400 message for a prompt (with the reply's max_tokens) past the model's context, or None."""
+    if max_model_len is None:
+        return None
+    reply = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    if prompt_tokens >= max_model_len:
+        return (f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
+                f"{prompt_tokens} input tokens, which exceeds this limit even without any output tokens. "
+                f"Please reduce the length of the input prompt.")
+    if prompt_tokens + reply > max_model_len:
+        return (f"'max_tokens' or 'max_completion_tokens' is too large: {reply}. This model's maximum context "
+                f"length is {max_model_len} tokens and your request has {prompt_tokens} input tokens "
+                f"({reply} > {max_model_len} - {prompt_tokens}).")
+    return None
 
 
 def validate_chat(body: Any) -> str | None:

@@ -16,8 +16,9 @@ from typing import AsyncIterator
 
 
 from moaa.services.backend import BackendError
+from moaa.services.backend.errors import refused
 from moaa.services.common.convert import backend_error_proto, usage_proto
-from moaa.services.common.errors import DeadlineExceeded, outage
+from moaa.services.common.errors import DeadlineExceeded, InvalidArgument, outage
 from moaa.services.common.metrics import Metrics
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.context import counter_for, fit_references
@@ -165,9 +166,11 @@ class MoAEngine:
         if self.metrics:
             self.metrics.stage(f"layer{layer}", report.latency_s)
         if len(ok) < plan.min_proposers:
+            # layer 1 sends the client's conversation as it is: every proposer refusing it is the client's to change
+            refusal = layer == 1 and all(refused(f.cause, f.http_status) for f in report.failures)
             raise outage(f"layer {layer}: only {len(ok)} of {len(plan.proposers)} proposers answered, below "
                          f"min_proposers={plan.min_proposers}; failed backends: {_describe(report.failures)}",
-                         _left(deadline), "proposers were")
+                         _left(deadline), "proposers were", refused=refusal)
 
     def _backend_metric(self, model: str, seconds: float, cause: str | None, usage=None) -> None:
         if self.metrics is None:
@@ -225,6 +228,10 @@ class MoAEngine:
             failure = backend_error_proto(err)
             resp.failures.append(failure)
             yield gateway_pb2.GenerateEvent(request_id=plan.request_id, failure=failure)
+            if plan.layers == 0 and err.refused:  # a plain backend (the HTTP door's pass-through) got the
+                # client's conversation as it is; a recipe's aggregator gets our prompt, so its refusal is ours
+                raise InvalidArgument(f"model {agent.model!r} refused the request (HTTP {err.http_status}): "
+                                      f"{err.message}") from None
             raise outage(f"aggregator failed: {_describe([failure])}", _left(deadline), "the aggregator was") from None
         finally:
             await stream.aclose()

@@ -38,7 +38,6 @@ _HTTP = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout", "deadline_exceeded"),
 }
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait
-_REFUSED = (400, 413, 422)  # a backend's statuses for a request it will never take (vLLM: prompt past the context)
 
 
 class HttpError(RpcError):
@@ -154,24 +153,17 @@ class ChatServing:
                     metadata=dict(greq.metadata))
 
     async def events(self, call: Call, started: float, deltas: bool) -> AsyncIterator[gateway_pb2.GenerateEvent]:
-        """The engine's events; past the call's deadline, DEADLINE_EXCEEDED (the engine's requests cancelled);
-        a plain backend's 400/413/422, INVALID_ARGUMENT with its message."""
+        """The engine's events; past the call's deadline, DEADLINE_EXCEEDED (the engine's requests cancelled).
+        A request the models refuse as sent is the engine's INVALID_ARGUMENT (a 400 here)."""
         run = self.engine.run(call.plan, call.deadline, started, deltas=deltas)
-        failure = None
         try:
             async for ev in run:
-                if ev.HasField("failure"):
-                    failure = ev.failure
                 yield ev
         except RpcError as err:
             # a backend timing out at our deadline is the deadline, not a failed backend
             if call.deadline is not None and time.monotonic() >= call.deadline - 0.01:
                 raise RpcError(f"the call's deadline of {call.request.moaa.timeout_s:g} s passed ({err})",
                                grpc.StatusCode.DEADLINE_EXCEEDED) from None
-            # a plain backend refusing the client's own request: the client's to change, not a 503 SDKs retry
-            if call.kind == "backend" and failure is not None and failure.http_status in _REFUSED:
-                raise HttpError(f"model {call.request.model!r} refused the request (HTTP {failure.http_status}): "
-                                f"{failure.message}", grpc.StatusCode.INVALID_ARGUMENT) from None
             raise
         finally:
             await run.aclose()

@@ -1,0 +1,73 @@
+"""The backend client against what real OpenAI-compatible servers send (vLLM, SGLang/TGI, hosted APIs), each
+case emulated by `services/emulator`, through a real gateway or annotator where the outcome reaches a client.
+
+A backend that fails is a failure (retried, reported with model, cause and HTTP status), never an abstention
+or a skipped row; the status a client sees says whose fault it is: INVALID_ARGUMENT for a request the model
+refuses as it stands (vLLM's 400 for a prompt past its context), UNAVAILABLE for a backend outage."""
+from __future__ import annotations
+
+import grpc
+import openai
+import pytest
+
+from tests.fixtures.annotator import judge_config
+from tests.fixtures.annotator import request as annotate_request
+from moaa.v1 import gateway_pb2
+from tests.fixtures.gateway import moa_config, request, user
+
+LONG = " ".join(["word"] * 300)  # 300+ emulator tokens: past a 100-token context
+
+
+async def test_prompt_past_every_proposers_context_is_invalid_argument(gw_emulators, gateway_factory):
+    """vLLM answers 400 "This model's maximum context length is ..." for a prompt past its context. When every
+    layer-1 proposer refuses the client's own conversation, retrying cannot help: INVALID_ARGUMENT with the
+    model's message (gRPC and the HTTP door alike), not UNAVAILABLE; and the refusal is not retried."""
+    emu = await gw_emulators(profiles={"a": {"max_model_len": 100}, "b": {"max_model_len": 100}})
+    gw = await gateway_factory(moa_config(emu.url, ["a", "b"]))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Generate(request(LONG))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    msg = err.value.details()
+    assert "maximum context length is 100 tokens" in msg and "HTTP 400" in msg and "a (" in msg and "b (" in msg
+    assert emu.stats.requests == 2  # one each: a refusal is not retried
+    http = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.running.http_port}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        await http.chat.completions.create(model="moa", messages=[{"role": "user", "content": LONG}])
+    assert "maximum context length is 100 tokens" in bad.value.body["message"]
+    await http.close()
+    # a short prompt still goes through: the same backends, the same gateway
+    resp = await gw.stub.Generate(request("short question"))
+    assert resp.text and not resp.failures
+
+
+async def test_sample_of_a_prompt_past_the_context_is_invalid_argument(gw_emulators, gateway_factory):
+    emu = await gw_emulators(profiles={"a": {"max_model_len": 100}})
+    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user(LONG)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "maximum context length is 100 tokens" in err.value.details()
+
+
+async def test_proposers_refusing_and_failing_together_stay_unavailable(gw_emulators, gateway_factory):
+    """Mixed causes (one refusal, one outage): the outage may pass, so the call is UNAVAILABLE."""
+    emu = await gw_emulators(profiles={"a": {"max_model_len": 100}, "b": {"error_rates": {500: 1.0}}})
+    gw = await gateway_factory(moa_config(emu.url, ["a", "b"]))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Generate(request(LONG))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+
+
+async def test_judges_refusing_the_prompt_is_invalid_argument_not_a_retry(judge_emulator, annotator_factory):
+    """Judges whose backends refuse the judging prompt (candidates past the judge's context): no retry makes
+    them answer, so the item is INVALID_ARGUMENT naming the judges and the model's message, never an
+    abstention and never 'retry when the backends are back'."""
+    cfg = judge_config(judge_emulator.url, {"a": "keyword:paris@max_model_len=100",
+                                            "b": "keyword:paris@max_model_len=100"}, mode="pointwise", combine="mean")
+    stub = await annotator_factory(cfg)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Annotate(annotate_request(["Paris. " + LONG, "Rome."]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    msg = err.value.details()
+    assert "maximum context length is 100 tokens" in msg and "a (m-a: http_4xx HTTP 400" in msg
+    assert "retry when" not in msg
