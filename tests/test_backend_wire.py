@@ -6,13 +6,20 @@ or a skipped row; the status a client sees says whose fault it is: INVALID_ARGUM
 refuses as it stands (vLLM's 400 for a prompt past its context), UNAVAILABLE for a backend outage."""
 from __future__ import annotations
 
+import asyncio
+import email.utils
+import time
+
 import grpc
 import openai
 import pytest
 
 from tests.fixtures.annotator import judge_config
 from tests.fixtures.annotator import request as annotate_request
+from moaa.services.backend import BackendError
+from moaa.services.backend.errors import retry_after
 from moaa.v1 import gateway_pb2
+from tests.test_backend_client import MSGS, make_cfg
 from tests.fixtures.gateway import moa_config, request, user
 
 LONG = " ".join(["word"] * 300)  # 300+ emulator tokens: past a 100-token context
@@ -71,3 +78,44 @@ async def test_judges_refusing_the_prompt_is_invalid_argument_not_a_retry(judge_
     msg = err.value.details()
     assert "maximum context length is 100 tokens" in msg and "a (m-a: http_4xx HTTP 400" in msg
     assert "retry when" not in msg
+
+
+# -- hosted APIs: the wait a 429 / 503 asks for ---------------------------------------------------------
+
+@pytest.mark.parametrize("style,status,wait,least", [
+    ("seconds", 429, 0.4, 0.4), ("ms", 429, 0.4, 0.4), ("http-date", 429, 2, 1.0),
+    ("ratelimit-reset", 429, 0.4, 0.4), ("seconds", 503, 0.4, 0.4)])
+async def test_the_wait_a_refusal_asks_for_is_honoured(emulator_factory, pool_of, style, status, wait, least):
+    """Hosted OpenAI sends `retry-after-ms` and `x-ratelimit-reset-requests` ("1m2.5s"); proxies send
+    Retry-After as an HTTP date, and with 503s too. The retry waits that long (capped by backoff_max_s)."""
+    emu = await emulator_factory(error_rates={status: 1.0}, retry_after_s=wait, retry_after_style=style)
+    pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 2, "backoff_max_s": 5.0})})
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(BackendError) as exc:
+        await pool.client("m").chat(MSGS)
+    assert exc.value.attempts == 2 and exc.value.http_status == status
+    assert loop.time() - t0 >= least
+
+
+async def test_a_wait_past_the_callers_deadline_fails_at_once(emulator_factory, pool_of):
+    emu = await emulator_factory(error_rates={429: 1.0}, retry_after_s=3, retry_after_style="ms")
+    pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 3, "backoff_max_s": 5.0})})
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(BackendError) as exc:
+        await pool.client("m").chat(MSGS, timeout=1.0)
+    assert exc.value.cause == "rate_limited" and exc.value.attempts == 1
+    assert loop.time() - t0 < 0.5
+
+
+def test_retry_after_reads_every_shape_hosted_apis_send():
+    assert retry_after({"retry-after-ms": "250"}) == 0.25
+    assert retry_after({"Retry-After": "2"}) == 2.0
+    assert 59 < retry_after({"Retry-After": email.utils.formatdate(time.time() + 60, usegmt=True)}) <= 60
+    assert retry_after({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m2.5s",
+                        "x-ratelimit-remaining-tokens": "10", "x-ratelimit-reset-tokens": "6h0m0s"}) == 62.5
+    assert retry_after({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "20ms"}) == 0.02
+    for unreadable in ({}, {"Retry-After": "soon"}, {"retry-after-ms": "x"},
+                       {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1 minute"}):
+        assert retry_after(unreadable) == 0.0

@@ -19,7 +19,7 @@ import orjson
 
 from moaa.services.config import BackendConfig, SamplingConfig
 
-from .errors import REPLICA_FAULTS, BackendError, error_message
+from .errors import REPLICA_FAULTS, BackendError, error_message, retry_after
 from .limits import ITEM_STARTED, make_throttler
 from .protocol import RESTART as _RESTART
 from .protocol import ChatChoice, ChatResult, Usage, chat_body, sampling_dict
@@ -251,8 +251,8 @@ class BackendClient:
                 if state.get("committed") or not err.retryable or attempt >= retry.max_attempts:
                     raise
                 delay = random.uniform(0, min(retry.backoff_max_s, retry.backoff_base_s * 2 ** (attempt - 1)))
-                if err.cause == "rate_limited":
-                    delay = max(delay, min(getattr(err, "retry_after", 0.0), retry.backoff_max_s))
+                # the wait a 429 or 503 asks for, within our own bound
+                delay = max(delay, min(getattr(err, "retry_after", 0.0), retry.backoff_max_s))
                 if loop.time() + delay >= deadline:
                     raise
                 log.info("backend %s: attempt %d failed (%s at %s), retrying in %.2fs",
@@ -352,9 +352,10 @@ class BackendClient:
                     if slot:
                         replica.limit.on_rate_limited(epoch)
                     err = fail("rate_limited", msg, 429)
-                    err.retry_after = _retry_after(resp.headers.get("Retry-After"))
-                    raise err
-                raise fail("http_5xx" if resp.status >= 500 else "http_4xx", msg, resp.status)
+                else:
+                    err = fail("http_5xx" if resp.status >= 500 else "http_4xx", msg, resp.status)
+                err.retry_after = retry_after(resp.headers)
+                raise err
             if resp.content_type == "application/json":  # a server that ignored stream=true
                 try:
                     async with asyncio.timeout_at(phase_deadline):
@@ -469,10 +470,3 @@ def _dumps(body: dict) -> bytes:
 
 def _short(e: BaseException) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
-
-
-def _retry_after(value: str | None) -> float:
-    try:
-        return max(0.0, float(value)) if value else 0.0
-    except ValueError:
-        return 0.0

@@ -1,7 +1,10 @@
-"""The one error type every backend failure becomes."""
+"""The one error type every backend failure becomes, and what an error answer says (message, wait)."""
 from __future__ import annotations
 
+import email.utils
 import json
+import re
+import time
 
 from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, UserError
 
@@ -86,3 +89,33 @@ def error_message(body: bytes | str, limit: int = 500) -> str:
         elif isinstance(err, str):
             return err[:limit]
     return text[:limit]
+
+
+def retry_after(headers) -> float:
+    """Seconds an error answer asks us to wait: OpenAI's `retry-after-ms`, `Retry-After` in seconds or as an
+    HTTP date, else the reset of an exhausted `x-ratelimit-*` budget (OpenAI: `x-ratelimit-reset-requests: 1m2.5s`)."""
+    try:
+        if headers.get("retry-after-ms"):
+            return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    except ValueError:
+        pass
+    value = headers.get("Retry-After")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    waits = [_duration(headers.get(f"x-ratelimit-reset-{kind}")) for kind in ("requests", "tokens")
+             if headers.get(f"x-ratelimit-remaining-{kind}") == "0"]
+    return max(waits, default=0.0)
+
+
+def _duration(value: str | None) -> float:
+    """'1m2.5s', '20ms', '6h0m0s' -> seconds (0 when unreadable)."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", value or "")
+    if not parts or "".join(n + u for n, u in parts) != (value or "").strip():
+        return 0.0
+    return sum(float(n) * {"ms": 0.001, "h": 3600.0, "m": 60.0, "s": 1.0}[u] for n, u in parts)

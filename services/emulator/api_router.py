@@ -17,7 +17,8 @@ import time
 from aiohttp import web
 
 from .protocol import (OVERRIDE_HEADER, PROBE_HEADER, EmulatorSettings, OverrideError, context_refusal,
-                       effective_settings, error_body, header_overrides, split_model, validate_chat)
+                       effective_settings, error_body, header_overrides, retry_headers, split_model,
+                       validate_chat)
 from .judge import judge_timing
 from .serving import ChatServing, EmulatorStats, count_prompt_tokens
 
@@ -157,7 +158,7 @@ class Emulator:
             s = judge_timing(s, base)
         status = serving.draw_error(s)
         if status is not None:
-            headers = {"Retry-After": f"{s.retry_after_s:g}"} if status == 429 and s.retry_after_s is not None else None
+            headers = retry_headers(s) if status in (429, 503) else None
             return _error(status, f"emulated {status} error", headers)
         cap = serving.capacity(base, s)
         if cap is not None and s.overflow == "reject" and cap.active >= cap.limit:

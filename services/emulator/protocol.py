@@ -6,7 +6,9 @@ emulator can host a stalling model next to a healthy one.
 """
 from __future__ import annotations
 
+import email.utils
 import json
+import math
 import time
 from typing import Any, Literal
 
@@ -33,7 +35,10 @@ class EmulatorSettings(BaseModel):
     overflow: Literal["reject", "queue"] = Field("reject", description="beyond max_concurrency: 429 or wait")
     error_rates: dict[int, float] = Field(default_factory=dict,
                                           description="status -> probability per request, e.g. {429: 0.1, 500: 0.05}")
-    retry_after_s: float | None = Field(None, ge=0, description="Retry-After header on 429 answers")
+    retry_after_s: float | None = Field(None, ge=0, description="Retry-After header on 429 and 503 answers")
+    retry_after_style: Literal["seconds", "ms", "http-date", "ratelimit-reset"] = Field(
+        "seconds", description="how retry_after_s is sent: Retry-After in seconds, OpenAI's retry-after-ms, "
+                               "Retry-After as an HTTP date, or only OpenAI's x-ratelimit-reset-requests (e.g. 1m2.5s)")
     seed: int = Field(0, description="seed of the error draws")
     stall_before_headers: bool = Field(False, description="accept the request, then never answer")
     stall_after_chunks: int | None = Field(None, ge=0, description="hang after sending this many content chunks")
@@ -119,6 +124,22 @@ def completion(rid: str, model: str, texts: list[str], finish: str, usage: dict)
             "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": finish,
                          "logprobs": None} for i, t in enumerate(texts)],
             "usage": usage}
+
+
+def retry_headers(s: EmulatorSettings) -> dict[str, str] | None:
+    """The wait of a 429/503 answer as `retry_after_style` says hosted APIs and proxies send it."""
+    wait = s.retry_after_s
+    if wait is None:
+        return None
+    if s.retry_after_style == "ms":
+        return {"retry-after-ms": f"{wait * 1000:g}"}
+    if s.retry_after_style == "http-date":  # whole seconds only: round up so the wait is never shorter
+        return {"Retry-After": email.utils.formatdate(time.time() + math.ceil(wait), usegmt=True)}
+    if s.retry_after_style == "ratelimit-reset":
+        minutes, seconds = divmod(wait, 60)
+        return {"x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": (f"{minutes:g}m" if minutes else "") + f"{seconds:g}s"}
+    return {"Retry-After": f"{wait:g}"}
 
 
 def context_refusal(body: dict, prompt_tokens: int, max_model_len: int | None) -> str | None:
