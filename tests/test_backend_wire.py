@@ -18,6 +18,7 @@ from tests.fixtures.annotator import judge_config
 from tests.fixtures.annotator import request as annotate_request
 from moaa.services.backend import BackendError
 from moaa.services.backend.errors import retry_after
+from moaa.services.emulator import expected_text
 from moaa.v1 import gateway_pb2
 from tests.test_backend_client import MSGS, make_cfg
 from tests.fixtures.gateway import moa_config, request, user
@@ -119,3 +120,66 @@ def test_retry_after_reads_every_shape_hosted_apis_send():
     for unreadable in ({}, {"Retry-After": "soon"}, {"retry-after-ms": "x"},
                        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1 minute"}):
         assert retry_after(unreadable) == 0.0
+
+
+# -- what servers send on a 200 ----------------------------------------------------------------------------
+
+UNICODE = [{"role": "user", "content": "Café, naïve, 東京, 🙂: what do they share?"}]
+
+
+async def test_events_split_inside_a_utf8_character_keep_the_text(emulator_factory, pool_of):
+    emu = await emulator_factory(echo=True, split_writes=True)
+    pool = await pool_of({"m": make_cfg(emu.url)})
+    res = await pool.client("m").chat(UNICODE)
+    assert res.text == "user: " + UNICODE[0]["content"] and res.attempts == 1
+    streamed = [c.text async for c in pool.client("m").stream_chat(UNICODE)]
+    assert "".join(streamed) == res.text
+
+
+async def test_gzip_encoded_answers_are_read(emulator_factory, pool_of):
+    emu = await emulator_factory(gzip=True)
+    pool = await pool_of({"m": make_cfg(emu.url)})
+    res = await pool.client("m").chat(MSGS)
+    assert res.text == expected_text({"messages": MSGS}) and res.usage.completion_tokens == 16
+
+
+async def test_tgi_style_stream_without_ids_or_done_and_its_own_finish_reason(emulator_factory, pool_of):
+    """TGI/SGLang: chunks without id/created, finish_reason 'eos_token', the stream just ends after usage."""
+    emu = await emulator_factory(omit_ids=True, omit_done=True, finish_reason="eos_token")
+    pool = await pool_of({"m": make_cfg(emu.url)})
+    res = await pool.client("m").chat(MSGS)
+    assert (res.text, res.finish_reason, res.attempts) == (expected_text({"messages": MSGS}), "eos_token", 1)
+    assert res.usage.completion_tokens == 16
+    assert pool.client("m").replicas.replicas[0].failures == 0
+
+
+async def test_reasoning_deltas_are_not_the_answer(emulator_factory, pool_of):
+    """vLLM with a reasoning parser streams `reasoning_content` deltas first; the answer is the content."""
+    emu = await emulator_factory(reasoning_tokens=5)
+    pool = await pool_of({"m": make_cfg(emu.url)})
+    res = await pool.client("m").chat(MSGS)
+    assert res.text == expected_text({"messages": MSGS})
+    chunks = [c async for c in pool.client("m").stream_chat(MSGS)]
+    assert "".join(c.text for c in chunks) == res.text and all(c.text or c.finish_reason or c.usage for c in chunks)
+
+
+async def test_an_html_page_with_200_is_a_malformed_answer_not_a_cut_stream(emulator_factory, pool_of):
+    """A proxy's sign-in or error page answered with 200: the cause says the answer was not the protocol."""
+    emu = await emulator_factory(html_200=True)
+    pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 2})})
+    with pytest.raises(BackendError) as exc:
+        await pool.client("m").chat(MSGS)
+    assert exc.value.cause == "malformed" and exc.value.attempts == 2, exc.value
+    assert "text/html" in exc.value.message
+
+
+async def test_keep_alive_connections_closed_by_the_server_between_requests(emulator_factory, pool_of):
+    """vLLM's uvicorn closes idle connections after 5 s, aiohttp keeps them 15 s: a closed pooled connection
+    must not cost an attempt or count against the replica."""
+    emu = await emulator_factory(keepalive_timeout_s=0.05)
+    pool = await pool_of({"m": make_cfg(emu.url)})
+    for _ in range(3):
+        res = await pool.client("m").chat(MSGS)
+        assert res.attempts == 1
+        await asyncio.sleep(0.2)
+    assert pool.client("m").replicas.replicas[0].failures == 0 and emu.stats.requests == 3

@@ -368,7 +368,7 @@ class BackendClient:
                 outcome = "ok"
                 return
             parser = SSEParser()
-            finished = done = False
+            finished = done = seen = False
             while not done:
                 try:
                     async with asyncio.timeout_at(phase_deadline):
@@ -384,6 +384,7 @@ class BackendClient:
                     events = parser.feed(data) if data else parser.close()
                 except MalformedEvent as e:
                     raise fail("malformed", str(e)) from None
+                seen = seen or bool(events)
                 # the events of one read are checked, then passed on as one list: one wakeup of the
                 # consumer per read, not one per chunk (most answers arrive in a read or two)
                 batch: list[dict] = []
@@ -418,6 +419,9 @@ class BackendClient:
                 if not data and not done:
                     if finished:  # some servers end without [DONE]; a finished answer is complete
                         break
+                    if not seen:  # not the protocol at all (a proxy's page), rather than a stream cut short
+                        raise fail("malformed", f"200 answer of type {resp.content_type or 'unknown'} carried no "
+                                   "server-sent events: is the URL an OpenAI-compatible /v1 endpoint?")
                     raise fail("stream_cut", "stream ended before the answer finished")
             outcome = "ok"
         except Exception as exc:  # noqa: BLE001 - every failure leaves as one typed BackendError

@@ -83,7 +83,7 @@ class Emulator:
         # handler_cancellation: a client that hangs up cancels its handler, which is how a stalled
         # request notices the disconnect.
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=0.5)
+                                     shutdown_timeout=0.5, keepalive_timeout=self.settings.keepalive_timeout_s)
         await self._runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -195,6 +195,10 @@ class Emulator:
         serving = self.serving
         if s.stall_before_headers:
             await serving.stall(s, "stall_before_headers")
+        if s.html_200:
+            serving.stats.faults["html_200"] += 1
+            return web.Response(text="<html><body><h1>Sign in to continue</h1></body></html>",
+                                content_type="text/html"), False
         if not body.get("stream"):
             if s.stall_after_chunks is not None:
                 await serving.stall(s, "stall_after_chunks")
@@ -205,20 +209,39 @@ class Emulator:
             if s.malformed_after_chunks is not None:
                 serving.stats.faults["malformed"] += 1
                 return web.Response(body=b'{"id": "chatcmpl-x", "choices": [', content_type="application/json"), False
-            return web.json_response(await serving.answer(body, body["model"], s)), True
+            resp = web.json_response(await serving.answer(body, body["model"], s))
+            if s.gzip:
+                resp.enable_compression(web.ContentCoding.gzip)
+            return resp, True
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        if s.gzip:
+            resp.enable_compression(web.ContentCoding.gzip)
         await resp.prepare(request)
+        write = _split_writer(resp.write) if s.split_writes else resp.write
 
         def cut() -> None:
             transport = request.transport
             if transport is not None:
                 transport.abort()
 
-        complete = await serving.stream(body, body["model"], s, resp.write, cut)
+        complete = await serving.stream(body, body["model"], s, write, cut)
         if request.transport is None or request.transport.is_closing():
             return resp, False  # dropped on purpose (disconnect / malformed fault)
         await resp.write_eof()
         return resp, complete
+
+
+def _split_writer(write):
+    """Each event in two writes a moment apart, cut inside its first multi-byte UTF-8 character (else in the
+    middle), so that a reader gets the halves in separate reads."""
+
+    async def split(data: bytes) -> None:
+        cut = next((i + 1 for i, b in enumerate(data) if b >= 0xC0), len(data) // 2)
+        await write(data[:cut])
+        await asyncio.sleep(0.005)
+        await write(data[cut:])
+
+    return split
 
 
 async def run_emulator(settings: EmulatorSettings, profiles: dict[str, dict] | None = None,

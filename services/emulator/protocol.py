@@ -48,6 +48,17 @@ class EmulatorSettings(BaseModel):
     error_after_chunks: int | None = Field(None, ge=0, description="send an in-stream error event after this many chunks")
     max_model_len: int | None = Field(None, ge=1, description="refuse, like vLLM, with a 400 naming the limit, a "
                                       "prompt whose tokens (words + 1 per message) with max_tokens exceed this")
+    reasoning_tokens: int = Field(0, ge=0, description="reasoning deltas (`reasoning_content`, as vLLM's reasoning "
+                                  "parsers send) before the answer's content")
+    finish_reason: str | None = Field(None, description="finish_reason to send instead of stop/length (TGI: eos_token)")
+    omit_ids: bool = Field(False, description="chunks without id, object and created (as some servers send)")
+    omit_done: bool = Field(False, description="end the stream without `data: [DONE]` (as TGI and SGLang may)")
+    split_writes: bool = Field(False, description="send each event in two writes, cut inside a multi-byte UTF-8 "
+                                                  "character where there is one; text is sent as raw UTF-8")
+    gzip: bool = Field(False, description="answer with Content-Encoding: gzip")
+    html_200: bool = Field(False, description="answer 200 with an HTML page instead of the answer (a proxy's page)")
+    keepalive_timeout_s: float = Field(75.0, gt=0, description="server: idle keep-alive connections are closed after "
+                                       "this (vLLM's uvicorn: 5 s); read when the emulator starts")
     api_key: str | None = Field(None, description="require `Authorization: Bearer <api_key>` (401 otherwise)")
     health_status: int = Field(200, description="what /health answers (200 even while stalling, like vLLM)")
     record: bool = Field(True, description="keep request bodies for assertions")
@@ -111,12 +122,13 @@ def error_body(message: str, status: int, err_type: str | None = None) -> dict:
                       "param": None, "code": status}}
 
 
-def chunk(rid: str, model: str, created: int, choices: list[dict], usage: dict | None = None) -> bytes:
-    obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                           "choices": choices}
+def chunk(rid: str | None, model: str, created: int, choices: list[dict], usage: dict | None = None) -> bytes:
+    """One SSE event; rid None leaves out id, object and created. Text goes out as raw UTF-8, like vLLM."""
+    obj: dict[str, Any] = ({} if rid is None else {"id": rid, "object": "chat.completion.chunk", "created": created}
+                           ) | {"model": model, "choices": choices}
     if usage is not None:
         obj["usage"] = usage
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
 def completion(rid: str, model: str, texts: list[str], finish: str, usage: dict) -> dict:

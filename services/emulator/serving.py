@@ -131,7 +131,7 @@ def chunk_heads(rid: str, model: str, created: int, n: int) -> list[bytes]:
 
 def content_chunk(heads: list[bytes], tokens: list[list[str]], step: int):
     for i, head in enumerate(heads):
-        yield head + json.dumps(tokens[i][step]).encode() + b'},"finish_reason":null}]}\n\n'
+        yield head + json.dumps(tokens[i][step], ensure_ascii=False).encode() + b'},"finish_reason":null}]}\n\n'
 
 
 class ChatServing:
@@ -236,7 +236,9 @@ class ChatServing:
         usage chunk when asked for, then [DONE]. Faults strike after the configured number of chunks.
         Returns whether the whole answer went out."""
         tokens, finish = self.plan(body, s)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+        finish = s.finish_reason or finish
+        rid = None if s.omit_ids else f"chatcmpl-{uuid.uuid4().hex[:16]}"
+        created = int(time.time())
         n = len(tokens)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         loop = asyncio.get_running_loop()
@@ -247,6 +249,9 @@ class ChatServing:
             await asyncio.sleep(ttft)
         await write(chunk(rid, model, created, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "finish_reason": None} for i in range(n)]))
+        for word in generate_tokens(body, -1, s.reasoning_tokens) if s.reasoning_tokens else ():
+            await write(chunk(rid, model, created, [{"index": i, "delta": {"reasoning_content": word},
+                                                     "finish_reason": None} for i in range(n)]))
         for step in range(len(tokens[0])):
             if s.stall_after_chunks == step:
                 await self.stall(s, "stall_after_chunks")
@@ -274,5 +279,6 @@ class ChatServing:
                                                 for i in range(n)]))
         if include_usage:
             await write(chunk(rid, model, created, [], self.usage(body, tokens)))
-        await write(b"data: [DONE]\n\n")
+        if not s.omit_done:
+            await write(b"data: [DONE]\n\n")
         return True
