@@ -57,6 +57,34 @@ async def test_sample_of_a_prompt_past_the_context_is_invalid_argument(gw_emulat
     assert "maximum context length is 100 tokens" in err.value.details()
 
 
+async def test_a_400_for_anything_but_the_length_stays_unavailable(gw_emulators, gateway_factory, judge_emulator,
+                                                                 annotator_factory):
+    """A 400 for a parameter the server does not take (hosted OpenAI: `max_tokens` on a reasoning model) is
+    our config's doing, not the client's: the item stays a failure to retry, never an 'invalid' row."""
+    emu = await gw_emulators(error_rates={400: 1.0})
+    gw = await gateway_factory(moa_config(emu.url, ["a", "b"]))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Generate(request("short question"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": 'keyword:paris@error_rates={"400":1}'}))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Annotate(annotate_request(["Paris.", "Rome."]))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "HTTP 400" in err.value.details()
+
+
+def test_too_long_is_read_from_each_servers_wording():
+    for status, message in [
+            (400, "This model's maximum context length is 4096 tokens. However, your prompt contains 5000 input tokens"),
+            (400, "The input (5000 tokens) is longer than the model's context length (4096 tokens)."),
+            (400, "the request exceeds the available context size, try increasing it"),
+            (422, "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 5000"),
+            (413, "Prompt is too long")]:
+        assert BackendError("m", "", "http_4xx", message, status).too_long, message
+    for status, message in [(400, "Unsupported parameter: 'max_tokens' is not supported with this model."),
+                            (401, "maximum context length"), (400, "emulated 400 error")]:
+        assert not BackendError("m", "", "http_4xx", message, status).too_long, message
+
+
 async def test_proposers_refusing_and_failing_together_stay_unavailable(gw_emulators, gateway_factory):
     """Mixed causes (one refusal, one outage): the outage may pass, so the call is UNAVAILABLE."""
     emu = await gw_emulators(profiles={"a": {"max_model_len": 100}, "b": {"error_rates": {500: 1.0}}})
@@ -183,3 +211,44 @@ async def test_keep_alive_connections_closed_by_the_server_between_requests(emul
         assert res.attempts == 1
         await asyncio.sleep(0.2)
     assert pool.client("m").replicas.replicas[0].failures == 0 and emu.stats.requests == 3
+
+
+# -- through the services: a fault is a failure, never an abstention or a lost row -------------------------
+
+FAULTS = {  # emulator settings -> the cause the client reports
+    "disconnect_after_chunks=1": "stream_cut", "malformed_after_chunks=1": "malformed",
+    "error_after_chunks=1": "http_5xx", "html_200=true": "malformed", "stall_before_headers=true": "timeout",
+    "stall_after_chunks=1": "timeout", 'error_rates={"503":1}': "http_5xx"}
+QUICK = {"timeouts": {"first_token_s": 0.5, "chunk_gap_s": 0.3}, "retries": {"max_attempts": 2, "backoff_base_s": 0.01}}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+async def test_a_judge_backend_fault_is_a_failure_never_an_abstention(judge_emulator, annotator_factory, fault):
+    cfg = judge_config(judge_emulator.url, {"ok": "keyword:paris", "bad": f"keyword:paris@{fault}"},
+                       mode="pointwise", combine="mean")
+    cfg["backends"]["m-bad"].update(QUICK)
+    stub = await annotator_factory(cfg)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Annotate(annotate_request(["Paris.", "Rome."]))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    assert f"bad (m-bad: {FAULTS[fault]}" in err.value.details() and "1 of 2 judges answered" in err.value.details()
+    cfg["ensembles"]["e"]["min_judges"] = 1  # with a quorum of one: decided by the judge that answered
+    stub = await annotator_factory(cfg)
+    resp = await stub.Annotate(annotate_request(["Paris.", "Rome."]))
+    assert [j.judge for j in resp.judges] == ["ok"] and resp.chosen_id == "c0"
+    assert resp.failures[0].model == "m-bad" and resp.failures[0].cause == FAULTS[fault]
+    assert resp.failures[0].attempts == 2
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+async def test_a_proposer_backend_fault_is_a_reported_failure(gw_emulators, gateway_factory, fault):
+    emu = await gw_emulators()
+    cfg = moa_config(emu.url, ["a", "bad"], min_proposers=1)
+    cfg["backends"]["bad"].update(served_model=f"bad@{fault}", **QUICK)
+    gw = await gateway_factory(cfg)
+    resp = await gw.stub.Generate(request("What is a mixture of agents?"))
+    assert resp.text and [p.model for p in resp.layers[0].proposals] == ["a"]
+    [failure] = resp.failures
+    assert (failure.model, failure.cause, failure.attempts) == ("bad", FAULTS[fault], 2)
+    if FAULTS[fault] == "http_5xx":
+        assert failure.http_status in (500, 503)

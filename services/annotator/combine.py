@@ -143,8 +143,8 @@ def describe_failures(failures: dict[str, list]) -> str:
 
 
 def all_refused(failures: dict[str, list]) -> bool:
-    """Every failed judge's backend refused the request as sent (a prompt past its context): no retry helps."""
-    return all(e.refused for errs in failures.values() for e in errs)
+    """Every failed judge's backend refused the judging prompt's length (candidates past its context): no retry helps."""
+    return all(e.too_long for errs in failures.values() for e in errs)
 
 
 def outage_message(ensemble: str, failures: dict[str, list], answered: int, asked: int, need: int) -> str:

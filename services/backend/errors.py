@@ -54,6 +54,12 @@ class BackendError(MoaaError):
         return refused(self.cause, self.http_status)
 
     @property
+    def too_long(self) -> bool:
+        """Refused for the prompt's length (with the reply's tokens) past the model's context: the caller's to
+        shorten. Other refusals (a parameter the server does not take) may be our config's doing."""
+        return too_long(self.cause, self.http_status, self.message)
+
+    @property
     def exit_code(self) -> int:  # type: ignore[override]
         return EXIT_BAD_INPUT if self.cause == "http_4xx" and self.http_status not in (408, 409) else EXIT_TRANSIENT
 
@@ -65,6 +71,17 @@ class BackendError(MoaaError):
 def refused(cause: str, http_status: int) -> bool:
     """`refused` of a BackendError or of its proto (common_pb2.BackendError) by cause and status."""
     return cause == "http_4xx" and http_status in REFUSED_STATUSES
+
+
+# How servers word a prompt past the context: vLLM and OpenAI "maximum context length", SGLang "longer than
+# the model's context length", llama.cpp "exceeds the available context size", TGI (422) "max_new_tokens".
+_TOO_LONG = re.compile(r"context[ _-]?(length|size|window)|max_new_tokens|(prompt|input)\b.{0,60}(too long|longer than)",
+                       re.IGNORECASE)
+
+
+def too_long(cause: str, http_status: int, message: str) -> bool:
+    """`too_long` of a BackendError or of its proto by cause, status and message."""
+    return refused(cause, http_status) and _TOO_LONG.search(message) is not None
 
 
 class UnknownBackendError(UserError, LookupError):

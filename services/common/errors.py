@@ -42,7 +42,7 @@ def outage(message: str, left_s: float | None, waiting_for: str, refused: bool =
     """UNAVAILABLE for backends that failed (callers retry it), or DEADLINE_EXCEEDED when `left_s`, the
     seconds left of the caller's deadline, says it is that deadline which cut them: a retry with the same
     deadline would fail the same way. `refused`: every failure was the model refusing the caller's request
-    as it stands (vLLM's 400 for a prompt past its context), which no retry mends: INVALID_ARGUMENT."""
+    for its length (vLLM's 400 for a prompt past its context), which no retry mends: INVALID_ARGUMENT."""
     if refused:
         return InvalidArgument(f"{message}; the model refused the request as sent: shorten it or ask for fewer tokens")
     if left_s is not None and left_s <= DEADLINE_SLACK_S:

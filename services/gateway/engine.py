@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 
 from moaa.services.backend import BackendError
-from moaa.services.backend.errors import refused
+from moaa.services.backend.errors import too_long
 from moaa.services.common.convert import backend_error_proto, usage_proto
 from moaa.services.common.errors import DeadlineExceeded, InvalidArgument, outage
 from moaa.services.common.metrics import Metrics
@@ -166,8 +166,8 @@ class MoAEngine:
         if self.metrics:
             self.metrics.stage(f"layer{layer}", report.latency_s)
         if len(ok) < plan.min_proposers:
-            # layer 1 sends the client's conversation as it is: every proposer refusing it is the client's to change
-            refusal = layer == 1 and all(refused(f.cause, f.http_status) for f in report.failures)
+            # layer 1 sends the client's conversation as it is: every proposer refusing its length is the client's to change
+            refusal = layer == 1 and all(too_long(f.cause, f.http_status, f.message) for f in report.failures)
             raise outage(f"layer {layer}: only {len(ok)} of {len(plan.proposers)} proposers answered, below "
                          f"min_proposers={plan.min_proposers}; failed backends: {_describe(report.failures)}",
                          _left(deadline), "proposers were", refused=refusal)

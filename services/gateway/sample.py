@@ -42,7 +42,7 @@ async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: fl
         res = await pool.client(req.model).chat(messages, sampling, n=req.n, timeout=timeout, partial_ok=True)
     except BackendError as err:
         left = None if deadline is None else deadline - time.monotonic()
-        raise outage(f"model {req.model!r} failed: {err}", left, "the samples were", refused=err.refused) from None
+        raise outage(f"model {req.model!r} failed: {err}", left, "the samples were", refused=err.too_long) from None
     resp = gateway_pb2.SampleResponse(request_id=request_id, id=req.id, model=req.model, note=res.note,
                                       usage=usage_proto(res.usage))
     for c in res.choices:
