@@ -252,3 +252,14 @@ async def test_a_proposer_backend_fault_is_a_reported_failure(gw_emulators, gate
     assert (failure.model, failure.cause, failure.attempts) == ("bad", FAULTS[fault], 2)
     if FAULTS[fault] == "http_5xx":
         assert failure.http_status in (500, 503)
+
+
+async def test_a_pooled_connection_is_not_reused_past_a_uvicorn_servers_keep_alive(emulator_factory, pool_of):
+    """uvicorn (vLLM, SGLang) drops connections idle for 5 s; aiohttp's pool keeps them 15 s, and a request
+    sent as the server closes fails (aio-libs/aiohttp#9138). The client must not hand such a connection out."""
+    emu = await emulator_factory(keepalive_timeout_s=5.0, keepalive_race=True)
+    pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 1})})
+    await pool.client("m").chat(MSGS)
+    await asyncio.sleep(5.2)
+    res = await pool.client("m").chat(MSGS)
+    assert res.attempts == 1 and emu.stats.faults.get("keepalive_race", 0) == 0

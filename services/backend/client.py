@@ -32,6 +32,9 @@ log = logging.getLogger("moaa.backend")
 PROBE_HEADER = "X-Moaa-Probe"
 _JSON = {"Content-Type": "application/json"}
 _PROBE_JSON = {**_JSON, PROBE_HEADER: "1"}
+# Idle pooled connections are dropped before uvicorn's (vLLM, SGLang) 5 s keep-alive closes them: a request
+# sent on a connection as the server closes it fails unanswered (aiohttp's default keeps them 15 s).
+KEEPALIVE_S = 4.0
 
 
 def normalize_messages(messages) -> list[dict]:
@@ -85,7 +88,7 @@ class BackendClient:
         if self._session is None or self._session.closed:
             per_replica = self.cfg.max_concurrency + 2  # + probes
             connector = aiohttp.TCPConnector(limit=per_replica * len(self.cfg.urls), limit_per_host=per_replica,
-                                             ttl_dns_cache=60)
+                                             ttl_dns_cache=60, keepalive_timeout=KEEPALIVE_S)
             self._session = aiohttp.ClientSession(
                 connector=connector, headers=self._headers, read_bufsize=1 << 20, raise_for_status=False,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.timeouts.connect_s))

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 import time
+import weakref
 
 from aiohttp import web
 
@@ -38,6 +39,7 @@ class Emulator:
         self.profiles = dict(profiles or {})
         self.models = list(models or ["emulator"])
         self._runner: web.AppRunner | None = None
+        self._idle_since: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> last answer's end
         self.host = "127.0.0.1"
         self.port = 0
 
@@ -82,8 +84,10 @@ class Emulator:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         # handler_cancellation: a client that hangs up cancels its handler, which is how a stalled
         # request notices the disconnect.
+        # keepalive_race: the server's own idle close never comes first; a late request meets it instead
+        keepalive = 3600.0 if self.settings.keepalive_race else self.settings.keepalive_timeout_s
         self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=0.5, keepalive_timeout=self.settings.keepalive_timeout_s)
+                                     shutdown_timeout=0.5, keepalive_timeout=keepalive)
         await self._runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -132,6 +136,19 @@ class Emulator:
         return web.json_response(self.settings.model_dump())
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        transport, s = request.transport, self.settings
+        idle_since = self._idle_since.get(transport) if transport is not None else None
+        if s.keepalive_race and idle_since is not None and time.monotonic() - idle_since >= s.keepalive_timeout_s:
+            self.stats.faults["keepalive_race"] += 1
+            transport.abort()
+            return web.Response(status=500)  # never sent: the connection is gone
+        try:
+            return await self._chat_answer(request)
+        finally:
+            if transport is not None and not transport.is_closing():
+                self._idle_since[transport] = time.monotonic()
+
+    async def _chat_answer(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:

@@ -59,6 +59,9 @@ class EmulatorSettings(BaseModel):
     html_200: bool = Field(False, description="answer 200 with an HTML page instead of the answer (a proxy's page)")
     keepalive_timeout_s: float = Field(75.0, gt=0, description="server: idle keep-alive connections are closed after "
                                        "this (vLLM's uvicorn: 5 s); read when the emulator starts")
+    keepalive_race: bool = Field(False, description="server: a request on a connection idle for keepalive_timeout_s "
+                                 "is dropped unanswered, as when the server's keep-alive timer fires while the "
+                                 "request is on its way; read when the emulator starts")
     api_key: str | None = Field(None, description="require `Authorization: Bearer <api_key>` (401 otherwise)")
     health_status: int = Field(200, description="what /health answers (200 even while stalling, like vLLM)")
     record: bool = Field(True, description="keep request bodies for assertions")
