@@ -61,6 +61,9 @@ class BackendConfig(_Strict):
     context_window: int = Field(4096, ge=64, description="model context length in tokens")
     tokenizer: str | None = Field(None, description="tokenizer folder or hub id for counting reference tokens")
     supports_n: bool = Field(True, description="false when the server ignores n (transformers serve): moaa sends n requests")
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
+        "max_tokens", description="the request field for the reply's length: max_completion_tokens for hosted OpenAI "
+                                  "reasoning models, which refuse max_tokens (transformers serve ignores the other)")
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
     retries: RetryConfig = Field(default_factory=RetryConfig)
     circuit: CircuitConfig = Field(default_factory=CircuitConfig)

@@ -263,3 +263,18 @@ async def test_a_pooled_connection_is_not_reused_past_a_uvicorn_servers_keep_ali
     await asyncio.sleep(5.2)
     res = await pool.client("m").chat(MSGS)
     assert res.attempts == 1 and emu.stats.faults.get("keepalive_race", 0) == 0
+
+
+async def test_max_completion_tokens_for_servers_that_refuse_max_tokens(emulator_factory, pool_of):
+    """Hosted OpenAI's reasoning models refuse `max_tokens` (400, unsupported_parameter) and take only
+    `max_completion_tokens`; transformers serve ignores `max_completion_tokens`. The backend's config says
+    which one its server reads."""
+    emu = await emulator_factory(reject_max_tokens=True)
+    pool = await pool_of({"old": make_cfg(emu.url), "new": make_cfg(emu.url, max_tokens_field="max_completion_tokens")})
+    with pytest.raises(BackendError) as exc:
+        await pool.client("old").chat(MSGS, {"max_tokens": 4})
+    assert exc.value.http_status == 400 and "max_completion_tokens" in exc.value.message and not exc.value.too_long
+    res = await pool.client("new").chat(MSGS, {"max_tokens": 4})
+    assert res.text == expected_text({"messages": MSGS}, max_tokens=4) and res.finish_reason == "length"
+    body = emu.bodies("new")[-1]
+    assert body["max_completion_tokens"] == 4 and "max_tokens" not in body

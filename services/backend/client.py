@@ -113,7 +113,7 @@ class BackendClient:
         deadline = self._deadline(timeout)
         if n > 1 and not self.cfg.supports_n:
             return await self._chat_emulated_n(msgs, params, n, deadline, partial_ok)
-        res = await self._chat_once(chat_body(self.served_model, msgs, params, n), n, deadline)
+        res = await self._chat_once(self._body(msgs, params, n), n, deadline)
         got = sum(1 for c in res.choices if c.finish_reason is not None or c.text)
         if got < n:  # a server that ignores n (supports_n misconfigured): ask for the rest one by one
             extra = await self._chat_emulated_n(msgs, {**params, "seed": params["seed"] + got}
@@ -131,14 +131,14 @@ class BackendClient:
                     timeout: float | None = None) -> ChatStream:
         """Text deltas as the backend sends them; the last chunk carries usage. Retries and failover
         happen only before the first chunk reaches the caller. Raises BackendError while iterating."""
-        body = chat_body(self.served_model, normalize_messages(messages), sampling_dict(sampling))
+        body = self._body(normalize_messages(messages), sampling_dict(sampling))
         return ChatStream(self, body, self._deadline(timeout))
 
     async def probe(self, replica: Replica) -> float:
         """A real tiny completion on one replica, bypassing limits; returns its latency."""
         h = self.cfg.health
-        body = chat_body(self.served_model, [{"role": "user", "content": "Hi"}],
-                         {"max_tokens": h.probe_max_tokens, "temperature": 0.0})
+        body = self._body([{"role": "user", "content": "Hi"}],
+                          {"max_tokens": h.probe_max_tokens, "temperature": 0.0})
         t0 = time.monotonic()
         deadline = asyncio.get_running_loop().time() + h.probe_timeout_s
         async with aclosing(self._attempt(replica, body, deadline, probe=True)) as events:
@@ -147,6 +147,9 @@ class BackendClient:
         return time.monotonic() - t0
 
     # -- internals -----------------------------------------------------------------------------
+    def _body(self, messages: list[dict], sampling: dict, n: int = 1) -> dict:
+        return chat_body(self.served_model, messages, sampling, n, self.cfg.max_tokens_field)
+
     @staticmethod
     def _deadline(timeout: float | None) -> float:
         if timeout is not None and timeout <= 0:
@@ -188,13 +191,13 @@ class BackendClient:
                                partial_ok: bool = False) -> ChatResult:
         t0 = time.monotonic()
         if n == 1:
-            return await self._chat_once(chat_body(self.served_model, msgs, params), 1, deadline)
+            return await self._chat_once(self._body(msgs, params), 1, deadline)
 
         def params_for(i: int) -> dict:
             # Same seed n times would give n identical answers.
             return {**params, "seed": params["seed"] + i} if "seed" in params else params
 
-        tasks = [asyncio.create_task(self._chat_once(chat_body(self.served_model, msgs, params_for(i)), 1, deadline))
+        tasks = [asyncio.create_task(self._chat_once(self._body(msgs, params_for(i)), 1, deadline))
                  for i in range(n)]
         try:
             # all-or-nothing: the first failure ends the call; partial_ok: wait for every request

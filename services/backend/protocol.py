@@ -82,8 +82,12 @@ def sampling_dict(sampling: SamplingConfig | dict | None) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None and v != []}
 
 
-def chat_body(model: str, messages: list[dict], sampling: dict[str, Any], n: int = 1) -> dict[str, Any]:
-    """A streamed OpenAI chat request; usage is asked for in the stream's last chunk."""
+def chat_body(model: str, messages: list[dict], sampling: dict[str, Any], n: int = 1,
+              max_tokens_field: str = "max_tokens") -> dict[str, Any]:
+    """A streamed OpenAI chat request; usage is asked for in the stream's last chunk. max_tokens goes out
+    under `max_tokens_field` (the backend's config: hosted reasoning models take only max_completion_tokens)."""
+    if max_tokens_field != "max_tokens" and "max_tokens" in sampling:
+        sampling = {(max_tokens_field if k == "max_tokens" else k): v for k, v in sampling.items()}
     body: dict[str, Any] = {"model": model, "messages": messages, **sampling,
                             "stream": True, "stream_options": {"include_usage": True}}
     if n != 1:

@@ -168,6 +168,11 @@ class Emulator:
             return _error(401, "invalid or missing API key")
         probe = bool(request.headers.get(PROBE_HEADER))
         serving.record(base, body, probe, s)
+        if s.reject_max_tokens and "max_tokens" in body:
+            return web.json_response({"error": {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                           "Use 'max_completion_tokens' instead.", "type": "invalid_request_error",
+                "param": "max_tokens", "code": "unsupported_parameter"}}, status=400)
         refusal = context_refusal(body, count_prompt_tokens(body), s.max_model_len)
         if refusal:
             return _error(400, refusal)

@@ -48,6 +48,8 @@ class EmulatorSettings(BaseModel):
     error_after_chunks: int | None = Field(None, ge=0, description="send an in-stream error event after this many chunks")
     max_model_len: int | None = Field(None, ge=1, description="refuse, like vLLM, with a 400 naming the limit, a "
                                       "prompt whose tokens (words + 1 per message) with max_tokens exceed this")
+    reject_max_tokens: bool = Field(False, description="refuse `max_tokens` with OpenAI's 400 for reasoning models "
+                                    "(they take only `max_completion_tokens`)")
     reasoning_tokens: int = Field(0, ge=0, description="reasoning deltas (`reasoning_content`, as vLLM's reasoning "
                                   "parsers send) before the answer's content")
     finish_reason: str | None = Field(None, description="finish_reason to send instead of stop/length (TGI: eos_token)")
