@@ -216,7 +216,7 @@ async def test_keep_alive_connections_closed_by_the_server_between_requests(emul
 # -- through the services: a fault is a failure, never an abstention or a lost row -------------------------
 
 FAULTS = {  # emulator settings -> the cause the client reports
-    "disconnect_after_chunks=1": "stream_cut", "malformed_after_chunks=1": "malformed",
+    "disconnect_after_chunks=1": "stream_cut", "end_after_chunks=1": "stream_cut", "malformed_after_chunks=1": "malformed",
     "error_after_chunks=1": "http_5xx", "html_200=true": "malformed", "stall_before_headers=true": "timeout",
     "stall_after_chunks=1": "timeout", 'error_rates={"503":1}': "http_5xx"}
 QUICK = {"timeouts": {"first_token_s": 0.5, "chunk_gap_s": 0.3}, "retries": {"max_attempts": 2, "backoff_base_s": 0.01}}
@@ -278,3 +278,13 @@ async def test_max_completion_tokens_for_servers_that_refuse_max_tokens(emulator
     assert res.text == expected_text({"messages": MSGS}, max_tokens=4) and res.finish_reason == "length"
     body = emu.bodies("new")[-1]
     assert body["max_completion_tokens"] == 4 and "max_tokens" not in body
+
+
+@pytest.mark.parametrize("gzip", [False, True])
+async def test_a_server_that_ignores_stream_answers_json(emulator_factory, pool_of, gzip):
+    emu = await emulator_factory(ignore_stream=True, gzip=gzip)
+    pool = await pool_of({"m": make_cfg(emu.url)})
+    res = await pool.client("m").chat(MSGS)
+    assert (res.text, res.finish_reason, res.usage.completion_tokens) == (expected_text({"messages": MSGS}), "stop", 16)
+    chunks = [c async for c in pool.client("m").stream_chat(MSGS)]
+    assert "".join(c.text for c in chunks) == res.text and chunks[-1].usage.completion_tokens == 16

@@ -100,7 +100,7 @@ _FLAG_TYPES = {
     "ttft_s": float, "ttft_jitter_s": float, "tokens_per_s": float, "echo": _bool, "ignore_n": _bool, "default_max_tokens": int,
     "max_concurrency": int, "overflow": str, "retry_after_s": float, "seed": int, "stall_before_headers": _bool,
     "stall_after_chunks": int, "stall_s": float, "disconnect_after_chunks": int, "malformed_after_chunks": int,
-    "error_after_chunks": int, "max_model_len": int, "api_key": str, "health_status": int, "record": _bool, "history": int, "judge": _bool,
+    "error_after_chunks": int, "end_after_chunks": int, "max_model_len": int, "api_key": str, "health_status": int, "record": _bool, "history": int, "judge": _bool,
 }
 
 

@@ -221,7 +221,7 @@ class Emulator:
             serving.stats.faults["html_200"] += 1
             return web.Response(text="<html><body><h1>Sign in to continue</h1></body></html>",
                                 content_type="text/html"), False
-        if not body.get("stream"):
+        if not body.get("stream") or s.ignore_stream:
             if s.stall_after_chunks is not None:
                 await serving.stall(s, "stall_after_chunks")
             if s.disconnect_after_chunks is not None:

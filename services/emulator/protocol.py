@@ -46,10 +46,13 @@ class EmulatorSettings(BaseModel):
     disconnect_after_chunks: int | None = Field(None, ge=0, description="drop the connection after this many chunks")
     malformed_after_chunks: int | None = Field(None, ge=0, description="send a non-JSON chunk after this many chunks")
     error_after_chunks: int | None = Field(None, ge=0, description="send an in-stream error event after this many chunks")
+    end_after_chunks: int | None = Field(None, ge=0, description="end the stream cleanly after this many chunks, with "
+                                         "no finish_reason and no [DONE] (a proxy that cut it)")
     max_model_len: int | None = Field(None, ge=1, description="refuse, like vLLM, with a 400 naming the limit, a "
                                       "prompt whose tokens (words + 1 per message) with max_tokens exceed this")
     reject_max_tokens: bool = Field(False, description="refuse `max_tokens` with OpenAI's 400 for reasoning models "
                                     "(they take only `max_completion_tokens`)")
+    ignore_stream: bool = Field(False, description="answer one JSON completion whatever `stream` says")
     reasoning_tokens: int = Field(0, ge=0, description="reasoning deltas (`reasoning_content`, as vLLM's reasoning "
                                   "parsers send) before the answer's content")
     finish_reason: str | None = Field(None, description="finish_reason to send instead of stop/length (TGI: eos_token)")

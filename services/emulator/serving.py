@@ -264,6 +264,9 @@ class ChatServing:
                 await write(b'data: {"id": "' + rid.encode() + b'", "choices": [{"delta": \n\n')
                 cut()
                 return False
+            if s.end_after_chunks == step:
+                self.stats.faults["end"] += 1
+                return False
             if s.error_after_chunks == step:
                 self.stats.faults["stream_error"] += 1
                 await write(b"data: " + json.dumps(error_body("emulated error in stream", 500)).encode() + b"\n\n")
