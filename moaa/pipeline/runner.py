@@ -238,7 +238,7 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     ledger = TokenLedger(layout.usage, opts.token_budget)
     _say(opts, f"moaa pipeline: {prompts.n_train} training prompts, {prompts.n_eval} held out for eval; "
                f"run folder {layout.root} (config {chash})")
-    stack = LocalStack(layout, engine=opts.engine, quick=opts.quick, quiet=opts.quiet) if local else None
+    stack = LocalStack(layout, engine=opts.engine, quiet=opts.quiet) if local else None
     summary: dict[str, Any] = {"run_folder": str(layout.root), "config_hash": chash,
                                "prompts": {"used": prompts.count, "skipped_invalid": prompts.invalid}}
     try:

@@ -169,7 +169,7 @@ class Emulator:
                 cap.active += 1
             t0 = time.monotonic()
             try:
-                result, finished = await self._respond(request, body, base, s)
+                result, finished = await self._respond(request, body, s)
                 return result
             finally:
                 serving.served(None if probe else base, time.monotonic() - t0)
@@ -185,8 +185,7 @@ class Emulator:
             if finished:
                 serving.stats.completed += 1
 
-    async def _respond(self, request: web.Request, body: dict, model: str,
-                       s: EmulatorSettings) -> tuple[web.StreamResponse, bool]:
+    async def _respond(self, request: web.Request, body: dict, s: EmulatorSettings) -> tuple[web.StreamResponse, bool]:
         """The response, and whether the answer went out in full."""
         serving = self.serving
         if s.stall_before_headers:
