@@ -9,10 +9,11 @@ import math
 from dataclasses import dataclass, field
 
 from moaa.client.pairs import usage_record
+from moaa.services.annotator.parsing import parse_verdict
 from moaa.usage import add_usage, usage_tokens
 
 from ..budget import TokenLedger
-from .grading import grading_messages, pairwise_messages, parse_rating, parse_verdict
+from .grading import grading_messages, pairwise_messages, parse_rating
 from .winrate import VERDICT_VALUE
 
 
@@ -96,7 +97,7 @@ class ChatPairJudge:
 
     async def _verdict(self, prompt, a: str, b: str, usage: dict) -> str | None:
         for _ in range(2):  # one retry for an unreadable answer, then an abstention
-            v = parse_verdict(await self._ask(pairwise_messages(prompt, a, b), usage))
+            v = parse_verdict(await self._ask(pairwise_messages(prompt, a, b), usage)).verdict
             if v is not None:
                 return v
         return None
