@@ -11,21 +11,15 @@ import itertools
 from typing import Any, Iterable
 
 from moaa.client.endpoint import Endpoint
+from moaa.client.generate import generate_request
 from moaa.client.pairs import annotate_request, pair_row, skip_info, usage_record
 from moaa.client.window import windowed
 from moaa.errors import UserError
-from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
+from moaa.v1 import annotator_pb2, annotator_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 from .budget import TokenLedger
 from .progress import StageProgress
 from .store import DatasetStore
-
-
-def _sampling(max_tokens: int | None) -> common_pb2.SamplingParams:
-    sp = common_pb2.SamplingParams()
-    if max_tokens:
-        sp.max_tokens = max_tokens
-    return sp
 
 
 async def generate_batch(ep: Endpoint, rows: Iterable[Any], store: DatasetStore, ledger: TokenLedger,
@@ -37,9 +31,8 @@ async def generate_batch(ep: Endpoint, rows: Iterable[Any], store: DatasetStore,
     def items():
         for row in rows:
             inflight[row.id] = row
-            yield gateway_pb2.BatchItem(id=row.id, request=gateway_pb2.GenerateRequest(
-                recipe=recipe, messages=[common_pb2.Message(role=m["role"], content=m["content"]) for m in row.messages],
-                aggregator_sampling=_sampling(max_tokens), proposer_sampling=_sampling(max_tokens)))
+            yield gateway_pb2.BatchItem(id=row.id, request=generate_request(row.messages, recipe=recipe,
+                                                                            max_tokens=max_tokens))
 
     def write(row, r) -> None:
         usage = usage_record(r.usage)
