@@ -19,6 +19,7 @@ from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, TransientErro
 from moaa.services.local.lifeline import die_with_parent
 
 from .progress import StageProgress
+from .store import read_json
 
 
 def moaa_command(*args: str) -> list[str]:
@@ -74,11 +75,8 @@ async def run_child(cmd: list[str], *, log_path: Path, what: str, on_json: Calla
 
 def model_done(folder: Path) -> dict | None:
     """The trainer's manifest once the final model is saved (None while training is unfinished)."""
-    path = folder / "manifest.json"
-    if not path.exists():
-        return None
-    m = json.loads(path.read_text())
-    return m if m.get("final_step") is not None else None
+    m = read_json(folder / "manifest.json")
+    return m if m and m.get("final_step") is not None else None
 
 
 def train_config(kind: str, settings: dict, *, data: Path, model: str, out: Path):
