@@ -16,8 +16,10 @@ import time
 
 from aiohttp import web
 
-from .protocol import (OVERRIDE_HEADER, PROBE_HEADER, EmulatorSettings, OverrideError, effective_settings,
-                       error_body, header_overrides, split_model, validate_chat)
+from moaa.services.backend.client import PROBE_HEADER
+
+from .protocol import (OVERRIDE_HEADER, EmulatorSettings, OverrideError, effective_settings, error_body,
+                       header_overrides, split_model, validate_chat)
 from .judge import judge_timing
 from .serving import ChatServing, EmulatorStats
 
@@ -148,7 +150,7 @@ class Emulator:
         serving.stats.authorization = request.headers.get("Authorization")
         if s.api_key is not None and serving.stats.authorization != f"Bearer {s.api_key}":
             return _error(401, "invalid or missing API key")
-        probe = bool(request.headers.get(PROBE_HEADER))
+        probe = bool(request.headers.get(PROBE_HEADER))  # moaa's health probes, counted apart from real requests
         serving.record(base, body, probe, s)
         if s.judge:
             s = judge_timing(s, base)

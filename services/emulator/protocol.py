@@ -13,8 +13,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moaa.errors import validation_message
-# sent by moaa's health probes; the emulator counts probes apart from real requests
-from moaa.services.backend.client import PROBE_HEADER  # noqa: F401 (re-exported)
 
 OVERRIDE_HEADER = "X-Emulator"
 
