@@ -27,3 +27,8 @@ class TransientError(MoaaError):
     """A dependency failed in a way a retry may fix."""
 
     exit_code = EXIT_TRANSIENT
+
+
+def validation_message(err, top: str = "(top level)") -> str:
+    """A pydantic ValidationError on one line: `field.path: what is wrong; ...` (`top`: an error of the whole)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or top}: {e['msg']}" for e in err.errors())

@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from moaa.errors import UserError
+from moaa.errors import UserError, validation_message
 
 
 class ConfigError(UserError, ValueError):
@@ -281,19 +281,11 @@ def _pick(kind: str, table: dict, default: str | None, name: str | None) -> tupl
     raise KeyError(f"no {kind} named and no default_{kind} set")
 
 
-def _format_errors(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        parts.append(f"{loc}: {e['msg']}")
-    return "; ".join(parts)
-
-
 def parse_config(data: dict, source: str = "config") -> MoaaConfig:
     try:
         return MoaaConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"{source}: {_format_errors(err)}") from None
+        raise ConfigError(f"{source}: {validation_message(err)}") from None
 
 
 def load_config(path: str | Path) -> MoaaConfig:

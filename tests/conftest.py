@@ -1,8 +1,6 @@
 """Test fixtures are grouped per area in tests/fixtures/<area>.py and loaded as plugins here."""
 import os
 
-import pytest
-
 # Idle OpenMP threads spin by default and starve the model servers and trainers that the tests run beside
 # each other on a small CPU (one request 5-10x slower); passive waiting fixes that, for child processes too.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -114,13 +114,9 @@ def test_verdict_read_from_a_repeated_answer():
     assert parse_verdict("[[A]] A spider has eight legs.", answers).verdict == "A"   # an explicit verdict wins
 
 
-def test_one_verdict_parser_for_annotator_and_eval():
-    # `moaa eval` asks for [[C]] as a tie; it reads verdicts with this same parser
-    from moaa.pipeline.eval.grading import parse_verdict as eval_verdict
-
+def test_c_verdict_is_a_tie():
+    # `moaa eval` asks for [[C]] as a tie and reads verdicts with this parser
     assert parse_verdict("Both are fine. [[C]]").verdict == "tie"
-    for text, _ in VERDICT_CORPUS:
-        assert eval_verdict(text) == parse_verdict(text).verdict
 
 
 def test_builtin_templates_load_render_and_hash(tmp_path):

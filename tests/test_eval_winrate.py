@@ -4,9 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from moaa.pipeline.eval.grading import grading_summary, parse_rating, parse_verdict, pairwise_messages
+from moaa.pipeline.eval.grading import grading_summary, parse_rating, pairwise_messages
+from moaa.services.annotator.parsing import parse_verdict
 from moaa.pipeline.eval.winrate import (MIN_PROMPTS_FOR_CI, bootstrap_ci, conclusion, format_winrate,
-                                         length_controlled_win_rate, preference_from_verdicts, summarize, win_rate)
+                                         length_controlled_win_rate, summarize, win_rate)
 
 
 def _two_group_table():
@@ -90,11 +91,7 @@ def test_lc_rejects_bad_input():
         length_controlled_win_rate([1, 0], [1], [1, 2])
 
 
-def test_preference_from_both_orders():
-    assert preference_from_verdicts("A", "B") == 1.0      # model won in both orders
-    assert preference_from_verdicts("B", "A") == 0.0
-    assert preference_from_verdicts("A", "A") == 0.5      # judge followed position: no win
-    assert preference_from_verdicts("tie", "B") == 0.75
+def test_win_rate():
     assert win_rate([1, 0, 0.5, 0.5]) == 50.0
 
 
@@ -136,7 +133,7 @@ def test_summarize_report_fields():
     ("", None),
 ])
 def test_parse_verdict(text, expected):
-    assert parse_verdict(text) == expected
+    assert parse_verdict(text).verdict == expected
 
 
 @pytest.mark.parametrize("text,expected", [

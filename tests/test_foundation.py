@@ -67,6 +67,23 @@ def test_cli_bad_arguments_exit_2_with_one_line():
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("flag,value,what", [
+    ("--limit", "0", "a positive whole number"), ("--limit", "1.5", "a positive whole number"),
+    ("--token-budget", "x", "a positive whole number")])
+def test_cli_number_flags_exit_2_with_one_line(flag, value, what, capsys):
+    from moaa.cli import positive_float
+    from moaa.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["pipeline", "run", flag, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and f"expected {what}, got '{value}'" in err
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        with pytest.raises(Exception, match=f"expected a positive number, got '{bad}'"):
+            positive_float(bad)
+    assert positive_float("1e-9") == 1e-9
+
+
 def test_tiny_model_loads_and_generates(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

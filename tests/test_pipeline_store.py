@@ -6,7 +6,7 @@ import pytest
 
 from moaa.errors import UserError
 from moaa.pipeline.budget import BudgetExhausted, TokenLedger
-from moaa.pipeline.store import DatasetStore, read_manifest
+from moaa.pipeline.store import DatasetStore, read_json
 from tests.fixtures.kill import sigkill_when
 
 
@@ -25,7 +25,7 @@ def test_write_shards_and_manifest(tmp_path):
     assert [p.name for p in st.shards()] == ["data-00000.jsonl", "data-00001.jsonl", "data-00002.jsonl"]
     assert m["rows"] == 7 and m["skipped"] == 1 and m["failed"] == 1 and m["models"] == ["m1"]
     assert m["skipped_reasons"] == {"low_margin": 1} and m["config_hash"] == "abc" and not m["complete"]
-    assert read_manifest(tmp_path / "d")["extra"]["note"] == "x"
+    assert read_json(tmp_path / "d" / "manifest.json")["extra"]["note"] == "x"
 
 
 def test_resume_is_exactly_once(tmp_path):

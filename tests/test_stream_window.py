@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import grpc
 
-from moaa.v1 import annotator_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
+from moaa.v1 import annotator_pb2_grpc, common_pb2, gateway_pb2
 from tests.fixtures.annotator import judge_config
 from tests.fixtures.annotator import request as annotate_request
 from tests.fixtures.gateway import moa_config, request

@@ -95,8 +95,7 @@ def test_startup_steps_are_bounded():
 
 
 def test_metrics_keep_the_last_value_per_step_and_plot(tmp_path):
-    from moaa.trainer.plots import plot_metrics
-    from moaa.trainer.progress import read_metrics
+    from moaa.trainer.plots import plot_metrics, read_metrics
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "loss": 1.4, "rewards/margins": 0.1},

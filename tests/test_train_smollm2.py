@@ -11,7 +11,7 @@ import math
 import pytest
 
 from moaa.cli.main import main
-from moaa.trainer.progress import read_metrics
+from moaa.trainer.plots import read_metrics
 from tests.fixtures.trainer import pref_rows, sft_rows, write_jsonl
 from tests.test_train_tiny import assert_loads_and_generates
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from moaa.cli.main import main
-from moaa.trainer.progress import read_metrics
+from moaa.trainer.plots import read_metrics
 from tests.fixtures.trainer import FIXED_BATCH, sft_rows, write_jsonl
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from moaa.errors import EXIT_BAD_INPUT, MoaaError, TransientError, UserError
+from moaa.errors import EXIT_BAD_INPUT, MoaaError, TransientError, UserError, validation_message
 from moaa.overrides import load_mapping
 from moaa.trainer.k8s import CONTAINER, JobSettings, Toleration, build_job, to_yaml
 
@@ -67,8 +67,7 @@ def settings_from_args(args: argparse.Namespace) -> JobSettings:
     try:
         return JobSettings.model_validate(data)
     except ValidationError as err:
-        msgs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise UserError(f"bad job settings: {msgs}") from None
+        raise UserError(f"bad job settings: {validation_message(err)}") from None
 
 
 def _split(item: str, sep: str, flag: str) -> tuple[str, str]:
@@ -194,7 +193,7 @@ def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=
         job = api_call(f"reading Job {ns}/{name}", host, batch.read_namespaced_job, name, ns)
         pods = _pods(core, host, ns, name)
         for pod in pods:
-            _print_new_log_lines(core, host, ns, pod, seen_lines, out)
+            _print_new_log_lines(core, ns, pod, seen_lines, out)
             why = _waiting_reason(pod)
             if why and why != waiting.get(pod.metadata.name):
                 out(json.dumps({"event": "pod_waiting", "pod": pod.metadata.name, "reason": why[0], "message": why[1]}))
@@ -256,7 +255,7 @@ def _waiting_reason(pod) -> tuple[str, str] | None:
     return None
 
 
-def _print_new_log_lines(core, host: str, ns: str, pod, seen: dict[str, int], out) -> None:
+def _print_new_log_lines(core, ns: str, pod, seen: dict[str, int], out) -> None:
     from kubernetes.client.exceptions import ApiException
 
     pname = pod.metadata.name

@@ -48,8 +48,8 @@ def build_manifest(cfg, *, data_report, world: int, grad_accum: int, device: str
 
 
 def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    from moaa.pipeline.store import atomic_write_text
+
     path = Path(out_dir) / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(manifest, indent=2, default=str))
     return path

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from moaa.trainer.plots import read_metrics  # noqa: F401 (lives beside its plot, free of transformers)
-
 
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):

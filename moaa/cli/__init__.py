@@ -6,12 +6,12 @@ The argument types below check ranges while parsing, so that a bad number exits 
 import argparse
 
 
-def _number(text: str, kind: type, what: str):
+def _positive(text: str, kind: type, what: str):
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):  # nan / inf
+        value = None
+    if value is None or value != value or value == float("inf") or value <= 0:  # not a number, nan, inf, <= 0
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
 
@@ -28,17 +28,11 @@ def port(text: str) -> int:
 
 
 def positive_int(text: str) -> int:
-    value = _number(text, int, "a positive whole number")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
+    return _positive(text, int, "a positive whole number")
 
 
 def positive_float(text: str) -> float:
-    value = _number(text, float, "a positive number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+    return _positive(text, float, "a positive number")
 
 
 def add_service_group(subparsers, kind: str, help_text: str, serve_help: str, serve):

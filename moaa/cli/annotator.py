@@ -62,7 +62,8 @@ async def _annotate(args) -> int:
 
 
 async def _judge_eval(args) -> int:
-    from moaa.client.judge_eval import check_out, failure, format_table, judge_eval, write_json
+    from moaa.client.judge_eval import check_out, failure, format_table, judge_eval
+    from moaa.pipeline.store import atomic_write_json
 
     if args.out:
         check_out(args.out)
@@ -70,7 +71,7 @@ async def _judge_eval(args) -> int:
                                progress=not args.no_progress)
     print(format_table(summary))
     if args.out:
-        write_json(summary, args.out)
+        atomic_write_json(args.out, summary)
     err = failure(summary)
     if err is not None:
         raise err

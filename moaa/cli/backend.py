@@ -8,11 +8,10 @@ if TYPE_CHECKING:
     from moaa.services.emulator.protocol import EmulatorSettings
 
 from moaa.cli import port, positive_int
+from moaa.engines import ENGINE_CHOICES
 
 
 def register(subparsers) -> None:
-    from moaa.services.local.engine import ENGINE_CHOICES
-
     be = subparsers.add_parser("backend", help="model backends: a real embedded engine, or the emulator")
     bsub = be.add_subparsers(dest="backend_command", metavar="SUBCOMMAND")
     bsub.required = True

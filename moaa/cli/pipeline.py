@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from moaa.cli import add_connection_args, positive_int
+from moaa.engines import ENGINE_CHOICES
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
     run.add_argument("--eval-judge", choices=["auto", "chat", "ensemble"], default="auto",
                      help="eval judge: the annotator's ensemble (auto, ensemble) or, embedded only, the local "
                           "model asked directly (chat); 1-10 grades (--set eval_grades=true when embedded) use the local model")
-    run.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
+    run.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                      help="embedded model server engine")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a setting, value as JSON or a bare string: --set sft.max_steps=20 "

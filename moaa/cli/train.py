@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from moaa.cli import positive_float, positive_int
+from moaa.engines import ENGINE_CHOICES
 
 # Flags that map one-to-one onto TrainConfig fields (flag -> field).
 _FIELD_FLAGS = [
@@ -135,7 +136,7 @@ def register(subparsers) -> None:
     sample.add_argument("--max-new-tokens", type=positive_int, default=512)
     sample.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generate call (transformers)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--engine", choices=["auto", "vllm", "transformers"], default="auto",
+    sample.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                         help="auto: vLLM offline engine on a GPU node when installed, else transformers")
     sample.set_defaults(func=_run_sample)
 

@@ -9,7 +9,6 @@ correlation over the run.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from moaa.errors import TransientError, UserError
 from moaa.jsonl import JsonlAppender, iter_scan, read_input
+from moaa.pipeline.store import atomic_write_json
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
 from .endpoint import Endpoint
@@ -113,7 +113,7 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
     finally:
         bar.close()
         summary = report.summary()
-        out.with_name(out.name + ".report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(out.with_name(out.name + ".report.json"), summary)
     if report.counts["errors"]:
         raise TransientError(f"{counts_line(summary)}; {report.counts['errors']} rows failed (see {errors_path}); "
                              "rerun to retry them")

@@ -12,16 +12,23 @@ from .endpoint import Endpoint
 from .errors import RETRY_DELAYS_S, call_error, retry_note
 
 
+def generate_request(messages: list[dict], *, recipe: str = "",
+                     max_tokens: int | None = None) -> gateway_pb2.GenerateRequest:
+    """`max_tokens` bounds the proposers' answers and the aggregator's alike."""
+    req = gateway_pb2.GenerateRequest(
+        recipe=recipe, messages=[common_pb2.Message(role=m["role"], content=m["content"]) for m in messages])
+    if max_tokens:
+        req.aggregator_sampling.max_tokens = max_tokens
+        req.proposer_sampling.max_tokens = max_tokens
+    return req
+
+
 async def generate(ep: Endpoint, prompt: str, *, recipe: str = "", system: str | None = None,
                    timeout: float | None = None, max_tokens: int | None = None, out=None) -> gateway_pb2.GenerateResponse:
     """Stream one MoA call: proposals as they complete, then the aggregated answer as it streams."""
     out = out or sys.stdout
-    messages = ([common_pb2.Message(role="system", content=system)] if system else []) + [
-        common_pb2.Message(role="user", content=prompt)]
-    req = gateway_pb2.GenerateRequest(recipe=recipe, messages=messages)
-    if max_tokens:
-        req.aggregator_sampling.max_tokens = max_tokens
-        req.proposer_sampling.max_tokens = max_tokens
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    req = generate_request(messages, recipe=recipe, max_tokens=max_tokens)
     final = None
     answering = False
     loop = asyncio.get_running_loop()

@@ -156,7 +156,3 @@ def format_table(summary: dict) -> str:
     if summary.get("errors"):
         lines.append(f"{len(summary['errors'])} calls failed, e.g. {summary['errors'][0]}")
     return "\n".join(lines)
-
-
-def write_json(summary: dict, path: str) -> None:
-    Path(path).write_text(json.dumps(summary, indent=2) + "\n")

@@ -7,7 +7,6 @@ with a larger budget continues where it stopped.
 """
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,7 +14,7 @@ from typing import Any, Iterable
 from moaa.errors import MoaaError
 from moaa.usage import add_usage, usage_tokens
 
-from .store import atomic_write_json
+from .store import atomic_write_json, read_json
 
 EXIT_BUDGET = 3
 
@@ -33,8 +32,8 @@ class TokenLedger:
         self._lock = threading.Lock()
         # stage -> model -> {"prompt_tokens", "completion_tokens", "requests"}
         self.stages: dict[str, dict[str, dict[str, int]]] = {}
-        if self.path and self.path.exists():
-            self.stages = json.loads(self.path.read_text()).get("stages", {})
+        if self.path:
+            self.stages = (read_json(self.path) or {}).get("stages", {})
 
     def add(self, stage: str, model: str, usage: Any, requests: int = 1) -> None:
         with self._lock:

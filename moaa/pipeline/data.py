@@ -208,8 +208,7 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for a bad file
         raise UserError(f"cannot read Parquet file {path}: {err}") from None
-    for i, rec in enumerate(table.to_pylist(), 1):
-        yield i, rec
+    yield from enumerate(table.to_pylist(), 1)
 
 
 def _iter_hf_folder(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
@@ -225,8 +224,7 @@ def _iter_hf_folder(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
         if pick not in ds:
             raise UserError(f"{path} has splits {', '.join(names)}; choose one with --split")
         ds = ds[pick]
-    for i, rec in enumerate(ds, 1):
-        yield i, rec
+    yield from enumerate(ds, 1)
 
 
 def _records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:

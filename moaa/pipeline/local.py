@@ -56,7 +56,7 @@ LOCAL_JUDGES = {"judge-relevance": "pairwise_small_v1", "judge-topic": "pairwise
                 "judge-language": "pairwise_small_language_v1"}
 
 
-def local_config(backend: dict[str, Any], gateway_port: int, annotator_port: int, *, quick: bool = False) -> dict:
+def local_config(backend: dict[str, Any], gateway_port: int, annotator_port: int) -> dict:
     """The moaa config of the embedded stack (validated by the services' own config model)."""
     judges = dict(list(LOCAL_JUDGES.items())[:2])  # 2 roles: all pairs x both orders x judges calls per prompt
     return {
@@ -145,10 +145,10 @@ def reap_stale(record: Path) -> int:
 
 
 class LocalStack:
-    def __init__(self, layout: RunLayout, *, engine: str = "auto", quick: bool = False, quiet: bool = False):
+    def __init__(self, layout: RunLayout, *, engine: str = "auto", quiet: bool = False):
         from moaa.services.local.engine import free_port
 
-        self.layout, self.engine_name, self.quick, self.quiet = layout, engine, quick, quiet
+        self.layout, self.engine_name, self.quiet = layout, engine, quiet
         self.gateway_port, self.annotator_port, self.model_port = free_port(), free_port(), free_port()
         self.engine = None
         self.procs: dict[str, asyncio.subprocess.Process] = {}
@@ -189,7 +189,7 @@ class LocalStack:
             # 2.97 -> 3.30 req/s); more in flight is how the one engine core does more work per step
             bc = self.engine.backend_config(max_concurrency=32)
             self.backend = bc.model_dump(mode="json", exclude_none=True)
-            cfg = parse_config(local_config(self.backend, self.gateway_port, self.annotator_port, quick=self.quick),
+            cfg = parse_config(local_config(self.backend, self.gateway_port, self.annotator_port),
                                "embedded config")
             self.layout.config.write_text(dump_config(cfg))
             for kind, port in (("gateway", self.gateway_port), ("annotator", self.annotator_port)):

@@ -7,11 +7,9 @@ training effect (`eval/effect.json`: held-out loss, DPO implicit-reward accuracy
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from itertools import combinations
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -21,7 +19,7 @@ from moaa.jsonl import read_rows
 from moaa.services.annotator.stats import kendall_tau
 from moaa.trainer.plots import read_metrics
 
-from .store import read_manifest
+from .store import read_json
 
 
 def _plt():
@@ -37,10 +35,6 @@ def _save(fig, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     _plt().close(fig)
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _metrics(model_dir: Path) -> list[dict]:
@@ -292,7 +286,7 @@ def no_pair_section(pairs_dir: Path) -> list[str]:
 
 
 def _dataset_line(name: str, folder: Path) -> str | None:
-    m = read_manifest(folder)
+    m = read_json(folder / "manifest.json")
     if not m:
         return None
     reasons = ", ".join(f"{k}: {v}" for k, v in (m.get("skipped_reasons") or {}).items())
@@ -305,7 +299,7 @@ def build_report(run_dir: str | Path) -> Path:
     layout = RunLayout(Path(run_dir))
     out = layout.report
     out.mkdir(parents=True, exist_ok=True)
-    run = _read_json(layout.run_manifest) or {}
+    run = read_json(layout.run_manifest) or {}
     lines = ["# moaa pipeline report", ""]
     if run:
         lines += [f"Run folder `{layout.root}`; config hash `{run.get('config_hash', '-')}`; "
@@ -319,7 +313,7 @@ def build_report(run_dir: str | Path) -> Path:
         lines += ["## Datasets", "", "| dataset | rows | skipped (why) | failed | complete | models |",
                   "|---|---|---|---|---|---|", *rows, ""]
         lines += no_pair_section(layout.pairs)
-    usage = _read_json(layout.usage)
+    usage = read_json(layout.usage)
     if usage and usage.get("stages"):
         lines += ["## Tokens", "", f"Total: {usage['total_tokens']} tokens"
                   + (f" (budget {usage['budget']})" if usage.get("budget") else "") + ".", "",
@@ -334,16 +328,16 @@ def build_report(run_dir: str | Path) -> Path:
         for kind, s in losses.items():
             lines.append(f"- {kind}: loss {s['first']:.4f} -> {s['last']:.4f} over {s['steps']} steps")
         lines += ["", f"![training losses]({loss_png.name})", ""]
-    lines += effect_section(_read_json(layout.eval / "effect.json"), out)
+    lines += effect_section(read_json(layout.eval / "effect.json"), out)
     scores_png, agree_png = plot_judges(JudgeTally.of_pairs(layout.pairs), out / "judge_scores.png",
                                         out / "judge_agreement.png")
     if scores_png:
         lines += ["## Judges", "", f"![judge score distributions]({scores_png.name})", ""]
         if agree_png:
             lines += [f"![judge agreement]({agree_png.name})", ""]
-    lines += eval_section(_read_json(layout.eval / "winrates.json") or [], run, out)
-    grades = _read_json(layout.eval / "grades.json")
-    note = (((_read_json(layout.run_manifest) or {}).get("stages") or {}).get("eval", {}).get("result") or {}).get("grades_note")
+    lines += eval_section(read_json(layout.eval / "winrates.json") or [], run, out)
+    grades = read_json(layout.eval / "grades.json")
+    note = (((read_json(layout.run_manifest) or {}).get("stages") or {}).get("eval", {}).get("result") or {}).get("grades_note")
     if note and not grades:
         lines += [f"Single-answer grades: {note}.", ""]
     if grades:

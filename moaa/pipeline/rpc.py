@@ -11,35 +11,28 @@ import itertools
 from typing import Any, Iterable
 
 from moaa.client.endpoint import Endpoint
+from moaa.client.generate import generate_request
 from moaa.client.pairs import annotate_request, pair_row, skip_info, usage_record
 from moaa.client.window import windowed
 from moaa.errors import UserError
-from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
+from moaa.v1 import annotator_pb2, annotator_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 from .budget import TokenLedger
 from .progress import StageProgress
 from .store import DatasetStore
 
 
-def _sampling(max_tokens: int | None) -> common_pb2.SamplingParams:
-    sp = common_pb2.SamplingParams()
-    if max_tokens:
-        sp.max_tokens = max_tokens
-    return sp
-
-
 async def generate_batch(ep: Endpoint, rows: Iterable[Any], store: DatasetStore, ledger: TokenLedger,
                          progress: StageProgress, *, recipe: str = "", max_tokens: int | None = None,
-                         stage: str = "sft_data", window: int = 32) -> None:
+                         window: int = 32) -> None:
     """Stage 1: one MoA answer per prompt row -> SFT rows {id, messages, moa, usage} in `store`."""
     inflight: dict[str, Any] = {}   # only the rows sent and not yet answered: memory does not grow with rows
 
     def items():
         for row in rows:
             inflight[row.id] = row
-            yield gateway_pb2.BatchItem(id=row.id, request=gateway_pb2.GenerateRequest(
-                recipe=recipe, messages=[common_pb2.Message(role=m["role"], content=m["content"]) for m in row.messages],
-                aggregator_sampling=_sampling(max_tokens), proposer_sampling=_sampling(max_tokens)))
+            yield gateway_pb2.BatchItem(id=row.id, request=generate_request(row.messages, recipe=recipe,
+                                                                            max_tokens=max_tokens))
 
     def write(row, r) -> None:
         usage = usage_record(r.usage)
@@ -61,12 +54,11 @@ async def generate_batch(ep: Endpoint, rows: Iterable[Any], store: DatasetStore,
         progress.advance()
 
     await _drive(ep, gateway_pb2_grpc.MoAGatewayStub, "GenerateBatch", items(), inflight, write, store, ledger,
-                 progress, stage=stage, what="gateway GenerateBatch", window=window)
+                 progress, stage="sft_data", what="gateway GenerateBatch", window=window)
 
 
 async def annotate_stream(ep: Endpoint, rows: Iterable[dict], store: DatasetStore, ledger: TokenLedger,
-                          progress: StageProgress, *, ensemble: str = "", mode: str = "", model: str = "sft",
-                          stage: str = "pairs", window: int = 16) -> None:
+                          progress: StageProgress, *, ensemble: str = "", model: str = "sft", window: int = 16) -> None:
     """Stage 2: candidates per prompt -> preference rows in the one schema (`moaa.client.pairs`).
     Rows are read as they are sent (a 65,000-row samples file never sits in memory); a bad row stops
     the feeding, the rows in flight are still written, then its error is raised."""
@@ -76,7 +68,7 @@ async def annotate_stream(ep: Endpoint, rows: Iterable[dict], store: DatasetStor
     def requests():
         for row in rows:
             try:
-                req, reason = annotate_request(row, ensemble=ensemble, mode=mode, model=model)
+                req, reason = annotate_request(row, ensemble=ensemble, model=model)
             except UserError as err:  # raised inside gRPC's request iterator it would only cancel the call
                 bad.append(err)
                 return
@@ -103,7 +95,7 @@ async def annotate_stream(ep: Endpoint, rows: Iterable[dict], store: DatasetStor
         progress.advance()
 
     await _drive(ep, annotator_pb2_grpc.AnnotatorStub, "AnnotateStream", itertools.chain([first], todo), inflight,
-                 write, store, ledger, progress, stage=stage, what="annotator AnnotateStream", window=window)
+                 write, store, ledger, progress, stage="pairs", what="annotator AnnotateStream", window=window)
     if bad:
         raise bad[0]
 

@@ -23,7 +23,7 @@ from .layout import RunLayout
 from .lock import RunLock
 from .promptset import RunPrompts, config_hash, prepare_prompts
 from .stages import NEEDS_SERVICES, STAGES, StageContext
-from .store import atomic_write_json, make_folder, utc_now
+from .store import atomic_write_json, make_folder, read_json, utc_now
 from . import training
 
 OPERATIONAL = {"window"}  # settings that change how, not what: left out of the config hash
@@ -103,13 +103,11 @@ class RunRecord:
 
     def __init__(self, layout: RunLayout, chash: str, opts: PipelineOptions):
         self.layout = layout
-        self.data: dict[str, Any] = {}
-        if layout.run_manifest.exists():
-            self.data = json.loads(layout.run_manifest.read_text())
-            old = self.data.get("config_hash")
-            if old and old != chash:
-                raise UserError(f"{layout.root} holds a run with other settings (config hash {old}, now {chash}); "
-                                "use another --out folder, or the same prompts and options as before")
+        self.data: dict[str, Any] = read_json(layout.run_manifest) or {}
+        old = self.data.get("config_hash")
+        if old and old != chash:
+            raise UserError(f"{layout.root} holds a run with other settings (config hash {old}, now {chash}); "
+                            "use another --out folder, or the same prompts and options as before")
         self.data.setdefault("started_at", utc_now())
         self.data["config_hash"] = chash
         self.data.setdefault("stages", {})
@@ -238,7 +236,7 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     ledger = TokenLedger(layout.usage, opts.token_budget)
     _say(opts, f"moaa pipeline: {prompts.n_train} training prompts, {prompts.n_eval} held out for eval; "
                f"run folder {layout.root} (config {chash})")
-    stack = LocalStack(layout, engine=opts.engine, quick=opts.quick, quiet=opts.quiet) if local else None
+    stack = LocalStack(layout, engine=opts.engine, quiet=opts.quiet) if local else None
     summary: dict[str, Any] = {"run_folder": str(layout.root), "config_hash": chash,
                                "prompts": {"used": prompts.count, "skipped_invalid": prompts.invalid}}
     try:

@@ -224,8 +224,9 @@ class DatasetStore:
             yield from read_rows(shard)
 
 
-def read_manifest(folder: str | Path) -> dict | None:
-    path = Path(folder) / "manifest.json"
+def read_json(path: str | Path) -> Any:
+    """A JSON file of a run folder (a manifest, a summary); None while it is not written."""
+    path = Path(path)
     return json.loads(path.read_text()) if path.exists() else None
 
 

@@ -19,14 +19,15 @@ from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, TransientErro
 from moaa.services.local.lifeline import die_with_parent
 
 from .progress import StageProgress
+from .store import read_json
 
 
 def moaa_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "moaa.cli.main", *args]
 
 
-async def run_child(cmd: list[str], *, log_path: Path, what: str, on_json: Callable[[dict], None] | None = None,
-                    env: dict | None = None) -> None:
+async def run_child(cmd: list[str], *, log_path: Path, what: str,
+                    on_json: Callable[[dict], None] | None = None) -> None:
     """Run a moaa child command; JSON lines on stdout go to `on_json`, everything to `log_path`.
 
     Exit codes keep their meaning: 2 -> UserError, 75 -> TransientError, other -> MoaaError, each
@@ -34,7 +35,7 @@ async def run_child(cmd: list[str], *, log_path: Path, what: str, on_json: Calla
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # Spinning OpenMP threads slow torch badly on 2 shared cores (measured by the local backend: 5-10x).
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **(env or {})}
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     tail: deque[str] = deque(maxlen=40)
     with log_path.open("a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(cmd)}\n")
@@ -74,11 +75,8 @@ async def run_child(cmd: list[str], *, log_path: Path, what: str, on_json: Calla
 
 def model_done(folder: Path) -> dict | None:
     """The trainer's manifest once the final model is saved (None while training is unfinished)."""
-    path = folder / "manifest.json"
-    if not path.exists():
-        return None
-    m = json.loads(path.read_text())
-    return m if m.get("final_step") is not None else None
+    m = read_json(folder / "manifest.json")
+    return m if m and m.get("final_step") is not None else None
 
 
 def train_config(kind: str, settings: dict, *, data: Path, model: str, out: Path):

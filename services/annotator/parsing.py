@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 NUM = r"(-?\d+(?:\.\d+)?)"
-_DENOM = rf"\s*(?:/|out\s+of|of)\s*(\d+(?:\.\d+)?)"
+_DENOM = r"\s*(?:/|out\s+of|of)\s*(\d+(?:\.\d+)?)"
 _LABELLED = re.compile(rf"(?:score|rating|grade|overall)\**\s*[:=]?\s*\**\s*{NUM}\**(?:{_DENOM})?", re.I)
 _FRACTION = re.compile(rf"{NUM}{_DENOM}", re.I)
 _BOLD = re.compile(rf"\*\*\s*{NUM}\s*\**")

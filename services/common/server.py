@@ -97,8 +97,7 @@ async def _set_all(servicer, names, status) -> None:
             await res
 
 
-async def start_server(cfg: ServerConfig, service: str, add_servicers, service_names: list[str],
-                       *, extra_interceptors=()) -> RunningServer:
+async def start_server(cfg: ServerConfig, service: str, add_servicers, service_names: list[str]) -> RunningServer:
     """Start a server. `add_servicers(server, guard)` registers the service(s); `service_names` are the
     full names (e.g. 'moaa.v1.MoAGateway') for health and reflection."""
     metrics = Metrics(service)
@@ -110,7 +109,7 @@ async def start_server(cfg: ServerConfig, service: str, add_servicers, service_n
         ("grpc.so_reuseport", 0),
     ]
     # undecodable request bytes -> INVALID_ARGUMENT (innermost, so auth's refusals decode safely too)
-    interceptors = [*auth_interceptors(cfg.auth), *extra_interceptors, DecodeGuardInterceptor()]
+    interceptors = [*auth_interceptors(cfg.auth), DecodeGuardInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=None)
     add_servicers(server, guard)

@@ -12,8 +12,7 @@ MAX_STOP = 4
 MIN_PROMPT_TOKENS = 16  # room a reply must leave in the context window for the prompt
 
 
-def messages_to_dicts(messages, *, field: str = "messages", max_chars: int | None = None,
-                      require_last_user: bool = True) -> list[dict]:
+def messages_to_dicts(messages, *, field: str = "messages", max_chars: int | None = None) -> list[dict]:
     """Proto `Message`s -> OpenAI chat dicts, checked: not empty, known roles, last one the user's."""
     if not messages:
         raise InvalidArgument(f"{field} is empty: send at least one message with role 'user'")
@@ -31,7 +30,7 @@ def messages_to_dicts(messages, *, field: str = "messages", max_chars: int | Non
         if m.name:
             d["name"] = m.name
         out.append(d)
-    if require_last_user and out[-1]["role"] != "user":
+    if out[-1]["role"] != "user":
         raise InvalidArgument(f"the last message of {field} has role {out[-1]['role']!r}: it must be the user's turn")
     if max_chars is not None and total > max_chars:
         raise InvalidArgument(f"{field} has {total} characters, over the limit of {max_chars}: "

@@ -17,9 +17,10 @@ import weakref
 
 from aiohttp import web
 
-from .protocol import (OVERRIDE_HEADER, PROBE_HEADER, EmulatorSettings, OverrideError, context_refusal,
-                       effective_settings, error_body, header_overrides, retry_headers, split_model,
-                       validate_chat)
+from moaa.services.backend.client import PROBE_HEADER
+
+from .protocol import (OVERRIDE_HEADER, EmulatorSettings, OverrideError, context_refusal, effective_settings,
+                       error_body, header_overrides, retry_headers, split_model, validate_chat)
 from .judge import judge_timing
 from .serving import ChatServing, EmulatorStats, count_prompt_tokens
 
@@ -166,7 +167,7 @@ class Emulator:
         serving.stats.authorization = request.headers.get("Authorization")
         if s.api_key is not None and serving.stats.authorization != f"Bearer {s.api_key}":
             return _error(401, "invalid or missing API key")
-        probe = bool(request.headers.get(PROBE_HEADER))
+        probe = bool(request.headers.get(PROBE_HEADER))  # moaa's health probes, counted apart from real requests
         serving.record(base, body, probe, s)
         if s.reject_max_tokens and "max_tokens" in body:
             return web.json_response({"error": {
@@ -195,7 +196,7 @@ class Emulator:
                 cap.active += 1
             t0 = time.monotonic()
             try:
-                result, finished = await self._respond(request, body, base, s)
+                result, finished = await self._respond(request, body, s)
                 return result
             finally:
                 serving.served(None if probe else base, time.monotonic() - t0)
@@ -211,8 +212,7 @@ class Emulator:
             if finished:
                 serving.stats.completed += 1
 
-    async def _respond(self, request: web.Request, body: dict, model: str,
-                       s: EmulatorSettings) -> tuple[web.StreamResponse, bool]:
+    async def _respond(self, request: web.Request, body: dict, s: EmulatorSettings) -> tuple[web.StreamResponse, bool]:
         """The response, and whether the answer went out in full."""
         serving = self.serving
         if s.stall_before_headers:

@@ -14,8 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-# sent by moaa's health probes; the emulator counts probes apart from real requests
-from moaa.services.backend.client import PROBE_HEADER  # noqa: F401 (re-exported)
+from moaa.errors import validation_message
 
 OVERRIDE_HEADER = "X-Emulator"
 
@@ -107,7 +106,7 @@ def effective_settings(base: EmulatorSettings, *layers: dict[str, Any]) -> Emula
     try:
         return EmulatorSettings.model_validate(merged)
     except ValidationError as err:
-        raise OverrideError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+        raise OverrideError(validation_message(err)) from None
 
 
 def header_overrides(value: str | None) -> dict[str, Any]:

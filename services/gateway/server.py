@@ -19,12 +19,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["MoAGateway"].full_name
 
 
-async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, probes: bool = True) -> RunningServer:
-    """Start the gateway (and its backend pool unless one is given); `RunningServer.stop()` stops both."""
-    own_pool = pool is None
-    if own_pool:
-        pool = BackendPool(cfg.backends, probes=probes)
-        await pool.start()
+async def start_gateway(cfg: MoaaConfig, *, probes: bool = True) -> RunningServer:
+    """Start the gateway and its backend pool; `RunningServer.stop()` stops both."""
+    pool = BackendPool(cfg.backends, probes=probes)
+    await pool.start()
     # load configured tokenizers now (in a thread), not on the first call that needs one
     from moaa.services.gateway.context import counter_for
     for name in sorted({b.tokenizer for b in cfg.backends.values() if b.tokenizer}):
@@ -44,22 +42,18 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
             router = OpenAIRouter(ChatServing(cfg, running.servicer.engine), running.guard, cfg.gateway)
             runner, running.http_port = await start_http(router, cfg.gateway.host, cfg.gateway.http_port,
                                                          cfg.gateway.shutdown_grace_s)
-        except OSError as err:
+        except BaseException as err:
             await running.stop(0)
-            if own_pool:
-                await pool.close()
-            raise UserError(f"cannot serve HTTP on {cfg.gateway.host}:{cfg.gateway.http_port} ({err.strerror or err}): "
-                            "set gateway.http_port (or --http-port) to a free port, or null to turn HTTP off") from None
-        except BaseException:
-            await running.stop(0)
-            if own_pool:
-                await pool.close()
+            await pool.close()
+            if isinstance(err, OSError):
+                raise UserError(f"cannot serve HTTP on {cfg.gateway.host}:{cfg.gateway.http_port} "
+                                f"({err.strerror or err}): set gateway.http_port (or --http-port) to a free port, "
+                                "or null to turn HTTP off") from None
             raise
         running.on_stop.append(runner.cleanup)
     if annotator is not None:
         running.on_stop.append(annotator.close)
-    if own_pool:
-        running.on_stop.append(pool.close)
+    running.on_stop.append(pool.close)
     return running
 
 

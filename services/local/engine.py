@@ -93,7 +93,7 @@ class EngineServer:
     def __init__(self, model: str, *, engine: str = "auto", port: int | None = None, host: str = "127.0.0.1",
                  served_model_name: str | None = None, max_model_len: int = 2048, dtype: str = "auto",
                  startup_timeout_s: float = 300.0, stop_timeout_s: float = 20.0, kv_cache_gib: int = 1,
-                 log_path: str | Path | None = None, extra_args: list[str] | None = None):
+                 log_path: str | Path | None = None):
         self.model_spec_text = model
         self.engine = pick_engine(engine)
         self.info = ENGINES[self.engine]
@@ -105,7 +105,6 @@ class EngineServer:
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.kv_cache_gib = kv_cache_gib
-        self.extra_args = list(extra_args or [])
         self._log_path_arg = Path(log_path) if log_path else None
         self.spec: ModelSpec | None = None
         self.served_model_name: str | None = None
@@ -159,7 +158,7 @@ class EngineServer:
                     "--model", self.spec.engine_arg, "--served-model-name", self.served_model_name,
                     "--host", self.host, "--port", str(self.port), "--max-model-len", str(self.max_model_len),
                     "--dtype", self._vllm_dtype(), "--enforce-eager", "--disable-log-stats"]
-            return argv + self.extra_args, env, self._run_dir
+            return argv, env, self._run_dir
         # transformers serve has no --served-model-name: it answers to the exact string it was started
         # with. A symlink named after the served name inside the run folder (the engine's cwd) makes
         # that string the served name while the weights stay where they are.
@@ -178,7 +177,7 @@ class EngineServer:
                 "--cb-block-size", "32", "--cb-num-blocks", str(cb_blocks),
                 "--host", self.host, "--port", str(self.port), "--device", "cpu", "--dtype", self.dtype,
                 "--log-level", "warning", self.served_model_name]
-        return argv + self.extra_args, env, self._run_dir
+        return argv, env, self._run_dir
 
     def _vllm_dtype(self) -> str:
         """vLLM's "auto" downcasts float32 weights to bfloat16 on CPU, and its CPU bfloat16 path garbles

@@ -1,6 +1,7 @@
-"""Judge prompts and verdict parsing for `moaa eval`: pairwise (both orders) and MT-Bench-style 1-10 grading.
+"""Judge prompts and rating parsing for `moaa eval`: pairwise (both orders) and MT-Bench-style 1-10 grading.
 
-Pure functions: building the messages a judge receives and reading its free-text answer. A strict
+Pure functions: building the messages a judge receives and reading its rating (a verdict is read by the
+annotator's one parser, `parse_verdict`). A strict
 format is asked for ("[[A]]", "[[B]]", "[[C]]" for a tie; "Rating: [[7]]"), and common deviations are
 still read; an answer that cannot be read returns None and is retried or counted as an abstention by
 the caller, never turned into a score.
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import re
 from statistics import mean
-
-from moaa.services.annotator.parsing import parse_verdict as _parse_verdict
 
 PAIRWISE_SYSTEM = (
     "You compare two answers written by AI assistants to the same user request. Judge which answer "
@@ -43,12 +42,6 @@ def pairwise_messages(prompt: list[dict], answer_a: str, answer_b: str) -> list[
 def grading_messages(prompt: list[dict], answer: str) -> list[dict]:
     user = f"[User request]\n{_conversation_text(prompt)}\n\n[Answer]\n{answer}\n[End of answer]"
     return [{"role": "system", "content": GRADING_SYSTEM}, {"role": "user", "content": user}]
-
-
-def parse_verdict(text: str) -> str | None:
-    """'A', 'B' or 'tie' from a judge's answer; None when unreadable. The annotator's one verdict
-    parser (it reads [[C]] as a tie too)."""
-    return _parse_verdict(text).verdict
 
 
 _RATING_PATTERNS = [

@@ -9,10 +9,11 @@ import math
 from dataclasses import dataclass, field
 
 from moaa.client.pairs import usage_record
+from moaa.services.annotator.parsing import parse_verdict
 from moaa.usage import add_usage, usage_tokens
 
 from ..budget import TokenLedger
-from .grading import grading_messages, pairwise_messages, parse_rating, parse_verdict
+from .grading import grading_messages, pairwise_messages, parse_rating
 from .winrate import VERDICT_VALUE
 
 
@@ -80,9 +81,8 @@ class AnnotatorPairJudge:
 class ChatPairJudge:
     """Any OpenAI-compatible model as judge, through moaa's backend client; "[[A]]/[[B]]/[[C]]" verdicts."""
 
-    def __init__(self, pool, model: str, *, max_tokens: int = 256, ledger: TokenLedger | None = None,
-                 stage: str = "eval"):
-        self.pool, self.model, self.max_tokens, self.ledger, self.stage = pool, model, max_tokens, ledger, stage
+    def __init__(self, pool, model: str, *, max_tokens: int = 256, ledger: TokenLedger | None = None):
+        self.pool, self.model, self.max_tokens, self.ledger = pool, model, max_tokens, ledger
         self.name = f"judge:{model}"
 
     async def _ask(self, messages, usage: dict | None = None) -> str:
@@ -91,12 +91,12 @@ class ChatPairJudge:
         if usage is not None:
             add_usage(usage, self.model, *usage_tokens(res.usage))
         elif self.ledger is not None:
-            self.ledger.add(self.stage, self.model, res.usage)
+            self.ledger.add("eval", self.model, res.usage)
         return res.text
 
     async def _verdict(self, prompt, a: str, b: str, usage: dict) -> str | None:
         for _ in range(2):  # one retry for an unreadable answer, then an abstention
-            v = parse_verdict(await self._ask(pairwise_messages(prompt, a, b), usage))
+            v = parse_verdict(await self._ask(pairwise_messages(prompt, a, b), usage)).verdict
             if v is not None:
                 return v
         return None

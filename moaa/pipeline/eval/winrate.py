@@ -35,17 +35,6 @@ from scipy import optimize, special, stats
 VERDICT_VALUE = {"A": 1.0, "B": 0.0, "tie": 0.5}
 
 
-def preference_from_verdicts(first: str, swapped: str) -> float:
-    """Model-vs-baseline preference from two verdicts.
-
-    `first`: verdict with the model shown as A; `swapped`: verdict with the model shown as B.
-    Each is "A", "B" or "tie". Returns a value in {0, 0.25, 0.5, 0.75, 1}.
-    """
-    a = VERDICT_VALUE[first]
-    b = 1.0 - VERDICT_VALUE[swapped]
-    return (a + b) / 2.0
-
-
 def win_rate(prefs: Sequence[float]) -> float:
     p = np.asarray(prefs, dtype=float)
     if p.size == 0:
