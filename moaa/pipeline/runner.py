@@ -22,7 +22,7 @@ from .data import PromptStream
 from .layout import RunLayout
 from .lock import RunLock
 from .promptset import RunPrompts, config_hash, prepare_prompts
-from .stages import NEEDS_SERVICES, STAGES, StageContext
+from .stages import NEEDS_SERVICES, STAGES, StageContext, default_settings, merge_settings
 from .store import atomic_write_json, make_folder, read_json, utc_now
 from . import training
 
@@ -58,37 +58,6 @@ class PipelineOptions:
     quiet: bool = False
     until: str | None = None              # stop after this stage (e.g. "sft_data": only build the SFT set)
     overrides: dict[str, Any] = field(default_factory=dict)  # settings overrides (tests, power users)
-
-
-def default_settings(quick: bool) -> dict[str, Any]:
-    """Generation and training sizes: small enough for 2 CPU cores (full run < 20 min, --quick a few)."""
-    steps = 4 if quick else 10    # 10 x 4 rows: one epoch over the embedded run's 40 SFT rows
-    # a checkpoint of the 135M model with its optimizer state is 1.6 GB: two per training stage, not six
-    save = 2 if quick else 5
-    return {
-        "answer_tokens": 48 if quick else 96,     # stage-1 proposer and aggregator answers
-        "n_samples": 3 if quick else 5,           # stage-2 samples per prompt (the paper's N = 5)
-        "eval_grades": True,                      # MT-Bench-style 1-10 grades besides the pairwise win rates
-        "sample_tokens": 40 if quick else 64,
-        "sample_temperature": 0.9,
-        "eval_samples": 2,                        # sampled eval answers per prompt besides the greedy one
-        "eval_temperature": 0.7,
-        "pairs_heldout_fraction": 0.2,            # preference pairs kept out of DPO to measure it on ...
-        "pairs_heldout_max": 1000,                # ... at most this many
-        "allow_failures": 0.1,
-        "window": 32,                             # rows in flight per gRPC stream
-        "sft": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": save,
-                "learning_rate": 2e-5},
-        "dpo": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": save,
-                "learning_rate": 5e-6, "beta": 0.1},
-    }
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def run_config_hash(opts: PipelineOptions, settings: dict, prompts: RunPrompts, target: str) -> str:
@@ -157,7 +126,7 @@ def resolve_settings(opts: PipelineOptions, local: bool) -> dict[str, Any]:
         # against the 20-minute bound (20 min 45 s measured at 64 tokens): 48-token samples and eval answers,
         # which also shortens every judge prompt (two answers each)
         base["sample_tokens"] = min(base["sample_tokens"], 48)
-    settings = _merge(base, opts.overrides)
+    settings = merge_settings(base, opts.overrides)
     settings.update({"recipe": opts.recipe, "ensemble": opts.ensemble, "eval_judge": opts.eval_judge, "seed": opts.seed})
     return settings
 

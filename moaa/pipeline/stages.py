@@ -33,6 +33,37 @@ from .store import DatasetStore, atomic_write_text
 from . import training
 
 
+def default_settings(quick: bool) -> dict[str, Any]:
+    """Generation and training sizes: small enough for 2 CPU cores (full run < 20 min, --quick a few)."""
+    steps = 4 if quick else 10    # 10 x 4 rows: one epoch over the embedded run's 40 SFT rows
+    # a checkpoint of the 135M model with its optimizer state is 1.6 GB: two per training stage, not six
+    save = 2 if quick else 5
+    return {
+        "answer_tokens": 48 if quick else 96,     # stage-1 proposer and aggregator answers
+        "n_samples": 3 if quick else 5,           # stage-2 samples per prompt (the paper's N = 5)
+        "eval_grades": True,                      # MT-Bench-style 1-10 grades besides the pairwise win rates
+        "sample_tokens": 40 if quick else 64,
+        "sample_temperature": 0.9,
+        "eval_samples": 2,                        # sampled eval answers per prompt besides the greedy one
+        "eval_temperature": 0.7,
+        "pairs_heldout_fraction": 0.2,            # preference pairs kept out of DPO to measure it on ...
+        "pairs_heldout_max": 1000,                # ... at most this many
+        "allow_failures": 0.1,
+        "window": 32,                             # rows in flight per gRPC stream
+        "sft": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": save,
+                "learning_rate": 2e-5},
+        "dpo": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": save,
+                "learning_rate": 5e-6, "beta": 0.1},
+    }
+
+
+def merge_settings(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_settings(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 @dataclass
 class StageContext:
     layout: RunLayout
@@ -49,6 +80,10 @@ class StageContext:
     quiet: bool = False
     results: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        # one copy of every default: the stages read ctx.settings[k], never a fallback of their own
+        self.settings = merge_settings(default_settings(False), self.settings)
+
     def store(self, folder: Path, stage: str, fmt: str) -> DatasetStore:
         return DatasetStore(folder, stage=stage, fmt=fmt, config_hash=self.config_hash).open()
 
@@ -59,7 +94,7 @@ def _finish_dataset(ctx: StageContext, store: DatasetStore, total: int, what: st
     Failed rows (a backend or judge outage) stay failures, never skips: with at most `allow_failures`
     of them the stage completes so the run goes on, lists them as failed, and every re-run retries them."""
     pending = [rid for rid in store.failed if not store.is_done(rid)]
-    allowed = int(ctx.settings.get("allow_failures", 0.1) * total)
+    allowed = int(ctx.settings["allow_failures"] * total)
     if pending and len(pending) > allowed:
         store.write_manifest(complete=False)
         first = next(iter(store.failed.values()))
@@ -119,7 +154,7 @@ async def stage_sft_data(ctx: StageContext) -> dict:
 
     def call(pending, progress):
         return generate_batch(ctx.gateway, pending, store, ctx.ledger, progress, recipe=ctx.settings.get("recipe", ""),
-                              max_tokens=ctx.settings["answer_tokens"], window=ctx.settings.get("window", 32))
+                              max_tokens=ctx.settings["answer_tokens"], window=ctx.settings["window"])
 
     # the eval prompts get MoA answers too: never trained on, they measure SFT's effect on its own target
     m = await _fill_dataset(ctx, store, ctx.prompts.rows, ctx.prompts.count, lambda r: r.id, call,
@@ -161,7 +196,7 @@ async def stage_samples(ctx: StageContext) -> dict:
         with progress:
             await training.sample(model=ctx.layout.sft_model, prompts=prompts, out=folder / "data-00000.jsonl",
                                   n=ctx.settings["n_samples"], max_new_tokens=ctx.settings["sample_tokens"],
-                                  temperature=ctx.settings.get("sample_temperature", 0.8),
+                                  temperature=ctx.settings["sample_temperature"],
                                   log_path=ctx.layout.logs / "samples.log", progress=progress,
                                   seed=ctx.settings.get("seed", 0))
         store = ctx.store(folder, "samples", "samples")
@@ -179,7 +214,7 @@ async def stage_pairs(ctx: StageContext) -> dict:
     def call(pending, progress):
         return annotate_stream(ctx.annotator, pending, store, ctx.ledger, progress,
                                ensemble=ctx.settings.get("ensemble", ""), model="sft-model",
-                               window=ctx.settings.get("window", 32))
+                               window=ctx.settings["window"])
 
     m = await _fill_dataset(ctx, store, samples.iter_rows, samples.rows, lambda r: r["id"], call,
                             "stage 2: judging", "stage 2 (judging)")
@@ -187,8 +222,8 @@ async def stage_pairs(ctx: StageContext) -> dict:
         raise UserError(f"stage 2 produced no preference pairs ({m['skipped']} prompts skipped: "
                         f"{m['skipped_reasons']}); lower the ensemble's min_margin or sample more answers")
     # enough pairs to measure DPO on, not so many that a large run trains on much less
-    held = held_out_ids((r["id"] for r in store.iter_rows()), ctx.settings.get("pairs_heldout_fraction", 0.2),
-                        "pairs-heldout", cap=ctx.settings.get("pairs_heldout_max", 1000), count=store.rows)
+    held = held_out_ids((r["id"] for r in store.iter_rows()), ctx.settings["pairs_heldout_fraction"],
+                        "pairs-heldout", cap=ctx.settings["pairs_heldout_max"], count=store.rows)
     split = _split_rows_file(store, ctx.layout.pairs, ("prompt", "chosen", "rejected"), held)
     return {"rows": m["rows"], "skipped": m["skipped"], "skipped_reasons": m["skipped_reasons"], "failed": m["failed"], **split}
 
@@ -204,9 +239,9 @@ EVAL_PAIRS = [("sft", "base"), ("dpo", "base"), ("dpo", "sft")]
 def _eval_decodings(ctx: StageContext) -> list[tuple[str, int, float]]:
     """(file suffix, answers per prompt, temperature): greedy, and k samples at a temperature when k > 0 (a
     small change of the model moves sampled answers before it moves the greedy one)."""
-    k = int(ctx.settings.get("eval_samples", 0) or 0)
+    k = int(ctx.settings["eval_samples"] or 0)
     greedy = [("", 1, 0.0)]
-    return greedy + [("-sampled", k, float(ctx.settings.get("eval_temperature", 0.7)))] if k > 0 else greedy
+    return greedy + [("-sampled", k, float(ctx.settings["eval_temperature"]))] if k > 0 else greedy
 
 
 async def stage_answers(ctx: StageContext) -> dict:
@@ -292,7 +327,7 @@ async def stage_eval(ctx: StageContext) -> dict:
             ctx.ledger.check("evaluation")
             missing[(model, baseline)] = await judge_pairs(judge, model, baseline, answers[model], answers[baseline],
                                                            store, quiet=ctx.quiet, ledger=ctx.ledger)
-        if ctx.chat_judge is not None and ctx.settings.get("eval_grades", True):
+        if ctx.chat_judge is not None and ctx.settings["eval_grades"]:
             grades = await grade_answers(ctx.chat_judge, {m: answers[m] for m in EVAL_MODELS}, out, quiet=ctx.quiet)
     finally:
         ctx.ledger.save()
