@@ -6,8 +6,10 @@ ensembles, and the gateway's and annotator's server settings.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,6 +23,33 @@ class ConfigError(UserError, ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# a name something else refers to (a backend, recipe, ensemble, judge): never empty
+Name = Annotated[str, Field(min_length=1)]
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _check_url(url: str) -> str:
+    """One replica's base URL, normalised (no trailing slash); ValueError says what to change."""
+    if any(c.isspace() for c in url):
+        raise ValueError(f"backend URL {url!r} contains a space")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"backend URL {url!r} must start with http:// or https://")
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError(f"backend URL {url!r} has no host: write e.g. http://vllm-qwen:8000/v1")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"backend URL {url!r} has an invalid port (1..65535)") from None
+    if parts.query or parts.fragment:
+        raise ValueError(f"backend URL {url!r} has a query or fragment: moaa appends /chat/completions to a base URL")
+    url = url.rstrip("/")
+    if url.endswith("/completions"):  # the endpoint, not the base: moaa would post to .../chat/completions/chat/completions
+        raise ValueError(f"backend URL {url!r} is an endpoint, not a base URL: "
+                         f"give the part before /chat/completions (usually ending in /v1)")
+    return url
 
 
 class TimeoutConfig(_Strict):
@@ -51,15 +80,15 @@ class BackendConfig(_Strict):
     """One model served by one or more OpenAI-compatible replicas."""
 
     urls: list[str] = Field(min_length=1, description="base URLs of the replicas, e.g. http://vllm-qwen:8000/v1")
-    served_model: str | None = Field(None, description="model name sent in requests; default: the backend's key")
+    served_model: str | None = Field(None, min_length=1, description="model name sent in requests; default: the backend's key")
     api_key_env: str | None = Field(None, description="environment variable holding the bearer token")
-    api_key_file: str | None = Field(None, description="file holding the bearer token (a mounted Secret)")
+    api_key_file: str | None = Field(None, min_length=1, description="file holding the bearer token (a mounted Secret)")
     rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second, all replicas together")
     max_concurrency: int = Field(32, ge=1, description="requests in flight per replica; halved on 429, regrown after")
     max_queued: int = Field(4096, ge=0, description="requests waiting for a slot (all replicas together) before "
                             "new ones fail at once with cause queue_full")
     context_window: int = Field(4096, ge=64, description="model context length in tokens")
-    tokenizer: str | None = Field(None, description="tokenizer folder or hub id for counting reference tokens")
+    tokenizer: str | None = Field(None, min_length=1, description="tokenizer folder or hub id for counting reference tokens")
     supports_n: bool = Field(True, description="false when the server ignores n (transformers serve): moaa sends n requests")
     timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
     retries: RetryConfig = Field(default_factory=RetryConfig)
@@ -69,10 +98,26 @@ class BackendConfig(_Strict):
     @field_validator("urls")
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"backend URL {url!r} must start with http:// or https://")
-        return [u.rstrip("/") for u in urls]
+        urls = [_check_url(u) for u in urls]
+        dup = sorted({u for u in urls if urls.count(u) > 1})
+        if dup:  # one server listed twice would get twice its max_concurrency
+            raise ValueError(f"lists {', '.join(dup)} twice; each replica once")
+        return urls
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        # never echo the value: the usual mistake is pasting the key itself here
+        if name is not None and not _ENV_NAME.fullmatch(name):
+            raise ValueError("must be the name of an environment variable (letters, digits, _) that holds the key, "
+                             "not the key itself")
+        return name
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "BackendConfig":
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set one of api_key_env and api_key_file, not both")
+        return self
 
 
 class SamplingConfig(_Strict):
@@ -118,7 +163,7 @@ class RecipeConfig(_Strict):
 
 
 class JudgeConfig(_Strict):
-    name: str
+    name: Name
     model: str = Field(description="backend name")
     template: str = Field("pointwise_v1", description="judging prompt template name (file in the annotator's templates)")
     weight: float = Field(1.0, gt=0)
@@ -157,6 +202,8 @@ class EnsembleConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"judge names must be unique; repeated: {', '.join(dup)}")
+        if self.aggregator is not None and self.aggregator.name in names:  # records are kept per judge name
+            raise ValueError(f"the aggregator judge's name {self.aggregator.name!r} is also a judge's; give it its own")
         if self.scale_max <= self.scale_min:
             raise ValueError("scale_max must be larger than scale_min")
         if self.min_judges is not None and self.min_judges > len(self.judges):
@@ -168,6 +215,15 @@ class TLSConfig(_Strict):
     cert_file: str | None = None
     key_file: str | None = None
     client_ca_file: str | None = Field(None, description="set to require client certificates (mutual TLS)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TLSConfig":
+        # half a setting must not quietly serve plaintext
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a server certificate needs both cert_file and key_file")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("client_ca_file (mutual TLS) needs the server's cert_file and key_file too")
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -227,10 +283,10 @@ class GatewayConfig(ServerConfig):
 
 
 class MoaaConfig(_Strict):
-    backends: dict[str, BackendConfig] = Field(min_length=1)
-    recipes: dict[str, RecipeConfig] = Field(default_factory=dict)
+    backends: dict[Name, BackendConfig] = Field(min_length=1)
+    recipes: dict[Name, RecipeConfig] = Field(default_factory=dict)
     default_recipe: str | None = None
-    ensembles: dict[str, EnsembleConfig] = Field(default_factory=dict)
+    ensembles: dict[Name, EnsembleConfig] = Field(default_factory=dict)
     default_ensemble: str | None = None
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     annotator: ServerConfig = Field(default_factory=lambda: ServerConfig(port=50052))
@@ -293,17 +349,53 @@ def parse_config(data: dict, source: str = "config") -> MoaaConfig:
         raise ConfigError(f"{source}: {_format_errors(err)}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load, except that a key repeated in one mapping is an error: PyYAML keeps the last one, so a
+    copied backend block whose name was not changed would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat and be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        f"while reading the mapping that starts at line {node.start_mark.line + 1}", None,
+                        f"key {key!r} is given twice (first at line {seen[key] + 1}): remove or rename one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what it was reading, what is wrong, where."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return " ".join(str(err).split())
+    parts = []
+    for text, mark in ((err.context, err.context_mark), (err.problem, err.problem_mark)):
+        if text:
+            parts.append(text + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""))
+    return ": ".join(parts) or " ".join(str(err).split())
+
+
 def load_config(path: str | Path) -> MoaaConfig:
     """Read and validate a config file; raises ConfigError with a one-line, readable message."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}, line {line}): save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_error(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return parse_config(data, str(path))
