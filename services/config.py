@@ -314,6 +314,11 @@ class MoaaConfig(_Strict):
             raise ValueError(f"default_ensemble {self.default_ensemble!r} is not an ensemble")
         return self
 
+    def judge_backends(self) -> dict[str, BackendConfig]:
+        """The backends some ensemble's judges use: all the annotator opens (and needs API keys for)."""
+        used = {j.model for e in self.ensembles.values() for j in [*e.judges, *([e.aggregator] if e.aggregator else [])]}
+        return {name: b for name, b in self.backends.items() if name in used}
+
     def recipe(self, name: str | None) -> tuple[str, RecipeConfig]:
         return _pick("recipe", self.recipes, self.default_recipe, name)
 

@@ -155,3 +155,81 @@ def test_the_readme_configuration_reference_is_a_valid_config():
     cfg = parse_config(yaml.safe_load(block), "README")
     b = cfg.backends["qwen-72b"]
     assert (b.max_concurrency, b.max_queued, b.timeouts.total_s, b.retries.max_attempts) == (32, 4096, 600, 3)
+
+
+# -- the Helm chart's rendering of the same file ----------------------------------------------------------
+
+USER_VALUES = {
+    "models": [
+        {"name": "qwen", "model": "Qwen/Qwen2.5-0.5B-Instruct", "roles": ["proposer", "aggregator", "judge"], "gpus": 1,
+         "backend": {"max_concurrency": 64, "max_queued": 10_000_000, "rate_limit_per_s": 0.5,
+                     "timeouts": {"total_s": 1200}, "retries": {"max_attempts": 5}}},
+        {"name": "llama", "model": "meta-llama/Llama-3.2-1B-Instruct", "servedModelName": "llama-1b",
+         "roles": ["proposer", "judge"], "vllm": {"maxModelLen": 131072}},
+    ],
+    "gateway": {
+        "extraBackends": {"gpt": {"urls": ["https://api.openai.com/v1/"], "served_model": "gpt-4o-mini",
+                                  "api_key_env": "OPENAI_API_KEY", "max_concurrency": 8, "rate_limit_per_s": 2.5}},
+        "env": [{"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "key"}}}],
+        "recipes": {"mine": {
+            "proposers": [{"model": "qwen", "sampling": {"temperature": 0.7, "max_tokens": 1024, "stop": ["</s>"]}},
+                          {"model": "llama"}, {"model": "gpt"}],
+            "aggregator": {"model": "gpt", "sampling": {"temperature": 0.0, "seed": 1234567890}},
+            "layers": 2, "min_proposers": 2, "layer_deadline_s": 12.5}},
+        "defaultRecipe": "mine",
+        "server": {"max_in_flight": 2048, "max_request_bytes": 16_777_216, "batch_window": 100_000},
+    },
+    "annotator": {
+        "ensembles": {"rm": {"judges": [{"name": "q", "model": "qwen", "weight": 1.5}, {"name": "l", "model": "llama"}],
+                             "mode": "pointwise", "combine": "weighted", "min_margin": 0.25}},
+        "defaultEnsemble": "rm",
+        "server": {"max_candidates": 8},
+    },
+}
+
+
+def test_chart_renders_user_values_into_a_config_the_validator_loads(helm, tmp_path):
+    """Several models with limits, a hosted backend whose key comes from a Secret, a custom recipe and
+    ensemble: every value arrives in the ConfigMap and moaa's own loader accepts the file as rendered."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(USER_VALUES))
+    r = helm.template([values])
+    path = tmp_path / "moaa.yaml"
+    path.write_text(r.config_text())
+    cfg = load_config(path)
+    qwen, llama, gpt = cfg.backends["qwen"], cfg.backends["llama"], cfg.backends["gpt"]
+    assert (qwen.max_concurrency, qwen.max_queued, qwen.rate_limit_per_s, qwen.timeouts.total_s,
+            qwen.retries.max_attempts) == (64, 10_000_000, 0.5, 1200, 5)
+    assert qwen.urls == ["http://moaa-qwen:8000/v1"] and qwen.served_model == "qwen"
+    assert (llama.served_model, llama.context_window) == ("llama-1b", 131072)
+    assert gpt.urls == ["https://api.openai.com/v1"] and gpt.api_key_env == "OPENAI_API_KEY"
+    assert gpt.max_concurrency == 8 and gpt.rate_limit_per_s == 2.5
+    name, recipe = cfg.recipe(None)
+    assert name == "mine" and recipe.layers == 2 and recipe.layer_deadline_s == 12.5
+    assert [a.model for a in recipe.proposers] == ["qwen", "llama", "gpt"]
+    assert recipe.proposers[0].sampling.stop == ["</s>"] and recipe.aggregator.sampling.seed == 1234567890
+    ename, ens = cfg.ensemble(None)
+    assert ename == "rm" and ens.combine == "weighted" and ens.judges[0].weight == 1.5
+    assert (cfg.gateway.max_in_flight, cfg.gateway.max_request_bytes, cfg.gateway.batch_window) == (2048, 16_777_216, 100_000)
+    assert cfg.annotator.max_candidates == 8
+    # the key reaches the gateway from the Secret, never through the ConfigMap
+    assert "OPENAI_API_KEY" not in str(r.config_text()).replace("api_key_env: OPENAI_API_KEY", "")
+    gw = r.get("Deployment", "moaa-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "key"}}} in gw["env"]
+
+
+async def test_annotator_starts_without_the_keys_of_backends_no_ensemble_uses(monkeypatch):
+    """The chart gives the annotator the gateway's whole config: a hosted backend only a recipe uses (its key
+    set on the gateway pods, per values.yaml's gateway.env) must not stop the annotator at start."""
+    from moaa.services.annotator.server import start_annotator
+
+    monkeypatch.delenv("MOAA_TEST_UNSET_KEY", raising=False)
+    data = with_(lambda d: d["backends"].update(hosted={"urls": ["https://api.example.com/v1"],
+                                                         "api_key_env": "MOAA_TEST_UNSET_KEY"}))
+    data["recipes"]["r"]["aggregator"]["model"] = "hosted"
+    data["annotator"] = {"port": 0}
+    server = await start_annotator(parse_config(data), port=0, probes=False)
+    try:
+        assert "hosted" not in server.servicer.engine.pool
+    finally:
+        await server.stop(0)
