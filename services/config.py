@@ -22,7 +22,8 @@ class ConfigError(UserError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a quoted number or YAML's yes/on where a number belongs is the file's mistake, not a value
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # a name something else refers to (a backend, recipe, ensemble, judge): never empty

@@ -126,6 +126,24 @@ def test_empty_names_are_refused():
     assert "judges.0.name" in refused(with_(lambda d: d["ensembles"]["e"]["judges"][0].update(name="")))
 
 
+@pytest.mark.parametrize("change, where", [
+    (lambda d: d["recipes"]["r"].update(layers=True), "recipes.r.layers"),       # YAML's yes/on/true
+    (lambda d: d["backends"]["a"].update(max_concurrency="8"), "backends.a.max_concurrency"),
+    (lambda d: d.update(gateway={"port": "50051"}), "gateway.port"),
+    (lambda d: d["backends"]["a"].update(supports_n="no"), "backends.a.supports_n"),
+    (lambda d: d["recipes"]["r"]["aggregator"].update(sampling={"temperature": "0.7"}), "sampling.temperature"),
+])
+def test_a_value_of_the_wrong_type_is_refused_not_converted(change, where):
+    """A quoted number or a boolean where a number belongs is a mistake in the file, not something to guess."""
+    msg = refused(with_(change))
+    assert where in msg and "valid" in msg, msg
+
+
+def test_whole_numbers_are_fine_where_a_float_belongs():
+    cfg = parse_config(with_(lambda d: d["backends"]["a"].update(rate_limit_per_s=2, timeouts={"total_s": 30})))
+    assert cfg.backends["a"].rate_limit_per_s == 2.0 and cfg.backends["a"].timeouts.total_s == 30.0
+
+
 # -- ensembles and servers ---------------------------------------------------------------------------------
 
 def test_the_aggregator_judge_needs_its_own_name():
