@@ -41,7 +41,7 @@ def _check_url(url: str) -> str:
     if not parts.hostname:
         raise ValueError(f"backend URL {url!r} has no host: write e.g. http://vllm-qwen:8000/v1")
     try:
-        parts.port
+        _ = parts.port
     except ValueError:
         raise ValueError(f"backend URL {url!r} has an invalid port (1..65535)") from None
     if parts.query or parts.fragment:
@@ -349,8 +349,18 @@ def _format_errors(err: ValidationError) -> str:
 
 
 def parse_config(data: dict, source: str = "config") -> MoaaConfig:
+    return _validate(MoaaConfig, data, source)
+
+
+def parse_backend(fields: dict, source: str) -> BackendConfig:
+    """One backend built from command-line flags (moaa eval's judge and contestant), with the config's
+    one-line errors: pydantic's own text spans lines and repeats the input, a pasted API key included."""
+    return _validate(BackendConfig, fields, source)
+
+
+def _validate(model: type[BaseModel], data: dict, source: str):
     try:
-        return MoaaConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"{source}: {_format_errors(err)}") from None
 
@@ -399,7 +409,7 @@ def load_config(path: str | Path) -> MoaaConfig:
         line = raw[:err.start].count(b"\n") + 1
         raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}, line {line}): save it as UTF-8") from None
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {_yaml_error(err)}") from None
     if not isinstance(data, dict):

@@ -76,7 +76,7 @@ def test_serve_commands_refuse_a_bad_file_at_start_with_exit_2(tmp_path, command
     path = tmp_path / "moaa.yaml"
     path.write_bytes(b"backends:\n  a: {urls: [http://h:1/v1]}\n  a: {urls: [http://h:2/v1]}\n# \xff\n")
     out = subprocess.run([sys.executable, "-m", "moaa.cli.main", *command, "--config", str(path), "--port", "0"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr
 
@@ -251,3 +251,16 @@ async def test_annotator_starts_without_the_keys_of_backends_no_ensemble_uses(mo
         assert "hosted" not in server.servicer.engine.pool
     finally:
         await server.stop(0)
+
+
+def test_eval_judge_settings_go_through_the_same_one_line_errors(tmp_path):
+    """`moaa eval --judge-api-key-env` with the key pasted in: exit 2, one line, and the key is not printed."""
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"id": "1", "prompt": [{"role": "user", "content": "hi"}], "answer": "x"}\n')
+    out = subprocess.run([sys.executable, "-m", "moaa.cli.main", "eval", "--answers", str(answers), "--baseline",
+                          str(answers), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m",
+                          "--judge-api-key-env", "sk-proj-SECRET123", "--out", str(tmp_path / "ev")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "api_key_env" in out.stderr, out.stderr
+    assert "SECRET123" not in out.stderr + out.stdout
