@@ -22,8 +22,9 @@ class ConfigError(UserError, ValueError):
 
 
 class _Strict(BaseModel):
-    # strict: a quoted number or YAML's yes/on where a number belongs is the file's mistake, not a value
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # strict: a quoted number or YAML's yes/on where a number belongs is the file's mistake, not a value;
+    # finite: .inf as a limit would crash the throttle at start (leave a limit out for none)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # a name something else refers to (a backend, recipe, ensemble, judge): never empty

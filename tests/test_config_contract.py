@@ -144,6 +144,16 @@ def test_whole_numbers_are_fine_where_a_float_belongs():
     assert cfg.backends["a"].rate_limit_per_s == 2.0 and cfg.backends["a"].timeouts.total_s == 30.0
 
 
+@pytest.mark.parametrize("yaml_value", [".inf", ".nan", "-.inf"])
+@pytest.mark.parametrize("key", ["rate_limit_per_s", "timeouts.total_s", "timeouts.connect_s"])
+def test_infinite_limits_are_refused_in_the_file(tmp_path, key, yaml_value):
+    """`.inf` once crashed the gateway's start with an OverflowError (exit 1); leave a limit out for none."""
+    field = key.split(".")[-1]
+    value = f"{{{field}: {yaml_value}}}" if "." in key else yaml_value
+    msg = refused_file(tmp_path, f"backends:\n  a:\n    urls: [http://h:1/v1]\n    {key.split('.')[0]}: {value}\n")
+    assert f"backends.a.{key}" in msg and "finite" in msg, msg
+
+
 # -- ensembles and servers ---------------------------------------------------------------------------------
 
 def test_the_aggregator_judge_needs_its_own_name():
