@@ -30,6 +30,7 @@ class _Strict(BaseModel):
 # a name something else refers to (a backend, recipe, ensemble, judge): never empty
 Name = Annotated[str, Field(min_length=1)]
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_GRPC_SCHEMES = {"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p"}
 
 
 def _check_url(url: str) -> str:
@@ -295,6 +296,22 @@ class MoaaConfig(_Strict):
     annotator_address: str | None = Field(None, description="host:port of the annotator, for annotate=true calls")
     annotator_tls: ClientTLSConfig = Field(default_factory=ClientTLSConfig,
                                            description="TLS / mutual TLS from the gateway to the annotator")
+
+    @field_validator("annotator_address")
+    @classmethod
+    def _host_port(cls, address: str | None) -> str | None:
+        """host:port, or a gRPC target with a scheme (dns:///..., unix:...): checked now, not at the first
+        annotate=true call (gRPC would quietly take a missing port as 443)."""
+        if address is None or address.split(":", 1)[0] in _GRPC_SCHEMES:
+            return address
+        if any(c.isspace() for c in address):
+            raise ValueError(f"{address!r} contains a space: write host:port, e.g. moaa-annotator:50052")
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{address!r} needs a port (1..65535): write host:port, e.g. moaa-annotator:50052")
+        if not host.strip("[]"):
+            raise ValueError(f"{address!r} has no host: write host:port, e.g. moaa-annotator:50052")
+        return address
 
     @model_validator(mode="after")
     def _references_exist(self) -> "MoaaConfig":

@@ -173,6 +173,32 @@ def test_half_a_tls_setting_is_an_error_not_plaintext(server, tls, needle):
     assert f"{server}.tls" in msg and needle in msg, msg
 
 
+@pytest.mark.parametrize("address, needle", [
+    ("not an address", "space"), ("moaa-annotator", "port"), ("moaa-annotator:http", "port"),
+    (":50052", "host"), ("moaa-annotator:70000", "port"),
+])
+def test_annotator_address_is_checked_at_load_not_at_the_first_annotate_call(address, needle):
+    msg = refused(with_(lambda d: d.update(annotator_address=address)))
+    assert "annotator_address" in msg and needle in msg, msg
+
+
+@pytest.mark.parametrize("address", ["moaa-annotator:50052", "10.0.0.7:50052", "[::1]:50052",
+                                     "dns:///moaa-annotator:50052", "unix:/run/moaa/annotator.sock"])
+def test_annotator_address_forms_grpc_takes(address):
+    assert parse_config(with_(lambda d: d.update(annotator_address=address))).annotator_address == address
+
+
+def test_gateway_start_failing_on_the_annotator_ca_prints_one_line(tmp_path):
+    """The CA is read before the backend pool opens: no 'Unclosed client session' report after the error."""
+    data = with_(lambda d: d.update(annotator_address="127.0.0.1:1", annotator_tls={"ca_file": str(tmp_path / "no-ca.crt")}))
+    path = tmp_path / "moaa.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = subprocess.run([sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config", str(path), "--port", "0",
+                          "--no-http"], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "no-ca.crt" in out.stderr, out.stderr
+
+
 # -- the README's reference -------------------------------------------------------------------------------
 
 def test_the_readme_configuration_reference_is_a_valid_config():

@@ -21,6 +21,7 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["MoAGateway"].full_name
 
 async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, probes: bool = True) -> RunningServer:
     """Start the gateway (and its backend pool unless one is given); `RunningServer.stop()` stops both."""
+    annotator = annotator_client(cfg)  # reads TLS files: fail before any backend session is open
     own_pool = pool is None
     if own_pool:
         pool = BackendPool(cfg.backends, probes=probes)
@@ -29,7 +30,6 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
     from moaa.services.gateway.context import counter_for
     for name in sorted({b.tokenizer for b in cfg.backends.values() if b.tokenizer}):
         await asyncio.to_thread(counter_for, name)
-    annotator = annotator_client(cfg)
     holder = {}
 
     def add(server, guard):
