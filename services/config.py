@@ -268,14 +268,20 @@ class ServerConfig(_Strict):
     max_in_flight: int = Field(1024, ge=1, description="work in flight: unary calls plus items of batch streams; "
                                "unary calls beyond it get RESOURCE_EXHAUSTED, stream items wait")
     max_prompt_chars: int = Field(200_000, ge=1)
-    max_candidates: int = Field(16, ge=2, description="annotator: most candidates per request")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    max_candidate_bytes: int = Field(256 * 1024, ge=1, description="annotator: most UTF-8 bytes per candidate text")
     batch_window: int = Field(256, ge=1, description="upper bound on the items of one batch stream held at once "
                               "(running or waiting to be written); within it, items start as the backends have room")
     shutdown_grace_s: float = Field(30.0, ge=0)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+
+
+class AnnotatorConfig(ServerConfig):
+    """The annotator's server settings: the common ones plus its limits on candidates (an error under `gateway:`)."""
+
+    port: int = Field(50052, ge=0, le=65535)
+    max_candidates: int = Field(16, ge=2, description="most candidates per request")
+    max_candidate_bytes: int = Field(256 * 1024, ge=1, description="most UTF-8 bytes per candidate text")
 
 
 class GatewayConfig(ServerConfig):
@@ -292,7 +298,7 @@ class MoaaConfig(_Strict):
     ensembles: dict[Name, EnsembleConfig] = Field(default_factory=dict)
     default_ensemble: str | None = None
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
-    annotator: ServerConfig = Field(default_factory=lambda: ServerConfig(port=50052))
+    annotator: AnnotatorConfig = Field(default_factory=AnnotatorConfig)
     annotator_address: str | None = Field(None, description="host:port of the annotator, for annotate=true calls")
     annotator_tls: ClientTLSConfig = Field(default_factory=ClientTLSConfig,
                                            description="TLS / mutual TLS from the gateway to the annotator")

@@ -199,6 +199,22 @@ def test_gateway_start_failing_on_the_annotator_ca_prints_one_line(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "no-ca.crt" in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("key", ["max_candidates", "max_candidate_bytes"])
+def test_annotator_only_settings_in_the_gateway_section_are_errors_not_ignored(key):
+    msg = refused(with_(lambda d: d.update(gateway={key: 8})))
+    assert f"gateway.{key}" in msg, msg
+    assert getattr(parse_config(with_(lambda d: d.update(annotator={key: 8}))).annotator, key) == 8
+
+
+def test_chart_refuses_annotator_only_settings_under_gateway_server(helm, tmp_path):
+    from tests.fixtures.helm import HelmFailed
+
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"gateway": {"server": {"max_candidates": 8}}}))
+    with pytest.raises(HelmFailed, match="/gateway/server': additional properties 'max_candidates' not allowed"):
+        helm.template([values])
+
+
 # -- the README's reference -------------------------------------------------------------------------------
 
 def test_the_readme_configuration_reference_is_a_valid_config():
@@ -209,6 +225,56 @@ def test_the_readme_configuration_reference_is_a_valid_config():
     cfg = parse_config(yaml.safe_load(block), "README")
     b = cfg.backends["qwen-72b"]
     assert (b.max_concurrency, b.max_queued, b.timeouts.total_s, b.retries.max_attempts) == (32, 4096, 600, 3)
+    # the values the reference gives as defaults are the code's defaults
+    from moaa.services.config import AnnotatorConfig, BackendConfig, EnsembleConfig, GatewayConfig, RecipeConfig
+
+    given = {BackendConfig: (b, ["max_concurrency", "max_queued", "supports_n"]),
+             RecipeConfig: (cfg.recipes["moa"], ["layers", "aggregate_instruction", "reference_max_tokens"]),
+             EnsembleConfig: (cfg.ensembles["moa-rm"], [
+                 "mode", "combine", "min_margin", "min_agreement", "max_abstain_fraction", "criteria_filter",
+                 "max_criterion_disagreement", "max_criterion_length_corr", "criteria_length_min_candidates",
+                 "scale_min", "scale_max", "seed", "pointwise_template", "pairwise_template", "aggregator_template",
+                 "templates_dir"]),
+             GatewayConfig: (cfg.gateway, ["port", "http_port", "max_in_flight", "max_prompt_chars", "max_request_bytes",
+                                           "batch_window", "shutdown_grace_s"]),
+             AnnotatorConfig: (cfg.annotator, ["port", "max_candidates", "max_candidate_bytes"])}
+    for model, (obj, keys) in given.items():
+        for key in keys:
+            assert getattr(obj, key) == model.model_fields[key].default, f"{model.__name__}.{key}"
+    for part in ("timeouts", "retries", "circuit", "health"):
+        assert getattr(b, part) == type(getattr(b, part))(), part
+
+
+def _field_names(model, seen=None):
+    """Every key a config file may hold, through nested models, dicts and lists of them."""
+    import typing
+
+    from pydantic import BaseModel
+
+    seen = set() if seen is None else seen
+    for name, f in model.model_fields.items():
+        yield name
+        todo = [f.annotation]
+        while todo:
+            t = todo.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                if t not in seen:
+                    seen.add(t)
+                    yield from _field_names(t, seen)
+            else:
+                todo.extend(typing.get_args(t))
+
+
+def test_the_readme_configuration_reference_names_every_key():
+    """A user writing a config from the README finds every key the validator accepts."""
+    from moaa.services.config import MoaaConfig
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Configuration reference"):]
+    start = section.index("```yaml") + len("```yaml")
+    block = section[start:section.index("```", start)]
+    missing = sorted({n for n in _field_names(MoaaConfig) if f"{n}:" not in block})
+    assert not missing, f"README's configuration reference lacks {missing}"
 
 
 # -- the Helm chart's rendering of the same file ----------------------------------------------------------
