@@ -35,19 +35,24 @@ _GRPC_SCHEMES = {"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds",
 
 def _check_url(url: str) -> str:
     """One replica's base URL, normalised (no trailing slash); ValueError says what to change."""
+    parts = urlsplit(url)
+    # URLs are logged (probe warnings, errors): never echo credentials or a query that may hold a key
+    if "@" in parts.netloc:
+        raise ValueError("a backend URL holds credentials (user:password@): they would be logged with the URL; "
+                         "put the key in api_key_env or api_key_file")
+    if parts.query or parts.fragment:
+        raise ValueError(f"backend URL {url.split('?')[0].split('#')[0]!r} has a query or fragment, which is not "
+                         "repeated here: moaa appends /chat/completions to a base URL; a key goes in api_key_env")
     if any(c.isspace() for c in url):
         raise ValueError(f"backend URL {url!r} contains a space")
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"backend URL {url!r} must start with http:// or https://")
-    parts = urlsplit(url)
     if not parts.hostname:
         raise ValueError(f"backend URL {url!r} has no host: write e.g. http://vllm-qwen:8000/v1")
     try:
         _ = parts.port
     except ValueError:
         raise ValueError(f"backend URL {url!r} has an invalid port (1..65535)") from None
-    if parts.query or parts.fragment:
-        raise ValueError(f"backend URL {url!r} has a query or fragment: moaa appends /chat/completions to a base URL")
     url = url.rstrip("/")
     if url.endswith("/completions"):  # the endpoint, not the base: moaa would post to .../chat/completions/chat/completions
         raise ValueError(f"backend URL {url!r} is an endpoint, not a base URL: "

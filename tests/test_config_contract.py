@@ -95,6 +95,14 @@ def test_backend_urls_that_cannot_work_are_refused(url, needle):
     assert "backends.a.urls" in msg and needle in msg, msg
 
 
+@pytest.mark.parametrize("url", ["https://user:sk-SECRET99@api.example.com/v1", "https://api.example.com/v1?key=SECRET99"])
+def test_a_key_in_a_backend_url_is_refused_without_repeating_it(url):
+    """The URL is logged (probe warnings, errors); a key belongs in api_key_env or api_key_file."""
+    msg = refused(with_(lambda d: d["backends"]["a"].update(urls=[url])))
+    assert "backends.a.urls" in msg and "SECRET99" not in msg, msg
+    assert "api_key_env" in msg or "query" in msg, msg
+
+
 def test_backend_urls_normalised_and_not_repeated():
     cfg = parse_config(with_(lambda d: d["backends"]["a"].update(urls=["https://api.example.com/v1/", "http://h:8000"])))
     assert cfg.backends["a"].urls == ["https://api.example.com/v1", "http://h:8000"]
