@@ -374,3 +374,16 @@ def test_eval_judge_settings_go_through_the_same_one_line_errors(tmp_path):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().count("\n") == 0 and "api_key_env" in out.stderr, out.stderr
     assert "SECRET123" not in out.stderr + out.stdout
+
+
+def test_chart_refuses_an_annotator_with_no_ensemble_at_render(helm, tmp_path):
+    """No judge-role model and no annotator.ensembles: the config has no ensemble, and the annotator pod
+    would stop at start (`the config has no ensembles`) in a crash loop after a successful install."""
+    from tests.fixtures.helm import HelmFailed
+
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"models": [{"name": "m", "model": "org/m", "roles": ["proposer", "aggregator"]}]}))
+    with pytest.raises(HelmFailed, match="annotator.enabled needs a judge ensemble"):
+        helm.template([values])
+    r = helm.template([values], sets={"annotator.enabled": "false"})
+    assert not [d for d in r.of_kind("Deployment") if d["metadata"]["name"] == "moaa-annotator"]
