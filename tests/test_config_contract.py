@@ -387,3 +387,24 @@ def test_chart_refuses_an_annotator_with_no_ensemble_at_render(helm, tmp_path):
         helm.template([values])
     r = helm.template([values], sets={"annotator.enabled": "false"})
     assert not [d for d in r.of_kind("Deployment") if d["metadata"]["name"] == "moaa-annotator"]
+
+
+def test_max_request_bytes_is_bounded_by_grpc():
+    """Over 2 GiB - 1, gRPC's server refused to start with an OverflowError (exit 1)."""
+    msg = refused(with_(lambda d: d.update(annotator={"max_request_bytes": 2**31})))
+    assert "annotator.max_request_bytes" in msg and "2147483647" in msg, msg
+
+
+@pytest.mark.parametrize("command", [["gateway", "serve", "--no-http"], ["annotator", "serve"]])
+def test_a_port_in_use_is_one_line_saying_which_setting(tmp_path, command):
+    import socket
+
+    path = tmp_path / "moaa.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "moaa.cli.main", *command, "--config", str(path), "--host",
+                              "127.0.0.1", "--port", str(port)], capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert f"127.0.0.1:{port}" in out.stderr and f"{command[0]}.port" in out.stderr, out.stderr

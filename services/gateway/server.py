@@ -36,7 +36,14 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
         holder["servicer"] = GatewayServicer(cfg, pool, guard, annotator)
         gateway_pb2_grpc.add_MoAGatewayServicer_to_server(holder["servicer"], server)
 
-    running = await start_server(cfg.gateway, "gateway", add, [SERVICE_NAME])
+    try:
+        running = await start_server(cfg.gateway, "gateway", add, [SERVICE_NAME])
+    except BaseException:  # a busy port: close what is open, so the error stays the one line printed
+        if own_pool:
+            await pool.close()
+        if annotator is not None:
+            await annotator.close()
+        raise
     running.servicer = holder["servicer"]
     running.http_port = None
     if cfg.gateway.http_port is not None:  # the OpenAI-compatible door, over the same engine and limits
