@@ -225,12 +225,16 @@ def test_chart_refuses_annotator_only_settings_under_gateway_server(helm, tmp_pa
 
 # -- the README's reference -------------------------------------------------------------------------------
 
-def test_the_readme_configuration_reference_is_a_valid_config():
+def readme_reference() -> str:
+    """The YAML block of the README's "Configuration reference"."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Configuration reference"):]
     start = section.index("```yaml") + len("```yaml")
-    block = section[start:section.index("```", start)]
-    cfg = parse_config(yaml.safe_load(block), "README")
+    return section[start:section.index("```", start)]
+
+
+def test_the_readme_configuration_reference_is_a_valid_config():
+    cfg = parse_config(yaml.safe_load(readme_reference()), "README")
     b = cfg.backends["qwen-72b"]
     assert (b.max_concurrency, b.max_queued, b.timeouts.total_s, b.retries.max_attempts) == (32, 4096, 600, 3)
     # the values the reference gives as defaults are the code's defaults
@@ -277,10 +281,7 @@ def test_the_readme_configuration_reference_names_every_key():
     """A user writing a config from the README finds every key the validator accepts."""
     from moaa.services.config import MoaaConfig
 
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Configuration reference"):]
-    start = section.index("```yaml") + len("```yaml")
-    block = section[start:section.index("```", start)]
+    block = readme_reference()
     missing = sorted({n for n in _field_names(MoaaConfig) if f"{n}:" not in block})
     assert not missing, f"README's configuration reference lacks {missing}"
 
@@ -408,3 +409,13 @@ def test_a_port_in_use_is_one_line_saying_which_setting(tmp_path, command):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().count("\n") == 0, out.stderr
     assert f"127.0.0.1:{port}" in out.stderr and f"{command[0]}.port" in out.stderr, out.stderr
+
+
+def test_a_written_config_reads_back_under_the_strict_types(tmp_path):
+    """What dump_config writes (the pipeline's file for the embedded backends) loads back equal."""
+    from moaa.services.config import dump_config
+
+    cfg = parse_config(yaml.safe_load(readme_reference()))
+    path = tmp_path / "moaa.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
