@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moaa.errors import UserError
+from moaa.overrides import load_mapping
 
 
 class ConfigError(UserError, ValueError):
@@ -395,55 +396,13 @@ def _validate(model: type[BaseModel], data: dict, source: str):
         raise ConfigError(f"{source}: {_format_errors(err)}") from None
 
 
-class _Loader(yaml.SafeLoader):
-    """safe_load, except that a key repeated in one mapping is an error: PyYAML keeps the last one, so a
-    copied backend block whose name was not changed would silently replace the first."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat and be overridden
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                if isinstance(key, (str, int, float, bool)) and key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        f"while reading the mapping that starts at line {node.start_mark.line + 1}", None,
-                        f"key {key!r} is given twice (first at line {seen[key] + 1}): remove or rename one",
-                        key_node.start_mark)
-                seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-def _yaml_error(err: yaml.YAMLError) -> str:
-    """PyYAML's several-line message as one line: what it was reading, what is wrong, where."""
-    if not isinstance(err, yaml.MarkedYAMLError):
-        return " ".join(str(err).split())
-    parts = []
-    for text, mark in ((err.context, err.context_mark), (err.problem, err.problem_mark)):
-        if text:
-            parts.append(text + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""))
-    return ": ".join(parts) or " ".join(str(err).split())
-
-
 def load_config(path: str | Path) -> MoaaConfig:
-    """Read and validate a config file; raises ConfigError with a one-line, readable message."""
-    path = Path(path)
+    """Read and validate a config file; raises ConfigError with a one-line, readable message. Read by
+    the one reader of moaa's files (YAML 1.2 numbers and booleans, a repeated key is an error)."""
     try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}, line {line}): save it as UTF-8") from None
-    try:
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {_yaml_error(err)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = load_mapping(path, "config")
+    except UserError as err:
+        raise ConfigError(str(err)) from None
     return parse_config(data, str(path))
 
 

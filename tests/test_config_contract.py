@@ -419,3 +419,38 @@ def test_a_written_config_reads_back_under_the_strict_types(tmp_path):
     path = tmp_path / "moaa.yaml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+
+
+def test_chart_small_floats_written_as_exponents_load_as_numbers(helm, tmp_path):
+    """Helm writes 0.000001 as `1e-06`, which YAML 1.1 reads as a string: the config is read with YAML 1.2
+    numbers (moaa.overrides.load_mapping, the one reader of moaa's files), so it stays a number."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({
+        "models": [{"name": "m", "model": "org/m", "roles": ["proposer", "aggregator", "judge"],
+                    "backend": {"rate_limit_per_s": 0.0000005, "retries": {"backoff_base_s": 0.00001}}}],
+        "annotator": {"ensembles": {"e": {"judges": [{"name": "j", "model": "m"}], "mode": "pointwise",
+                                          "combine": "mean", "min_margin": 0.000001}}}}))
+    text = helm.template([values]).config_text()
+    assert "1e-06" in text  # what this test is about
+    path = tmp_path / "moaa.yaml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg.ensembles["e"].min_margin == 1e-06 and cfg.backends["m"].rate_limit_per_s == 5e-07
+    assert cfg.backends["m"].retries.backoff_base_s == 1e-05
+
+
+def test_yaml_11_words_are_not_booleans(tmp_path):
+    """`supports_n: no` is YAML 1.1's false but a string to YAML 1.2 (the trainer's files too): an error
+    that names the key, rather than two readings of the same word in two moaa files."""
+    msg = refused_file(tmp_path, "backends:\n  a: {urls: [http://h:1/v1], supports_n: no}\n")
+    assert "backends.a.supports_n" in msg and "boolean" in msg, msg
+
+
+def test_training_config_files_share_the_reader_and_its_repeated_key_rule(tmp_path):
+    from moaa.errors import UserError
+    from moaa.overrides import load_mapping
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("learning_rate: 1e-5\nmax_steps: 10\nmax_steps: 20\n")
+    with pytest.raises(UserError, match="'max_steps' is given twice"):
+        load_mapping(path)
