@@ -454,3 +454,16 @@ def test_training_config_files_share_the_reader_and_its_repeated_key_rule(tmp_pa
     path.write_text("learning_rate: 1e-5\nmax_steps: 10\nmax_steps: 20\n")
     with pytest.raises(UserError, match="'max_steps' is given twice"):
         load_mapping(path)
+
+
+async def test_a_base_url_without_the_api_path_fails_saying_so(emulator, pool_of):
+    """`http://host:8000` (no /v1) cannot be told from a server that serves at its root (some do) when the
+    config is read; the first 404 says which URL was asked and what the base usually ends in."""
+    from moaa.services.backend.errors import BackendError
+    from moaa.services.config import parse_backend
+
+    pool = await pool_of({"m": parse_backend({"urls": [emulator.root], "retries": {"max_attempts": 1}}, "test")})
+    with pytest.raises(BackendError) as err:
+        await pool.client("m").chat([{"role": "user", "content": "hi"}])
+    assert err.value.http_status == 404 and f"{emulator.root}/chat/completions" in str(err.value), err.value
+    assert "/v1" in str(err.value), err.value

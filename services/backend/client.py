@@ -354,6 +354,8 @@ class BackendClient:
                     err = fail("rate_limited", msg, 429)
                     err.retry_after = _retry_after(resp.headers.get("Retry-After"))
                     raise err
+                if resp.status == 404 and not url.endswith("/v1"):  # likely a base URL without its API path
+                    msg += f" (POST {url}/chat/completions: is {url} the API base? it usually ends in /v1)"
                 raise fail("http_5xx" if resp.status >= 500 else "http_4xx", msg, resp.status)
             if resp.content_type == "application/json":  # a server that ignored stream=true
                 try:
