@@ -4,8 +4,8 @@ A value is JSON when it parses as JSON (numbers, true/false/null, "quoted string
 a bare string otherwise, so `save_strategy=no` stays the string "no" (YAML 1.1 would read it as false).
 Text that starts like a list or object but is not valid JSON is refused rather than kept as a string:
 `loss_type=[a, b]` is almost surely meant as a list. `format_set` writes the grammar back (values as
-JSON), so argv built from a config parses into the same config. Config files (`--config`, YAML or JSON) are
-read by `load_mapping` with the same typing: YAML 1.2 scalars, so `no` stays a string and `1e-8` (valid
+JSON), so argv built from a config parses into the same config. Config files (`--config`, YAML or JSON, and
+the services' moaa config) are read by `load_mapping` with the same typing: YAML 1.2 scalars, so `no` stays a string and `1e-8` (valid
 JSON, a string to YAML 1.1) is a float.
 
 A leaf module: the trainer, which imports nothing else of moaa but errors, uses it too.
@@ -70,7 +70,24 @@ def format_set(key: str, value: Any) -> str:
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core booleans and floats: only true/false are booleans, `1e-8` is a float."""
+    """SafeLoader with YAML 1.2 core booleans and floats: only true/false are booleans, `1e-8` is a float
+    (Helm writes small numbers so). A key repeated in one mapping is an error: PyYAML would keep the last
+    one, so a copied block whose name was not changed would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        f"while reading the mapping that starts at line {node.start_mark.line + 1}", None,
+                        f"key {key!r} is given twice (first at line {seen[key] + 1}): remove or rename one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
 
 
 _BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
@@ -84,18 +101,33 @@ _Yaml12Loader.add_implicit_resolver(  # after int: "12" stays an int
     list("-+0123456789."))
 
 
+def _yaml_error(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what it was reading, what is wrong, where."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return " ".join(str(err).split())
+    parts = [text + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+             for text, mark in ((err.context, err.context_mark), (err.problem, err.problem_mark)) if text]
+    return ": ".join(parts) or " ".join(str(err).split())
+
+
 def load_mapping(path: str | Path, what: str = "config file") -> dict:
     """A YAML or JSON config file as a dict; errors are one-line UserErrors naming the file."""
     try:
-        loaded = yaml.load(Path(path).read_text(), Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader)
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
     except OSError as err:   # a folder, no permission
         raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise UserError(f"{what} {path} is not UTF-8 text ({err.reason})") from None
+        line = raw[:err.start].count(b"\n") + 1
+        raise UserError(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start}, line {line}): "
+                        "save it as UTF-8") from None
+    try:
+        loaded = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as err:
-        raise UserError(f"{what} {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{what} {path} is not valid YAML: {_yaml_error(err)}") from None
     if loaded is not None and not isinstance(loaded, dict):
         raise UserError(f"{what} {path} must hold a mapping of fields")
     return loaded or {}

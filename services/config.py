@@ -6,13 +6,16 @@ ensembles, and the gateway's and annotator's server settings.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moaa.errors import UserError, validation_message
+from moaa.overrides import load_mapping
 
 
 class ConfigError(UserError, ValueError):
@@ -20,7 +23,42 @@ class ConfigError(UserError, ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a quoted number or YAML's yes/on where a number belongs is the file's mistake, not a value;
+    # finite: .inf as a limit would crash the throttle at start (leave a limit out for none)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# a name something else refers to (a backend, recipe, ensemble, judge): never empty
+Name = Annotated[str, Field(min_length=1)]
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_GRPC_SCHEMES = {"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p"}
+
+
+def _check_url(url: str) -> str:
+    """One replica's base URL, normalised (no trailing slash); ValueError says what to change."""
+    parts = urlsplit(url)
+    # URLs are logged (probe warnings, errors): never echo credentials or a query that may hold a key
+    if "@" in parts.netloc:
+        raise ValueError("a backend URL holds credentials (user:password@): they would be logged with the URL; "
+                         "put the key in api_key_env or api_key_file")
+    if parts.query or parts.fragment:
+        raise ValueError(f"backend URL {url.split('?')[0].split('#')[0]!r} has a query or fragment, which is not "
+                         "repeated here: moaa appends /chat/completions to a base URL; a key goes in api_key_env")
+    if any(c.isspace() for c in url):
+        raise ValueError(f"backend URL {url!r} contains a space")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"backend URL {url!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"backend URL {url!r} has no host: write e.g. http://vllm-qwen:8000/v1")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError(f"backend URL {url!r} has an invalid port (1..65535)") from None
+    url = url.rstrip("/")
+    if url.endswith("/completions"):  # the endpoint, not the base: moaa would post to .../chat/completions/chat/completions
+        raise ValueError(f"backend URL {url!r} is an endpoint, not a base URL: "
+                         f"give the part before /chat/completions (usually ending in /v1)")
+    return url
 
 
 class TimeoutConfig(_Strict):
@@ -51,15 +89,15 @@ class BackendConfig(_Strict):
     """One model served by one or more OpenAI-compatible replicas."""
 
     urls: list[str] = Field(min_length=1, description="base URLs of the replicas, e.g. http://vllm-qwen:8000/v1")
-    served_model: str | None = Field(None, description="model name sent in requests; default: the backend's key")
+    served_model: str | None = Field(None, min_length=1, description="model name sent in requests; default: the backend's key")
     api_key_env: str | None = Field(None, description="environment variable holding the bearer token")
-    api_key_file: str | None = Field(None, description="file holding the bearer token (a mounted Secret)")
+    api_key_file: str | None = Field(None, min_length=1, description="file holding the bearer token (a mounted Secret)")
     rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second, all replicas together")
     max_concurrency: int = Field(32, ge=1, description="requests in flight per replica; halved on 429, regrown after")
     max_queued: int = Field(4096, ge=0, description="requests waiting for a slot (all replicas together) before "
                             "new ones fail at once with cause queue_full")
     context_window: int = Field(4096, ge=64, description="model context length in tokens")
-    tokenizer: str | None = Field(None, description="tokenizer folder or hub id for counting reference tokens")
+    tokenizer: str | None = Field(None, min_length=1, description="tokenizer folder or hub id for counting reference tokens")
     supports_n: bool = Field(True, description="false when the server ignores n (transformers serve): moaa sends n requests")
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
         "max_tokens", description="the request field for the reply's length: max_completion_tokens for hosted OpenAI "
@@ -72,10 +110,26 @@ class BackendConfig(_Strict):
     @field_validator("urls")
     @classmethod
     def _urls_are_http(cls, urls: list[str]) -> list[str]:
-        for url in urls:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"backend URL {url!r} must start with http:// or https://")
-        return [u.rstrip("/") for u in urls]
+        urls = [_check_url(u) for u in urls]
+        dup = sorted({u for u in urls if urls.count(u) > 1})
+        if dup:  # one server listed twice would get twice its max_concurrency
+            raise ValueError(f"lists {', '.join(dup)} twice; each replica once")
+        return urls
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        # never echo the value: the usual mistake is pasting the key itself here
+        if name is not None and not _ENV_NAME.fullmatch(name):
+            raise ValueError("must be the name of an environment variable (letters, digits, _) that holds the key, "
+                             "not the key itself")
+        return name
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "BackendConfig":
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set one of api_key_env and api_key_file, not both")
+        return self
 
 
 class SamplingConfig(_Strict):
@@ -121,7 +175,7 @@ class RecipeConfig(_Strict):
 
 
 class JudgeConfig(_Strict):
-    name: str
+    name: Name
     model: str = Field(description="backend name")
     template: str = Field("pointwise_v1", description="judging prompt template name (file in the annotator's templates)")
     weight: float = Field(1.0, gt=0)
@@ -160,6 +214,8 @@ class EnsembleConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"judge names must be unique; repeated: {', '.join(dup)}")
+        if self.aggregator is not None and self.aggregator.name in names:  # records are kept per judge name
+            raise ValueError(f"the aggregator judge's name {self.aggregator.name!r} is also a judge's; give it its own")
         if self.scale_max <= self.scale_min:
             raise ValueError("scale_max must be larger than scale_min")
         if self.min_judges is not None and self.min_judges > len(self.judges):
@@ -171,6 +227,15 @@ class TLSConfig(_Strict):
     cert_file: str | None = None
     key_file: str | None = None
     client_ca_file: str | None = Field(None, description="set to require client certificates (mutual TLS)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TLSConfig":
+        # half a setting must not quietly serve plaintext
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a server certificate needs both cert_file and key_file")
+        if self.client_ca_file and not self.cert_file:
+            raise ValueError("client_ca_file (mutual TLS) needs the server's cert_file and key_file too")
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -212,14 +277,21 @@ class ServerConfig(_Strict):
     max_in_flight: int = Field(1024, ge=1, description="work in flight: unary calls plus items of batch streams; "
                                "unary calls beyond it get RESOURCE_EXHAUSTED, stream items wait")
     max_prompt_chars: int = Field(200_000, ge=1)
-    max_candidates: int = Field(16, ge=2, description="annotator: most candidates per request")
-    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    max_candidate_bytes: int = Field(256 * 1024, ge=1, description="annotator: most UTF-8 bytes per candidate text")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=2**31 - 1, description="largest request; gRPC's own "
+                                   "limit is 2 GiB - 1")
     batch_window: int = Field(256, ge=1, description="upper bound on the items of one batch stream held at once "
                               "(running or waiting to be written); within it, items start as the backends have room")
     shutdown_grace_s: float = Field(30.0, ge=0)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+
+
+class AnnotatorConfig(ServerConfig):
+    """The annotator's server settings: the common ones plus its limits on candidates (an error under `gateway:`)."""
+
+    port: int = Field(50052, ge=0, le=65535)
+    max_candidates: int = Field(16, ge=2, description="most candidates per request")
+    max_candidate_bytes: int = Field(256 * 1024, ge=1, description="most UTF-8 bytes per candidate text")
 
 
 class GatewayConfig(ServerConfig):
@@ -230,16 +302,32 @@ class GatewayConfig(ServerConfig):
 
 
 class MoaaConfig(_Strict):
-    backends: dict[str, BackendConfig] = Field(min_length=1)
-    recipes: dict[str, RecipeConfig] = Field(default_factory=dict)
+    backends: dict[Name, BackendConfig] = Field(min_length=1)
+    recipes: dict[Name, RecipeConfig] = Field(default_factory=dict)
     default_recipe: str | None = None
-    ensembles: dict[str, EnsembleConfig] = Field(default_factory=dict)
+    ensembles: dict[Name, EnsembleConfig] = Field(default_factory=dict)
     default_ensemble: str | None = None
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
-    annotator: ServerConfig = Field(default_factory=lambda: ServerConfig(port=50052))
+    annotator: AnnotatorConfig = Field(default_factory=AnnotatorConfig)
     annotator_address: str | None = Field(None, description="host:port of the annotator, for annotate=true calls")
     annotator_tls: ClientTLSConfig = Field(default_factory=ClientTLSConfig,
                                            description="TLS / mutual TLS from the gateway to the annotator")
+
+    @field_validator("annotator_address")
+    @classmethod
+    def _host_port(cls, address: str | None) -> str | None:
+        """host:port, or a gRPC target with a scheme (dns:///..., unix:...): checked now, not at the first
+        annotate=true call (gRPC would quietly take a missing port as 443)."""
+        if address is None or address.split(":", 1)[0] in _GRPC_SCHEMES:
+            return address
+        if any(c.isspace() for c in address):
+            raise ValueError(f"{address!r} contains a space: write host:port, e.g. moaa-annotator:50052")
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{address!r} needs a port (1..65535): write host:port, e.g. moaa-annotator:50052")
+        if not host.strip("[]"):
+            raise ValueError(f"{address!r} has no host: write host:port, e.g. moaa-annotator:50052")
+        return address
 
     @model_validator(mode="after")
     def _references_exist(self) -> "MoaaConfig":
@@ -260,6 +348,11 @@ class MoaaConfig(_Strict):
         if self.default_ensemble is not None and self.default_ensemble not in self.ensembles:
             raise ValueError(f"default_ensemble {self.default_ensemble!r} is not an ensemble")
         return self
+
+    def judge_backends(self) -> dict[str, BackendConfig]:
+        """The backends some ensemble's judges use: all the annotator opens (and needs API keys for)."""
+        used = {j.model for e in self.ensembles.values() for j in [*e.judges, *([e.aggregator] if e.aggregator else [])]}
+        return {name: b for name, b in self.backends.items() if name in used}
 
     def recipe(self, name: str | None) -> tuple[str, RecipeConfig]:
         return _pick("recipe", self.recipes, self.default_recipe, name)
@@ -282,25 +375,29 @@ def _pick(kind: str, table: dict, default: str | None, name: str | None) -> tupl
 
 
 def parse_config(data: dict, source: str = "config") -> MoaaConfig:
+    return _validate(MoaaConfig, data, source)
+
+
+def parse_backend(fields: dict, source: str) -> BackendConfig:
+    """One backend built from command-line flags (moaa eval's judge and contestant), with the config's
+    one-line errors: pydantic's own text spans lines and repeats the input, a pasted API key included."""
+    return _validate(BackendConfig, fields, source)
+
+
+def _validate(model: type[BaseModel], data: dict, source: str):
     try:
-        return MoaaConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"{source}: {validation_message(err)}") from None
 
 
 def load_config(path: str | Path) -> MoaaConfig:
-    """Read and validate a config file; raises ConfigError with a one-line, readable message."""
-    path = Path(path)
+    """Read and validate a config file; raises ConfigError with a one-line, readable message. Read by
+    the one reader of moaa's files (YAML 1.2 numbers and booleans, a repeated key is an error)."""
     try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = load_mapping(path, "config")
+    except UserError as err:
+        raise ConfigError(str(err)) from None
     return parse_config(data, str(path))
 
 

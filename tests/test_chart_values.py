@@ -119,12 +119,13 @@ def test_schema_config_parts_match_the_config_model():
     """
     defs = json.loads((CHART / "values.schema.json").read_text())["$defs"]
     live = MoaaConfig.model_json_schema()["$defs"]
-    aliases = {"ModelBackend": "BackendConfig", "ServerSettings": "ServerConfig"}
+    aliases = {"ModelBackend": "BackendConfig", "GatewaySettings": "GatewayConfig", "AnnotatorSettings": "AnnotatorConfig"}
     for name, d in defs.items():
         props, known = set(d.get("properties", {})), set(live[aliases.get(name, name)]["properties"])
         assert props <= known, f"{name}: the chart schema accepts {sorted(props - known)}, the config does not"
         assert d.get("additionalProperties") is False, name
-        new = known - props - {"urls", "served_model", "context_window", "host", "port", "metrics_port", "tls", "auth"}
+        new = known - props - {"urls", "served_model", "context_window", "host", "port", "metrics_port", "tls", "auth",
+                               "http_port"}
         if new:  # not an error (Helm just refuses them), but worth regenerating the schema
             warnings.warn(f"config {name} has fields the chart schema lacks: {sorted(new)}; "
                           "run python tools/gen_chart_schema.py")

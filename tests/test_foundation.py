@@ -52,7 +52,7 @@ def test_config_errors_are_readable(data, needle):
 
 
 def test_config_file_errors(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("backends: [")

@@ -182,7 +182,8 @@ def server(which: str, port: int) -> dict:
             "defaultEnsemble": s("ensemble used when a call names none (config default_ensemble)"),
         }
     props |= {
-        "server": ref("ServerSettings", f"more server settings of {what} in the config file"),
+        "server": ref("GatewaySettings" if which == "gateway" else "AnnotatorSettings",
+                      f"more server settings of {what} in the config file"),
         "resources": resources("CPU and memory requests and limits"),
         "env": env(),
         "podAnnotations": strmap("pod annotations"),
@@ -286,24 +287,25 @@ def chart_schema() -> dict:
 
 # -- the config models, from pydantic -----------------------------------------------------------
 def config_defs() -> dict:
-    from moaa.services.config import BackendConfig, MoaaConfig, ServerConfig
+    from moaa.services.config import BackendConfig, MoaaConfig
 
     defs = MoaaConfig.model_json_schema(ref_template="#/$defs/{model}")["$defs"]
     for name, d in defs.items():  # every value described: fall back to the field's title
         for field, p in d.get("properties", {}).items():
             p.setdefault("description", f"{p.get('title', field)} (moaa config {name}.{field})")
-    assert "BackendConfig" in defs and BackendConfig and ServerConfig
+    assert "BackendConfig" in defs and BackendConfig
     backend = copy.deepcopy(defs["BackendConfig"])
     for key in ("urls", "served_model", "context_window"):  # the chart sets these from the model
         backend["properties"].pop(key)
     backend["required"] = []
     backend["title"] = "ModelBackend"
-    server = copy.deepcopy(defs["ServerConfig"])
-    for key in ("host", "port", "metrics_port", "tls", "auth"):  # set from the chart's own values
-        server["properties"].pop(key)
-    server["title"] = "ServerSettings"
     defs["ModelBackend"] = {k: v for k, v in backend.items() if k != "required"}
-    defs["ServerSettings"] = server
+    for source, title in (("GatewayConfig", "GatewaySettings"), ("AnnotatorConfig", "AnnotatorSettings")):
+        server = copy.deepcopy(defs[source])
+        for key in ("host", "port", "metrics_port", "tls", "auth", "http_port"):  # set from the chart's own values
+            server["properties"].pop(key, None)
+        server["title"] = title
+        defs[title] = server
     return defs
 
 

@@ -48,7 +48,7 @@ async def start_annotator(config: MoaaConfig, *, port: int | None = None, probes
     if not config.ensembles:
         raise UserError("the config has no ensembles: add one under `ensembles:` for the annotator to use")
     server_cfg = config.annotator if port is None else config.annotator.model_copy(update={"port": port})
-    pool = BackendPool(config.backends, probes=probes)
+    pool = BackendPool(config.judge_backends(), probes=probes)  # not the recipes' models: no keys, no probes
     try:
         engine = AnnotationEngine(config, pool)
     except TemplateError as err:

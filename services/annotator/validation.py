@@ -5,7 +5,7 @@ import hashlib
 
 from moaa.services.common.errors import InvalidArgument
 from moaa.services.common.validation import messages_to_dicts
-from moaa.services.config import MoaaConfig, ServerConfig
+from moaa.services.config import AnnotatorConfig, MoaaConfig
 
 from .engine import MODES, Job
 from .judging import Candidate
@@ -22,7 +22,7 @@ def _candidate(c, i: int, field: str, limit: int) -> Candidate:
     return Candidate(id=c.id or str(i), text=c.text, model=c.model)
 
 
-def build_job(req, config: MoaaConfig, server: ServerConfig, request_id: str = "") -> Job:
+def build_job(req, config: MoaaConfig, server: AnnotatorConfig, request_id: str = "") -> Job:
     prompt = messages_to_dicts(req.prompt, field="prompt", max_chars=server.max_prompt_chars)
     n = len(req.candidates)
     if n < 2:

@@ -359,6 +359,8 @@ class BackendClient:
                         replica.limit.on_rate_limited(epoch)
                     err = fail("rate_limited", msg, 429)
                 else:
+                    if resp.status == 404 and not url.endswith("/v1"):  # likely a base URL without its API path
+                        msg += f" (POST {url}/chat/completions: is {url} the API base? it usually ends in /v1)"
                     err = fail("http_5xx" if resp.status >= 500 else "http_4xx", msg, resp.status)
                 err.retry_after = retry_after(resp.headers)
                 raise err

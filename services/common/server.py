@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from moaa.errors import UserError
 from moaa.services.common.auth import auth_interceptors
 from moaa.services.common.decoding import DecodeGuardInterceptor
 from moaa.services.common.limiter import InFlightLimiter
@@ -97,9 +100,25 @@ async def _set_all(servicer, names, status) -> None:
             await res
 
 
+def check_free(host: str, port: int | None, setting: str) -> None:
+    """A busy port fails the start with one line naming the setting to change, before gRPC (which would
+    print its own C-core report and raise a bare RuntimeError) or the metrics server try it."""
+    if not port:
+        return
+    bare = host.strip("[]")
+    try:
+        with socket.create_server((bare, port), family=socket.AF_INET6 if ":" in bare else socket.AF_INET):
+            pass
+    except OSError as err:
+        why = os.strerror(err.errno) if err.errno else str(err)  # create_server's own text repeats the address
+        raise UserError(f"cannot listen on {host}:{port} ({why}): set {setting} to a free port") from None
+
+
 async def start_server(cfg: ServerConfig, service: str, add_servicers, service_names: list[str]) -> RunningServer:
     """Start a server. `add_servicers(server, guard)` registers the service(s); `service_names` are the
     full names (e.g. 'moaa.v1.MoAGateway') for health and reflection."""
+    check_free(cfg.host, cfg.port, f"{service}.port (or --port)")
+    check_free(cfg.host, cfg.metrics_port, f"{service}.metrics_port")
     metrics = Metrics(service)
     metrics.in_flight_limit.set(cfg.max_in_flight)
     guard = CallGuard(InFlightLimiter(cfg.max_in_flight, metrics.in_flight, metrics.in_flight_high), metrics)

@@ -21,20 +21,26 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["MoAGateway"].full_name
 
 async def start_gateway(cfg: MoaaConfig, *, probes: bool = True) -> RunningServer:
     """Start the gateway and its backend pool; `RunningServer.stop()` stops both."""
+    annotator = annotator_client(cfg)  # reads TLS files: fail before any backend session is open
     pool = BackendPool(cfg.backends, probes=probes)
     await pool.start()
     # load configured tokenizers now (in a thread), not on the first call that needs one
     from moaa.services.gateway.context import counter_for
     for name in sorted({b.tokenizer for b in cfg.backends.values() if b.tokenizer}):
         await asyncio.to_thread(counter_for, name)
-    annotator = annotator_client(cfg)
     holder = {}
 
     def add(server, guard):
         holder["servicer"] = GatewayServicer(cfg, pool, guard, annotator)
         gateway_pb2_grpc.add_MoAGatewayServicer_to_server(holder["servicer"], server)
 
-    running = await start_server(cfg.gateway, "gateway", add, [SERVICE_NAME])
+    try:
+        running = await start_server(cfg.gateway, "gateway", add, [SERVICE_NAME])
+    except BaseException:  # a busy port: close what is open, so the error stays the one line printed
+        await pool.close()
+        if annotator is not None:
+            await annotator.close()
+        raise
     running.servicer = holder["servicer"]
     running.http_port = None
     if cfg.gateway.http_port is not None:  # the OpenAI-compatible door, over the same engine and limits

@@ -102,6 +102,16 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- if and .Values.gateway.enabled .Values.gateway.ingress.enabled (eq (int .Values.gateway.httpPort) 0) -}}
 {{- fail "gateway.ingress.enabled needs the HTTP door: gateway.httpPort is 0" -}}
 {{- end -}}
+{{- if and .Values.annotator.enabled (not .Values.annotator.ensembles) -}}
+{{- $judges := list -}}
+{{- range .Values.models -}}
+{{- $m := include "moaa.model" (dict "root" $ "model" .) | fromJson -}}
+{{- if has "judge" $m.roles -}}{{- $judges = append $judges $m.name -}}{{- end -}}
+{{- end -}}
+{{- if not $judges -}}
+{{- fail "annotator.enabled needs a judge ensemble: give a model the judge role, set annotator.ensembles, or set annotator.enabled: false" -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled is true but tls.secretName is empty: name a kubernetes.io/tls Secret" -}}
 {{- end -}}

@@ -38,14 +38,12 @@ async def contestant_answers(c: Contestant, prompts: dict[str, tuple[list[dict],
                              concurrency: int = 4, quiet: bool = False) -> dict[str, tuple[list[dict], str]]:
     """id -> (prompt, answer) from the endpoint, for every prompt of `prompts` (resumable)."""
     from moaa.services.backend import BackendPool
-    from moaa.services.config import BackendConfig
+    from moaa.services.config import parse_backend
 
-    try:
-        # a MoA call streams nothing until its proposers answered: wait for the first token like a batch job
-        cfg = BackendConfig(urls=[c.url], served_model=c.model, api_key_env=api_key_env,
-                            timeouts={"first_token_s": 900, "total_s": 1800}, max_concurrency=concurrency)
-    except ValueError as err:
-        raise UserError(f"--contestant {c.name}: {err}") from None
+    # a MoA call streams nothing until its proposers answered: wait for the first token like a batch job
+    cfg = parse_backend({"urls": [c.url], "served_model": c.model, "api_key_env": api_key_env,
+                         "timeouts": {"first_token_s": 900, "total_s": 1800}, "max_concurrency": concurrency},
+                        f"--contestant {c.name}")
     store = DatasetStore(out / f"answers-{c.name}", stage="answers", fmt="generations").open()
     todo = [rid for rid in prompts if not store.is_done(rid)]
     progress = StageProgress(f"answers of {c.name}", len(prompts), len(prompts) - len(todo), quiet=quiet)

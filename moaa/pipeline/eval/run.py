@@ -215,13 +215,10 @@ async def evaluate(args) -> dict:
     pool = None
     if args.judge_url:
         from moaa.services.backend import BackendPool
-        from moaa.services.config import BackendConfig
+        from moaa.services.config import parse_backend
 
-        try:
-            cfg = BackendConfig(urls=[args.judge_url], served_model=args.judge_model,
-                                api_key_env=args.judge_api_key_env)
-        except ValueError as err:
-            raise UserError(f"bad judge settings: {err}") from None
+        cfg = parse_backend({"urls": [args.judge_url], "served_model": args.judge_model,
+                             "api_key_env": args.judge_api_key_env}, "bad judge settings")
         pool = BackendPool({"judge": cfg}, probes=False)
         await pool.start()
         judge = ChatPairJudge(pool, "judge")
