@@ -42,8 +42,7 @@ async def _serve(args) -> int:
     configure_logging(min(logging.getLogger().level, logging.INFO), json_lines=args.log_format == "json")
     server = await start_annotator(cfg)
     logging.getLogger("moaa.annotator").info("annotator serving on %s:%d", cfg.annotator.host, server.port)
-    await server.wait_for_signal()
-    return 0
+    return await server.wait_for_signal()
 
 
 def _endpoint(args):

@@ -39,8 +39,7 @@ async def _serve(args) -> int:
             raise UserError(f"--http-port {args.http_port} is out of range: use 0..65535")
         cfg.gateway.http_port = args.http_port
     configure_logging(min(logging.getLogger().level, logging.INFO), json_lines=args.log_format == "json")
-    await serve(cfg)
-    return 0
+    return await serve(cfg)
 
 
 async def _generate(args) -> int:

@@ -7,7 +7,9 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 
 from moaa import __version__
 from moaa.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, MoaaError
@@ -21,6 +23,14 @@ COMMAND_MODULES = [
     "train",        # moaa train sft | dpo | submit, moaa sample, moaa logprobs
     "pipeline",     # moaa pipeline run, moaa eval
 ]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a Job deleted, a supervisor stopping us): unwound like Ctrl-C, so `finally` blocks run."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    # servers replace it with their graceful stop; only the main thread may (tests call main in threads)
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):
@@ -64,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `moaa generate ... | head`: the reader is gone; stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # 128 + the signal, as a shell reports a process it stopped
+        if isinstance(err, Terminated):
+            sys.stderr.write("moaa: interrupted (SIGTERM)\n")
+            return 128 + signal.SIGTERM
         sys.stderr.write("moaa: interrupted\n")
         return EXIT_INTERRUPTED
     except Exception as err:  # the last guard: one line, full trace only with -vv

@@ -55,7 +55,7 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
             if own_pool:
                 await pool.close()
             raise
-        running.on_stop.append(runner.cleanup)
+        running.on_drain.append(runner.cleanup)  # the HTTP door stops taking calls with gRPC, drains beside it
     if annotator is not None:
         running.on_stop.append(annotator.close)
     if own_pool:
@@ -72,10 +72,10 @@ def annotator_client(cfg: MoaaConfig) -> AnnotatorClient | None:
                                     key_file=tls.key_file))
 
 
-async def serve(cfg: MoaaConfig) -> None:
-    """Run until SIGTERM/SIGINT, then finish calls in flight and stop."""
+async def serve(cfg: MoaaConfig) -> int:
+    """Run until SIGTERM/SIGINT, then finish calls in flight and stop; returns the exit code."""
     running = await start_gateway(cfg)
     print(f"moaa gateway listening on {cfg.gateway.host}:{running.port}"
           + (f", OpenAI-compatible HTTP on :{running.http_port}/v1" if running.http_port else "")
           + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
-    await running.wait_for_signal()
+    return await running.wait_for_signal()

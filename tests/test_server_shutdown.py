@@ -1,0 +1,154 @@
+"""What an operator sees when `moaa gateway serve` is told to stop (kubelet's SIGTERM after the preStop
+sleep, a second signal when it must go now), and `moaa` client commands stopped the same way. Real
+processes, the in-process emulator as backend."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from moaa.v1 import gateway_pb2_grpc
+from tests.fixtures.gateway import moa_config, request
+
+GRACE_S = 20
+
+
+def serve_gateway(tmp_path, cfg: dict) -> tuple[subprocess.Popen, dict]:
+    """`moaa gateway serve` in a child process; its ports once it says it listens."""
+    path = tmp_path / "moaa.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    line = proc.stdout.readline()
+    assert "listening on" in line, proc.stderr.read() if proc.poll() is not None else line
+    return proc, cfg["gateway"]
+
+
+def gateway_cfg(emu, ports, **gateway) -> dict:
+    grpc_port, http_port = ports(), ports()
+    return moa_config(emu.url, ["a"], gateway={"port": grpc_port, "http_port": http_port, "metrics_port": None,
+                                               "shutdown_grace_s": GRACE_S, **gateway})
+
+
+def connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+async def exit_code(proc: subprocess.Popen, timeout: float) -> tuple[int, float]:
+    t0 = time.monotonic()
+    rc = await asyncio.to_thread(proc.wait, timeout)
+    return rc, time.monotonic() - t0
+
+
+async def test_sigterm_drains_both_doors_and_refuses_new_http_calls(gw_emulators, tmp_path, unused_tcp_port_factory):
+    """After SIGTERM a gRPC call and an HTTP SSE call in flight finish; the HTTP door, like gRPC, takes no
+    new connection meanwhile (kubelet may still route one during endpoint propagation: it must fail fast
+    to be retried elsewhere, not be accepted and cut at the end of the grace)."""
+    emu = await gw_emulators({"a": {"ttft_s": 1.5}, "agg": {"ttft_s": 0.5}})
+    proc, g = serve_gateway(tmp_path, gateway_cfg(emu, unused_tcp_port_factory))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{g['port']}") as ch, aiohttp.ClientSession() as http:
+            call = asyncio.ensure_future(gateway_pb2_grpc.MoAGatewayStub(ch).Generate(request(), timeout=60))
+
+            async def sse():
+                async with http.post(f"http://127.0.0.1:{g['http_port']}/v1/chat/completions",
+                                     json={"model": "moa", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+                    return r.status, (await r.text()).rstrip().endswith("data: [DONE]")
+
+            streamed = asyncio.ensure_future(sse())
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert not connects(g["http_port"]) and not connects(g["port"])
+            assert (await call).text and await streamed == (200, True)
+        rc, took = await exit_code(proc, GRACE_S + 10)
+        assert rc == 0 and took < GRACE_S / 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_open_health_watch_does_not_hold_the_shutdown(gw_emulators, tmp_path, unused_tcp_port_factory):
+    """A client watching health (grpc.health.v1 Watch, as Envoy and gRPC's client-side health checking do)
+    sees NOT_SERVING and its stream ends; it does not keep an idle server alive for the whole grace."""
+    emu = await gw_emulators()
+    proc, g = serve_gateway(tmp_path, gateway_cfg(emu, unused_tcp_port_factory))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{g['port']}") as ch:
+            seen = []
+
+            async def watch():
+                try:
+                    async for r in health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="")):
+                        seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+                except grpc.RpcError as err:
+                    seen.append(err.code().name)
+
+            watching = asyncio.ensure_future(watch())
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            rc, took = await exit_code(proc, GRACE_S + 10)
+            await asyncio.wait_for(watching, 5)
+        assert rc == 0 and took < 5, took
+        assert seen[:2] == ["SERVING", "NOT_SERVING"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_second_signal_stops_at_once(gw_emulators, tmp_path, unused_tcp_port_factory):
+    """SIGTERM starts the drain; a second SIGTERM or SIGINT (Ctrl-C twice) cuts it short: calls still in
+    flight end UNAVAILABLE (which clients retry) and the process exits in seconds, not after the grace."""
+    emu = await gw_emulators({"a": {"ttft_s": 60}})
+    proc, g = serve_gateway(tmp_path, gateway_cfg(emu, unused_tcp_port_factory))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{g['port']}") as ch:
+            call = asyncio.ensure_future(gateway_pb2_grpc.MoAGatewayStub(ch).Generate(request(), timeout=60))
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            rc, took = await exit_code(proc, GRACE_S + 10)
+            try:
+                await call
+                raise AssertionError("the call should have been cut")
+            except grpc.RpcError as err:
+                assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert took < 5, took
+        assert rc == 128 + signal.SIGINT
+        assert "second signal" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_client_command_on_sigterm_says_one_line_and_exits_143(gw_emulators, gateway_factory):
+    """`moaa generate` stopped by SIGTERM (a Job deleted, a supervisor stopping it) exits as Ctrl-C does:
+    one line, 128 + the signal."""
+    emu = await gw_emulators({"a": {"ttft_s": 30}})
+    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", "generate", "--gateway",
+                                                    gw.address, "hi", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        await asyncio.sleep(2.5)
+        proc.send_signal(sig)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == code and err.decode().count("\n") == 1, (sig, proc.returncode, err)
+        assert err.decode().startswith("moaa: interrupted")
