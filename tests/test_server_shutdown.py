@@ -152,3 +152,24 @@ async def test_client_command_on_sigterm_says_one_line_and_exits_143(gw_emulator
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == code and err.decode().count("\n") == 1, (sig, proc.returncode, err)
         assert err.decode().startswith("moaa: interrupted")
+
+
+async def test_log_level_is_settable_for_servers(gw_emulators, tmp_path, unused_tcp_port_factory, monkeypatch):
+    """Servers log at INFO (one JSON line per call) unless MOAA_LOG_LEVEL says otherwise; WARNING keeps only
+    what needs attention. A value that is not a level exits 2 with one line instead of being ignored."""
+    emu = await gw_emulators()
+    cfg = gateway_cfg(emu, unused_tcp_port_factory)
+    monkeypatch.setenv("MOAA_LOG_LEVEL", "warning")
+    proc, g = serve_gateway(tmp_path, cfg)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{g['port']}") as ch:
+        assert (await gateway_pb2_grpc.MoAGatewayStub(ch).Generate(request(), timeout=30)).text
+    proc.send_signal(signal.SIGTERM)
+    rc, _ = await exit_code(proc, 30)
+    err = proc.stderr.read()
+    assert rc == 0 and '"level": "INFO"' not in err, err
+    monkeypatch.setenv("MOAA_LOG_LEVEL", "loud")
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "moaa.cli.main", "gateway", "serve", "--config",
+                                                   str(tmp_path / "moaa.yaml")],
+                                  capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "MOAA_LOG_LEVEL" in out.stderr and "WARNING" in out.stderr

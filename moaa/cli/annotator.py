@@ -35,11 +35,11 @@ def register(subparsers) -> None:
 
 async def _serve(args) -> int:
     from moaa.services.annotator.server import start_annotator
-    from moaa.services.common.logs import configure_logging
+    from moaa.services.common.logs import configure_logging, serving_level
     from moaa.services.config import load_server_config
 
     cfg = load_server_config(args.config, "annotator", host=args.host, port=args.port)
-    configure_logging(min(logging.getLogger().level, logging.INFO), json_lines=args.log_format == "json")
+    configure_logging(serving_level(), json_lines=args.log_format == "json")
     server = await start_annotator(cfg)
     logging.getLogger("moaa.annotator").info("annotator serving on %s:%d", cfg.annotator.host, server.port)
     return await server.wait_for_signal()

@@ -54,15 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbosity: int) -> None:
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)]
-    level = getattr(logging, os.environ.get("MOAA_LOG_LEVEL", "").upper(), level)
+    from moaa.services.common.logs import env_level
+
+    level = env_level()
+    if level is None:
+        level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
     # servers replace it with their graceful stop; only the main thread may (tests call main in threads)
     previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
     try:
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     try:
+        _setup_logging(args.verbose)
         result = args.func(args)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
