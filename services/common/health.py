@@ -8,6 +8,8 @@ client watching health (Envoy, gRPC's client-side health checking) held every id
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -60,3 +62,21 @@ class Health(health_pb2_grpc.HealthServicer):
         async with self._changed:
             self._status[service] = status
             self._changed.notify_all()
+
+
+async def follow(health: Health, service: str, outage: Callable[[], str | None], log: logging.Logger,
+                 interval: float = 1.0) -> None:
+    """Keep `service` NOT_SERVING while `outage()` says why it cannot serve (its backends unreachable),
+    SERVING otherwise, with a log line at each change; runs until cancelled or shutdown. The overall
+    status ("", what kubelet probes) is left alone: restarting the process would not bring a backend back."""
+    serving = True
+    while not health.closing:
+        why = outage()
+        if (why is None) != serving:
+            serving = why is None
+            if serving:
+                log.info("backends reachable again: %s SERVING", service)
+            else:
+                log.warning("backend outage: %s NOT_SERVING (%s)", service, why)
+            await health.set(service, SERVING if serving else NOT_SERVING)
+        await asyncio.sleep(interval)

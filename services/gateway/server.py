@@ -7,6 +7,7 @@ import logging
 from moaa.client.endpoint import Endpoint
 from moaa.errors import UserError
 from moaa.services.backend import BackendPool
+from moaa.services.common.health import follow
 from moaa.services.common.server import RunningServer, start_server
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.annotation import AnnotatorClient
@@ -56,6 +57,9 @@ async def start_gateway(cfg: MoaaConfig, *, pool: BackendPool | None = None, pro
                 await pool.close()
             raise
         running.on_drain.append(runner.cleanup)  # the HTTP door stops taking calls with gRPC, drains beside it
+    watcher = asyncio.create_task(follow(running.health, SERVICE_NAME, running.servicer.engine.outage, log),
+                                  name="gateway backend health")
+    running.on_stop.append(watcher.cancel)
     if annotator is not None:
         running.on_stop.append(annotator.close)
     if own_pool:

@@ -1,6 +1,6 @@
-"""What an operator sees when `moaa gateway serve` is told to stop (kubelet's SIGTERM after the preStop
-sleep, a second signal when it must go now), and `moaa` client commands stopped the same way. Real
-processes, the in-process emulator as backend."""
+"""What an operator sees of `moaa gateway serve`: stopping it (kubelet's SIGTERM after the preStop sleep, a
+second signal when it must go now), its health while backends come and go, its log level; and `moaa`
+client commands stopped by a signal. Real processes, the in-process emulator as backend."""
 from __future__ import annotations
 
 import asyncio
@@ -173,3 +173,45 @@ async def test_log_level_is_settable_for_servers(gw_emulators, tmp_path, unused_
                                   capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "MOAA_LOG_LEVEL" in out.stderr and "WARNING" in out.stderr
+
+
+async def test_gateway_health_follows_its_backends(unused_tcp_port):
+    """`moaa.v1.MoAGateway` is NOT_SERVING while no recipe can be answered (too few proposers or no
+    aggregator reachable: probes failing or circuits open) and SERVING again once they are back; the
+    overall status, which kubelet probes, stays SERVING (a restart would not bring a backend back)."""
+    from moaa.services.config import parse_config
+    from moaa.services.emulator import Emulator, EmulatorSettings
+    from moaa.services.gateway.server import SERVICE_NAME, start_gateway
+
+    emu = Emulator(EmulatorSettings())
+    await emu.start("127.0.0.1", unused_tcp_port)
+    fast = {"health": {"probe_interval_s": 0.2, "probe_timeout_s": 1}, "circuit": {"reset_after_s": 0.1},
+            "timeouts": {"connect_s": 1}}
+    cfg = moa_config(f"http://127.0.0.1:{unused_tcp_port}/v1", ["a"], backends={"a": fast, "agg": fast},
+                     gateway={"port": 0, "http_port": None})
+    running = await start_gateway(parse_config(cfg), probes=True)
+    try:
+        async with grpc.aio.insecure_channel(running.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+
+            async def status(service: str = SERVICE_NAME) -> str:
+                r = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+            async def becomes(want: str) -> None:
+                for _ in range(150):
+                    if await status() == want:
+                        return
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"{SERVICE_NAME} never became {want}")
+
+            assert await status() == "SERVING"
+            await emu.stop()
+            await becomes("NOT_SERVING")
+            assert await status("") == "SERVING"
+            emu = Emulator(EmulatorSettings())
+            await emu.start("127.0.0.1", unused_tcp_port)
+            await becomes("SERVING")
+    finally:
+        await running.stop(0)
+        await emu.stop()
