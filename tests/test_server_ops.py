@@ -215,3 +215,36 @@ async def test_gateway_health_follows_its_backends(unused_tcp_port):
     finally:
         await running.stop(0)
         await emu.stop()
+
+
+async def test_refused_tokens_are_counted_and_logged(gw_emulators, gateway_factory, monkeypatch, caplog):
+    """A call refused for its token is a call that ended UNAUTHENTICATED: counted by code like every other
+    (an operator alerts on a client with a stale token after a rotation) and logged as one `call` line
+    with a request id, on both doors; the token itself is never logged."""
+    import logging
+
+    from prometheus_client import REGISTRY
+
+    def calls(method: str, transport: str) -> float:
+        return REGISTRY.get_sample_value("moaa_rpc_calls_total", {"service": "gateway", "method": method,
+                                                                  "code": "UNAUTHENTICATED", "transport": transport}) or 0
+
+    emu = await gw_emulators()
+    monkeypatch.setenv("MOAA_TEST_OPS_TOKENS", "good-token")
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"auth": {"tokens_env": "MOAA_TEST_OPS_TOKENS"}}))
+    before = calls("Generate", "grpc"), calls("ChatCompletions", "http")
+    caplog.set_level(logging.INFO)
+    try:
+        await gw.stub.Generate(request(), timeout=10, metadata=[("authorization", "Bearer stale-token")])
+        raise AssertionError("a wrong token must be refused")
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions",
+                             json={"model": "moa", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 401
+    assert (calls("Generate", "grpc"), calls("ChatCompletions", "http")) == (before[0] + 1, before[1] + 1)
+    lines = [r for r in caplog.records if r.getMessage() == "call" and getattr(r, "code", "") == "UNAUTHENTICATED"]
+    assert {(r.method, getattr(r, "transport", "grpc")) for r in lines} == {("Generate", "grpc"), ("ChatCompletions", "http")}
+    assert all(len(r.request_id) >= 8 for r in lines)
+    assert "stale-token" not in caplog.text

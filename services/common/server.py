@@ -130,7 +130,7 @@ async def start_server(cfg: ServerConfig, service: str, add_servicers, service_n
         ("grpc.so_reuseport", 0),
     ]
     # undecodable request bytes -> INVALID_ARGUMENT (innermost, so auth's refusals decode safely too)
-    interceptors = [*auth_interceptors(cfg.auth), *extra_interceptors, DecodeGuardInterceptor()]
+    interceptors = [*auth_interceptors(cfg.auth, guard), *extra_interceptors, DecodeGuardInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=None)
     add_servicers(server, guard)
