@@ -248,3 +248,28 @@ async def test_refused_tokens_are_counted_and_logged(gw_emulators, gateway_facto
     assert {(r.method, getattr(r, "transport", "grpc")) for r in lines} == {("Generate", "grpc"), ("ChatCompletions", "http")}
     assert all(len(r.request_id) >= 8 for r in lines)
     assert "stale-token" not in caplog.text
+
+
+async def test_annotator_serve_says_it_is_ready_once(judge_emulator, tmp_path, unused_tcp_port_factory):
+    """`moaa annotator serve`, like the gateway, prints one ready line on stdout naming its ports, and logs
+    its start once (it logged two lines for the one event)."""
+    from tests.fixtures.annotator import judge_config
+
+    port, metrics = unused_tcp_port_factory(), unused_tcp_port_factory()
+    cfg = judge_config(judge_emulator.url, {"a": "longest"}, annotator={"port": port, "metrics_port": metrics})
+    path = tmp_path / "moaa.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "moaa.cli.main", "annotator", "serve", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+        assert line.strip() == f"moaa annotator listening on 127.0.0.1:{port}, metrics on :{metrics}/metrics", line
+        proc.send_signal(signal.SIGTERM)
+        rc, _ = await exit_code(proc, 30)
+        err = proc.stderr.read()
+        assert rc == 0 and sum(f":{port}" in x for x in err.splitlines()) == 1, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

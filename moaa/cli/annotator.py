@@ -1,7 +1,6 @@
 """`moaa annotator serve`, `moaa annotate`, `moaa judge-eval`."""
 from __future__ import annotations
 
-import logging
 import sys
 
 from moaa.cli import add_connection_args, add_service_group
@@ -41,8 +40,7 @@ async def _serve(args) -> int:
     cfg = load_server_config(args.config, "annotator", host=args.host, port=args.port)
     configure_logging(serving_level(), json_lines=args.log_format == "json")
     server = await start_annotator(cfg)
-    logging.getLogger("moaa.annotator").info("annotator serving on %s:%d", cfg.annotator.host, server.port)
-    return await server.wait_for_signal()
+    return await server.wait_for_signal(server.ready_line("annotator"))
 
 
 def _endpoint(args):

@@ -57,12 +57,18 @@ class RunningServer:
     metrics_port: int | None = None
     on_drain: list = field(default_factory=list)   # other doors' graceful stops, run beside gRPC's
     on_stop: list = field(default_factory=list)    # then these, once no call is left
+    host: str = "127.0.0.1"
     _stopped: bool = False
     _drains: list = field(default_factory=list)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def ready_line(self, service: str, doors: str = "") -> str:
+        """What `moaa SERVICE serve` prints on stdout once it serves: its ports, for scripts and people."""
+        return (f"moaa {service} listening on {self.host}:{self.port}{doors}"
+                + (f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else ""))
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING (health watchers told, their streams ended), every door refuses new calls
@@ -91,15 +97,18 @@ class RunningServer:
             drain.cancel()
         asyncio.ensure_future(self.server.stop(0))  # a smaller grace than the pending stop's wins
 
-    async def wait_for_signal(self) -> int:
-        """Serve until SIGTERM/SIGINT, then stop gracefully; a second signal stops at once. Returns the
-        exit code: 0 after a full drain, 128 + the second signal when it was cut short. The process is a
-        server from here on: its garbage collector is tuned for that (tune_gc_for_serving)."""
+    async def wait_for_signal(self, ready: str = "") -> int:
+        """Print the `ready` line, serve until SIGTERM/SIGINT, then stop gracefully; a second signal stops
+        at once. Returns the exit code: 0 after a full drain, 128 + the second signal when it was cut
+        short. The process is a server from here on: its garbage collector is tuned for that
+        (tune_gc_for_serving)."""
         tune_gc_for_serving()
         loop = asyncio.get_running_loop()
         signals: asyncio.Queue[int] = asyncio.Queue()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, signals.put_nowait, sig)
+        if ready:  # only now: whoever reads it may stop us at once, and that must be the graceful stop
+            print(ready, flush=True)
         first = await signals.get()
         log.info("%s: shutting down: finishing %d items in flight (grace %.0f s; a second signal stops at once)",
                  signal.Signals(first).name, self.guard.limiter.in_flight, self.grace_s)
@@ -147,4 +156,4 @@ async def start_server(cfg: ServerConfig, service: str, add_servicers, service_n
     msrv, mport = serve_metrics(cfg.metrics_port, cfg.host)
     log.info("%s listening on %s:%d%s", service, cfg.host, port, " (TLS)" if creds else "")
     return RunningServer(server=server, port=port, health=health_servicer, service_names=service_names, guard=guard,
-                         grace_s=cfg.shutdown_grace_s, metrics_server=msrv, metrics_port=mport)
+                         grace_s=cfg.shutdown_grace_s, metrics_server=msrv, metrics_port=mport, host=cfg.host)

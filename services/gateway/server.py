@@ -79,7 +79,5 @@ def annotator_client(cfg: MoaaConfig) -> AnnotatorClient | None:
 async def serve(cfg: MoaaConfig) -> int:
     """Run until SIGTERM/SIGINT, then finish calls in flight and stop; returns the exit code."""
     running = await start_gateway(cfg)
-    print(f"moaa gateway listening on {cfg.gateway.host}:{running.port}"
-          + (f", OpenAI-compatible HTTP on :{running.http_port}/v1" if running.http_port else "")
-          + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
-    return await running.wait_for_signal()
+    doors = f", OpenAI-compatible HTTP on :{running.http_port}/v1" if running.http_port else ""
+    return await running.wait_for_signal(running.ready_line("gateway", doors))
