@@ -273,3 +273,33 @@ async def test_annotator_serve_says_it_is_ready_once(judge_emulator, tmp_path, u
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_grace_that_runs_out_says_what_it_cut(gw_emulators, tmp_path, unused_tcp_port_factory):
+    """Calls that outlive `shutdown_grace_s` are cancelled (clients see UNAVAILABLE and retry); the log
+    says so, with how many, so an operator knows the grace is too short for the calls it serves. A drain
+    that finishes in time says how long it took."""
+    emu = await gw_emulators({"a": {"ttft_s": 60}})
+    proc, g = serve_gateway(tmp_path, gateway_cfg(emu, unused_tcp_port_factory, shutdown_grace_s=1))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{g['port']}") as ch:
+            call = asyncio.ensure_future(gateway_pb2_grpc.MoAGatewayStub(ch).Generate(request(), timeout=60))
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            rc, took = await exit_code(proc, 30)
+            try:
+                await call
+                raise AssertionError("the call should have been cut")
+            except grpc.RpcError as err:
+                assert err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        err = proc.stderr.read()
+        assert rc == 0 and took < 10
+        assert "shutdown grace 1 s passed: cancelling 1 items in flight" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc, g = serve_gateway(tmp_path, gateway_cfg(emu, unused_tcp_port_factory))
+    proc.send_signal(signal.SIGTERM)
+    rc, _ = await exit_code(proc, 30)
+    assert rc == 0 and "drained in" in proc.stderr.read()

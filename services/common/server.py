@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -78,11 +79,18 @@ class RunningServer:
         self._stopped = True
         grace = self.grace_s if grace is None else grace
         await self.health.close()
+        t0 = time.monotonic()
         self._drains = [asyncio.ensure_future(self.server.stop(grace)),
                         *(asyncio.ensure_future(fn()) for fn in self.on_drain)]
-        for res in await asyncio.gather(*self._drains, return_exceptions=True):
+        drained = asyncio.gather(*self._drains, return_exceptions=True)
+        done, _ = await asyncio.wait({drained}, timeout=grace)
+        if not done and self.guard.limiter.in_flight:  # grpc and aiohttp cancel them at the grace, silently
+            log.warning("shutdown grace %.0f s passed: cancelling %d items in flight (clients see UNAVAILABLE)",
+                        grace, self.guard.limiter.in_flight)
+        for res in await drained:
             if isinstance(res, Exception):
                 log.warning("draining: %s: %s", type(res).__name__, res)
+        log.info("%s in %.1f s", "drained" if done else "stopped", time.monotonic() - t0)
         for fn in self.on_stop:
             res = fn()
             if asyncio.iscoroutine(res):
