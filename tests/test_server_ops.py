@@ -178,7 +178,10 @@ async def test_log_level_is_settable_for_servers(gw_emulators, tmp_path, unused_
 async def test_gateway_health_follows_its_backends(unused_tcp_port):
     """`moaa.v1.MoAGateway` is NOT_SERVING while no recipe can be answered (too few proposers or no
     aggregator reachable: probes failing or circuits open) and SERVING again once they are back; the
-    overall status, which kubelet probes, stays SERVING (a restart would not bring a backend back)."""
+    overall status, which kubelet probes, stays SERVING (a restart would not bring a backend back).
+    `moaa_backend_up` shows which backend is out."""
+    from prometheus_client import REGISTRY
+
     from moaa.services.config import parse_config
     from moaa.services.emulator import Emulator, EmulatorSettings
     from moaa.services.gateway.server import SERVICE_NAME, start_gateway
@@ -205,13 +208,17 @@ async def test_gateway_health_follows_its_backends(unused_tcp_port):
                     await asyncio.sleep(0.1)
                 raise AssertionError(f"{SERVICE_NAME} never became {want}")
 
-            assert await status() == "SERVING"
+            def up(model: str) -> float | None:  # the same reachability, per backend, for dashboards and alerts
+                return REGISTRY.get_sample_value("moaa_backend_up", {"service": "gateway", "model": model})
+
+            assert await status() == "SERVING" and up("a") == up("agg") == 1
             await emu.stop()
             await becomes("NOT_SERVING")
-            assert await status("") == "SERVING"
+            assert await status("") == "SERVING" and up("a") == 0
             emu = Emulator(EmulatorSettings())
             await emu.start("127.0.0.1", unused_tcp_port)
             await becomes("SERVING")
+            assert up("a") == up("agg") == 1
     finally:
         await running.stop(0)
         await emu.stop()
