@@ -65,8 +65,11 @@ def _setup_logging(verbosity: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # servers replace it with their graceful stop; only the main thread may (tests call main in threads)
-    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() else None
+    # Servers replace it with their graceful stop. Only the main thread may set it (tests call main in
+    # threads); torchrun/accelerate workers (LOCAL_RANK, trainer/launch.py is_worker) keep the default,
+    # since their launcher stops them with SIGTERM and a worker inside a collective must die at once.
+    tied = threading.current_thread() is threading.main_thread() and "LOCAL_RANK" not in os.environ
+    previous = signal.signal(signal.SIGTERM, _terminated) if tied else None
     try:
         return _run(args)
     finally:
