@@ -61,6 +61,7 @@ class RunningServer:
     host: str = "127.0.0.1"
     _stopped: bool = False
     _drains: list = field(default_factory=list)
+    _hurried: bool = False
 
     @property
     def address(self) -> str:
@@ -90,7 +91,7 @@ class RunningServer:
         for res in await drained:
             if isinstance(res, Exception):
                 log.warning("draining: %s: %s", type(res).__name__, res)
-        log.info("%s in %.1f s", "drained" if done else "stopped", time.monotonic() - t0)
+        log.info("%s in %.1f s", "drained" if done and not self._hurried else "stopped", time.monotonic() - t0)
         for fn in self.on_stop:
             res = fn()
             if asyncio.iscoroutine(res):
@@ -101,6 +102,7 @@ class RunningServer:
 
     def hurry(self) -> None:
         """Cut a graceful stop short: calls still in flight are cancelled now (clients see UNAVAILABLE)."""
+        self._hurried = True
         for drain in self._drains[1:]:
             drain.cancel()
         asyncio.ensure_future(self.server.stop(0))  # a smaller grace than the pending stop's wins
