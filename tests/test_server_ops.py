@@ -311,3 +311,44 @@ async def test_grace_that_runs_out_says_what_it_cut(gw_emulators, tmp_path, unus
     proc.send_signal(signal.SIGTERM)
     rc, _ = await exit_code(proc, 30)
     assert rc == 0 and "drained in" in proc.stderr.read()
+
+
+async def test_open_batch_stream_stops_taking_items_at_sigterm(gw_emulators, tmp_path, unused_tcp_port_factory):
+    """A GenerateBatch stream that keeps sending (a pipeline's stage 1 runs one stream for hours) is not
+    fed new work by a draining server: the items it already took finish and are answered, then the call
+    ends UNAVAILABLE, which the one client package answers by resending the unanswered items elsewhere.
+    It used to take items for the whole grace and have the last ones cut, so every roll cost the grace."""
+    from moaa.v1 import gateway_pb2
+
+    emu = await gw_emulators({"a": {"ttft_s": 0.3}, "agg": {"ttft_s": 0.3}})
+    proc, g = serve_gateway(tmp_path, gateway_cfg(emu, unused_tcp_port_factory))
+    sent, got = [], []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{g['port']}") as ch:
+            async def items():
+                for i in range(200):
+                    sent.append(f"i{i}")
+                    yield gateway_pb2.BatchItem(id=f"i{i}", request=request())
+                    await asyncio.sleep(0.1)
+
+            async def run():
+                try:
+                    async for r in gateway_pb2_grpc.MoAGatewayStub(ch).GenerateBatch(items(), timeout=60):
+                        got.append((r.id, r.WhichOneof("result")))
+                    return "OK", ""
+                except grpc.RpcError as err:
+                    return err.code().name, err.details()
+
+            call = asyncio.ensure_future(run())
+            await asyncio.sleep(1.5)
+            proc.send_signal(signal.SIGTERM)
+            rc, took = await exit_code(proc, GRACE_S + 10)
+            code, details = await call
+        assert rc == 0 and took < 5, took
+        assert code == "UNAVAILABLE" and "shutting down" in details, (code, details)
+        assert got and all(kind == "response" for _, kind in got)   # what was taken was finished, not cut
+        assert len(got) < len(sent)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

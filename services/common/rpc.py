@@ -76,6 +76,7 @@ class CallGuard:
     def __init__(self, limiter: InFlightLimiter, metrics: Metrics):
         self.limiter = limiter
         self.metrics = metrics
+        self.streams: set = set()  # open ItemStreams (GenerateBatch, AnnotateStream): a stopping server closes them
 
     def done(self, method: str, code: str, seconds: float, request_id: str, transport: str = "grpc") -> None:
         """A finished call, on either door (refused ones included): counted by code, and one log line."""

@@ -80,6 +80,8 @@ class RunningServer:
         self._stopped = True
         grace = self.grace_s if grace is None else grace
         await self.health.close()
+        for stream in list(self.guard.streams):  # they would take new items for the whole grace
+            stream.close("the server is shutting down: resend the items that got no result")
         t0 = time.monotonic()
         self._drains = [asyncio.ensure_future(self.server.stop(grace)),
                         *(asyncio.ensure_future(fn()) for fn in self.on_drain)]
