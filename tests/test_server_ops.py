@@ -17,6 +17,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moaa.v1 import gateway_pb2_grpc
+from tests.fixtures.annotator import judge_config
 from tests.fixtures.gateway import moa_config, request
 
 GRACE_S = 20
@@ -261,8 +262,6 @@ async def test_refused_tokens_are_counted_and_logged(gw_emulators, gateway_facto
 async def test_annotator_serve_says_it_is_ready_once(judge_emulator, tmp_path, unused_tcp_port_factory):
     """`moaa annotator serve`, like the gateway, prints one ready line on stdout naming its ports, and logs
     its start once (it logged two lines for the one event)."""
-    from tests.fixtures.annotator import judge_config
-
     port, metrics = unused_tcp_port_factory(), unused_tcp_port_factory()
     cfg = judge_config(judge_emulator.url, {"a": "longest"}, annotator={"port": port, "metrics_port": metrics})
     path = tmp_path / "moaa.yaml"
@@ -352,3 +351,32 @@ async def test_open_batch_stream_stops_taking_items_at_sigterm(gw_emulators, tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_annotate_stopped_by_sigterm_leaves_a_resumable_file(judge_emulator, annotator_factory, tmp_path):
+    """`moaa annotate` stopped mid-run by SIGTERM: one line, exit 143, only whole rows in its output, and
+    the same command run again writes every row exactly once."""
+    import json
+
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "longest+delay=0.2"}, mode="pointwise",
+                                                combine="mean", min_margin=0.0))
+    inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Question {i}?",
+                                       "candidates": ["short", f"a longer answer {i}"]}) + "\n" for i in range(200)))
+    args = [sys.executable, "-m", "moaa.cli.main", "annotate", "--annotator", stub.server.address, "--in", str(inp),
+            "--out", str(out), "--no-progress"]
+    proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(600):
+        if out.exists() and out.read_bytes().count(b"\n") >= 5:
+            break
+        await asyncio.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 143 and err.decode() == "moaa: interrupted (SIGTERM)\n", err
+    data = out.read_bytes()
+    assert data.endswith(b"\n") and 5 <= data.count(b"\n") < 200
+    proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(200))
