@@ -83,6 +83,8 @@ class RunningServer:
         for stream in list(self.guard.streams):  # they would take new items for the whole grace
             stream.close("the server is shutting down: resend the items that got no result")
         t0 = time.monotonic()
+        if self._hurried:  # a second signal came while health was being closed
+            grace = 0
         self._drains = [asyncio.ensure_future(self.server.stop(grace)),
                         *(asyncio.ensure_future(fn()) for fn in self.on_drain)]
         drained = asyncio.gather(*self._drains, return_exceptions=True)
