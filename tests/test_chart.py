@@ -357,16 +357,32 @@ def test_tls_switches_kubelet_probes_to_tcp(helm):
 
 
 def test_service_monitor(helm):
+    """Prometheus scrapes exactly the metrics endpoints: the gateway's and the annotator's metrics port
+    and vLLM's /metrics on each model's http port, never the gateway's OpenAI door (also a port named
+    http, where /metrics is a 401 or 404 and the target would show down)."""
     r = render(helm, "multi-gpu")
-    (sm,) = r.of_kind("ServiceMonitor")
-    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
-    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    selected = [s for s in r.of_kind("Service") if selects(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])]
-    scraped = {(s["metadata"]["name"], p["name"]) for s in selected for p in s["spec"]["ports"]
-               if p["name"] in {e["port"] for e in sm["spec"]["endpoints"]}}
-    assert {("moaa-gateway", "metrics"), ("moaa-annotator", "metrics"), ("moaa-qwen-72b", "http")} <= scraped
-    assert all(set(e) <= {"port", "path", "interval"} and e["interval"] == "15s" for e in sm["spec"]["endpoints"])
+    monitors = r.of_kind("ServiceMonitor")
+    scraped = set()
+    for sm in monitors:
+        assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+        assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        assert all(set(e) <= {"port", "path", "interval"} and e["interval"] == "15s" for e in sm["spec"]["endpoints"])
+        for s in r.of_kind("Service"):
+            if match_selector(sm["spec"]["selector"], s["metadata"]["labels"]):
+                scraped |= {(s["metadata"]["name"], p["name"], e.get("path", "/metrics")) for p in s["spec"]["ports"]
+                            for e in sm["spec"]["endpoints"] if e["port"] == p["name"]}
+    models = set(model_services(r))
+    assert models and scraped == {("moaa-gateway", "metrics", "/metrics"), ("moaa-annotator", "metrics", "/metrics"),
+                                  *((m, "http", "/metrics") for m in models)}
     assert not render(helm, "default").of_kind("ServiceMonitor")
+
+
+def match_selector(selector: dict, labels: dict) -> bool:
+    """A label selector (matchLabels and matchExpressions In/NotIn/Exists) against an object's labels."""
+    ops = {"In": lambda k, vs: labels.get(k) in vs, "NotIn": lambda k, vs: labels.get(k) not in vs,
+           "Exists": lambda k, vs: k in labels, "DoesNotExist": lambda k, vs: k not in labels}
+    return selects(selector.get("matchLabels", {}), labels) and all(
+        ops[e["operator"]](e["key"], e.get("values", [])) for e in selector.get("matchExpressions", []))
 
 
 def test_training_jobs_are_not_a_chart_copy(helm):

@@ -1,7 +1,6 @@
 """`moaa annotator serve`, `moaa annotate`, `moaa judge-eval`."""
 from __future__ import annotations
 
-import logging
 import sys
 
 from moaa.cli import add_connection_args, add_service_group
@@ -35,15 +34,13 @@ def register(subparsers) -> None:
 
 async def _serve(args) -> int:
     from moaa.services.annotator.server import start_annotator
-    from moaa.services.common.logs import configure_logging
+    from moaa.services.common.logs import configure_logging, serving_level
     from moaa.services.config import load_server_config
 
     cfg = load_server_config(args.config, "annotator", host=args.host, port=args.port)
-    configure_logging(min(logging.getLogger().level, logging.INFO), json_lines=args.log_format == "json")
+    configure_logging(serving_level(), json_lines=args.log_format == "json")
     server = await start_annotator(cfg)
-    logging.getLogger("moaa.annotator").info("annotator serving on %s:%d", cfg.annotator.host, server.port)
-    await server.wait_for_signal()
-    return 0
+    return await server.wait_for_signal(server.ready_line("annotator"))
 
 
 def _endpoint(args):

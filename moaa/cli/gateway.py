@@ -1,8 +1,6 @@
 """`moaa gateway serve` and `moaa generate`."""
 from __future__ import annotations
 
-import logging
-
 from moaa.cli import add_connection_args, add_service_group, positive_float, positive_int
 
 
@@ -27,7 +25,7 @@ def register(subparsers) -> None:
 
 async def _serve(args) -> int:
     from moaa.errors import UserError
-    from moaa.services.common.logs import configure_logging
+    from moaa.services.common.logs import configure_logging, serving_level
     from moaa.services.config import load_server_config
     from moaa.services.gateway.server import serve
 
@@ -38,9 +36,8 @@ async def _serve(args) -> int:
         if not 0 <= args.http_port <= 65535:
             raise UserError(f"--http-port {args.http_port} is out of range: use 0..65535")
         cfg.gateway.http_port = args.http_port
-    configure_logging(min(logging.getLogger().level, logging.INFO), json_lines=args.log_format == "json")
-    await serve(cfg)
-    return 0
+    configure_logging(serving_level(), json_lines=args.log_format == "json")
+    return await serve(cfg)
 
 
 async def _generate(args) -> int:

@@ -7,7 +7,9 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 
 from moaa import __version__
 from moaa.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, MoaaError
@@ -21,6 +23,14 @@ COMMAND_MODULES = [
     "train",        # moaa train sft | dpo | submit, moaa sample, moaa logprobs
     "pipeline",     # moaa pipeline run, moaa eval
 ]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a Job deleted, a supervisor stopping us): unwound like Ctrl-C, so `finally` blocks run."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,16 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbosity: int) -> None:
-    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)]
-    level = getattr(logging, os.environ.get("MOAA_LOG_LEVEL", "").upper(), level)
+    from moaa.services.common.logs import env_level
+
+    level = env_level()
+    if level is None:
+        level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbosity, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    # Servers replace it with their graceful stop. Only the main thread may set it (tests call main in
+    # threads); torchrun/accelerate workers (LOCAL_RANK, trainer/launch.py is_worker) keep the default,
+    # since their launcher stops them with SIGTERM and a worker inside a collective must die at once.
+    tied = threading.current_thread() is threading.main_thread() and "LOCAL_RANK" not in os.environ
+    previous = signal.signal(signal.SIGTERM, _terminated) if tied else None
     try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
+    try:
+        _setup_logging(args.verbose)
         result = args.func(args)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
@@ -64,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `moaa generate ... | head`: the reader is gone; stop quietly, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return EXIT_BROKEN_PIPE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # 128 + the signal, as a shell reports a process it stopped
+        if isinstance(err, Terminated):
+            sys.stderr.write("moaa: interrupted (SIGTERM)\n")
+            return 128 + signal.SIGTERM
         sys.stderr.write("moaa: interrupted\n")
         return EXIT_INTERRUPTED
     except Exception as err:  # the last guard: one line, full trace only with -vv

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 
 from moaa.services.backend.errors import BackendError
-from moaa.services.backend.replicas import OPEN
 from moaa.services.common.errors import outage
 from moaa.services.common.logs import new_request_id
 from moaa.services.common.convert import backend_error_proto
@@ -77,20 +76,16 @@ class AnnotationEngine:
                 except TemplateError as err:
                     raise TemplateError(f"ensembles.{name}: {err}") from None
 
-    def _backend_up(self, model: str) -> bool:
-        """A replica that is healthy (probes) and whose circuit is not open (request failures)."""
-        return any(r.healthy and r.circuit != OPEN for r in self.pool.client(model).replicas.replicas)
-
     def outage(self) -> str | None:
         """Why no ensemble can be decided now (every one lacks its quorum of reachable judges, or its
         aggregator judge in mode 'moa'), or None. Drives the health status of the Annotator service."""
         why = []
         for name, ens in self.config.ensembles.items():
-            down = [j.name for j in ens.judges if not self._backend_up(j.model)]
+            down = [j.name for j in ens.judges if not self.pool.reachable(j.model)]
             need = cb.quorum(ens.min_judges, len(ens.judges))
             if len(ens.judges) - len(down) < need:
                 why.append(f"{name}: judges {', '.join(down)} unreachable, {need} needed")
-            elif ens.mode == "moa" and ens.aggregator is not None and not self._backend_up(ens.aggregator.model):
+            elif ens.mode == "moa" and ens.aggregator is not None and not self.pool.reachable(ens.aggregator.model):
                 why.append(f"{name}: aggregator judge {ens.aggregator.name} unreachable")
             else:
                 return None

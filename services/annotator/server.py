@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from grpc_health.v1 import health_pb2
-
 from moaa.errors import UserError
 from moaa.services.backend import BackendPool
+from moaa.services.common.health import follow
 from moaa.services.common.server import RunningServer, start_server
 from moaa.services.config import MoaaConfig
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
@@ -23,24 +22,7 @@ from .servicer import AnnotatorServicer
 from .templates import TemplateError
 
 SERVICE_NAME = annotator_pb2.DESCRIPTOR.services_by_name["Annotator"].full_name
-HEALTH_INTERVAL_S = 1.0
 log = logging.getLogger("moaa.annotator")
-
-
-async def watch_judges(running: RunningServer, engine: AnnotationEngine, interval: float = HEALTH_INTERVAL_S) -> None:
-    """Sets the Annotator service's health from the judge backends' state; runs until cancelled."""
-    serving = True
-    while not running._stopped:
-        why = engine.outage()
-        if (why is None) != serving and not running._stopped:
-            serving = why is None
-            if serving:
-                log.info("judge backends reachable again: %s SERVING", SERVICE_NAME)
-            else:
-                log.warning("judge outage: %s NOT_SERVING (%s)", SERVICE_NAME, why)
-            await running.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING if serving
-                                     else health_pb2.HealthCheckResponse.NOT_SERVING)
-        await asyncio.sleep(interval)
 
 
 async def start_annotator(config: MoaaConfig, *, port: int | None = None, probes: bool = True) -> RunningServer:
@@ -66,7 +48,7 @@ async def start_annotator(config: MoaaConfig, *, port: int | None = None, probes
         await pool.close()
         raise
     engine.metrics = running.guard.metrics
-    watcher = asyncio.create_task(watch_judges(running, engine), name="annotator judge health")
+    watcher = asyncio.create_task(follow(running.health, SERVICE_NAME, engine.outage, log), name="annotator judge health")
     running.on_stop.append(watcher.cancel)
     running.servicer = holder["servicer"]
     running.on_stop.append(pool.close)

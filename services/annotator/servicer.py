@@ -22,7 +22,7 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
         self.server_cfg = config.annotator
         self.engine = engine
         self.guard = guard
-        self.streams: set[ItemStream] = set()  # open AnnotateStream streams
+        self.streams: set[ItemStream] = guard.streams  # open AnnotateStream streams
         self.admission = Admission(engine.pool)
         guard.metrics.watch_backends(engine.pool)
 

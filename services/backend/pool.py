@@ -12,6 +12,7 @@ from moaa.services.config import BackendConfig
 from .client import BackendClient
 from .errors import UnknownBackendError
 from .health import probe_loop
+from .replicas import OPEN
 
 log = logging.getLogger("moaa.backend")
 
@@ -76,6 +77,11 @@ class BackendPool:
         except KeyError:
             raise UnknownBackendError(
                 f"unknown model {name!r}; configured backends: {', '.join(sorted(self._clients)) or 'none'}") from None
+
+    def reachable(self, name: str) -> bool:
+        """A replica of this backend is healthy (probes) and its circuit is not open (request failures):
+        what the servers' health statuses follow."""
+        return any(r.healthy and r.circuit != OPEN for r in self.client(name).replicas.replicas)
 
     def models_info(self) -> list[dict]:
         """Per backend: replicas with health, circuit state and requests in flight (ListModels' shape)."""

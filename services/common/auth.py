@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 
 from moaa.services.common.decoding import HANDLER_KINDS, drain_requests
+from moaa.services.common.logs import new_request_id
 from moaa.services.config import AuthConfig
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,16 @@ def bearer_problem(store: TokenStore, value: str, where: str, how: str) -> str |
     return None
 
 
-def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+                   on_refused=None) -> grpc.RpcMethodHandler:
     kind = next((attr for attr in HANDLER_KINDS if getattr(handler, attr)), "stream_stream")
     request_streaming, response_streaming, make = HANDLER_KINDS[kind]
 
     async def refuse(request_or_iterator, context):
         if request_streaming:  # the client may still be writing: read that first (drain_requests)
             await drain_requests(request_or_iterator)
+        if on_refused is not None:
+            on_refused()
         await context.abort(code, message)
 
     async def streaming(request_or_iterator, context):
@@ -114,9 +118,10 @@ def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, messag
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks `authorization: Bearer <token>` on every call except the exempt method prefixes."""
 
-    def __init__(self, store: TokenStore, exempt: tuple[str, ...] = DEFAULT_EXEMPT):
+    def __init__(self, store: TokenStore, exempt: tuple[str, ...] = DEFAULT_EXEMPT, guard=None):
         self.store = store
         self.exempt = exempt
+        self.guard = guard  # a CallGuard: refused calls are counted and logged as calls that ended UNAUTHENTICATED
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -129,9 +134,14 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
                 break
         problem = bearer_problem(self.store, value, "authorization metadata",
                                  "send metadata 'authorization: Bearer <token>'")
-        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem) if problem else handler
+        if not problem:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]  # a registered method (handler found): bounded labels
+        refused = None if self.guard is None else (
+            lambda: self.guard.done(method, "UNAUTHENTICATED", 0.0, new_request_id()))
+        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem, refused)
 
 
-def auth_interceptors(cfg: AuthConfig) -> list[grpc.aio.ServerInterceptor]:
+def auth_interceptors(cfg: AuthConfig, guard=None) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors for a server config: none when auth is off."""
-    return [BearerAuthInterceptor(TokenStore(cfg))] if cfg.enabled else []
+    return [BearerAuthInterceptor(TokenStore(cfg), guard=guard)] if cfg.enabled else []

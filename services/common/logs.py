@@ -8,8 +8,14 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import time
 import uuid
+
+from moaa.errors import UserError
+
+LEVEL_ENV = "MOAA_LOG_LEVEL"
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("moaa_request_id", default="-")
 
@@ -51,6 +57,22 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
+
+
+def env_level() -> int | None:
+    """The level $MOAA_LOG_LEVEL names (any case), None when unset; anything else is a usage error."""
+    value = os.environ.get(LEVEL_ENV, "").strip()
+    if not value:
+        return None
+    if value.upper() not in LEVELS:
+        raise UserError(f"{LEVEL_ENV}={value!r} is not a log level: use one of {', '.join(LEVELS)}")
+    return getattr(logging, value.upper())
+
+
+def serving_level() -> int:
+    """A server's level: $MOAA_LOG_LEVEL when set, else INFO (one line per call), or DEBUG with -vv."""
+    level = env_level()
+    return level if level is not None else min(logging.getLogger().level, logging.INFO)
 
 
 def configure_logging(level: int | str = logging.INFO, json_lines: bool = True) -> None:

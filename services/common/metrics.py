@@ -26,6 +26,8 @@ BACKEND_QUEUED = Gauge("moaa_backend_queued", "requests waiting for a backend sl
                        ["service", "model"])
 BACKEND_IN_FLIGHT = Gauge("moaa_backend_in_flight", "requests sent to a backend and not yet answered",
                           ["service", "model"])
+BACKEND_UP = Gauge("moaa_backend_up", "1 while a replica of the backend is reachable (probes pass, circuit not open)",
+                   ["service", "model"])
 STAGE_LATENCY = Histogram("moaa_stage_latency_seconds", "latency per stage of a call (layer N, aggregator, ...)",
                           ["service", "stage"], buckets=_LATENCY_BUCKETS)
 BACKEND_LATENCY = Histogram("moaa_backend_latency_seconds", "backend request latency", ["service", "model", "outcome"],
@@ -59,6 +61,7 @@ class Metrics:
             BACKEND_QUEUED.labels(self.service, name).set_function(lambda c=client: c.queued)
             BACKEND_IN_FLIGHT.labels(self.service, name).set_function(
                 lambda c=client: sum(r.in_flight for r in c.replicas.replicas))
+            BACKEND_UP.labels(self.service, name).set_function(lambda n=name: float(pool.reachable(n)))
 
     def call_done(self, method: str, code: str, seconds: float, transport: str = "grpc") -> None:
         self._child(RPC_CALLS, method, code, transport).inc()

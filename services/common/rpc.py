@@ -22,6 +22,7 @@ from moaa.services.common.logs import new_request_id, request_id_var
 from moaa.services.common.metrics import Metrics
 
 log = logging.getLogger("moaa.rpc")
+_door_log = logging.getLogger("moaa.http")  # the gateway's OpenAI-compatible door
 
 
 MAX_MESSAGE = 2000  # status details travel in a header (16 KiB limit): a message echoing a huge field
@@ -75,6 +76,16 @@ class CallGuard:
     def __init__(self, limiter: InFlightLimiter, metrics: Metrics):
         self.limiter = limiter
         self.metrics = metrics
+        self.streams: set = set()  # open ItemStreams (GenerateBatch, AnnotateStream): a stopping server closes them
+
+    def done(self, method: str, code: str, seconds: float, request_id: str, transport: str = "grpc") -> None:
+        """A finished call, on either door (refused ones included): counted by code, and one log line."""
+        self.metrics.call_done(method, code, seconds, transport=transport)
+        extra = {"request_id": request_id, "method": method, "code": code, "seconds": round(seconds, 4)}
+        if transport == "grpc":
+            log.info("call", extra=extra)
+        else:
+            _door_log.info("call", extra={**extra, "transport": transport})
 
 
 def _request_id(request) -> str:
@@ -105,9 +116,7 @@ async def _call_scope(guard: CallGuard, name: str, request, context):
             log.exception("%s failed", name)
         await _abort(context, code, msg)
     finally:
-        dt = time.perf_counter() - t0
-        guard.metrics.call_done(name, code.name, dt)
-        log.info("call", extra={"request_id": rid, "method": name, "code": code.name, "seconds": round(dt, 4)})
+        guard.done(name, code.name, time.perf_counter() - t0, rid)
         request_id_var.reset(token)
 
 

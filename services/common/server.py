@@ -2,7 +2,7 @@
 
 TLS/mTLS and bearer auth from the ServerConfig, the request size cap, gRPC health checking and server
 reflection, the Prometheus endpoint, and a graceful shutdown (health NOT_SERVING, refuse new calls,
-let calls in flight finish within `shutdown_grace_s`).
+let calls in flight finish within `shutdown_grace_s`; a second signal cuts that short).
 """
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moaa.errors import UserError
 from moaa.services.common.auth import auth_interceptors
 from moaa.services.common.decoding import DecodeGuardInterceptor
+from moaa.services.common.health import Health
 from moaa.services.common.limiter import InFlightLimiter
 from moaa.services.common.metrics import Metrics, serve_metrics
 from moaa.services.common.rpc import CallGuard
@@ -51,27 +53,52 @@ class RunningServer:
 
     server: grpc.aio.Server
     port: int
-    health: object
+    health: Health
     service_names: list[str]
     guard: CallGuard
     grace_s: float
     metrics_server: object | None = None
     metrics_port: int | None = None
-    on_stop: list = field(default_factory=list)
+    on_drain: list = field(default_factory=list)   # other doors' graceful stops, run beside gRPC's
+    on_stop: list = field(default_factory=list)    # then these, once no call is left
+    host: str = "127.0.0.1"
     _stopped: bool = False
+    _drains: list = field(default_factory=list)
+    _hurried: bool = False
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def ready_line(self, service: str, doors: str = "") -> str:
+        """What `moaa SERVICE serve` prints on stdout once it serves: its ports, for scripts and people."""
+        return (f"moaa {service} listening on {self.host}:{self.port}{doors}"
+                + (f", metrics on :{self.metrics_port}/metrics" if self.metrics_port else ""))
+
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful: mark NOT_SERVING, refuse new calls, wait for calls in flight up to the grace."""
+        """Graceful: NOT_SERVING (health watchers told, their streams ended), every door refuses new calls
+        at once, calls in flight get up to the grace, then what the server owns is closed."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.grace_s if grace is None else grace
-        await _set_all(self.health, self.service_names, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.server.stop(grace)
+        await self.health.close()
+        for stream in list(self.guard.streams):  # they would take new items for the whole grace
+            stream.close("the server is shutting down: resend the items that got no result")
+        t0 = time.monotonic()
+        if self._hurried:  # a second signal came while health was being closed
+            grace = 0
+        self._drains = [asyncio.ensure_future(self.server.stop(grace)),
+                        *(asyncio.ensure_future(fn()) for fn in self.on_drain)]
+        drained = asyncio.gather(*self._drains, return_exceptions=True)
+        done, _ = await asyncio.wait({drained}, timeout=grace)
+        if not done and self.guard.limiter.in_flight:  # grpc and aiohttp cancel them at the grace, silently
+            log.warning("shutdown grace %.0f s passed: cancelling %d items in flight (clients see UNAVAILABLE)",
+                        grace, self.guard.limiter.in_flight)
+        for res in await drained:
+            if isinstance(res, Exception):
+                log.warning("draining: %s: %s", type(res).__name__, res)
+        log.info("%s in %.1f s", "drained" if done and not self._hurried else "stopped", time.monotonic() - t0)
         for fn in self.on_stop:
             res = fn()
             if asyncio.iscoroutine(res):
@@ -80,24 +107,40 @@ class RunningServer:
             self.metrics_server.shutdown()
             self.metrics_server = None
 
-    async def wait_for_signal(self) -> None:
-        """Serve until SIGTERM/SIGINT, then stop gracefully. The process is a server from here on: its
-        garbage collector is tuned for that (tune_gc_for_serving)."""
+    def hurry(self) -> None:
+        """Cut a graceful stop short: calls still in flight are cancelled now (clients see UNAVAILABLE)."""
+        self._hurried = True
+        for drain in self._drains[1:]:
+            drain.cancel()
+        asyncio.ensure_future(self.server.stop(0))  # a smaller grace than the pending stop's wins
+
+    async def wait_for_signal(self, ready: str = "") -> int:
+        """Print the `ready` line, serve until SIGTERM/SIGINT, then stop gracefully; a second signal stops
+        at once. Returns the exit code: 0 after a full drain, 128 + the second signal when it was cut
+        short. The process is a server from here on: its garbage collector is tuned for that
+        (tune_gc_for_serving)."""
         tune_gc_for_serving()
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        signals: asyncio.Queue[int] = asyncio.Queue()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down: finishing %d items in flight (grace %.0f s)", self.guard.limiter.in_flight, self.grace_s)
-        await self.stop()
-
-
-async def _set_all(servicer, names, status) -> None:
-    for name in ["", *names]:
-        res = servicer.set(name, status)
-        if asyncio.iscoroutine(res):
-            await res
+            loop.add_signal_handler(sig, signals.put_nowait, sig)
+        if ready:  # only now: whoever reads it may stop us at once, and that must be the graceful stop
+            print(ready, flush=True)
+        first = await signals.get()
+        log.info("%s: shutting down: finishing %d items in flight (grace %.0f s; a second signal stops at once)",
+                 signal.Signals(first).name, self.guard.limiter.in_flight, self.grace_s)
+        stopping = asyncio.ensure_future(self.stop())
+        second = asyncio.ensure_future(signals.get())
+        await asyncio.wait({stopping, second}, return_when=asyncio.FIRST_COMPLETED)
+        if not second.done():
+            second.cancel()
+            await stopping
+            return 0
+        log.warning("second signal (%s): stopping now, cancelling %d items in flight",
+                    signal.Signals(second.result()).name, self.guard.limiter.in_flight)
+        self.hurry()
+        await stopping
+        return 128 + second.result()
 
 
 def check_free(host: str, port: int | None, setting: str) -> None:
@@ -128,11 +171,11 @@ async def start_server(cfg: ServerConfig, service: str, add_servicers, service_n
         ("grpc.so_reuseport", 0),
     ]
     # undecodable request bytes -> INVALID_ARGUMENT (innermost, so auth's refusals decode safely too)
-    interceptors = [*auth_interceptors(cfg.auth), DecodeGuardInterceptor()]
+    interceptors = [*auth_interceptors(cfg.auth, guard), DecodeGuardInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=None)
     add_servicers(server, guard)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME], server)
@@ -140,8 +183,9 @@ async def start_server(cfg: ServerConfig, service: str, add_servicers, service_n
     address = f"{cfg.host}:{cfg.port}"
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
-    await _set_all(health_servicer, service_names, health_pb2.HealthCheckResponse.SERVING)
+    for name in service_names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     msrv, mport = serve_metrics(cfg.metrics_port, cfg.host)
     log.info("%s listening on %s:%d%s", service, cfg.host, port, " (TLS)" if creds else "")
     return RunningServer(server=server, port=port, health=health_servicer, service_names=service_names, guard=guard,
-                         grace_s=cfg.shutdown_grace_s, metrics_server=msrv, metrics_port=mport)
+                         grace_s=cfg.shutdown_grace_s, metrics_server=msrv, metrics_port=mport, host=cfg.host)

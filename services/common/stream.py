@@ -5,7 +5,9 @@ from the moment it is read until its result has been WRITTEN to the transport. S
 not read stops the server from reading its requests (gRPC flow control then holds the client back), and
 no stream keeps more than `window` results in memory. A failed item becomes an error result through the
 one `status_of`; the stream goes on. Ending the stream (client gone, deadline, shutdown) cancels the
-items still running and waits for them before the call returns. With `admit` (the backends' Admission,
+items still running and waits for them before the call returns. A server that starts its graceful stop
+`close()`s its open streams: they read no more items, finish and write the ones they hold, then end
+UNAVAILABLE, so the client resends the rest to a server that is not going away. With `admit` (the backends' Admission,
 services/backend/limits.py) an item starts only when the backends it needs have room, so the window is
 an upper bound and the backends' free capacity decides how many items run.
 """
@@ -17,7 +19,7 @@ from typing import AsyncIterable, Awaitable, Callable, Generic, TypeVar
 
 import grpc
 
-from moaa.services.common.errors import InvalidArgument
+from moaa.services.common.errors import InvalidArgument, Unavailable
 from moaa.services.common.limiter import InFlightLimiter
 from moaa.services.common.rpc import status_of
 from moaa.services.common.validation import check_item_id
@@ -59,6 +61,16 @@ class ItemStream(Generic[Req, Res]):
         self._results: asyncio.Queue = asyncio.Queue()
         self._room = asyncio.Semaphore(window)
         self._tasks: set[asyncio.Task] = set()
+        self._reader: asyncio.Task | None = None
+        self._eof = False  # the client sent its last item
+        self._closing: str | None = None  # why the server stopped reading (shutdown)
+
+    def close(self, why: str) -> None:
+        """Read no more items (the server is stopping); those held are finished and written, then the call
+        ends UNAVAILABLE with `why`."""
+        if self._closing is None and self._reader is not None and not self._reader.done():
+            self._closing = why
+            self._reader.cancel()
 
     @property
     def queued(self) -> int:
@@ -111,11 +123,16 @@ class ItemStream(Generic[Req, Res]):
                     self._spawn(request)
                 else:
                     await self.admit(request, lambda: self._spawn(request))
+            self._eof = True
             while self._tasks:
                 await asyncio.wait(set(self._tasks))
             self._results.put_nowait(_END)
         except asyncio.CancelledError:
-            raise
+            if self._closing is None:
+                raise
+            while self._tasks:  # close(): what was taken is finished, not cut
+                await asyncio.wait(set(self._tasks))
+            self._results.put_nowait(_END if self._eof else _ReadFailed(Unavailable(self._closing)))
         except Exception as err:  # noqa: BLE001 - reading failed: the call ends with that error
             self._results.put_nowait(_ReadFailed(err))
 
@@ -123,7 +140,7 @@ class ItemStream(Generic[Req, Res]):
         """Read `requests`, write each result with `write` (grpc's `context.write`, which returns once the
         transport took the message). Runs in the call's own task, so a cancelled call (client gone,
         deadline) cancels and awaits the items still running before it returns."""
-        reader = asyncio.create_task(self._read(requests))
+        reader = self._reader = asyncio.create_task(self._read(requests))
         if self.live is not None:
             self.live.add(self)
         try:

@@ -67,6 +67,21 @@ class MoAEngine:
         self.pool = pool
         self.metrics = metrics
 
+    def outage(self) -> str | None:
+        """Why no recipe can be answered now (fewer reachable proposers than its min_proposers, or its
+        aggregator unreachable), or None. Drives the health status of the MoAGateway service."""
+        why = []
+        for name, recipe in self.cfg.recipes.items():
+            down = sorted({p.model for p in recipe.proposers if not self.pool.reachable(p.model)})
+            up = sum(self.pool.reachable(p.model) for p in recipe.proposers)
+            if up < recipe.min_proposers:
+                why.append(f"{name}: proposers {', '.join(down)} unreachable, {recipe.min_proposers} needed")
+            elif not self.pool.reachable(recipe.aggregator.model):
+                why.append(f"{name}: aggregator {recipe.aggregator.model} unreachable")
+            else:
+                return None
+        return "; ".join(why)
+
     # -- messages ---------------------------------------------------------------------------------
 
     def _messages(self, plan: Plan, agent: Agent, refs: list[gateway_pb2.Proposal] | None):

@@ -7,6 +7,7 @@ import logging
 from moaa.client.endpoint import Endpoint
 from moaa.errors import UserError
 from moaa.services.backend import BackendPool
+from moaa.services.common.health import follow
 from moaa.services.common.server import RunningServer, start_server
 from moaa.services.config import MoaaConfig
 from moaa.services.gateway.annotation import AnnotatorClient
@@ -51,12 +52,17 @@ async def start_gateway(cfg: MoaaConfig, *, probes: bool = True) -> RunningServe
         except BaseException as err:
             await running.stop(0)
             await pool.close()
+            if annotator is not None:
+                await annotator.close()
             if isinstance(err, OSError):
                 raise UserError(f"cannot serve HTTP on {cfg.gateway.host}:{cfg.gateway.http_port} "
                                 f"({err.strerror or err}): set gateway.http_port (or --http-port) to a free port, "
                                 "or null to turn HTTP off") from None
             raise
-        running.on_stop.append(runner.cleanup)
+        running.on_drain.append(runner.cleanup)  # the HTTP door stops taking calls with gRPC, drains beside it
+    watcher = asyncio.create_task(follow(running.health, SERVICE_NAME, running.servicer.engine.outage, log),
+                                  name="gateway backend health")
+    running.on_stop.append(watcher.cancel)
     if annotator is not None:
         running.on_stop.append(annotator.close)
     running.on_stop.append(pool.close)
@@ -72,10 +78,8 @@ def annotator_client(cfg: MoaaConfig) -> AnnotatorClient | None:
                                     key_file=tls.key_file))
 
 
-async def serve(cfg: MoaaConfig) -> None:
-    """Run until SIGTERM/SIGINT, then finish calls in flight and stop."""
+async def serve(cfg: MoaaConfig) -> int:
+    """Run until SIGTERM/SIGINT, then finish calls in flight and stop; returns the exit code."""
     running = await start_gateway(cfg)
-    print(f"moaa gateway listening on {cfg.gateway.host}:{running.port}"
-          + (f", OpenAI-compatible HTTP on :{running.http_port}/v1" if running.http_port else "")
-          + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
-    await running.wait_for_signal()
+    doors = f", OpenAI-compatible HTTP on :{running.http_port}/v1" if running.http_port else ""
+    return await running.wait_for_signal(running.ready_line("gateway", doors))

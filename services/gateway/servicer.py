@@ -35,7 +35,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         self.annotator = annotator
         self.max_prompt_chars = cfg.gateway.max_prompt_chars
         self.batch_window = cfg.gateway.batch_window
-        self.streams: set[ItemStream] = set()  # open GenerateBatch streams
+        self.streams: set[ItemStream] = guard.streams  # open GenerateBatch streams
         self.admission = Admission(pool)
         guard.metrics.watch_backends(pool)
 

@@ -79,7 +79,12 @@ class OpenAIRouter:
         token = request_id_var.set(rid)
         try:
             problem = None if request.path.startswith(_EXEMPT) else self._auth(request)
-            resp = _error(grpc.StatusCode.UNAUTHENTICATED, problem) if problem else await handler(request)
+            if problem:
+                resp = _error(grpc.StatusCode.UNAUTHENTICATED, problem)
+                if request.path == "/v1/chat/completions":  # a call refused; other paths are not calls
+                    self.guard.done(CHAT_METHOD, "UNAUTHENTICATED", 0.0, rid, transport="http")
+            else:
+                resp = await handler(request)
         except web.HTTPException as exc:  # unknown route, wrong method, body too large: OpenAI's error shape
             body = p.ErrorResponse(error=p.ErrorInfo(message=f"{request.method} {request.path}: {exc.reason}"
                                                      + (f" ({exc.text})" if exc.status == 413 else ""),
@@ -136,10 +141,7 @@ class OpenAIRouter:
         finally:
             if isinstance(resp, _Streamed) and resp.error is not None:
                 code = resp.error
-            dt = time.perf_counter() - t0
-            self.guard.metrics.call_done(CHAT_METHOD, code.name, dt, transport="http")
-            log.info("call", extra={"request_id": rid, "method": CHAT_METHOD, "transport": "http",
-                                    "code": code.name, "seconds": round(dt, 4)})
+            self.guard.done(CHAT_METHOD, code.name, time.perf_counter() - t0, rid, transport="http")
         return resp
 
     def _failed(self, request: web.Request, code: grpc.StatusCode, msg: str, param: str | None):
