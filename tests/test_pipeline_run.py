@@ -173,6 +173,11 @@ async def test_gateway_without_annotator_or_annotator_without_gateway_exits_2_at
     rc, _, err = await _run([sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--out", str(out),
                              "--annotator", "127.0.0.1:9"], timeout=60)
     assert rc == 2 and "give --gateway HOST:PORT too" in err and not out.exists(), err
+    cmd = _offline_cmd(out)                          # the model to train: the embedded default is not for --gateway
+    del cmd[cmd.index("--target"):cmd.index("--target") + 2]
+    rc, _, err = await _run(cmd, timeout=60)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "give --target MODEL" in err, err
+    assert not out.exists()
 
 
 async def test_out_that_is_a_file_or_report_of_a_file_exits_2(tmp_path):

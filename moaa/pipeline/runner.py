@@ -169,6 +169,8 @@ def check_services(opts: PipelineOptions, stages: list[str]) -> None:
     if opts.gateway is None and opts.annotator:
         raise UserError("--annotator is for a run against running services: give --gateway HOST:PORT too "
                         "(without --gateway the embedded stack runs its own annotator)")
+    if opts.gateway and not opts.target:  # the embedded default model is the embedded stack's
+        raise UserError("give --target MODEL (folder or hub id) for the model to train when using --gateway")
     if opts.gateway and not opts.annotator and "pairs" in stages:
         raise UserError("with --gateway, stage 2 (pairs) and eval need an annotator: give --annotator HOST:PORT, "
                         "or stop before it with --until samples")
@@ -223,9 +225,7 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     if prompts.invalid:
         _say(opts, f"prompts: {prompts.summary}")
     local = opts.gateway is None
-    target = opts.target or (default_target() if local else None)
-    if target is None:
-        raise UserError("give --target MODEL (folder or hub id) for the model to train when using --gateway")
+    target = opts.target or default_target()  # check_services made --gateway runs name theirs
     chash = run_config_hash(opts, settings, prompts, str(target))
     pending = [cfg for kind, cfg in training_configs(settings, layout, str(target)).items()
                if kind in stages and training.model_done(Path(cfg.out)) is None]
