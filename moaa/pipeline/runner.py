@@ -159,6 +159,11 @@ def resolve_settings(opts: PipelineOptions, local: bool) -> dict[str, Any]:
         # against the 20-minute bound (20 min 45 s measured at 64 tokens): 48-token samples and eval answers,
         # which also shortens every judge prompt (two answers each)
         base["sample_tokens"] = min(base["sample_tokens"], 48)
+    unknown = sorted(set(opts.overrides) - set(base))
+    if unknown:  # a misspelt key would otherwise be ignored without a word
+        keys = ", ".join(k for k in base if k not in ("sft", "dpo"))
+        raise UserError(f"--set {unknown[0]}: not a pipeline setting; the settings are {keys}, "
+                        "and sft.<key> / dpo.<key> for training")
     settings = _merge(base, opts.overrides)
     settings.update({"recipe": opts.recipe, "ensemble": opts.ensemble, "eval_judge": opts.eval_judge, "seed": opts.seed})
     return settings
