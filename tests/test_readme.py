@@ -145,6 +145,19 @@ def test_readme_pipeline_commands_pass_the_checks_made_before_a_run(argv):
     check_services(opts, _stages_to_run(opts.until))
 
 
+def test_connection_flags_are_on_every_command_the_readme_names():
+    """"Every command that calls a moaa service (...) takes the same connection flags: ..." holds."""
+    text = " ".join(PROSE.split())
+    start = text.index("Every command that calls a moaa service (")
+    commands, flags = text[start:text.index("requires mutual TLS", start)].split("takes the same connection flags")
+    flags = set(re.findall(r"--[\w-]+", flags))
+    assert {"--token", "--tls-ca", "--tls", "--tls-cert", "--tls-key"} <= flags
+    for span in re.findall(r"`(moaa [^`]+)`", commands):
+        argv = [w for w in shlex.split(span)[1:] if not w.startswith("--")]  # the command words
+        known = _command_parser(argv)._option_string_actions
+        assert sorted(flags - set(known)) == [], span
+
+
 def test_configuration_reference_validates():
     """The configuration reference is one config a user can copy: it validates as it stands."""
     from moaa.services.config import parse_config
