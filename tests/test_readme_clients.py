@@ -72,3 +72,18 @@ async def test_readme_generate_command_runs(readme_gateway):
                                argv[4].strip().strip('"')], env={"MOAA_TOKEN": TOKEN})
     assert rc == 0, err
     assert "=== aggregated answer ===" in out
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine")
+async def test_readme_backend_curl_gets_a_completion(gw_emulators):
+    """The tour's first curl, against `moaa backend emulate` (the same HTTP API as `moaa backend serve`)."""
+    import json
+
+    emu = await gw_emulators()
+    (block,) = [b for b in code_blocks("bash") if "moaa backend serve" in b]
+    cmd = block[block.index("curl"):].replace("\\\n", " ").strip()
+    assert "http://127.0.0.1:8000/v1/chat/completions" in cmd
+    rc, out, err = await _run(["bash", "-c", cmd.replace("http://127.0.0.1:8000/v1", emu.url)])
+    assert rc == 0, err
+    answer = json.loads(out)
+    assert answer["model"] == "smollm2-135m-instruct" and answer["choices"][0]["message"]["content"]
