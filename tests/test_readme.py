@@ -236,3 +236,33 @@ def test_every_named_path_exists():
     missing = [p for p in sorted(named) if not NOT_IN_REPO.match(p) and "://" not in p
                and not (ROOT / p).exists() and not (ROOT / "services" / p).exists()]
     assert missing == []
+
+
+def _helm_block() -> str:
+    (block,) = [b for b in code_blocks("bash") if b.startswith("helm install")]
+    return block
+
+
+@pytest.mark.parametrize("line", [ln for ln in _helm_block().splitlines() if ln.startswith("helm install")])
+def test_readme_helm_installs_render_and_lint(helm, line):
+    """Each `helm install` line, rendered and linted by the real helm (no cluster here: the boundary)."""
+    argv = shlex.split(line, comments=True)
+    assert argv[:4] == ["helm", "install", "moaa", "charts/moaa"]
+    files = [argv[i + 1].removeprefix("charts/moaa/") for i, a in enumerate(argv) if a == "-f"]
+    assert helm.template(files).of_kind("Deployment")
+    helm.lint(files)
+
+
+def test_readme_kubectl_names_are_the_charts(helm):
+    """The Secret, key and Service the helm block's kubectl lines name, and the PVCs of its --set line."""
+    rendered = helm.template([])
+    block = _helm_block()
+    secret = re.search(r"get secret (\S+) -o jsonpath='\{\.data\.(\w+)\}'", block)
+    stored = rendered.get("Secret", secret[1])
+    assert secret[2] in {**stored.get("data", {}), **stored.get("stringData", {})}  # the API serves both as data
+    forward = re.search(r"port-forward svc/(\S+) (\d+):\d+", block)
+    assert int(forward[2]) in [p["port"] for p in rendered.get("Service", forward[1])["spec"]["ports"]]
+    (sets,) = re.findall(r"--set (persistence\S+)", README)
+    claims = re.search(r"\(release moaa: ([\w, -]+)\)", README)[1].split(", ")
+    pvcs = helm.template([], dict(kv.split("=") for kv in sets.split(","))).of_kind("PersistentVolumeClaim")
+    assert sorted(p["metadata"]["name"] for p in pvcs) == sorted(claims)
