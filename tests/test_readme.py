@@ -175,6 +175,7 @@ def _train_paragraph() -> str:
 def test_training_keys_are_the_typed_settings():
     """Every key the training section lists is a field of SFTSettings/DPOSettings (lora.{...} of
     LoraSettings), a TRL field it names, or a value of a moaa setting (`bf16`)."""
+    import dataclasses
     import typing
 
     from moaa.trainer.config import LoraSettings
@@ -183,7 +184,7 @@ def test_training_keys_are_the_typed_settings():
 
     fields = {**SFTSettings.model_fields, **DPOSettings.model_fields}
     values = {v for f in fields.values() for v in typing.get_args(f.annotation) if isinstance(v, str)}
-    trl = {n for cls in (SFTSettings, DPOSettings) for n in (f.name for f in __import__("dataclasses").fields(cls.trl_class()))}
+    trl = {f.name for cls in (SFTSettings, DPOSettings) for f in dataclasses.fields(cls.trl_class())}
     text = _train_paragraph()
     listed = text[text.index("typed as"):text.index("Defaults that differ")]
     unknown = []
