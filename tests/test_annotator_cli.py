@@ -47,6 +47,12 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
     ann = row["annotation"]
     assert ann["score_chosen"] > ann["score_rejected"] and {j["judge"] for j in ann["judges"]} == {"a", "b"}
     assert ann["agreement"] == 1.0 and ann["chosen_model"] == "sft"
+    # the row the README shows (its one json block) has exactly these fields, at every level
+    from tests.test_readme import code_blocks
+
+    (shown,) = [json.loads(block) for block in code_blocks("json")]
+    assert set(shown) == set(row) and set(shown["annotation"]) == set(ann)
+    assert set(shown["annotation"]["judges"][0]) == set(ann["judges"][0])
     skipped = {json.loads(x)["id"]: json.loads(x)["reason"] for x in (tmp_path / "pairs.jsonl.skipped.jsonl").open()}
     # equal (after strip) or single answers are not sent: the same rule as the pipeline's pairs stage
     assert skipped["same"].startswith("too_few_candidates") and skipped["one"].startswith("too_few_candidates")

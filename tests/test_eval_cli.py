@@ -102,6 +102,26 @@ async def test_eval_counts_missing_answers_and_agrees_with_its_verdict_rows(judg
     assert "2 missing" in out
 
 
+async def test_eval_folder_refuses_another_judge_or_other_answers(judge_emulator, tmp_path):
+    """The README's two `moaa eval` lines one after the other (same default --out): the second must not
+    resume the first's verdicts, judged by another judge or of other answers; another comparison (--name)
+    may share the folder."""
+    a, b = _answers(tmp_path)
+    ev = str(tmp_path / "ev")
+    judge = ("--judge-url", judge_emulator.url, "--judge-model")
+    rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), *judge, "longest", "--out", ev)
+    assert rc == 0 and "win rate 70.0%" in out, err
+    rc, _, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), *judge, "first", "--out", ev)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "holds model vs baseline judged by judge:longest, not judge:first" in err and "another --out" in err
+    b.write_text(b.read_text().replace("short", "brief"))
+    rc, _, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), *judge, "longest", "--out", ev)
+    assert rc == 2 and "other answers of baseline" in err, err
+    rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), *judge, "first", "--out", ev,
+                              "--name", "again")
+    assert rc == 0 and out.startswith("again vs baseline") and "win rate 50.0%" in out, err
+
+
 async def test_eval_bad_input_is_one_line(tmp_path):
     a, b = _answers(tmp_path)
     rc, _, err = await _cli("eval", "--answers", str(a), "--baseline", str(b))

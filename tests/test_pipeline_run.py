@@ -160,6 +160,9 @@ async def test_bad_sft_value_exits_2_before_anything_is_written(tmp_path):
     assert not out.exists()                                    # no run folder, so no stage folder either
     rc, _, err = await _run(_offline_cmd(out, "dpo.packing=true"), timeout=60)   # packing is an SFT field
     assert rc == 2 and "packing is not a moaa DPOSettings field" in err and not out.exists()
+    rc, _, err = await _run(_offline_cmd(out, "n_sample=5"), timeout=60)         # misspelt: never silently ignored
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--set n_sample: not a pipeline setting" in err and "n_samples" in err and not out.exists()
 
 
 async def test_gateway_without_annotator_or_annotator_without_gateway_exits_2_at_once(tmp_path):
@@ -173,6 +176,11 @@ async def test_gateway_without_annotator_or_annotator_without_gateway_exits_2_at
     rc, _, err = await _run([sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--out", str(out),
                              "--annotator", "127.0.0.1:9"], timeout=60)
     assert rc == 2 and "give --gateway HOST:PORT too" in err and not out.exists(), err
+    cmd = _offline_cmd(out)                          # the model to train: the embedded default is not for --gateway
+    del cmd[cmd.index("--target"):cmd.index("--target") + 2]
+    rc, _, err = await _run(cmd, timeout=60)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "give --target MODEL" in err, err
+    assert not out.exists()
 
 
 async def test_out_that_is_a_file_or_report_of_a_file_exits_2(tmp_path):

@@ -246,6 +246,10 @@ def test_setting_whose_package_is_missing_exits_2_before_the_model_loads(item, p
     rc = main(["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--set", item])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and message in err
+    # `--check` refuses what the run here would; a Job's packages are the trainer image's, not this machine's
+    base = ["train", "sft", "--data", "d", "--model", "m", "--out", str(tmp_path / "o"), "--set", item, "--check"]
+    assert main(base) == 2 and message in capsys.readouterr().err
+    assert main([*base, "job"]) == 0 and not (tmp_path / "o").exists()
 
 
 def test_trl_field_a_moaa_run_would_ignore_is_refused():

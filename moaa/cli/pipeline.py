@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     run.add_argument("--quick", action="store_true", help="a small version (12 prompts, few steps) for a first look")
     run.add_argument("--gateway", help="HOST:PORT of a running gateway (e.g. from helm install moaa)")
     run.add_argument("--annotator", help="HOST:PORT of a running annotator (needed with --gateway)")
-    run.add_argument("--target", help="base model to train: folder or hub id (default: SmolLM2-135M-Instruct)")
+    run.add_argument("--target", help="base model to train: folder or hub id (default: the embedded "
+                     "SmolLM2-135M-Instruct; required with --gateway)")
     run.add_argument("--recipe", default="", help="gateway recipe (default: the gateway's default)")
     run.add_argument("--ensemble", default="", help="judge ensemble (default: the annotator's default)")
     run.add_argument("--k8s", action="store_true", help="run SFT and DPO as Kubernetes Jobs (moaa train submit)")
@@ -80,18 +81,24 @@ def register(subparsers) -> None:
     ev.set_defaults(func=_eval)
 
 
-async def _run(args) -> int:
+def pipeline_options(args):
+    """`moaa pipeline run`'s flags as the runner's PipelineOptions."""
     from moaa.overrides import apply_sets
     from moaa.pipeline.data import parse_mapping
-    from moaa.pipeline.runner import PipelineOptions, format_summary, run_pipeline
+    from moaa.pipeline.runner import PipelineOptions
 
-    opts = PipelineOptions(
+    return PipelineOptions(
         out=Path(args.out), prompts=args.prompts, mapping=parse_mapping(args.mapping), skip_invalid=args.skip_invalid,
         split=args.split, limit=args.limit, gateway=args.gateway, annotator=args.annotator, token=args.token,
         tls_ca=args.tls_ca, tls=args.tls, tls_cert=args.tls_cert, tls_key=args.tls_key, k8s=args.k8s, k8s_args=args.k8s_args, quick=args.quick, token_budget=args.token_budget,
         target=args.target, recipe=args.recipe, ensemble=args.ensemble, eval_judge=args.eval_judge,
         engine=args.engine, quiet=args.quiet, until=args.until, overrides=apply_sets({}, args.overrides))
-    summary = await run_pipeline(opts)
+
+
+async def _run(args) -> int:
+    from moaa.pipeline.runner import format_summary, run_pipeline
+
+    summary = await run_pipeline(pipeline_options(args))
     print(format_summary(summary))
     return 0
 

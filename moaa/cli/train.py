@@ -56,7 +56,12 @@ def _run_train(args: argparse.Namespace) -> int:
         from moaa.trainer.config import build_trl_args, resolve_device
 
         # what TRL made of the trl.* pass-through, as the trainer will see it here (or on a Job's GPU node)
-        trl = build_trl_args(cfg, device=None if args.check == "job" else resolve_device(cfg)).to_dict()
+        trl_args = build_trl_args(cfg, device=None if args.check == "job" else resolve_device(cfg))
+        if args.check == "here":  # what a run here refuses before its model loads (a Job's image has its own)
+            from moaa.trainer.runner import check_packages
+
+            check_packages(trl_args)
+        trl = trl_args.to_dict()
         print(json.dumps({"event": "config_ok", "kind": cfg.kind, "trl": {k: trl.get(k) for k in cfg.trl}},
                          default=str), flush=True)
         return 0

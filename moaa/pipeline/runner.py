@@ -126,6 +126,11 @@ def resolve_settings(opts: PipelineOptions, local: bool) -> dict[str, Any]:
         # against the 20-minute bound (20 min 45 s measured at 64 tokens): 48-token samples and eval answers,
         # which also shortens every judge prompt (two answers each)
         base["sample_tokens"] = min(base["sample_tokens"], 48)
+    unknown = sorted(set(opts.overrides) - set(base))
+    if unknown:  # a misspelt key would otherwise be ignored without a word
+        keys = ", ".join(k for k in base if k not in ("sft", "dpo"))
+        raise UserError(f"--set {unknown[0]}: not a pipeline setting; the settings are {keys}, "
+                        "and sft.<key> / dpo.<key> for training")
     settings = merge_settings(base, opts.overrides)
     settings.update({"recipe": opts.recipe, "ensemble": opts.ensemble, "eval_judge": opts.eval_judge, "seed": opts.seed})
     return settings
@@ -136,6 +141,8 @@ def check_services(opts: PipelineOptions, stages: list[str]) -> None:
     if opts.gateway is None and opts.annotator:
         raise UserError("--annotator is for a run against running services: give --gateway HOST:PORT too "
                         "(without --gateway the embedded stack runs its own annotator)")
+    if opts.gateway and not opts.target:  # the embedded default model is the embedded stack's
+        raise UserError("give --target MODEL (folder or hub id) for the model to train when using --gateway")
     if opts.gateway and not opts.annotator and "pairs" in stages:
         raise UserError("with --gateway, stage 2 (pairs) and eval need an annotator: give --annotator HOST:PORT, "
                         "or stop before it with --until samples")
@@ -190,9 +197,7 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     if prompts.invalid:
         _say(opts, f"prompts: {prompts.summary}")
     local = opts.gateway is None
-    target = opts.target or (default_target() if local else None)
-    if target is None:
-        raise UserError("give --target MODEL (folder or hub id) for the model to train when using --gateway")
+    target = opts.target or default_target()  # check_services made --gateway runs name theirs
     chash = run_config_hash(opts, settings, prompts, str(target))
     pending = [cfg for kind, cfg in training_configs(settings, layout, str(target)).items()
                if kind in stages and training.model_done(Path(cfg.out)) is None]

@@ -1,12 +1,16 @@
 """Evaluation runs: judge model-vs-baseline pairs (resumable), grade single answers, write win rates.
 
 Judgments are stored keyed by "<model>~<baseline>~<prompt id>", so a killed eval resumes without
-judging a pair twice. Abstentions (a judge unreadable in both orders) are recorded as skipped rows and
+judging a pair twice. `eval.json` records, per comparison, its judge and a hash of each side's answers:
+a re-run with another judge or other answers under the same names is refused rather than handed the old
+verdicts. Abstentions (a judge unreadable in both orders) are recorded as skipped rows and
 counted beside each win rate, as are failed judgments and prompts one side has no answer for.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 from pathlib import Path
 
 from moaa.client.pairs import sample_prompt, sample_texts
@@ -51,6 +55,29 @@ def load_answers(path: str | Path) -> dict[str, tuple[list[dict], str]]:
     if not out:
         raise UserError(f"{path}: no answers")
     return out
+
+
+def _answers_sha256(answers: dict[str, tuple[list[dict], str]]) -> str:
+    doc = json.dumps(sorted(answers.items()), ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+def guard_comparison(out: Path, judge: str, model: str, baseline: str, answers_model: dict, answers_base: dict) -> None:
+    """Record what this comparison is judged by and on in `<out>/eval.json`; refuse a folder whose stored
+    verdicts for the same names came from another judge or other answers (they would be resumed as these)."""
+    path = out / "eval.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    now = {"judge": judge, "model_sha256": _answers_sha256(answers_model),
+           "baseline_sha256": _answers_sha256(answers_base)}
+    old = record.get(f"{model}~{baseline}")
+    if old and old != now:
+        what = (f"judged by {old['judge']}, not {judge}" if old["judge"] != now["judge"] else
+                "of other answers of " + " and ".join(n for n, k in ((model, "model_sha256"), (baseline, "baseline_sha256"))
+                                                       if old[k] != now[k]))
+        raise UserError(f"{out} holds {model} vs {baseline} {what}; use another --out, or other --name / "
+                        "--baseline-name for a new comparison")
+    record[f"{model}~{baseline}"] = now
+    atomic_write_json(path, record)
 
 
 def _empty_verdict(model_text: str, base_text: str):
@@ -219,13 +246,14 @@ async def evaluate(args) -> dict:
 
         cfg = parse_backend({"urls": [args.judge_url], "served_model": args.judge_model,
                              "api_key_env": args.judge_api_key_env}, "bad judge settings")
-        pool = BackendPool({"judge": cfg}, probes=False)
+        pool = BackendPool({args.judge_model: cfg}, probes=False)  # named by its model: the judge's identity
         await pool.start()
-        judge = ChatPairJudge(pool, "judge")
+        judge = ChatPairJudge(pool, args.judge_model)
     else:
         judge = AnnotatorPairJudge(Endpoint.reached_as(args.annotator, args), ensemble=args.ensemble)
-    store = DatasetStore(out / "judgments", stage="eval", fmt="generations").open()
     try:
+        guard_comparison(out, judge.name, args.name, args.baseline_name, model_ans, base_ans)
+        store = DatasetStore(out / "judgments", stage="eval", fmt="generations").open()
         missing = await judge_pairs(judge, args.name, args.baseline_name, model_ans, base_ans, store)
         grades = None
         if args.grade:
