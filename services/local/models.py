@@ -336,3 +336,14 @@ def resolve_model(spec: str, *, prepare_missing: bool = True) -> ModelSpec:
         return ModelSpec(spec, hub_id=spec)
     raise UserError(f"--model {spec!r} is not a packaged model ({', '.join(PACKAGED)}), an existing model folder "
                     f"or GGUF file, or a hub id of the form org/name")
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether a model folder carries a chat template where transformers and vLLM look for one (read from the
+    files, no tokenizer load): chat_template.jinja, chat_template.json, or tokenizer_config.json's field."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
