@@ -7,10 +7,13 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 
 from moaa import __version__
-from moaa.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, MoaaError
+from moaa.errors import (EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED,
+                         MoaaError)
 
 # Command-group modules under moaa.cli, in help order.
 COMMAND_MODULES = [
@@ -49,10 +52,21 @@ def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread: the command unwinds (its finally blocks run) as for Ctrl-C and ends with
+    one line; left at Python's default, SIGTERM ended it silently. Servers install their own handlers."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers can only be set there
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):
@@ -67,11 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("moaa: interrupted\n")
         return EXIT_INTERRUPTED
+    except Terminated:
+        sys.stderr.write("moaa: terminated\n")
+        return EXIT_TERMINATED
     except Exception as err:  # the last guard: one line, full trace only with -vv
         if args.verbose >= 2:
             raise
         sys.stderr.write(f"moaa: error: {type(err).__name__}: {err} (run with -vv for the traceback)\n")
         return EXIT_FAILURE
+    finally:
+        if in_main:  # main() called in-process (tests, notebooks) leaves the caller's handler as it was
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":
