@@ -94,12 +94,15 @@ def test_run_killed_while_saving_resumes_from_the_checkpoint_before(tiny_model_d
             "--save-steps", "1", "--batch-size", "4", "--per-device-batch-size", "4", "--max-length", "96", "--lr", "1e-3"]
     assert main(args) == 0
     ref = _by_step(out, "loss")
+    ref_train_loss = json.loads((out / "manifest.json").read_text())["train_loss"]
     (out / "checkpoint-3" / "trainer_state.json").unlink()
     for name in ("manifest.json", "metrics.jsonl", "model.safetensors"):
         (out / name).unlink()
     assert main(args) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["resumed_from"].endswith("checkpoint-2") and man["final_step"] == 3
+    # the run's mean loss over all its steps, not over the steps after the resume (TRL's training_loss)
+    assert man["train_loss"] == pytest.approx(ref_train_loss, rel=1e-4)
     assert _by_step(out, "loss")[3] == pytest.approx(ref[3], rel=1e-4)
     assert newest_checkpoint(out).endswith("checkpoint-3")
 

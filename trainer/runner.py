@@ -180,6 +180,19 @@ def _emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def run_mean_loss(log_history: list[dict], fallback: float) -> float:
+    """The mean training loss over every step of the run, a resumed run's earlier steps included: the state a
+    checkpoint restores keeps their logs, while TRL's training_loss averages only the steps this process ran
+    (a run resumed at step k would report another loss than the same run uninterrupted). Each log holds the
+    mean since the one before, so it weighs by the steps it covers."""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry.get("step", 0) > last:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last else fallback
+
+
 def train_and_save(p: Prepared, trainer) -> dict[str, Any]:
     """Resume from the newest checkpoint, train, save the final model and the run's records."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -191,6 +204,7 @@ def train_and_save(p: Prepared, trainer) -> dict[str, Any]:
         _emit({"event": "resume", "checkpoint": ckpt, "step": checkpoint_step(ckpt)})
     result = trainer.train(resume_from_checkpoint=ckpt)
     step = trainer.state.global_step
+    train_loss = run_mean_loss(trainer.state.log_history, result.training_loss)
     if p.use_cache is not None:  # the saved config is the base's, not training's (no KV cache in plain forwards)
         p.model.config.use_cache = p.use_cache
     if p.cfg.lora.enabled and p.cfg.lora.merge:
@@ -204,11 +218,11 @@ def train_and_save(p: Prepared, trainer) -> dict[str, Any]:
         manifest = build_manifest(
             p.cfg, data_report=p.report, model_path=getattr(p.model, "name_or_path", None), world=p.world, grad_accum=p.accum, device=p.device,
             chat_template=p.template_note, resumed_from=ckpt, trl_args=p.args.to_dict(), final_step=step,
-            train_loss=result.training_loss, plot=str(plot) if plot else None,
+            train_loss=train_loss, plot=str(plot) if plot else None,
             eval_data=p.eval_report.summary() if p.eval_report else None)
         write_manifest(p.out, manifest)
-        _emit({"event": "saved", "out": str(p.out), "step": step, "train_loss": result.training_loss})
-    return {"step": step, "train_loss": result.training_loss, "resumed_from": ckpt}
+        _emit({"event": "saved", "out": str(p.out), "step": step, "train_loss": train_loss})
+    return {"step": step, "train_loss": train_loss, "resumed_from": ckpt}
 
 
 def callbacks(p: Prepared) -> list:
