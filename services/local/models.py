@@ -333,6 +333,10 @@ def resolve_model(spec: str, *, prepare_missing: bool = True) -> ModelSpec:
             raise UserError(f"{path} is a file but not a .gguf file; give a model folder or a GGUF file")
         return ModelSpec(spec, path=prepare_gguf_file(path) if prepare_missing else path.resolve())
     if _HUB_ID.match(spec) and not spec.startswith((".", "~")) and not os.path.isabs(spec):
+        if path.parent.is_dir():  # `runs/sft` with runs/ here is a folder not there (yet), not a hub repository
+            held = ", ".join(sorted(p.name for p in path.parent.iterdir() if p.is_dir())[:8]) or "no folders"
+            raise UserError(f"--model {spec!r}: no such model folder ({path.parent}/ holds {held}); give an "
+                            "existing model folder (org/name is read as a hub id only where no folder org/ is here)")
         return ModelSpec(spec, hub_id=spec)
     raise UserError(f"--model {spec!r} is not a packaged model ({', '.join(PACKAGED)}), an existing model folder "
                     f"or GGUF file, or a hub id of the form org/name")
