@@ -8,6 +8,7 @@ EXIT_FAILURE = 1       # anything else that went wrong
 EXIT_BAD_INPUT = 2     # the user must change something: arguments, config, data
 EXIT_TRANSIENT = 75    # EX_TEMPFAIL: a retry may succeed (backend down, API unreachable)
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143     # 128 + SIGTERM: a pod evicted, a Job deleted, a supervisor stopping us
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE, what a shell reports for a tool whose reader went away
 
 

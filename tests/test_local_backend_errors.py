@@ -74,6 +74,33 @@ async def test_transformers_rejects_a_served_name_it_cannot_answer_to(tiny_model
     assert srv.pid is None
 
 
+def _without_chat_template(tiny_model_dir, folder):
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").unlink()
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return folder
+
+
+@pytest.mark.parametrize("engine", ["transformers", "vllm"])
+async def test_model_without_chat_template_fails_before_any_engine_starts(tmp_path, tiny_model_dir, engine):
+    """Chat completions need the folder's chat template: without one transformers serve answered the readiness
+    probe with HTTP 500 until the start-up timeout (10 min for the CLI), then a retryable exit 75."""
+    srv = EngineServer(str(_without_chat_template(tiny_model_dir, tmp_path / "m")), engine=engine, startup_timeout_s=20)
+    with pytest.raises(UserError, match=r"has no chat template") as info:
+        await srv.start()
+    assert srv.pid is None and "\n" not in str(info.value)
+
+
+def test_cli_serve_model_without_chat_template_is_one_line_exit_2(tmp_path, tiny_model_dir, capsys):
+    base = _without_chat_template(tiny_model_dir, tmp_path / "m")
+    assert main(["backend", "serve", "--model", str(base), "--engine", "transformers", "--port", "0",
+                 "--startup-timeout", "20"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[1].startswith(f"moaa: error: model folder {base} has no chat template"), err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["transformers", "vllm"])
 async def test_engine_failure_is_reported_with_the_engines_own_error(tmp_path, tiny_model_dir, engine):

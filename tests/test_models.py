@@ -54,6 +54,15 @@ def test_bad_model_specs_say_what_to_give(tmp_path, make, fragment):
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
+def test_missing_folder_under_an_existing_one_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """`runs/sft` mistyped or not trained yet, with runs/ here: the engine (or the trainer) spent minutes asking
+    huggingface.co for a model "runs/sft" and then said it could not connect."""
+    (tmp_path / "runs" / "dpo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^--model 'runs/sft': no such model folder \(runs/ holds dpo\)"):
+        resolve_model("runs/sft")
+
+
 def test_unknown_packaged_name():
     with pytest.raises(UserError, match="packaged models: smollm2-135m-instruct, gemma3-270m"):
         prepare("nope")

@@ -372,7 +372,7 @@ async def test_annotate_stopped_by_sigterm_leaves_a_resumable_file(judge_emulato
         await asyncio.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 143 and err.decode() == "moaa: interrupted (SIGTERM)\n", err
+    assert proc.returncode == 143 and err.decode() == "moaa: terminated (SIGTERM)\n", err
     data = out.read_bytes()
     assert data.endswith(b"\n") and 5 <= data.count(b"\n") < 200
     proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

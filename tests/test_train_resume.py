@@ -94,11 +94,38 @@ def test_run_killed_while_saving_resumes_from_the_checkpoint_before(tiny_model_d
             "--save-steps", "1", "--batch-size", "4", "--per-device-batch-size", "4", "--max-length", "96", "--lr", "1e-3"]
     assert main(args) == 0
     ref = _by_step(out, "loss")
+    ref_train_loss = json.loads((out / "manifest.json").read_text())["train_loss"]
     (out / "checkpoint-3" / "trainer_state.json").unlink()
     for name in ("manifest.json", "metrics.jsonl", "model.safetensors"):
         (out / name).unlink()
     assert main(args) == 0
     man = json.loads((out / "manifest.json").read_text())
     assert man["resumed_from"].endswith("checkpoint-2") and man["final_step"] == 3
+    # the run's mean loss over all its steps, not over the steps after the resume (TRL's training_loss)
+    assert man["train_loss"] == pytest.approx(ref_train_loss, rel=1e-4)
     assert _by_step(out, "loss")[3] == pytest.approx(ref[3], rel=1e-4)
     assert newest_checkpoint(out).endswith("checkpoint-3")
+
+
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGINT, 130, "moaa: interrupted"),
+                                              (signal.SIGTERM, 143, "moaa: terminated (SIGTERM)")])
+def test_stopped_run_says_so_in_one_line(tiny_model_dir, tmp_path, sig, code, line):
+    """Ctrl-C, or the SIGTERM a pod gets when it is evicted or a Job deleted: one line and a non-zero exit, no
+    traceback (SIGTERM ended the process silently), and a re-run resumes from the checkpoint."""
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(12))
+    cmd = [sys.executable, "-m", "moaa.cli.main", "train", "sft", "--data", str(data), "--model", str(tiny_model_dir),
+           "--out", str(tmp_path / "run"), *ARGS]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for out_line in proc.stdout:  # bounded by the process ending
+            if out_line.startswith("{") and json.loads(out_line)["event"] == "checkpoint":
+                proc.send_signal(sig)
+                break
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert proc.returncode == code, err[-2000:]
+    assert err.splitlines()[-1] == line and "Traceback" not in err, err[-2000:]
+    assert newest_checkpoint(tmp_path / "run") is not None

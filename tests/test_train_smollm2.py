@@ -12,6 +12,7 @@ import pytest
 
 from moaa.cli.main import main
 from moaa.trainer.plots import read_metrics
+from tests.fixtures.models import SMOLLM2
 from tests.fixtures.trainer import pref_rows, sft_rows, write_jsonl
 from tests.test_train_tiny import assert_loads_and_generates
 
@@ -30,18 +31,20 @@ def smollm2_sft(smollm2_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("smol-sft")
     data = write_jsonl(d / "sft.jsonl", sft_rows(2))
     out = d / "out"
-    rc = main(["train", "sft", "--data", str(data), "--model", str(smollm2_model), "--out", str(out),
+    # by its packaged name, as README's training example gives it (smollm2_model: prepared in the cache)
+    rc = main(["train", "sft", "--data", str(data), "--model", SMOLLM2, "--out", str(out),
                "--max-steps", "3", "--lr", "1e-4", *SMALL])
     assert rc == 0
     return out
 
 
-def test_sft_smollm2_loss_falls_and_model_answers(smollm2_sft):
+def test_sft_smollm2_loss_falls_and_model_answers(smollm2_sft, smollm2_model):
     ls = _losses(smollm2_sft)
     assert len(ls) == 3 and all(math.isfinite(x) for x in ls)
     assert ls[-1] < ls[0], ls
     man = json.loads((smollm2_sft / "manifest.json").read_text())
     assert man["chat_template"] == "model's own" and man["effective_global_batch_size"] == 2
+    assert man["model"] == SMOLLM2 and man["model_path"] == str(smollm2_model)
     assert assert_loads_and_generates(smollm2_sft).strip()
 
 

@@ -34,8 +34,11 @@ def assert_loads_and_generates(out: Path) -> str:
     return tok.decode(gen[0, ids["input_ids"].shape[1]:])
 
 
-def test_sft_tiny_loss_falls_and_outputs(tiny_sft_dir, train_data, capsys):
+def test_sft_tiny_loss_falls_and_outputs(tiny_sft_dir, tiny_model_dir, train_data, capsys):
     out = tiny_sft_dir
+    # the model's config is the base's: nothing of training's (TRL's use_cache=False) leaks into it
+    assert json.loads((out / "config.json").read_text()) == json.loads((tiny_model_dir / "config.json").read_text())
+    assert not {"optimizer.pt", "scheduler.pt", "rng_state.pth"} & {p.name for p in out.iterdir()}
     ls = losses(out)
     assert len(ls) == 6 and all(math.isfinite(x) for x in ls)
     assert ls[-1] < ls[0] - 0.05, ls
@@ -79,6 +82,31 @@ def test_sft_lora_merged(tiny_model_dir, train_data, tmp_path):
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     assert all(math.isfinite(x) for x in losses(out))
     assert_loads_and_generates(out)
+
+
+def test_lora_adapter_loads_with_peft_from_anywhere(tiny_model_dir, train_data, tmp_path, monkeypatch):
+    """Unmerged adapters in peft's format, naming a base a user can load from any folder: trained with --model
+    given relative to the working directory, the adapter recorded that relative path."""
+    from peft import AutoPeftModelForCausalLM
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_model_dir, work / "base")
+    monkeypatch.chdir(work)
+    out = work / "lora"
+    rc = main(["train", "sft", "--data", str(train_data["sft"]), "--model", "base", "--out", "lora", "--max-steps", "2",
+               "--save-steps", "100", "--lora", "--set", "lora.merge=false", "--set", "lora.r=4", *FIXED_BATCH])
+    assert rc == 0
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(work / "base")
+    assert json.loads((out / "manifest.json").read_text())["model_path"] == str(work / "base")
+    monkeypatch.chdir(tmp_path)
+    merged = AutoPeftModelForCausalLM.from_pretrained(out).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(out).save_pretrained(tmp_path / "merged")
+    assert_loads_and_generates(tmp_path / "merged")
 
 
 def test_base_model_without_chat_template_gets_one(tiny_model_dir, train_data, tmp_path):

@@ -52,7 +52,9 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if Path(cfg.model).exists() and not (Path(cfg.model) / "config.json").is_file():
+    from moaa.services.local.models import resolve_model
+
+    if Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
         raise UserError(f"model folder {cfg.model} holds no config.json (not a Hugging Face model folder)")
     # fp16 is mixed precision over fp32 weights (fp16 weights cannot be trained with the AMP grad scaler)
     dtype = torch.bfloat16 if mixed_precision(cfg, device) == "bf16" else torch.float32
@@ -62,8 +64,11 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str):
     init_kwargs = {"dtype": dtype, **remote, **(cfg.trl.get("model_init_kwargs") or {})}
 
     def load():
-        tok = AutoTokenizer.from_pretrained(cfg.model, **remote)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, **init_kwargs)
+        # what `--model` takes everywhere (packaged name, folder, GGUF file, hub id); a folder by its absolute
+        # path, which the saved adapter config and the manifest then name wherever they are read
+        source = resolve_model(cfg.model).engine_arg
+        tok = AutoTokenizer.from_pretrained(source, **remote)
+        model = AutoModelForCausalLM.from_pretrained(source, **init_kwargs)
         return model, tok
 
     try:
@@ -100,6 +105,7 @@ class Prepared:
     eval_report: DataReport | None
     args: Any
     out: Path
+    use_cache: bool | None = None  # the model's own; transformers' Trainer sets config.use_cache=False to train
 
 
 def quiet_progress_bars() -> None:
@@ -124,13 +130,15 @@ def prepare(cfg: TrainConfig) -> Prepared:
                               if cfg.eval_data else (None, None))
     guard_out(cfg.out, cfg.model_dump(mode="json"), report.sha256, write=int(os.environ.get("RANK", "0")) == 0)
     model, tok, note = load_model_and_tokenizer(cfg, device)
+    use_cache = getattr(model.config, "use_cache", None)
     args.model_init_kwargs = None  # applied by our loader; TRL would warn that it ignores them for a loaded model
     rows = check_lengths(rows, report, tok, cfg.max_length, cfg.drop_overlong)
     if eval_rows is not None:
         eval_rows = check_lengths(eval_rows, eval_report, tok, cfg.max_length, cfg.drop_overlong)
     out = make_folder(cfg.out)
     _emit({"event": "data", **{k: v for k, v in report.summary().items() if k != "path"}})
-    return Prepared(cfg, device, world, accum, model, tok, note, rows, report, eval_rows, eval_report, args, out)
+    return Prepared(cfg, device, world, accum, model, tok, note, rows, report, eval_rows, eval_report, args, out,
+                    use_cache)
 
 
 def check_packages(args) -> None:
@@ -172,6 +180,19 @@ def _emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
+def run_mean_loss(log_history: list[dict], fallback: float) -> float:
+    """The mean training loss over every step of the run, a resumed run's earlier steps included: the state a
+    checkpoint restores keeps their logs, while TRL's training_loss averages only the steps this process ran
+    (a run resumed at step k would report another loss than the same run uninterrupted). Each log holds the
+    mean since the one before, so it weighs by the steps it covers."""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry.get("step", 0) > last:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last else fallback
+
+
 def train_and_save(p: Prepared, trainer) -> dict[str, Any]:
     """Resume from the newest checkpoint, train, save the final model and the run's records."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -183,6 +204,9 @@ def train_and_save(p: Prepared, trainer) -> dict[str, Any]:
         _emit({"event": "resume", "checkpoint": ckpt, "step": checkpoint_step(ckpt)})
     result = trainer.train(resume_from_checkpoint=ckpt)
     step = trainer.state.global_step
+    train_loss = run_mean_loss(trainer.state.log_history, result.training_loss)
+    if p.use_cache is not None:  # the saved config is the base's, not training's (no KV cache in plain forwards)
+        p.model.config.use_cache = p.use_cache
     if p.cfg.lora.enabled and p.cfg.lora.merge:
         if trainer.is_world_process_zero():  # adapters merged into plain weights: loads without peft
             trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(p.out)
@@ -192,13 +216,13 @@ def train_and_save(p: Prepared, trainer) -> dict[str, Any]:
         p.tokenizer.save_pretrained(p.out)
         plot = plot_metrics(p.out / "metrics.jsonl", p.out / f"{p.cfg.kind}_curves.png", p.cfg.kind)
         manifest = build_manifest(
-            p.cfg, data_report=p.report, world=p.world, grad_accum=p.accum, device=p.device,
+            p.cfg, data_report=p.report, model_path=getattr(p.model, "name_or_path", None), world=p.world, grad_accum=p.accum, device=p.device,
             chat_template=p.template_note, resumed_from=ckpt, trl_args=p.args.to_dict(), final_step=step,
-            train_loss=result.training_loss, plot=str(plot) if plot else None,
+            train_loss=train_loss, plot=str(plot) if plot else None,
             eval_data=p.eval_report.summary() if p.eval_report else None)
         write_manifest(p.out, manifest)
-        _emit({"event": "saved", "out": str(p.out), "step": step, "train_loss": result.training_loss})
-    return {"step": step, "train_loss": result.training_loss, "resumed_from": ckpt}
+        _emit({"event": "saved", "out": str(p.out), "step": step, "train_loss": train_loss})
+    return {"step": step, "train_loss": train_loss, "resumed_from": ckpt}
 
 
 def callbacks(p: Prepared) -> list:

@@ -12,7 +12,8 @@ import sys
 import threading
 
 from moaa import __version__
-from moaa.errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, MoaaError
+from moaa.errors import (EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED,
+                         MoaaError)
 
 # Command-group modules under moaa.cli, in help order.
 COMMAND_MODULES = [
@@ -92,8 +93,8 @@ def _run(args) -> int:
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt as err:  # 128 + the signal, as a shell reports a process it stopped
         if isinstance(err, Terminated):
-            sys.stderr.write("moaa: interrupted (SIGTERM)\n")
-            return 128 + signal.SIGTERM
+            sys.stderr.write("moaa: terminated (SIGTERM)\n")
+            return EXIT_TERMINATED
         sys.stderr.write("moaa: interrupted\n")
         return EXIT_INTERRUPTED
     except Exception as err:  # the last guard: one line, full trace only with -vv
@@ -101,6 +102,9 @@ def _run(args) -> int:
             raise
         sys.stderr.write(f"moaa: error: {type(err).__name__}: {err} (run with -vv for the traceback)\n")
         return EXIT_FAILURE
+    finally:
+        if in_main:  # main() called in-process (tests, notebooks) leaves the caller's handler as it was
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 from moaa.engines import ENGINE_CHOICES, pick_engine, vllm_available  # noqa: F401 (re-exported)
 from moaa.errors import TransientError, UserError
 from moaa.services.local.lifeline import process_group_alive, release, spawn_tied
-from moaa.services.local.models import ModelSpec, resolve_model
+from moaa.services.local.models import ModelSpec, has_chat_template, resolve_model
 
 
 @dataclass(frozen=True)
@@ -207,6 +207,11 @@ class EngineServer:
             raise RuntimeError("engine already started")
         # Preparing a packaged model converts GGUF (tens of seconds): keep the event loop free.
         self.spec = await asyncio.to_thread(resolve_model, self.model_spec_text)
+        if self.spec.path is not None and not has_chat_template(self.spec.path):
+            # both engines render chat requests with it; without one transformers serve answers every request
+            # (the readiness probe too) with HTTP 500 until the start-up timeout
+            raise UserError(f"model folder {self.spec.path} has no chat template, which chat completions need: "
+                            "add chat_template.jinja, or train it with `moaa train sft` (a base model gets one)")
         self.served_model_name = self._check_name(self.requested_name or self.spec.default_name)
         self.port = self.port or free_port()
         self._run_dir = Path(tempfile.mkdtemp(prefix=f"moaa-{self.engine}-"))

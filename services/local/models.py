@@ -333,6 +333,21 @@ def resolve_model(spec: str, *, prepare_missing: bool = True) -> ModelSpec:
             raise UserError(f"{path} is a file but not a .gguf file; give a model folder or a GGUF file")
         return ModelSpec(spec, path=prepare_gguf_file(path) if prepare_missing else path.resolve())
     if _HUB_ID.match(spec) and not spec.startswith((".", "~")) and not os.path.isabs(spec):
+        if path.parent.is_dir():  # `runs/sft` with runs/ here is a folder not there (yet), not a hub repository
+            held = ", ".join(sorted(p.name for p in path.parent.iterdir() if p.is_dir())[:8]) or "no folders"
+            raise UserError(f"--model {spec!r}: no such model folder ({path.parent}/ holds {held}); give an "
+                            "existing model folder (org/name is read as a hub id only where no folder org/ is here)")
         return ModelSpec(spec, hub_id=spec)
     raise UserError(f"--model {spec!r} is not a packaged model ({', '.join(PACKAGED)}), an existing model folder "
                     f"or GGUF file, or a hub id of the form org/name")
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether a model folder carries a chat template where transformers and vLLM look for one (read from the
+    files, no tokenizer load): chat_template.jinja, chat_template.json, or tokenizer_config.json's field."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
