@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminated) if tied else None
     try:
         return _run(args)
-    finally:
+    finally:  # main() called in-process (tests, notebooks) leaves the caller's handler as it was
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -102,9 +102,6 @@ def _run(args) -> int:
             raise
         sys.stderr.write(f"moaa: error: {type(err).__name__}: {err} (run with -vv for the traceback)\n")
         return EXIT_FAILURE
-    finally:
-        if in_main:  # main() called in-process (tests, notebooks) leaves the caller's handler as it was
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":
