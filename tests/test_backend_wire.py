@@ -201,6 +201,23 @@ async def test_an_html_page_with_200_is_a_malformed_answer_not_a_cut_stream(emul
     assert "text/html" in exc.value.message
 
 
+async def test_an_error_object_answered_with_200_keeps_the_servers_message(emulator_factory, pool_of):
+    """Some proxies and servers answer 200 with `{"error": {...}}`: the backend's error, with its message and
+    the status its code names, retried like other backend errors; not a nameless `malformed` answer."""
+    emu = await emulator_factory(error_200=True)
+    pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 2, "backoff_base_s": 0.01})})
+    for call in (lambda: pool.client("m").chat(MSGS), lambda: _drain(pool.client("m").stream_chat(MSGS))):
+        with pytest.raises(BackendError) as exc:
+            await call()
+        assert (exc.value.cause, exc.value.http_status, exc.value.attempts) == ("http_5xx", 502, 2), exc.value
+        assert "upstream model server overloaded (emulated)" in exc.value.message
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
 async def test_keep_alive_connections_closed_by_the_server_between_requests(emulator_factory, pool_of):
     """vLLM's uvicorn closes idle connections after 5 s, aiohttp keeps them 15 s: a closed pooled connection
     must not cost an attempt or count against the replica."""

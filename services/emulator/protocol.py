@@ -62,6 +62,8 @@ class EmulatorSettings(BaseModel):
                                                   "character where there is one; text is sent as raw UTF-8")
     gzip: bool = Field(False, description="answer with Content-Encoding: gzip")
     html_200: bool = Field(False, description="answer 200 with an HTML page instead of the answer (a proxy's page)")
+    error_200: bool = Field(False, description="answer 200 with an OpenAI error object (code 502) as JSON instead of "
+                                               "the answer, as some proxies and servers do")
     keepalive_timeout_s: float = Field(75.0, gt=0, description="server: idle keep-alive connections are closed after "
                                        "this (vLLM's uvicorn: 5 s); read when the emulator starts")
     keepalive_race: bool = Field(False, description="server: a request on a connection idle for keepalive_timeout_s "
