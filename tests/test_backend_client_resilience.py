@@ -130,6 +130,37 @@ async def test_half_open_trial_failure_reopens(emulator_factory, pool_of):
     assert pool.models_info()[0]["replicas"][0]["circuit"] == "open"
 
 
+async def test_circuit_open_is_logged_once_per_opening_with_the_failures_that_opened_it(emulator_factory, pool_of,
+                                                                                        caplog):
+    """Half-open trials that fail keep the circuit open without another warning or a growing count (it once
+    read 'after 75 failures'); after it closed, the next opening is logged again."""
+    emu = await emulator_factory(error_rates={500: 1.0})
+    cfg = make_cfg(emu.url, retries={"max_attempts": 1}, circuit={"failure_threshold": 2, "reset_after_s": 0.05})
+    pool = await pool_of({"m": cfg})
+    caplog.set_level("INFO", logger="moaa.backend")
+
+    async def fail(times: int, wait: float = 0.0) -> None:
+        for _ in range(times):
+            await asyncio.sleep(wait)
+            with pytest.raises(BackendError) as exc:
+                await pool.client("m").chat(MSGS)
+            assert exc.value.cause == "http_5xx"
+
+    def opened() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "circuit open" in r.getMessage()]
+
+    await fail(2)
+    await fail(4, wait=0.07)  # each a half-open trial that fails
+    assert len(opened()) == 1 and "circuit open after 2 consecutive failures" in opened()[0], opened()
+    assert sum("trial request failed" in r.getMessage() for r in caplog.records) == 4
+    emu.update(error_rates={})
+    await asyncio.sleep(0.07)
+    assert (await pool.client("m").chat(MSGS)).text  # closes it
+    emu.update(error_rates={500: 1.0})
+    await fail(2)
+    assert len(opened()) == 2 and "after 2 consecutive failures" in opened()[1], opened()
+
+
 async def test_429_halves_the_concurrency_cap_and_requests_still_succeed(emulator_factory, pool_of):
     emu = await emulator_factory(max_concurrency=2, ttft_s=0.05)
     cfg = make_cfg(emu.url, max_concurrency=16, retries={"max_attempts": 20, "backoff_base_s": 0.02,

@@ -201,6 +201,23 @@ async def test_an_html_page_with_200_is_a_malformed_answer_not_a_cut_stream(emul
     assert "text/html" in exc.value.message
 
 
+async def test_an_error_object_answered_with_200_keeps_the_servers_message(emulator_factory, pool_of):
+    """Some proxies and servers answer 200 with `{"error": {...}}`: the backend's error, with its message and
+    the status its code names, retried like other backend errors; not a nameless `malformed` answer."""
+    emu = await emulator_factory(error_200=True)
+    pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 2, "backoff_base_s": 0.01})})
+    for call in (lambda: pool.client("m").chat(MSGS), lambda: _drain(pool.client("m").stream_chat(MSGS))):
+        with pytest.raises(BackendError) as exc:
+            await call()
+        assert (exc.value.cause, exc.value.http_status, exc.value.attempts) == ("http_5xx", 502, 2), exc.value
+        assert "upstream model server overloaded (emulated)" in exc.value.message
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
 async def test_keep_alive_connections_closed_by_the_server_between_requests(emulator_factory, pool_of):
     """vLLM's uvicorn closes idle connections after 5 s, aiohttp keeps them 15 s: a closed pooled connection
     must not cost an attempt or count against the replica."""
@@ -288,3 +305,30 @@ async def test_a_server_that_ignores_stream_answers_json(emulator_factory, pool_
     assert (res.text, res.finish_reason, res.usage.completion_tokens) == (expected_text({"messages": MSGS}), "stop", 16)
     chunks = [c async for c in pool.client("m").stream_chat(MSGS)]
     assert "".join(c.text for c in chunks) == res.text and chunks[-1].usage.completion_tokens == 16
+
+
+async def test_a_judge_whose_answer_is_cut_before_any_verdict_is_a_failure_not_an_abstention(
+        judge_emulator, annotator_factory):
+    """A reasoning model spends the whole max_tokens on `reasoning_content` (finish_reason length, empty content):
+    no opinion was given, so the judge failed (cause naming the fix), with model and attempts; never an abstention."""
+    cfg = judge_config(judge_emulator.url, {"ok": "keyword:paris", "bad": "keyword:paris@reasoning_tokens=40"},
+                       mode="pointwise", combine="mean")
+    cfg["ensembles"]["e"]["judges"][1]["sampling"] = {"temperature": 0.0, "max_tokens": 32}
+    stub = await annotator_factory(cfg)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Annotate(annotate_request(["Paris.", "Rome."]))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+    msg = err.value.details()
+    assert "bad (m-bad: max_tokens" in msg and "max_tokens=32 before any verdict" in msg and "1 of 2 judges" in msg
+    cfg["ensembles"]["e"]["min_judges"] = 1
+    stub = await annotator_factory(cfg)
+    resp = await stub.Annotate(annotate_request(["Paris.", "Rome."]))
+    assert [j.judge for j in resp.judges] == ["ok"] and resp.chosen_id == "c0"
+    [failure] = resp.failures
+    assert (failure.model, failure.cause, failure.attempts) == ("m-bad", "max_tokens", 1)
+    assert "raise the judge's max_tokens" in failure.message
+    # the same judge with room to answer after its reasoning gives its verdict
+    cfg["ensembles"]["e"]["judges"][1]["sampling"]["max_tokens"] = 512
+    stub = await annotator_factory(cfg)
+    resp = await stub.Annotate(annotate_request(["Paris.", "Rome."]))
+    assert [j.judge for j in resp.judges] == ["ok", "bad"] and not resp.failures and resp.chosen_id == "c0"

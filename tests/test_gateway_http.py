@@ -248,8 +248,9 @@ async def test_auth_none_wrong_right(gw_emulators, gateway_factory, monkeypatch)
     async with aiohttp.ClientSession() as s:
         async with s.post(url + "/v1/chat/completions", json={"model": "moa", "messages": ask()}) as r:
             assert r.status == 401 and "missing bearer token" in (await r.json())["error"]["message"]
-        async with s.get(url + "/health") as r:  # probes need no token
-            assert r.status == 200
+        for path in ("/health", "/health/ready"):  # probes need no token
+            async with s.get(url + path) as r:
+                assert r.status == 200, path
     with pytest.raises(openai.AuthenticationError) as err:
         await client(gw, api_key="wrong").chat.completions.create(model="moa", messages=ask())
     assert err.value.status_code == 401 and err.value.body["type"] == "authentication_error"

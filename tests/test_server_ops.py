@@ -178,7 +178,7 @@ async def test_log_level_is_settable_for_servers(gw_emulators, tmp_path, unused_
 
 
 async def test_gateway_health_follows_its_backends(unused_tcp_port):
-    """`moaa.v1.MoAGateway` is NOT_SERVING while no recipe can be answered (too few proposers or no
+    """`moaa.v1.MoAGateway` (and the HTTP door's `/health/ready`, 503) is NOT_SERVING while no recipe can be answered (too few proposers or no
     aggregator reachable: probes failing or circuits open) and SERVING again once they are back; the
     overall status, which kubelet probes, stays SERVING (a restart would not bring a backend back).
     `moaa_backend_up` shows which backend is out."""
@@ -193,8 +193,13 @@ async def test_gateway_health_follows_its_backends(unused_tcp_port):
     fast = {"health": {"probe_interval_s": 0.2, "probe_timeout_s": 1}, "circuit": {"reset_after_s": 0.1},
             "timeouts": {"connect_s": 1}}
     cfg = moa_config(f"http://127.0.0.1:{unused_tcp_port}/v1", ["a"], backends={"a": fast, "agg": fast},
-                     gateway={"port": 0, "http_port": None})
+                     gateway={"port": 0, "http_port": 0})
     running = await start_gateway(parse_config(cfg), probes=True)
+    http = aiohttp.ClientSession(f"http://127.0.0.1:{running.http_port}")
+
+    async def http_health(path: str) -> tuple[int, dict]:  # the HTTP door: /health liveness, /health/ready
+        async with http.get(path) as r:
+            return r.status, await r.json()
     try:
         async with grpc.aio.insecure_channel(running.address) as ch:
             health = health_pb2_grpc.HealthStub(ch)
@@ -214,14 +219,20 @@ async def test_gateway_health_follows_its_backends(unused_tcp_port):
                 return REGISTRY.get_sample_value("moaa_backend_up", {"service": "gateway", "model": model})
 
             assert await status() == "SERVING" and up("a") == up("agg") == 1
+            assert await http_health("/health/ready") == (200, {"status": "ready"})
             await emu.stop()
             await becomes("NOT_SERVING")
             assert await status("") == "SERVING" and up("a") == 0
+            assert await http_health("/health") == (200, {"status": "ok"})  # liveness: a restart would not help
+            code, body = await http_health("/health/ready")
+            assert code == 503 and body["status"] == "unavailable" and "unreachable" in body["reason"], body
             emu = Emulator(EmulatorSettings())
             await emu.start("127.0.0.1", unused_tcp_port)
             await becomes("SERVING")
             assert up("a") == up("agg") == 1
+            assert await http_health("/health/ready") == (200, {"status": "ready"})
     finally:
+        await http.close()
         await running.stop(0)
         await emu.stop()
 

@@ -113,11 +113,20 @@ class AnnotationEngine:
                 if self.metrics is not None:  # moaa_backend_errors{service="annotator",model,cause}
                     self.metrics.backend(judge.model, time.perf_counter() - t0, cause=err.cause)
                 raise
-            if self.metrics is not None:
-                self.metrics.backend(judge.model, time.perf_counter() - t0)
             u = res.usage
             for k in log.usage:
                 log.usage[k] += int(getattr(u, k, 0) or 0)
+            if res.finish_reason == "length" and not res.text.strip():
+                # all of max_tokens went on reasoning: no opinion was given, so a failure (retried), not an abstention
+                limit = judge.sampling.max_tokens
+                err = BackendError(judge.model, res.endpoint, "max_tokens",
+                                   f"answer cut at max_tokens={limit} before any verdict: raise the judge's "
+                                   f"max_tokens (judges[{judge.name}].sampling.max_tokens)", attempts=res.attempts)
+                if self.metrics is not None:
+                    self.metrics.backend(judge.model, time.perf_counter() - t0, cause=err.cause)
+                raise err
+            if self.metrics is not None:
+                self.metrics.backend(judge.model, time.perf_counter() - t0)
             return res.text
 
         return chat

@@ -401,12 +401,8 @@ class BackendClient:
                     if ev is DONE:
                         done = True
                         break
-                    if ("error" in ev or ev.get("object") == "error") and not ev.get("choices"):
-                        e = ev.get("error", ev)
-                        code = e.get("code") if isinstance(e, dict) else None
-                        status = code if isinstance(code, int) and 400 <= code < 600 else 500
-                        failure = fail("http_5xx" if status >= 500 else "http_4xx",
-                                       "error in stream: " + error_message(json.dumps(ev)), status)
+                    failure = _error_object(ev, fail, "error in stream")
+                    if failure is not None:
                         break
                     try:
                         check_chat_chunk(ev)
@@ -460,10 +456,27 @@ class BackendClient:
                 replica.end_trial()
 
 
+def _error_object(ev: dict, fail, where: str) -> BackendError | None:
+    """The backend's error when `ev` is an OpenAI error object (in a stream, or a whole 200 answer), with its
+    message and the status its code names (500 when it names none), else None."""
+    if not isinstance(ev, dict) or not ("error" in ev or ev.get("object") == "error") or ev.get("choices"):
+        return None
+    e = ev.get("error", ev)
+    code = e.get("code") if isinstance(e, dict) else None
+    status = code if isinstance(code, int) and 400 <= code < 600 else 500
+    return fail("http_5xx" if status >= 500 else "http_4xx", f"{where}: " + error_message(json.dumps(ev)), status)
+
+
 def _as_event(raw: bytes, fail) -> dict:
     """A non-streamed chat completion, reshaped as one stream event."""
     try:
         obj = json.loads(raw)
+    except ValueError:
+        raise fail("malformed", "response is not a chat completion") from None
+    error = _error_object(obj, fail, "error in a 200 answer")
+    if error is not None:  # some proxies and servers answer an error with 200
+        raise error
+    try:
         choices = [{"index": c.get("index", 0), "delta": {"content": (c.get("message") or {}).get("content") or ""},
                     "finish_reason": c.get("finish_reason")} for c in obj["choices"]]
         return check_chat_chunk({"choices": choices, "usage": obj.get("usage")})

@@ -11,6 +11,7 @@ from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, UserError
 CAUSES = (
     "connect", "timeout", "rate_limited", "http_4xx", "http_5xx",
     "stream_cut", "malformed", "cancelled", "circuit_open", "queue_full",
+    "max_tokens",  # an answer cut at max_tokens before any content (a reasoning model's budget spent on thinking)
 )
 # Causes worth another attempt (on another replica where there is one). 4xx is the caller's fault.
 RETRYABLE = frozenset({"connect", "timeout", "rate_limited", "http_5xx", "stream_cut", "malformed", "circuit_open"})

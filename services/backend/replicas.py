@@ -76,10 +76,15 @@ class Replica:
         self.failures += 1
         self.last_error = reason
         state = self.circuit
-        if state == HALF_OPEN or (state == CLOSED and self.failures >= self._threshold):
+        if state == HALF_OPEN:  # the trial failed: open again, the outage already logged when it opened
             self._state = OPEN
             self._opened_at = time.monotonic()
-            log.warning("backend %s replica %s: circuit open after %d failures (%s)",
+            log.info("backend %s replica %s: half-open trial request failed, circuit open again for %gs (%s)",
+                     self.model, self.url, self._reset_after, reason)
+        elif state == CLOSED and self.failures >= self._threshold:
+            self._state = OPEN
+            self._opened_at = time.monotonic()
+            log.warning("backend %s replica %s: circuit open after %d consecutive failures (%s)",
                         self.model, self.url, self.failures, reason)
 
     def info(self) -> dict:

@@ -221,6 +221,9 @@ class Emulator:
             serving.stats.faults["html_200"] += 1
             return web.Response(text="<html><body><h1>Sign in to continue</h1></body></html>",
                                 content_type="text/html"), False
+        if s.error_200:
+            serving.stats.faults["error_200"] += 1
+            return web.json_response(error_body("upstream model server overloaded (emulated)", 502)), False
         if not body.get("stream") or s.ignore_stream:
             if s.stall_after_chunks is not None:
                 await serving.stall(s, "stall_after_chunks")

@@ -53,7 +53,8 @@ class EmulatorSettings(BaseModel):
                                     "(they take only `max_completion_tokens`)")
     ignore_stream: bool = Field(False, description="answer one JSON completion whatever `stream` says")
     reasoning_tokens: int = Field(0, ge=0, description="reasoning deltas (`reasoning_content`, as vLLM's reasoning "
-                                  "parsers send) before the answer's content")
+                                  "parsers send) before the answer's content; they count against max_tokens, so as many as max_tokens leave "
+                                  "no content and finish_reason length")
     finish_reason: str | None = Field(None, description="finish_reason to send instead of stop/length (TGI: eos_token)")
     omit_ids: bool = Field(False, description="chunks without id, object and created (as some servers send)")
     omit_done: bool = Field(False, description="end the stream without `data: [DONE]` (as TGI and SGLang may)")
@@ -61,6 +62,8 @@ class EmulatorSettings(BaseModel):
                                                   "character where there is one; text is sent as raw UTF-8")
     gzip: bool = Field(False, description="answer with Content-Encoding: gzip")
     html_200: bool = Field(False, description="answer 200 with an HTML page instead of the answer (a proxy's page)")
+    error_200: bool = Field(False, description="answer 200 with an OpenAI error object (code 502) as JSON instead of "
+                                               "the answer, as some proxies and servers do")
     keepalive_timeout_s: float = Field(75.0, gt=0, description="server: idle keep-alive connections are closed after "
                                        "this (vLLM's uvicorn: 5 s); read when the emulator starts")
     keepalive_race: bool = Field(False, description="server: a request on a connection idle for keepalive_timeout_s "

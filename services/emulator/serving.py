@@ -203,10 +203,20 @@ class ChatServing:
 
     # -- generation --------------------------------------------------------------------------
     @staticmethod
-    def plan(body: dict, s: EmulatorSettings) -> tuple[list[list[str]], str]:
+    def reasoning(body: dict, s: EmulatorSettings) -> int:
+        """Reasoning deltas sent before the answer: like vLLM's, they count against max_tokens."""
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
-        count = max_tokens or s.default_max_tokens
+        return min(s.reasoning_tokens, max_tokens) if max_tokens else s.reasoning_tokens
+
+    @staticmethod
+    def plan(body: dict, s: EmulatorSettings, reasoning: int = 0) -> tuple[list[list[str]], str]:
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens")
         n = 1 if s.ignore_n else body.get("n") or 1
+        if max_tokens:
+            max_tokens -= reasoning
+            if not max_tokens:  # the reasoning took the whole budget: no answer, cut at max_tokens
+                return [[] for _ in range(n)], "length"
+        count = max_tokens or s.default_max_tokens
         if s.judge or s.echo:
             tokens = (text_tokens(judge_reply(Policy(split_model(body["model"])[0]), body["messages"]), max_tokens)
                       if s.judge else echo_tokens(body, max_tokens))
@@ -235,7 +245,8 @@ class ChatServing:
         """SSE chunks like vLLM: a role chunk, one chunk per token (per choice), the finish chunk, a
         usage chunk when asked for, then [DONE]. Faults strike after the configured number of chunks.
         Returns whether the whole answer went out."""
-        tokens, finish = self.plan(body, s)
+        reasoning = self.reasoning(body, s)
+        tokens, finish = self.plan(body, s, reasoning)
         finish = s.finish_reason or finish
         rid = None if s.omit_ids else f"chatcmpl-{uuid.uuid4().hex[:16]}"
         created = int(time.time())
@@ -249,7 +260,7 @@ class ChatServing:
             await asyncio.sleep(ttft)
         await write(chunk(rid, model, created, [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "finish_reason": None} for i in range(n)]))
-        for word in generate_tokens(body, -1, s.reasoning_tokens) if s.reasoning_tokens else ():
+        for word in generate_tokens(body, -1, reasoning) if reasoning else ():
             await write(chunk(rid, model, created, [{"index": i, "delta": {"reasoning_content": word},
                                                      "finish_reason": None} for i in range(n)]))
         for step in range(len(tokens[0])):

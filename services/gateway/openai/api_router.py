@@ -1,7 +1,9 @@
 """The HTTP door's transport (aiohttp): routes, bearer auth, request ids, the in-flight limit, metrics,
 one log line per call, SSE. The logic lives in serving.py.
 
-    GET  /health                 200 while serving (no token needed: probes)
+    GET  /health                 200 while serving: liveness (no token needed: probes)
+    GET  /health/ready           200, or 503 with the reason while no recipe can be answered (its backends
+                                 unreachable): readiness, as the gRPC status of moaa.v1.MoAGateway
     GET  /v1/models              recipes, and plain backends marked as such
     GET  /v1/models/{model}      one of them (404 unknown model)
     POST /v1/chat/completions    streamed (SSE) or not
@@ -63,6 +65,7 @@ class OpenAIRouter:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.max_request_bytes, middlewares=[self._middleware])
         app.router.add_get("/health", self._health)
+        app.router.add_get("/health/ready", self._ready)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)  # backend names may hold '/' (org/name)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -105,6 +108,12 @@ class OpenAIRouter:
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        why = self.serving.engine.outage()  # what the gRPC health status of moaa.v1.MoAGateway follows
+        if why is None:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "unavailable", "reason": why}, status=503)
 
     async def _models(self, request: web.Request) -> web.Response:
         return _json(self.serving.models())
