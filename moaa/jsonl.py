@@ -12,9 +12,11 @@ Rules, in one place:
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -106,11 +108,12 @@ def read_bytes(path: Path, size: int = -1) -> bytes:
             raise _unreadable(path, err) from None
 
 
-def iter_lines(path: Path, *, blanks: bool = False) -> Iterator[tuple[int, object]]:
+def iter_lines(path: Path, *, blanks: bool = False, stream=None) -> Iterator[tuple[int, object]]:
     """(line number, parsed JSON or its JSONDecodeError) for every non-blank line of a UTF-8 file (gzip'd
-    if named .gz; a byte-order mark, as Windows tools write, is skipped). `blanks`: (n, None) for blank lines."""
+    if named .gz; a byte-order mark, as Windows tools write, is skipped). `blanks`: (n, None) for blank lines.
+    `stream`: an open binary stream read instead of the file (`path` then only names it in errors)."""
     offset = 0
-    with open_bytes(path) as fh:
+    with open_bytes(path) if stream is None else contextlib.nullcontext(stream) as fh:
         try:
             for n, raw in enumerate(fh, 1):
                 try:
@@ -131,14 +134,19 @@ def iter_lines(path: Path, *, blanks: bool = False) -> Iterator[tuple[int, objec
             raise _unreadable(path, err) from None
 
 
-def read_input(path: str | Path, what: str) -> list[tuple[int, dict]]:
+STDIN = "-"
+
+
+def read_input(path: str | Path, what: str, *, stdin: bool = False) -> list[tuple[int, dict]]:
     """(line number, row) of an input file written by anyone (samples, labelled pairs, answers): every
-    non-blank line must be a JSON object; the first that is not stops with file:line."""
+    non-blank line must be a JSON object; the first that is not stops with file:line. `stdin`: "-" reads
+    standard input, for callers that read their input once (a second read would find it empty)."""
     path = Path(path)
-    if not path.exists():
+    piped = stdin and str(path) == STDIN
+    if not piped and not path.exists():
         raise UserError(f"{what} file {path} does not exist")
     rows = []
-    for n, row in iter_lines(path):
+    for n, row in iter_lines(path, stream=sys.stdin.buffer if piped else None):
         if isinstance(row, json.JSONDecodeError):
             raise UserError(f"{path}:{n}: not JSON ({row.msg})")
         if not isinstance(row, dict):

@@ -9,10 +9,11 @@ GOOD = "Paris is the capital of France."
 BAD = "Bananas are yellow."
 
 
-async def moaa(*args: str) -> tuple[int, str, str]:
+async def moaa(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", *args,
+                                                stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
     return proc.returncode, out.decode(), err.decode()
 
 
@@ -73,6 +74,31 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
     assert sorted(ids) == ["r1", "r2", "r3", "r4"]
     assert judge_emulator.stats.requests == 4   # 2 rows x 2 judges
     assert "2 pairs written" in err and "5 already done" in err
+
+
+async def test_annotate_and_judge_eval_read_standard_input(tmp_path, judge_emulator, annotator_factory):
+    """`--in -` reads the rows from standard input (read once, as a file is); a rerun resumes by the ids in --out,
+    so piping the same rows again (here with one more) annotates only what is missing."""
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris", "b": "keyword:capital"},
+                                                mode="pointwise", combine="mean"))
+    inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+    _samples(inp, ["r1", "r2"])
+    args = ("annotate", "--annotator", stub.server.address, "--in", "-", "--out", str(out), "--no-progress")
+    rc, _, err = await moaa(*args, stdin=inp.read_bytes())
+    assert rc == 0, err
+    assert sorted(json.loads(x)["id"] for x in out.read_text().splitlines()) == ["r1", "r2"]
+    _samples(inp, ["r1", "r2", "r3"])
+    judge_emulator.reset()
+    rc, _, err = await moaa(*args, stdin=inp.read_bytes())
+    assert rc == 0 and "1 pairs written" in err and "2 already done" in err, err
+    assert judge_emulator.stats.requests == 2   # r3 only, 2 judges
+    rc, _, err = await moaa(*args, stdin=inp.read_bytes() + b"not json\n")
+    assert rc == 2 and "-:4: not JSON" in err and len(err.strip().splitlines()) == 1
+
+    labelled = json.dumps({"id": "l0", "prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon."})
+    rc, stdout, err = await moaa("judge-eval", "--annotator", stub.server.address, "--in", "-", "--no-progress",
+                                 stdin=(labelled + "\n").encode())
+    assert rc == 0 and "(ensemble)" in stdout, err
 
 
 async def test_annotate_bad_input_and_unreachable(tmp_path):

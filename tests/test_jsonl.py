@@ -113,3 +113,18 @@ def test_short_write_is_an_error_and_its_partial_line_is_cut(tmp_path):
     rows = JsonlAppender(path).open()                                  # ... and is cut on the next open
     assert [r["id"] for r in rows] == [f"r{i}" for i in range(int(first.split()[0]))]
     assert path.read_bytes().endswith(b"\n")
+
+
+def test_standard_input_only_where_the_caller_reads_once(tmp_path, monkeypatch):
+    """"-" is standard input only for callers that opt in (they read their input once); for the others it is
+    still a file name, so a reader that reads twice never finds its input gone."""
+    import io
+    import sys
+
+    from moaa.jsonl import read_input
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'\xef\xbb\xbf{"id": "a"}\n\n{"id": "b"}\n')))
+    assert read_input("-", "samples", stdin=True) == [(1, {"id": "a"}), (3, {"id": "b"})]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="^items file - does not exist$"):
+        read_input("-", "items")

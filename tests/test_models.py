@@ -130,3 +130,55 @@ def test_tiny_verdict_model_judges_by_content_and_order(tiny_verdict_model_dir):
         v1, v2 = parse_verdict(r1).verdict, parse_verdict(r2).verdict
         kinds.add("preference" if v1 != v2 else "tie")
     assert kinds == {"preference", "tie"}
+
+
+@pytest.fixture
+def packaged_tiny(tmp_path, tiny_model_dir, monkeypatch):
+    """A model cache whose prepared `smollm2-135m-instruct` is the tiny model: the packaged name resolves
+    through the real cache (no conversion, a fast model)."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_model_dir, cache / "smollm2-135m-instruct")
+    (cache / "smollm2-135m-instruct" / MARKER).write_text(json.dumps({"source": {"test": "tiny"}}))
+    monkeypatch.setenv("MOAA_CACHE", str(cache))
+    return "smollm2-135m-instruct"
+
+
+PROMPT = [{"role": "user", "content": "What is 2 plus 2?"}]
+
+
+def test_sample_and_logprobs_take_a_packaged_name(packaged_tiny, tmp_path, capsys):
+    """`--model` takes a packaged name in `moaa sample` and `moaa logprobs` too, as the README says."""
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "c.jsonl"
+    prompts.write_text(json.dumps({"id": "q0", "prompt": PROMPT}) + "\n")
+    assert main(["sample", "--model", packaged_tiny, "--prompts", str(prompts), "--out", str(out), "--n", "2",
+                 "--max-new-tokens", "2", "--engine", "transformers"]) == 0
+    row = json.loads(out.read_text())
+    assert len(row["candidates"]) == 2 and {c["model"] for c in row["candidates"]} == {packaged_tiny}
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"id": "a", "prompt": PROMPT,
+                                 "completion": [{"role": "assistant", "content": "4."}]}) + "\n")
+    assert main(["logprobs", "--model", f"base={packaged_tiny}", "--items", str(items),
+                 "--out", str(tmp_path / "lp.json")]) == 0
+    lp = json.loads((tmp_path / "lp.json").read_text())["base"]["a"]
+    assert lp[0] < 0 and lp[1] > 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["sample", "--model", "runs/sft", "--prompts", "p.jsonl", "--out", "o.jsonl"],
+    ["logprobs", "--model", "base=smollm2-135m-instruct", "--model", "sft=runs/sft", "--items", "i.jsonl",
+     "--out", "lp.json"],
+])
+def test_sample_and_logprobs_say_what_train_says_for_a_missing_folder(argv, packaged_tiny, tmp_path, monkeypatch,
+                                                                      capsys):
+    """The one resolver's line, before any model loads (logprobs: the second model's, before the first loads)."""
+    (tmp_path / "runs" / "dpo").mkdir(parents=True)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "q0", "prompt": PROMPT}) + "\n")
+    (tmp_path / "i.jsonl").write_text(json.dumps({"id": "a", "prompt": PROMPT, "completion": PROMPT}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("moaa: error: --model 'runs/sft': no such model folder (runs/ holds dpo); give an existing model "
+                   "folder (org/name is read as a hub id only where no folder org/ is here)")
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "lp.json").exists()

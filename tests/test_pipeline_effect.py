@@ -122,8 +122,8 @@ def test_held_out_ids_are_a_stable_share():
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--model", "nofolder"], "use NAME=FOLDER"),
-    (["--model", "m=/nonexistent/model"], "holds no config.json"),
+    (["--model", "nofolder"], "use NAME=MODEL"),
+    (["--model", "m=/nonexistent/model"], "not a packaged model"),
 ])
 def test_logprobs_cli_errors_are_one_line(tmp_path, args, needle):
     items = write_jsonl(tmp_path / "items.jsonl", [{"id": "a", "prompt": PROMPT, "completion": ANSWER}])

@@ -3,8 +3,12 @@ import json
 import subprocess
 import time
 
-from moaa.pipeline.local import local_config, reap_stale
+import pytest
+
+from moaa.errors import UserError
+from moaa.pipeline.local import MODEL_ENV, default_target, local_config, local_model, reap_stale
 from moaa.services.config import parse_config
+from moaa.services.local.models import has_chat_template
 
 
 def test_local_config_is_valid_and_uses_existing_templates():
@@ -41,3 +45,17 @@ def test_reap_stale_kills_only_the_recorded_process(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_trained_folder_takes_every_role_of_the_embedded_stack(tiny_sft_dir, tmp_path, monkeypatch):
+    """The self-improvement loop's local route (README): `MOAA_LOCAL_MODEL=<trained folder>` is the model served
+    in every role and the model trained; the trainer's output carries the chat template that `moaa backend serve`
+    and the embedded engine require. A folder that is not there is the resolver's one line."""
+    monkeypatch.setenv(MODEL_ENV, str(tiny_sft_dir))
+    assert local_model() == str(tiny_sft_dir) and default_target() == str(tiny_sft_dir.resolve())
+    assert has_chat_template(tiny_sft_dir)
+    (tmp_path / "runs" / "dpo").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(MODEL_ENV, "runs/sft")
+    with pytest.raises(UserError, match=r"^--model 'runs/sft': no such model folder \(runs/ holds dpo\)"):
+        default_target()

@@ -227,7 +227,7 @@ def test_pipeline_set_keys_are_the_pipeline_settings():
 
 
 # Paths the README names that are not in a clone: made at run time, or on the user's machine or cluster.
-NOT_IN_REPO = re.compile(r"^(/|~|<|moaa-run/|checkpoint-N|stage[12]-|batch/|vllm/|moaa/moaa)")
+NOT_IN_REPO = re.compile(r"^(/|~|<|moaa-run/|runs/|checkpoint-N|stage[12]-|batch/|vllm/|moaa/moaa)")
 
 
 def test_every_named_path_exists():

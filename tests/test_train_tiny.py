@@ -141,7 +141,8 @@ def test_model_folder_without_config_is_bad_input(train_data, tmp_path, capsys):
     rc = main(["train", "sft", "--data", str(train_data["sft"]), "--model", str(tmp_path / "m"),
                "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "holds no config.json" in err and len(err.splitlines()) == 1
+    # the one resolver's line, as `moaa sample`, `moaa logprobs` and `moaa backend serve` say it
+    assert rc == 2 and "has no config.json; give a Hugging Face model folder" in err and len(err.splitlines()) == 1
 
 
 def _sft(data, model, out, *extra) -> int:

@@ -64,8 +64,6 @@ def model_logprobs(model_dir: str, items: list[dict], max_length: int = 512, bat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (Path(model_dir) / "config.json").is_file():
-        raise UserError(f"model folder {model_dir} holds no config.json")
     tok = AutoTokenizer.from_pretrained(model_dir)
     if not tok.chat_template:
         raise UserError(f"model {model_dir} has no chat template")
@@ -82,12 +80,15 @@ def model_logprobs(model_dir: str, items: list[dict], max_length: int = 512, bat
 
 
 def run_logprobs(models: dict[str, str], items_path: str, out: str, max_length: int = 512) -> dict:
-    """{name: {id: [sum_logp, n_tokens]}} for every model, written atomically to `out`."""
+    """{name: {id: [sum_logp, n_tokens]}} for every model (a --model spec each), written atomically to `out`."""
     from moaa.pipeline.store import atomic_write_json
+    from moaa.services.local.models import resolve_model
 
     items = load_items(items_path)
+    # every spec resolved before the first model loads: a bad last one fails at once, not after the others
+    sources = {name: resolve_model(spec).engine_arg for name, spec in models.items()}
     result = {}
-    for name, path in models.items():
+    for name, path in sources.items():
         mine = [r for r in items if name in r.get("models", [name])]  # a row may name the models it needs
         result[name] = model_logprobs(path, mine, max_length) if mine else {}
         print(json.dumps({"event": "logprobs", "model": name, "rows": len(mine)}), flush=True)

@@ -54,8 +54,6 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str):
 
     from moaa.services.local.models import resolve_model
 
-    if Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
-        raise UserError(f"model folder {cfg.model} holds no config.json (not a Hugging Face model folder)")
     # fp16 is mixed precision over fp32 weights (fp16 weights cannot be trained with the AMP grad scaler)
     dtype = torch.bfloat16 if mixed_precision(cfg, device) == "bf16" else torch.float32
 

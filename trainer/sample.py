@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Iterable, Iterator
 
 from moaa.engines import pick_engine
@@ -91,12 +90,13 @@ def _vllm_generate(model_dir: str, s: SampleSettings):
     return generate
 
 
-def run_sample(model_dir: str, prompts: str, out: str, s: SampleSettings) -> dict:
+def run_sample(model_spec: str, prompts: str, out: str, s: SampleSettings) -> dict:
     from tqdm import tqdm
 
+    from moaa.services.local.models import resolve_model
+
     s.check()
-    if not (Path(model_dir) / "config.json").is_file():
-        raise UserError(f"model folder {model_dir} holds no config.json")
+    model = resolve_model(model_spec)  # what --model takes everywhere: packaged name, folder, GGUF file, hub id
     from moaa.pipeline.data import PromptStream
     from moaa.pipeline.idset import IdSet
 
@@ -113,9 +113,9 @@ def run_sample(model_dir: str, prompts: str, out: str, s: SampleSettings) -> dic
     print(json.dumps(summary), flush=True)
     if not todo:
         return summary
-    generate = (_vllm_generate if engine == "vllm" else _transformers_generate)(model_dir, s)
+    generate = (_vllm_generate if engine == "vllm" else _transformers_generate)(model.engine_arg, s)
     sampling = {**asdict(s), "engine": engine}
-    model_name = Path(model_dir).name
+    model_name = model.default_name
     # vLLM schedules its own batches: hand it larger chunks, written as each finishes
     chunk = s.batch_size if engine == "transformers" else max(s.batch_size, 256)
     with tqdm(total=todo, unit="prompt", desc="sampling") as bar:

@@ -20,13 +20,14 @@ def register(subparsers) -> None:
                       "serve Annotator with the backends and ensembles of a config", _serve)
 
     ant = subparsers.add_parser("annotate", help="samples.jsonl -> TRL preference pairs (resumable by row id)")
-    ant.add_argument("--in", dest="inp", required=True, help='JSONL rows {"id", "prompt", "candidates": [{"text", "model"}]}')
+    ant.add_argument("--in", dest="inp", required=True, help='JSONL rows {"id", "prompt", "candidates": [{"text", "model"}]}; - reads standard input '
+                     '(a rerun resumes by the ids in --out: pipe the same rows again)')
     ant.add_argument("--out", required=True, help="JSONL preference rows; rerun with the same path to resume")
     _client_args(ant)
     ant.set_defaults(func=_annotate)
 
     ev = subparsers.add_parser("judge-eval", help="agreement of the ensemble and each judge with human labels")
-    ev.add_argument("--in", dest="inp", required=True, help='JSONL rows {"prompt", "chosen", "rejected"}')
+    ev.add_argument("--in", dest="inp", required=True, help='JSONL rows {"prompt", "chosen", "rejected"}; - reads standard input')
     ev.add_argument("--out", help="also write the summary as JSON here")
     _client_args(ev)
     ev.set_defaults(func=_judge_eval)

@@ -99,10 +99,10 @@ def _run_logprobs(args: argparse.Namespace) -> int:
 
     models = {}
     for item in args.model:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UserError(f"bad --model {item!r}: use NAME=FOLDER")
-        models[name] = path
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            raise UserError(f"bad --model {item!r}: use NAME=MODEL")
+        models[name] = spec
     run_logprobs(models, args.items, args.out, args.max_length)
     return 0
 
@@ -132,7 +132,8 @@ def register(subparsers) -> None:
     submit.set_defaults(func=_run_submit)
 
     sample = subparsers.add_parser("sample", help="stage 2: draw n answers per prompt from the SFT model")
-    sample.add_argument("--model", required=True, help="model folder (the SFT output)")
+    sample.add_argument("--model", required=True,
+                        help="the SFT output folder, or any packaged name, model folder, GGUF file or hub id")
     sample.add_argument("--prompts", required=True, help="JSONL rows {id, prompt: [messages]} (or {messages})")
     sample.add_argument("--out", required=True, help="output JSONL, appended to and resumed by id")
     sample.add_argument("--n", type=positive_int, default=5, help="answers per prompt")
@@ -146,7 +147,8 @@ def register(subparsers) -> None:
     sample.set_defaults(func=_run_sample)
 
     lp = subparsers.add_parser("logprobs", help="summed log-probabilities of completions under each model")
-    lp.add_argument("--model", action="append", required=True, metavar="NAME=FOLDER", help="a model (repeat)")
+    lp.add_argument("--model", action="append", required=True, metavar="NAME=MODEL",
+                    help="a name and a packaged name, model folder, GGUF file or hub id (repeat)")
     lp.add_argument("--items", required=True, help="JSONL rows {id, prompt: [messages], completion: [messages]}")
     lp.add_argument("--out", required=True, help="output JSON: {name: {id: [sum_logp, tokens]}}")
     lp.add_argument("--max-length", type=int, default=512, help="longest tokenized row (as in training)")

@@ -69,7 +69,8 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
     failer = JsonlAppender(errors_path)
     report = RunReport()
     todo: dict[str, annotator_pb2.AnnotateRequest] = {}
-    for n, row in read_input(src, "samples"):
+    # read once ("-" may be standard input): a rerun resumes by the ids in --out, not by re-reading a file
+    for n, row in read_input(src, "samples", stdin=True):
         req, reason = annotate_request(row, ensemble=ensemble, mode=mode, where=f"{src}:{n}")
         rid = str(row["id"])
         if rid in done:

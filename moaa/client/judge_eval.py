@@ -35,7 +35,7 @@ def _text(value, where: str) -> str:
 
 def build_requests(path: Path, ensemble: str = "", mode: str = "") -> list[annotator_pb2.AnnotateRequest]:
     reqs = []
-    for n, row in read_input(path, "labelled data"):
+    for n, row in read_input(path, "labelled data", stdin=True):
         where = f"{path}:{n}"
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:
