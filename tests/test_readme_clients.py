@@ -80,7 +80,7 @@ async def test_readme_backend_curl_gets_a_completion(gw_emulators):
     import json
 
     emu = await gw_emulators()
-    (block,) = [b for b in code_blocks("bash") if "moaa backend serve" in b]
+    (block,) = [b for b in code_blocks("bash") if "moaa backend serve" in b and "curl" in b]
     cmd = block[block.index("curl"):].replace("\\\n", " ").strip()
     assert "http://127.0.0.1:8000/v1/chat/completions" in cmd
     rc, out, err = await _run(["bash", "-c", cmd.replace("http://127.0.0.1:8000/v1", emu.url)])

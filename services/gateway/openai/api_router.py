@@ -37,6 +37,9 @@ log = logging.getLogger("moaa.http")
 REQUEST_ID = "x-request-id"
 CHAT_METHOD = "ChatCompletions"
 _EXEMPT = ("/health",)
+# what the middleware and the handlers keep on a request: its id, and the SSE response once headers are out
+_RID = web.RequestKey("rid", str)
+_STREAM = web.RequestKey("stream", web.StreamResponse)
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -78,7 +81,7 @@ class OpenAIRouter:
         rid = request.headers.get(REQUEST_ID, "")
         if not rid or len(rid) > 128 or not rid.isprintable():  # ids go into logs and response headers
             rid = new_request_id()
-        request["rid"] = rid
+        request[_RID] = rid
         token = request_id_var.set(rid)
         try:
             problem = None if request.path.startswith(_EXEMPT) else self._auth(request)
@@ -127,7 +130,7 @@ class OpenAIRouter:
     # -- chat completions --------------------------------------------------------------------------
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        rid = request["rid"]
+        rid = request[_RID]
         t0 = time.perf_counter()
         code, resp = grpc.StatusCode.OK, None
         try:
@@ -141,7 +144,7 @@ class OpenAIRouter:
             raise
         except (ConnectionResetError, ConnectionError):
             code = grpc.StatusCode.CANCELLED  # the client hung up mid-stream
-            resp = request.get("stream") or web.Response(status=499)
+            resp = request.get(_STREAM) or web.Response(status=499)
         except Exception as err:  # noqa: BLE001 - every error becomes an OpenAI error body
             code, msg = status_of(err)
             if code == grpc.StatusCode.INTERNAL:
@@ -154,7 +157,7 @@ class OpenAIRouter:
         return resp
 
     def _failed(self, request: web.Request, code: grpc.StatusCode, msg: str, param: str | None):
-        stream = request.get("stream")
+        stream = request.get(_STREAM)
         if stream is not None:  # the answer already started: the error goes in the stream
             stream.error = code
             return stream
@@ -188,7 +191,7 @@ class OpenAIRouter:
 
         async def start() -> None:
             await resp.prepare(request)
-            request["stream"] = resp
+            request[_STREAM] = resp
             await resp.write(_sse(serving.chunk(call, role=True, content="")))
 
         try:
