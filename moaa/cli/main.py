@@ -34,6 +34,29 @@ def _terminated(signum, frame) -> None:
     raise Terminated()
 
 
+async def _as_main_task(coro, tied: bool):
+    """Run an async command so that SIGTERM cancels it as asyncio.run's Ctrl-C does: the main task is
+    cancelled and unwinds at an await. Raised from a signal handler, the exception could land inside
+    grpc.aio's or aiohttp's callbacks, which turn it into a bare CancelledError (a traceback, exit 1)."""
+    if not tied:
+        return await coro
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    stopped = []
+    loop.add_signal_handler(signal.SIGTERM, lambda: (stopped.append(True), task.cancel()))
+    try:
+        result = await coro
+    except asyncio.CancelledError:
+        if stopped:
+            raise Terminated() from None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _terminated)  # back to the sync rule for whatever runs after
+    if stopped:  # the command caught the cancellation and returned: it was still stopped
+        raise Terminated()
+    return result
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, as for every bad input
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -72,18 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     tied = threading.current_thread() is threading.main_thread() and "LOCAL_RANK" not in os.environ
     previous = signal.signal(signal.SIGTERM, _terminated) if tied else None
     try:
-        return _run(args)
+        return _run(args, tied)
     finally:  # main() called in-process (tests, notebooks) leaves the caller's handler as it was
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run(args) -> int:
+def _run(args, tied: bool) -> int:
     try:
         _setup_logging(args.verbose)
         result = args.func(args)
         if asyncio.iscoroutine(result):
-            result = asyncio.run(result)
+            result = asyncio.run(_as_main_task(result, tied))
         return int(result or 0)
     except MoaaError as err:
         sys.stderr.write(f"moaa: error: {err}\n")
