@@ -22,11 +22,19 @@ def is_bad_input(code: grpc.StatusCode | str) -> bool:
     return (code.name if isinstance(code, grpc.StatusCode) else code) in BAD_INPUT_NAMES
 
 
-def retry_note(retries: int) -> str:
-    return f"{retries + 1} tries over {sum(RETRY_DELAYS_S[:retries]):g} s" if retries else ""
+def retry_delay(err: grpc.aio.AioRpcError, tries: int) -> float | None:
+    """The wait before the next try of a call that failed with `err` after `tries` retries, or None to give
+    up: only UNAVAILABLE (a server down or restarting) is retried, RETRY_DELAYS_S bounding it."""
+    if err.code() == grpc.StatusCode.UNAVAILABLE and tries < len(RETRY_DELAYS_S):
+        return RETRY_DELAYS_S[tries]
+    return None
 
 
-def call_error(err: grpc.aio.AioRpcError, what: str, hint: str = "") -> UserError | TransientError:
-    """One line for a failed call: '<what>: CODE: details (hint)'."""
+def call_error(err: grpc.aio.AioRpcError, what: str, hint: str = "", *, tries: int = 0) -> UserError | TransientError:
+    """One line for a failed call: '<what>: CODE: details (hint)'; an UNAVAILABLE given up after `tries`
+    retries says how many tries over how long."""
+    if err.code() == grpc.StatusCode.UNAVAILABLE and tries:
+        note = f"{tries + 1} tries over {sum(RETRY_DELAYS_S[:tries]):g} s"
+        hint = f"{note}, {hint}" if hint else note
     msg = f"{what}: {err.code().name}: {err.details()}" + (f" ({hint})" if hint else "")
     return UserError(msg) if is_bad_input(err.code()) else TransientError(msg)

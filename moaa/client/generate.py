@@ -9,7 +9,7 @@ import grpc
 from moaa.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from .endpoint import Endpoint
-from .errors import RETRY_DELAYS_S, call_error, retry_note
+from .errors import RETRY_DELAYS_S, call_error, retry_delay
 
 
 def generate_request(messages: list[dict], *, recipe: str = "",
@@ -59,16 +59,15 @@ async def generate(ep: Endpoint, prompt: str, *, recipe: str = "", system: str |
                     out.flush()
                 break
             except grpc.aio.AioRpcError as err:
-                if (err.code() == grpc.StatusCode.UNAVAILABLE and not started and tries < len(RETRY_DELAYS_S)
-                        and (deadline is None or loop.time() + RETRY_DELAYS_S[tries] < deadline)):
-                    await asyncio.sleep(RETRY_DELAYS_S[tries])
+                delay = None if started else retry_delay(err, tries)
+                if delay is not None and (deadline is None or loop.time() + delay < deadline):
+                    await asyncio.sleep(delay)
                     continue
                 if answering:
                     out.write("\n")
-                hint = {grpc.StatusCode.UNAVAILABLE: retry_note(tries),
-                        grpc.StatusCode.DEADLINE_EXCEEDED: f"--timeout {timeout:g} s passed; give a larger --timeout"
-                        if timeout else ""}.get(err.code(), "")
-                raise call_error(err, f"gateway {ep.address}", hint) from None
+                hint = (f"--timeout {timeout:g} s passed; give a larger --timeout"
+                        if timeout and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "")
+                raise call_error(err, f"gateway {ep.address}", hint, tries=tries) from None
     if final is not None:
         total = sum(u.usage.total_tokens for u in final.usage)
         out.write(f"\n\n[{final.aggregator_model}, {final.latency.total_s:.2f} s, {total} tokens"

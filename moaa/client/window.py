@@ -17,7 +17,7 @@ from typing import AsyncIterator, Callable, Iterable
 import grpc
 
 from .endpoint import Endpoint
-from .errors import RETRY_DELAYS_S, call_error, retry_note
+from .errors import call_error, retry_delay
 
 
 async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: int,
@@ -52,9 +52,8 @@ async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: 
         except grpc.aio.AioRpcError as err:
             ended.set()
             slots.release()   # wakes a feed left waiting: it returns, its item stays unanswered
-            if err.code() != grpc.StatusCode.UNAVAILABLE or tries >= len(RETRY_DELAYS_S):
-                note = retry_note(tries) if err.code() == grpc.StatusCode.UNAVAILABLE else ""
-                raise call_error(err, f"{what} at {ep.address}", ", ".join(
-                    x for x in (note, hint() if hint else "") if x)) from None
-            await asyncio.sleep(RETRY_DELAYS_S[tries])
+            delay = retry_delay(err, tries)
+            if delay is None:
+                raise call_error(err, f"{what} at {ep.address}", hint() if hint else "", tries=tries) from None
+            await asyncio.sleep(delay)
             tries += 1
