@@ -285,14 +285,14 @@ async def stage_training_effect(ctx: StageContext) -> dict:
         atomic_write_text(out / "effect-items.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
         models = {"base": ctx.base_model, "sft": ctx.layout.sft_model, "dpo": ctx.layout.dpo_model}
         cmd = training.moaa_command("logprobs", "--items", str(out / "effect-items.jsonl"), "--out", str(lp_path),
-                                    "--max-length", str((ctx.settings.get("sft") or {}).get("max_length", 512)),
+                                    "--max-length", str(ctx.settings["sft"]["max_length"]),
                                     *[a for name, path in models.items() for a in ("--model", f"{name}={path}")])
         await training.run_child(cmd, log_path=ctx.layout.logs / "effect.log", what="training-effect log-probs")
     answers = {name: answers_from_samples(out / f"answers-{name}.jsonl") for name in EVAL_MODELS
                if (out / f"answers-{name}.jsonl").exists()}
     sampled = {name: all_answers_from_samples(out / f"answers-{name}-sampled.jsonl") for name in EVAL_MODELS
                if (out / f"answers-{name}-sampled.jsonl").exists()}
-    beta = float((ctx.settings.get("dpo") or {}).get("beta", 0.1))
+    beta = float(ctx.settings["dpo"]["beta"])
     effect = training_effect(json.loads(lp_path.read_text()), answers, beta, sampled)
     atomic_write_text(out / "effect.json", json.dumps(effect, indent=2))
     return effect

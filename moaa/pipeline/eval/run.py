@@ -20,7 +20,7 @@ from moaa.jsonl import read_input, read_rows
 from ..budget import TokenLedger
 from ..data import content_id
 from ..progress import StageProgress
-from ..store import DatasetStore, atomic_write_json, make_folder
+from ..store import DatasetStore, atomic_write_json, make_folder, read_json
 from .grading import grading_summary
 from .winrate import summarize
 
@@ -66,7 +66,7 @@ def guard_comparison(out: Path, judge: str, model: str, baseline: str, answers_m
     """Record what this comparison is judged by and on in `<out>/eval.json`; refuse a folder whose stored
     verdicts for the same names came from another judge or other answers (they would be resumed as these)."""
     path = out / "eval.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
+    record = read_json(path) or {}
     now = {"judge": judge, "model_sha256": _answers_sha256(answers_model),
            "baseline_sha256": _answers_sha256(answers_base)}
     old = record.get(f"{model}~{baseline}")
