@@ -57,9 +57,11 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
     skipped = {json.loads(x)["id"]: json.loads(x)["reason"] for x in (tmp_path / "pairs.jsonl.skipped.jsonl").open()}
     # equal (after strip) or single answers are not sent: the same rule as the pipeline's pairs stage
     assert skipped["same"].startswith("too_few_candidates") and skipped["one"].startswith("too_few_candidates")
-    assert skipped["dup"].startswith("INVALID_ARGUMENT")
+    rejected = [json.loads(x) for x in (tmp_path / "pairs.jsonl.rejected.jsonl").open()]
+    assert [(r["id"], r["stage"]) for r in rejected] == [("dup", "annotate")]
+    assert rejected[0]["reason"].startswith("INVALID_ARGUMENT") and "dup" not in skipped
     report = json.loads((tmp_path / "pairs.jsonl.report.json").read_text())
-    assert report["pairs"] == 2 and report["skipped"] == 2 and report["invalid"] == 1
+    assert report["pairs"] == 2 and report["skipped"] == 2 and report["rejected"] == 1
     assert set(report["judges"]) == {"a", "b"}
 
     # a killed run left a torn line; new rows arrive: only the missing ones are annotated, each once
@@ -73,7 +75,9 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == ["r1", "r2", "r3", "r4"]
     assert judge_emulator.stats.requests == 4   # 2 rows x 2 judges
-    assert "2 pairs written" in err and "5 already done" in err
+    assert "2 pairs written" in err and "4 already done" in err, err
+    # the rejected row is not resent, and every run names it again: the user has to fix it
+    assert "1 prompts rejected: INVALID_ARGUMENT" in err and "pairs.jsonl.rejected.jsonl" in err
 
 
 async def test_annotate_and_judge_eval_read_standard_input(tmp_path, judge_emulator, annotator_factory):
@@ -221,7 +225,7 @@ async def test_annotate_retries_an_annotator_that_is_down_or_restarts(tmp_path, 
         for s in servers:
             await s.stop(0)
     assert proc.returncode == 0, stderr.decode()
-    assert stderr.decode().strip().splitlines() == ["60 pairs written, 0 skipped, 0 invalid, 0 already done; "
+    assert stderr.decode().strip().splitlines() == ["60 pairs written, 0 skipped, 0 already done; "
                                                     f"report: {out}.report.json"]   # the failed call left nothing behind
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"r{i}" for i in range(60))   # every row exactly once
@@ -277,7 +281,7 @@ async def test_judge_eval_failed_calls_are_an_error_and_a_foreign_out_is_kept(tm
     rc, _, err = await moaa("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out",
                             str(tmp_path / "pairs.jsonl"), "--no-progress")
     assert rc == 75 and len(err.strip().splitlines()) == 1, err
-    assert "0 pairs written, 1 skipped, 0 invalid, 0 already done; 1 rows failed" in err
+    assert "0 pairs written, 1 skipped, 0 already done; 1 rows failed" in err
 
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")

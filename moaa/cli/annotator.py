@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from moaa.cli import add_connection_args, add_service_group
 
@@ -55,7 +56,7 @@ async def _annotate(args) -> int:
 
     summary = await annotate_file(_endpoint(args), args.inp, args.out, ensemble=args.ensemble, mode=args.mode,
                                   progress=not args.no_progress)
-    sys.stderr.write(f"{counts_line(summary)}; report: {args.out}.report.json\n")
+    sys.stderr.write(f"{counts_line(summary, Path(args.out))}; report: {args.out}.report.json\n")
     return 0
 
 

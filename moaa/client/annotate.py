@@ -1,10 +1,10 @@
 """`moaa annotate`: a samples file -> preference rows in the one schema (`pairs.py`), through a running
 annotator's AnnotateStream; and `annotate_once`, one Annotate call (`moaa eval`'s ensemble judge).
 
-Resumable by row id through the one resumable writer (`moaa.jsonl`). Pairs the judges could not separate,
-rows with fewer than two distinct answers and rows the annotator refused as invalid go to
-`<out>.skipped.jsonl` (done, not retried); transient failures go to `<out>.errors.jsonl` and are retried
-by the next run. `<out>.report.json` holds the per-judge position bias, agreement and length
+Resumable by row id through the one resumable writer (`moaa.jsonl`). Pairs the judges could not separate
+and rows with fewer than two distinct answers go to `<out>.skipped.jsonl`; rows the annotator refused as
+bad input (INVALID_ARGUMENT: e.g. a judging prompt past a judge's context) to `<out>.rejected.jsonl`;
+both are done, never resent. Transient failures go to `<out>.errors.jsonl` and are retried by the next run. `<out>.report.json` holds the per-judge position bias, agreement and length
 correlation over the run.
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from moaa.errors import TransientError, UserError
 from moaa.jsonl import JsonlAppender, iter_scan, read_input
-from moaa.pipeline.store import atomic_write_json
+from moaa.pipeline.store import atomic_write_json, rejection
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
 from .endpoint import Endpoint
-from .errors import call_error, is_bad_input
+from .errors import call_error
 from .pairs import annotate_request, pair_row, skip_info
 from .window import windowed
 
@@ -31,8 +31,9 @@ class RunReport:
 
     def __init__(self):
         self.judges: dict[str, dict[str, list[float]]] = {}
-        self.counts = {"pairs": 0, "skipped": 0, "invalid": 0, "errors": 0, "already_done": 0}
+        self.counts = {"pairs": 0, "skipped": 0, "rejected": 0, "errors": 0, "already_done": 0}
         self.skip_reasons: dict[str, int] = {}
+        self.rejected_reason = ""   # the first rejection's message
 
     def skip(self, reason: str) -> None:
         self.counts["skipped"] += 1
@@ -54,7 +55,12 @@ class RunReport:
         for name, d in self.judges.items():
             judges[name] = {k: (round(sum(v) / len(v), 4) if v else None) for k, v in d.items() if k != "abstentions"}
             judges[name]["abstentions"] = sum(d["abstentions"])
-        return {**self.counts, "skip_reasons": self.skip_reasons, "judges": judges}
+        return {**self.counts, "skip_reasons": self.skip_reasons, "rejected_reason": self.rejected_reason,
+                "judges": judges}
+
+    def reject(self, reason: str) -> None:
+        self.counts["rejected"] += 1
+        self.rejected_reason = self.rejected_reason or reason
 
 
 async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: str = "", mode: str = "",
@@ -62,17 +68,24 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
     src, out = Path(in_path), Path(out_path)
     writer = JsonlAppender(out)
     skipper = JsonlAppender(out.with_name(out.name + ".skipped.jsonl"))
+    rejecter = JsonlAppender(out.with_name(out.name + ".rejected.jsonl"))
     errors_path = out.with_name(out.name + ".errors.jsonl")
+    report = RunReport()
     done = {r["id"] for r in writer.open()} | {r["id"] for r in skipper.open()}
+    rejected = set()
+    for r in rejecter.open():   # every run reports them: the user must fix those rows
+        rejected.add(r["id"])
+        report.reject(r.get("reason", ""))
     list(iter_scan(errors_path))  # refuse a foreign file before deleting it
     errors_path.unlink(missing_ok=True)  # failures of the last run are retried now
     failer = JsonlAppender(errors_path)
-    report = RunReport()
     todo: dict[str, annotator_pb2.AnnotateRequest] = {}
     # read once ("-" may be standard input): a rerun resumes by the ids in --out, not by re-reading a file
     for n, row in read_input(src, "samples", stdin=True):
         req, reason = annotate_request(row, ensemble=ensemble, mode=mode, where=f"{src}:{n}")
         rid = str(row["id"])
+        if rid in rejected:
+            continue
         if rid in done:
             report.counts["already_done"] += 1
             continue
@@ -85,22 +98,25 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
             continue
         todo[rid] = req
     bar = tqdm(total=len(todo), desc="annotate", unit="row", disable=not progress)
+
+    def reject(rid: str, reason: str) -> None:
+        if todo.pop(rid, None) is not None:
+            rejecter.append(rejection(rid, "annotate", reason))
+            report.reject(reason)
+            bar.update(1)
+
     try:
         async with ep.channel() as channel:
             stub = annotator_pb2_grpc.AnnotatorStub(channel)
             async for res in windowed(stub.AnnotateStream, list(todo.values()), ep=ep, what="annotator",
-                                      window=window, hint=lambda: f"{len(todo)} rows left; rerun to resume"):
+                                      window=window, hint=lambda: f"{len(todo)} rows left; rerun to resume",
+                                      reject=reject):
                 req = todo.pop(res.id, None)
                 if req is None:
                     continue
                 if res.WhichOneof("result") == "error":
-                    why = f"{res.error.code}: {res.error.message}"
-                    if is_bad_input(res.error.code):
-                        report.counts["invalid"] += 1
-                        skipper.append({"id": res.id, "reason": why})
-                    else:
-                        report.counts["errors"] += 1
-                        failer.append({"id": res.id, "error": why})
+                    report.counts["errors"] += 1
+                    failer.append({"id": res.id, "error": f"{res.error.code}: {res.error.message}"})
                 elif res.response.skipped:
                     report.skip(res.response.skip_reason)
                     report.add(res.response)
@@ -116,15 +132,22 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
         summary = report.summary()
         atomic_write_json(out.with_name(out.name + ".report.json"), summary)
     if report.counts["errors"]:
-        raise TransientError(f"{counts_line(summary)}; {report.counts['errors']} rows failed (see {errors_path}); "
+        raise TransientError(f"{counts_line(summary, out)}; {report.counts['errors']} rows failed (see {errors_path}); "
                              "rerun to retry them")
+    c = report.counts
+    if c["rejected"] and not (c["pairs"] or c["skipped"] or c["already_done"]):
+        raise UserError(f"every row was rejected: {counts_line(summary, out)}")
     return summary
 
 
-def counts_line(summary: dict) -> str:
+def counts_line(summary: dict, out: Path) -> str:
     """What a run did, in one line: printed when it ends, and inside its error when rows failed."""
-    return (f"{summary['pairs']} pairs written, {summary['skipped']} skipped, {summary['invalid']} invalid, "
+    line = (f"{summary['pairs']} pairs written, {summary['skipped']} skipped, "
             f"{summary['already_done']} already done")
+    if summary["rejected"]:
+        line += (f"; {summary['rejected']} prompts rejected: {summary['rejected_reason']}; "
+                 f"see {out.with_name(out.name + '.rejected.jsonl')}")
+    return line
 
 
 async def annotate_once(stub, ep: Endpoint, prompt: list[dict], cands: list[tuple[str, str]], *,

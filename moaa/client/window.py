@@ -7,6 +7,12 @@ the items in flight finish and their results are still delivered (their tokens a
 A server that is down or restarting (UNAVAILABLE) is retried a bounded number of times (`RETRY_DELAYS_S`,
 counted since the last result): the new call sends the items that got no result first, then the rest,
 so every item is answered once. Any other status ends the run at once.
+
+An item the server answered with a bad-input status (INVALID_ARGUMENT: e.g. a prompt past the model's
+context, or over the server's max_request_bytes) can never succeed: with `reject`, the driver hands it
+to `reject(id, "CODE: message")` (the caller records it once, as a rejection a re-run does not resend) and
+does not yield it; an item that failed for a reason a retry may fix (UNAVAILABLE, ...) is yielded as
+before, for the caller to keep pending.
 """
 from __future__ import annotations
 
@@ -17,15 +23,16 @@ from typing import AsyncIterator, Callable, Iterable
 import grpc
 
 from .endpoint import Endpoint
-from .errors import call_error, retry_delay
+from .errors import call_error, is_bad_input, retry_delay
 
 
 async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: int,
                    stop: Callable[[], bool] | None = None,
-                   hint: Callable[[], str] | None = None) -> AsyncIterator:
+                   hint: Callable[[], str] | None = None,
+                   reject: Callable[[str, str], None] | None = None) -> AsyncIterator:
     """Results of `rpc` (a stream-stream method of a stub) over `requests` (each with an `id`), at most
     `window` in flight. A failed call raises UserError / TransientError naming `what`; `hint()` is added
-    to its message."""
+    to its message. With `reject`, items answered with a bad-input status go there instead (see above)."""
     source = iter(requests)
     unanswered: dict[str, object] = {}   # fed to a call (or taken for it), no result yet: resent on a retry
     tries = 0
@@ -47,6 +54,9 @@ async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: 
                 slots.release()
                 unanswered.pop(res.id, None)
                 tries = 0
+                if reject is not None and res.WhichOneof("result") == "error" and is_bad_input(res.error.code):
+                    reject(res.id, f"{res.error.code}: {res.error.message}")
+                    continue
                 yield res
             return
         except grpc.aio.AioRpcError as err:

@@ -294,6 +294,20 @@ def _dataset_line(name: str, folder: Path) -> str | None:
             f"| {m.get('failed', 0)} | {'yes' if m.get('complete') else 'no'} | {', '.join(m.get('models', []))} |")
 
 
+def rejected_lines(layout: RunLayout) -> list[str]:
+    """Rows a server refused as bad input (e.g. a prompt past the model's context): which file lists them."""
+    from .stages import rejected_note
+    from .store import REJECTED
+
+    lines = []
+    for name, folder in (("stage 1", layout.sft_data), ("stage 2", layout.pairs)):
+        m = read_json(folder / "manifest.json") or {}
+        note = rejected_note({**m, "rejected_file": str(folder / REJECTED)})
+        if note:
+            lines.append(f"- {name}: {note[2:]}")
+    return lines + [""] if lines else []
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write `report/report.md` and its PNGs from a run folder; returns the Markdown path."""
     layout = RunLayout(Path(run_dir))
@@ -312,6 +326,7 @@ def build_report(run_dir: str | Path) -> Path:
     if rows:
         lines += ["## Datasets", "", "| dataset | rows | skipped (why) | failed | complete | models |",
                   "|---|---|---|---|---|---|", *rows, ""]
+        lines += rejected_lines(layout)
         lines += no_pair_section(layout.pairs)
     usage = read_json(layout.usage)
     if usage and usage.get("stages"):

@@ -103,12 +103,19 @@ async def annotate_stream(ep: Endpoint, rows: Iterable[dict], store: DatasetStor
 async def _drive(ep: Endpoint, stub_class, method: str, items: Iterable, inflight: dict, write,
                  store: DatasetStore, ledger: TokenLedger, progress: StageProgress, *, stage: str, what: str,
                  window: int) -> None:
-    """Both stages' loop: a per-item error fails its row, an answer's usage is journaled, then
+    """Both stages' loop: an item the server refused as bad input is a rejection (recorded, never resent),
+    another per-item error fails its row (retried), an answer's usage is journaled, then
     `write(what was sent, response)`; the ledger is saved however the stream ends."""
+    def reject(rid: str, reason: str) -> None:
+        if inflight.pop(rid, None) is not None:
+            store.reject(rid, reason)
+            progress.advance(skipped=True)
+
     async with ep.channel() as channel:
         call = getattr(stub_class(channel), method)
         try:
-            async for res in windowed(call, items, ep=ep, what=what, window=window, stop=ledger.exhausted):
+            async for res in windowed(call, items, ep=ep, what=what, window=window, stop=ledger.exhausted,
+                                      reject=reject):
                 sent = inflight.pop(res.id, None)
                 if sent is None:
                     continue

@@ -22,7 +22,7 @@ from .data import PromptStream
 from .layout import RunLayout
 from .lock import RunLock
 from .promptset import RunPrompts, config_hash, prepare_prompts
-from .stages import NEEDS_SERVICES, STAGES, StageContext, default_settings, merge_settings
+from .stages import NEEDS_SERVICES, STAGES, StageContext, default_settings, merge_settings, rejected_note
 from .store import atomic_write_json, make_folder, read_json, utc_now
 from . import training
 
@@ -269,11 +269,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     pairs = summary.get("pairs") or {}
     lines.append(f"  stage 1: {s1.get('rows', 0)} SFT rows written, {s1.get('skipped', 0)} skipped"
                  + (f" ({s1['heldout_rows']} held out to measure SFT on)" if s1.get("heldout_rows") else "")
-                 + (f", {s1['failed']} failed (a re-run retries them)" if s1.get("failed") else ""))
+                 + (f", {s1['failed']} failed (a re-run retries them)" if s1.get("failed") else "")
+                 + rejected_note(s1))
     reasons = ", ".join(f"{k} {v}" for k, v in (pairs.get("skipped_reasons") or {}).items())
     lines.append(f"  stage 2: {pairs.get('rows', 0)} preference pairs, {pairs.get('skipped', 0)} prompts skipped"
                  + (f" ({reasons})" if reasons else "")
                  + (f", {pairs['failed']} failed (a re-run retries them)" if pairs.get("failed") else "")
+                 + rejected_note(pairs)
                  + (f"; {pairs['heldout_rows']} pairs held out to measure DPO on" if pairs.get("heldout_rows") else ""))
     for kind in ("sft", "dpo"):
         r = summary.get(kind) or {}

@@ -29,7 +29,7 @@ from .layout import RunLayout
 from .progress import StageProgress
 from .promptset import RunPrompts
 from .rpc import annotate_stream, generate_batch
-from .store import DatasetStore, atomic_write_text
+from .store import REJECTED, DatasetStore, atomic_write_text
 from . import training
 
 
@@ -94,6 +94,10 @@ def _finish_dataset(ctx: StageContext, store: DatasetStore, total: int, what: st
     Failed rows (a backend or judge outage) stay failures, never skips: with at most `allow_failures`
     of them the stage completes so the run goes on, lists them as failed, and every re-run retries them."""
     pending = [rid for rid in store.failed if not store.is_done(rid)]
+    if total and len(store.rejected) >= total:  # nothing came through: not a pass, whatever else holds
+        store.write_manifest(complete=False)
+        raise UserError(f"{what}: all {total} rows were rejected: {store.rejected_reason}; "
+                        f"see {store.folder / REJECTED}")
     allowed = int(ctx.settings["allow_failures"] * total)
     if pending and len(pending) > allowed:
         store.write_manifest(complete=False)
@@ -125,6 +129,21 @@ async def _fill_dataset(ctx: StageContext, store: DatasetStore, rows: Callable[[
             store.write_manifest(complete=False)
         ctx.ledger.check(what)
     return _finish_dataset(ctx, store, total, what)
+
+
+def rejected_info(store: DatasetStore) -> dict:
+    """A stage result's rejections (rows the server refused as bad input): how many, the first reason, the file."""
+    if not len(store.rejected):
+        return {}
+    return {"rejected": len(store.rejected), "rejected_reason": store.rejected_reason,
+            "rejected_file": str(store.folder / REJECTED)}
+
+
+def rejected_note(result: dict[str, Any]) -> str:
+    """'; N prompts rejected: <reason>; see <file>' for a stage result with rejections (the printed summary and report.md)."""
+    n = result.get("rejected") or 0
+    return f"; {n} prompts rejected: {result['rejected_reason']}; see {result['rejected_file']}" if n else ""
+
 
 
 def _train_rows_file(store: DatasetStore, path: Path, keys: tuple[str, ...], keep=lambda rid: True) -> int:
@@ -160,7 +179,7 @@ async def stage_sft_data(ctx: StageContext) -> dict:
     m = await _fill_dataset(ctx, store, ctx.prompts.rows, ctx.prompts.count, lambda r: r.id, call,
                             "stage 1: MoA answers", "stage 1 (MoA answers)")
     split = _split_rows_file(store, ctx.layout.sft_data, ("messages",), ctx.prompts.eval_ids)
-    return {"rows": m["rows"], "skipped": m["skipped"], "failed": m["failed"], **split}
+    return {"rows": m["rows"], "skipped": m["skipped"], "failed": m["failed"], **rejected_info(store), **split}
 
 
 async def _train(ctx: StageContext, kind: str, data: Path, model: str, out: Path) -> dict:
@@ -225,7 +244,8 @@ async def stage_pairs(ctx: StageContext) -> dict:
     held = held_out_ids((r["id"] for r in store.iter_rows()), ctx.settings["pairs_heldout_fraction"],
                         "pairs-heldout", cap=ctx.settings["pairs_heldout_max"], count=store.rows)
     split = _split_rows_file(store, ctx.layout.pairs, ("prompt", "chosen", "rejected"), held)
-    return {"rows": m["rows"], "skipped": m["skipped"], "skipped_reasons": m["skipped_reasons"], "failed": m["failed"], **split}
+    return {"rows": m["rows"], "skipped": m["skipped"], "skipped_reasons": m["skipped_reasons"], "failed": m["failed"],
+            **rejected_info(store), **split}
 
 
 async def stage_dpo(ctx: StageContext) -> dict:

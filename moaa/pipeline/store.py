@@ -4,6 +4,8 @@ Layout of one dataset folder:
     data-00000.jsonl ...   rows (one JSON object per line, each with its "id")
     skipped.jsonl          ids handled on purpose without a row (e.g. a pair the judges could not separate)
     failures.jsonl         ids that failed; retried on the next run (not "done")
+    rejected.jsonl         ids the server refused as bad input (a prompt past the model's context): no retry
+                           helps, so they are done and never resent; an edited prompt has a new id
     manifest.json          counts, models, config hash, stage, timestamps, complete flag
 
 Exactly once: every line goes through the one resumable writer (`moaa.jsonl`: one write per row; a torn
@@ -31,6 +33,7 @@ from .idset import IdSet
 SHARD_ROWS = 1000
 SYNC_EVERY_S = 0.2   # group commit of the rows (moaa.jsonl.JsonlAppender); the manifest is written after a sync
 FORMATS = ("sft", "preference", "samples", "generations")
+REJECTED = "rejected.jsonl"
 
 
 def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
@@ -66,6 +69,11 @@ def make_folder(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
+def rejection(row_id: str, stage: str, reason: str) -> dict:
+    """The one record of a rejected item (the pipeline's rejected.jsonl, `moaa annotate`'s <out>.rejected.jsonl)."""
+    return {"id": row_id, "stage": stage, "reason": reason, "at": utc_now()}
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
@@ -84,6 +92,8 @@ class DatasetStore:
         self.skipped = IdSet()
         self.skip_reasons: Counter[str] = Counter()
         self.failed: dict[str, str] = {}
+        self.rejected = IdSet()
+        self.rejected_reason = ""   # the first rejection's message: the summary names it
         self.rows = 0
         self.models: set[str] = set()
         self.extra: dict[str, Any] = {}
@@ -121,8 +131,10 @@ class DatasetStore:
         for rec in self._writer(self.folder / "failures.jsonl").open_iter():
             self.failed[rec["id"]] = rec.get("error", "")
             self._count(rec)
+        for rec in self._writer(self.folder / REJECTED).open_iter():
+            self._rejected(rec["id"], rec.get("reason", ""))
         for rid in list(self.failed):
-            if rid in self.done or rid in self.skipped:
+            if self.is_done(rid):
                 del self.failed[rid]
         if shards:
             self._shard_index = len(shards) - 1
@@ -139,8 +151,8 @@ class DatasetStore:
         return bool(self.manifest.get("complete"))
 
     def is_done(self, row_id: str) -> bool:
-        """Written as a row or skipped on purpose: never redone."""
-        return row_id in self.done or row_id in self.skipped
+        """Written as a row, skipped on purpose or rejected as bad input: never redone."""
+        return row_id in self.done or row_id in self.skipped or row_id in self.rejected
 
     # -- writing -------------------------------------------------------------------------------
     def _writer(self, path: Path) -> JsonlAppender:
@@ -186,6 +198,19 @@ class DatasetStore:
             self.skipped.add(row_id)
             self.skip_reasons[reason.split(":")[0]] += 1
 
+    def reject(self, row_id: str, reason: str) -> bool:
+        """Record an item the server refused as bad input ("CODE: message"): done, never resent."""
+        if self.is_done(row_id):
+            return False
+        self._append_line(self.folder / REJECTED, rejection(row_id, self.stage, reason))
+        self._rejected(row_id, reason)
+        self.failed.pop(row_id, None)
+        return True
+
+    def _rejected(self, row_id: str, reason: str) -> None:
+        self.rejected.add(row_id)
+        self.rejected_reason = self.rejected_reason or reason
+
     def fail(self, row_id: str, error: str, **info: Any) -> None:
         """Record a failure; the id stays pending and is retried on the next run."""
         self._append_line(self.folder / "failures.jsonl", {"id": row_id, "error": error, "at": utc_now(), **info})
@@ -206,6 +231,8 @@ class DatasetStore:
             "skipped": len(self.skipped),
             "skipped_reasons": dict(self.skip_reasons),
             "failed": len(self.failed),
+            "rejected": len(self.rejected),
+            "rejected_reason": self.rejected_reason,
             "shards": [p.name for p in self.shards()],
             "models": sorted(self.models),
             "config_hash": self.config_hash or self.manifest.get("config_hash"),
