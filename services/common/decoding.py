@@ -5,6 +5,10 @@ UNKNOWN with the exception's text. This server interceptor gives every handler (
 reflection) a deserializer that never raises: it returns an `Undecodable` marker, and the wrapped
 handler aborts with INVALID_ARGUMENT naming the message type it expected. For streamed requests the
 marker aborts the call when the servicer reads that message.
+
+The same deserializer enforces `max_request_bytes` on unary requests (RESOURCE_EXHAUSTED naming the size,
+the limit and the setting): the transport's own limit is set higher (server.py), so that an oversized item
+of a batch stream can be refused alone (services/common/stream.py) instead of ending the whole stream.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import inspect
 import time
+from dataclasses import dataclass
 
 import grpc
 
@@ -22,12 +27,27 @@ DRAIN_MAX_ITEMS = 1000
 
 
 class Undecodable:
-    """Stands in for a request message whose bytes did not parse."""
+    """Stands in for a request message whose bytes did not parse (or that is over the size limit)."""
 
-    __slots__ = ("message",)
+    __slots__ = ("message", "code")
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
         self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RequestLimit:
+    """A server's `max_request_bytes` and the setting that holds it (e.g. 'gateway.max_request_bytes')."""
+    max_bytes: int
+    setting: str
+
+    def refusal(self, size: int, what: str = "the request") -> str | None:
+        """Why a message of `size` bytes is refused, or None when it fits."""
+        if size <= self.max_bytes:
+            return None
+        return (f"{what} is {size} bytes, over the limit of {self.max_bytes} bytes ({self.setting}): "
+                f"send less, or raise {self.setting}")
 
 
 def _type_name(deserializer) -> str:
@@ -36,13 +56,17 @@ def _type_name(deserializer) -> str:
     return getattr(descriptor, "full_name", "") or "the request message"
 
 
-def safe_deserializer(deserializer):
-    """`deserializer` that returns Undecodable instead of raising; None (raw bytes) stays None."""
+def safe_deserializer(deserializer, limit: RequestLimit | None = None):
+    """`deserializer` that returns Undecodable instead of raising (and for bytes over `limit`); None (raw
+    bytes) stays None."""
     if deserializer is None:
         return None
     name = _type_name(deserializer)
 
     def decode(raw: bytes):
+        too_big = limit.refusal(len(raw)) if limit is not None else None
+        if too_big is not None:
+            return Undecodable(too_big, grpc.StatusCode.RESOURCE_EXHAUSTED)
         try:
             return deserializer(raw)
         except Exception as err:  # noqa: BLE001 - DecodeError, or whatever a custom deserializer raises
@@ -71,7 +95,7 @@ async def drain_requests(requests) -> None:
 async def _reject(context, bad: Undecodable, requests=None) -> None:
     if requests is not None:
         await drain_requests(requests)
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+    await context.abort(bad.code, bad.message)
 
 
 def _checked_iterator(requests, context):
@@ -124,12 +148,14 @@ HANDLER_KINDS = {
 }
 
 
-def guard_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def guard_handler(handler: grpc.RpcMethodHandler, limit: RequestLimit | None = None) -> grpc.RpcMethodHandler:
+    """`limit` applies to unary requests; a request stream's items are checked one by one by ItemStream."""
     for attr, (req_stream, resp_stream, make) in HANDLER_KINDS.items():
         behavior = getattr(handler, attr)
         if behavior is not None:
             return make(_wrap_behavior(behavior, req_stream, resp_stream),
-                        request_deserializer=safe_deserializer(handler.request_deserializer),
+                        request_deserializer=safe_deserializer(handler.request_deserializer,
+                                                               None if req_stream else limit),
                         response_serializer=handler.response_serializer)
     return handler
 
@@ -137,6 +163,9 @@ def guard_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
     """Put it last (innermost), so that the auth interceptor's refusals use the safe deserializer too."""
 
+    def __init__(self, limit: RequestLimit | None = None):
+        self.limit = limit
+
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
-        return guard_handler(handler) if handler is not None else None
+        return guard_handler(handler, self.limit) if handler is not None else None

@@ -73,9 +73,10 @@ def _aborted_code(context) -> grpc.StatusCode:
 class CallGuard:
     """Per-server state the guard needs: limiter and metrics."""
 
-    def __init__(self, limiter: InFlightLimiter, metrics: Metrics):
+    def __init__(self, limiter: InFlightLimiter, metrics: Metrics, request_limit=None):
         self.limiter = limiter
         self.metrics = metrics
+        self.request_limit = request_limit  # decoding.RequestLimit: max_request_bytes, checked per stream item too
         self.streams: set = set()  # open ItemStreams (GenerateBatch, AnnotateStream): a stopping server closes them
 
     def done(self, method: str, code: str, seconds: float, request_id: str, transport: str = "grpc") -> None:

@@ -9,7 +9,9 @@ items still running and waits for them before the call returns. A server that st
 `close()`s its open streams: they read no more items, finish and write the ones they hold, then end
 UNAVAILABLE, so the client resends the rest to a server that is not going away. With `admit` (the backends' Admission,
 services/backend/limits.py) an item starts only when the backends it needs have room, so the window is
-an upper bound and the backends' free capacity decides how many items run.
+an upper bound and the backends' free capacity decides how many items run. With `limit` (the server's
+max_request_bytes), an item larger than it is an INVALID_ARGUMENT item error naming its size, the limit and
+the setting; the stream goes on (the transport's own limit is set higher: server.py TRANSPORT_MAX_BYTES).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import AsyncIterable, Awaitable, Callable, Generic, TypeVar
 
 import grpc
 
+from moaa.services.common.decoding import RequestLimit
 from moaa.services.common.errors import InvalidArgument, Unavailable
 from moaa.services.common.limiter import InFlightLimiter
 from moaa.services.common.rpc import status_of
@@ -44,7 +47,7 @@ class ItemStream(Generic[Req, Res]):
     def __init__(self, handle: Callable[[Req], Awaitable[Res]], failed: Callable[[Req, str, str], Res], *,
                  window: int, limiter: InFlightLimiter, live: set | None = None,
                  admit: Callable[[Req, Callable[[], asyncio.Task]], Awaitable[None]] | None = None,
-                 item_id: Callable[[Req], str] | None = None):
+                 item_id: Callable[[Req], str] | None = None, limit: RequestLimit | None = None):
         self.handle = handle
         self.failed = failed
         self.window = window
@@ -52,6 +55,7 @@ class ItemStream(Generic[Req, Res]):
         self.live = live  # the servicer's set of open streams (tests and metrics look at them)
         self.admit = admit  # admit(request, spawn): waits for backend capacity, then calls spawn()
         self.item_id = item_id  # results are matched to requests by it: empty or repeated ids are item errors
+        self.limit = limit
         self._seen: set[str] = set()
         self.read = 0  # requests read from the client
         self.written = 0  # results the transport took
@@ -119,6 +123,10 @@ class ItemStream(Generic[Req, Res]):
                     except InvalidArgument as err:
                         self._results.put_nowait(self.failed(request, "INVALID_ARGUMENT", str(err)))
                         continue
+                too_big = self.limit.refusal(request.ByteSize(), "this item") if self.limit is not None else None
+                if too_big is not None:
+                    self._results.put_nowait(self.failed(request, "INVALID_ARGUMENT", too_big))
+                    continue
                 if self.admit is None:
                     self._spawn(request)
                 else:
