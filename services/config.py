@@ -277,8 +277,9 @@ class ServerConfig(_Strict):
     max_in_flight: int = Field(1024, ge=1, description="work in flight: unary calls plus items of batch streams; "
                                "unary calls beyond it get RESOURCE_EXHAUSTED, stream items wait")
     max_prompt_chars: int = Field(200_000, ge=1)
-    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=2**31 - 1, description="largest request; gRPC's own "
-                                   "limit is 2 GiB - 1")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, le=2**31 - 1, description="largest request: a unary call "
+                                   "over it gets RESOURCE_EXHAUSTED, a batch stream item over it its own "
+                                   "INVALID_ARGUMENT (the stream goes on); gRPC's own limit is 2 GiB - 1")
     batch_window: int = Field(256, ge=1, description="upper bound on the items of one batch stream held at once "
                               "(running or waiting to be written); within it, items start as the backends have room")
     shutdown_grace_s: float = Field(30.0, ge=0)
