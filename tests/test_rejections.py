@@ -16,6 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from moaa.client.endpoint import Endpoint
+from moaa.pipeline.budget import TokenLedger
+from moaa.pipeline.layout import RunLayout
+from moaa.pipeline.stages import StageContext, stage_pairs
 from moaa.services.config import parse_config
 from moaa.services.gateway.server import start_gateway
 from moaa.v1 import gateway_pb2
@@ -71,7 +75,7 @@ async def test_pipeline_stage1_records_a_prompt_past_the_context_as_a_rejection(
     assert len(rows) == 5 and len(rejected) == 1 and rejected[0]["id"] not in {r["id"] for r in rows}
     assert rejected[0]["stage"] == "sft_data" and rejected[0]["reason"].startswith("INVALID_ARGUMENT")
     assert TOO_LONG in rejected[0]["reason"] and not _lines(data / "failures.jsonl")
-    line = f"1 prompts rejected: INVALID_ARGUMENT"
+    line = "1 prompts rejected: INVALID_ARGUMENT"
     assert line in stdout and TOO_LONG in stdout and str(data / "rejected.jsonl") in stdout, stdout
     summary = json.loads((out / "summary.json").read_text())["sft_data"]
     assert summary["rows"] == 5 and summary["rejected"] == 1 and summary["failed"] == 0
@@ -88,7 +92,7 @@ async def test_pipeline_stage1_records_a_prompt_past_the_context_as_a_rejection(
 
 
 async def test_pipeline_stage1_where_every_prompt_is_rejected_exits_2(gateway, tmp_path):
-    emu, gw = gateway
+    _, gw = gateway
     prompts, out = _prompts(tmp_path / "prompts.jsonl", set(range(6))), tmp_path / "run"
     for _ in range(2):  # the re-run sends nothing and says so again
         rc, _, err = await _moaa(*_pipeline(gw, prompts, out))
@@ -96,6 +100,49 @@ async def test_pipeline_stage1_where_every_prompt_is_rejected_exits_2(gateway, t
         assert rc == 2 and len(lines) == 1, err
         assert "all 6 rows were rejected: INVALID_ARGUMENT" in lines[0] and "rejected.jsonl" in lines[0], err
     assert len(_lines(out / "stage1-sft-data" / "rejected.jsonl")) == 6
+
+
+async def test_pipeline_stage1_item_over_max_request_bytes_is_a_rejection(gw_emulators, tmp_path):
+    """An item over the gateway's max_request_bytes is an item error on a stream that goes on, so the pipeline
+    records it as a rejection like any other bad input."""
+    emu = await gw_emulators()
+    gw = await start_gateway(parse_config(moa_config(emu.url, ["p1", "p2", "p3"],
+                                                     gateway={"http_port": None, "max_request_bytes": 4096})),
+                             probes=False)
+    try:
+        prompts = _prompts(tmp_path / "prompts.jsonl", set())
+        rows = prompts.read_text().splitlines()
+        rows[4] = json.dumps({"instruction": "z" * 6000})
+        prompts.write_text("\n".join(rows) + "\n")
+        rc, stdout, err = await _moaa(*_pipeline(gw, prompts, tmp_path / "run"))
+    finally:
+        await gw.stop(0)
+    assert rc == 0, err
+    (rej,) = _lines(tmp_path / "run" / "stage1-sft-data" / "rejected.jsonl")
+    assert rej["reason"].startswith("INVALID_ARGUMENT") and "gateway.max_request_bytes" in rej["reason"], rej
+    assert "1 prompts rejected" in stdout and "5 SFT rows written" in stdout, stdout
+
+
+async def test_pipeline_pairs_stage_records_a_judging_prompt_past_the_context_as_a_rejection(
+        judge_emulator, annotator_factory, tmp_path):
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris@max_model_len=1000",
+                                                                     "b": "keyword:paris@max_model_len=1000"},
+                                                mode="pointwise", combine="mean"))
+    layout = RunLayout(tmp_path)
+    layout.samples.mkdir(parents=True)
+    rows = [{"id": f"p{i}", "prompt": [{"role": "user", "content": "Capital of France?"}],
+             "samples": ["Paris. " + (LONG if i == 4 else "It is Paris."), "Rome."]} for i in range(6)]
+    (layout.samples / "data-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ctx = StageContext(layout=layout, ledger=TokenLedger(layout.usage), config_hash="h", base_model="x",
+                       settings={"allow_failures": 0.0}, annotator=Endpoint(stub.server.address), quiet=True)
+    judge_emulator.reset()
+    result = await stage_pairs(ctx)
+    assert result["rows"] == 5 and result["failed"] == 0 and result["rejected"] == 1, result
+    assert "maximum context length is 1000 tokens" in result["rejected_reason"]
+    (rej,) = _lines(layout.pairs / "rejected.jsonl")
+    assert rej["id"] == "p4" and rej["stage"] == "pairs"
+    judge_emulator.reset()
+    assert await stage_pairs(ctx) == result and judge_emulator.stats.requests == 0
 
 
 def _samples(path: Path, long_at: set[int]) -> Path:
@@ -165,3 +212,16 @@ async def test_annotate_stream_item_over_max_request_bytes_is_an_item_error(judg
     assert all(results[i].WhichOneof("result") == "response" for i in ("r0", "r1", "r3"))
     bad = results["r2"].error
     assert bad.code == "INVALID_ARGUMENT" and "annotator.max_request_bytes" in bad.message, bad
+
+
+async def test_moaa_annotate_where_every_row_is_rejected_exits_2(judge_emulator, annotator_factory, tmp_path):
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris@max_model_len=1000"},
+                                                mode="pointwise", combine="mean"))
+    inp, out = _samples(tmp_path / "samples.jsonl", set(range(6))), tmp_path / "pairs.jsonl"
+    for _ in range(2):  # the re-run sends nothing and says so again
+        rc, _, err = await _moaa("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out", str(out),
+                                 "--no-progress")
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1, err
+        assert "every row was rejected" in lines[0] and "6 prompts rejected: INVALID_ARGUMENT" in lines[0], err
+        assert "delete that file to resend them" in lines[0]

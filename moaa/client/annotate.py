@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from moaa.errors import TransientError, UserError
 from moaa.jsonl import JsonlAppender, iter_scan, read_input
-from moaa.pipeline.store import atomic_write_json, rejection
+from moaa.pipeline.store import RESEND_HINT, atomic_write_json, rejection
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
 from .endpoint import Endpoint
@@ -136,7 +136,7 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
                              "rerun to retry them")
     c = report.counts
     if c["rejected"] and not (c["pairs"] or c["skipped"] or c["already_done"]):
-        raise UserError(f"every row was rejected: {counts_line(summary, out)}")
+        raise UserError(f"every row was rejected: {counts_line(summary, out)} ({RESEND_HINT})")
     return summary
 
 

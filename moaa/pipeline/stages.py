@@ -29,7 +29,7 @@ from .layout import RunLayout
 from .progress import StageProgress
 from .promptset import RunPrompts
 from .rpc import annotate_stream, generate_batch
-from .store import REJECTED, DatasetStore, atomic_write_text
+from .store import REJECTED, RESEND_HINT, DatasetStore, atomic_write_text
 from . import training
 
 
@@ -96,8 +96,8 @@ def _finish_dataset(ctx: StageContext, store: DatasetStore, total: int, what: st
     pending = [rid for rid in store.failed if not store.is_done(rid)]
     if total and len(store.rejected) >= total:  # nothing came through: not a pass, whatever else holds
         store.write_manifest(complete=False)
-        raise UserError(f"{what}: all {total} rows were rejected: {store.rejected_reason}; "
-                        f"see {store.folder / REJECTED}")
+        raise UserError(f"{what}: all {total} rows were rejected: {store.rejected_reason}; see "
+                        f"{store.folder / REJECTED} ({RESEND_HINT})")
     allowed = int(ctx.settings["allow_failures"] * total)
     if pending and len(pending) > allowed:
         store.write_manifest(complete=False)

@@ -34,6 +34,8 @@ SHARD_ROWS = 1000
 SYNC_EVERY_S = 0.2   # group commit of the rows (moaa.jsonl.JsonlAppender); the manifest is written after a sync
 FORMATS = ("sft", "preference", "samples", "generations")
 REJECTED = "rejected.jsonl"
+# said when every row was rejected: then the cause may be the server's configuration, not the rows
+RESEND_HINT = "fix those rows; if the server's configuration was the cause, fix it and delete that file to resend them"
 
 
 def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:

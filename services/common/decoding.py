@@ -29,7 +29,7 @@ DRAIN_MAX_ITEMS = 1000
 class Undecodable:
     """Stands in for a request message whose bytes did not parse (or that is over the size limit)."""
 
-    __slots__ = ("message", "code")
+    __slots__ = ("code", "message")
 
     def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
         self.message = message
