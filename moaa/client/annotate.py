@@ -4,7 +4,8 @@ annotator's AnnotateStream; and `annotate_once`, one Annotate call (`moaa eval`'
 Resumable by row id through the one resumable writer (`moaa.jsonl`). Pairs the judges could not separate
 and rows with fewer than two distinct answers go to `<out>.skipped.jsonl`; rows the annotator refused as
 bad input (INVALID_ARGUMENT: e.g. a judging prompt past a judge's context) to `<out>.rejected.jsonl`;
-both are done, never resent. Transient failures go to `<out>.errors.jsonl` and are retried by the next run. `<out>.report.json` holds the per-judge position bias, agreement and length
+both are done, never resent. Transient failures go to `<out>.errors.jsonl` and are retried by the next run.
+`<out>.report.json` holds the per-judge position bias, agreement and length
 correlation over the run.
 """
 from __future__ import annotations

@@ -140,10 +140,9 @@ def rejected_info(store: DatasetStore) -> dict:
 
 
 def rejected_note(result: dict[str, Any]) -> str:
-    """'; N prompts rejected: <reason>; see <file>' for a stage result with rejections (the printed summary and report.md)."""
+    """'; N prompts rejected: <reason>; see <file>' for a stage result with rejections (summary and report.md)."""
     n = result.get("rejected") or 0
     return f"; {n} prompts rejected: {result['rejected_reason']}; see {result['rejected_file']}" if n else ""
-
 
 
 def _train_rows_file(store: DatasetStore, path: Path, keys: tuple[str, ...], keep=lambda rid: True) -> int:

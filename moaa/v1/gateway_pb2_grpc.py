@@ -82,8 +82,9 @@ class MoAGatewayServicer:
         """Dataset work with flow control: results keyed by BatchItem.id, in completion order. Each id must be
         non-empty and unique within the stream. A bad or failed item gets an ErrorDetail and the stream goes on,
         an item over the server's max_request_bytes too (INVALID_ARGUMENT naming its size, the limit and the
-        setting); only an item over the transport's hard cap of 64 MiB (RESOURCE_EXHAUSTED: gRPC refuses it before
-        it is read) or one whose bytes do not parse (INVALID_ARGUMENT) ends it, as do the deadline and cancellation.
+        setting); only an item over the transport's hard cap (64 MiB, or max_request_bytes where larger;
+        RESOURCE_EXHAUSTED: gRPC refuses it before it is read) or one whose bytes do not parse (INVALID_ARGUMENT)
+        ends it, as do the deadline and cancellation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
