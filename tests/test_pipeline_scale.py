@@ -13,7 +13,8 @@ from moaa.pipeline.layout import RunLayout
 from moaa.pipeline.progress import StageProgress
 from moaa.pipeline.rpc import annotate_stream
 from moaa.pipeline.stages import StageContext, stage_pairs
-from moaa.pipeline.store import DatasetStore, atomic_write_text
+from moaa.files import atomic_write_text
+from moaa.pipeline.store import DatasetStore
 from moaa.services.annotator.server import start_annotator
 from moaa.services.config import parse_config
 from tests.fixtures.annotator import judge_config

@@ -23,7 +23,7 @@ from moaa.trainer.manifest import build_manifest, write_manifest
 from moaa.trainer.plots import plot_metrics
 from moaa.trainer.progress import JsonProgress
 from moaa.trainer.resume import checkpoint_step, guard_out, newest_checkpoint
-from moaa.pipeline.store import make_folder
+from moaa.files import make_folder
 
 log = logging.getLogger(__name__)
 

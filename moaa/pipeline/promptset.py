@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from moaa.jsonl import read_rows
+from moaa.files import atomic_write_text
 
 from .data import PromptRow, PromptStream, held_out_ids
 from .idset import IdSet
-from .store import atomic_write_text
 
 QUICK_PROMPTS = 12
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Container, Iterable
 
 from moaa.client.endpoint import Endpoint
 from moaa.errors import TransientError, UserError
+from moaa.files import atomic_write_text
 
 from .budget import TokenLedger
 from .data import PromptRow, held_out_ids
@@ -29,7 +30,7 @@ from .layout import RunLayout
 from .progress import StageProgress
 from .promptset import RunPrompts
 from .rpc import annotate_stream, generate_batch
-from .store import DatasetStore, atomic_write_text
+from .store import DatasetStore
 from . import training
 
 
