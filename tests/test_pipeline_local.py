@@ -8,7 +8,7 @@ import pytest
 from moaa.errors import UserError
 from moaa.pipeline.local import MODEL_ENV, default_target, local_config, local_model, reap_stale
 from moaa.services.config import parse_config
-from moaa.services.local.models import has_chat_template
+from moaa.models import has_chat_template
 
 
 def test_local_config_is_valid_and_uses_existing_templates():

@@ -84,7 +84,7 @@ def register(subparsers) -> None:
 def pipeline_options(args):
     """`moaa pipeline run`'s flags as the runner's PipelineOptions."""
     from moaa.overrides import apply_sets
-    from moaa.pipeline.data import parse_mapping
+    from moaa.prompts import parse_mapping
     from moaa.pipeline.runner import PipelineOptions
 
     return PipelineOptions(
@@ -115,7 +115,7 @@ def _report(args) -> int:
 
 
 def _check_prompts(args) -> int:
-    from moaa.pipeline.data import PromptStream, parse_mapping
+    from moaa.prompts import PromptStream, parse_mapping
 
     stream = PromptStream(args.prompts, mapping=parse_mapping(args.mapping), skip_invalid=args.skip_invalid,
                           split=args.split, limit=args.limit)

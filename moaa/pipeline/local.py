@@ -44,7 +44,7 @@ PROPOSERS = [
 
 def default_target() -> str:
     """The model trained by the embedded pipeline: SmolLM2-135M-Instruct from the model cache (or $MOAA_LOCAL_MODEL)."""
-    from moaa.services.local.models import resolve_model
+    from moaa.models import resolve_model
 
     return str(resolve_model(local_model()).path)
 

@@ -17,9 +17,9 @@ from typing import Any
 from moaa.client.endpoint import Endpoint
 from moaa.errors import UserError
 from moaa.files import atomic_write_json, make_folder, read_json
+from moaa.prompts import PromptStream
 
 from .budget import TokenLedger
-from .data import PromptStream
 from .layout import RunLayout
 from .lock import RunLock
 from .promptset import RunPrompts, config_hash, prepare_prompts

@@ -23,9 +23,9 @@ from typing import Any, Callable, Container, Iterable
 from moaa.client.endpoint import Endpoint
 from moaa.errors import TransientError, UserError
 from moaa.files import atomic_write_text
+from moaa.prompts import PromptRow, held_out_ids
 
 from .budget import TokenLedger
-from .data import PromptRow, held_out_ids
 from .layout import RunLayout
 from .progress import StageProgress
 from .promptset import RunPrompts

@@ -22,10 +22,9 @@ from typing import Any, Iterator
 
 from moaa.errors import UserError
 from moaa.files import atomic_write_json, read_json
+from moaa.idset import IdSet
 from moaa.jsonl import JsonlAppender, read_rows
 from moaa.usage import add_usage, usage_tokens
-
-from .idset import IdSet
 
 SHARD_ROWS = 1000
 SYNC_EVERY_S = 0.2   # group commit of the rows (moaa.jsonl.JsonlAppender); the manifest is written after a sync

@@ -28,7 +28,7 @@ from pathlib import Path
 from moaa.engines import ENGINE_CHOICES, pick_engine, vllm_available  # noqa: F401 (re-exported)
 from moaa.errors import TransientError, UserError
 from moaa.services.local.lifeline import process_group_alive, release, spawn_tied
-from moaa.services.local.models import ModelSpec, has_chat_template, resolve_model
+from moaa.models import ModelSpec, has_chat_template, resolve_model
 
 
 @dataclass(frozen=True)
