@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 import aiohttp
 import orjson
 
-from moaa.services.config import BackendConfig, SamplingConfig
+from moaa.services.backend.config import BackendConfig, SamplingConfig
 
 from .errors import REPLICA_FAULTS, BackendError, error_message, retry_after
 from .limits import ITEM_STARTED, make_throttler
