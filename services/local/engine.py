@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moaa.engines import ENGINE_CHOICES, pick_engine, vllm_available  # noqa: F401 (re-exported)
+from moaa.engines import ENGINE_CHOICES, pick_engine
 from moaa.errors import TransientError, UserError
-from moaa.services.local.lifeline import process_group_alive, release, spawn_tied
 from moaa.models import ModelSpec, has_chat_template, resolve_model
+from moaa.services.local.lifeline import process_group_alive, release, spawn_tied
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ class EngineServer:
 
     def backend_config(self, **overrides):
         """A BackendConfig for moaa's client, with the engine's features declared (supports_n)."""
-        from moaa.services.config import BackendConfig
+        from moaa.services.backend.config import BackendConfig
 
         fields = dict(urls=[self.base_url], served_model=self.served_model_name, supports_n=self.supports_n,
                       context_window=self.max_model_len,
