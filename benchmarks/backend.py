@@ -68,7 +68,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> int:
-    from moaa.services.local.engine import vllm_available
+    from moaa.engines import vllm_available
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", default="transformers,vllm" if vllm_available() else "transformers")

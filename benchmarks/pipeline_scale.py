@@ -80,7 +80,7 @@ def _seed(out: Path, prompts: Path) -> tuple[list[str], list[str]]:
     """A finished SFT model and a complete samples file: the run goes from stage 1 straight to judging.
     Returns the training prompts' ids (judged in stage 2) and every prompt's id (stage 1 answers the eval
     prompts too, held out to measure SFT on)."""
-    from moaa.pipeline.data import PromptStream
+    from moaa.prompts import PromptStream
     from moaa.pipeline.promptset import prepare_prompts
 
     split = prepare_prompts(out.parent / "split.jsonl", PromptStream(prompts), eval_fraction=0.2, quick=False)

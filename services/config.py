@@ -1,148 +1,32 @@
 """The one moaa config file (YAML), validated into typed objects.
 
 The same file is written by the CLI for the embedded backends and rendered by the Helm chart into a
-ConfigMap. It names the backends (model name -> endpoints and limits), the MoA recipes, the judge
-ensembles, and the gateway's and annotator's server settings.
+ConfigMap. It names the backends (model name -> endpoints and limits; their settings are
+services/backend/config.py), the MoA recipes, the judge ensembles, and the gateway's and annotator's server
+settings.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from moaa.errors import UserError, validation_message
 from moaa.overrides import load_mapping
+from moaa.services.backend.config import BackendConfig, SamplingConfig
+from moaa.services.common.strict import Name, Strict
 
 
 class ConfigError(UserError, ValueError):
     """A config file that cannot be used; the message says what to change (the CLI exits 2 with it)."""
 
 
-class _Strict(BaseModel):
-    # strict: a quoted number or YAML's yes/on where a number belongs is the file's mistake, not a value;
-    # finite: .inf as a limit would crash the throttle at start (leave a limit out for none)
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-
-# a name something else refers to (a backend, recipe, ensemble, judge): never empty
-Name = Annotated[str, Field(min_length=1)]
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _GRPC_SCHEMES = {"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p"}
 
 
-def _check_url(url: str) -> str:
-    """One replica's base URL, normalised (no trailing slash); ValueError says what to change."""
-    parts = urlsplit(url)
-    # URLs are logged (probe warnings, errors): never echo credentials or a query that may hold a key
-    if "@" in parts.netloc:
-        raise ValueError("a backend URL holds credentials (user:password@): they would be logged with the URL; "
-                         "put the key in api_key_env or api_key_file")
-    if parts.query or parts.fragment:
-        raise ValueError(f"backend URL {url.split('?')[0].split('#')[0]!r} has a query or fragment, which is not "
-                         "repeated here: moaa appends /chat/completions to a base URL; a key goes in api_key_env")
-    if any(c.isspace() for c in url):
-        raise ValueError(f"backend URL {url!r} contains a space")
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"backend URL {url!r} must start with http:// or https://")
-    if not parts.hostname:
-        raise ValueError(f"backend URL {url!r} has no host: write e.g. http://vllm-qwen:8000/v1")
-    try:
-        _ = parts.port
-    except ValueError:
-        raise ValueError(f"backend URL {url!r} has an invalid port (1..65535)") from None
-    url = url.rstrip("/")
-    if url.endswith("/completions"):  # the endpoint, not the base: moaa would post to .../chat/completions/chat/completions
-        raise ValueError(f"backend URL {url!r} is an endpoint, not a base URL: "
-                         f"give the part before /chat/completions (usually ending in /v1)")
-    return url
-
-
-class TimeoutConfig(_Strict):
-    connect_s: float = Field(5.0, gt=0, description="TCP connect timeout")
-    first_token_s: float = Field(60.0, gt=0, description="time to the first streamed chunk or the response headers")
-    chunk_gap_s: float = Field(30.0, gt=0, description="longest allowed gap between two streamed chunks")
-    total_s: float = Field(600.0, gt=0, description="whole request, retries excluded")
-
-
-class RetryConfig(_Strict):
-    max_attempts: int = Field(3, ge=1, description="attempts per request, only while nothing was streamed")
-    backoff_base_s: float = Field(0.2, gt=0)
-    backoff_max_s: float = Field(5.0, gt=0)
-
-
-class CircuitConfig(_Strict):
-    failure_threshold: int = Field(5, ge=1, description="consecutive failures that open a replica's circuit")
-    reset_after_s: float = Field(10.0, gt=0, description="time before a half-open trial request")
-
-
-class HealthConfig(_Strict):
-    probe_interval_s: float = Field(15.0, gt=0, description="period of the tiny real completion used as a probe")
-    probe_timeout_s: float = Field(10.0, gt=0)
-    probe_max_tokens: int = Field(1, ge=1)
-
-
-class BackendConfig(_Strict):
-    """One model served by one or more OpenAI-compatible replicas."""
-
-    urls: list[str] = Field(min_length=1, description="base URLs of the replicas, e.g. http://vllm-qwen:8000/v1")
-    served_model: str | None = Field(None, min_length=1, description="model name sent in requests; default: the backend's key")
-    api_key_env: str | None = Field(None, description="environment variable holding the bearer token")
-    api_key_file: str | None = Field(None, min_length=1, description="file holding the bearer token (a mounted Secret)")
-    rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second, all replicas together")
-    max_concurrency: int = Field(32, ge=1, description="requests in flight per replica; halved on 429, regrown after")
-    max_queued: int = Field(4096, ge=0, description="requests waiting for a slot (all replicas together) before "
-                            "new ones fail at once with cause queue_full")
-    context_window: int = Field(4096, ge=64, description="model context length in tokens")
-    tokenizer: str | None = Field(None, min_length=1, description="tokenizer folder or hub id for counting reference tokens")
-    supports_n: bool = Field(True, description="false when the server ignores n (transformers serve): moaa sends n requests")
-    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = Field(
-        "max_tokens", description="the request field for the reply's length: max_completion_tokens for hosted OpenAI "
-                                  "reasoning models, which refuse max_tokens (transformers serve ignores the other)")
-    timeouts: TimeoutConfig = Field(default_factory=TimeoutConfig)
-    retries: RetryConfig = Field(default_factory=RetryConfig)
-    circuit: CircuitConfig = Field(default_factory=CircuitConfig)
-    health: HealthConfig = Field(default_factory=HealthConfig)
-
-    @field_validator("urls")
-    @classmethod
-    def _urls_are_http(cls, urls: list[str]) -> list[str]:
-        urls = [_check_url(u) for u in urls]
-        dup = sorted({u for u in urls if urls.count(u) > 1})
-        if dup:  # one server listed twice would get twice its max_concurrency
-            raise ValueError(f"lists {', '.join(dup)} twice; each replica once")
-        return urls
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, name: str | None) -> str | None:
-        # never echo the value: the usual mistake is pasting the key itself here
-        if name is not None and not _ENV_NAME.fullmatch(name):
-            raise ValueError("must be the name of an environment variable (letters, digits, _) that holds the key, "
-                             "not the key itself")
-        return name
-
-    @model_validator(mode="after")
-    def _one_key_source(self) -> "BackendConfig":
-        if self.api_key_env and self.api_key_file:
-            raise ValueError("set one of api_key_env and api_key_file, not both")
-        return self
-
-
-class SamplingConfig(_Strict):
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-
-
-class AgentConfig(_Strict):
+class AgentConfig(Strict):
     """One model in a role: which backend, with which system prompt and sampling."""
 
     model: str = Field(description="backend name")
@@ -150,7 +34,7 @@ class AgentConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
 
-class RecipeConfig(_Strict):
+class RecipeConfig(Strict):
     """A MoA recipe: `layers` proposer layers, then one aggregator."""
 
     proposers: list[AgentConfig] = Field(min_length=1)
@@ -174,7 +58,7 @@ class RecipeConfig(_Strict):
         return self
 
 
-class JudgeConfig(_Strict):
+class JudgeConfig(Strict):
     name: Name
     model: str = Field(description="backend name")
     template: str = Field("pointwise_v1", description="judging prompt template name (file in the annotator's templates)")
@@ -182,7 +66,7 @@ class JudgeConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=512))
 
 
-class EnsembleConfig(_Strict):
+class EnsembleConfig(Strict):
     """The judge ensemble of MoA-as-reward-model."""
 
     judges: list[JudgeConfig] = Field(min_length=1)
@@ -223,7 +107,7 @@ class EnsembleConfig(_Strict):
         return self
 
 
-class TLSConfig(_Strict):
+class TLSConfig(Strict):
     cert_file: str | None = None
     key_file: str | None = None
     client_ca_file: str | None = Field(None, description="set to require client certificates (mutual TLS)")
@@ -242,7 +126,7 @@ class TLSConfig(_Strict):
         return bool(self.cert_file and self.key_file)
 
 
-class ClientTLSConfig(_Strict):
+class ClientTLSConfig(Strict):
     """How the gateway reaches the annotator over TLS (the annotator's own `tls` is the server side)."""
 
     enabled: bool = Field(False, description="TLS with the system's root CAs unless ca_file is set")
@@ -261,7 +145,7 @@ class ClientTLSConfig(_Strict):
         return self.enabled or bool(self.ca_file or self.cert_file)
 
 
-class AuthConfig(_Strict):
+class AuthConfig(Strict):
     tokens_file: str | None = Field(None, description="file with one bearer token per line (a mounted Secret)")
     tokens_env: str | None = Field(None, description="environment variable with comma-separated tokens")
 
@@ -270,7 +154,7 @@ class AuthConfig(_Strict):
         return bool(self.tokens_file or self.tokens_env)
 
 
-class ServerConfig(_Strict):
+class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus /metrics port; None = off")
@@ -302,7 +186,7 @@ class GatewayConfig(ServerConfig):
                                   description="OpenAI-compatible HTTP (/v1/chat/completions) port; null = off, 0 = any free port")
 
 
-class MoaaConfig(_Strict):
+class MoaaConfig(Strict):
     backends: dict[Name, BackendConfig] = Field(min_length=1)
     recipes: dict[Name, RecipeConfig] = Field(default_factory=dict)
     default_recipe: str | None = None

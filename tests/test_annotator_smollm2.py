@@ -34,7 +34,7 @@ REQUIRED_REJECTED = 3
 @pytest.mark.slow
 async def test_smollm2_judges_reject_the_bad_answer(smollm2_engines, annotator_factory):
     # whichever engine the session already runs (one at a time on two cores); vLLM when none runs yet
-    from moaa.services.local.engine import vllm_available
+    from moaa.engines import vllm_available
 
     running = [name for name, s in smollm2_engines.servers.items() if s.running]
     engine = os.environ.get("MOAA_TEST_JUDGE_ENGINE") or (running[0] if running else

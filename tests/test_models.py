@@ -8,7 +8,7 @@ import pytest
 
 from moaa.cli.main import main
 from moaa.errors import UserError
-from moaa.services.local.models import MARKER, PACKAGED, prepare, resolve_model
+from moaa.models import MARKER, PACKAGED, prepare, resolve_model
 
 
 def test_prepared_smollm2_folder_is_complete_and_reloads_instantly(smollm2_dir):

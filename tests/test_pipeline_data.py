@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from moaa.errors import UserError
-from moaa.pipeline.data import PromptStream, content_id, default_prompts_path, parse_mapping
+from moaa.prompts import PromptStream, content_id, default_prompts_path, parse_mapping
 
 
 def _write_jsonl(path, rows):

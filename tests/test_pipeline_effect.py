@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from moaa.cli.main import main
-from moaa.pipeline.data import held_out_ids
+from moaa.prompts import held_out_ids
 from moaa.pipeline.effect import effect_items, training_effect
 from tests.fixtures.trainer import FIXED_BATCH, pref_rows, sft_rows, write_jsonl
 

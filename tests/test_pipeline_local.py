@@ -8,7 +8,7 @@ import pytest
 from moaa.errors import UserError
 from moaa.pipeline.local import MODEL_ENV, default_target, local_config, local_model, reap_stale
 from moaa.services.config import parse_config
-from moaa.services.local.models import has_chat_template
+from moaa.models import has_chat_template
 
 
 def test_local_config_is_valid_and_uses_existing_templates():
@@ -57,5 +57,21 @@ def test_a_trained_folder_takes_every_role_of_the_embedded_stack(tiny_sft_dir, t
     (tmp_path / "runs" / "dpo").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(MODEL_ENV, "runs/sft")
-    with pytest.raises(UserError, match=r"^--model 'runs/sft': no such model folder \(runs/ holds dpo\)"):
+    with pytest.raises(UserError, match=r"^MOAA_LOCAL_MODEL 'runs/sft': no such model folder \(runs/ holds dpo\)"):
+        default_target()
+
+
+async def test_a_bad_local_model_is_named_by_its_variable(tmp_path, monkeypatch):
+    """A bad MOAA_LOCAL_MODEL is reported under that name, by the target resolution and by the embedded engine
+    (the value came from the environment, not from a --model flag)."""
+    from moaa.services.local.engine import EngineServer
+
+    monkeypatch.setenv(MODEL_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match=r"^MOAA_LOCAL_MODEL '.*nowhere' is not a packaged model"):
+        default_target()
+    srv = EngineServer(local_model(), source=MODEL_ENV, engine="transformers")
+    with pytest.raises(UserError, match=r"^MOAA_LOCAL_MODEL '.*nowhere' is not a packaged model"):
+        await srv.start()
+    monkeypatch.setenv(MODEL_ENV, " ")
+    with pytest.raises(UserError, match=r"^MOAA_LOCAL_MODEL is empty"):
         default_target()

@@ -6,7 +6,8 @@ import pytest
 from moaa.pipeline.budget import TokenLedger
 from moaa.pipeline.layout import RunLayout
 from moaa.pipeline.report import JudgeTally, build_report, judge_agreement
-from moaa.pipeline.store import DatasetStore, atomic_write_json
+from moaa.files import atomic_write_json
+from moaa.pipeline.store import DatasetStore
 
 
 def _synthetic_run(root):

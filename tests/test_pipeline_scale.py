@@ -13,7 +13,8 @@ from moaa.pipeline.layout import RunLayout
 from moaa.pipeline.progress import StageProgress
 from moaa.pipeline.rpc import annotate_stream
 from moaa.pipeline.stages import StageContext, stage_pairs
-from moaa.pipeline.store import DatasetStore, atomic_write_text
+from moaa.files import atomic_write_text
+from moaa.pipeline.store import DatasetStore
 from moaa.services.annotator.server import start_annotator
 from moaa.services.config import parse_config
 from tests.fixtures.annotator import judge_config
@@ -137,7 +138,7 @@ def test_group_commit_writes_every_row_and_syncs_before_the_manifest(tmp_path, m
 
 
 def test_idset_membership_without_keeping_the_ids():
-    from moaa.pipeline.idset import MERGE_AT, IdSet, _digest
+    from moaa.idset import MERGE_AT, IdSet, _digest
 
     # an id whose digest ends in a NUL byte: numpy hands such an S16 element out shortened
     nul = next(str(k) for k in range(100000) if _digest(str(k))[-1] == 0)
@@ -154,7 +155,7 @@ def test_run_prompts_are_streamed_from_the_run_folder_with_the_old_split_quick_p
     and config hash (a folder started before keeps its config)."""
     import hashlib
 
-    from moaa.pipeline.data import PromptStream, held_out_ids
+    from moaa.prompts import PromptStream, held_out_ids
     from moaa.pipeline.promptset import QUICK_PROMPTS, config_hash, prepare_prompts
 
     src = tmp_path / "in.jsonl"
@@ -176,7 +177,7 @@ def test_run_prompts_are_streamed_from_the_run_folder_with_the_old_split_quick_p
 
 
 def test_bad_prompt_input_leaves_no_prompt_file_and_names_the_first_line_of_a_duplicate(tmp_path):
-    from moaa.pipeline.data import PromptStream
+    from moaa.prompts import PromptStream
     from moaa.pipeline.promptset import prepare_prompts
 
     src = tmp_path / "in.jsonl"

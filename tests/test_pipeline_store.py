@@ -6,7 +6,8 @@ import pytest
 
 from moaa.errors import UserError
 from moaa.pipeline.budget import BudgetExhausted, TokenLedger
-from moaa.pipeline.store import DatasetStore, read_json
+from moaa.files import read_json
+from moaa.pipeline.store import DatasetStore
 from tests.fixtures.kill import sigkill_when
 
 

@@ -81,8 +81,8 @@ def model_logprobs(model_dir: str, items: list[dict], max_length: int = 512, bat
 
 def run_logprobs(models: dict[str, str], items_path: str, out: str, max_length: int = 512) -> dict:
     """{name: {id: [sum_logp, n_tokens]}} for every model (a --model spec each), written atomically to `out`."""
-    from moaa.pipeline.store import atomic_write_json
-    from moaa.services.local.models import resolve_model
+    from moaa.files import atomic_write_json
+    from moaa.models import resolve_model
 
     items = load_items(items_path)
     # every spec resolved before the first model loads: a bad last one fails at once, not after the others

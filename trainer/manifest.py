@@ -48,7 +48,7 @@ def build_manifest(cfg, *, data_report, world: int, grad_accum: int, device: str
 
 
 def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
-    from moaa.pipeline.store import atomic_write_text
+    from moaa.files import atomic_write_text
 
     path = Path(out_dir) / "manifest.json"
     atomic_write_text(path, json.dumps(manifest, indent=2, default=str))

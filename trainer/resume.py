@@ -51,7 +51,7 @@ def _short(value: Any) -> str:
 
 def guard_out(out_dir: str | Path, config: dict[str, Any], data_sha256: str, *, write: bool = True) -> None:
     """Refuse a folder holding another run's checkpoints or final model; record this run's settings."""
-    from moaa.pipeline.store import check_folder
+    from moaa.files import check_folder
 
     out = check_folder(out_dir)
     if out.resolve() == Path(config["model"]).resolve():
@@ -70,7 +70,7 @@ def guard_out(out_dir: str | Path, config: dict[str, Any], data_sha256: str, *, 
             raise UserError(f"{out} holds a run with other settings ({'; '.join(diff)}); use another --out folder, "
                             "or the settings and data of that run to resume it")
     if write:
-        from moaa.pipeline.store import atomic_write_json
+        from moaa.files import atomic_write_json
 
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, record)

@@ -23,7 +23,7 @@ from moaa.trainer.manifest import build_manifest, write_manifest
 from moaa.trainer.plots import plot_metrics
 from moaa.trainer.progress import JsonProgress
 from moaa.trainer.resume import checkpoint_step, guard_out, newest_checkpoint
-from moaa.pipeline.store import make_folder
+from moaa.files import make_folder
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moaa.services.local.models import resolve_model
+    from moaa.models import resolve_model
 
     # fp16 is mixed precision over fp32 weights (fp16 weights cannot be trained with the AMP grad scaler)
     dtype = torch.bfloat16 if mixed_precision(cfg, device) == "bf16" else torch.float32

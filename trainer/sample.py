@@ -1,7 +1,7 @@
 """Stage 2 sampling: n answers per prompt from the SFT model, ready for the annotator.
 
 Output rows: {"id", "prompt": [messages], "candidates": [{"id", "text", "model"}], "sampling": {...}}.
-Prompts are read by the pipeline's one loader (`moaa.pipeline.data`, keeping the rows' own ids) and the
+Prompts are read by the one loader (`moaa.prompts`, keeping the rows' own ids) and the
 output goes through the one resumable writer (`moaa.jsonl`): appended row by row, fsynced, resumed by
 id; a killed run started again with the same arguments finishes with every prompt exactly once. vLLM's offline
 engine is used on a GPU node when it is installed; transformers' batched generate otherwise.
@@ -93,12 +93,12 @@ def _vllm_generate(model_dir: str, s: SampleSettings):
 def run_sample(model_spec: str, prompts: str, out: str, s: SampleSettings) -> dict:
     from tqdm import tqdm
 
-    from moaa.services.local.models import resolve_model
+    from moaa.models import resolve_model
 
     s.check()
     model = resolve_model(model_spec)  # what --model takes everywhere: packaged name, folder, GGUF file, hub id
-    from moaa.pipeline.data import PromptStream
-    from moaa.pipeline.idset import IdSet
+    from moaa.prompts import PromptStream
+    from moaa.idset import IdSet
 
     writer = JsonlAppender(out)
     done = IdSet(r["id"] for r in writer.open_iter())

@@ -62,7 +62,7 @@ async def _annotate(args) -> int:
 
 async def _judge_eval(args) -> int:
     from moaa.client.judge_eval import check_out, failure, format_table, judge_eval
-    from moaa.pipeline.store import atomic_write_json
+    from moaa.files import atomic_write_json
 
     if args.out:
         check_out(args.out)

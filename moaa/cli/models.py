@@ -28,7 +28,7 @@ def _use_cache(args) -> None:
 
 
 def _prepare(args) -> int:
-    from moaa.services.local.models import PACKAGED, resolve_model
+    from moaa.models import PACKAGED, resolve_model
 
     _use_cache(args)
     if args.name not in PACKAGED and not args.name.endswith(".gguf"):
@@ -46,7 +46,7 @@ def _tiny(args) -> int:
 
 
 def _list(args) -> int:
-    from moaa.services.local.models import model_cache_dir, packaged_state
+    from moaa.models import model_cache_dir, packaged_state
 
     _use_cache(args)
     rows = packaged_state()

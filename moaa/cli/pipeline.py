@@ -82,17 +82,17 @@ def register(subparsers) -> None:
 
 
 def pipeline_options(args):
-    """`moaa pipeline run`'s flags as the runner's PipelineOptions."""
-    from moaa.overrides import apply_sets
-    from moaa.pipeline.data import parse_mapping
-    from moaa.pipeline.runner import PipelineOptions
+    """`moaa pipeline run`'s flags as the runner's PipelineOptions: every flag named as an option is passed
+    as it is, but for the three that are parsed here."""
+    from dataclasses import fields
 
-    return PipelineOptions(
-        out=Path(args.out), prompts=args.prompts, mapping=parse_mapping(args.mapping), skip_invalid=args.skip_invalid,
-        split=args.split, limit=args.limit, gateway=args.gateway, annotator=args.annotator, token=args.token,
-        tls_ca=args.tls_ca, tls=args.tls, tls_cert=args.tls_cert, tls_key=args.tls_key, k8s=args.k8s, k8s_args=args.k8s_args, quick=args.quick, token_budget=args.token_budget,
-        target=args.target, recipe=args.recipe, ensemble=args.ensemble, eval_judge=args.eval_judge,
-        engine=args.engine, quiet=args.quiet, until=args.until, overrides=apply_sets({}, args.overrides))
+    from moaa.overrides import apply_sets
+    from moaa.pipeline.runner import PipelineOptions
+    from moaa.prompts import parse_mapping
+
+    given = {f.name: getattr(args, f.name) for f in fields(PipelineOptions) if hasattr(args, f.name)}
+    return PipelineOptions(**{**given, "out": Path(args.out), "mapping": parse_mapping(args.mapping),
+                              "overrides": apply_sets({}, args.overrides)})
 
 
 async def _run(args) -> int:
@@ -115,7 +115,7 @@ def _report(args) -> int:
 
 
 def _check_prompts(args) -> int:
-    from moaa.pipeline.data import PromptStream, parse_mapping
+    from moaa.prompts import PromptStream, parse_mapping
 
     stream = PromptStream(args.prompts, mapping=parse_mapping(args.mapping), skip_invalid=args.skip_invalid,
                           split=args.split, limit=args.limit)

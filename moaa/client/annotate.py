@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from moaa.errors import TransientError, UserError
 from moaa.jsonl import JsonlAppender, iter_scan, read_input
-from moaa.pipeline.store import RESEND_HINT, atomic_write_json, rejection
+from moaa.files import RESEND_HINT, atomic_write_json, rejection
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
 from .endpoint import Endpoint

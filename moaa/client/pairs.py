@@ -22,7 +22,7 @@ import math
 from typing import Any
 
 from moaa.errors import UserError
-from moaa.pipeline.data import RowError, as_messages
+from moaa.prompts import RowError, as_messages
 from moaa.usage import add_usage
 from moaa.v1 import annotator_pb2, common_pb2
 

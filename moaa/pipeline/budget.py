@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from moaa.errors import MoaaError
+from moaa.files import atomic_write_json, read_json
 from moaa.usage import add_usage, usage_tokens
 
-from .store import atomic_write_json, read_json
 
 EXIT_BUDGET = 3
 

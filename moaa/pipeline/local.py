@@ -44,9 +44,9 @@ PROPOSERS = [
 
 def default_target() -> str:
     """The model trained by the embedded pipeline: SmolLM2-135M-Instruct from the model cache (or $MOAA_LOCAL_MODEL)."""
-    from moaa.services.local.models import resolve_model
+    from moaa.models import resolve_model
 
-    return str(resolve_model(local_model()).path)
+    return str(resolve_model(local_model(), source=MODEL_ENV).path)
 
 
 # SmolLM2-135M cannot write JSON or criteria and gives the same 1-10 score to everything; asked which of two
@@ -180,7 +180,7 @@ class LocalStack:
                   file=sys.stderr, flush=True)
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         reap_stale(self._pid_record)
-        self.engine = EngineServer(local_model(), engine=self.engine_name, port=self.model_port, served_model_name=BACKEND,
+        self.engine = EngineServer(local_model(), source=MODEL_ENV, engine=self.engine_name, port=self.model_port, served_model_name=BACKEND,
                                    max_model_len=2048, log_path=self.layout.logs / "model-server.log")
         try:
             await self.engine.start()

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from moaa.files import atomic_write_text
+from moaa.idset import IdSet
 from moaa.jsonl import read_rows
-
-from .data import PromptRow, PromptStream, held_out_ids
-from .idset import IdSet
-from .store import atomic_write_text
+from moaa.prompts import PromptRow, PromptStream, held_out_ids
 
 QUICK_PROMPTS = 12
 

@@ -22,14 +22,15 @@ from typing import Any, Callable, Container, Iterable
 
 from moaa.client.endpoint import Endpoint
 from moaa.errors import TransientError, UserError
+from moaa.files import atomic_write_text
+from moaa.prompts import PromptRow, held_out_ids
 
 from .budget import TokenLedger
-from .data import PromptRow, held_out_ids
 from .layout import RunLayout
 from .progress import StageProgress
 from .promptset import RunPrompts
 from .rpc import annotate_stream, generate_batch
-from .store import REJECTED, RESEND_HINT, DatasetStore, atomic_write_text
+from .store import REJECTED, RESEND_HINT, DatasetStore
 from . import training
 
 

@@ -17,67 +17,20 @@ The manifest is replaced atomically (write to a temporary file, fsync, rename).
 """
 from __future__ import annotations
 
-import json
-import os
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from moaa.errors import UserError
+from moaa.files import RESEND_HINT, atomic_write_json, read_json, rejection, utc_now  # noqa: F401 (re-used names)
+from moaa.idset import IdSet
 from moaa.jsonl import JsonlAppender, read_rows
 from moaa.usage import add_usage, usage_tokens
-
-from .idset import IdSet
 
 SHARD_ROWS = 1000
 SYNC_EVERY_S = 0.2   # group commit of the rows (moaa.jsonl.JsonlAppender); the manifest is written after a sync
 FORMATS = ("sft", "preference", "samples", "generations")
 REJECTED = "rejected.jsonl"
-# said when every row was rejected: then the cause may be the server's configuration, not the rows
-RESEND_HINT = "fix those rows; if the server's configuration was the cause, fix it and delete that file to resend them"
-
-
-def atomic_write_text(path: Path, text: str | Iterable[str]) -> None:
-    """Write `text` (a string, or its pieces one by one: a whole dataset never sits in memory) to a
-    temporary file, fsync, rename: readers see the old file or the new one, never half of it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            if isinstance(text, str):
-                fh.write(text)
-            else:
-                fh.writelines(text)   # a generator that raises (bad input found late) leaves no file behind
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def check_folder(path: str | Path, flag: str = "--out") -> Path:
-    """An output folder given by the user: a file in its place is bad input."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path} is a file; give a folder (new, or one to resume)")
-    return path
-
-
-def make_folder(path: str | Path, flag: str = "--out") -> Path:
-    """The output folder a command writes into, made if missing; a file in its place is bad input."""
-    path = check_folder(path, flag)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def rejection(row_id: str, stage: str, reason: str) -> dict:
-    """The one record of a rejected item (the pipeline's rejected.jsonl, `moaa annotate`'s <out>.rejected.jsonl)."""
-    return {"id": row_id, "stage": stage, "reason": reason, "at": utc_now()}
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
 class DatasetStore:
@@ -110,7 +63,7 @@ class DatasetStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         mpath = self.folder / "manifest.json"
         if mpath.exists():
-            self.manifest = json.loads(mpath.read_text())
+            self.manifest = read_json(mpath)
             old = self.manifest.get("config_hash")
             if self.config_hash and old and old != self.config_hash:
                 raise UserError(f"{self.folder} was written with another configuration (config hash {old}, "
@@ -251,13 +204,3 @@ class DatasetStore:
     def iter_rows(self) -> Iterator[dict]:
         for shard in self.shards():
             yield from read_rows(shard)
-
-
-def read_json(path: str | Path) -> Any:
-    """A JSON file of a run folder (a manifest, a summary); None while it is not written."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, TransientError, UserError
+from moaa.files import read_json
 from moaa.services.local.lifeline import die_with_parent
 
 from .progress import StageProgress
-from .store import read_json
 
 
 def moaa_command(*args: str) -> list[str]:

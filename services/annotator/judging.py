@@ -59,25 +59,24 @@ async def ask(chat: ChatFn, messages: list[dict], parse, log: CallLog):
 
     A backend failure (the client already retried) is recorded in `log.failures`; the caller's judge
     then counts as failed, not abstained, so its partial result is never used."""
-    try:
-        reply = await chat(messages)
-    except BackendError as err:
-        log.failures.append(err)
-        return parse(""), f"backend failed: {err.cause}: {err.message}"
-    finally:
+    async def call(msgs: list[dict]) -> str | BackendError:
         log.requests += 1
+        try:
+            return await chat(msgs)
+        except BackendError as err:
+            log.failures.append(err)
+            return err
+
+    reply = await call(messages)
+    if isinstance(reply, BackendError):
+        return parse(""), f"backend failed: {reply.cause}: {reply.message}"
     parsed = parse(reply)
     if parsed.error is None:
         return parsed, None
-    retry = [*messages, {"role": "assistant", "content": reply},
-             {"role": "user", "content": RETRY_NUDGE.format(error=parsed.error)}]
-    try:
-        reply2 = await chat(retry)
-    except BackendError as err:
-        log.failures.append(err)
-        return parse(""), f"unreadable ({parsed.error}), and the retry failed: {err.cause}"
-    finally:
-        log.requests += 1
+    reply2 = await call([*messages, {"role": "assistant", "content": reply},
+                         {"role": "user", "content": RETRY_NUDGE.format(error=parsed.error)}])
+    if isinstance(reply2, BackendError):
+        return parse(""), f"unreadable ({parsed.error}), and the retry failed: {reply2.cause}"
     parsed2 = parse(reply2)
     if parsed2.error is None:
         return parsed2, None

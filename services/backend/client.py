@@ -1,4 +1,5 @@
-"""The OpenAI-compatible client of one backend (model): retries, failover, timeouts, streaming.
+"""The OpenAI-compatible client of one backend (model): retries, failover, timeouts, streaming (one request
+to one replica: attempt.py).
 
 Every request is streamed from the backend (usage asked for in the stream) so that a hung engine is
 caught by the first-token and chunk-gap timeouts even when the caller wants the whole answer at once.
@@ -6,7 +7,6 @@ caught by the first-token and chunk-gap timeouts even when the caller wants the 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import random
@@ -15,23 +15,19 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import aiohttp
-import orjson
 
-from moaa.services.config import BackendConfig, SamplingConfig
+from moaa.services.backend.config import BackendConfig, SamplingConfig
 
-from .errors import REPLICA_FAULTS, BackendError, error_message, retry_after
-from .limits import ITEM_STARTED, make_throttler
+from .attempt import attempt_once
+from .errors import BackendError
+from .limits import make_throttler
 from .protocol import RESTART as _RESTART
 from .protocol import ChatChoice, ChatResult, Usage, chat_body, sampling_dict
 from .replicas import Replica, ReplicaSet
-from .sse import DONE, MalformedEvent, SSEParser, check_chat_chunk
 from .stream import ChatStream
 
 log = logging.getLogger("moaa.backend")
 
-PROBE_HEADER = "X-Moaa-Probe"
-_JSON = {"Content-Type": "application/json"}
-_PROBE_JSON = {**_JSON, PROBE_HEADER: "1"}
 # Idle pooled connections are dropped before uvicorn's (vLLM, SGLang) 5 s keep-alive closes them: a request
 # sent on a connection as the server closes it fails unanswered (aiohttp's default keeps them 15 s).
 KEEPALIVE_S = 4.0
@@ -141,7 +137,7 @@ class BackendClient:
                           {"max_tokens": h.probe_max_tokens, "temperature": 0.0})
         t0 = time.monotonic()
         deadline = asyncio.get_running_loop().time() + h.probe_timeout_s
-        async with aclosing(self._attempt(replica, body, deadline, probe=True)) as events:
+        async with aclosing(attempt_once(self, replica, body, deadline, probe=True)) as events:
             async for _ in events:
                 pass
         return time.monotonic() - t0
@@ -246,7 +242,7 @@ class BackendClient:
                                        "every replica's circuit breaker is open")
                 state["endpoint"] = replica.url
                 tried.add(replica.url)
-                async with aclosing(self._attempt(replica, body, deadline)) as events:
+                async with aclosing(attempt_once(self, replica, body, deadline)) as events:
                     async for batch in events:
                         passed_on = True
                         yield batch
@@ -266,232 +262,3 @@ class BackendClient:
                 await asyncio.sleep(delay)
                 if passed_on:
                     yield _RESTART
-
-    async def _attempt(self, replica: Replica, body: dict, deadline: float,
-                       probe: bool = False) -> AsyncIterator[list[dict]]:
-        """One request to one replica, as lists of parsed SSE events (those of one read). Raises BackendError naming the cause."""
-        loop = asyncio.get_running_loop()
-        t = self.cfg.timeouts
-        start = loop.time()
-        attempt_deadline = min(start + t.total_s, deadline)
-        name, url = self.name, replica.url
-
-        def fail(cause: str, message: str, status: int = 0) -> BackendError:
-            return BackendError(name, url, cause, message, status)
-
-        sent = start  # first-token time counts from sending, not from waiting in our own queue
-
-        def timed_out(phase_deadline: float, phase: str) -> BackendError:
-            if phase_deadline >= deadline:
-                err = fail("timeout", f"caller's deadline passed during {phase}")
-                err.replica_fault = False  # a short deadline says nothing about the replica
-                return err
-            if phase_deadline >= start + t.total_s:
-                return fail("timeout", f"request exceeded total_s={t.total_s}s")
-            limits = {"first token": f"no first token within first_token_s={t.first_token_s}s",
-                      "chunk gap": f"no chunk within chunk_gap_s={t.chunk_gap_s}s",
-                      "slot": "no free concurrency slot / rate-limit token in time",
-                      "error body": "error body not read in time"}
-            return fail("timeout", limits.get(phase, phase))
-
-        if loop.time() >= deadline:
-            raise timed_out(deadline, "queueing")
-        trial = replica.begin() if not probe else False
-        slot = False
-        epoch = 0
-        resp: aiohttp.ClientResponse | None = None
-        outcome: str | None = None  # "ok" | fault cause | None (caller went away)
-        reusable = False
-        try:
-            if not probe:
-                if self.queued >= self.cfg.max_queued and not replica.limit.free:
-                    err = fail("queue_full", f"{self.queued} requests already wait for this backend "
-                               f"(max_queued={self.cfg.max_queued}); send fewer at once or raise max_queued")
-                    err.replica_fault = False
-                    raise err
-                self.queued += 1
-                started = ITEM_STARTED.get()
-                if started is not None:
-                    started.set()
-                try:
-                    async with asyncio.timeout_at(attempt_deadline):
-                        if self.throttler is not None:
-                            # asyncio-throttle polls; one poller at a time (FIFO) instead of every waiter
-                            async with self._throttle_lock:
-                                await self.throttler.acquire()
-                        if replica.in_flight == 0:
-                            replica.progress()  # an idle replica has no stalled requests
-                        await replica.limit.acquire()
-                        slot = True
-                        epoch = replica.limit.epoch
-                except TimeoutError:
-                    err = timed_out(attempt_deadline, "slot")
-                    err.replica_fault = False  # our own queue, not the replica's doing
-                    raise err from None
-                finally:
-                    self.queued -= 1
-                sent = loop.time()
-            # encoded once here with orjson: aiohttp's json= costs a stdlib dumps and a payload wrapper
-            payload, headers = _dumps(body), (_PROBE_JSON if probe else _JSON)
-            phase, phase_deadline = "first token", min(sent + t.first_token_s, attempt_deadline)
-            try:
-                async with asyncio.timeout_at(phase_deadline):
-                    resp = await self._ensure_session().post(f"{url}/chat/completions", data=payload, headers=headers)
-            except TimeoutError as e:
-                if isinstance(e, aiohttp.ServerTimeoutError):
-                    raise fail("connect", f"connect timed out after connect_s={t.connect_s}s") from None
-                raise timed_out(phase_deadline, phase) from None
-            except aiohttp.ClientConnectorError as e:
-                raise fail("connect", f"cannot connect: {e.os_error.strerror or e.os_error}") from None
-            except aiohttp.ClientError as e:
-                raise fail("connect", f"{type(e).__name__}: {e}") from None
-            if resp.status != 200:
-                try:
-                    async with asyncio.timeout_at(min(loop.time() + 5.0, attempt_deadline)):
-                        raw = await resp.read()
-                except (TimeoutError, aiohttp.ClientError):
-                    raw = None
-                reusable = raw is not None  # the error body was read whole: keep the connection
-                raw = raw or b""
-                msg = error_message(raw) if raw else resp.reason or "no error body"
-                if resp.status == 429:
-                    if slot:
-                        replica.limit.on_rate_limited(epoch)
-                    err = fail("rate_limited", msg, 429)
-                else:
-                    if resp.status == 404 and not url.endswith("/v1"):  # likely a base URL without its API path
-                        msg += f" (POST {url}/chat/completions: is {url} the API base? it usually ends in /v1)"
-                    err = fail("http_5xx" if resp.status >= 500 else "http_4xx", msg, resp.status)
-                err.retry_after = retry_after(resp.headers)
-                raise err
-            if resp.content_type == "application/json":  # a server that ignored stream=true
-                try:
-                    async with asyncio.timeout_at(phase_deadline):
-                        whole = await resp.read()
-                except TimeoutError:
-                    raise timed_out(phase_deadline, phase) from None
-                except aiohttp.ClientError as e:
-                    raise fail("stream_cut", f"response cut short: {_short(e)}") from None
-                yield [_as_event(whole, fail)]
-                outcome = "ok"
-                return
-            parser = SSEParser()
-            finished = done = seen = False
-            while not done:
-                try:
-                    async with asyncio.timeout_at(phase_deadline):
-                        data = await resp.content.readany()  # all that arrived: fewer wakeups than per line
-                except TimeoutError:
-                    raise timed_out(phase_deadline, phase) from None
-                except aiohttp.ClientPayloadError as e:
-                    raise fail("stream_cut", f"stream cut short: {_short(e)}") from None
-                except (aiohttp.ClientError, ConnectionError) as e:
-                    raise fail("stream_cut", f"stream cut short: {type(e).__name__}: {_short(e)}") from None
-                replica.progress()
-                try:
-                    events = parser.feed(data) if data else parser.close()
-                except MalformedEvent as e:
-                    raise fail("malformed", str(e)) from None
-                seen = seen or bool(events)
-                # the events of one read are checked, then passed on as one list: one wakeup of the
-                # consumer per read, not one per chunk (most answers arrive in a read or two)
-                batch: list[dict] = []
-                failure: BackendError | None = None
-                for ev in events:
-                    if ev is DONE:
-                        done = True
-                        break
-                    failure = _error_object(ev, fail, "error in stream")
-                    if failure is not None:
-                        break
-                    try:
-                        check_chat_chunk(ev)
-                    except MalformedEvent as e:
-                        failure = fail("malformed", str(e))
-                        break
-                    if not finished:
-                        for c in ev.get("choices") or ():
-                            if c.get("finish_reason"):
-                                finished = True
-                    batch.append(ev)
-                if batch:  # what came before a failure still reaches the caller, as it did chunk by chunk
-                    phase = "chunk gap"
-                    yield batch
-                    phase_deadline = min(loop.time() + t.chunk_gap_s, attempt_deadline)
-                if failure is not None:
-                    raise failure
-                if not data and not done:
-                    if finished:  # some servers end without [DONE]; a finished answer is complete
-                        break
-                    if not seen:  # not the protocol at all (a proxy's page), rather than a stream cut short
-                        raise fail("malformed", f"200 answer of type {resp.content_type or 'unknown'} carried no "
-                                   "server-sent events: is the URL an OpenAI-compatible /v1 endpoint?")
-                    raise fail("stream_cut", "stream ended before the answer finished")
-            outcome = "ok"
-        except Exception as exc:  # noqa: BLE001 - every failure leaves as one typed BackendError
-            err = exc if isinstance(exc, BackendError) else fail(
-                "stream_cut" if resp is not None else "connect", f"{type(exc).__name__}: {_short(exc)}")
-            outcome = err.cause
-            if err.cause in REPLICA_FAULTS and getattr(err, "replica_fault", True):
-                replica.record_failure(f"{err.cause}: {err.message}")
-            log.debug("backend %s replica %s: %s", name, url, err.cause)
-            if err is exc:
-                raise
-            raise err from exc
-        finally:
-            if resp is not None:
-                if outcome == "ok" or reusable:
-                    resp.release()
-                else:
-                    resp.close()  # drop the connection: the server sees the disconnect
-            if slot:
-                replica.limit.release()
-                for notify in self.on_release:
-                    notify()
-            if outcome == "ok":
-                if not probe:
-                    replica.limit.on_success()
-                replica.record_success()
-            if trial:  # an abandoned trial (caller went away) leaves the circuit half-open for the next
-                replica.end_trial()
-
-
-def _error_object(ev: dict, fail, where: str) -> BackendError | None:
-    """The backend's error when `ev` is an OpenAI error object (in a stream, or a whole 200 answer), with its
-    message and the status its code names (500 when it names none), else None."""
-    if not isinstance(ev, dict) or not ("error" in ev or ev.get("object") == "error") or ev.get("choices"):
-        return None
-    e = ev.get("error", ev)
-    code = e.get("code") if isinstance(e, dict) else None
-    status = code if isinstance(code, int) and 400 <= code < 600 else 500
-    return fail("http_5xx" if status >= 500 else "http_4xx", f"{where}: " + error_message(json.dumps(ev)), status)
-
-
-def _as_event(raw: bytes, fail) -> dict:
-    """A non-streamed chat completion, reshaped as one stream event."""
-    try:
-        obj = json.loads(raw)
-    except ValueError:
-        raise fail("malformed", "response is not a chat completion") from None
-    error = _error_object(obj, fail, "error in a 200 answer")
-    if error is not None:  # some proxies and servers answer an error with 200
-        raise error
-    try:
-        choices = [{"index": c.get("index", 0), "delta": {"content": (c.get("message") or {}).get("content") or ""},
-                    "finish_reason": c.get("finish_reason")} for c in obj["choices"]]
-        return check_chat_chunk({"choices": choices, "usage": obj.get("usage")})
-    except MalformedEvent as e:
-        raise fail("malformed", f"response is not a chat completion: {e}") from None
-    except (ValueError, KeyError, TypeError, AttributeError):
-        raise fail("malformed", "response is not a chat completion") from None
-
-
-def _dumps(body: dict) -> bytes:
-    try:
-        return orjson.dumps(body)
-    except TypeError:  # what orjson refuses (integers over 64 bits) the stdlib still writes
-        return json.dumps(body).encode()
-
-
-def _short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200] or type(e).__name__

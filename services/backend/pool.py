@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from moaa.errors import UserError
-from moaa.services.config import BackendConfig
+from moaa.services.backend.config import BackendConfig
 
 from .client import BackendClient
 from .errors import UnknownBackendError

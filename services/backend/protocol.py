@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moaa.services.config import SamplingConfig
+from moaa.services.backend.config import SamplingConfig
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from moaa.services.config import BackendConfig
+from moaa.services.backend.config import BackendConfig
 
 from .limits import AdaptiveLimit
 

@@ -17,7 +17,7 @@ import weakref
 
 from aiohttp import web
 
-from moaa.services.backend.client import PROBE_HEADER
+from moaa.services.backend.attempt import PROBE_HEADER
 
 from .protocol import (OVERRIDE_HEADER, EmulatorSettings, OverrideError, context_refusal, effective_settings,
                        error_body, header_overrides, retry_headers, split_model, validate_chat)

@@ -72,9 +72,9 @@ class MoAEngine:
         aggregator unreachable), or None. Drives the health status of the MoAGateway service."""
         why = []
         for name, recipe in self.cfg.recipes.items():
-            down = sorted({p.model for p in recipe.proposers if not self.pool.reachable(p.model)})
-            up = sum(self.pool.reachable(p.model) for p in recipe.proposers)
-            if up < recipe.min_proposers:
+            up = [self.pool.reachable(p.model) for p in recipe.proposers]
+            down = sorted({p.model for p, ok in zip(recipe.proposers, up) if not ok})
+            if sum(up) < recipe.min_proposers:
                 why.append(f"{name}: proposers {', '.join(down)} unreachable, {recipe.min_proposers} needed")
             elif not self.pool.reachable(recipe.aggregator.model):
                 why.append(f"{name}: aggregator {recipe.aggregator.model} unreachable")

@@ -25,10 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moaa.engines import ENGINE_CHOICES, pick_engine, vllm_available  # noqa: F401 (re-exported)
+from moaa.engines import ENGINE_CHOICES, pick_engine
 from moaa.errors import TransientError, UserError
+from moaa.models import ModelSpec, has_chat_template, resolve_model
 from moaa.services.local.lifeline import process_group_alive, release, spawn_tied
-from moaa.services.local.models import ModelSpec, has_chat_template, resolve_model
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ class EngineServer:
     def __init__(self, model: str, *, engine: str = "auto", port: int | None = None, host: str = "127.0.0.1",
                  served_model_name: str | None = None, max_model_len: int = 2048, dtype: str = "auto",
                  startup_timeout_s: float = 300.0, stop_timeout_s: float = 20.0, kv_cache_gib: int = 1,
-                 log_path: str | Path | None = None):
-        self.model_spec_text = model
+                 log_path: str | Path | None = None, source: str = "--model"):
+        self.model_spec_text, self.source = model, source  # source: what errors name (a flag or a variable)
         self.engine = pick_engine(engine)
         self.info = ENGINES[self.engine]
         self.host = host
@@ -136,7 +136,7 @@ class EngineServer:
 
     def backend_config(self, **overrides):
         """A BackendConfig for moaa's client, with the engine's features declared (supports_n)."""
-        from moaa.services.config import BackendConfig
+        from moaa.services.backend.config import BackendConfig
 
         fields = dict(urls=[self.base_url], served_model=self.served_model_name, supports_n=self.supports_n,
                       context_window=self.max_model_len,
@@ -206,7 +206,7 @@ class EngineServer:
         if self._proc is not None:
             raise RuntimeError("engine already started")
         # Preparing a packaged model converts GGUF (tens of seconds): keep the event loop free.
-        self.spec = await asyncio.to_thread(resolve_model, self.model_spec_text)
+        self.spec = await asyncio.to_thread(resolve_model, self.model_spec_text, source=self.source)
         if self.spec.path is not None and not has_chat_template(self.spec.path):
             # both engines render chat requests with it; without one transformers serve answers every request
             # (the readiness probe too) with HTTP 500 until the start-up timeout

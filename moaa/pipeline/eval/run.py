@@ -15,12 +15,13 @@ from pathlib import Path
 
 from moaa.client.pairs import sample_prompt, sample_texts
 from moaa.errors import UserError
+from moaa.files import atomic_write_json, make_folder, read_json
 from moaa.jsonl import read_input, read_rows
+from moaa.prompts import content_id
 
 from ..budget import TokenLedger
-from ..data import content_id
 from ..progress import StageProgress
-from ..store import DatasetStore, atomic_write_json, make_folder, read_json
+from ..store import DatasetStore
 from .grading import grading_summary
 from .winrate import summarize
 

@@ -316,10 +316,11 @@ class ModelSpec:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_model(spec: str, *, prepare_missing: bool = True) -> ModelSpec:
-    """Turn a `--model` value into something an engine loads: packaged name, folder, GGUF file or hub id."""
+def resolve_model(spec: str, *, prepare_missing: bool = True, source: str = "--model") -> ModelSpec:
+    """Turn a `--model` value into something an engine loads: packaged name, folder, GGUF file or hub id.
+    `source` names where the value came from in errors (a flag or an environment variable)."""
     if not spec or not spec.strip():
-        raise UserError("--model is empty; give a packaged name, a model folder, a GGUF file or a hub id")
+        raise UserError(f"{source} is empty; give a packaged name, a model folder, a GGUF file or a hub id")
     if spec in PACKAGED:
         folder = prepare(spec) if prepare_missing else model_cache_dir() / spec
         return ModelSpec(spec, path=folder)
@@ -335,10 +336,10 @@ def resolve_model(spec: str, *, prepare_missing: bool = True) -> ModelSpec:
     if _HUB_ID.match(spec) and not spec.startswith((".", "~")) and not os.path.isabs(spec):
         if path.parent.is_dir():  # `runs/sft` with runs/ here is a folder not there (yet), not a hub repository
             held = ", ".join(sorted(p.name for p in path.parent.iterdir() if p.is_dir())[:8]) or "no folders"
-            raise UserError(f"--model {spec!r}: no such model folder ({path.parent}/ holds {held}); give an "
+            raise UserError(f"{source} {spec!r}: no such model folder ({path.parent}/ holds {held}); give an "
                             "existing model folder (org/name is read as a hub id only where no folder org/ is here)")
         return ModelSpec(spec, hub_id=spec)
-    raise UserError(f"--model {spec!r} is not a packaged model ({', '.join(PACKAGED)}), an existing model folder "
+    raise UserError(f"{source} {spec!r} is not a packaged model ({', '.join(PACKAGED)}), an existing model folder "
                     f"or GGUF file, or a hub id of the form org/name")
 
 

@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from moaa.errors import UserError
+from moaa.idset import IdSet
 from moaa.jsonl import iter_lines, read_bytes
-
-from .idset import IdSet
 
 ROLES = ("system", "user", "assistant")
 # Other names of those roles: OpenAI's `developer` (its newer name for system), ShareGPT's `from` values.
