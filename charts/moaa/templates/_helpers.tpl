@@ -120,6 +120,38 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- fail (printf "gateway.extraBackends.%s: a model of the chart already has this name" $name) -}}
 {{- end -}}
 {{- end -}}
+{{- include "moaa.validateReferences" (include "moaa.config" . | fromYaml) -}}
+{{- end -}}
+
+{{/*
+The reference rule of the config loader (MoaaConfig._references_exist), on the config the pods will load:
+without it a typo renders fine and every gateway pod crash-loops on the loader's error.
+*/}}
+{{- define "moaa.validateReferences" -}}
+{{- $known := keys .backends | sortAlpha -}}
+{{- $backends := join ", " $known -}}
+{{- range $r, $recipe := .recipes -}}
+{{- range append (default (list) $recipe.proposers) (default (dict) $recipe.aggregator) -}}
+{{- if not (has .model $known) -}}
+{{- fail (printf "gateway.recipes.%s uses model %q, which no backend declares (backends: %s)" $r (toString .model) $backends) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $e, $ens := .ensembles -}}
+{{- $judges := default (list) $ens.judges -}}
+{{- with $ens.aggregator -}}{{- $judges = append $judges . -}}{{- end -}}
+{{- range $judges -}}
+{{- if not (has .model $known) -}}
+{{- fail (printf "annotator.ensembles.%s judge %q uses model %q, which no backend declares (backends: %s)" $e (toString .name) (toString .model) $backends) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .default_recipe (not (hasKey (default (dict) .recipes) .default_recipe)) -}}
+{{- fail (printf "gateway.defaultRecipe %q is not a recipe (recipes: %s)" .default_recipe (keys (default (dict) .recipes) | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- if and .default_ensemble (not (hasKey (default (dict) .ensembles) .default_ensemble)) -}}
+{{- fail (printf "annotator.defaultEnsemble %q is not an ensemble (ensembles: %s)" .default_ensemble (keys (default (dict) .ensembles) | sortAlpha | join ", ")) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Where the config file, TLS files and auth tokens are mounted in gateway and annotator pods. */}}
