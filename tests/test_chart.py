@@ -30,6 +30,8 @@ VALUE_SETS = {
         "gateway.ingress.tls[0].secretName": "moaa-www", "gateway.ingress.tls[0].hosts[0]": "moaa.example.com",
         "serviceAccount.create": "true", "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn": "arn:x",
     }),
+    # the vLLM pods as uid 10001 (modelDefaults.nonRoot), their caches redirected to writable volumes
+    "non-root-models": (["values-one-model-per-role.yaml"], {"modelDefaults.nonRoot": "true"}),
 }
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
@@ -176,8 +178,8 @@ def test_model_pods_have_probes_and_shared_memory(helm, name):
         assert shm["emptyDir"]["medium"] == "Memory"
         assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
         assert c["image"].startswith(("vllm/vllm-openai:", "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:"))
-        # the official image runs as root; still no privilege escalation
-        assert c["securityContext"] == {"allowPrivilegeEscalation": False}
+        # the official image runs as root (unless nonRoot); never with privilege escalation
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c["command"] == ["vllm", "serve"]
 
 
@@ -204,6 +206,34 @@ def test_moaa_pods_meet_the_restricted_pod_security_standard(helm, name):
     for where, pod in pod_specs(render(helm, name)).items():
         if pod["containers"][0]["name"] != "vllm":
             assert restricted_problems(pod) == [], where
+
+
+def test_model_pods_run_as_root_unless_non_root_is_chosen(helm):
+    """Default: root, as the official image expects (no USER; caches under /root). modelDefaults.nonRoot: uid
+    10001, no capabilities, and every cache the image writes under $HOME (vLLM, Triton, torch inductor,
+    FlashInfer's JIT, XDG) or HF_HOME on a volume the pod can write (fsGroup), USER set for getpass."""
+    for dep in model_deployments(render(helm, "default")):
+        pod = dep["spec"]["template"]["spec"]
+        assert "securityContext" not in pod and pod["containers"][0]["securityContext"] == {
+            "allowPrivilegeEscalation": False}
+    deps = model_deployments(render(helm, "non-root-models"))
+    assert len(deps) > 1
+    for dep in deps:
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                          "fsGroup": 10001}
+        (c,) = pod["containers"]
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        # all of the restricted standard but seccomp: RuntimeDefault refuses the NUMA calls of vLLM's CPU backend
+        assert restricted_problems(pod) == ["vllm: no RuntimeDefault seccomp profile"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        writable = {v["name"] for v in pod["volumes"] if "emptyDir" in v or "persistentVolumeClaim" in v}
+        for var in ("HOME", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+                    "FLASHINFER_WORKSPACE_BASE", "HF_HOME"):
+            under = [m for m in mounts if PurePosixPath(env[var]).is_relative_to(m)]
+            assert under and mounts[under[0]] in writable, f"{var}={env[var]} is on no writable volume"
+        assert env["USER"] == "vllm"
 
 
 def model_deployments(r):

@@ -128,6 +128,8 @@ def model_settings() -> dict:
         "env": env(),
         "resources": resources("CPU and memory requests and limits; nvidia.com/gpu is set from gpus"),
         "shmSize": s("size of the in-memory /dev/shm volume (tensor-parallel workers share memory)", pattern=QUANTITY),
+        "nonRoot": b("run vLLM as uid 10001 with no capabilities, HOME and caches on an emptyDir; "
+                     "default false: the official image runs as root"),
         "probes": obj("health probes of this model's pods", {
             "startup": probe("startup probe: allows periodSeconds x failureThreshold for download and load"),
             "readiness": probe("readiness probe: the Service sends traffic only to ready pods"),

@@ -154,6 +154,9 @@ without it a typo renders fine and every gateway pod crash-loops on the loader's
 {{- end -}}
 {{- end -}}
 
+{{/* HOME of a non-root vLLM pod (modelDefaults.nonRoot), an emptyDir. */}}
+{{- define "moaa.vllmHome" -}}/home/vllm{{- end -}}
+
 {{/* Where the config file, TLS files and auth tokens are mounted in gateway and annotator pods. */}}
 {{- define "moaa.configDir" -}}/etc/moaa/config{{- end -}}
 {{- define "moaa.tlsDir" -}}/etc/moaa/tls{{- end -}}
