@@ -129,6 +129,41 @@ def test_names_follow_the_release(helm):
     assert cfg.annotator_address == "prod-moaa-annotator:50052"
 
 
+def test_names_fit_63_characters_with_the_longest_release_name(helm):
+    """Helm allows 53-character release names; every object name (a Service's is a DNS label) stays within 63,
+    two long model names that share a prefix stay apart, and the config, the NOTES and the helm test pod
+    name the same Services."""
+    release = "r" * 53
+    models = [{"name": "q" * 39 + "a", "model": "org/a", "roles": ["proposer", "aggregator", "judge"]},
+              {"name": "q" * 39 + "b", "model": "org/b", "roles": ["proposer"]}]
+    sets = {"persistence.data.enabled": "true", "persistence.checkpoints.enabled": "true",
+            "persistence.modelCache.enabled": "true", "metrics.serviceMonitor.enabled": "true",
+            "gateway.ingress.enabled": "true"}
+    for i, m in enumerate(models):
+        for k, v in m.items():
+            sets[f"models[{i}].{k}"] = v if isinstance(v, str) else "{" + ",".join(v) + "}"
+    r = helm.template([], sets, release=release)
+    names = [(o["kind"], o["metadata"]["name"]) for o in r.objects]
+    too_long = [n for n in names if len(n[1]) > 63]
+    assert not too_long, too_long
+    assert len(set(names)) == len(names)
+    services = {s["metadata"]["name"] for s in r.of_kind("Service")}
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    assert {urlsplit(b.urls[0]).hostname for b in cfg.backends.values()} | {cfg.annotator_address.split(":")[0]} \
+        <= services
+    (test_pod,) = r.of_kind("Pod")
+    assert any(e["value"].split(":")[0] in services for e in test_pod["spec"]["containers"][0]["env"]
+               if e.get("value"))
+    notes = helm.notes([], sets, release=release)
+    gateway = next(s for s in services if s.endswith("-gateway"))
+    assert f"svc/{gateway} " in notes and next(s for s in services if s.endswith("-annotator")) in notes
+    (ingress,) = r.of_kind("Ingress")
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == gateway
+    # short names are unchanged: a release named moaa makes the PVCs training Jobs mount by default
+    short = helm.template([], {"persistence.data.enabled": "true"})
+    assert ("PersistentVolumeClaim", "moaa-data") in [(o["kind"], o["metadata"]["name"]) for o in short.objects]
+
+
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_servers_mount_what_the_config_names(helm, name):
     """--config, TLS and token files in the config exist in the gateway and annotator pods."""
