@@ -255,6 +255,10 @@ def chart_schema() -> dict:
             "annotator": b("serve the annotator over TLS too (for direct clients: the gateway's own annotate=true "
                            "calls to the annotator use plaintext)"),
         }),
+        "podDisruptionBudget": obj("PodDisruptionBudgets of the Deployments with more than one replica", {
+            "enabled": b("make them (a single-replica Deployment never gets one: it could only block a drain)"),
+            "maxUnavailable": i("pods of one Deployment a drain may take at once", minimum=1),
+        }),
         "persistence": obj("storage", {
             "data": volume("datasets (a release named moaa: the PVC moaa-data training Jobs mount at /data)",
                            "unused: no chart pod mounts this volume (training Jobs mount it at /data)"),
