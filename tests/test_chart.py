@@ -256,7 +256,7 @@ def test_model_pods_run_as_root_unless_non_root_is_chosen(helm):
     for dep in deps:
         pod = dep["spec"]["template"]["spec"]
         assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
-                                          "fsGroup": 10001}
+                                          "fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch"}
         (c,) = pod["containers"]
         assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
         # all of the restricted standard but seccomp: RuntimeDefault refuses the NUMA calls of vLLM's CPU backend
