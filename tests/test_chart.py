@@ -30,6 +30,8 @@ VALUE_SETS = {
         "gateway.ingress.tls[0].secretName": "moaa-www", "gateway.ingress.tls[0].hosts[0]": "moaa.example.com",
         "serviceAccount.create": "true", "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn": "arn:x",
     }),
+    # the vLLM pods as uid 10001 (modelDefaults.nonRoot), their caches redirected to writable volumes
+    "non-root-models": (["values-one-model-per-role.yaml"], {"modelDefaults.nonRoot": "true"}),
 }
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
@@ -127,6 +129,41 @@ def test_names_follow_the_release(helm):
     assert cfg.annotator_address == "prod-moaa-annotator:50052"
 
 
+def test_names_fit_63_characters_with_the_longest_release_name(helm):
+    """Helm allows 53-character release names; every object name (a Service's is a DNS label) stays within 63,
+    two long model names that share a prefix stay apart, and the config, the NOTES and the helm test pod
+    name the same Services."""
+    release = "r" * 53
+    models = [{"name": "q" * 39 + "a", "model": "org/a", "roles": ["proposer", "aggregator", "judge"]},
+              {"name": "q" * 39 + "b", "model": "org/b", "roles": ["proposer"]}]
+    sets = {"persistence.data.enabled": "true", "persistence.checkpoints.enabled": "true",
+            "persistence.modelCache.enabled": "true", "metrics.serviceMonitor.enabled": "true",
+            "gateway.ingress.enabled": "true"}
+    for i, m in enumerate(models):
+        for k, v in m.items():
+            sets[f"models[{i}].{k}"] = v if isinstance(v, str) else "{" + ",".join(v) + "}"
+    r = helm.template([], sets, release=release)
+    names = [(o["kind"], o["metadata"]["name"]) for o in r.objects]
+    too_long = [n for n in names if len(n[1]) > 63]
+    assert not too_long, too_long
+    assert len(set(names)) == len(names)
+    services = {s["metadata"]["name"] for s in r.of_kind("Service")}
+    cfg = parse_config(yaml.safe_load(r.config_text()))
+    assert {urlsplit(b.urls[0]).hostname for b in cfg.backends.values()} | {cfg.annotator_address.split(":")[0]} \
+        <= services
+    (test_pod,) = r.of_kind("Pod")
+    assert any(e["value"].split(":")[0] in services for e in test_pod["spec"]["containers"][0]["env"]
+               if e.get("value"))
+    notes = helm.notes([], sets, release=release)
+    gateway = next(s for s in services if s.endswith("-gateway"))
+    assert f"svc/{gateway} " in notes and next(s for s in services if s.endswith("-annotator")) in notes
+    (ingress,) = r.of_kind("Ingress")
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == gateway
+    # short names are unchanged: a release named moaa makes the PVCs training Jobs mount by default
+    short = helm.template([], {"persistence.data.enabled": "true"})
+    assert ("PersistentVolumeClaim", "moaa-data") in [(o["kind"], o["metadata"]["name"]) for o in short.objects]
+
+
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_servers_mount_what_the_config_names(helm, name):
     """--config, TLS and token files in the config exist in the gateway and annotator pods."""
@@ -176,8 +213,8 @@ def test_model_pods_have_probes_and_shared_memory(helm, name):
         assert shm["emptyDir"]["medium"] == "Memory"
         assert {"name": "shm", "mountPath": "/dev/shm"} in c["volumeMounts"]
         assert c["image"].startswith(("vllm/vllm-openai:", "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo:"))
-        # the official image runs as root; still no privilege escalation
-        assert c["securityContext"] == {"allowPrivilegeEscalation": False}
+        # the official image runs as root (unless nonRoot); never with privilege escalation
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c["command"] == ["vllm", "serve"]
 
 
@@ -204,6 +241,34 @@ def test_moaa_pods_meet_the_restricted_pod_security_standard(helm, name):
     for where, pod in pod_specs(render(helm, name)).items():
         if pod["containers"][0]["name"] != "vllm":
             assert restricted_problems(pod) == [], where
+
+
+def test_model_pods_run_as_root_unless_non_root_is_chosen(helm):
+    """Default: root, as the official image expects (no USER; caches under /root). modelDefaults.nonRoot: uid
+    10001, no capabilities, and every cache the image writes under $HOME (vLLM, Triton, torch inductor,
+    FlashInfer's JIT, XDG) or HF_HOME on a volume the pod can write (fsGroup), USER set for getpass."""
+    for dep in model_deployments(render(helm, "default")):
+        pod = dep["spec"]["template"]["spec"]
+        assert "securityContext" not in pod and pod["containers"][0]["securityContext"] == {
+            "allowPrivilegeEscalation": False}
+    deps = model_deployments(render(helm, "non-root-models"))
+    assert len(deps) > 1
+    for dep in deps:
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                          "fsGroup": 10001, "fsGroupChangePolicy": "OnRootMismatch"}
+        (c,) = pod["containers"]
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        # all of the restricted standard but seccomp: RuntimeDefault refuses the NUMA calls of vLLM's CPU backend
+        assert restricted_problems(pod) == ["vllm: no RuntimeDefault seccomp profile"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        writable = {v["name"] for v in pod["volumes"] if "emptyDir" in v or "persistentVolumeClaim" in v}
+        for var in ("HOME", "XDG_CACHE_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+                    "FLASHINFER_WORKSPACE_BASE", "HF_HOME"):
+            under = [m for m in mounts if PurePosixPath(env[var]).is_relative_to(m)]
+            assert under and mounts[under[0]] in writable, f"{var}={env[var]} is on no writable volume"
+        assert env["USER"] == "vllm"
 
 
 def model_deployments(r):

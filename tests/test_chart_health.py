@@ -142,3 +142,35 @@ async def test_install_notes_generate_command_works_against_the_secure_gateway(h
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, (line, err.decode())
     assert out.strip()
+
+
+async def test_kubelet_probes_ask_what_the_servers_answer(helm, started, tmp_path):
+    """The gateway's and annotator's readiness and liveness probes are kubelet gRPC probes: Health/Check of
+    the overall service "", no token (auth is on by default), on the port the probe names. The real servers,
+    started from the chart's config, answer that SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from moaa.services.annotator.server import start_annotator
+
+    r = helm.template()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(r.of_kind("Secret")[0]["stringData"]["tokens"])
+    raw = yaml.safe_load(r.config_text())
+    cfg = parse_config(raw)
+    for which in ("gateway", "annotator"):
+        (c,) = r.get("Deployment", f"moaa-{which}")["spec"]["template"]["spec"]["containers"]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": getattr(cfg, which).port}, (which, probe)
+        raw[which]["auth"]["tokens_file"] = str(tokens)
+    gateway = await started(local_config(yaml.safe_dump(raw), {str(tokens): str(tokens)}))
+    annotator = await start_annotator(parse_config({**raw, "annotator": {**raw["annotator"], "host": "127.0.0.1",
+                                                                         "metrics_port": None}}),
+                                      port=0, probes=False)
+    try:
+        for running in (gateway, annotator):
+            async with grpc.aio.insecure_channel(running.address) as ch:
+                reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await annotator.stop(0)

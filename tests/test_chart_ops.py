@@ -132,3 +132,39 @@ def test_one_version_for_chart_images_and_trainer_jobs(helm):
     package = tomllib.loads((CHART.parents[1] / "pyproject.toml").read_text())["project"]["version"]
     gw = render(helm, "default").get("Deployment", "moaa-gateway")["spec"]["template"]["spec"]["containers"][0]
     assert gw["image"].rsplit(":", 1)[1] == DEFAULT_IMAGE.rsplit(":", 1)[1] == app == package
+
+
+def test_deployments_with_several_replicas_get_a_disruption_budget(helm):
+    """A node drain takes one pod of a multi-replica Deployment at a time (maxUnavailable 1, so a drain is
+    never blocked for good); a single-replica Deployment gets none: a budget could only block the drain."""
+    def budgets(r):
+        return {p["metadata"]["name"]: p["spec"] for p in r.of_kind("PodDisruptionBudget")}
+    assert budgets(helm.template()) == {}
+    r = helm.template(["values-multi-gpu.yaml"])
+    several = {d["metadata"]["name"]: d["spec"]["selector"] for d in r.of_kind("Deployment") if d["spec"]["replicas"] > 1}
+    assert len(several) >= 3
+    assert budgets(r) == {name: {"maxUnavailable": 1, "selector": sel} for name, sel in several.items()}
+    for pdb in r.of_kind("PodDisruptionBudget"):
+        kubernetes_validate.validate(pdb, K8S_VERSION, strict=True)
+    assert budgets(helm.template(["values-multi-gpu.yaml"], {"podDisruptionBudget.enabled": "false"})) == {}
+
+
+def test_what_uninstall_leaves_is_only_what_the_readme_says(helm):
+    """`helm uninstall` deletes the release's objects but those marked keep (the PVCs: data, checkpoints,
+    weights) and hook objects (a failed helm test pod, kept for its log); the chart README says so, with
+    the commands that remove them."""
+    r = render(helm, "secure-chart-secrets")
+    kept = {(o["kind"], o["metadata"]["name"]) for o in r.objects
+            if (o["metadata"].get("annotations") or {}).get("helm.sh/resource-policy") == "keep"}
+    assert kept == {("PersistentVolumeClaim", f"moaa-{n}") for n in ("data", "checkpoints", "model-cache")}
+    hooks = [o for o in r.objects if "helm.sh/hook" in (o["metadata"].get("annotations") or {})]
+    assert [(o["kind"], o["metadata"]["annotations"]["helm.sh/hook-delete-policy"]) for o in hooks] == [
+        ("Pod", "before-hook-creation,hook-succeeded")]
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("## Upgrade and uninstall", 1)[1].split("\n## ", 1)[0]
+    assert "helm.sh/resource-policy: keep" in section
+    assert "kubectl -n NAMESPACE delete pvc -l app.kubernetes.io/instance=RELEASE" in section
+    assert "kubectl -n NAMESPACE delete pod -l app.kubernetes.io/instance=RELEASE,app.kubernetes.io/component=test" \
+        in section
+    (pod,) = hooks
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "test"

@@ -69,6 +69,38 @@ def test_chart_rejects_inconsistent_values(helm, tmp_path, data, message):
     assert message in rejected(helm, tmp_path, data)
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"gateway": {"recipes": {"r": {"proposers": [{"model": "qwen"}], "aggregator": {"model": "qwn"}}}}},
+     'gateway.recipes.r uses model "qwn", which no backend declares (backends: qwen)'),
+    ({"gateway": {"recipes": {"r": {"proposers": [{"model": "llama"}], "aggregator": {"model": "qwen"}}}}},
+     'gateway.recipes.r uses model "llama", which no backend declares (backends: qwen)'),
+    ({"annotator": {"ensembles": {"e": {"judges": [{"name": "j", "model": "gpt"}]}}}},
+     'annotator.ensembles.e judge "j" uses model "gpt", which no backend declares (backends: qwen)'),
+    ({"gateway": {"defaultRecipe": "fast"}}, 'gateway.defaultRecipe "fast" is not a recipe (recipes: default)'),
+])
+def test_chart_refuses_references_the_config_loader_would_refuse(helm, tmp_path, data, message):
+    """The pod's config loader (MoaaConfig) refuses these at start, so the pod would crash-loop: the render
+    fails first, with one line naming the recipe and the model, and the loader agrees it is bad."""
+    out = rejected(helm, tmp_path, data)
+    (line,) = [ln for ln in out.splitlines() if message in ln]
+    assert "execution error" in line and line.rstrip().endswith(message), out
+    good = helm.template()
+    cfg = yaml.safe_load(good.config_text())
+    for key, val in (data.get("gateway") or {}).items():
+        cfg[{"recipes": "recipes", "defaultRecipe": "default_recipe"}[key]] = val
+    for key, val in (data.get("annotator") or {}).items():
+        cfg["ensembles"] = val
+    with pytest.raises(Exception):
+        parse_config(cfg)
+
+
+def test_extra_backends_count_as_declared(helm, tmp_path):
+    data = {"gateway": {"extraBackends": {"hosted": {"urls": ["https://api.example/v1"], "served_model": "x"}},
+                        "recipes": {"r": {"proposers": [{"model": "hosted"}], "aggregator": {"model": "qwen"}}}}}
+    cfg = parse_config(yaml.safe_load(helm.template([values_file(tmp_path, data)]).config_text()))
+    assert cfg.recipes["r"].proposers[0].model == "hosted"
+
+
 def test_model_settings_merge_over_defaults_and_keep_zeros(helm, tmp_path):
     """replicas: 0 and a single probe key override the defaults (sprig's merge would drop the zero)."""
     r = helm.template([values_file(tmp_path, {

@@ -17,6 +17,10 @@ from tests.fixtures.trainer import restricted_problems
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S_VERSION = kubernetes_validate.utils.latest_version()
+# The oldest Kubernetes the chart declares (Chart.yaml kubeVersion) through the newest schemas shipped.
+OLDEST = "1.27"
+SUPPORTED = [v for v in sorted(set(kubernetes_validate.utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
+             if tuple(map(int, v.split(".")[:2])) >= tuple(map(int, OLDEST.split(".")))]
 KLASS = {"Job": "V1Job", "Namespace": "V1Namespace", "PersistentVolumeClaim": "V1PersistentVolumeClaim",
          "ServiceAccount": "V1ServiceAccount", "Role": "V1Role", "RoleBinding": "V1RoleBinding"}
 
@@ -49,8 +53,8 @@ def test_every_job_validates_and_round_trips(kind, settings):
     pod = doc["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never"
     rules = doc["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                                              "values": [EXIT_BAD_INPUT]}}
+    assert rules[0] == {"action": "FailJob", "onPodConditions": [],
+                        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [EXIT_BAD_INPUT]}}
     assert any(r["action"] == "Count" and r["onExitCodes"]["values"] == [EXIT_TRANSIENT] for r in rules)
     assert doc["spec"]["backoffLimit"] == settings.backoff_limit
     assert doc["spec"]["ttlSecondsAfterFinished"] == settings.ttl_seconds_after_finished
@@ -104,6 +108,20 @@ def test_k8s_manifests_validate_and_round_trip():
             assert_valid_and_round_trips(doc)
             kinds.append(doc["kind"])
     assert {"Namespace", "PersistentVolumeClaim", "ServiceAccount", "Role", "RoleBinding", "Job"} <= set(kinds)
+
+
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_jobs_and_manifests_meet_every_supported_schema(version):
+    """The 1.27 and 1.28 schemas mark a podFailurePolicy rule's onPodConditions required (the Go field had no
+    omitempty; the API server validates only len() > 0, so an exit-code rule carries onPodConditions: [])."""
+    assert (ROOT / "charts" / "moaa" / "Chart.yaml").read_text().count(f'kubeVersion: ">={OLDEST}.0-0"') == 1
+    docs = [to_dict(build_job(_cfg(kind), s)) for kind in ("sft", "dpo") for s in SETTINGS]
+    docs += [d for p in sorted((ROOT / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+    rules = docs[0]["spec"]["podFailurePolicy"]["rules"]
+    assert [r["action"] for r in rules] == ["FailJob", "Ignore", "Count"]  # the policy itself is unchanged
+    assert all(bool(r.get("onExitCodes")) != bool(r["onPodConditions"]) for r in rules)
 
 
 def test_k8s_manifests_are_in_step_with_the_builder():

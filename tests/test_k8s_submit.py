@@ -15,7 +15,7 @@ import yaml
 
 from moaa.cli.main import main
 from moaa.trainer.k8s import to_dict
-from tests.fixtures.trainer import sft_rows, write_jsonl
+from tests.fixtures.trainer import PodLog, sft_rows, write_jsonl
 
 NS = "moaa"
 JOB_ARGS = ["--data", "/data/sft.jsonl", "--model", "/models/m", "--out", "/checkpoints/sft", "--name", "run1",
@@ -43,7 +43,7 @@ def play_controller(emu, *, exit_code: int, log: str = LOG, reason: str | None =
         job = batch.list_namespaced_job(NS).items[0]
         name = job.metadata.name
         pod = f"{name}-x1"
-        emu.on(f"get /api/v1/namespaces/{NS}/pods/{pod}/log", {"Content-Type": "text/plain"}, log.encode())
+        emu.serve_log(NS, pod, PodLog(log))
         core.create_namespaced_pod(NS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
             "name": pod, "namespace": NS, "labels": {"job-name": name}},
             "spec": {"containers": [{"name": "trainer", "image": "x"}], "restartPolicy": "Never"},
@@ -242,3 +242,67 @@ def test_a_job_without_pods_says_so_while_following(kube_api):
     assert hints == [{"event": "job_waiting", "name": "run1",
                       "message": "no pod yet: kubectl -n moaa describe job/run1 shows why "
                                  "(service account, quota, admission)"}]
+
+
+def _pod(name: str, job: str, phase: str, exit_code: int | None = None) -> dict:
+    state = {"terminated": {"exitCode": exit_code}} if exit_code is not None else {"running": {}}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": {"job-name": job}},
+            "spec": {"containers": [{"name": "trainer", "image": "x"}], "restartPolicy": "Never"},
+            "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "image": "x", "imageID": "",
+                                                                "ready": phase == "Running", "restartCount": 0,
+                                                                "state": state}]}}
+
+
+def test_following_a_long_log_reads_only_what_is_new(kube_api):
+    """A pod that has logged for an hour (2 MB): the first read has it all, then each poll reads only the
+    last seconds (bounded, not the whole log again), every line is printed once and in order - also the
+    lines logged in the same nanosecond at a poll's boundary - and a retried pod (a new name) is followed
+    from its start, while the finished one is no longer read."""
+    from kubernetes import client
+
+    from moaa.trainer.k8s_submit import follow_job
+
+    assert submit(kube_api, "--no-follow") == 0
+    core, batch = client.CoreV1Api(kube_api.client()), client.BatchV1Api(kube_api.client())
+    hour_ago = time.time_ns() - 3600 * 10**9
+    old = PodLog()
+    for i in range(20000):  # one line every 0.18 s for an hour, ending 5 minutes ago
+        old.write(json.dumps({"event": "log", "step": i, "pad": "x" * 60}), at_ns=hour_ago + i * 165 * 10**6)
+    kube_api.serve_log(NS, "run1-a", old)
+    retry = kube_api.serve_log(NS, "run1-b", PodLog())
+    core.create_namespaced_pod(NS, _pod("run1-a", "run1", "Running"))
+    lines: list[str] = []
+    expected = [x for _, x in old.lines]
+
+    def controller():
+        time.sleep(0.4)
+        for i in range(5):  # the running pod goes on logging, twice in one nanosecond at times
+            batch_lines = [f"a-{i}-{k}" for k in range(3)]
+            old.write(*batch_lines)
+            expected.extend(batch_lines)
+            time.sleep(0.15)
+        core.patch_namespaced_pod_status("run1-a", NS, {"status": _pod("", "", "Failed", 75)["status"]})
+        time.sleep(0.3)
+        core.create_namespaced_pod(NS, _pod("run1-b", "run1", "Running"))
+        for i in range(4):
+            retry.write(f"b-{i}")
+            expected.append(f"b-{i}")
+            time.sleep(0.15)
+        core.patch_namespaced_pod_status("run1-b", NS, {"status": _pod("", "", "Succeeded", 0)["status"]})
+        time.sleep(0.3)
+        batch.patch_namespaced_job_status("run1", NS, {"status": {"succeeded": 1, "failed": 1, "conditions": [
+            {"type": "Complete", "status": "True"}]}})
+
+    ctl = threading.Thread(target=controller, daemon=True)
+    ctl.start()
+    assert follow_job(kube_api.client(), NS, "run1", timeout_s=30, poll_s=0.1, out=lines.append) == 0
+    ctl.join(5)
+    assert [x for x in lines if not x.startswith('{"event": "job_')] == expected
+    total = sum(len(PodLog.stamp(0)) + 2 + len(x) for _, x in old.lines)
+    first, *later = old.served
+    assert first > 1_500_000 and len(later) >= 5
+    assert max(later) < 2_000, later  # the new lines of the last seconds, not the hour again
+    assert sum(old.served) < total + 10 * 2_000
+    after_end = len(old.served)
+    time.sleep(0.3)
+    assert len(old.served) == after_end  # a finished pod is read once more after it ends, then left alone

@@ -386,6 +386,8 @@ def _play_training_jobs(emu, model_dir: Path, stop: "threading.Event"):
 
     from kubernetes import client
 
+    from tests.fixtures.trainer import PodLog
+
     api = emu.client()
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
     handled: list[str] = []
@@ -406,8 +408,7 @@ def _play_training_jobs(emu, model_dir: Path, stop: "threading.Event"):
                 (out / "metrics.jsonl").write_text(json.dumps({"event": "log", "step": 1, "total": 1, "loss": 1.0}) + "\n")
                 (out / "manifest.json").write_text(json.dumps({"final_step": 1, "train_loss": 1.0}))
                 pod = f"{name}-x1"
-                emu.on(f"get /api/v1/namespaces/moaa/pods/{pod}/log", {"Content-Type": "text/plain"},
-                       (json.dumps({"event": "log", "step": 1, "total": 1, "loss": 1.0}) + "\n").encode())
+                emu.serve_log("moaa", pod, PodLog(json.dumps({"event": "log", "step": 1, "total": 1, "loss": 1.0})))
                 core.create_namespaced_pod("moaa", {"apiVersion": "v1", "kind": "Pod", "metadata": {
                     "name": pod, "namespace": "moaa", "labels": {"job-name": name}},
                     "spec": {"containers": [{"name": "trainer", "image": "x"}], "restartPolicy": "Never"},

@@ -128,6 +128,8 @@ def model_settings() -> dict:
         "env": env(),
         "resources": resources("CPU and memory requests and limits; nvidia.com/gpu is set from gpus"),
         "shmSize": s("size of the in-memory /dev/shm volume (tensor-parallel workers share memory)", pattern=QUANTITY),
+        "nonRoot": b("run vLLM as uid 10001 with no capabilities, HOME and caches on an emptyDir; "
+                     "default false: the official image runs as root"),
         "probes": obj("health probes of this model's pods", {
             "startup": probe("startup probe: allows periodSeconds x failureThreshold for download and load"),
             "readiness": probe("readiness probe: the Service sends traffic only to ready pods"),
@@ -252,6 +254,10 @@ def chart_schema() -> dict:
             "mutual": b("require client certificates signed by ca.crt"),
             "annotator": b("serve the annotator over TLS too (for direct clients: the gateway's own annotate=true "
                            "calls to the annotator use plaintext)"),
+        }),
+        "podDisruptionBudget": obj("PodDisruptionBudgets of the Deployments with more than one replica", {
+            "enabled": b("make them (a single-replica Deployment never gets one: it could only block a drain)"),
+            "maxUnavailable": i("pods of one Deployment a drain may take at once", minimum=1),
         }),
         "persistence": obj("storage", {
             "data": volume("datasets (a release named moaa: the PVC moaa-data training Jobs mount at /data)",

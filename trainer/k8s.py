@@ -131,16 +131,20 @@ def build_job(cfg, settings: JobSettings | None = None):
         node_selector=s.node_selector or None, containers=[container], volumes=volumes,
         image_pull_secrets=[k.V1LocalObjectReference(name=n) for n in s.image_pull_secrets] or None,
         tolerations=[k.V1Toleration(**t.model_dump(exclude_none=True)) for t in s.tolerations] or None)
+    # An exit-code rule says onPodConditions: [] because the 1.27/1.28 OpenAPI schema marks it required (the
+    # Go field had no omitempty); API servers only refuse a rule with both non-empty, so every version takes it.
     policy = k.V1PodFailurePolicy(rules=[
         # bad input: a retry cannot help
-        k.V1PodFailurePolicyRule(action="FailJob", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
-            container_name=CONTAINER, operator="In", values=[EXIT_BAD_INPUT])),
+        k.V1PodFailurePolicyRule(action="FailJob", on_pod_conditions=[],
+                                 on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
+                                     container_name=CONTAINER, operator="In", values=[EXIT_BAD_INPUT])),
         # preemption, eviction, node drain: retry without using up backoffLimit
         k.V1PodFailurePolicyRule(action="Ignore", on_pod_conditions=[
             k.V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")]),
         # transient (EX_TEMPFAIL): retried, counted against backoffLimit
-        k.V1PodFailurePolicyRule(action="Count", on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
-            container_name=CONTAINER, operator="In", values=[EXIT_TRANSIENT])),
+        k.V1PodFailurePolicyRule(action="Count", on_pod_conditions=[],
+                                 on_exit_codes=k.V1PodFailurePolicyOnExitCodesRequirement(
+                                     container_name=CONTAINER, operator="In", values=[EXIT_TRANSIENT])),
     ])
     spec = k.V1JobSpec(
         backoff_limit=s.backoff_limit, ttl_seconds_after_finished=s.ttl_seconds_after_finished,

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +189,7 @@ def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=
     started = time.monotonic()
     deadline = started + timeout_s
     hinted = False
-    seen_lines: dict[str, int] = {}
+    logs: dict[str, _LogCursor] = {}
     waiting: dict[str, tuple[str, str] | None] = {}
     last_status = None
     while True:
@@ -193,7 +197,7 @@ def follow_job(api, ns: str, name: str, *, timeout_s: float, poll_s: float, out=
         job = api_call(f"reading Job {ns}/{name}", host, batch.read_namespaced_job, name, ns)
         pods = _pods(core, host, ns, name)
         for pod in pods:
-            _print_new_log_lines(core, ns, pod, seen_lines, out)
+            _print_new_log_lines(core, ns, pod, logs, out)
             why = _waiting_reason(pod)
             if why and why != waiting.get(pod.metadata.name):
                 out(json.dumps({"event": "pod_waiting", "pod": pod.metadata.name, "reason": why[0], "message": why[1]}))
@@ -255,18 +259,66 @@ def _waiting_reason(pod) -> tuple[str, str] | None:
     return None
 
 
-def _print_new_log_lines(core, ns: str, pod, seen: dict[str, int], out) -> None:
+# How far back each log read reaches beyond the time since the previous one began: a read that takes up to
+# REQUEST_TIMEOUT still cannot leave a gap, so no line is lost; the boundary lines are de-duplicated.
+LOG_OVERLAP_S = int(sum(REQUEST_TIMEOUT)) + 1
+
+
+@dataclass
+class _LogCursor:
+    """Where following one pod's log stands: the newest line printed (its kubelet timestamp) and how many
+    printed lines carry exactly that timestamp, when the previous read began, and whether it is over."""
+    last: tuple | None = None
+    at_last: int = 0
+    asked_at: float | None = None
+    done: bool = False
+
+
+def _log_time(stamp: str) -> tuple | None:
+    """The kubelet's RFC3339(Nano) line timestamp as a comparable (datetime, nanoseconds), or None."""
+    m = _STAMP.fullmatch(stamp)
+    if not m:
+        return None
+    base, frac, zone = m.groups()
+    return datetime.fromisoformat(base + ("+00:00" if zone == "Z" else zone)), int((frac or "").ljust(9, "0"))
+
+
+_STAMP = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)")
+
+
+def _print_new_log_lines(core, ns: str, pod, cursors: dict[str, _LogCursor], out) -> None:
+    """Print the pod's log lines not printed yet. The first read has the whole log; later ones ask only for
+    the seconds since the previous read began (sinceSeconds, by this machine's clock: the node's may differ)
+    plus LOG_OVERLAP_S, and drop what is older than the newest printed line, or as old and already printed.
+    A pod whose trainer has ended is read once more, then left alone."""
     from kubernetes.client.exceptions import ApiException
 
     pname = pod.metadata.name
+    cur = cursors.setdefault(pname, _LogCursor())
+    if cur.done:
+        return
+    ended = any(cs.name == CONTAINER and cs.state and cs.state.terminated
+                for cs in (pod.status and pod.status.container_statuses) or [])
+    since = {} if cur.asked_at is None else {"since_seconds": math.ceil(time.monotonic() - cur.asked_at) + LOG_OVERLAP_S}
+    asked = time.monotonic()
     try:
-        text = core.read_namespaced_pod_log(pname, ns, container=CONTAINER, _request_timeout=REQUEST_TIMEOUT)
+        text = core.read_namespaced_pod_log(pname, ns, container=CONTAINER, timestamps=True,
+                                            _request_timeout=REQUEST_TIMEOUT, **since)
     except ApiException:
         return  # not started yet, or gone: status polling decides the outcome
-    lines = text.splitlines() if isinstance(text, str) else []
-    for line in lines[seen.get(pname, 0):]:
+    cur.asked_at, cur.done = asked, ended
+    old, skip = cur.last, cur.at_last
+    for raw in text.splitlines() if isinstance(text, str) else []:
+        stamp, _, line = raw.partition(" ")
+        when = _log_time(stamp)
+        if when is None:  # not the kubelet's format: show it as it came
+            out(raw)
+            continue
+        if old is not None and (when < old or (when == old and skip > 0)):
+            skip -= when == old
+            continue
         out(line)
-    seen[pname] = len(lines)
+        cur.last, cur.at_last = when, (cur.at_last + 1 if when == cur.last else 1)
 
 
 def _terminations(pods) -> list:

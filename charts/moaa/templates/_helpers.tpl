@@ -46,9 +46,22 @@ app.kubernetes.io/part-of: moaa
 {{- end }}
 {{- end -}}
 
+{{/*
+"<fullname>-<suffix>" within 63 characters (a Service name is a DNS label): a fullname too long for the
+suffix is cut, and 5 characters of its hash keep two cut names apart. (dict "root" $ "suffix" "gateway")
+*/}}
+{{- define "moaa.componentName" -}}
+{{- $full := include "moaa.fullname" .root -}}
+{{- $name := printf "%s-%s" $full .suffix -}}
+{{- if gt (len $name) 63 -}}
+{{- $name = printf "%s-%s-%s" ($full | trunc (int (sub 56 (len .suffix))) | trimSuffix "-") (sha256sum $full | trunc 5) .suffix -}}
+{{- end -}}
+{{- $name -}}
+{{- end -}}
+
 {{/* Service (and Deployment) name of a model. */}}
 {{- define "moaa.modelName" -}}
-{{- printf "%s-%s" (include "moaa.fullname" .root) .name | trunc 63 | trimSuffix "-" -}}
+{{- include "moaa.componentName" (dict "root" .root "suffix" .name) -}}
 {{- end -}}
 
 {{/* image reference: (dict "image" .Values.images.moaa "root" $) */}}
@@ -96,7 +109,7 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- end -}}
 {{- $_ := set $seen .name true -}}
 {{- if has .name (list "gateway" "annotator") -}}
-{{- fail (printf "models: the name %q would make a second Deployment and Service %s-%s; pick another" .name (include "moaa.fullname" $) .name) -}}
+{{- fail (printf "models: the name %q would make a second Deployment and Service %s; pick another" .name (include "moaa.modelName" (dict "root" $ "name" .name))) -}}
 {{- end -}}
 {{- end -}}
 {{- if and .Values.gateway.enabled .Values.gateway.ingress.enabled (eq (int .Values.gateway.httpPort) 0) -}}
@@ -120,7 +133,42 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- fail (printf "gateway.extraBackends.%s: a model of the chart already has this name" $name) -}}
 {{- end -}}
 {{- end -}}
+{{- include "moaa.validateReferences" (include "moaa.config" . | fromYaml) -}}
 {{- end -}}
+
+{{/*
+The reference rule of the config loader (MoaaConfig._references_exist), on the config the pods will load:
+without it a typo renders fine and every gateway pod crash-loops on the loader's error.
+*/}}
+{{- define "moaa.validateReferences" -}}
+{{- $known := keys .backends | sortAlpha -}}
+{{- $backends := join ", " $known -}}
+{{- range $r, $recipe := .recipes -}}
+{{- range append (default (list) $recipe.proposers) (default (dict) $recipe.aggregator) -}}
+{{- if not (has .model $known) -}}
+{{- fail (printf "gateway.recipes.%s uses model %q, which no backend declares (backends: %s)" $r (toString .model) $backends) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $e, $ens := .ensembles -}}
+{{- $judges := default (list) $ens.judges -}}
+{{- with $ens.aggregator -}}{{- $judges = append $judges . -}}{{- end -}}
+{{- range $judges -}}
+{{- if not (has .model $known) -}}
+{{- fail (printf "annotator.ensembles.%s judge %q uses model %q, which no backend declares (backends: %s)" $e (toString .name) (toString .model) $backends) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and .default_recipe (not (hasKey (default (dict) .recipes) .default_recipe)) -}}
+{{- fail (printf "gateway.defaultRecipe %q is not a recipe (recipes: %s)" .default_recipe (keys (default (dict) .recipes) | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- if and .default_ensemble (not (hasKey (default (dict) .ensembles) .default_ensemble)) -}}
+{{- fail (printf "annotator.defaultEnsemble %q is not an ensemble (ensembles: %s)" .default_ensemble (keys (default (dict) .ensembles) | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* HOME of a non-root vLLM pod (modelDefaults.nonRoot), an emptyDir. */}}
+{{- define "moaa.vllmHome" -}}/home/vllm{{- end -}}
 
 {{/* Where the config file, TLS files and auth tokens are mounted in gateway and annotator pods. */}}
 {{- define "moaa.configDir" -}}/etc/moaa/config{{- end -}}
@@ -128,7 +176,7 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- define "moaa.authDir" -}}/etc/moaa/auth{{- end -}}
 
 {{- define "moaa.authSecretName" -}}
-{{- default (printf "%s-auth" (include "moaa.fullname" .)) .Values.auth.existingSecret -}}
+{{- default (include "moaa.componentName" (dict "root" . "suffix" "auth")) .Values.auth.existingSecret -}}
 {{- end -}}
 
 {{/*
@@ -197,7 +245,7 @@ The generated token: what the existing Secret (a `lookup` result; empty on a fir
 {{- $_ := set $cfg "gateway" (include "moaa.serverConfig" (dict "root" $root "which" "gateway") | fromJson) -}}
 {{- $_ := set $cfg "annotator" (include "moaa.serverConfig" (dict "root" $root "which" "annotator") | fromJson) -}}
 {{- if .Values.annotator.enabled -}}
-{{- $_ := set $cfg "annotator_address" (printf "%s-annotator:%d" (include "moaa.fullname" $root) (int .Values.annotator.port)) -}}
+{{- $_ := set $cfg "annotator_address" (printf "%s:%d" (include "moaa.componentName" (dict "root" $root "suffix" "annotator")) (int .Values.annotator.port)) -}}
 {{- if and .Values.tls.enabled .Values.tls.annotator -}}
 {{- /* the gateway trusts the Secret's ca.crt; with mutual TLS it shows the Secret's certificate as its own */ -}}
 {{- $ctls := dict "ca_file" (printf "%s/ca.crt" (include "moaa.tlsDir" $root)) -}}

@@ -13,7 +13,7 @@
 apiVersion: apps/v1
 kind: Deployment
 metadata:
-  name: {{ include "moaa.fullname" $root }}-{{ .which }}
+  name: {{ include "moaa.componentName" (dict "root" $root "suffix" .which) }}
   labels:
     {{- include "moaa.labels" $labels | nindent 4 }}
 spec:
@@ -116,7 +116,7 @@ spec:
       volumes:
         - name: config
           configMap:
-            name: {{ include "moaa.fullname" $root }}-config
+            name: {{ include "moaa.componentName" (dict "root" $root "suffix" "config") }}
         - name: tmp
           emptyDir: {}
         {{- if $tls }}
@@ -145,7 +145,7 @@ spec:
 apiVersion: v1
 kind: Service
 metadata:
-  name: {{ include "moaa.fullname" .root }}-{{ .which }}
+  name: {{ include "moaa.componentName" (dict "root" .root "suffix" .which) }}
   labels:
     {{- include "moaa.labels" $labels | nindent 4 }}
   {{- with $v.service.annotations }}
