@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moaa.errors import UserError, validation_message
 from moaa.overrides import load_mapping
@@ -31,6 +31,18 @@ class _Strict(BaseModel):
 # a name something else refers to (a backend, recipe, ensemble, judge): never empty
 Name = Annotated[str, Field(min_length=1)]
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(name: str) -> str:
+    # never echo the value: the usual mistake is pasting the secret itself here (it would reach the logs)
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError("must be the name of an environment variable (letters, digits, _) that holds the secret, "
+                         "not the secret itself")
+    return name
+
+
+# the name of an environment variable holding a secret (an API key, bearer tokens)
+EnvName = Annotated[str, AfterValidator(_env_name)]
 _GRPC_SCHEMES = {"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p"}
 
 
@@ -90,7 +102,7 @@ class BackendConfig(_Strict):
 
     urls: list[str] = Field(min_length=1, description="base URLs of the replicas, e.g. http://vllm-qwen:8000/v1")
     served_model: str | None = Field(None, min_length=1, description="model name sent in requests; default: the backend's key")
-    api_key_env: str | None = Field(None, description="environment variable holding the bearer token")
+    api_key_env: EnvName | None = Field(None, description="environment variable holding the bearer token")
     api_key_file: str | None = Field(None, min_length=1, description="file holding the bearer token (a mounted Secret)")
     rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second, all replicas together")
     max_concurrency: int = Field(32, ge=1, description="requests in flight per replica; halved on 429, regrown after")
@@ -115,15 +127,6 @@ class BackendConfig(_Strict):
         if dup:  # one server listed twice would get twice its max_concurrency
             raise ValueError(f"lists {', '.join(dup)} twice; each replica once")
         return urls
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, name: str | None) -> str | None:
-        # never echo the value: the usual mistake is pasting the key itself here
-        if name is not None and not _ENV_NAME.fullmatch(name):
-            raise ValueError("must be the name of an environment variable (letters, digits, _) that holds the key, "
-                             "not the key itself")
-        return name
 
     @model_validator(mode="after")
     def _one_key_source(self) -> "BackendConfig":
@@ -262,8 +265,9 @@ class ClientTLSConfig(_Strict):
 
 
 class AuthConfig(_Strict):
-    tokens_file: str | None = Field(None, description="file with one bearer token per line (a mounted Secret)")
-    tokens_env: str | None = Field(None, description="environment variable with comma-separated tokens")
+    # an empty setting is an error, not auth off (e.g. a template that rendered an empty value)
+    tokens_file: str | None = Field(None, min_length=1, description="file with one bearer token per line (a mounted Secret)")
+    tokens_env: EnvName | None = Field(None, description="environment variable with comma-separated tokens")
 
     @property
     def enabled(self) -> bool:

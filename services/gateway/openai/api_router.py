@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from moaa.services.common.auth import TokenStore, bearer_problem
 from moaa.services.common.errors import RpcError
-from moaa.services.common.logs import new_request_id, request_id_var
+from moaa.services.common.logs import client_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, status_of
 from moaa.services.config import ServerConfig
 
@@ -78,10 +78,7 @@ class OpenAIRouter:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        rid = request.headers.get(REQUEST_ID, "")
-        if not rid or len(rid) > 128 or not rid.isprintable():  # ids go into logs and response headers
-            rid = new_request_id()
-        request[_RID] = rid
+        rid = request[_RID] = client_request_id(request.headers.get(REQUEST_ID, ""))
         token = request_id_var.set(rid)
         try:
             problem = None if request.path.startswith(_EXEMPT) else self._auth(request)

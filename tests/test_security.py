@@ -1,0 +1,98 @@
+"""moaa met as a hostile or careless client, and as an operator: secrets kept out of logs, auth that cannot
+be switched off by an empty setting, client strings that cannot forge log lines. Real servers on
+127.0.0.1 and real clients (grpc stubs, aiohttp); no model servers."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from moaa.client.endpoint import Endpoint
+from moaa.errors import UserError
+from moaa.services.config import parse_config
+from moaa.v1 import gateway_pb2
+from tests.fixtures.gateway import moa_config, request
+
+FAST = {"ttft_s": 0.0}
+SECRET = "sk-live-0123456789abcdef"
+
+
+def _cfg(auth: dict) -> dict:
+    return {"backends": {"m": {"urls": ["http://127.0.0.1:9/v1"]}}, "gateway": {"auth": auth}}
+
+
+@pytest.mark.parametrize("auth", [{"tokens_env": SECRET}, {"tokens_env": f"{SECRET}\n"}])
+def test_a_token_pasted_as_tokens_env_is_refused_without_echoing_it(auth):
+    """Before: `tokens_env: <the token>` started the server, which logged 'environment variable <the
+    token> is not set' at WARNING. Now the config is refused, naming the field, not the value."""
+    with pytest.raises(UserError) as err:
+        parse_config(_cfg(auth))
+    assert "gateway.auth.tokens_env" in str(err.value) and SECRET not in str(err.value)
+
+
+@pytest.mark.parametrize("auth", [{"tokens_file": ""}, {"tokens_env": ""}, {"tokens_file": "", "tokens_env": ""}])
+def test_an_empty_auth_setting_is_refused_not_auth_off(auth):
+    """Before: an empty tokens_file / tokens_env (a template that rendered an empty value) quietly meant
+    auth off: every call served without a token. Now the config is refused."""
+    with pytest.raises(UserError, match=r"gateway\.auth\.tokens_"):
+        parse_config(_cfg(auth))
+
+
+def test_backend_api_key_env_keeps_refusing_a_pasted_key():
+    with pytest.raises(UserError) as err:
+        parse_config({"backends": {"m": {"urls": ["http://127.0.0.1:9/v1"], "api_key_env": SECRET}}})
+    assert "backends.m.api_key_env" in str(err.value) and SECRET not in str(err.value)
+
+
+def test_an_endpoint_never_prints_its_token():
+    ep = Endpoint("127.0.0.1:1", token=SECRET)
+    assert SECRET not in repr(ep) and SECRET not in str(ep)
+    assert ep.metadata == (("authorization", f"Bearer {SECRET}"),)
+
+
+FORGED = "rid-1\n2026-01-01 00:00:00 INFO moaa.rpc [admin] call"
+
+
+@pytest.fixture
+async def gw(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    return await gateway_factory(moa_config(emu.url, ["a"]))
+
+
+def _logged_ids(caplog) -> list[str]:
+    return [r.request_id for r in caplog.records if hasattr(r, "request_id")]
+
+
+@pytest.mark.parametrize("rid", [FORGED, "x" * 100_000, "tab\there"], ids=["newline", "100kB", "tab"])
+async def test_a_grpc_request_id_cannot_forge_or_flood_log_lines(gw, caplog, rid):
+    """Before: a GenerateRequest.request_id went into every log line of the call as sent: with
+    --log-format text a newline forged a whole log line, and a 100 kB id was logged per line. The HTTP
+    door already replaced such ids; now both doors do (client_request_id)."""
+    caplog.set_level(logging.INFO)
+    resp = await gw.stub.Generate(request(request_id=rid), timeout=10)
+    assert resp.request_id != rid and resp.request_id.isprintable() and len(resp.request_id) <= 128
+    ids = _logged_ids(caplog)
+    assert resp.request_id in ids and all(i.isprintable() and len(i) <= 128 for i in ids)
+
+
+async def test_a_batch_item_id_cannot_forge_log_lines(gw, caplog):
+    """A batch item's log id is built from its row id when it sends no request id: the same check."""
+    caplog.set_level(logging.INFO)
+    items = [gateway_pb2.BatchItem(id="row\nforged", request=request()),
+             gateway_pb2.BatchItem(id="row-2", request=request(request_id=FORGED))]
+    results = {r.id: r async for r in gw.stub.GenerateBatch(iter(items), timeout=10)}
+    assert set(results) == {"row\nforged", "row-2"}  # the row ids themselves are echoed untouched
+    for r in results.values():
+        assert r.response.request_id.isprintable() and r.response.request_id != FORGED
+    assert all(i.isprintable() for i in _logged_ids(caplog))
+
+
+async def test_http_request_id_header_is_checked_the_same_way(gw):
+    import aiohttp
+
+    url = f"http://127.0.0.1:{gw.running.http_port}/v1/models"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers={"x-request-id": "y" * 500}) as r:
+            assert r.status == 200 and len(r.headers["x-request-id"]) <= 128
+        async with s.get(url, headers={"x-request-id": "mine-1"}) as r:
+            assert r.headers["x-request-id"] == "mine-1"
