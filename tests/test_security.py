@@ -96,3 +96,35 @@ async def test_http_request_id_header_is_checked_the_same_way(gw):
             assert r.status == 200 and len(r.headers["x-request-id"]) <= 128
         async with s.get(url, headers={"x-request-id": "mine-1"}) as r:
             assert r.headers["x-request-id"] == "mine-1"
+
+
+async def test_an_http_stream_to_a_client_that_never_reads_is_dropped(gw_emulators, gateway_factory):
+    """Before: a streamed chat completion to a client that sent its request and then read nothing blocked
+    the handler in aiohttp's drain forever, holding an in-flight slot and (the engine paused) a backend
+    request. Now, once the client has taken nothing for gateway.http_write_timeout_s, the connection is
+    dropped: the call ends CANCELLED and the slot is free."""
+    import asyncio
+    import json
+    import socket
+    import time
+
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"http_write_timeout_s": 1.0},
+                                          backends={"agg": {"context_window": 400_000}}))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel buffers little of the answer
+    sock.connect(("127.0.0.1", gw.running.http_port))
+    _, writer = await asyncio.open_connection(sock=sock)
+    body = json.dumps({"model": "moa", "stream": True, "max_tokens": 150_000,  # MBs of SSE chunks
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    limiter = gw.running.guard.limiter
+    deadline = time.monotonic() + 30
+    while limiter.in_flight == 0 and time.monotonic() < deadline:  # the call started
+        await asyncio.sleep(0.05)
+    while limiter.in_flight and time.monotonic() < deadline:  # ... and is dropped, not held
+        await asyncio.sleep(0.1)
+    assert limiter.in_flight == 0, "a client that never reads still holds its in-flight slot"
+    writer.close()

@@ -28,7 +28,7 @@ from moaa.services.common.auth import TokenStore, bearer_problem
 from moaa.services.common.errors import RpcError
 from moaa.services.common.logs import client_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, status_of
-from moaa.services.config import ServerConfig
+from moaa.services.config import GatewayConfig
 
 from . import protocol as p
 from .serving import RETRY_AFTER_S, ChatServing, HttpError, http_error
@@ -59,7 +59,7 @@ def _sse(model) -> bytes:
 
 
 class OpenAIRouter:
-    def __init__(self, serving: ChatServing, guard: CallGuard, server_cfg: ServerConfig):
+    def __init__(self, serving: ChatServing, guard: CallGuard, server_cfg: GatewayConfig):
         self.serving = serving
         self.guard = guard
         self.cfg = server_cfg
@@ -188,6 +188,7 @@ class OpenAIRouter:
 
         async def start() -> None:
             await resp.prepare(request)
+            resp.watch(request.transport, self.cfg.http_write_timeout_s)
             request[_STREAM] = resp
             await resp.write(_sse(serving.chunk(call, role=True, content="")))
 
@@ -218,12 +219,30 @@ class OpenAIRouter:
 
 
 class _Streamed(web.StreamResponse):
-    """A streamed answer; `error` is the status code of an error sent inside it."""
+    """A streamed answer; `error` is the status code of an error sent inside it. A write its client takes
+    nothing of for `timeout_s` (the kernel's and aiohttp's buffers full) drops the connection: a client
+    that never reads would hold an in-flight slot and, through the paused engine, a backend request."""
 
     error: grpc.StatusCode | None = None
+    _transport = None
+    _timeout_s: float | None = None
+
+    def watch(self, transport, timeout_s: float | None) -> None:
+        self._transport, self._timeout_s = transport, timeout_s
+
+    async def write(self, data) -> None:
+        if self._transport is None or self._timeout_s is None:
+            return await super().write(data)
+        # abort, not close: close() would wait for the unread buffer to be sent. The waiting write then
+        # fails with ConnectionResetError, the hung-up client's path in _chat (engine closed, CANCELLED).
+        timer = asyncio.get_running_loop().call_later(self._timeout_s, self._transport.abort)
+        try:
+            await super().write(data)
+        finally:
+            timer.cancel()
 
 
-def ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+def ssl_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
     """The gRPC port's certificate for HTTPS too; with client_ca_file, client certificates are required."""
     if not cfg.tls.enabled:
         return None
