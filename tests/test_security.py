@@ -101,7 +101,7 @@ async def test_http_request_id_header_is_checked_the_same_way(gw):
 async def test_an_http_stream_to_a_client_that_never_reads_is_dropped(gw_emulators, gateway_factory):
     """Before: a streamed chat completion to a client that sent its request and then read nothing blocked
     the handler in aiohttp's drain forever, holding an in-flight slot and (the engine paused) a backend
-    request. Now, once the client has taken nothing for gateway.http_write_timeout_s, the connection is
+    request. Now, once the client has taken nothing for gateway.http_client_timeout_s, the connection is
     dropped: the call ends CANCELLED and the slot is free."""
     import asyncio
     import json
@@ -109,7 +109,7 @@ async def test_an_http_stream_to_a_client_that_never_reads_is_dropped(gw_emulato
     import time
 
     emu = await gw_emulators({"a": FAST, "agg": FAST})
-    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"http_write_timeout_s": 1.0},
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"http_client_timeout_s": 1.0},
                                           backends={"agg": {"context_window": 400_000}}))
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel buffers little of the answer
@@ -127,4 +127,32 @@ async def test_an_http_stream_to_a_client_that_never_reads_is_dropped(gw_emulato
     while limiter.in_flight and time.monotonic() < deadline:  # ... and is dropped, not held
         await asyncio.sleep(0.1)
     assert limiter.in_flight == 0, "a client that never reads still holds its in-flight slot"
+    writer.close()
+
+
+async def test_a_slow_request_body_holds_no_in_flight_slot_and_gets_408(gw_emulators, gateway_factory):
+    """Before: /v1/chat/completions took its in-flight slot before reading the body, so a client that sent
+    headers and trickled (or never sent) its body held the slot forever: with max_in_flight of them every
+    other client got 429. Now the body is read first, within gateway.http_client_timeout_s (408 after)."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"max_in_flight": 1, "http_client_timeout_s": 2.0}))
+    port = gw.running.http_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"model\"")
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    body = {"model": "moa", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
+            assert r.status == 200, await r.text()  # the slow sender holds no slot
+    head = await asyncio.wait_for(reader.read(4096), 10)
+    assert head.startswith(b"HTTP/1.1 408"), head[:200]
+    answer = json.loads(head.split(b"\r\n\r\n", 1)[1])
+    assert "did not arrive within 2 s" in answer["error"]["message"]
     writer.close()

@@ -90,7 +90,7 @@ class OpenAIRouter:
                 resp = await handler(request)
         except web.HTTPException as exc:  # unknown route, wrong method, body too large: OpenAI's error shape
             body = p.ErrorResponse(error=p.ErrorInfo(message=f"{request.method} {request.path}: {exc.reason}"
-                                                     + (f" ({exc.text})" if exc.status == 413 else ""),
+                                                     + (f" ({exc.text})" if exc.status in (408, 413) else ""),
                                                      type="invalid_request_error"))
             resp = _json(body, exc.status, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
         finally:
@@ -131,6 +131,7 @@ class OpenAIRouter:
         t0 = time.perf_counter()
         code, resp = grpc.StatusCode.OK, None
         try:
+            await self._read_body(request)  # before the slot: a client slow to send holds none
             with self.guard.limiter.slot():
                 resp = await self._chat_call(request, rid)
         except asyncio.CancelledError:
@@ -160,6 +161,15 @@ class OpenAIRouter:
             return stream
         return _error(code, msg, param)
 
+    async def _read_body(self, request: web.Request) -> None:
+        """The whole body, within http_client_timeout_s (408 after it); request.json() then reads it from
+        aiohttp's cache. Bodies over max_request_bytes are refused (413) by aiohttp's client_max_size."""
+        try:
+            await asyncio.wait_for(request.read(), self.cfg.http_client_timeout_s)
+        except asyncio.TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"the request body did not arrive within "
+                                              f"{self.cfg.http_client_timeout_s:g} s") from None
+
     async def _chat_call(self, request: web.Request, rid: str) -> web.StreamResponse:
         try:
             body = await request.json()
@@ -188,7 +198,7 @@ class OpenAIRouter:
 
         async def start() -> None:
             await resp.prepare(request)
-            resp.watch(request.transport, self.cfg.http_write_timeout_s)
+            resp.watch(request.transport, self.cfg.http_client_timeout_s)
             request[_STREAM] = resp
             await resp.write(_sse(serving.chunk(call, role=True, content="")))
 
