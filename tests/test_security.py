@@ -156,3 +156,14 @@ async def test_a_slow_request_body_holds_no_in_flight_slot_and_gets_408(gw_emula
     answer = json.loads(head.split(b"\r\n\r\n", 1)[1])
     assert "did not arrive within 2 s" in answer["error"]["message"]
     writer.close()
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", "/tmp/x"])
+def test_a_contestant_name_cannot_leave_the_eval_folder(name):
+    """Before: `moaa eval --contestant ../../x=URL#m` wrote its answers store to <out>/answers-../../x, outside
+    the eval folder. Now NAME is checked like a file name (exit 2, one line)."""
+    from moaa.pipeline.eval.contestant import parse_contestant
+
+    assert parse_contestant("moa-1.b_c=http://127.0.0.1:8080/v1#moa").name == "moa-1.b_c"
+    with pytest.raises(UserError, match="NAME may hold"):
+        parse_contestant(f"{name}=http://127.0.0.1:8080/v1#moa")
