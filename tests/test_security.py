@@ -167,3 +167,22 @@ def test_a_contestant_name_cannot_leave_the_eval_folder(name):
     assert parse_contestant("moa-1.b_c=http://127.0.0.1:8080/v1#moa").name == "moa-1.b_c"
     with pytest.raises(UserError, match="NAME may hold"):
         parse_contestant(f"{name}=http://127.0.0.1:8080/v1#moa")
+
+
+async def test_client_strings_never_become_metric_labels(gw):
+    """Pins: recipe/model names and request ids a client sends are not Prometheus label values (an
+    unbounded label set would grow the scrape without bound); labels come from the config and the
+    registered methods."""
+    import aiohttp
+    import grpc
+    from prometheus_client import REGISTRY, generate_latest
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Generate(request(recipe="evil-recipe-1", request_id="evil-rid-1"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions",
+                          headers={"x-request-id": "evil-rid-2"},
+                          json={"model": "evil-model-2", "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status == 404
+    assert b"evil-" not in generate_latest(REGISTRY)
