@@ -303,9 +303,10 @@ class GatewayConfig(ServerConfig):
 
     http_port: int | None = Field(8080, ge=0, le=65535,
                                   description="OpenAI-compatible HTTP (/v1/chat/completions) port; null = off, 0 = any free port")
-    http_client_timeout_s: float = Field(60.0, gt=0, description="an HTTP client that takes longer to send its request "
-                                         "body, or takes nothing of a streamed answer for this long, is answered 408 or "
-                                         "disconnected: it would hold a connection, or an in-flight slot and a backend request")
+    http_client_timeout_s: float = Field(75.0, gt=0, description="HTTP door: a connection that sends no whole request "
+                                         "(headers) for this long is closed, a request body slower than this gets 408, a "
+                                         "streamed answer's client that takes nothing of it for this long is disconnected; "
+                                         "above a reverse proxy's idle keep-alive (nginx: 60 s)")
 
 
 class MoaaConfig(_Strict):

@@ -186,3 +186,27 @@ async def test_client_strings_never_become_metric_labels(gw):
                           json={"model": "evil-model-2", "messages": [{"role": "user", "content": "hi"}]}) as r:
             assert r.status == 404
     assert b"evil-" not in generate_latest(REGISTRY)
+
+
+async def test_a_slowloris_connection_is_closed(gw_emulators, gateway_factory):
+    """Before: aiohttp's keep-alive timeout (an hour) was the only bound on a connection that sent a header
+    line now and then and never a whole request: each held a connection (an fd) for an hour. Now
+    gateway.http_client_timeout_s bounds it."""
+    import asyncio
+    import time
+
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"http_client_timeout_s": 1.5}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.running.http_port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\n")
+    t0 = time.monotonic()
+    closed = False
+    for i in range(40):  # 10 s of a header line every 0.25 s
+        await asyncio.sleep(0.25)
+        if reader.at_eof() or writer.transport.is_closing():
+            closed = True
+            break
+        writer.write(b"X-Slow-%d: 1\r\n" % i)
+    assert closed, "a connection sending a header line now and then is still open after 10 s"
+    assert time.monotonic() - t0 < 5
+    writer.close()

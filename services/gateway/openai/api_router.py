@@ -266,7 +266,10 @@ def ssl_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
 
 async def start_http(router: OpenAIRouter, host: str, port: int, grace_s: float):
     """Serve the router; returns (runner, bound port). `runner.cleanup()` waits up to grace_s for calls."""
-    runner = web.AppRunner(router.app(), handler_cancellation=True, access_log=None, shutdown_timeout=grace_s)
+    # keepalive_timeout also bounds a connection's wait for its first request's headers (aiohttp's
+    # default, an hour, let a client hold a connection with a header line now and then: slowloris)
+    runner = web.AppRunner(router.app(), handler_cancellation=True, access_log=None, shutdown_timeout=grace_s,
+                           keepalive_timeout=router.cfg.http_client_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context(router.cfg), backlog=2048)
     await site.start()
