@@ -210,3 +210,16 @@ async def test_a_slowloris_connection_is_closed(gw_emulators, gateway_factory):
     assert closed, "a connection sending a header line now and then is still open after 10 s"
     assert time.monotonic() - t0 < 5
     writer.close()
+
+
+def test_chart_mounts_the_token_and_key_secrets_unreadable_to_others(helm):
+    """Before: the auth tokens and the TLS key were mounted with Kubernetes' default mode 0644 (readable by
+    every user in the container). Now 0440: the server's user and its fsGroup only."""
+    r = helm.template(["values-secure.yaml"], {"auth.existingSecret": "", "auth.tokens[0]": "t" * 32})
+    mounted = 0
+    for dep in r.of_kind("Deployment"):
+        for vol in dep["spec"]["template"]["spec"].get("volumes", []):
+            if "secret" in vol and vol["name"] in ("auth", "tls"):
+                mounted += 1
+                assert vol["secret"].get("defaultMode") == 0o440, (dep["metadata"]["name"], vol)
+    assert mounted >= 3  # gateway auth + tls, annotator auth
