@@ -223,3 +223,15 @@ def test_chart_mounts_the_token_and_key_secrets_unreadable_to_others(helm):
                 mounted += 1
                 assert vol["secret"].get("defaultMode") == 0o440, (dep["metadata"]["name"], vol)
     assert mounted >= 3  # gateway auth + tls, annotator auth
+
+
+def test_a_config_with_a_python_yaml_tag_is_refused(tmp_path):
+    """Pin: the one YAML reader is a SafeLoader; a python/object tag is an error, never a call."""
+    from moaa.services.config import load_config
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "c.yaml"
+    path.write_text(f"backends: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(UserError):
+        load_config(path)
+    assert not marker.exists()
