@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from moaa.errors import UserError, validation_message
 from moaa.overrides import load_mapping
 from moaa.services.backend.config import BackendConfig, SamplingConfig
-from moaa.services.common.strict import Name, Strict
+from moaa.services.common.strict import EnvName, Name, Strict
 
 
 class ConfigError(UserError, ValueError):
@@ -146,8 +146,9 @@ class ClientTLSConfig(Strict):
 
 
 class AuthConfig(Strict):
-    tokens_file: str | None = Field(None, description="file with one bearer token per line (a mounted Secret)")
-    tokens_env: str | None = Field(None, description="environment variable with comma-separated tokens")
+    # an empty setting is an error, not auth off (e.g. a template that rendered an empty value)
+    tokens_file: str | None = Field(None, min_length=1, description="file with one bearer token per line (a mounted Secret)")
+    tokens_env: EnvName | None = Field(None, description="environment variable with comma-separated tokens")
 
     @property
     def enabled(self) -> bool:
@@ -184,6 +185,10 @@ class GatewayConfig(ServerConfig):
 
     http_port: int | None = Field(8080, ge=0, le=65535,
                                   description="OpenAI-compatible HTTP (/v1/chat/completions) port; null = off, 0 = any free port")
+    http_client_timeout_s: float = Field(75.0, gt=0, description="HTTP door: a connection that sends no whole request "
+                                         "(headers) for this long is closed, a request body slower than this gets 408, a "
+                                         "streamed answer's client that takes nothing of it for this long is disconnected; "
+                                         "above a reverse proxy's idle keep-alive (nginx: 60 s)")
 
 
 class MoaaConfig(Strict):

@@ -25,7 +25,7 @@ def forwarded_auth(metadata) -> tuple[tuple[str, str], ...] | None:
 @dataclass
 class Endpoint:
     address: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never in a printed or logged endpoint
     tls_ca: str | None = None
     tls: bool = False                  # TLS with the system's trusted CAs
     cert_file: str | None = None       # client certificate, for servers that require mutual TLS

@@ -2,15 +2,13 @@
 circuit breaker and probes, and the sampling a request asks for: what the backend client is built from."""
 from __future__ import annotations
 
-import re
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from moaa.services.common.strict import Strict
+from moaa.services.common.strict import EnvName, Strict
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _check_url(url: str) -> str:
@@ -69,7 +67,7 @@ class BackendConfig(Strict):
 
     urls: list[str] = Field(min_length=1, description="base URLs of the replicas, e.g. http://vllm-qwen:8000/v1")
     served_model: str | None = Field(None, min_length=1, description="model name sent in requests; default: the backend's key")
-    api_key_env: str | None = Field(None, description="environment variable holding the bearer token")
+    api_key_env: EnvName | None = Field(None, description="environment variable holding the bearer token")
     api_key_file: str | None = Field(None, min_length=1, description="file holding the bearer token (a mounted Secret)")
     rate_limit_per_s: float | None = Field(None, gt=0, description="requests per second, all replicas together")
     max_concurrency: int = Field(32, ge=1, description="requests in flight per replica; halved on 429, regrown after")
@@ -94,15 +92,6 @@ class BackendConfig(Strict):
         if dup:  # one server listed twice would get twice its max_concurrency
             raise ValueError(f"lists {', '.join(dup)} twice; each replica once")
         return urls
-
-    @field_validator("api_key_env")
-    @classmethod
-    def _env_name(cls, name: str | None) -> str | None:
-        # never echo the value: the usual mistake is pasting the key itself here
-        if name is not None and not _ENV_NAME.fullmatch(name):
-            raise ValueError("must be the name of an environment variable (letters, digits, _) that holds the key, "
-                             "not the key itself")
-        return name
 
     @model_validator(mode="after")
     def _one_key_source(self) -> "BackendConfig":

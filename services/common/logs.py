@@ -24,10 +24,22 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+MAX_REQUEST_ID = 128
+
+
+def client_request_id(value: str) -> str:
+    """A request id a client sent (gRPC field, HTTP header), or a new one when it is empty, longer than
+    MAX_REQUEST_ID or holds a newline or other control character: ids go into every log line of the
+    call (a newline would forge lines in the text format) and back to the client."""
+    if not value or len(value) > MAX_REQUEST_ID or not value.isprintable():
+        return new_request_id()
+    return value
+
+
 def item_request_id(own: str, call_id: str, item_id: str) -> str:
     """A stream item's request id: its own, else the stream call's id and the item's, so the items'
-    log lines are found under the call's."""
-    return own or (f"{call_id}-{item_id}" if item_id else new_request_id())
+    log lines are found under the call's (both client strings: checked as client_request_id)."""
+    return client_request_id(own or (f"{call_id}-{item_id}" if item_id else ""))
 
 
 class RequestIdFilter(logging.Filter):

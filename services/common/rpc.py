@@ -18,7 +18,7 @@ import grpc
 from moaa.errors import UserError
 from moaa.services.common.errors import RpcError
 from moaa.services.common.limiter import InFlightLimiter
-from moaa.services.common.logs import new_request_id, request_id_var
+from moaa.services.common.logs import client_request_id, request_id_var
 from moaa.services.common.metrics import Metrics
 
 log = logging.getLogger("moaa.rpc")
@@ -90,8 +90,7 @@ class CallGuard:
 
 
 def _request_id(request) -> str:
-    rid = getattr(request, "request_id", "") if request is not None else ""
-    return rid or new_request_id()
+    return client_request_id(getattr(request, "request_id", "") if request is not None else "")
 
 
 @contextlib.asynccontextmanager

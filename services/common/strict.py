@@ -2,9 +2,10 @@
 backend's own settings, services/backend/config.py)."""
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class Strict(BaseModel):
@@ -15,3 +16,16 @@ class Strict(BaseModel):
 
 # a name something else refers to (a backend, recipe, ensemble, judge): never empty
 Name = Annotated[str, Field(min_length=1)]
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(name: str) -> str:
+    # never echo the value: the usual mistake is pasting the secret itself here (it would reach the logs)
+    if not _ENV_NAME.fullmatch(name):
+        raise ValueError("must be the name of an environment variable (letters, digits, _) that holds the secret, "
+                         "not the secret itself")
+    return name
+
+
+# the name of an environment variable holding a secret (an API key, bearer tokens)
+EnvName = Annotated[str, AfterValidator(_env_name)]

@@ -123,6 +123,7 @@ spec:
         - name: tls
           secret:
             secretName: {{ $root.Values.tls.secretName }}
+            defaultMode: 0440  # the key and tokens: owner and fsGroup (the server) only, not every process
             items:
               - {key: tls.crt, path: tls.crt}
               - {key: tls.key, path: tls.key}
@@ -134,6 +135,7 @@ spec:
         - name: auth
           secret:
             secretName: {{ include "moaa.authSecretName" $root }}
+            defaultMode: 0440
             items:
               - {key: {{ $root.Values.auth.key }}, path: {{ $root.Values.auth.key }}}
         {{- end }}

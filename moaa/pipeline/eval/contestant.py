@@ -6,6 +6,7 @@ the missing ones; a failed request is recorded and retried on the next run, neve
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from moaa.errors import TransientError, UserError
 
 from ..progress import StageProgress
 from ..store import DatasetStore
+
+
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -30,6 +34,9 @@ def parse_contestant(text: str) -> Contestant:
         raise UserError(f"--contestant {text!r}: write NAME=URL#model, e.g. moa=http://127.0.0.1:8080/v1#default")
     if not url.startswith(("http://", "https://")):
         raise UserError(f"--contestant {text!r}: the URL must start with http:// or https://")
+    if not _NAME.fullmatch(name.strip()) or name.strip() in (".", ".."):  # it names a folder of the run (answers-NAME)
+        raise UserError(f"--contestant {text!r}: NAME may hold letters, digits, '.', '_' and '-' only (it names "
+                        "the folder of its answers)")
     return Contestant(name.strip(), url.strip().rstrip("/"), model.strip())
 
 

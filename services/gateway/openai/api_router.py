@@ -26,9 +26,9 @@ from pydantic import ValidationError
 
 from moaa.services.common.auth import TokenStore, bearer_problem
 from moaa.services.common.errors import RpcError
-from moaa.services.common.logs import new_request_id, request_id_var
+from moaa.services.common.logs import client_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, status_of
-from moaa.services.config import ServerConfig
+from moaa.services.config import GatewayConfig
 
 from . import protocol as p
 from .serving import RETRY_AFTER_S, ChatServing, HttpError, http_error
@@ -59,7 +59,7 @@ def _sse(model) -> bytes:
 
 
 class OpenAIRouter:
-    def __init__(self, serving: ChatServing, guard: CallGuard, server_cfg: ServerConfig):
+    def __init__(self, serving: ChatServing, guard: CallGuard, server_cfg: GatewayConfig):
         self.serving = serving
         self.guard = guard
         self.cfg = server_cfg
@@ -78,10 +78,7 @@ class OpenAIRouter:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        rid = request.headers.get(REQUEST_ID, "")
-        if not rid or len(rid) > 128 or not rid.isprintable():  # ids go into logs and response headers
-            rid = new_request_id()
-        request[_RID] = rid
+        rid = request[_RID] = client_request_id(request.headers.get(REQUEST_ID, ""))
         token = request_id_var.set(rid)
         try:
             problem = None if request.path.startswith(_EXEMPT) else self._auth(request)
@@ -93,7 +90,7 @@ class OpenAIRouter:
                 resp = await handler(request)
         except web.HTTPException as exc:  # unknown route, wrong method, body too large: OpenAI's error shape
             body = p.ErrorResponse(error=p.ErrorInfo(message=f"{request.method} {request.path}: {exc.reason}"
-                                                     + (f" ({exc.text})" if exc.status == 413 else ""),
+                                                     + (f" ({exc.text})" if exc.status in (408, 413) else ""),
                                                      type="invalid_request_error"))
             resp = _json(body, exc.status, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
         finally:
@@ -134,6 +131,7 @@ class OpenAIRouter:
         t0 = time.perf_counter()
         code, resp = grpc.StatusCode.OK, None
         try:
+            await self._read_body(request)  # before the slot: a client slow to send holds none
             with self.guard.limiter.slot():
                 resp = await self._chat_call(request, rid)
         except asyncio.CancelledError:
@@ -163,6 +161,15 @@ class OpenAIRouter:
             return stream
         return _error(code, msg, param)
 
+    async def _read_body(self, request: web.Request) -> None:
+        """The whole body, within http_client_timeout_s (408 after it); request.json() then reads it from
+        aiohttp's cache. Bodies over max_request_bytes are refused (413) by aiohttp's client_max_size."""
+        try:
+            await asyncio.wait_for(request.read(), self.cfg.http_client_timeout_s)
+        except asyncio.TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"the request body did not arrive within "
+                                              f"{self.cfg.http_client_timeout_s:g} s") from None
+
     async def _chat_call(self, request: web.Request, rid: str) -> web.StreamResponse:
         try:
             body = await request.json()
@@ -191,6 +198,7 @@ class OpenAIRouter:
 
         async def start() -> None:
             await resp.prepare(request)
+            resp.watch(request.transport, self.cfg.http_client_timeout_s)
             request[_STREAM] = resp
             await resp.write(_sse(serving.chunk(call, role=True, content="")))
 
@@ -221,12 +229,30 @@ class OpenAIRouter:
 
 
 class _Streamed(web.StreamResponse):
-    """A streamed answer; `error` is the status code of an error sent inside it."""
+    """A streamed answer; `error` is the status code of an error sent inside it. A write its client takes
+    nothing of for `timeout_s` (the kernel's and aiohttp's buffers full) drops the connection: a client
+    that never reads would hold an in-flight slot and, through the paused engine, a backend request."""
 
     error: grpc.StatusCode | None = None
+    _transport = None
+    _timeout_s: float | None = None
+
+    def watch(self, transport, timeout_s: float | None) -> None:
+        self._transport, self._timeout_s = transport, timeout_s
+
+    async def write(self, data) -> None:
+        if self._transport is None or self._timeout_s is None:
+            return await super().write(data)
+        # abort, not close: close() would wait for the unread buffer to be sent. The waiting write then
+        # fails with ConnectionResetError, the hung-up client's path in _chat (engine closed, CANCELLED).
+        timer = asyncio.get_running_loop().call_later(self._timeout_s, self._transport.abort)
+        try:
+            await super().write(data)
+        finally:
+            timer.cancel()
 
 
-def ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
+def ssl_context(cfg: GatewayConfig) -> ssl.SSLContext | None:
     """The gRPC port's certificate for HTTPS too; with client_ca_file, client certificates are required."""
     if not cfg.tls.enabled:
         return None
@@ -240,7 +266,10 @@ def ssl_context(cfg: ServerConfig) -> ssl.SSLContext | None:
 
 async def start_http(router: OpenAIRouter, host: str, port: int, grace_s: float):
     """Serve the router; returns (runner, bound port). `runner.cleanup()` waits up to grace_s for calls."""
-    runner = web.AppRunner(router.app(), handler_cancellation=True, access_log=None, shutdown_timeout=grace_s)
+    # keepalive_timeout also bounds a connection's wait for its first request's headers (aiohttp's
+    # default, an hour, let a client hold a connection with a header line now and then: slowloris)
+    runner = web.AppRunner(router.app(), handler_cancellation=True, access_log=None, shutdown_timeout=grace_s,
+                           keepalive_timeout=router.cfg.http_client_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context(router.cfg), backlog=2048)
     await site.start()
