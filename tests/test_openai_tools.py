@@ -47,11 +47,8 @@ def calls(code: str) -> float:
 
 
 @pytest.fixture
-async def gw(gw_emulators, gateway_factory):
-    emu = await gw_emulators({"a": FAST, "b": FAST, "agg": FAST})
-    handle = await gateway_factory(moa_config(emu.url, ["a", "b"]))
-    handle.emu = emu
-    yield handle
+def gw(http_gw):
+    return http_gw
 
 
 # -- langchain-openai ----------------------------------------------------------------------------------
