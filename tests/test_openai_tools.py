@@ -221,6 +221,7 @@ ACCEPTED = [
     {"service_tier": "auto"}, {"service_tier": "default"},  # the one tier there is
     {"parallel_tool_calls": True},  # without tools it asks nothing (vLLM's default is true)
     {"prediction": {"type": "content", "content": "A mixture of agents is"}},  # a latency hint only
+    {"prediction": {"type": "content", "content": [{"type": "text", "text": "A mixture"}]}},
     {"n": 1}, {"logprobs": False}, {"response_format": {"type": "text"}},
 ]
 REFUSED = [
@@ -236,6 +237,8 @@ REFUSED = [
     ({"verbosity": "low"}, "verbosity"),
     ({"web_search_options": {}}, "web_search_options"),
     ({"prediction": {"type": "other", "content": "x"}}, "prediction.type"),
+    ({"safety_identifier": "x" * 129}, "safety_identifier"),  # OpenAI's limit
+    ({"prompt_cache_retention": "24h"}, "prompt_cache_retention"),  # not typed by us: an unknown field
 ]
 
 
