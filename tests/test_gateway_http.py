@@ -28,11 +28,8 @@ def ask(text: str = "What is a mixture of agents?") -> list[dict]:
 
 
 @pytest.fixture
-async def gw(gw_emulators, gateway_factory):
-    emu = await gw_emulators({"a": FAST, "b": FAST, "agg": FAST})
-    handle = await gateway_factory(moa_config(emu.url, ["a", "b"]))
-    handle.emu = emu
-    yield handle
+def gw(http_gw):
+    return http_gw
 
 
 async def test_config_default_port_and_off():

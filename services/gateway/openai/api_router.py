@@ -50,7 +50,8 @@ def _json(model, status: int = 200, headers: dict | None = None) -> web.Response
 
 def _error(code: grpc.StatusCode, message: str, param: str | None = None) -> web.Response:
     status, body = http_error(code, message, param)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    # the SDKs retry 429 and 5xx, waiting what Retry-After says: over max_in_flight, or too few models answered
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
     return _json(body, status, headers)
 
 
@@ -72,6 +73,7 @@ class OpenAIRouter:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)  # backend names may hold '/' (org/name)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_route("*", "/v1/responses{tail:(/.*)?}", self._responses)
         return app
 
     # -- everything around a request ----------------------------------------------------------------
@@ -123,6 +125,15 @@ class OpenAIRouter:
             return _json(self.serving.model(request.match_info["model"]))
         except HttpError as err:
             return _error(err.code, str(err), err.param)
+
+    async def _responses(self, request: web.Request) -> web.Response:
+        """The Responses API, which newer SDK code and openai-agents call by default, is not served: say
+        what to call instead rather than a bare 404."""
+        return _json(p.ErrorResponse(error=p.ErrorInfo(
+            message=f"{request.method} {request.path}: the Responses API is not served by the moaa gateway; use "
+                    "POST /v1/chat/completions (openai SDK: client.chat.completions.create; openai-agents: "
+                    "OpenAIChatCompletionsModel or set_default_openai_api('chat_completions'); langchain-openai: "
+                    "use_responses_api=False)", type="invalid_request_error", code="unsupported_endpoint")), 404)
 
     # -- chat completions --------------------------------------------------------------------------
 

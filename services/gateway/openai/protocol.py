@@ -58,6 +58,13 @@ class ResponseFormat(BaseModel):
     type: str
 
 
+class Prediction(_Strict):
+    """A predicted output: OpenAI's latency hint, which never changes the answer; accepted and not used."""
+
+    type: Literal["content"]
+    content: str | list[ContentPart]
+
+
 class MoaaOptions(_Strict):
     """MoA knobs of GenerateRequest, for a recipe model only."""
 
@@ -80,7 +87,11 @@ class ChatCompletionRequest(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool | None = False  # null as false, as vLLM takes it
     stream_options: StreamOptions | None = None
+    # accepted and not used: identifiers and hints that, by OpenAI's own description, do not change the answer
     user: str | None = None
+    safety_identifier: str | None = Field(None, max_length=128)
+    prompt_cache_key: str | None = None
+    prediction: Prediction | None = None
     metadata: dict[str, str] | None = None
     moaa: MoaaOptions | None = None
     # accepted only with the value that means "not used"; anything else is a 400 naming the field
@@ -96,6 +107,11 @@ class ChatCompletionRequest(_Strict):
     response_format: ResponseFormat | None = None
     store: bool | None = None
     modalities: list[str] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    audio: Any = None
+    web_search_options: Any = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first field set to something we do not implement."""
@@ -108,7 +124,8 @@ class ChatCompletionRequest(_Strict):
             return "n", f"n={self.n} is not supported: a MoA call gives one answer, use n=1 (or leave it out)"
         for name in ("tools", "functions"):
             if getattr(self, name):
-                return name, f"{name} is not supported: the gateway answers with text only, remove {name}"
+                return name, (f"{name} is not supported: a MoA answer is the aggregator's free text, never a tool "
+                              f"call nor JSON fitted to a schema; remove {name}")
         for name in ("tool_choice", "function_call"):
             if getattr(self, name) not in (None, "none"):
                 return name, f"{name} is not supported: remove it (no tools are called)"
@@ -122,13 +139,27 @@ class ChatCompletionRequest(_Strict):
             return "store", "store=true is not supported: the gateway keeps no completions, remove store"
         if self.modalities is not None and set(self.modalities) - {"text"}:
             return "modalities", "modalities other than 'text' are not supported: use [\"text\"] or remove it"
+        if self.audio is not None:
+            return "audio", "audio output is not supported: the gateway answers with text only, remove audio"
+        if self.service_tier not in (None, "auto", "default"):
+            return "service_tier", (f"service_tier={self.service_tier!r} is not supported: the gateway has one tier, "
+                                    "use 'auto' or 'default' (or leave it out)")
+        if self.reasoning_effort is not None:
+            return "reasoning_effort", ("reasoning_effort is not supported: a recipe's models take no reasoning "
+                                        "effort, remove it")
+        if self.verbosity is not None:
+            return "verbosity", ("verbosity is not supported: remove it (ask for a shorter answer in the prompt, "
+                                 "or set max_tokens)")
+        if self.web_search_options is not None:
+            return "web_search_options", "web_search_options is not supported: the gateway searches nothing, remove it"
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:
             return "stream_options.continuous_usage_stats", (
                 "stream_options.continuous_usage_stats is not supported: the usage of a MoA call is known when it "
                 "ends, use include_usage for one usage chunk at the end")
         if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", (f"response_format type {self.response_format.type!r} is not supported: "
-                                       "only 'text'")
+            return "response_format", (f"response_format type {self.response_format.type!r} is not supported: a "
+                                       "MoA answer is the aggregator's free text, which the gateway cannot constrain "
+                                       "to JSON; use 'text' (or leave it out) and ask for JSON in the prompt")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             return "max_completion_tokens", "max_tokens and max_completion_tokens differ: send one of them"
