@@ -18,9 +18,9 @@ FAST = {"ttft_s": 0.0}
 TOKEN = "http-door-token-0123456789"
 
 
-def client(gw, api_key: str = "unused", **kw) -> openai.AsyncOpenAI:
+def client(gw, api_key: str = "unused", max_retries: int = 0, **kw) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.running.http_port}/v1", api_key=api_key,
-                              max_retries=0, timeout=30, **kw)
+                              max_retries=max_retries, timeout=30, **kw)
 
 
 def ask(text: str = "What is a mixture of agents?") -> list[dict]:
@@ -321,6 +321,19 @@ async def test_deadline_is_504(gw_emulators, gateway_factory):
             break
         await asyncio.sleep(0.02)
     assert emu.stats.disconnects == 1
+
+
+async def test_a_call_past_its_own_deadline_is_not_retried_by_the_sdk(gw_emulators, gateway_factory):
+    """The SDKs retry every 5xx; a call cut by its own timeout_s would time out again, each try paying the
+    backends: the 504 says x-should-retry: false, which the openai SDK honours."""
+    emu = await gw_emulators({"slow": {"ttft_s": 5}, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["slow"]))
+    sdk = client(gw, max_retries=2)
+    with pytest.raises(openai.APIStatusError) as err:
+        await sdk.chat.completions.with_raw_response.create(
+            model="moa", messages=ask(), extra_body={"moaa": {"timeout_s": 0.3}})
+    assert err.value.status_code == 504 and err.value.response.headers["x-should-retry"] == "false"
+    assert emu.stats.requests == 1   # one try: the proposer's one request
 
 
 async def test_error_after_the_answer_started_is_an_event_in_the_stream(gw_emulators, gateway_factory):

@@ -50,8 +50,10 @@ def _json(model, status: int = 200, headers: dict | None = None) -> web.Response
 
 def _error(code: grpc.StatusCode, message: str, param: str | None = None) -> web.Response:
     status, body = http_error(code, message, param)
-    # the SDKs retry 429 and 5xx, waiting what Retry-After says: over max_in_flight, or too few models answered
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    # the SDKs retry 429 and 5xx, waiting what Retry-After says: over max_in_flight, or too few models answered;
+    # a call past its own deadline would pass it again, each try paying the backends: not retried
+    headers = ({"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503)
+               else {"x-should-retry": "false"} if status == 504 else None)
     return _json(body, status, headers)
 
 
