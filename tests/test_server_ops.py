@@ -350,7 +350,10 @@ async def test_open_batch_stream_stops_taking_items_at_sigterm(gw_emulators, tmp
                     return err.code().name, err.details()
 
             call = asyncio.ensure_future(run())
-            await asyncio.sleep(1.5)
+            for _ in range(300):   # the stream is running: an item was answered (not a fixed sleep: a loaded machine)
+                if got:
+                    break
+                await asyncio.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             rc, took = await exit_code(proc, GRACE_S + 10)
             code, details = await call
