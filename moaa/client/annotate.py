@@ -13,10 +13,9 @@ import math
 from pathlib import Path
 
 import grpc
-from tqdm import tqdm
-
 from moaa.errors import TransientError, UserError
 from moaa.jsonl import JsonlAppender, iter_scan, read_input
+from moaa.pipeline.progress import StageProgress
 from moaa.pipeline.store import atomic_write_json
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
@@ -84,33 +83,36 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
             done.add(rid)
             continue
         todo[rid] = req
-    bar = tqdm(total=len(todo), desc="annotate", unit="row", disable=not progress)
+    # the bar counts the rows sent now and the rows a run before finished (this run's skips are in the counts line)
+    already = report.counts["already_done"]
+    bar = StageProgress("annotate", already + len(todo), already, quiet=not progress)
     try:
-        async with ep.channel() as channel:
-            stub = annotator_pb2_grpc.AnnotatorStub(channel)
-            async for res in windowed(stub.AnnotateStream, list(todo.values()), ep=ep, what="annotator",
-                                      window=window, hint=lambda: f"{len(todo)} rows left; rerun to resume"):
-                req = todo.pop(res.id, None)
-                if req is None:
-                    continue
-                if res.WhichOneof("result") == "error":
-                    why = f"{res.error.code}: {res.error.message}"
-                    if is_bad_input(res.error.code):
-                        report.counts["invalid"] += 1
-                        skipper.append({"id": res.id, "reason": why})
+        if todo:   # nothing left (a re-run after a complete run): no call, not even a connection
+            async with ep.channel() as channel:
+                stub = annotator_pb2_grpc.AnnotatorStub(channel)
+                async for res in windowed(stub.AnnotateStream, list(todo.values()), ep=ep, what="annotator",
+                                          window=window, hint=lambda: f"{len(todo)} rows left; rerun to resume"):
+                    req = todo.pop(res.id, None)
+                    if req is None:
+                        continue
+                    if res.WhichOneof("result") == "error":
+                        why = f"{res.error.code}: {res.error.message}"
+                        if is_bad_input(res.error.code):
+                            report.counts["invalid"] += 1
+                            skipper.append({"id": res.id, "reason": why})
+                        else:
+                            report.counts["errors"] += 1
+                            failer.append({"id": res.id, "error": why})
+                    elif res.response.skipped:
+                        report.skip(res.response.skip_reason)
+                        report.add(res.response)
+                        skipper.append({"id": res.id, "reason": res.response.skip_reason,
+                                        **skip_info(req, res.response)})
                     else:
-                        report.counts["errors"] += 1
-                        failer.append({"id": res.id, "error": why})
-                elif res.response.skipped:
-                    report.skip(res.response.skip_reason)
-                    report.add(res.response)
-                    skipper.append({"id": res.id, "reason": res.response.skip_reason,
-                                    **skip_info(req, res.response)})
-                else:
-                    report.counts["pairs"] += 1
-                    report.add(res.response)
-                    writer.append(pair_row(req, res.response))
-                bar.update(1)
+                        report.counts["pairs"] += 1
+                        report.add(res.response)
+                        writer.append(pair_row(req, res.response))
+                    bar.advance(failed=res.WhichOneof("result") == "error" and not is_bad_input(res.error.code))
     finally:
         bar.close()
         summary = report.summary()

@@ -1,6 +1,14 @@
-"""Progress of one stage: rows done, rate, ETA (tqdm), failures so far and tokens spent."""
+"""The one progress display of every long moaa command: rows done of the total, rate, ETA (tqdm), failures
+so far and tokens spent, on stderr (stdout stays the command's data).
+
+On a terminal it is tqdm's bar, redrawn in place. Anywhere else (CI logs, `kubectl logs`, a file) it is
+line mode: whole lines, no carriage returns, at most one every LOG_INTERVAL_S plus the first and the last,
+so a day-long run leaves a readable log, not thousands of redraws on one line. A resumed run says so first
+(how many done, how many left). `--quiet` or $MOAA_LOG_LEVEL=WARNING (or above) turns it off.
+"""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -8,16 +16,53 @@ from tqdm import tqdm
 
 from .budget import TokenLedger
 
+LOG_INTERVAL_S = 30.0   # line mode: one line per this many seconds at most (2 a minute in a pod's log)
+TTY_INTERVAL_S = 0.5
+
+
+def progress_off(quiet: bool = False) -> bool:
+    """Whether progress is silenced: --quiet / --no-progress, or $MOAA_LOG_LEVEL asking for warnings only."""
+    from moaa.services.common.logs import env_level
+
+    level = env_level()
+    return quiet or (level is not None and level > logging.INFO)
+
+
+class _Lines:
+    """tqdm's in-place redraws as whole lines, for a stream that is not a terminal."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").strip()
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
 
 class StageProgress:
     def __init__(self, name: str, total: int, done: int, ledger: TokenLedger | None = None, unit: str = "row",
-                 quiet: bool = False):
+                 quiet: bool = False, stream=None):
         self.name, self.ledger = name, ledger
         self.failures = 0
         self.skipped = 0
         self.t0 = time.monotonic()
-        self.bar = tqdm(total=total, initial=done, desc=name, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                        disable=quiet, mininterval=0.5)
+        stream = stream if stream is not None else sys.stderr
+        off = progress_off(quiet)
+        tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.interval = TTY_INTERVAL_S if tty else LOG_INTERVAL_S
+        if not off and total and done:
+            stream.write(f"{name}: resuming: {min(done, total)} of {total} {unit}s done, "
+                         f"{max(0, total - done)} left\n" if done < total else
+                         f"{name}: all {total} {unit}s done in an earlier run; nothing to do\n")
+            stream.flush()
+        self.bar = tqdm(total=total, initial=done, desc=name, unit=unit, dynamic_ncols=tty,
+                        file=stream if tty else _Lines(stream), disable=off or bool(total and done >= total),
+                        mininterval=self.interval, maxinterval=max(10.0, self.interval))
+        self._shown = 0.0
         self._post()
 
     def _post(self) -> None:
@@ -26,6 +71,15 @@ class StageProgress:
             post["tokens"] = self.ledger.short()
         self.bar.set_postfix(post, refresh=False)
 
+    def _show(self) -> None:
+        """A redraw that is not a count's (a failure, a new total): at most one per interval, as tqdm's own."""
+        if self.bar.disable:
+            return
+        now = self.bar._time()
+        if now - max(self._shown, self.bar.last_print_t) >= self.interval:
+            self._shown = now
+            self.bar.refresh()
+
     def advance(self, n: int = 1, *, failed: bool = False, skipped: bool = False) -> None:
         self.failures += int(failed)
         self.skipped += int(skipped)
@@ -33,17 +87,25 @@ class StageProgress:
         if not failed:
             self.bar.update(n)
         else:
-            self.bar.refresh()
+            self._show()
 
     def set_total(self, total: int) -> None:
         self.bar.total = total
-        self.bar.refresh()
+        self._show()
 
     def set(self, value: int, **post) -> None:
-        self.bar.n = value
         if post:
             self.bar.set_postfix(post, refresh=False)
-        self.bar.refresh()
+        if value >= self.bar.n:
+            self.bar.update(value - self.bar.n)   # through update: its rate and its bounded redraws
+        else:
+            self.bar.n = value
+            self._show()
+
+    def started(self) -> None:
+        """The work starts now: what came before (a model loading) is left out of the rate and the ETA."""
+        if not self.bar.disable:
+            self.bar.unpause()
 
     def __enter__(self) -> "StageProgress":
         return self
