@@ -267,3 +267,18 @@ async def test_pipeline_stage1_sigkill_resume_says_so_on_stderr_only(gateway_and
     assert "\r" not in err and f"{n}/{n}" in err and "row/s" not in stdout
     rc, stdout, err = await _run(cmd)
     assert rc == 0 and _ids(shard) == ids and "stage sft_data: done in an earlier run, skipped" in err, err
+
+
+def test_training_resumed_from_a_checkpoint_says_so_and_its_rate_counts_only_new_steps(monkeypatch):
+    """The trainer's "start" event with resumed=true (after the bar began): the same resuming line, and the
+    steps before the checkpoint are not counted into this run's rate."""
+    monkeypatch.delenv("MOAA_LOG_LEVEL", raising=False)
+    log = io.StringIO()
+    with StageProgress("SFT training", 0, 0, unit="step", stream=log) as bar:
+        bar.resume_at(400, 500)
+        assert bar.bar.initial == 400 and bar.bar.n == 400
+        for step in range(401, 501):
+            bar.set(step)
+    lines = _lines(log)
+    assert "SFT training: resuming: 400 of 500 steps done, 100 left" in lines, lines
+    assert "500/500" in lines[-1]

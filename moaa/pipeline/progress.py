@@ -54,16 +54,31 @@ class StageProgress:
         off = progress_off(quiet)
         tty = bool(getattr(stream, "isatty", lambda: False)())
         self.interval = TTY_INTERVAL_S if tty else LOG_INTERVAL_S
-        if not off and total and done:
-            stream.write(f"{name}: resuming: {min(done, total)} of {total} {unit}s done, "
-                         f"{max(0, total - done)} left\n" if done < total else
-                         f"{name}: all {total} {unit}s done in an earlier run; nothing to do\n")
-            stream.flush()
+        self.stream, self.unit, self.off = stream, unit, off
+        self._say_resumed(done, total)
         self.bar = tqdm(total=total, initial=done, desc=name, unit=unit, dynamic_ncols=tty,
                         file=stream if tty else _Lines(stream), disable=off or bool(total and done >= total),
                         mininterval=self.interval, maxinterval=max(10.0, self.interval))
         self._shown = 0.0
         self._post()
+
+    def _say_resumed(self, done: int, total: int | None) -> None:
+        if self.off or not total or not done:
+            return
+        self.stream.write(f"{self.name}: resuming: {min(done, total)} of {total} {self.unit}s done, "
+                          f"{total - done} left\n" if done < total else
+                          f"{self.name}: all {total} {self.unit}s done in an earlier run; nothing to do\n")
+        self.stream.flush()
+
+    def resume_at(self, done: int, total: int | None = None) -> None:
+        """A child that learns only after the bar began that it resumes (training from a checkpoint): the
+        same line, and the work done before counts as done, not into this run's rate."""
+        if total:
+            self.bar.total = total
+        self._say_resumed(done, total or self.bar.total)
+        if not self.bar.disable:
+            self.bar.n = self.bar.last_print_n = self.bar.initial = done
+            self.bar.refresh()
 
     def _post(self) -> None:
         post = {"failed": self.failures, "skipped": self.skipped}

@@ -127,6 +127,9 @@ async def train(kind: str, *, data: Path, model: str, out: Path, settings: dict,
         if rec.get("event") == "resume":
             state["resumed_from"] = rec.get("checkpoint")
             state["resumed_step"] = rec.get("step")
+        if rec.get("event") == "start" and rec.get("resumed") and isinstance(rec.get("step"), int):
+            progress.resume_at(rec["step"], rec.get("total"))   # said once; the steps before are not this run's rate
+            return
         if isinstance(rec.get("total"), int) and rec["total"] > 0:
             progress.set_total(rec["total"])
         if isinstance(rec.get("step"), int):
