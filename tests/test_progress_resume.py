@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
-import signal
 import sys
 import time
 
@@ -22,6 +20,7 @@ from moaa.services.annotator.server import start_annotator
 from moaa.services.config import parse_config
 from moaa.services.emulator import Emulator, EmulatorSettings
 from tests.fixtures.annotator import judge_config
+from tests.fixtures.kill import kill_when as _kill_when
 
 GOOD = "Paris is the capital of France."
 BAD = "Bananas are yellow."
@@ -129,21 +128,6 @@ async def _run(cmd, timeout=180, env=None):
                                                 env=env)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     return proc.returncode, out.decode(), err.decode()
-
-
-async def _kill_when(cmd, ready, timeout=120) -> bool:
-    """Start `cmd`, SIGKILL it as soon as `ready()`; True if it was killed before it finished."""
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.DEVNULL)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.returncode is None:
-        if ready():
-            os.kill(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            return True
-        await asyncio.sleep(0.02)
-    await proc.wait()
-    return False
 
 
 def _count_lines(path) -> int:
