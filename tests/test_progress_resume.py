@@ -266,3 +266,49 @@ def test_training_resumed_from_a_checkpoint_says_so_and_its_rate_counts_only_new
     lines = _lines(log)
     assert "SFT training: resuming: 400 of 500 steps done, 100 left" in lines, lines
     assert "500/500" in lines[-1]
+
+
+# --- moaa eval (an OpenAI-compatible judge), killed and run again -------------------------------------------
+
+async def test_eval_sigkill_then_resume_exactly_once_then_nothing_to_do(tmp_path, slow_annotator):
+    emu, _ = slow_annotator        # its judge emulator, 0.3 s a call, as the --judge-url judge
+    n = 40
+    a, b, ev = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "ev"
+    a.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question {i}?", "answer": "long answer " * 4}) + "\n"
+                         for i in range(n)))
+    b.write_text("".join(json.dumps({"id": f"q{i}", "instruction": f"Question {i}?", "output": "short"}) + "\n"
+                         for i in range(n)))
+    cmd = _moaa("eval", "--answers", str(a), "--baseline", str(b), "--judge-url", emu.url, "--judge-model", "longest",
+                "--out", str(ev), "--bootstrap", "50")
+    shard = ev / "judgments" / "data-00000.jsonl"
+    assert await _kill_when(cmd, lambda: _count_lines(shard) >= 3), "eval finished before the kill"
+    partial = _ids(shard)
+    assert 3 <= len(partial) < n
+
+    emu.reset()
+    rc, stdout, err = await _run(cmd)
+    assert rc == 0, err
+    ids = _ids(shard)
+    assert len(ids) == len(set(ids)) == n and set(partial) <= set(ids)
+    assert emu.stats.requests == 2 * (n - len(partial))     # both orders of the rows left, nothing redone
+    assert f"eval model vs baseline: resuming: {len(partial)} of {n} rows done, {n - len(partial)} left" in err, err
+    assert "\r" not in err and "row/s" not in stdout and stdout.startswith("model vs baseline:")
+
+    emu.reset()
+    rc, stdout, err = await _run(cmd)
+    assert rc == 0 and emu.stats.requests == 0 and _ids(shard) == ids, err
+    assert f"eval model vs baseline: all {n} rows done in an earlier run; nothing to do" in err, err
+
+
+async def test_judge_eval_progress_on_stderr_in_line_mode_and_the_table_alone_on_stdout(tmp_path, slow_annotator):
+    """`moaa judge-eval` is re-run whole (a labelled set of hundreds of rows), but shows the same progress."""
+    _, server = slow_annotator
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps({"id": f"l{i}", "prompt": "Capital of France?", "chosen": GOOD,
+                                            "rejected": BAD}) + "\n" for i in range(6)))
+    rc, stdout, err = await _run(_moaa("judge-eval", "--annotator", server.address, "--in", str(labelled)))
+    assert rc == 0, err
+    assert "(ensemble)" in stdout and "call/s" not in stdout
+    assert "\r" not in err and "judge-eval: 100%" in err and "12/12" in err and "call/s" in err
+    rc, stdout2, err = await _run(_moaa("judge-eval", "--annotator", server.address, "--in", str(labelled), "--quiet"))
+    assert rc == 0 and stdout2 == stdout and err == ""
