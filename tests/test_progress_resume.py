@@ -312,3 +312,32 @@ async def test_judge_eval_progress_on_stderr_in_line_mode_and_the_table_alone_on
     assert "\r" not in err and "judge-eval: 100%" in err and "12/12" in err and "call/s" in err
     rc, stdout2, err = await _run(_moaa("judge-eval", "--annotator", server.address, "--in", str(labelled), "--quiet"))
     assert rc == 0 and stdout2 == stdout and err == ""
+
+
+# --- moaa train sft|dpo: a finished run started again ------------------------------------------------------
+
+@pytest.mark.slow
+async def test_train_rerun_after_a_finished_run_loads_no_model_and_says_nothing_to_do(tmp_path, tiny_model_dir):
+    """Without checkpoints (save_strategy=no) a re-run used to train again from the start; with them it re-saved
+    the model and recorded a resume. Now: the same settings and data, the final model saved -> one line, exit 0.
+    (A run SIGKILLed mid-training resumes from its newest checkpoint: tests/test_train_resume.py.)"""
+    from tests.fixtures.trainer import FIXED_BATCH, sft_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows())
+    out = tmp_path / "sft"
+    cmd = _moaa("train", "sft", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out),
+                "--max-steps", "2", *FIXED_BATCH, "--set", "trl.save_strategy=no")
+    rc, stdout, err = await _run(cmd)
+    assert rc == 0, err
+    def outputs():   # run_config.json is the settings guard's record, rewritten with the same content
+        return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file() and p.name != "run_config.json"}
+
+    weights = outputs()
+    saved = json.loads(stdout.splitlines()[-1])
+    assert saved["event"] == "saved" and "\r" not in err
+    rc, stdout, err = await _run(cmd)
+    assert rc == 0, err
+    assert json.loads(stdout.splitlines()[-1]) == {"event": "done_before", "out": str(out), "step": 2,
+                                                   "train_loss": saved["train_loss"], "resumed_from": None}
+    assert f"sft: the final model in {out} is saved (step 2): nothing to do" in err
+    assert outputs() == weights and "model.safetensors" in weights   # nothing retrained, nothing rewritten
