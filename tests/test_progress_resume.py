@@ -172,6 +172,7 @@ async def test_annotate_sigkill_then_resume_exactly_once_then_nothing_to_do(tmp_
     assert f"annotate: resuming: {len(partial)} of {n} rows done, {n - len(partial)} left" in err, err
     assert "\r" not in err and f"{n}/{n}" in err and "row/s" in err   # a pipe: line mode
 
+    report = (tmp_path / "pairs.jsonl.report.json").read_text()
     emu.reset()
     t0 = time.monotonic()
     rc, stdout, err = await _run(cmd)
@@ -179,6 +180,7 @@ async def test_annotate_sigkill_then_resume_exactly_once_then_nothing_to_do(tmp_
     assert f"annotate: all {n} rows done in an earlier run; nothing to do" in err, err
     assert f"0 pairs written, 0 skipped, 0 invalid, {n} already done" in err
     assert time.monotonic() - t0 < 60
+    assert (tmp_path / "pairs.jsonl.report.json").read_text() == report   # the judges' report of the last run stays
 
     # the annotator gone: a finished run still has nothing to do, without a call
     rc, _, err = await _run(_moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(out),

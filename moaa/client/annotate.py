@@ -86,8 +86,9 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
     # the bar counts the rows sent now and the rows a run before finished (this run's skips are in the counts line)
     already = report.counts["already_done"]
     bar = StageProgress("annotate", already + len(todo), already, quiet=not progress)
+    sent = bool(todo)
     try:
-        if todo:   # nothing left (a re-run after a complete run): no call, not even a connection
+        if sent:   # nothing left (a re-run after a complete run): no call, not even a connection
             async with ep.channel() as channel:
                 stub = annotator_pb2_grpc.AnnotatorStub(channel)
                 async for res in windowed(stub.AnnotateStream, list(todo.values()), ep=ep, what="annotator",
@@ -116,7 +117,9 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
     finally:
         bar.close()
         summary = report.summary()
-        atomic_write_json(out.with_name(out.name + ".report.json"), summary)
+        report_path = out.with_name(out.name + ".report.json")
+        if sent or not report_path.exists():   # a run with nothing left keeps the judges' report of the last
+            atomic_write_json(report_path, summary)
     if report.counts["errors"]:
         raise TransientError(f"{counts_line(summary)}; {report.counts['errors']} rows failed (see {errors_path}); "
                              "rerun to retry them")
