@@ -130,6 +130,18 @@ async def _run(cmd, timeout=180, env=None):
     return proc.returncode, out.decode(), err.decode()
 
 
+async def _settled(emu) -> None:
+    """Wait until the calls the killed client left in flight at the server are over (or cancelled), so that
+    the emulator's count after a reset is the re-run's alone."""
+    last, still = -1, 0.0
+    while still < 1.0:
+        await asyncio.sleep(0.1)
+        now = emu.stats.requests
+        still = still + 0.1 if now == last else 0.0
+        last = now
+    emu.reset()
+
+
 def _count_lines(path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
@@ -162,7 +174,7 @@ async def test_annotate_sigkill_then_resume_exactly_once_then_nothing_to_do(tmp_
     partial = _ids(out)
     assert 3 <= len(partial) < n and len(set(partial)) == len(partial)
 
-    emu.reset()
+    await _settled(emu)
     rc, stdout, err = await _run(cmd)
     assert rc == 0, err
     ids = _ids(out)
@@ -287,7 +299,7 @@ async def test_eval_sigkill_then_resume_exactly_once_then_nothing_to_do(tmp_path
     partial = _ids(shard)
     assert 3 <= len(partial) < n
 
-    emu.reset()
+    await _settled(emu)
     rc, stdout, err = await _run(cmd)
     assert rc == 0, err
     ids = _ids(shard)
