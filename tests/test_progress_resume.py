@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sys
 import time
 
@@ -73,6 +74,36 @@ def test_progress_on_a_terminal_redraws_in_place(monkeypatch):
             bar.advance()
     text = term.getvalue()
     assert text.count("\r") >= 2 and text.count("\n") == 1 and "30/30" in text
+
+
+def _read_pty(fd: int) -> str:
+    import select
+
+    buf = b""
+    while select.select([fd], [], [], 0.2)[0]:
+        buf += os.read(fd, 65536)
+    return buf.decode()
+
+
+@pytest.mark.parametrize("columns", [100, 0])
+def test_progress_on_a_real_pseudo_terminal_and_one_without_a_size(monkeypatch, columns):
+    """A terminal with a width redraws in place; one of 0 columns (a container with -t and no size) used to
+    show nothing at all: it gets line mode."""
+    import fcntl
+    import struct
+    import termios
+
+    monkeypatch.delenv("MOAA_LOG_LEVEL", raising=False)
+    main, sub = os.openpty()
+    fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    with os.fdopen(sub, "w") as stream:
+        with StageProgress("pty", 20, 5, stream=stream) as bar:
+            for _ in range(15):
+                bar.advance()
+        text = _read_pty(main)
+    os.close(main)
+    assert text.startswith("pty: resuming: 5 of 20 rows done, 15 left") and "20/20" in text, repr(text)
+    assert ("\r" + "pty:" in text) == (columns > 0), repr(text)
 
 
 def test_a_resumed_run_says_how_many_are_done_and_left_and_a_finished_one_says_nothing_to_do(monkeypatch):

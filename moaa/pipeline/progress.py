@@ -9,6 +9,7 @@ so a day-long run leaves a readable log, not thousands of redraws on one line. A
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -26,6 +27,17 @@ def progress_off(quiet: bool = False) -> bool:
 
     level = env_level()
     return quiet or (level is not None and level > logging.INFO)
+
+
+def _terminal(stream) -> bool:
+    """A terminal with a width, where a bar is redrawn in place. A pseudo-terminal of 0 columns (a container
+    run with -t and no size) made tqdm draw nothing at all: line mode there."""
+    if not getattr(stream, "isatty", lambda: False)():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (OSError, ValueError):   # no descriptor to ask: a terminal as it says
+        return True
 
 
 class _Lines:
@@ -52,7 +64,7 @@ class StageProgress:
         self.t0 = time.monotonic()
         stream = stream if stream is not None else sys.stderr
         off = progress_off(quiet)
-        tty = bool(getattr(stream, "isatty", lambda: False)())
+        tty = _terminal(stream)
         self.interval = TTY_INTERVAL_S if tty else LOG_INTERVAL_S
         self.stream, self.unit, self.off = stream, unit, off
         self._say_resumed(done, total)
