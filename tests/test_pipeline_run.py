@@ -251,10 +251,13 @@ async def test_sigkill_mid_sft_training_then_resume_from_checkpoint(services, ti
     assert killed, "training finished before the kill"
     assert not (sft / "manifest.json").exists()
     assert json.loads((out / "run.json").read_text())["stages"]["sft"]["status"] == "running"
-    rc, stdout, err = await _run(cmd)
+    rc, stdout, err = await _run([a for a in cmd if a != "--quiet"])   # with progress: it says it resumed
     assert rc == 0, err
     result = json.loads((out / "run.json").read_text())["stages"]["sft"]["result"]
     assert result["final_step"] == 20
+    step = int(result["resumed_from"].rsplit("-", 1)[1])
+    assert f"SFT training: resuming: {step} of 20 steps done, {20 - step} left" in err, err
+    assert "\r" not in err and "20/20" in err
     assert result["resumed_from"] and "checkpoint-" in result["resumed_from"]   # continued, not restarted
     manifest = json.loads((sft / "manifest.json").read_text())
     assert manifest["resumed_from"] == result["resumed_from"]

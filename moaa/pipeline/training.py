@@ -127,6 +127,7 @@ async def train(kind: str, *, data: Path, model: str, out: Path, settings: dict,
         if rec.get("event") == "resume":
             state["resumed_from"] = rec.get("checkpoint")
             state["resumed_step"] = rec.get("step")
+            return   # the "start" event that follows says it, with the total
         if rec.get("event") == "start" and rec.get("resumed") and isinstance(rec.get("step"), int):
             progress.resume_at(rec["step"], rec.get("total"))   # said once; the steps before are not this run's rate
             return
