@@ -18,6 +18,7 @@ from moaa.services.config import parse_config
 from moaa.services.gateway.server import start_gateway
 from tests.fixtures.annotator import judge_config
 from tests.fixtures.gateway import moa_config
+from tests.fixtures.kill import kill_when as _kill_when
 
 N_PROMPTS = 20
 
@@ -61,32 +62,6 @@ async def _run(cmd, timeout=300):
 def _ids(folder: Path) -> list[str]:
     return [json.loads(line)["id"] for shard in sorted(folder.glob("data-*.jsonl"))
             for line in shard.read_text().splitlines() if line.strip()]
-
-
-async def _kill_when(cmd, ready, timeout=120, tree: dict | None = None):
-    """Start the pipeline, SIGKILL it as soon as `ready()` is true; returns True if it was killed mid-run.
-    `tree` receives the pipeline and its descendants as they were just before the kill (psutil.Process -> argv)."""
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
-                                                stderr=asyncio.subprocess.DEVNULL)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline and proc.returncode is None:
-        if ready():
-            if tree is not None:
-                import psutil
-
-                me = psutil.Process(proc.pid)
-                for p in [me, *me.children(recursive=True)]:
-                    try:
-                        tree[p] = p.cmdline()
-                    except psutil.NoSuchProcess:
-                        pass
-            os.kill(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            return True
-        await asyncio.sleep(0.02)
-    await proc.wait()
-    return False
 
 
 async def test_sigkill_mid_stage1_then_resume_exactly_once(services, tiny_model_dir, tmp_path):
@@ -276,10 +251,13 @@ async def test_sigkill_mid_sft_training_then_resume_from_checkpoint(services, ti
     assert killed, "training finished before the kill"
     assert not (sft / "manifest.json").exists()
     assert json.loads((out / "run.json").read_text())["stages"]["sft"]["status"] == "running"
-    rc, stdout, err = await _run(cmd)
+    rc, stdout, err = await _run([a for a in cmd if a != "--quiet"])   # with progress: it says it resumed
     assert rc == 0, err
     result = json.loads((out / "run.json").read_text())["stages"]["sft"]["result"]
     assert result["final_step"] == 20
+    step = int(result["resumed_from"].rsplit("-", 1)[1])
+    assert f"SFT training: resuming: {step} of 20 steps done, {20 - step} left" in err, err
+    assert "\r" not in err and "20/20" in err
     assert result["resumed_from"] and "checkpoint-" in result["resumed_from"]   # continued, not restarted
     manifest = json.loads((sft / "manifest.json").read_text())
     assert manifest["resumed_from"] == result["resumed_from"]

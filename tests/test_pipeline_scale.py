@@ -10,7 +10,7 @@ from moaa.errors import UserError
 from moaa.jsonl import iter_scan
 from moaa.pipeline.budget import TokenLedger
 from moaa.pipeline.layout import RunLayout
-from moaa.pipeline.progress import StageProgress
+from moaa.progress import StageProgress
 from moaa.pipeline.rpc import annotate_stream
 from moaa.pipeline.stages import StageContext, stage_pairs
 from moaa.files import atomic_write_text

@@ -183,9 +183,11 @@ def test_out_with_another_runs_checkpoints_is_refused(tiny_model_dir, train_data
     assert _sft(other, tiny_model_dir, out) == 2
     assert "the data file's content (sha256)" in capsys.readouterr().err
     assert (out / "model.safetensors").stat().st_mtime_ns == before  # nothing touched
-    # the same settings (a harmless one changed) resume: nothing left to train, the model is saved again
+    # the same settings (a harmless one changed) on the finished run: nothing to do, no model loaded or saved
     assert _sft(train_data["sft"], tiny_model_dir, out, "--set", "startup_timeout_s=300") == 0
-    assert json.loads((out / "manifest.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    assert "is saved (step 2): nothing to do" in capsys.readouterr().err
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    assert json.loads((out / "manifest.json").read_text())["resumed_from"] is None
 
 
 def test_out_that_is_a_file_or_the_model_itself_is_bad_input(tiny_model_dir, train_data, tmp_path, capsys):

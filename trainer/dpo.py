@@ -67,6 +67,8 @@ def run_dpo(cfg: DPOSettings) -> dict[str, Any]:
                                      train_and_save, trainer_datasets)
 
     p = prepare(cfg)
+    if isinstance(p, dict):   # the final model of this run is saved: nothing to do
+        return p
     ref = None
     if not cfg.lora.enabled:
         ref, _, _ = load_model_and_tokenizer(cfg, p.device)

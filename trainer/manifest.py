@@ -53,3 +53,11 @@ def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     path = Path(out_dir) / "manifest.json"
     atomic_write_text(path, json.dumps(manifest, indent=2, default=str))
     return path
+
+
+def model_done(folder: Path) -> dict | None:
+    """The trainer's manifest once the final model is saved (None while training is unfinished)."""
+    from moaa.files import read_json
+
+    m = read_json(folder / "manifest.json")
+    return m if m and m.get("final_step") is not None else None

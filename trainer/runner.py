@@ -116,7 +116,25 @@ def quiet_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
-def prepare(cfg: TrainConfig) -> Prepared:
+def finished(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The result of this very run (guard_out checked the settings and the data) when its final model is
+    saved: a re-run then loads no model and trains nothing (without checkpoints it would train again from the
+    start; with them it re-saved the model and recorded a resume that was none). Says so, once."""
+    from moaa.trainer.manifest import model_done
+
+    manifest = model_done(Path(cfg.out))
+    if manifest is None:
+        return None
+    result = {"step": manifest["final_step"], "train_loss": manifest.get("train_loss"),
+              "resumed_from": manifest.get("resumed_from")}
+    _emit({"event": "done_before", "out": str(cfg.out), **result})
+    print(f"{cfg.kind}: the final model in {cfg.out} is saved (step {result['step']}): nothing to do",
+          file=sys.stderr, flush=True)
+    return result
+
+
+def prepare(cfg: TrainConfig) -> Prepared | dict[str, Any]:
+    """Everything a trainer needs, checked before the model loads; the run's result when it is finished."""
     quiet_progress_bars()
     device = resolve_device(cfg)
     world = world_size()
@@ -127,6 +145,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     eval_rows, eval_report = (load_rows(cfg.eval_data, cfg.kind, drop_duplicates=cfg.drop_duplicates)
                               if cfg.eval_data else (None, None))
     guard_out(cfg.out, cfg.model_dump(mode="json"), report.sha256, write=int(os.environ.get("RANK", "0")) == 0)
+    done = finished(cfg)
+    if done is not None:
+        return done
     model, tok, note = load_model_and_tokenizer(cfg, device)
     use_cache = getattr(model.config, "use_cache", None)
     args.model_init_kwargs = None  # applied by our loader; TRL would warn that it ignores them for a loaded model

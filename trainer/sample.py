@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
 from moaa.engines import pick_engine
 from moaa.errors import UserError
 from moaa.jsonl import JsonlAppender
+
+PROGRESS_EVERY_S = 5.0   # the JSON progress lines on stdout, at most one per this many seconds
 
 
 @dataclass
@@ -90,10 +93,9 @@ def _vllm_generate(model_dir: str, s: SampleSettings):
     return generate
 
 
-def run_sample(model_spec: str, prompts: str, out: str, s: SampleSettings) -> dict:
-    from tqdm import tqdm
-
+def run_sample(model_spec: str, prompts: str, out: str, s: SampleSettings, *, quiet: bool = False) -> dict:
     from moaa.models import resolve_model
+    from moaa.progress import StageProgress
 
     s.check()
     model = resolve_model(model_spec)  # what --model takes everywhere: packaged name, folder, GGUF file, hub id
@@ -111,18 +113,31 @@ def run_sample(model_spec: str, prompts: str, out: str, s: SampleSettings) -> di
     engine = pick_engine(s.engine, vllm_on_cpu=False)
     summary = {"event": "sample", "prompts": total, "already_done": total - todo, "engine": engine}
     print(json.dumps(summary), flush=True)
+    # says at once, before a model loads, how many are done and left (or that nothing is left)
+    bar = StageProgress("sampling", total, total - todo, unit="prompt", quiet=quiet)
     if not todo:
+        bar.close()
         return summary
+    from moaa.trainer.runner import quiet_progress_bars
+
+    quiet_progress_bars()   # the loading bars' carriage returns, in a log; ours is the one bar
     generate = (_vllm_generate if engine == "vllm" else _transformers_generate)(model.engine_arg, s)
     sampling = {**asdict(s), "engine": engine}
     model_name = model.default_name
     # vLLM schedules its own batches: hand it larger chunks, written as each finishes
     chunk = s.batch_size if engine == "transformers" else max(s.batch_size, 256)
-    with tqdm(total=todo, unit="prompt", desc="sampling") as bar:
+    done_n, said = total - todo, time.monotonic()
+    bar.started()   # the rate and ETA count from here, not from before the model loaded
+    with bar:
         for batch in _batches(to_do, chunk):
             for row, answers in zip(batch, generate(batch)):
                 cands = [{"id": f"c{i}", "text": t, "model": model_name} for i, t in enumerate(answers)]
                 writer.append({"id": row["id"], "prompt": row["prompt"], "candidates": cands, "sampling": sampling})
-            bar.update(len(batch))
+            bar.advance(len(batch))
+            done_n += len(batch)
+            if time.monotonic() - said >= PROGRESS_EVERY_S or done_n == total:
+                # for a parent following stdout (the pipeline's stage-2 bar): bounded, as the bar's own lines
+                print(json.dumps({"event": "progress", "done": done_n, "total": total}), flush=True)
+                said = time.monotonic()
     summary["written"] = todo
     return summary

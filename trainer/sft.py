@@ -37,6 +37,8 @@ def run_sft(cfg: SFTSettings) -> dict[str, Any]:
     from moaa.trainer.runner import build_trainer, callbacks, peft_config, prepare, train_and_save, trainer_datasets
 
     p = prepare(cfg)
+    if isinstance(p, dict):   # the final model of this run is saved: nothing to do
+        return p
     trainer = build_trainer(lambda: SFTTrainer(model=p.model, args=p.args, **trainer_datasets(p),
                                                processing_class=p.tokenizer, peft_config=peft_config(cfg),
                                                callbacks=callbacks(p)), p)

@@ -59,3 +59,10 @@ def add_connection_args(p, what: str) -> None:
     p.add_argument("--tls-cert", help=f"client certificate, when the {what} requires mutual TLS")
     p.add_argument("--tls-key", help="key of the client certificate")
 
+
+
+def add_quiet_arg(p) -> None:
+    """No progress display (it is on stderr, in line mode when stderr is not a terminal): the same flag on
+    every long command; $MOAA_LOG_LEVEL=WARNING (or above) does the same."""
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress display (also: MOAA_LOG_LEVEL=WARNING)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from moaa.cli import add_connection_args, add_service_group
+from moaa.cli import add_connection_args, add_quiet_arg, add_service_group
 
 
 def _client_args(p) -> None:
@@ -13,7 +13,7 @@ def _client_args(p) -> None:
     p.add_argument("--mode", default="", choices=["", "pointwise", "pairwise", "moa"],
                    help="judging mode (default: the ensemble's)")
     add_connection_args(p, "annotator")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quiet_arg(p)
 
 
 def register(subparsers) -> None:
@@ -55,7 +55,7 @@ async def _annotate(args) -> int:
     from moaa.client.annotate import annotate_file, counts_line
 
     summary = await annotate_file(_endpoint(args), args.inp, args.out, ensemble=args.ensemble, mode=args.mode,
-                                  progress=not args.no_progress)
+                                  progress=not args.quiet)
     sys.stderr.write(f"{counts_line(summary, Path(args.out))}; report: {args.out}.report.json\n")
     return 0
 
@@ -67,7 +67,7 @@ async def _judge_eval(args) -> int:
     if args.out:
         check_out(args.out)
     summary = await judge_eval(_endpoint(args), args.inp, ensemble=args.ensemble, mode=args.mode,
-                               progress=not args.no_progress)
+                               progress=not args.quiet)
     print(format_table(summary))
     if args.out:
         atomic_write_json(args.out, summary)

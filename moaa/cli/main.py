@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(verbosity: int) -> None:
-    from moaa.services.common.logs import env_level
+    from moaa.loglevel import env_level
 
     level = env_level()
     if level is None:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moaa.cli import add_connection_args, positive_int
+from moaa.cli import add_connection_args, add_quiet_arg, positive_int
 from moaa.engines import ENGINE_CHOICES
 
 
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     add_connection_args(run, "gateway and annotator")
     run.add_argument("--until", metavar="STAGE", help="stop after this stage: sft_data, sft, samples, pairs, dpo, "
                      "answers, training_effect, eval")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_arg(run)
     run.set_defaults(func=_run)
 
     rep = sub.add_parser("report", help="(re)build the Markdown report of a run folder")
@@ -78,6 +78,7 @@ def register(subparsers) -> None:
     ev.add_argument("--out", default="moaa-eval", help="folder for judgments (resumable) and results")
     ev.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the CIs")
     add_connection_args(ev, "annotator")
+    add_quiet_arg(ev)
     ev.set_defaults(func=_eval)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from moaa.cli import positive_float, positive_int
+from moaa.cli import add_quiet_arg, positive_float, positive_int
 from moaa.engines import ENGINE_CHOICES
 
 # Flags that map one-to-one onto TrainConfig fields (flag -> field).
@@ -89,7 +89,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     settings = SampleSettings(n=args.n, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                               engine=args.engine)
-    run_sample(args.model, args.prompts, args.out, settings)
+    run_sample(args.model, args.prompts, args.out, settings, quiet=args.quiet)
     return 0
 
 
@@ -144,6 +144,7 @@ def register(subparsers) -> None:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                         help="auto: vLLM offline engine on a GPU node when installed, else transformers")
+    add_quiet_arg(sample)
     sample.set_defaults(func=_run_sample)
 
     lp = subparsers.add_parser("logprobs", help="summed log-probabilities of completions under each model")

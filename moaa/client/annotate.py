@@ -14,11 +14,10 @@ import math
 from pathlib import Path
 
 import grpc
-from tqdm import tqdm
-
 from moaa.errors import TransientError, UserError
 from moaa.jsonl import JsonlAppender, iter_scan, read_input
 from moaa.files import RESEND_HINT, atomic_write_json, rejection
+from moaa.progress import StageProgress
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
 from .endpoint import Endpoint
@@ -98,40 +97,47 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
             done.add(rid)
             continue
         todo[rid] = req
-    bar = tqdm(total=len(todo), desc="annotate", unit="row", disable=not progress)
+    # the bar counts the rows sent now and the rows a run before finished (this run's skips are in the counts line)
+    already = report.counts["already_done"]
+    bar = StageProgress("annotate", already + len(todo), already, quiet=not progress)
 
     def reject(rid: str, reason: str) -> None:
         if todo.pop(rid, None) is not None:
             rejecter.append(rejection(rid, "annotate", reason))
             report.reject(reason)
-            bar.update(1)
+            bar.advance(skipped=True)
 
+    sent = bool(todo)
     try:
-        async with ep.channel() as channel:
-            stub = annotator_pb2_grpc.AnnotatorStub(channel)
-            async for res in windowed(stub.AnnotateStream, list(todo.values()), ep=ep, what="annotator",
-                                      window=window, hint=lambda: f"{len(todo)} rows left; rerun to resume",
-                                      reject=reject):
-                req = todo.pop(res.id, None)
-                if req is None:
-                    continue
-                if res.WhichOneof("result") == "error":
-                    report.counts["errors"] += 1
-                    failer.append({"id": res.id, "error": f"{res.error.code}: {res.error.message}"})
-                elif res.response.skipped:
-                    report.skip(res.response.skip_reason)
-                    report.add(res.response)
-                    skipper.append({"id": res.id, "reason": res.response.skip_reason,
-                                    **skip_info(req, res.response)})
-                else:
-                    report.counts["pairs"] += 1
-                    report.add(res.response)
-                    writer.append(pair_row(req, res.response))
-                bar.update(1)
+        if sent:   # nothing left (a re-run after a complete run): no call, not even a connection
+            async with ep.channel() as channel:
+                stub = annotator_pb2_grpc.AnnotatorStub(channel)
+                async for res in windowed(stub.AnnotateStream, list(todo.values()), ep=ep, what="annotator",
+                                          window=window, hint=lambda: f"{len(todo)} rows left; rerun to resume",
+                                          reject=reject):
+                    req = todo.pop(res.id, None)
+                    if req is None:
+                        continue
+                    failed = res.WhichOneof("result") == "error"
+                    if failed:
+                        report.counts["errors"] += 1
+                        failer.append({"id": res.id, "error": f"{res.error.code}: {res.error.message}"})
+                    elif res.response.skipped:
+                        report.skip(res.response.skip_reason)
+                        report.add(res.response)
+                        skipper.append({"id": res.id, "reason": res.response.skip_reason,
+                                        **skip_info(req, res.response)})
+                    else:
+                        report.counts["pairs"] += 1
+                        report.add(res.response)
+                        writer.append(pair_row(req, res.response))
+                    bar.advance(failed=failed)
     finally:
         bar.close()
         summary = report.summary()
-        atomic_write_json(out.with_name(out.name + ".report.json"), summary)
+        report_path = out.with_name(out.name + ".report.json")
+        if sent or not report_path.exists():   # a run with nothing left keeps the judges' report of the last
+            atomic_write_json(report_path, summary)
     if report.counts["errors"]:
         raise TransientError(f"{counts_line(summary, out)}; {report.counts['errors']} rows failed (see {errors_path}); "
                              "rerun to retry them")

@@ -11,10 +11,10 @@ import json
 import math
 from pathlib import Path
 
-from tqdm import tqdm
 
 from moaa.errors import TransientError, UserError
 from moaa.jsonl import read_input
+from moaa.progress import StageProgress
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
 
 from .endpoint import Endpoint
@@ -93,11 +93,11 @@ async def judge_eval(ep: Endpoint, in_path: str, *, ensemble: str = "", mode: st
     errors: list[str] = []
     transient = 0
 
-    with tqdm(total=len(reqs), desc="judge-eval", unit="call", disable=not progress) as bar:
+    with StageProgress("judge-eval", len(reqs), 0, unit="call", quiet=not progress) as bar:
         async with ep.channel() as channel:
             stub = annotator_pb2_grpc.AnnotatorStub(channel)
             async for res in windowed(stub.AnnotateStream, reqs, ep=ep, what="annotator", window=window):
-                bar.update(1)
+                bar.advance(failed=res.WhichOneof("result") == "error")
                 if res.WhichOneof("result") == "error":
                     errors.append(f"{res.id.split(chr(9))[0]}: {res.error.code}: {res.error.message}")
                     transient += not is_bad_input(res.error.code)

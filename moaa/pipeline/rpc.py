@@ -18,7 +18,7 @@ from moaa.errors import UserError
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 from .budget import TokenLedger
-from .progress import StageProgress
+from moaa.progress import StageProgress
 from .store import DatasetStore
 
 

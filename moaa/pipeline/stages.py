@@ -27,7 +27,7 @@ from moaa.prompts import PromptRow, held_out_ids
 
 from .budget import TokenLedger
 from .layout import RunLayout
-from .progress import StageProgress
+from moaa.progress import StageProgress
 from .promptset import RunPrompts
 from .rpc import annotate_stream, generate_batch
 from .store import REJECTED, RESEND_HINT, DatasetStore

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, TransientError, UserError
-from moaa.files import read_json
 from moaa.services.local.lifeline import die_with_parent
 
-from .progress import StageProgress
+from moaa.progress import StageProgress
+from moaa.trainer.manifest import model_done  # noqa: F401 (the stages ask training.model_done)
 
 
 def moaa_command(*args: str) -> list[str]:
@@ -73,12 +73,6 @@ async def run_child(cmd: list[str], *, log_path: Path, what: str,
     raise MoaaError(msg)
 
 
-def model_done(folder: Path) -> dict | None:
-    """The trainer's manifest once the final model is saved (None while training is unfinished)."""
-    m = read_json(folder / "manifest.json")
-    return m if m and m.get("final_step") is not None else None
-
-
 def train_config(kind: str, settings: dict, *, data: Path, model: str, out: Path):
     """The typed SFTSettings / DPOSettings of one training stage from the pipeline's `sft.*` / `dpo.*`.
 
@@ -127,6 +121,10 @@ async def train(kind: str, *, data: Path, model: str, out: Path, settings: dict,
         if rec.get("event") == "resume":
             state["resumed_from"] = rec.get("checkpoint")
             state["resumed_step"] = rec.get("step")
+            return   # the "start" event that follows says it, with the total
+        if rec.get("event") == "start" and rec.get("resumed") and isinstance(rec.get("step"), int):
+            progress.resume_at(rec["step"], rec.get("total"))   # said once; the steps before are not this run's rate
+            return
         if isinstance(rec.get("total"), int) and rec["total"] > 0:
             progress.set_total(rec["total"])
         if isinstance(rec.get("step"), int):

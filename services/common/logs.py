@@ -8,14 +8,10 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
-import os
 import time
 import uuid
 
-from moaa.errors import UserError
-
-LEVEL_ENV = "MOAA_LOG_LEVEL"
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+from moaa.loglevel import LEVEL_ENV, LEVELS, env_level  # noqa: F401 (the servers' level setting, shared with the CLI)
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("moaa_request_id", default="-")
 
@@ -69,16 +65,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
-
-
-def env_level() -> int | None:
-    """The level $MOAA_LOG_LEVEL names (any case), None when unset; anything else is a usage error."""
-    value = os.environ.get(LEVEL_ENV, "").strip()
-    if not value:
-        return None
-    if value.upper() not in LEVELS:
-        raise UserError(f"{LEVEL_ENV}={value!r} is not a log level: use one of {', '.join(LEVELS)}")
-    return getattr(logging, value.upper())
 
 
 def serving_level() -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from moaa.errors import TransientError, UserError
 
-from ..progress import StageProgress
+from moaa.progress import StageProgress
 from ..store import DatasetStore
 
 

@@ -20,7 +20,7 @@ from moaa.jsonl import read_input, read_rows
 from moaa.prompts import content_id
 
 from ..budget import TokenLedger
-from ..progress import StageProgress
+from moaa.progress import StageProgress
 from ..store import DatasetStore
 from .grading import grading_summary
 from .winrate import summarize
@@ -237,7 +237,7 @@ async def evaluate(args) -> dict:
         contestant = parse_contestant(args.contestant)
         args.name = contestant.name
         model_ans = await contestant_answers(contestant, base_ans, out, api_key_env=args.contestant_api_key_env,
-                                             max_tokens=args.contestant_max_tokens)
+                                             max_tokens=args.contestant_max_tokens, quiet=args.quiet)
     else:
         model_ans = load_answers(args.answers)
     pool = None
@@ -255,10 +255,11 @@ async def evaluate(args) -> dict:
     try:
         guard_comparison(out, judge.name, args.name, args.baseline_name, model_ans, base_ans)
         store = DatasetStore(out / "judgments", stage="eval", fmt="generations").open()
-        missing = await judge_pairs(judge, args.name, args.baseline_name, model_ans, base_ans, store)
+        missing = await judge_pairs(judge, args.name, args.baseline_name, model_ans, base_ans, store, quiet=args.quiet)
         grades = None
         if args.grade:
-            grades = await grade_answers(judge, {args.name: model_ans, args.baseline_name: base_ans}, out)
+            grades = await grade_answers(judge, {args.name: model_ans, args.baseline_name: base_ans}, out,
+                                         quiet=args.quiet)
     finally:
         await judge.close()
         if pool is not None:
