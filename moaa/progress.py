@@ -12,11 +12,9 @@ import logging
 import os
 import sys
 import time
-
 from typing import Protocol
 
 from tqdm import tqdm
-
 
 LOG_INTERVAL_S = 30.0   # line mode: one line per this many seconds at most (2 a minute in a pod's log)
 TTY_INTERVAL_S = 0.5
@@ -61,10 +59,24 @@ class _Lines:
         self.stream.flush()
 
 
+def quiet_progress_bars() -> None:
+    """This display is the one: the libraries' own loading, dataset and saving bars would only put
+    carriage-return noise into logs and above a one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+    except ImportError:   # the trainer's extra; a model folder can be prepared without it
+        return
+    datasets.disable_progress_bars()
+
+
 class StageProgress:
     def __init__(self, name: str, total: int, done: int, ledger: "_Tokens | None" = None, unit: str = "row",
-                 quiet: bool = False, stream=None):
+                 quiet: bool = False, stream=None, unit_scale: bool = False):
         self.name, self.ledger = name, ledger
+        self.counts = not unit_scale   # bytes (a file being extracted) have no failed or skipped items
         self.failures = 0
         self.skipped = 0
         self.t0 = time.monotonic()
@@ -74,7 +86,7 @@ class StageProgress:
         self.interval = TTY_INTERVAL_S if tty else LOG_INTERVAL_S
         self.stream, self.unit, self.off = stream, unit, off
         self._say_resumed(done, total)
-        self.bar = tqdm(total=total, initial=done, desc=name, unit=unit, dynamic_ncols=tty,
+        self.bar = tqdm(total=total, initial=done, desc=name, unit=unit, unit_scale=unit_scale, dynamic_ncols=tty,
                         file=stream if tty else _Lines(stream), disable=off or bool(total and done >= total),
                         mininterval=self.interval, maxinterval=max(10.0, self.interval))
         self._shown = 0.0
@@ -99,6 +111,8 @@ class StageProgress:
             self.bar.refresh()
 
     def _post(self) -> None:
+        if not self.counts:
+            return
         post = {"failed": self.failures, "skipped": self.skipped}
         if self.ledger is not None:
             post["tokens"] = self.ledger.short()

@@ -386,3 +386,17 @@ async def test_train_rerun_after_a_finished_run_loads_no_model_and_says_nothing_
                                                    "train_loss": saved["train_loss"], "resumed_from": None}
     assert f"sft: the final model in {out} is saved (step 2): nothing to do" in err
     assert outputs() == weights and "model.safetensors" in weights   # nothing retrained, nothing rewritten
+
+
+def test_a_byte_count_in_a_log_is_scaled_whole_lines_without_row_counters():
+    """Extracting the packaged model (moaa/models.py fetch_gguf) goes through the one display: in a log, whole
+    lines in scaled bytes, no carriage returns, no failed/skipped counters that bytes cannot have."""
+    import io
+
+    out = io.StringIO()
+    with StageProgress("extract m.gguf", 98_400_000, 0, unit="B", unit_scale=True, stream=out) as bar:
+        for _ in range(100):
+            bar.advance(984_000)
+    text = out.getvalue()
+    assert "\r" not in text and "98.4M/98.4M" in text and "failed" not in text, text
+    assert len(text.splitlines()) <= 3, text

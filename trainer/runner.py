@@ -24,6 +24,7 @@ from moaa.trainer.plots import plot_metrics
 from moaa.trainer.progress import JsonProgress
 from moaa.trainer.resume import checkpoint_step, guard_out, newest_checkpoint
 from moaa.files import make_folder
+from moaa.progress import quiet_progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +105,6 @@ class Prepared:
     args: Any
     out: Path
     use_cache: bool | None = None  # the model's own; transformers' Trainer sets config.use_cache=False to train
-
-
-def quiet_progress_bars() -> None:
-    """Progress is our JSON lines (disable_tqdm for training): the loading, dataset and saving bars would only
-    put carriage-return noise into pod logs and above a one-line error."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
 
 
 def finished(cfg: TrainConfig) -> dict[str, Any] | None:

@@ -118,7 +118,7 @@ def run_sample(model_spec: str, prompts: str, out: str, s: SampleSettings, *, qu
     if not todo:
         bar.close()
         return summary
-    from moaa.trainer.runner import quiet_progress_bars
+    from moaa.progress import quiet_progress_bars
 
     quiet_progress_bars()   # the loading bars' carriage returns, in a log; ours is the one bar
     generate = (_vllm_generate if engine == "vllm" else _transformers_generate)(model.engine_arg, s)
