@@ -62,6 +62,13 @@ def utc_now() -> str:
 RESEND_HINT = "fix those rows; if the server's configuration was the cause, fix it and delete that file to resend them"
 
 
+def rejected_note(result: dict[str, Any]) -> str:
+    """'; N prompts rejected: <reason>; see <file>' for a result with rejections (the pipeline's summary and
+    report.md, `moaa annotate`'s counts line)."""
+    n = result.get("rejected") or 0
+    return f"; {n} prompts rejected: {result['rejected_reason']}; see {result['rejected_file']}" if n else ""
+
+
 def rejection(row_id: str, stage: str, reason: str) -> dict:
     """The one record of a rejected item (the pipeline's rejected.jsonl, `moaa annotate`'s <out>.rejected.jsonl)."""
     return {"id": row_id, "stage": stage, "reason": reason, "at": utc_now()}

@@ -60,7 +60,6 @@ def add_connection_args(p, what: str) -> None:
     p.add_argument("--tls-key", help="key of the client certificate")
 
 
-
 def add_quiet_arg(p) -> None:
     """No progress display (it is on stderr, in line mode when stderr is not a terminal): the same flag on
     every long command; $MOAA_LOG_LEVEL=WARNING (or above) does the same."""

@@ -14,9 +14,10 @@ import math
 from pathlib import Path
 
 import grpc
+
 from moaa.errors import TransientError, UserError
 from moaa.jsonl import JsonlAppender, iter_scan, read_input
-from moaa.files import RESEND_HINT, atomic_write_json, rejection
+from moaa.files import RESEND_HINT, atomic_write_json, rejected_note, rejection
 from moaa.progress import StageProgress
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
@@ -149,12 +150,8 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
 
 def counts_line(summary: dict, out: Path) -> str:
     """What a run did, in one line: printed when it ends, and inside its error when rows failed."""
-    line = (f"{summary['pairs']} pairs written, {summary['skipped']} skipped, "
-            f"{summary['already_done']} already done")
-    if summary["rejected"]:
-        line += (f"; {summary['rejected']} prompts rejected: {summary['rejected_reason']}; "
-                 f"see {out.with_name(out.name + '.rejected.jsonl')}")
-    return line
+    return (f"{summary['pairs']} pairs written, {summary['skipped']} skipped, {summary['already_done']} already done"
+            + rejected_note({**summary, "rejected_file": out.with_name(out.name + ".rejected.jsonl")}))
 
 
 async def annotate_once(stub, ep: Endpoint, prompt: list[dict], cands: list[tuple[str, str]], *,

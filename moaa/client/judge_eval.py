@@ -11,7 +11,6 @@ import json
 import math
 from pathlib import Path
 
-
 from moaa.errors import TransientError, UserError
 from moaa.jsonl import read_input
 from moaa.progress import StageProgress

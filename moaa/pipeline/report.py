@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .layout import RunLayout
 from moaa.client.pairs import judge_scores as row_judge_scores
+from moaa.files import read_json, rejected_note
 from moaa.jsonl import read_rows
 from moaa.services.annotator.stats import kendall_tau
 from moaa.trainer.plots import read_metrics
 
-from .store import read_json
+from .layout import RunLayout
 
 
 def _plt():
@@ -296,7 +296,6 @@ def _dataset_line(name: str, folder: Path) -> str | None:
 
 def rejected_lines(layout: RunLayout) -> list[str]:
     """Rows a server refused as bad input (e.g. a prompt past the model's context): which file lists them."""
-    from .stages import rejected_note
     from .store import REJECTED
 
     lines = []

@@ -15,10 +15,10 @@ from moaa.client.generate import generate_request
 from moaa.client.pairs import annotate_request, pair_row, skip_info, usage_record
 from moaa.client.window import windowed
 from moaa.errors import UserError
+from moaa.progress import StageProgress
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
 from .budget import TokenLedger
-from moaa.progress import StageProgress
 from .store import DatasetStore
 
 

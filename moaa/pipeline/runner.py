@@ -16,15 +16,14 @@ from typing import Any
 
 from moaa.client.endpoint import Endpoint
 from moaa.errors import UserError
-from moaa.files import atomic_write_json, make_folder, read_json
+from moaa.files import atomic_write_json, make_folder, read_json, rejected_note, utc_now
 from moaa.prompts import PromptStream
 
 from .budget import TokenLedger
 from .layout import RunLayout
 from .lock import RunLock
 from .promptset import RunPrompts, config_hash, prepare_prompts
-from .stages import NEEDS_SERVICES, STAGES, StageContext, default_settings, merge_settings, rejected_note
-from .store import utc_now
+from .stages import NEEDS_SERVICES, STAGES, StageContext, default_settings, merge_settings
 from . import training
 
 OPERATIONAL = {"window"}  # settings that change how, not what: left out of the config hash

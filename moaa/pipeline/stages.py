@@ -22,15 +22,15 @@ from typing import Any, Callable, Container, Iterable
 
 from moaa.client.endpoint import Endpoint
 from moaa.errors import TransientError, UserError
-from moaa.files import atomic_write_text
+from moaa.files import RESEND_HINT, atomic_write_text
+from moaa.progress import StageProgress
 from moaa.prompts import PromptRow, held_out_ids
 
 from .budget import TokenLedger
 from .layout import RunLayout
-from moaa.progress import StageProgress
 from .promptset import RunPrompts
 from .rpc import annotate_stream, generate_batch
-from .store import REJECTED, RESEND_HINT, DatasetStore
+from .store import REJECTED, DatasetStore
 from . import training
 
 
@@ -138,12 +138,6 @@ def rejected_info(store: DatasetStore) -> dict:
         return {}
     return {"rejected": len(store.rejected), "rejected_reason": store.rejected_reason,
             "rejected_file": str(store.folder / REJECTED)}
-
-
-def rejected_note(result: dict[str, Any]) -> str:
-    """'; N prompts rejected: <reason>; see <file>' for a stage result with rejections (summary and report.md)."""
-    n = result.get("rejected") or 0
-    return f"; {n} prompts rejected: {result['rejected_reason']}; see {result['rejected_file']}" if n else ""
 
 
 def _train_rows_file(store: DatasetStore, path: Path, keys: tuple[str, ...], keep=lambda rid: True) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moaa.errors import UserError
-from moaa.files import RESEND_HINT, atomic_write_json, read_json, rejection, utc_now  # noqa: F401 (re-used names)
+from moaa.files import atomic_write_json, read_json, rejection, utc_now
 from moaa.idset import IdSet
 from moaa.jsonl import JsonlAppender, read_rows
 from moaa.usage import add_usage, usage_tokens

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, MoaaError, TransientError, UserError
-from moaa.services.local.lifeline import die_with_parent
-
 from moaa.progress import StageProgress
-from moaa.trainer.manifest import model_done  # noqa: F401 (the stages ask training.model_done)
+from moaa.services.local.lifeline import die_with_parent
+from moaa.trainer.manifest import model_done
 
 
 def moaa_command(*args: str) -> list[str]:

@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 
-from moaa.loglevel import LEVEL_ENV, LEVELS, env_level  # noqa: F401 (the servers' level setting, shared with the CLI)
+from moaa.loglevel import env_level
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("moaa_request_id", default="-")
 
