@@ -254,16 +254,3 @@ async def test_sdk_fields_refused_naming_the_field(gw, kw, param):
         await client(gw).chat.completions.create(model="moa", messages=ask(), **kw)
     body = err.value.body
     assert body["param"] == param and param.split(".")[0] in body["message"], body
-
-
-async def test_responses_api_is_a_clear_404(gw):
-    """The Responses API is not served: the answer says to use chat completions."""
-    for stream in (False, True):
-        with pytest.raises(openai.NotFoundError) as err:
-            await client(gw).responses.create(model="moa", input="hello", stream=stream)
-        body = err.value.body
-        assert "/v1/chat/completions" in body["message"] and "Responses API" in body["message"], body
-        assert body["type"] == "invalid_request_error" and body["code"] == "unsupported_endpoint"
-    with pytest.raises(openai.NotFoundError) as err:
-        await client(gw).responses.retrieve("resp_1")
-    assert "/v1/chat/completions" in err.value.body["message"]

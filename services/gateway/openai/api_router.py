@@ -7,8 +7,11 @@ one log line per call, SSE. The logic lives in serving.py.
     GET  /v1/models              recipes, and plain backends marked as such
     GET  /v1/models/{model}      one of them (404 unknown model)
     POST /v1/chat/completions    streamed (SSE) or not
+    POST /v1/responses           the Responses API, stateless (responses_serving.py), streamed or not
+    *    /v1/responses/{id}...   404: moaa stores no responses
 
-Calls share the gRPC server's limiter, metrics (transport="http") and bearer tokens. A client that
+Both APIs run through one call path (_call): body, in-flight slot, serving, answer or SSE, errors,
+metrics. Calls share the gRPC server's limiter, metrics (transport="http") and bearer tokens. A client that
 hangs up cancels its handler (handler_cancellation), which closes the engine's generator and with it
 the backend requests, as a gRPC cancel does.
 """
@@ -19,10 +22,11 @@ import logging
 import ssl
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import grpc
 from aiohttp import web
-from pydantic import ValidationError
 
 from moaa.services.common.auth import TokenStore, bearer_problem
 from moaa.services.common.errors import RpcError
@@ -31,11 +35,14 @@ from moaa.services.common.rpc import CallGuard, status_of
 from moaa.services.config import GatewayConfig
 
 from . import protocol as p
-from .serving import RETRY_AFTER_S, ChatServing, HttpError, http_error
+from . import responses_protocol as rp
+from .responses_serving import ResponsesServing
+from .serving import RETRY_AFTER_S, Call, ChatServing, HttpError, http_error, validated
 
 log = logging.getLogger("moaa.http")
 REQUEST_ID = "x-request-id"
 CHAT_METHOD = "ChatCompletions"
+RESPONSES_METHOD = "Responses"
 _EXEMPT = ("/health",)
 # what the middleware and the handlers keep on a request: its id, and the SSE response once headers are out
 _RID = web.RequestKey("rid", str)
@@ -57,8 +64,15 @@ def _error(code: grpc.StatusCode, message: str, param: str | None = None) -> web
     return _json(body, status, headers)
 
 
-def _sse(model) -> bytes:
-    return b"data: " + model.model_dump_json().encode() + b"\n\n"
+@dataclass(frozen=True)
+class _Api:
+    """One OpenAI API over the engine: its metrics' method name, how a body becomes a checked call (or an
+    HttpError naming the field), its answer, and its stream (see serving.ChatStream)."""
+
+    method: str
+    check: Callable[[Any, str], Call]
+    answer: Callable[[Call, Any], Any]
+    stream: Callable[[Call], Any]
 
 
 class OpenAIRouter:
@@ -67,6 +81,13 @@ class OpenAIRouter:
         self.guard = guard
         self.cfg = server_cfg
         self.tokens = TokenStore(server_cfg.auth) if server_cfg.auth.enabled else None
+        responses = ResponsesServing(serving)
+        self.apis = {
+            "/v1/chat/completions": _Api(CHAT_METHOD, lambda body, rid: serving.check(
+                validated(p.ChatCompletionRequest, body), rid), serving.completion, serving.stream),
+            "/v1/responses": _Api(RESPONSES_METHOD, lambda body, rid: responses.check(
+                validated(rp.ResponsesRequest, body), rid), responses.response, responses.stream),
+        }
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.max_request_bytes, middlewares=[self._middleware])
@@ -74,8 +95,9 @@ class OpenAIRouter:
         app.router.add_get("/health/ready", self._ready)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model:.+}", self._model)  # backend names may hold '/' (org/name)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_route("*", "/v1/responses{tail:(/.*)?}", self._responses)
+        for path in self.apis:
+            app.router.add_post(path, self._call)
+        app.router.add_route("*", "/v1/responses/{tail:.*}", self._stored)
         return app
 
     # -- everything around a request ----------------------------------------------------------------
@@ -88,8 +110,9 @@ class OpenAIRouter:
             problem = None if request.path.startswith(_EXEMPT) else self._auth(request)
             if problem:
                 resp = _error(grpc.StatusCode.UNAUTHENTICATED, problem)
-                if request.path == "/v1/chat/completions":  # a call refused; other paths are not calls
-                    self.guard.done(CHAT_METHOD, "UNAUTHENTICATED", 0.0, rid, transport="http")
+                api = self.apis.get(request.path) if request.method == "POST" else None
+                if api is not None:  # a call refused; other paths are not calls
+                    self.guard.done(api.method, "UNAUTHENTICATED", 0.0, rid, transport="http")
             else:
                 resp = await handler(request)
         except web.HTTPException as exc:  # unknown route, wrong method, body too large: OpenAI's error shape
@@ -128,25 +151,25 @@ class OpenAIRouter:
         except HttpError as err:
             return _error(err.code, str(err), err.param)
 
-    async def _responses(self, request: web.Request) -> web.Response:
-        """The Responses API, which newer SDK code and openai-agents call by default, is not served: say
-        what to call instead rather than a bare 404."""
+    async def _stored(self, request: web.Request) -> web.Response:
+        """Retrieving, deleting, cancelling a response or listing its input items: moaa keeps none."""
         return _json(p.ErrorResponse(error=p.ErrorInfo(
-            message=f"{request.method} {request.path}: the Responses API is not served by the moaa gateway; use "
-                    "POST /v1/chat/completions (openai SDK: client.chat.completions.create; openai-agents: "
-                    "OpenAIChatCompletionsModel or set_default_openai_api('chat_completions'); langchain-openai: "
-                    "use_responses_api=False)", type="invalid_request_error", code="unsupported_endpoint")), 404)
+            message=f"{request.method} {request.path}: moaa stores no responses (store is accepted and ignored), so "
+                    "there is none to retrieve, cancel or delete; keep the Response that POST /v1/responses "
+                    "returned, and send the whole conversation in `input`", type="invalid_request_error",
+            code="response_not_found")), 404)
 
-    # -- chat completions --------------------------------------------------------------------------
+    # -- calls: chat completions and responses -------------------------------------------------------
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _call(self, request: web.Request) -> web.StreamResponse:
         rid = request[_RID]
+        api = self.apis[request.path]
         t0 = time.perf_counter()
         code, resp = grpc.StatusCode.OK, None
         try:
             await self._read_body(request)  # before the slot: a client slow to send holds none
             with self.guard.limiter.slot():
-                resp = await self._chat_call(request, rid)
+                resp = await self._answer(request, api, rid)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -159,12 +182,12 @@ class OpenAIRouter:
         except Exception as err:  # noqa: BLE001 - every error becomes an OpenAI error body
             code, msg = status_of(err)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("chat completion failed")
+                log.exception("%s call failed", api.method)
             resp = self._failed(request, code, msg, getattr(err, "param", None))
         finally:
             if isinstance(resp, _Streamed) and resp.error is not None:
                 code = resp.error
-            self.guard.done(CHAT_METHOD, code.name, time.perf_counter() - t0, rid, transport="http")
+            self.guard.done(api.method, code.name, time.perf_counter() - t0, rid, transport="http")
         return resp
 
     def _failed(self, request: web.Request, code: grpc.StatusCode, msg: str, param: str | None):
@@ -183,60 +206,50 @@ class OpenAIRouter:
             raise web.HTTPRequestTimeout(text=f"the request body did not arrive within "
                                               f"{self.cfg.http_client_timeout_s:g} s") from None
 
-    async def _chat_call(self, request: web.Request, rid: str) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, api: _Api, rid: str) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:
             raise HttpError("the request body is not JSON", grpc.StatusCode.INVALID_ARGUMENT) from None
-        try:
-            req = p.ChatCompletionRequest.model_validate(body)
-        except ValidationError as err:
-            param, msg = p.describe_validation(err)
-            raise HttpError(msg, grpc.StatusCode.INVALID_ARGUMENT, param) from None
         started = time.monotonic()
-        call = self.serving.check(req, rid)
-        if not req.stream:
+        call = api.check(body, rid)
+        if not call.request.stream:
             async with aclosing(self.serving.events(call, started, deltas=False)) as events:
                 async for ev in events:
                     if ev.HasField("final"):
-                        return _json(self.serving.completion(call, ev.final), headers={REQUEST_ID: rid})
+                        return _json(api.answer(call, ev.final), headers={REQUEST_ID: rid})
             raise RpcError("the engine ended without a result")
-        return await self._stream(request, call, started)
+        return await self._stream(request, call, started, api.stream(call))
 
-    async def _stream(self, request: web.Request, call, started: float) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, call: Call, started: float, sse) -> web.StreamResponse:
         """Headers go out with the first delta, so an error before it (too few proposers, deadline)
-        still answers with its own status; after it, an error is an `error` event in the stream."""
-        serving = self.serving
+        still answers with its own status; after it, an error is an event in the stream (`sse.failed`)."""
         resp = _Streamed(headers={**_SSE_HEADERS, REQUEST_ID: call.plan.request_id})
 
-        async def start() -> None:
-            await resp.prepare(request)
-            resp.watch(request.transport, self.cfg.http_client_timeout_s)
-            request[_STREAM] = resp
-            await resp.write(_sse(serving.chunk(call, role=True, content="")))
+        async def send(chunks) -> None:  # chunks: a thunk, so the stream's start is numbered before them
+            if not resp.prepared:
+                await resp.prepare(request)
+                resp.watch(request.transport, self.cfg.http_client_timeout_s)
+                request[_STREAM] = resp
+                for chunk in sse.start():
+                    await resp.write(chunk)
+            for chunk in chunks():
+                await resp.write(chunk)
 
         try:
-            async with aclosing(serving.events(call, started, deltas=True)) as events:
+            async with aclosing(self.serving.events(call, started, deltas=True)) as events:
                 async for ev in events:
                     if ev.HasField("delta"):
-                        if not resp.prepared:
-                            await start()
-                        await resp.write(_sse(serving.chunk(call, content=ev.delta.text)))
+                        await send(lambda: sse.delta(ev.delta.text))
                     elif ev.HasField("final"):
-                        if not resp.prepared:
-                            await start()
-                        final = ev.final
-                        await resp.write(_sse(serving.chunk(call, finish=final.finish_reason or "stop", final=final)))
-                        if call.request.include_usage:
-                            await resp.write(_sse(serving.usage_chunk(call, final)))
+                        await send(lambda: sse.final(ev.final))
         except RpcError as err:
             if not resp.prepared:
                 raise
             code, msg = status_of(err)
-            _, body = http_error(code, msg)
             resp.error = code
-            await resp.write(b"data: " + body.model_dump_json().encode() + b"\n\n")
-        await resp.write(b"data: [DONE]\n\n")
+            await send(lambda: sse.failed(code, msg))
+        await send(sse.end)
         await resp.write_eof()
         return resp
 

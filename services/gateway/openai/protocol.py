@@ -7,7 +7,7 @@ GenerateRequest, in a response the per-model usage, proposals, failures and late
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
@@ -15,6 +15,11 @@ MAX_STOP = 4
 # the wire types of GenerateRequest's fields (uint32, int64): past them protobuf raises, which is a 500
 UINT32_MAX = 2**32 - 1
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+# the sampling fields both APIs share (chat completions, Responses): one set of bounds
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+MaxTokens = Annotated[int, Field(ge=1, le=UINT32_MAX)]
+SafetyIdentifier = Annotated[str, Field(max_length=128)]  # OpenAI's limit
 
 
 class _Strict(BaseModel):
@@ -77,10 +82,10 @@ class MoaaOptions(_Strict):
 class ChatCompletionRequest(_Strict):
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
-    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -89,7 +94,7 @@ class ChatCompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     # accepted and not used: identifiers and hints that, by OpenAI's own description, do not change the answer
     user: str | None = None
-    safety_identifier: str | None = Field(None, max_length=128)
+    safety_identifier: SafetyIdentifier | None = None
     prompt_cache_key: str | None = None
     prediction: Prediction | None = None
     metadata: dict[str, str] | None = None

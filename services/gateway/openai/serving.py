@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, TypeVar
 
 import grpc
 from google.protobuf import json_format
+from pydantic import BaseModel, ValidationError
 
 from moaa.services.common.errors import InvalidArgument, RpcError
 from moaa.services.common.validation import merge_sampling, messages_to_dicts, sampling_overrides
@@ -38,6 +39,7 @@ _HTTP = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout", "deadline_exceeded"),
 }
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait
+M = TypeVar("M", bound=BaseModel)
 
 
 class HttpError(RpcError):
@@ -53,6 +55,21 @@ def http_error(code: grpc.StatusCode, message: str, param: str | None = None) ->
     return status, p.ErrorResponse(error=p.ErrorInfo(message=message, type=kind, param=param, code=ecode))
 
 
+def validated(model: type[M], body: Any) -> M:
+    """A request body as `model`, or a 400 naming the field at fault."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        param, msg = p.describe_validation(err)
+        raise HttpError(msg, grpc.StatusCode.INVALID_ARGUMENT, param) from None
+
+
+def sse(model: BaseModel, event: str | None = None) -> bytes:
+    """One server-sent event; `event:` names it where the API does (the Responses API)."""
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + model.model_dump_json().encode() + b"\n\n"
+
+
 @dataclass
 class Call:
     """One checked request: its plan, and what the answer needs to know."""
@@ -62,6 +79,7 @@ class Call:
     kind: str                      # "recipe" | "backend"
     deadline: float | None         # time.monotonic() seconds
     created: int
+    source: Any = None             # the request as its API sent it, where that is not chat completions
 
     @property
     def id(self) -> str:
@@ -202,6 +220,36 @@ class ChatServing:
     def usage_chunk(self, call: Call, final: gateway_pb2.GenerateResponse) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(id=call.id, created=call.created, model=call.request.model, choices=[],
                                      usage=self.usage(final))
+
+    def stream(self, call: Call) -> ChatStream:
+        return ChatStream(self, call)
+
+
+class ChatStream:
+    """What a streamed chat completion writes for each engine event (the router sends it): chunks, a last
+    chunk with finish_reason and the `moaa` object, the usage chunk when asked for, then [DONE]."""
+
+    def __init__(self, serving: ChatServing, call: Call):
+        self.serving, self.call = serving, call
+
+    def start(self) -> list[bytes]:
+        return [sse(self.serving.chunk(self.call, role=True, content=""))]
+
+    def delta(self, text: str) -> list[bytes]:
+        return [sse(self.serving.chunk(self.call, content=text))]
+
+    def final(self, final: gateway_pb2.GenerateResponse) -> list[bytes]:
+        out = [sse(self.serving.chunk(self.call, finish=final.finish_reason or "stop", final=final))]
+        if self.call.request.include_usage:
+            out.append(sse(self.serving.usage_chunk(self.call, final)))
+        return out
+
+    def failed(self, code: grpc.StatusCode, message: str) -> list[bytes]:
+        """An error after the answer started: OpenAI's error body as an event."""
+        return [sse(http_error(code, message)[1])]
+
+    def end(self) -> list[bytes]:
+        return [b"data: [DONE]\n\n"]
 
 
 def _plan_or_400(make) -> Plan:
