@@ -12,10 +12,10 @@ import aiohttp
 import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
-from prometheus_client import REGISTRY
 from pydantic import TypeAdapter
 
-from tests.fixtures.gateway import moa_config
+from tests.fixtures.gateway import http_calls, moa_config
+from tests.fixtures.waiting import wait_for
 
 FAST = {"ttft_s": 0.0}
 TOKEN = "responses-door-token-0123456789"
@@ -30,28 +30,18 @@ def client(gw, **kw) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=base_url(gw), **{"api_key": "unused", "max_retries": 0, "timeout": 30, **kw})
 
 
-async def settle(check, tries: int = 200) -> bool:
-    for _ in range(tries):
-        if check():
-            return True
-        await asyncio.sleep(0.02)
-    return check()
-
-
 def calls(code: str) -> float:
-    return REGISTRY.get_sample_value("moaa_rpc_calls_total", {
-        "service": "gateway", "method": "Responses", "code": code, "transport": "http"}) or 0.0
+    return http_calls(code, "Responses")
 
 
 async def post(gw, body: dict, headers: dict | None = None) -> tuple[int, dict | list, dict]:
     """A raw POST /v1/responses: (status, JSON body or the SSE events' data, headers)."""
-    async with aiohttp.ClientSession() as s:
-        async with s.post(base_url(gw) + "/responses", json=body, headers=headers) as r:
-            if r.content_type == "text/event-stream":
-                text = await r.text()
-                return r.status, [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")], \
-                    dict(r.headers)
-            return r.status, await r.json(), dict(r.headers)
+    async with aiohttp.ClientSession() as s, s.post(base_url(gw) + "/responses", json=body, headers=headers) as r:
+        if r.content_type == "text/event-stream":
+            text = await r.text()
+            return r.status, [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")], \
+                dict(r.headers)
+        return r.status, await r.json(), dict(r.headers)
 
 
 @pytest.fixture
@@ -153,9 +143,9 @@ async def test_stream_wire_format_is_the_sdks_types(gw):
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     for ev in events:
         EVENTS.validate_python(ev)  # strict: each event parses as its own SDK type
-    async with aiohttp.ClientSession() as s:  # each event is named, as OpenAI names them
-        async with s.post(base_url(gw) + "/responses", json={"model": "moa", "input": "hi", "stream": True}) as r:
-            lines = (await r.text()).splitlines()
+    body = {"model": "moa", "input": "hi", "stream": True}
+    async with aiohttp.ClientSession() as s, s.post(base_url(gw) + "/responses", json=body) as r:
+        lines = (await r.text()).splitlines()  # each event is named, as OpenAI names them
     names = [line[7:] for line in lines if line.startswith("event: ")]
     assert names[0] == "response.created" and names[-1] == "response.completed" and "[DONE]" not in lines[-1]
 
@@ -242,7 +232,7 @@ async def test_429_503_504_with_their_headers(gw_emulators, gateway_factory):
                               "bad": {"error_rates": {500: 1.0}}, "agg": FAST})
     gw = await gateway_factory(moa_config(emu.url, ["stall"], gateway={"max_in_flight": 1}))
     first = asyncio.create_task(client(gw).responses.create(model="moa", input="hello"))
-    assert await settle(lambda: emu.stats.in_flight)
+    assert await wait_for(lambda: emu.stats.in_flight)
     with pytest.raises(openai.RateLimitError) as err:
         await client(gw).responses.create(model="moa", input="hello")
     assert err.value.response.headers["retry-after"] == "1"
@@ -285,15 +275,15 @@ async def test_client_disconnect_cancels_backend_requests(gw_emulators, gateway_
         if e.type == "response.output_text.delta":
             break
     await stream.close()
-    assert await settle(lambda: emu.stats.disconnects == 1 and emu.stats.in_flight == 0
+    assert await wait_for(lambda: emu.stats.disconnects == 1 and emu.stats.in_flight == 0
                         and not gw.running.guard.limiter.in_flight), emu.stats
     # not streamed: hanging up while a proposer answers cancels it
     gw2 = await gateway_factory(moa_config(emu.url, ["a", "stall"]))
     task = asyncio.create_task(client(gw2).responses.create(model="moa", input="hello"))
-    assert await settle(lambda: emu.stats.in_flight)
+    assert await wait_for(lambda: emu.stats.in_flight)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    assert await settle(lambda: emu.stats.disconnects == 2 and emu.stats.in_flight == 0), emu.stats
+    assert await wait_for(lambda: emu.stats.disconnects == 2 and emu.stats.in_flight == 0), emu.stats
     assert calls("CANCELLED") - cancelled == 2
 
 

@@ -12,8 +12,8 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client import REGISTRY
 
+from tests.fixtures.gateway import http_calls as calls
 from tests.fixtures.gateway import moa_config
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm fetches a price list at import otherwise
@@ -39,11 +39,6 @@ async def settle(check, tries: int = 200) -> bool:
             return True
         await asyncio.sleep(0.02)
     return check()
-
-
-def calls(code: str) -> float:
-    return REGISTRY.get_sample_value("moaa_rpc_calls_total", {
-        "service": "gateway", "method": "ChatCompletions", "code": code, "transport": "http"}) or 0.0
 
 
 @pytest.fixture

@@ -55,6 +55,16 @@ async def test_readme_openai_sdk_example_runs(readme_gateway):
     assert out.strip(), "the example printed no answer"
 
 
+async def test_readme_responses_example_runs(readme_gateway):
+    """The Responses API example, after the chat example's import and client (which it uses)."""
+    http = f"http://127.0.0.1:{readme_gateway.running.http_port}/v1"
+    setup = _python_example("from openai import OpenAI").split("\nresp = ", 1)[0]
+    code = setup + "\n" + _python_example("client.responses.create")
+    rc, out, err = await _run([sys.executable, "-c", code.replace("http://127.0.0.1:8080/v1", http)])
+    assert rc == 0, err
+    assert out.split()[-2] in ("completed", "incomplete"), out
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine")
 async def test_readme_curl_example_streams(readme_gateway):
     (cmd,) = [b for b in code_blocks("bash") if b.startswith("curl") and "chat/completions" in b and "Bearer" in b]

@@ -21,9 +21,10 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -179,7 +180,7 @@ class OpenAIRouter:
         except (ConnectionResetError, ConnectionError):
             code = grpc.StatusCode.CANCELLED  # the client hung up mid-stream
             resp = request.get(_STREAM) or web.Response(status=499)
-        except Exception as err:  # noqa: BLE001 - every error becomes an OpenAI error body
+        except Exception as err:
             code, msg = status_of(err)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s call failed", api.method)
@@ -226,29 +227,29 @@ class OpenAIRouter:
         still answers with its own status; after it, an error is an event in the stream (`sse.failed`)."""
         resp = _Streamed(headers={**_SSE_HEADERS, REQUEST_ID: call.plan.request_id})
 
-        async def send(chunks) -> None:  # chunks: a thunk, so the stream's start is numbered before them
+        async def send(make, *args) -> None:  # called here, so the stream's start is numbered before them
             if not resp.prepared:
                 await resp.prepare(request)
                 resp.watch(request.transport, self.cfg.http_client_timeout_s)
                 request[_STREAM] = resp
                 for chunk in sse.start():
                     await resp.write(chunk)
-            for chunk in chunks():
+            for chunk in make(*args):
                 await resp.write(chunk)
 
         try:
             async with aclosing(self.serving.events(call, started, deltas=True)) as events:
                 async for ev in events:
                     if ev.HasField("delta"):
-                        await send(lambda: sse.delta(ev.delta.text))
+                        await send(sse.delta, ev.delta.text)
                     elif ev.HasField("final"):
-                        await send(lambda: sse.final(ev.final))
+                        await send(sse.final, ev.final)
         except RpcError as err:
             if not resp.prepared:
                 raise
             code, msg = status_of(err)
             resp.error = code
-            await send(lambda: sse.failed(code, msg))
+            await send(sse.failed, code, msg)
         await send(sse.end)
         await resp.write_eof()
         return resp

@@ -10,6 +10,7 @@ import re
 import time
 
 import grpc
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from moaa.v1 import gateway_pb2
 
@@ -41,7 +42,7 @@ def to_messages(req: rp.ResponsesRequest) -> tuple[list[p.ChatMessage], list[str
                                 f"input[{i}].content[{j}]")
         try:
             msg = rp.InputMessage.model_validate(item)
-        except ValueError as err:
+        except ValidationError as err:
             param, text = p.describe_validation(err)
             raise HttpError(f"input[{i}].{text}", grpc.StatusCode.INVALID_ARGUMENT, f"input[{i}].{param}") from None
         if msg.role in ("system", "developer") and not messages:
@@ -181,9 +182,9 @@ class ResponsesStream:
         return []
 
 
-class _Event(p.BaseModel):
+class _Event(BaseModel):
     """One event of the Responses stream; its fields depend on its type."""
 
-    model_config = p.ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")
     type: str
     sequence_number: int

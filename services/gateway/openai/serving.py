@@ -9,8 +9,9 @@ aggregator_sampling does. Errors are `RpcError`s, as in the gRPC API; `http_erro
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
