@@ -182,7 +182,7 @@ REFUSED = [
      "input[0].content[0]", "text only"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0]", "text"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", "input[0].role"),
-    ({"input": []}, "input", "user message"),
+    ({"input": []}, "input", "user message"), ({"input": ""}, "input", "input.content is empty"),
     ({"input": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "input", "input"),
     ({"temperature": 3}, "temperature", "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
@@ -309,6 +309,11 @@ async def test_openai_agents_runner(gw):
     result = await agents.Runner.run(agent, "What is a mixture of agents?")
     assert result.final_output and isinstance(result.final_output, str)
     assert gw.emu.bodies("a")[-1]["messages"][0] == {"role": "system", "content": "Be brief."}
+    # the next turn: the history as the SDK gives it back (the answer as an output message item)
+    again = await agents.Runner.run(agent, result.to_input_list() + [{"role": "user", "content": "And DPO?"}])
+    assert again.final_output
+    assert [m["role"] for m in gw.emu.bodies("a")[-1]["messages"]] == ["system", "user", "assistant", "user"]
+    assert gw.emu.bodies("a")[-1]["messages"][2]["content"] == result.final_output
     streamed = agents.Runner.run_streamed(agent, "hello")
     kinds = {e.type async for e in streamed.stream_events()}
     assert streamed.final_output and "raw_response_event" in kinds

@@ -50,7 +50,7 @@ def to_messages(req: rp.ResponsesRequest) -> tuple[list[p.ChatMessage], list[str
             where_system.append(f"input[{i}]")
             continue
         messages.append(p.ChatMessage(role=msg.role, content=msg.text()))
-        where.append(f"input[{i}]")
+        where.append("input" if isinstance(req.input, str) else f"input[{i}]")
     if system:
         messages.insert(0, p.ChatMessage(role="system", content="\n\n".join(system)))
         where.insert(0, where_system[0])
