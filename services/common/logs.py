@@ -21,6 +21,9 @@ def new_request_id() -> str:
 
 
 MAX_REQUEST_ID = 128
+# the header (HTTP) and metadata key (gRPC, where the request's own request_id field wins) a client names its
+# call with; both doors send the call's id back under it (HTTP response header, gRPC trailing metadata)
+REQUEST_ID_HEADER = "x-request-id"
 
 
 def client_request_id(value: str) -> str:

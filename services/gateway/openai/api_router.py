@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from moaa.services.common.auth import TokenStore, bearer_problem
 from moaa.services.common.errors import RpcError
+from moaa.services.common.logs import REQUEST_ID_HEADER as REQUEST_ID
 from moaa.services.common.logs import client_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, status_of
 from moaa.services.config import GatewayConfig
@@ -34,7 +35,6 @@ from . import protocol as p
 from .serving import RETRY_AFTER_S, ChatServing, HttpError, http_error
 
 log = logging.getLogger("moaa.http")
-REQUEST_ID = "x-request-id"
 CHAT_METHOD = "ChatCompletions"
 _EXEMPT = ("/health",)
 # what the middleware and the handlers keep on a request: its id, and the SSE response once headers are out
