@@ -83,3 +83,27 @@ async def test_a_stream_past_its_deadline_is_counted_deadline_exceeded(gw_emulat
             break
         await asyncio.sleep(0.05)
     assert codes == ["DEADLINE_EXCEEDED"]
+
+
+async def test_calls_refused_before_they_are_read_carry_the_request_id_too(gw_emulators, gateway_factory, monkeypatch,
+                                                                           caplog):
+    # a missing token, bytes that do not parse or a request over max_request_bytes are refused before the
+    # servicer: their status came without the x-request-id the client named the call with, and the refused
+    # call's log line had a new id
+    monkeypatch.setenv("MOAA_TEST_FOREIGN_TOKENS", "t")
+    emu = await gw_emulators()
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={
+        "auth": {"tokens_env": "MOAA_TEST_FOREIGN_TOKENS"}, "max_request_bytes": 2048}))
+    caplog.set_level(logging.INFO, logger="moaa.rpc")
+    raw = gw.channel.unary_unary("/moaa.v1.MoAGateway/Generate")
+    token = ("authorization", "Bearer t")
+    for rid, body, metadata, code in [
+            ("no-token", request().SerializeToString(), (), grpc.StatusCode.UNAUTHENTICATED),
+            ("garbage", b"\xff\xff\xff\xff\x0f", (token,), grpc.StatusCode.INVALID_ARGUMENT),
+            ("too-big", request("x" * 4096).SerializeToString(), (token,), grpc.StatusCode.RESOURCE_EXHAUSTED)]:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await raw(body, metadata=(*metadata, ("x-request-id", rid)), timeout=5)
+        assert err.value.code() == code, (rid, err.value.details())
+        assert ("x-request-id", rid) in tuple(err.value.trailing_metadata()), rid
+    refused = [r for r in caplog.records if getattr(r, "code", "") == "UNAUTHENTICATED"]
+    assert [r.request_id for r in refused] == ["no-token"]
