@@ -35,6 +35,17 @@ def client_request_id(value: str) -> str:
     return value
 
 
+def call_request_id(own: str, context) -> str:
+    """A gRPC call's id: the request's own `own`, else the caller's REQUEST_ID_HEADER metadata, else a new
+    one (as client_request_id). Set in the call's trailing metadata, so that the client gets it back
+    whatever the call ends with, a refusal before its request was read included."""
+    if not own:
+        own = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), "")
+    rid = client_request_id(own if isinstance(own, str) else "")
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+    return rid
+
+
 def item_request_id(own: str, call_id: str, item_id: str) -> str:
     """A stream item's request id: its own, else the stream call's id and the item's, so the items'
     log lines are found under the call's (both client strings: checked as client_request_id)."""

@@ -18,7 +18,7 @@ import grpc
 from moaa.errors import UserError
 from moaa.services.common.errors import RpcError
 from moaa.services.common.limiter import InFlightLimiter
-from moaa.services.common.logs import REQUEST_ID_HEADER, client_request_id, request_id_var
+from moaa.services.common.logs import call_request_id, request_id_var
 from moaa.services.common.metrics import Metrics
 
 log = logging.getLogger("moaa.rpc")
@@ -89,22 +89,11 @@ class CallGuard:
             _door_log.info("call", extra={**extra, "transport": transport})
 
 
-def _request_id(request, context) -> str:
-    """The request's own request_id, else the caller's x-request-id metadata (a stream's call has only that),
-    else a new one; sent back in the trailing metadata, so a failed call's id reaches the client too."""
-    own = getattr(request, "request_id", "") if request is not None else ""
-    if not own:
-        own = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), "")
-    rid = client_request_id(own if isinstance(own, str) else "")
-    context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
-    return rid
-
-
 @contextlib.asynccontextmanager
 async def _call_scope(guard: CallGuard, name: str, request, context):
     """Everything around one call: request id, in-flight slot, error -> status, metrics, one log line."""
     items = hasattr(request, "__aiter__")  # a request stream: its items take in-flight slots (stream.py)
-    rid = _request_id(None if items else request, context)
+    rid = call_request_id("" if items else getattr(request, "request_id", ""), context)
     token = request_id_var.set(rid)
     t0 = time.perf_counter()
     code = grpc.StatusCode.OK
