@@ -77,12 +77,28 @@ async def test_a_stream_past_its_deadline_is_counted_deadline_exceeded(gw_emulat
         async for _ in gw.stub.GenerateBatch(iter([gateway_pb2.BatchItem(id="r1", request=request())]), timeout=0.3):
             pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    for _ in range(50):  # the server notices the deadline on its own schedule
-        codes = [r.code for r in caplog.records if getattr(r, "method", "") == "GenerateBatch"]
+    assert await _logged_codes(caplog, "GenerateBatch") == ["DEADLINE_EXCEEDED"]
+
+    async def idle():  # the request stream open, nothing in flight: the deadline reads as the stream's end
+        await asyncio.Event().wait()
+        yield gateway_pb2.BatchItem()
+
+    for _ in range(3):
+        caplog.clear()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in gw.stub.GenerateBatch(idle(), timeout=0.2):
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert await _logged_codes(caplog, "GenerateBatch") == ["DEADLINE_EXCEEDED"]
+
+
+async def _logged_codes(caplog, method: str) -> list[str]:
+    for _ in range(50):  # the server notices the end of the call on its own schedule
+        codes = [r.code for r in caplog.records if getattr(r, "method", "") == method]
         if codes:
-            break
+            return codes
         await asyncio.sleep(0.05)
-    assert codes == ["DEADLINE_EXCEEDED"]
+    return []
 
 
 async def test_calls_refused_before_they_are_read_carry_the_request_id_too(gw_emulators, gateway_factory, monkeypatch,
