@@ -70,6 +70,24 @@ def _aborted_code(context) -> grpc.StatusCode:
         return grpc.StatusCode.UNKNOWN
 
 
+def _ended(context) -> bool:
+    """The call is over for the client (cancelled, or its deadline passed) though its handler returned."""
+    left = time_remaining(context)
+    if left is not None and left <= 0:
+        return True
+    try:
+        return context.cancelled()
+    except Exception:  # noqa: BLE001 - some contexts (tests) have none
+        return False
+
+
+def _cut_code(context) -> grpc.StatusCode:
+    """A call that ended before its handler did: what the client saw (grpc cancels the handler when the
+    deadline passes too)."""
+    left = time_remaining(context)
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+
+
 class CallGuard:
     """Per-server state the guard needs: limiter and metrics."""
 
@@ -100,10 +118,10 @@ async def _call_scope(guard: CallGuard, name: str, request, context):
     try:
         with contextlib.nullcontext() if items else guard.limiter.slot():
             yield rid
+        if _ended(context):  # a request stream cut by the client or the deadline can read as its normal end
+            code = _cut_code(context)
     except asyncio.CancelledError:
-        # grpc cancels the handler when the deadline passes too: counted as what the client saw
-        left = time_remaining(context)
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+        code = _cut_code(context)
         raise
     except grpc.aio.AbortError:
         code = _aborted_code(context)
