@@ -118,6 +118,7 @@ RAW_METHODS = [
     ("/grpc.health.v1.Health/Check", "unary_unary"),
     ("/grpc.health.v1.Health/Watch", "unary_stream"),
     ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"),
+    ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "stream_stream"),
 ]
 
 

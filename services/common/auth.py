@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from moaa.services.common.decoding import HANDLER_KINDS, drain_requests
-from moaa.services.common.logs import new_request_id
+from moaa.services.common.logs import call_request_id
 from moaa.services.config import AuthConfig
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,9 @@ def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, messag
     async def refuse(request_or_iterator, context):
         if request_streaming:  # the client may still be writing: read that first (drain_requests)
             await drain_requests(request_or_iterator)
+        rid = call_request_id("", context)
         if on_refused is not None:
-            on_refused()
+            on_refused(rid)
         await context.abort(code, message)
 
     async def streaming(request_or_iterator, context):
@@ -138,7 +139,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = details.method.rsplit("/", 1)[-1]  # a registered method (handler found): bounded labels
         refused = None if self.guard is None else (
-            lambda: self.guard.done(method, "UNAUTHENTICATED", 0.0, new_request_id()))
+            lambda rid: self.guard.done(method, "UNAUTHENTICATED", 0.0, rid))
         return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, problem, refused)
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from moaa.services.common.logs import call_request_id
+
 # Bounds on reading a request stream that is about to be refused (drain_requests).
 DRAIN_IDLE_S = 0.2
 DRAIN_TOTAL_S = 1.0
@@ -95,6 +97,7 @@ async def drain_requests(requests) -> None:
 async def _reject(context, bad: Undecodable, requests=None) -> None:
     if requests is not None:
         await drain_requests(requests)
+    call_request_id("", context)  # the client's x-request-id comes back with the refusal too
     await context.abort(bad.code, bad.message)
 
 

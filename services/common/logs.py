@@ -21,6 +21,9 @@ def new_request_id() -> str:
 
 
 MAX_REQUEST_ID = 128
+# the header (HTTP) and metadata key (gRPC, where the request's own request_id field wins) a client names its
+# call with; both doors send the call's id back under it (HTTP response header, gRPC trailing metadata)
+REQUEST_ID_HEADER = "x-request-id"
 
 
 def client_request_id(value: str) -> str:
@@ -30,6 +33,17 @@ def client_request_id(value: str) -> str:
     if not value or len(value) > MAX_REQUEST_ID or not value.isprintable():
         return new_request_id()
     return value
+
+
+def call_request_id(own: str, context) -> str:
+    """A gRPC call's id: the request's own `own`, else the caller's REQUEST_ID_HEADER metadata, else a new
+    one (as client_request_id). Set in the call's trailing metadata, so that the client gets it back
+    whatever the call ends with, a refusal before its request was read included."""
+    if not own:
+        own = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_HEADER), "")
+    rid = client_request_id(own if isinstance(own, str) else "")
+    context.set_trailing_metadata(((REQUEST_ID_HEADER, rid),))
+    return rid
 
 
 def item_request_id(own: str, call_id: str, item_id: str) -> str:

@@ -18,7 +18,7 @@ import grpc
 from moaa.errors import UserError
 from moaa.services.common.errors import RpcError
 from moaa.services.common.limiter import InFlightLimiter
-from moaa.services.common.logs import client_request_id, request_id_var
+from moaa.services.common.logs import call_request_id, request_id_var
 from moaa.services.common.metrics import Metrics
 
 log = logging.getLogger("moaa.rpc")
@@ -70,6 +70,24 @@ def _aborted_code(context) -> grpc.StatusCode:
         return grpc.StatusCode.UNKNOWN
 
 
+def _ended(context) -> bool:
+    """The call is over for the client (cancelled, or its deadline passed) though its handler returned."""
+    left = time_remaining(context)
+    if left is not None and left <= 0:
+        return True
+    try:
+        return context.cancelled()
+    except Exception:  # noqa: BLE001 - some contexts (tests) have none
+        return False
+
+
+def _cut_code(context) -> grpc.StatusCode:
+    """A call that ended before its handler did: what the client saw (grpc cancels the handler when the
+    deadline passes too)."""
+    left = time_remaining(context)
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+
+
 class CallGuard:
     """Per-server state the guard needs: limiter and metrics."""
 
@@ -89,23 +107,21 @@ class CallGuard:
             _door_log.info("call", extra={**extra, "transport": transport})
 
 
-def _request_id(request) -> str:
-    return client_request_id(getattr(request, "request_id", "") if request is not None else "")
-
-
 @contextlib.asynccontextmanager
 async def _call_scope(guard: CallGuard, name: str, request, context):
     """Everything around one call: request id, in-flight slot, error -> status, metrics, one log line."""
     items = hasattr(request, "__aiter__")  # a request stream: its items take in-flight slots (stream.py)
-    rid = _request_id(None if items else request)
+    rid = call_request_id("" if items else getattr(request, "request_id", ""), context)
     token = request_id_var.set(rid)
     t0 = time.perf_counter()
     code = grpc.StatusCode.OK
     try:
         with contextlib.nullcontext() if items else guard.limiter.slot():
             yield rid
+        if _ended(context):  # a request stream cut by the client or the deadline can read as its normal end
+            code = _cut_code(context)
     except asyncio.CancelledError:
-        code = grpc.StatusCode.CANCELLED
+        code = _cut_code(context)
         raise
     except grpc.aio.AbortError:
         code = _aborted_code(context)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from moaa.errors import UserError
 from moaa.services.common.auth import auth_interceptors
@@ -146,6 +146,20 @@ class RunningServer:
         return 128 + second.result()
 
 
+def add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
+    """Server reflection as grpc.reflection.v1alpha and as grpc.reflection.v1, which grpcurl, Postman and
+    grpc-js clients ask first (grpcio-reflection serves only v1alpha). v1 is v1alpha's protocol under another
+    package name, the same messages and field numbers, so one servicer answers both. v1 is not listed: its
+    descriptor is not in our pool, and a client that lists then describes everything would fail on it."""
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("grpc.reflection.v1.ServerReflection", {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+
+
 def check_free(host: str, port: int | None, setting: str) -> None:
     """A busy port fails the start with one line naming the setting to change, before gRPC (which would
     print its own C-core report and raise a bare RuntimeError) or the metrics server try it."""
@@ -182,8 +196,8 @@ async def start_server(cfg: ServerConfig, service: str, add_servicers, service_n
     add_servicers(server, guard)
     health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME], server)
+    add_reflection(server, [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                            reflection.SERVICE_NAME])
     creds = server_credentials(cfg.tls)
     address = f"{cfg.host}:{cfg.port}"
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from moaa.services.common.auth import TokenStore, bearer_problem
 from moaa.services.common.errors import RpcError
+from moaa.services.common.logs import REQUEST_ID_HEADER as REQUEST_ID
 from moaa.services.common.logs import client_request_id, request_id_var
 from moaa.services.common.rpc import CallGuard, status_of
 from moaa.services.config import GatewayConfig
@@ -41,7 +42,6 @@ from .responses_serving import ResponsesServing
 from .serving import RETRY_AFTER_S, Call, ChatServing, HttpError, http_error, validated
 
 log = logging.getLogger("moaa.http")
-REQUEST_ID = "x-request-id"
 CHAT_METHOD = "ChatCompletions"
 RESPONSES_METHOD = "Responses"
 _EXEMPT = ("/health",)
