@@ -70,10 +70,19 @@ def _aborted_code(context) -> grpc.StatusCode:
         return grpc.StatusCode.UNKNOWN
 
 
+# The client's deadline starts before the server's (the server counts from the request's arrival), so
+# the client's cancel at its deadline reaches the server with a little of the server's time still left.
+_DEADLINE_SLACK_S = 0.25
+
+
+def _past_deadline(context, slack_s: float = 0.0) -> bool:
+    left = time_remaining(context)
+    return left is not None and left <= slack_s
+
+
 def _ended(context) -> bool:
     """The call is over for the client (cancelled, or its deadline passed) though its handler returned."""
-    left = time_remaining(context)
-    if left is not None and left <= 0:
+    if _past_deadline(context):
         return True
     try:
         return context.cancelled()
@@ -84,8 +93,7 @@ def _ended(context) -> bool:
 def _cut_code(context) -> grpc.StatusCode:
     """A call that ended before its handler did: what the client saw (grpc cancels the handler when the
     deadline passes too)."""
-    left = time_remaining(context)
-    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context, _DEADLINE_SLACK_S) else grpc.StatusCode.CANCELLED
 
 
 class CallGuard:
