@@ -27,3 +27,38 @@ async def test_abandoned_batch_streams_leave_no_open_stream_nor_slot(gw_emulator
             break
     assert await wait_for(lambda: not guard.streams and guard.limiter.in_flight == 0, timeout=5), (
         f"{len(guard.streams)} of 40 abandoned streams still open, {guard.limiter.in_flight} slots held")
+
+
+async def test_moaa_annotate_holds_the_window_not_the_file(tmp_path, annotator_factory):
+    """`moaa annotate` over many rows holds the requests of its window, not one per row of the samples file:
+    counted mid-run among the process's live AnnotateRequest messages (client and in-process annotator,
+    both with a window of 4). It held every row's request from start to end."""
+    import gc
+    import json
+
+    from moaa.client.annotate import annotate_file
+    from moaa.client.endpoint import Endpoint
+    from moaa.services.emulator import Emulator, EmulatorSettings
+    from moaa.v1 import annotator_pb2
+    from tests.fixtures.annotator import judge_config
+
+    judges = Emulator(EmulatorSettings(judge=True, ttft_s=0.01))
+    await judges.start()
+    try:
+        stub = await annotator_factory(judge_config(judges.url, {"a": "keyword:paris"}, mode="pointwise",
+                                                    annotator={"batch_window": 4}))
+        rows = 300
+        inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+        with inp.open("w") as fh:
+            for i in range(rows):
+                cands = [{"text": "Bananas are yellow."}, {"text": "Paris is the capital."}]
+                fh.write(json.dumps({"id": f"r{i}", "prompt": "Capital of France?", "candidates": cands}) + "\n")
+        run = asyncio.create_task(annotate_file(Endpoint(stub.server.address), str(inp), str(out), progress=False,
+                                                window=4))
+        assert await wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= rows // 3, timeout=60)
+        live = sum(isinstance(o, annotator_pb2.AnnotateRequest) for o in gc.get_objects())
+        summary = await run
+        assert summary["pairs"] == rows
+        assert live <= 40, f"{live} AnnotateRequests alive a third into a {rows}-row run with a window of 4"
+    finally:
+        await judges.stop()
