@@ -10,7 +10,9 @@ abandoned after one result); Generate with annotate=true; Annotate; AnnotateStre
 completions, plain and streamed (every 3rd streamed one hung up on mid-stream); a bad token; a bad request;
 every call with its own request id. Every 500 calls one proposer goes down (all its requests 500, so its
 circuit opens) for 100 calls, then comes back; the emulator also injects 5 % 500s throughout, and for 5
-calls in every 50 the other proposer cuts its streams, answers slowly or stalls past the chunk-gap timeout.
+calls in every 50 the other proposer cuts its streams, answers slowly or stalls past the chunk-gap timeout;
+a request on a connection the emulator's keep-alive timer just closed is dropped (keepalive_race); health
+probes run every second.
 
 tracemalloc traces the whole run; after `--warmup` calls a baseline is taken. Printed at the end: calls done,
 RSS at the baseline and at the end, the traced bytes per 1,000 calls that grew in moaa's own files
@@ -149,8 +151,8 @@ class Load:
 def config(emu_url: str, judge_url: str, ann_address: str | None) -> dict:
     backend = {"urls": [emu_url], "retries": {"max_attempts": 2, "backoff_base_s": 0.01},
                "timeouts": {"chunk_gap_s": 0.3},
-               "health": {"probe_interval_s": 3600}, "circuit": {"failure_threshold": 3, "reset_after_s": 0.5}}
-    judge = {"urls": [judge_url], "served_model": "keyword:paris", "health": {"probe_interval_s": 3600}}
+               "health": {"probe_interval_s": 1.0}, "circuit": {"failure_threshold": 3, "reset_after_s": 0.5}}
+    judge = {"urls": [judge_url], "served_model": "keyword:paris", "health": {"probe_interval_s": 1.0}}
     cfg = {"backends": {"a": backend, "b": backend, "agg": backend, "judge1": judge, "judge2": judge},
            "recipes": {"moa": {"proposers": [{"model": "a"}, {"model": "b"}], "aggregator": {"model": "agg"},
                                "min_proposers": 1}},
@@ -175,12 +177,14 @@ async def soak(calls: int, rate: float, warmup: int, every: int = 1000, top: int
 
     os.environ[TOKEN_ENV] = "soak-token"
     faults = {"error_rates": {500: 0.05}, "ttft_jitter_s": 0.02}
-    emu = Emulator(EmulatorSettings(record=False, **faults), {"agg": {"tokens_per_s": 2000}})
+    # keep-alive races: the emulator closes idle connections after 0.5 s, the backend client keeps them 4 s
+    emu = Emulator(EmulatorSettings(record=False, keepalive_race=True, keepalive_timeout_s=0.5, **faults),
+                   {"agg": {"tokens_per_s": 2000}})
     judges = Emulator(EmulatorSettings(judge=True, record=False))
     await emu.start()
     await judges.start()
-    ann = await start_annotator(parse_config(config(emu.url, judges.url, None)), port=0, probes=False)
-    gw = await start_gateway(parse_config(config(emu.url, judges.url, ann.address)), probes=False)
+    ann = await start_annotator(parse_config(config(emu.url, judges.url, None)), port=0, probes=True)
+    gw = await start_gateway(parse_config(config(emu.url, judges.url, ann.address)), probes=True)
     gw_ch, ann_ch = grpc.aio.insecure_channel(gw.address), grpc.aio.insecure_channel(ann.address)
     session = aiohttp.ClientSession()
     http_url = f"http://127.0.0.1:{gw.http_port}"
@@ -228,6 +232,7 @@ async def soak(calls: int, rate: float, warmup: int, every: int = 1000, top: int
     mine = [d for d in grown if ours(d.traceback[0].filename) and d.size_diff > 0]
     calls = end["calls"] - base["calls"]
     return {"calls": i, "measured": calls, "base": base, "end": end, "outcomes": load.outcomes,
+            "faults": {**emu.stats.faults, **{f"http_{k}": v for k, v in emu.stats.errors.items()}},
             "growth_per_1000": sum(d.size_diff for d in mine) * 1000 / max(1, calls),
             "net_per_1000": (traced_ours(end["snap"])[0] - traced_ours(base["snap"])[0]) * 1000 / max(1, calls),
             "top": mine[:top], "types": (end["types"] - base["types"]).most_common(top), "rows": rows}
@@ -237,6 +242,7 @@ def report(r: dict) -> None:
     b, e = r["base"], r["end"]
     print(f"calls done: {r['calls']} (measured {r['measured']} after a warm-up of {b['calls']})")
     print(f"outcomes (kind:code): {dict(sorted(r['outcomes'].items()))}")
+    print(f"faults the emulator injected: {r['faults']}")
     print(f"RSS: {b['rss']:.1f} MB at call {b['calls']} -> {e['rss']:.1f} MB at call {e['calls']}")
     print(f"traced bytes held by moaa's own files: {r['net_per_1000']:+.0f} B per 1,000 calls "
           f"(sites that grew: {r['growth_per_1000']:+.0f} B per 1,000 calls)")
