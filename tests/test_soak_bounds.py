@@ -29,6 +29,38 @@ async def test_abandoned_batch_streams_leave_no_open_stream_nor_slot(gw_emulator
         f"{len(guard.streams)} of 40 abandoned streams still open, {guard.limiter.in_flight} slots held")
 
 
+async def test_a_stream_cancelled_twice_still_leaves_the_open_set_and_frees_its_slots():
+    """The same, made certain: the second cancel lands while the stream waits for its items' clean-up."""
+    from moaa.services.common.limiter import InFlightLimiter
+    from moaa.services.common.stream import ItemStream
+
+    started = []
+
+    async def handle(req):
+        started.append(req)
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.05)  # closing a backend stream takes a moment
+
+    async def requests():
+        for i in range(10):
+            yield str(i)
+
+    async def write(res):
+        raise AssertionError("nothing finishes")
+
+    live, limiter = set(), InFlightLimiter(8)
+    stream = ItemStream(handle, lambda req, code, msg: (req, code), window=3, limiter=limiter, live=live)
+    task = asyncio.create_task(stream.serve(requests(), write))
+    assert await wait_for(lambda: len(started) == 3)
+    task.cancel()
+    await asyncio.sleep(0.01)  # the stream is now waiting for its items' clean-up
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert not live and limiter.in_flight == 0, (live, limiter.in_flight)
+
+
 async def test_moaa_annotate_holds_the_window_not_the_file(tmp_path, annotator_factory):
     """`moaa annotate` over many rows holds the requests of its window, not one per row of the samples file:
     counted mid-run among the process's live AnnotateRequest messages (client and in-process annotator,
