@@ -8,8 +8,8 @@ second (paced, not as fast as possible: keep it to a fraction of one core). The 
 Generate; GenerateStream (every 3rd cancelled after its first event); GenerateBatch of 3 items (every 4th
 abandoned after one result); Generate with annotate=true; Annotate; AnnotateStream of 2 items; HTTP chat
 completions, plain and streamed (every 3rd streamed one hung up on mid-stream); a bad token; a bad request;
-every call with its own request id. Every 500 calls one proposer goes down (all its requests 500, so its
-circuit opens) for 100 calls, then comes back; the emulator also injects 5 % 500s throughout, and for 5
+Sample (n=2); every call with its own request id. Every 500 calls one proposer goes down (all its requests
+500, so its circuit opens) for 100 calls, then comes back; the emulator also injects 5 % 500s throughout, and for 5
 calls in every 50 the other proposer cuts its streams, answers slowly or stalls past the chunk-gap timeout;
 a request on a connection the emulator's keep-alive timer just closed is dropped (keepalive_race); health
 probes run every second.
@@ -26,7 +26,6 @@ import asyncio
 import gc
 import os
 import sys
-import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
