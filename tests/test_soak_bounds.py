@@ -94,3 +94,27 @@ async def test_moaa_annotate_holds_the_window_not_the_file(tmp_path, annotator_f
         assert live <= 40, f"{live} AnnotateRequests alive a third into a {rows}-row run with a window of 4"
     finally:
         await judges.stop()
+
+
+def test_a_store_keeps_one_copy_of_a_failure_message_many_rows_share(tmp_path):
+    """An outage fails row after row with the same message (each built anew from the server's answer); the
+    pipeline's store keeps the failed ids until the run ends, and kept a copy of the message per row."""
+    import tracemalloc
+
+    from moaa.pipeline.store import DatasetStore
+
+    store = DatasetStore(tmp_path / "d", stage="sft_data", fmt="sft").open()
+    detail = "all proposers failed: " + "b (http_5xx HTTP 500: Internal Server Error); " * 10
+    rows = 2000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(rows):
+            store.fail(f"r{i}", f"UNAVAILABLE: {detail}")
+        per_row = (tracemalloc.get_traced_memory()[0] - before) / rows
+    finally:
+        tracemalloc.stop()
+    assert len(store.failed) == rows
+    assert per_row < len(detail) / 2, f"{per_row:.0f} B held per failed row for a {len(detail)}-character message"
+    reopened = DatasetStore(tmp_path / "d", stage="sft_data", fmt="sft").open()
+    assert len({id(m) for m in reopened.failed.values()}) == 1   # reading failures.jsonl back: one copy too
