@@ -141,18 +141,21 @@ def read_input(path: str | Path, what: str, *, stdin: bool = False) -> list[tupl
     """(line number, row) of an input file written by anyone (samples, labelled pairs, answers): every
     non-blank line must be a JSON object; the first that is not stops with file:line. `stdin`: "-" reads
     standard input, for callers that read their input once (a second read would find it empty)."""
+    return list(iter_input(path, what, stream=sys.stdin.buffer if stdin and str(path) == STDIN else None))
+
+
+def iter_input(path: str | Path, what: str, *, stream=None) -> Iterator[tuple[int, dict]]:
+    """`read_input`, one row at a time (memory stays one row); `stream`: an open binary stream read instead
+    of the file (`path` then only names it in errors)."""
     path = Path(path)
-    piped = stdin and str(path) == STDIN
-    if not piped and not path.exists():
+    if stream is None and not path.exists():
         raise UserError(f"{what} file {path} does not exist")
-    rows = []
-    for n, row in iter_lines(path, stream=sys.stdin.buffer if piped else None):
+    for n, row in iter_lines(path, stream=stream):
         if isinstance(row, json.JSONDecodeError):
             raise UserError(f"{path}:{n}: not JSON ({row.msg})")
         if not isinstance(row, dict):
             raise UserError(f"{path}:{n}: expected a JSON object per line")
-        rows.append((n, row))
-    return rows
+        yield n, row
 
 
 def encode(row: dict) -> bytes:

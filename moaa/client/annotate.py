@@ -10,13 +10,19 @@ correlation over the run.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import grpc
 
 from moaa.errors import TransientError, UserError
-from moaa.jsonl import JsonlAppender, iter_scan, read_input
+from moaa.idset import IdSet
+from moaa.jsonl import STDIN, JsonlAppender, iter_input, iter_scan
 from moaa.files import RESEND_HINT, atomic_write_json, rejected_note, rejection
 from moaa.progress import StageProgress
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
@@ -28,10 +34,13 @@ from .window import windowed
 
 
 class RunReport:
-    """Per-judge bias and agreement over a run (means over the prompts where each was defined)."""
+    """Per-judge bias and agreement over a run (means over the prompts where each was defined), kept as
+    running sums: its size is the judges', not the rows'."""
+
+    KEYS = ("position_bias", "length_correlation", "agreement", "order_flip_rate")
 
     def __init__(self):
-        self.judges: dict[str, dict[str, list[float]]] = {}
+        self.judges: dict[str, dict[str, list[float]]] = {}   # judge -> key -> [sum, count]; abstentions: a sum
         self.counts = {"pairs": 0, "skipped": 0, "rejected": 0, "errors": 0, "already_done": 0}
         self.skip_reasons: dict[str, int] = {}
         self.rejected_reason = ""   # the first rejection's message
@@ -43,19 +52,19 @@ class RunReport:
 
     def add(self, resp) -> None:
         for j in resp.judges:
-            d = self.judges.setdefault(j.judge, {"position_bias": [], "length_correlation": [], "agreement": [],
-                                                  "abstentions": [], "order_flip_rate": []})
-            for key in ("position_bias", "length_correlation", "agreement", "order_flip_rate"):
+            d = self.judges.setdefault(j.judge, {**{k: [0.0, 0] for k in self.KEYS}, "abstentions": 0})
+            for key in self.KEYS:
                 v = getattr(j, key)
                 if not math.isnan(v):
-                    d[key].append(v)
-            d["abstentions"].append(j.abstentions)
+                    d[key][0] += v
+                    d[key][1] += 1
+            d["abstentions"] += j.abstentions
 
     def summary(self) -> dict:
         judges = {}
         for name, d in self.judges.items():
-            judges[name] = {k: (round(sum(v) / len(v), 4) if v else None) for k, v in d.items() if k != "abstentions"}
-            judges[name]["abstentions"] = sum(d["abstentions"])
+            judges[name] = {k: (round(d[k][0] / d[k][1], 4) if d[k][1] else None) for k in self.KEYS}
+            judges[name]["abstentions"] = d["abstentions"]
         return {**self.counts, "skip_reasons": self.skip_reasons, "rejected_reason": self.rejected_reason,
                 "judges": judges}
 
@@ -66,25 +75,50 @@ class RunReport:
 
 async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: str = "", mode: str = "",
                         progress: bool = True, window: int = 32) -> dict:
+    """Memory stays the window's rows and the ids (16 bytes each), however many rows: the input is read
+    twice, a checking pass and a sending pass (standard input is spooled to a temporary file for that)."""
+    with _spooled(in_path) as stream:
+        return await _annotate(ep, in_path, stream, out_path, ensemble=ensemble, mode=mode, progress=progress,
+                               window=window)
+
+
+@contextlib.contextmanager
+def _spooled(in_path: str):
+    """None for a file (read by name), or standard input copied to a temporary file (a pipe reads once)."""
+    if in_path != STDIN:
+        yield None
+        return
+    with tempfile.TemporaryFile() as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+        yield spool
+
+
+async def _annotate(ep: Endpoint, in_path: str, stream, out_path: str, *, ensemble: str, mode: str,
+                    progress: bool, window: int) -> dict:
     src, out = Path(in_path), Path(out_path)
     writer = JsonlAppender(out)
     skipper = JsonlAppender(out.with_name(out.name + ".skipped.jsonl"))
     rejecter = JsonlAppender(out.with_name(out.name + ".rejected.jsonl"))
     errors_path = out.with_name(out.name + ".errors.jsonl")
     report = RunReport()
-    done = {r["id"] for r in writer.open()} | {r["id"] for r in skipper.open()}
-    rejected = set()
-    for r in rejecter.open():   # every run reports them: the user must fix those rows
+    done = IdSet(r["id"] for r in itertools.chain(writer.open_iter(), skipper.open_iter()))
+    rejected = IdSet()
+    for r in rejecter.open_iter():   # every run reports them: the user must fix those rows
         rejected.add(r["id"])
         report.reject(r.get("reason", ""))
     list(iter_scan(errors_path))  # refuse a foreign file before deleting it
     errors_path.unlink(missing_ok=True)  # failures of the last run are retried now
-    failer = JsonlAppender(errors_path)
-    todo: dict[str, annotator_pb2.AnnotateRequest] = {}
-    # read once ("-" may be standard input): a rerun resumes by the ids in --out, not by re-reading a file
-    for n, row in read_input(src, "samples", stdin=True):
-        req, reason = annotate_request(row, ensemble=ensemble, mode=mode, where=f"{src}:{n}")
-        rid = str(row["id"])
+
+    def rows():
+        if stream is not None:
+            stream.seek(0)
+        for n, row in iter_input(src, "samples", stream=stream):
+            req, reason = annotate_request(row, ensemble=ensemble, mode=mode, where=f"{src}:{n}")
+            yield n, str(row["id"]), req, reason
+
+    # the checking pass: duplicates refused and unsendable rows skipped before any call; only ids are kept
+    todo = IdSet()
+    for n, rid, req, reason in rows():
         if rid in rejected:
             continue
         if rid in done:
@@ -97,28 +131,41 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
             report.skip(reason)
             done.add(rid)
             continue
-        todo[rid] = req
+        todo.add(rid)
+    failer = JsonlAppender(errors_path)
+    left = len(todo)
+    inflight: dict[str, annotator_pb2.AnnotateRequest] = {}   # fed and not answered: at most the window
+
+    def requests():   # the sending pass
+        for _, rid, req, _ in rows():
+            if req is not None and rid in todo:
+                inflight[rid] = req
+                yield req
+
     # the bar counts the rows sent now and the rows a run before finished (this run's skips are in the counts line)
     already = report.counts["already_done"]
-    bar = StageProgress("annotate", already + len(todo), already, quiet=not progress)
+    bar = StageProgress("annotate", already + left, already, quiet=not progress)
 
     def reject(rid: str, reason: str) -> None:
-        if todo.pop(rid, None) is not None:
+        nonlocal left
+        if inflight.pop(rid, None) is not None:
+            left -= 1
             rejecter.append(rejection(rid, "annotate", reason))
             report.reject(reason)
             bar.advance(skipped=True)
 
-    sent = bool(todo)
+    sent = bool(left)
     try:
         if sent:   # nothing left (a re-run after a complete run): no call, not even a connection
             async with ep.channel() as channel:
                 stub = annotator_pb2_grpc.AnnotatorStub(channel)
-                async for res in windowed(stub.AnnotateStream, list(todo.values()), ep=ep, what="annotator",
-                                          window=window, hint=lambda: f"{len(todo)} rows left; rerun to resume",
+                async for res in windowed(stub.AnnotateStream, requests(), ep=ep, what="annotator",
+                                          window=window, hint=lambda: f"{left} rows left; rerun to resume",
                                           reject=reject):
-                    req = todo.pop(res.id, None)
+                    req = inflight.pop(res.id, None)
                     if req is None:
                         continue
+                    left -= 1
                     failed = res.WhichOneof("result") == "error"
                     if failed:
                         report.counts["errors"] += 1

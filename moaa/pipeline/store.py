@@ -31,6 +31,7 @@ SHARD_ROWS = 1000
 SYNC_EVERY_S = 0.2   # group commit of the rows (moaa.jsonl.JsonlAppender); the manifest is written after a sync
 FORMATS = ("sft", "preference", "samples", "generations")
 REJECTED = "rejected.jsonl"
+MAX_MESSAGES = 256   # distinct failure messages shared between failed rows
 
 
 class DatasetStore:
@@ -47,6 +48,7 @@ class DatasetStore:
         self.skipped = IdSet()
         self.skip_reasons: Counter[str] = Counter()
         self.failed: dict[str, str] = {}
+        self._messages: dict[str, str] = {}   # one copy of each failure message (an outage fails rows alike)
         self.rejected = IdSet()
         self.rejected_reason = ""   # the first rejection's message: the summary names it
         self.rows = 0
@@ -84,7 +86,7 @@ class DatasetStore:
             self._skipped(rec["id"], rec.get("reason", ""))
             self._count(rec)
         for rec in self._writer(self.folder / "failures.jsonl").open_iter():
-            self.failed[rec["id"]] = rec.get("error", "")
+            self.failed[rec["id"]] = self._message(rec.get("error", ""))
             self._count(rec)
         for rec in self._writer(self.folder / REJECTED).open_iter():
             self._rejected(rec["id"], rec.get("reason", ""))
@@ -169,7 +171,17 @@ class DatasetStore:
     def fail(self, row_id: str, error: str, **info: Any) -> None:
         """Record a failure; the id stays pending and is retried on the next run."""
         self._append_line(self.folder / "failures.jsonl", {"id": row_id, "error": error, "at": utc_now(), **info})
-        self.failed[row_id] = error
+        self.failed[row_id] = self._message(error)
+
+    def _message(self, error: str) -> str:
+        """The copy of `error` already held, if any: the failed rows of an outage share one message (the
+        first MAX_MESSAGES distinct ones are shared; later ones are kept as they come)."""
+        kept = self._messages.get(error)
+        if kept is None:
+            kept = error
+            if len(self._messages) < MAX_MESSAGES:
+                self._messages[error] = error
+        return kept
 
     def sync(self) -> None:
         """fsync every row written so far (group commit leaves up to SYNC_EVERY_S of them unsynced)."""

@@ -167,9 +167,11 @@ class ItemStream(Generic[Req, Res]):
             reader.cancel()
             for task in list(self._tasks):
                 task.cancel()
-            await asyncio.gather(reader, *self._tasks, return_exceptions=True)
-            for _ in range(self.held):  # results never written still held their in-flight slots
-                self.limiter.release()
-            self.held = 0
-            if self.live is not None:
-                self.live.discard(self)
+            try:
+                await asyncio.gather(reader, *self._tasks, return_exceptions=True)
+            finally:  # even when a second cancel (the client gone just as the call ended) cuts the wait short
+                for _ in range(self.held):  # results never written still held their in-flight slots
+                    self.limiter.release()
+                self.held = 0
+                if self.live is not None:
+                    self.live.discard(self)
