@@ -73,8 +73,9 @@ def _aborted_code(context) -> grpc.StatusCode:
 class CallGuard:
     """Per-server state the guard needs: limiter and metrics."""
 
-    def __init__(self, limiter: InFlightLimiter, metrics: Metrics, request_limit=None):
+    def __init__(self, limiter: InFlightLimiter, metrics: Metrics, request_limit=None, stream_age_s: float | None = None):
         self.limiter = limiter
+        self.stream_age_s = stream_age_s  # batch streams end gracefully after it (transport.py: rebalancing)
         self.metrics = metrics
         self.request_limit = request_limit  # decoding.RequestLimit: max_request_bytes, checked per stream item too
         self.streams: set = set()  # open ItemStreams (GenerateBatch, AnnotateStream): a stopping server closes them

@@ -7,7 +7,9 @@ no stream keeps more than `window` results in memory. A failed item becomes an e
 one `status_of`; the stream goes on. Ending the stream (client gone, deadline, shutdown) cancels the
 items still running and waits for them before the call returns. A server that starts its graceful stop
 `close()`s its open streams: they read no more items, finish and write the ones they hold, then end
-UNAVAILABLE, so the client resends the rest to a server that is not going away. With `admit` (the backends' Admission,
+UNAVAILABLE, so the client resends the rest to a server that is not going away. A stream older than
+`max_age_s` (the server's transport.max_connection_age_s) closes itself the same way, so the client's
+new call goes over a new connection, possibly to another replica (transport.py). With `admit` (the backends' Admission,
 services/backend/limits.py) an item starts only when the backends it needs have room, so the window is
 an upper bound and the backends' free capacity decides how many items run. With `limit` (the server's
 max_request_bytes), an item larger than it is an INVALID_ARGUMENT item error naming its size, the limit and
@@ -47,7 +49,8 @@ class ItemStream(Generic[Req, Res]):
     def __init__(self, handle: Callable[[Req], Awaitable[Res]], failed: Callable[[Req, str, str], Res], *,
                  window: int, limiter: InFlightLimiter, live: set | None = None,
                  admit: Callable[[Req, Callable[[], asyncio.Task]], Awaitable[None]] | None = None,
-                 item_id: Callable[[Req], str] | None = None, limit: RequestLimit | None = None):
+                 item_id: Callable[[Req], str] | None = None, limit: RequestLimit | None = None,
+                 max_age_s: float | None = None):
         self.handle = handle
         self.failed = failed
         self.window = window
@@ -56,6 +59,7 @@ class ItemStream(Generic[Req, Res]):
         self.admit = admit  # admit(request, spawn): waits for backend capacity, then calls spawn()
         self.item_id = item_id  # results are matched to requests by it: empty or repeated ids are item errors
         self.limit = limit
+        self.max_age_s = max_age_s  # then close() itself: the client resends the rest on a new connection
         self._seen: set[str] = set()
         self.read = 0  # requests read from the client
         self.written = 0  # results the transport took
@@ -151,6 +155,9 @@ class ItemStream(Generic[Req, Res]):
         reader = self._reader = asyncio.create_task(self._read(requests))
         if self.live is not None:
             self.live.add(self)
+        aged = None if self.max_age_s is None else asyncio.get_running_loop().call_later(
+            self.max_age_s, self.close, f"this stream is {self.max_age_s:g} s old (transport.max_connection_age_s): "
+            "resend the items that got no result, on a new connection")
         try:
             while True:
                 result = await self._results.get()
@@ -164,6 +171,8 @@ class ItemStream(Generic[Req, Res]):
                 self.limiter.release()
                 self._room.release()
         finally:
+            if aged is not None:
+                aged.cancel()
             reader.cancel()
             for task in list(self._tasks):
                 task.cancel()
