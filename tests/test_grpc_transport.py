@@ -152,6 +152,27 @@ async def test_batch_stream_over_many_connection_ages_loses_nothing(gw_emulators
     assert gw.running.guard.limiter.in_flight == 0
 
 
+async def test_a_batch_stream_that_reaches_the_age_ends_itself_and_wastes_no_work(gw_emulators, gateway_factory):
+    """With a grace longer than an item, the stream's own end at the age (held items answered, then
+    UNAVAILABLE) always comes before the connection's cut: no item is generated twice."""
+    emu = await gw_emulators({"a": {"ttft_s": 0.2}, "agg": {"ttft_s": 0.2}})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway=transport(
+        max_connection_age_s=0.6, max_connection_age_grace_s=5)))
+    ep = Endpoint(gw.address)
+    calls, got = 0, []
+    async with ep.channel() as ch:
+        stub = gateway_pb2_grpc.MoAGatewayStub(ch)
+
+        def rpc(*a, **kw):
+            nonlocal calls
+            calls += 1
+            return stub.GenerateBatch(*a, **kw)
+        async for res in windowed(rpc, items(12), ep=ep, what="gateway GenerateBatch", window=2):
+            got.append(res.id)
+    assert sorted(got) == sorted(f"r{i}" for i in range(12)) and calls >= 2
+    assert emu.stats.requests == 2 * 12   # one proposer + one aggregator request per item, none repeated
+
+
 async def _watch(channel, name: str = ""):
     call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=name))
     assert (await call.read()).status == health_pb2.HealthCheckResponse.SERVING
@@ -223,7 +244,8 @@ async def test_a_lost_gateway_mid_batch_is_resent_on_a_new_connection(gw_emulato
     assert time.monotonic() - t0 < 15
 
 
-async def test_a_generate_stream_client_that_never_reads_is_cut_by_connection_age(gw_emulators, gateway_factory):
+async def test_a_generate_stream_client_that_never_reads_is_cut_by_connection_age(gw_emulators, gateway_factory,
+                                                                                   caplog):
     """The servicer's write waits inside grpc's transport while the client reads nothing (no timer around
     it fires, and its keepalive pings are answered); the connection's age + grace ends it: the call is
     cancelled and its in-flight slot freed within max_connection_age_s * 1.1 + grace."""
@@ -231,6 +253,7 @@ async def test_a_generate_stream_client_that_never_reads_is_cut_by_connection_ag
     gw = await gateway_factory(moa_config(emu.url, ["a"], backends={"agg": {"context_window": 400_000}},
                                           gateway=transport(max_connection_age_s=1, max_connection_age_grace_s=1)))
     limiter = gw.running.guard.limiter
+    caplog.set_level("INFO", logger="moaa.rpc")
     opts = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)]   # a small receive window
     async with grpc.aio.insecure_channel(gw.address, options=opts) as ch:
         big = gateway_pb2.GenerateRequest(messages=request().messages)
@@ -242,6 +265,8 @@ async def test_a_generate_stream_client_that_never_reads_is_cut_by_connection_ag
         assert await wait_for(lambda: limiter.in_flight == 0, 5), "the never-reading client still holds its slot"
         assert time.monotonic() - t0 < 1 * 1.1 + 1 + 0.5
         call.cancel()
+    codes = [r.code for r in caplog.records if getattr(r, "method", "") == "GenerateStream"]
+    assert codes == ["CANCELLED"], codes   # counted as cut, not OK
 
 
 async def test_streams_beyond_the_cap_wait_in_the_client(gw_emulators, gateway_factory):

@@ -105,7 +105,7 @@ async def _call_scope(guard: CallGuard, name: str, request, context):
     try:
         with contextlib.nullcontext() if items else guard.limiter.slot():
             yield rid
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, GeneratorExit):  # GeneratorExit: grpc closed a stream's generator (connection cut)
         code = grpc.StatusCode.CANCELLED
         raise
     except grpc.aio.AbortError:

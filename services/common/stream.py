@@ -23,7 +23,7 @@ from typing import AsyncIterable, Awaitable, Callable, Generic, TypeVar
 
 import grpc
 
-from moaa.services.common.decoding import RequestLimit
+from moaa.services.common.decoding import RequestLimit, drain_requests
 from moaa.services.common.errors import InvalidArgument, Unavailable
 from moaa.services.common.limiter import InFlightLimiter
 from moaa.services.common.rpc import status_of
@@ -70,6 +70,8 @@ class ItemStream(Generic[Req, Res]):
         self._room = asyncio.Semaphore(window)
         self._tasks: set[asyncio.Task] = set()
         self._reader: asyncio.Task | None = None
+        self._next: asyncio.Task | None = None  # the pending read of the next request: close() leaves it running
+        self._it = None
         self._eof = False  # the client sent its last item
         self._closing: str | None = None  # why the server stopped reading (shutdown)
 
@@ -110,11 +112,12 @@ class ItemStream(Generic[Req, Res]):
 
     async def _read(self, requests: AsyncIterable[Req]) -> None:
         try:
-            it = aiter(requests)
+            it = self._it = aiter(requests)
             while True:
                 await self._room.acquire()  # given back after a result was written
-                try:
-                    request = await anext(it)
+                self._next = asyncio.ensure_future(anext(it))
+                try:  # shielded: a close() must not kill the request iterator, _drained reads it on
+                    request = await asyncio.shield(self._next)
                 except StopAsyncIteration:
                     break
                 await self.limiter.acquire()  # the server-wide bound: wait our turn
@@ -148,6 +151,14 @@ class ItemStream(Generic[Req, Res]):
         except Exception as err:  # noqa: BLE001 - reading failed: the call ends with that error
             self._results.put_nowait(_ReadFailed(err))
 
+    async def _drained(self):
+        """The requests after close(): the pending read's, then the rest (all dropped: resent by the client)."""
+        if self._next is not None:
+            yield await self._next
+        if self._it is not None:
+            async for request in self._it:
+                yield request
+
     async def serve(self, requests: AsyncIterable[Req], write: Callable[[Res], Awaitable[None]]) -> None:
         """Read `requests`, write each result with `write` (grpc's `context.write`, which returns once the
         transport took the message). Runs in the call's own task, so a cancelled call (client gone,
@@ -164,6 +175,8 @@ class ItemStream(Generic[Req, Res]):
                 if result is _END:
                     return
                 if isinstance(result, _ReadFailed):
+                    if self._closing is not None:  # what the client sent meanwhile is read first (drain_requests)
+                        await drain_requests(self._drained())
                     raise result.err
                 await write(result)  # returns once the transport took it: the backpressure
                 self.written += 1
@@ -173,6 +186,8 @@ class ItemStream(Generic[Req, Res]):
         finally:
             if aged is not None:
                 aged.cancel()
+            if self._next is not None:
+                self._next.cancel()
             reader.cancel()
             for task in list(self._tasks):
                 task.cancel()
