@@ -93,6 +93,23 @@ def items(n: int) -> list[gateway_pb2.BatchItem]:
     return [gateway_pb2.BatchItem(id=f"r{i}", request=request(f"question {i}")) for i in range(n)]
 
 
+async def run_batch(ep: Endpoint, n: int, window: int) -> tuple[dict, int]:
+    """`items(n)` through the window driver over GenerateBatch: results by id (each id once) and the number
+    of calls it took."""
+    calls, got = 0, {}
+    async with ep.channel() as ch:
+        stub = gateway_pb2_grpc.MoAGatewayStub(ch)
+
+        def rpc(*a, **kw):
+            nonlocal calls
+            calls += 1
+            return stub.GenerateBatch(*a, **kw)
+        async for res in windowed(rpc, items(n), ep=ep, what="gateway GenerateBatch", window=window):
+            assert res.id not in got, f"{res.id} answered twice"
+            got[res.id] = res
+    return got, calls
+
+
 def test_defaults_accept_our_clients_and_keep_overload_an_error():
     """The server's ping policy accepts our clients' keepalive (else GOAWAY too_many_pings), and the stream
     cap is above max_in_flight (else overload would queue in clients instead of RESOURCE_EXHAUSTED)."""
@@ -135,19 +152,9 @@ async def test_batch_stream_over_many_connection_ages_loses_nothing(gw_emulators
     gw = await gateway_factory(moa_config(emu.url, ["a"], gateway=transport(
         max_connection_age_s=0.7, max_connection_age_grace_s=0.5)))
     proxy = await proxy_to(gw.running.port)
-    ep = Endpoint(proxy.address)
-    calls, got = 0, []
-    async with ep.channel() as ch:
-        stub = gateway_pb2_grpc.MoAGatewayStub(ch)
-
-        def rpc(*a, **kw):
-            nonlocal calls
-            calls += 1
-            return stub.GenerateBatch(*a, **kw)
-        async for res in windowed(rpc, items(16), ep=ep, what="gateway GenerateBatch", window=3):
-            assert res.WhichOneof("result") == "response", res
-            got.append(res.id)
-    assert sorted(got) == sorted(f"r{i}" for i in range(16))   # each once
+    got, calls = await run_batch(Endpoint(proxy.address), 16, window=3)
+    assert all(res.WhichOneof("result") == "response" for res in got.values()), got
+    assert sorted(got) == sorted(f"r{i}" for i in range(16))   # each once (run_batch checks)
     assert calls >= 2 and proxy.connections >= 2, (calls, proxy.connections)
     assert gw.running.guard.limiter.in_flight == 0
 
@@ -158,17 +165,7 @@ async def test_a_batch_stream_that_reaches_the_age_ends_itself_and_wastes_no_wor
     emu = await gw_emulators({"a": {"ttft_s": 0.2}, "agg": {"ttft_s": 0.2}})
     gw = await gateway_factory(moa_config(emu.url, ["a"], gateway=transport(
         max_connection_age_s=0.6, max_connection_age_grace_s=5)))
-    ep = Endpoint(gw.address)
-    calls, got = 0, []
-    async with ep.channel() as ch:
-        stub = gateway_pb2_grpc.MoAGatewayStub(ch)
-
-        def rpc(*a, **kw):
-            nonlocal calls
-            calls += 1
-            return stub.GenerateBatch(*a, **kw)
-        async for res in windowed(rpc, items(12), ep=ep, what="gateway GenerateBatch", window=2):
-            got.append(res.id)
+    got, calls = await run_batch(Endpoint(gw.address), 12, window=2)
     assert sorted(got) == sorted(f"r{i}" for i in range(12)) and calls >= 2
     assert emu.stats.requests == 2 * 12   # one proposer + one aggregator request per item, none repeated
 
