@@ -14,9 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moaa.client.endpoint import Endpoint
 from moaa.client.window import windowed
-from moaa.services.config import ConfigError, GatewayConfig, parse_config
 from moaa.services.common.transport import CLIENT_KEEPALIVE_S, TransportConfig
-from moaa.v1 import gateway_pb2, gateway_pb2_grpc
+from moaa.services.config import ConfigError, GatewayConfig, parse_config
+from moaa.v1 import annotator_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from tests.fixtures.annotator import judge_config
+from tests.fixtures.annotator import request as judge_request
 from tests.fixtures.gateway import moa_config, request
 from tests.fixtures.waiting import wait_for
 
@@ -36,7 +38,7 @@ class Proxy:
         self._live: list[dict] = []
         self._server = None
 
-    async def start(self) -> "Proxy":
+    async def start(self) -> Proxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
         return self
@@ -93,18 +95,22 @@ def items(n: int) -> list[gateway_pb2.BatchItem]:
     return [gateway_pb2.BatchItem(id=f"r{i}", request=request(f"question {i}")) for i in range(n)]
 
 
-async def run_batch(ep: Endpoint, n: int, window: int) -> tuple[dict, int]:
-    """`items(n)` through the window driver over GenerateBatch: results by id (each id once) and the number
-    of calls it took."""
+def generate_batch(ch):
+    return gateway_pb2_grpc.MoAGatewayStub(ch).GenerateBatch
+
+
+async def run_batch(ep: Endpoint, n: int, window: int, method=generate_batch, reqs=None) -> tuple[dict, int]:
+    """`reqs` (default `items(n)`) through the window driver over `method(channel)` (GenerateBatch): results
+    by id (each id once) and the number of calls it took."""
     calls, got = 0, {}
     async with ep.channel() as ch:
-        stub = gateway_pb2_grpc.MoAGatewayStub(ch)
+        call = method(ch)
 
         def rpc(*a, **kw):
             nonlocal calls
             calls += 1
-            return stub.GenerateBatch(*a, **kw)
-        async for res in windowed(rpc, items(n), ep=ep, what="gateway GenerateBatch", window=window):
+            return call(*a, **kw)
+        async for res in windowed(rpc, items(n) if reqs is None else reqs, ep=ep, what="stream", window=window):
             assert res.id not in got, f"{res.id} answered twice"
             got[res.id] = res
     return got, calls
@@ -168,6 +174,18 @@ async def test_a_batch_stream_that_reaches_the_age_ends_itself_and_wastes_no_wor
     got, calls = await run_batch(Endpoint(gw.address), 12, window=2)
     assert sorted(got) == sorted(f"r{i}" for i in range(12)) and calls >= 2
     assert emu.stats.requests == 2 * 12   # one proposer + one aggregator request per item, none repeated
+
+
+async def test_an_annotate_stream_reaching_the_age_is_resent_and_loses_nothing(judge_emulator, annotator_factory):
+    """The annotator's AnnotateStream goes through the same ItemStream and window driver."""
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris+delay=0.2"}, mode="pointwise",
+                                                annotator=transport(max_connection_age_s=0.5,
+                                                                    max_connection_age_grace_s=5)))
+    reqs = [judge_request(["Paris.", "Lyon."], id=f"r{i}") for i in range(10)]
+    got, calls = await run_batch(Endpoint(stub.server.address), 10, window=2,
+                                 method=lambda ch: annotator_pb2_grpc.AnnotatorStub(ch).AnnotateStream, reqs=reqs)
+    assert sorted(got) == sorted(f"r{i}" for i in range(10)) and calls >= 2
+    assert all(res.response.chosen_id == "c0" for res in got.values())
 
 
 async def _watch(channel, name: str = ""):
@@ -288,11 +306,12 @@ async def test_streams_beyond_the_cap_wait_in_the_client(gw_emulators, gateway_f
 
 async def test_round_robin_over_the_addresses_a_target_resolves_to(gw_emulators, gateway_factory, proxy_to):
     """A target naming several addresses (what dns:/// of a headless Service resolves to): the one channel
-    builder balances calls over all of them instead of sticking to the first."""
+    builder balances calls over all of them instead of sticking to the first, and one that refuses
+    connections (a pod gone) fails no call."""
     emu = await gw_emulators({"a": FAST, "agg": FAST})
     gw = await gateway_factory(moa_config(emu.url, ["a"]))
     p1, p2 = await proxy_to(gw.running.port), await proxy_to(gw.running.port)
-    async with Endpoint(f"ipv4:{p1.address},{p2.address}").channel() as ch:
+    async with Endpoint(f"ipv4:{p1.address},127.0.0.1:1,{p2.address}").channel() as ch:
         stub = gateway_pb2_grpc.MoAGatewayStub(ch)
         await stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=5)
         await asyncio.sleep(0.2)

@@ -61,7 +61,7 @@ class TransportConfig(Strict):
         opts = [
             ("grpc.keepalive_time_ms", _ms(self.keepalive_time_s)),
             ("grpc.keepalive_timeout_ms", _ms(self.keepalive_timeout_s)),
-            ("grpc.http2.ping_timeout_ms", _ms(self.keepalive_timeout_s)),   # else an unanswered ping waits 60 s
+            ("grpc.http2.ping_timeout_ms", _ms(self.keepalive_timeout_s)),   # as the client's, below
             ("grpc.keepalive_permit_without_calls", 1),   # our clients ping with no call open
             ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(self.min_client_ping_interval_s)),
             ("grpc.http2.min_ping_interval_without_data_ms", _ms(self.min_client_ping_interval_s)),
@@ -83,7 +83,8 @@ def client_options(keepalive_s: float = CLIENT_KEEPALIVE_S,
     return [
         ("grpc.keepalive_time_ms", _ms(keepalive_s)),
         ("grpc.keepalive_timeout_ms", _ms(keepalive_timeout_s)),
-        ("grpc.http2.ping_timeout_ms", _ms(keepalive_timeout_s)),   # else an unanswered ping waits 60 s
+        # since grpc/grpc#34647 this (default 60 s) and not keepalive_timeout_ms bounds the wait for a ping's ack
+        ("grpc.http2.ping_timeout_ms", _ms(keepalive_timeout_s)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.lb_policy_name", "round_robin"),
