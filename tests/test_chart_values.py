@@ -190,7 +190,8 @@ def test_transport_settings_pass_through_and_are_checked(helm, tmp_path):
     """gateway.server.transport / annotator.server.transport (services/common/transport.py) reach the config
     file; a mistyped or out-of-range one fails `helm install` by the schema, naming it."""
     transport = {"max_connection_age_s": 120, "max_connection_age_grace_s": 300, "keepalive_time_s": 30,
-                 "keepalive_timeout_s": 10, "min_client_ping_interval_s": 5, "max_concurrent_streams": 4096}
+                 "keepalive_timeout_s": 10, "min_client_ping_interval_s": 5, "write_timeout_s": 60,
+                 "max_concurrent_streams": 4096}
     r = helm.template([values_file(tmp_path, {"models": [JUDGE_MODEL], "gateway": {"server": {"transport": transport}},
                                               "annotator": {"server": {"transport": {"max_connection_age_s": None}}}})])
     cfg = parse_config(yaml.safe_load(r.config_text()))

@@ -259,29 +259,72 @@ async def test_a_lost_gateway_mid_batch_is_resent_on_a_new_connection(gw_emulato
     assert time.monotonic() - t0 < 15
 
 
-async def test_a_generate_stream_client_that_never_reads_is_cut_by_connection_age(gw_emulators, gateway_factory,
-                                                                                   caplog):
-    """The servicer's write waits inside grpc's transport while the client reads nothing (no timer around
-    it fires, and its keepalive pings are answered); the connection's age + grace ends it: the call is
-    cancelled and its in-flight slot freed within max_connection_age_s * 1.1 + grace."""
+SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)]   # a small receive window
+
+
+def long_answer(tokens: int = 150_000) -> gateway_pb2.GenerateRequest:
+    req = gateway_pb2.GenerateRequest(messages=request().messages)
+    req.aggregator_sampling.max_tokens = tokens   # 150,000: MBs of deltas
+    return req
+
+
+async def test_a_generate_stream_client_that_never_reads_is_cut_by_the_write_timeout(gw_emulators, gateway_factory,
+                                                                                      caplog):
+    """The servicer's write waits inside grpc's transport while the client reads nothing (its keepalive pings
+    are still answered); write_timeout_s bounds it: the in-flight slot is free about write_timeout_s after
+    the client stopped, and a client that reads again gets what was sent, then UNAVAILABLE saying why."""
     emu = await gw_emulators({"a": FAST, "agg": FAST})
     gw = await gateway_factory(moa_config(emu.url, ["a"], backends={"agg": {"context_window": 400_000}},
-                                          gateway=transport(max_connection_age_s=1, max_connection_age_grace_s=1)))
+                                          gateway=transport(write_timeout_s=1, **NO_AGE)))
     limiter = gw.running.guard.limiter
     caplog.set_level("INFO", logger="moaa.rpc")
-    opts = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 4096)]   # a small receive window
-    async with grpc.aio.insecure_channel(gw.address, options=opts) as ch:
-        big = gateway_pb2.GenerateRequest(messages=request().messages)
-        big.aggregator_sampling.max_tokens = 150_000   # MBs of deltas
-        call = gateway_pb2_grpc.MoAGatewayStub(ch).GenerateStream(big, timeout=60)
+    async with grpc.aio.insecure_channel(gw.address, options=SMALL_WINDOW) as ch:
+        call = gateway_pb2_grpc.MoAGatewayStub(ch).GenerateStream(long_answer(), timeout=60)
+        await call.read()   # then nothing for a while
+        t0 = time.monotonic()
+        assert await wait_for(lambda: limiter.in_flight == 1, 5)
+        assert await wait_for(lambda: limiter.in_flight == 0, 5), "the never-reading client still holds its slot"
+        assert time.monotonic() - t0 < 1 + 3   # the write timeout, and the time to fill the client's window
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "write_timeout_s" in err.value.details()
+
+    def codes():   # the server logs the call once its status was sent (the client may see it first)
+        return [r.code for r in caplog.records if getattr(r, "method", "") == "GenerateStream"]
+    assert await wait_for(lambda: codes() == ["UNAVAILABLE"], 3), codes()
+
+
+async def test_a_batch_client_that_never_reads_frees_its_slots_after_the_write_timeout(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], backends={"agg": {"context_window": 400_000}},
+                                          gateway=transport(write_timeout_s=1, **NO_AGE)))
+    limiter = gw.running.guard.limiter
+    async with grpc.aio.insecure_channel(gw.address, options=SMALL_WINDOW) as ch:
+        reqs = [gateway_pb2.BatchItem(id=f"r{i}", request=long_answer(30_000)) for i in range(4)]   # over 64 KiB each
+        call = gateway_pb2_grpc.MoAGatewayStub(ch).GenerateBatch(iter(reqs), timeout=60)
+        assert await wait_for(lambda: limiter.in_flight > 0, 5)
+        assert await wait_for(lambda: limiter.in_flight == 0, 10), "a client that reads nothing holds its slots"
+        call.cancel()
+
+
+async def test_without_a_write_timeout_the_connection_age_still_bounds_a_never_reading_client(gw_emulators,
+                                                                                              gateway_factory):
+    """write_timeout_s: null: the connection's age + grace ends the call (cancelled, its slot freed) within
+    max_connection_age_s * 1.1 + grace."""
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], backends={"agg": {"context_window": 400_000}},
+                                          gateway=transport(max_connection_age_s=1, max_connection_age_grace_s=1,
+                                                            write_timeout_s=None)))
+    limiter = gw.running.guard.limiter
+    async with grpc.aio.insecure_channel(gw.address, options=SMALL_WINDOW) as ch:
+        call = gateway_pb2_grpc.MoAGatewayStub(ch).GenerateStream(long_answer(), timeout=60)
         await call.read()   # then never again
         t0 = time.monotonic()
         assert await wait_for(lambda: limiter.in_flight == 1, 5)
         assert await wait_for(lambda: limiter.in_flight == 0, 5), "the never-reading client still holds its slot"
         assert time.monotonic() - t0 < 1 * 1.1 + 1 + 0.5
         call.cancel()
-    codes = [r.code for r in caplog.records if getattr(r, "method", "") == "GenerateStream"]
-    assert codes == ["CANCELLED"], codes   # counted as cut, not OK
 
 
 async def test_streams_beyond_the_cap_wait_in_the_client(gw_emulators, gateway_factory):

@@ -56,4 +56,4 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
                             limiter=self.guard.limiter, live=self.streams, admit=self._admit,
                             item_id=lambda request: request.id, limit=self.guard.request_limit,
                             max_age_s=self.guard.stream_age_s)
-        await stream.serve(request_iterator, context.write)
+        await stream.serve(request_iterator, self.guard.writer(context))

@@ -161,7 +161,7 @@ class ItemStream(Generic[Req, Res]):
 
     async def serve(self, requests: AsyncIterable[Req], write: Callable[[Res], Awaitable[None]]) -> None:
         """Read `requests`, write each result with `write` (grpc's `context.write`, which returns once the
-        transport took the message). Runs in the call's own task, so a cancelled call (client gone,
+        transport took the message; CallGuard.writer bounds it). Runs in the call's own task, so a cancelled call (client gone,
         deadline) cancels and awaits the items still running before it returns."""
         reader = self._reader = asyncio.create_task(self._read(requests))
         if self.live is not None:

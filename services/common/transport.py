@@ -8,8 +8,10 @@ policy always accepts our clients' keepalive pings.
   (the Service picks a pod again), calls in flight get max_connection_age_grace_s to finish, then the
   connection is closed (they end UNAVAILABLE "max connection age"). Batch streams end themselves
   gracefully after the same age (services/common/stream.py): their held items finish, the client resends
-  the rest on a new call, so a long pipeline run is rebalanced too and loses nothing. The grace is also
-  the bound on a server stream to a client that reads nothing (its write waits inside grpc's transport).
+  the rest on a new call, so a long pipeline run is rebalanced too and loses nothing.
+- write_timeout_s: a streamed result waits inside grpc's write while the client reads nothing (HTTP/2 flow
+  control), and the client's transport still answers pings; the write is bounded (rpc.write_within), else
+  only the connection's age + grace would end the call.
 - Keepalive: our clients ping every CLIENT_KEEPALIVE_S even with no call open, and give a peer that does
   not answer CLIENT_KEEPALIVE_TIMEOUT_S: a gateway pod lost without a FIN fails the call UNAVAILABLE (and
   the window driver resends) instead of hanging until its deadline. The server accepts pings as often as
@@ -45,13 +47,18 @@ class TransportConfig(Strict):
         "resend the rest; null = never")
     max_connection_age_grace_s: float = Field(
         600.0, ge=0, description="calls still open on a GOAWAY'd connection get this long, then end UNAVAILABLE "
-        "(clients resend unanswered batch items); also bounds a stream to a client that reads nothing")
+        "(clients resend unanswered batch items); above age x 1.1 + one item's time, a batch stream's own end at "
+        "the age comes first and no item is cut")
     keepalive_time_s: float = Field(60.0, gt=0, description="ping a client after this long without activity")
     keepalive_timeout_s: float = Field(20.0, gt=0, description="a client that does not answer a ping within "
                                        "this is gone: its connection is closed and its calls cancelled")
     min_client_ping_interval_s: float = Field(
         10.0, gt=0, description="accept client keepalive pings this often (moaa clients ping every "
         f"{CLIENT_KEEPALIVE_S:g} s); faster pingers get GOAWAY too_many_pings")
+    write_timeout_s: float | None = Field(
+        120.0, gt=0, description="a streaming call's client that takes none of a message for this long: the call "
+        "ends UNAVAILABLE and its in-flight slots are freed (a client that reads nothing would hold them until "
+        "its deadline); null = until the connection's age + grace")
     max_concurrent_streams: int = Field(
         2048, ge=1, description="open streams (calls) per connection; more wait in the client. Keep it above "
         "max_in_flight, or overload is queued in clients instead of answered RESOURCE_EXHAUSTED")

@@ -90,7 +90,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
                             window=self.batch_window, limiter=self.guard.limiter, live=self.streams,
                             admit=self._admit, item_id=lambda item: item.id, limit=self.guard.request_limit,
                             max_age_s=self.guard.stream_age_s)
-        await stream.serve(request_iterator, context.write)
+        await stream.serve(request_iterator, self.guard.writer(context))
 
     @guarded
     async def Sample(self, request, context, rid):
