@@ -17,6 +17,7 @@ from moaa.errors import UserError, validation_message
 from moaa.overrides import load_mapping
 from moaa.services.backend.config import BackendConfig, SamplingConfig
 from moaa.services.common.strict import EnvName, Name, Strict
+from moaa.services.common.transport import TransportConfig
 
 
 class ConfigError(UserError, ValueError):
@@ -170,6 +171,8 @@ class ServerConfig(Strict):
     shutdown_grace_s: float = Field(30.0, ge=0)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    transport: TransportConfig = Field(default_factory=TransportConfig, description="HTTP/2 connection settings: "
+                                       "connection age (rebalancing), keepalive, streams per connection")
 
 
 class AnnotatorConfig(ServerConfig):

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from moaa.services.common.tls import channel_credentials
+from moaa.services.common.transport import CLIENT_KEEPALIVE_S, CLIENT_KEEPALIVE_TIMEOUT_S, client_options
 
 # Dataset rows (many proposals, long answers) can exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -30,6 +31,8 @@ class Endpoint:
     tls: bool = False                  # TLS with the system's trusted CAs
     cert_file: str | None = None       # client certificate, for servers that require mutual TLS
     key_file: str | None = None
+    keepalive_s: float = CLIENT_KEEPALIVE_S   # ping the server this often; a server must allow it (transport.py)
+    keepalive_timeout_s: float = CLIENT_KEEPALIVE_TIMEOUT_S  # no answer within it: the peer is gone, UNAVAILABLE
     _creds: grpc.ChannelCredentials | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -50,7 +53,8 @@ class Endpoint:
 
     def channel(self) -> grpc.aio.Channel:
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                *client_options(self.keepalive_s, self.keepalive_timeout_s)]
         if self._creds is not None:
             return grpc.aio.secure_channel(self.address, self._creds, options=opts)
         return grpc.aio.insecure_channel(self.address, options=opts)

@@ -54,5 +54,6 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
         """Items through the one bounded stream (services/common/stream.py)."""
         stream = ItemStream(lambda request: self._stream_item(request, rid), _stream_error, window=self.server_cfg.batch_window,
                             limiter=self.guard.limiter, live=self.streams, admit=self._admit,
-                            item_id=lambda request: request.id, limit=self.guard.request_limit)
-        await stream.serve(request_iterator, context.write)
+                            item_id=lambda request: request.id, limit=self.guard.request_limit,
+                            max_age_s=self.guard.stream_age_s)
+        await stream.serve(request_iterator, self.guard.writer(context))

@@ -16,7 +16,7 @@ import time
 import grpc
 
 from moaa.errors import UserError
-from moaa.services.common.errors import RpcError
+from moaa.services.common.errors import RpcError, Unavailable
 from moaa.services.common.limiter import InFlightLimiter
 from moaa.services.common.logs import call_request_id, request_id_var
 from moaa.services.common.metrics import Metrics
@@ -99,11 +99,20 @@ def _cut_code(context) -> grpc.StatusCode:
 class CallGuard:
     """Per-server state the guard needs: limiter and metrics."""
 
-    def __init__(self, limiter: InFlightLimiter, metrics: Metrics, request_limit=None):
+    def __init__(self, limiter: InFlightLimiter, metrics: Metrics, request_limit=None, stream_age_s: float | None = None,
+                 write_timeout_s: float | None = None):
         self.limiter = limiter
+        self.stream_age_s = stream_age_s  # batch streams end gracefully after it (transport.py: rebalancing)
+        self.write_timeout_s = write_timeout_s  # a streamed message the client takes none of for this long ends the call
         self.metrics = metrics
         self.request_limit = request_limit  # decoding.RequestLimit: max_request_bytes, checked per stream item too
         self.streams: set = set()  # open ItemStreams (GenerateBatch, AnnotateStream): a stopping server closes them
+
+    def writer(self, context):
+        """`context.write` bounded by write_timeout_s (write_within)."""
+        async def write(message) -> None:
+            await write_within(context, message, self.write_timeout_s)
+        return write
 
     def done(self, method: str, code: str, seconds: float, request_id: str, transport: str = "grpc") -> None:
         """A finished call, on either door (refused ones included): counted by code, and one log line."""
@@ -144,17 +153,32 @@ async def _call_scope(guard: CallGuard, name: str, request, context):
         request_id_var.reset(token)
 
 
+async def write_within(context, message, timeout: float | None) -> None:
+    """`context.write(message)`, which returns once the transport took it; a client that takes none of it
+    within `timeout` seconds ends the call UNAVAILABLE. Without this bound a client that reads nothing would
+    hold the call (and its in-flight slots) until its own deadline: the wait is inside grpc's write, where
+    a timer around an async generator's yield never fires. The status itself reaches the client only after
+    what it left unread (the call's slots are free before that)."""
+    try:
+        await asyncio.wait_for(context.write(message), timeout)
+    except asyncio.TimeoutError:
+        raise Unavailable(f"this call's client took none of its results for {timeout:g} s "
+                          "(the server's transport.write_timeout_s): read the stream as it comes") from None
+
+
 def guarded(method):
-    """Decorator for servicer methods (unary or async-generator); `self.guard` is a CallGuard."""
+    """Decorator for servicer methods (unary or async-generator); `self.guard` is a CallGuard. An async
+    generator's messages are written by the wrapper (bounded by write_within), so grpc sees a coroutine."""
     name = method.__name__
 
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
-        async def stream_wrapper(self, request, context):
+        async def stream_handler(self, request, context):
             async with _call_scope(self.guard, name, request, context) as rid:
+                write = self.guard.writer(context)
                 async for item in method(self, request, context, rid):
-                    yield item
-        return stream_wrapper
+                    await write(item)
+        return stream_handler
 
     @functools.wraps(method)
     async def unary_wrapper(self, request, context):

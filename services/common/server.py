@@ -182,12 +182,14 @@ async def start_server(cfg: ServerConfig, service: str, add_servicers, service_n
     metrics = Metrics(service)
     metrics.in_flight_limit.set(cfg.max_in_flight)
     limit = RequestLimit(cfg.max_request_bytes, f"{service}.max_request_bytes")
-    guard = CallGuard(InFlightLimiter(cfg.max_in_flight, metrics.in_flight, metrics.in_flight_high), metrics, limit)
+    guard = CallGuard(InFlightLimiter(cfg.max_in_flight, metrics.in_flight, metrics.in_flight_high), metrics, limit,
+                      stream_age_s=cfg.transport.max_connection_age_s, write_timeout_s=cfg.transport.write_timeout_s)
     options = [
         # the transport's hard cap; max_request_bytes itself is checked per message (decoding.py, stream.py)
         ("grpc.max_receive_message_length", max(cfg.max_request_bytes, TRANSPORT_MAX_BYTES)),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ("grpc.so_reuseport", 0),
+        *cfg.transport.server_options(),   # connection age, keepalive, streams per connection (transport.py)
     ]
     # undecodable request bytes -> INVALID_ARGUMENT (innermost, so auth's refusals decode safely too)
     interceptors = [*auth_interceptors(cfg.auth, guard), DecodeGuardInterceptor(limit)]

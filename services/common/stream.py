@@ -7,7 +7,9 @@ no stream keeps more than `window` results in memory. A failed item becomes an e
 one `status_of`; the stream goes on. Ending the stream (client gone, deadline, shutdown) cancels the
 items still running and waits for them before the call returns. A server that starts its graceful stop
 `close()`s its open streams: they read no more items, finish and write the ones they hold, then end
-UNAVAILABLE, so the client resends the rest to a server that is not going away. With `admit` (the backends' Admission,
+UNAVAILABLE, so the client resends the rest to a server that is not going away. A stream older than
+`max_age_s` (the server's transport.max_connection_age_s) closes itself the same way, so the client's
+new call goes over a new connection, possibly to another replica (transport.py). With `admit` (the backends' Admission,
 services/backend/limits.py) an item starts only when the backends it needs have room, so the window is
 an upper bound and the backends' free capacity decides how many items run. With `limit` (the server's
 max_request_bytes), an item larger than it is an INVALID_ARGUMENT item error naming its size, the limit and
@@ -21,7 +23,7 @@ from typing import AsyncIterable, Awaitable, Callable, Generic, TypeVar
 
 import grpc
 
-from moaa.services.common.decoding import RequestLimit
+from moaa.services.common.decoding import RequestLimit, drain_requests
 from moaa.services.common.errors import InvalidArgument, Unavailable
 from moaa.services.common.limiter import InFlightLimiter
 from moaa.services.common.rpc import status_of
@@ -47,7 +49,8 @@ class ItemStream(Generic[Req, Res]):
     def __init__(self, handle: Callable[[Req], Awaitable[Res]], failed: Callable[[Req, str, str], Res], *,
                  window: int, limiter: InFlightLimiter, live: set | None = None,
                  admit: Callable[[Req, Callable[[], asyncio.Task]], Awaitable[None]] | None = None,
-                 item_id: Callable[[Req], str] | None = None, limit: RequestLimit | None = None):
+                 item_id: Callable[[Req], str] | None = None, limit: RequestLimit | None = None,
+                 max_age_s: float | None = None):
         self.handle = handle
         self.failed = failed
         self.window = window
@@ -56,6 +59,7 @@ class ItemStream(Generic[Req, Res]):
         self.admit = admit  # admit(request, spawn): waits for backend capacity, then calls spawn()
         self.item_id = item_id  # results are matched to requests by it: empty or repeated ids are item errors
         self.limit = limit
+        self.max_age_s = max_age_s  # then close() itself: the client resends the rest on a new connection
         self._seen: set[str] = set()
         self.read = 0  # requests read from the client
         self.written = 0  # results the transport took
@@ -66,6 +70,8 @@ class ItemStream(Generic[Req, Res]):
         self._room = asyncio.Semaphore(window)
         self._tasks: set[asyncio.Task] = set()
         self._reader: asyncio.Task | None = None
+        self._next: asyncio.Task | None = None  # the pending read of the next request: close() leaves it running
+        self._it = None
         self._eof = False  # the client sent its last item
         self._closing: str | None = None  # why the server stopped reading (shutdown)
 
@@ -106,11 +112,12 @@ class ItemStream(Generic[Req, Res]):
 
     async def _read(self, requests: AsyncIterable[Req]) -> None:
         try:
-            it = aiter(requests)
+            it = self._it = aiter(requests)
             while True:
                 await self._room.acquire()  # given back after a result was written
-                try:
-                    request = await anext(it)
+                self._next = asyncio.ensure_future(anext(it))
+                try:  # shielded: a close() must not kill the request iterator, _drained reads it on
+                    request = await asyncio.shield(self._next)
                 except StopAsyncIteration:
                     break
                 await self.limiter.acquire()  # the server-wide bound: wait our turn
@@ -144,19 +151,32 @@ class ItemStream(Generic[Req, Res]):
         except Exception as err:  # noqa: BLE001 - reading failed: the call ends with that error
             self._results.put_nowait(_ReadFailed(err))
 
+    async def _drained(self):
+        """The requests after close(): the pending read's, then the rest (all dropped: resent by the client)."""
+        if self._next is not None:
+            yield await self._next
+        if self._it is not None:
+            async for request in self._it:
+                yield request
+
     async def serve(self, requests: AsyncIterable[Req], write: Callable[[Res], Awaitable[None]]) -> None:
         """Read `requests`, write each result with `write` (grpc's `context.write`, which returns once the
-        transport took the message). Runs in the call's own task, so a cancelled call (client gone,
+        transport took the message; CallGuard.writer bounds it). Runs in the call's own task, so a cancelled call (client gone,
         deadline) cancels and awaits the items still running before it returns."""
         reader = self._reader = asyncio.create_task(self._read(requests))
         if self.live is not None:
             self.live.add(self)
+        aged = None if self.max_age_s is None else asyncio.get_running_loop().call_later(
+            self.max_age_s, self.close, f"this stream is {self.max_age_s:g} s old (transport.max_connection_age_s): "
+            "resend the items that got no result, on a new connection")
         try:
             while True:
                 result = await self._results.get()
                 if result is _END:
                     return
                 if isinstance(result, _ReadFailed):
+                    if self._closing is not None:  # what the client sent meanwhile is read first (drain_requests)
+                        await drain_requests(self._drained())
                     raise result.err
                 await write(result)  # returns once the transport took it: the backpressure
                 self.written += 1
@@ -164,6 +184,10 @@ class ItemStream(Generic[Req, Res]):
                 self.limiter.release()
                 self._room.release()
         finally:
+            if aged is not None:
+                aged.cancel()
+            if self._next is not None:
+                self._next.cancel()
             reader.cancel()
             for task in list(self._tasks):
                 task.cancel()

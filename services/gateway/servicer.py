@@ -88,8 +88,9 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         deadline, metadata = _deadline(context), context.invocation_metadata() or ()
         stream = ItemStream(lambda item: self._batch_item(item, rid, deadline, metadata), _batch_error,
                             window=self.batch_window, limiter=self.guard.limiter, live=self.streams,
-                            admit=self._admit, item_id=lambda item: item.id, limit=self.guard.request_limit)
-        await stream.serve(request_iterator, context.write)
+                            admit=self._admit, item_id=lambda item: item.id, limit=self.guard.request_limit,
+                            max_age_s=self.guard.stream_age_s)
+        await stream.serve(request_iterator, self.guard.writer(context))
 
     @guarded
     async def Sample(self, request, context, rid):
