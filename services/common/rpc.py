@@ -159,11 +159,24 @@ async def write_within(context, message, timeout: float | None) -> None:
     hold the call (and its in-flight slots) until its own deadline: the wait is inside grpc's write, where
     a timer around an async generator's yield never fires. The status itself reaches the client only after
     what it left unread (the call's slots are free before that)."""
+    if timeout is None:
+        await context.write(message)
+        return
+    # a timer that cancels this task, not asyncio.wait_for: on Python < 3.12 that starts a task per write
+    task = asyncio.current_task()
+    expired = []
+    timer = asyncio.get_running_loop().call_later(timeout, lambda: expired.append(task.cancel()))
     try:
-        await asyncio.wait_for(context.write(message), timeout)
-    except asyncio.TimeoutError:
+        await context.write(message)
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if hasattr(task, "uncancel"):  # 3.11+: this cancel is ours and answered here
+            task.uncancel()
         raise Unavailable(f"this call's client took none of its results for {timeout:g} s "
                           "(the server's transport.write_timeout_s): read the stream as it comes") from None
+    finally:
+        timer.cancel()
 
 
 def guarded(method):
