@@ -23,6 +23,7 @@ from typing import AsyncIterable, Awaitable, Callable, Generic, TypeVar
 
 import grpc
 
+from moaa.idset import IdSet
 from moaa.services.common.decoding import RequestLimit, drain_requests
 from moaa.services.common.errors import InvalidArgument, Unavailable
 from moaa.services.common.limiter import InFlightLimiter
@@ -60,7 +61,7 @@ class ItemStream(Generic[Req, Res]):
         self.item_id = item_id  # results are matched to requests by it: empty or repeated ids are item errors
         self.limit = limit
         self.max_age_s = max_age_s  # then close() itself: the client resends the rest on a new connection
-        self._seen: set[str] = set()
+        self._seen = IdSet()  # every id the stream was sent, at 16 bytes each (a set of str: ~100)
         self.read = 0  # requests read from the client
         self.written = 0  # results the transport took
         self.held = 0  # items read and not yet written: each holds a window slot and an in-flight slot

@@ -4,6 +4,7 @@ Each check raises InvalidArgument with a message that names the field and says w
 """
 from __future__ import annotations
 
+from moaa.idset import IdSet
 from moaa.services.common.errors import InvalidArgument
 from moaa.services.config import SamplingConfig
 
@@ -94,7 +95,7 @@ def check_max_tokens(value: int | None, *, model: str, context_window: int, fiel
                               f"{context_window}-token context window: use at most {limit} ({why})")
 
 
-def check_item_id(item_id: str, seen: set[str], *, field: str = "id") -> None:
+def check_item_id(item_id: str, seen: set[str] | IdSet, *, field: str = "id") -> None:
     """A stream item's id must be set and unique within the stream: results are matched to rows by it.
     Adds the id to `seen`; raises InvalidArgument (an item error, the stream goes on)."""
     if not item_id:
