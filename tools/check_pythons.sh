@@ -39,14 +39,15 @@ for f in "$repo"/* "$repo"/.ci; do
 done
 # Torch-free test files: none of the fixtures or imports that need a model, torch, transformers or TRL.
 needs_torch='tiny_model_dir|tiny_verdict_model_dir|smollm2_(dir|engines|server|model)|tiny_sft_dir|build_tiny_model|^\s*(import|from) (torch|transformers|trl|datasets|peft)\b|matplotlib'
-# Left out too: test_install, test_layering and test_chart_images read the repository's moaa/ sources (the CI
-# runs them); test_k8s_builder and test_k8s_submit, and the deselected tests below, build training configs,
-# which check TRL's arguments (`moaa train submit` needs the train extra).
+# Left out too: test_install, test_layering, test_chart_images and the README's path check read the
+# repository's moaa/ sources (the CI runs them); test_k8s_builder, test_k8s_submit and the other deselected
+# tests build training configs, which check TRL's arguments (`moaa train submit` needs the train extra).
 mapfile -t files < <(cd "$work/run" && grep -LE "$needs_torch" tests/test_*.py \
   | grep -vE "test_(install|layering|chart_images|k8s_builder|k8s_submit)\.py")
-needs_trl=(tests/test_chart.py::test_network_policy_lets_only_gateway_annotator_and_trainer_reach_models
-           tests/test_chart.py::test_chart_storage_is_what_training_jobs_mount
-           tests/test_readme.py::test_training_keys_are_the_typed_settings)
+deselect=(tests/test_readme.py::test_every_named_path_exists
+          tests/test_chart.py::test_network_policy_lets_only_gateway_annotator_and_trainer_reach_models
+          tests/test_chart.py::test_chart_storage_is_what_training_jobs_mount
+          tests/test_readme.py::test_training_keys_are_the_typed_settings)
 echo "${#files[@]} torch-free test files"
 
 summary=()
@@ -61,7 +62,7 @@ for py in "$@"; do
   case "$where" in "$venv"/*) ;; *) summary+=("$ver: moaa imported from $where, not the venv"); continue ;; esac
   set +e
   (cd "$work/run" && "$venv/bin/pytest" -q -p no:cacheprovider -m "not slow and not vllm" \
-    "${needs_trl[@]/#/--deselect=}" ${PYTEST_ARGS:-} "${files[@]}") \
+    "${deselect[@]/#/--deselect=}" ${PYTEST_ARGS:-} "${files[@]}") \
     > "$work/pytest$ver.log" 2>&1
   rc=$?
   set -e
