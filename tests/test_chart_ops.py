@@ -124,7 +124,10 @@ def test_common_labels_reach_every_object_and_pod(helm):
 def test_one_version_for_chart_images_and_trainer_jobs(helm):
     """The chart's moaa image, the Jobs' trainer image and the package are one release: a version bump
     that forgets one of them would run a trainer of another release than the gateway."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: tomli, the same parser (pytest's own dependency there)
+        import tomli as tomllib
 
     from moaa.trainer.k8s import DEFAULT_IMAGE
 

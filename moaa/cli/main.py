@@ -13,7 +13,7 @@ import threading
 
 from moaa import __version__
 from moaa.errors import (EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED,
-                         MoaaError)
+                         MoaaError, missing_extra)
 
 # Command-group modules under moaa.cli, in help order.
 COMMAND_MODULES = [
@@ -123,6 +123,11 @@ def _run(args, tied: bool) -> int:
     except Exception as err:  # the last guard: one line, full trace only with -vv
         if args.verbose >= 2:
             raise
+        # a core install running a command of an extra: the line names the extra to install
+        hint = missing_extra(err) if isinstance(err, ModuleNotFoundError) else None
+        if hint is not None:
+            sys.stderr.write(f"moaa: error: {hint}\n")
+            return hint.exit_code
         sys.stderr.write(f"moaa: error: {type(err).__name__}: {err} (run with -vv for the traceback)\n")
         return EXIT_FAILURE
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from typing import TYPE_CHECKING, AsyncIterator
 
 import aiohttp
@@ -19,6 +20,14 @@ from .sse import DONE, MalformedEvent, SSEParser, check_chat_chunk
 
 if TYPE_CHECKING:
     from .client import BackendClient
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout_at
+else:  # asyncio.timeout_at is 3.11+; async-timeout is its backport (same loop-time deadline)
+    from async_timeout import timeout_at
+
+# asyncio.TimeoutError, not the builtin: on 3.10 they differ, and the backport's timeouts and aiohttp's
+# ServerTimeoutError are asyncio's (on 3.11+ the two names are one class)
 
 log = logging.getLogger("moaa.backend")
 
@@ -74,7 +83,7 @@ async def attempt_once(client: "BackendClient", replica: Replica, body: dict, de
             if started is not None:
                 started.set()
             try:
-                async with asyncio.timeout_at(attempt_deadline):
+                async with timeout_at(attempt_deadline):
                     if client.throttler is not None:
                         # asyncio-throttle polls; one poller at a time (FIFO) instead of every waiter
                         async with client._throttle_lock:
@@ -84,7 +93,7 @@ async def attempt_once(client: "BackendClient", replica: Replica, body: dict, de
                     await replica.limit.acquire()
                     slot = True
                     epoch = replica.limit.epoch
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 err = timed_out(attempt_deadline, "slot")
                 err.replica_fault = False  # our own queue, not the replica's doing
                 raise err from None
@@ -95,9 +104,9 @@ async def attempt_once(client: "BackendClient", replica: Replica, body: dict, de
         payload, headers = _dumps(body), (_PROBE_JSON if probe else _JSON)
         phase, phase_deadline = "first token", min(sent + t.first_token_s, attempt_deadline)
         try:
-            async with asyncio.timeout_at(phase_deadline):
+            async with timeout_at(phase_deadline):
                 resp = await client._ensure_session().post(f"{url}/chat/completions", data=payload, headers=headers)
-        except TimeoutError as e:
+        except asyncio.TimeoutError as e:
             if isinstance(e, aiohttp.ServerTimeoutError):
                 raise fail("connect", f"connect timed out after connect_s={t.connect_s}s") from None
             raise timed_out(phase_deadline, phase) from None
@@ -107,9 +116,9 @@ async def attempt_once(client: "BackendClient", replica: Replica, body: dict, de
             raise fail("connect", f"{type(e).__name__}: {e}") from None
         if resp.status != 200:
             try:
-                async with asyncio.timeout_at(min(loop.time() + 5.0, attempt_deadline)):
+                async with timeout_at(min(loop.time() + 5.0, attempt_deadline)):
                     raw = await resp.read()
-            except (TimeoutError, aiohttp.ClientError):
+            except (asyncio.TimeoutError, aiohttp.ClientError):
                 raw = None
             reusable = raw is not None  # the error body was read whole: keep the connection
             raw = raw or b""
@@ -126,9 +135,9 @@ async def attempt_once(client: "BackendClient", replica: Replica, body: dict, de
             raise err
         if resp.content_type == "application/json":  # a server that ignored stream=true
             try:
-                async with asyncio.timeout_at(phase_deadline):
+                async with timeout_at(phase_deadline):
                     whole = await resp.read()
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 raise timed_out(phase_deadline, phase) from None
             except aiohttp.ClientError as e:
                 raise fail("stream_cut", f"response cut short: {_short(e)}") from None
@@ -139,9 +148,9 @@ async def attempt_once(client: "BackendClient", replica: Replica, body: dict, de
         finished = done = seen = False
         while not done:
             try:
-                async with asyncio.timeout_at(phase_deadline):
+                async with timeout_at(phase_deadline):
                     data = await resp.content.readany()  # all that arrived: fewer wakeups than per line
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 raise timed_out(phase_deadline, phase) from None
             except aiohttp.ClientPayloadError as e:
                 raise fail("stream_cut", f"stream cut short: {_short(e)}") from None
