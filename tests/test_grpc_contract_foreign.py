@@ -80,7 +80,11 @@ async def test_a_stream_past_its_deadline_is_counted_deadline_exceeded(gw_emulat
     except grpc.aio.AioRpcError as err:
         seen = err.code().name
     assert seen in ("DEADLINE_EXCEEDED", "OK")
-    assert await _logged_codes(caplog, "GenerateBatch") == [seen]  # counted as the client saw it
+    logged = await _logged_codes(caplog, "GenerateBatch")
+    # counted as the client saw it. One race is not the server's to see: the item's answer ends the handler at
+    # the deadline, and a client whose own deadline timer runs late (a loaded machine) takes the status that
+    # was already on the wire, OK, while the server, past its deadline, counted DEADLINE_EXCEEDED
+    assert logged == [seen] or (seen == "OK" and logged == ["DEADLINE_EXCEEDED"]), (seen, logged)
 
     async def idle():  # the request stream open, nothing in flight: the deadline reads as the stream's end
         await asyncio.Event().wait()

@@ -118,9 +118,11 @@ async def _run(cmd, env, *, kill_when=None, timeout=900.0):
         while proc.returncode is None and time.monotonic() < deadline:
             try:
                 for child in psutil.Process(proc.pid).children(recursive=True):
-                    if child.pid not in seen:
-                        seen[child.pid] = child
+                    child = seen.setdefault(child.pid, child)
+                    try:  # read again each time: a child seen between fork and exec shows its parent's cmdline
                         child.seen_cmdline = " ".join(child.cmdline())
+                    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                        pass
             except psutil.NoSuchProcess:
                 pass
             if kill_when is not None and kill_when():
