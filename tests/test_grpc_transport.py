@@ -237,8 +237,9 @@ async def test_a_lost_gateway_fails_within_keepalive_not_the_deadline(gw_emulato
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call
         took = time.monotonic() - t0
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and took < 3, (err.value, took)
-        assert await wait_for(lambda: limiter.in_flight == 0, 3), "the server kept the vanished client's call"
+        # about 1 s (ping interval and timeout) where the 60 s deadline would hold it; room for a loaded machine
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and took < 6, (err.value, took)
+        assert await wait_for(lambda: limiter.in_flight == 0, 6), "the server kept the vanished client's call"
 
 
 async def test_a_lost_gateway_mid_batch_is_resent_on_a_new_connection(gw_emulators, gateway_factory, proxy_to):
@@ -283,8 +284,10 @@ async def test_a_generate_stream_client_that_never_reads_is_cut_by_the_write_tim
         await call.read()   # then nothing for a while
         t0 = time.monotonic()
         assert await wait_for(lambda: limiter.in_flight == 1, 5)
-        assert await wait_for(lambda: limiter.in_flight == 0, 5), "the never-reading client still holds its slot"
-        assert time.monotonic() - t0 < 1 + 3   # the write timeout, and the time to fill the client's window
+        assert await wait_for(lambda: limiter.in_flight == 0, 10), "the never-reading client still holds its slot"
+        # the write timeout and the time to fill the client's window (far from the 60 s deadline), with room
+        # for a loaded machine
+        assert time.monotonic() - t0 < 1 + 6
         with pytest.raises(grpc.aio.AioRpcError) as err:
             while await call.read() is not grpc.aio.EOF:
                 pass
@@ -292,7 +295,7 @@ async def test_a_generate_stream_client_that_never_reads_is_cut_by_the_write_tim
 
     def codes():   # the server logs the call once its status was sent (the client may see it first)
         return [r.code for r in caplog.records if getattr(r, "method", "") == "GenerateStream"]
-    assert await wait_for(lambda: codes() == ["UNAVAILABLE"], 3), codes()
+    assert await wait_for(lambda: codes() == ["UNAVAILABLE"], 6), codes()
 
 
 async def test_a_batch_client_that_never_reads_frees_its_slots_after_the_write_timeout(gw_emulators, gateway_factory):
@@ -322,8 +325,8 @@ async def test_without_a_write_timeout_the_connection_age_still_bounds_a_never_r
         await call.read()   # then never again
         t0 = time.monotonic()
         assert await wait_for(lambda: limiter.in_flight == 1, 5)
-        assert await wait_for(lambda: limiter.in_flight == 0, 5), "the never-reading client still holds its slot"
-        assert time.monotonic() - t0 < 1 * 1.1 + 1 + 0.5
+        assert await wait_for(lambda: limiter.in_flight == 0, 10), "the never-reading client still holds its slot"
+        assert time.monotonic() - t0 < 1 * 1.1 + 1 + 3   # age with jitter + grace, room for a loaded machine
         call.cancel()
 
 
