@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moaa.v1 import gateway_pb2_grpc
 from tests.fixtures.annotator import judge_config
 from tests.fixtures.gateway import moa_config, request
+from tests.fixtures.waiting import wait_for
 
 GRACE_S = 20
 
@@ -149,9 +150,10 @@ async def test_client_command_on_sigterm_says_one_line_and_exits_143(gw_emulator
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", "generate", "--gateway",
                                                     gw.address, "hi", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        await asyncio.sleep(2.5)
+        assert await wait_for(lambda: emu.stats.in_flight == 1, 60)   # in its call (a loaded machine: slow start)
         proc.send_signal(sig)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert await wait_for(lambda: emu.stats.in_flight == 0, 10)
         assert proc.returncode == code and err.decode().count("\n") == 1, (sig, proc.returncode, err)
         assert err.decode() == ("moaa: interrupted\n" if sig == signal.SIGINT else "moaa: terminated (SIGTERM)\n")
 
