@@ -10,16 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from .protocol import MaxTokens, MoaaOptions, SafetyIdentifier, Temperature, TopP
+from .protocol import MaxTokens, MoaaOptions, SafetyIdentifier, Temperature, TopP, _Strict
 
-ROLES = ("user", "assistant", "system", "developer")
 PART_TYPES = ("input_text", "output_text")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class TextFormat(BaseModel):

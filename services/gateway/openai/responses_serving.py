@@ -10,13 +10,13 @@ import re
 import time
 
 import grpc
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from moaa.v1 import gateway_pb2
 
 from . import protocol as p
 from . import responses_protocol as rp
-from .serving import Call, ChatServing, HttpError, http_error, sse
+from .serving import Call, ChatServing, HttpError, http_error, sse, validated
 
 
 def to_messages(req: rp.ResponsesRequest) -> tuple[list[p.ChatMessage], list[str]]:
@@ -41,10 +41,9 @@ def to_messages(req: rp.ResponsesRequest) -> tuple[list[p.ChatMessage], list[str
                                 f"{' or '.join(rp.PART_TYPES)} parts (or a string)", grpc.StatusCode.INVALID_ARGUMENT,
                                 f"input[{i}].content[{j}]")
         try:
-            msg = rp.InputMessage.model_validate(item)
-        except ValidationError as err:
-            param, text = p.describe_validation(err)
-            raise HttpError(f"input[{i}].{text}", grpc.StatusCode.INVALID_ARGUMENT, f"input[{i}].{param}") from None
+            msg = validated(rp.InputMessage, item)
+        except HttpError as err:
+            raise HttpError(f"input[{i}].{err}", err.code, f"input[{i}].{err.param}") from None
         if msg.role in ("system", "developer") and not messages:
             system.append(msg.text())
             where_system.append(f"input[{i}]")
