@@ -15,19 +15,13 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from tests.fixtures.gateway import http_calls, moa_config
+from tests.fixtures.gateway import openai_base_url as base_url
+from tests.fixtures.gateway import openai_client as client
 from tests.fixtures.waiting import wait_for
 
 FAST = {"ttft_s": 0.0}
 TOKEN = "responses-door-token-0123456789"
 EVENTS = TypeAdapter(ResponseStreamEvent)
-
-
-def base_url(gw) -> str:
-    return f"http://127.0.0.1:{gw.running.http_port}/v1"
-
-
-def client(gw, **kw) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url(gw), **{"api_key": "unused", "max_retries": 0, "timeout": 30, **kw})
 
 
 def calls(code: str) -> float:

@@ -15,30 +15,17 @@ import pytest
 
 from tests.fixtures.gateway import http_calls as calls
 from tests.fixtures.gateway import moa_config
+from tests.fixtures.gateway import openai_base_url as base_url
+from tests.fixtures.gateway import openai_client as client
+from tests.fixtures.waiting import wait_for
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm fetches a price list at import otherwise
 
 FAST = {"ttft_s": 0.0}
 
 
-def base_url(gw) -> str:
-    return f"http://127.0.0.1:{gw.running.http_port}/v1"
-
-
-def client(gw, **kw) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url(gw), api_key="unused", **{"max_retries": 0, "timeout": 30, **kw})
-
-
 def ask(text: str = "What is a mixture of agents?") -> list[dict]:
     return [{"role": "user", "content": text}]
-
-
-async def settle(check, tries: int = 200) -> bool:
-    for _ in range(tries):
-        if check():
-            return True
-        await asyncio.sleep(0.02)
-    return check()
 
 
 @pytest.fixture
@@ -165,7 +152,7 @@ async def test_sdk_retries_429_after_retry_after(gw_emulators, gateway_factory):
     emu = await gw_emulators({"stall": {"stall_before_headers": True}, "agg": FAST})
     gw = await gateway_factory(moa_config(emu.url, ["stall"], gateway={"max_in_flight": 1}))
     first = asyncio.create_task(client(gw).chat.completions.create(model="moa", messages=ask()))
-    assert await settle(lambda: emu.stats.in_flight)
+    assert await wait_for(lambda: emu.stats.in_flight, 4)
     refused = calls("RESOURCE_EXHAUSTED")
     t0 = time.monotonic()
     with pytest.raises(openai.RateLimitError):
@@ -198,14 +185,14 @@ async def test_client_timeout_cancels_backend_requests(gw_emulators, gateway_fac
             got.append(c)
     assert got
     await stream.close()
-    assert await settle(lambda: emu.stats.disconnects >= 1 and emu.stats.in_flight == 0
-                        and not gw.running.guard.limiter.in_flight), emu.stats
+    assert await wait_for(lambda: emu.stats.disconnects >= 1 and emu.stats.in_flight == 0
+                        and not gw.running.guard.limiter.in_flight, 4), emu.stats
     # not streamed: the timeout passes while a proposer has not answered
     gw2 = await gateway_factory(moa_config(emu.url, ["a", "stall"]))
     with pytest.raises(openai.APITimeoutError):
         await client(gw2, timeout=0.5).chat.completions.create(model="moa", messages=ask())
-    assert await settle(lambda: emu.stats.disconnects >= 2 and emu.stats.in_flight == 0
-                        and not gw2.running.guard.limiter.in_flight), emu.stats
+    assert await wait_for(lambda: emu.stats.disconnects >= 2 and emu.stats.in_flight == 0
+                        and not gw2.running.guard.limiter.in_flight, 4), emu.stats
 
 
 # Every field of the SDK's `chat.completions.create` beyond the sampling ones: accepted and honoured,
