@@ -9,8 +9,7 @@ Recognised without mapping (the paper's sources, TRL's own formats and common pu
 - `instruction` (UltraFeedback: its `completions` are ignored; Alpaca's `input` or Dolly's `context`, when
   not empty, is appended after a blank line, as Alpaca's own template does), `question`.
 A trailing assistant turn is dropped: the pipeline writes that turn. Earlier turns are kept.
-Files: JSON Lines (.jsonl, .ndjson, .json; gzip'd as .gz; a UTF-8 BOM is ignored), a .json file holding one
-JSON array of rows (read whole), Parquet, or a folder written by `datasets.save_to_disk`.
+Files: those `moaa/records.py` reads (JSON Lines, a JSON array, Parquet, a saved `datasets` folder).
 
 The one row-id rule (`row_id`): a hash of the conversation (sha256[:16], stable across runs and
 machines), unless `--map id=FIELD` names a column that already holds ids, or the caller keeps the file's
@@ -19,7 +18,6 @@ their line numbers: one readable error, or with `skip_invalid` a list of what wa
 """
 from __future__ import annotations
 
-import codecs
 import hashlib
 import heapq
 import json
@@ -30,7 +28,7 @@ from typing import Any, Iterable, Iterator
 
 from moaa.errors import UserError
 from moaa.idset import IdSet
-from moaa.jsonl import iter_lines, read_bytes
+from moaa.records import records
 
 ROLES = ("system", "user", "assistant")
 # Other names of those roles: OpenAI's `developer` (its newer name for system), ShareGPT's `from` values.
@@ -38,7 +36,6 @@ ROLE_ALIASES = {"developer": "system", "human": "user", "gpt": "assistant"}
 # Field names tried in order when no mapping is given.
 AUTO_FIELDS = ("messages", "conversations", "data", "prompt", "instruction", "question")
 MAPPABLE = ("prompt", "messages", "id", "system")
-JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 INSTRUCTION_INPUTS = ("input", "context")   # what an instruction works on: Alpaca's `input`, Dolly's `context`
 MAX_LISTED = 5  # invalid rows named in one error line
 KEPT_INVALID = 20  # invalid rows kept with their reasons for the summary (all are counted)
@@ -179,69 +176,6 @@ def row_to_prompt(record: Any, mapping: dict[str, str]) -> tuple[list[dict[str, 
     return msgs, None if key is None else str(record[key])
 
 
-def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
-    """JSON Lines by line; a file that is one JSON array (Alpaca's alpaca_data.json) by row number."""
-    if read_bytes(path, 4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
-        yield from enumerate(_json_array(path), 1)
-        return
-    for lineno, rec in iter_lines(path):
-        bad = isinstance(rec, json.JSONDecodeError)
-        yield lineno, RowError(f"not valid JSON ({rec.msg} at column {rec.colno})") if bad else rec
-
-
-def _json_array(path: Path) -> list:
-    try:
-        rows = json.loads(read_bytes(path).decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); give "
-                        "JSON Lines (one object per line) or one JSON array of objects") from None
-    return rows if isinstance(rows, list) else [rows]
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as err:  # pyarrow raises several types for a bad file
-        raise UserError(f"cannot read Parquet file {path}: {err}") from None
-    yield from enumerate(table.to_pylist(), 1)
-
-
-def _iter_hf_folder(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as err:
-        raise UserError(f"cannot read the datasets folder {path}: {err}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        names = list(ds)
-        pick = split or ("train" if "train" in ds else (names[0] if len(names) == 1 else None))
-        if pick not in ds:
-            raise UserError(f"{path} has splits {', '.join(names)}; choose one with --split")
-        ds = ds[pick]
-    yield from enumerate(ds, 1)
-
-
-def _records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-            return _iter_hf_folder(path, split)
-        raise UserError(f"{path} is a folder but not a saved Hugging Face dataset (no dataset_info.json); give "
-                        "one of its .jsonl or .parquet files, or a folder written by datasets' save_to_disk")
-    if not path.exists():
-        raise UserError(f"prompt file {path} does not exist")
-    if path.suffix == ".parquet":
-        return _iter_parquet(path)
-    if path.suffix in JSON_SUFFIXES or (path.suffix == ".gz" and Path(path.stem).suffix in JSON_SUFFIXES):
-        return _iter_json(path)
-    raise UserError(f"{path}: unknown prompt format; use .jsonl (or .jsonl.gz), .json, .parquet or a saved "
-                    "datasets folder")
-
-
 def default_prompts_path() -> Path:
     return Path(str(resources.files("moaa.pipeline.prompts") / "default.jsonl"))
 
@@ -262,10 +196,10 @@ class PromptStream:
         self.invalid = self.count = 0
 
     def _rows(self) -> Iterator[tuple[int, PromptRow | RowError]]:
-        for lineno, rec in _records(self.path, self.split):
+        for lineno, rec in records(self.path, "prompt", split=self.split):
             try:
-                if isinstance(rec, RowError):
-                    raise rec
+                if isinstance(rec, json.JSONDecodeError):
+                    raise RowError(f"not valid JSON ({rec.msg} at column {rec.colno})")
                 msgs, source_id = row_to_prompt(rec, self.mapping)
                 row = PromptRow(row_id(msgs, source_id, self.mapping, self.keep_ids), msgs, lineno, source_id)
             except RowError as err:

@@ -7,7 +7,7 @@ import pytest
 
 from moaa.cli.main import main
 from moaa.errors import UserError
-from moaa.trainer.data import check_lengths, load_rows
+from moaa.trainer.data import check_lengths, file_sha256, load_rows
 from tests.fixtures.trainer import pref_rows, sft_rows, write_jsonl
 
 U = {"role": "user", "content": "Hi?"}
@@ -154,10 +154,86 @@ def test_files_written_by_trl_users(tmp_path, capsys):
     std = write_jsonl(tmp_path / "std.jsonl", [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}])
     err = _cli("dpo", std, tmp_path, capsys)
     assert "line 1: prompt is a string (TRL's standard format" in err and "give a list of" in err
-    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": [U], "completion": [A]}])
-    assert "join them into messages" in _cli("sft", pc, tmp_path, capsys)
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": [U], "completion": [A]}])   # trl-lib's prompt-completion
+    kept, report = load_rows(pc, "sft")
+    assert kept == [{"id": "line-1", "line": 1, "prompt": [U], "completion": [A]}]
+    assert report.format == "prompt-completion" and report.summary()["format"] == "prompt-completion"
+    std = write_jsonl(tmp_path / "std-pc.jsonl", [{"prompt": "The sky is", "completion": " blue."}])
+    assert "line 1: prompt is a string (TRL's standard format" in _cli("sft", std, tmp_path, capsys)
     (tmp_path / "folder").mkdir()
-    assert _cli("sft", tmp_path / "folder", tmp_path, capsys) == f"moaa: error: {tmp_path / 'folder'} is a folder; give a file"
+    assert "folder is a folder but not a saved Hugging Face dataset" in _cli("sft", tmp_path / "folder", tmp_path, capsys)
+    assert "unknown data format; use .jsonl" in _cli("sft", write_jsonl(tmp_path / "d.csv", ["a,b"]), tmp_path, capsys)
+
+
+def test_hub_shaped_files_parquet_and_saved_datasets_folders(tmp_path, capsys):
+    """A dataset as the Hub and `datasets` hand it over (Parquet shards, `save_to_disk` folders) is read by the
+    same reader as the pipeline's prompts, rows numbered as rows; its hash covers the folder's files."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    no = {"role": "assistant", "content": "No."}
+    ufb = [{"prompt": f"Q{i}?", "prompt_id": f"x{i}", "chosen": [U | {"content": f"Q{i}?"}, A],
+            "rejected": [U | {"content": f"Q{i}?"}, no], "score_chosen": 8.0, "score_rejected": 2.0} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(ufb), tmp_path / "train-00000-of-00001.parquet")
+    kept, report = load_rows(tmp_path / "train-00000-of-00001.parquet", "dpo")
+    assert [(r["id"], r["prompt"], r["chosen"]) for r in kept] == [(f"row-{i + 1}", [U | {"content": f"Q{i}?"}], [A])
+                                                                    for i in range(3)]
+    assert report.unit == "row" and report.rows_kept == 3 and len(report.sha256) == 64
+    bad = ufb[:1] + [ufb[1] | {"rejected": [ufb[1]["chosen"][0], no | {"content": " "}]}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    assert "row 2: rejected[0] (assistant) is empty" in _cli("dpo", tmp_path / "bad.parquet", tmp_path, capsys)
+
+    pc = [{"prompt": [U], "completion": [A | {"content": f"Hello {i}."}]} for i in range(2)]
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(pc),
+                          "test": datasets.Dataset.from_list(pc[:1])}).save_to_disk(str(folder))
+    kept, report = load_rows(folder, "sft")
+    assert len(kept) == 2 and report.format == "prompt-completion"   # the train split
+    assert load_rows(folder / "test", "sft")[1].rows_kept == 1       # one split's folder
+    first = report.sha256
+    assert file_sha256(folder) == first and load_rows(folder / "test", "sft")[1].sha256 != first
+    two = tmp_path / "two"
+    datasets.DatasetDict({"a": datasets.Dataset.from_list(pc), "b": datasets.Dataset.from_list(pc)}).save_to_disk(str(two))
+    err = _cli("sft", two, tmp_path, capsys)
+    assert "has splits a, b" in err and f"give one split's folder ({two / 'a'})" in err
+
+
+S = {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize("row,problem", [
+    ({"prompt": [U], "completion": []}, "completion must be a non-empty list of messages"),
+    ({"prompt": [U], "completion": "Hello."}, "completion is a string (TRL's standard format"),
+    ({"prompt": [U, A], "completion": [A]}, "prompt must end with a user message"),
+    ({"prompt": [S], "completion": [A]}, "prompt holds only a system message"),
+    ({"prompt": [U], "completion": [U, A]}, "prompt + completion[1] is 'user' where 'assistant' is expected"),
+    ({"prompt": [U], "completion": [A, U]}, "prompt + completion must end with a assistant message"),
+    ({"completion": [A]}, "a completion without a prompt"),
+    ({"prompt": [U]}, "pre-templated text"),
+])
+def test_prompt_completion_shape(tmp_path, row, problem):
+    with pytest.raises(UserError, match="line 1") as info:
+        load_rows(write_jsonl(tmp_path / "d.jsonl", [row]), "sft")
+    assert problem in str(info.value)
+
+
+def test_prompt_completion_rows_load_multi_turn_and_one_format_per_file(tmp_path, capsys):
+    no = {"role": "assistant", "content": "No."}
+    multi = {"id": "m", "prompt": [S, U, A, U], "completion": [no]}
+    kept, report = load_rows(write_jsonl(tmp_path / "pc.jsonl", [multi]), "sft")
+    assert kept[0]["prompt"] == [S, U, A, U] and kept[0]["completion"] == [no] and "messages" not in kept[0]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [multi, {"id": "x", "messages": [U, A]}])
+    err = _cli("sft", mixed, tmp_path, capsys)
+    assert "line 2 (id x): a messages row in a file of prompt-completion rows (line 1)" in err
+    # eval data is tokenized and masked as the training data is: one format for both
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows(2))
+    out = tmp_path / "out"
+    rc = main(["train", "sft", "--data", str(data), "--eval-data", str(tmp_path / "pc.jsonl"),
+               "--model", str(tmp_path / "no-model"), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and not out.exists()
+    assert "pc.jsonl holds prompt-completion rows and" in err and "messages rows" in err
 
 
 def test_multi_gpu_launch_checks_data_once_before_starting_workers(tmp_path, capsys):

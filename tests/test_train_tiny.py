@@ -158,6 +158,41 @@ def test_eval_data_is_evaluated_and_recorded(tiny_model_dir, train_data, tmp_pat
     assert json.loads((out / "manifest.json").read_text())["eval_data"]["rows_kept"] == 4
 
 
+def test_prompt_completion_rows_train_on_the_completion_only(tiny_model_dir, tmp_path):
+    """TRL's conversational prompt-completion rows (here as a Parquet file, as the Hub ships them) train as TRL
+    trains them: the loss falls, and the batch TRL builds from what moaa hands it (with moaa's TRL settings)
+    masks every prompt token out of the labels."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    from moaa.trainer.config import build_trl_args
+    from moaa.trainer.data import load_rows, to_dataset
+    from moaa.trainer.sft import SFTSettings
+
+    rows = [{"id": f"c{r['id']}", "prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in sft_rows()]
+    data = tmp_path / "pc.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    out = tmp_path / "o"
+    assert _sft(data, tiny_model_dir, out, "--eval-data", str(data), "--max-steps", "4", "--save-steps", "4") == 0
+    ls = losses(out)
+    assert len(ls) == 4 and ls[-1] < ls[0] - 0.05, ls
+    assert json.loads((out / "manifest.json").read_text())["data"]["format"] == "prompt-completion"
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = SFTSettings(data=str(data), model=str(tiny_model_dir), out=str(tmp_path / "x"), max_length=96)
+    args = build_trl_args(cfg, device="cpu")
+    kept, _ = load_rows(data, "sft")
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
+                         train_dataset=to_dataset(kept, "sft"), processing_class=tok)
+    labels = trainer.data_collator([trainer.train_dataset[0]])["labels"][0].tolist()
+    prompt_ids = tok.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=True)
+    prompt_ids = prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids
+    n = len(prompt_ids)
+    assert labels[:n] == [-100] * n and all(x != -100 for x in labels[n:]), (n, labels)
+
+
 def test_same_seed_same_losses(tiny_model_dir, train_data, tmp_path):
     assert _sft(train_data["sft"], tiny_model_dir, tmp_path / "a", "--seed", "3") == 0
     assert _sft(train_data["sft"], tiny_model_dir, tmp_path / "b", "--seed", "3") == 0

@@ -84,11 +84,6 @@ class TrainConfig(_Strict):
     def lr(self) -> float:
         return self.learning_rate or self.DEFAULT_LR
 
-    @property
-    def data_files(self) -> list[str]:
-        """The JSONL files this run reads: data, and eval_data when given."""
-        return [p for p in (self.data, self.eval_data) if p]
-
     @classmethod
     def trl_class(cls):
         """The installed TRL's config class for this kind (imported only when asked)."""

@@ -1,6 +1,8 @@
 """Loading and checking training data before any step runs.
 
-Rows must be in TRL's conversational formats; TRL applies the chat template itself. Pre-templated
+Rows must be in TRL's conversational formats (SFT: `messages`, or `prompt` + `completion`, whose loss TRL
+computes on the completion only; DPO: preference rows, explicit or implicit prompt); TRL applies the chat
+template itself. Pre-templated
 strings are refused: they are how double BOS tokens and misplaced assistant headers get into training
 data (TRL #1541, alignment-handbook #116). Every problem stops the run naming the rows; every row
 dropped on purpose (exact duplicates, over-long rows when asked) is counted and reported.
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moaa.errors import UserError
-from moaa.jsonl import iter_lines
+from moaa.records import records
 
 ROLES = ("system", "user", "assistant")
 MAX_LISTED = 8  # problems named in the one-line error; the count says how many more
@@ -28,6 +30,8 @@ STRING_ROW = ("a string (TRL's standard format, or pre-templated text); moaa tra
 class DataReport:
     path: str
     kind: str
+    unit: str = "line"   # how rows are numbered in errors: JSON Lines by line, Parquet and datasets folders by row
+    format: str = ""   # SFT: "messages" or "prompt-completion" (one per file); DPO: "preference"
     rows_read: int = 0
     rows_kept: int = 0
     blank_lines: int = 0
@@ -38,16 +42,21 @@ class DataReport:
         self.dropped.setdefault(reason, []).append(row_id)
 
     def summary(self) -> dict[str, Any]:
-        return {"path": self.path, "kind": self.kind, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
-                "blank_lines": self.blank_lines, "sha256": self.sha256,
+        return {"path": self.path, "kind": self.kind, "format": self.format, "rows_read": self.rows_read,
+                "rows_kept": self.rows_kept, "blank_lines": self.blank_lines, "sha256": self.sha256,
                 "dropped": {k: {"count": len(v), "ids": v[:50]} for k, v in self.dropped.items()}}
 
 
 def file_sha256(path: str | Path) -> str:
+    """The data's hash: a file's bytes, or for a saved datasets folder every file's name and bytes."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -89,17 +98,39 @@ def _check_conversation(msgs: Any, name: str, *, must_end: str) -> str | None:
     return None
 
 
+SFT_FORMATS = {"messages": ("messages",), "prompt-completion": ("prompt", "completion")}
+
+
+def sft_format(row: dict) -> str:
+    """TRL's conversational SFT formats: `messages`, or `prompt` + `completion` (TRL then computes the loss
+    on the completion only, its `completion_only_loss` default)."""
+    return "prompt-completion" if "messages" not in row and "completion" in row else "messages"
+
+
 def check_sft_row(row: dict) -> str | None:
     if "messages" not in row:
         if "chosen" in row or "rejected" in row:
             return "a preference row where an SFT row {\"messages\": [...]} is expected (use moaa train dpo?)"
-        if isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
-            return ("a prompt-completion row; moaa's SFT trains on {\"messages\": prompt + completion} "
-                    "(loss on every turn): join them into messages")
-        if "text" in row or "prompt" in row or "completion" in row:
+        if "completion" in row:
+            return _check_prompt_completion(row)
+        if "text" in row or "prompt" in row:
             return "pre-templated text; give {\"messages\": [...]} and let the chat template format it"
         return "missing field 'messages'"
     return _check_conversation(row["messages"], "messages", must_end="assistant")
+
+
+def _check_prompt_completion(row: dict) -> str | None:
+    """A conversational prompt (ending with the user's turn) and the turns that answer it (from the assistant's,
+    ending with one): together one conversation."""
+    if "prompt" not in row:
+        return "a completion without a prompt; prompt-completion rows are {prompt: [messages], completion: [messages]}"
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, str) or isinstance(completion, str):
+        return f"{'prompt' if isinstance(prompt, str) else 'completion'} is {STRING_ROW}"
+    if not isinstance(completion, list) or not completion:
+        return "completion must be a non-empty list of messages"
+    return (_check_conversation(prompt, "prompt", must_end="user")
+            or _check_conversation(prompt + completion, "prompt + completion", must_end="assistant"))
 
 
 def _answer(msgs: Any, name: str) -> str | None:
@@ -147,8 +178,7 @@ def check_pref_row(row: dict) -> str | None:
 
 
 def _content_key(row: dict, kind: str) -> str:
-    keys = ("messages",) if kind == "sft" else ("prompt", "chosen", "rejected")
-    return json.dumps([row[k] for k in keys], sort_keys=True, ensure_ascii=False)
+    return json.dumps([row[k] for k in row_fields(row, kind)], sort_keys=True, ensure_ascii=False)
 
 
 def row_length(row: dict, kind: str, tokenizer) -> int:
@@ -158,7 +188,7 @@ def row_length(row: dict, kind: str, tokenizer) -> int:
         ids = ids["input_ids"] if hasattr(ids, "keys") else ids  # BatchEncoding in transformers 5
         return len(ids)
     if kind == "sft":
-        return n(row["messages"])
+        return n(row["messages"] if "messages" in row else row["prompt"] + row["completion"])
     return max(n(row["prompt"] + row["chosen"]), n(row["prompt"] + row["rejected"]))
 
 
@@ -175,37 +205,45 @@ def _fail(path: Path, problems: list[tuple[str, str]], hint: str = "") -> None:
 
 
 def load_rows(path: str | Path, kind: str, *, drop_duplicates: bool = True) -> tuple[list[dict], DataReport]:
-    """Read and check a JSONL file's rows. Raises UserError naming every bad row (line number and id)."""
+    """Read and check a data file's rows (JSON Lines, Parquet, a saved datasets folder: `moaa/records.py`).
+    Raises UserError naming every bad row (line or row number, and id)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"data file {path} does not exist")
+    unit = "row" if path.is_dir() or path.suffix == ".parquet" else "line"
     check: Callable[[dict], str | None] = check_sft_row if kind == "sft" else check_pref_row
-    report = DataReport(str(path), kind)
+    report = DataReport(str(path), kind, unit)
     problems: list[tuple[str, str]] = []
     kept: list[dict] = []
     seen_ids: dict[str, int] = {}
     seen_content: dict[str, str] = {}
-    for lineno, row in iter_lines(path, blanks=True):   # the one JSONL reader: BOM, .gz, unreadable files
+    first_line = 0   # where the file's format was set by its first good row
+    for lineno, row in records(path, "data", blanks=True):   # the one reader of users' data files
         if row is None:
             report.blank_lines += 1
             continue
         report.rows_read += 1
         if isinstance(row, json.JSONDecodeError):
-            problems.append((f"line {lineno}", f"not JSON ({row.msg} at column {row.colno})"))
+            problems.append((f"{unit} {lineno}", f"not JSON ({row.msg} at column {row.colno})"))
             continue
         if not isinstance(row, dict):
-            problems.append((f"line {lineno}", "not a JSON object"))
+            problems.append((f"{unit} {lineno}", "not a JSON object"))
             continue
         if kind != "sft":
             row = implicit_prompt(row)
-        rid = str(row.get("id", f"line-{lineno}"))
-        label = f"line {lineno} (id {rid})" if "id" in row else f"line {lineno}"
+        rid = str(row.get("id", f"{unit}-{lineno}"))
+        label = f"{unit} {lineno} (id {rid})" if "id" in row else f"{unit} {lineno}"
         problem = check(row)
         if problem:
             problems.append((label, problem))
             continue
+        fmt = sft_format(row) if kind == "sft" else "preference"
+        if not report.format:
+            report.format, first_line = fmt, lineno
+        elif fmt != report.format:   # TRL tokenizes a dataset one way: a file holds one format
+            problems.append((label, f"a {fmt} row in a file of {report.format} rows ({unit} {first_line}); "
+                                    "TRL trains one format per file"))
+            continue
         if rid in seen_ids:
-            problems.append((label, f"duplicate id, first on line {seen_ids[rid]}"))
+            problems.append((label, f"duplicate id, first on {unit} {seen_ids[rid]}"))
             continue
         seen_ids[rid] = lineno
         key = _content_key(row, kind)
@@ -216,13 +254,29 @@ def load_rows(path: str | Path, kind: str, *, drop_duplicates: bool = True) -> t
             problems.append((label, f"same content as {seen_content[key]}"))
             continue
         seen_content[key] = rid
-        kept.append({"id": rid, "line": lineno, **{k: row[k] for k in _fields(kind)}})
+        kept.append({"id": rid, "line": lineno, **{k: row[k] for k in row_fields(row, kind)}})
     if problems:
         _fail(path, problems)
     report.sha256 = file_sha256(path)
     report.rows_kept = len(kept)
     _check_not_empty(path, kept, report)
     return kept, report
+
+
+def load_data(data: str, eval_data: str | None, kind: str, *, drop_duplicates: bool = True,
+              present_only: bool = False) -> tuple[list[dict], DataReport, list[dict] | None, DataReport | None]:
+    """The training rows and (with eval_data) the held-out rows, each file checked, both in one format (the
+    trainer formats and masks both alike). present_only: check only the files that are on this machine."""
+    def load(path):
+        if path and not (present_only and not Path(path).exists()):
+            return load_rows(path, kind, drop_duplicates=drop_duplicates)
+        return None, None
+    rows, report = load(data)
+    eval_rows, eval_report = load(eval_data)
+    if report and eval_report and report.format != eval_report.format:
+        raise UserError(f"{eval_data} holds {eval_report.format} rows and {data} {report.format} rows; "
+                        "give the eval data in the training data's format")
+    return rows, report, eval_rows, eval_report
 
 
 def _check_not_empty(path, kept, report) -> None:
@@ -242,7 +296,7 @@ def check_lengths(rows: list[dict], report: DataReport, tokenizer, max_length: i
         elif drop_overlong:
             report.drop(f"longer than max_length {max_length}", row["id"])
         else:
-            problems.append((f"line {row['line']} (id {row['id']})", f"{length} tokens > max_length {max_length}"))
+            problems.append((f"{report.unit} {row['line']} (id {row['id']})", f"{length} tokens > max_length {max_length}"))
     if problems:
         _fail(Path(report.path), problems, hint="raise max_length or set drop_overlong: true")
     report.rows_kept = len(kept)
@@ -250,12 +304,13 @@ def check_lengths(rows: list[dict], report: DataReport, tokenizer, max_length: i
     return kept
 
 
-def _fields(kind: str) -> tuple[str, ...]:
-    return ("messages",) if kind == "sft" else ("prompt", "chosen", "rejected")
+def row_fields(row: dict, kind: str) -> tuple[str, ...]:
+    """TRL's columns of a checked row."""
+    return SFT_FORMATS[sft_format(row)] if kind == "sft" else ("prompt", "chosen", "rejected")
 
 
 def to_dataset(rows: list[dict], kind: str):
     """Only TRL's columns go to the trainer; ids and line numbers stay in our report."""
     from datasets import Dataset
 
-    return Dataset.from_list([{k: r[k] for k in _fields(kind)} for r in rows])
+    return Dataset.from_list([{k: r[k] for k in row_fields(r, kind)} for r in rows])

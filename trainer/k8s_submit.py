@@ -13,7 +13,6 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -147,11 +146,10 @@ def submit_from_args(args: argparse.Namespace, cfg) -> int:
     if args.dry_run:
         print(to_yaml(job), end="")
         return 0
-    from moaa.trainer.data import load_rows
+    from moaa.trainer.data import load_data
 
-    for path in cfg.data_files:
-        if Path(path).is_file():  # the file is here too: check it before a GPU node spins up
-            load_rows(path, cfg.kind, drop_duplicates=cfg.drop_duplicates)
+    # the files that are here too: checked before a GPU node spins up
+    load_data(cfg.data, cfg.eval_data, cfg.kind, drop_duplicates=cfg.drop_duplicates, present_only=True)
     api = api_client(args)
     return submit(api, job, follow=not args.no_follow, timeout_s=args.follow_timeout, poll_s=args.poll_interval)
 

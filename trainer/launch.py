@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from moaa.trainer.config import TrainConfig, cli_args
-from moaa.trainer.data import load_rows
+from moaa.trainer.data import load_data
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +30,7 @@ def launch_command(cfg: TrainConfig, nproc: int, launcher: str) -> list[str]:
 
 
 def launch(cfg: TrainConfig, nproc: int, launcher: str = "torchrun") -> int:
-    for path in cfg.data_files:  # bad data: exit 2 here, once
-        load_rows(path, cfg.kind, drop_duplicates=cfg.drop_duplicates)
+    load_data(cfg.data, cfg.eval_data, cfg.kind, drop_duplicates=cfg.drop_duplicates)  # bad data: exit 2 here, once
     cmd = launch_command(cfg, nproc, launcher)
     log.info("starting %s", " ".join(cmd))
     print(f'{{"event": "launch", "launcher": "{launcher}", "nproc": {nproc}}}', flush=True)

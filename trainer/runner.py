@@ -18,7 +18,7 @@ from moaa.errors import TransientError, UserError
 from moaa.trainer.chat_template import ensure_chat_template
 from moaa.trainer.config import (TrainConfig, build_trl_args, grad_accumulation, mixed_precision, resolve_device,
                                  world_size)
-from moaa.trainer.data import DataReport, check_lengths, load_rows
+from moaa.trainer.data import DataReport, check_lengths, load_data
 from moaa.trainer.manifest import build_manifest, write_manifest
 from moaa.trainer.plots import plot_metrics
 from moaa.trainer.progress import JsonProgress
@@ -132,9 +132,9 @@ def prepare(cfg: TrainConfig) -> Prepared | dict[str, Any]:
     accum = grad_accumulation(cfg, world)
     args = build_trl_args(cfg, device=device)
     check_packages(args)
-    rows, report = load_rows(cfg.data, cfg.kind, drop_duplicates=cfg.drop_duplicates)  # before the model loads
-    eval_rows, eval_report = (load_rows(cfg.eval_data, cfg.kind, drop_duplicates=cfg.drop_duplicates)
-                              if cfg.eval_data else (None, None))
+    # before the model loads
+    rows, report, eval_rows, eval_report = load_data(cfg.data, cfg.eval_data, cfg.kind,
+                                                     drop_duplicates=cfg.drop_duplicates)
     guard_out(cfg.out, cfg.model_dump(mode="json"), report.sha256, write=int(os.environ.get("RANK", "0")) == 0)
     done = finished(cfg)
     if done is not None:

@@ -15,7 +15,7 @@ _FIELD_FLAGS = [
     ("--batch-size", "global_batch_size", positive_int, "global batch: sequences per optimizer step, all GPUs"),
     ("--per-device-batch-size", "per_device_batch_size", positive_int, "sequences per forward pass per device"),
     ("--max-length", "max_length", positive_int, "longest tokenized row"),
-    ("--eval-data", "eval_data", str, "held-out JSONL in the format of --data (TRL's eval_dataset)"),
+    ("--eval-data", "eval_data", str, "held-out rows in the format of --data (TRL's eval_dataset)"),
     ("--beta", "beta", float, "DPO beta"),
     ("--save-steps", "save_steps", positive_int, "checkpoint every N steps"),
     ("--seed", "seed", int, "seed for init, dropout and data order"),
@@ -26,7 +26,8 @@ _FIELD_FLAGS = [
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     # --data/--model/--out may come from the --config file instead (the typed config requires them)
     p.add_argument("--config", help="YAML or JSON file with SFTSettings / DPOSettings fields")
-    p.add_argument("--data", help="JSONL: SFT rows {messages} / pairs {prompt,chosen,rejected}")
+    p.add_argument("--data", help="JSONL, Parquet or a saved datasets folder: SFT rows {messages} or "
+                   "{prompt,completion} / pairs {prompt,chosen,rejected}")
     p.add_argument("--model", help="model folder or hub id (DPO: the SFT output folder)")
     p.add_argument("--out", help="output folder (checkpoints, model, metrics, plots)")
     for flag, field, typ, help_ in _FIELD_FLAGS:
