@@ -19,7 +19,7 @@ VALUE_SETS = {
     "default": ([], {}),
     "cpu": (["values-cpu.yaml"], {}),
     "one-model-per-role": (["values-one-model-per-role.yaml"], {}),
-    "multi-gpu": (["values-multi-gpu.yaml"], {}),
+    "multi-gpu": (["values-multi-gpu.yaml"], {"gateway.service.headless": "true", "annotator.service.headless": "true"}),
     "secure": (["values-secure.yaml"], {}),
     # chart-made auth Secret, TLS on the annotator too, every volume created by the chart
     "secure-chart-secrets": (["values-secure.yaml"], {
@@ -138,7 +138,8 @@ def test_names_fit_63_characters_with_the_longest_release_name(helm):
               {"name": "q" * 39 + "b", "model": "org/b", "roles": ["proposer"]}]
     sets = {"persistence.data.enabled": "true", "persistence.checkpoints.enabled": "true",
             "persistence.modelCache.enabled": "true", "metrics.serviceMonitor.enabled": "true",
-            "gateway.ingress.enabled": "true"}
+            "gateway.ingress.enabled": "true", "gateway.service.headless": "true",
+            "annotator.service.headless": "true"}
     for i, m in enumerate(models):
         for k, v in m.items():
             sets[f"models[{i}].{k}"] = v if isinstance(v, str) else "{" + ",".join(v) + "}"
@@ -440,6 +441,20 @@ def test_service_monitor(helm):
     assert models and scraped == {("moaa-gateway", "metrics", "/metrics"), ("moaa-annotator", "metrics", "/metrics"),
                                   *((m, "http", "/metrics") for m in models)}
     assert not render(helm, "default").of_kind("ServiceMonitor")
+
+
+def test_headless_services_list_the_pods_for_client_side_balancing(helm):
+    """service.headless: a second, headless Service per server (gRPC port only) beside the ClusterIP one, with
+    the same selector; off by default. Having no metrics port, it adds no scrape target (test above)."""
+    r = render(helm, "multi-gpu")
+    for which in ("gateway", "annotator"):
+        main, headless = r.get("Service", f"moaa-{which}"), r.get("Service", f"moaa-{which}-headless")
+        assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["selector"] == main["spec"]["selector"]
+        assert [(p["name"], p["port"], p["appProtocol"]) for p in headless["spec"]["ports"]] == \
+            [(p["name"], p["port"], p["appProtocol"]) for p in main["spec"]["ports"] if p["name"] == "grpc"]
+    assert not [s for s in render(helm, "default").of_kind("Service") if s["metadata"]["name"].endswith("-headless")]
+    notes = helm.notes(*VALUE_SETS["multi-gpu"])
+    assert "dns:///moaa-gateway-headless.moaa.svc:50051" in notes
 
 
 def match_selector(selector: dict, labels: dict) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tests.fixtures.helm import CHART, K8S_VERSION, HelmFailed
-from tests.test_chart import render
+from tests.test_chart import VALUE_SETS, render
 
 
 def test_install_notes_follow_the_values(helm, tmp_path):
@@ -79,8 +79,8 @@ def test_upgrades_keep_selectors_and_roll_only_what_changed(helm, tmp_path):
         return {(o["kind"], o["metadata"]["name"]): o["spec"].get("selector") for o in objs
                 if o["kind"] in ("Deployment", "Service")}
     old = render(helm, "multi-gpu").objects
-    new = [o for o in yaml.safe_load_all(helm.run("template", "moaa", str(newer), "--namespace", "moaa", "-f",
-                                                  str(CHART / "values-multi-gpu.yaml"))) if o]
+    new = [o for o in yaml.safe_load_all(helm.run("template", "moaa", str(newer), "--namespace", "moaa",
+                                                  *helm._value_args(*VALUE_SETS["multi-gpu"]))) if o]
     assert selectors(old) == selectors(new)
     for pvc in (o for o in old if o["kind"] == "PersistentVolumeClaim"):  # a PVC's spec is immutable too
         assert pvc["spec"] == next(o for o in new if o["metadata"]["name"] == pvc["metadata"]["name"])["spec"]

@@ -154,6 +154,9 @@ def server(which: str, port: int) -> dict:
         "service": obj("the Service in front of the pods", {
             "type": s("Service type", enum=["ClusterIP", "NodePort", "LoadBalancer"]),
             "annotations": strmap("Service annotations (e.g. for a cloud load balancer)"),
+            "headless": b(f"also a headless Service <release>-{which}-headless (gRPC port, every ready pod's "
+                          f"address), for clients that balance over the pods themselves: dns:///<release>-{which}"
+                          f"-headless:<port>"),
         }),
     }
     if which == "gateway":

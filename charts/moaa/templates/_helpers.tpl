@@ -108,7 +108,7 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- fail (printf "models: the name %q is used twice; model names must be unique" .name) -}}
 {{- end -}}
 {{- $_ := set $seen .name true -}}
-{{- if has .name (list "gateway" "annotator") -}}
+{{- if has .name (list "gateway" "annotator" "gateway-headless" "annotator-headless") -}}
 {{- fail (printf "models: the name %q would make a second Deployment and Service %s; pick another" .name (include "moaa.modelName" (dict "root" $ "name" .name))) -}}
 {{- end -}}
 {{- end -}}

@@ -175,4 +175,26 @@ spec:
       port: {{ int $v.metricsPort }}
       targetPort: metrics
       protocol: TCP
+{{- if $v.service.headless }}
+---
+# Every ready pod's address under one DNS name, for gRPC clients that balance over the pods themselves
+# (dns:///NAME:PORT with round_robin, as moaa's clients do); no metrics port, so a ServiceMonitor
+# selecting these labels scrapes each pod once, through the Service above.
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "moaa.componentName" (dict "root" .root "suffix" (printf "%s-headless" .which)) }}
+  labels:
+    {{- include "moaa.labels" $labels | nindent 4 }}
+spec:
+  clusterIP: None
+  selector:
+    {{- include "moaa.selectorLabels" $labels | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ int $v.port }}
+      targetPort: grpc
+      protocol: TCP
+      appProtocol: grpc
+{{- end }}
 {{- end -}}
