@@ -179,11 +179,12 @@ async def test_log_level_is_settable_for_servers(gw_emulators, tmp_path, unused_
     assert "MOAA_LOG_LEVEL" in out.stderr and "WARNING" in out.stderr
 
 
-async def test_gateway_health_follows_its_backends(unused_tcp_port):
+async def test_gateway_health_follows_its_backends(unused_tcp_port, monkeypatch):
     """`moaa.v1.MoAGateway` (and the HTTP door's `/health/ready`, 503) is NOT_SERVING while no recipe can be answered (too few proposers or no
     aggregator reachable: probes failing or circuits open) and SERVING again once they are back; the
     overall status, which kubelet probes, stays SERVING (a restart would not bring a backend back).
-    `moaa_backend_up` shows which backend is out."""
+    `moaa_backend_up` shows which backend is out. Probes need no token; the names of what is out are for
+    callers with one."""
     from prometheus_client import REGISTRY
 
     from moaa.services.config import parse_config
@@ -194,13 +195,14 @@ async def test_gateway_health_follows_its_backends(unused_tcp_port):
     await emu.start("127.0.0.1", unused_tcp_port)
     fast = {"health": {"probe_interval_s": 0.2, "probe_timeout_s": 1}, "circuit": {"reset_after_s": 0.1},
             "timeouts": {"connect_s": 1}}
+    monkeypatch.setenv("MOAA_TEST_READY_TOKENS", "ready-token-0123456789abcdef")
     cfg = moa_config(f"http://127.0.0.1:{unused_tcp_port}/v1", ["a"], backends={"a": fast, "agg": fast},
-                     gateway={"port": 0, "http_port": 0})
+                     gateway={"port": 0, "http_port": 0, "auth": {"tokens_env": "MOAA_TEST_READY_TOKENS"}})
     running = await start_gateway(parse_config(cfg), probes=True)
     http = aiohttp.ClientSession(f"http://127.0.0.1:{running.http_port}")
 
-    async def http_health(path: str) -> tuple[int, dict]:  # the HTTP door: /health liveness, /health/ready
-        async with http.get(path) as r:
+    async def http_health(path: str, token: str = "") -> tuple[int, dict]:  # the HTTP door: liveness, readiness
+        async with http.get(path, headers={"Authorization": f"Bearer {token}"} if token else {}) as r:
             return r.status, await r.json()
     try:
         async with grpc.aio.insecure_channel(running.address) as ch:
@@ -227,7 +229,10 @@ async def test_gateway_health_follows_its_backends(unused_tcp_port):
             assert await status("") == "SERVING" and up("a") == 0
             assert await http_health("/health") == (200, {"status": "ok"})  # liveness: a restart would not help
             code, body = await http_health("/health/ready")
-            assert code == 503 and body["status"] == "unavailable" and "unreachable" in body["reason"], body
+            assert code == 503 and body["status"] == "unavailable" and "send a token" in body["reason"], body
+            assert "moa" not in body["reason"].replace("moaa", "") and "agg" not in body["reason"], body
+            code, body = await http_health("/health/ready", "ready-token-0123456789abcdef")
+            assert code == 503 and "moa: proposers a unreachable" in body["reason"], body
             emu = Emulator(EmulatorSettings())
             await emu.start("127.0.0.1", unused_tcp_port)
             await becomes("SERVING")

@@ -141,6 +141,8 @@ class OpenAIRouter:
         why = self.serving.engine.outage()  # what the gRPC health status of moaa.v1.MoAGateway follows
         if why is None:
             return web.json_response({"status": "ready"})
+        if self._auth(request):   # probes carry no token: the names of recipes and models are for callers with one
+            why = "no recipe can be answered now; send a token (Authorization: Bearer) to see which backends are out"
         return web.json_response({"status": "unavailable", "reason": why}, status=503)
 
     async def _models(self, request: web.Request) -> web.Response:
