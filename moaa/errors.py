@@ -49,5 +49,9 @@ def missing_extra(err: ModuleNotFoundError) -> UserError | None:
     extra = EXTRA_OF_MODULE.get(module)
     if extra is None:
         return None
-    fix = f"pip install 'moaa[{extra}]'" + (" (CPU) or 'moaa[vllm]' (GPU)" if module == "vllm" else "")
-    return UserError(f"{module} is not installed: this command needs moaa's {extra} extra: {fix}")
+    return UserError(f"{module} is not installed: this command needs moaa's {extra} extra: {install_line(module)}")
+
+
+def install_line(module: str) -> str:
+    """The pip command that brings an optional module (its extra in EXTRA_OF_MODULE)."""
+    return f"pip install 'moaa[{EXTRA_OF_MODULE[module]}]'" + (" (CPU) or 'moaa[vllm]' (GPU)" if module == "vllm" else "")

