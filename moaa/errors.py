@@ -54,4 +54,5 @@ def missing_extra(err: ModuleNotFoundError) -> UserError | None:
 
 def install_line(module: str) -> str:
     """The pip command that brings an optional module (its extra in EXTRA_OF_MODULE)."""
-    return f"pip install 'moaa[{EXTRA_OF_MODULE[module]}]'" + (" (CPU) or 'moaa[vllm]' (GPU)" if module == "vllm" else "")
+    gpu = " (CPU) or 'moaa[vllm]' (GPU)" if module == "vllm" else ""
+    return f"pip install 'moaa[{EXTRA_OF_MODULE[module]}]'{gpu}"

@@ -296,7 +296,8 @@ def check_lengths(rows: list[dict], report: DataReport, tokenizer, max_length: i
         elif drop_overlong:
             report.drop(f"longer than max_length {max_length}", row["id"])
         else:
-            problems.append((f"{report.unit} {row['line']} (id {row['id']})", f"{length} tokens > max_length {max_length}"))
+            problems.append((f"{report.unit} {row['line']} (id {row['id']})",
+                             f"{length} tokens > max_length {max_length}"))
     if problems:
         _fail(Path(report.path), problems, hint="raise max_length or set drop_overlong: true")
     report.rows_kept = len(kept)
