@@ -36,9 +36,21 @@ def records(path: str | Path, what: str, *, split: str | None = None,
     raise UserError(f"{path}: unknown {what} format; use {FORMATS}")
 
 
+def row_unit(path: str | Path) -> str:
+    """What `records` numbers: "line" for JSON Lines, "row" for a JSON array, Parquet or a datasets folder."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".parquet" or (path.is_file() and _is_json_array(path)):
+        return "row"
+    return "line"
+
+
+def _is_json_array(path: Path) -> bool:
+    return read_bytes(path, 4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
+
+
 def _iter_json(path: Path, blanks: bool) -> Iterator[tuple[int, Any]]:
     """JSON Lines by line; a file that is one JSON array (Alpaca's alpaca_data.json) by row number."""
-    if read_bytes(path, 4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"["):
+    if _is_json_array(path):
         yield from enumerate(_json_array(path), 1)
         return
     yield from iter_lines(path, blanks=blanks)

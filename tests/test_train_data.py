@@ -163,6 +163,10 @@ def test_files_written_by_trl_users(tmp_path, capsys):
     (tmp_path / "folder").mkdir()
     assert "folder is a folder but not a saved Hugging Face dataset" in _cli("sft", tmp_path / "folder", tmp_path, capsys)
     assert "unknown data format; use .jsonl" in _cli("sft", write_jsonl(tmp_path / "d.csv", ["a,b"]), tmp_path, capsys)
+    array = tmp_path / "alpaca_style.json"   # one JSON array: rows numbered as rows
+    array.write_text(json.dumps([{"messages": [U, A]}, {"messages": [U]}], indent=1))
+    assert "array.json: 1 bad row(s): row 2: messages must end with a assistant message" in \
+        _cli("sft", array, tmp_path, capsys).replace("alpaca_style", "array")
 
 
 def test_hub_shaped_files_parquet_and_saved_datasets_folders(tmp_path, capsys):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moaa.errors import UserError
-from moaa.records import records
+from moaa.records import records, row_unit
 
 ROLES = ("system", "user", "assistant")
 MAX_LISTED = 8  # problems named in the one-line error; the count says how many more
@@ -208,7 +208,7 @@ def load_rows(path: str | Path, kind: str, *, drop_duplicates: bool = True) -> t
     """Read and check a data file's rows (JSON Lines, Parquet, a saved datasets folder: `moaa/records.py`).
     Raises UserError naming every bad row (line or row number, and id)."""
     path = Path(path)
-    unit = "row" if path.is_dir() or path.suffix == ".parquet" else "line"
+    unit = row_unit(path)
     check: Callable[[dict], str | None] = check_sft_row if kind == "sft" else check_pref_row
     report = DataReport(str(path), kind, unit)
     problems: list[tuple[str, str]] = []
