@@ -191,7 +191,7 @@ def test_transport_settings_pass_through_and_are_checked(helm, tmp_path):
     file; a mistyped or out-of-range one fails `helm install` by the schema, naming it."""
     transport = {"max_connection_age_s": 120, "max_connection_age_grace_s": 300, "keepalive_time_s": 30,
                  "keepalive_timeout_s": 10, "min_client_ping_interval_s": 5, "write_timeout_s": 60,
-                 "max_concurrent_streams": 4096}
+                 "max_concurrent_streams": 4096, "compression": "gzip"}
     r = helm.template([values_file(tmp_path, {"models": [JUDGE_MODEL], "gateway": {"server": {"transport": transport}},
                                               "annotator": {"server": {"transport": {"max_connection_age_s": None}}}})])
     cfg = parse_config(yaml.safe_load(r.config_text()))
@@ -199,7 +199,8 @@ def test_transport_settings_pass_through_and_are_checked(helm, tmp_path):
     assert cfg.annotator.transport.max_connection_age_s is None
     for n, (bad, word) in enumerate((({"max_connection_age_s": 0}, "max_connection_age_s"),
                                      ({"max_connection_age": 60}, "max_connection_age"),
-                                     ({"max_concurrent_streams": "lots"}, "max_concurrent_streams"))):
+                                     ({"max_concurrent_streams": "lots"}, "max_concurrent_streams"),
+                                     ({"compression": "zstd"}, "compression"))):
         (tmp_path / str(n)).mkdir()   # renders are cached by the values file's path
         msg = rejected(helm, tmp_path / str(n), {"models": [JUDGE_MODEL], "gateway": {"server": {"transport": bad}}})
         assert word in msg, msg

@@ -1,6 +1,6 @@
 """The gRPC transport as it runs in production (services/common/transport.py): connection age (rebalancing
 behind a Kubernetes Service), keepalive both ways (dead peers), a client that never reads, and the cap on
-streams per connection. Real gateways on 127.0.0.1, real emulated backends, the one client channel builder
+streams per connection, message compression. Real gateways on 127.0.0.1, real emulated backends, the one client channel builder
 (moaa.client.Endpoint), and a TCP proxy in between that counts connections and can black-hole them the
 way a lost node does (no FIN, no RST: bytes just stop)."""
 from __future__ import annotations
@@ -35,6 +35,7 @@ class Proxy:
         self.port = port
         self.connections = 0
         self.sent = 0   # bytes forwarded from clients
+        self.received = 0   # bytes forwarded to clients
         self._live: list[dict] = []
         self._server = None
 
@@ -56,6 +57,8 @@ class Proxy:
                         continue   # swallowed: the peer hears nothing, and no FIN either
                     if writer is swriter:
                         self.sent += len(data)
+                    else:
+                        self.received += len(data)
                     writer.write(data)
                     await writer.drain()
                 if not conn["dead"]:
@@ -135,6 +138,27 @@ def test_bad_transport_settings_are_named(bad, word):
     with pytest.raises(ConfigError) as err:
         parse_config(moa_config("http://127.0.0.1:1", ["a"], gateway=transport(**bad)))
     assert f"gateway.transport.{word}" in str(err.value)
+
+
+async def test_compression_shrinks_what_the_server_sends(gw_emulators, gateway_factory, proxy_to):
+    """transport.compression: gzip: the batch results' bytes on the wire shrink, and our clients read them. gRPC
+    core sends gzip even to a client that disabled it (it does not consult grpc-accept-encoding): such a client
+    fails INTERNAL naming the algorithm, which is why compression is off by default (README)."""
+    emu = await gw_emulators({"a": FAST | {"default_max_tokens": 400}, "agg": FAST | {"default_max_tokens": 400}})
+    wire, texts = {}, {}
+    for algo in ("none", "gzip"):
+        gw = await gateway_factory(moa_config(emu.url, ["a"], gateway=transport(compression=algo)))
+        proxy = await proxy_to(gw.running.port)
+        got, _ = await run_batch(Endpoint(proxy.address), 8, window=8)
+        assert sorted(got) == [f"r{i}" for i in range(8)] and all(r.HasField("response") for r in got.values())
+        wire[algo], texts[algo] = proxy.received, sum(len(r.response.text) for r in got.values())
+    assert texts["gzip"] > 8 * 1000
+    assert wire["gzip"] < 0.8 * wire["none"], wire
+    identity_only = [("grpc.compression_enabled_algorithms_bitset", 1)]
+    async with grpc.aio.insecure_channel(gw.running.address, options=identity_only) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await gateway_pb2_grpc.MoAGatewayStub(ch).Generate(request(), timeout=20)
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "gzip" in err.value.details()
 
 
 async def test_connection_age_moves_clients_to_a_new_connection(gw_emulators, gateway_factory, proxy_to):

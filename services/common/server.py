@@ -193,8 +193,8 @@ async def start_server(cfg: ServerConfig, service: str, add_servicers, service_n
     ]
     # undecodable request bytes -> INVALID_ARGUMENT (innermost, so auth's refusals decode safely too)
     interceptors = [*auth_interceptors(cfg.auth, guard), DecodeGuardInterceptor(limit)]
-    server = grpc.aio.server(interceptors=interceptors, options=options,
-                             maximum_concurrent_rpcs=None)
+    server = grpc.aio.server(interceptors=interceptors, options=options, maximum_concurrent_rpcs=None,
+                             compression=cfg.transport.server_compression())
     add_servicers(server, guard)
     health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
