@@ -184,6 +184,9 @@ def test_hub_shaped_files_parquet_and_saved_datasets_folders(tmp_path, capsys):
     assert [(r["id"], r["prompt"], r["chosen"]) for r in kept] == [(f"row-{i + 1}", [U | {"content": f"Q{i}?"}], [A])
                                                                     for i in range(3)]
     assert report.unit == "row" and report.rows_kept == 3 and len(report.sha256) == 64
+    ids = [{"id": "a"} | ufb[0], {"id": None} | ufb[1]]   # an id column with a null: that row is named by number
+    pq.write_table(pa.Table.from_pylist(ids), tmp_path / "ids.parquet")
+    assert [r["id"] for r in load_rows(tmp_path / "ids.parquet", "dpo")[0]] == ["a", "row-2"]
     bad = ufb[:1] + [ufb[1] | {"rejected": [ufb[1]["chosen"][0], no | {"content": " "}]}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
     assert "row 2: rejected[0] (assistant) is empty" in _cli("dpo", tmp_path / "bad.parquet", tmp_path, capsys)

@@ -2,9 +2,8 @@
 
 Rows must be in TRL's conversational formats (SFT: `messages`, or `prompt` + `completion`, whose loss TRL
 computes on the completion only; DPO: preference rows, explicit or implicit prompt); TRL applies the chat
-template itself. Pre-templated
-strings are refused: they are how double BOS tokens and misplaced assistant headers get into training
-data (TRL #1541, alignment-handbook #116). Every problem stops the run naming the rows; every row
+template itself. Pre-templated strings are refused: they are how double BOS tokens and misplaced assistant
+headers get into training data (TRL #1541, alignment-handbook #116). Every problem stops the run naming the rows; every row
 dropped on purpose (exact duplicates, over-long rows when asked) is counted and reported.
 """
 from __future__ import annotations
@@ -30,7 +29,7 @@ STRING_ROW = ("a string (TRL's standard format, or pre-templated text); moaa tra
 class DataReport:
     path: str
     kind: str
-    unit: str = "line"   # how rows are numbered in errors: JSON Lines by line, Parquet and datasets folders by row
+    unit: str = "line"   # how rows are numbered in errors: JSON Lines by line, anything else by row
     format: str = ""   # SFT: "messages" or "prompt-completion" (one per file); DPO: "preference"
     rows_read: int = 0
     rows_kept: int = 0
@@ -229,8 +228,9 @@ def load_rows(path: str | Path, kind: str, *, drop_duplicates: bool = True) -> t
             continue
         if kind != "sft":
             row = implicit_prompt(row)
-        rid = str(row.get("id", f"{unit}-{lineno}"))
-        label = f"{unit} {lineno} (id {rid})" if "id" in row else f"{unit} {lineno}"
+        has_id = row.get("id") is not None   # a Parquet or datasets id column may hold nulls
+        rid = str(row["id"]) if has_id else f"{unit}-{lineno}"
+        label = f"{unit} {lineno} (id {rid})" if has_id else f"{unit} {lineno}"
         problem = check(row)
         if problem:
             problems.append((label, problem))
