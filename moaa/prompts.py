@@ -115,13 +115,14 @@ def as_messages(value: Any, fieldname: str) -> list[dict[str, str]]:
         role = ROLE_ALIASES.get(m["role"], m["role"])
         if role not in ROLES:
             raise RowError(f"{fieldname}[{i}] has role {m['role']!r}; expected one of {', '.join(ROLES)}")
-        msgs.append({"role": role, "content": _text(m["content"], f"{fieldname}[{i}]")})
+        msgs.append({"role": role, "content": message_text(m["content"], f"{fieldname}[{i}]")})
     return msgs
 
 
-def _text(content: Any, where: str) -> str:
+def message_text(content: Any, where: str) -> str:
     """A message's content: a string, or OpenAI's list of parts when every part is text (joined by newlines,
-    as vLLM's chat endpoint joins them). Other parts (images, audio) are refused: prompts here are text."""
+    as vLLM's chat endpoint joins them). Other parts (images, audio) are refused: prompts here are text. The
+    one rule for prompts and for training rows (`trainer/data.py`)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list) and content:

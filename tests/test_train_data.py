@@ -169,6 +169,28 @@ def test_files_written_by_trl_users(tmp_path, capsys):
         _cli("sft", array, tmp_path, capsys).replace("alpaca_style", "array")
 
 
+def test_openai_content_parts_are_joined_and_other_parts_refused(tmp_path, capsys):
+    """OpenAI-format rows whose content is a list of text parts train on the joined text (newlines between
+    parts, as for prompts), in every format; the chat template never sees the list. An image part is one line."""
+    def parts(*texts):
+        return [{"type": "text", "text": t} for t in texts]
+    user = {"role": "user", "content": parts("Read this:", "Hi?")}
+    answer = {"role": "assistant", "content": parts("Hello.")}
+    joined_user = {"role": "user", "content": "Read this:\nHi?"}
+    kept, _ = load_rows(write_jsonl(tmp_path / "m.jsonl", [{"id": "m", "messages": [user, answer]}]), "sft")
+    assert kept[0]["messages"] == [joined_user, A]
+    kept, report = load_rows(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": [user], "completion": [answer]}]), "sft")
+    assert (kept[0]["prompt"], kept[0]["completion"], report.format) == ([joined_user], [A], "prompt-completion")
+    no = {"role": "assistant", "content": parts("No.")}
+    implicit = {"chosen": [user, answer], "rejected": [U | {"content": parts("Read this:", "Hi?")}, no]}
+    kept, _ = load_rows(write_jsonl(tmp_path / "p.jsonl", [implicit]), "dpo")
+    assert (kept[0]["prompt"], kept[0]["chosen"], kept[0]["rejected"]) == \
+        ([joined_user], [A], [{"role": "assistant", "content": "No."}])
+    image = {"role": "user", "content": parts("What is this?") + [{"type": "image_url", "image_url": {"url": "x"}}]}
+    err = _cli("sft", write_jsonl(tmp_path / "img.jsonl", [{"id": "i", "messages": [image, A]}]), tmp_path, capsys)
+    assert "line 1 (id i): messages[0] content has a 'image_url' part; only text parts" in err
+
+
 def test_hub_shaped_files_parquet_and_saved_datasets_folders(tmp_path, capsys):
     """A dataset as the Hub and `datasets` hand it over (Parquet shards, `save_to_disk` folders) is read by the
     same reader as the pipeline's prompts, rows numbered as rows; its hash covers the folder's files."""

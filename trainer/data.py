@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from moaa.errors import UserError
+from moaa.prompts import RowError, message_text
 from moaa.records import records, row_unit
 
 ROLES = ("system", "user", "assistant")
@@ -68,9 +69,30 @@ def _check_message(msg: Any, where: str) -> str | None:
     if role not in ROLES:
         return f"{where} has role {role!r}; use one of {', '.join(ROLES)}"
     if not isinstance(content, str):
-        return f"{where} content must be a string"
+        return f"{where} content must be a string or a list of text parts"
     if not content.strip():
         return f"{where} ({role}) is empty"
+    return None
+
+
+MESSAGE_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
+
+
+def join_text_parts(row: dict) -> str | None:
+    """OpenAI's content parts (`[{"type": "text", "text": ...}]`, as chat logs and OpenAI-format datasets hold
+    them) become the one string a text model's chat template renders; a template given the list would print
+    its Python text. Parts are joined by newlines, as for prompts (`moaa.prompts.message_text`). Returns the
+    problem (a non-text part), or None."""
+    for name in MESSAGE_FIELDS:
+        msgs = row.get(name)
+        if not isinstance(msgs, list):
+            continue
+        for i, m in enumerate(msgs):
+            if isinstance(m, dict) and isinstance(m.get("content"), list):
+                try:
+                    msgs[i] = {**m, "content": message_text(m["content"], f"{name}[{i}]")}
+                except RowError as e:
+                    return str(e)
     return None
 
 
@@ -226,12 +248,13 @@ def load_rows(path: str | Path, kind: str, *, drop_duplicates: bool = True) -> t
         if not isinstance(row, dict):
             problems.append((f"{unit} {lineno}", "not a JSON object"))
             continue
+        parts_problem = join_text_parts(row)
         if kind != "sft":
             row = implicit_prompt(row)
         has_id = row.get("id") is not None   # a Parquet or datasets id column may hold nulls
         rid = str(row["id"]) if has_id else f"{unit}-{lineno}"
         label = f"{unit} {lineno} (id {rid})" if has_id else f"{unit} {lineno}"
-        problem = check(row)
+        problem = parts_problem or check(row)
         if problem:
             problems.append((label, problem))
             continue
