@@ -4,17 +4,10 @@ import json
 import sys
 
 from tests.fixtures.annotator import judge_config
+from tests.fixtures.cli import run_moaa as moaa
 
 GOOD = "Paris is the capital of France."
 BAD = "Bananas are yellow."
-
-
-async def moaa(*args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", *args,
-                                                stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(stdin), 120)
-    return proc.returncode, out.decode(), err.decode()
 
 
 def _samples(path, ids):

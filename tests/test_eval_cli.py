@@ -1,8 +1,6 @@
 """`moaa eval` against real judges on 127.0.0.1: the judge emulator as an OpenAI-compatible judge, and a
 real annotator server over it. Both orders are asked, so a position-only judge yields 50%, not a win."""
-import asyncio
 import json
-import sys
 
 import pytest
 
@@ -11,6 +9,7 @@ from moaa.errors import UserError
 from moaa.services.annotator.server import start_annotator
 from moaa.services.config import parse_config
 from tests.fixtures.annotator import judge_config
+from tests.fixtures.cli import run_moaa as _cli
 
 
 def _answers(tmp_path):
@@ -22,13 +21,6 @@ def _answers(tmp_path):
     a.write_text("".join(json.dumps(r) + "\n" for r in model))
     b.write_text("".join(json.dumps(r) + "\n" for r in base))
     return a, b
-
-
-async def _cli(*args, timeout=180):
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", *args,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_eval_with_openai_compatible_judge(judge_emulator, tmp_path):

@@ -2,18 +2,10 @@
 answers the baseline's prompts, and the judge compares those answers with the baseline's."""
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 
 from tests.fixtures.gateway import moa_config
-
-
-async def _cli(*args, timeout=180):
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", *args,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    return proc.returncode, out.decode(), err.decode()
+from tests.fixtures.cli import run_moaa as _cli
 
 
 def _baseline(tmp_path):

@@ -5,7 +5,6 @@ CLI subprocesses, emulated judges: the faulty judge's emulator is stopped and re
 import asyncio
 import contextlib
 import json
-import sys
 
 import grpc
 import pytest
@@ -22,6 +21,7 @@ from moaa.services.annotator.server import SERVICE_NAME, start_annotator
 from moaa.services.config import parse_config
 from moaa.services.emulator import Emulator, EmulatorSettings
 from tests.fixtures.annotator import judge_config
+from tests.fixtures.cli import run_moaa as _moaa
 
 QUALITY = ("too_many_abstentions", "too_few_scored", "low_agreement", "low_margin", "too_few_candidates")
 POLICY = "longest+delay=0.2"
@@ -86,13 +86,6 @@ def _config(steady_url: str, flaky: FlakyJudge, **annotator) -> dict:
 
 def _question(i: int) -> str:
     return f"Question number {i}?"
-
-
-async def _moaa(*args: str, timeout: float = 120) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", *args,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def _annotator(cfg: dict):

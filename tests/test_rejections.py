@@ -8,9 +8,7 @@ An item over the server's max_request_bytes is such an item too, answered by the
 (services/common/stream.py) while the stream goes on."""
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 import grpc
@@ -26,16 +24,10 @@ from moaa.v1 import gateway_pb2
 from tests.fixtures.annotator import judge_config
 from tests.fixtures.annotator import request as annotate_request
 from tests.fixtures.gateway import moa_config, request
+from tests.fixtures.cli import run_moaa as _moaa
 
 LONG = " ".join(["word"] * 600)  # 600+ emulator tokens: past a 300-token context
 TOO_LONG = "maximum context length is 300 tokens"
-
-
-async def _moaa(*args: str, timeout: float = 120) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "moaa.cli.main", *args,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    return proc.returncode, out.decode(), err.decode()
 
 
 def _lines(path: Path) -> list[dict]:
