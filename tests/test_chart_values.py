@@ -181,9 +181,23 @@ def test_every_chart_value_is_described_and_objects_are_closed():
             assert node.get("description"), f"{path} has no description"
         if "properties" in node:
             assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
-    # and every key of values.yaml is in the schema (the schema check at render time proves it too)
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert set(values) <= set(schema["properties"])
+    # and every key of values.yaml, at every depth, is in the schema once: a key written twice in a mapping
+    # (YAML keeps the last) would hide the first one's comment and default from users
+    class Unique(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            dup = {k for k in keys if keys.count(k) > 1}
+            assert not dup, f"values.yaml line {node.start_mark.line + 1}: {sorted(dup)} given twice"
+            return super().construct_mapping(node, deep)
+
+    def keys(values, node, path):
+        props = node.get("properties")
+        if not isinstance(values, dict) or props is None:
+            return
+        for k, v in values.items():
+            assert k in props, f"{path}.{k} is in values.yaml but not in the schema"
+            keys(v, props[k], f"{path}.{k}")
+    keys(yaml.load((CHART / "values.yaml").read_text(), Loader=Unique), schema, "$")
 
 
 def test_transport_settings_pass_through_and_are_checked(helm, tmp_path):
