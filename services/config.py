@@ -134,6 +134,8 @@ class ClientTLSConfig(Strict):
     ca_file: str | None = Field(None, description="CA that signed the annotator's certificate (implies enabled)")
     cert_file: str | None = Field(None, description="client certificate, for an annotator that requires mutual TLS")
     key_file: str | None = None
+    server_name: str | None = Field(None, description="the name the annotator's certificate is checked against, "
+                                    "when annotator_address is another name (the chart's headless Service target)")
 
     @model_validator(mode="after")
     def _pair(self) -> "ClientTLSConfig":

@@ -1,4 +1,6 @@
 """End to end: a real gateway's Sample(annotate=true) -> a real annotator server -> emulated judges."""
+import json
+
 import grpc
 import pytest
 
@@ -59,6 +61,41 @@ async def test_gateway_reaches_a_mutual_tls_annotator(gw_emulators, judge_emulat
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gw_no_cert.stub.Sample(ask, timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "annotator at" in err.value.details()
+
+
+async def test_gateway_dials_a_headless_target_checking_the_certificate_by_server_name(
+        gw_emulators, judge_emulator, annotator_factory, gateway_factory, gw_tls_files, tmp_path):
+    """The chart's headless target (dns:///...-annotator-headless) is not a name the annotator's certificate holds:
+    `annotator_tls.server_name` checks it against the Service's name. Without it the handshake fails; the client
+    commands' --tls-server-name does the same."""
+    from tests.fixtures.cli import run_moaa as moaa
+    from tests.test_annotator_cli import BAD, GOOD
+
+    t = gw_tls_files
+    sampler = await gw_emulators()
+    cfg = judge_config(judge_emulator.url, {"j1": "longest"}, annotator={"tls": {
+        "cert_file": t["named.crt"], "key_file": t["named.key"]}})   # names moaa-annotator only
+    annotator = await annotator_factory(cfg)
+    gw_cfg = {k: v for k, v in cfg.items() if k != "annotator"}
+    gw_cfg["backends"]["sft"] = backend(sampler.url)
+    gw_cfg.update(gateway={"port": 0}, annotator_address=f"dns:///{annotator.server.address}")
+    ask = gateway_pb2.SampleRequest(model="sft", n=2, messages=user("Explain SNI."), annotate=True,
+                                    sampling={"max_tokens": 8})
+    gw = await gateway_factory({**gw_cfg, "annotator_tls": {"ca_file": t["ca.crt"], "server_name": "moaa-annotator"}})
+    resp = await gw.stub.Sample(ask, timeout=10)
+    assert len(resp.annotation.judges) == 1
+    gw_by_address = await gateway_factory({**gw_cfg, "annotator_tls": {"ca_file": t["ca.crt"]}})
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw_by_address.stub.Sample(ask, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "annotator at" in err.value.details()
+
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text(json.dumps({"id": "l0", "prompt": "Capital of France?", "chosen": GOOD, "rejected": BAD}) + "\n")
+    flags = ("judge-eval", "--in", str(labelled), "--annotator", annotator.server.address, "--tls-ca", t["ca.crt"])
+    rc, stdout, err = await moaa(*flags, "--tls-server-name", "moaa-annotator")
+    assert rc == 0 and "1 labelled rows" in stdout, err
+    rc, _, err = await moaa(*flags)
+    assert rc != 0 and "UNAVAILABLE" in err, err
 
 
 async def test_annotator_tls_config_errors(tmp_path):

@@ -36,6 +36,12 @@ VALUE_SETS = {
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 
+def grpc_host_port(target: str) -> tuple[str, str]:
+    """A gRPC target's Service name and port: host:port, or a headless Service's dns:///host:port."""
+    host, port = target.removeprefix("dns:///").rsplit(":", 1)
+    return host, port
+
+
 def render(helm, name, **kw):
     files, sets = VALUE_SETS[name]
     return helm.template(files, sets, **kw)
@@ -150,7 +156,7 @@ def test_names_fit_63_characters_with_the_longest_release_name(helm):
     assert len(set(names)) == len(names)
     services = {s["metadata"]["name"] for s in r.of_kind("Service")}
     cfg = parse_config(yaml.safe_load(r.config_text()))
-    assert {urlsplit(b.urls[0]).hostname for b in cfg.backends.values()} | {cfg.annotator_address.split(":")[0]} \
+    assert {urlsplit(b.urls[0]).hostname for b in cfg.backends.values()} | {grpc_host_port(cfg.annotator_address)[0]} \
         <= services
     (test_pod,) = r.of_kind("Pod")
     assert any(e["value"].split(":")[0] in services for e in test_pod["spec"]["containers"][0]["env"]
@@ -196,7 +202,7 @@ def test_servers_mount_what_the_config_names(helm, name):
         svc = r.get("Service", f"moaa-{which}")
         assert selects(svc["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
     if cfg.annotator_address:
-        host, port = cfg.annotator_address.rsplit(":", 1)
+        host, port = grpc_host_port(cfg.annotator_address)
         assert [p["port"] for p in r.get("Service", host)["spec"]["ports"] if p["name"] == "grpc"] == [int(port)]
 
 
@@ -453,6 +459,13 @@ def test_headless_services_list_the_pods_for_client_side_balancing(helm):
         assert [(p["name"], p["port"], p["appProtocol"]) for p in headless["spec"]["ports"]] == \
             [(p["name"], p["port"], p["appProtocol"]) for p in main["spec"]["ports"] if p["name"] == "grpc"]
     assert not [s for s in render(helm, "default").of_kind("Service") if s["metadata"]["name"].endswith("-headless")]
+    # the gateway's own channel to the annotator spreads its calls over the annotator pods too; with TLS the
+    # certificate is checked against the annotator Service's name, which the certificate holds
+    assert parse_config(yaml.safe_load(r.config_text())).annotator_address == "dns:///moaa-annotator-headless:50052"
+    assert parse_config(yaml.safe_load(render(helm, "default").config_text())).annotator_address == "moaa-annotator:50052"
+    secure = helm.template(["values-secure.yaml"], {"annotator.service.headless": "true", "tls.annotator": "true"})
+    tls = parse_config(yaml.safe_load(secure.config_text())).annotator_tls
+    assert tls.server_name == "moaa-annotator" and tls.ca_file == "/etc/moaa/tls/ca.crt"
     notes = helm.notes(*VALUE_SETS["multi-gpu"])
     assert "dns:///moaa-gateway-headless.moaa.svc:50051" in notes
 

@@ -58,6 +58,8 @@ def add_connection_args(p, what: str) -> None:
     p.add_argument("--tls", action="store_true", help="use TLS with the system's trusted CAs")
     p.add_argument("--tls-cert", help=f"client certificate, when the {what} requires mutual TLS")
     p.add_argument("--tls-key", help="key of the client certificate")
+    p.add_argument("--tls-server-name", help=f"check the {what}'s certificate against this name instead of the "
+                   "address's (a headless Service's dns:/// target, whose name the certificate may not hold)")
 
 
 def add_quiet_arg(p) -> None:

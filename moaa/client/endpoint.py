@@ -31,6 +31,7 @@ class Endpoint:
     tls: bool = False                  # TLS with the system's trusted CAs
     cert_file: str | None = None       # client certificate, for servers that require mutual TLS
     key_file: str | None = None
+    server_name: str | None = None     # the name the server's certificate is checked against, if not the address's
     keepalive_s: float = CLIENT_KEEPALIVE_S   # ping the server this often; a server must allow it (transport.py)
     keepalive_timeout_s: float = CLIENT_KEEPALIVE_TIMEOUT_S  # no answer within it: the peer is gone, UNAVAILABLE
     _creds: grpc.ChannelCredentials | None = field(default=None, init=False, repr=False)
@@ -45,7 +46,7 @@ class Endpoint:
         """`address`, reached as `flags` say: anything with token, tls_ca, tls, tls_cert and tls_key (the
         client commands' parsed flags, moaa.cli.add_connection_args; the pipeline's options)."""
         return cls(address, token=flags.token, tls_ca=flags.tls_ca, tls=flags.tls, cert_file=flags.tls_cert,
-                   key_file=flags.tls_key)
+                   key_file=flags.tls_key, server_name=flags.tls_server_name)
 
     @property
     def metadata(self):
@@ -56,5 +57,7 @@ class Endpoint:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 *client_options(self.keepalive_s, self.keepalive_timeout_s)]
         if self._creds is not None:
+            if self.server_name:   # also the :authority the server sees
+                opts.append(("grpc.ssl_target_name_override", self.server_name))
             return grpc.aio.secure_channel(self.address, self._creds, options=opts)
         return grpc.aio.insecure_channel(self.address, options=opts)

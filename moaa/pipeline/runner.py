@@ -44,6 +44,7 @@ class PipelineOptions:
     tls: bool = False                     # TLS with the system's trusted CAs
     tls_cert: str | None = None           # client certificate and key, for services that require mutual TLS
     tls_key: str | None = None
+    tls_server_name: str | None = None    # the name the services' certificates are checked against
     k8s: bool = False
     k8s_args: list[str] = field(default_factory=list)
     quick: bool = False

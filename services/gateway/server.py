@@ -75,7 +75,7 @@ def annotator_client(cfg: MoaaConfig) -> AnnotatorClient | None:
         return None
     tls = cfg.annotator_tls
     return AnnotatorClient(Endpoint(cfg.annotator_address, tls=tls.on, tls_ca=tls.ca_file, cert_file=tls.cert_file,
-                                    key_file=tls.key_file))
+                                    key_file=tls.key_file, server_name=tls.server_name))
 
 
 async def serve(cfg: MoaaConfig) -> int:

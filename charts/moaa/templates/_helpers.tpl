@@ -245,10 +245,17 @@ The generated token: what the existing Secret (a `lookup` result; empty on a fir
 {{- $_ := set $cfg "gateway" (include "moaa.serverConfig" (dict "root" $root "which" "gateway") | fromJson) -}}
 {{- $_ := set $cfg "annotator" (include "moaa.serverConfig" (dict "root" $root "which" "annotator") | fromJson) -}}
 {{- if .Values.annotator.enabled -}}
-{{- $_ := set $cfg "annotator_address" (printf "%s:%d" (include "moaa.componentName" (dict "root" $root "suffix" "annotator")) (int .Values.annotator.port)) -}}
+{{- $annotatorName := include "moaa.componentName" (dict "root" $root "suffix" "annotator") -}}
+{{- if .Values.annotator.service.headless -}}
+{{- /* every annotator pod's address: the gateway's round_robin channel spreads its calls over them */ -}}
+{{- $_ := set $cfg "annotator_address" (printf "dns:///%s:%d" (include "moaa.componentName" (dict "root" $root "suffix" "annotator-headless")) (int .Values.annotator.port)) -}}
+{{- else -}}
+{{- $_ := set $cfg "annotator_address" (printf "%s:%d" $annotatorName (int .Values.annotator.port)) -}}
+{{- end -}}
 {{- if and .Values.tls.enabled .Values.tls.annotator -}}
-{{- /* the gateway trusts the Secret's ca.crt; with mutual TLS it shows the Secret's certificate as its own */ -}}
-{{- $ctls := dict "ca_file" (printf "%s/ca.crt" (include "moaa.tlsDir" $root)) -}}
+{{- /* the gateway trusts the Secret's ca.crt; with mutual TLS it shows the Secret's certificate as its own;
+       the certificate is checked against the annotator Service's name, whichever target is dialled */ -}}
+{{- $ctls := dict "ca_file" (printf "%s/ca.crt" (include "moaa.tlsDir" $root)) "server_name" $annotatorName -}}
 {{- if .Values.tls.mutual -}}
 {{- $_ := set $ctls "cert_file" (printf "%s/tls.crt" (include "moaa.tlsDir" $root)) -}}
 {{- $_ := set $ctls "key_file" (printf "%s/tls.key" (include "moaa.tlsDir" $root)) -}}
