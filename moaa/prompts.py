@@ -119,6 +119,9 @@ def as_messages(value: Any, fieldname: str) -> list[dict[str, str]]:
     return msgs
 
 
+PART_SEPARATOR = "\n"   # between a message's text parts, as vLLM's chat endpoint joins them
+
+
 def message_text(content: Any, where: str) -> str:
     """A message's content: a string, or OpenAI's list of parts when every part is text (joined by newlines,
     as vLLM's chat endpoint joins them). Other parts (images, audio) are refused: prompts here are text. The
@@ -133,7 +136,7 @@ def message_text(content: Any, where: str) -> str:
                 raise RowError(f"{where} content has a {kind or type(part).__name__!r} part; only text parts "
                                 "({\"type\": \"text\", \"text\": ...}) can be used")
             texts.append(part["text"])
-        return "\n".join(texts)
+        return PART_SEPARATOR.join(texts)
     raise RowError(f"{where} content is not a string or a list of text parts")
 
 

@@ -151,6 +151,7 @@ async def test_model_named_with_a_slash(gw_emulators, gateway_factory):
     {"n": 1}, {"logprobs": False}, {"top_logprobs": 0}, {"tools": []}, {"tool_choice": "none"}, {"logit_bias": {}},
     {"parallel_tool_calls": False}, {"response_format": {"type": "text"}}, {"store": False}, {"modalities": ["text"]},
     {"user": "u-1", "metadata": {"team": "eval"}}, {"stream_options": {"include_usage": True}},
+    {"verbosity": "medium"},
 ])
 async def test_fields_at_their_unused_value_are_accepted(gw, kw):
     """What real clients send with the value that asks for nothing we lack (vLLM takes them too)."""
@@ -224,10 +225,51 @@ async def test_body_not_json_is_400(gw):
     url = f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions"
     async with aiohttp.ClientSession() as s, s.post(url, data=b"{not json", headers={"x-request-id": "r9"}) as r:
         assert r.status == 400 and r.headers["x-request-id"] == "r9"
-        assert (await r.json())["error"] == {"message": "the request body is not JSON",
-                                             "type": "invalid_request_error", "param": None, "code": None}
+        error = (await r.json())["error"]
+        message = error.pop("message")   # with the parser's own words: where the body stops being JSON
+        assert message.startswith("the request body is not JSON (") and "line 1 column 2" in message, message
+        assert error == {"type": "invalid_request_error", "param": None, "code": None}
         async with s.post(url, json=[{"model": "moa"}]) as r:
             assert r.status == 400 and (await r.json())["error"]["message"] == "the request body must be a JSON object"
+        # a lone UTF-16 surrogate (a string cut inside an emoji) and deep nesting: a 400, not a 500 SDKs retry
+        lone = b'{"model": "moa", "messages": [{"role": "user", "content": "hi \\ud83d"}]}'
+        deep = b'{"model": "moa", "messages": [], "metadata": ' + b"[" * 1100 + b"]" * 1100 + b"}"
+        for path in ("chat/completions", "responses"):
+            for data, says in ((lone, "surrogate"), (deep, "depth limit")):
+                async with s.post(url.replace("chat/completions", path), data=data) as r:
+                    error = (await r.json())["error"]
+                    assert r.status == 400 and says in error["message"], (path, error)
+
+
+async def test_openai_message_shapes_reach_the_backends_as_one_conversation(gw):
+    """Text parts are joined by newlines (as vLLM joins them, and moaa's prompts); leading system and developer
+    messages become the one system message, blank lines between; a later one is a 400 naming the request's own
+    index."""
+    parts = [{"type": "text", "text": "Line one."}, {"type": "text", "text": "Line two."}]
+    system = [{"role": "system", "content": "Be brief."}, {"role": "developer", "content": [parts[0]]}]
+    resp = await client(gw).chat.completions.create(model="b", messages=[*system, {"role": "user", "content": parts}])
+    assert resp.choices[0].message.content
+    assert gw.emu.bodies("b")[-1]["messages"] == [{"role": "system", "content": "Be brief.\n\nLine one."},
+                                                   {"role": "user", "content": "Line one.\nLine two."}]
+    await client(gw).chat.completions.create(model="moa", messages=[*system, *ask("q")])
+    assert gw.emu.bodies("a")[-1]["messages"][0]["content"].startswith("Be brief.\n\nLine one.")
+    late = [*system, *ask("q"), {"role": "assistant", "content": "a"}, {"role": "system", "content": "s"}, *ask("r")]
+    with pytest.raises(openai.BadRequestError) as err:
+        await client(gw).chat.completions.create(model="moa", messages=late)
+    assert err.value.body["message"].startswith("messages[4] is a system message"), err.value.body
+
+
+async def test_a_backends_own_finish_reason_is_one_openai_knows(gw_emulators, gateway_factory):
+    """TGI ends with `eos_token`: clients with typed enums (and `== "stop"` checks) get `stop`; the backend's
+    word stays in the `moaa` object."""
+    emu = await gw_emulators({"a": FAST, "b": FAST, "agg": FAST | {"finish_reason": "eos_token"}})
+    gw = await gateway_factory(moa_config(emu.url, ["a", "b"]))
+    for model in ("moa", "agg"):
+        resp = await client(gw).chat.completions.create(model=model, messages=ask())
+        assert resp.choices[0].finish_reason == "stop" and resp.model_extra["moaa"]["finish_reason"] == "eos_token"
+        stream = await client(gw).chat.completions.create(model=model, messages=ask(), stream=True)
+        finish = [c.choices[0].finish_reason async for c in stream if c.choices and c.choices[0].finish_reason]
+        assert finish == ["stop"], model
 
 
 async def test_unknown_model_is_404(gw):

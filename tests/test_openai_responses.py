@@ -69,15 +69,16 @@ async def test_message_list_with_instructions_and_sampling(gw):
               "content": [{"type": "output_text", "text": "MoA is many models.", "annotations": [], "logprobs": []}]}
     resp = await client(gw).responses.create(
         model="b", instructions="Be brief.", temperature=0.3, top_p=0.9, max_output_tokens=50,
-        metadata={"team": "eval"}, user="u-1", safety_identifier="hash", store=True, text={"format": {"type": "text"}},
+        metadata={"team": "eval"}, user="u-1", safety_identifier="hash", store=True,
+        text={"format": {"type": "text"}, "verbosity": "medium"},
         input=[{"role": "developer", "content": "Answer in English."},
-               {"role": "user", "content": [{"type": "input_text", "text": "What is "}, {"type": "input_text", "text": "MoA?"}]},
+               {"role": "user", "content": [{"type": "input_text", "text": "Question:"}, {"type": "input_text", "text": "What is MoA?"}]},
                answer, {"role": "user", "content": "And DPO?"}])
     assert resp.output_text and resp.instructions == "Be brief." and resp.metadata == {"team": "eval"}
     assert resp.store is False and resp.max_output_tokens == 50  # nothing is stored, whatever was asked
     sent = gw.emu.bodies("b")[-1]
     assert sent["messages"] == [{"role": "system", "content": "Be brief.\n\nAnswer in English."},
-                                {"role": "user", "content": "What is MoA?"},
+                                {"role": "user", "content": "Question:\nWhat is MoA?"},  # parts: by newlines
                                 {"role": "assistant", "content": "MoA is many models."},
                                 {"role": "user", "content": "And DPO?"}]
     assert sent["temperature"] == 0.3 and sent["top_p"] == 0.9 and sent["max_tokens"] == 50
@@ -169,6 +170,7 @@ REFUSED = [
     ({"text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}}}, "text.format", "JSON"),
     ({"text": {"format": {"type": "json_object"}}}, "text.format", "JSON"),
     ({"reasoning": {"effort": "low"}}, "reasoning", "remove"),
+    ({"text": {"verbosity": "low"}}, "text.verbosity", "shorter answer"),
     ({"include": ["message.output_text.logprobs"]}, "include", "remove"),
     ({"truncation": "auto"}, "truncation", "disabled"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "42"}]}, "input[0]", "text"),

@@ -11,6 +11,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
+from moaa.prompts import PART_SEPARATOR
+
 MAX_STOP = 4
 # the wire types of GenerateRequest's fields (uint32, int64): past them protobuf raises, which is a 500
 UINT32_MAX = 2**32 - 1
@@ -50,7 +52,7 @@ class ChatMessage(_Strict):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
+            return PART_SEPARATOR.join(p.text for p in self.content)
         return self.content or ""
 
 
@@ -152,9 +154,9 @@ class ChatCompletionRequest(_Strict):
         if self.reasoning_effort is not None:
             return "reasoning_effort", ("reasoning_effort is not supported: a recipe's models take no reasoning "
                                         "effort, remove it")
-        if self.verbosity is not None:
-            return "verbosity", ("verbosity is not supported: remove it (ask for a shorter answer in the prompt, "
-                                 "or set max_tokens)")
+        if self.verbosity not in (None, "medium"):   # medium: OpenAI's default, which asks for nothing
+            return "verbosity", (f"verbosity={self.verbosity!r} is not supported: remove it (ask for a shorter "
+                                 "answer in the prompt, or set max_tokens)")
         if self.web_search_options is not None:
             return "web_search_options", "web_search_options is not supported: the gateway searches nothing, remove it"
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:
@@ -212,6 +214,13 @@ class Usage(BaseModel):
     total_tokens: int = 0
 
 
+def openai_finish_reason(backend_reason: str) -> str:
+    """OpenAI's finish_reason for the backend's: `length` and `content_filter` as they are, any other end
+    (vLLM's and OpenAI's `stop`, TGI's `eos_token` and `stop_sequence`, ...) is `stop`, a value typed clients
+    accept; the backend's own word stays in the `moaa` object."""
+    return backend_reason if backend_reason in ("length", "content_filter") else "stop"
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -220,7 +229,7 @@ class AssistantMessage(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: str | None
+    finish_reason: Literal["stop", "length", "content_filter"]
     logprobs: None = None
 
 
@@ -258,7 +267,7 @@ class Delta(_Sparse):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: str | None = None
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None
     logprobs: None = None
 
 

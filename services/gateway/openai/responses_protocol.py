@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from moaa.prompts import PART_SEPARATOR
+
 from .protocol import MaxTokens, MoaaOptions, SafetyIdentifier, Temperature, TopP, _Strict
 
 PART_TYPES = ("input_text", "output_text")
@@ -52,7 +54,7 @@ class InputMessage(_Strict):
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return PART_SEPARATOR.join(p.text for p in self.content)
 
 
 class ResponsesRequest(_Strict):
@@ -110,9 +112,9 @@ class ResponsesRequest(_Strict):
             return "text.format", (f"text.format type {fmt.type!r} is not supported: a MoA answer is the "
                                    "aggregator's free text, which the gateway cannot constrain to JSON; use 'text' "
                                    "(or leave it out) and ask for JSON in the prompt")
-        if self.text is not None and self.text.verbosity is not None:
-            return "text.verbosity", ("text.verbosity is not supported: remove it (ask for a shorter answer in the "
-                                      "prompt, or set max_output_tokens)")
+        if self.text is not None and self.text.verbosity not in (None, "medium"):   # medium: OpenAI's default
+            return "text.verbosity", (f"text.verbosity={self.text.verbosity!r} is not supported: remove it (ask for a "
+                                      "shorter answer in the prompt, or set max_output_tokens)")
         if self.include:
             return "include", (f"include {self.include!r} is not supported: the answer is text only (no logprobs, "
                                "reasoning or tool outputs to include); remove include")

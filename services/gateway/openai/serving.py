@@ -8,6 +8,7 @@ aggregator_sampling does. Errors are `RpcError`s, as in the gRPC API; `http_erro
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -87,12 +88,25 @@ class Call:
         return f"chatcmpl-{self.plan.request_id}"
 
 
+def leading_system_merged(messages: list[p.ChatMessage]) -> tuple[list[p.ChatMessage], list[int]]:
+    """OpenAI takes several system (or `developer`, its newer name) messages; the engine one, first. The
+    leading ones become that one, joined by blank lines (as the Responses API's instructions and system items
+    are); one later in the conversation stays the engine's 400. Also returns each message's index in the
+    request, so errors name the request's own messages."""
+    n = 0
+    while n < len(messages) and messages[n].role in ("system", "developer"):
+        n += 1
+    if n <= 1:
+        return list(messages), list(range(len(messages)))
+    system = p.ChatMessage(role="system", content="\n\n".join(m.text() for m in messages[:n]))
+    return [system, *messages[n:]], [0, *range(n, len(messages))]
+
+
 def _to_generate_request(req: p.ChatCompletionRequest, rid: str) -> gateway_pb2.GenerateRequest:
     out = gateway_pb2.GenerateRequest(request_id=rid, recipe=req.model, metadata=req.metadata or {})
-    for i, m in enumerate(req.messages):
-        if m.role == "developer":  # OpenAI's newer name for the system message
-            m = p.ChatMessage(role="system", content=m.content, name=m.name)
-        out.messages.append(common_pb2.Message(role=m.role, content=m.text(), name=m.name or ""))
+    for m in leading_system_merged(req.messages)[0]:
+        role = "system" if m.role == "developer" else m.role
+        out.messages.append(common_pb2.Message(role=role, content=m.text(), name=m.name or ""))
     s = out.aggregator_sampling
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
         value = getattr(req, name)
@@ -147,15 +161,16 @@ class ChatServing:
         if bad is not None:
             raise HttpError(bad[1], grpc.StatusCode.INVALID_ARGUMENT, bad[0])
         greq = _to_generate_request(req, rid)
+        where = leading_system_merged(req.messages)[1]
         if req.model in self.cfg.recipes:
             kind = "recipe"
-            plan = _plan_or_400(lambda: make_plan(self.cfg, greq, rid, self.max_prompt_chars))
+            plan = _plan_or_400(lambda: make_plan(self.cfg, greq, rid, self.max_prompt_chars), where)
         elif req.model in self._passthrough:
             kind = "backend"
             if req.moaa is not None and (req.moaa.min_proposers or req.moaa.first_k or req.moaa.layer_deadline_s):
                 raise HttpError(f"model {req.model!r} is a plain backend: moaa.min_proposers, first_k and "
                                 "layer_deadline_s apply to recipes only", grpc.StatusCode.INVALID_ARGUMENT, "moaa")
-            plan = _plan_or_400(lambda: self._passthrough_plan(greq, rid))
+            plan = _plan_or_400(lambda: self._passthrough_plan(greq, rid), where)
         else:
             raise self._unknown_model(req.model)
         timeout = req.moaa.timeout_s if req.moaa is not None else None
@@ -207,7 +222,8 @@ class ChatServing:
     def completion(self, call: Call, final: gateway_pb2.GenerateResponse) -> p.ChatCompletion:
         return p.ChatCompletion(
             id=call.id, created=call.created, model=call.request.model, usage=self.usage(final),
-            choices=[p.Choice(message=p.AssistantMessage(content=final.text), finish_reason=final.finish_reason or "stop")],
+            choices=[p.Choice(message=p.AssistantMessage(content=final.text),
+                              finish_reason=p.openai_finish_reason(final.finish_reason))],
             moaa=self.extension(call, final))
 
     def chunk(self, call: Call, *, content: str | None = None, role: bool = False, finish: str | None = None,
@@ -240,7 +256,7 @@ class ChatStream:
         return [sse(self.serving.chunk(self.call, content=text))]
 
     def final(self, final: gateway_pb2.GenerateResponse) -> list[bytes]:
-        out = [sse(self.serving.chunk(self.call, finish=final.finish_reason or "stop", final=final))]
+        out = [sse(self.serving.chunk(self.call, finish=p.openai_finish_reason(final.finish_reason), final=final))]
         if self.call.request.include_usage:
             out.append(sse(self.serving.usage_chunk(self.call, final)))
         return out
@@ -253,12 +269,14 @@ class ChatStream:
         return [b"data: [DONE]\n\n"]
 
 
-def _plan_or_400(make) -> Plan:
-    """make_plan's InvalidArgument, with `param` named from the message's leading field."""
+def _plan_or_400(make, where: list[int]) -> Plan:
+    """make_plan's InvalidArgument, with `param` named from the message's leading field and `messages[k]`
+    the request's own index (`where`: leading system messages were merged)."""
     try:
         return make()
     except InvalidArgument as err:
-        msg = str(err)
+        msg = re.sub(r"messages\[(\d+)\]", lambda m: f"messages[{where[int(m[1])]}]" if int(m[1]) < len(where)
+                     else m[0], str(err))
         head = msg.split(" ", 1)[0].split("=", 1)[0].split("[", 1)[0].split(".", 1)[0]
         param = "messages" if head in ("messages", "the") and "messages" in msg else None
         if head == "aggregator_sampling":  # our mapping's name for the request's own sampling fields
