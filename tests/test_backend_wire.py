@@ -48,6 +48,28 @@ async def test_prompt_past_every_proposers_context_is_invalid_argument(gw_emulat
     assert resp.text and not resp.failures
 
 
+async def test_aggregator_refusing_the_conversation_with_its_references_cut_is_invalid_argument(
+        gw_emulators, gateway_factory):
+    """Proposers with room, an aggregator whose 300-token context (configured, so moaa cuts the references to
+    fit) the conversation alone fills: what is over is the client's, so INVALID_ARGUMENT (a 400 on the HTTP
+    door), not an UNAVAILABLE that clients retry, paying the proposers each time. A short prompt goes through."""
+    emu = await gw_emulators(profiles={"agg": {"max_model_len": 300}})
+    gw = await gateway_factory(moa_config(emu.url, ["a", "b"], backends={"agg": {"context_window": 300}}))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Generate(request(LONG))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    msg = err.value.details()
+    assert "aggregator 'agg' refused" in msg and "maximum context length is 300 tokens" in msg, msg
+    assert "shorten the conversation or lower max_tokens" in msg, msg
+    http = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.running.http_port}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        await http.chat.completions.create(model="moa", messages=[{"role": "user", "content": LONG}])
+    assert "aggregator 'agg' refused" in bad.value.body["message"]
+    await http.close()
+    resp = await gw.stub.Generate(request("short question"))
+    assert resp.text and not resp.failures
+
+
 async def test_sample_of_a_prompt_past_the_context_is_invalid_argument(gw_emulators, gateway_factory):
     emu = await gw_emulators(profiles={"a": {"max_model_len": 100}})
     gw = await gateway_factory(moa_config(emu.url, ["a"]))

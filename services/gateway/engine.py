@@ -247,6 +247,14 @@ class MoAEngine:
                 # client's conversation as it is; a recipe's aggregator gets our prompt, so its refusal is ours
                 raise InvalidArgument(f"model {agent.model!r} refused the request (HTTP {err.http_status}): "
                                       f"{err.message}") from None
+            if fit is not None and fit.budget == 0 and err.too_long:
+                # by moaa's own count the conversation and max_tokens fill the aggregator's window, leaving
+                # the references no room: what is over is the client's, and a retry would pay the proposers
+                # to be refused again (with room left, the window or the count may be the config's: a retry)
+                raise InvalidArgument(
+                    f"aggregator {agent.model!r} refused the prompt for its length (HTTP {err.http_status}: "
+                    f"{err.message}); the conversation and max_tokens leave its references no room: shorten "
+                    "the conversation or lower max_tokens") from None
             raise outage(f"aggregator failed: {_describe([failure])}", _left(deadline), "the aggregator was") from None
         finally:
             await stream.aclose()
