@@ -227,6 +227,9 @@ async def test_gateway_health_follows_its_backends(unused_tcp_port, monkeypatch)
             await emu.stop()
             await becomes("NOT_SERVING")
             assert await status("") == "SERVING" and up("a") == 0
+            listed = await health.List(health_pb2.HealthListRequest(), timeout=5)   # grpc.health.v1's List
+            assert {k: v.status for k, v in listed.statuses.items()} == {
+                "": health_pb2.HealthCheckResponse.SERVING, SERVICE_NAME: health_pb2.HealthCheckResponse.NOT_SERVING}
             assert await http_health("/health") == (200, {"status": "ok"})  # liveness: a restart would not help
             code, body = await http_health("/health/ready")
             assert code == 503 and body["status"] == "unavailable" and "send a token" in body["reason"], body

@@ -31,6 +31,12 @@ class Health(health_pb2_grpc.HealthServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
+    async def List(self, request, context):
+        """Every service's status (grpc.health.v1's List, which the base class leaves unimplemented: a
+        client that asked got UNIMPLEMENTED and the server logged a traceback)."""
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status) for name, status in self._status.items()})
+
     async def Watch(self, request, context):
         last = None
         while True:
