@@ -31,6 +31,15 @@ async def test_gateway_sample_with_annotation_returns_preference_pair(gw_emulato
     assert [j.judge for j in ann.judges] == ["j1", "j2", "agg"] and ann.combine == "aggregator"
     assert all(j.template_hash for j in ann.judges)
 
+    # more samples than the annotator takes: the samples come back, the annotator's refusal listed
+    small = await annotator_factory({**cfg, "annotator": {**cfg["annotator"], "max_candidates": 3}})
+    gw_small = await gateway_factory({**gw_cfg, "annotator_address": small.server.address})
+    resp = await gw_small.stub.Sample(gateway_pb2.SampleRequest(model="sft", n=4, messages=user("Four, please."),
+                                                                annotate=True, sampling={"max_tokens": 8}))
+    assert len(resp.samples) == 4 and not resp.HasField("annotation")
+    (failure,) = resp.failures
+    assert failure.model == "annotator" and failure.cause == "invalid_argument" and "max_candidates" in failure.message
+
     # a named ensemble that does not exist is refused by the gateway with a message
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await gw.stub.Sample(gateway_pb2.SampleRequest(model="sft", n=2, messages=user("x"), annotate=True,
@@ -58,9 +67,10 @@ async def test_gateway_reaches_a_mutual_tls_annotator(gw_emulators, judge_emulat
 
     # trusted server but no client certificate: the annotator refuses the handshake; the caller is told
     gw_no_cert = await gateway_factory({**gw_cfg, "annotator_tls": {"ca_file": t["ca.crt"]}})
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await gw_no_cert.stub.Sample(ask, timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "annotator at" in err.value.details()
+    resp = await gw_no_cert.stub.Sample(ask, timeout=10)
+    assert len(resp.samples) == 2 and not resp.HasField("annotation")
+    assert [(f.model, f.cause) for f in resp.failures] == [("annotator", "unavailable")]
+    assert "annotator at" in resp.failures[0].message
 
 
 async def test_gateway_dials_a_headless_target_checking_the_certificate_by_server_name(
@@ -85,9 +95,9 @@ async def test_gateway_dials_a_headless_target_checking_the_certificate_by_serve
     resp = await gw.stub.Sample(ask, timeout=10)
     assert len(resp.annotation.judges) == 1
     gw_by_address = await gateway_factory({**gw_cfg, "annotator_tls": {"ca_file": t["ca.crt"]}})
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await gw_by_address.stub.Sample(ask, timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "annotator at" in err.value.details()
+    resp = await gw_by_address.stub.Sample(ask, timeout=10)
+    assert not resp.HasField("annotation") and [(f.model, f.cause) for f in resp.failures] == [("annotator",
+                                                                                               "unavailable")]
 
     labelled = tmp_path / "labelled.jsonl"
     labelled.write_text(json.dumps({"id": "l0", "prompt": "Capital of France?", "chosen": GOOD, "rejected": BAD}) + "\n")

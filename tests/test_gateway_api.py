@@ -141,14 +141,18 @@ async def test_sample_annotate_needs_annotator(gw):
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "annotator_address" in err.value.details()
 
 
-async def test_sample_annotator_unreachable(gw_emulators, gateway_factory, unused_tcp_port):
+async def test_sample_annotator_unreachable_keeps_the_samples(gw_emulators, gateway_factory, unused_tcp_port):
+    """The samples were paid for: they come back, without an annotation, the annotator's failure listed (as
+    Generate(annotate) does), rather than the call failing and the client paying for them again."""
     emu = await gw_emulators({"a": FAST})
     cfg = moa_config(emu.url, ["a"])
     cfg["annotator_address"] = f"127.0.0.1:{unused_tcp_port}"
     gw = await gateway_factory(cfg)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi"), annotate=True), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "annotator" in err.value.details()
+    resp = await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi"), annotate=True),
+                                timeout=5)
+    assert len(resp.samples) == 2 and all(s.text for s in resp.samples) and not resp.HasField("annotation")
+    (failure,) = resp.failures
+    assert failure.model == "annotator" and failure.cause == "unavailable" and "annotator at" in failure.message
 
 
 async def test_sample_backend_failure(gw_emulators, gateway_factory):

@@ -63,13 +63,21 @@ def moa_candidates(resp: gateway_pb2.GenerateResponse) -> list[annotator_pb2.Can
     return cands
 
 
-async def annotate_moa(annotator: AnnotatorClient, request: gateway_pb2.GenerateRequest,
-                       resp: gateway_pb2.GenerateResponse, *, timeout: float | None, metadata=()) -> None:
-    """Fill resp.annotation; an annotator that fails is recorded in resp.failures and the answer is kept."""
-    areq = annotator_pb2.AnnotateRequest(request_id=resp.request_id, prompt=request.messages,
-                                         ensemble=request.ensemble, candidates=moa_candidates(resp))
+async def annotate_into(annotator: AnnotatorClient, request: annotator_pb2.AnnotateRequest, resp, *,
+                        timeout: float | None, metadata=()) -> None:
+    """Fill resp.annotation (a GenerateResponse or a SampleResponse). An annotator that fails, or refuses the
+    candidates, is recorded in resp.failures (model "annotator", its status as the cause) and the answers are
+    kept: they were paid for, and failing the call would have the client pay for them again."""
     try:
-        resp.annotation.CopyFrom(await annotate(annotator, areq, timeout=timeout, metadata=metadata))
+        resp.annotation.CopyFrom(await annotate(annotator, request, timeout=timeout, metadata=metadata))
     except RpcError as err:
         resp.failures.append(common_pb2.BackendError(model="annotator", cause=err.code.name.lower(),
                                                      message=str(err)))
+
+
+async def annotate_moa(annotator: AnnotatorClient, request: gateway_pb2.GenerateRequest,
+                       resp: gateway_pb2.GenerateResponse, *, timeout: float | None, metadata=()) -> None:
+    """Fill resp.annotation with the judges' pair of the last layer's proposals and the aggregate."""
+    areq = annotator_pb2.AnnotateRequest(request_id=resp.request_id, prompt=request.messages,
+                                         ensemble=request.ensemble, candidates=moa_candidates(resp))
+    await annotate_into(annotator, areq, resp, timeout=timeout, metadata=metadata)

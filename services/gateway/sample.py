@@ -8,7 +8,7 @@ from moaa.services.common.convert import backend_error_proto, usage_proto
 from moaa.services.common.errors import InvalidArgument, Unavailable, outage
 from moaa.services.common.validation import check_max_tokens, merge_sampling, messages_to_dicts, sampling_overrides
 from moaa.services.config import MoaaConfig, SamplingConfig
-from moaa.services.gateway.annotation import AnnotatorClient, annotate, check_annotate
+from moaa.services.gateway.annotation import AnnotatorClient, annotate_into, check_annotate
 from moaa.v1 import annotator_pb2, gateway_pb2
 
 MAX_N = 64
@@ -57,5 +57,5 @@ async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: fl
         areq = annotator_pb2.AnnotateRequest(
             request_id=request_id, id=req.id, prompt=req.messages, ensemble=req.ensemble,
             candidates=[annotator_pb2.Candidate(id=str(c.index), text=c.text, model=req.model) for c in res.choices])
-        resp.annotation.CopyFrom(await annotate(annotator, areq, timeout=timeout, metadata=metadata))
+        await annotate_into(annotator, areq, resp, timeout=timeout, metadata=metadata)
     return resp
