@@ -194,7 +194,7 @@ async def stack(emulator_factory, judge_emulator, annotator_factory):
     gw_cfg.update(
         recipes={"moa": {"proposers": [{"model": "a"}, {"model": "b"}], "aggregator": {"model": "agg"}, "layers": 2},
                  "one": {"proposers": [{"model": "a"}], "aggregator": {"model": "agg"}}},
-        default_recipe="moa", annotator_address=annotator.server.address, gateway={"port": 0})
+        default_recipe="moa", annotator_address=annotator.server.address, gateway={"port": 0, "http_port": None})
     running = await start_gateway(parse_config(gw_cfg), probes=False)
     channel = grpc.aio.insecure_channel(running.address)
     yield {"gateway": gateway_pb2_grpc.MoAGatewayStub(channel), "annotator": annotator, "gw_channel": channel,
