@@ -144,6 +144,24 @@ async def test_undecodable_bytes_are_invalid_argument(gw_emulators, gateway_fact
     assert (await stub.Annotate(annotate_request([GOOD, BAD]), timeout=10)).chosen_id == "c0"
 
 
+async def test_items_held_before_undecodable_bytes_are_answered_first(gw_emulators, gateway_factory):
+    """Three valid items, then bytes that are no BatchItem at once: the three (their backend work started)
+    are answered, then the stream ends INVALID_ARGUMENT, as a shutdown answers what it holds first."""
+    emu = await gw_emulators({"a": {"ttft_s": 0.3}, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    items = [gateway_pb2.BatchItem(id=f"g{i}", request=request(f"question {i}")).SerializeToString()
+             for i in range(3)]
+    call = gw.channel.stream_stream("/moaa.v1.MoAGateway/GenerateBatch")(iter([*items, GARBAGE]), timeout=20)
+    answered = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for raw in call:
+            result = gateway_pb2.BatchResult.FromString(raw)
+            assert result.HasField("response"), result
+            answered.append(result.id)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "do not parse as" in err.value.details()
+    assert sorted(answered) == ["g0", "g1", "g2"]
+
+
 async def test_undecodable_bytes_without_a_token_are_unauthenticated(gw_emulators, gateway_factory, monkeypatch):
     emu = await gw_emulators()
     monkeypatch.setenv("MOAA_TEST_EDGE_TOKENS", "t")

@@ -3,8 +3,9 @@
 grpc.aio runs the request deserializer before any servicer code, and an exception there becomes
 UNKNOWN with the exception's text. This server interceptor gives every handler (ours, health,
 reflection) a deserializer that never raises: it returns an `Undecodable` marker, and the wrapped
-handler aborts with INVALID_ARGUMENT naming the message type it expected. For streamed requests the
-marker aborts the call when the servicer reads that message.
+handler aborts with INVALID_ARGUMENT naming the message type it expected. For streamed requests, reading
+that message raises `UndecodableRequest` (an RpcError with that status) in the servicer, so a servicer that
+holds earlier items (ItemStream) answers them first; the wrapped handler aborts with it if nothing did.
 
 The same deserializer enforces `max_request_bytes` on unary requests (RESOURCE_EXHAUSTED naming the size,
 the limit and the setting): the transport's own limit is set higher (server.py), so that an oversized item
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from moaa.services.common.errors import RpcError
 from moaa.services.common.logs import call_request_id
 
 # Bounds on reading a request stream that is about to be refused (drain_requests).
@@ -50,6 +52,10 @@ class RequestLimit:
             return None
         return (f"{what} is {size} bytes, over the limit of {self.max_bytes} bytes ({self.setting}): "
                 f"send less, or raise {self.setting}")
+
+
+class UndecodableRequest(RpcError):
+    """Raised where a servicer reads an Undecodable message of its request stream."""
 
 
 def _type_name(deserializer) -> str:
@@ -101,11 +107,12 @@ async def _reject(context, bad: Undecodable, requests=None) -> None:
     await context.abort(bad.code, bad.message)
 
 
-def _checked_iterator(requests, context):
+def _checked_iterator(requests):
     async def gen():
         async for item in requests:
             if isinstance(item, Undecodable):
-                await _reject(context, item, requests)
+                await drain_requests(requests)   # first, while the servicer may still write results
+                raise UndecodableRequest(item.message, item.code)
             yield item
     return gen()
 
@@ -115,7 +122,7 @@ def _wrap_behavior(behavior, request_streaming: bool, response_streaming: bool):
 
     def check(request, context):
         if request_streaming:
-            return _checked_iterator(request, context), None
+            return _checked_iterator(request), None
         return request, request if isinstance(request, Undecodable) else None
 
     if response_streaming and inspect.isasyncgenfunction(behavior):
@@ -123,21 +130,27 @@ def _wrap_behavior(behavior, request_streaming: bool, response_streaming: bool):
             request, bad = check(request, context)
             if bad is not None:
                 await _reject(context, bad)
-            async for item in behavior(request, context):
-                yield item
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except UndecodableRequest as err:   # a handler that let it through (health, reflection)
+                await _reject(context, Undecodable(str(err), err.code))
         return stream
 
     async def call(request, context):
         request, bad = check(request, context)
         if bad is not None:
             await _reject(context, bad)
-        result = behavior(request, context)
-        if inspect.isawaitable(result):
-            return await result
-        if response_streaming and hasattr(result, "__aiter__"):  # async generator from a plain function
-            async for item in result:
-                await context.write(item)
-            return None
+        try:
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                return await result
+            if response_streaming and hasattr(result, "__aiter__"):  # async generator from a plain function
+                async for item in result:
+                    await context.write(item)
+                return None
+        except UndecodableRequest as err:   # a handler that let it through (health, reflection)
+            await _reject(context, Undecodable(str(err), err.code))
         return result
     return call
 

@@ -9,7 +9,8 @@ items still running and waits for them before the call returns. A server that st
 `close()`s its open streams: they read no more items, finish and write the ones they hold, then end
 UNAVAILABLE, so the client resends the rest to a server that is not going away. A stream older than
 `max_age_s` (the server's transport.max_connection_age_s) closes itself the same way, so the client's
-new call goes over a new connection, possibly to another replica (transport.py). With `admit` (the backends' Admission,
+new call goes over a new connection, possibly to another replica (transport.py). A request that does not
+parse ends the stream INVALID_ARGUMENT, also only after the items held before it are written. With `admit` (the backends' Admission,
 services/backend/limits.py) an item starts only when the backends it needs have room, so the window is
 an upper bound and the backends' free capacity decides how many items run. With `limit` (the server's
 max_request_bytes), an item larger than it is an INVALID_ARGUMENT item error naming its size, the limit and
@@ -149,7 +150,11 @@ class ItemStream(Generic[Req, Res]):
             while self._tasks:  # close(): what was taken is finished, not cut
                 await asyncio.wait(set(self._tasks))
             self._results.put_nowait(_END if self._eof else _ReadFailed(Unavailable(self._closing)))
-        except Exception as err:  # noqa: BLE001 - reading failed: the call ends with that error
+        except Exception as err:  # noqa: BLE001 - reading failed (bytes that are no request): the call ends
+            # with that error, after the items already taken are finished and written, as close() does: they
+            # were valid, and their backend work is paid for
+            while self._tasks:
+                await asyncio.wait(set(self._tasks))
             self._results.put_nowait(_ReadFailed(err))
 
     async def _drained(self):
