@@ -21,9 +21,24 @@ from moaa.services.backend.errors import retry_after
 from moaa.services.emulator import expected_text
 from moaa.v1 import gateway_pb2
 from tests.test_backend_client import MSGS, make_cfg
-from tests.fixtures.gateway import moa_config, request, user
+from tests.fixtures.gateway import moa_config, openai_client, request, user
 
 LONG = " ".join(["word"] * 300)  # 300+ emulator tokens: past a 100-token context
+
+
+async def _refused_on_both_doors(gw, prompt: str) -> tuple[str, str]:
+    """The gRPC details and the HTTP door's 400 message for `prompt`, each checked to be the client's error
+    (INVALID_ARGUMENT, a 400 the SDK does not retry); then a short prompt still goes through."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Generate(request(prompt))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    http = openai_client(gw)
+    with pytest.raises(openai.BadRequestError) as bad:
+        await http.chat.completions.create(model="moa", messages=[{"role": "user", "content": prompt}])
+    await http.close()
+    resp = await gw.stub.Generate(request("short question"))
+    assert resp.text and not resp.failures
+    return err.value.details(), bad.value.body["message"]
 
 
 async def test_prompt_past_every_proposers_context_is_invalid_argument(gw_emulators, gateway_factory):
@@ -32,20 +47,10 @@ async def test_prompt_past_every_proposers_context_is_invalid_argument(gw_emulat
     model's message (gRPC and the HTTP door alike), not UNAVAILABLE; and the refusal is not retried."""
     emu = await gw_emulators(profiles={"a": {"max_model_len": 100}, "b": {"max_model_len": 100}})
     gw = await gateway_factory(moa_config(emu.url, ["a", "b"]))
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await gw.stub.Generate(request(LONG))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-    msg = err.value.details()
+    msg, http = await _refused_on_both_doors(gw, LONG)
     assert "maximum context length is 100 tokens" in msg and "HTTP 400" in msg and "a (" in msg and "b (" in msg
-    assert emu.stats.requests == 2  # one each: a refusal is not retried
-    http = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.running.http_port}/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as bad:
-        await http.chat.completions.create(model="moa", messages=[{"role": "user", "content": LONG}])
-    assert "maximum context length is 100 tokens" in bad.value.body["message"]
-    await http.close()
-    # a short prompt still goes through: the same backends, the same gateway
-    resp = await gw.stub.Generate(request("short question"))
-    assert resp.text and not resp.failures
+    assert emu.stats.requests == 2 + 2 + 3  # gRPC, HTTP: one each, a refusal is not retried; the short prompt
+    assert "maximum context length is 100 tokens" in http
 
 
 async def test_aggregator_refusing_the_conversation_with_its_references_cut_is_invalid_argument(
@@ -55,19 +60,9 @@ async def test_aggregator_refusing_the_conversation_with_its_references_cut_is_i
     door), not an UNAVAILABLE that clients retry, paying the proposers each time. A short prompt goes through."""
     emu = await gw_emulators(profiles={"agg": {"max_model_len": 300}})
     gw = await gateway_factory(moa_config(emu.url, ["a", "b"], backends={"agg": {"context_window": 300}}))
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await gw.stub.Generate(request(LONG))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-    msg = err.value.details()
+    msg, http = await _refused_on_both_doors(gw, LONG)
     assert "aggregator 'agg' refused" in msg and "maximum context length is 300 tokens" in msg, msg
-    assert "shorten the conversation or lower max_tokens" in msg, msg
-    http = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.running.http_port}/v1", api_key="x", max_retries=0)
-    with pytest.raises(openai.BadRequestError) as bad:
-        await http.chat.completions.create(model="moa", messages=[{"role": "user", "content": LONG}])
-    assert "aggregator 'agg' refused" in bad.value.body["message"]
-    await http.close()
-    resp = await gw.stub.Generate(request("short question"))
-    assert resp.text and not resp.failures
+    assert "shorten the conversation or lower max_tokens" in msg and "aggregator 'agg' refused" in http, msg
 
 
 async def test_sample_of_a_prompt_past_the_context_is_invalid_argument(gw_emulators, gateway_factory):
