@@ -139,6 +139,31 @@ async def test_bad_sft_value_exits_2_before_anything_is_written(tmp_path):
     rc, _, err = await _run(_offline_cmd(out, "n_sample=5"), timeout=60)         # misspelt: never silently ignored
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "--set n_sample: not a pipeline setting" in err and "n_samples" in err and not out.exists()
+    rc, _, err = await _run(_offline_cmd(out, "n_samples=abc"), timeout=60)      # typed: not a TypeError after SFT
+    assert rc == 2 and err.strip() == 'moaa: error: --set n_samples="abc": input should be a valid integer', err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("item, says", [
+    ("window=abc", 'window="abc": input should be a valid integer'),
+    ("answer_tokens=-5", "answer_tokens=-5: input should be greater than or equal to 1"),
+    ("n_samples=1", "n_samples=1: input should be greater than or equal to 2"),
+    ("eval_grades=1", "eval_grades=1: input should be a valid boolean"),
+    ("allow_failures=2", "allow_failures=2: input should be less than or equal to 1"),
+    ("sample_temperature=true", "sample_temperature=true: input should be a valid number"),
+    ("pairs_heldout_fraction=1", "pairs_heldout_fraction=1: input should be less than 1"),
+])
+def test_pipeline_settings_are_typed_and_ranged_before_anything_runs(item, says):
+    from moaa.errors import UserError
+    from moaa.overrides import apply_sets
+    from moaa.pipeline.runner import PipelineOptions, resolve_settings
+
+    opts = PipelineOptions(gateway="127.0.0.1:9", overrides=apply_sets({}, [item]))
+    with pytest.raises(UserError) as err:
+        resolve_settings(opts, local=False)
+    assert str(err.value) == f"--set {says}"
+    assert resolve_settings(PipelineOptions(overrides=apply_sets({}, ["sample_temperature=0", "window=1"])),
+                            local=True)["window"] == 1
 
 
 async def test_gateway_without_annotator_or_annotator_without_gateway_exits_2_at_once(tmp_path):

@@ -23,7 +23,7 @@ from .budget import TokenLedger
 from .layout import RunLayout
 from .lock import RunLock
 from .promptset import RunPrompts, config_hash, prepare_prompts
-from .stages import NEEDS_SERVICES, STAGES, StageContext, default_settings, merge_settings
+from .stages import NEEDS_SERVICES, STAGES, StageContext, check_settings, default_settings, merge_settings
 from . import training
 
 OPERATIONAL = {"window"}  # settings that change how, not what: left out of the config hash
@@ -133,6 +133,7 @@ def resolve_settings(opts: PipelineOptions, local: bool) -> dict[str, Any]:
         raise UserError(f"--set {unknown[0]}: not a pipeline setting; the settings are {keys}, "
                         "and sft.<key> / dpo.<key> for training")
     settings = merge_settings(base, opts.overrides)
+    check_settings(settings)
     settings.update({"recipe": opts.recipe, "ensemble": opts.ensemble, "eval_judge": opts.eval_judge, "seed": opts.seed})
     return settings
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Container, Iterable
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from moaa.client.endpoint import Endpoint
 from moaa.errors import TransientError, UserError
 from moaa.files import RESEND_HINT, atomic_write_text
@@ -56,6 +58,35 @@ def default_settings(quick: bool) -> dict[str, Any]:
         "dpo": {"max_steps": steps, "global_batch_size": 4, "max_length": 512, "save_steps": save,
                 "learning_rate": 5e-6, "beta": 0.1},
     }
+
+
+class GenerationSettings(BaseModel):
+    """The pipeline's own settings (`--set KEY=VALUE`, typed as JSON), checked when the run starts: a bad one
+    exits 2 before stage 1 instead of failing as a TypeError after hours of SFT. Strict: "abc" or true is
+    no count of tokens."""
+    model_config = ConfigDict(extra="ignore", strict=True)   # sft / dpo: the typed training configs
+    answer_tokens: int = Field(ge=1)
+    n_samples: int = Field(ge=2)                 # a preference pair needs two samples
+    eval_grades: bool
+    sample_tokens: int = Field(ge=1)
+    sample_temperature: float = Field(ge=0, le=2)
+    eval_samples: int = Field(ge=0)
+    eval_temperature: float = Field(ge=0, le=2)
+    pairs_heldout_fraction: float = Field(ge=0, lt=1)
+    pairs_heldout_max: int = Field(ge=0)
+    allow_failures: float = Field(ge=0, le=1)
+    window: int = Field(ge=1)
+    eval_both_orders: bool = True
+
+
+def check_settings(settings: dict[str, Any]) -> None:
+    """UserError naming the first bad `--set` value, its range or type."""
+    try:
+        GenerationSettings.model_validate(settings)
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(str(x) for x in e["loc"])
+        raise UserError(f"--set {key}={json.dumps(e.get('input'))}: {e['msg'].lower()}") from None
 
 
 def merge_settings(base: dict, over: dict) -> dict:
