@@ -52,7 +52,7 @@ def _backend(url: str, served: str | None = None) -> dict:
 def _gateway_config(url: str) -> dict:
     return {"backends": {m: _backend(url) for m in [*PROPOSERS, "agg"]},
             "recipes": {"moa": {"proposers": [{"model": p} for p in PROPOSERS], "aggregator": {"model": "agg"}}},
-            "gateway": {"port": 0}}
+            "gateway": {"port": 0, "http_port": None}}
 
 
 def _annotator_config(url: str) -> dict:
