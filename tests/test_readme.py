@@ -197,6 +197,9 @@ def test_training_keys_are_the_typed_settings():
         elif key not in fields and key not in values and key not in trl:
             unknown.append(key)
     assert unknown == []
+    # and every setting is listed (model, data and out are the command's own flags; trl.* is TRL's)
+    unlisted = [k for k in fields if f"`{k}`" not in listed and k not in ("kind", "model", "data", "out", "trl", "lora")]
+    assert unlisted == [], f"the README's training keys lack {unlisted}"
 
 
 def test_training_defaults_are_the_typed_defaults():
