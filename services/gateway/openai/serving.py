@@ -102,9 +102,11 @@ def leading_system_merged(messages: list[p.ChatMessage]) -> tuple[list[p.ChatMes
     return [system, *messages[n:]], [0, *range(n, len(messages))]
 
 
-def _to_generate_request(req: p.ChatCompletionRequest, rid: str) -> gateway_pb2.GenerateRequest:
+def _to_generate_request(req: p.ChatCompletionRequest, messages: list[p.ChatMessage],
+                         rid: str) -> gateway_pb2.GenerateRequest:
+    """`req` with `messages`, its messages as the engine takes them (leading_system_merged)."""
     out = gateway_pb2.GenerateRequest(request_id=rid, recipe=req.model, metadata=req.metadata or {})
-    for m in leading_system_merged(req.messages)[0]:
+    for m in messages:
         role = "system" if m.role == "developer" else m.role
         out.messages.append(common_pb2.Message(role=role, content=m.text(), name=m.name or ""))
     s = out.aggregator_sampling
@@ -160,8 +162,8 @@ class ChatServing:
         bad = req.unsupported()
         if bad is not None:
             raise HttpError(bad[1], grpc.StatusCode.INVALID_ARGUMENT, bad[0])
-        greq = _to_generate_request(req, rid)
-        where = leading_system_merged(req.messages)[1]
+        messages, where = leading_system_merged(req.messages)
+        greq = _to_generate_request(req, messages, rid)
         if req.model in self.cfg.recipes:
             kind = "recipe"
             plan = _plan_or_400(lambda: make_plan(self.cfg, greq, rid, self.max_prompt_chars), where)
