@@ -16,17 +16,18 @@ from moaa.v1 import gateway_pb2
 
 from . import protocol as p
 from . import responses_protocol as rp
-from .serving import Call, ChatServing, HttpError, http_error, sse, validated
+from .serving import Call, ChatServing, HttpError, http_error, leading_system_merged, sse, validated
 
 
 def to_messages(req: rp.ResponsesRequest) -> tuple[list[p.ChatMessage], list[str]]:
     """The chat messages of a request, and where each came from ('instructions', 'input[2]') to name it
-    in errors. `instructions` and leading system/developer items make the one system message."""
+    in errors. `instructions` and leading system/developer items make the one system message, by the chat
+    path's own rule (leading_system_merged)."""
     items = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
-    system, where_system, messages, where = [], [], [], []
+    messages, where = [], []
     if req.instructions:
-        system.append(req.instructions)
-        where_system.append("instructions")
+        messages.append(p.ChatMessage(role="system", content=req.instructions))
+        where.append("instructions")
     for i, item in enumerate(items):
         kind = item.get("type", "message") if isinstance(item, dict) else None
         if kind != "message":
@@ -44,16 +45,10 @@ def to_messages(req: rp.ResponsesRequest) -> tuple[list[p.ChatMessage], list[str
             msg = validated(rp.InputMessage, item)
         except HttpError as err:
             raise HttpError(f"input[{i}].{err}", err.code, f"input[{i}].{err.param}") from None
-        if msg.role in ("system", "developer") and not messages:
-            system.append(msg.text())
-            where_system.append(f"input[{i}]")
-            continue
         messages.append(p.ChatMessage(role=msg.role, content=msg.text()))
         where.append("input" if isinstance(req.input, str) else f"input[{i}]")
-    if system:
-        messages.insert(0, p.ChatMessage(role="system", content="\n\n".join(system)))
-        where.insert(0, where_system[0])
-    return messages, where
+    merged, index = leading_system_merged(messages)
+    return merged, [where[k] for k in index]
 
 
 def _in_input_terms(err: HttpError, where: list[str]) -> HttpError:
