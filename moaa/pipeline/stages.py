@@ -64,7 +64,7 @@ class GenerationSettings(BaseModel):
     """The pipeline's own settings (`--set KEY=VALUE`, typed as JSON), checked when the run starts: a bad one
     exits 2 before stage 1 instead of failing as a TypeError after hours of SFT. Strict: "abc" or true is
     no count of tokens."""
-    model_config = ConfigDict(extra="ignore", strict=True)   # sft / dpo: the typed training configs
+    model_config = ConfigDict(extra="forbid", strict=True)   # a setting added without its type fails every run
     answer_tokens: int = Field(ge=1)
     n_samples: int = Field(ge=2)                 # a preference pair needs two samples
     eval_grades: bool
@@ -82,7 +82,8 @@ class GenerationSettings(BaseModel):
 def check_settings(settings: dict[str, Any]) -> None:
     """UserError naming the first bad `--set` value, its range or type."""
     try:
-        GenerationSettings.model_validate(settings)
+        # sft / dpo are checked as the typed training configs (runner.training_configs)
+        GenerationSettings.model_validate({k: v for k, v in settings.items() if k not in ("sft", "dpo")})
     except ValidationError as err:
         e = err.errors()[0]
         key = ".".join(str(x) for x in e["loc"])
