@@ -141,21 +141,23 @@ class ItemStream(Generic[Req, Res]):
                 else:
                     await self.admit(request, lambda: self._spawn(request))
             self._eof = True
-            while self._tasks:
-                await asyncio.wait(set(self._tasks))
+            await self._finish_taken()
             self._results.put_nowait(_END)
         except asyncio.CancelledError:
             if self._closing is None:
                 raise
-            while self._tasks:  # close(): what was taken is finished, not cut
-                await asyncio.wait(set(self._tasks))
+            await self._finish_taken()  # close(): what was taken is finished, not cut
             self._results.put_nowait(_END if self._eof else _ReadFailed(Unavailable(self._closing)))
         except Exception as err:  # noqa: BLE001 - reading failed (bytes that are no request): the call ends
             # with that error, after the items already taken are finished and written, as close() does: they
             # were valid, and their backend work is paid for
-            while self._tasks:
-                await asyncio.wait(set(self._tasks))
+            await self._finish_taken()
             self._results.put_nowait(_ReadFailed(err))
+
+    async def _finish_taken(self) -> None:
+        """Wait for every item taken so far (their results queue up to be written)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     async def _drained(self):
         """The requests after close(): the pending read's, then the rest (all dropped: resent by the client)."""
