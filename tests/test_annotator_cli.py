@@ -253,6 +253,11 @@ async def test_annotate_and_judge_eval_reach_a_mutual_tls_annotator(tmp_path, ju
     assert rc == 0 and "1 labelled rows" in stdout, err
     rc, _, err = await moaa("judge-eval", "--in", str(labelled), *mtls, "--token", "bad")
     assert rc == 2 and "UNAUTHENTICATED" in err and len(err.strip().splitlines()) == 1   # not retried
+    # a CA that did not sign the server's certificate is refused at once, with what to change (one line)
+    wrong_ca = tuple(gw_tls_files["named.crt"] if a == gw_tls_files["ca.crt"] else a for a in mtls)
+    rc, _, err = await moaa("annotate", "--in", str(inp), "--out", str(tmp_path / "p2.jsonl"), *wrong_ca)
+    assert rc == 2 and "CERTIFICATE_VERIFY_FAILED" in err and "--tls-ca must be" in err, err
+    assert "tries" not in err and len(err.strip().splitlines()) == 1
 
 
 async def test_judge_eval_failed_calls_are_an_error_and_a_foreign_out_is_kept(tmp_path, judge_emulator,

@@ -77,7 +77,7 @@ async def test_gateway_dials_a_headless_target_checking_the_certificate_by_serve
         gw_emulators, judge_emulator, annotator_factory, gateway_factory, gw_tls_files, tmp_path):
     """The chart's headless target (dns:///...-annotator-headless) is not a name the annotator's certificate holds:
     `annotator_tls.server_name` checks it against the Service's name. Without it the handshake fails; the client
-    commands' --tls-server-name does the same."""
+    commands' --tls-server-name does the same, and without it they exit 2 at once (a retry meets the same name)."""
     from tests.fixtures.cli import run_moaa as moaa
     from tests.test_annotator_cli import BAD, GOOD
 
@@ -104,8 +104,10 @@ async def test_gateway_dials_a_headless_target_checking_the_certificate_by_serve
     flags = ("judge-eval", "--in", str(labelled), "--annotator", annotator.server.address, "--tls-ca", t["ca.crt"])
     rc, stdout, err = await moaa(*flags, "--tls-server-name", "moaa-annotator")
     assert rc == 0 and "1 labelled rows" in stdout, err
-    rc, _, err = await moaa(*flags)
-    assert rc != 0 and "UNAVAILABLE" in err, err
+    rc, _, err = await moaa(*flags)   # the name is the caller's to fix: refused at once (exit 2), not retried
+    assert rc == 2 and "Hostname Verification" in err and "--tls-server-name" in err and "tries" not in err, err
+    rc, _, err = await moaa(*flags[:-2])   # TLS is off on the command, on at the annotator: retried (a restart reads so)
+    assert rc == 75 and "4 tries" in err, err
 
 
 async def test_annotator_tls_config_errors(tmp_path):

@@ -11,6 +11,10 @@ import signal
 import sys
 import threading
 
+# gRPC core logs a refused TLS handshake (and other connection events) to stderr at INFO, beside the one line
+# the CLI prints for the failure; errors only, unless the user asks for more (GRPC_VERBOSITY=info|debug).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from moaa import __version__
 from moaa.errors import (EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED,
                          MoaaError, missing_extra)

@@ -16,23 +16,37 @@ BAD_INPUT_NAMES = frozenset(c.name for c in BAD_INPUT)
 # restarting server's port to come back, short enough that a wrong address fails soon.
 RETRY_DELAYS_S = (0.5, 1.0, 2.0)
 
+# gRPC core's words for a TLS handshake that the client's own checks refused: a certificate from another CA
+# or for another name, or a server that does not speak TLS. It is UNAVAILABLE like a server that is down,
+# but a retry meets the same certificate: the caller must change a flag. (A server that refuses the client's
+# certificate only closes the socket, which reads like a restart and stays retried.)
+TLS_REFUSALS = ("Tls handshake failed", "Hostname Verification Check failed")
+TLS_HINT = ("the server's certificate was refused: --tls-ca must be the CA that signed it and the address (or "
+            "--tls-server-name) a name it holds; a server without TLS is dialled without --tls/--tls-ca")
+
 
 def is_bad_input(code: grpc.StatusCode | str) -> bool:
     """Also for a stream item's ErrorDetail, whose code is the status name."""
     return (code.name if isinstance(code, grpc.StatusCode) else code) in BAD_INPUT_NAMES
 
 
+def tls_refused(err: grpc.aio.AioRpcError) -> bool:
+    return err.code() == grpc.StatusCode.UNAVAILABLE and any(w in (err.details() or "") for w in TLS_REFUSALS)
+
+
 def retry_delay(err: grpc.aio.AioRpcError, tries: int) -> float | None:
     """The wait before the next try of a call that failed with `err` after `tries` retries, or None to give
     up: only UNAVAILABLE (a server down or restarting) is retried, RETRY_DELAYS_S bounding it."""
-    if err.code() == grpc.StatusCode.UNAVAILABLE and tries < len(RETRY_DELAYS_S):
+    if err.code() == grpc.StatusCode.UNAVAILABLE and tries < len(RETRY_DELAYS_S) and not tls_refused(err):
         return RETRY_DELAYS_S[tries]
     return None
 
 
 def call_error(err: grpc.aio.AioRpcError, what: str, hint: str = "", *, tries: int = 0) -> UserError | TransientError:
     """One line for a failed call: '<what>: CODE: details (hint)'; an UNAVAILABLE given up after `tries`
-    retries says how many tries over how long."""
+    retries says how many tries over how long; a refused TLS handshake is the caller's to fix (exit 2)."""
+    if tls_refused(err):
+        return UserError(f"{what}: {err.code().name}: {err.details()} ({TLS_HINT})")
     if err.code() == grpc.StatusCode.UNAVAILABLE and tries:
         note = f"{tries + 1} tries over {sum(RETRY_DELAYS_S[:tries]):g} s"
         hint = f"{note}, {hint}" if hint else note
