@@ -35,7 +35,7 @@ def _msgs(*pairs):
 
 GENERATE_INVALID = [
     ("empty conversation", dict(messages=[]), "messages is empty"),
-    ("last not user", dict(messages=_msgs(("user", "hi"), ("assistant", "hello"))), "must be the user's turn"),
+    ("no user turn", dict(messages=_msgs(("system", "s"), ("assistant", "hello"))), "has no user message"),
     ("unknown role", dict(messages=_msgs(("robot", "hi"))), "use one of system, user, assistant"),
     ("system not first", dict(messages=_msgs(("user", "a"), ("system", "b"), ("user", "c"))), "only the first"),
     ("empty user text", dict(messages=_msgs(("user", ""))), "needs text"),
@@ -46,7 +46,7 @@ GENERATE_INVALID = [
     ("max_tokens", dict(messages=user("hi"), aggregator_sampling=S(max_tokens=0)), "max_tokens=0"),
     ("presence", dict(messages=user("hi"), proposer_sampling=S(presence_penalty=5)), "presence_penalty"),
     ("frequency", dict(messages=user("hi"), proposer_sampling=S(frequency_penalty=-3)), "frequency_penalty"),
-    ("stop count", dict(messages=user("hi"), proposer_sampling=S(stop=list("abcde"))), "at most 4"),
+    ("stop count", dict(messages=user("hi"), proposer_sampling=S(stop=list("abcdefghijklmnopq"))), "at most 16"),
     ("stop empty", dict(messages=user("hi"), proposer_sampling=S(stop=[""])), "empty string"),
     ("min_proposers", dict(messages=user("hi"), min_proposers=3), "min_proposers=3 is out of range"),
     ("min_proposers 0", dict(messages=user("hi"), min_proposers=0), "min_proposers=0 is out of range"),

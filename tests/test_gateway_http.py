@@ -81,6 +81,33 @@ async def test_sampling_maps_onto_the_aggregator(gw):
         "temperature": 0.3, "top_p": 0.5, "max_tokens": 5, "stop": ["zz"], "seed": 11, "presence_penalty": 0.1,
         "frequency_penalty": 0.2}
     assert "temperature" not in gw.emu.bodies("a")[-1]  # proposers keep the recipe's sampling
+    # but draw from the call's seed, each its own (seed + index): the same seeded call gives the same answers
+    assert (gw.emu.bodies("a")[-1]["seed"], gw.emu.bodies("b")[-1]["seed"]) == (11, 12)
+    await client(gw).chat.completions.create(model="moa", messages=ask(), seed=2**63 - 1)   # int64 wraps
+    assert (gw.emu.bodies("a")[-1]["seed"], gw.emu.bodies("b")[-1]["seed"]) == (2**63 - 1, -2**63)
+
+
+async def test_what_eval_harnesses_send(gw):
+    """Bodies as lm-eval 0.4.13 (local-chat-completions) and inspect-ai 0.3.285 send them: a task's gen_prefix
+    as a last assistant message (OpenAI and vLLM take it; the backends' chat templates read it), and more stop
+    strings than OpenAI's 4 (inspect passes its stop_seqs as they are; vLLM takes any number)."""
+    url = f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions"
+    prefixed = [{"role": "user", "content": "Question: What is 2+2?"}, {"role": "assistant", "content": "Answer:"}]
+    lm_eval = {"messages": prefixed, "max_tokens": 32, "temperature": 0, "stop": ["\n\n"], "seed": 1234}
+    stops = ["given", "Q:", "###", "END", "</s>", "STOP"]
+    inspect = {"messages": ask(), "frequency_penalty": 0.1, "max_tokens": 20, "presence_penalty": 0.2, "seed": 7,
+               "stop": stops, "temperature": 0.4, "top_p": 0.9}
+    async with aiohttp.ClientSession() as s:
+        for model, sees_it in (("moa", ("a", "b", "agg")), ("b", ("b",))):
+            async with s.post(url, json={"model": model, **lm_eval}) as r:
+                assert r.status == 200 and (await r.json())["choices"][0]["message"]["content"], await r.text()
+            for m in sees_it:   # the prefix reaches every model last, as sent
+                assert gw.emu.bodies(m)[-1]["messages"][-1] == prefixed[-1], m
+            async with s.post(url, json={"model": model, **inspect}) as r:
+                assert r.status == 200, await r.text()
+            assert gw.emu.bodies(sees_it[-1])[-1]["stop"] == stops
+        async with s.post(url, json={**inspect, "model": "moa", "stop": [f"s{i}" for i in range(17)]}) as r:
+            assert r.status == 400 and (await r.json())["error"]["message"] == "stop has 17 strings: send at most 16"
 
 
 async def test_streaming_chunks_usage_and_done(gw_emulators, gateway_factory):
@@ -168,7 +195,8 @@ async def test_fields_at_their_unused_value_are_accepted(gw, kw):
     ({"extra_body": {"top_k": 5}}, "top_k"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages"),
-    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages"),   # no user turn at all
+    ({"stop": ["a", ""]}, "stop"),
     ({"extra_body": {"moaa": {"min_proposers": 5}}}, "moaa"),
     # past the wire types of GenerateRequest: a 400, not a 500 from protobuf
     ({"seed": 2**63}, "seed"),

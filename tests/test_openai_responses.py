@@ -84,6 +84,17 @@ async def test_message_list_with_instructions_and_sampling(gw):
     assert sent["temperature"] == 0.3 and sent["top_p"] == 0.9 and sent["max_tokens"] == 50
 
 
+async def test_what_inspect_ai_sends_on_its_openai_route(gw):
+    """inspect-ai 0.3.285's `openai/<model>` route asks a model it does not know for encrypted reasoning, with
+    store=false: there is no reasoning to include, so nothing is refused. Logprobs, which the answer would have,
+    stay a 400 (REFUSED). An input ending with the assistant's turn reaches the model as sent."""
+    resp = await client(gw).responses.create(
+        model="moa", include=["reasoning.encrypted_content"], store=False, max_output_tokens=16, temperature=0.3,
+        input=[{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi"}])
+    assert resp.output_text and resp.status in ("completed", "incomplete")
+    assert gw.emu.bodies("agg")[-1]["messages"][-1] == {"role": "assistant", "content": "Hi"}
+
+
 async def test_max_output_tokens_cut_is_incomplete(gw):
     resp = await client(gw).responses.create(model="moa", input="Tell me everything.", max_output_tokens=2)
     assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
@@ -179,7 +190,7 @@ REFUSED = [
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0]", "text"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role", "input[0].role"),
     ({"input": []}, "input", "user message"), ({"input": ""}, "input", "input.content is empty"),
-    ({"input": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "input", "input"),
+    ({"input": [{"role": "assistant", "content": "b"}]}, "input", "no user message"),
     ({"temperature": 3}, "temperature", "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
     ({"extra_body": {"frequency_penalty": 1}}, "frequency_penalty", "unsupported field"),

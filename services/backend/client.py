@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
-from moaa.services.backend.config import BackendConfig, SamplingConfig
+from moaa.services.backend.config import BackendConfig, SamplingConfig, nth_seed
 
 from .attempt import attempt_once
 from .errors import BackendError
@@ -112,7 +112,7 @@ class BackendClient:
         res = await self._chat_once(self._body(msgs, params, n), n, deadline)
         got = sum(1 for c in res.choices if c.finish_reason is not None or c.text)
         if got < n:  # a server that ignores n (supports_n misconfigured): ask for the rest one by one
-            extra = await self._chat_emulated_n(msgs, {**params, "seed": params["seed"] + got}
+            extra = await self._chat_emulated_n(msgs, {**params, "seed": nth_seed(params["seed"], got)}
                                                 if "seed" in params else params, n - got, deadline)
             if got == 1:
                 res.choices[0].usage = res.usage
@@ -191,7 +191,7 @@ class BackendClient:
 
         def params_for(i: int) -> dict:
             # Same seed n times would give n identical answers.
-            return {**params, "seed": params["seed"] + i} if "seed" in params else params
+            return {**params, "seed": nth_seed(params["seed"], i)} if "seed" in params else params
 
         tasks = [asyncio.create_task(self._chat_once(self._body(msgs, params_for(i)), 1, deadline))
                  for i in range(n)]

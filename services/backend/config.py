@@ -108,3 +108,10 @@ class SamplingConfig(Strict):
     stop: list[str] = Field(default_factory=list)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+
+
+def nth_seed(seed: int, i: int) -> int:
+    """The seed of the i-th of several requests made for one seeded request (n samples sent one by one, a
+    recipe's proposers): seed + i, wrapped into int64 (the APIs' type). The same seed gives the same
+    answers, and no two of the requests draw alike."""
+    return (seed + i + 2**63) % 2**64 - 2**63

@@ -9,12 +9,18 @@ from moaa.services.common.errors import InvalidArgument
 from moaa.services.config import SamplingConfig
 
 ROLES = ("system", "user", "assistant")
-MAX_STOP = 4
+# OpenAI takes 4 stop strings; vLLM and transformers serve take any number, and harnesses send more (inspect-ai
+# passes its stop_seqs as they are), so the bound is only a guard on work per generated token.
+MAX_STOP = 16
 MIN_PROMPT_TOKENS = 16  # room a reply must leave in the context window for the prompt
 
 
-def messages_to_dicts(messages, *, field: str = "messages", max_chars: int | None = None) -> list[dict]:
-    """Proto `Message`s -> OpenAI chat dicts, checked: not empty, known roles, last one the user's."""
+def messages_to_dicts(messages, *, field: str = "messages", max_chars: int | None = None,
+                      ends_with_user: bool = True) -> list[dict]:
+    """Proto `Message`s -> OpenAI chat dicts, checked: not empty, known roles, a system message first only,
+    and, with `ends_with_user`, the user's turn last. The gateway takes a trailing assistant message as
+    OpenAI and vLLM do (an answer's prefix, such as lm-eval's gen_prefix: each backend's chat template reads
+    it); a prompt to judge must end with the user's turn."""
     if not messages:
         raise InvalidArgument(f"{field} is empty: send at least one message with role 'user'")
     out: list[dict] = []
@@ -31,8 +37,10 @@ def messages_to_dicts(messages, *, field: str = "messages", max_chars: int | Non
         if m.name:
             d["name"] = m.name
         out.append(d)
-    if out[-1]["role"] != "user":
+    if ends_with_user and out[-1]["role"] != "user":
         raise InvalidArgument(f"the last message of {field} has role {out[-1]['role']!r}: it must be the user's turn")
+    if not any(m["role"] == "user" for m in out):
+        raise InvalidArgument(f"{field} has no user message: send the user's turn (role 'user')")
     if max_chars is not None and total > max_chars:
         raise InvalidArgument(f"{field} has {total} characters, over the limit of {max_chars}: "
                               "shorten the conversation or raise max_prompt_chars in the server config")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from moaa.services.backend.config import nth_seed
 from moaa.services.common.errors import InvalidArgument
 from moaa.services.common.validation import check_max_tokens, merge_sampling, messages_to_dicts, sampling_overrides
 from moaa.services.config import MoaaConfig, RecipeConfig, SamplingConfig
@@ -42,9 +43,15 @@ def resolve_recipe(cfg: MoaaConfig, name: str) -> tuple[str, RecipeConfig]:
         raise InvalidArgument(f"{err.args[0]}{hint}") from None
 
 
+def _own_seed(over: dict, i: int) -> dict:
+    """A request's proposer seed, made the i-th proposer's own: proposers that share a model and sampling still
+    answer differently, and the same seed gives the same answers."""
+    return {**over, "seed": nth_seed(over["seed"], i)} if "seed" in over else over
+
+
 def make_plan(cfg: MoaaConfig, req, request_id: str, max_prompt_chars: int) -> Plan:
     """Validate `req` (a gateway_pb2.GenerateRequest) against the config."""
-    conversation = messages_to_dicts(req.messages, max_chars=max_prompt_chars)
+    conversation = messages_to_dicts(req.messages, max_chars=max_prompt_chars, ends_with_user=False)
     recipe_name, recipe = resolve_recipe(cfg, req.recipe)
     prop_over = sampling_overrides(req.proposer_sampling if req.HasField("proposer_sampling") else None,
                                    field="proposer_sampling")
@@ -60,7 +67,8 @@ def make_plan(cfg: MoaaConfig, req, request_id: str, max_prompt_chars: int) -> P
     deadline = req.layer_deadline_s if req.HasField("layer_deadline_s") else recipe.layer_deadline_s
     if deadline is not None and (not math.isfinite(deadline) or deadline <= 0):
         raise InvalidArgument(f"layer_deadline_s={deadline} must be a positive number of seconds")
-    proposers = [Agent(a.model, a.system_prompt, merge_sampling(a.sampling, prop_over)) for a in recipe.proposers]
+    proposers = [Agent(a.model, a.system_prompt, merge_sampling(a.sampling, _own_seed(prop_over, i)))
+                 for i, a in enumerate(recipe.proposers)]
     agg = recipe.aggregator
     for agent in recipe.proposers:  # a later layer's proposers read the previous layer's answers
         check_max_tokens(prop_over.get("max_tokens"), model=agent.model, field="proposer_sampling",

@@ -21,7 +21,7 @@ def check_sample_request(cfg: MoaaConfig, req, max_prompt_chars: int) -> tuple[l
         raise InvalidArgument(f"unknown model {req.model!r}: use one of {', '.join(sorted(cfg.backends))}")
     if not 1 <= req.n <= MAX_N:
         raise InvalidArgument(f"n={req.n} is out of range: ask for 1..{MAX_N} samples")
-    messages = messages_to_dicts(req.messages, max_chars=max_prompt_chars)
+    messages = messages_to_dicts(req.messages, max_chars=max_prompt_chars, ends_with_user=False)
     over = sampling_overrides(req.sampling if req.HasField("sampling") else None, field="sampling")
     check_max_tokens(over.get("max_tokens"), model=req.model, field="sampling",
                      context_window=cfg.backends[req.model].context_window)

@@ -12,8 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from moaa.prompts import PART_SEPARATOR
-
-MAX_STOP = 4
+from moaa.services.common.validation import MAX_STOP
 # the wire types of GenerateRequest's fields (uint32, int64): past them protobuf raises, which is a 500
 UINT32_MAX = 2**32 - 1
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
@@ -171,8 +170,10 @@ class ChatCompletionRequest(_Strict):
                 and self.max_tokens != self.max_completion_tokens:
             return "max_completion_tokens", "max_tokens and max_completion_tokens differ: send one of them"
         stops = self.stop_list()
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            return "stop", f"stop takes at most {MAX_STOP} non-empty strings"
+        if len(stops) > MAX_STOP:
+            return "stop", f"stop has {len(stops)} strings: send at most {MAX_STOP}"
+        if any(not s for s in stops):
+            return "stop", "stop contains an empty string: remove it"
         return None
 
     def stop_list(self) -> list[str]:

@@ -19,6 +19,14 @@ from .protocol import MaxTokens, MoaaOptions, SafetyIdentifier, Temperature, Top
 PART_TYPES = ("input_text", "output_text")
 
 
+# `include` values that name output a moaa answer never has (reasoning items, tool calls, input images, all
+# refused or absent): including it adds nothing, so they are accepted, as inspect-ai and the Agents SDK send
+# reasoning.encrypted_content with store=false. The one left, message.output_text.logprobs, is a 400.
+NOTHING_TO_INCLUDE = frozenset({
+    "reasoning.encrypted_content", "web_search_call.results", "web_search_call.action.sources",
+    "file_search_call.results", "code_interpreter_call.outputs", "computer_call_output.output.image_url",
+    "message.input_image.image_url"})
+
 class TextFormat(BaseModel):
     type: str  # json_schema's name/schema/strict ride along; only "text" is served
 
@@ -115,9 +123,10 @@ class ResponsesRequest(_Strict):
         if self.text is not None and self.text.verbosity not in (None, "medium"):   # medium: OpenAI's default
             return "text.verbosity", (f"text.verbosity={self.text.verbosity!r} is not supported: remove it (ask for a "
                                       "shorter answer in the prompt, or set max_output_tokens)")
-        if self.include:
-            return "include", (f"include {self.include!r} is not supported: the answer is text only (no logprobs, "
-                               "reasoning or tool outputs to include); remove include")
+        asked = [x for x in self.include or () if x not in NOTHING_TO_INCLUDE]
+        if asked:
+            return "include", (f"include {asked!r} is not supported: the answer is text only (no logprobs to "
+                               "include); remove it")
         if self.top_logprobs:
             return "top_logprobs", "top_logprobs is not supported: remove it"
         if self.prompt is not None:

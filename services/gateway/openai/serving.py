@@ -118,6 +118,8 @@ def _to_generate_request(req: p.ChatCompletionRequest, messages: list[p.ChatMess
     if max_tokens is not None:
         s.max_tokens = max_tokens
     s.stop.extend(req.stop_list())
+    if req.seed is not None:   # a seeded call is reproducible: the proposers draw from it too (plan: seed + i)
+        out.proposer_sampling.seed = req.seed
     if req.moaa is not None:
         for name in ("min_proposers", "first_k", "layer_deadline_s"):
             value = getattr(req.moaa, name)
@@ -180,7 +182,7 @@ class ChatServing:
         return Call(req, plan, kind, deadline, int(time.time()))
 
     def _passthrough_plan(self, greq: gateway_pb2.GenerateRequest, rid: str) -> Plan:
-        conversation = messages_to_dicts(greq.messages, max_chars=self.max_prompt_chars)
+        conversation = messages_to_dicts(greq.messages, max_chars=self.max_prompt_chars, ends_with_user=False)
         over = sampling_overrides(greq.aggregator_sampling, field="aggregator_sampling")
         recipe = self._passthrough[greq.recipe]
         agent = Agent(greq.recipe, None, merge_sampling(SamplingConfig(), over))
