@@ -56,6 +56,21 @@ async def test_answers_are_deterministic_and_sized_by_max_tokens(http, emulator)
     assert other != text
 
 
+async def test_stop_ends_the_answer_before_the_first_stop_string(http, emulator):
+    """As vLLM applies `stop`, so a test of stop sequences through moaa sees them applied."""
+    free = expected_text(body(max_tokens=12, seed=3))
+    stop = free.split()[4]   # a word the answer holds: it ends just before its first occurrence
+    want = free[:free.index(stop)]
+    for payload in (body(max_tokens=12, seed=3, stop=[stop, "never-said"]), body(max_tokens=12, seed=3, stop=stop)):
+        async with await post(http, emulator, payload) as r:
+            choice = (await r.json())["choices"][0]
+        assert choice["message"]["content"] == want == expected_text(payload) and choice["finish_reason"] == "stop"
+        async with await post(http, emulator, {**payload, "stream": True}) as r:
+            events = [e for e in await read_events(r) if e != "[DONE]"]
+        assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]) == want
+        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "stop"
+
+
 async def test_streamed_answer_matches_and_reports_usage_with_n(http, emulator):
     payload = body(max_tokens=5, n=2, stream=True, stream_options={"include_usage": True})
     async with await post(http, emulator, payload) as r:

@@ -44,10 +44,27 @@ def echo_tokens(body: dict, limit: int | None) -> list[str]:
     return text_tokens("\n".join(f"{m.get('role')}: {m.get('content', '')}" for m in body.get("messages", [])), limit)
 
 
+def cut_at_stop(tokens: list[str], stop) -> tuple[list[str], bool]:
+    """vLLM's rule for `stop`: the answer ends just before the first stop string, which is not sent."""
+    stops = [stop] if isinstance(stop, str) else [x for x in stop or () if x]
+    text = "".join(tokens)
+    at = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+    if at < 0:
+        return tokens, False
+    out, n = [], 0
+    for t in tokens:
+        if n + len(t) >= at:
+            out += [t[:at - n]] if at > n else []
+            break
+        out.append(t)
+        n += len(t)
+    return out, True
+
+
 def expected_text(body: dict, index: int = 0, max_tokens: int | None = None, default_max_tokens: int = 16) -> str:
     """The text the emulator answers to `body` (for tests)."""
     count = max_tokens or body.get("max_tokens") or default_max_tokens
-    return "".join(generate_tokens(body, index, count))
+    return "".join(cut_at_stop(generate_tokens(body, index, count), body.get("stop"))[0])
 
 
 def count_prompt_tokens(body: dict) -> int:
@@ -220,9 +237,11 @@ class ChatServing:
         if s.judge or s.echo:
             tokens = (text_tokens(judge_reply(Policy(split_model(body["model"])[0]), body["messages"]), max_tokens)
                       if s.judge else echo_tokens(body, max_tokens))
-            return [tokens] * n, "length" if max_tokens and len(tokens) == max_tokens else "stop"
-        finish = "length" if max_tokens else "stop"
-        return [generate_tokens(body, i, count) for i in range(n)], finish
+            tokens, stopped = cut_at_stop(tokens, body.get("stop"))
+            return [tokens] * n, "length" if max_tokens and len(tokens) == max_tokens and not stopped else "stop"
+        cut = [cut_at_stop(generate_tokens(body, i, count), body.get("stop")) for i in range(n)]
+        finish = "length" if max_tokens and not all(stopped for _, stopped in cut) else "stop"   # one finish for all
+        return [tokens for tokens, _ in cut], finish
 
     @staticmethod
     def usage(body: dict, tokens: list[list[str]]) -> dict:
