@@ -17,15 +17,14 @@ from moaa.prompts import PART_SEPARATOR
 from .protocol import MaxTokens, MoaaOptions, SafetyIdentifier, Temperature, TopP, _Strict
 
 PART_TYPES = ("input_text", "output_text")
-
-
 # `include` values that name output a moaa answer never has (reasoning items, tool calls, input images, all
-# refused or absent): including it adds nothing, so they are accepted, as inspect-ai and the Agents SDK send
-# reasoning.encrypted_content with store=false. The one left, message.output_text.logprobs, is a 400.
+# refused or absent): including it adds nothing, so they are accepted (inspect-ai asks a model it does not know
+# for reasoning.encrypted_content, with store=false). The one left, message.output_text.logprobs, is a 400.
 NOTHING_TO_INCLUDE = frozenset({
     "reasoning.encrypted_content", "web_search_call.results", "web_search_call.action.sources",
     "file_search_call.results", "code_interpreter_call.outputs", "computer_call_output.output.image_url",
     "message.input_image.image_url"})
+
 
 class TextFormat(BaseModel):
     type: str  # json_schema's name/schema/strict ride along; only "text" is served
