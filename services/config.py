@@ -194,6 +194,11 @@ class GatewayConfig(ServerConfig):
                                          "(headers) for this long is closed, a request body slower than this gets 408, a "
                                          "streamed answer's client that takes nothing of it for this long is disconnected; "
                                          "above a reverse proxy's idle keep-alive (nginx: 60 s)")
+    http_stream_keepalive_s: float | None = Field(
+        15.0, gt=0, description="HTTP door: a streamed answer with nothing to send for this long (its proposers still "
+        "writing) gets its headers and an SSE comment line, and another each time as long again, so proxies (nginx, "
+        "load balancers: 60 s idle) and clients (Node's fetch: 300 s without headers) keep waiting; an error after "
+        "the headers is an event in the stream, before them its own status. null = headers with the first token")
 
 
 class MoaaConfig(Strict):

@@ -417,6 +417,56 @@ async def test_error_after_the_answer_started_is_an_event_in_the_stream(gw_emula
     assert "aggregator failed" in str(err.value.message) and len(got) >= 2
 
 
+def _text_delta(event: str) -> str:
+    """The answer's text in one SSE event of either stream (chat chunk or Responses event), else ''."""
+    data = next((line[len("data: "):] for line in event.split("\n") if line.startswith("data: {")), None)
+    if data is None:
+        return ""
+    got = json.loads(data)
+    if "choices" in got:
+        return "".join(c["delta"].get("content") or "" for c in got["choices"])
+    return got.get("delta", "") if got.get("type") == "response.output_text.delta" else ""
+
+
+async def test_a_slow_stream_gets_headers_and_keep_alive_comments(gw_emulators, gateway_factory):
+    """Proxies cut a connection silent for 60 s and Node's fetch gives up on headers after 300 s; a recipe's
+    proposers can take longer than both before the first token. A stream silent for
+    gateway.http_stream_keepalive_s gets its headers and an SSE comment, again each time as long; an error
+    after that is an event in the stream (before it, its own status: test_deadline_is_504)."""
+    emu = await gw_emulators({"slow": {"ttft_s": 1.5}, "agg": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["slow"], gateway={"http_stream_keepalive_s": 0.2}))
+    base = f"http://127.0.0.1:{gw.running.http_port}/v1"
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as s:
+        for path, body in (("chat/completions", {"messages": ask()}), ("responses", {"input": "Hi?"})):
+            t0 = loop.time()
+            async with s.post(f"{base}/{path}", json={"model": "moa", "stream": True, **body}) as r:
+                assert r.status == 200 and loop.time() - t0 < 1.3   # headers before the proposer's first token
+                text = (await r.read()).decode()
+            events = [e for e in text.split("\n\n") if e]
+            assert events.count(": keep-alive") >= 3, events[:8]
+            assert all(e == ": keep-alive" or e.startswith(("data: ", "event: ")) for e in events)
+            # all of them before the answer's first words, which come 1.5 s later
+            words = next(i for i, e in enumerate(events) if _text_delta(e))
+            assert ": keep-alive" not in events[words:]
+    # the SDKs skip comment lines: the stream parses as usual
+    stream = await client(gw).chat.completions.create(model="moa", messages=ask(), stream=True)
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    # the deadline passes after the headers went out: an error event, then the end
+    async with aiohttp.ClientSession() as s, s.post(f"{base}/chat/completions", json={
+            "model": "moa", "messages": ask(), "stream": True, "moaa": {"timeout_s": 0.5}}) as r:
+        assert r.status == 200
+        events = [e for e in (await r.read()).decode().split("\n\n") if e]
+    assert ": keep-alive" in events and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: "):])["error"]["type"] == "timeout"
+    # null: headers with the first token, so the deadline is still a 504
+    gw_off = await gateway_factory(moa_config(emu.url, ["slow"], gateway={"http_stream_keepalive_s": None}))
+    with pytest.raises(openai.APIStatusError) as err:
+        await client(gw_off).chat.completions.create(model="moa", messages=ask(), stream=True,
+                                                     extra_body={"moaa": {"timeout_s": 0.5}})
+    assert err.value.status_code == 504
+
+
 async def test_client_disconnect_cancels_backend_requests(gw_emulators, gateway_factory):
     emu = await gw_emulators({"a": FAST, "stall": {"stall_before_headers": True}, "agg": {"tokens_per_s": 20}})
     gw = await gateway_factory(moa_config(emu.url, ["a"]))

@@ -228,20 +228,24 @@ class OpenAIRouter:
         return await self._stream(request, call, started, api.stream(call))
 
     async def _stream(self, request: web.Request, call: Call, started: float, sse) -> web.StreamResponse:
-        """Headers go out with the first delta, so an error before it (too few proposers, deadline)
-        still answers with its own status; after it, an error is an event in the stream (`sse.failed`)."""
+        """Headers go out with the first delta, or once nothing was sent for http_stream_keepalive_s (then an
+        SSE comment each time as long again), so an error before them (too few proposers, deadline) still
+        answers with its own status; after them, an error is an event in the stream (`sse.failed`)."""
         resp = _Streamed(headers={**_SSE_HEADERS, REQUEST_ID: call.plan.request_id})
+        writing = asyncio.Lock()   # the keep-alive task writes too: one event's bytes at a time
 
         async def send(make, *args) -> None:  # called here, so the stream's start is numbered before them
-            if not resp.prepared:
-                await resp.prepare(request)
-                resp.watch(request.transport, self.cfg.http_client_timeout_s)
-                request[_STREAM] = resp
-                for chunk in sse.start():
+            async with writing:
+                if not resp.prepared:
+                    await resp.prepare(request)
+                    resp.watch(request.transport, self.cfg.http_client_timeout_s)
+                    request[_STREAM] = resp
+                    for chunk in sse.start():
+                        await resp.write(chunk)
+                for chunk in make(*args):
                     await resp.write(chunk)
-            for chunk in make(*args):
-                await resp.write(chunk)
 
+        keepalive = self._keepalive(resp, send)
         try:
             async with aclosing(self.serving.events(call, started, deltas=True)) as events:
                 async for ev in events:
@@ -250,14 +254,44 @@ class OpenAIRouter:
                     elif ev.HasField("final"):
                         await send(sse.final, ev.final)
         except RpcError as err:
+            await _stopped(keepalive)   # first: it may be sending the headers right now
             if not resp.prepared:
                 raise
             code, msg = status_of(err)
             resp.error = code
             await send(sse.failed, code, msg)
+        finally:
+            await _stopped(keepalive)
         await send(sse.end)
         await resp.write_eof()
         return resp
+
+    def _keepalive(self, resp: "_Streamed", send) -> asyncio.Task | None:
+        """A task that sends an SSE comment (which every SSE parser skips) whenever the stream has been
+        silent for http_stream_keepalive_s, the first one with the headers."""
+        every = self.cfg.http_stream_keepalive_s
+        if every is None:
+            return None
+
+        async def beat() -> None:
+            while True:
+                idle = asyncio.get_running_loop().time() - resp.last_write
+                if idle < every:
+                    await asyncio.sleep(every - idle)
+                    continue
+                try:
+                    await send(lambda: [b": keep-alive\n\n"])
+                except (ConnectionError, RuntimeError):   # the client is gone: the handler's write finds out too
+                    return
+
+        return asyncio.create_task(beat())
+
+
+async def _stopped(task: asyncio.Task | None) -> None:
+    """Cancel a task and wait until it has ended (its last write done or undone)."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 class _Streamed(web.StreamResponse):
@@ -269,10 +303,15 @@ class _Streamed(web.StreamResponse):
     _transport = None
     _timeout_s: float | None = None
 
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.last_write = asyncio.get_running_loop().time()   # made when the call starts: silent since then
+
     def watch(self, transport, timeout_s: float | None) -> None:
         self._transport, self._timeout_s = transport, timeout_s
 
     async def write(self, data) -> None:
+        self.last_write = asyncio.get_running_loop().time()
         if self._transport is None or self._timeout_s is None:
             return await super().write(data)
         # abort, not close: close() would wait for the unread buffer to be sent. The waiting write then
