@@ -69,10 +69,12 @@ async def test_message_list_with_instructions_and_sampling(gw):
               "content": [{"type": "output_text", "text": "MoA is many models.", "annotations": [], "logprobs": []}]}
     resp = await client(gw).responses.create(
         model="b", instructions="Be brief.", temperature=0.3, top_p=0.9, max_output_tokens=50,
-        metadata={"team": "eval"}, user="u-1", safety_identifier="hash", store=True,
+        metadata={"team": "eval"}, user="u-1", safety_identifier="hash", store=True, prompt_cache_retention="24h",
+        extra_body={"prompt_cache_options": {"mode": "implicit", "ttl": "30m"}},
         text={"format": {"type": "text"}, "verbosity": "medium"},
         input=[{"role": "developer", "content": "Answer in English."},
-               {"role": "user", "content": [{"type": "input_text", "text": "Question:"}, {"type": "input_text", "text": "What is MoA?"}]},
+               {"role": "user", "content": [{"type": "input_text", "text": "Question:"}, {"type": "input_text", "text": "What is MoA?",
+                                                                                        "prompt_cache_breakpoint": {"mode": "explicit"}}]},
                answer, {"role": "user", "content": "And DPO?"}])
     assert resp.output_text and resp.instructions == "Be brief." and resp.metadata == {"team": "eval"}
     assert resp.store is False and resp.max_output_tokens == 50  # nothing is stored, whatever was asked
@@ -185,6 +187,8 @@ REFUSED = [
     ({"include": ["message.output_text.logprobs"]}, "include", "remove"),
     ({"truncation": "auto"}, "truncation", "disabled"),
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": "42"}]}, "input[0]", "text"),
+    ({"input": [{"role": "user", "content": "Hi"}, {"type": "item_reference", "id": "msg_1"},  # @ai-sdk/openai's
+                {"role": "user", "content": "And?"}]}, "input[1]", "store: false"),        # default 2nd turn
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/i.png"}]}]},
      "input[0].content[0]", "text only"),
     ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0]", "text"),

@@ -199,6 +199,9 @@ async def test_client_timeout_cancels_backend_requests(gw_emulators, gateway_fac
 # accepted and ignored where OpenAI documents it as not changing the answer, or a 400 naming it.
 ACCEPTED = [
     {"user": "u-1"}, {"safety_identifier": "hash-of-user"}, {"prompt_cache_key": "k1"},  # identifiers and hints
+    {"prompt_cache_retention": "24h"}, {"prompt_cache_options": {"mode": "implicit", "ttl": "30m"}},
+    {"messages": [{"role": "user", "content": [  # an explicit cache breakpoint on a text part
+        {"type": "text", "text": "What is MoA?", "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "30m"}}]}]},
     {"metadata": {"team": "eval"}},
     {"service_tier": "auto"}, {"service_tier": "default"},  # the one tier there is
     {"parallel_tool_calls": True},  # without tools it asks nothing (vLLM's default is true)
@@ -220,13 +223,13 @@ REFUSED = [
     ({"web_search_options": {}}, "web_search_options"),
     ({"prediction": {"type": "other", "content": "x"}}, "prediction.type"),
     ({"safety_identifier": "x" * 129}, "safety_identifier"),  # OpenAI's limit
-    ({"prompt_cache_retention": "24h"}, "prompt_cache_retention"),  # not typed by us: an unknown field
+    ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),  # it would refuse answers: not ignored
 ]
 
 
 @pytest.mark.parametrize("kw", ACCEPTED)
 async def test_sdk_fields_accepted(gw, kw):
-    resp = await client(gw).chat.completions.create(model="moa", messages=ask(), max_tokens=2, **kw)
+    resp = await client(gw).chat.completions.create(**{"model": "moa", "messages": ask(), "max_tokens": 2, **kw})
     assert resp.choices[0].message.content
 
 

@@ -21,6 +21,9 @@ Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 MaxTokens = Annotated[int, Field(ge=1, le=UINT32_MAX)]
 SafetyIdentifier = Annotated[str, Field(max_length=128)]  # OpenAI's limit
+# prompt-caching hints (request options, a text part's breakpoint): OpenAI's cache, nothing the answer depends
+# on; taken as any object, since their keys grow with OpenAI's models
+CacheHint = dict[str, Any]
 
 
 class _Strict(BaseModel):
@@ -30,6 +33,7 @@ class _Strict(BaseModel):
 class ContentPart(_Strict):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: CacheHint | None = None
 
 
 class ChatMessage(_Strict):
@@ -97,6 +101,8 @@ class ChatCompletionRequest(_Strict):
     user: str | None = None
     safety_identifier: SafetyIdentifier | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_options: CacheHint | None = None
+    prompt_cache_retention: str | None = None
     prediction: Prediction | None = None
     metadata: dict[str, str] | None = None
     moaa: MoaaOptions | None = None

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 
 from moaa.prompts import PART_SEPARATOR
 
-from .protocol import MaxTokens, MoaaOptions, SafetyIdentifier, Temperature, TopP, _Strict
+from .protocol import CacheHint, MaxTokens, MoaaOptions, SafetyIdentifier, Temperature, TopP, _Strict
 
 PART_TYPES = ("input_text", "output_text")
 # `include` values that name output a moaa answer never has (reasoning items, tool calls, input images, all
@@ -44,6 +44,7 @@ class InputPart(_Strict):
 
     type: Literal["input_text", "output_text"]
     text: str
+    prompt_cache_breakpoint: CacheHint | None = None
     annotations: list[Any] | None = None
     logprobs: list[Any] | None = None
 
@@ -80,6 +81,8 @@ class ResponsesRequest(_Strict):
     user: str | None = None
     safety_identifier: SafetyIdentifier | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_options: CacheHint | None = None
+    prompt_cache_retention: str | None = None
     service_tier: str | None = None
     store: bool | None = None  # accepted either way: moaa stores no response (nothing to retrieve later)
     parallel_tool_calls: bool | None = None

@@ -30,6 +30,10 @@ def to_messages(req: rp.ResponsesRequest) -> tuple[list[p.ChatMessage], list[str
         where.append("instructions")
     for i, item in enumerate(items):
         kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "item_reference":   # what a client that believes in stored responses sends for an earlier answer
+            raise HttpError(f"input[{i}] is an item_reference to {item.get('id')!r}: moaa stores no responses, so "
+                            "send the item itself (the Vercel AI SDK does with providerOptions: {openai: {store: "
+                            "false}})", grpc.StatusCode.INVALID_ARGUMENT, f"input[{i}]")
         if kind != "message":
             raise HttpError(f"input[{i}] is {'a ' + repr(kind) if kind else 'not a message'} item: moaa takes message "
                             "items with text content only (roles user, assistant, system, developer); send tool "
