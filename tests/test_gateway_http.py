@@ -150,12 +150,16 @@ async def test_passthrough_backend_and_model_list(gw):
     models = await client(gw).models.list()
     kinds = {m.id: m.model_extra["moaa"]["kind"] for m in models.data}
     assert kinds == {"moa": "recipe", "a": "backend", "b": "backend", "agg": "backend"}
+    assert all(m.created > 1.7e9 for m in models.data)   # when the gateway started, not 1970
     for m in models.data:  # GET /v1/models/{id}, as `client.models.retrieve` calls it
         assert (await client(gw).models.retrieve(m.id)) == m
     with pytest.raises(openai.NotFoundError) as err:
         await client(gw).models.retrieve("nope")
     assert err.value.body["code"] == "model_not_found" and "'nope'" in err.value.body["message"]
-    resp = await client(gw).chat.completions.create(model="b", messages=ask("plain question"), max_tokens=3)
+    raw = await client(gw).chat.completions.with_raw_response.create(model="b", messages=ask("plain question"),
+                                                                     max_tokens=3)
+    resp = raw.parse()   # the message as OpenAI writes it: openai-node types `refusal` as required
+    assert {"refusal": None, "annotations": []}.items() <= json.loads(raw.text)["choices"][0]["message"].items()
     assert resp.choices[0].message.content and resp.model_extra["moaa"]["kind"] == "backend"
     assert resp.model_extra["moaa"]["layers"] == [] and resp.usage.total_tokens > 0
     body = gw.emu.bodies("b")[-1]

@@ -223,7 +223,9 @@ REFUSED = [
     ({"web_search_options": {}}, "web_search_options"),
     ({"prediction": {"type": "other", "content": "x"}}, "prediction.type"),
     ({"safety_identifier": "x" * 129}, "safety_identifier"),  # OpenAI's limit
-    ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),  # it would refuse answers: not ignored
+    ({"moderation": {"model": "omni-moderation-latest"}}, "moderation"),
+    ({"messages": [{"role": "user", "content": "Sum?"}, {"role": "tool", "tool_call_id": "c1", "content": "42"}]},
+     "messages[1].role"),  # a tool result: said as such, not as an unknown tool_call_id  # it would refuse answers: not ignored
 ]
 
 
@@ -236,6 +238,6 @@ async def test_sdk_fields_accepted(gw, kw):
 @pytest.mark.parametrize("kw, param", REFUSED)
 async def test_sdk_fields_refused_naming_the_field(gw, kw, param):
     with pytest.raises(openai.BadRequestError) as err:
-        await client(gw).chat.completions.create(model="moa", messages=ask(), **kw)
+        await client(gw).chat.completions.create(**{"model": "moa", "messages": ask(), **kw})
     body = err.value.body
     assert body["param"] == param and param.split(".")[0] in body["message"], body

@@ -47,6 +47,7 @@ class ChatMessage(_Strict):
     function_call: Any = None
     audio: Any = None
     annotations: list[Any] | None = None
+    tool_call_id: str | None = None   # a tool result's: refused with its role (ChatCompletionRequest.unsupported)
 
     def unsupported(self) -> str | None:
         """The first of the answer-only fields that is set."""
@@ -128,6 +129,9 @@ class ChatCompletionRequest(_Strict):
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first field set to something we do not implement."""
         for i, m in enumerate(self.messages):
+            if m.role in ("tool", "function"):
+                return f"messages[{i}].role", (f"messages[{i}] is a {m.role} result: no tools are called here; send "
+                                               "what it says as text in a user message")
             field = m.unsupported()
             if field is not None:
                 return f"messages[{i}].{field}", (f"messages[{i}].{field} is not supported: the gateway passes on "
@@ -231,6 +235,9 @@ def openai_finish_reason(backend_reason: str) -> str:
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    # as OpenAI writes them: typed clients read `refusal` as required (openai-node's ChatCompletionMessage)
+    refusal: None = None
+    annotations: list[Any] = Field(default_factory=list)
 
 
 class Choice(BaseModel):
@@ -292,7 +299,7 @@ class ChatCompletionChunk(_Sparse):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
-    created: int = 0
+    created: int  # a real time, as vLLM's: model pickers sort on it
     owned_by: str
     moaa: dict[str, Any]
 

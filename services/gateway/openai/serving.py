@@ -135,15 +135,16 @@ class ChatServing:
         self.cfg = cfg
         self.engine = engine
         self.max_prompt_chars = cfg.gateway.max_prompt_chars
+        self.loaded = int(time.time())   # the models' `created`: when this gateway read its config
         # a plain backend answers as a recipe with no proposer layers
         self._passthrough = {name: RecipeConfig(proposers=[AgentConfig(model=name)], aggregator=AgentConfig(model=name))
                              for name in cfg.backends if name not in cfg.recipes}
 
     def models(self) -> p.ModelList:
-        cards = [p.ModelCard(id=n, owned_by="moaa", moaa={
+        cards = [p.ModelCard(id=n, created=self.loaded, owned_by="moaa", moaa={
             "kind": "recipe", "proposers": [a.model for a in r.proposers], "aggregator": r.aggregator.model,
             "layers": r.layers}) for n, r in self.cfg.recipes.items()]
-        cards += [p.ModelCard(id=n, owned_by="moaa-backend", moaa={"kind": "backend", "passthrough": True})
+        cards += [p.ModelCard(id=n, created=self.loaded, owned_by="moaa-backend", moaa={"kind": "backend", "passthrough": True})
                   for n in self._passthrough]
         return p.ModelList(data=cards)
 
