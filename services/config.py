@@ -7,6 +7,7 @@ settings.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,7 @@ class ConfigError(UserError, ValueError):
     """A config file that cannot be used; the message says what to change (the CLI exits 2 with it)."""
 
 
+_ORIGIN = re.compile(r"\*|null|[a-z][a-z0-9+.-]*://[^/?#\s]+")  # 'null': pages from file:// (Electron)
 _GRPC_SCHEMES = {"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p"}
 
 
@@ -199,6 +201,19 @@ class GatewayConfig(ServerConfig):
         "writing) gets its headers and an SSE comment line, and another each time as long again, so proxies (nginx, "
         "load balancers: 60 s idle) and clients (Node's fetch: 300 s without headers) keep waiting; an error after "
         "the headers is an event in the stream, before them its own status. null = headers with the first token")
+    http_cors_origins: list[str] = Field(
+        default_factory=list, description="HTTP door: origins (scheme://host[:port]) of web pages that may call it "
+        "from a browser (CORS), e.g. http://localhost:3000, or '*' for any page; [] = none. Clients outside a "
+        "browser (SDKs, curl, servers) need no entry")
+
+    @field_validator("http_cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:  # a browser's Origin header is matched exactly: a path or a slash never matches
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin: write scheme://host[:port] with nothing after it "
+                                 "(e.g. http://localhost:3000, no slash at the end), or '*' for any")
+        return origins
 
 
 class MoaaConfig(Strict):

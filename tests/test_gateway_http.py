@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client import REGISTRY
 
-from moaa.services.config import parse_config
+from moaa.services.config import ConfigError, parse_config
 from tests.fixtures.gateway import backend, moa_config, request
 
 FAST = {"ttft_s": 0.0}
@@ -329,6 +329,53 @@ async def test_auth_none_wrong_right(gw_emulators, gateway_factory, monkeypatch)
         await client(gw, api_key="wrong").models.list()
     resp = await client(gw, api_key=TOKEN).chat.completions.create(model="moa", messages=ask())
     assert resp.choices[0].message.content
+
+
+async def test_cors_answers_only_the_origins_named(gw_emulators, gateway_factory, monkeypatch):
+    """gateway.http_cors_origins: a named origin's preflight (no token, as browsers send it) gets the method and
+    headers it asks for; its calls, streamed or refused, carry Allow-Origin and expose x-request-id, so the page
+    can read the answer and the error; another origin, or a gateway with no origins named, gets no CORS."""
+    monkeypatch.setenv("MOAA_TEST_HTTP_TOKENS", TOKEN)
+    emu = await gw_emulators({"a": FAST, "agg": FAST})
+    page, auth = "http://localhost:3000", {"Authorization": f"Bearer {TOKEN}"}
+    gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={
+        "auth": {"tokens_env": "MOAA_TEST_HTTP_TOKENS"}, "http_cors_origins": [page]}))
+    off = await gateway_factory(moa_config(emu.url, ["a"]))
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+    chat = f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions"
+    async with aiohttp.ClientSession() as s:
+        async with s.options(chat, headers=preflight) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == page
+            assert r.headers["Access-Control-Allow-Methods"] == "POST" and r.headers["Access-Control-Max-Age"] == "600"
+            assert {h.strip() for h in r.headers["Access-Control-Allow-Headers"].lower().split(",")} == {
+                "authorization", "content-type", "x-stainless-os"}
+        for stream in (False, True):
+            async with s.post(chat, json={"model": "moa", "messages": ask(), "stream": stream},
+                              headers={"Origin": page, **auth}) as r:
+                assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == page, stream
+                assert "x-request-id" in r.headers["Access-Control-Expose-Headers"].split(",")
+                assert (await r.text()).strip().endswith("[DONE]" if stream else "}")
+        for method, path, status in (("POST", "/v1/chat/completions", 401), ("GET", "/v1/responses/resp_1", 404),
+                                     ("GET", "/v1/models", 200)):
+            async with s.request(method, chat.replace("/v1/chat/completions", path),
+                                 headers={"Origin": page, **(auth if status != 401 else {})}) as r:
+                assert r.status == status and r.headers["Access-Control-Allow-Origin"] == page, path
+        async with s.options(chat, headers={**preflight, "Origin": "http://elsewhere.example"}) as r:
+            assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
+        async with s.post(chat, json={"model": "moa", "messages": ask()},
+                          headers={"Origin": "http://elsewhere.example", **auth}) as r:
+            assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers  # the browser hides it
+        async with s.options(f"http://127.0.0.1:{off.running.http_port}/v1/chat/completions", headers=preflight) as r:
+            assert r.status == 405 and "Access-Control-Allow-Origin" not in r.headers
+
+
+@pytest.mark.parametrize("origin", ["http://localhost:3000/", "localhost:3000", "https://app.example/chat", ""])
+async def test_a_cors_origin_with_a_path_or_no_scheme_is_a_config_error(origin):
+    with pytest.raises(ConfigError, match="not an origin.*no slash at the end"):
+        parse_config({"backends": {"m": {"urls": ["http://x/v1"]}}, "gateway": {"http_cors_origins": [origin]}})
+    assert parse_config({"backends": {"m": {"urls": ["http://x/v1"]}}, "gateway": {
+        "http_cors_origins": ["*", "https://app.example:8443", "null", "tauri://localhost"]}})
 
 
 async def test_over_max_in_flight_is_429_with_retry_after(gw_emulators, gateway_factory):

@@ -8,7 +8,8 @@ one log line per call, SSE. The logic lives in serving.py.
     GET  /v1/models/{model}      one of them (404 unknown model)
     POST /v1/chat/completions    streamed (SSE) or not
     POST /v1/responses           the Responses API, stateless (responses_serving.py), streamed or not
-    *    /v1/responses/{id}...   404: moaa stores no responses
+    GET|POST|DELETE /v1/responses/{id}...  404: moaa stores no responses
+    OPTIONS (every route)        CORS preflights, when gateway.http_cors_origins names origins (cors.py)
 
 Both APIs run through one call path (_call): body, in-flight slot, serving, answer or SSE, errors,
 metrics. Calls share the gRPC server's limiter, metrics (transport="http") and bearer tokens. A client that
@@ -39,6 +40,7 @@ from moaa.services.config import GatewayConfig
 
 from . import protocol as p
 from . import responses_protocol as rp
+from .cors import allow_origins
 from .responses_serving import ResponsesServing
 from .serving import RETRY_AFTER_S, Call, ChatServing, HttpError, http_error, validated
 
@@ -99,7 +101,10 @@ class OpenAIRouter:
         app.router.add_get("/v1/models/{model:.+}", self._model)  # backend names may hold '/' (org/name)
         for path in self.apis:
             app.router.add_post(path, self._call)
-        app.router.add_route("*", "/v1/responses/{tail:.*}", self._stored)
+        stored = app.router.add_resource("/v1/responses/{tail:.*}")
+        for method in ("GET", "POST", "DELETE"):  # retrieve, cancel, delete (not '*': CORS answers OPTIONS)
+            stored.add_route(method, self._stored)
+        allow_origins(app, self.cfg.http_cors_origins)
         return app
 
     # -- everything around a request ----------------------------------------------------------------
@@ -109,7 +114,8 @@ class OpenAIRouter:
         rid = request[_RID] = client_request_id(request.headers.get(REQUEST_ID, ""))
         token = request_id_var.set(rid)
         try:
-            problem = None if request.path.startswith(_EXEMPT) else self._auth(request)
+            exempt = request.path.startswith(_EXEMPT) or request.method == "OPTIONS"  # probes, CORS preflights
+            problem = None if exempt else self._auth(request)
             if problem:
                 resp = _error(grpc.StatusCode.UNAUTHENTICATED, problem)
                 api = self.apis.get(request.path) if request.method == "POST" else None
@@ -119,7 +125,7 @@ class OpenAIRouter:
                 resp = await handler(request)
         except web.HTTPException as exc:  # unknown route, wrong method, body too large: OpenAI's error shape
             body = p.ErrorResponse(error=p.ErrorInfo(message=f"{request.method} {request.path}: {exc.reason}"
-                                                     + (f" ({exc.text})" if exc.status in (408, 413) else ""),
+                                                     + (f" ({exc.text})" if exc.status in (403, 408, 413) else ""),
                                                      type="invalid_request_error"))
             resp = _json(body, exc.status, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
         finally:
