@@ -361,6 +361,7 @@ async def test_cors_answers_only_the_origins_named(gw_emulators, gateway_factory
             async with s.request(method, chat.replace("/v1/chat/completions", path),
                                  headers={"Origin": page, **(auth if status != 401 else {})}) as r:
                 assert r.status == status and r.headers["Access-Control-Allow-Origin"] == page, path
+                assert r.headers["Vary"] == "Origin"  # the answer differs by origin: caches between must know
         async with s.options(chat, headers={**preflight, "Origin": "http://elsewhere.example"}) as r:
             assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
         async with s.post(chat, json={"model": "moa", "messages": ask()},
