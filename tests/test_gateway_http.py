@@ -581,8 +581,11 @@ async def test_unknown_route_and_too_large_body(gw_emulators, gateway_factory):
     gw = await gateway_factory(moa_config(emu.url, ["a"], gateway={"max_request_bytes": 2048}))
     base = f"http://127.0.0.1:{gw.running.http_port}"
     async with aiohttp.ClientSession() as s:
-        async with s.get(base + "/v1/completions") as r:
+        async with s.get(base + "/v1/embeddings") as r:
             assert r.status == 404 and (await r.json())["error"]["type"] == "invalid_request_error"
+        async with s.post(base + "/v1/completions", json={"model": "moa", "prompt": "Hi"}) as r:  # the legacy API
+            err = (await r.json())["error"]
+            assert r.status == 404 and "chat models only" in err["message"] and "is_chat_model" in err["message"]
         for method in ("GET", "PUT", "OPTIONS", "HEAD"):  # 405 in JSON, with the Allow header HTTP requires
             async with s.request(method, base + "/v1/chat/completions") as r:
                 assert r.status == 405 and r.headers["Allow"] == "POST", method

@@ -51,6 +51,9 @@ _EXEMPT = ("/health",)
 # what the middleware and the handlers keep on a request: its id, and the SSE response once headers are out
 _RID = web.RequestKey("rid", str)
 _STREAM = web.RequestKey("stream", web.StreamResponse)
+# OpenAI routes a tool may call by default that moaa does not serve: what to use instead
+_NOT_SERVED = {"/v1/completions": "moaa serves chat models only: send the prompt as a user message to POST "
+                                  "/v1/chat/completions (LlamaIndex's OpenAILike: is_chat_model=True)"}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -125,7 +128,9 @@ class OpenAIRouter:
                 resp = await handler(request)
         except web.HTTPException as exc:  # unknown route, wrong method, body too large: OpenAI's error shape
             body = p.ErrorResponse(error=p.ErrorInfo(message=f"{request.method} {request.path}: {exc.reason}"
-                                                     + (f" ({exc.text})" if exc.status in (403, 408, 413) else ""),
+                                                     + (f" ({exc.text})" if exc.status in (403, 408, 413) else "")
+                                                     + (f": {_NOT_SERVED[request.path]}" if exc.status == 404
+                                                        and request.path in _NOT_SERVED else ""),
                                                      type="invalid_request_error"))
             resp = _json(body, exc.status, {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
         finally:
