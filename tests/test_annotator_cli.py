@@ -71,6 +71,13 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
     assert "2 pairs written" in err and "4 already done" in err, err
     # the rejected row is not resent, and every run names it again: the user has to fix it
     assert "1 prompts rejected: INVALID_ARGUMENT" in err and "pairs.jsonl.rejected.jsonl" in err
+    # a repeated id is refused on a resume as on a first run, whatever became of its first row (written,
+    # skipped, rejected): never counted "already done" and dropped
+    for again in ("r1", "same", "dup"):
+        _samples(inp, ["r1", "r2", "same", "one", "dup", "r3", "r4", again])
+        rc, _, err = await moaa("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out", str(out),
+                                "--no-progress")
+        assert rc == 2 and f"samples.jsonl:8: row id {again!r} appears twice" in err, err
 
 
 async def test_annotate_and_judge_eval_read_standard_input(tmp_path, judge_emulator, annotator_factory):

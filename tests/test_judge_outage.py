@@ -211,6 +211,35 @@ async def test_moaa_annotate_reports_outage_rows_as_errors_not_skips(judge_emula
         assert report["errors"] == 1 and report["skipped"] == 0 and report["skip_reasons"] == {}
 
 
+async def test_moaa_annotate_marks_rows_decided_without_a_failed_judge(judge_emulator, tmp_path):
+    """min_judges 1 of 2 and j2's backend down: the rows are decided by j1 alone, and each says so (its
+    annotation's failures and note), as do the last line and the report; none looks like a one-judge row."""
+    flaky = await FlakyJudge().up()
+    cfg = _config(judge_emulator.url, flaky)
+    cfg["ensembles"]["e"]["min_judges"] = 1
+    server = await _annotator(cfg)
+    try:
+        await flaky.down()
+        inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+        inp.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"Q {i}?", "candidates": [
+            {"text": "short"}, {"text": "a much longer answer"}]}) + "\n" for i in range(3)))
+        rc, _, err = await _moaa("annotate", "--annotator", server.address, "--in", str(inp), "--out", str(out),
+                                 "--no-progress")
+        assert rc == 0 and "3 decided without a judge whose backend failed: m-j2" in err, err
+        rows = list(iter_jsonl(out))
+        assert len(rows) == 3
+        for row in rows:
+            ann = row["annotation"]
+            assert [j["judge"] for j in ann["judges"]] == ["j1"] and ann["note"].startswith("decided by 1 of 2 judges")
+            assert ann["failures"] and {f["model"] for f in ann["failures"]} == {"m-j2"}, ann["failures"]
+            assert all(f["cause"] in ("connect", "circuit_open") and f["message"] for f in ann["failures"])
+        report = json.loads((tmp_path / "pairs.jsonl.report.json").read_text())
+        assert report["fewer_judges"] == 3 and report["judge_failures"] == {"m-j2": 3}
+    finally:
+        await server.stop(0)
+        await flaky.close()
+
+
 async def test_moaa_eval_loses_no_judgment_to_a_judge_outage(judge_emulator, tmp_path):
     async with _ensemble(judge_emulator.url) as (flaky, server):
         a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"

@@ -41,7 +41,9 @@ class RunReport:
 
     def __init__(self):
         self.judges: dict[str, dict[str, list[float]]] = {}   # judge -> key -> [sum, count]; abstentions: a sum
-        self.counts = {"pairs": 0, "skipped": 0, "rejected": 0, "errors": 0, "already_done": 0}
+        self.counts = {"pairs": 0, "skipped": 0, "rejected": 0, "errors": 0, "already_done": 0,
+                       "fewer_judges": 0}   # rows decided without a judge whose backend failed (min_judges)
+        self.judge_failures: dict[str, int] = {}   # judge model -> rows decided without it
         self.skip_reasons: dict[str, int] = {}
         self.rejected_reason = ""   # the first rejection's message
 
@@ -51,6 +53,10 @@ class RunReport:
         self.skip_reasons[key] = self.skip_reasons.get(key, 0) + 1
 
     def add(self, resp) -> None:
+        failed = {f.model for f in resp.failures}
+        self.counts["fewer_judges"] += bool(failed)
+        for model in failed:
+            self.judge_failures[model] = self.judge_failures.get(model, 0) + 1
         for j in resp.judges:
             d = self.judges.setdefault(j.judge, {**{k: [0.0, 0] for k in self.KEYS}, "abstentions": 0})
             for key in self.KEYS:
@@ -66,7 +72,7 @@ class RunReport:
             judges[name] = {k: (round(d[k][0] / d[k][1], 4) if d[k][1] else None) for k in self.KEYS}
             judges[name]["abstentions"] = d["abstentions"]
         return {**self.counts, "skip_reasons": self.skip_reasons, "rejected_reason": self.rejected_reason,
-                "judges": judges}
+                "judges": judges, "judge_failures": self.judge_failures}
 
     def reject(self, reason: str) -> None:
         self.counts["rejected"] += 1
@@ -116,16 +122,19 @@ async def _annotate(ep: Endpoint, in_path: str, stream, out_path: str, *, ensemb
             req, reason = annotate_request(row, ensemble=ensemble, mode=mode, where=f"{src}:{n}")
             yield n, str(row["id"]), req, reason
 
-    # the checking pass: duplicates refused and unsendable rows skipped before any call; only ids are kept
-    todo = IdSet()
+    # the checking pass: duplicates refused and unsendable rows skipped before any call; only ids are kept.
+    # A duplicate is refused whatever became of its first row (done, skipped, rejected): a resume checks as a
+    # first run does
+    todo, seen = IdSet(), IdSet()
     for n, rid, req, reason in rows():
+        if rid in seen:
+            raise UserError(f"{src}:{n}: row id {rid!r} appears twice")
+        seen.add(rid)
         if rid in rejected:
             continue
         if rid in done:
             report.counts["already_done"] += 1
             continue
-        if rid in todo:
-            raise UserError(f"{src}:{n}: row id {rid!r} appears twice")
         if req is None:
             skipper.append({"id": rid, "reason": reason})
             report.skip(reason)
@@ -197,7 +206,10 @@ async def _annotate(ep: Endpoint, in_path: str, stream, out_path: str, *, ensemb
 
 def counts_line(summary: dict, out: Path) -> str:
     """What a run did, in one line: printed when it ends, and inside its error when rows failed."""
+    fewer = summary.get("fewer_judges", 0)
     return (f"{summary['pairs']} pairs written, {summary['skipped']} skipped, {summary['already_done']} already done"
+            + (f" ({fewer} decided without a judge whose backend failed: "
+               f"{', '.join(sorted(summary['judge_failures']))}; see annotation.failures)" if fewer else "")
             + rejected_note({**summary, "rejected_file": out.with_name(out.name + ".rejected.jsonl")}))
 
 

@@ -11,7 +11,9 @@ Output, TRL's conversational preference format plus one provenance block:
                     judges: [{judge, model, scores: {id: score or null}, abstentions, position_bias,
                               length_correlation, agreement, order_flip_rate, template, template_hash,
                               permutation_seed}],
-                    ensemble, mode, combine, seed},
+                    ensemble, mode, combine, seed,
+                    failures: [{model, cause, message}] (judges' backends that failed; the row was decided
+                              without them, as min_judges allows), note (why, or how the combine rule fell back)},
      "usage": {model: {prompt_tokens, completion_tokens, requests}}}   (what judging this row cost)
 A pair the judges could not separate becomes a skip record {"id", "reason", "annotation", "usage"}.
 `moaa annotate` and the pipeline's pairs stage both write these; `read_pairs` reads them back.
@@ -100,6 +102,9 @@ def provenance(req: annotator_pb2.AnnotateRequest, resp: annotator_pb2.AnnotateR
                     "template_hash": j.template_hash, "permutation_seed": j.permutation_seed}
                    for j in resp.judges],
         "ensemble": resp.ensemble, "mode": resp.mode, "combine": resp.combine, "seed": resp.seed,
+        # a judge whose backend failed, with min_judges below the ensemble's size: the row was decided without it
+        "failures": [{"model": f.model, "cause": f.cause, "message": f.message} for f in resp.failures],
+        "note": resp.note,
     }
     if not resp.skipped:
         out = {"chosen_id": resp.chosen_id, "rejected_id": resp.rejected_id,
