@@ -122,6 +122,18 @@ async def test_annotate_bad_input_and_unreachable(tmp_path):
                             "--no-progress")
     assert rc == 2 and "is not a moaa JSONL file" in err and "Traceback" not in err
     assert foreign.read_text() == "my notes\nmore notes"
+    # --out mistyped as the input, or as another file of rows with ids: an error, not "1 already done"
+    samples = inp.read_text()
+    rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(inp))
+    assert rc == 2 and "is the input file" in err and inp.read_text() == samples, err
+    (tmp_path / "copy.jsonl").write_text(samples)
+    rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out",
+                            str(tmp_path / "copy.jsonl"))
+    assert rc == 2 and "row 'x' is not a moaa preference row (missing chosen, rejected" in err, err
+    # an id that is null or an object is a broken row, not the id "None"
+    inp.write_text('{"id": null, "prompt": "hi", "candidates": [{"text": "a"}, {"text": "b"}]}\n')
+    rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(tmp_path / "o2"))
+    assert rc == 2 and "s.jsonl:1: row id None is not a string or an integer" in err, err
 
 
 async def test_judge_eval_reports_ensemble_and_each_judge(tmp_path, judge_emulator, annotator_factory):

@@ -29,7 +29,7 @@ from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
 from .endpoint import Endpoint
 from .errors import call_error
-from .pairs import annotate_request, pair_row, skip_info
+from .pairs import PAIR_KEYS, SKIP_KEYS, annotate_request, not_a_pair, pair_row, skip_info
 from .window import windowed
 
 
@@ -107,7 +107,9 @@ async def _annotate(ep: Endpoint, in_path: str, stream, out_path: str, *, ensemb
     rejecter = JsonlAppender(out.with_name(out.name + ".rejected.jsonl"))
     errors_path = out.with_name(out.name + ".errors.jsonl")
     report = RunReport()
-    done = IdSet(r["id"] for r in itertools.chain(writer.open_iter(), skipper.open_iter()))
+    if in_path != STDIN and src.resolve() == out.resolve():
+        raise UserError(f"--out {out} is the input file: give the preference rows a file of their own")
+    done = IdSet(itertools.chain(_done_ids(writer, PAIR_KEYS), _done_ids(skipper, SKIP_KEYS)))
     rejected = IdSet()
     for r in rejecter.open_iter():   # every run reports them: the user must fix those rows
         rejected.add(r["id"])
@@ -202,6 +204,17 @@ async def _annotate(ep: Endpoint, in_path: str, stream, out_path: str, *, ensemb
     if c["rejected"] and not (c["pairs"] or c["skipped"] or c["already_done"]):
         raise UserError(f"every row was rejected: {counts_line(summary, out)} ({RESEND_HINT})")
     return summary
+
+
+def _done_ids(appender: JsonlAppender, keys: tuple[str, ...]):
+    """Ids of the rows a run before wrote; a row of another kind (a samples file given as --out) is an error,
+    not a row 'already done'."""
+    for row in appender.open_iter():
+        problem = not_a_pair(row, keys)
+        if problem:
+            raise UserError(f"{appender.path}: row {row['id']!r} is {problem}: --out must be a file moaa annotate "
+                            "wrote, or a new one")
+        yield row["id"]
 
 
 def counts_line(summary: dict, out: Path) -> str:

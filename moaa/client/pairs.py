@@ -30,6 +30,7 @@ from moaa.v1 import annotator_pb2, common_pb2
 
 SAMPLE_FIELDS = ("candidates", "samples", "completions", "answers")
 PAIR_KEYS = ("id", "prompt", "chosen", "rejected", "annotation", "usage")
+SKIP_KEYS = ("id", "reason")
 
 
 def _num(x: float) -> float | None:
@@ -69,6 +70,8 @@ def annotate_request(row: dict, *, ensemble: str = "", mode: str = "", model: st
     """(request, None), or (None, skip reason) when fewer than two distinct non-empty answers remain."""
     if "id" not in row:
         raise UserError(f"{where or 'row'}: row has no 'id'")
+    if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):   # null, an object: a broken row
+        raise UserError(f"{where or 'row'}: row id {row['id']!r} is not a string or an integer")
     prompt = sample_prompt(row, where)
     items = sample_items(row)
     keep, seen = [], set()
@@ -148,11 +151,18 @@ def read_pairs(path) -> list[dict]:
 
     rows = []
     for n, row in iter_scan(path):
-        missing = [k for k in PAIR_KEYS if k not in row]
-        if missing:
-            raise UserError(f"{path}:{n}: not a moaa preference row (missing {', '.join(missing)})")
+        problem = not_a_pair(row)
+        if problem:
+            raise UserError(f"{path}:{n}: {problem}")
         rows.append(row)
     return rows
+
+
+def not_a_pair(row: dict, keys: tuple[str, ...] = PAIR_KEYS) -> str | None:
+    """Why `row` is not a preference row (or, with SKIP_KEYS, a skip record), or None."""
+    missing = [k for k in keys if k not in row]
+    kind = "skip record" if keys == SKIP_KEYS else "preference row"
+    return f"not a moaa {kind} (missing {', '.join(missing)})" if missing else None
 
 
 def judge_scores(row: dict) -> dict[str, list[float | None]]:
