@@ -69,6 +69,7 @@ def rejected_note(result: dict[str, Any]) -> str:
     return f"; {n} prompts rejected: {result['rejected_reason']}; see {result['rejected_file']}" if n else ""
 
 
-def rejection(row_id: str, stage: str, reason: str) -> dict:
-    """The one record of a rejected item (the pipeline's rejected.jsonl, `moaa annotate`'s <out>.rejected.jsonl)."""
-    return {"id": row_id, "stage": stage, "reason": reason, "at": utc_now()}
+def rejection(row_id: str, stage: str, reason: str, **settings: str) -> dict:
+    """The one record of a rejected item (the pipeline's rejected.jsonl, `moaa annotate`'s <out>.rejected.jsonl),
+    with the run's settings it was rejected under, if they can change (`moaa annotate --ensemble/--mode`)."""
+    return {"id": row_id, "stage": stage, "reason": reason, "at": utc_now(), **settings}

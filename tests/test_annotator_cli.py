@@ -80,6 +80,27 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
         assert rc == 2 and f"samples.jsonl:8: row id {again!r} appears twice" in err, err
 
 
+async def test_a_flag_typo_on_a_resume_fails_the_run_and_its_rejections_are_resent(tmp_path, judge_emulator,
+                                                                                     annotator_factory):
+    """A resumed run whose every row is refused (an --ensemble the annotator does not know) exits 2, as a first
+    run does; those rows were rejected under that flag, so a run with the right one sends them."""
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris", "b": "keyword:capital"},
+                                                mode="pointwise", combine="mean"))
+    inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+    args = ("annotate", "--annotator", stub.server.address, "--in", str(inp), "--out", str(out), "--no-progress")
+    _samples(inp, ["r1", "r2"])
+    assert (await moaa(*args))[0] == 0
+    _samples(inp, ["r1", "r2", "r3", "r4"])
+    rc, _, err = await moaa(*args, "--ensemble", "typo")
+    assert rc == 2 and "every row sent was rejected" in err and "unknown ensemble 'typo'" in err, err
+    rejected = [json.loads(x) for x in (tmp_path / "pairs.jsonl.rejected.jsonl").open()]
+    assert [(r["id"], r["ensemble"]) for r in rejected] == [("r3", "typo"), ("r4", "typo")]
+    rc, _, err = await moaa(*args)
+    assert rc == 0 and "2 pairs written, 0 skipped, 2 already done" in err and "rejected" not in err, err
+    assert sorted(json.loads(x)["id"] for x in out.open()) == ["r1", "r2", "r3", "r4"]
+    assert (tmp_path / "pairs.jsonl.rejected.jsonl").read_text() == ""
+
+
 async def test_annotate_and_judge_eval_read_standard_input(tmp_path, judge_emulator, annotator_factory):
     """`--in -` reads the rows from standard input (read once, as a file is); a rerun resumes by the ids in --out,
     so piping the same rows again (here with one more) annotates only what is missing."""

@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from moaa.engines import pick_engine
@@ -94,13 +95,19 @@ def _vllm_generate(model_dir: str, s: SampleSettings):
 
 
 def run_sample(model_spec: str, prompts: str, out: str, s: SampleSettings, *, quiet: bool = False) -> dict:
+    from moaa.lock import output_lock
     from moaa.models import resolve_model
-    from moaa.progress import StageProgress
 
     s.check()
-    model = resolve_model(model_spec)  # what --model takes everywhere: packaged name, folder, GGUF file, hub id
-    from moaa.prompts import PromptStream
+    with output_lock(Path(out), "moaa sample"):   # one writer per --out: two would sample the same ids twice
+        model = resolve_model(model_spec)  # what --model takes everywhere: packaged name, folder, GGUF file, hub id
+        return _sample(model, prompts, out, s, quiet)
+
+
+def _sample(model, prompts: str, out: str, s: SampleSettings, quiet: bool) -> dict:
     from moaa.idset import IdSet
+    from moaa.progress import StageProgress
+    from moaa.prompts import PromptStream
 
     writer = JsonlAppender(out)
     done = IdSet(r["id"] for r in writer.open_iter())

@@ -22,8 +22,9 @@ import grpc
 
 from moaa.errors import TransientError, UserError
 from moaa.idset import IdSet
-from moaa.jsonl import STDIN, JsonlAppender, iter_input, iter_scan
-from moaa.files import RESEND_HINT, atomic_write_json, rejected_note, rejection
+from moaa.lock import output_lock
+from moaa.jsonl import STDIN, JsonlAppender, encode, iter_input, iter_scan
+from moaa.files import RESEND_HINT, atomic_write_json, atomic_write_text, rejected_note, rejection
 from moaa.progress import StageProgress
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
@@ -83,7 +84,7 @@ async def annotate_file(ep: Endpoint, in_path: str, out_path: str, *, ensemble: 
                         progress: bool = True, window: int = 32) -> dict:
     """Memory stays the window's rows and the ids (16 bytes each), however many rows: the input is read
     twice, a checking pass and a sending pass (standard input is spooled to a temporary file for that)."""
-    with _spooled(in_path) as stream:
+    with _spooled(in_path) as stream, output_lock(Path(out_path), "moaa annotate"):   # one writer per --out
         return await _annotate(ep, in_path, stream, out_path, ensemble=ensemble, mode=mode, progress=progress,
                                window=window)
 
@@ -110,10 +111,20 @@ async def _annotate(ep: Endpoint, in_path: str, stream, out_path: str, *, ensemb
     if in_path != STDIN and src.resolve() == out.resolve():
         raise UserError(f"--out {out} is the input file: give the preference rows a file of their own")
     done = IdSet(itertools.chain(_done_ids(writer, PAIR_KEYS), _done_ids(skipper, SKIP_KEYS)))
-    rejected = IdSet()
-    for r in rejecter.open_iter():   # every run reports them: the user must fix those rows
-        rejected.add(r["id"])
-        report.reject(r.get("reason", ""))
+    # rows rejected under this run's --ensemble/--mode are not resent; every run reports them (the user must
+    # fix those rows). Rows rejected under others (`unknown ensemble 'typo'`, then the flag fixed) are resent
+    settings = {"ensemble": ensemble, "mode": mode}
+    rejected, superseded = IdSet(), 0
+    for r in rejecter.open_iter():
+        if _rejected_under(r, settings):
+            rejected.add(r["id"])
+            report.reject(r.get("reason", ""))
+        else:
+            superseded += 1
+    if superseded:
+        atomic_write_text(rejecter.path, (encode(r).decode() for r in rejecter.open_iter()
+                                          if _rejected_under(r, settings)))
+    rejected_before = report.counts["rejected"]
     list(iter_scan(errors_path))  # refuse a foreign file before deleting it
     errors_path.unlink(missing_ok=True)  # failures of the last run are retried now
 
@@ -161,7 +172,7 @@ async def _annotate(ep: Endpoint, in_path: str, stream, out_path: str, *, ensemb
         nonlocal left
         if inflight.pop(rid, None) is not None:
             left -= 1
-            rejecter.append(rejection(rid, "annotate", reason))
+            rejecter.append(rejection(rid, "annotate", reason, **settings))
             report.reject(reason)
             bar.advance(skipped=True)
 
@@ -201,9 +212,18 @@ async def _annotate(ep: Endpoint, in_path: str, stream, out_path: str, *, ensemb
         raise TransientError(f"{counts_line(summary, out)}; {report.counts['errors']} rows failed (see {errors_path}); "
                              "rerun to retry them")
     c = report.counts
-    if c["rejected"] and not (c["pairs"] or c["skipped"] or c["already_done"]):
-        raise UserError(f"every row was rejected: {counts_line(summary, out)} ({RESEND_HINT})")
+    # every row rejected, or every row this run sent (a resume's: its flags may be what is wrong)
+    all_sent = c["rejected"] > rejected_before and not (c["pairs"] or c["skipped"])
+    if all_sent or (c["rejected"] and not (c["pairs"] or c["skipped"] or c["already_done"])):
+        raise UserError(f"every row {'sent ' if c['already_done'] else ''}was rejected: {counts_line(summary, out)} "
+                        f"({RESEND_HINT}; rows rejected under another --ensemble or --mode are resent by a run "
+                        "with the new one)")
     return summary
+
+
+def _rejected_under(record: dict, settings: dict[str, str]) -> bool:
+    """Whether a rejection was made under these settings (a record without them, of an older moaa, was)."""
+    return all(record.get(k, v) == v for k, v in settings.items())
 
 
 def _done_ids(appender: JsonlAppender, keys: tuple[str, ...]):

@@ -21,7 +21,7 @@ from moaa.prompts import PromptStream
 
 from .budget import TokenLedger
 from .layout import RunLayout
-from .lock import RunLock
+from moaa.lock import RunLock
 from .promptset import RunPrompts, config_hash, prepare_prompts
 from .stages import NEEDS_SERVICES, STAGES, StageContext, check_settings, default_settings, merge_settings
 from . import training
