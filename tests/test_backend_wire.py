@@ -349,3 +349,19 @@ async def test_a_judge_whose_answer_is_cut_before_any_verdict_is_a_failure_not_a
     stub = await annotator_factory(cfg)
     resp = await stub.Annotate(annotate_request(["Paris.", "Rome."]))
     assert [j.judge for j in resp.judges] == ["ok", "bad"] and not resp.failures and resp.chosen_id == "c0"
+
+
+async def test_a_judge_reply_cut_mid_verdict_says_so_in_its_abstention(judge_emulator, annotator_factory):
+    """A reply cut at max_tokens after some text, unreadable even when asked again, is an abstention (a small
+    model may ramble past any limit) whose reason names the limit and the setting that raises it."""
+    cfg = judge_config(judge_emulator.url, {"ok": "keyword:paris", "bad": "keyword:paris"},
+                       mode="pointwise", combine="mean")
+    cfg["ensembles"]["e"]["judges"][1]["sampling"] = {"temperature": 0.0, "max_tokens": 3}
+    stub = await annotator_factory(cfg)
+    resp = await stub.Annotate(annotate_request(["Paris.", "Rome."]))
+    bad = next(j for j in resp.judges if j.judge == "bad")
+    reasons = {s.abstain_reason for s in bad.scores}
+    assert bad.abstentions == 2 and not resp.failures, resp
+    assert all("cut at max_tokens: raise the judge's max_tokens (judges[bad].sampling.max_tokens=3)" in r
+               for r in reasons), reasons
+

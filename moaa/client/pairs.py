@@ -8,7 +8,8 @@ Output, TRL's conversational preference format plus one provenance block:
     {"id", "prompt": [messages], "chosen": [assistant message], "rejected": [assistant message],
      "annotation": {chosen_id, rejected_id, chosen_model, rejected_model, score_chosen, score_rejected,
                     margin, agreement, candidates: [ids, in the order sent], combined: {id: score},
-                    judges: [{judge, model, scores: {id: score or null}, abstentions, position_bias,
+                    judges: [{judge, model, scores: {id: score or null}, abstain_reasons: {id: why}
+                              (the unreadable ones), abstentions, position_bias,
                               length_correlation, agreement, order_flip_rate, template, template_hash,
                               permutation_seed}],
                     ensemble, mode, combine, seed,
@@ -99,6 +100,7 @@ def provenance(req: annotator_pb2.AnnotateRequest, resp: annotator_pb2.AnnotateR
         "margin": _num(resp.margin), "agreement": _num(resp.agreement),
         "judges": [{"judge": j.judge, "model": j.model,
                     "scores": {s.candidate_id: (None if s.abstained else _num(s.score)) for s in j.scores},
+                    "abstain_reasons": {s.candidate_id: s.abstain_reason for s in j.scores if s.abstained},
                     "abstentions": j.abstentions, "position_bias": _num(j.position_bias),
                     "length_correlation": _num(j.length_correlation), "agreement": _num(j.agreement),
                     "order_flip_rate": _num(j.order_flip_rate), "template": j.template,

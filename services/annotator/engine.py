@@ -23,7 +23,7 @@ from moaa.v1 import annotator_pb2, common_pb2
 
 from . import combine as cb
 from . import stats
-from .judging import CallLog, Candidate, pairwise, pointwise_all, pointwise_single
+from .judging import CallLog, Candidate, Reply, pairwise, pointwise_all, pointwise_single
 from .templates import JudgeTemplate, TemplateError, TemplateStore
 
 MODES = ("pointwise", "pairwise", "moa")
@@ -104,7 +104,7 @@ class AnnotationEngine:
         client = self.pool.client(judge.model)
         loop = asyncio.get_running_loop()
 
-        async def chat(messages: list[dict]) -> str:
+        async def chat(messages: list[dict]) -> Reply:
             timeout = None if deadline is None else max(0.001, deadline - loop.time())
             t0 = time.perf_counter()
             try:
@@ -116,18 +116,22 @@ class AnnotationEngine:
             u = res.usage
             for k in log.usage:
                 log.usage[k] += int(getattr(u, k, 0) or 0)
-            if res.finish_reason == "length" and not res.text.strip():
-                # all of max_tokens went on reasoning: no opinion was given, so a failure (retried), not an abstention
-                limit = judge.sampling.max_tokens
-                err = BackendError(judge.model, res.endpoint, "max_tokens",
-                                   f"answer cut at max_tokens={limit} before any verdict: raise the judge's "
-                                   f"max_tokens (judges[{judge.name}].sampling.max_tokens)", attempts=res.attempts)
-                if self.metrics is not None:
-                    self.metrics.backend(judge.model, time.perf_counter() - t0, cause=err.cause)
-                raise err
+            cut = ""
+            if res.finish_reason == "length":
+                fix = (f"raise the judge's max_tokens (judges[{judge.name}].sampling.max_tokens="
+                       f"{judge.sampling.max_tokens})")
+                if not res.text.strip():
+                    # all of max_tokens went on reasoning: no opinion was given, so a failure (retried), not an abstention
+                    err = BackendError(judge.model, res.endpoint, "max_tokens",
+                                       f"answer cut at max_tokens={judge.sampling.max_tokens} before any verdict: "
+                                       f"{fix}", attempts=res.attempts)
+                    if self.metrics is not None:
+                        self.metrics.backend(judge.model, time.perf_counter() - t0, cause=err.cause)
+                    raise err
+                cut = f"the reply was cut at max_tokens: {fix}"   # said if it cannot be read (an abstention)
             if self.metrics is not None:
                 self.metrics.backend(judge.model, time.perf_counter() - t0)
-            return res.text
+            return Reply(res.text, cut)
 
         return chat
 

@@ -39,8 +39,17 @@ class CallLog:
     failures: list = field(default_factory=list)
 
 
-# (messages) -> reply text, or raises BackendError; supplied by the engine.
-ChatFn = Callable[[list[dict]], Awaitable[str]]
+@dataclass
+class Reply:
+    """A judge's reply; `cut` says it stopped at max_tokens and how to fix that, for the abstention reason if
+    it cannot be read (an abstention still: a small model may ramble past any limit)."""
+
+    text: str
+    cut: str = ""
+
+
+# (messages) -> Reply, or raises BackendError; supplied by the engine.
+ChatFn = Callable[[list[dict]], Awaitable[Reply]]
 
 
 def render_conversation(prompt: list[dict]) -> str:
@@ -59,7 +68,7 @@ async def ask(chat: ChatFn, messages: list[dict], parse, log: CallLog):
 
     A backend failure (the client already retried) is recorded in `log.failures`; the caller's judge
     then counts as failed, not abstained, so its partial result is never used."""
-    async def call(msgs: list[dict]) -> str | BackendError:
+    async def call(msgs: list[dict]) -> Reply | BackendError:
         log.requests += 1
         try:
             return await chat(msgs)
@@ -70,17 +79,18 @@ async def ask(chat: ChatFn, messages: list[dict], parse, log: CallLog):
     reply = await call(messages)
     if isinstance(reply, BackendError):
         return parse(""), f"backend failed: {reply.cause}: {reply.message}"
-    parsed = parse(reply)
+    parsed = parse(reply.text)
     if parsed.error is None:
         return parsed, None
-    reply2 = await call([*messages, {"role": "assistant", "content": reply},
+    reply2 = await call([*messages, {"role": "assistant", "content": reply.text},
                          {"role": "user", "content": RETRY_NUDGE.format(error=parsed.error)}])
     if isinstance(reply2, BackendError):
         return parse(""), f"unreadable ({parsed.error}), and the retry failed: {reply2.cause}"
-    parsed2 = parse(reply2)
+    parsed2 = parse(reply2.text)
     if parsed2.error is None:
         return parsed2, None
-    return _better(parsed, parsed2), f"unreadable after one retry: {parsed2.error}"
+    cut = reply2.cut or reply.cut   # the verdict may have been cut off by the config's limit: say so, and the fix
+    return _better(parsed, parsed2), f"unreadable after one retry: {parsed2.error}" + (f"; {cut}" if cut else "")
 
 
 def _better(a, b):
