@@ -78,6 +78,24 @@ async def test_below_min_proposers_is_unavailable_naming_backends(gw_emulators, 
     assert not emu.bodies("agg")
 
 
+async def test_an_empty_proposal_is_a_failure_not_an_answer(gw_emulators, gateway_factory):
+    """A reasoning proposer that spends max_tokens on its reasoning answers nothing: that is a failure naming
+    the setting to raise, and min_proposers does not count it as an answer."""
+    emu = await gw_emulators({"ok": FAST, "thinker": {**FAST, "reasoning_tokens": 100}, "agg": FAST})
+    cfg = moa_config(emu.url, ["ok", "thinker"], min_proposers=2)
+    for proposer in cfg["recipes"]["moa"]["proposers"]:
+        proposer["sampling"] = {"max_tokens": 50}
+    gw = await gateway_factory(cfg)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Generate(request(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "min_proposers=2" in err.value.details()
+    assert "thinker (max_tokens: answer cut at max_tokens before any text: raise the recipe's proposers[1]" \
+        in err.value.details(), err.value.details()
+    resp = await gw.stub.Generate(request(min_proposers=1), timeout=10)
+    assert [p.model for p in resp.layers[0].proposals] == ["ok"] and resp.text
+    assert [(f.model, f.cause) for f in resp.failures] == [("thinker", "max_tokens")]
+
+
 async def test_aggregator_failure_is_unavailable(gw_emulators, gateway_factory):
     emu = await gw_emulators({"a": FAST, "agg": {"error_rates": {500: 1.0}}})
     gw = await gateway_factory(moa_config(emu.url, ["a"]))

@@ -56,6 +56,17 @@ def _error_proto(err: BaseException, model: str) -> common_pb2.BackendError:
     return common_pb2.BackendError(model=model, cause="malformed", message=f"{type(err).__name__}: {err}")
 
 
+def _empty_answer(model: str, res, role: str) -> common_pb2.BackendError:
+    """A proposer's empty answer: cut at max_tokens before any text (a reasoning model spent them all on its
+    reasoning), or ended with none; min_proposers counts answers, so it is a failure."""
+    if res.finish_reason == "length":
+        return common_pb2.BackendError(model=model, endpoint=res.endpoint, cause="max_tokens", attempts=res.attempts,
+                                       message=f"answer cut at max_tokens before any text: raise the recipe's "
+                                               f"{role}.sampling.max_tokens (or proposer_sampling.max_tokens)")
+    return common_pb2.BackendError(model=model, endpoint=res.endpoint, cause="empty", attempts=res.attempts,
+                                   message=f"an empty answer (finish_reason {res.finish_reason or 'none'})")
+
+
 def _describe(failures) -> str:
     return "; ".join(f"{f.model} ({f.cause}{' HTTP %d' % f.http_status if f.http_status else ''}: {f.message})"
                      for f in failures) or "none"
@@ -146,6 +157,12 @@ class MoAEngine:
                         continue
                     res = task.result()
                     usage.add(agent.model, res.usage)
+                    if not res.text.strip():   # nothing to aggregate: a failure, not a proposer that answered
+                        failure = _empty_answer(agent.model, res, f"proposers[{i}]")
+                        report.failures.append(failure)
+                        self._backend_metric(agent.model, res.latency_s, failure.cause, res.usage)
+                        yield gateway_pb2.GenerateEvent(request_id=plan.request_id, failure=failure)
+                        continue
                     self._backend_metric(agent.model, res.latency_s, None, res.usage)
                     prop = gateway_pb2.Proposal(
                         layer=layer, index=i, model=agent.model, text=res.text, usage=usage_proto(res.usage),
