@@ -126,6 +126,14 @@ async def test_annotate_and_judge_eval_read_standard_input(tmp_path, judge_emula
     assert rc == 0 and "(ensemble)" in stdout, err
 
 
+async def test_a_client_pointed_at_the_wrong_service_exits_2_at_once(tmp_path, judge_emulator, annotator_factory):
+    """The gateway's command at the annotator's port (or the other way round) is UNIMPLEMENTED: a retry asks the
+    same server again, so exit 2 with the port to check, not 75 'rerun to resume'."""
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris"}, mode="pointwise"))
+    rc, _, err = await moaa("generate", "--gateway", stub.server.address, "Hi")
+    assert rc == 2 and "UNIMPLEMENTED" in err and "is it the right port?" in err, err
+
+
 async def test_annotate_bad_input_and_unreachable(tmp_path):
     inp = tmp_path / "s.jsonl"
     inp.write_text('{"id": "x", "prompt": "hi", "candidates": [{"text": "a"}, {"text": "b"}]}\nnot json\n')
@@ -151,6 +159,9 @@ async def test_annotate_bad_input_and_unreachable(tmp_path):
     rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out",
                             str(tmp_path / "copy.jsonl"))
     assert rc == 2 and "row 'x' is not a moaa preference row (missing chosen, rejected" in err, err
+    inp.write_text("\n\n")   # an empty input: most likely the wrong file
+    rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(tmp_path / "o3"))
+    assert rc == 2 and "no rows to annotate" in err, err
     # an id that is null or an object is a broken row, not the id "None"
     inp.write_text('{"id": null, "prompt": "hi", "candidates": [{"text": "a"}, {"text": "b"}]}\n')
     rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(tmp_path / "o2"))

@@ -154,6 +154,8 @@ async def _annotate(ep: Endpoint, in_path: str, stream, out_path: str, *, ensemb
             done.add(rid)
             continue
         todo.add(rid)
+    if not seen:   # as the pipeline refuses an empty prompt file: most likely the wrong file
+        raise UserError(f"{src}: no rows to annotate (the file is empty)")
     failer = JsonlAppender(errors_path)
     left = len(todo)
     inflight: dict[str, annotator_pb2.AnnotateRequest] = {}   # fed and not answered: at most the window

@@ -47,6 +47,9 @@ def call_error(err: grpc.aio.AioRpcError, what: str, hint: str = "", *, tries: i
     retries says how many tries over how long; a refused TLS handshake is the caller's to fix (exit 2)."""
     if tls_refused(err):
         return UserError(f"{what}: {err.code().name}: {err.details()} ({TLS_HINT})")
+    if err.code() == grpc.StatusCode.UNIMPLEMENTED:   # another service on that port: a retry asks it again
+        return UserError(f"{what}: {err.code().name}: {err.details()} (the server at that address does not serve "
+                         "this method: is it the right port? the gateway serves 50051, the annotator 50052)")
     if err.code() == grpc.StatusCode.UNAVAILABLE and tries:
         note = f"{tries + 1} tries over {sum(RETRY_DELAYS_S[:tries]):g} s"
         hint = f"{note}, {hint}" if hint else note
