@@ -3,6 +3,10 @@ import asyncio
 import json
 import sys
 
+import grpc
+import pytest
+
+from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 from tests.fixtures.annotator import judge_config
 from tests.fixtures.cli import run_moaa as moaa
 
@@ -132,6 +136,49 @@ async def test_a_client_pointed_at_the_wrong_service_exits_2_at_once(tmp_path, j
     stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris"}, mode="pointwise"))
     rc, _, err = await moaa("generate", "--gateway", stub.server.address, "Hi")
     assert rc == 2 and "UNIMPLEMENTED" in err and "is it the right port?" in err, err
+
+
+class _AnswersOnePerCall(annotator_pb2_grpc.AnnotatorServicer):
+    """A server that ends each AnnotateStream as if done after answering one item (or none): a client must not
+    take the end for the answers it did not get."""
+
+    def __init__(self, per_call: int):
+        self.per_call, self.calls = per_call, 0
+
+    async def AnnotateStream(self, request_iterator, context):
+        self.calls += 1
+        answered = 0
+        async for req in request_iterator:
+            if answered == self.per_call:
+                return
+            answered += 1
+            yield annotator_pb2.AnnotateResult(id=req.id, response=annotator_pb2.AnnotateResponse(
+                id=req.id, chosen_id=req.candidates[0].id, rejected_id=req.candidates[1].id, margin=1.0))
+
+
+@pytest.mark.parametrize("per_call", [1, 0])
+async def test_a_stream_that_ends_with_rows_unanswered_loses_none(tmp_path, per_call):
+    """Each call answers one row and ends cleanly: the client asks again for the rest, so all 3 rows are written.
+    A server that answers none: exit 75 after the bounded retries, never exit 0 with rows missing."""
+    servicer = _AnswersOnePerCall(per_call)
+    server = grpc.aio.server()
+    annotator_pb2_grpc.add_AnnotatorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        inp, out = tmp_path / "samples.jsonl", tmp_path / "pairs.jsonl"
+        _samples(inp, ["r1", "r2", "r3"])
+        rc, _, err = await moaa("annotate", "--annotator", f"127.0.0.1:{port}", "--in", str(inp), "--out", str(out),
+                                "--no-progress")
+    finally:
+        await server.stop(0)
+    if per_call:
+        assert rc == 0 and sorted(json.loads(x)["id"] for x in out.open()) == ["r1", "r2", "r3"], err
+        assert servicer.calls == 3
+    else:
+        # (or gRPC core reports the client's write racing the server's end as INTERNAL: not retried, also 75)
+        assert rc == 75 and ("the stream ended with 3 items unanswered, 4 times" in err or "3 rows left" in err), err
+        assert not out.exists() or out.read_text() == ""
 
 
 async def test_annotate_bad_input_and_unreachable(tmp_path):

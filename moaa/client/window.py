@@ -6,7 +6,8 @@ the items in flight finish and their results are still delivered (their tokens a
 
 A server that is down or restarting (UNAVAILABLE) is retried a bounded number of times (`RETRY_DELAYS_S`,
 counted since the last result): the new call sends the items that got no result first, then the rest,
-so every item is answered once. Any other status ends the run at once.
+so every item is answered once; so is a call that ends cleanly with items unanswered. Any other status
+ends the run at once.
 
 An item the server answered with a bad-input status (INVALID_ARGUMENT: e.g. a prompt past the model's
 context, or over the server's max_request_bytes) can never succeed: with `reject`, the driver hands it
@@ -23,7 +24,9 @@ from typing import AsyncIterator, Callable, Iterable
 import grpc
 
 from .endpoint import Endpoint
-from .errors import call_error, is_bad_input, retry_delay
+from moaa.errors import TransientError
+
+from .errors import RETRY_DELAYS_S, call_error, is_bad_input, retry_delay
 
 
 async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: int,
@@ -58,7 +61,17 @@ async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: 
                     reject(res.id, f"{res.error.code}: {res.error.message}")
                     continue
                 yield res
-            return
+            if not unanswered or (stop is not None and stop()):
+                return
+            # the server ended the call as if done, with items it took unanswered: asked again, bounded as
+            # UNAVAILABLE is (`tries` counts since the last result), never taken for an answer
+            ended.set()
+            slots.release()
+            if tries >= len(RETRY_DELAYS_S):
+                raise TransientError(f"{what} at {ep.address}: the stream ended with {len(unanswered)} items "
+                                     f"unanswered, {tries + 1} times" + (f" ({hint()})" if hint else ""))
+            await asyncio.sleep(RETRY_DELAYS_S[tries])
+            tries += 1
         except grpc.aio.AioRpcError as err:
             ended.set()
             slots.release()   # wakes a feed left waiting: it returns, its item stays unanswered
