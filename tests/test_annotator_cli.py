@@ -73,6 +73,8 @@ async def test_annotate_writes_trl_rows_and_resumes(tmp_path, judge_emulator, an
     assert sorted(ids) == ["r1", "r2", "r3", "r4"]
     assert judge_emulator.stats.requests == 4   # 2 rows x 2 judges
     assert "2 pairs written" in err and "4 already done" in err, err
+    report = json.loads((tmp_path / "pairs.jsonl.report.json").read_text())
+    assert report["pairs"] == 2 and {j["rows"] for j in report["judges"].values()} == {4}   # every row of --out
     # the rejected row is not resent, and every run names it again: the user has to fix it
     assert "1 prompts rejected: INVALID_ARGUMENT" in err and "pairs.jsonl.rejected.jsonl" in err
     # a repeated id is refused on a resume as on a first run, whatever became of its first row (written,

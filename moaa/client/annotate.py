@@ -6,7 +6,7 @@ and rows with fewer than two distinct answers go to `<out>.skipped.jsonl`; rows 
 bad input (INVALID_ARGUMENT: e.g. a judging prompt past a judge's context) to `<out>.rejected.jsonl`;
 both are done, never resent. Transient failures go to `<out>.errors.jsonl` and are retried by the next run.
 `<out>.report.json` holds the per-judge position bias, agreement and length
-correlation over the run.
+correlation over every row of `--out` (a resumed run's included), and the counts of this run.
 """
 from __future__ import annotations
 
@@ -54,24 +54,33 @@ class RunReport:
         self.skip_reasons[key] = self.skip_reasons.get(key, 0) + 1
 
     def add(self, resp) -> None:
+        """A row judged by this run."""
         failed = {f.model for f in resp.failures}
         self.counts["fewer_judges"] += bool(failed)
         for model in failed:
             self.judge_failures[model] = self.judge_failures.get(model, 0) + 1
         for j in resp.judges:
-            d = self.judges.setdefault(j.judge, {**{k: [0.0, 0] for k in self.KEYS}, "abstentions": 0})
-            for key in self.KEYS:
-                v = getattr(j, key)
-                if not math.isnan(v):
-                    d[key][0] += v
-                    d[key][1] += 1
-            d["abstentions"] += j.abstentions
+            self._judge(j.judge, {k: getattr(j, k) for k in self.KEYS}, j.abstentions)
+
+    def add_written(self, row: dict) -> None:
+        """A row a run before wrote (its annotation block): the judges' means cover every row of --out."""
+        for j in (row.get("annotation") or {}).get("judges", []):
+            self._judge(j["judge"], {k: j.get(k) for k in self.KEYS}, j.get("abstentions") or 0)
+
+    def _judge(self, name: str, values: dict, abstentions: int) -> None:
+        d = self.judges.setdefault(name, {**{k: [0.0, 0] for k in self.KEYS}, "abstentions": 0, "rows": 0})
+        d["rows"] += 1
+        for key, v in values.items():
+            if v is not None and not math.isnan(v):
+                d[key][0] += v
+                d[key][1] += 1
+        d["abstentions"] += abstentions
 
     def summary(self) -> dict:
         judges = {}
         for name, d in self.judges.items():
             judges[name] = {k: (round(d[k][0] / d[k][1], 4) if d[k][1] else None) for k in self.KEYS}
-            judges[name]["abstentions"] = d["abstentions"]
+            judges[name].update(abstentions=d["abstentions"], rows=d["rows"])
         return {**self.counts, "skip_reasons": self.skip_reasons, "rejected_reason": self.rejected_reason,
                 "judges": judges, "judge_failures": self.judge_failures}
 
@@ -110,7 +119,7 @@ async def _annotate(ep: Endpoint, in_path: str, stream, out_path: str, *, ensemb
     report = RunReport()
     if in_path != STDIN and src.resolve() == out.resolve():
         raise UserError(f"--out {out} is the input file: give the preference rows a file of their own")
-    done = IdSet(itertools.chain(_done_ids(writer, PAIR_KEYS), _done_ids(skipper, SKIP_KEYS)))
+    done = IdSet(itertools.chain(_done_ids(writer, PAIR_KEYS, report), _done_ids(skipper, SKIP_KEYS, report)))
     # rows rejected under this run's --ensemble/--mode are not resent; every run reports them (the user must
     # fix those rows). Rows rejected under others (`unknown ensemble 'typo'`, then the flag fixed) are resent
     settings = {"ensemble": ensemble, "mode": mode}
@@ -228,14 +237,15 @@ def _rejected_under(record: dict, settings: dict[str, str]) -> bool:
     return all(record.get(k, v) == v for k, v in settings.items())
 
 
-def _done_ids(appender: JsonlAppender, keys: tuple[str, ...]):
-    """Ids of the rows a run before wrote; a row of another kind (a samples file given as --out) is an error,
-    not a row 'already done'."""
+def _done_ids(appender: JsonlAppender, keys: tuple[str, ...], report: RunReport):
+    """Ids of the rows a run before wrote (their judges' statistics go to `report`); a row of another kind (a
+    samples file given as --out) is an error, not a row 'already done'."""
     for row in appender.open_iter():
         problem = not_a_pair(row, keys)
         if problem:
             raise UserError(f"{appender.path}: row {row['id']!r} is {problem}: --out must be a file moaa annotate "
                             "wrote, or a new one")
+        report.add_written(row)
         yield row["id"]
 
 
