@@ -22,9 +22,9 @@ import grpc
 
 from moaa.errors import TransientError, UserError
 from moaa.idset import IdSet
-from moaa.lock import output_lock
-from moaa.jsonl import STDIN, JsonlAppender, encode, iter_input, iter_scan
 from moaa.files import RESEND_HINT, atomic_write_json, atomic_write_text, rejected_note, rejection
+from moaa.jsonl import STDIN, JsonlAppender, encode, iter_input, iter_scan
+from moaa.lock import output_lock
 from moaa.progress import StageProgress
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 

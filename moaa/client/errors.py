@@ -34,11 +34,16 @@ def tls_refused(err: grpc.aio.AioRpcError) -> bool:
     return err.code() == grpc.StatusCode.UNAVAILABLE and any(w in (err.details() or "") for w in TLS_REFUSALS)
 
 
+def backoff(tries: int) -> float | None:
+    """The wait before the next try after `tries` retries, or None to give up (RETRY_DELAYS_S bounds them)."""
+    return RETRY_DELAYS_S[tries] if tries < len(RETRY_DELAYS_S) else None
+
+
 def retry_delay(err: grpc.aio.AioRpcError, tries: int) -> float | None:
     """The wait before the next try of a call that failed with `err` after `tries` retries, or None to give
     up: only UNAVAILABLE (a server down or restarting) is retried, RETRY_DELAYS_S bounding it."""
-    if err.code() == grpc.StatusCode.UNAVAILABLE and tries < len(RETRY_DELAYS_S) and not tls_refused(err):
-        return RETRY_DELAYS_S[tries]
+    if err.code() == grpc.StatusCode.UNAVAILABLE and not tls_refused(err):
+        return backoff(tries)
     return None
 
 

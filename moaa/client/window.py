@@ -23,10 +23,10 @@ from typing import AsyncIterator, Callable, Iterable
 
 import grpc
 
-from .endpoint import Endpoint
 from moaa.errors import TransientError
 
-from .errors import RETRY_DELAYS_S, call_error, is_bad_input, retry_delay
+from .endpoint import Endpoint
+from .errors import backoff, call_error, is_bad_input, retry_delay
 
 
 async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: int,
@@ -67,10 +67,11 @@ async def windowed(rpc, requests: Iterable, *, ep: Endpoint, what: str, window: 
             # UNAVAILABLE is (`tries` counts since the last result), never taken for an answer
             ended.set()
             slots.release()
-            if tries >= len(RETRY_DELAYS_S):
+            delay = backoff(tries)
+            if delay is None:
                 raise TransientError(f"{what} at {ep.address}: the stream ended with {len(unanswered)} items "
                                      f"unanswered, {tries + 1} times" + (f" ({hint()})" if hint else ""))
-            await asyncio.sleep(RETRY_DELAYS_S[tries])
+            await asyncio.sleep(delay)
             tries += 1
         except grpc.aio.AioRpcError as err:
             ended.set()

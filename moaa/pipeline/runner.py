@@ -17,11 +17,11 @@ from typing import Any
 from moaa.client.endpoint import Endpoint
 from moaa.errors import UserError
 from moaa.files import atomic_write_json, make_folder, read_json, rejected_note, utc_now
+from moaa.lock import RunLock
 from moaa.prompts import PromptStream
 
 from .budget import TokenLedger
 from .layout import RunLayout
-from moaa.lock import RunLock
 from .promptset import RunPrompts, config_hash, prepare_prompts
 from .stages import NEEDS_SERVICES, STAGES, StageContext, check_settings, default_settings, merge_settings
 from . import training
