@@ -39,10 +39,18 @@ def backoff(tries: int) -> float | None:
     return RETRY_DELAYS_S[tries] if tries < len(RETRY_DELAYS_S) else None
 
 
+# gRPC core's own INTERNAL for a stream its transport lost mid-write (a server stopped while the client was
+# sending): the server said nothing, so it is a server going away, as UNAVAILABLE is
+CORE_TRANSPORT_ERROR = "Internal error from Core"
+
+
 def retry_delay(err: grpc.aio.AioRpcError, tries: int) -> float | None:
     """The wait before the next try of a call that failed with `err` after `tries` retries, or None to give
-    up: only UNAVAILABLE (a server down or restarting) is retried, RETRY_DELAYS_S bounding it."""
-    if err.code() == grpc.StatusCode.UNAVAILABLE and not tls_refused(err):
+    up: only a server down or restarting (UNAVAILABLE, or core's transport INTERNAL) is retried, RETRY_DELAYS_S
+    bounding it."""
+    gone = err.code() == grpc.StatusCode.UNAVAILABLE or (
+        err.code() == grpc.StatusCode.INTERNAL and err.details() == CORE_TRANSPORT_ERROR)
+    if gone and not tls_refused(err):
         return backoff(tries)
     return None
 
