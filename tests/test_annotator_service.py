@@ -84,6 +84,63 @@ async def test_small_margin_and_aggregator_fallback(judge_emulator, annotator_fa
     assert resp.combine == "weighted" and "aggregator judge gave no readable score" in resp.note
 
 
+FOUR = [GOOD, "Paris.", "The answer to that is Rome, I believe, which is in Italy.", "Lyon?"]
+
+
+async def test_returned_scores_are_the_ones_combined_and_measured(judge_emulator, annotator_factory):
+    """Judges whose overall score disagrees with their own criteria ratings: the criteria filter keeps the
+    criteria, so each judge's score is its criteria mean; every number returned recomputes from the
+    returned scores (scipy as the reference), and the overall rating as written is kept beside it."""
+    from scipy import stats as sp
+    stub = await annotator_factory(judge_config(
+        judge_emulator.url, {"a": "longest+overall=first", "b": "keyword:paris+overall=longest", "c": "first"},
+        mode="pointwise", combine="mean", max_criterion_disagreement=100.0, min_margin=0.0))
+    resp = await stub.Annotate(request(FOUR, seed=11))
+    assert all(c.kept for c in resp.criteria)
+    scores = {j.judge: [s.score for s in j.scores] for j in resp.judges}
+    assert [s.overall for s in resp.judges[0].scores] != scores["a"], "the overall rating is kept as written"
+    for j in resp.judges:
+        for s in j.scores:
+            assert s.score == pytest.approx(sum(s.criteria.values()) / len(s.criteria))
+    combined = [c.score for c in resp.combined]
+    assert combined == pytest.approx([sum(col) / 3 for col in zip(*scores.values())])
+    assert resp.margin == pytest.approx(max(combined) - min(combined))
+    lengths = [len(t) for t in FOUR]
+    taus = {}
+    for x in scores:
+        for y in scores:
+            if x < y:
+                taus[x, y] = sp.kendalltau(scores[x], scores[y]).statistic
+    assert resp.agreement == pytest.approx(sum(taus.values()) / len(taus))
+    for j in resp.judges:
+        assert j.length_correlation == pytest.approx(sp.spearmanr(scores[j.judge], lengths).statistic)
+        assert j.agreement == pytest.approx(sum(t for k, t in taus.items() if j.judge in k) / 2)
+        shown = [scores[j.judge][i] for i in j.order]   # earlier-shown scored higher, over non-tied pairs
+        pairs = [(shown[p] > shown[q]) for p in range(4) for q in range(p + 1, 4) if shown[p] != shown[q]]
+        assert j.position_bias == pytest.approx(sum(pairs) / len(pairs))
+
+
+async def test_moa_mode_says_when_no_aggregator_decided(judge_emulator, annotator_factory):
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris", "b": "longest"},
+                                                combine="mean"))
+    resp = await stub.Annotate(request([GOOD, BAD], mode="moa"))
+    assert resp.mode == "moa" and resp.combine == "mean" and [j.judge for j in resp.judges] == ["a", "b"]
+    assert "mode 'moa' but no aggregator judge decided (ensemble 'e' has no aggregator judge)" in resp.note
+
+
+async def test_the_aggregator_judges_statistics_are_measured(judge_emulator, annotator_factory):
+    from scipy import stats as sp
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris", "b": "first"},
+                                                aggregator="longest"))
+    resp = await stub.Annotate(request(FOUR, seed=3))
+    agg = resp.judges[-1]
+    assert agg.judge == "agg" and resp.combine == "aggregator"
+    mine = [s.score for s in agg.scores]
+    assert agg.length_correlation == pytest.approx(sp.spearmanr(mine, [len(t) for t in FOUR]).statistic)
+    others = [[s.score for s in j.scores] for j in resp.judges[:-1]]
+    assert agg.agreement == pytest.approx(sum(sp.kendalltau(mine, o).statistic for o in others) / 2)
+
+
 @pytest.mark.parametrize("mutate,message", [
     (lambda r: r.candidates.__delitem__(slice(1, None)), "candidates has 1 entry: send at least 2"),
     (lambda r: r.candidates.add(id="c9", text=" \n "), "candidates[3] is empty"),

@@ -98,6 +98,7 @@ async def test_circuit_opens_and_recovers(emulator_factory, pool_of):
     with pytest.raises(BackendError) as exc:
         await client.chat(MSGS)
     assert exc.value.cause == "circuit_open" and emu.stats.requests == 2  # refused without a request
+    assert exc.value.endpoint == "" and emu.url in exc.value.message  # none reached (common.proto); named in the text
     emu.update(error_rates={})
     await asyncio.sleep(0.35)
     assert pool.models_info()[0]["replicas"][0]["circuit"] == "half_open"

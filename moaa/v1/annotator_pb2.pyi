@@ -40,7 +40,7 @@ class AnnotateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., id: _Optional[str] = ..., prompt: _Optional[_Iterable[_Union[_common_pb2.Message, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., ensemble: _Optional[str] = ..., judges: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., reference: _Optional[_Union[Candidate, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class JudgeScore(_message.Message):
-    __slots__ = ("candidate_id", "score", "rationale", "abstained", "abstain_reason", "criteria", "position")
+    __slots__ = ("candidate_id", "score", "rationale", "abstained", "abstain_reason", "criteria", "position", "overall")
     class CriteriaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class JudgeScore(_message.Message):
     ABSTAIN_REASON_FIELD_NUMBER: _ClassVar[int]
     CRITERIA_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    OVERALL_FIELD_NUMBER: _ClassVar[int]
     candidate_id: str
     score: float
     rationale: str
@@ -62,7 +63,8 @@ class JudgeScore(_message.Message):
     abstain_reason: str
     criteria: _containers.ScalarMap[str, float]
     position: int
-    def __init__(self, candidate_id: _Optional[str] = ..., score: _Optional[float] = ..., rationale: _Optional[str] = ..., abstained: _Optional[bool] = ..., abstain_reason: _Optional[str] = ..., criteria: _Optional[_Mapping[str, float]] = ..., position: _Optional[int] = ...) -> None: ...
+    overall: float
+    def __init__(self, candidate_id: _Optional[str] = ..., score: _Optional[float] = ..., rationale: _Optional[str] = ..., abstained: _Optional[bool] = ..., abstain_reason: _Optional[str] = ..., criteria: _Optional[_Mapping[str, float]] = ..., position: _Optional[int] = ..., overall: _Optional[float] = ...) -> None: ...
 
 class JudgeReport(_message.Message):
     __slots__ = ("judge", "model", "scores", "permutation_seed", "order", "position_bias", "length_correlation", "agreement", "abstentions", "template", "template_hash", "usage", "criteria", "order_flip_rate", "requests")

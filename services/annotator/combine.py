@@ -12,7 +12,7 @@ A judge's score is then the mean of its kept criteria, or its overall score when
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from . import stats
 
@@ -25,6 +25,7 @@ class JudgeResult:
     model: str
     weight: float = 1.0
     scores: list[float | None] = field(default_factory=list)
+    overall: list[float | None] = field(default_factory=list)        # its overall rating as written, once filtered
     criteria: list[dict[str, float]] = field(default_factory=list)   # per candidate: criterion key -> rating
     criteria_names: list[str] = field(default_factory=list)
     rationales: list[str] = field(default_factory=list)
@@ -107,6 +108,16 @@ def effective_scores(judge: JudgeResult, kept: set[str]) -> list[float | None]:
         crit = judge.criteria[i] if i < len(judge.criteria) else {}
         vals = [v for k, v in crit.items() if k in kept]
         out.append(sum(vals) / len(vals) if vals else overall)
+    return out
+
+
+def with_scores(judge: JudgeResult, scores: list[float | None]) -> JudgeResult:
+    """The judge with the filtered scores as its scores, so that every statistic and the returned `score` are
+    the numbers that were combined; its overall ratings move to `overall`, and its pointwise position bias is
+    measured again on the new scores."""
+    out = replace(judge, overall=judge.scores, scores=list(scores))
+    if out.overall != out.scores and out.position_bias is not None:
+        out.position_bias = stats.position_bias_pointwise([out.scores[i] for i in out.order])
     return out
 
 

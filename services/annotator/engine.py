@@ -169,6 +169,7 @@ class AnnotationEngine:
             ens.criteria_length_min_candidates))
         kept = {c.name for c in criteria if c.kept}
         effective = {j.name: cb.effective_scores(j, kept) for j in judges}
+        judges = [cb.with_scores(j, effective[j.name]) for j in judges]   # the scores that count; `overall` kept
         overall_tau, per_judge_tau = stats.agreement(effective)
         for j in judges:
             j.agreement = per_judge_tau.get(j.name)
@@ -191,9 +192,18 @@ class AnnotationEngine:
                                  f"{cb.describe_failures({ens.aggregator.name: agg_log.failures})}; mode 'moa' of "
                                  f"ensemble {job.ensemble_name!r} needs it; retry when the backend is back",
                                  _left(deadline), "the aggregator judge was")
+                # the aggregator's own statistics, on the same definitions as a judge's
+                aggregator_result.length_correlation = stats.spearman(aggregator_result.scores,
+                                                                      [float(x) for x in lengths])
+                aggregator_result.agreement = stats.mean_tau_with(aggregator_result.scores, effective)
                 if aggregator_result.abstained:
                     rule = "weighted"
                     notes.append("the aggregator judge gave no readable score: weighted mean used")
+        if job.mode == "moa" and ens.combine != "aggregator":
+            # mode 'moa' means an aggregator judge decides; say plainly when the config has none decide
+            why = "has no aggregator judge" if ens.aggregator is None else f"combines with {ens.combine!r}"
+            notes.append(f"mode 'moa' but no aggregator judge decided (ensemble {job.ensemble_name!r} {why}): "
+                         f"{rule} of the judges' scores used")
         if rule == "aggregator":
             combined = list(aggregator_result.scores)
         else:
@@ -251,8 +261,10 @@ class AnnotationEngine:
                 requests=log.requests, usage=common_pb2.Usage(**log.usage))
             for i, cid in enumerate(ids):
                 s = r.scores[i]
-                rep.scores.add(candidate_id=cid, score=nan if s is None else s, rationale=r.rationales[i],
-                               abstained=s is None, abstain_reason=r.abstain_reasons[i] if s is None else "",
+                o = r.overall[i] if r.overall else s
+                rep.scores.add(candidate_id=cid, score=nan if s is None else s, overall=nan if o is None else o,
+                               rationale=r.rationales[i], abstained=s is None,
+                               abstain_reason=r.abstain_reasons[i] if s is None else "",
                                criteria=r.criteria[i], position=r.positions[i])
         # usage and failures of every judge asked, also of one that failed and is not in `results`
         models = {j.name: j.model for j in job.judges}

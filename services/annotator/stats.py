@@ -97,6 +97,12 @@ def agreement(scores: dict[str, list[float | None]]) -> tuple[float | None, dict
     return overall, per_judge
 
 
+def mean_tau_with(mine: list[float | None], others: dict[str, list[float | None]]) -> float | None:
+    """Mean Kendall tau of one score list with each of others' (the aggregator judge's agreement)."""
+    taus = [t for t in (kendall_tau(mine, s) for s in others.values()) if t is not None]
+    return sum(taus) / len(taus) if taus else None
+
+
 def position_bias_pointwise(scores_by_position: list[float | None]) -> float | None:
     """Share of decisive pairs (different scores) in which the earlier-shown answer scored higher; 0.5 = none."""
     earlier_wins = decisive = 0

@@ -238,8 +238,9 @@ class BackendClient:
             replica = self.replicas.pick(tried)
             try:
                 if replica is None:
-                    raise BackendError(self.name, ",".join(self.cfg.urls), "circuit_open",
-                                       "every replica's circuit breaker is open")
+                    # no replica was reached, so no endpoint (common.proto); the message names them
+                    raise BackendError(self.name, "", "circuit_open",
+                                       f"every replica's circuit breaker is open ({', '.join(self.cfg.urls)})")
                 state["endpoint"] = replica.url
                 tried.add(replica.url)
                 async with aclosing(attempt_once(self, replica, body, deadline)) as events:

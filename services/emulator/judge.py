@@ -8,7 +8,9 @@ served model name, `POLICY[+MODIFIER...]`:
   garbage      never gives a readable answer
 modifiers: `flaky` (unreadable first reply, readable after the retry nudge), `text` (pointwise as
 `Answer N: S/10` lines instead of JSON), `delay=SECONDS` (added to the first-token delay), and
-`name=ANY` (ignored: makes served names distinct so per-model stats are apart).
+`name=ANY` (ignored: makes served names distinct so per-model stats are apart), `overall=POLICY` (pointwise
+JSON: the criteria ratings follow the policy, the overall `score` follows POLICY, as a judge whose overall
+rating disagrees with its own criteria).
 Per-model request counts and busy time are in the emulator's stats (`models`).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Policy:
         self.flaky = "flaky" in parts
         self.text = "text" in parts
         self.delay = next((float(p.split("=", 1)[1]) for p in parts if p.startswith("delay=")), 0.0)
+        self.overall = next((Policy(p.split("=", 1)[1]) for p in parts if p.startswith("overall=")), self)
 
     def quality(self, text: str, position: int) -> float:
         if self.name == "first":
@@ -62,20 +65,26 @@ def judge_reply(policy: Policy, messages: list[dict]) -> str:
         return f"Comparing both answers carefully.\n[[{verdict}]]"
     numbered = {int(k): v for k, v in blocks.items() if k.isdigit()}
     if numbered:
-        qual = {k: policy.quality(v, k - 1) for k, v in numbered.items()}
-        top, bottom = max(qual.values()), min(qual.values())
-        scores = {k: hi - 1 if top == bottom else round(lo + 1 + (q - bottom) / (top - bottom) * (hi - lo - 2), 1)
-                  for k, q in qual.items()}
+        scores = _pointwise_scores(policy, numbered, lo, hi)
         if policy.text:
             return "\n".join(f"Answer {k}: {s:g}/{hi:g} - judged by {policy.name}" for k, s in sorted(scores.items()))
+        overall = scores if policy.overall is policy else _pointwise_scores(policy.overall, numbered, lo, hi)
         return json.dumps({"criteria": ["accuracy", "clarity"], "ratings": [
-            {"answer": k, "criteria": {"accuracy": s, "clarity": s}, "score": s, "reason": f"{policy.name} policy"}
-            for k, s in sorted(scores.items())]})
+            {"answer": k, "criteria": {"accuracy": s, "clarity": s}, "score": overall[k],
+             "reason": f"{policy.name} policy"} for k, s in sorted(scores.items())]})
     m = re.search(r"Answer: (.*)\nScore:\s*$", user, re.S)
     if m:
         q = policy.quality(m.group(1), 0)
         return f"Score: {hi - 1:g}" if q > 0 else f"Score: {lo + 1:g}"
     return "I do not know what to judge."
+
+
+def _pointwise_scores(policy: Policy, numbered: dict[int, str], lo: float, hi: float) -> dict[int, float]:
+    """Answer number -> score on the scale, by the policy's quality (equal quality: hi - 1 for all)."""
+    qual = {k: policy.quality(v, k - 1) for k, v in numbered.items()}
+    top, bottom = max(qual.values()), min(qual.values())
+    return {k: hi - 1 if top == bottom else round(lo + 1 + (q - bottom) / (top - bottom) * (hi - lo - 2), 1)
+            for k, q in qual.items()}
 
 
 def judge_timing(s: EmulatorSettings, model: str) -> EmulatorSettings:
