@@ -218,9 +218,15 @@ async def test_annotate_bad_input_and_unreachable(tmp_path):
 
 
 async def test_judge_eval_reports_ensemble_and_each_judge(tmp_path, judge_emulator, annotator_factory):
-    stub = await annotator_factory(judge_config(
-        judge_emulator.url, {"fair": "keyword:paris", "biased": "first", "contrarian": "longest"},
-        mode="pairwise", combine="mean", min_margin=0.0))
+    """Per judge: accuracy over the calls it decided; a judge that never gives a readable verdict has none
+    (its abstentions are counted apart, never as ties), and a judge whose backend is down is named under the
+    table with the calls decided without it (the ensemble's min_judges let the others decide)."""
+    cfg = judge_config(
+        judge_emulator.url, {"fair": "keyword:paris", "biased": "first", "contrarian": "longest", "mute": "garbage",
+                             "down": "keyword:paris"},
+        mode="pairwise", combine="mean", min_margin=0.0, min_judges=4, max_abstain_fraction=0.9)
+    cfg["backends"]["m-down"].update(urls=["http://127.0.0.1:9/v1"], retries={"max_attempts": 1})
+    stub = await annotator_factory(cfg)
     labelled = tmp_path / "labelled.jsonl"
     with labelled.open("w") as fh:
         for i in range(3):
@@ -237,8 +243,13 @@ async def test_judge_eval_reports_ensemble_and_each_judge(tmp_path, judge_emulat
     assert judges["fair"]["by_order"] == {"chosen_first": 1.0, "rejected_first": 1.0}
     assert judges["contrarian"]["accuracy"] == 0.0
     # always prefers the first shown; asked in both orders it cancels out to a tie, whatever the input order
-    assert judges["biased"]["tie_or_abstained"] == 6 and judges["biased"]["consistent"] == 1.0
+    assert judges["biased"]["ties"] == 6 and judges["biased"]["abstained"] == 0 and judges["biased"]["consistent"] == 1.0
+    assert judges["mute"] == {"accuracy": None, "agree": 0, "disagree": 0, "ties": 0, "abstained": 6,
+                              "consistent": None, "by_order": {"chosen_first": None, "rejected_first": None}}
+    assert "down" not in judges and summary["judge_failures"] == {"m-down": 6}
     assert "(ensemble)" in judges and "(ensemble)" in out and "fair" in out
+    assert "decided without a judge whose backend failed" in out and "m-down in 6 calls" in out, out
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith("mute")] == [["mute", "-"]]
 
 
 async def test_annotator_serve_command_serves_and_stops_on_sigterm(tmp_path, judge_emulator):

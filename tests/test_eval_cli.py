@@ -82,14 +82,19 @@ async def test_eval_counts_missing_answers_and_agrees_with_its_verdict_rows(judg
                               "--out", str(tmp_path / "ev"), "--bootstrap", "200")
     assert rc == 0, err
     wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())[0]
-    rows = [r for f in sorted((tmp_path / "ev" / "judgments").glob("data-*.jsonl")) for r in read_rows(f)]
+    rows = sorted((r for f in sorted((tmp_path / "ev" / "judgments").glob("data-*.jsonl")) for r in read_rows(f)),
+                  key=lambda r: r["id"])   # the intervals resample rows in id order
     assert wr["n"] == len(rows) == 8 and wr["missing"] == 2 and wr["prompts"] == 8
     assert all(len(r["orders"]) == 2 for r in rows)            # both presentation orders asked and kept
     again = summarize("sft", "base", [r["preference"] for r in rows], [r["len_model"] for r in rows],
                       [r["len_baseline"] for r in rows], n_resamples=200).to_json()
     for key in ("win_rate", "win_rate_ci", "lc_win_rate", "lc_win_rate_ci", "wins", "ties", "losses", "conclusion"):
         assert wr[key] == pytest.approx(again[key]) if key != "conclusion" else wr[key] == again[key], key
-    assert wr["conclusion"] == conclusion(wr["win_rate_ci"], 8)
+    from scipy.stats import binomtest
+    won, lost = sum(r["preference"] > 0.5 for r in rows), sum(r["preference"] < 0.5 for r in rows)
+    assert wr["sign_test_p"] == pytest.approx(binomtest(won, won + lost).pvalue)
+    assert wr["conclusion"] == conclusion(wr["win_rate_ci"], 8, sign_p=wr["sign_test_p"])
+    assert wr["empty"] == 0 and wr["fewer_judges"] == 0
     assert f"win rate {wr['win_rate']:.1f}% [{wr['win_rate_ci'][0]:.1f}, {wr['win_rate_ci'][1]:.1f}]" in out
     assert "2 missing" in out
 
@@ -112,6 +117,9 @@ async def test_eval_folder_refuses_another_judge_or_other_answers(judge_emulator
     rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), *judge, "first", "--out", ev,
                               "--name", "again")
     assert rc == 0 and out.startswith("again vs baseline") and "win rate 50.0%" in out, err
+    # the folder's winrates.json keeps both comparisons, not only the last one run
+    both = json.loads((tmp_path / "ev" / "winrates.json").read_text())
+    assert sorted((w["model"], w["win_rate"]) for w in both) == [("again", 50.0), ("model", 70.0)]
 
 
 async def test_eval_bad_input_is_one_line(tmp_path):
@@ -124,6 +132,14 @@ async def test_eval_bad_input_is_one_line(tmp_path):
     rc, _, err = await _cli("eval", "--answers", str(tmp_path / "bad.jsonl"), "--baseline", str(b),
                             "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "x")
     assert rc == 2 and "line 1" in err and len(err.strip().splitlines()) == 1
+    # a second answer under one id (or to one prompt, rows without ids) would replace the first: an error
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(a.read_text() + json.dumps({"id": "q3", "prompt": "x", "answer": "y"}) + "\n")
+    with pytest.raises(UserError, match="line 11: answer id 'q3' appears twice \\(first at line 4\\)"):
+        load_answers(dup)
+    dup.write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p", "answer": "b"}\n')
+    with pytest.raises(UserError, match="line 2: a second answer to the same prompt"):
+        load_answers(dup)
     rc, _, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--out", str(a),
                             "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "x")
     assert rc == 2 and err.strip() == f"moaa: error: --out {a} is a file; give a folder (new, or one to resume)"
@@ -165,3 +181,26 @@ async def test_a_grading_backend_failure_is_a_failure_not_an_abstention(judge_em
         cfg = BackendConfig(urls=[url], served_model="longest", retries={"max_attempts": 1})
         async with BackendPool({"judge": cfg}, probes=False) as pool:
             assert (await grade_answers(ChatPairJudge(pool, "judge"), answers, tmp_path / "ev", quiet=True))["sft"] == expect
+
+
+async def test_eval_counts_verdicts_given_without_a_judge(judge_emulator, tmp_path):
+    """Verdicts nobody judged are counted beside n: pairs decided by an empty answer, and an ensemble's
+    verdicts given without a judge whose backend failed (its min_judges let the other decide)."""
+    cfg = judge_config(judge_emulator.url, {"j1": "longest", "down": "longest"}, mode="pointwise", combine="mean",
+                       min_margin=0.0, min_judges=1)
+    cfg["backends"]["m-down"].update(urls=["http://127.0.0.1:9/v1"], retries={"max_attempts": 1})
+    server = await start_annotator(parse_config(cfg), port=0, probes=False)
+    try:
+        a, b = _answers(tmp_path)
+        rows = [json.loads(line) for line in a.read_text().splitlines()]
+        rows[0]["answer"] = rows[1]["answer"] = " "
+        a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--annotator", server.address,
+                                  "--out", str(tmp_path / "ev"), "--bootstrap", "200", "--quiet")
+        assert rc == 0, err
+        wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())[0]
+        assert wr["n"] == 10 and wr["empty"] == 2 and wr["fewer_judges"] == 8
+        assert "2 decided by an empty answer, not judged" in out
+        assert "8 decided without a judge whose backend failed" in out, out
+    finally:
+        await server.stop(0)

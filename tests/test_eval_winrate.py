@@ -205,3 +205,37 @@ def test_a_verdict_readable_in_one_order_only_is_counted():
     assert _combine(1.0, None, ("m > b",), {}, asked=1).abstained_orders == 0   # one order asked by design
     rep = summarize("sft", "base", [1.0] * 8, [1] * 8, [1] * 8, one_order=3, n_resamples=100).to_json()
     assert rep["one_order"] == 3 and "3 decided by one order" in format_winrate(rep)
+
+
+def test_intervals_do_not_depend_on_the_order_rows_were_written(tmp_path):
+    """A resumed eval appends the rows it redid after the others: same verdicts, same intervals and
+    conclusions (both from the `--bootstrap` resamples, the length-controlled one too)."""
+    from moaa.pipeline.eval.run import winrates_from_store
+    from moaa.pipeline.store import DatasetStore
+    rng = np.random.default_rng(5)
+    rows = [{"id": f"m~b~p{i:02d}", "prompt_id": f"p{i:02d}", "model": "m", "baseline": "b",
+             "preference": float(rng.choice([0.0, 0.5, 1.0], p=[0.3, 0.1, 0.6])), "len_model": int(rng.integers(50, 400)),
+             "len_baseline": int(rng.integers(50, 400)), "inconsistent": False} for i in range(14)]
+    results = []
+    for name, order in (("straight", rows), ("resumed", rows[5:] + rows[:5])):
+        store = DatasetStore(tmp_path / name, stage="eval", fmt="generations").open()
+        for row in order:
+            store.write(dict(row))
+        results.append(winrates_from_store(store, [("m", "b")], n_resamples=300))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("prefs,expected", [
+    ([1.0] * 6 + [0.0], "no measurable difference (the interval excludes 50 but the sign test gives p = 0.12)"),
+    ([1.0] * 5 + [0.5], "no measurable difference (the interval excludes 50 but the sign test gives p = 0.062)"),
+    ([1.0] * 6, "better"),
+    ([0.0] * 9 + [1.0, 0.5], "worse"),
+])
+def test_a_difference_needs_the_sign_test_too(prefs, expected):
+    """At a few prompts the percentile interval is too narrow (6 wins and 1 loss: [57, 100], yet the sign
+    test gives p = 0.125): a result is claimed only when both agree."""
+    from scipy.stats import binomtest
+    rep = summarize("m", "b", prefs, [10.0] * len(prefs), [10.0] * len(prefs), n_resamples=500)
+    won, lost = sum(p > 0.5 for p in prefs), sum(p < 0.5 for p in prefs)
+    assert rep.sign_test_p == pytest.approx(binomtest(won, won + lost).pvalue)
+    assert rep.conclusion == expected

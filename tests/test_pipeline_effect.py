@@ -84,6 +84,25 @@ def test_measures_from_log_probabilities_by_hand():
     assert "on its 1 training pairs 50%" in text
 
 
+@pytest.mark.parametrize("won,lost,needle", [
+    (6, 1, "the interval excludes 0.5 but the sign test gives p = 0.12: too few pairs to tell DPO from no change"),
+    (7, 0, "above 0.5"),
+])
+def test_held_out_reward_accuracy_needs_the_sign_test_too(won, lost, needle):
+    """6 of 7 held-out pairs ranked right: the bootstrap interval lies above 0.5, the sign test (p = 0.125)
+    does not support it, so the report claims no change; 7 of 7 (p = 0.016) it does."""
+    lp: dict = {"sft": {}, "dpo": {}}
+    for k in range(won + lost):
+        for side in ("chosen", "rejected"):
+            lp["sft"][f"heldout:{side}:p{k}"] = [-10.0, 4]
+            good = (side == "chosen") == (k < won)
+            lp["dpo"][f"heldout:{side}:p{k}"] = [-9.0 if good else -11.0, 4]
+    e = training_effect(lp, {}, beta=0.1)
+    held = e["dpo_reward_accuracy"]["heldout"]
+    assert held["n"] == won + lost and held["dpo_ci"][0] > 0.5
+    assert needle in " ".join(e["statements"])
+
+
 def test_sampled_answers_show_a_change_the_greedy_ones_hide():
     greedy = {m: {"1": (PROMPT, "same")} for m in ("base", "sft", "dpo")}
     sampled = {"base": {"1#0": (PROMPT, "x"), "1#1": (PROMPT, "y")}, "sft": {"1#0": (PROMPT, "x"), "1#1": (PROMPT, "y")},

@@ -186,7 +186,7 @@ async def test_report_summary_and_verdict_rows_agree_and_a_rerun_is_identical(ju
     by_pair = {(w["model"], w["baseline"]): w for w in winrates}
     assert set(by_pair) == {("sft", "base"), ("dpo", "base")}        # dpo vs sft: no answers in common judged
     rows = [r for f in sorted((lay.eval / "judgments").glob("data-*.jsonl")) for r in read_rows(f)]
-    sft = [r for r in rows if r["model"] == "sft"]
+    sft = sorted((r for r in rows if r["model"] == "sft"), key=lambda r: r["id"])   # resampled in id order
     again = summarize("sft", "base", [r["preference"] for r in sft], [r["len_model"] for r in sft],
                       [r["len_baseline"] for r in sft], n_resamples=300).to_json()
     w = by_pair[("sft", "base")]

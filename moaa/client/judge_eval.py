@@ -2,8 +2,11 @@
 
 Input rows: {"id", "prompt": [messages] or str, "chosen": [assistant message] or str, "rejected": ...}
 (TRL's preference format). Each row is asked in both orders (chosen shown first, then rejected first).
-Per order and judge: agree (labelled chosen scored higher), disagree, or tie/abstained. Accuracy counts a
-tie as half; `consistent` is the share of rows where a judge decided the same way in both orders.
+Per order and judge: agree (labelled chosen scored higher), disagree, tie, or abstained (no readable score for
+one of the two). Accuracy is over the calls the judge decided, a tie counting half; abstentions are counted
+apart, never as ties, so a judge that never gave a readable verdict has no accuracy. `consistent` is the share
+of rows a judge decided in both orders where it decided the same way. A call decided without a judge whose
+backend failed (the ensemble's `min_judges` allowed it) is counted per judge model (`judge_failures`).
 """
 from __future__ import annotations
 
@@ -49,11 +52,19 @@ def build_requests(path: Path, ensemble: str = "", mode: str = "") -> list[annot
     return reqs
 
 
+OUTCOMES = ("agree", "disagree", "tie", "abstained")
+
+
 def _outcome(scores: dict[str, float]) -> str:
     a, b = scores.get("chosen", math.nan), scores.get("rejected", math.nan)
-    if math.isnan(a) or math.isnan(b) or a == b:
-        return "tie"
-    return "agree" if a > b else "disagree"
+    if math.isnan(a) or math.isnan(b):
+        return "abstained"
+    return "tie" if a == b else "agree" if a > b else "disagree"
+
+
+def _accuracy(d: dict) -> float | None:
+    decided = d["agree"] + d["disagree"] + d["tie"]
+    return round((d["agree"] + 0.5 * d["tie"]) / decided, 4) if decided else None
 
 
 def summarise(results: dict[str, dict[str, str]]) -> dict:
@@ -64,21 +75,19 @@ def summarise(results: dict[str, dict[str, str]]) -> dict:
         row, order = rid.split("\t")
         rows.setdefault(row, {})[order] = outcomes
         for judge, outcome in outcomes.items():
-            d = by_judge.setdefault(judge, {"agree": 0, "disagree": 0, "tie": 0, "by_order": {}})
+            d = by_judge.setdefault(judge, {**dict.fromkeys(OUTCOMES, 0), "by_order": {}})
             d[outcome] += 1
-            o = d["by_order"].setdefault(order, {"agree": 0, "disagree": 0, "tie": 0})
+            o = d["by_order"].setdefault(order, dict.fromkeys(OUTCOMES, 0))
             o[outcome] += 1
     out = {}
     for judge, d in by_judge.items():
-        total = d["agree"] + d["disagree"] + d["tie"]
-        both = [r for r in rows.values() if judge in r.get("chosen_first", {}) and judge in r.get("rejected_first", {})]
+        both = [r for r in rows.values() if r.get("chosen_first", {}).get(judge, "abstained") != "abstained"
+                and r.get("rejected_first", {}).get(judge, "abstained") != "abstained"]
         consistent = sum(r["chosen_first"][judge] == r["rejected_first"][judge] for r in both)
         out[judge] = {
-            "accuracy": round((d["agree"] + 0.5 * d["tie"]) / total, 4) if total else None,
-            "agree": d["agree"], "disagree": d["disagree"], "tie_or_abstained": d["tie"],
-            "consistent": round(consistent / len(both), 4) if both else None,
-            "by_order": {k: round((v["agree"] + 0.5 * v["tie"]) / max(1, sum(v.values())), 4)
-                         for k, v in d["by_order"].items()},
+            "accuracy": _accuracy(d), "agree": d["agree"], "disagree": d["disagree"], "ties": d["tie"],
+            "abstained": d["abstained"], "consistent": round(consistent / len(both), 4) if both else None,
+            "by_order": {k: _accuracy(v) for k, v in d["by_order"].items()},
         }
     return {"rows": len(rows), "judges": out}
 
@@ -91,6 +100,7 @@ async def judge_eval(ep: Endpoint, in_path: str, *, ensemble: str = "", mode: st
     results: dict[str, dict[str, str]] = {}
     errors: list[str] = []
     transient = 0
+    judge_failures: dict[str, int] = {}   # judge model -> calls decided without it (its backend failed)
 
     with StageProgress("judge-eval", len(reqs), 0, unit="call", quiet=not progress) as bar:
         async with ep.channel() as channel:
@@ -106,9 +116,12 @@ async def judge_eval(ep: Endpoint, in_path: str, *, ensemble: str = "", mode: st
                 for j in resp.judges:
                     outcomes[j.judge] = _outcome({s.candidate_id: s.score for s in j.scores})
                 results[res.id] = outcomes
+                for model in dict.fromkeys(f.model for f in resp.failures):
+                    judge_failures[model] = judge_failures.get(model, 0) + 1
     if not results:
         raise failure({"errors": errors, "transient_errors": transient}, "no row could be judged")
     summary = summarise(results)
+    summary["judge_failures"] = judge_failures
     summary["errors"] = errors
     summary["transient_errors"] = transient
     return summary
@@ -143,7 +156,7 @@ def check_out(path: str) -> None:
 
 def format_table(summary: dict) -> str:
     lines = [f"{summary['rows']} labelled rows, both orders asked",
-             f"{'judge':<20} {'accuracy':>8} {'agree':>6} {'disagree':>8} {'tie/abst':>8} {'consistent':>10}"]
+             f"{'judge':<20} {'accuracy':>8} {'agree':>6} {'disagree':>8} {'ties':>5} {'abstained':>9} {'consistent':>10}"]
     judges = summary["judges"]
     for name in [ENSEMBLE, *sorted(k for k in judges if k != ENSEMBLE)]:
         if name not in judges:
@@ -151,7 +164,12 @@ def format_table(summary: dict) -> str:
         d = judges[name]
         acc = "-" if d["accuracy"] is None else f"{d['accuracy']:.3f}"
         cons = "-" if d["consistent"] is None else f"{d['consistent']:.3f}"
-        lines.append(f"{name:<20} {acc:>8} {d['agree']:>6} {d['disagree']:>8} {d['tie_or_abstained']:>8} {cons:>10}")
+        lines.append(f"{name:<20} {acc:>8} {d['agree']:>6} {d['disagree']:>8} {d['ties']:>5} {d['abstained']:>9} "
+                     f"{cons:>10}")
+    failed = summary.get("judge_failures") or {}
+    if failed:
+        lines.append("decided without a judge whose backend failed (the ensemble's min_judges allowed it; its row "
+                     "above is the other judges'): " + ", ".join(f"{m} in {n} calls" for m, n in sorted(failed.items())))
     if summary.get("errors"):
         lines.append(f"{len(summary['errors'])} calls failed, e.g. {summary['errors'][0]}")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ import numpy as np
 
 from moaa.jsonl import read_rows as iter_jsonl
 
-from .eval.winrate import MIN_PROMPTS_FOR_CI, bootstrap_ci
+from .eval.winrate import MIN_PROMPTS_FOR_CI, SIGN_TEST_LEVEL, bootstrap_ci, sign_test
 
 MIN_PAIRS_FOR_CI = MIN_PROMPTS_FOR_CI  # the one threshold below which an interval supports no claim
 NOTE_SFT_REFERENCE = ("SFT model: its reference is itself, so every reward margin is 0 and its accuracy is 0.5 by "
@@ -82,7 +82,7 @@ def reward_margins(lp: dict[str, dict[str, list]], split: str, beta: float) -> n
     """beta * [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)] for the DPO model vs SFT."""
     dpo, sft = lp.get("dpo", {}), lp.get("sft", {})
     prefix = f"{split}:chosen:"
-    ids = [k[len(prefix):] for k in dpo if k.startswith(prefix)]
+    ids = sorted(k[len(prefix):] for k in dpo if k.startswith(prefix))   # the interval must not follow file order
     out = []
     for rid in ids:
         c, r = f"{split}:chosen:{rid}", f"{split}:rejected:{rid}"
@@ -98,7 +98,8 @@ def dpo_rewards(lp: dict[str, dict[str, list]], beta: float) -> tuple[dict, dict
         if m.size == 0:
             acc[split] = margin[split] = {"n": 0}
             continue
-        acc[split] = {"n": int(m.size), "sft": 0.5, "dpo": _accuracy(m), "dpo_ci": _ci(m, _accuracy)}
+        acc[split] = {"n": int(m.size), "sft": 0.5, "dpo": _accuracy(m), "dpo_ci": _ci(m, _accuracy),
+                      "sign_test_p": sign_test((m > 0) + 0.5 * (m == 0))[2]}
         margin[split] = {"n": int(m.size), "sft": 0.0, "dpo": float(m.mean()),
                          "dpo_ci": _ci(m, lambda v: float(v.mean()))}
     return acc, margin
@@ -127,9 +128,12 @@ def statements(effect: dict[str, Any]) -> list[str]:
     held = (effect.get("dpo_reward_accuracy") or {}).get("heldout") or {}
     if held.get("n"):
         lo, hi = held["dpo_ci"]
+        sign_p = held.get("sign_test_p")
         tail = ("too few held-out pairs for an interval to mean much" if held["n"] < MIN_PAIRS_FOR_CI else
-                "above 0.5" if lo > 0.5 else "below 0.5" if hi < 0.5 else
-                "the interval includes 0.5: too few pairs to tell DPO from no change")
+                "the interval includes 0.5: too few pairs to tell DPO from no change" if lo <= 0.5 <= hi else
+                f"the interval excludes 0.5 but the sign test gives p = {sign_p:.2g}: too few pairs to tell DPO "
+                "from no change" if sign_p is not None and sign_p >= SIGN_TEST_LEVEL else
+                "above 0.5" if lo > 0.5 else "below 0.5")
         train = (effect.get("dpo_reward_accuracy") or {}).get("train") or {}
         beside = f"; on its {train['n']} training pairs {train['dpo']:.0%}" if train.get("n") else ""
         out.append(f"DPO's implicit reward ranks chosen over rejected on {held['dpo']:.0%} of {held['n']} held-out "

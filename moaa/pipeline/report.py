@@ -255,13 +255,18 @@ def eval_section(winrates: list[dict], run: dict, out: Path) -> list[str]:
              "95% interval lies on one side of 50%; an interval that includes 50% is \"no measurable difference\". "
              "Abstained (no readable verdict in either order), failed (judge errors, retried by a re-run) and "
              "missing (no answer from one side) pairs are not in n and are never counted as ties; \"+k in one order\": "
-             "k pairs in n decided by one order, the judge unreadable in the other. `:sampled` rows: "
+             "k pairs in n decided by one order, the judge unreadable in the other; n \"(k empty)\": k pairs decided without "
+             "the judge because an answer was empty (it loses; both empty: a tie); \"(k without a failed judge)\": k "
+             "verdicts an ensemble gave without a judge whose backend failed. A result also needs the exact sign test "
+             "over the decided prompts below 5% (at a few prompts the interval alone is too narrow). `:sampled` rows: "
              "k answers per prompt at a temperature > 0 (fixed seeds), sample j of the model against sample j of "
              "the baseline; n counts samples, the intervals resample prompts.", "",
              "| model | baseline | n | prompts | win rate (95% CI) | LC win rate (95% CI) | result | LC result | W/T/L "
              "| order-inconsistent | abstained | failed | missing |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in winrates:
-        lines.append(f"| {w['model']} | {w['baseline']} | {w['n']} | {w.get('prompts', w['n'])} | "
+        n_cell = f"{w['n']}" + (f" ({w['empty']} empty)" if w.get("empty") else "") + (
+            f" ({w['fewer_judges']} without a failed judge)" if w.get("fewer_judges") else "")
+        lines.append(f"| {w['model']} | {w['baseline']} | {n_cell} | {w.get('prompts', w['n'])} | "
                      f"{_cell(w['win_rate'], w['win_rate_ci'])} | {_cell(w['lc_win_rate'], w['lc_win_rate_ci'])} | "
                      f"{w.get('conclusion') or '-'} | {w.get('lc_conclusion') or '-'} | "
                      f"{w['wins']:.0f}/{w['ties']:.0f}/{w['losses']:.0f} | {w.get('inconsistent', 0)} | "

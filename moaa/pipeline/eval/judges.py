@@ -27,6 +27,9 @@ class PairVerdict:
     # orders asked that gave no readable verdict: a pair decided by one order has no position-bias control,
     # so it is counted and shown beside the win rate, not silently treated as a two-order verdict
     abstained_orders: int = 0
+    # judge models whose backend failed while an ensemble decided without them (its min_judges allowed it)
+    judge_failures: list = field(default_factory=list)
+    empty: bool = False             # decided without the judge: an answer was empty
 
 
 def _combine(first: float | None, second: float | None, orders: tuple, usage: dict, asked: int = 2) -> PairVerdict:
@@ -52,11 +55,12 @@ class AnnotatorPairJudge:
         self._channel = endpoint.channel()
         self._stub = annotator_pb2_grpc.AnnotatorStub(self._channel)
 
-    async def _one(self, prompt, cands, usage: dict) -> tuple[float | None, str]:
+    async def _one(self, prompt, cands, usage: dict, failed: list) -> tuple[float | None, str]:
         from moaa.client.annotate import annotate_once
 
         r = await annotate_once(self._stub, self.endpoint, prompt, cands, ensemble=self.ensemble, mode=self.mode, seed=0)
         usage_record(r.usage, into=usage)
+        failed.extend(f.model for f in r.failures if f.model not in failed)
         scores = {c.candidate_id: c.score for c in r.combined}
         if "m" not in scores or "b" not in scores or math.isnan(scores["m"]) or math.isnan(scores["b"]):
             return None, r.skip_reason or "no combined scores"  # every judge abstained: no verdict
@@ -68,11 +72,15 @@ class AnnotatorPairJudge:
 
     async def prefer(self, prompt, model_text, base_text) -> PairVerdict:
         usage: dict = {}
-        first, why1 = await self._one(prompt, [("m", model_text), ("b", base_text)], usage)
+        failed: list = []
+        first, why1 = await self._one(prompt, [("m", model_text), ("b", base_text)], usage, failed)
         if not self.both_orders:
-            return _combine(first, None, (why1,), usage, asked=1)
-        second, why2 = await self._one(prompt, [("b", base_text), ("m", model_text)], usage)
-        return _combine(first, second, (why1, why2), usage)
+            v = _combine(first, None, (why1,), usage, asked=1)
+        else:
+            second, why2 = await self._one(prompt, [("b", base_text), ("m", model_text)], usage, failed)
+            v = _combine(first, second, (why1, why2), usage)
+        v.judge_failures = failed
+        return v
 
     async def close(self) -> None:
         await self._channel.close()

@@ -36,6 +36,7 @@ def load_answers(path: str | Path) -> dict[str, tuple[list[dict], str]]:
     """
     path = Path(path)
     out: dict[str, tuple[list[dict], str]] = {}
+    first_line: dict[str, int] = {}
     for lineno, row in read_input(path, "answers"):
         prompt, text = None, None
         if sample_texts(row):
@@ -52,6 +53,11 @@ def load_answers(path: str | Path) -> dict[str, tuple[list[dict], str]]:
             raise UserError(f"{path}: line {lineno}: expected a prompt (prompt/messages/instruction) and an answer "
                             f"({'/'.join(ANSWER_FIELDS)}, or messages ending with the assistant's turn)")
         rid = str(row.get("id") or content_id(prompt))
+        if rid in first_line:  # a second answer would silently replace the first
+            what = f"answer id {rid!r}" if row.get("id") else "a second answer to the same prompt (rows without ids)"
+            raise UserError(f"{path}: line {lineno}: {what} appears twice (first at line {first_line[rid]}); "
+                            "keep one answer per prompt")
+        first_line[rid] = lineno
         out[rid] = (prompt, text)
     if not out:
         raise UserError(f"{path}: no answers")
@@ -88,7 +94,7 @@ def _empty_verdict(model_text: str, base_text: str):
     if m and b:
         return None
     pref = 0.5 if m == b else (1.0 if m else 0.0)
-    return PairVerdict(pref, ("empty answer", "empty answer"), False)
+    return PairVerdict(pref, ("empty answer", "empty answer"), False, empty=True)
 
 
 async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, answers_base: dict,
@@ -127,7 +133,7 @@ async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, ans
             return
         store.write({"id": keys[rid], "prompt_id": rid, "model": model, "baseline": baseline,
                      "preference": v.preference, "orders": list(v.orders), "inconsistent": v.inconsistent,
-                     "abstained_orders": v.abstained_orders,
+                     "abstained_orders": v.abstained_orders, "empty": v.empty, "judge_failures": v.judge_failures,
                      "len_model": len(mt), "len_baseline": len(bt), "judge": judge.name, "usage": v.usage})
         progress.advance()
 
@@ -151,7 +157,8 @@ def winrates_from_store(store: DatasetStore, pairs: list[tuple[str, str]], *, n_
         if (store.folder / "skipped.jsonl").exists() else []
     for model, baseline in pairs:
         prefix = f"{model}~{baseline}~"
-        sel = [r for r in rows if r["model"] == model and r["baseline"] == baseline]
+        # by id, not by the order rows were written in: a resumed run's intervals equal an uninterrupted one's
+        sel = sorted((r for r in rows if r["model"] == model and r["baseline"] == baseline), key=lambda r: r["id"])
         counts = {"abstained": sum(k.startswith(prefix) for k in abstained),
                   "failed": sum(k.startswith(prefix) for k in store.failed),
                   "missing": (missing or {}).get((model, baseline), 0)}
@@ -161,7 +168,9 @@ def winrates_from_store(store: DatasetStore, pairs: list[tuple[str, str]], *, n_
         rep = summarize(model, baseline, [r["preference"] for r in sel], [r["len_model"] for r in sel],
                         [r["len_baseline"] for r in sel], n_resamples=n_resamples,
                         inconsistent=sum(bool(r["inconsistent"]) for r in sel), prompt_ids=groups,
-                        one_order=sum(bool(r.get("abstained_orders")) for r in sel), **counts)
+                        one_order=sum(bool(r.get("abstained_orders")) for r in sel),
+                        empty=sum(bool(r.get("empty")) for r in sel),
+                        fewer_judges=sum(bool(r.get("judge_failures")) for r in sel), **counts)
         out.append(rep.to_json())
     return out
 
@@ -274,5 +283,8 @@ async def evaluate(args) -> dict:
                              failed_grades else "") + f" (first: {first}); re-run to retry them")
     winrates = winrates_from_store(store, [(args.name, args.baseline_name)], n_resamples=args.bootstrap,
                                    missing={(args.name, args.baseline_name): missing})
-    write_winrates(out, winrates)
+    # the folder's other comparisons keep their results (one --out may hold several: other --name/--baseline-name)
+    others = [w for w in (read_json(out / "winrates.json") or []) if isinstance(w, dict)
+              and (w.get("model"), w.get("baseline")) != (args.name, args.baseline_name)]
+    write_winrates(out, others + winrates)
     return {"winrates": winrates, "grades": grades, "out": str(out), "abstained": len(store.skipped)}
