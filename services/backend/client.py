@@ -98,10 +98,13 @@ class BackendClient:
 
     # -- public API ----------------------------------------------------------------------------
     async def chat(self, messages, sampling: SamplingConfig | dict | None = None, n: int = 1,
-                   timeout: float | None = None, partial_ok: bool = False) -> ChatResult:
+                   timeout: float | None = None, partial_ok: bool = False,
+                   progress: dict | None = None) -> ChatResult:
         """The whole answer (n choices). Raises BackendError. Where n is sent as separate requests,
         partial_ok=True returns the choices that answered (each keeps its index) and lists the failed
-        ones' errors in `failures`; it raises only when none answered."""
+        ones' errors in `failures`; it raises only when none answered. `progress` (n=1), a dict, is kept up
+        to date while the call runs: endpoint, attempts, error (the last failed attempt's BackendError) and
+        usage (once the answer was received whole), for a caller that may cancel the call to report it."""
         if n < 1:
             raise ValueError("n must be at least 1")
         msgs = normalize_messages(messages)
@@ -109,7 +112,7 @@ class BackendClient:
         deadline = self._deadline(timeout)
         if n > 1 and not self.cfg.supports_n:
             return await self._chat_emulated_n(msgs, params, n, deadline, partial_ok)
-        res = await self._chat_once(self._body(msgs, params, n), n, deadline)
+        res = await self._chat_once(self._body(msgs, params, n), n, deadline, progress)
         got = sum(1 for c in res.choices if c.finish_reason is not None or c.text)
         if got < n:  # a server that ignores n (supports_n misconfigured): ask for the rest one by one
             extra = await self._chat_emulated_n(msgs, {**params, "seed": nth_seed(params["seed"], got)}
@@ -152,17 +155,18 @@ class BackendClient:
             timeout = 0.0
         return math.inf if timeout is None else asyncio.get_running_loop().time() + timeout
 
-    async def _chat_once(self, body: dict, n: int, deadline: float) -> ChatResult:
+    async def _chat_once(self, body: dict, n: int, deadline: float, state: dict | None = None) -> ChatResult:
         t0 = time.monotonic()
         texts: dict[int, list[str]] = {}
         finish: dict[int, str | None] = {}
         usage = Usage()
         ttft = None
-        state: dict[str, Any] = {}
+        state = {} if state is None else state
         async with aclosing(self._events(body, deadline, state)) as events:
             async for batch in events:
                 if batch is _RESTART:
                     texts, finish, usage, ttft = {}, {}, Usage(), None
+                    state.pop("usage", None)
                     continue
                 if ttft is None:
                     ttft = time.monotonic() - t0
@@ -176,7 +180,7 @@ class BackendClient:
                         if ch.get("finish_reason"):
                             finish[i] = ch["finish_reason"]
                     if ev.get("usage"):
-                        usage = Usage.from_dict(ev["usage"])
+                        usage = state["usage"] = Usage.from_dict(ev["usage"])  # the answer's last chunk
         choices = [ChatChoice(i, "".join(texts.get(i, [])), finish.get(i)) for i in range(n)]
         if n == 1:  # one choice: the request's usage is its own (n choices share one usage)
             choices[0].usage = usage
@@ -226,7 +230,7 @@ class BackendClient:
     async def _events(self, body: dict, deadline: float, state: dict) -> AsyncIterator[Any]:
         """Parsed stream events in lists (those of one read), with retries and failover until the consumer sets state['committed'];
         a retry after events were passed on is announced by a _RESTART marker so the consumer starts
-        over. Sets state['endpoint'] and state['attempts']."""
+        over. Sets state['endpoint'], state['attempts'] and state['error'] (the last failed attempt)."""
         loop = asyncio.get_running_loop()
         retry = self.cfg.retries
         tried: set[str] = set()
@@ -250,6 +254,7 @@ class BackendClient:
                 return
             except BackendError as err:
                 err.attempts = attempt
+                state["error"] = err  # what a caller that cancels us while we wait to retry reports
                 # stream_chat marks state['committed'] once the caller has seen a chunk: no retry after that
                 if state.get("committed") or not err.retryable or attempt >= retry.max_attempts:
                     raise

@@ -4,8 +4,10 @@
 it completes, the aggregator's deltas as the backend streams them, and a final event with the whole
 result. A layer ends when all proposers answered, after the first k answers (`first_k`) or at the
 layer deadline, whichever comes first; requests still running are then cancelled, which closes their
-HTTP streams and frees the backend's slot. Closing the generator (the caller cancelled) cancels
-everything in flight the same way.
+HTTP streams and frees the backend's slot. Only the first k answers are used (answers that came with
+the k-th are late too, their tokens counted); a late proposer whose backend had already failed is
+reported with that failure, one cut at the deadline with the replica and attempts it got to. Closing
+the generator (the caller cancelled) cancels everything in flight the same way.
 """
 from __future__ import annotations
 
@@ -43,6 +45,11 @@ class _Usage:
     def to_proto(self) -> list[common_pb2.ModelUsage]:
         return [common_pb2.ModelUsage(model=m, requests=r, usage=common_pb2.Usage(
             prompt_tokens=p, completion_tokens=c, total_tokens=p + c)) for m, (p, c, r) in self.per_model.items()]
+
+
+# turns of the event loop given, once a layer has its k answers, to answers already received (in the
+# socket, or but for the [DONE]) so that they are read instead of cut: their tokens were spent. No waiting
+_DRAIN_TURNS = 4
 
 
 def _left(deadline: float | None) -> float | None:
@@ -114,9 +121,10 @@ class MoAEngine:
 
     # -- one proposer -----------------------------------------------------------------------------
 
-    async def _propose(self, agent: Agent, messages: list[dict], deadline: float | None):
+    async def _propose(self, agent: Agent, messages: list[dict], deadline: float | None, progress: dict):
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
-        return await self.pool.client(agent.model).chat(messages, agent.sampling, timeout=timeout)
+        return await self.pool.client(agent.model).chat(messages, agent.sampling, timeout=timeout,
+                                                        progress=progress)
 
     # -- one layer --------------------------------------------------------------------------------
 
@@ -124,15 +132,23 @@ class MoAEngine:
                      usage: _Usage, report: gateway_pb2.LayerReport) -> AsyncIterator[gateway_pb2.GenerateEvent]:
         t0 = time.monotonic()
         tasks: dict[asyncio.Task, int] = {}
+        progress: dict[int, dict] = {}  # per proposer: endpoint, attempts, last error, usage (backend/client.py)
+        finished: list[asyncio.Task] = []  # in completion order: "the first k" of several done at once
         refs = list(prev.proposals) if prev is not None else None
+        fits = []
         for i, agent in enumerate(plan.proposers):
             messages, fit = self._messages(plan, agent, refs)
-            _set_reference_report(prev, fit)
-            tasks[asyncio.create_task(self._propose(agent, messages, deadline))] = i
+            fits.append(fit)
+            progress[i] = {}
+            task = asyncio.create_task(self._propose(agent, messages, deadline, progress[i]))
+            task.add_done_callback(finished.append)
+            tasks[task] = i
+        _set_reference_report(prev, fits)
         need = plan.first_k or len(tasks)
         layer_end = None if plan.layer_deadline_s is None else t0 + plan.layer_deadline_s
         stop = "all"
         ok: list[gateway_pb2.Proposal] = []
+        extra: list[asyncio.Task] = []  # done with or after the k-th answer, or at the deadline: late, not used
         pending = set(tasks)
         try:
             while pending and len(ok) < need:
@@ -144,10 +160,15 @@ class MoAEngine:
                         stop = "deadline"
                         break
                     raise DeadlineExceeded("the call's deadline passed while proposers were still answering")
-                for task in sorted(done, key=tasks.__getitem__):
+                # done callbacks may still be queued for a task that finished just now: it comes last
+                for task in sorted(done, key=lambda t: (finished.index(t), 0) if t in finished
+                                   else (len(finished), tasks[t])):
                     i = tasks[task]
                     agent = plan.proposers[i]
                     err = task.exception()
+                    if err is None and len(ok) >= need:
+                        extra.append(task)
+                        continue
                     if err is not None:
                         usage.add(agent.model)
                         failure = _error_proto(err, agent.model)
@@ -169,29 +190,25 @@ class MoAEngine:
                         latency_s=res.latency_s, finish_reason=res.finish_reason or "", used=True)
                     ok.append(prop)
                     yield gateway_pb2.GenerateEvent(request_id=plan.request_id, proposal=prop)
-            if pending and stop == "all":
+            if (pending or extra) and stop == "all":
                 stop = "first_k"
+                for _ in range(_DRAIN_TURNS):  # late answers already here are read, not cut (their usage counts)
+                    await asyncio.sleep(0)
+            extra += [t for t in pending if t.done()]  # done since the last wakeup: late too, not dropped
         finally:
             late = [t for t in tasks if not t.done()]
             for t in late:
                 t.cancel()
             if late:  # wait for their streams to close, so the backends see the disconnect now
                 await asyncio.gather(*late, return_exceptions=True)
-        report.cancelled = len(late)
+        report.cancelled = len(late) + len(extra)
         report.stop_reason = stop
-        if stop == "deadline":
-            for t in late:
-                agent = plan.proposers[tasks[t]]
-                usage.add(agent.model)
-                failure = common_pb2.BackendError(
-                    model=agent.model, cause="timeout",
-                    message=f"no answer within the layer deadline of {plan.layer_deadline_s:g} s; request cancelled")
+        for t in sorted(extra + late, key=tasks.__getitem__):
+            i = tasks[t]
+            failure = self._late(plan, plan.proposers[i].model, t, progress[i], stop, usage, time.monotonic() - t0)
+            if failure is not None:
                 report.failures.append(failure)
-                self._backend_metric(agent.model, time.monotonic() - t0, "timeout")
                 yield gateway_pb2.GenerateEvent(request_id=plan.request_id, failure=failure)
-        elif late:
-            for t in late:
-                usage.add(plan.proposers[tasks[t]].model)
         ok.sort(key=lambda p: p.index)
         report.proposals.extend(ok)
         report.latency_s = time.monotonic() - t0
@@ -203,6 +220,52 @@ class MoAEngine:
             raise outage(f"layer {layer}: only {len(ok)} of {len(plan.proposers)} proposers answered, below "
                          f"min_proposers={plan.min_proposers}; failed backends: {_describe(report.failures)}",
                          _left(deadline), "proposers were", refused=refusal)
+
+    def _late(self, plan: Plan, model: str, task: asyncio.Task, progress: dict, stop: str, usage: _Usage,
+              seconds: float) -> common_pb2.BackendError | None:
+        """Account for a proposer the layer stopped waiting for; its failure to report, if any. Tokens of an
+        answer received whole are counted (they were spent) though the answer is not used; a backend that had
+        already failed is reported as it failed (never swallowed); one cut at the layer deadline, as a timeout
+        naming the replica it waited for and the attempts made."""
+        res = None if task.cancelled() or task.exception() is not None else task.result()
+        spent = res.usage if res is not None else progress.get("usage")
+        usage.add(model, spent)
+        if spent is not None and self.metrics is not None:
+            self.metrics.tokens(model, spent.prompt_tokens, spent.completion_tokens)
+        err = None if task.cancelled() else task.exception()
+        if err is not None:  # it failed as it was cancelled: that failure, as it is
+            failure = _error_proto(err, model)
+        elif res is not None or (spent is not None and stop != "deadline"):
+            return None  # answered, after the k-th: late, not used
+        else:
+            failure = self._cut(plan, model, progress, stop)
+            if failure is None:
+                return None  # still answering at the k-th: cancelled, nothing failed
+        self._backend_metric(model, seconds, failure.cause)
+        return failure
+
+    @staticmethod
+    def _cut(plan: Plan, model: str, progress: dict, stop: str) -> common_pb2.BackendError | None:
+        """The failure of a proposer cancelled while still running: after a failed attempt (first_k or the
+        deadline cut its retry), or with no answer by the layer deadline; None when it was merely late."""
+        last: BackendError | None = progress.get("error")
+        attempts = progress.get("attempts", 0)
+        cut = ("the layer stopped at first_k" if stop != "deadline"
+               else f"no answer within the layer deadline of {plan.layer_deadline_s:g} s")
+        if stop != "deadline":
+            if last is None:
+                return None
+            return common_pb2.BackendError(
+                model=model, endpoint=last.endpoint, cause=last.cause, http_status=last.http_status,
+                attempts=attempts, message=f"{last.message} ({cut} before a retry answered; request cancelled)")
+        message = f"{cut}; request cancelled"
+        if last is not None:
+            status = f" HTTP {last.http_status}" if last.http_status else ""
+            where = f" at {last.endpoint}" if last.endpoint else ""
+            message += f" (earlier attempt failed{where}: {last.cause}{status}: {last.message})"
+        return common_pb2.BackendError(model=model, endpoint=progress.get("endpoint", ""), cause="timeout",
+                                       http_status=last.http_status if last is not None else 0,
+                                       attempts=attempts, message=message)
 
     def _backend_metric(self, model: str, seconds: float, cause: str | None, usage=None) -> None:
         if self.metrics is None:
@@ -235,7 +298,7 @@ class MoAEngine:
         # (a plan with no layers, the HTTP door's plain backend, sends the conversation as it is)
         agent = plan.aggregator
         messages, fit = self._messages(plan, agent, list(prev.proposals) if prev is not None else None)
-        _set_reference_report(prev, fit)
+        _set_reference_report(prev, [fit])
         ta = time.monotonic()
         parts: list[str] = []
         finish, agg_usage, ttft = "", None, None
@@ -292,8 +355,10 @@ class MoAEngine:
         yield gateway_pb2.GenerateEvent(request_id=plan.request_id, final=resp)
 
 
-def _set_reference_report(report: gateway_pb2.LayerReport | None, fit) -> None:
-    """Record what a layer's references cost after fitting (the largest over the models they went to)."""
-    if report is not None and fit is not None:
-        report.reference_tokens = max(report.reference_tokens, fit.tokens)
-        report.references_trimmed = report.references_trimmed or fit.trimmed
+def _set_reference_report(report: gateway_pb2.LayerReport | None, fits: list) -> None:
+    """Record what a layer's references cost after fitting, for the models they went to. Where their windows
+    differ, the smallest copy: the one the proposals' trimmed flags (the largest cut) describe."""
+    fits = [f for f in fits if f is not None]
+    if report is not None and fits:
+        report.reference_tokens = min(f.tokens for f in fits)
+        report.references_trimmed = any(f.trimmed for f in fits)
