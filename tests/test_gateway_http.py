@@ -125,6 +125,12 @@ async def test_streaming_chunks_usage_and_done(gw_emulators, gateway_factory):
     assert len(finish) == 1 and finish[0].model_extra["moaa"]["aggregator_model"] == "agg"
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens > 0
     assert text.strip()
+    # on the wire, as OpenAI writes it: `usage: null` on every chunk before the usage chunk
+    body = {"model": "moa", "messages": ask(), "stream": True, "max_tokens": 3, "stream_options": {"include_usage": True}}
+    url = f"http://127.0.0.1:{gw.running.http_port}/v1/chat/completions"
+    async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+        data = [json.loads(line[6:]) for line in (await r.text()).splitlines() if line.startswith("data: {")]
+    assert all("usage" in d and d["usage"] is None for d in data[:-1]) and data[-1]["usage"]["total_tokens"] > 0
     # without include_usage there is no usage chunk
     stream = await client(gw).chat.completions.create(model="moa", messages=ask(), stream=True, max_tokens=2)
     assert all(c.choices for c in [c async for c in stream])
@@ -181,8 +187,7 @@ async def test_model_named_with_a_slash(gw_emulators, gateway_factory):
 @pytest.mark.parametrize("kw", [
     {"n": 1}, {"logprobs": False}, {"top_logprobs": 0}, {"tools": []}, {"tool_choice": "none"}, {"logit_bias": {}},
     {"parallel_tool_calls": False}, {"response_format": {"type": "text"}}, {"store": False}, {"modalities": ["text"]},
-    {"user": "u-1", "metadata": {"team": "eval"}}, {"stream_options": {"include_usage": True}},
-    {"verbosity": "medium"},
+    {"user": "u-1", "metadata": {"team": "eval"}}, {"stream_options": {}}, {"verbosity": "medium"},
 ])
 async def test_fields_at_their_unused_value_are_accepted(gw, kw):
     """What real clients send with the value that asks for nothing we lack (vLLM takes them too)."""
@@ -222,6 +227,8 @@ async def test_fields_at_their_unused_value_are_accepted(gw, kw):
     ({"modalities": ["text", "audio"]}, "modalities"),
     ({"extra_body": {"stream": "maybe"}}, "stream"),  # fields named str... are fields, not a union's branch
     ({"stream": True, "stream_options": {"include_usage": "maybe"}}, "stream_options.include_usage"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),   # without stream: OpenAI and vLLM refuse it
+    ({"max_completion_tokens": 10**6}, "max_completion_tokens"),       # over the window: named as sent
 ])
 async def test_bad_requests_are_400_naming_the_field(gw, kw, param):
     args = {"model": "moa", "messages": ask(), **kw}

@@ -172,6 +172,18 @@ async def test_stream_cut_at_max_output_tokens_ends_incomplete(gw):
     assert events[-1].response.incomplete_details.reason == "max_output_tokens"
 
 
+async def test_a_content_filter_cut_is_incomplete(gw_emulators, gateway_factory):
+    """The aggregator's backend ended with `content_filter`: OpenAI's `incomplete` with that reason, unary and
+    streamed (the chat door says `finish_reason: content_filter` on the same path)."""
+    emu = await gw_emulators({"a": FAST, "b": FAST, "agg": FAST | {"finish_reason": "content_filter"}})
+    gw = await gateway_factory(moa_config(emu.url, ["a", "b"]))
+    resp = await client(gw).responses.create(model="moa", input="hello")
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "content_filter"
+    stream = await client(gw).responses.create(model="moa", input="hello", stream=True)
+    events = [e async for e in stream]
+    assert events[-1].type == "response.incomplete" and events[-1].response.incomplete_details.reason == "content_filter"
+
+
 # -- refused, with what to do --------------------------------------------------------------------------
 
 REFUSED = [

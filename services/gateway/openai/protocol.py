@@ -168,6 +168,8 @@ class ChatCompletionRequest(_Strict):
                                  "answer in the prompt, or set max_tokens)")
         if self.web_search_options is not None:
             return "web_search_options", "web_search_options is not supported: the gateway searches nothing, remove it"
+        if self.stream_options is not None and self.stream_options.model_fields_set and not self.stream:  # as OpenAI, vLLM
+            return "stream_options", "stream_options is only allowed when stream is true: remove it, or set stream"
         if self.stream_options is not None and self.stream_options.continuous_usage_stats:
             return "stream_options.continuous_usage_stats", (
                 "stream_options.continuous_usage_stats is not supported: the usage of a MoA call is known when it "
@@ -190,6 +192,12 @@ class ChatCompletionRequest(_Strict):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def tokens_field(self) -> str:
+        """The field this request bounds the answer with, to name in an error about it."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None and self.max_tokens is None \
+            else "max_tokens"
 
     @property
     def include_usage(self) -> bool:
@@ -294,6 +302,13 @@ class ChatCompletionChunk(_Sparse):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     moaa: dict[str, Any] | None = None
+
+
+class ChatCompletionChunkWithUsage(ChatCompletionChunk):
+    """A chunk of a stream that asked for usage (`stream_options.include_usage`): OpenAI writes `usage: null`
+    on every chunk but the usage chunk."""
+
+    _omit_none = ("moaa",)
 
 
 class ModelCard(BaseModel):

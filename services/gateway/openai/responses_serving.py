@@ -107,9 +107,10 @@ class ResponsesServing:
         req: rp.ResponsesRequest = call.source
         status, output, usage, ext, incomplete, failure = "in_progress", [], None, None, None, None
         if final is not None:
-            cut = final.finish_reason == "length"  # the aggregator stopped at max_output_tokens
-            status = "incomplete" if cut else "completed"
-            incomplete = rp.IncompleteDetails(reason="max_output_tokens") if cut else None
+            # the aggregator stopped at max_output_tokens, or its backend's filter cut it: OpenAI's two reasons
+            why = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(final.finish_reason)
+            status = "incomplete" if why else "completed"
+            incomplete = rp.IncompleteDetails(reason=why) if why else None
             output = [self.message(call, status, final.text)]
             u = self.chat.usage(final)
             usage = rp.ResponseUsage(input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens,
@@ -137,7 +138,7 @@ class ResponsesStream:
     """The Responses stream of one call: response.created, response.in_progress, output_item.added and
     content_part.added with the first delta; an output_text.delta per engine delta; then output_text.done,
     content_part.done, output_item.done and response.completed (response.incomplete when cut at
-    max_output_tokens), each numbered by sequence_number. A failure after the start is response.failed."""
+    max_output_tokens or by the backend's content filter), each numbered by sequence_number. A failure after the start is response.failed."""
 
     def __init__(self, serving: ResponsesServing, call: Call):
         self.serving, self.call = serving, call

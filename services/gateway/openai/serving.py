@@ -169,13 +169,13 @@ class ChatServing:
         greq = _to_generate_request(req, messages, rid)
         if req.model in self.cfg.recipes:
             kind = "recipe"
-            plan = _plan_or_400(lambda: make_plan(self.cfg, greq, rid, self.max_prompt_chars), where)
+            plan = _plan_or_400(lambda: make_plan(self.cfg, greq, rid, self.max_prompt_chars), where, req.tokens_field)
         elif req.model in self._passthrough:
             kind = "backend"
             if req.moaa is not None and (req.moaa.min_proposers or req.moaa.first_k or req.moaa.layer_deadline_s):
                 raise HttpError(f"model {req.model!r} is a plain backend: moaa.min_proposers, first_k and "
                                 "layer_deadline_s apply to recipes only", grpc.StatusCode.INVALID_ARGUMENT, "moaa")
-            plan = _plan_or_400(lambda: self._passthrough_plan(greq, rid), where)
+            plan = _plan_or_400(lambda: self._passthrough_plan(greq, rid), where, req.tokens_field)
         else:
             raise self._unknown_model(req.model)
         timeout = req.moaa.timeout_s if req.moaa is not None else None
@@ -234,7 +234,8 @@ class ChatServing:
     def chunk(self, call: Call, *, content: str | None = None, role: bool = False, finish: str | None = None,
               final: gateway_pb2.GenerateResponse | None = None) -> p.ChatCompletionChunk:
         delta = p.Delta(role="assistant" if role else None, content=content)
-        return p.ChatCompletionChunk(
+        kind = p.ChatCompletionChunkWithUsage if call.request.include_usage else p.ChatCompletionChunk
+        return kind(
             id=call.id, created=call.created, model=call.request.model,
             choices=[p.ChunkChoice(delta=delta, finish_reason=finish)],
             moaa=None if final is None else self.extension(call, final))
@@ -274,9 +275,10 @@ class ChatStream:
         return [b"data: [DONE]\n\n"]
 
 
-def _plan_or_400(make, where: list[int]) -> Plan:
+def _plan_or_400(make, where: list[int], tokens_field: str = "max_tokens") -> Plan:
     """make_plan's InvalidArgument, with `param` named from the message's leading field and `messages[k]`
-    the request's own index (`where`: leading system messages were merged)."""
+    the request's own index (`where`: leading system messages were merged); max_tokens said as the field the
+    request sent (`tokens_field`: max_completion_tokens)."""
     try:
         return make()
     except InvalidArgument as err:
@@ -287,6 +289,8 @@ def _plan_or_400(make, where: list[int]) -> Plan:
         if head == "aggregator_sampling":  # our mapping's name for the request's own sampling fields
             field = msg.split(" ", 1)[0].split("=", 1)[0].split(".", 1)[-1]
             msg, param = msg.replace("aggregator_sampling.", "", 1), field
+            if param == "max_tokens" and tokens_field != param:
+                msg, param = msg.replace("max_tokens", tokens_field, 1), tokens_field
         elif head in ("min_proposers", "first_k", "layer_deadline_s"):
             msg, param = "moaa." + msg, "moaa"
         raise HttpError(msg, grpc.StatusCode.INVALID_ARGUMENT, param) from None
