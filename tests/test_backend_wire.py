@@ -206,6 +206,10 @@ async def test_reasoning_deltas_are_not_the_answer(emulator_factory, pool_of):
     assert res.text == expected_text({"messages": MSGS})
     chunks = [c async for c in pool.client("m").stream_chat(MSGS)]
     assert "".join(c.text for c in chunks) == res.text and all(c.text or c.finish_reason or c.usage for c in chunks)
+    # the reasoning tokens are completion tokens (as vLLM counts them), in the usage and the emulator's count
+    before = emu.stats.tokens
+    res = await pool.client("m").chat(MSGS, {"max_tokens": 12})
+    assert res.usage.completion_tokens == 12 == emu.stats.tokens - before and res.finish_reason == "length"
 
 
 async def test_an_html_page_with_200_is_a_malformed_answer_not_a_cut_stream(emulator_factory, pool_of):

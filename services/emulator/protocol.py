@@ -141,9 +141,10 @@ def chunk(rid: str | None, model: str, created: int, choices: list[dict], usage:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
-def completion(rid: str, model: str, texts: list[str], finish: str, usage: dict) -> dict:
+def completion(rid: str, model: str, texts: list[str], finish: str, usage: dict, reasoning: str = "") -> dict:
+    message = {"role": "assistant"} | ({"reasoning_content": reasoning} if reasoning else {})
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": finish,
+            "choices": [{"index": i, "message": message | {"content": t}, "finish_reason": finish,
                          "logprobs": None} for i, t in enumerate(texts)],
             "usage": usage}
 

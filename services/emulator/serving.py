@@ -244,20 +244,23 @@ class ChatServing:
         return [tokens for tokens, _ in cut], finish
 
     @staticmethod
-    def usage(body: dict, tokens: list[list[str]]) -> dict:
+    def usage(body: dict, tokens: list[list[str]], reasoning: int = 0) -> dict:
+        """Reasoning tokens are completion tokens, as vLLM and OpenAI count them (one set per choice)."""
         p = count_prompt_tokens(body)
-        c = sum(len(t) for t in tokens)
+        c = sum(len(t) for t in tokens) + reasoning * len(tokens)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     async def answer(self, body: dict, model: str, s: EmulatorSettings) -> dict:
         """A non-streamed answer after ttft + generation time (faults handled by the router)."""
-        tokens, finish = self.plan(body, s)
-        delay = self.first_token_delay(s) + (len(tokens[0]) / s.tokens_per_s if s.tokens_per_s else 0.0)
+        reasoning = self.reasoning(body, s)
+        tokens, finish = self.plan(body, s, reasoning)
+        delay = self.first_token_delay(s) + ((reasoning + len(tokens[0])) / s.tokens_per_s if s.tokens_per_s else 0.0)
         if delay:
             await asyncio.sleep(delay)
-        self.stats.tokens += sum(len(t) for t in tokens)
+        self.stats.tokens += sum(len(t) for t in tokens) + reasoning * len(tokens)
+        thought = "".join(generate_tokens(body, -1, reasoning)) if reasoning else ""
         return completion(f"chatcmpl-{uuid.uuid4().hex[:16]}", model, ["".join(t) for t in tokens], finish,
-                          self.usage(body, tokens))
+                          self.usage(body, tokens, reasoning), thought)
 
     async def stream(self, body: dict, model: str, s: EmulatorSettings, write: Writer,
                      cut: Callable[[], None]) -> bool:
@@ -282,6 +285,7 @@ class ChatServing:
         for word in generate_tokens(body, -1, reasoning) if reasoning else ():
             await write(chunk(rid, model, created, [{"index": i, "delta": {"reasoning_content": word},
                                                      "finish_reason": None} for i in range(n)]))
+            self.stats.tokens += n
         for step in range(len(tokens[0])):
             if s.stall_after_chunks == step:
                 await self.stall(s, "stall_after_chunks")
@@ -311,7 +315,7 @@ class ChatServing:
         await write(chunk(rid, model, created, [{"index": i, "delta": {}, "finish_reason": finish}
                                                 for i in range(n)]))
         if include_usage:
-            await write(chunk(rid, model, created, [], self.usage(body, tokens)))
+            await write(chunk(rid, model, created, [], self.usage(body, tokens, reasoning)))
         if not s.omit_done:
             await write(b"data: [DONE]\n\n")
         return True
