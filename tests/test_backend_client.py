@@ -102,6 +102,16 @@ async def test_server_ignoring_n_is_covered_by_separate_requests(emulator_factor
     assert "returned 1 of 3 choices" in res.note and emu.stats.requests == 3
 
 
+async def test_server_ignoring_n_keeps_the_choices_that_answered(emulator_factory, pool_of):
+    """partial_ok (the gateway's Sample): a failed separate request leaves the choices that answered, its
+    error listed, as where supports_n is false (seed 2: the n request answers, one of the two others fails)."""
+    emu = await emulator_factory(ignore_n=True, error_rates={500: 0.5}, seed=2)
+    pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 1})})
+    res = await pool.client("m").chat(MSGS, {"max_tokens": 4, "seed": 1}, n=3, partial_ok=True)
+    assert [c.index for c in res.choices] == [0, 1] and all(res.texts)
+    assert [f.http_status for f in res.failures] == [500] and "1 of them failed" in res.note
+
+
 async def test_unknown_model_is_a_user_error(emulator, pool_of):
     pool = await pool_of({"m": make_cfg(emulator.url)})
     with pytest.raises(UnknownBackendError) as exc:

@@ -173,14 +173,35 @@ async def test_sample_partial_failure_returns_answered_samples_and_failures(gw_e
     assert all(s.text for s in resp.samples) and len({s.index for s in resp.samples}) == 2
     assert all(f.model == "a" and f.http_status == 500 for f in resp.failures)
     assert "2 of them failed" in resp.note
-    # annotate needs two answered samples: with 1 of 2 answering the call fails, naming the failure
+    # annotate needs two answered samples: with 1 of 2 answering, that sample still comes back (it was paid
+    # for), with the failure and a note saying why nothing was annotated; the annotator is not called
     emu2 = await gw_emulators({"a": {"error_rates": {500: 0.5}}}, seed=1)  # seed 1: one fails, one answers
     cfg = moa_config(emu2.url, ["a"], backends={"a": one_try})
     cfg["annotator_address"] = "127.0.0.1:1"
     gw2 = await gateway_factory(cfg)
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await gw2.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi"), annotate=True), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "only 1 of 2 samples answered" in err.value.details()
+    resp = await gw2.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi"), annotate=True),
+                                 timeout=5)
+    assert len(resp.samples) == 1 and [f.http_status for f in resp.failures] == [500]
+    assert not resp.HasField("annotation") and "not annotated: 1 of 2 samples answered" in resp.note
+
+
+async def test_an_empty_sample_is_a_failure_not_a_sample(gw_emulators, gateway_factory):
+    """As an empty proposal is: no text to train on or to judge (a reasoning model that spent max_tokens)."""
+    emu = await gw_emulators({"a": {"reasoning_tokens": 100}})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], backends={"a": {"supports_n": False}}))
+    resp = await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi"),
+                                                          sampling=S(max_tokens=5)), timeout=5)
+    assert not resp.samples and [(f.model, f.cause) for f in resp.failures] == [("a", "max_tokens")] * 2
+    assert "sampling.max_tokens" in resp.failures[0].message
+
+
+async def test_sample_with_stop_and_n_answers_every_choice(gw):
+    """A stop string ends the n choices at different lengths (the emulator streams each to its own end)."""
+    resp = await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=4, messages=user("hi"),
+                                                          sampling=S(max_tokens=12, seed=3, stop=["e"])), timeout=5)
+    # (was a stream cut: the emulator failed on the shorter choices); one stopped at its first token is empty
+    assert len(resp.samples) + len(resp.failures) == 4 and {f.cause for f in resp.failures} <= {"empty"}
+    assert len({len(s.text) for s in resp.samples}) > 1 and all("e" not in s.text for s in resp.samples)
 
 
 async def test_caller_deadline_is_deadline_exceeded_not_a_backend_outage(gw_emulators, gateway_factory):

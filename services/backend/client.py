@@ -115,14 +115,21 @@ class BackendClient:
         res = await self._chat_once(self._body(msgs, params, n), n, deadline, progress)
         got = sum(1 for c in res.choices if c.finish_reason is not None or c.text)
         if got < n:  # a server that ignores n (supports_n misconfigured): ask for the rest one by one
-            extra = await self._chat_emulated_n(msgs, {**params, "seed": nth_seed(params["seed"], got)}
-                                                if "seed" in params else params, n - got, deadline)
+            rest = {**params, "seed": nth_seed(params["seed"], got)} if "seed" in params else params
+            try:  # partial_ok: the choices already here stay, whatever the extra requests do
+                extra = await self._chat_emulated_n(msgs, rest, n - got, deadline, partial_ok)
+            except BackendError as err:
+                if not partial_ok:
+                    raise
+                extra = ChatResult(model=self.name, endpoint="", choices=[], failures=[err] * (n - got))
             if got == 1:
                 res.choices[0].usage = res.usage
             res.choices = res.choices[:got] + [ChatChoice(got + c.index, c.text, c.finish_reason, c.usage)
                                                for c in extra.choices]
             res.usage = res.usage + extra.usage
-            res.note = f"backend returned {got} of {n} choices; {n - got} more requested separately"
+            res.failures = res.failures + extra.failures
+            res.note = (f"backend returned {got} of {n} choices; {n - got} more requested separately"
+                        + (f", {len(extra.failures)} of them failed" if extra.failures else ""))
             log.warning("backend %s ignored n=%d; set supports_n: false in its config", self.name, n)
         return res
 

@@ -21,3 +21,14 @@ def models_info_proto(models: list[dict]) -> list[gateway_pb2.ModelInfo]:
                                   context_window=m["context_window"], max_concurrency=m["max_concurrency"],
                                   replicas=[gateway_pb2.Replica(**r) for r in m["replicas"]])
             for m in models]
+
+
+def empty_answer_proto(model: str, endpoint: str, attempts: int, finish_reason: str | None,
+                       setting: str) -> common_pb2.BackendError:
+    """An answer with no text is a failure, not an answer: cut at max_tokens before any text (a reasoning model
+    spent them all on its reasoning: raise `setting`), or ended with none."""
+    if finish_reason == "length":
+        return common_pb2.BackendError(model=model, endpoint=endpoint, cause="max_tokens", attempts=attempts,
+                                       message=f"answer cut at max_tokens before any text: raise {setting}")
+    return common_pb2.BackendError(model=model, endpoint=endpoint, cause="empty", attempts=attempts,
+                                   message=f"an empty answer (finish_reason {finish_reason or 'none'})")

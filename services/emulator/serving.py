@@ -147,8 +147,10 @@ def chunk_heads(rid: str, model: str, created: int, n: int) -> list[bytes]:
 
 
 def content_chunk(heads: list[bytes], tokens: list[list[str]], step: int):
+    """The step-th token of each choice that has one (a stop string may end choices at different lengths)."""
     for i, head in enumerate(heads):
-        yield head + json.dumps(tokens[i][step], ensure_ascii=False).encode() + b'},"finish_reason":null}]}\n\n'
+        if step < len(tokens[i]):
+            yield head + json.dumps(tokens[i][step], ensure_ascii=False).encode() + b'},"finish_reason":null}]}\n\n'
 
 
 class ChatServing:
@@ -286,7 +288,7 @@ class ChatServing:
             await write(chunk(rid, model, created, [{"index": i, "delta": {"reasoning_content": word},
                                                      "finish_reason": None} for i in range(n)]))
             self.stats.tokens += n
-        for step in range(len(tokens[0])):
+        for step in range(max(len(t) for t in tokens)):
             if s.stall_after_chunks == step:
                 await self.stall(s, "stall_after_chunks")
             if s.disconnect_after_chunks == step:
@@ -311,7 +313,7 @@ class ChatServing:
                 if wait > 0:
                     await asyncio.sleep(wait)
             await write(b"".join(content_chunk(heads, tokens, step)))
-            self.stats.tokens += n
+            self.stats.tokens += sum(step < len(t) for t in tokens)
         await write(chunk(rid, model, created, [{"index": i, "delta": {}, "finish_reason": finish}
                                                 for i in range(n)]))
         if include_usage:

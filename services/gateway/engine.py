@@ -19,7 +19,7 @@ from typing import AsyncIterator
 
 from moaa.services.backend import BackendError
 from moaa.services.backend.errors import too_long
-from moaa.services.common.convert import backend_error_proto, usage_proto
+from moaa.services.common.convert import backend_error_proto, empty_answer_proto, usage_proto
 from moaa.services.common.errors import DeadlineExceeded, InvalidArgument, outage
 from moaa.services.common.metrics import Metrics
 from moaa.services.config import MoaaConfig
@@ -64,14 +64,9 @@ def _error_proto(err: BaseException, model: str) -> common_pb2.BackendError:
 
 
 def _empty_answer(model: str, res, role: str) -> common_pb2.BackendError:
-    """A proposer's empty answer: cut at max_tokens before any text (a reasoning model spent them all on its
-    reasoning), or ended with none; min_proposers counts answers, so it is a failure."""
-    if res.finish_reason == "length":
-        return common_pb2.BackendError(model=model, endpoint=res.endpoint, cause="max_tokens", attempts=res.attempts,
-                                       message=f"answer cut at max_tokens before any text: raise the recipe's "
-                                               f"{role}.sampling.max_tokens (or proposer_sampling.max_tokens)")
-    return common_pb2.BackendError(model=model, endpoint=res.endpoint, cause="empty", attempts=res.attempts,
-                                   message=f"an empty answer (finish_reason {res.finish_reason or 'none'})")
+    """A proposer's empty answer; min_proposers counts answers, so it is a failure."""
+    return empty_answer_proto(model, res.endpoint, res.attempts, res.finish_reason,
+                              f"the recipe's {role}.sampling.max_tokens (or proposer_sampling.max_tokens)")
 
 
 def _describe(failures) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 
 from moaa.services.backend import BackendError
-from moaa.services.common.convert import backend_error_proto, usage_proto
-from moaa.services.common.errors import InvalidArgument, Unavailable, outage
+from moaa.services.common.convert import backend_error_proto, empty_answer_proto, usage_proto
+from moaa.services.common.errors import InvalidArgument, outage
 from moaa.services.common.validation import check_max_tokens, merge_sampling, messages_to_dicts, sampling_overrides
 from moaa.services.config import MoaaConfig, SamplingConfig
 from moaa.services.gateway.annotation import AnnotatorClient, annotate_into, check_annotate
@@ -45,17 +45,27 @@ async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: fl
         raise outage(f"model {req.model!r} failed: {err}", left, "the samples were", refused=err.too_long) from None
     resp = gateway_pb2.SampleResponse(request_id=request_id, id=req.id, model=req.model, note=res.note,
                                       usage=usage_proto(res.usage))
+    answered = []
     for c in res.choices:
+        if not c.text.strip():  # no answer to train on or to judge: a failure, as an empty proposal is
+            resp.failures.append(empty_answer_proto(req.model, res.endpoint, res.attempts, c.finish_reason,
+                                                    "sampling.max_tokens"))
+            continue
+        answered.append(c)
         sample = resp.samples.add(index=c.index, text=c.text, finish_reason=c.finish_reason or "")
         if c.usage is not None:
             sample.usage.CopyFrom(usage_proto(c.usage))
     resp.failures.extend(backend_error_proto(err) for err in res.failures)
-    if req.annotate and len(res.choices) < 2:
-        raise Unavailable(f"model {req.model!r}: only {len(res.choices)} of {req.n} samples answered, "
-                          f"too few to annotate; failures: {'; '.join(str(e) for e in res.failures)}")
-    if req.annotate:
-        areq = annotator_pb2.AnnotateRequest(
-            request_id=request_id, id=req.id, prompt=req.messages, ensemble=req.ensemble,
-            candidates=[annotator_pb2.Candidate(id=str(c.index), text=c.text, model=req.model) for c in res.choices])
-        await annotate_into(annotator, areq, resp, timeout=timeout, metadata=metadata)
+    if not req.annotate:
+        return resp
+    # the judges compare distinct answers; the samples come back whatever the annotation's fate
+    distinct = list({c.text.strip(): c for c in answered}.values())
+    if len(distinct) < 2:
+        resp.note = "; ".join(filter(None, [resp.note, f"not annotated: {len(answered)} of {req.n} samples "
+                                            f"answered, {len(distinct)} distinct; the judges need 2"]))
+        return resp
+    areq = annotator_pb2.AnnotateRequest(
+        request_id=request_id, id=req.id, prompt=req.messages, ensemble=req.ensemble,
+        candidates=[annotator_pb2.Candidate(id=str(c.index), text=c.text, model=req.model) for c in distinct])
+    await annotate_into(annotator, areq, resp, timeout=timeout, metadata=metadata)
     return resp
