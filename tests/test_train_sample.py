@@ -58,3 +58,23 @@ def test_sample_bad_prompts_exit_2(tiny_sft_dir, tmp_path, capsys):
     assert "line 3: missing prompt field" in err
     assert _run(tiny_sft_dir, _prompts(tmp_path), tmp_path / "o.jsonl", "--temperature", "0") == 2
     assert "needs temperature > 0" in capsys.readouterr().err
+    # the flag the error names exists: the bad rows are skipped, counted and named by line
+    good = write_jsonl(tmp_path / "q.jsonl", [{"id": "a", "prompt": "hi"}, "nope", {"id": "b", "prompt": "yo"}])
+    assert _run(tiny_sft_dir, good, tmp_path / "o.jsonl", "--skip-invalid") == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert summary["prompts"] == 2 and summary["invalid_skipped"] == 1 and summary["invalid_lines"] == [2]
+    assert [json.loads(x)["id"] for x in (tmp_path / "o.jsonl").read_text().splitlines()] == ["a", "b"]
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--temperature", "nan", "finite number"), ("--temperature", "inf", "finite number"),
+    ("--temperature", "-1", "greater than or equal to 0"), ("--temperature", "2.5", "less than or equal to 2"),
+    ("--top-p", "0", "greater than 0"), ("--n", "100000", "at most 64 answers per prompt"),
+])
+def test_sample_settings_out_of_range_exit_2(tmp_path, capsys, flag, value, words):
+    """Checked while parsing, before a model loads: no `Infinity` written into rows, no allocator error."""
+    with pytest.raises(SystemExit) as exc:
+        _run(tmp_path / "no-model", tmp_path / "p.jsonl", tmp_path / "o.jsonl", flag, value)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"argument {flag}" in err and words in err, err

@@ -94,17 +94,18 @@ def _vllm_generate(model_dir: str, s: SampleSettings):
     return generate
 
 
-def run_sample(model_spec: str, prompts: str, out: str, s: SampleSettings, *, quiet: bool = False) -> dict:
+def run_sample(model_spec: str, prompts: str, out: str, s: SampleSettings, *, quiet: bool = False,
+               skip_invalid: bool = False) -> dict:
     from moaa.lock import output_lock
     from moaa.models import resolve_model
 
     s.check()
     with output_lock(Path(out), "moaa sample"):   # one writer per --out: two would sample the same ids twice
         model = resolve_model(model_spec)  # what --model takes everywhere: packaged name, folder, GGUF file, hub id
-        return _sample(model, prompts, out, s, quiet)
+        return _sample(model, prompts, out, s, quiet, skip_invalid)
 
 
-def _sample(model, prompts: str, out: str, s: SampleSettings, quiet: bool) -> dict:
+def _sample(model, prompts: str, out: str, s: SampleSettings, quiet: bool, skip_invalid: bool = False) -> dict:
     from moaa.idset import IdSet
     from moaa.progress import StageProgress
     from moaa.prompts import PromptStream
@@ -114,11 +115,16 @@ def _sample(model, prompts: str, out: str, s: SampleSettings, quiet: bool) -> di
     # two reads of the prompts (a count for the progress bar and a check of every row before a model loads,
     # then the rows): memory stays one batch and 16 bytes per done id, whatever the prompt count
     total = todo = 0
-    for r in PromptStream(prompts, keep_ids=True):
+    check = PromptStream(prompts, keep_ids=True, skip_invalid=skip_invalid)
+    for r in check:
         total, todo = total + 1, todo + (r.id not in done)
-    to_do = ({"id": r.id, "prompt": r.messages} for r in PromptStream(prompts, keep_ids=True) if r.id not in done)
+    to_do = ({"id": r.id, "prompt": r.messages} for r in PromptStream(prompts, keep_ids=True, skip_invalid=skip_invalid)
+             if r.id not in done)
     engine = pick_engine(s.engine, vllm_on_cpu=False)
     summary = {"event": "sample", "prompts": total, "already_done": total - todo, "engine": engine}
+    if check.invalid:   # --skip-invalid: counted and named, never silently dropped
+        summary["invalid_skipped"] = check.invalid
+        summary["invalid_lines"] = [line for line, _ in check.skipped]
     print(json.dumps(summary), flush=True)
     # says at once, before a model loads, how many are done and left (or that nothing is left)
     bar = StageProgress("sampling", total, total - todo, unit="prompt", quiet=quiet)

@@ -35,6 +35,35 @@ def positive_float(text: str) -> float:
     return _positive(text, float, "a positive number")
 
 
+def samples_per_prompt(text: str) -> int:
+    """--n of `moaa sample`: 1..MAX_SAMPLES, the bound the gateway's Sample keeps too."""
+    from moaa.services.common.validation import MAX_SAMPLES
+
+    value = _positive(text, int, "a positive whole number")
+    if value > MAX_SAMPLES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SAMPLES} answers per prompt, got {value}")
+    return value
+
+
+def sampling_value(name: str):
+    """An argparse type for a sampling setting, in the range the backends' SamplingConfig takes."""
+
+    def parse(text: str) -> float:
+        from pydantic import ValidationError
+
+        from moaa.services.config import SamplingConfig
+
+        try:
+            value = float(text)
+            SamplingConfig(**{name: value})
+        except ValueError as err:   # not a number, or out of range (nan and inf included)
+            why = err.errors()[0]["msg"].lower() if isinstance(err, ValidationError) else "expected a number"
+            raise argparse.ArgumentTypeError(f"{why}, got {text!r}") from None
+        return value
+
+    return parse
+
+
 def add_service_group(subparsers, kind: str, help_text: str, serve_help: str, serve):
     """`moaa gateway serve` / `moaa annotator serve`: the same flags for both services."""
     group = subparsers.add_parser(kind, help=help_text)

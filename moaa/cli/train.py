@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from moaa.cli import add_quiet_arg, positive_float, positive_int
+from moaa.cli import add_quiet_arg, positive_float, positive_int, samples_per_prompt, sampling_value
 from moaa.engines import ENGINE_CHOICES
 
 # Flags that map one-to-one onto TrainConfig fields (flag -> field).
@@ -90,7 +90,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     settings = SampleSettings(n=args.n, temperature=args.temperature, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                               engine=args.engine)
-    run_sample(args.model, args.prompts, args.out, settings, quiet=args.quiet)
+    run_sample(args.model, args.prompts, args.out, settings, quiet=args.quiet, skip_invalid=args.skip_invalid)
     return 0
 
 
@@ -137,12 +137,14 @@ def register(subparsers) -> None:
                         help="the SFT output folder, or any packaged name, model folder, GGUF file or hub id")
     sample.add_argument("--prompts", required=True, help="JSONL rows {id, prompt: [messages]} (or {messages})")
     sample.add_argument("--out", required=True, help="output JSONL, appended to and resumed by id")
-    sample.add_argument("--n", type=positive_int, default=5, help="answers per prompt")
-    sample.add_argument("--temperature", type=float, default=0.8)
-    sample.add_argument("--top-p", type=float, default=0.95)
+    sample.add_argument("--n", type=samples_per_prompt, default=5, help="answers per prompt (at most 64)")
+    sample.add_argument("--temperature", type=sampling_value("temperature"), default=0.8, help="0..2")
+    sample.add_argument("--top-p", type=sampling_value("top_p"), default=0.95, help="in (0, 1]")
     sample.add_argument("--max-new-tokens", type=positive_int, default=512)
     sample.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generate call (transformers)")
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--skip-invalid", action="store_true",
+                        help="skip broken rows, rows without a prompt and duplicate ids (counted, with line numbers)")
     sample.add_argument("--engine", choices=ENGINE_CHOICES, default="auto",
                         help="auto: vLLM offline engine on a GPU node when installed, else transformers")
     add_quiet_arg(sample)

@@ -12,6 +12,7 @@ ROLES = ("system", "user", "assistant")
 # OpenAI takes 4 stop strings; vLLM and transformers serve take any number, and harnesses send more (inspect-ai
 # passes its stop_seqs as they are), so the bound is only a guard on work per generated token.
 MAX_STOP = 16
+MAX_SAMPLES = 64   # answers per prompt in one call: the gateway's Sample and `moaa sample --n`
 MIN_PROMPT_TOKENS = 16  # room a reply must leave in the context window for the prompt
 
 

@@ -6,21 +6,19 @@ import time
 from moaa.services.backend import BackendError
 from moaa.services.common.convert import backend_error_proto, empty_answer_proto, usage_proto
 from moaa.services.common.errors import InvalidArgument, outage
-from moaa.services.common.validation import check_max_tokens, merge_sampling, messages_to_dicts, sampling_overrides
+from moaa.services.common.validation import (MAX_SAMPLES, check_max_tokens, merge_sampling, messages_to_dicts,
+                                             sampling_overrides)
 from moaa.services.config import MoaaConfig, SamplingConfig
 from moaa.services.gateway.annotation import AnnotatorClient, annotate_into, check_annotate
 from moaa.v1 import annotator_pb2, gateway_pb2
-
-MAX_N = 64
-
 
 def check_sample_request(cfg: MoaaConfig, req, max_prompt_chars: int) -> tuple[list[dict], SamplingConfig]:
     if not req.model:
         raise InvalidArgument(f"model is empty: name one of the backends ({', '.join(sorted(cfg.backends))})")
     if req.model not in cfg.backends:
         raise InvalidArgument(f"unknown model {req.model!r}: use one of {', '.join(sorted(cfg.backends))}")
-    if not 1 <= req.n <= MAX_N:
-        raise InvalidArgument(f"n={req.n} is out of range: ask for 1..{MAX_N} samples")
+    if not 1 <= req.n <= MAX_SAMPLES:
+        raise InvalidArgument(f"n={req.n} is out of range: ask for 1..{MAX_SAMPLES} samples")
     messages = messages_to_dicts(req.messages, max_chars=max_prompt_chars, ends_with_user=False)
     over = sampling_overrides(req.sampling if req.HasField("sampling") else None, field="sampling")
     check_max_tokens(over.get("max_tokens"), model=req.model, field="sampling",
