@@ -185,7 +185,7 @@ class Run:
 
 def _cmd(gateway: str, annotator: str, prompts: Path, out: Path, window: int | None) -> list[str]:
     return [sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--prompts", str(prompts),
-            "--out", str(out), "--gateway", gateway, "--annotator", annotator, "--target", "seeded-sft-model",
+            "--out", str(out), "--gateway", gateway, "--annotator", annotator, "--target", "org/seeded-sft-model",
             "--ensemble", "e", "--until", "pairs", "--set", f"answer_tokens={TOKENS}",
             *(["--set", f"window={window}"] if window else [])]
 

@@ -29,6 +29,25 @@ _ORIGIN = re.compile(r"\*|null|[a-z][a-z0-9+.-]*://[^/?#\s]+")  # 'null': pages 
 _GRPC_SCHEMES = {"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock", "xds", "google-c2p"}
 
 
+def grpc_address_problem(address: str) -> str | None:
+    """What is wrong with a service address, or None: host:port, or a gRPC target with a scheme (dns:///...,
+    unix:...). gRPC would quietly take a missing port as 443, wrap a port past 65535 into another one, and
+    retry a URL as a host that does not resolve: the config's annotator_address and every client flag say so."""
+    if address.split(":", 1)[0] in _GRPC_SCHEMES:
+        return None
+    example = "e.g. moaa-annotator:50052"
+    if "://" in address:
+        return f"{address!r} is a URL: write host:port without a scheme, {example}"
+    if any(c.isspace() for c in address) and address.strip():
+        return f"{address!r} contains a space: write host:port, {example}"
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"{address!r} needs a port (1..65535): write host:port, {example}"
+    if not host.strip("[]"):
+        return f"{address!r} has no host: write host:port, {example}"
+    return None
+
+
 class AgentConfig(Strict):
     """One model in a role: which backend, with which system prompt and sampling."""
 
@@ -233,15 +252,9 @@ class MoaaConfig(Strict):
     def _host_port(cls, address: str | None) -> str | None:
         """host:port, or a gRPC target with a scheme (dns:///..., unix:...): checked now, not at the first
         annotate=true call (gRPC would quietly take a missing port as 443)."""
-        if address is None or address.split(":", 1)[0] in _GRPC_SCHEMES:
-            return address
-        if any(c.isspace() for c in address):
-            raise ValueError(f"{address!r} contains a space: write host:port, e.g. moaa-annotator:50052")
-        host, sep, port = address.rpartition(":")
-        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"{address!r} needs a port (1..65535): write host:port, e.g. moaa-annotator:50052")
-        if not host.strip("[]"):
-            raise ValueError(f"{address!r} has no host: write host:port, e.g. moaa-annotator:50052")
+        problem = None if address is None else grpc_address_problem(address)
+        if problem:
+            raise ValueError(problem)
         return address
 
     @model_validator(mode="after")

@@ -215,6 +215,18 @@ async def test_annotate_bad_input_and_unreachable(tmp_path):
     inp.write_text('{"id": null, "prompt": "hi", "candidates": [{"text": "a"}, {"text": "b"}]}\n')
     rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(tmp_path / "o2"))
     assert rc == 2 and "s.jsonl:1: row id None is not a string or an integer" in err, err
+    # answers under a misspelt key, as a string or as numbers: an error naming the row, not a quality skip that a
+    # rerun with the fixed file would count as done
+    for cands, needle in (('[{"txt": "a"}, {"txt": "b"}]', "candidates[0] is no answer"),
+                          ('"one answer"', "'candidates' is str: give a list of answers"),
+                          ('[5, null]', "candidates[0] is no answer")):
+        inp.write_text('{"id": "r", "prompt": "hi", "candidates": %s}\n' % cands)
+        rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(tmp_path / "o4"))
+        assert rc == 2 and f"s.jsonl:1: row 'r': {needle}" in err, err
+        assert not (tmp_path / "o4.skipped.jsonl").exists()
+    inp.write_text('{"id": "r", "prompt": "hi", "answer": "one"}\n')
+    rc, _, err = await moaa("annotate", "--annotator", "127.0.0.1:9", "--in", str(inp), "--out", str(tmp_path / "o4"))
+    assert rc == 2 and "row 'r': no answers: give them as 'candidates'" in err, err
 
 
 async def test_judge_eval_reports_ensemble_and_each_judge(tmp_path, judge_emulator, annotator_factory):

@@ -51,6 +51,29 @@ async def test_generate_errors_are_one_line(gw_emulators, gateway_factory, capsy
     assert code == 2 and err.count("\n") == 1 and "is not PEM" in err
 
 
+async def test_generate_bad_addresses_and_values_are_bad_input_at_once(http_gw, capsys):
+    """What no retry can fix is exit 2 at once, before or at the first call: a port past 65535 (gRPC would
+    wrap it and call another port), a URL, no address, a token a header cannot carry, values past what the
+    wire holds, and the gateway's own HTTP door given as its gRPC address (HTTP/1 there)."""
+    http_door = f"127.0.0.1:{http_gw.running.http_port}"
+    cases = [
+        (["--gateway", "127.0.0.1:99999"], "needs a port (1..65535)"),
+        (["--gateway", "http://127.0.0.1:50051"], "is a URL: write host:port without a scheme"),
+        (["--gateway", ""], "needs a port"),
+        (["--gateway", http_gw.address, "--token", "bad\ntoken"], "characters a gRPC header cannot carry"),
+        (["--gateway", http_gw.address, "--max-tokens", "99999999999"], "at most 4294967295 tokens"),
+        (["--gateway", http_gw.address, "--timeout", "1e300"], "at most 1000000 seconds"),
+        (["--gateway", http_door], "an HTTP/1 server answers at that address"),
+    ]
+    for args, needle in cases:
+        try:
+            code = await asyncio.to_thread(main, ["generate", *args, "hi"])
+        except SystemExit as exc:   # argparse's own refusal
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and needle in err and "tries" not in err, (args, err)
+
+
 async def test_generate_retries_a_gateway_that_comes_up_late(gw_emulators, gateway_factory, capsys, unused_tcp_port):
     """A gateway that is down when the command starts (a restart, a pod not ready yet) is retried a bounded
     number of times (UNAVAILABLE only) before the command gives up."""

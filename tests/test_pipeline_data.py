@@ -197,7 +197,7 @@ def test_cli_bad_prompt_file_exits_2_with_one_line(tmp_path):
     bad = _bad_file(tmp_path)
     for cmd in (["pipeline", "check-prompts", "--prompts", str(bad)],
                 ["pipeline", "run", "--prompts", str(bad), "--out", str(tmp_path / "run"), "--gateway", "127.0.0.1:1",
-                 "--annotator", "127.0.0.1:1", "--target", "m"]):
+                 "--annotator", "127.0.0.1:1", "--target", "org/m"]):
         res = _cli(*cmd)
         assert res.returncode == 2, res.stderr
         lines = res.stderr.strip().splitlines()

@@ -119,12 +119,18 @@ async def test_other_settings_in_same_folder_are_refused(services, tiny_model_di
     rc, _, err = await _run(_cmd(services, prompts, out, tiny_model_dir, "--until", "sft_data",
                                  "--set", "answer_tokens=17"))
     assert rc == 2 and "other settings" in err and len(err.strip().splitlines()) == 1
+    # a refused run with other prompts leaves the folder's checked prompt set as it was
+    checked = (out / "prompts.jsonl").read_text()
+    rc, _, err = await _run(_cmd(services, _prompts(tmp_path / "other.jsonl", n=3), out, tiny_model_dir,
+                                 "--until", "sft_data"))
+    assert rc == 2 and "other settings" in err and (out / "prompts.jsonl").read_text() == checked
+    assert not (out / "prompts.jsonl.new").exists()
 
 
 def _offline_cmd(out: Path, *sets: str) -> list[str]:
     """A run whose settings are refused before it would call anything (the addresses are never dialled)."""
     return [sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--out", str(out), "--gateway",
-            "127.0.0.1:9", "--annotator", "127.0.0.1:9", "--target", "some-model",
+            "127.0.0.1:9", "--annotator", "127.0.0.1:9", "--target", "org/some-model",
             *[x for item in sets for x in ("--set", item)]]
 
 
@@ -152,6 +158,9 @@ async def test_bad_sft_value_exits_2_before_anything_is_written(tmp_path):
     ("allow_failures=2", "allow_failures=2: input should be less than or equal to 1"),
     ("sample_temperature=true", "sample_temperature=true: input should be a valid number"),
     ("pairs_heldout_fraction=1", "pairs_heldout_fraction=1: input should be less than 1"),
+    # past the wire's uint32 max_tokens (was a CancelledError traceback from deep in grpc, after stage 1 began)
+    ("answer_tokens=99999999999", "answer_tokens=99999999999: input should be less than 4294967296"),
+    ("n_samples=100", "n_samples=100: input should be less than or equal to 64"),
 ])
 def test_pipeline_settings_are_typed_and_ranged_before_anything_runs(item, says):
     from moaa.errors import UserError
@@ -164,6 +173,18 @@ def test_pipeline_settings_are_typed_and_ranged_before_anything_runs(item, says)
     assert str(err.value) == f"--set {says}"
     assert resolve_settings(PipelineOptions(overrides=apply_sets({}, ["sample_temperature=0", "window=1"])),
                             local=True)["window"] == 1
+
+
+async def test_a_target_that_is_no_model_exits_2_before_stage_1(tmp_path):
+    """A typo'd --target was found at SFT, after stage 1 had spent its tokens, and the fixed command was then
+    refused as other settings: now it is refused before the run folder exists (not with --k8s, whose Jobs
+    see the cluster's paths)."""
+    out = tmp_path / "run"
+    cmd = _offline_cmd(out)
+    cmd[cmd.index("--target") + 1] = str(tmp_path / "no_such_model")
+    rc, _, err = await _run(cmd, timeout=60)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--target" in err and "no_such_model" in err, err
+    assert not out.exists()
 
 
 async def test_gateway_without_annotator_or_annotator_without_gateway_exits_2_at_once(tmp_path):
@@ -484,7 +505,7 @@ async def test_gateway_killed_and_back_mid_stage1_costs_no_row(emulator_factory,
                                               stderr=asyncio.subprocess.DEVNULL)
     prompts, out = _prompts(tmp_path / "prompts.jsonl", 60), tmp_path / "run"
     cmd = [sys.executable, "-m", "moaa.cli.main", "pipeline", "run", "--quiet", "--prompts", str(prompts),
-           "--out", str(out), "--gateway", f"127.0.0.1:{port}", "--annotator", "127.0.0.1:9", "--target", "m",
+           "--out", str(out), "--gateway", f"127.0.0.1:{port}", "--annotator", "127.0.0.1:9", "--target", "org/m",
            "--until", "sft_data", "--set", "answer_tokens=16"]
     back = None
     try:

@@ -53,7 +53,7 @@ async def gateway(gw_emulators):
 
 def _pipeline(gw, prompts: Path, out: Path) -> list[str]:
     return ["pipeline", "run", "--quiet", "--prompts", str(prompts), "--out", str(out), "--gateway", gw.address,
-            "--annotator", "127.0.0.1:9", "--target", "m", "--until", "sft_data", "--set", "answer_tokens=16"]
+            "--annotator", "127.0.0.1:9", "--target", "org/m", "--until", "sft_data", "--set", "answer_tokens=16"]
 
 
 async def test_pipeline_stage1_records_a_prompt_past_the_context_as_a_rejection(gateway, tmp_path):

@@ -35,6 +35,23 @@ def positive_float(text: str) -> float:
     return _positive(text, float, "a positive number")
 
 
+def max_tokens(text: str) -> int:
+    """A token count that goes into a request's max_tokens: the wire's uint32 bounds it (the server then
+    checks it against the model's context window)."""
+    value = _positive(text, int, "a positive whole number")
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected at most {2**32 - 1} tokens, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A call's deadline in seconds: positive, and at most a million (gRPC cannot hold a longer deadline)."""
+    value = _positive(text, float, "a positive number of seconds")
+    if value > 1e6:
+        raise argparse.ArgumentTypeError(f"expected at most 1000000 seconds, got {text!r}")
+    return value
+
+
 def samples_per_prompt(text: str) -> int:
     """--n of `moaa sample`: 1..MAX_SAMPLES, the bound the gateway's Sample keeps too."""
     from moaa.services.common.validation import MAX_SAMPLES

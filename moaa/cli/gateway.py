@@ -1,7 +1,7 @@
 """`moaa gateway serve` and `moaa generate`."""
 from __future__ import annotations
 
-from moaa.cli import add_connection_args, add_service_group, positive_float, positive_int
+from moaa.cli import add_connection_args, add_service_group, max_tokens, seconds
 
 
 def register(subparsers) -> None:
@@ -17,8 +17,8 @@ def register(subparsers) -> None:
     gen.add_argument("--gateway", default="127.0.0.1:50051", help="HOST:PORT of the gateway")
     gen.add_argument("--recipe", default="", help="recipe name (default: the gateway's default)")
     gen.add_argument("--system", help="system message")
-    gen.add_argument("--max-tokens", type=positive_int, help="max tokens per proposer and for the aggregator")
-    gen.add_argument("--timeout", type=positive_float, default=600.0, help="deadline of the call in seconds")
+    gen.add_argument("--max-tokens", type=max_tokens, help="max tokens per proposer and for the aggregator")
+    gen.add_argument("--timeout", type=seconds, default=600.0, help="deadline of the call in seconds")
     add_connection_args(gen, "gateway")
     gen.set_defaults(func=_generate)
 

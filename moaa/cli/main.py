@@ -124,7 +124,7 @@ def _run(args, tied: bool) -> int:
             return EXIT_TERMINATED
         sys.stderr.write("moaa: interrupted\n")
         return EXIT_INTERRUPTED
-    except Exception as err:  # the last guard: one line, full trace only with -vv
+    except (Exception, asyncio.CancelledError) as err:  # the last guard: one line, full trace only with -vv
         if args.verbose >= 2:
             raise
         # a core install running a command of an extra: the line names the extra to install
@@ -132,7 +132,10 @@ def _run(args, tied: bool) -> int:
         if hint is not None:
             sys.stderr.write(f"moaa: error: {hint}\n")
             return hint.exit_code
-        sys.stderr.write(f"moaa: error: {type(err).__name__}: {err} (run with -vv for the traceback)\n")
+        # a library's own cancellation (grpc.aio turns an error in its callbacks into one) says nothing alone
+        what = "a call was cancelled inside a library" if isinstance(err, asyncio.CancelledError) else \
+            f"{type(err).__name__}: {err}"
+        sys.stderr.write(f"moaa: error: {what} (run with -vv for the traceback)\n")
         return EXIT_FAILURE
 
 

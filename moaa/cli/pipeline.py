@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moaa.cli import add_connection_args, add_quiet_arg, positive_int
+from moaa.cli import add_connection_args, add_quiet_arg, max_tokens, positive_int
 from moaa.engines import ENGINE_CHOICES
 
 
@@ -65,7 +65,7 @@ def register(subparsers) -> None:
                     help="instead of --answers: an OpenAI-compatible endpoint answers the baseline's prompts, e.g. "
                          "moa=http://127.0.0.1:8080/v1#default (the gateway's HTTP door and a recipe)")
     ev.add_argument("--contestant-api-key-env", help="environment variable holding the contestant's API key")
-    ev.add_argument("--contestant-max-tokens", type=int, help="max_tokens of the contestant's answers")
+    ev.add_argument("--contestant-max-tokens", type=max_tokens, help="max_tokens of the contestant's answers")
     ev.add_argument("--baseline", required=True, help="JSONL answers of the baseline model, or reference answers")
     ev.add_argument("--name", default="model", help="name of the model under test")
     ev.add_argument("--baseline-name", default="baseline", help="name of the baseline")

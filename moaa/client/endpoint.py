@@ -5,7 +5,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from moaa.errors import UserError
 from moaa.services.common.tls import channel_credentials
+from moaa.services.config import grpc_address_problem
 from moaa.services.common.transport import CLIENT_KEEPALIVE_S, CLIENT_KEEPALIVE_TIMEOUT_S, client_options
 
 # Dataset rows (many proposals, long answers) can exceed gRPC's 4 MiB default.
@@ -23,6 +25,10 @@ def forwarded_auth(metadata) -> tuple[tuple[str, str], ...] | None:
     return fwd or None
 
 
+def _header_safe(text: str) -> bool:
+    return text.isascii() and all(" " <= c <= "~" for c in text)
+
+
 @dataclass
 class Endpoint:
     address: str
@@ -37,6 +43,12 @@ class Endpoint:
     _creds: grpc.ChannelCredentials | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        problem = grpc_address_problem(self.address)
+        if problem:   # a typo would be a retried outage (exit 75), or for a port past 65535 a call to another port
+            raise UserError(f"address {problem}")
+        if self.token is not None and not _header_safe(self.token):
+            raise UserError("the token has characters a gRPC header cannot carry (non-ASCII, a line break or a "
+                            "control character): give the token itself, as the server's tokens file holds it")
         # read certificates now: a bad path fails when the endpoint is made, not at the first call
         if self.tls or self.tls_ca or self.cert_file:
             self._creds = channel_credentials(self.tls_ca, self.cert_file, self.key_file)

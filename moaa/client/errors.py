@@ -25,6 +25,13 @@ TLS_HINT = ("the server's certificate was refused: --tls-ca must be the CA that 
             "--tls-server-name) a name it holds; a server without TLS is dialled without --tls/--tls-ca")
 
 
+# gRPC core's words for a port where an HTTP/1 server listens (the gateway's own HTTP door, a proxy's page):
+# a retry reaches the same server, so the address is the caller's to change
+HTTP1_REFUSALS = ("Trying to connect an http1.x server",)
+HTTP1_HINT = ("an HTTP/1 server answers at that address, not a gRPC service: is it the right port? the gateway's "
+              "gRPC port is 50051 (its OpenAI-compatible HTTP door 8080), the annotator's 50052")
+
+
 def is_bad_input(code: grpc.StatusCode | str) -> bool:
     """Also for a stream item's ErrorDetail, whose code is the status name."""
     return (code.name if isinstance(code, grpc.StatusCode) else code) in BAD_INPUT_NAMES
@@ -32,6 +39,10 @@ def is_bad_input(code: grpc.StatusCode | str) -> bool:
 
 def tls_refused(err: grpc.aio.AioRpcError) -> bool:
     return err.code() == grpc.StatusCode.UNAVAILABLE and any(w in (err.details() or "") for w in TLS_REFUSALS)
+
+
+def http1_server(err: grpc.aio.AioRpcError) -> bool:
+    return err.code() == grpc.StatusCode.UNAVAILABLE and any(w in (err.details() or "") for w in HTTP1_REFUSALS)
 
 
 def backoff(tries: int) -> float | None:
@@ -50,7 +61,7 @@ def retry_delay(err: grpc.aio.AioRpcError, tries: int) -> float | None:
     bounding it."""
     gone = err.code() == grpc.StatusCode.UNAVAILABLE or (
         err.code() == grpc.StatusCode.INTERNAL and err.details() == CORE_TRANSPORT_ERROR)
-    if gone and not tls_refused(err):
+    if gone and not tls_refused(err) and not http1_server(err):
         return backoff(tries)
     return None
 
@@ -60,6 +71,8 @@ def call_error(err: grpc.aio.AioRpcError, what: str, hint: str = "", *, tries: i
     retries says how many tries over how long; a refused TLS handshake is the caller's to fix (exit 2)."""
     if tls_refused(err):
         return UserError(f"{what}: {err.code().name}: {err.details()} ({TLS_HINT})")
+    if http1_server(err):
+        return UserError(f"{what}: {err.code().name}: {err.details()} ({HTTP1_HINT})")
     if err.code() == grpc.StatusCode.UNIMPLEMENTED:   # another service on that port: a retry asks it again
         return UserError(f"{what}: {err.code().name}: {err.details()} (the server at that address does not serve "
                          "this method: is it the right port? the gateway serves 50051, the annotator 50052)")

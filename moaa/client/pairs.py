@@ -62,6 +62,22 @@ def sample_items(row: dict) -> list[dict]:
     return out
 
 
+def malformed_items(row: dict) -> str | None:
+    """What is wrong with a samples row's answers (a misspelt key would read as no answer at all, a skip
+    that a rerun with the fixed file then counts as done), or None."""
+    field = next((f for f in SAMPLE_FIELDS if f in row), None)
+    if field is None:
+        return f"no answers: give them as {SAMPLE_FIELDS[0]!r} (or {', '.join(map(repr, SAMPLE_FIELDS[1:]))})"
+    items = row[field]
+    if not isinstance(items, list):
+        return f"{field!r} is {type(items).__name__}: give a list of answers, strings or {{\"text\": ...}}"
+    for i, it in enumerate(items):
+        text = it.get("text", it.get("content")) if isinstance(it, dict) else it
+        if not isinstance(text, str):
+            return f"{field}[{i}] is no answer: give a string or {{\"text\": ...}}"
+    return None
+
+
 def sample_texts(row: dict) -> list[str]:
     return [c["text"] for c in sample_items(row)]
 
@@ -74,6 +90,9 @@ def annotate_request(row: dict, *, ensemble: str = "", mode: str = "", model: st
     if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):   # null, an object: a broken row
         raise UserError(f"{where or 'row'}: row id {row['id']!r} is not a string or an integer")
     prompt = sample_prompt(row, where)
+    problem = malformed_items(row)
+    if problem:
+        raise UserError(f"{where or 'row'}: row {row['id']!r}: {problem}")
     items = sample_items(row)
     keep, seen = [], set()
     for c in items:

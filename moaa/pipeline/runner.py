@@ -8,9 +8,10 @@ mixes two recipes.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +75,7 @@ class RunRecord:
     def __init__(self, layout: RunLayout, chash: str, opts: PipelineOptions):
         self.layout = layout
         self.data: dict[str, Any] = read_json(layout.run_manifest) or {}
-        old = self.data.get("config_hash")
-        if old and old != chash:
-            raise UserError(f"{layout.root} holds a run with other settings (config hash {old}, now {chash}); "
-                            "use another --out folder, or the same prompts and options as before")
+        check_same_run(layout, chash, self.data.get("config_hash"))
         self.data.setdefault("started_at", utc_now())
         self.data["config_hash"] = chash
         self.data.setdefault("stages", {})
@@ -96,6 +94,13 @@ class RunRecord:
     def save(self) -> None:
         self.data["updated_at"] = utc_now()
         atomic_write_json(self.layout.run_manifest, self.data)
+
+
+def check_same_run(layout: RunLayout, chash: str, old: str | None) -> None:
+    """A folder holds one run: other prompts or options are refused (before anything in it is replaced)."""
+    if old and old != chash:
+        raise UserError(f"{layout.root} holds a run with other settings (config hash {old}, now {chash}); "
+                        "use another --out folder, or the same prompts and options as before")
 
 
 def _recorded_hash(layout: RunLayout) -> str | None:
@@ -179,6 +184,12 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
     settings = resolve_settings(opts, local)
     stages = _stages_to_run(opts.until)
     check_services(opts, stages)
+    if opts.target and not opts.k8s:
+        # a typo'd --target must not be found at SFT, after stage 1 spent its tokens (a Job's model path is
+        # the cluster's, not checked here); nothing is prepared or fetched now
+        from moaa.models import resolve_model
+
+        resolve_model(opts.target, prepare_missing=False, source="--target")
     # the model is resolved later (the embedded default may be prepared on first use): a placeholder here
     training_configs(settings, layout, opts.target or "base-model")
     make_folder(layout.root)
@@ -195,12 +206,22 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
 
     stream = PromptStream(opts.prompts, mapping=opts.mapping, skip_invalid=opts.skip_invalid, split=opts.split,
                           limit=opts.limit)
-    prompts = prepare_prompts(layout.prompts, stream, eval_fraction=opts.eval_fraction, quick=opts.quick)
+    # checked into a file beside the folder's own, which it replaces only once the run is known to be this
+    # folder's: a refused run (other prompts or settings) leaves the folder's prompt set as it was
+    staged = layout.prompts.with_name(layout.prompts.name + ".new")
+    prompts = prepare_prompts(staged, stream, eval_fraction=opts.eval_fraction, quick=opts.quick)
     if prompts.invalid:
         _say(opts, f"prompts: {prompts.summary}")
     local = opts.gateway is None
     target = opts.target or default_target()  # check_services made --gateway runs name theirs
     chash = run_config_hash(opts, settings, prompts, str(target))
+    try:
+        check_same_run(layout, chash, _recorded_hash(layout))
+    except UserError:
+        staged.unlink(missing_ok=True)
+        raise
+    os.replace(staged, layout.prompts)
+    prompts = replace(prompts, path=layout.prompts)
     pending = [cfg for kind, cfg in training_configs(settings, layout, str(target)).items()
                if kind in stages and training.model_done(Path(cfg.out)) is None]
     # checked before run.json records this config (a fixed typo must not make the folder "other settings"),

@@ -27,6 +27,7 @@ from moaa.errors import TransientError, UserError
 from moaa.files import RESEND_HINT, atomic_write_text
 from moaa.progress import StageProgress
 from moaa.prompts import PromptRow, held_out_ids
+from moaa.services.common.validation import MAX_SAMPLES
 
 from .budget import TokenLedger
 from .layout import RunLayout
@@ -65,12 +66,12 @@ class GenerationSettings(BaseModel):
     exits 2 before stage 1 instead of failing as a TypeError after hours of SFT. Strict: "abc" or true is
     no count of tokens."""
     model_config = ConfigDict(extra="forbid", strict=True)   # a setting added without its type fails every run
-    answer_tokens: int = Field(ge=1)
-    n_samples: int = Field(ge=2)                 # a preference pair needs two samples
+    answer_tokens: int = Field(ge=1, lt=2**32)   # a request's max_tokens: the wire's uint32
+    n_samples: int = Field(ge=2, le=MAX_SAMPLES)  # a preference pair needs two samples; `moaa sample --n`'s bound
     eval_grades: bool
-    sample_tokens: int = Field(ge=1)
+    sample_tokens: int = Field(ge=1, lt=2**32)
     sample_temperature: float = Field(ge=0, le=2)
-    eval_samples: int = Field(ge=0)
+    eval_samples: int = Field(ge=0, le=MAX_SAMPLES)
     eval_temperature: float = Field(ge=0, le=2)
     pairs_heldout_fraction: float = Field(ge=0, lt=1)
     pairs_heldout_max: int = Field(ge=0)
