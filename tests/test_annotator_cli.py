@@ -246,9 +246,9 @@ async def test_judge_eval_reports_ensemble_and_each_judge(tmp_path, judge_emulat
                                  "chosen": [{"role": "assistant", "content": "Paris."}],
                                  "rejected": [{"role": "assistant", "content": "It is Lyon, a big French city."}]}) + "\n")
     rc, out, err = await moaa("judge-eval", "--annotator", stub.server.address, "--in", str(labelled),
-                              "--out", str(tmp_path / "eval.json"), "--no-progress")
-    assert rc == 0, err
-    summary = json.loads((tmp_path / "eval.json").read_text())
+                              "--out", str(tmp_path / "new" / "eval.json"), "--no-progress")
+    assert rc == 0, err   # its folder made before the judging (it was a FileNotFoundError after it)
+    summary = json.loads((tmp_path / "new" / "eval.json").read_text())
     judges = summary["judges"]
     assert summary["rows"] == 3
     assert judges["fair"]["accuracy"] == 1.0 and judges["fair"]["consistent"] == 1.0

@@ -380,3 +380,16 @@ async def test_busy_time_counts_slot_seconds_served_not_time_queued(http, emulat
     async with http.get(emu.root + "/emulator/stats") as resp:
         busy = (await resp.json())["busy_s"]
     assert set(busy) == {"m"} and 0.8 <= busy["m"] < 1.2  # 4 x 0.2 s, the queueing not counted
+
+
+def test_emulate_on_a_busy_port_or_unknown_host_is_one_line_naming_the_flag(capsys):
+    from moaa.cli.main import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["backend", "emulate", "--port", str(busy.getsockname()[1])]) == 2
+        assert "Address already in use): set --port to a free port" in capsys.readouterr().err
+    assert main(["backend", "emulate", "--port", "0", "--host", "no-such-host.invalid"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "host 'no-such-host.invalid' does not resolve" in err, err

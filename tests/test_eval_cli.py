@@ -126,6 +126,8 @@ async def test_eval_bad_input_is_one_line(tmp_path):
     a, b = _answers(tmp_path)
     rc, _, err = await _cli("eval", "--answers", str(a), "--baseline", str(b))
     assert rc == 2 and err.strip().startswith("moaa: error: give exactly one judge") and len(err.strip().splitlines()) == 1
+    rc, _, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--bootstrap", "99999999999")
+    assert rc == 2 and "at most 100000 resamples" in err, err   # was a MemoryError after all the judging
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "prompt": "x"}\n')
     with pytest.raises(UserError, match="line 1: expected a prompt"):
         load_answers(tmp_path / "bad.jsonl")

@@ -51,11 +51,14 @@ async def test_generate_errors_are_one_line(gw_emulators, gateway_factory, capsy
     assert code == 2 and err.count("\n") == 1 and "is not PEM" in err
 
 
-async def test_generate_bad_addresses_and_values_are_bad_input_at_once(http_gw, capsys):
+async def test_generate_bad_addresses_and_values_are_bad_input_at_once(http_gw, capsys, gw_tls_files, tmp_path):
     """What no retry can fix is exit 2 at once, before or at the first call: a port past 65535 (gRPC would
     wrap it and call another port), a URL, no address, a token a header cannot carry, values past what the
     wire holds, and the gateway's own HTTP door given as its gRPC address (HTTP/1 there)."""
     http_door = f"127.0.0.1:{http_gw.running.http_port}"
+    t = gw_tls_files
+    damaged = tmp_path / "damaged.crt"
+    damaged.write_text(open(t["ca.crt"]).read().replace("\n", "\n!", 3))
     cases = [
         (["--gateway", "127.0.0.1:99999"], "needs a port (1..65535)"),
         (["--gateway", "http://127.0.0.1:50051"], "is a URL: write host:port without a scheme"),
@@ -64,6 +67,11 @@ async def test_generate_bad_addresses_and_values_are_bad_input_at_once(http_gw, 
         (["--gateway", http_gw.address, "--max-tokens", "99999999999"], "at most 4294967295 tokens"),
         (["--gateway", http_gw.address, "--timeout", "1e300"], "at most 1000000 seconds"),
         (["--gateway", http_door], "an HTTP/1 server answers at that address"),
+        # PEM files of the wrong kind, or damaged: named with the flag's file, not gRPC core's log lines and 75
+        (["--gateway", http_gw.address, "--tls-ca", t["client.key"]], "not a certificate"),
+        (["--gateway", http_gw.address, "--tls-ca", t["ca.crt"], "--tls-cert", t["client.key"], "--tls-key",
+          t["client.crt"]], "are the certificate and the key swapped?"),
+        (["--gateway", http_gw.address, "--tls-ca", str(damaged)], "block is damaged"),
     ]
     for args, needle in cases:
         try:

@@ -233,3 +233,10 @@ def test_report_says_why_there_are_no_win_rates(tmp_path):
     from moaa.pipeline.runner import format_summary
 
     assert "  eval: no eval prompts" in format_summary({"run_folder": str(tmp_path), "eval": {"note": "no eval prompts"}})
+
+
+def test_report_command_refuses_a_folder_that_is_no_run(tmp_path, capsys):
+    from moaa.cli.main import main
+
+    assert main(["pipeline", "report", str(tmp_path)]) == 2
+    assert "is not a run folder (no run.json)" in capsys.readouterr().err and not (tmp_path / "report").exists()

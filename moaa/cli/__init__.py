@@ -44,6 +44,15 @@ def max_tokens(text: str) -> int:
     return value
 
 
+def resamples(text: str) -> int:
+    """Bootstrap resamples: each holds an index array and, for the length-controlled rate, a model fit;
+    100000 is ten times a careful interval and still minutes, not an allocator error after the judging."""
+    value = _positive(text, int, "a positive whole number")
+    if value > 100_000:
+        raise argparse.ArgumentTypeError(f"at most 100000 resamples, got {value}")
+    return value
+
+
 def seconds(text: str) -> float:
     """A call's deadline in seconds: positive, and at most a million (gRPC cannot hold a longer deadline)."""
     value = _positive(text, float, "a positive number of seconds")

@@ -54,9 +54,11 @@ async def _serve(args) -> int:
 
 
 async def _emulate(args) -> int:
+    from moaa.services.common.server import check_free
     from moaa.services.emulator import run_emulator
 
     settings, profiles = emulator_settings_from_args(args)
+    check_free(args.host, args.port, "--port")   # one line naming the flag, not OSError's words
     return await run_emulator(settings, profiles, args.models, args.host, args.port)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -39,8 +40,11 @@ def _prepare(args) -> int:
 
 
 def _tiny(args) -> int:
+    from moaa.errors import UserError
     from moaa.services.local.tiny import build_tiny_model
 
+    if Path(args.dir).exists() and not Path(args.dir).is_dir():
+        raise UserError(f"{args.dir} is a file: give a folder to build the tiny model in")
     print(build_tiny_model(args.dir))
     return 0
 

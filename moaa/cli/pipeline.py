@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moaa.cli import add_connection_args, add_quiet_arg, max_tokens, positive_int
+from moaa.cli import add_connection_args, add_quiet_arg, max_tokens, positive_int, resamples
 from moaa.engines import ENGINE_CHOICES
 
 
@@ -76,7 +76,7 @@ def register(subparsers) -> None:
     ev.add_argument("--judge-api-key-env", help="environment variable holding the judge's API key")
     ev.add_argument("--grade", action="store_true", help="also grade each answer 1-10 (needs --judge-url)")
     ev.add_argument("--out", default="moaa-eval", help="folder for judgments (resumable) and results")
-    ev.add_argument("--bootstrap", type=positive_int, default=1000, help="bootstrap resamples for the CIs")
+    ev.add_argument("--bootstrap", type=resamples, default=1000, help="bootstrap resamples for the CIs (at most 100000)")
     add_connection_args(ev, "annotator")
     add_quiet_arg(ev)
     ev.set_defaults(func=_eval)
@@ -108,9 +108,14 @@ def _report(args) -> int:
     from moaa.errors import UserError
     from moaa.pipeline.report import build_report
 
+    from moaa.pipeline.layout import RunLayout
+
     if not Path(args.run_folder).is_dir():
         why = "is not a folder" if Path(args.run_folder).exists() else "does not exist"
         raise UserError(f"run folder {args.run_folder} {why}")
+    if not RunLayout(Path(args.run_folder)).run_manifest.exists():   # nothing written into a folder that is no run
+        raise UserError(f"{args.run_folder} is not a run folder (no run.json): give the --out of a "
+                        "`moaa pipeline run`")
     print(build_report(args.run_folder))
     return 0
 

@@ -141,9 +141,14 @@ def failure(summary: dict, what: str = "") -> UserError | TransientError | None:
 
 
 def check_out(path: str) -> None:
-    """--out may replace an earlier summary, never a file that is not one."""
+    """--out may replace an earlier summary, never a file that is not one; its folder is made now, before
+    the judging (as `moaa annotate` makes its --out's), not found missing after it."""
     p = Path(path)
     if not p.exists():
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"--out {path}: its folder cannot be made ({err.strerror})") from None
         return
     try:
         doc = json.loads(p.read_text())

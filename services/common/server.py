@@ -163,9 +163,14 @@ def add_reflection(server: grpc.aio.Server, service_names: list[str]) -> None:
 def check_free(host: str, port: int | None, setting: str) -> None:
     """A busy port fails the start with one line naming the setting to change, before gRPC (which would
     print its own C-core report and raise a bare RuntimeError) or the metrics server try it."""
-    if not port:
+    if port is None:
         return
-    bare = host.strip("[]")
+    bare = host.strip("[]")   # port 0 (any free port): the host is still checked
+    try:
+        socket.getaddrinfo(bare, port)
+    except socket.gaierror as err:   # the host, not the port, is wrong
+        raise UserError(f"cannot listen on {host}:{port}: host {host!r} does not resolve ({err.strerror}); give "
+                        "an address of this machine (the host setting, or --host)") from None
     try:
         with socket.create_server((bare, port), family=socket.AF_INET6 if ":" in bare else socket.AF_INET):
             pass

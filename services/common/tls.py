@@ -1,6 +1,9 @@
 """TLS and mutual TLS credentials from config, for servers and for clients (channels: moaa.client.endpoint)."""
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from pathlib import Path
 
 import grpc
@@ -9,14 +12,33 @@ from moaa.errors import UserError
 from moaa.services.config import TLSConfig
 
 
+_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
+
+
 def _read(path: str, what: str) -> bytes:
+    """A PEM file of the kind `what` names (a key, or certificates), read and checked now: gRPC's C core would
+    log its own errors and fail the first call as UNAVAILABLE, which a retry cannot fix."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise UserError(f"cannot read {what} {path}: {err.strerror}") from None
-    # gRPC's C core would log its own errors and fail the first call as UNAVAILABLE (a retry cannot fix it)
-    if b"-----BEGIN " not in data:
+    blocks = _BLOCK.findall(data)
+    if not blocks:
         raise UserError(f"{what} {path} is not PEM (no '-----BEGIN' line): give the PEM file")
+    labels = {label.decode() for label, _ in blocks}
+    want_key = what.endswith("key")
+    if want_key and not any(label.endswith("PRIVATE KEY") for label in labels):
+        raise UserError(f"{what} {path} holds {', '.join(sorted(labels))}, not a private key: give the key file "
+                        "(are the certificate and the key swapped?)")
+    if not want_key and "CERTIFICATE" not in labels:
+        raise UserError(f"{what} {path} holds {', '.join(sorted(labels))}, not a certificate: give the certificate "
+                        "file (are the certificate and the key swapped?)")
+    for label, body in blocks:
+        try:
+            base64.b64decode(b"".join(body.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise UserError(f"{what} {path}: its {label.decode()} block is damaged (the base64 does not decode)") \
+                from None
     return data
 
 
