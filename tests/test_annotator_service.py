@@ -120,6 +120,19 @@ async def test_returned_scores_are_the_ones_combined_and_measured(judge_emulator
         assert j.position_bias == pytest.approx(sum(pairs) / len(pairs))
 
 
+async def test_judges_tokens_are_counted_in_the_metrics(judge_emulator, annotator_factory):
+    from prometheus_client import REGISTRY
+
+    def tokens():
+        return REGISTRY.get_sample_value("moaa_tokens_total", {"service": "annotator", "model": "m-tk",
+                                                               "kind": "completion"}) or 0.0
+
+    stub = await annotator_factory(judge_config(judge_emulator.url, {"tk": "keyword:paris"}, mode="pointwise"))
+    before = tokens()
+    resp = await stub.Annotate(request([GOOD, BAD]))
+    assert tokens() == before + sum(u.usage.completion_tokens for u in resp.usage) > before
+
+
 async def test_moa_mode_says_when_no_aggregator_decided(judge_emulator, annotator_factory):
     stub = await annotator_factory(judge_config(judge_emulator.url, {"a": "keyword:paris", "b": "longest"},
                                                 combine="mean"))

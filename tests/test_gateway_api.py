@@ -155,12 +155,31 @@ async def test_sample_annotator_unreachable_keeps_the_samples(gw_emulators, gate
     assert failure.model == "annotator" and failure.cause == "unavailable" and "annotator at" in failure.message
 
 
+def _metric(name: str, **labels) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, {"service": "gateway", **labels}) or 0.0
+
+
 async def test_sample_backend_failure(gw_emulators, gateway_factory):
-    emu = await gw_emulators({"a": {"error_rates": {500: 1.0}}})
-    gw = await gateway_factory(moa_config(emu.url, ["a"]))
+    emu = await gw_emulators({"sfail": {"error_rates": {500: 1.0}}})
+    gw = await gateway_factory(moa_config(emu.url, ["sfail"], backends={"sfail": {"retries": {"max_attempts": 1}}}))
+    before = _metric("moaa_backend_errors_total", model="sfail", cause="http_5xx")
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi")), timeout=5)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "'a'" in err.value.details()
+        await gw.stub.Sample(gateway_pb2.SampleRequest(model="sfail", n=2, messages=user("hi")), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "'sfail'" in err.value.details()
+    # counted in the backend metrics, as Generate's backends are
+    assert _metric("moaa_backend_errors_total", model="sfail", cause="http_5xx") == before + 1
+
+
+async def test_sample_tokens_are_counted_in_the_metrics(gw_emulators, gateway_factory):
+    emu = await gw_emulators({"stok": FAST})
+    gw = await gateway_factory(moa_config(emu.url, ["stok"]))
+    before = _metric("moaa_tokens_total", model="stok", kind="completion")
+    resp = await gw.stub.Sample(gateway_pb2.SampleRequest(model="stok", n=3, messages=user("hi"),
+                                                          sampling=S(max_tokens=5)), timeout=5)
+    assert resp.usage.completion_tokens == 15
+    assert _metric("moaa_tokens_total", model="stok", kind="completion") == before + 15
 
 
 async def test_sample_partial_failure_returns_answered_samples_and_failures(gw_emulators, gateway_factory):

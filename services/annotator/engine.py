@@ -116,6 +116,8 @@ class AnnotationEngine:
             u = res.usage
             for k in log.usage:
                 log.usage[k] += int(getattr(u, k, 0) or 0)
+            if self.metrics is not None:   # moaa_tokens_total, as the gateway counts its backends' tokens
+                self.metrics.tokens(judge.model, u.prompt_tokens, u.completion_tokens)
             cut = ""
             if res.finish_reason == "length":
                 fix = (f"raise the judge's max_tokens (judges[{judge.name}].sampling.max_tokens="

@@ -31,16 +31,25 @@ def check_sample_request(cfg: MoaaConfig, req, max_prompt_chars: int) -> tuple[l
 
 async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: float | None,
                      max_prompt_chars: int, annotator: AnnotatorClient | None = None,
-                     metadata=()) -> gateway_pb2.SampleResponse:
+                     metadata=(), metrics=None) -> gateway_pb2.SampleResponse:
     messages, sampling = check_sample_request(cfg, req, max_prompt_chars)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = None if timeout is None else t0 + timeout
     try:
         # partial_ok: where n goes out as n requests, the samples that answered come back with the
         # failures listed instead of the whole call failing for one lost request
         res = await pool.client(req.model).chat(messages, sampling, n=req.n, timeout=timeout, partial_ok=True)
     except BackendError as err:
+        if metrics is not None:   # as Generate's backends are counted: latency, errors by cause
+            metrics.backend(req.model, time.monotonic() - t0, cause=err.cause)
         left = None if deadline is None else deadline - time.monotonic()
         raise outage(f"model {req.model!r} failed: {err}", left, "the samples were", refused=err.too_long) from None
+    if metrics is not None:
+        seconds = time.monotonic() - t0
+        metrics.backend(req.model, seconds)
+        for err in res.failures:
+            metrics.backend(req.model, seconds, cause=err.cause)
+        metrics.tokens(req.model, res.usage.prompt_tokens, res.usage.completion_tokens)
     resp = gateway_pb2.SampleResponse(request_id=request_id, id=req.id, model=req.model, note=res.note,
                                       usage=usage_proto(res.usage))
     answered = []

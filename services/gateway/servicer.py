@@ -96,7 +96,7 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
     async def Sample(self, request, context, rid):
         return await run_sample(self.pool, self.cfg, request, rid, timeout=time_remaining(context),
                                 max_prompt_chars=self.max_prompt_chars, annotator=self.annotator,
-                                metadata=context.invocation_metadata() or ())
+                                metadata=context.invocation_metadata() or (), metrics=self.guard.metrics)
 
     @guarded
     async def ListModels(self, request, context, rid):
