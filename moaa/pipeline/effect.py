@@ -24,9 +24,8 @@ import numpy as np
 
 from moaa.jsonl import read_rows as iter_jsonl
 
-from .eval.winrate import MIN_PROMPTS_FOR_CI, SIGN_TEST_LEVEL, bootstrap_ci, sign_test
+from .eval.winrate import bootstrap_ci, claim, sign_test
 
-MIN_PAIRS_FOR_CI = MIN_PROMPTS_FOR_CI  # the one threshold below which an interval supports no claim
 NOTE_SFT_REFERENCE = ("SFT model: its reference is itself, so every reward margin is 0 and its accuracy is 0.5 by "
                       "definition (ties count half)")
 
@@ -129,11 +128,12 @@ def statements(effect: dict[str, Any]) -> list[str]:
     if held.get("n"):
         lo, hi = held["dpo_ci"]
         sign_p = held.get("sign_test_p")
-        tail = ("too few held-out pairs for an interval to mean much" if held["n"] < MIN_PAIRS_FOR_CI else
-                "the interval includes 0.5: too few pairs to tell DPO from no change" if lo <= 0.5 <= hi else
-                f"the interval excludes 0.5 but the sign test gives p = {sign_p:.2g}: too few pairs to tell DPO "
-                "from no change" if sign_p is not None and sign_p >= SIGN_TEST_LEVEL else
-                "above 0.5" if lo > 0.5 else "below 0.5")
+        said = claim((lo, hi), held["n"], even=0.5, sign_p=sign_p)   # the win rates' rule, in its words
+        tail = {"too_few": "too few held-out pairs for an interval to mean much",
+                "includes": "the interval includes 0.5: too few pairs to tell DPO from no change",
+                "better": "above 0.5", "worse": "below 0.5"}.get(said) or (
+            f"the interval excludes 0.5 but the sign test gives p = {sign_p:.2g}: too few pairs to tell DPO "
+            "from no change")
         train = (effect.get("dpo_reward_accuracy") or {}).get("train") or {}
         beside = f"; on its {train['n']} training pairs {train['dpo']:.0%}" if train.get("n") else ""
         out.append(f"DPO's implicit reward ranks chosen over rejected on {held['dpo']:.0%} of {held['n']} held-out "

@@ -143,21 +143,35 @@ def sign_test(prefs: Sequence[float], groups: Sequence | None = None) -> tuple[i
     return won, lost, p
 
 
-def conclusion(ci: Sequence[float], n_prompts: int, *, even: float = 50.0, sign_p: float | None = None) -> str:
-    """What an interval lets a report say: a difference only when the whole interval lies on one side of
-    `even` (50% for a win rate) and, where given, the exact sign test over the decided prompts is below 5%.
-    The second test is there because at a few prompts the percentile bootstrap's interval is too narrow
-    (measured: 8.7% false differences at 7 prompts for a judge with no preference, against the 5% a 95%
-    interval promises; e.g. 6 wins and 1 loss, p = 0.125). Otherwise "no measurable difference", never a win."""
-    if n_prompts < MIN_PROMPTS_FOR_CI:
-        return f"too few prompts to tell ({n_prompts} < {MIN_PROMPTS_FOR_CI})"
+def claim(ci: Sequence[float], n: int, *, even: float, sign_p: float | None = None) -> str:
+    """The one rule for what an interval supports, each report wording it its own way: "too_few" (below
+    MIN_PROMPTS_FOR_CI), "includes" (the interval includes `even`), "sign_test" (it excludes `even`, but the
+    exact sign test over the decided units is not below 5%), else "better" or "worse". The sign test is there
+    because at a few prompts the percentile bootstrap's interval is too narrow (measured: 8.7% false
+    differences at 7 prompts for a judge with no preference, against the 5% a 95% interval promises; e.g. 6
+    wins and 1 loss, p = 0.125)."""
+    if n < MIN_PROMPTS_FOR_CI:
+        return "too_few"
     lo, hi = ci
     side = "better" if lo > even else "worse" if hi < even else None
     if side is None:
-        return "no measurable difference"
+        return "includes"
     if sign_p is not None and sign_p >= SIGN_TEST_LEVEL:
-        return f"no measurable difference (the interval excludes {even:g} but the sign test gives p = {sign_p:.2g})"
+        return "sign_test"
     return side
+
+
+def conclusion(ci: Sequence[float], n_prompts: int, *, even: float = 50.0, sign_p: float | None = None) -> str:
+    """What a win rate's interval lets a report say (`claim`): a difference only when the whole interval lies
+    on one side of `even` (50%) and the sign test agrees; otherwise "no measurable difference", never a win."""
+    said = claim(ci, n_prompts, even=even, sign_p=sign_p)
+    if said == "too_few":
+        return f"too few prompts to tell ({n_prompts} < {MIN_PROMPTS_FOR_CI})"
+    if said == "includes":
+        return "no measurable difference"
+    if said == "sign_test":
+        return f"no measurable difference (the interval excludes {even:g} but the sign test gives p = {sign_p:.2g})"
+    return said
 
 
 @dataclass
