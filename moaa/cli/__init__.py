@@ -38,9 +38,11 @@ def positive_float(text: str) -> float:
 def max_tokens(text: str) -> int:
     """A token count that goes into a request's max_tokens: the wire's uint32 bounds it (the server then
     checks it against the model's context window)."""
+    from moaa.services.common.validation import TOKENS_WIRE_BOUND
+
     value = _positive(text, int, "a positive whole number")
-    if value >= 2**32:
-        raise argparse.ArgumentTypeError(f"expected at most {2**32 - 1} tokens, got {value}")
+    if value >= TOKENS_WIRE_BOUND:
+        raise argparse.ArgumentTypeError(f"expected at most {TOKENS_WIRE_BOUND - 1} tokens, got {value}")
     return value
 
 

@@ -106,9 +106,8 @@ async def _run(args) -> int:
 
 def _report(args) -> int:
     from moaa.errors import UserError
-    from moaa.pipeline.report import build_report
-
     from moaa.pipeline.layout import RunLayout
+    from moaa.pipeline.report import build_report
 
     if not Path(args.run_folder).is_dir():
         why = "is not a folder" if Path(args.run_folder).exists() else "does not exist"

@@ -30,7 +30,7 @@ from moaa.v1 import annotator_pb2, annotator_pb2_grpc
 
 from .endpoint import Endpoint
 from .errors import call_error
-from .pairs import PAIR_KEYS, SKIP_KEYS, annotate_request, not_a_pair, pair_row, skip_info
+from .pairs import PAIR_KEYS, SKIP_KEYS, annotate_request, failed_judge_models, not_a_pair, pair_row, skip_info
 from .window import windowed
 
 
@@ -55,7 +55,7 @@ class RunReport:
 
     def add(self, resp) -> None:
         """A row judged by this run."""
-        failed = {f.model for f in resp.failures}
+        failed = failed_judge_models(resp)
         self.counts["fewer_judges"] += bool(failed)
         for model in failed:
             self.judge_failures[model] = self.judge_failures.get(model, 0) + 1

@@ -7,8 +7,8 @@ import grpc
 
 from moaa.errors import UserError
 from moaa.services.common.tls import channel_credentials
-from moaa.services.config import grpc_address_problem
 from moaa.services.common.transport import CLIENT_KEEPALIVE_S, CLIENT_KEEPALIVE_TIMEOUT_S, client_options
+from moaa.services.config import grpc_address_problem
 
 # Dataset rows (many proposals, long answers) can exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

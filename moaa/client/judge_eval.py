@@ -21,7 +21,7 @@ from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
 
 from .endpoint import Endpoint
 from .errors import is_bad_input
-from .pairs import sample_prompt
+from .pairs import failed_judge_models, sample_prompt
 from .window import windowed
 
 ENSEMBLE = "(ensemble)"
@@ -116,7 +116,7 @@ async def judge_eval(ep: Endpoint, in_path: str, *, ensemble: str = "", mode: st
                 for j in resp.judges:
                     outcomes[j.judge] = _outcome({s.candidate_id: s.score for s in j.scores})
                 results[res.id] = outcomes
-                for model in dict.fromkeys(f.model for f in resp.failures):
+                for model in failed_judge_models(resp):
                     judge_failures[model] = judge_failures.get(model, 0) + 1
     if not results:
         raise failure({"errors": errors, "transient_errors": transient}, "no row could be judged")

@@ -156,6 +156,12 @@ def skip_info(req: annotator_pb2.AnnotateRequest, resp: annotator_pb2.AnnotateRe
     return {"annotation": provenance(req, resp), "usage": usage_record(resp.usage)}
 
 
+def failed_judge_models(resp) -> list[str]:
+    """The judge models whose backends failed while an AnnotateResponse was still decided (its ensemble's
+    min_judges let the others decide), each once: what `moaa annotate`, `moaa eval` and `moaa judge-eval` count."""
+    return list(dict.fromkeys(f.model for f in resp.failures))
+
+
 def usage_record(usages, into: dict[str, dict[str, int]] | None = None) -> dict[str, dict[str, int]]:
     """Tokens a row cost, per model, from repeated ModelUsage: journaled with the row (`usage`); added to
     `into` when given (a row made of several calls)."""

@@ -27,7 +27,7 @@ from moaa.errors import TransientError, UserError
 from moaa.files import RESEND_HINT, atomic_write_text
 from moaa.progress import StageProgress
 from moaa.prompts import PromptRow, held_out_ids
-from moaa.services.common.validation import MAX_SAMPLES
+from moaa.services.common.validation import MAX_SAMPLES, TOKENS_WIRE_BOUND
 
 from .budget import TokenLedger
 from .layout import RunLayout
@@ -66,10 +66,10 @@ class GenerationSettings(BaseModel):
     exits 2 before stage 1 instead of failing as a TypeError after hours of SFT. Strict: "abc" or true is
     no count of tokens."""
     model_config = ConfigDict(extra="forbid", strict=True)   # a setting added without its type fails every run
-    answer_tokens: int = Field(ge=1, lt=2**32)   # a request's max_tokens: the wire's uint32
+    answer_tokens: int = Field(ge=1, lt=TOKENS_WIRE_BOUND)   # a request's max_tokens
     n_samples: int = Field(ge=2, le=MAX_SAMPLES)  # a preference pair needs two samples; `moaa sample --n`'s bound
     eval_grades: bool
-    sample_tokens: int = Field(ge=1, lt=2**32)
+    sample_tokens: int = Field(ge=1, lt=TOKENS_WIRE_BOUND)
     sample_temperature: float = Field(ge=0, le=2)
     eval_samples: int = Field(ge=0, le=MAX_SAMPLES)
     eval_temperature: float = Field(ge=0, le=2)

@@ -13,6 +13,7 @@ ROLES = ("system", "user", "assistant")
 # passes its stop_seqs as they are), so the bound is only a guard on work per generated token.
 MAX_STOP = 16
 MAX_SAMPLES = 64   # answers per prompt in one call: the gateway's Sample and `moaa sample --n`
+TOKENS_WIRE_BOUND = 2**32   # SamplingParams.max_tokens is a uint32: only values below this can be sent
 MIN_PROMPT_TOKENS = 16  # room a reply must leave in the context window for the prompt
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from moaa.client.pairs import usage_record
+from moaa.client.pairs import failed_judge_models, usage_record
 from moaa.services.annotator.parsing import parse_verdict
 from moaa.usage import add_usage, usage_tokens
 
@@ -60,7 +60,7 @@ class AnnotatorPairJudge:
 
         r = await annotate_once(self._stub, self.endpoint, prompt, cands, ensemble=self.ensemble, mode=self.mode, seed=0)
         usage_record(r.usage, into=usage)
-        failed.extend(f.model for f in r.failures if f.model not in failed)
+        failed.extend(m for m in failed_judge_models(r) if m not in failed)
         scores = {c.candidate_id: c.score for c in r.combined}
         if "m" not in scores or "b" not in scores or math.isnan(scores["m"]) or math.isnan(scores["b"]):
             return None, r.skip_reason or "no combined scores"  # every judge abstained: no verdict
