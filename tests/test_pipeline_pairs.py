@@ -194,3 +194,16 @@ async def test_budget_stop_overspends_by_at_most_the_rows_in_flight(judge_emulat
     cost = [sum(u["prompt_tokens"] + u["completion_tokens"] for u in r["usage"].values()) for r in rows]
     assert 0 < len(rows) < 30 and ledger.total == sum(cost)
     assert ledger.total - budget <= window * max(cost)
+
+
+def test_answers_are_read_from_the_field_that_was_checked():
+    """One rule picks a samples row's answers field and an answer's text, for checking and for reading: a
+    row with two answer fields is read from the one that was checked, and "text" wins over "content"."""
+    from moaa.client.pairs import annotate_request, malformed_items, sample_items
+    two = {"id": "r", "prompt": "hi", "candidates": [], "samples": ["a", "b"]}
+    assert malformed_items(two) is None and sample_items(two) == []
+    assert annotate_request(two)[1].startswith("too_few_candidates: 0")
+    both = {"id": "r", "prompt": "hi", "candidates": [{"text": "", "content": "x"}, {"content": "y"}]}
+    assert malformed_items(both) is None and [c["text"] for c in sample_items(both)] == ["", "y"]
+    bad = {"id": "r", "prompt": "hi", "candidates": [{"text": None, "content": "x"}, "b"]}
+    assert malformed_items(bad) == 'candidates[0] is no answer: give a string or {"text": ...}'

@@ -48,32 +48,42 @@ def sample_prompt(row: dict, where: str = "") -> list[dict]:
                         "of {role, content} messages)") from None
 
 
+def _answers_field(row: dict) -> str | None:
+    """The field that holds a samples row's answers: the first of SAMPLE_FIELDS the row has (one rule for
+    reading and checking, so a row with two such fields is read from the field that was checked)."""
+    return next((f for f in SAMPLE_FIELDS if f in row), None)
+
+
+def _answer_text(item):
+    """An answer's text: the item itself, or its "text" (else "content") value; not checked here."""
+    return (item["text"] if "text" in item else item.get("content")) if isinstance(item, dict) else item
+
+
 def sample_items(row: dict) -> list[dict]:
-    """The candidate answers of a samples row as {"id", "text", "model"}, whatever the sampler named them."""
-    items = next((row[f] for f in SAMPLE_FIELDS if row.get(f)), [])
+    """The candidate answers of a samples row as {"id", "text", "model"}, whatever the sampler named them
+    (what is not an answer reads as an empty one; `malformed_items` says why)."""
+    field = _answers_field(row)
+    items = row[field] if field else []
     out = []
     for i, it in enumerate(items if isinstance(items, list) else []):
-        if isinstance(it, str):
-            out.append({"id": f"s{i}", "text": it, "model": ""})
-        elif isinstance(it, dict):
-            text = it.get("text") or it.get("content") or ""
-            out.append({"id": str(it.get("id") or f"s{i}"), "text": text if isinstance(text, str) else "",
-                        "model": str(it.get("model") or "")})
+        text = _answer_text(it)
+        meta = it if isinstance(it, dict) else {}
+        out.append({"id": str(meta.get("id") or f"s{i}"), "text": text if isinstance(text, str) else "",
+                    "model": str(meta.get("model") or "")})
     return out
 
 
 def malformed_items(row: dict) -> str | None:
     """What is wrong with a samples row's answers (a misspelt key would read as no answer at all, a skip
     that a rerun with the fixed file then counts as done), or None."""
-    field = next((f for f in SAMPLE_FIELDS if f in row), None)
+    field = _answers_field(row)
     if field is None:
         return f"no answers: give them as {SAMPLE_FIELDS[0]!r} (or {', '.join(map(repr, SAMPLE_FIELDS[1:]))})"
     items = row[field]
     if not isinstance(items, list):
         return f"{field!r} is {type(items).__name__}: give a list of answers, strings or {{\"text\": ...}}"
     for i, it in enumerate(items):
-        text = it.get("text", it.get("content")) if isinstance(it, dict) else it
-        if not isinstance(text, str):
+        if not isinstance(_answer_text(it), str):
             return f"{field}[{i}] is no answer: give a string or {{\"text\": ...}}"
     return None
 

@@ -102,6 +102,12 @@ def length_controlled_win_rate(prefs: Sequence[float], len_model: Sequence[float
                  beta=float(w[1]), phi=float(w[2]), length_sd=sd, n=int(y.size))
 
 
+def prompt_rows(groups: Sequence) -> list[np.ndarray]:
+    """The row indices of each prompt, in the order prompts first appear (`groups`: one label per row)."""
+    labels = np.asarray(groups, dtype=object)
+    return [np.flatnonzero(labels == g) for g in dict.fromkeys(groups)]
+
+
 def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], *, n_resamples: int = 1000,
                  confidence: float = 0.95, seed: int = 0, groups: Sequence | None = None) -> tuple[float, float]:
     """Percentile bootstrap: `statistic(indices)` on resampled row indices.
@@ -112,8 +118,7 @@ def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float], *, n_resample
     if groups is None:
         units, rows_of = n, (lambda g: g)
     else:
-        labels = np.asarray(groups, dtype=object)
-        members = [np.flatnonzero(labels == g) for g in dict.fromkeys(groups)]
+        members = prompt_rows(groups)
         units, rows_of = len(members), (lambda g: np.concatenate([members[k] for k in g]))
     if units < 2:
         v = statistic(np.arange(n))
@@ -136,8 +141,7 @@ def sign_test(prefs: Sequence[float], groups: Sequence | None = None) -> tuple[i
     `groups` labels several per prompt); ties are left out, as the sign test does."""
     y = np.asarray(prefs, dtype=float)
     if groups is not None:
-        labels = np.asarray(groups, dtype=object)
-        y = np.asarray([y[labels == g].mean() for g in dict.fromkeys(groups)])
+        y = np.asarray([y[rows].mean() for rows in prompt_rows(groups)])
     won, lost = int(np.sum(y > 0.5)), int(np.sum(y < 0.5))
     p = float(stats.binomtest(won, won + lost, 0.5).pvalue) if won + lost else 1.0
     return won, lost, p
