@@ -80,12 +80,22 @@ class RecipeConfig(Strict):
         return self
 
 
+JUDGE_SAMPLING = {"temperature": 0.0, "max_tokens": 512}
+
+
 class JudgeConfig(Strict):
     name: Name
     model: str = Field(description="backend name")
     template: str = Field("pointwise_v1", description="judging prompt template name (file in the annotator's templates)")
     weight: float = Field(1.0, gt=0)
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(temperature=0.0, max_tokens=512))
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(**JUDGE_SAMPLING), description=(
+        "judge sampling; a key left out keeps its judge default (temperature 0, max_tokens 512); null = the server's"))
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _judge_defaults(cls, value):
+        # raising max_tokens for a reasoning judge must not also make it sample at the server's temperature
+        return {**JUDGE_SAMPLING, **value} if isinstance(value, dict) else value
 
 
 class EnsembleConfig(Strict):

@@ -1,5 +1,6 @@
 """Pure parts of the annotator: parsing corpus, templates, statistics, criteria filtering, decisions."""
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -220,16 +221,75 @@ def test_combine_rules():
 
 def test_decide_and_skip_reasons():
     rules = cb.SkipRules(min_margin=1.0, min_agreement=0.0, max_abstain_fraction=0.5)
-    d = cb.decide(["x", "y", "z"], [9.0, 2.0, 5.0], 0.5, 0, 3, rules)
+    d = cb.decide(["x", "y", "z"], [9.0, 2.0, 5.0], 0.5, [0, 0, 0], 3, rules)
     assert (d.chosen, d.rejected, d.margin, d.ranks, d.skipped) == (0, 1, 7.0, [1, 3, 2], False)
-    assert "margin 0.50 below" in cb.decide(["x", "y"], [5.5, 5.0], 1.0, 0, 3, rules).skip_reason
-    assert "disagree" in cb.decide(["x", "y"], [9.0, 1.0], -0.5, 0, 3, rules).skip_reason
-    assert "abstentions: 2 of 3" in cb.decide(["x", "y"], [9.0, 1.0], None, 2, 3, rules).skip_reason
-    assert "only 1 candidate" in cb.decide(["x", "y"], [9.0, None], None, 0, 3, rules).skip_reason
-    same = cb.decide(["x", "y"], [5.0, 5.0], None, 0, 1, cb.SkipRules(min_margin=0.0))
+    assert "margin 0.50 below" in cb.decide(["x", "y"], [5.5, 5.0], 1.0, [0, 0], 3, rules).skip_reason
+    assert "disagree" in cb.decide(["x", "y"], [9.0, 1.0], -0.5, [0, 0], 3, rules).skip_reason
+    assert "abstentions: 2 of 3 judges gave no readable score (" in cb.decide(
+        ["x", "y"], [9.0, 1.0], None, [2, 2], 3, rules).skip_reason
+    assert "only 1 candidate" in cb.decide(["x", "y"], [9.0, None], None, [0, 1], 3, rules).skip_reason
+    same = cb.decide(["x", "y"], [5.0, 5.0], None, [0, 0], 1, cb.SkipRules(min_margin=0.0))
     assert same.skipped and "same" in same.skip_reason
-    # ties at the top are broken by candidate id, so input order never changes the pair
-    d1 = cb.decide(["p", "q", "r"], [9.0, 9.0, 1.0], None, 0, 1, rules)
-    d2 = cb.decide(["q", "p", "r"], [9.0, 9.0, 1.0], None, 0, 1, rules)
+    # ties at the top are broken by candidate id, so input order never changes the pair; equal scores share a rank
+    d1 = cb.decide(["p", "q", "r"], [9.0, 9.0, 1.0], None, [0, 0, 0], 1, rules)
+    d2 = cb.decide(["q", "p", "r"], [9.0, 9.0, 1.0], None, [0, 0, 0], 1, rules)
     assert ["p", "q", "r"][d1.chosen] == ["q", "p", "r"][d2.chosen] == "p"
-    assert not math.isnan(d1.margin)
+    assert d1.ranks == [1, 1, 3] and not math.isnan(d1.margin)
+
+
+def test_an_answer_the_judges_could_not_read_is_not_silently_left_out():
+    """Every judge abstaining on one answer (it may be the best) is too many abstentions, whatever the others
+    scored; with fewer than max_abstain_fraction of the judges the pair is decided from what they read."""
+    rules = cb.SkipRules(min_margin=0.5, max_abstain_fraction=0.0)
+    d = cb.decide(["a", "b", "c"], [None, 3.5, 5.5], None, [2, 0, 0], 2, rules)
+    assert d.skipped and d.skip_reason == ("too_many_abstentions: 2 of 2 judges gave no readable score for answer "
+                                           "'a' (max_abstain_fraction 0)")
+    d = cb.decide(["a", "b", "c"], [8.0, 3.5, 5.5], None, [1, 0, 0], 3, cb.SkipRules(max_abstain_fraction=0.5))
+    assert not d.skipped and d.chosen == 0
+
+
+def test_a_margin_equal_to_min_margin_is_kept_whatever_the_rounding():
+    a, b = (16 / 3 + 5) / 2, (14 / 3 + 14 / 3) / 2    # exactly 31/6 and 14/3: a margin of 1/2
+    assert a - b < 0.5
+    d = cb.decide(["a", "b"], [a, b], None, [0, 0], 2, cb.SkipRules(min_margin=0.5))
+    assert not d.skipped and d.chosen == 0
+
+
+def test_a_template_moaa_cannot_fill_is_refused_when_loaded(tmp_path):
+    """Unknown placeholders, a bare '$' and a template that never shows the answers fail at load (so at the
+    annotator's start), naming the file; not as INTERNAL at every request."""
+    for body, needle in (("$instruction $candidates $bogus", "uses $bogus, which moaa does not fill"),
+                         ("$instruction $candidates costs $5", "'$' on line 1 of its section is not followed"),
+                         ("$instruction only", "never shows the judge $candidates")):
+        (tmp_path / "mine.txt").write_text(f"kind: pointwise\n[user]\n{body}\n")
+        with pytest.raises(TemplateError, match=re.escape(needle)) as err:
+            TemplateStore([tmp_path]).get("mine")
+        assert str(tmp_path / "mine.txt") in str(err.value)
+    with pytest.raises(TemplateError, match=re.escape("never shows the judge $ratings")):
+        parse_template("agg", b"kind: aggregator\n[user]\n$candidates\n")
+    assert parse_template("ok", b"kind: pointwise\n[user]\n$instruction $candidates costs $$5\n").render(
+        instruction="Q", candidates="A", n=1, scale_min=1, scale_max=10)[0]["content"] == "Q A costs $5"
+    with pytest.raises(TemplateError, match="is not a folder"):
+        TemplateStore([tmp_path / "typo"])
+
+
+def test_fractions_in_json_are_put_on_the_ensembles_scale():
+    """ "80/100" is 80 on 1..100 and "4/5" is 4 on 0..5, in JSON as in text (a JSON fraction was read out of
+    10 whatever the scale)."""
+    r = parse_ratings('{"ratings": [{"answer": 1, "score": "80/100", "criteria": {"acc": "90/100"}}, '
+                      '{"answer": 2, "score": "30/100"}]}', 2, 1, 100)
+    assert r.scores == {1: 80.0, 2: 30.0} and r.criteria[1] == {"acc": 90.0}
+    r = parse_ratings('[{"score": "4/5"}, {"score": "1/5"}, {"score": "0/5"}]', 3, 0, 5)
+    assert r.scores == {1: 4.0, 2: 1.0, 3: 0.0}
+    assert parse_single_score('{"score": "80/100", "reason": "ok"}', 1, 100).score == 80.0
+    json_path, text_path = parse_ratings('["4/5"]', 1, 1, 10).scores[1], parse_single_score("Score: 4/5", 1, 10).score
+    assert json_path == text_path == pytest.approx(8.2)
+
+
+def test_out_of_scale_tolerance_is_a_share_of_the_scale():
+    """One point on 1..10 (0 and 11 are clipped), the same share elsewhere: 1.9 on 0..1 is refused."""
+    assert parse_single_score("Score: 11", 1, 10).score == 10 and parse_single_score("Score: 0", 1, 10).score == 1
+    assert parse_single_score("Score: 1.1", 0, 1).score == 1
+    for text in ("Score: 1.9", "Score: 2"):
+        got = parse_single_score(text, 0, 1)
+        assert got.score is None and "outside the scale 0..1" in got.error

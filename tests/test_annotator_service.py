@@ -1,11 +1,14 @@
 """The annotator as a real grpc.aio server against the judge emulator on 127.0.0.1."""
 import asyncio
 import math
+import re
 
 import grpc
 import pytest
 
+from moaa.services.annotator.server import start_annotator
 from moaa.services.annotator.templates import TemplateStore
+from moaa.services.config import parse_config
 from moaa.v1 import annotator_pb2
 from tests.fixtures.annotator import judge_config, request
 
@@ -160,6 +163,7 @@ async def test_the_aggregator_judges_statistics_are_measured(judge_emulator, ann
     (lambda r: [r.candidates.add(id=f"x{i}", text="x") for i in range(3)], "over max_candidates=4"),
     (lambda r: r.candidates.add(id="big", text="x" * 3000), "over max_candidate_bytes=2000"),
     (lambda r: r.candidates.add(id="c0", text="dup"), "unique"),
+    (lambda r: r.candidates.add(id="c9", text=" " + GOOD), "candidates 'c0' and 'c9' have the same text"),
     (lambda r: setattr(r, "ensemble", "nope"), "unknown ensemble 'nope'"),
     (lambda r: r.judges.append("ghost"), "unknown judge(s) 'ghost'"),
     (lambda r: setattr(r, "mode", "vibes"), "mode 'vibes' is unknown"),
@@ -270,3 +274,46 @@ async def test_aggregator_combine_needs_moa_mode(judge_emulator, annotator_facto
     resp = await stub.Annotate(request([GOOD, BAD], mode="pairwise"))
     assert resp.combine == "weighted" and "mode is 'pairwise'" in resp.note
     assert [j.judge for j in resp.judges] == ["a"] and resp.chosen_id == "c0"
+
+
+async def test_templates_that_cannot_serve_their_setting_are_refused_at_start(tmp_path):
+    """A pairwise template as pointwise_template, a template with a placeholder moaa cannot fill, or a
+    templates_dir that is not a folder: the annotator does not start (the CLI exits 2 with the message),
+    instead of answering INTERNAL to every request."""
+    from moaa.errors import UserError
+    (tmp_path / "bogus.txt").write_text("kind: pointwise\n[user]\n$instruction $candidates $bogus\n")
+    for ens, needle in (({"pointwise_template": "pairwise_v1"}, "pointwise_template 'pairwise_v1' is a pairwise"),
+                        ({"aggregator_template": "pointwise_v1"}, "aggregator_template 'pointwise_v1' is a pointwise"),
+                        ({"templates_dir": str(tmp_path), "judges": [{"name": "a", "model": "m-a", "template": "bogus"}]},
+                         "uses $bogus, which moaa does not fill"),
+                        ({"templates_dir": str(tmp_path / "tpl")}, "is not a folder")):
+        cfg = judge_config("http://127.0.0.1:9/v1", {"a": "keyword:paris"})
+        cfg["ensembles"]["e"].update(ens)
+        with pytest.raises(UserError, match=re.escape(needle)) as err:
+            await start_annotator(parse_config(cfg), port=0, probes=False)
+        assert str(err.value).startswith("ensembles.e: ")
+
+
+def test_a_judge_sampling_key_keeps_the_other_judge_default():
+    """Raising a judge's max_tokens keeps temperature 0 (and the reverse); null asks for the server's."""
+    from moaa.services.config import JudgeConfig
+    assert JudgeConfig(name="a", model="m", sampling={"max_tokens": 100}).sampling.temperature == 0.0
+    assert JudgeConfig(name="a", model="m", sampling={"temperature": 0.7}).sampling.max_tokens == 512
+    assert JudgeConfig(name="a", model="m", sampling={"temperature": None}).sampling.temperature is None
+
+
+async def test_an_answer_left_unrated_is_never_silently_dropped(judge_emulator, annotator_factory):
+    """Every judge leaving the best answer unrated is too many abstentions (not a pair of the others); an
+    aggregator judge leaving one out falls back to the judges' weighted mean, and says so."""
+    stub = await annotator_factory(judge_config(
+        judge_emulator.url, {"j1": "keyword:paris+skip=capital", "j2": "keyword:paris+skip=capital+name=2"},
+        mode="pointwise", combine="mean", min_margin=0.5, max_abstain_fraction=0.5))
+    resp = await stub.Annotate(request([BAD, GOOD, OK]))
+    assert resp.skipped and resp.skip_reason.startswith(
+        "too_many_abstentions: 2 of 2 judges gave no readable score for answer 'c1'"), resp.skip_reason
+    stub = await annotator_factory(judge_config(
+        judge_emulator.url, {"j1": "keyword:paris", "j2": "keyword:paris+name=2"},
+        aggregator="keyword:paris+skip=capital", min_margin=0.5))
+    resp = await stub.Annotate(request([BAD, GOOD, OK]))
+    assert not resp.skipped and resp.chosen_id == "c1" and resp.combine == "weighted"
+    assert "the aggregator judge gave no readable score for answer(s) 'c1': weighted mean used" in resp.note

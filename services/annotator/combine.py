@@ -183,22 +183,37 @@ class SkipRules:
     max_abstain_fraction: float = 0.5
 
 
+# Scores are means of thirds and quarters: a margin equal to min_margin must not be skipped by rounding.
+EPS = 1e-9
+
+
+def unread_counts(judges: list[JudgeResult]) -> list[int]:
+    """Per candidate, the judges that gave no readable score for it (after their one retry)."""
+    n = len(judges[0].scores) if judges else 0
+    return [sum(j.scores[i] is None for j in judges) for i in range(n)]
+
+
 def decide(ids: list[str], combined: list[float | None], agreement: float | None,
-           judges_abstained: int, judges_total: int, rules: SkipRules) -> Decision:
+           unread: list[int], judges_total: int, rules: SkipRules) -> Decision:
     """chosen = highest, rejected = lowest; ties broken by candidate id so input order never matters.
+    `unread[i]`: the judges that gave no readable score for candidate i.
 
     Skips are for quality only; each reason starts with its kind (too_many_abstentions, too_few_scored,
-    low_agreement, low_margin) and a colon, so reports count them by kind. Failed judge backends never
-    reach this function: the engine leaves them out or fails the item UNAVAILABLE."""
+    low_agreement, low_margin) and a colon, so reports count them by kind. A candidate more judges than
+    max_abstain_fraction could not score is such a skip (it might be the best answer: a pair made from the
+    others would be a guess). Failed judge backends never reach this function: the engine leaves them out
+    or fails the item UNAVAILABLE."""
     scored = [i for i, s in enumerate(combined) if s is not None]
     ranked = sorted(scored, key=lambda i: (-combined[i], ids[i]))
     ranks = [0] * len(combined)
-    for r, i in enumerate(ranked, 1):
-        ranks[i] = r
+    for i in scored:   # 1 = best; equal scores share a rank (1, 1, 3)
+        ranks[i] = 1 + sum(combined[k] > combined[i] + EPS for k in scored)
     d = Decision(ranks=ranks)
-    if judges_total and judges_abstained / judges_total > rules.max_abstain_fraction:
+    most = max(range(len(unread)), key=lambda i: unread[i]) if unread else None
+    if judges_total and most is not None and unread[most] / judges_total > rules.max_abstain_fraction:
+        which = "" if len(set(unread)) == 1 else f" for answer {ids[most]!r}"
         d.skipped, d.skip_reason = True, (
-            f"too_many_abstentions: {judges_abstained} of {judges_total} judges gave no readable score "
+            f"too_many_abstentions: {unread[most]} of {judges_total} judges gave no readable score{which} "
             f"(max_abstain_fraction {rules.max_abstain_fraction:g})")
         return d
     if len(ranked) < 2:
@@ -206,11 +221,11 @@ def decide(ids: list[str], combined: list[float | None], agreement: float | None
         return d
     best, worst = ranked[0], min(scored, key=lambda i: (combined[i], _neg(ids[i])))
     d.margin = combined[best] - combined[worst]
-    if agreement is not None and agreement < rules.min_agreement:
+    if agreement is not None and agreement < rules.min_agreement - EPS:
         d.skipped, d.skip_reason = True, f"low_agreement: judges disagree, mean Kendall tau {agreement:.2f} below min_agreement {rules.min_agreement:g}"
-    elif d.margin <= 0:
+    elif d.margin <= EPS:
         d.skipped, d.skip_reason = True, "low_margin: all candidates scored the same (margin 0)"
-    elif d.margin < rules.min_margin:
+    elif d.margin < rules.min_margin - EPS:
         d.skipped, d.skip_reason = True, f"low_margin: margin {d.margin:.2f} below min_margin {rules.min_margin:g}"
     if not d.skipped:
         d.chosen, d.rejected = best, worst

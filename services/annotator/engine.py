@@ -64,17 +64,20 @@ class AnnotationEngine:
         return self._stores[ens.templates_dir]
 
     def check_templates(self) -> None:
-        """Fail at start, not at the first request, when a configured template is missing or broken."""
+        """Fail at start, not at the first request, when a configured template is missing, broken, or of a
+        kind its setting cannot use (a pairwise template as pointwise_template would judge another mode)."""
         for name, ens in self.config.ensembles.items():
-            store = self.store(ens)
-            wanted = [j.template for j in ens.judges] + [ens.pointwise_template, ens.pairwise_template]
-            if ens.aggregator is not None:
-                wanted += [ens.aggregator.template, ens.aggregator_template]
-            for t in wanted:
-                try:
+            try:
+                store = self.store(ens)
+                for t in [j.template for j in ens.judges] + ([ens.aggregator.template] if ens.aggregator else []):
                     store.get(t)
-                except TemplateError as err:
-                    raise TemplateError(f"ensembles.{name}: {err}") from None
+                for key, kind in (("pointwise_template", "pointwise"), ("pairwise_template", "pairwise"),
+                                  ("aggregator_template", "aggregator")):
+                    tpl = store.get(getattr(ens, key))
+                    if tpl.kind != kind:
+                        raise TemplateError(f"{key} {tpl.name!r} is a {tpl.kind} template: name a {kind} one")
+            except TemplateError as err:
+                raise TemplateError(f"ensembles.{name}: {err}") from None
 
     def outage(self) -> str | None:
         """Why no ensemble can be decided now (every one lacks its quorum of reachable judges, or its
@@ -198,9 +201,11 @@ class AnnotationEngine:
                 aggregator_result.length_correlation = stats.spearman(aggregator_result.scores,
                                                                       [float(x) for x in lengths])
                 aggregator_result.agreement = stats.mean_tau_with(aggregator_result.scores, effective)
-                if aggregator_result.abstained:
+                unread = [c.id for c, s in zip(job.candidates, aggregator_result.scores) if s is None]
+                if unread:   # its decision would silently leave those answers out
                     rule = "weighted"
-                    notes.append("the aggregator judge gave no readable score: weighted mean used")
+                    what = "" if aggregator_result.abstained else f" for answer(s) {', '.join(map(repr, unread))}"
+                    notes.append(f"the aggregator judge gave no readable score{what}: weighted mean used")
         if job.mode == "moa" and ens.combine != "aggregator":
             # mode 'moa' means an aggregator judge decides; say plainly when the config has none decide
             why = "has no aggregator judge" if ens.aggregator is None else f"combines with {ens.combine!r}"
@@ -210,8 +215,7 @@ class AnnotationEngine:
             combined = list(aggregator_result.scores)
         else:
             combined = cb.combine(effective, {j.name: j.weight for j in job.judges}, rule)
-        abstained = sum(j.abstained for j in judges)
-        decision = cb.decide([c.id for c in job.candidates], combined, overall_tau, abstained, len(judges),
+        decision = cb.decide([c.id for c in job.candidates], combined, overall_tau, cb.unread_counts(judges), len(judges),
                              cb.SkipRules(ens.min_margin, ens.min_agreement, ens.max_abstain_fraction))
         all_results = judges + ([aggregator_result] if aggregator_result is not None else [])
         return self._response(job, all_results, logs, criteria, combined, decision, overall_tau, rule, notes)

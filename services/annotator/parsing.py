@@ -56,7 +56,7 @@ def normalise(value: float, denom: float | None, lo: float, hi: float) -> tuple[
     """Map a read value onto [lo, hi]: rescale by an explicit denominator, clip small overshoots."""
     if denom is not None and denom > 0 and denom != hi:
         value = lo + (value / denom) * (hi - lo) if value <= denom else value
-    tol = max(1.0, 0.1 * (hi - lo))
+    tol = (hi - lo) / 9   # one point of the default 1..10 scale, the same share of any other scale
     if value < lo - tol or value > hi + tol:
         return None, f"score {value:g} is outside the scale {lo:g}..{hi:g}"
     return min(hi, max(lo, value)), None
@@ -79,7 +79,7 @@ def parse_single_score(text: str, lo: float, hi: float) -> ParsedScore:
     if isinstance(data, dict):
         value = _first_number(data, ("score", "rating", "overall"))
         if value is not None:
-            score, err = normalise(value, None, lo, hi)
+            score, err = normalise(*value, lo, hi)
             return ParsedScore(score, str(data.get("reason", "")), err)
     score, err = _read_number(text, lo, hi)
     return ParsedScore(score, _reason_after(text), err)
@@ -110,24 +110,25 @@ def _find_json(text: str):
     return None
 
 
-def _as_float(value) -> float | None:
+def _as_number(value) -> tuple[float, float | None] | None:
+    """(value, its denominator or None) of a JSON value: a number, or a string such as "8" or "80/100";
+    `normalise` puts it on the ensemble's scale, as the text path does."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value)
+        return float(value), None
     if isinstance(value, str):
         m = re.match(rf"\s*{NUM}(?:{_DENOM})?", value)
         if m:
-            v = float(m.group(1))
-            return v / float(m.group(2)) * 10 if m.group(2) and float(m.group(2)) not in (0, 10) else v
+            return float(m.group(1)), float(m.group(2)) if m.group(2) else None
     return None
 
 
-def _first_number(d: dict, keys: tuple[str, ...]) -> float | None:
+def _first_number(d: dict, keys: tuple[str, ...]) -> tuple[float, float | None] | None:
     for k in keys:
         for dk, dv in d.items():
             if str(dk).lower() == k:
-                v = _as_float(dv)
+                v = _as_number(dv)
                 if v is not None:
                     return v
     return None
@@ -152,7 +153,7 @@ def _ratings_from_json(data, n: int, lo: float, hi: float, out: ParsedRatings) -
         else:  # {"1": 8, "2": {"score": 3}} or {"Answer 1": 8}
             for k, v in data.items():
                 m = re.search(r"\d+", str(k))
-                if m and (isinstance(v, (int, float, dict)) or _as_float(v) is not None):
+                if m and (isinstance(v, (int, float, dict)) or _as_number(v) is not None):
                     entries.append((int(m.group()), v))
     elif isinstance(data, list):
         entries = [(_answer_index(e, i + 1) if isinstance(e, dict) else i + 1, e) for i, e in enumerate(data)]
@@ -164,22 +165,22 @@ def _ratings_from_json(data, n: int, lo: float, hi: float, out: ParsedRatings) -
             crit = entry.get("criteria") if isinstance(entry.get("criteria"), dict) else {}
             ratings = {}
             for cname, cval in crit.items():
-                v = _as_float(cval)
+                v = _as_number(cval)
                 if v is not None:
-                    s, _ = normalise(v, None, lo, hi)
+                    s, _ = normalise(*v, lo, hi)
                     if s is not None:
                         ratings[str(cname)] = s
             if ratings:
                 out.criteria[idx] = ratings
             if value is None and ratings:
-                value = sum(ratings.values()) / len(ratings)
+                value = sum(ratings.values()) / len(ratings), None
             reason = entry.get("reason") or entry.get("rationale") or entry.get("explanation") or ""
             out.reasons[idx] = str(reason)[:500]
         else:
-            value = _as_float(entry)
+            value = _as_number(entry)
         if value is None:
             continue
-        score, err = normalise(value, None, lo, hi)
+        score, err = normalise(*value, lo, hi)
         if score is None:
             out.out_of_range.append(f"answer {idx}: {err}")
         else:

@@ -17,6 +17,15 @@ BUILTIN_DIR = Path(__file__).with_name("templates")
 KINDS = ("pointwise", "pairwise", "aggregator")
 
 
+# What moaa fills in, per kind and scope (judging.py), and what a template of that kind must show the judge.
+SUPPLIED = {("pointwise", "all"): {"instruction", "candidates", "n", "scale_min", "scale_max"},
+            ("pointwise", "single"): {"instruction", "answer", "scale_min", "scale_max"},
+            ("pairwise", "all"): {"instruction", "answer_a", "answer_b"},
+            ("aggregator", "all"): {"instruction", "candidates", "n", "scale_min", "scale_max", "ratings"}}
+REQUIRED = {("pointwise", "all"): {"candidates"}, ("pointwise", "single"): {"answer"},
+            ("pairwise", "all"): {"answer_a", "answer_b"}, ("aggregator", "all"): {"candidates", "ratings"}}
+
+
 class TemplateError(ValueError):
     """A template that is missing or cannot be used; the message names the file and the problem."""
 
@@ -45,12 +54,15 @@ class JudgeTemplate:
         return messages
 
 
-def _placeholders(text: str) -> set[str]:
+def _placeholders(name: str, text: str) -> set[str]:
     names = set()
     for m in string.Template.pattern.finditer(text):
-        name = m.group("named") or m.group("braced")
-        if name:
-            names.add(name)
+        if m.group("invalid") is not None:   # string.Template would fail on it at every request
+            line = text.count("\n", 0, m.start("invalid")) + 1
+            raise TemplateError(f"template {name!r}: a '$' on line {line} of its section is not followed by a "
+                                "placeholder name: write $$ for a literal dollar sign")
+        if m.group("named") or m.group("braced"):
+            names.add(m.group("named") or m.group("braced"))
     return names
 
 
@@ -80,12 +92,23 @@ def parse_template(name: str, raw: bytes) -> JudgeTemplate:
     scope = header.get("scope", "all")
     if scope not in ("all", "single"):
         raise TemplateError(f"template {name!r}: scope must be 'all' or 'single', not {scope!r}")
+    if scope == "single" and kind != "pointwise":
+        raise TemplateError(f"template {name!r}: scope 'single' is for pointwise templates, not {kind}")
     system = "\n".join(sections.get("system", [])).strip()
     user = "\n".join(sections["user"]).strip()
+    used = _placeholders(name, system) | _placeholders(name, user)
+    unknown = sorted(used - SUPPLIED[kind, scope])
+    if unknown:
+        raise TemplateError(f"template {name!r} ({kind}, scope {scope}) uses ${', $'.join(unknown)}, which moaa "
+                            f"does not fill; it fills ${', $'.join(sorted(SUPPLIED[kind, scope]))}")
+    missing = sorted(REQUIRED[kind, scope] - used)
+    if missing:
+        raise TemplateError(f"template {name!r} ({kind}, scope {scope}) never shows the judge "
+                            f"${', $'.join(missing)}: add it to the [user] section")
     return JudgeTemplate(
         name=name, kind=kind, scope=scope, system=system, user=user,
         sha256=hashlib.sha256(raw).hexdigest(), description=header.get("description", ""),
-        placeholders=frozenset(_placeholders(system) | _placeholders(user)),
+        placeholders=frozenset(used),
     )
 
 
@@ -93,6 +116,10 @@ class TemplateStore:
     """Templates by name, from the built-in folder and optional extra folders (later ones win)."""
 
     def __init__(self, extra_dirs: list[str | Path] | None = None):
+        for d in extra_dirs or []:
+            if not Path(d).is_dir():   # a typo would silently judge with the built-ins
+                raise TemplateError(f"templates_dir {str(d)!r} is not a folder (a relative path is taken from the "
+                                    f"working directory, {Path.cwd()})")
         self._dirs = [BUILTIN_DIR, *[Path(d) for d in (extra_dirs or [])]]
         self._cache: dict[str, JudgeTemplate] = {}
 
@@ -108,7 +135,10 @@ class TemplateStore:
         for d in reversed(self._dirs):
             path = d / f"{name}.txt"
             if path.is_file():
-                tpl = parse_template(name, path.read_bytes())
+                try:
+                    tpl = parse_template(name, path.read_bytes())
+                except TemplateError as err:   # which file: a built-in or the user's override
+                    raise TemplateError(f"{err} ({path})") from None
                 self._cache[name] = tpl
                 return tpl
         raise TemplateError(f"unknown judge template {name!r}; known: {', '.join(self.names())}")

@@ -35,6 +35,12 @@ def build_job(req, config: MoaaConfig, server: AnnotatorConfig, request_id: str 
     dup = sorted({x for x in ids if ids.count(x) > 1})
     if dup:
         raise InvalidArgument(f"candidate ids must be unique; repeated: {', '.join(dup)}")
+    first: dict[str, str] = {}
+    for c in cands:   # a pair of one text teaches DPO nothing; its margin would be the judges' position bias
+        same = first.setdefault(c.text.strip(), c.id)
+        if same != c.id:
+            raise InvalidArgument(f"candidates {same!r} and {c.id!r} have the same text: send each distinct answer "
+                                  "once (moaa annotate and the gateway's Sample drop duplicates)")
     try:
         ens_name, ens = config.ensemble(req.ensemble or None)
     except KeyError as err:

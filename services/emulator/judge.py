@@ -10,7 +10,8 @@ modifiers: `flaky` (unreadable first reply, readable after the retry nudge), `te
 `Answer N: S/10` lines instead of JSON), `delay=SECONDS` (added to the first-token delay), and
 `name=ANY` (ignored: makes served names distinct so per-model stats are apart), `overall=POLICY` (pointwise
 JSON: the criteria ratings follow the policy, the overall `score` follows POLICY, as a judge whose overall
-rating disagrees with its own criteria).
+rating disagrees with its own criteria), `skip=WORD` (pointwise: leaves the answers containing WORD unrated,
+as a judge that rates only some of them; read again after the retry nudge, it still does).
 Per-model request counts and busy time are in the emulator's stats (`models`).
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Policy:
         self.text = "text" in parts
         self.delay = next((float(p.split("=", 1)[1]) for p in parts if p.startswith("delay=")), 0.0)
         self.overall = next((Policy(p.split("=", 1)[1]) for p in parts if p.startswith("overall=")), self)
+        self.skip = next((p.split("=", 1)[1].lower() for p in parts if p.startswith("skip=")), None)
 
     def quality(self, text: str, position: int) -> float:
         if self.name == "first":
@@ -84,7 +86,7 @@ def _pointwise_scores(policy: Policy, numbered: dict[int, str], lo: float, hi: f
     qual = {k: policy.quality(v, k - 1) for k, v in numbered.items()}
     top, bottom = max(qual.values()), min(qual.values())
     return {k: hi - 1 if top == bottom else round(lo + 1 + (q - bottom) / (top - bottom) * (hi - lo - 2), 1)
-            for k, q in qual.items()}
+            for k, q in qual.items() if not (policy.skip and policy.skip in numbered[k].lower())}
 
 
 def judge_timing(s: EmulatorSettings, model: str) -> EmulatorSettings:
