@@ -309,3 +309,67 @@ async def test_models_info_shape(emulator, pool_of):
     (proto,) = models_info_proto(pool.models_info())
     assert proto.replicas[0].url == emulator.url and proto.context_window == 2048
     assert "m" in pool and pool.names == ["m"]
+
+
+async def test_a_probe_success_neither_closes_an_open_circuit_nor_clears_a_failure_streak(emulator_factory, pool_of):
+    """"Hi" answered says little about real requests (a replica that passes probes but fails long prompts):
+    an open circuit stays open for reset_after_s, then one half-open trial decides."""
+    emu = await emulator_factory(error_rates={500: 1.0})
+    pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 1},
+                                        circuit={"failure_threshold": 2, "reset_after_s": 30})})
+    client = pool.client("m")
+    replica = client.replicas.replicas[0]
+    with pytest.raises(BackendError):
+        await client.chat(MSGS)
+    emu.update(error_rates={})
+    assert await probe_once(client, replica) and replica.failures == 1 and replica.circuit == "closed"
+    emu.update(error_rates={500: 1.0})
+    with pytest.raises(BackendError):
+        await client.chat(MSGS)
+    assert replica.circuit == "open"   # two failures in a row, a passing probe between them
+    emu.update(error_rates={})
+    assert await probe_once(client, replica) and replica.circuit == "open"
+    with pytest.raises(BackendError) as err:
+        await client.chat(MSGS)
+    assert err.value.cause == "circuit_open"
+
+
+async def test_the_rate_limit_holds_when_slots_free_together(pool_of):
+    """Rate tokens are taken right before sending, not while waiting for a slot: when a backend finishes
+    a batch at once, the requests that waited for slots still go out at rate_limit_per_s."""
+    from aiohttp import web
+    arrivals, t0 = [], time.monotonic()
+
+    async def chat(request):
+        arrivals.append(time.monotonic() - t0)
+        if arrivals[-1] < 1.5:   # the first requests end together at 1.5 s, as a batch does
+            await asyncio.sleep(1.5 - arrivals[-1])
+        return web.json_response({"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        pool = await pool_of({"m": make_cfg(url, rate_limit_per_s=4, max_concurrency=2,
+                                            timeouts={"first_token_s": 3.0, "total_s": 10.0})})
+        await asyncio.gather(*(pool.client("m").chat(MSGS) for _ in range(10)))
+    finally:
+        await runner.cleanup()
+    busiest = max(sum(1 for b in arrivals if a <= b < a + 0.95) for a in arrivals)
+    assert len(arrivals) == 10 and busiest <= 4, arrivals
+
+
+async def test_max_queued_bounds_the_requests_waiting_for_the_rate_limit(emulator, pool_of):
+    """Requests waiting for a rate-limit token count in max_queued as those waiting for a slot do; the excess
+    fails at once with queue_full, naming no endpoint (none was reached)."""
+    pool = await pool_of({"m": make_cfg(emulator.url, rate_limit_per_s=2, max_queued=3,
+                                        retries={"max_attempts": 1})})
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(pool.client("m").chat(MSGS) for _ in range(8)), return_exceptions=True)
+    full = [r for r in results if isinstance(r, BackendError)]
+    assert len(full) == 3 and all(e.cause == "queue_full" and e.endpoint == "" for e in full), results
+    assert emulator.stats.requests == 5 and time.monotonic() - t0 < 3.5

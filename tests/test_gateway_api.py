@@ -208,10 +208,12 @@ async def test_an_empty_sample_is_a_failure_not_a_sample(gw_emulators, gateway_f
     """As an empty proposal is: no text to train on or to judge (a reasoning model that spent max_tokens)."""
     emu = await gw_emulators({"a": {"reasoning_tokens": 100}})
     gw = await gateway_factory(moa_config(emu.url, ["a"], backends={"a": {"supports_n": False}}))
-    resp = await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi"),
-                                                          sampling=S(max_tokens=5)), timeout=5)
-    assert not resp.samples and [(f.model, f.cause) for f in resp.failures] == [("a", "max_tokens")] * 2
-    assert "sampling.max_tokens" in resp.failures[0].message
+    with pytest.raises(grpc.aio.AioRpcError) as err:   # none answered: the call failed, as when all fail
+        await gw.stub.Sample(gateway_pb2.SampleRequest(model="a", n=2, messages=user("hi"),
+                                                       sampling=S(max_tokens=5)), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.value.details() == ("model 'a' answered none of the 2 samples (max_tokens: answer cut at max_tokens "
+                                   "before any text: raise sampling.max_tokens)")
 
 
 async def test_sample_with_stop_and_n_answers_every_choice(gw):
@@ -408,3 +410,34 @@ async def test_logs_carry_request_id_but_no_prompt_or_token(gw_emulators, gatewa
         lines.append(fmt.format(rec))
     assert any('"request_id": "req-abc"' in line and '"method": "Generate"' in line for line in lines)
     assert not any(secret in line or "sekrit-token" in line for line in lines)
+
+
+async def test_a_unary_call_retries_an_aggregator_stream_cut_midway(gw_emulators, gateway_factory):
+    """Nothing reached a unary caller when the aggregator's stream broke, so it is retried (on the other
+    replica); a streamed caller that saw deltas gets the failure instead (never the text twice)."""
+    good = await gw_emulators({"a": FAST, "agg": FAST})
+    cut = await gw_emulators({"agg": {"disconnect_after_chunks": 1, "tokens_per_s": 200}})
+    gw = await gateway_factory(moa_config(good.url, ["a"], backends={"agg": {"urls": [cut.url, good.url]}}))
+    for _ in range(4):
+        resp = await gw.stub.Generate(request(), timeout=10)
+        assert resp.text and not resp.failures
+    assert cut.stats.requests >= 1
+
+
+async def test_an_empty_aggregator_answer_is_a_failure(gw_emulators, gateway_factory):
+    """No SFT row can be made of it: UNAVAILABLE naming the cause and the setting, as for an empty sample."""
+    emu = await gw_emulators({"a": FAST, "agg": {"reasoning_tokens": 100}})
+    gw = await gateway_factory(moa_config(emu.url, ["a"], backends={"agg": {"supports_n": False}}))
+    req = request()
+    req.aggregator_sampling.max_tokens = 5
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await gw.stub.Generate(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "agg (max_tokens: answer cut at max_tokens before any text: raise the recipe's aggregator.sampling" \
+           ".max_tokens (or aggregator_sampling.max_tokens))" in err.value.details()
+    events = []
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for ev in gw.stub.GenerateStream(req, timeout=10):
+            events.append(ev)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert [ev.failure.cause for ev in events if ev.HasField("failure")] == ["max_tokens"]

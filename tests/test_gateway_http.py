@@ -175,6 +175,15 @@ async def test_passthrough_backend_and_model_list(gw):
     with pytest.raises(openai.BadRequestError) as err:  # MoA knobs on a single model: said, not ignored
         await client(gw).chat.completions.create(model="b", messages=ask(), extra_body={"moaa": {"first_k": 1}})
     assert err.value.body["param"] == "moaa" and "plain backend" in err.value.body["message"]
+    # the backend's context_window bounds max_tokens on the door as on Sample (it was passed through)
+    window = 4096   # the backends' default context_window
+    for kw, field in (({"max_tokens": 10**6}, "max_tokens"), ({"max_completion_tokens": 10**6}, "max_completion_tokens")):
+        with pytest.raises(openai.BadRequestError) as err:
+            await client(gw).chat.completions.create(model="b", messages=ask(), **kw)
+        assert err.value.body["param"] == field and f"use at most {window - 16}" in err.value.body["message"], err.value.body
+    with pytest.raises(openai.BadRequestError) as err:
+        await client(gw).responses.create(model="b", input="hi", max_output_tokens=10**6)
+    assert f"use at most {window - 16}" in err.value.body["message"], err.value.body
 
 
 async def test_model_named_with_a_slash(gw_emulators, gateway_factory):

@@ -148,7 +148,7 @@ async def test_backend_queue_full_is_a_typed_error(emulator_factory, pool_of):
     tasks = [asyncio.create_task(client.chat([{"role": "user", "content": f"q{i}"}])) for i in range(5)]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     full = [r for r in results if isinstance(r, BackendError)]
-    assert len(full) == 2 and all(e.cause == "queue_full" and not e.retryable for e in full), results
+    assert len(full) == 2 and all(e.cause == "queue_full" and not e.retryable and e.endpoint == "" for e in full), results
     assert "max_queued=2" in str(full[0]) and "raise max_queued" in str(full[0])
     assert sum(1 for r in results if not isinstance(r, BaseException)) == 3
     assert client.queued == 0 and emu.stats.requests == 3  # refused before sending anything

@@ -48,6 +48,12 @@ async def attempt_once(client: "BackendClient", replica: Replica, body: dict, de
     def fail(cause: str, message: str, status: int = 0) -> BackendError:
         return BackendError(name, url, cause, message, status)
 
+    def not_sent(cause: str, message: str) -> BackendError:
+        # failed in our own queue: no replica was reached, so no endpoint (common.proto), and no replica fault
+        err = BackendError(name, "", cause, message)
+        err.replica_fault = False
+        return err
+
     sent = start  # first-token time counts from sending, not from waiting in our own queue
 
     def timed_out(phase_deadline: float, phase: str) -> BackendError:
@@ -59,12 +65,11 @@ async def attempt_once(client: "BackendClient", replica: Replica, body: dict, de
             return fail("timeout", f"request exceeded total_s={t.total_s}s")
         limits = {"first token": f"no first token within first_token_s={t.first_token_s}s",
                   "chunk gap": f"no chunk within chunk_gap_s={t.chunk_gap_s}s",
-                  "slot": "no free concurrency slot / rate-limit token in time",
                   "error body": "error body not read in time"}
         return fail("timeout", limits.get(phase, phase))
 
     if loop.time() >= deadline:
-        raise timed_out(deadline, "queueing")
+        raise not_sent("timeout", "caller's deadline passed during queueing")
     trial = replica.begin() if not probe else False
     slot = False
     epoch = 0
@@ -73,30 +78,33 @@ async def attempt_once(client: "BackendClient", replica: Replica, body: dict, de
     reusable = False
     try:
         if not probe:
-            if client.queued >= client.cfg.max_queued and not replica.limit.free:
-                err = fail("queue_full", f"{client.queued} requests already wait for this backend "
-                           f"(max_queued={client.cfg.max_queued}); send fewer at once or raise max_queued")
-                err.replica_fault = False
-                raise err
+            # a request waits when no slot is free, or behind the rate limit's queue (its FIFO lock)
+            if client.queued >= client.cfg.max_queued and (not replica.limit.free or client.throttler is not None):
+                raise not_sent("queue_full", f"{client.queued} requests already wait for this backend "
+                               f"(max_queued={client.cfg.max_queued}); send fewer at once or raise max_queued")
             client.queued += 1
             started = ITEM_STARTED.get()
             if started is not None:
                 started.set()
             try:
                 async with timeout_at(attempt_deadline):
-                    if client.throttler is not None:
-                        # asyncio-throttle polls; one poller at a time (FIFO) instead of every waiter
-                        async with client._throttle_lock:
-                            await client.throttler.acquire()
                     if replica.in_flight == 0:
                         replica.progress()  # an idle replica has no stalled requests
                     await replica.limit.acquire()
                     slot = True
                     epoch = replica.limit.epoch
+                    if client.throttler is not None:
+                        # the rate token last, right before sending: tokens taken while waiting for a slot
+                        # would all be spent at once when slots free together, past the rate.
+                        # asyncio-throttle polls; one poller at a time (FIFO) instead of every waiter
+                        async with client._throttle_lock:
+                            await client.throttler.acquire()
             except asyncio.TimeoutError:
-                err = timed_out(attempt_deadline, "slot")
-                err.replica_fault = False  # our own queue, not the replica's doing
-                raise err from None
+                if attempt_deadline >= deadline:
+                    raise not_sent("timeout", "caller's deadline passed while waiting for a concurrency slot / "
+                                   "rate-limit token") from None
+                raise not_sent("timeout", f"no free concurrency slot / rate-limit token within total_s="
+                               f"{t.total_s}s") from None
             finally:
                 client.queued -= 1
             sent = loop.time()
@@ -217,9 +225,10 @@ async def attempt_once(client: "BackendClient", replica: Replica, body: dict, de
             replica.limit.release()
             for notify in client.on_release:
                 notify()
-        if outcome == "ok":
-            if not probe:
-                replica.limit.on_success()
+        if outcome == "ok" and not probe:
+            # a probe's success settles only a half-open circuit (health.py): "Hi" answered says little
+            # about real requests, so it neither closes an open circuit early nor clears a failure streak
+            replica.limit.on_success()
             replica.record_success()
         if trial:  # an abandoned trial (caller went away) leaves the circuit half-open for the next
             replica.end_trial()

@@ -64,9 +64,10 @@ def _error_proto(err: BaseException, model: str) -> common_pb2.BackendError:
 
 
 def _empty_answer(model: str, res, role: str) -> common_pb2.BackendError:
-    """A proposer's empty answer; min_proposers counts answers, so it is a failure."""
+    """An empty answer of a proposer (min_proposers counts answers) or of the aggregator: a failure."""
+    request_field = "aggregator_sampling" if role == "aggregator" else "proposer_sampling"
     return empty_answer_proto(model, res.endpoint, res.attempts, res.finish_reason,
-                              f"the recipe's {role}.sampling.max_tokens (or proposer_sampling.max_tokens)")
+                              f"the recipe's {role}.sampling.max_tokens (or {request_field}.max_tokens)")
 
 
 def _describe(failures) -> str:
@@ -298,20 +299,32 @@ class MoAEngine:
         parts: list[str] = []
         finish, agg_usage, ttft = "", None, None
         timeout = None if deadline is None else max(0.001, deadline - ta)
-        stream = self.pool.client(agent.model).stream_chat(messages, agent.sampling, timeout=timeout)
+        client, stream = self.pool.client(agent.model), None
         try:
-            async for chunk in stream:
-                if chunk.text:
-                    if ttft is None:
-                        ttft = time.monotonic() - ta
-                    parts.append(chunk.text)
-                    if deltas:
+            if not deltas:   # a unary caller sees nothing before the end: a stream cut midway is retried
+                res = await client.chat(messages, agent.sampling, timeout=timeout)
+                parts, finish, agg_usage, ttft = [res.text], res.finish_reason or "", res.usage, res.ttft_s
+            else:
+                stream = client.stream_chat(messages, agent.sampling, timeout=timeout)
+                async for chunk in stream:
+                    if chunk.text:
+                        if ttft is None:
+                            ttft = time.monotonic() - ta
+                        parts.append(chunk.text)
                         yield gateway_pb2.GenerateEvent(request_id=plan.request_id,
                                                         delta=gateway_pb2.AggregatorDelta(text=chunk.text))
-                if chunk.usage is not None:
-                    agg_usage = chunk.usage
-                if chunk.finish_reason:
-                    finish = chunk.finish_reason
+                    if chunk.usage is not None:
+                        agg_usage = chunk.usage
+                    if chunk.finish_reason:
+                        finish = chunk.finish_reason
+            if plan.layers and not "".join(parts).strip():
+                # no answer to train on: a failure, as a proposer's empty answer is (a plain backend's empty
+                # answer is the client's to judge, as OpenAI returns it)
+                empty = _empty_answer(agent.model, stream if deltas else res, "aggregator")
+                resp.failures.append(empty)
+                yield gateway_pb2.GenerateEvent(request_id=plan.request_id, failure=empty)
+                self._backend_metric(agent.model, time.monotonic() - ta, empty.cause, agg_usage)
+                raise outage(f"aggregator failed: {_describe([empty])}", _left(deadline), "the aggregator was")
         except BackendError as err:
             usage.add(agent.model)
             self._backend_metric(agent.model, time.monotonic() - ta, err.cause)
@@ -332,7 +345,8 @@ class MoAEngine:
                     "the conversation or lower max_tokens") from None
             raise outage(f"aggregator failed: {_describe([failure])}", _left(deadline), "the aggregator was") from None
         finally:
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
         usage.add(agent.model, agg_usage)
         agg_s = time.monotonic() - ta
         self._backend_metric(agent.model, agg_s, None, agg_usage)

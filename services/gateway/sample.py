@@ -63,6 +63,10 @@ async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: fl
         if c.usage is not None:
             sample.usage.CopyFrom(usage_proto(c.usage))
     resp.failures.extend(backend_error_proto(err) for err in res.failures)
+    if not answered:   # every sample empty (or failed): the call failed, as when every request fails
+        left = None if deadline is None else deadline - time.monotonic()
+        why = "; ".join(dict.fromkeys(f"{f.cause}: {f.message}" for f in resp.failures))
+        raise outage(f"model {req.model!r} answered none of the {req.n} samples ({why})", left, "the samples were")
     if not req.annotate:
         return resp
     # the judges compare distinct answers; the samples come back whatever the annotation's fate

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from pydantic import BaseModel, ValidationError
 
 from moaa.services.common.errors import InvalidArgument, RpcError
-from moaa.services.common.validation import merge_sampling, messages_to_dicts, sampling_overrides
+from moaa.services.common.validation import check_max_tokens, merge_sampling, messages_to_dicts, sampling_overrides
 from moaa.services.config import AgentConfig, MoaaConfig, RecipeConfig, SamplingConfig
 from moaa.services.gateway.engine import MoAEngine
 from moaa.services.gateway.plan import Agent, Plan, make_plan
@@ -185,6 +185,9 @@ class ChatServing:
     def _passthrough_plan(self, greq: gateway_pb2.GenerateRequest, rid: str) -> Plan:
         conversation = messages_to_dicts(greq.messages, max_chars=self.max_prompt_chars, ends_with_user=False)
         over = sampling_overrides(greq.aggregator_sampling, field="aggregator_sampling")
+        # the bound Sample and the recipes keep: a backend is no looser for being reached through the door
+        check_max_tokens(over.get("max_tokens"), model=greq.recipe, field="aggregator_sampling",
+                         context_window=self.cfg.backends[greq.recipe].context_window)
         recipe = self._passthrough[greq.recipe]
         agent = Agent(greq.recipe, None, merge_sampling(SamplingConfig(), over))
         return Plan(request_id=rid, recipe_name="", recipe=recipe, conversation=conversation, proposers=[],
