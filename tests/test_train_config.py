@@ -289,3 +289,14 @@ def test_paths_may_come_from_the_config_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "data is required: give --data, or data: in the --config file; out is required: give --out" in err
+
+
+@pytest.mark.parametrize("kind, item", [("sft", "learning_rate=Infinity"), ("sft", "learning_rate=1e999"),
+                                        ("sft", "num_train_epochs=Infinity"), ("sft", "warmup_steps=1e999"),
+                                        ("sft", "startup_timeout_s=Infinity"), ("dpo", "beta=Infinity"),
+                                        ("sft", "trl.max_grad_norm=1e999")])
+def test_infinite_numbers_are_refused(kind, item):
+    """An infinite learning rate trained to NaN weights and exited 0; infinite epochs crashed after writing."""
+    with pytest.raises(UserError, match="finite number"):
+        load_train_config(kind, None, [item], **BASE)
+        build_trl_args(load_train_config(kind, None, [item], **BASE), check_only=True)

@@ -53,7 +53,8 @@ def test_killed_run_resumes_from_newest_checkpoint(tiny_model_dir, tmp_path):
     assert k in (3, 6), "killed before the run could finish"
     assert not (out / "manifest.json").exists()
 
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    # save_steps may change on a resume (README) and takes effect: transformers would keep the checkpoint's
+    again = subprocess.run([*cmd, "--save-steps", "2"], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     events = [json.loads(x) for x in again.stdout.splitlines() if x.startswith("{")]
     resume = next(e for e in events if e["event"] == "resume")
@@ -61,6 +62,12 @@ def test_killed_run_resumes_from_newest_checkpoint(tiny_model_dir, tmp_path):
     assert resume["step"] == k and start["step"] == k and start["resumed"] and start["total"] == 9
     steps = [e["step"] for e in events if e["event"] == "log" and "loss" in e]
     assert steps == list(range(k + 1, 10)), "continues at the step after the checkpoint"
+    saved = [e["step"] for e in events if e["event"] == "checkpoint"]
+    assert [s for s in saved if s < 9] == [s for s in range(k + 1, 9) if s % 2 == 0], saved
+    # metrics.jsonl holds each step once: the steps run after the checkpoint before the kill were cut
+    logged = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [s for s in logged if s < 9]
+    assert logged == sorted(set(logged)) == list(range(1, 9)), logged
     man = json.loads((out / "manifest.json").read_text())
     assert man["final_step"] == 9 and man["resumed_from"].endswith(f"checkpoint-{k}")
 

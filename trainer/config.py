@@ -13,6 +13,7 @@ fields it does not own; `trl.X` overrides them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, ClassVar, Literal
 
@@ -23,7 +24,8 @@ from moaa.overrides import apply_sets, format_set, load_mapping
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # finite: an infinite learning rate trains to NaN weights and exits 0; infinite epochs crash later
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class LoraSettings(_Strict):
@@ -275,6 +277,9 @@ def _check_trl_types(cls, trl: dict[str, Any]) -> None:
         except ValidationError as err:
             hint = hints[key].__name__ if isinstance(hints[key], type) else str(hints[key])
             bad.append(f"trl.{key}={value!r}: {err.errors()[0]['msg']} (TRL declares {hint})")
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"trl.{key}={value!r}: give a finite number")
     if bad:
         raise UserError(f"{_trl_version()} {cls.__name__}: {'; '.join(bad)}")
 

@@ -37,8 +37,27 @@ class JsonProgress(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self._t0, self._step0 = time.monotonic(), state.global_step
+        if state.global_step and state.is_world_process_zero and self.metrics_path.exists():
+            # resumed: the steps logged after the checkpoint, before the kill, are run again
+            self._cut_after(state.global_step)
+        # the cadence a resumed run keeps is the one asked for now: transformers restores the checkpoint's
+        # save/logging/eval steps from trainer_state.json over the arguments (README: these may change)
+        state.compute_steps(args, state.max_steps)
         self._emit({"event": "start", "kind": self.kind, "step": state.global_step, "total": state.max_steps,
                     "resumed": state.global_step > 0}, state)
+
+    def _cut_after(self, step: int) -> None:
+        from moaa.files import atomic_write_text
+
+        kept = []
+        for line in self.metrics_path.read_text().splitlines(keepends=True):
+            try:
+                row_step = json.loads(line).get("step", 0)
+            except ValueError:   # a line torn by the kill
+                continue
+            if row_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        atomic_write_text(self.metrics_path, kept)
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})
