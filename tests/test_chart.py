@@ -30,6 +30,8 @@ VALUE_SETS = {
         "gateway.ingress.tls[0].secretName": "moaa-www", "gateway.ingress.tls[0].hosts[0]": "moaa.example.com",
         "serviceAccount.create": "true", "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn": "arn:x",
     }),
+    # TLS to the annotator without client certificates: the gateway still needs the CA
+    "secure-annotator-not-mutual": (["values-secure.yaml"], {"tls.mutual": "false", "tls.annotator": "true"}),
     # the vLLM pods as uid 10001 (modelDefaults.nonRoot), their caches redirected to writable volumes
     "non-root-models": (["values-one-model-per-role.yaml"], {"modelDefaults.nonRoot": "true"}),
 }
@@ -193,6 +195,8 @@ def test_servers_mount_what_the_config_names(helm, name):
         assert c["command"][:3] == ["moaa", which, "serve"]
         assert files[c["command"][c["command"].index("--config") + 1]] == "moaa.yaml"
         wanted = [server.tls.cert_file, server.tls.key_file, server.tls.client_ca_file, server.auth.tokens_file]
+        if which == "gateway" and cfg.annotator_tls.on:   # the gateway's files as the annotator's client
+            wanted += [cfg.annotator_tls.ca_file, cfg.annotator_tls.cert_file, cfg.annotator_tls.key_file]
         for f in filter(None, wanted):
             assert f in files, f"{which}: config names {f}, pods mount {sorted(files)}"
         assert server.host == "0.0.0.0"

@@ -204,3 +204,47 @@ def test_private_registry_and_extra_env(capsys):
                "--env", "HF_HOME=/tmp", "--dry-run"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "HF_HOME" in err
+
+
+@pytest.mark.parametrize("flags, settings, why", [
+    (["--name", "Train_SFT"], "", "name: String should match pattern"),
+    (["--name", "sft-" + "x" * 60], "", "name: String should have at most 63 characters"),
+    (["--namespace", "ML Team"], "", "namespace: String should match pattern"),
+    ([], "memory: 64GB RAM\n", "memory: String should match pattern"),
+    (["--node-selector", "gpu type=h100"], "", "label key 'gpu type' is not a valid Kubernetes label key"),
+    (["--toleration", "nvidia.com/gpu:Noschedule"], "", "--toleration 'nvidia.com/gpu:Noschedule': effect"),
+    ([], "checkpoints_path: /models\n", "checkpoints_path /models overlaps the Job's /models volume"),
+    (["--env", "MY VAR=1"], "", "'MY VAR' is no environment variable name"),
+])
+def test_what_the_api_server_would_refuse_exits_2_here(capsys, tmp_path, flags, settings, why):
+    """Names, namespaces, quantities, label keys, taint effects and mount paths the API server refuses are
+    refused by the builder (so by --dry-run and the pipeline's check before stage 1), in one line."""
+    extra = []
+    if settings:
+        (tmp_path / "job.yaml").write_text(settings)
+        extra = ["--job-settings", str(tmp_path / "job.yaml")]
+    out = "/models/sft" if "checkpoints_path" in settings else "/checkpoints/sft"
+    rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", out, "--dry-run",
+               *flags, *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and why in err, err
+
+
+@pytest.mark.parametrize("data, model, why", [
+    ("sft.jsonl", "m", "--data sft.jsonl is relative: the Job's pod sees only its volumes"),
+    ("/data/d.jsonl", "./mymodel", "--model ./mymodel is a path here"),
+])
+def test_paths_the_pod_cannot_see_exit_2(capsys, data, model, why):
+    rc = main(["train", "submit", "sft", "--data", data, "--model", model, "--out", "/checkpoints/sft", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and why in err, err
+    assert main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "Qwen/Qwen2.5-0.5B", "--out",
+                 "/checkpoints/sft", "--dry-run"]) == 0   # a hub id is fine: the pod downloads it
+
+
+@pytest.mark.parametrize("url", ["not-a-url", "http://127.0.0.1:99999", "http://[::1"])
+def test_a_malformed_api_server_url_is_bad_input(capsys, url):
+    rc = main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", "/checkpoints/sft",
+               "--api-server", url])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and f"--api-server {url!r}" in err, err

@@ -160,11 +160,19 @@ def test_api_refusal_is_one_readable_line(kube_api, capsys, code, reason, messag
     assert str(code) in err and expect in err
 
 
-def test_second_submit_for_the_same_output_conflicts(kube_api, capsys):
-    assert submit(kube_api, "--no-follow") == 0
-    assert submit(kube_api, "--no-follow") == 2
+def test_the_same_submit_again_follows_its_job_and_other_settings_conflict(kube_api, capsys):
+    """After exit 75 (the API unreachable for a moment, or following timed out) the same command follows the
+    Job it created, instead of exiting 2 on its name; a Job of that name running something else is an error."""
+    assert submit(kube_api, "--follow-timeout", "0.3") == 75
+    capsys.readouterr()
+    play_controller(kube_api, exit_code=0)
+    assert submit(kube_api) == 0
+    events = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert events[0]["event"] == "job_exists" and events[0]["name"] == "run1"
+    assert main(["train", "submit", "sft", *JOB_ARGS[:-1], "8", "--api-server", kube_api.url, "--no-follow"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "already exists" in err and "pass --name" in err
+    assert len(err.splitlines()) == 1 and "Job moaa/run1 exists and runs other settings" in err
+    assert "kubectl -n moaa delete job run1" in err and "pass --name" in err
 
 
 def test_unreachable_api_is_transient(capsys):

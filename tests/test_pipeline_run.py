@@ -238,6 +238,13 @@ async def test_k8s_jobs_are_checked_before_stage_1(tmp_path):
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "checking the SFT Job" in err and f"--out {out}/" in err and "checkpoints volume" in err
     assert not (out / "stage1-sft-data").exists() and not (out / "run.json").exists()
+    # a folder first run without --k8s (it stopped at stage 1: nothing answers) is checked when resumed with it
+    rc, _, err = await _run(_offline_cmd(out), timeout=180)
+    assert rc == 75 and (out / "run.json").exists(), err
+    rc, _, err = await _run([*_offline_cmd(out), "--k8s"], timeout=180)
+    assert rc == 2 and "checking the SFT Job" in err and "checkpoints volume" in err, err
+    rc, _, err = await _run([*_offline_cmd(tmp_path / "named"), "--k8s", "--k8s-arg=--name=uf"], timeout=60)
+    assert rc == 2 and "--k8s-arg=--name=uf: the pipeline names each stage's Job itself" in err, err
 
 
 async def test_sft_trl_save_strategy_no_reaches_the_trainer(services, tiny_model_dir, tmp_path):

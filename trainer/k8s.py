@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
+import re
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, UserError
 from moaa.trainer.config import _Strict, cli_args
@@ -23,6 +25,26 @@ DEFAULT_IMAGE = "moaa/moaa-trainer:0.1.0"
 CONTAINER = "trainer"
 LABEL_APP = "app.kubernetes.io/name"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+
+
+# The API server's own rules (kubernetes-validate checks structure, not these formats): a refusal there
+# would come after stage 1 of a pipeline, or only when a GPU node is free.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"                    # Job names (and their pods' job-name label)
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+_OTHER_MOUNTS = ("/data", "/models", "/dev/shm")   # the Job's other volumes
+
+
+def _label_problem(key: str, value: str) -> str | None:
+    prefix, _, name = key.rpartition("/")
+    if not name or len(name) > 63 or not _LABEL_NAME.match(name) or (
+            prefix and (len(prefix) > 253 or not re.match(DNS_SUBDOMAIN, prefix))):
+        return f"label key {key!r} is not a valid Kubernetes label key (prefix/name, name up to 63 of [-A-Za-z0-9_.])"
+    if len(value) > 63 or not _LABEL_NAME.match(value):
+        return f"label value {value!r} of {key!r} is not a valid Kubernetes label value (up to 63 of [-A-Za-z0-9_.])"
+    return None
 
 
 class Toleration(_Strict):
@@ -35,17 +57,19 @@ class Toleration(_Strict):
 class JobSettings(_Strict):
     """Where and how a training Job runs (not what it trains: that is TrainConfig)."""
 
-    name: str | None = Field(None, description="Job name; default moaa-KIND-<hash of the output folder>")
-    namespace: str = Field("moaa", description="namespace of the Job")
+    name: str | None = Field(None, max_length=63, pattern=DNS_LABEL,
+                             description="Job name (lower-case letters, digits, '-'; up to 63); default "
+                                         "moaa-KIND-<hash of the output folder>")
+    namespace: str = Field("moaa", max_length=63, pattern=DNS_LABEL, description="namespace of the Job")
     image: str = Field(DEFAULT_IMAGE, description="trainer image (docker/Dockerfile.trainer)")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
     image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets for a private registry")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables of the trainer")
     gpus: int = Field(1, ge=0, description="GPUs of one node; >1 starts one process per GPU")
     gpu_resource: str = Field("nvidia.com/gpu", description="extended resource name of the GPUs")
-    cpu: str = Field("8", description="CPU request")
-    memory: str = Field("64Gi", description="memory request and limit")
-    shm_size: str = Field("8Gi", description="/dev/shm size (NCCL, data loader workers)")
+    cpu: str = Field("8", pattern=QUANTITY, description="CPU request (a Kubernetes quantity: 8, 500m)")
+    memory: str = Field("64Gi", pattern=QUANTITY, description="memory request and limit (64Gi)")
+    shm_size: str = Field("8Gi", pattern=QUANTITY, description="/dev/shm size (NCCL, data loader workers)")
     node_selector: dict[str, str] = Field(default_factory=dict, description="node labels the pod needs")
     tolerations: list[Toleration] = Field(default_factory=lambda: [Toleration(key="nvidia.com/gpu")],
                                           description="taints the pod tolerates (GPU nodes are often tainted)")
@@ -61,6 +85,26 @@ class JobSettings(_Strict):
     ttl_seconds_after_finished: int = Field(7 * 24 * 3600, ge=0, description="finished Jobs are deleted after this")
     active_deadline_seconds: int | None = Field(None, ge=1, description="upper bound on the whole Job")
     launcher: Literal["torchrun", "accelerate"] = Field("torchrun", description="multi-GPU launcher")
+
+    @model_validator(mode="after")
+    def _api_server_rules(self) -> "JobSettings":
+        for key, value in self.node_selector.items():
+            problem = _label_problem(key, value)
+            if problem:
+                raise ValueError(f"node_selector: {problem}")
+        bad = [n for n in self.env if not _ENV_NAME.match(n)]
+        if bad:
+            raise ValueError(f"env: {', '.join(map(repr, bad))} is no environment variable name")
+        for claim in (self.data_claim, self.checkpoints_claim, self.model_cache_claim, *self.image_pull_secrets,
+                      self.service_account, *([self.hub_token_secret] if self.hub_token_secret else [])):
+            if len(claim) > 253 or not re.match(DNS_SUBDOMAIN, claim):
+                raise ValueError(f"{claim!r} is not a valid Kubernetes object name (lower-case, digits, '-', '.')")
+        path = PurePosixPath(posixpath.normpath(self.checkpoints_path))
+        for other in _OTHER_MOUNTS:   # two volumes at one path: the API server refuses the Job
+            if path == PurePosixPath(other) or path.is_relative_to(other) or PurePosixPath(other).is_relative_to(path):
+                raise ValueError(f"checkpoints_path {self.checkpoints_path} overlaps the Job's {other} volume: "
+                                 "choose another path (default /checkpoints)")
+        return self
 
 
 def job_name(kind: str, out: str, settings: JobSettings) -> str:
@@ -84,12 +128,27 @@ def check_output(out: str, s: JobSettings) -> None:
     raise UserError(f"--out {out} {problem}; use --out {s.checkpoints_path}/NAME")
 
 
+def check_inputs(cfg) -> None:
+    """A Job sees only its volumes: a relative --data or --model would be looked up in the image's working
+    directory (a hub id for --model is fine: the pod downloads it)."""
+    for flag, value in (("--data", cfg.data), ("--eval-data", getattr(cfg, "eval_data", None))):
+        if value and not PurePosixPath(str(value)).is_absolute():
+            raise UserError(f"{flag} {value} is relative: the Job's pod sees only its volumes; give the path "
+                            "there, e.g. /data/NAME.jsonl")
+    model = str(cfg.model)
+    if model.startswith(("./", "../", "~")) or model in (".", "..") or (
+            not model.startswith("/") and os.path.exists(model)):
+        raise UserError(f"--model {model} is a path here: the Job's pod sees only its volumes; give the path "
+                        "there (e.g. /checkpoints/sft or /models/NAME) or a hub id")
+
+
 def build_job(cfg, settings: JobSettings | None = None):
     """A batch/v1 Job (kubernetes.client.V1Job) that runs this training config."""
     from kubernetes import client as k
 
     s = settings or JobSettings()
     check_output(str(cfg.out), s)
+    check_inputs(cfg)
     name = job_name(cfg.kind, cfg.out, s)
     labels = {LABEL_APP: "moaa", LABEL_COMPONENT: "trainer", "moaa/stage": cfg.kind}
     command = ["moaa", "train", cfg.kind]

@@ -88,7 +88,10 @@ def _toleration(text: str) -> dict:
         out["value"] = value
     if effect:
         out["effect"] = effect
-    Toleration.model_validate(out)
+    try:
+        Toleration.model_validate(out)
+    except ValidationError as err:
+        raise UserError(f"--toleration {text!r}: {validation_message(err)}") from None
     return out
 
 
@@ -96,6 +99,9 @@ def api_client(args: argparse.Namespace):
     from kubernetes import client, config
 
     if args.api_server:
+        problem = _url_problem(args.api_server)
+        if problem:
+            raise UserError(f"--api-server {args.api_server!r}: {problem}")
         cfg = client.Configuration()
         cfg.host = args.api_server.rstrip("/")
         cfg.retries = 1
@@ -112,11 +118,31 @@ def api_client(args: argparse.Namespace):
         raise UserError("no Kubernetes config: set KUBECONFIG, pass --kubeconfig or --api-server") from None
 
 
+def _url_problem(url: str) -> str | None:
+    """What is wrong with an API server URL, or None (bad input: exit 2, not a retry)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        return f"not a URL ({err}): write e.g. https://10.0.0.1:6443"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "not a URL: write e.g. https://10.0.0.1:6443"
+    if port == 0:
+        return "port 0: give the API server's port"
+    return None
+
+
 def _api_message(err) -> str:
     try:
         return json.loads(err.body).get("message") or err.reason
     except (TypeError, ValueError, AttributeError):
         return str(err.reason or err)
+
+
+class JobExists(UserError):
+    """The Job's name is taken (409)."""
 
 
 def api_call(what: str, host: str, fn, *a, **kw):
@@ -132,7 +158,7 @@ def api_call(what: str, host: str, fn, *a, **kw):
             raise UserError(f"{what}: the Kubernetes API refused ({status} {err.reason}): {msg} "
                             f"(check credentials and RBAC, see k8s/20-rbac.yaml)") from None
         if status == 409:
-            raise UserError(f"{what}: {msg} (a Job for this output folder exists: delete it or pass --name)") from None
+            raise JobExists(f"{what}: {msg} (a Job for this output folder exists: delete it or pass --name)") from None
         if status in (400, 404, 422):
             raise UserError(f"{what}: the Kubernetes API rejected it ({status} {err.reason}): {msg}") from None
         raise TransientError(f"{what}: Kubernetes API error {status} {err.reason}: {msg}") from None
@@ -160,12 +186,28 @@ def submit(api, job, *, follow: bool = True, timeout_s: float = 3600, poll_s: fl
     batch = client.BatchV1Api(api)
     ns, name = job.metadata.namespace, job.metadata.name
     host = api.configuration.host
-    created = api_call(f"creating Job {ns}/{name}", host, batch.create_namespaced_job, ns, job)
-    out(json.dumps({"event": "job_created", "namespace": ns, "name": created.metadata.name,
+    try:
+        created = api_call(f"creating Job {ns}/{name}", host, batch.create_namespaced_job, ns, job)
+        event = "job_created"
+    except JobExists:
+        # the same command again (after exit 75: the API was unreachable, or following timed out while the
+        # Job ran on): follow the Job it created. A Job of that name running something else stays an error.
+        created = api_call(f"reading Job {ns}/{name}", host, batch.read_namespaced_job, name, ns)
+        if _runs(created) != _runs(job):
+            raise UserError(f"Job {ns}/{name} exists and runs other settings: delete it "
+                            f"(kubectl -n {ns} delete job {name}) or pass --name") from None
+        event = "job_exists"
+    out(json.dumps({"event": event, "namespace": ns, "name": created.metadata.name,
                     "uid": created.metadata.uid}))
     if not follow:
         return 0
     return follow_job(api, ns, name, timeout_s=timeout_s, poll_s=poll_s, out=out)
+
+
+def _runs(job) -> tuple:
+    """What a Job runs: its trainer container's image, command and arguments."""
+    c = next(c for c in job.spec.template.spec.containers if c.name == CONTAINER)
+    return c.image, list(c.command or []), list(c.args or [])
 
 
 def _condition(job, kind: str):

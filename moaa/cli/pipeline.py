@@ -7,6 +7,7 @@ from pathlib import Path
 
 from moaa.cli import add_connection_args, add_quiet_arg, max_tokens, positive_int, resamples
 from moaa.engines import ENGINE_CHOICES
+from moaa.errors import UserError
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -91,6 +92,10 @@ def pipeline_options(args):
     from moaa.pipeline.runner import PipelineOptions
     from moaa.prompts import parse_mapping
 
+    named = [a for a in args.k8s_args if a == "--name" or a.startswith("--name=")]
+    if named:   # one name for both stages: the DPO Job would meet the finished SFT Job's name, hours later
+        raise UserError(f"--k8s-arg={named[0]}: the pipeline names each stage's Job itself (moaa-sft-<hash>, "
+                        "moaa-dpo-<hash> of its output folder); remove it")
     given = {f.name: getattr(args, f.name) for f in fields(PipelineOptions) if hasattr(args, f.name)}
     return PipelineOptions(**{**given, "out": Path(args.out), "mapping": parse_mapping(args.mapping),
                               "overrides": apply_sets({}, args.overrides)})
@@ -105,7 +110,6 @@ async def _run(args) -> int:
 
 
 def _report(args) -> int:
-    from moaa.errors import UserError
     from moaa.pipeline.layout import RunLayout
     from moaa.pipeline.report import build_report
 
@@ -131,7 +135,6 @@ def _check_prompts(args) -> int:
 
 
 async def _eval(args) -> int:
-    from moaa.errors import UserError
     from moaa.pipeline.eval.run import evaluate
 
     if bool(args.answers) == bool(args.contestant):

@@ -225,8 +225,9 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     pending = [cfg for kind, cfg in training_configs(settings, layout, str(target)).items()
                if kind in stages and training.model_done(Path(cfg.out)) is None]
     # checked before run.json records this config (a fixed typo must not make the folder "other settings"),
-    # so a folder that already records it was checked by an earlier run
-    if pending and _recorded_hash(layout) != chash:
+    # so a folder that already records it was checked by an earlier run; the Jobs (--k8s, --k8s-arg: not in
+    # the hash, so free to change between runs) are built again on every run, a matter of seconds
+    if pending and (_recorded_hash(layout) != chash or opts.k8s):
         _say(opts, f"checking {', '.join(c.kind for c in pending)} settings against the installed TRL")
         await training.check_with_trl(pending, log_dir=layout.logs, k8s_args=opts.k8s_args if opts.k8s else None)
     record = RunRecord(layout, chash, opts)

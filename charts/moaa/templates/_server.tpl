@@ -127,7 +127,8 @@ spec:
             items:
               - {key: tls.crt, path: tls.crt}
               - {key: tls.key, path: tls.key}
-              {{- if $root.Values.tls.mutual }}
+              {{- /* the CA: servers check client certificates with it (mutual), the gateway the annotator's */}}
+              {{- if or $root.Values.tls.mutual (and (eq .which "gateway") $root.Values.tls.annotator) }}
               - {key: ca.crt, path: ca.crt}
               {{- end }}
         {{- end }}
