@@ -48,6 +48,9 @@ JUDGE_MODEL = {**MODEL, "roles": ["proposer", "aggregator", "judge"]}
      "at '/gateway/recipes/r': additional properties 'layerz' not allowed"),
     ({"models": [{**MODEL, "backend": {"urls": ["http://x"]}}]},
      "at '/models/0/backend': additional properties 'urls' not allowed"),
+    # the key itself pasted where its variable's name belongs (it would sit in a ConfigMap)
+    ({"gateway": {"extraBackends": {"hosted": {"urls": ["https://api.example/v1"], "api_key_env": "sk-proj-abc123"}}}},
+     "at '/gateway/extraBackends/hosted/api_key_env'"),
 ])
 def test_schema_rejects_bad_values(helm, tmp_path, data, message):
     out = rejected(helm, tmp_path, data)
@@ -78,6 +81,17 @@ def test_chart_rejects_inconsistent_values(helm, tmp_path, data, message):
     ({"annotator": {"ensembles": {"e": {"judges": [{"name": "j", "model": "gpt"}]}}}},
      'annotator.ensembles.e judge "j" uses model "gpt", which no backend declares (backends: qwen)'),
     ({"gateway": {"defaultRecipe": "fast"}}, 'gateway.defaultRecipe "fast" is not a recipe (recipes: default)'),
+    # the loader's rules within a recipe or an ensemble
+    ({"gateway": {"recipes": {"r": {"proposers": [{"model": "qwen"}] * 2, "aggregator": {"model": "qwen"},
+                                    "min_proposers": 3}}}}, "gateway.recipes.r: min_proposers=3 exceeds the 2 proposers"),
+    ({"gateway": {"recipes": {"r": {"proposers": [{"model": "qwen"}], "aggregator": {"model": "qwen"},
+                                    "first_k": 2}}}}, "gateway.recipes.r: first_k=2 exceeds the 1 proposers"),
+    ({"annotator": {"ensembles": {"e": {"judges": [{"name": "j", "model": "qwen"}] * 2}}}},
+     "annotator.ensembles.e: judge names must be unique; repeated: j"),
+    ({"annotator": {"ensembles": {"e": {"judges": [{"name": "j", "model": "qwen"}], "min_judges": 3}}}},
+     "annotator.ensembles.e: min_judges=3 exceeds the 1 judges"),
+    ({"annotator": {"ensembles": {"e": {"judges": [{"name": "j", "model": "qwen"}], "scale_min": 5, "scale_max": 5}}}},
+     "annotator.ensembles.e: scale_max must be larger than scale_min"),
 ])
 def test_chart_refuses_references_the_config_loader_would_refuse(helm, tmp_path, data, message):
     """The pod's config loader (MoaaConfig) refuses these at start, so the pod would crash-loop: the render

@@ -101,7 +101,7 @@ def test_launch_command_runs_workers_with_the_resolved_config():
 
 
 def test_k8s_manifests_validate_and_round_trip():
-    files = sorted((ROOT / "k8s").glob("*.yaml"))
+    files = sorted((ROOT / "k8s").rglob("*.yaml"))
     kinds = []
     for path in files:
         for doc in yaml.safe_load_all(path.read_text()):
@@ -116,7 +116,7 @@ def test_jobs_and_manifests_meet_every_supported_schema(version):
     omitempty; the API server validates only len() > 0, so an exit-code rule carries onPodConditions: [])."""
     assert (ROOT / "charts" / "moaa" / "Chart.yaml").read_text().count(f'kubeVersion: ">={OLDEST}.0-0"') == 1
     docs = [to_dict(build_job(_cfg(kind), s)) for kind in ("sft", "dpo") for s in SETTINGS]
-    docs += [d for p in sorted((ROOT / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
+    docs += [d for p in sorted((ROOT / "k8s").rglob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
     rules = docs[0]["spec"]["podFailurePolicy"]["rules"]
@@ -126,8 +126,11 @@ def test_jobs_and_manifests_meet_every_supported_schema(version):
 
 def test_k8s_manifests_are_in_step_with_the_builder():
     rendered = render()
-    on_disk = {p.name: p.read_text() for p in (ROOT / "k8s").glob("*.yaml")}
+    on_disk = {p.relative_to(ROOT / "k8s").as_posix(): p.read_text() for p in (ROOT / "k8s").rglob("*.yaml")}
     assert on_disk == rendered, "k8s/ drifted from the builder: run python -m moaa.trainer.k8s_manifests k8s/"
+    # `kubectl apply -f k8s/` (not recursive) makes what the Jobs need, and starts no Job: DPO would fail at
+    # once on the SFT model that does not exist yet
+    assert not [n for n in rendered if "/" not in n and "Job" in {d["kind"] for d in yaml.safe_load_all(rendered[n])}]
 
 
 def test_dry_run_prints_the_job(capsys, tmp_path):
@@ -248,3 +251,30 @@ def test_a_malformed_api_server_url_is_bad_input(capsys, url):
                "--api-server", url])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and f"--api-server {url!r}" in err, err
+
+
+def test_a_gpu_count_that_does_not_divide_the_global_batch_exits_2_before_the_job(capsys):
+    """Every worker of the pod would exit 2 on it (FailJob), after a 6-GPU node was found."""
+    base = ["--data", "/data/d.jsonl", "--model", "m", "--out", "/checkpoints/sft"]
+    assert main(["train", "submit", "sft", *base, "--gpus", "6", "--dry-run"]) == 2
+    assert main(["train", "sft", *base, "--nproc-per-node", "6", "--check", "job"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("not a multiple of per_device_batch_size 1 x world size 6" in e for e in err)
+    assert main(["train", "submit", "sft", *base, "--gpus", "4", "--dry-run"]) == 0
+
+
+def test_one_output_folder_spelled_two_ways_is_one_job(capsys):
+    names = []
+    for out in ("/checkpoints/sft", "/checkpoints/sft/", "/checkpoints//sft"):
+        assert main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", out, "--dry-run"]) == 0
+        names.append(yaml.safe_load(capsys.readouterr().out)["metadata"]["name"])
+    assert len(set(names)) == 1, names
+
+
+@pytest.mark.parametrize("flag", [["--poll-interval", "-1"], ["--poll-interval", "nan"], ["--follow-timeout", "inf"],
+                                  ["--follow-timeout", "-5"], ["--poll-interval", "0"]])
+def test_follow_flags_are_checked_before_the_job_is_created(capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", "/checkpoints/sft",
+              "--api-server", "http://127.0.0.1:9", *flag])
+    assert exit_.value.code == 2 and "expected a positive number" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from moaa.errors import EXIT_BAD_INPUT, EXIT_TRANSIENT, UserError
-from moaa.trainer.config import _Strict, cli_args
+from moaa.trainer.config import _Strict, cli_args, grad_accumulation
 
 DEFAULT_IMAGE = "moaa/moaa-trainer:0.1.0"
 CONTAINER = "trainer"
@@ -109,7 +109,8 @@ class JobSettings(_Strict):
 
 def job_name(kind: str, out: str, settings: JobSettings) -> str:
     """One output folder, one Job name: a second submit for the same folder conflicts instead of racing."""
-    return settings.name or f"moaa-{kind}-{hashlib.sha1(out.encode()).hexdigest()[:8]}"
+    # normalised: /checkpoints/sft/ is the same folder, so the same Job (the second submit conflicts)
+    return settings.name or f"moaa-{kind}-{hashlib.sha1(posixpath.normpath(out).encode()).hexdigest()[:8]}"
 
 
 def check_output(out: str, s: JobSettings) -> None:
@@ -149,6 +150,7 @@ def build_job(cfg, settings: JobSettings | None = None):
     s = settings or JobSettings()
     check_output(str(cfg.out), s)
     check_inputs(cfg)
+    grad_accumulation(cfg, max(1, s.gpus))   # every worker of the pod would exit 2 on it, FailJob
     name = job_name(cfg.kind, cfg.out, s)
     labels = {LABEL_APP: "moaa", LABEL_COMPONENT: "trainer", "moaa/stage": cfg.kind}
     command = ["moaa", "train", cfg.kind]

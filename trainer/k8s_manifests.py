@@ -71,13 +71,15 @@ def example_job(example: dict):
 
 
 def manifests() -> dict[str, list]:
-    """File name -> objects, in `kubectl apply -f k8s/` order (file names sort that way)."""
+    """File name -> objects, in `kubectl apply -f k8s/` order (file names sort that way). The example Jobs
+    are in `jobs/`, which `kubectl apply -f k8s/` leaves out: DPO trains the SFT Job's model, so it is
+    applied once the SFT Job completed (started together, DPO fails at once on the missing model)."""
     return {
         "00-namespace.yaml": [namespace()],
         "10-pvc.yaml": pvcs(),
         "20-rbac.yaml": service_accounts_and_rbac(),
-        "30-sft-job.yaml": [example_job(EXAMPLE_SFT)],
-        "40-dpo-job.yaml": [example_job(EXAMPLE_DPO)],
+        "jobs/30-sft-job.yaml": [example_job(EXAMPLE_SFT)],
+        "jobs/40-dpo-job.yaml": [example_job(EXAMPLE_DPO)],
     }
 
 
@@ -94,6 +96,7 @@ def write(out_dir: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in render().items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text(text)
         written.append(out / name)
     return written

@@ -46,8 +46,21 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
     g.add_argument("--context", help="kubeconfig context")
     g.add_argument("--no-follow", action="store_true", help="create the Job and return")
-    g.add_argument("--follow-timeout", type=float, default=7 * 24 * 3600, help="stop following after N seconds")
-    g.add_argument("--poll-interval", type=float, default=5.0, help="seconds between status and log polls")
+    g.add_argument("--follow-timeout", type=_at_most(1e8), default=7 * 24 * 3600,
+                   help="stop following after N seconds")
+    g.add_argument("--poll-interval", type=_at_most(3600), default=5.0, help="seconds between status and log polls")
+
+
+def _at_most(limit: float):
+    """A positive, finite number of seconds up to `limit`: checked while parsing, before the Job exists."""
+    from moaa.cli import positive_float
+
+    def parse(text: str) -> float:
+        value = positive_float(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"expected at most {limit:g} seconds, got {text!r}")
+        return value
+    return parse
 
 
 def settings_from_args(args: argparse.Namespace) -> JobSettings:

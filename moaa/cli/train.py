@@ -51,6 +51,10 @@ def _config_from_args(kind: str, args: argparse.Namespace):
 
 def _run_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args.kind, args)
+    if args.nproc_per_node > 1:   # the workers' global batch rule, here and not in each of N workers
+        from moaa.trainer.config import grad_accumulation
+
+        grad_accumulation(cfg, args.nproc_per_node)
     if args.check:  # checked against the installed TRL (load_train_config did that); nothing is trained
         import json
 

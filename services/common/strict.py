@@ -28,4 +28,5 @@ def _env_name(name: str) -> str:
 
 
 # the name of an environment variable holding a secret (an API key, bearer tokens)
-EnvName = Annotated[str, AfterValidator(_env_name)]
+# (the pattern in its JSON schema: the chart's values.schema.json refuses the same at `helm install`)
+EnvName = Annotated[str, AfterValidator(_env_name), Field(json_schema_extra={"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"})]

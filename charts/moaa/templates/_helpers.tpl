@@ -150,8 +150,43 @@ without it a typo renders fine and every gateway pod crash-loops on the loader's
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- range $r, $recipe := .recipes -}}
+{{- /* RecipeConfig._consistent */ -}}
+{{- $n := len (default (list) $recipe.proposers) -}}
+{{- $min := int (default 1 $recipe.min_proposers) -}}
+{{- if gt $min $n -}}
+{{- fail (printf "gateway.recipes.%s: min_proposers=%d exceeds the %d proposers" $r $min $n) -}}
+{{- end -}}
+{{- if $recipe.first_k -}}
+{{- if gt (int $recipe.first_k) $n -}}
+{{- fail (printf "gateway.recipes.%s: first_k=%d exceeds the %d proposers" $r (int $recipe.first_k) $n) -}}
+{{- end -}}
+{{- if lt (int $recipe.first_k) $min -}}
+{{- fail (printf "gateway.recipes.%s: first_k=%d is below min_proposers=%d" $r (int $recipe.first_k) $min) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- range $e, $ens := .ensembles -}}
 {{- $judges := default (list) $ens.judges -}}
+{{- /* EnsembleConfig._unique_names */ -}}
+{{- $names := dict -}}
+{{- range $judges -}}
+{{- if hasKey $names (toString .name) -}}
+{{- fail (printf "annotator.ensembles.%s: judge names must be unique; repeated: %s" $e (toString .name)) -}}
+{{- end -}}
+{{- $_ := set $names (toString .name) true -}}
+{{- end -}}
+{{- with $ens.aggregator -}}
+{{- if hasKey $names (toString .name) -}}
+{{- fail (printf "annotator.ensembles.%s: the aggregator judge's name %q is also a judge's; give it its own" $e (toString .name)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $ens.min_judges (gt (int $ens.min_judges) (len $judges)) -}}
+{{- fail (printf "annotator.ensembles.%s: min_judges=%d exceeds the %d judges" $e (int $ens.min_judges) (len $judges)) -}}
+{{- end -}}
+{{- if le (float64 (ternary $ens.scale_max 10 (hasKey $ens "scale_max"))) (float64 (ternary $ens.scale_min 1 (hasKey $ens "scale_min"))) -}}
+{{- fail (printf "annotator.ensembles.%s: scale_max must be larger than scale_min" $e) -}}
+{{- end -}}
 {{- with $ens.aggregator -}}{{- $judges = append $judges . -}}{{- end -}}
 {{- range $judges -}}
 {{- if not (has .model $known) -}}
