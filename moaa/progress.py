@@ -65,6 +65,8 @@ def quiet_progress_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # bars that read only this variable (accelerate's tqdm, e.g. TRL's precompute_ref_log_probs)
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         import datasets
     except ImportError:   # the trainer's extra; a model folder can be prepared without it

@@ -260,3 +260,18 @@ def test_common_trl_settings_train(item, trl_key, value, tiny_model_dir, train_d
     assert _sft(train_data["sft"], tiny_model_dir, tmp_path / "o", "--set", item) == 0
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["trl_args"][trl_key] == value
     assert len(losses(tmp_path / "o")) == 2 and all(math.isfinite(x) for x in losses(tmp_path / "o"))
+
+
+def test_train_loss_is_the_mean_over_every_step_whatever_logging_steps_is(tiny_model_dir, train_data, tmp_path):
+    """logging_steps 3 over 7 steps: the run's mean must count steps 7 (after the last regular log), as the
+    same run logged every step does; the summary line says the same as the manifest."""
+    assert _sft(train_data["sft"], tiny_model_dir, tmp_path / "every", "--seed", "3", "--max-steps", "7",
+                "--set", "logging_steps=1") == 0
+    assert _sft(train_data["sft"], tiny_model_dir, tmp_path / "third", "--seed", "3", "--max-steps", "7",
+                "--set", "logging_steps=3") == 0
+    every = losses(tmp_path / "every")
+    assert len(every) == 7
+    for run in ("every", "third"):
+        man = json.loads((tmp_path / run / "manifest.json").read_text())
+        assert man["train_loss"] == pytest.approx(sum(every) / 7, rel=1e-4), run
+        assert losses(tmp_path / run, "train_loss") == [pytest.approx(man["train_loss"])]

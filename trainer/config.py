@@ -25,7 +25,7 @@ from moaa.overrides import apply_sets, format_set, load_mapping
 
 class _Strict(BaseModel):
     # finite: an infinite learning rate trains to NaN weights and exits 0; infinite epochs crash later
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class LoraSettings(_Strict):
@@ -257,6 +257,21 @@ def trl_kwargs(cfg: TrainConfig, device: str | None = None, world: int | None = 
     return kw
 
 
+def _alternatives(hint) -> set:
+    import typing
+
+    return {typing.get_origin(a) or a for a in (typing.get_args(hint) or (hint,))}
+
+
+def _json_object(text: str) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 def _check_trl_types(cls, trl: dict[str, Any]) -> None:
     """`trl.*` values against the types TRL declares (strict: "no" is not a bool, "abc" not a float)."""
     import typing
@@ -280,6 +295,9 @@ def _check_trl_types(cls, trl: dict[str, Any]) -> None:
             continue
         if isinstance(value, float) and not math.isfinite(value):
             bad.append(f"trl.{key}={value!r}: give a finite number")
+        elif isinstance(value, str) and dict in _alternatives(hints[key]) and not _json_object(value):
+            # dict | str fields (lr_scheduler_kwargs, ...): the string form is a JSON object, as TRL parses it
+            bad.append(f"trl.{key}={value!r}: give a mapping, e.g. --set trl.{key}={{\"k\":1}}")
     if bad:
         raise UserError(f"{_trl_version()} {cls.__name__}: {'; '.join(bad)}")
 

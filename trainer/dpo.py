@@ -24,7 +24,8 @@ class DPOSettings(TrainConfig):
 
     kind: Literal["dpo"] = "dpo"
     beta: float = Field(0.1, gt=0, description="strength of the KL penalty towards the reference")
-    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], description="DPO loss type(s) TRL knows")
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"], min_length=1,
+                                 description="DPO loss type(s) TRL knows")
 
     @field_validator("loss_type", mode="before")
     @classmethod

@@ -16,6 +16,20 @@ def _clean(value):
     return value
 
 
+def run_mean_loss(log_history: list[dict], fallback: float) -> float:
+    """The mean training loss over every step of the run, a resumed run's earlier steps included: the state a
+    checkpoint restores keeps their logs, while TRL's training_loss averages only the steps this process ran
+    (a run resumed at step k would report another loss than the same run uninterrupted). Each log holds the
+    mean since the one before, so it weighs by the steps it covers; JsonProgress logs at every checkpoint and
+    at the last step, so the logs cover every step whatever logging_steps is."""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry.get("step", 0) > last:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last else fallback
+
+
 class JsonProgress(TrainerCallback):
     """One JSON line per logging step: step, total, loss, rate, ETA; the same rows go to metrics.jsonl."""
 
@@ -59,8 +73,17 @@ class JsonProgress(TrainerCallback):
                 kept.append(line if line.endswith("\n") else line + "\n")
         atomic_write_text(self.metrics_path, kept)
 
+    def on_step_end(self, args, state, control, **kw):
+        # a log at each checkpoint and at the end: the loss of the steps since the last log would otherwise
+        # be lost with a killed process, or left out of the run's mean (logging_steps > 1)
+        if control.should_save or state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})
+        if "train_loss" in logs:   # TRL's is the mean over this process's steps: the run's, as the manifest says
+            logs["train_loss"] = run_mean_loss(state.log_history, logs["train_loss"])
         done = state.global_step - self._step0
         elapsed = time.monotonic() - (self._t0 or time.monotonic())
         rate = done / elapsed if done > 0 and elapsed > 0 else None  # optimizer steps per second, this process

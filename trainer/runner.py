@@ -21,7 +21,7 @@ from moaa.trainer.config import (TrainConfig, build_trl_args, grad_accumulation,
 from moaa.trainer.data import DataReport, check_lengths, load_data
 from moaa.trainer.manifest import build_manifest, write_manifest
 from moaa.trainer.plots import plot_metrics
-from moaa.trainer.progress import JsonProgress
+from moaa.trainer.progress import JsonProgress, run_mean_loss
 from moaa.trainer.resume import checkpoint_step, guard_out, newest_checkpoint
 from moaa.files import make_folder
 from moaa.progress import quiet_progress_bars
@@ -188,19 +188,6 @@ def trainer_datasets(p: Prepared) -> dict[str, Any]:
 
 def _emit(record: dict) -> None:
     print(json.dumps(record), flush=True)
-
-
-def run_mean_loss(log_history: list[dict], fallback: float) -> float:
-    """The mean training loss over every step of the run, a resumed run's earlier steps included: the state a
-    checkpoint restores keeps their logs, while TRL's training_loss averages only the steps this process ran
-    (a run resumed at step k would report another loss than the same run uninterrupted). Each log holds the
-    mean since the one before, so it weighs by the steps it covers."""
-    total, last = 0.0, 0
-    for entry in log_history:
-        if "loss" in entry and entry.get("step", 0) > last:
-            total += entry["loss"] * (entry["step"] - last)
-            last = entry["step"]
-    return total / last if last else fallback
 
 
 def train_and_save(p: Prepared, trainer) -> dict[str, Any]:
