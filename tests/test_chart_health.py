@@ -113,11 +113,12 @@ async def test_secure_chart_gateway_passes_the_helm_test(helm, started, gw_tls_f
 async def test_install_notes_generate_command_works_against_the_secure_gateway(helm, started, gw_tls_files,
                                                                                emulator, tmp_path):
     """The `moaa generate` line `helm install -f values-secure.yaml` prints, run as printed (from a folder
-    holding the Secret's files), reaches the mutual-TLS, token-guarded gateway and streams an answer."""
+    holding the Secret's files) through the port-forward it prints, reaches the mutual-TLS, token-guarded
+    gateway, whose certificate names its Service (not localhost), and streams an answer."""
     r = helm.template(["values-secure.yaml"])
     tls_dir = tmp_path / "tls"
     tls_dir.mkdir()
-    for src, dst in (("server.crt", "tls.crt"), ("server.key", "tls.key"), ("ca.crt", "ca.crt")):
+    for src, dst in (("service.crt", "tls.crt"), ("service.key", "tls.key"), ("ca.crt", "ca.crt")):
         shutil.copy(gw_tls_files[src], tls_dir / dst)
     # the client's own certificate, signed by the same CA, under the names the notes use
     shutil.copy(gw_tls_files["client.crt"], tmp_path / "tls.crt")

@@ -48,6 +48,7 @@ JUDGE_MODEL = {**MODEL, "roles": ["proposer", "aggregator", "judge"]}
      "at '/gateway/recipes/r': additional properties 'layerz' not allowed"),
     ({"models": [{**MODEL, "backend": {"urls": ["http://x"]}}]},
      "at '/models/0/backend': additional properties 'urls' not allowed"),
+    ({"auth": {"key": "moaa/tokens"}}, "at '/auth/key'"),   # a Secret's data key: no '/'
     # the key itself pasted where its variable's name belongs (it would sit in a ConfigMap)
     ({"gateway": {"extraBackends": {"hosted": {"urls": ["https://api.example/v1"], "api_key_env": "sk-proj-abc123"}}}},
      "at '/gateway/extraBackends/hosted/api_key_env'"),
@@ -68,6 +69,10 @@ def test_schema_rejects_bad_values(helm, tmp_path, data, message):
     ({"models": [{**MODEL, "name": "annotator"}]}, 'models: the name "annotator" would make a second'),
     ({"gateway": {"extraBackends": {"qwen": {"urls": ["https://api.example/v1"]}}}},
      "gateway.extraBackends.qwen: a model of the chart already has this name"),
+    ({"gateway": {"metricsPort": 50051}}, "gateway: port, metricsPort and httpPort must differ (one Service port each"),
+    ({"annotator": {"metricsPort": 50052}}, "annotator: port, metricsPort must differ"),
+    ({"models": [{**MODEL, "roles": ["proposer", "judge"]}]},
+     "gateway.enabled needs a recipe: give a model the aggregator role, set gateway.recipes"),
 ])
 def test_chart_rejects_inconsistent_values(helm, tmp_path, data, message):
     assert message in rejected(helm, tmp_path, data)
@@ -232,3 +237,20 @@ def test_transport_settings_pass_through_and_are_checked(helm, tmp_path):
         (tmp_path / str(n)).mkdir()   # renders are cached by the values file's path
         msg = rejected(helm, tmp_path / str(n), {"models": [JUDGE_MODEL], "gateway": {"server": {"transport": bad}}})
         assert word in msg, msg
+
+
+@pytest.mark.parametrize("release", ["r1.2", "1moaa"])
+def test_release_names_services_refuse_are_refused(helm, release):
+    """Helm accepts them, the API server refuses the Services they would name (DNS-1035)."""
+    with pytest.raises(HelmFailed) as err:
+        helm.template([], {}, release=release)
+    assert "which Services refuse (DNS-1035" in str(err.value)
+
+
+def test_notes_name_the_recipe_the_gateway_answers(helm, tmp_path):
+    """One recipe of the user's own and no defaultRecipe: the gateway answers that one, so the notes use it
+    (they said "default", which the HTTP door answers 404)."""
+    values = values_file(tmp_path, {"gateway": {"recipes": {"moa": {"proposers": [{"model": "qwen"}],
+                                                                     "aggregator": {"model": "qwen"}}}}})
+    notes = helm.notes([values])
+    assert '"model": "moa"' in notes and 'model="moa"' in notes and '"default"' not in notes

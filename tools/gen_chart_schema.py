@@ -247,7 +247,7 @@ def chart_schema() -> dict:
         "auth": obj("bearer-token authentication of gRPC calls", {
             "enabled": b("require a bearer token on gateway and annotator calls (default true)"),
             "existingSecret": s("existing Secret with the tokens; empty: the chart creates one from tokens"),
-            "key": s("key in the Secret: a file with one token per line"),
+            "key": s("key in the Secret: a file with one token per line", pattern=r"^[-._a-zA-Z0-9]+$"),
             "tokens": arr("tokens for the chart-made Secret; empty: one generated token, kept across upgrades",
                           {"type": "string", "minLength": 16, "description": "a token (16 characters or more)"}),
         }),

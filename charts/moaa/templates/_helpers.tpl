@@ -125,6 +125,21 @@ Written out because sprig's merge treats 0, false and "" as unset (a model could
 {{- fail "annotator.enabled needs a judge ensemble: give a model the judge role, set annotator.ensembles, or set annotator.enabled: false" -}}
 {{- end -}}
 {{- end -}}
+{{- $fullname := include "moaa.fullname" . -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $fullname) -}}
+{{- fail (printf "the object names would start with %q, which Services refuse (DNS-1035: a lower-case letter first, no dots): choose another release name or set fullnameOverride" $fullname) -}}
+{{- end -}}
+{{- range $which := list "gateway" "annotator" -}}
+{{- $v := get $.Values $which -}}
+{{- $ports := list (int $v.port) (int $v.metricsPort) -}}
+{{- if eq $which "gateway" -}}{{- if gt (int $v.httpPort) 0 -}}{{- $ports = append $ports (int $v.httpPort) -}}{{- end -}}{{- end -}}
+{{- if ne (len $ports) (len (uniq $ports)) -}}
+{{- fail (printf "%s: port, metricsPort%s must differ (one Service port each; got %s)" $which (ternary " and httpPort" "" (eq $which "gateway")) (join ", " $ports)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.gateway.enabled (not .Values.gateway.recipes) (not (include "moaa.config" . | fromYaml).recipes) -}}
+{{- fail "gateway.enabled needs a recipe: give a model the aggregator role, set gateway.recipes, or set gateway.enabled: false" -}}
+{{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled is true but tls.secretName is empty: name a kubernetes.io/tls Secret" -}}
 {{- end -}}
