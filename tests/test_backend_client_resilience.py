@@ -269,14 +269,19 @@ async def test_probe_marks_a_hung_replica_unhealthy_although_health_says_200(emu
     assert await wait_for(lambda: replicas[0].healthy)
 
 
-async def test_probe_settles_a_half_open_circuit(emulator_factory, pool_of):
+async def _failing_replica(emulator_factory, pool_of, threshold: int, reset_s: float):
+    """An emulator answering 500 and the client of a one-replica backend after one failed call (no retries)."""
     emu = await emulator_factory(error_rates={500: 1.0})
     pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 1},
-                                        circuit={"failure_threshold": 1, "reset_after_s": 0.05})})
+                                        circuit={"failure_threshold": threshold, "reset_after_s": reset_s})})
     client = pool.client("m")
-    replica = client.replicas.replicas[0]
     with pytest.raises(BackendError):
         await client.chat(MSGS)
+    return emu, client, client.replicas.replicas[0]
+
+
+async def test_probe_settles_a_half_open_circuit(emulator_factory, pool_of):
+    emu, client, replica = await _failing_replica(emulator_factory, pool_of, 1, 0.05)
     await asyncio.sleep(0.06)
     assert not await probe_once(client, replica) and replica.circuit == "open"
     emu.update(error_rates={})
@@ -314,13 +319,7 @@ async def test_models_info_shape(emulator, pool_of):
 async def test_a_probe_success_neither_closes_an_open_circuit_nor_clears_a_failure_streak(emulator_factory, pool_of):
     """"Hi" answered says little about real requests (a replica that passes probes but fails long prompts):
     an open circuit stays open for reset_after_s, then one half-open trial decides."""
-    emu = await emulator_factory(error_rates={500: 1.0})
-    pool = await pool_of({"m": make_cfg(emu.url, retries={"max_attempts": 1},
-                                        circuit={"failure_threshold": 2, "reset_after_s": 30})})
-    client = pool.client("m")
-    replica = client.replicas.replicas[0]
-    with pytest.raises(BackendError):
-        await client.chat(MSGS)
+    emu, client, replica = await _failing_replica(emulator_factory, pool_of, 2, 30)
     emu.update(error_rates={})
     assert await probe_once(client, replica) and replica.failures == 1 and replica.circuit == "closed"
     emu.update(error_rates={500: 1.0})
