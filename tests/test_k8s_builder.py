@@ -278,3 +278,11 @@ def test_follow_flags_are_checked_before_the_job_is_created(capsys, flag):
         main(["train", "submit", "sft", "--data", "/data/d.jsonl", "--model", "m", "--out", "/checkpoints/sft",
               "--api-server", "http://127.0.0.1:9", *flag])
     assert exit_.value.code == 2 and "expected a positive number" in capsys.readouterr().err
+
+
+def test_a_cpu_job_sees_no_gpu():
+    """The trainer image sets NVIDIA_VISIBLE_DEVICES=all; a --gpus 0 Job overrides it (on runtimes that honour
+    it, the pod would otherwise see every GPU of its node)."""
+    env = lambda gpus: {e["name"]: e.get("value") for e in to_dict(build_job(_cfg(), JobSettings(gpus=gpus)))[
+        "spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env(0)["NVIDIA_VISIBLE_DEVICES"] == "void" and "NVIDIA_VISIBLE_DEVICES" not in env(1)

@@ -161,6 +161,8 @@ def build_job(cfg, settings: JobSettings | None = None):
     env = [k.V1EnvVar(name="HF_HOME", value="/models/hf"),
            k.V1EnvVar(name="PYTHONUNBUFFERED", value="1"),
            k.V1EnvVar(name="MOAA_JOB_NAME", value=name)]
+    if not s.gpus:   # the image says all; a CPU Job must not see a node's GPUs that the scheduler gave to others
+        env.append(k.V1EnvVar(name="NVIDIA_VISIBLE_DEVICES", value="void"))
     taken = {e.name for e in env} | ({"HF_TOKEN"} if s.hub_token_secret else set())
     clash = sorted(taken & set(s.env))
     if clash:
