@@ -186,8 +186,9 @@ async def test_a_grading_backend_failure_is_a_failure_not_an_abstention(judge_em
 
 
 async def test_eval_counts_verdicts_given_without_a_judge(judge_emulator, tmp_path):
-    """Verdicts nobody judged are counted beside n: pairs decided by an empty answer, and an ensemble's
-    verdicts given without a judge whose backend failed (its min_judges let the other decide)."""
+    """Verdicts nobody judged are counted beside n: pairs decided by an empty answer or of the same answer on
+    both sides (the annotator refuses a pair of one text), and an ensemble's verdicts given without a judge whose
+    backend failed (its min_judges let the other decide)."""
     cfg = judge_config(judge_emulator.url, {"j1": "longest", "down": "longest"}, mode="pointwise", combine="mean",
                        min_margin=0.0, min_judges=1)
     cfg["backends"]["m-down"].update(urls=["http://127.0.0.1:9/v1"], retries={"max_attempts": 1})
@@ -196,13 +197,15 @@ async def test_eval_counts_verdicts_given_without_a_judge(judge_emulator, tmp_pa
         a, b = _answers(tmp_path)
         rows = [json.loads(line) for line in a.read_text().splitlines()]
         rows[0]["answer"] = rows[1]["answer"] = " "
+        rows[8]["answer"] = "long answer " * 8 + " "   # the baseline's answer: a tie, no judge asked
         a.write_text("".join(json.dumps(r) + "\n" for r in rows))
         rc, out, err = await _cli("eval", "--answers", str(a), "--baseline", str(b), "--annotator", server.address,
                                   "--out", str(tmp_path / "ev"), "--bootstrap", "200", "--quiet")
         assert rc == 0, err
         wr = json.loads((tmp_path / "ev" / "winrates.json").read_text())[0]
-        assert wr["n"] == 10 and wr["empty"] == 2 and wr["fewer_judges"] == 8
+        assert wr["n"] == 10 and wr["empty"] == 2 and wr["same"] == 1 and wr["fewer_judges"] == 7
         assert "2 decided by an empty answer, not judged" in out
-        assert "8 decided without a judge whose backend failed" in out, out
+        assert "1 the same answer on both sides (a tie, not judged)" in out
+        assert "7 decided without a judge whose backend failed" in out, out
     finally:
         await server.stop(0)

@@ -265,6 +265,7 @@ def eval_section(winrates: list[dict], run: dict, out: Path) -> list[str]:
              "| order-inconsistent | abstained | failed | missing |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in winrates:
         n_cell = f"{w['n']}" + (f" ({w['empty']} empty)" if w.get("empty") else "") + (
+            f" ({w['same']} the same answer)" if w.get("same") else "") + (
             f" ({w['fewer_judges']} without a failed judge)" if w.get("fewer_judges") else "")
         lines.append(f"| {w['model']} | {w['baseline']} | {n_cell} | {w.get('prompts', w['n'])} | "
                      f"{_cell(w['win_rate'], w['win_rate_ci'])} | {_cell(w['lc_win_rate'], w['lc_win_rate_ci'])} | "

@@ -30,6 +30,7 @@ class PairVerdict:
     # judge models whose backend failed while an ensemble decided without them (its min_judges allowed it)
     judge_failures: list = field(default_factory=list)
     empty: bool = False             # decided without the judge: an answer was empty
+    same: bool = False              # decided without the judge: both answers the same text (a tie)
 
 
 def _combine(first: float | None, second: float | None, orders: tuple, usage: dict, asked: int = 2) -> PairVerdict:

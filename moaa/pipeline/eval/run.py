@@ -87,13 +87,16 @@ def guard_comparison(out: Path, judge: str, model: str, baseline: str, answers_m
     atomic_write_json(path, record)
 
 
-def _empty_verdict(model_text: str, base_text: str):
+def _verdict_without_judge(model_text: str, base_text: str):
+    """A pair no judge needs (None otherwise): an empty answer loses (both empty: a tie), and the same answer
+    on both sides is a tie (a model often gives its base's greedy answer; the annotator refuses a pair of one
+    text, and a judge could only show its position bias on it)."""
     from .judges import PairVerdict
 
-    m, b = bool(model_text.strip()), bool(base_text.strip())
+    m, b = model_text.strip(), base_text.strip()
     if m and b:
-        return None
-    pref = 0.5 if m == b else (1.0 if m else 0.0)
+        return PairVerdict(0.5, ("same answer", "same answer"), False, same=True) if m == b else None
+    pref = 0.5 if bool(m) == bool(b) else (1.0 if m else 0.0)
     return PairVerdict(pref, ("empty answer", "empty answer"), False, empty=True)
 
 
@@ -118,7 +121,7 @@ async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, ans
         async with sem:
             try:
                 # an empty answer loses without asking (judges and the annotator refuse empty candidates)
-                v = _empty_verdict(mt, bt) or await judge.prefer(prompt, mt, bt)
+                v = _verdict_without_judge(mt, bt) or await judge.prefer(prompt, mt, bt)
             except Exception as err:  # one failed judgment is recorded and retried on the next run
                 store.fail(keys[rid], f"{type(err).__name__}: {err}")
                 progress.advance(failed=True)
@@ -133,7 +136,7 @@ async def judge_pairs(judge, model: str, baseline: str, answers_model: dict, ans
             return
         store.write({"id": keys[rid], "prompt_id": rid, "model": model, "baseline": baseline,
                      "preference": v.preference, "orders": list(v.orders), "inconsistent": v.inconsistent,
-                     "abstained_orders": v.abstained_orders, "empty": v.empty, "judge_failures": v.judge_failures,
+                     "abstained_orders": v.abstained_orders, "empty": v.empty, "same": v.same, "judge_failures": v.judge_failures,
                      "len_model": len(mt), "len_baseline": len(bt), "judge": judge.name, "usage": v.usage})
         progress.advance()
 
@@ -169,7 +172,7 @@ def winrates_from_store(store: DatasetStore, pairs: list[tuple[str, str]], *, n_
                         [r["len_baseline"] for r in sel], n_resamples=n_resamples,
                         inconsistent=sum(bool(r["inconsistent"]) for r in sel), prompt_ids=groups,
                         one_order=sum(bool(r.get("abstained_orders")) for r in sel),
-                        empty=sum(bool(r.get("empty")) for r in sel),
+                        empty=sum(bool(r.get("empty")) for r in sel), same=sum(bool(r.get("same")) for r in sel),
                         fewer_judges=sum(bool(r.get("judge_failures")) for r in sel), **counts)
         out.append(rep.to_json())
     return out

@@ -203,6 +203,7 @@ class WinRateReport:
     one_order: int = 0           # of the n: pairs decided by one order, the judge unreadable in the other
     empty: int = 0               # of the n: pairs decided without the judge, an answer being empty (it loses;
                                  # both empty: a tie)
+    same: int = 0                # of the n: pairs of the same answer on both sides, a tie without the judge
     fewer_judges: int = 0        # of the n: verdicts an ensemble gave without a judge whose backend failed
     sign_test_p: float | None = None   # two-sided exact sign test over the decided prompts (ties left out)
 
@@ -214,7 +215,8 @@ def summarize(model: str, baseline: str, prefs: Sequence[float], len_model: Sequ
               len_baseline: Sequence[float], *, difficulty: Sequence[float] | None = None,
               n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95,
               inconsistent: int = 0, prompt_ids: Sequence | None = None, abstained: int = 0, failed: int = 0,
-              missing: int = 0, one_order: int = 0, empty: int = 0, fewer_judges: int = 0) -> WinRateReport:
+              missing: int = 0, one_order: int = 0, empty: int = 0, same: int = 0,
+              fewer_judges: int = 0) -> WinRateReport:
     """`prompt_ids`: the prompt of each row where several rows share one (k samples per prompt): the
     intervals resample prompts. With no judged row at all, every rate is None and the conclusion says why."""
     counts = {"abstained": abstained, "failed": failed, "missing": missing}
@@ -241,7 +243,7 @@ def summarize(model: str, baseline: str, prefs: Sequence[float], len_model: Sequ
         avg_len_model=float(lm.mean()), avg_len_baseline=float(lb.mean()), beta_length=fit.beta,
         prompts=prompts, conclusion=conclusion(wr_ci, prompts, sign_p=sign_p),
         lc_conclusion=conclusion(lc_ci, prompts, sign_p=sign_p), one_order=one_order, empty=empty,
-        fewer_judges=fewer_judges, sign_test_p=sign_p, **counts)
+        same=same, fewer_judges=fewer_judges, sign_test_p=sign_p, **counts)
 
 
 def _rate(value: float | None, ci) -> str:
@@ -254,6 +256,7 @@ def format_winrate(w: dict) -> str:
     extra = "".join(f", {w[k]} {label}" for k, label in (("abstained", "abstained"), ("failed", "failed"),
                     ("missing", "missing"), ("one_order", "decided by one order"),
                     ("empty", "decided by an empty answer, not judged"),
+                    ("same", "the same answer on both sides (a tie, not judged)"),
                     ("fewer_judges", "decided without a judge whose backend failed")) if w.get(k))
     return (f"{w['model']} vs {w['baseline']}: {w.get('conclusion') or '-'}{lc} (win rate "
             f"{_rate(w['win_rate'], w['win_rate_ci'])}, length-controlled {_rate(w['lc_win_rate'], w['lc_win_rate_ci'])}, "
