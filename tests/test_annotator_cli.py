@@ -409,3 +409,7 @@ async def test_judge_eval_failed_calls_are_an_error_and_a_foreign_out_is_kept(tm
     rc, _, err = await moaa("judge-eval", "--annotator", "127.0.0.1:9", "--in", str(labelled), "--out", str(notes),
                             "--no-progress")
     assert rc == 2 and "is not a judge-eval summary" in err and notes.read_text() == "my notes\n"
+    same = tmp_path / "same.jsonl"   # a label no judge can agree or disagree with: the row, not a call failure
+    same.write_text(json.dumps({"id": "s1", "prompt": "Q?", "chosen": "Paris.", "rejected": " Paris."}) + "\n")
+    rc, _, err = await moaa("judge-eval", "--annotator", "127.0.0.1:9", "--in", str(same), "--no-progress")
+    assert rc == 2 and "same.jsonl:1: row 's1': chosen and rejected are the same text" in err, err

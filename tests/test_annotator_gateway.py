@@ -186,3 +186,26 @@ async def test_generate_annotate_errors(gw_emulators, gateway_factory, unused_tc
     assert resp.text and not resp.HasField("annotation")
     (failure,) = resp.failures
     assert failure.model == "annotator" and failure.cause == "unavailable" and "annotator at" in failure.message
+
+
+async def test_generate_sends_the_annotator_each_text_once(gw_emulators, judge_emulator, annotator_factory,
+                                                           gateway_factory):
+    """Two proposers that write the same text (one model, one request): the annotator, which refuses a pair
+    of one text, gets it once; with fewer than two distinct texts the annotation is a skip, no call made."""
+    from moaa.services.gateway.annotation import annotate_moa
+
+    moa = await gw_emulators()
+    judges = judge_config(judge_emulator.url, {"j1": "longest"}, min_margin=0.5)
+    annotator = await annotator_factory(judges)
+    cfg = _moa_gateway_config(judges, moa.url, annotator.server.address)
+    cfg["recipes"]["moa"]["proposers"] = [{"model": "p1", "sampling": {"max_tokens": 4, "seed": 1}}] * 2
+    gw = await gateway_factory(cfg)
+    resp = await gw.stub.Generate(gateway_pb2.GenerateRequest(messages=user("Explain MoA."), annotate=True), timeout=10)
+    texts = [p.text for p in resp.layers[0].proposals]
+    assert len(texts) == 2 and texts[0] == texts[1] and not resp.failures, resp
+    assert sorted(c.candidate_id for c in resp.annotation.combined) == ["L1-P0", "aggregate"]
+
+    one = gateway_pb2.GenerateResponse(request_id="r", text="Same.", aggregator_model="agg")
+    one.layers.add(layer=1).proposals.add(layer=1, index=0, text=" Same.", model="p1")
+    await annotate_moa(None, gateway_pb2.GenerateRequest(), one, timeout=1)
+    assert one.annotation.skipped and one.annotation.skip_reason == "too_few_candidates: 1 distinct answers of 2"

@@ -46,6 +46,8 @@ def build_requests(path: Path, ensemble: str = "", mode: str = "") -> list[annot
         prompt = [common_pb2.Message(**m) for m in sample_prompt(row, where)]
         good = annotator_pb2.Candidate(id="chosen", text=_text(row["chosen"], where))
         bad = annotator_pb2.Candidate(id="rejected", text=_text(row["rejected"], where))
+        if good.text.strip() == bad.text.strip():   # a label no judge can agree or disagree with
+            raise UserError(f"{where}: row {rid!r}: chosen and rejected are the same text")
         for order, cands in (("chosen_first", [good, bad]), ("rejected_first", [bad, good])):
             reqs.append(annotator_pb2.AnnotateRequest(id=f"{rid}\t{order}", prompt=prompt, candidates=cands,
                                                       ensemble=ensemble, mode=mode))

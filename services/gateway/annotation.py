@@ -56,11 +56,16 @@ async def annotate(annotator: AnnotatorClient, request: annotator_pb2.AnnotateRe
 
 
 def moa_candidates(resp: gateway_pb2.GenerateResponse) -> list[annotator_pb2.Candidate]:
-    """The last layer's proposals and the aggregated answer, as candidates to judge against each other."""
+    """The last layer's proposals and the aggregated answer, as candidates to judge against each other: each
+    text once (an aggregate that copies a proposal is kept as the aggregate; the annotator refuses a pair of
+    one text)."""
     last = resp.layers[-1].proposals if resp.layers else []
-    cands = [annotator_pb2.Candidate(id=f"L{p.layer}-P{p.index}", text=p.text, model=p.model) for p in last]
-    cands.append(annotator_pb2.Candidate(id="aggregate", text=resp.text, model=resp.aggregator_model))
-    return cands
+    cands = {resp.text.strip(): annotator_pb2.Candidate(id="aggregate", text=resp.text, model=resp.aggregator_model)}
+    for p in last:
+        cands.setdefault(p.text.strip(), annotator_pb2.Candidate(id=f"L{p.layer}-P{p.index}", text=p.text,
+                                                                 model=p.model))
+    aggregate = cands.pop(resp.text.strip())
+    return [*cands.values(), aggregate]   # proposals in order, then the aggregate
 
 
 async def annotate_into(annotator: AnnotatorClient, request: annotator_pb2.AnnotateRequest, resp, *,
@@ -78,6 +83,13 @@ async def annotate_into(annotator: AnnotatorClient, request: annotator_pb2.Annot
 async def annotate_moa(annotator: AnnotatorClient, request: gateway_pb2.GenerateRequest,
                        resp: gateway_pb2.GenerateResponse, *, timeout: float | None, metadata=()) -> None:
     """Fill resp.annotation with the judges' pair of the last layer's proposals and the aggregate."""
+    cands = moa_candidates(resp)
+    total = (len(resp.layers[-1].proposals) if resp.layers else 0) + 1
+    if len(cands) < 2:   # nothing to compare: a skip, as `moaa annotate` records it, no annotator call
+        resp.annotation.CopyFrom(annotator_pb2.AnnotateResponse(
+            request_id=resp.request_id, skipped=True, ensemble=request.ensemble,
+            skip_reason=f"too_few_candidates: {len(cands)} distinct answers of {total}"))
+        return
     areq = annotator_pb2.AnnotateRequest(request_id=resp.request_id, prompt=request.messages,
-                                         ensemble=request.ensemble, candidates=moa_candidates(resp))
+                                         ensemble=request.ensemble, candidates=cands)
     await annotate_into(annotator, areq, resp, timeout=timeout, metadata=metadata)
