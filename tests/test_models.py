@@ -182,3 +182,28 @@ def test_sample_and_logprobs_say_what_train_says_for_a_missing_folder(argv, pack
     assert err == ("moaa: error: --model 'runs/sft': no such model folder (runs/ holds dpo); give an existing model "
                    "folder (org/name is read as a hub id only where no folder org/ is here)")
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "lp.json").exists()
+
+
+@pytest.mark.parametrize("rows, extra, message", [
+    ([{"id": "a", "prompt": PROMPT, "completion": PROMPT}, {"id": "a", "prompt": PROMPT, "completion": PROMPT}], [],
+     "i.jsonl: line 2: id 'a' appears twice (first at line 1)"),
+    ([{"id": "a", "prompt": [{"role": "user", "content": 5}], "completion": PROMPT}], [],
+     "i.jsonl: line 1: prompt[0] content is not a string"),
+    ([{"id": "a", "prompt": [], "completion": PROMPT}], [], "i.jsonl: line 1: field 'prompt' must be a string or a non-empty list"),
+    ([{"id": ["l"], "prompt": PROMPT, "completion": PROMPT}], [], "i.jsonl: line 1: expected {id, prompt"),
+    ([{"id": "a", "prompt": PROMPT, "completion": PROMPT, "models": "base2"}], [],
+     "i.jsonl: line 1: 'models' must be a list of model names"),
+    ([{"id": "a", "prompt": PROMPT, "completion": PROMPT}], ["--model", "base=x"], "--model base=... is given twice"),
+    ([{"id": "a", "prompt": PROMPT, "completion": PROMPT}], ["--out", "nodir/lp.json"],
+     "--out nodir/lp.json: folder nodir does not exist"),
+])
+def test_logprobs_bad_input_is_one_line_before_any_model_loads(rows, extra, message, packaged_tiny, tmp_path,
+                                                               monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["logprobs", "--model", f"base={packaged_tiny}", "--items", "i.jsonl", "--out", "lp.json", *extra]
+    if "--out" in extra:
+        argv = argv[:-4] + extra
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

@@ -16,13 +16,28 @@ from moaa.errors import UserError
 
 
 def load_items(path: str | Path) -> list[dict]:
-    """Rows {id, prompt, completion}; a bad row stops the run naming its line."""
+    """Rows {id, prompt, completion[, models]}, messages read as every moaa input reads them; a bad row or a
+    repeated id stops the run naming its line, before any model loads."""
     from moaa.jsonl import read_input
+    from moaa.prompts import RowError, as_messages
 
-    rows = []
+    rows, first = [], {}
     for lineno, row in read_input(Path(path), "items"):
-        if not (isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list) and row.get("id")):
-            raise UserError(f"{path}: line {lineno}: expected {{id, prompt: [messages], completion: [messages]}}")
+        where = f"{path}: line {lineno}"
+        rid = row.get("id")
+        if not (isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list)) or not (
+                isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid)):
+            raise UserError(f"{where}: expected {{id, prompt: [messages], completion: [messages]}}")
+        try:
+            row = {**row, "prompt": as_messages(row["prompt"], "prompt"),
+                   "completion": as_messages(row["completion"], "completion")}
+        except RowError as err:
+            raise UserError(f"{where}: {err}") from None
+        if "models" in row and not (isinstance(row["models"], list) and all(isinstance(m, str) for m in row["models"])):
+            raise UserError(f"{where}: 'models' must be a list of model names")
+        if str(rid) in first:   # one value per id in the output: a second row would replace the first's
+            raise UserError(f"{where}: id {rid!r} appears twice (first at line {first[str(rid)]})")
+        first[str(rid)] = lineno
         rows.append(row)
     return rows
 
@@ -85,6 +100,9 @@ def run_logprobs(models: dict[str, str], items_path: str, out: str, max_length: 
     from moaa.models import resolve_model
 
     items = load_items(items_path)
+    out_dir = Path(out).parent
+    if not out_dir.is_dir():   # found after every model was scored otherwise
+        raise UserError(f"--out {out}: folder {out_dir} does not exist")
     # every spec resolved before the first model loads: a bad last one fails at once, not after the others
     sources = {name: resolve_model(spec).engine_arg for name, spec in models.items()}
     result = {}

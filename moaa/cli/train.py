@@ -107,6 +107,8 @@ def _run_logprobs(args: argparse.Namespace) -> int:
         name, sep, spec = item.partition("=")
         if not sep or not name or not spec:
             raise UserError(f"bad --model {item!r}: use NAME=MODEL")
+        if name in models:
+            raise UserError(f"--model {name}=... is given twice; give each name once")
         models[name] = spec
     run_logprobs(models, args.items, args.out, args.max_length)
     return 0
@@ -159,5 +161,5 @@ def register(subparsers) -> None:
                     help="a name and a packaged name, model folder, GGUF file or hub id (repeat)")
     lp.add_argument("--items", required=True, help="JSONL rows {id, prompt: [messages], completion: [messages]}")
     lp.add_argument("--out", required=True, help="output JSON: {name: {id: [sum_logp, tokens]}}")
-    lp.add_argument("--max-length", type=int, default=512, help="longest tokenized row (as in training)")
+    lp.add_argument("--max-length", type=positive_int, default=512, help="longest tokenized row (as in training)")
     lp.set_defaults(func=_run_logprobs)

