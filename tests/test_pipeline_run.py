@@ -539,3 +539,28 @@ async def test_gateway_killed_and_back_mid_stage1_costs_no_row(emulator_factory,
     assert rc == 0 and err == "", err
     ids = _ids(out / "stage1-sft-data")
     assert len(ids) == len(set(ids)) == 61
+
+
+def test_with_a_gateway_the_recipes_own_max_tokens_apply():
+    """The embedded stack's CPU-sized answer_tokens (96) would cut every answer of a cluster's recipe: with
+    --gateway no max_tokens is sent unless --set answer_tokens asks for one."""
+    from moaa.client.generate import generate_request
+    from moaa.pipeline.runner import PipelineOptions, resolve_settings
+
+    opts = PipelineOptions(out=Path("x"), gateway="gw:50051", annotator="ann:50052", target="org/m")
+    assert resolve_settings(opts, local=False)["answer_tokens"] is None
+    req = generate_request([{"role": "user", "content": "hi"}], max_tokens=None)
+    assert not req.HasField("aggregator_sampling") and not req.HasField("proposer_sampling")
+    assert resolve_settings(opts, local=True)["answer_tokens"] == 96
+    opts.overrides = {"answer_tokens": 300}
+    assert resolve_settings(opts, local=False)["answer_tokens"] == 300
+
+
+async def test_a_prompt_file_where_the_run_keeps_its_copy_is_refused_not_replaced(tmp_path):
+    """`--out .` with the user's prompts.jsonl beside: the run would replace it with its converted copy."""
+    prompts = _prompts(tmp_path / "prompts.jsonl")
+    before = prompts.read_text()
+    cmd = [*_offline_cmd(tmp_path), "--prompts", str(prompts)]
+    rc, _, err = await _run(cmd, timeout=60)
+    assert rc == 2 and "is where the run keeps its checked copy of the prompts" in err, err
+    assert prompts.read_text() == before

@@ -132,6 +132,8 @@ def resolve_settings(opts: PipelineOptions, local: bool) -> dict[str, Any]:
         # against the 20-minute bound (20 min 45 s measured at 64 tokens): 48-token samples and eval answers,
         # which also shortens every judge prompt (two answers each)
         base["sample_tokens"] = min(base["sample_tokens"], 48)
+    else:  # a cluster's recipes set their models' max_tokens: the CPU-sized default would cut every answer
+        base["answer_tokens"] = None
     unknown = sorted(set(opts.overrides) - set(base))
     if unknown:  # a misspelt key would otherwise be ignored without a word
         keys = ", ".join(k for k in base if k not in ("sft", "dpo"))
@@ -192,6 +194,10 @@ async def run_pipeline(opts: PipelineOptions) -> dict[str, Any]:
         resolve_model(opts.target, prepare_missing=False, source="--target")
     # the model is resolved later (the embedded default may be prepared on first use): a placeholder here
     training_configs(settings, layout, opts.target or "base-model")
+    own = {layout.prompts.resolve(), layout.prompts.with_name(layout.prompts.name + ".new").resolve()}
+    if opts.prompts and Path(opts.prompts).resolve() in own:   # the run writes its checked copy there
+        raise UserError(f"--prompts {opts.prompts} is where the run keeps its checked copy of the prompts, which "
+                        "would replace the file: move it, or choose another --out")
     make_folder(layout.root)
     with RunLock(layout.root) as lock:
         if lock.previous:

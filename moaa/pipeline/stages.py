@@ -66,7 +66,7 @@ class GenerationSettings(BaseModel):
     exits 2 before stage 1 instead of failing as a TypeError after hours of SFT. Strict: "abc" or true is
     no count of tokens."""
     model_config = ConfigDict(extra="forbid", strict=True)   # a setting added without its type fails every run
-    answer_tokens: int = Field(ge=1, lt=TOKENS_WIRE_BOUND)   # a request's max_tokens
+    answer_tokens: int | None = Field(ge=1, lt=TOKENS_WIRE_BOUND)   # a request's max_tokens; None: the recipe's
     n_samples: int = Field(ge=2, le=MAX_SAMPLES)  # a preference pair needs two samples; `moaa sample --n`'s bound
     eval_grades: bool
     sample_tokens: int = Field(ge=1, lt=TOKENS_WIRE_BOUND)
