@@ -298,6 +298,13 @@ class MoaaConfig(Strict):
     def ensemble(self, name: str | None) -> tuple[str, EnsembleConfig]:
         return _pick("ensemble", self.ensembles, self.default_ensemble, name)
 
+    def default_name(self, kind: str) -> str:
+        """The recipe (kind "recipe") or ensemble a request naming none gets, "" when it is refused."""
+        try:
+            return self.recipe(None)[0] if kind == "recipe" else self.ensemble(None)[0]
+        except KeyError:
+            return ""
+
 
 def _pick(kind: str, table: dict, default: str | None, name: str | None) -> tuple:
     """The named entry, or the default one (the only one, or `default_<kind>`)."""

@@ -238,11 +238,8 @@ async def test_k8s_jobs_are_checked_before_stage_1(tmp_path):
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert "checking the SFT Job" in err and f"--out {out}/" in err and "checkpoints volume" in err
     assert not (out / "stage1-sft-data").exists() and not (out / "run.json").exists()
-    # a folder first run without --k8s (it stopped at stage 1: nothing answers) is checked when resumed with it
-    rc, _, err = await _run(_offline_cmd(out), timeout=180)
-    assert rc == 75 and (out / "run.json").exists(), err
-    rc, _, err = await _run([*_offline_cmd(out), "--k8s"], timeout=180)
-    assert rc == 2 and "checking the SFT Job" in err and "checkpoints volume" in err, err
+    rc, _, err = await _run(_offline_cmd(out), timeout=180)   # nothing answers: found before run.json is written
+    assert rc == 75 and "gateway ListModels at 127.0.0.1:9: UNAVAILABLE" in err and not (out / "run.json").exists(), err
     rc, _, err = await _run([*_offline_cmd(tmp_path / "named"), "--k8s", "--k8s-arg=--name=uf"], timeout=60)
     assert rc == 2 and "--k8s-arg=--name=uf: the pipeline names each stage's Job itself" in err, err
 
@@ -564,3 +561,25 @@ async def test_a_prompt_file_where_the_run_keeps_its_copy_is_refused_not_replace
     rc, _, err = await _run(cmd, timeout=60)
     assert rc == 2 and "is where the run keeps its checked copy of the prompts" in err, err
     assert prompts.read_text() == before
+
+
+async def test_a_folder_run_without_k8s_is_checked_when_resumed_with_it(services, tmp_path):
+    """--k8s and --k8s-arg are not in the folder's recorded settings, so the Jobs are built again on every
+    --k8s run: a folder run first without --k8s is checked when resumed with it, before anything else runs."""
+    prompts, out = _prompts(tmp_path / "p.jsonl", n=3), tmp_path / "run"
+    rc, _, err = await _run(_cmd(services, prompts, out, "org/some-model", "--until", "sft_data"), timeout=300)
+    assert rc == 0 and (out / "run.json").exists(), err
+    rc, _, err = await _run(_cmd(services, prompts, out, "org/some-model", "--until", "sft", "--k8s"), timeout=300)
+    assert rc == 2 and "checking the SFT Job" in err and "checkpoints volume" in err, err
+
+
+async def test_recipe_and_ensemble_names_are_checked_before_anything_runs(services, tmp_path):
+    """A typo'd --recipe or --ensemble was found at its stage (--ensemble: after stage 1 and SFT), and the
+    fixed command was then refused as other settings: now exit 2 before run.json records it."""
+    prompts, out = _prompts(tmp_path / "p.jsonl", n=3), tmp_path / "run"
+    for flag, message in (("--recipe=mao", "--recipe 'mao': the gateway at "),
+                          ("--ensemble=e-typo", "--ensemble 'e-typo': the annotator at ")):
+        rc, _, err = await _run(_cmd(services, prompts, out, "org/some-model", flag), timeout=120)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (out / "run.json").exists() and not (out / "stage1-sft-data").exists()
+    assert "serves the ensembles e" in err

@@ -236,6 +236,12 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
     if pending and (_recorded_hash(layout) != chash or opts.k8s):
         _say(opts, f"checking {', '.join(c.kind for c in pending)} settings against the installed TRL")
         await training.check_with_trl(pending, log_dir=layout.logs, k8s_args=opts.k8s_args if opts.k8s else None)
+    if not local:   # before run.json records them: a typo'd name must not strand the folder for the fixed command
+        from moaa.client.catalog import check_served
+
+        await check_served(Endpoint.reached_as(opts.gateway, opts), "recipe", opts.recipe)
+        if opts.annotator and {"pairs", "eval"} & set(stages):
+            await check_served(Endpoint.reached_as(opts.annotator, opts), "ensemble", opts.ensemble)
     record = RunRecord(layout, chash, opts)
     ledger = TokenLedger(layout.usage, opts.token_budget)
     _say(opts, f"moaa pipeline: {prompts.n_train} training prompts, {prompts.n_eval} held out for eval; "

@@ -173,3 +173,29 @@ class AnnotateResult(_message.Message):
     response: AnnotateResponse
     error: _common_pb2.ErrorDetail
     def __init__(self, id: _Optional[str] = ..., response: _Optional[_Union[AnnotateResponse, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ErrorDetail, _Mapping]] = ...) -> None: ...
+
+class ListEnsemblesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EnsembleInfo(_message.Message):
+    __slots__ = ("name", "judges", "aggregator", "mode", "combine")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    JUDGES_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    judges: _containers.RepeatedScalarFieldContainer[str]
+    aggregator: str
+    mode: str
+    combine: str
+    def __init__(self, name: _Optional[str] = ..., judges: _Optional[_Iterable[str]] = ..., aggregator: _Optional[str] = ..., mode: _Optional[str] = ..., combine: _Optional[str] = ...) -> None: ...
+
+class ListEnsemblesResponse(_message.Message):
+    __slots__ = ("ensembles", "default_ensemble")
+    ENSEMBLES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_ENSEMBLE_FIELD_NUMBER: _ClassVar[int]
+    ensembles: _containers.RepeatedCompositeFieldContainer[EnsembleInfo]
+    default_ensemble: str
+    def __init__(self, ensembles: _Optional[_Iterable[_Union[EnsembleInfo, _Mapping]]] = ..., default_ensemble: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,11 @@ class AnnotatorStub:
                 request_serializer=moaa_dot_v1_dot_annotator__pb2.AnnotateRequest.SerializeToString,
                 response_deserializer=moaa_dot_v1_dot_annotator__pb2.AnnotateResult.FromString,
                 _registered_method=True)
+        self.ListEnsembles = channel.unary_unary(
+                '/moaa.v1.Annotator/ListEnsembles',
+                request_serializer=moaa_dot_v1_dot_annotator__pb2.ListEnsemblesRequest.SerializeToString,
+                response_deserializer=moaa_dot_v1_dot_annotator__pb2.ListEnsemblesResponse.FromString,
+                _registered_method=True)
 
 
 class AnnotatorServicer:
@@ -68,6 +73,13 @@ class AnnotatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEnsembles(self, request, context):
+        """The ensembles this annotator serves (what a client checks its ensemble name against before paying for work).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AnnotatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +92,11 @@ def add_AnnotatorServicer_to_server(servicer, server):
                     servicer.AnnotateStream,
                     request_deserializer=moaa_dot_v1_dot_annotator__pb2.AnnotateRequest.FromString,
                     response_serializer=moaa_dot_v1_dot_annotator__pb2.AnnotateResult.SerializeToString,
+            ),
+            'ListEnsembles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnsembles,
+                    request_deserializer=moaa_dot_v1_dot_annotator__pb2.ListEnsemblesRequest.FromString,
+                    response_serializer=moaa_dot_v1_dot_annotator__pb2.ListEnsemblesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +153,33 @@ class Annotator:
             '/moaa.v1.Annotator/AnnotateStream',
             moaa_dot_v1_dot_annotator__pb2.AnnotateRequest.SerializeToString,
             moaa_dot_v1_dot_annotator__pb2.AnnotateResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnsembles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moaa.v1.Annotator/ListEnsembles',
+            moaa_dot_v1_dot_annotator__pb2.ListEnsemblesRequest.SerializeToString,
+            moaa_dot_v1_dot_annotator__pb2.ListEnsemblesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -269,9 +269,11 @@ class RecipeInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., proposers: _Optional[_Iterable[str]] = ..., aggregator: _Optional[str] = ..., layers: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "recipes")
+    __slots__ = ("models", "recipes", "default_recipe")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     RECIPES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_RECIPE_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     recipes: _containers.RepeatedCompositeFieldContainer[RecipeInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., recipes: _Optional[_Iterable[_Union[RecipeInfo, _Mapping]]] = ...) -> None: ...
+    default_recipe: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., recipes: _Optional[_Iterable[_Union[RecipeInfo, _Mapping]]] = ..., default_recipe: _Optional[str] = ...) -> None: ...

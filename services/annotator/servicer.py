@@ -31,6 +31,15 @@ class AnnotatorServicer(annotator_pb2_grpc.AnnotatorServicer):
         job = build_job(request, self.config, self.server_cfg, rid)
         return await self.engine.annotate(job, timeout=time_remaining(context))
 
+    @guarded
+    async def ListEnsembles(self, request, context, rid):
+        return annotator_pb2.ListEnsemblesResponse(
+            ensembles=[annotator_pb2.EnsembleInfo(name=n, judges=[j.name for j in e.judges], mode=e.mode,
+                                                  aggregator=e.aggregator.name if e.aggregator else "",
+                                                  combine=e.combine)
+                       for n, e in self.config.ensembles.items()],
+            default_ensemble=self.config.default_name("ensemble"))
+
     async def _stream_item(self, request, rid: str) -> annotator_pb2.AnnotateResult:
         token = request_id_var.set(item_request_id(request.request_id, rid, request.id))
         try:

@@ -103,4 +103,5 @@ class GatewayServicer(gateway_pb2_grpc.MoAGatewayServicer):
         recipes = [gateway_pb2.RecipeInfo(name=n, proposers=[a.model for a in r.proposers],
                                           aggregator=r.aggregator.model, layers=r.layers)
                    for n, r in self.cfg.recipes.items()]
-        return gateway_pb2.ListModelsResponse(models=models_info_proto(self.pool.models_info()), recipes=recipes)
+        return gateway_pb2.ListModelsResponse(models=models_info_proto(self.pool.models_info()), recipes=recipes,
+                                              default_recipe=self.cfg.default_name("recipe"))
