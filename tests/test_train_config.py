@@ -300,3 +300,12 @@ def test_infinite_numbers_are_refused(kind, item):
     with pytest.raises(UserError, match="finite number|valid number"):
         load_train_config(kind, None, [item], **BASE)
         build_trl_args(load_train_config(kind, None, [item], **BASE), check_only=True)
+
+
+def test_settings_are_typed_strictly_but_a_whole_float_is_a_count():
+    """As trl.* values are: true is no step count and "yes" no switch; 2.0 (or YAML's 1e+06) is a count."""
+    for item in ("max_steps=true", 'max_steps="20"', "packing=yes", "lora.enabled=on", "save_steps=2.5"):
+        with pytest.raises(UserError, match="valid"):
+            load_train_config("sft", None, [item], **BASE)
+    cfg = load_train_config("sft", None, ["save_steps=2.0", "max_steps=1e+06"], **BASE)
+    assert (cfg.save_steps, cfg.max_steps) == (2, 1_000_000) and isinstance(cfg.save_steps, int)

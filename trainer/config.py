@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
+import typing
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -24,8 +26,20 @@ from moaa.overrides import apply_sets, format_set, load_mapping
 
 
 class _Strict(BaseModel):
-    # finite: an infinite learning rate trains to NaN weights and exits 0; infinite epochs crash later
+    # strict, as trl.* values are checked: true is no step count and "yes" no switch; finite: an infinite
+    # learning rate trains to NaN weights and exits 0, infinite epochs crash later
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_floats(cls, data: Any) -> Any:
+        """A whole number written as a float (2.0, YAML's 1e+06) is that count: strict mode alone refuses it."""
+        if not isinstance(data, dict):
+            return data
+        ints = {name for name, f in cls.model_fields.items()
+                if f.annotation is int or (typing.get_origin(f.annotation) in (typing.Union, types.UnionType)
+                                           and int in typing.get_args(f.annotation))}
+        return {k: int(v) if k in ints and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
 
 
 class LoraSettings(_Strict):
