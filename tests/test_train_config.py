@@ -256,6 +256,9 @@ def test_trl_field_a_moaa_run_would_ignore_is_refused():
     for item in ("trl.resume_from_checkpoint=x", "resume_from_checkpoint=x"):
         with pytest.raises(UserError, match="resume_from_checkpoint: not taken: moaa resumes from the newest complete"):
             load_train_config("sft", None, [item], **BASE)
+    # checkpoints without optimizer and scheduler state: a resume would start warmup and the optimizer over
+    with pytest.raises(UserError, match="save_only_model: not taken: a resumed run needs its checkpoints' optimizer"):
+        load_train_config("sft", None, ["trl.save_only_model=true"], **BASE)
 
 
 def test_gpu_config_is_checked_where_there_is_no_gpu_and_refused_by_a_run_there(tmp_path, capsys):

@@ -275,3 +275,18 @@ def test_train_loss_is_the_mean_over_every_step_whatever_logging_steps_is(tiny_m
         man = json.loads((tmp_path / run / "manifest.json").read_text())
         assert man["train_loss"] == pytest.approx(sum(every) / 7, rel=1e-4), run
         assert losses(tmp_path / run, "train_loss") == [pytest.approx(man["train_loss"])]
+
+
+def test_train_loss_counts_every_step_with_epoch_checkpoints(tiny_model_dir, train_data, tmp_path):
+    """save_strategy epoch: a checkpoint at each epoch's end is logged with it, so a run resumed there still
+    reports the mean over every step (logging_steps 5 leaves steps after the last log otherwise)."""
+    def run(out, logging):
+        return main(["train", "sft", "--data", str(train_data["sft"]), "--model", str(tiny_model_dir), "--out",
+                     str(out), *FIXED_BATCH, "--seed", "3", "--set", "num_train_epochs=2", "--set",
+                     "trl.save_strategy=epoch", "--set", f"logging_steps={logging}"])
+    assert run(tmp_path / "every", 1) == 0 and run(tmp_path / "fifth", 5) == 0
+    every = losses(tmp_path / "every")
+    assert len(every) >= 2
+    for name in ("every", "fifth"):
+        man = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert man["train_loss"] == pytest.approx(sum(every) / len(every), rel=1e-4), name

@@ -174,7 +174,9 @@ SET_FROM = {"output_dir": "--out", "per_device_train_batch_size": "per_device_ba
             "chat_template_path": "chat_template"}
 # TRL fields a moaa run would silently ignore, and why (model_init_kwargs and trust_remote_code are applied:
 # moaa loads the model, as TRL does when given a model name)
-NOT_PASSED = {"resume_from_checkpoint": "moaa resumes from the newest complete checkpoint in --out by itself"}
+NOT_PASSED = {"resume_from_checkpoint": "moaa resumes from the newest complete checkpoint in --out by itself",
+              "save_only_model": "a resumed run needs its checkpoints' optimizer and scheduler state (without it the "
+                                 "warmup and the optimizer start over, and the run differs from an uninterrupted one)"}
 # moaa's defaults for TRL fields it does not own (TRL's differ): `trl.X` overrides each one.
 TRL_DEFAULTS: dict[str, Any] = {"save_strategy": "steps", "report_to": "none", "disable_tqdm": True,
                                 "dataloader_num_workers": 0}

@@ -80,6 +80,11 @@ class JsonProgress(TrainerCallback):
             control.should_log = True
         return control
 
+    def on_epoch_end(self, args, state, control, **kw):
+        if control.should_save:   # save_strategy epoch: a checkpoint at the epoch's end, logged with it
+            control.should_log = True
+        return control
+
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})
         if "train_loss" in logs:   # TRL's is the mean over this process's steps: the run's, as the manifest says
