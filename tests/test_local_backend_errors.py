@@ -160,3 +160,14 @@ async def test_cli_serve_runs_until_sigterm_and_forwards_it(tiny_model_dir):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_cli_serve_on_a_busy_port_is_one_line_exit_2(capsys):
+    """Another server on the port would answer the readiness check: "serving" was printed, then exit 75."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["backend", "serve", "--model", "x", "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"127.0.0.1:{port}" in err and "--port" in err, err

@@ -207,3 +207,16 @@ def test_logprobs_bad_input_is_one_line_before_any_model_loads(rows, extra, mess
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_models_tiny_prints_the_folder_alone(tmp_path):
+    """D=$(moaa models tiny DIR) is the folder: what the libraries write while building goes to stderr."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "moaa.cli.main", "models", "tiny", str(tmp_path / "t")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout == f"{tmp_path / 't'}\n", (out.stdout, out.stderr[-500:])
+    empty = subprocess.run([sys.executable, "-m", "moaa.cli.main", "models", "tiny", ""], capture_output=True,
+                           text=True, timeout=60, cwd=tmp_path)
+    assert empty.returncode == 2 and "give a folder to build the tiny model in" in empty.stderr

@@ -44,8 +44,11 @@ def _announce(server) -> None:
 
 
 async def _serve(args) -> int:
+    from moaa.services.common.server import check_free
     from moaa.services.local.engine import EngineServer, serve_until_signalled
 
+    # a server already there would answer the readiness check: "serving" printed, then the engine dies
+    check_free(args.host, args.port or None, "--port")
     server = EngineServer(args.model, engine=args.engine, port=args.port or None, host=args.host,
                           served_model_name=args.served_model_name, max_model_len=args.max_model_len,
                           dtype=args.dtype, startup_timeout_s=args.startup_timeout, log_path=args.log_file)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -43,9 +44,22 @@ def _tiny(args) -> int:
     from moaa.errors import UserError
     from moaa.services.local.tiny import build_tiny_model
 
+    if not args.dir.strip():
+        raise UserError("give a folder to build the tiny model in (an empty name would be this folder)")
     if Path(args.dir).exists() and not Path(args.dir).is_dir():
         raise UserError(f"{args.dir} is a file: give a folder to build the tiny model in")
-    print(build_tiny_model(args.dir))
+    # stdout is the folder alone (D=$(moaa models tiny DIR)); what the libraries write while building (blank
+    # lines, at the file-descriptor level) goes to stderr
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        folder = build_tiny_model(args.dir)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    print(folder)
     return 0
 
 

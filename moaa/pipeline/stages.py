@@ -195,6 +195,22 @@ def _split_rows_file(store: DatasetStore, folder: Path, keys: tuple[str, ...], h
             "heldout_rows": _train_rows_file(store, folder / "heldout.jsonl", keys, lambda rid: rid in held)}
 
 
+# what to change for the most common skip reason of a stage that produced no pair
+SKIP_ADVICE = {"low_margin": "lower the ensemble's min_margin or sample more answers",
+               "low_agreement": "lower the ensemble's min_agreement, or check the judges (they disagree)",
+               "too_many_abstentions": "check the judges' replies in the skip records (they gave no readable score: "
+                                       "a template the model does not follow, or max_tokens too small), or raise "
+                                       "max_abstain_fraction",
+               "too_few_scored": "check the judges' replies in the skip records (they scored too few answers)",
+               "too_few_candidates": "sample more answers (--set n_samples) or at a higher temperature "
+                                     "(--set sample_temperature): the samples were too often the same"}
+
+
+def _skip_advice(reasons: dict) -> str:
+    top = max(reasons, key=reasons.get) if reasons else ""
+    return SKIP_ADVICE.get(top.split(":")[0], "see the skip records in the pairs folder")
+
+
 async def stage_sft_data(ctx: StageContext) -> dict:
     store = ctx.store(ctx.layout.sft_data, "sft_data", "sft")
 
@@ -266,7 +282,7 @@ async def stage_pairs(ctx: StageContext) -> dict:
                             "stage 2: judging", "stage 2 (judging)")
     if m["rows"] == 0:
         raise UserError(f"stage 2 produced no preference pairs ({m['skipped']} prompts skipped: "
-                        f"{m['skipped_reasons']}); lower the ensemble's min_margin or sample more answers")
+                        f"{m['skipped_reasons']}); {_skip_advice(m['skipped_reasons'])}")
     # enough pairs to measure DPO on, not so many that a large run trains on much less
     held = held_out_ids((r["id"] for r in store.iter_rows()), ctx.settings["pairs_heldout_fraction"],
                         "pairs-heldout", cap=ctx.settings["pairs_heldout_max"], count=store.rows)
