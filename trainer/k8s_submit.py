@@ -53,10 +53,13 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
 
 def _at_most(limit: float):
     """A positive, finite number of seconds up to `limit`: checked while parsing, before the Job exists."""
-    from moaa.cli import positive_float
-
     def parse(text: str) -> float:
-        value = positive_float(text)
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 < value < math.inf:   # nan fails both
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
         if value > limit:
             raise argparse.ArgumentTypeError(f"expected at most {limit:g} seconds, got {text!r}")
         return value
