@@ -171,3 +171,16 @@ def test_cli_serve_on_a_busy_port_is_one_line_exit_2(capsys):
         assert main(["backend", "serve", "--model", "x", "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"127.0.0.1:{port}" in err and "--port" in err, err
+
+
+def test_cli_bad_log_file_and_cache_are_one_line_exit_2(tmp_path, capsys):
+    for argv, needle in ((["backend", "serve", "--model", "x", "--port", "0", "--log-file", str(tmp_path)],
+                          "--log-file"),
+                         (["backend", "serve", "--model", "x", "--port", "0", "--log-file", str(tmp_path / "no" / "l")],
+                          "give a file in an existing folder")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert needle in err[-1] and err[-1].startswith("moaa: error:"), err
+    (tmp_path / "file").write_text("x")
+    assert main(["models", "prepare", "smollm2-135m-instruct", "--cache", str(tmp_path / "file")]) == 2
+    assert "--cache" in capsys.readouterr().err

@@ -44,8 +44,14 @@ def _announce(server) -> None:
 
 
 async def _serve(args) -> int:
+    from pathlib import Path
+
+    from moaa.errors import UserError
     from moaa.services.common.server import check_free
     from moaa.services.local.engine import EngineServer, serve_until_signalled
+
+    if args.log_file and (Path(args.log_file).is_dir() or not Path(args.log_file).parent.is_dir()):
+        raise UserError(f"--log-file {args.log_file}: give a file in an existing folder")
 
     # a server already there would answer the readiness check: "serving" printed, then the engine dies
     check_free(args.host, args.port or None, "--port")

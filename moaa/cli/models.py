@@ -26,6 +26,9 @@ def register(subparsers) -> None:
 
 def _use_cache(args) -> None:
     if getattr(args, "cache", None):
+        from moaa.files import check_folder
+
+        check_folder(args.cache, "--cache")   # a file there: one line, not the OS error after the first write
         os.environ["MOAA_CACHE"] = args.cache  # children (engines) see the same cache
 
 
