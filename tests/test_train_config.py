@@ -312,3 +312,12 @@ def test_settings_are_typed_strictly_but_a_whole_float_is_a_count():
             load_train_config("sft", None, [item], **BASE)
     cfg = load_train_config("sft", None, ["save_steps=2.0", "max_steps=1e+06"], **BASE)
     assert (cfg.save_steps, cfg.max_steps) == (2, 1_000_000) and isinstance(cfg.save_steps, int)
+
+
+def test_a_missing_chat_template_file_is_found_before_the_model_loads(tmp_path, capsys):
+    """Here (a run, --check): exit 2 at once; a Job's file is on its node (--check job does not look)."""
+    base = ["train", "sft", "--data", "d.jsonl", "--model", "m", "--out", str(tmp_path / "o"), "--set",
+            f"chat_template={tmp_path / 'nope.jinja'}"]
+    assert main([*base, "--check"]) == 2
+    assert "chat_template" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main([*base, "--check", "job"]) == 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from moaa.cli import add_quiet_arg, positive_float, positive_int, samples_per_prompt, sampling_value
 from moaa.engines import ENGINE_CHOICES
@@ -51,6 +52,10 @@ def _config_from_args(kind: str, args: argparse.Namespace):
 
 def _run_train(args: argparse.Namespace) -> int:
     cfg = _config_from_args(args.kind, args)
+    if cfg.chat_template and args.check != "job" and not Path(cfg.chat_template).is_file():
+        from moaa.errors import UserError   # found after the model loaded otherwise (exit 1)
+
+        raise UserError(f"chat_template {cfg.chat_template}: no such file (give a jinja template file)")
     if args.nproc_per_node > 1:   # the workers' global batch rule, here and not in each of N workers
         from moaa.trainer.config import grad_accumulation
 
