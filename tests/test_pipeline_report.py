@@ -240,3 +240,11 @@ def test_report_command_refuses_a_folder_that_is_no_run(tmp_path, capsys):
 
     assert main(["pipeline", "report", str(tmp_path)]) == 2
     assert "is not a run folder (no run.json)" in capsys.readouterr().err and not (tmp_path / "report").exists()
+
+
+def test_the_summary_says_nothing_of_a_stage_not_reached(tmp_path):
+    """--until sft_data: no "stage 2: 0 preference pairs" line for a stage that did not run."""
+    from moaa.pipeline.runner import format_summary
+
+    text = format_summary({"run_folder": str(tmp_path), "sft_data": {"rows": 3, "skipped": 0}})
+    assert "stage 1: 3 SFT rows written" in text and "stage 2" not in text

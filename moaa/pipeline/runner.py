@@ -288,6 +288,10 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
         ledger.save()
         if stack is not None:
             await stack.stop()
+    for name, _ in STAGES:   # stages an earlier run finished past --until keep their results in summary.json
+        done = record.data["stages"].get(name) or {}
+        if name not in summary and done.get("status") == "done":
+            summary[name] = done.get("result")
     from .report import build_report
 
     report = build_report(layout.root)
@@ -308,11 +312,13 @@ def format_summary(summary: dict[str, Any]) -> str:
                  + (f", {s1['failed']} failed (a re-run retries them)" if s1.get("failed") else "")
                  + rejected_note(s1))
     reasons = ", ".join(f"{k} {v}" for k, v in (pairs.get("skipped_reasons") or {}).items())
-    lines.append(f"  stage 2: {pairs.get('rows', 0)} preference pairs, {pairs.get('skipped', 0)} prompts skipped"
-                 + (f" ({reasons})" if reasons else "")
-                 + (f", {pairs['failed']} failed (a re-run retries them)" if pairs.get("failed") else "")
-                 + rejected_note(pairs)
-                 + (f"; {pairs['heldout_rows']} pairs held out to measure DPO on" if pairs.get("heldout_rows") else ""))
+    if "pairs" in summary:   # not a line of zeros for a stage not reached (--until)
+        lines.append(f"  stage 2: {pairs.get('rows', 0)} preference pairs, {pairs.get('skipped', 0)} prompts skipped"
+                     + (f" ({reasons})" if reasons else "")
+                     + (f", {pairs['failed']} failed (a re-run retries them)" if pairs.get("failed") else "")
+                     + rejected_note(pairs)
+                     + (f"; {pairs['heldout_rows']} pairs held out to measure DPO on" if pairs.get("heldout_rows")
+                        else ""))
     for kind in ("sft", "dpo"):
         r = summary.get(kind) or {}
         if r:
