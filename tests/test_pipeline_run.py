@@ -577,9 +577,40 @@ async def test_recipe_and_ensemble_names_are_checked_before_anything_runs(servic
     """A typo'd --recipe or --ensemble was found at its stage (--ensemble: after stage 1 and SFT), and the
     fixed command was then refused as other settings: now exit 2 before run.json records it."""
     prompts, out = _prompts(tmp_path / "p.jsonl", n=3), tmp_path / "run"
-    for flag, message in (("--recipe=mao", "--recipe 'mao': the gateway at "),
-                          ("--ensemble=e-typo", "--ensemble 'e-typo': the annotator at ")):
-        rc, _, err = await _run(_cmd(services, prompts, out, "org/some-model", flag), timeout=120)
+    # the ensemble also with --until sft_data: the folder records it now, for the stage 2 of a later run
+    for flags, message in ((["--recipe=mao"], "--recipe 'mao': the gateway at "),
+                           (["--ensemble=e-typo", "--until", "sft_data"], "--ensemble 'e-typo': the annotator at ")):
+        rc, _, err = await _run(_cmd(services, prompts, out, "org/some-model", *flags), timeout=120)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (out / "run.json").exists() and not (out / "stage1-sft-data").exists()
     assert "serves the ensembles e" in err
+
+
+async def test_a_gateway_that_does_not_say_its_default_recipe_is_not_refused():
+    """A gateway from before ListModels' default_recipe leaves the field unset: no false "no default recipe"
+    (a rolling upgrade); a gateway that says it has none ("") is refused before anything runs."""
+    import grpc
+
+    from moaa.client.catalog import check_served
+    from moaa.client.endpoint import Endpoint
+    from moaa.errors import UserError
+    from moaa.v1 import gateway_pb2, gateway_pb2_grpc
+
+    answer = gateway_pb2.ListModelsResponse(recipes=[gateway_pb2.RecipeInfo(name="a"), gateway_pb2.RecipeInfo(name="b")])
+
+    class OldGateway(gateway_pb2_grpc.MoAGatewayServicer):
+        async def ListModels(self, request, context):
+            return answer
+
+    server = grpc.aio.server()
+    gateway_pb2_grpc.add_MoAGatewayServicer_to_server(OldGateway(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        ep = Endpoint(f"127.0.0.1:{port}")
+        await check_served(ep, "recipe", "")
+        answer.default_recipe = ""
+        with pytest.raises(UserError, match="has no default recipe \\(recipes: a, b\\): name one with --recipe"):
+            await check_served(ep, "recipe", "")
+    finally:
+        await server.stop(0)

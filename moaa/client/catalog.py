@@ -15,9 +15,9 @@ from .errors import call_error, retry_delay
 CALL_TIMEOUT_S = 10.0
 
 
-async def _names(ep: Endpoint, kind: str) -> tuple[list[str], str] | None:
-    """(served names, default name or "") of `kind` ("recipe" or "ensemble"); None for an annotator that
-    predates ListEnsembles (nothing to check against)."""
+async def _names(ep: Endpoint, kind: str) -> tuple[list[str], str | None] | None:
+    """(served names, default name: "" when there is none, None when the server does not say) of `kind`
+    ("recipe" or "ensemble"); None for an annotator that predates ListEnsembles (nothing to check against)."""
     from moaa.v1 import annotator_pb2, annotator_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 
     tries = 0
@@ -27,10 +27,13 @@ async def _names(ep: Endpoint, kind: str) -> tuple[list[str], str] | None:
                 if kind == "recipe":
                     resp = await gateway_pb2_grpc.MoAGatewayStub(channel).ListModels(
                         gateway_pb2.ListModelsRequest(), metadata=ep.metadata, timeout=CALL_TIMEOUT_S)
-                    return [r.name for r in resp.recipes], resp.default_recipe
+                    # a gateway older than default_recipe does not say: the name it would pick is not checked
+                    default = resp.default_recipe if resp.HasField("default_recipe") else None
+                    return [r.name for r in resp.recipes], default
                 resp = await annotator_pb2_grpc.AnnotatorStub(channel).ListEnsembles(
                     annotator_pb2.ListEnsemblesRequest(), metadata=ep.metadata, timeout=CALL_TIMEOUT_S)
-                return [e.name for e in resp.ensembles], resp.default_ensemble
+                default = resp.default_ensemble if resp.HasField("default_ensemble") else None
+                return [e.name for e in resp.ensembles], default
             except grpc.aio.AioRpcError as err:
                 if kind == "ensemble" and err.code() == grpc.StatusCode.UNIMPLEMENTED:
                     return None
@@ -52,6 +55,6 @@ async def check_served(ep: Endpoint, kind: str, name: str) -> None:
     listed = ", ".join(sorted(known)) or "none"
     if name and name not in known:
         raise UserError(f"{flag} {name!r}: the {service} at {ep.address} serves the {kind}s {listed}")
-    if not name and not default:
+    if not name and default == "":
         raise UserError(f"the {service} at {ep.address} has no default {kind} ({kind}s: {listed}): name one "
                         f"with {flag}")

@@ -240,7 +240,7 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
         from moaa.client.catalog import check_served
 
         await check_served(Endpoint.reached_as(opts.gateway, opts), "recipe", opts.recipe)
-        if opts.annotator and {"pairs", "eval"} & set(stages):
+        if opts.annotator:   # also with --until sft_data: the folder records the ensemble now
             await check_served(Endpoint.reached_as(opts.annotator, opts), "ensemble", opts.ensemble)
     record = RunRecord(layout, chash, opts)
     ledger = TokenLedger(layout.usage, opts.token_budget)
