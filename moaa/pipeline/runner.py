@@ -261,6 +261,10 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
             failed = (record.data["stages"].get(name, {}).get("result") or {}).get("failed") or 0
             if record.status(name) == "done" and failed:  # few enough to go on, but never given up on
                 _say(opts, f"stage {name}: retrying the {failed} rows that failed in an earlier run")
+                trained = {"sft_data": "sft", "pairs": "dpo"}.get(name)
+                if trained and record.status(trained) == "done":   # a finished model is not trained again
+                    _say(opts, f"stage {name}: {trained.upper()} was trained before these rows were retried and "
+                               f"does not see them; to train on them, run again with another --out")
             elif record.status(name) == "done":
                 _say(opts, f"stage {name}: done in an earlier run, skipped")
                 summary[name] = record.data["stages"][name].get("result")
