@@ -56,3 +56,10 @@ def install_line(module: str) -> str:
     """The pip command that brings an optional module (its extra in EXTRA_OF_MODULE)."""
     gpu = " (CPU) or 'moaa[vllm]' (GPU)" if module == "vllm" else ""
     return f"pip install 'moaa[{EXTRA_OF_MODULE[module]}]'{gpu}"
+
+
+def one_line(err: BaseException | str, limit: int = 600) -> str:
+    """A library's message as one line: its lines joined (a refusal's second line often says what to change,
+    so the first alone can end mid-sentence), bounded."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -321,3 +321,11 @@ def test_a_missing_chat_template_file_is_found_before_the_model_loads(tmp_path, 
     assert main([*base, "--check"]) == 2
     assert "chat_template" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert main([*base, "--check", "job"]) == 0
+
+
+def test_a_library_refusal_keeps_its_later_lines_on_one_line():
+    """A TRL refusal's first line can end mid-sentence ("... but found"): the message keeps all of it."""
+    from moaa.errors import one_line
+
+    assert one_line(ValueError("x must be set\n  but found None:\nset x")) == "x must be set but found None: set x"
+    assert len(one_line("y" * 5000)) == 600

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moaa.errors import UserError
+from moaa.errors import UserError, one_line
 from moaa.overrides import apply_sets, format_set, load_mapping
 
 
@@ -337,7 +337,7 @@ def build_trl_args(cfg: TrainConfig, *, check_only: bool = False, device: str | 
     try:
         args = cls(**kw)
     except (ValueError, TypeError) as err:
-        raise UserError(f"{_trl_version()} {cls.__name__} refuses the config: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{_trl_version()} {cls.__name__} refuses the config: {one_line(err)}") from None
     return None if check_only else args
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from moaa.errors import TransientError, UserError
+from moaa.errors import TransientError, UserError, one_line
 from moaa.trainer.chat_template import ensure_chat_template
 from moaa.trainer.config import (TrainConfig, build_trl_args, grad_accumulation, mixed_precision, resolve_device,
                                  world_size)
@@ -73,7 +73,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str):
     try:
         model, tok = bounded(load, cfg.startup_timeout_s, f"loading model {cfg.model}")
     except OSError as err:
-        raise UserError(f"cannot load model {cfg.model}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot load model {cfg.model}: {one_line(err)}") from None
     note = ensure_chat_template(model, tok, cfg.chat_template)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -173,7 +173,7 @@ def build_trainer(make: Callable[[], Any], p: Prepared):
     try:
         return make()
     except ValueError as err:
-        raise UserError(f"TRL refuses the {p.cfg.kind.upper()} run: {str(err).splitlines()[0]}") from None
+        raise UserError(f"TRL refuses the {p.cfg.kind.upper()} run: {one_line(err)}") from None
 
 
 def trainer_datasets(p: Prepared) -> dict[str, Any]:
