@@ -361,8 +361,12 @@ async def test_sigkill_mid_samples_leaves_no_process_and_resumes_exactly_once(se
 
 @pytest.mark.slow
 async def test_whole_pipeline_on_emulators_and_tiny_model(services, tiny_model_dir, tmp_path):
-    """Every stage, in one command: SFT data, SFT, samples, pairs, DPO, answers, eval, report."""
+    """Every stage, in one command: SFT data, SFT, samples, pairs, DPO, answers, eval, report. One prompt is
+    past the gateway's max_prompt_chars: rejected by stage 1, and never sent to the local models after it (the
+    sampler failed on it at every re-run)."""
     prompts = _prompts(tmp_path / "p.jsonl")
+    with prompts.open("a") as fh:
+        fh.write(json.dumps({"instruction": "Summarise: " + "word " * 41000}) + "\n")
     out = tmp_path / "run"
     cmd = _cmd(services, prompts, out, tiny_model_dir, "--set", "sft.max_steps=4", "--set", "dpo.max_steps=4",
                "--set", "sft.save_steps=2", "--set", "dpo.save_steps=2")
@@ -374,6 +378,9 @@ async def test_whole_pipeline_on_emulators_and_tiny_model(services, tiny_model_d
     for folder, n in (("stage1-sft-data", 21), ("stage2-samples", 17)):
         ids = _ids(out / folder)
         assert len(ids) == len(set(ids)) == n, folder
+    (refused,) = [json.loads(x) for x in (out / "stage1-sft-data" / "rejected.jsonl").read_text().splitlines()]
+    assert "max_prompt_chars" in refused["reason"] and refused["id"] not in _ids(out / "stage2-samples")
+    assert "1 prompts rejected" in stdout
     pair_ids = _ids(out / "stage2-pairs")
     skipped = [json.loads(x)["id"] for x in (out / "stage2-pairs" / "skipped.jsonl").read_text().splitlines()] \
         if (out / "stage2-pairs" / "skipped.jsonl").exists() else []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Container, Iterable
+from typing import Any, Callable, Container, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -247,13 +247,24 @@ def _prompt_file(path: Path, prompts: Iterable[PromptRow]) -> Path:
     return path
 
 
+def _not_rejected(ctx: StageContext, split: str) -> tuple[int, Callable[[], Iterator[PromptRow]]]:
+    """How many prompts of `split` stage 1's gateway did not refuse as bad input, and a reader of them. The
+    refused ones (e.g. past max_prompt_chars) are never resent, as rejections are: one the local model's
+    context cannot hold would fail the sampler on every re-run."""
+    rejected = ctx.store(ctx.layout.sft_data, "sft_data", "sft").rejected
+
+    def rows() -> Iterator[PromptRow]:
+        return (p for p in ctx.prompts.rows(split) if p.id not in rejected)
+    return sum(1 for _ in rows()), rows
+
+
 async def stage_samples(ctx: StageContext) -> dict:
     folder = ctx.layout.samples
     folder.mkdir(parents=True, exist_ok=True)
     store = ctx.store(folder, "samples", "samples")   # repairs a torn last line before the sampler appends
-    total = ctx.prompts.n_train
+    total, rows = _not_rejected(ctx, "train")
     if store.rows < total:
-        prompts = _prompt_file(folder / "prompts.jsonl", ctx.prompts.rows("train"))
+        prompts = _prompt_file(folder / "prompts.jsonl", rows())
         progress = StageProgress("stage 2: samples", total, store.rows, quiet=ctx.quiet)
         with progress:
             await training.sample(model=ctx.layout.sft_model, prompts=prompts, out=folder / "data-00000.jsonl",
@@ -313,17 +324,18 @@ async def stage_answers(ctx: StageContext) -> dict:
 
     out = ctx.layout.eval
     out.mkdir(parents=True, exist_ok=True)
-    if not ctx.prompts.n_eval:
+    n_eval, eval_rows = _not_rejected(ctx, "eval")
+    if not n_eval:
         return {"note": "no eval prompts"}
-    prompts = _prompt_file(out / "prompts.jsonl", ctx.prompts.rows("eval"))
+    prompts = _prompt_file(out / "prompts.jsonl", eval_rows())
     models = {"base": ctx.base_model, "sft": str(ctx.layout.sft_model), "dpo": str(ctx.layout.dpo_model)}
     counts = {}
     for suffix, n, temperature in _eval_decodings(ctx):
         for name in EVAL_MODELS:
             ans_file = out / f"answers-{name}{suffix}.jsonl"
             have = len(answers_from_samples(ans_file)) if ans_file.exists() else 0
-            if have < ctx.prompts.n_eval:
-                progress = StageProgress(f"eval answers: {name}{suffix}", ctx.prompts.n_eval, have, quiet=ctx.quiet)
+            if have < n_eval:
+                progress = StageProgress(f"eval answers: {name}{suffix}", n_eval, have, quiet=ctx.quiet)
                 with progress:
                     # the same seed for every model: sample j of each model starts from the same random state
                     await training.sample(model=Path(models[name]), prompts=prompts, out=ans_file, n=n,
