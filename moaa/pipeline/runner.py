@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moaa.client.endpoint import Endpoint
-from moaa.errors import UserError
+from moaa.errors import TransientError, UserError
 from moaa.files import atomic_write_json, make_folder, read_json, rejected_note, utc_now
 from moaa.lock import RunLock
 from moaa.prompts import PromptStream
@@ -241,7 +241,11 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
 
         await check_served(Endpoint.reached_as(opts.gateway, opts), "recipe", opts.recipe)
         if opts.annotator:   # also with --until sft_data: the folder records the ensemble now
-            await check_served(Endpoint.reached_as(opts.annotator, opts), "ensemble", opts.ensemble)
+            try:
+                await check_served(Endpoint.reached_as(opts.annotator, opts), "ensemble", opts.ensemble)
+            except TransientError:
+                if {"pairs", "eval"} & set(stages):   # this run needs it; a later stage's is checked then
+                    raise
     record = RunRecord(layout, chash, opts)
     ledger = TokenLedger(layout.usage, opts.token_budget)
     _say(opts, f"moaa pipeline: {prompts.n_train} training prompts, {prompts.n_eval} held out for eval; "
