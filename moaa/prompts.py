@@ -119,6 +119,13 @@ def as_messages(value: Any, fieldname: str) -> list[dict[str, str]]:
     return msgs
 
 
+def answer_key(text: str) -> str:
+    """What makes two answers the same: their text, leading and trailing whitespace aside. The annotator refuses
+    two candidates of one key; `moaa annotate`, Sample, Generate's annotation, judge-eval and eval send or
+    judge each key once (one rule, so a caller never sends what the annotator calls the same)."""
+    return text.strip()
+
+
 PART_SEPARATOR = "\n"   # between a message's text parts, as vLLM's chat endpoint joins them
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from moaa.errors import TransientError, UserError
 from moaa.jsonl import read_input
 from moaa.progress import StageProgress
+from moaa.prompts import answer_key
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2
 
 from .endpoint import Endpoint
@@ -46,7 +47,7 @@ def build_requests(path: Path, ensemble: str = "", mode: str = "") -> list[annot
         prompt = [common_pb2.Message(**m) for m in sample_prompt(row, where)]
         good = annotator_pb2.Candidate(id="chosen", text=_text(row["chosen"], where))
         bad = annotator_pb2.Candidate(id="rejected", text=_text(row["rejected"], where))
-        if good.text.strip() == bad.text.strip():   # a label no judge can agree or disagree with
+        if answer_key(good.text) == answer_key(bad.text):   # a label no judge can agree or disagree with
             raise UserError(f"{where}: row {rid!r}: chosen and rejected are the same text")
         for order, cands in (("chosen_first", [good, bad]), ("rejected_first", [bad, good])):
             reqs.append(annotator_pb2.AnnotateRequest(id=f"{rid}\t{order}", prompt=prompt, candidates=cands,

@@ -25,7 +25,7 @@ import math
 from typing import Any
 
 from moaa.errors import UserError
-from moaa.prompts import RowError, as_messages
+from moaa.prompts import RowError, answer_key, as_messages
 from moaa.usage import add_usage
 from moaa.v1 import annotator_pb2, common_pb2
 
@@ -106,7 +106,7 @@ def annotate_request(row: dict, *, ensemble: str = "", mode: str = "", model: st
     items = sample_items(row)
     keep, seen = [], set()
     for c in items:
-        key = c["text"].strip()
+        key = answer_key(c["text"])
         if key and key not in seen:
             seen.add(key)
             keep.append(c)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 
+from moaa.prompts import answer_key
 from moaa.services.common.errors import InvalidArgument
 from moaa.services.common.validation import messages_to_dicts
 from moaa.services.config import AnnotatorConfig, MoaaConfig
@@ -37,7 +38,7 @@ def build_job(req, config: MoaaConfig, server: AnnotatorConfig, request_id: str 
         raise InvalidArgument(f"candidate ids must be unique; repeated: {', '.join(dup)}")
     first: dict[str, str] = {}
     for c in cands:   # a pair of one text teaches DPO nothing; its margin would be the judges' position bias
-        same = first.setdefault(c.text.strip(), c.id)
+        same = first.setdefault(answer_key(c.text), c.id)
         if same != c.id:
             raise InvalidArgument(f"candidates {same!r} and {c.id!r} have the same text: send each distinct answer "
                                   "once (moaa annotate and the gateway's Sample drop duplicates)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from moaa.client.endpoint import Endpoint, forwarded_auth
+from moaa.prompts import answer_key
 from moaa.services.common.errors import FailedPrecondition, InvalidArgument, RpcError
 from moaa.services.config import MoaaConfig
 from moaa.v1 import annotator_pb2, annotator_pb2_grpc, common_pb2, gateway_pb2
@@ -60,11 +61,11 @@ def moa_candidates(resp: gateway_pb2.GenerateResponse) -> list[annotator_pb2.Can
     text once (an aggregate that copies a proposal is kept as the aggregate; the annotator refuses a pair of
     one text)."""
     last = resp.layers[-1].proposals if resp.layers else []
-    cands = {resp.text.strip(): annotator_pb2.Candidate(id="aggregate", text=resp.text, model=resp.aggregator_model)}
+    cands = {answer_key(resp.text): annotator_pb2.Candidate(id="aggregate", text=resp.text, model=resp.aggregator_model)}
     for p in last:
-        cands.setdefault(p.text.strip(), annotator_pb2.Candidate(id=f"L{p.layer}-P{p.index}", text=p.text,
+        cands.setdefault(answer_key(p.text), annotator_pb2.Candidate(id=f"L{p.layer}-P{p.index}", text=p.text,
                                                                  model=p.model))
-    aggregate = cands.pop(resp.text.strip())
+    aggregate = cands.pop(answer_key(resp.text))
     return [*cands.values(), aggregate]   # proposals in order, then the aggregate
 
 

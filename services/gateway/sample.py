@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 
+from moaa.prompts import answer_key
 from moaa.services.backend import BackendError
 from moaa.services.common.convert import backend_error_proto, empty_answer_proto, usage_proto
 from moaa.services.common.errors import InvalidArgument, outage
@@ -70,7 +71,7 @@ async def run_sample(pool, cfg: MoaaConfig, req, request_id: str, *, timeout: fl
     if not req.annotate:
         return resp
     # the judges compare distinct answers; the samples come back whatever the annotation's fate
-    distinct = list({c.text.strip(): c for c in answered}.values())
+    distinct = list({answer_key(c.text): c for c in answered}.values())
     if len(distinct) < 2:
         resp.note = "; ".join(filter(None, [resp.note, f"not annotated: {len(answered)} of {req.n} samples "
                                             f"answered, {len(distinct)} distinct; the judges need 2"]))

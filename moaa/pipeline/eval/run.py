@@ -17,7 +17,7 @@ from moaa.client.pairs import sample_prompt, sample_texts
 from moaa.errors import UserError
 from moaa.files import atomic_write_json, make_folder, read_json
 from moaa.jsonl import read_input, read_rows
-from moaa.prompts import content_id
+from moaa.prompts import answer_key, content_id
 
 from ..budget import TokenLedger
 from moaa.progress import StageProgress
@@ -93,7 +93,7 @@ def _verdict_without_judge(model_text: str, base_text: str):
     text, and a judge could only show its position bias on it)."""
     from .judges import PairVerdict
 
-    m, b = model_text.strip(), base_text.strip()
+    m, b = answer_key(model_text), answer_key(base_text)
     if m and b:
         return PairVerdict(0.5, ("same answer", "same answer"), False, same=True) if m == b else None
     pref = 0.5 if bool(m) == bool(b) else (1.0 if m else 0.0)
