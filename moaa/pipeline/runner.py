@@ -271,7 +271,6 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
                                f"does not see them; to train on them, run again with another --out")
             elif record.status(name) == "done":
                 _say(opts, f"stage {name}: done in an earlier run, skipped")
-                summary[name] = record.data["stages"][name].get("result")
                 if name == opts.until:
                     break
                 continue
@@ -288,7 +287,6 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
                            error=str(err)[:500], seconds=time.monotonic() - t0)
                 raise
             record.set(name, status="done", result=result, seconds=time.monotonic() - t0, finished_at=utc_now())
-            summary[name] = result
             if name == opts.until:
                 _say(opts, f"stopping after stage {name} (--until)")
                 break
@@ -296,9 +294,9 @@ async def _run_locked(opts: PipelineOptions, layout: RunLayout, settings: dict[s
         ledger.save()
         if stack is not None:
             await stack.stop()
-    for name, _ in STAGES:   # stages an earlier run finished past --until keep their results in summary.json
+    for name, _ in STAGES:   # every stage done, in this run or an earlier one (also past --until), in order
         done = record.data["stages"].get(name) or {}
-        if name not in summary and done.get("status") == "done":
+        if done.get("status") == "done":
             summary[name] = done.get("result")
     from .report import build_report
 
