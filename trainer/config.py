@@ -274,8 +274,6 @@ def trl_kwargs(cfg: TrainConfig, device: str | None = None, world: int | None = 
 
 
 def _alternatives(hint) -> set:
-    import typing
-
     return {typing.get_origin(a) or a for a in (typing.get_args(hint) or (hint,))}
 
 
@@ -290,8 +288,6 @@ def _json_object(text: str) -> bool:
 
 def _check_trl_types(cls, trl: dict[str, Any]) -> None:
     """`trl.*` values against the types TRL declares (strict: "no" is not a bool, "abc" not a float)."""
-    import typing
-
     from pydantic import TypeAdapter
 
     hints = typing.get_type_hints(cls)

@@ -62,16 +62,10 @@ class JsonProgress(TrainerCallback):
 
     def _cut_after(self, step: int) -> None:
         from moaa.files import atomic_write_text
+        from moaa.jsonl import read_rows   # the one JSONL reader: a line torn by the kill is left out
 
-        kept = []
-        for line in self.metrics_path.read_text().splitlines(keepends=True):
-            try:
-                row_step = json.loads(line).get("step", 0)
-            except ValueError:   # a line torn by the kill
-                continue
-            if row_step <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        atomic_write_text(self.metrics_path, kept)
+        kept = [row for row in read_rows(self.metrics_path, key=None) if row.get("step", 0) <= step]
+        atomic_write_text(self.metrics_path, (json.dumps(row) + "\n" for row in kept))
 
     def on_step_end(self, args, state, control, **kw):
         # a log at each checkpoint and at the end: the loss of the steps since the last log would otherwise
